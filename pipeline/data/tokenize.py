@@ -17,22 +17,66 @@ def encode_left(tokenizer, texts: Sequence[str], max_length: int | None, *, add_
 
     Returns `(ids, n_truncated)`: a list of token-id lists and how many texts lost tokens.
     """
+    ids, flags = encode_left_flags(tokenizer, texts, max_length, add_eos=add_eos)
+    return ids, sum(flags)
+
+
+def encode_left_flags(tokenizer, texts: Sequence[str], max_length: int | None, *, add_eos: bool = True):
+    """Like `encode_left`, but returns `(ids, truncated)` with one bool per text."""
     if max_length is not None and max_length < 4:
         raise ValueError(f"max_length must be at least 4 tokens, got {max_length}")
     bodies = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     n_special = tokenizer.num_special_tokens_to_add(pair=False)
     eos = [tokenizer.eos_token_id] if (add_eos and n_special == 0 and tokenizer.eos_token_id is not None) else []
-    out, n_truncated = [], 0
+    out, truncated = [], []
     for body in bodies:
+        cut = False
         if max_length is not None:
             keep = max_length - n_special - len(eos)
             if len(body) > keep:
                 body = body[len(body) - keep :]
-                n_truncated += 1
+                cut = True
         ids = tokenizer.build_inputs_with_special_tokens(body) if n_special else list(body)
         if eos and (not ids or ids[-1] != eos[0]):
             ids = ids + eos
         out.append(ids)
+        truncated.append(cut)
+    return out, truncated
+
+
+def tokenize_pairs(ds, tokenizer, max_length: int | None, *, keep_text: bool = False, batch_size: int = 1024):
+    """Tokenize preference pairs: `prompt + chosen` and `prompt + rejected`, LEFT-truncated by `encode_left`.
+
+    Returns `(dataset, n_truncated)`: the dataset has int-list columns `chosen_ids` and `rejected_ids` and
+    keeps every non-text column (`source_id`, `margin`, `true_prob`, ...; the string columns prompt,
+    chosen, rejected and source too when `keep_text`). `n_truncated` counts PAIRS where either side lost
+    tokens; it is logged.
+    """
+    import logging
+
+    import datasets
+
+    text_cols = {"prompt", "chosen", "rejected", "source"}
+    for c in ("prompt", "chosen", "rejected"):
+        if c not in ds.column_names:
+            raise ValueError(f"tokenize_pairs: the dataset has no {c!r} column (columns: {ds.column_names})")
+    chosen_ids, rejected_ids, n_truncated = [], [], 0
+    for start in range(0, len(ds), batch_size):
+        batch = ds[start : start + batch_size]
+        c, fc = encode_left_flags(tokenizer, [p + x for p, x in zip(batch["prompt"], batch["chosen"])], max_length)
+        r, fr = encode_left_flags(tokenizer, [p + x for p, x in zip(batch["prompt"], batch["rejected"])], max_length)
+        chosen_ids += c
+        rejected_ids += r
+        n_truncated += sum(a or b for a, b in zip(fc, fr))
+    keep = [c for c in ds.column_names if keep_text or c not in text_cols]
+    keep = [c for c in keep if c not in ("chosen_ids", "rejected_ids")]
+    if keep:
+        out = ds.select_columns(keep).add_column("chosen_ids", chosen_ids).add_column("rejected_ids", rejected_ids)
+    else:
+        out = datasets.Dataset.from_dict({"chosen_ids": chosen_ids, "rejected_ids": rejected_ids})
+    logging.getLogger(__name__).info(
+        "tokenize_pairs: %d of %d pairs truncated from the left to max_length=%s", n_truncated, len(ds), max_length
+    )
     return out, n_truncated
 
 

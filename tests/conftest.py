@@ -1,0 +1,32 @@
+"""Shared test fixtures (generic: usable by every package's tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REAL_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """The shared real-data slices (<repo>/../shared/data/real); skips the test when absent."""
+    if not REAL_DATA_DIR.is_dir():
+        pytest.skip(f"real data slices not found at {REAL_DATA_DIR}")
+    return REAL_DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    """A 1k-vocabulary BPE tokenizer trained locally on the synthetic benchmark's corpus."""
+    from pipeline.data.synthetic import SyntheticConfig, synthetic_corpus
+    from pipeline.models import tiny_tokenizer
+
+    return tiny_tokenizer(synthetic_corpus(SyntheticConfig()), vocab_size=1000)

@@ -1,0 +1,169 @@
+"""DataConfig / build_splits / mix / tokenize_pairs."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import datasets
+import numpy as np
+import pytest
+
+from pipeline.data import (
+    DataConfig,
+    SourceSpec,
+    SyntheticConfig,
+    build_splits,
+    load_source,
+    mix,
+    resample_indices,
+    source_names,
+    tokenize_pairs,
+)
+from pipeline.data.synthetic import DEFAULT_SOURCES
+from pipeline.data.tokenize import encode_left
+
+SMALL_SYN = SyntheticConfig(n_train=40, n_valid=10, n_test=20)
+
+
+def _src(name, n, extra=None):
+    d = {"prompt": [f"p{name}{i}" for i in range(n)], "chosen": [f"c{name}{i}" for i in range(n)],
+         "rejected": [f"r{name}{i}" for i in range(n)], "source": [name] * n}
+    d.update(extra or {})
+    return datasets.Dataset.from_dict(d)
+
+
+def test_default_config_is_the_five_synthetic_sources():
+    cfg = DataConfig(synthetic=SMALL_SYN)
+    assert cfg.source_names == list(DEFAULT_SOURCES) and cfg.max_length == 512 and cfg.mixing == "balanced"
+    out = build_splits(cfg)
+    assert list(out) == list(DEFAULT_SOURCES)
+    for name, dd in out.items():
+        assert {k: len(v) for k, v in dd.items()} == {"train": 40, "validation": 10, "test": 20}
+        assert set(dd["train"]["source"]) == {name}
+    again = build_splits(DataConfig(synthetic=SMALL_SYN))
+    assert out["oasst1"]["test"].to_dict() == again["oasst1"]["test"].to_dict()
+    sized = build_splits(DataConfig(synthetic=SMALL_SYN, n_train_per_source=12, n_test_per_source=5, n_valid_per_source=3))
+    assert {k: len(v) for k, v in sized["helpful"].items()} == {"train": 12, "validation": 3, "test": 5}
+
+
+def test_config_from_dicts_and_validation():
+    cfg = DataConfig(sources=[{"name": "a", "format": "jsonl", "path": "x.jsonl", "options": {"k": 1}}],
+                     synthetic={"seed": 3})
+    assert isinstance(cfg.sources[0], SourceSpec) and cfg.sources[0].options == {"k": 1}
+    assert isinstance(cfg.synthetic, SyntheticConfig) and cfg.synthetic.seed == 3
+    with pytest.raises(ValueError, match="unknown key"):
+        DataConfig(sources=[{"name": "a", "fromat": "jsonl"}])
+    with pytest.raises(ValueError, match="duplicate"):
+        DataConfig(sources=[SourceSpec("a"), SourceSpec("a")])
+    with pytest.raises(ValueError, match="mixing"):
+        DataConfig(mixing="interleave")
+    with pytest.raises(ValueError, match="set the knobs in data.synthetic"):
+        build_splits(DataConfig(sources=[SourceSpec("helpful", options={"seed": 1})]))
+    with pytest.raises(ValueError, match="unknown synthetic source 'reddit'"):
+        build_splits(DataConfig(sources=[SourceSpec("reddit")]))
+
+
+def test_single_split_source_is_split_by_prompt(fixtures_dir):
+    trees = str(fixtures_dir / "data/oasst1/trees.jsonl")
+    spec = SourceSpec(name="oa", format="oasst1", path=trees, split=None)
+    cfg = DataConfig(sources=[spec], test_fraction=0.34, valid_fraction=0.0, seed=1)
+    dd = build_splits(cfg)["oa"]
+    whole = load_source("oasst1", trees)
+    parts = {k: set(zip(v["prompt"], v["chosen"], v["rejected"])) for k, v in dd.items()}
+    assert sum(len(p) for p in parts.values()) == len(whole)  # a partition
+    assert set().union(*parts.values()) == set(zip(whole["prompt"], whole["chosen"], whole["rejected"]))
+    assert not set(dd["train"]["prompt"]) & set(dd["test"]["prompt"])  # no prompt in two splits
+    assert len(dd["test"]) > 0 and set(dd["train"]["source"]) == {"oa"}
+    order = {t: i for i, t in enumerate(zip(whole["prompt"], whole["chosen"], whole["rejected"]))}
+    for v in dd.values():  # file order kept inside each split
+        idx = [order[t] for t in zip(v["prompt"], v["chosen"], v["rejected"])]
+        assert idx == sorted(idx)
+    assert build_splits(cfg)["oa"]["test"].to_dict() == dd["test"].to_dict()
+
+
+def test_shipped_test_split_and_resampling(fixtures_dir):
+    spec = SourceSpec(name="harmless", format="hh-rlhf", path=str(fixtures_dir / "data/hh-rlhf"),
+                      split="train", test_split="test", options={"data_dir": "harmless-base"})
+    dd = build_splits(DataConfig(sources=[spec], valid_fraction=0.0, n_train_per_source=5))["harmless"]
+    assert len(dd["test"]) == 2 and len(dd["validation"]) == 0
+    assert len(dd["train"]) == 5 and Counter(Counter(dd["train"]["prompt"]).values()) == Counter({3: 1, 2: 1})
+
+
+def test_resample_indices():
+    rng = np.random.default_rng(0)
+    down = resample_indices(10, 4, rng)
+    assert len(down) == 4 and len(set(down)) == 4  # without replacement
+    up = resample_indices(4, 10, rng)
+    assert sorted(Counter(up).values()) == [2, 2, 3, 3]  # every row floor or ceil times
+    with pytest.raises(ValueError):
+        resample_indices(0, 3, rng)
+
+
+@pytest.mark.parametrize("psb", [1, 3])
+def test_balanced_mix_blocks(psb):
+    train = {"b": _src("b", 7), "a": _src("a", 13), "c": _src("c", 2)}
+    ds = mix(train, "balanced", per_source_batch=psb, seed=0)
+    names = source_names(ds)
+    assert names == ["b", "a", "c"]  # declared order, not sorted
+    n = -(-13 // psb) * psb
+    assert len(ds) == 3 * n
+    ids = np.array(ds["source_id"])
+    block = 3 * psb
+    for start in range(0, len(ds), block):
+        assert list(ids[start:start + block]) == [k for k in range(3) for _ in range(psb)]
+    assert [names[i] for i in ds["source_id"]] == ds["source"]
+    counts = {s: Counter(p for p, src in zip(ds["prompt"], ds["source"]) if src == s) for s in names}
+    assert len(counts["a"]) == 13 and set(counts["a"].values()) <= {n // 13, -(-n // 13)}
+    assert set(counts["c"].values()) <= {n // 2, -(-n // 2)} and sum(counts["c"].values()) == n
+    assert ds.to_dict() == mix(train, "balanced", per_source_batch=psb, seed=0).to_dict()
+    assert ds["prompt"] != mix(train, "balanced", per_source_batch=psb, seed=1)["prompt"]
+
+
+def test_balanced_mix_downsamples_without_replacement():
+    ds = mix({"a": _src("a", 50), "b": _src("b", 30)}, "balanced", n_per_source=20, per_source_batch=4, seed=0)
+    assert len(ds) == 40
+    for s in ("a", "b"):
+        ps = [p for p, src in zip(ds["prompt"], ds["source"]) if src == s]
+        assert len(ps) == 20 == len(set(ps))
+
+
+def test_concat_mix_is_a_shuffled_concatenation():
+    train = {"a": _src("a", 5, {"margin": [1.0] * 5}), "b": _src("b", 3)}
+    ds = mix(train, "concat", seed=0)
+    assert sorted(ds["prompt"]) == sorted(list(train["a"]["prompt"]) + list(train["b"]["prompt"]))
+    assert list(ds["prompt"]) != list(train["a"]["prompt"]) + list(train["b"]["prompt"])
+    assert "margin" not in ds.column_names  # not present in every source
+    assert source_names(ds) == ["a", "b"] and [["a", "b"][i] for i in ds["source_id"]] == ds["source"]
+    same = mix(train, "concat", n_per_source=4, seed=0)
+    balanced = mix(train, "balanced", n_per_source=4, seed=0)
+    assert sorted(same["prompt"]) == sorted(balanced["prompt"])  # both baselines see the same pairs
+    with pytest.raises(ValueError, match="unknown mixing"):
+        mix(train, "interleave")
+
+
+def test_mix_of_built_splits_keeps_synthetic_columns():
+    splits = build_splits(DataConfig(synthetic=SMALL_SYN))
+    ds = mix({s: d["train"] for s, d in splits.items()}, "balanced", per_source_batch=2, seed=0)
+    assert len(ds) == 5 * 40 and {"true_prob", "gold_prob", "source_id"} <= set(ds.column_names)
+    assert list(ds["source_id"][:10]) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+
+
+def test_tokenize_pairs(tiny_tok):
+    train = {"a": _src("a", 6, {"margin": [0.5] * 6}), "b": _src("b", 6, {"margin": [1.0] * 6})}
+    long_prompt = "\n\nHuman: " + "word " * 60 + "\n\nAssistant:"
+    train["a"] = train["a"].map(lambda r, i: {"prompt": long_prompt if i < 2 else r["prompt"]}, with_indices=True)
+    ds = mix(train, "balanced", per_source_batch=2, seed=0)
+    out, n_cut = tokenize_pairs(ds, tiny_tok, max_length=16)
+    assert set(out.column_names) == {"source_id", "margin", "chosen_ids", "rejected_ids"}
+    assert out["source_id"] == ds["source_id"] and out["margin"] == ds["margin"]
+    ref_c, _ = encode_left(tiny_tok, [p + c for p, c in zip(ds["prompt"], ds["chosen"])], 16)
+    assert out["chosen_ids"] == ref_c
+    full = [encode_left(tiny_tok, [p + x], None)[0][0] for p, x in zip(ds["prompt"], ds["chosen"])]
+    full_r = [encode_left(tiny_tok, [p + x], None)[0][0] for p, x in zip(ds["prompt"], ds["rejected"])]
+    assert n_cut == sum(len(a) > 16 or len(b) > 16 for a, b in zip(full, full_r)) == 2
+    for ids, f in zip(out["chosen_ids"], full):
+        assert ids == f[-len(ids):] and ids[-1] == tiny_tok.eos_token_id
+    kept, _ = tokenize_pairs(ds, tiny_tok, max_length=None, keep_text=True)
+    assert {"prompt", "chosen", "rejected", "source"} <= set(kept.column_names)
+    with pytest.raises(ValueError, match="no 'prompt' column"):
+        tokenize_pairs(ds.remove_columns("prompt"), tiny_tok, 16)
