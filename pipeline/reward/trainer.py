@@ -1,0 +1,298 @@
+"""MORE, MultiTask and Uniform reward-model training as a subclass of TRL's `RewardTrainer`.
+
+- `multitask`: TRL's own Bradley-Terry loss on a plain mixture (the paper's baseline).
+- `uniform`:   L = sum_i (1/K) BT_loss_i on balanced batches (equals `multitask` there; a sanity check).
+- `more`:      L = sum_i lambda_i BT_loss_i, lambda from the min-norm solve over the smoothed, normalised
+               per-source head gradients (pipeline.reward.more).
+
+The head gradients come from the pooled features the forward pass already computed (captured by a
+forward hook on the reward head), so MORE costs no second forward, no CPU copies of features or weights,
+and no gathering of partitioned parameters under ZeRO-3. In data-parallel runs the per-source sums are
+all-reduced before the solve, so every rank uses the same lambda.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from trl import RewardConfig, RewardTrainer
+from trl.trainer.reward_trainer import DataCollatorForPreference
+
+from pipeline.data.tokenize import tokenize_pairs
+from pipeline.io import atomic_write_text
+from pipeline.reward.more import NORMALIZE_MODES, head_gradient_sums, more_weights
+
+METHODS = ("more", "multitask", "uniform")
+HEAD_NAMES = ("score", "classifier", "v_head")
+
+
+@dataclass
+class MORERewardConfig(RewardConfig):
+    r"""Configuration for [`MORERewardTrainer`]: TRL's `RewardConfig` plus the multi-source options.
+
+    Unlike TRL, sequences longer than `max_length` are truncated from the LEFT (the response survives)
+    instead of being dropped.
+    """
+
+    method: str = field(
+        default="more",
+        metadata={"help": "more (min-norm source weights), multitask (plain mixture, TRL's loss) or uniform "
+                  "(fixed equal source weights on balanced batches).", "choices": list(METHODS)},
+    )
+    alpha: float = field(
+        default=0.99,
+        metadata={"help": "MORE: EMA weight on the NEW per-source head gradient (m <- (1-alpha) m + alpha g)."},
+    )
+    normalize: str = field(
+        default="l2",
+        metadata={"help": "MORE: scaling of each source's gradient before the solve: l2, none or loss.",
+                  "choices": list(NORMALIZE_MODES)},
+    )
+    source_names: list[str] | None = field(
+        default=None,
+        metadata={"help": "Names of the sources, indexed by the dataset's integer `source_id` column. Needed "
+                  "for more/uniform; used for per-source logging in every method."},
+    )
+    balanced_batches: bool = field(
+        default=False,
+        metadata={"help": "The train set is laid out in balanced blocks (pipeline.data.mix(strategy='balanced')):"
+                  " read it in order so every batch holds the same number of pairs from every source."},
+    )
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.normalize not in NORMALIZE_MODES:
+            raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {self.normalize!r}")
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+        if self.method in ("more", "uniform") and not self.source_names:
+            raise ValueError(f"method={self.method!r} needs source_names (one per source_id)")
+        if self.balanced_batches:
+            self.train_sampling_strategy = "sequential"
+        super().__post_init__()
+
+
+@dataclass
+class SourceAwareCollator(DataCollatorForPreference):
+    """TRL's preference collator that also carries the integer `source_id` of every pair."""
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().torch_call(examples)
+        if "source_id" in examples[0]:
+            batch["source_id"] = torch.tensor([int(e["source_id"]) for e in examples], dtype=torch.long)
+        return batch
+
+
+def find_reward_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that maps pooled/last hidden states to the scalar reward (score, classifier, ...).
+
+    Works through PEFT wrappers (ModulesToSaveWrapper keeps the name) and DeepSpeed engines.
+    """
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name.split(".")[-1] in HEAD_NAMES
+    ]
+    if not candidates:
+        raise ValueError(
+            f"could not find the reward head of {type(model).__name__}: expected a submodule named one of "
+            f"{HEAD_NAMES} (AutoModelForSequenceClassification models have one)"
+        )
+    return min(candidates, key=lambda nm: nm[0].count("."))[1]
+
+
+def pool_features(head_input: torch.Tensor, input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """Pooled features z with reward = w^T z, from the head's input.
+
+    BERT-style heads already receive pooled [B, H] features. Decoder heads receive [B, T, H] and the model
+    reads the rightmost non-pad token (transformers' rule, replicated here exactly).
+    """
+    if head_input.ndim == 2:
+        return head_input
+    if pad_token_id is None:
+        return head_input[:, -1]
+    non_pad = (input_ids != pad_token_id).to(torch.int32)
+    idx = (torch.arange(input_ids.shape[-1], device=input_ids.device, dtype=torch.int32) * non_pad).argmax(-1)
+    return head_input[torch.arange(head_input.shape[0], device=head_input.device), idx.to(head_input.device)]
+
+
+class MORERewardTrainer(RewardTrainer):
+    """A `RewardTrainer` that trains on several preference sources with MORE, MultiTask or Uniform weights."""
+
+    _tag_names = ["trl", "reward-trainer", "more"]
+    _name = "MORE Reward"
+
+    def __init__(self, model, args: MORERewardConfig, *pos, data_collator=None, **kwargs):
+        if not isinstance(args, MORERewardConfig):
+            raise TypeError("MORERewardTrainer needs a MORERewardConfig")
+        self.n_truncated: dict[str, int] = {}
+        self._max_length = args.max_length
+        args.max_length = None  # we truncate from the left in _prepare_dataset; TRL would drop pairs
+        processing_class = kwargs.get("processing_class")
+        if data_collator is None and processing_class is not None:
+            pad_id = processing_class.pad_token_id
+            if pad_id is None:
+                pad_id = processing_class.eos_token_id
+            data_collator = SourceAwareCollator(pad_token_id=pad_id)
+        super().__init__(model, args, *pos, data_collator=data_collator, **kwargs)
+        args.max_length = self._max_length
+        self.num_sources = len(args.source_names or [])
+        self._momentum: torch.Tensor | None = None
+        self._features: torch.Tensor | None = None
+        self._last_lambda: torch.Tensor | None = None
+        self._hook = find_reward_head(self.model).register_forward_hook(self._capture_head_input)
+
+    # ---------------------------------------------------------------- data
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        columns = dataset.column_names or []
+        if "chosen_ids" in columns and "rejected_ids" in columns:
+            return dataset
+        dataset, n_trunc = tokenize_pairs(dataset, processing_class, self._max_length)
+        self.n_truncated[dataset_name] = n_trunc
+        if n_trunc:
+            print(f"[reward] {dataset_name}: {n_trunc} of {len(dataset)} pairs truncated from the left to "
+                  f"{self._max_length} tokens")
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "source_id"]
+
+    # ---------------------------------------------------------------- loss
+    def _capture_head_input(self, module, inputs, output):
+        self._features = inputs[0]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        source_ids = inputs.pop("source_id", None)
+        method = self.args.method
+        if source_ids is None:
+            if method != "multitask":
+                raise ValueError(f"method={method!r} needs a `source_id` column in the dataset")
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        inputs["use_cache"] = False
+        self._features = None
+        outputs = model(**inputs)
+        rewards = outputs.logits.squeeze(-1)
+        r_c, r_r = torch.chunk(rewards, 2)
+        diff = r_c - r_r
+        if "margin" in inputs:
+            diff = diff - inputs["margin"]
+        pair_loss = -F.logsigmoid(diff)
+        k = self.num_sources
+        # Per-source statistics, reduced over data-parallel ranks: loss sums, counts, correct counts.
+        loss_sums = torch.zeros(k, device=rewards.device, dtype=torch.float32)
+        loss_sums.index_add_(0, source_ids, pair_loss.detach().float())
+        correct = torch.zeros(k, device=rewards.device, dtype=torch.float32)
+        correct.index_add_(0, source_ids, ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).detach())
+        grad_sums = None
+        if method == "more" and mode == "train":
+            if self._features is None:
+                raise RuntimeError("the reward head's forward hook did not fire; cannot compute MORE weights")
+            z = pool_features(self._features, inputs["input_ids"], self.model.config.get_text_config().pad_token_id)
+            z_c, z_r = torch.chunk(z, 2)
+            grad_sums, counts = head_gradient_sums(z_c, z_r, diff, source_ids, k)
+            stats = torch.cat([grad_sums, torch.stack([counts, loss_sums, correct], dim=1)], dim=1)
+        else:
+            counts = torch.bincount(source_ids, minlength=k).float()
+            stats = torch.stack([counts, loss_sums, correct], dim=1)
+        self._features = None
+        stats = self.accelerator.reduce(stats, reduction="sum") if self.accelerator.num_processes > 1 else stats
+        g_counts, g_loss, g_correct = stats[:, -3], stats[:, -2], stats[:, -1]
+        present = g_counts > 0
+
+        if method == "multitask" or mode == "eval":
+            loss = pair_loss.mean()
+            lam = None
+        else:
+            if method == "more":
+                lam, self._momentum = more_weights(
+                    stats[:, :-3], g_counts, g_loss, self._momentum, alpha=self.args.alpha,
+                    normalize=self.args.normalize,
+                )
+            else:
+                lam = present.float() / present.sum().clamp(min=1)
+            # sum_i lambda_i * (global mean BT loss of source i); DDP averages gradients over ranks,
+            # hence the world-size factor on this rank's share of each source's sum.
+            local_sums = torch.zeros(k, device=rewards.device, dtype=pair_loss.dtype)
+            local_sums = local_sums.index_add(0, source_ids, pair_loss)
+            scale = self.accelerator.num_processes / g_counts.clamp(min=1)
+            loss = (lam.to(pair_loss.dtype) * local_sums * scale.to(pair_loss.dtype)).sum()
+            self._last_lambda = lam.detach()
+        if self.args.center_rewards_coefficient is not None:
+            loss = loss + self.args.center_rewards_coefficient * torch.mean(rewards**2)
+
+        # TRL's own metrics (tokens, rewards, accuracy, margin) ...
+        if mode == "train":
+            n_tok = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += n_tok // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        with torch.no_grad():
+            all_rewards = self.accelerator.gather(outputs.logits)
+            self._metrics[mode]["min_reward"].append(all_rewards.min().item())
+            self._metrics[mode]["mean_reward"].append(all_rewards.mean().item())
+            self._metrics[mode]["max_reward"].append(all_rewards.max().item())
+            self._metrics[mode]["accuracy"].append((g_correct.sum() / g_counts.sum().clamp(min=1)).item())
+            margin = self.accelerator.gather_for_metrics((r_c - r_r).mean()).mean()
+            self._metrics[mode]["margin"].append(margin.item())
+            # ... and per-source ones
+            names = self.args.source_names or [str(i) for i in range(k)]
+            for i in torch.nonzero(present).flatten().tolist():
+                self._metrics[mode][f"loss/{names[i]}"].append((g_loss[i] / g_counts[i]).item())
+                self._metrics[mode][f"accuracy/{names[i]}"].append((g_correct[i] / g_counts[i]).item())
+            if lam is not None:
+                for i, name in enumerate(names):
+                    self._metrics[mode][f"more/lambda/{name}"].append(float(lam[i]))
+        return (loss, outputs) if return_outputs else loss
+
+    # ---------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self._momentum is not None and self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            ckpt = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            torch.save({"momentum": self._momentum.cpu()}, ckpt / "more_state.pt")
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Trainer.train, also restoring MORE's gradient momentum from a checkpoint when there is one."""
+        if isinstance(resume_from_checkpoint, str | Path):
+            state_file = Path(resume_from_checkpoint) / "more_state.pt"
+            if state_file.exists():
+                self._momentum = torch.load(state_file)["momentum"].to(self.args.device)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    # ---------------------------------------------------------------- saving
+    def model_card_text(self, base_model: str | None = None) -> str:
+        args = self.args
+        sources = ", ".join(args.source_names or []) or "(not recorded)"
+        details = (
+            f"alpha (EMA weight on the new gradient) = {args.alpha}, normalize = {args.normalize}"
+            if args.method == "more" else "fixed weights"
+        )
+        return (
+            "---\nlibrary_name: transformers\ntags: [reward-model, trl, more]\n---\n"
+            f"# Reward model ({args.method})\n\n"
+            f"A scalar-head `AutoModelForSequenceClassification` reward model trained with the `{args.method}` "
+            f"method of the MORE pipeline (Zeng et al., *On Diversified Preferences of Large Language Model "
+            f"Alignment*), on TRL.\n\n"
+            f"- Method: **{args.method}** ({details})\n"
+            f"- Sources: {sources}\n"
+            f"- Base model: {base_model or 'in-process random init'}\n"
+            f"- Max length: {self._max_length} tokens, truncated from the left\n"
+            f"- Learning rate {args.learning_rate}, epochs {args.num_train_epochs}, max_steps {args.max_steps}, "
+            f"per-device batch {args.per_device_train_batch_size} pairs\n\n"
+            "Load it with `AutoModelForSequenceClassification.from_pretrained(path)` and "
+            "`AutoTokenizer.from_pretrained(path)`; the reward of a text is `model(**tok(text)).logits[0, 0]`.\n"
+        )
+
+    def save_with_card(self, output_dir: str | Path, base_model: str | None = None) -> None:
+        """save_model + tokenizer + our model card (the main process writes the card)."""
+        self.save_model(str(output_dir))
+        if self.accelerator.is_main_process:
+            atomic_write_text(Path(output_dir) / "README.md", self.model_card_text(base_model))
