@@ -1,0 +1,184 @@
+"""A tiny policy for CPU work: a random-init causal LM warm-started on synthetic prompt/response pairs.
+
+The alignment stage needs a policy whose samples look like answers (so an RM or the synthetic gold
+reward can score them) but are of MIXED quality (so that best-of-n, rejection sampling and PPO have room
+to raise the gold reward). `warm_start_policy` gets there in a few seconds: it builds
+`pipeline.models.tiny_model(spec, tokenizer, task="causal_lm")` and fine-tunes it with a plain torch loop
+on (prompt, response) pairs, loss on the response tokens only, EOS appended to every response so the
+policy learns to stop. The pairs come from `pipeline.data.synthetic.synthetic_responses`, which draws
+responses of varied quality, so the policy imitates that spread.
+
+Tokenization matches generation: the prompt and the response are tokenized separately and concatenated
+(the policy later generates response tokens after the prompt's tokens, so it must be trained on exactly
+that split, not on the BPE of the joined text).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.models import TinyModelSpec, tiny_model
+
+IGNORE_INDEX = -100
+
+
+def response_mask_labels(
+    prompt_ids: Sequence[int], response_ids: Sequence[int], eos_id: int | None, max_length: int
+) -> tuple[list[int], list[int]]:
+    """Join one prompt and its response into `(input_ids, labels)` for response-only causal-LM loss.
+
+    The response gets `eos_id` appended (unless it already ends with it, or `eos_id` is None); the
+    labels are `IGNORE_INDEX` on the prompt tokens and equal to the input ids on the response tokens.
+    Over-long examples lose tokens from the LEFT of the prompt first; if the response alone is longer
+    than `max_length`, its end is cut (keeping the start the policy must learn to begin with).
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
+    response = list(response_ids)
+    if eos_id is not None and (not response or response[-1] != eos_id):
+        response.append(eos_id)
+    if len(response) >= max_length:
+        # keep at least one prompt token so the first response token has a context to be predicted from
+        response = response[: max_length - 1]
+    keep_prompt = max_length - len(response)
+    prompt = list(prompt_ids)[-keep_prompt:] if keep_prompt > 0 else []
+    input_ids = prompt + response
+    labels = [IGNORE_INDEX] * len(prompt) + response
+    return input_ids, labels
+
+
+def collate_right(
+    examples: Sequence[tuple[list[int], list[int]]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-pad `(input_ids, labels)` examples into a batch (pad labels are `IGNORE_INDEX`)."""
+    width = max(len(ids) for ids, _ in examples)
+    n = len(examples)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(examples):
+        input_ids[i, : len(ids)] = torch.as_tensor(ids)
+        labels[i, : len(lab)] = torch.as_tensor(lab)
+        attention_mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token negative log-likelihood over the labelled (response) positions."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    return torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def warm_start_policy(
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    spec: TinyModelSpec | None = None,
+    steps: int = 150,
+    lr: float = 5e-3,
+    batch_size: int = 16,
+    seed: int = 0,
+    max_length: int = 128,
+    model: torch.nn.Module | None = None,
+    progress: bool = False,
+) -> torch.nn.Module:
+    """Build a tiny causal LM (or take `model`) and train it on `(prompt, response)` pairs.
+
+    `prompts[i]` and `responses[i]` form one example; a prompt may appear several times with different
+    responses. The loss is on response tokens (+ the appended EOS) only. Returns the model in eval mode.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"warm_start_policy: {len(prompts)} prompts but {len(responses)} responses; pass parallel lists")
+    if not prompts:
+        raise ValueError("warm_start_policy: no (prompt, response) pairs given")
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError("warm_start_policy: the tokenizer needs a pad and an EOS token (see pipeline.models.load_tokenizer)")
+    if model is None:
+        model = tiny_model(spec or TinyModelSpec(arch="gpt_neox"), tokenizer, task="causal_lm", seed=seed)
+    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    examples = [response_mask_labels(p, r, tokenizer.eos_token_id, max_length) for p, r in zip(p_ids, r_ids)]
+
+    device = next(model.parameters()).device
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1.0 - s / max(1, steps))
+    )
+    order: list[int] = []
+    model.train()
+    bar = tqdm(range(steps), desc="warm-start policy", disable=not progress)
+    for _ in bar:
+        if len(order) < batch_size:
+            more = list(range(len(examples)))
+            rng.shuffle(more)
+            order += more
+        batch_idx, order = order[:batch_size], order[batch_size:]
+        batch = collate_right([examples[i] for i in batch_idx], tokenizer.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = response_nll(logits, batch["labels"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return model
+
+
+def sample_responses(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> tuple[list[str], list[bool]]:
+    """Sample one response per prompt (left padding); returns the decoded texts and whether each hit EOS.
+
+    A small convenience for tests and quick looks; the alignment stage has its own batched sampler.
+    """
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    texts, has_eos = [], []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            enc = tokenizer(chunk, add_special_tokens=False, return_tensors="pt", padding=True).to(device)
+            with torch.no_grad():
+                out = model.generate(
+                    **enc,
+                    do_sample=True,
+                    temperature=temperature,
+                    top_p=top_p,
+                    top_k=0,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            for row in out[:, enc["input_ids"].shape[1] :].tolist():
+                hit = tokenizer.eos_token_id in row
+                if hit:
+                    row = row[: row.index(tokenizer.eos_token_id)]
+                has_eos.append(hit)
+                texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return texts, has_eos
