@@ -1,0 +1,232 @@
+"""Benchmark: the calibration stage's batched RM scorer vs a naive per-pair loop padded to 512 tokens.
+
+Both score the SAME pairs with the SAME randomly initialised reward model, the same left truncation to
+`--max-length` tokens and the same autocast dtype, in one run:
+
+* ours  = `pipeline.scoring.score_pairs` (what the calibration stage calls): all 2N sequences sorted by
+  length, padded per batch, `--batch-size` sequences per forward, no gradients;
+* naive = one forward per pair (chosen + rejected), every sequence padded to `--max-length` tokens (the
+  authors' recipe pads everything to 512).
+The two alternate in rounds (one batch of ours, 1/R of the naive pairs; the order flips every round)
+so that a busy machine slows both alike.
+
+Texts: the real Helpful / Harmless / WebGPT / TL;DR slices in <repo>/../shared/data/real when present
+(pairs drawn evenly across them with a seed), tokenized by a BPE trained on them; otherwise synthetic
+texts whose token lengths follow the recorded length profile of those slices (see LENGTH_PROFILE).
+The last printed line is JSON: {"benchmark": "rm_scoring", "ratio": naive_seconds / ours_seconds, ...}
+(wall clock; "cpu_ratio" is the same with process CPU time, and "load_average_1m" tells how busy the
+machine was: on a shared machine compare several runs).
+
+    python scripts/bench_scoring.py                 # ~25M-param GPT-NeoX, 48 pairs, CPU (1-3 min on 2 cores)
+    python scripts/bench_scoring.py --pairs 200 --size mini --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.calibration.stage import CalibrationConfig  # noqa: E402
+from pipeline.data.tokenize import encode_left, pad_right  # noqa: E402
+from pipeline.models import TinyModelSpec, count_parameters, tiny_model, tiny_tokenizer  # noqa: E402
+from pipeline.scoring import autocast_dtype, score_ids, score_pairs  # noqa: E402
+
+REAL = REPO.parent / "shared" / "data" / "real"
+
+# Token lengths per sequence (prompt + response) of 2,000 real pairs from the Helpful/Harmless/WebGPT/TL;DR
+# slices in ../shared/data/real, tokenized with a 50k BPE and left-truncated to 512 tokens, as recorded in
+# ../shared/reference/ANCHORS.md (measured 2026-11-26): mean 202, median 178, p90 404. We draw lengths
+# from a log-normal with that median whose p90 is 404 (sigma = ln(404/178) / 1.2816), capped at 512.
+LENGTH_PROFILE = {"mean": 202, "median": 178, "p90": 404, "max": 512}
+
+
+# --------------------------------------------------------------------------------------------------
+# Texts
+# --------------------------------------------------------------------------------------------------
+def _real_pairs() -> list[list[tuple[str, str]]]:
+    """Full transcripts (a, b) per real source, read directly from the shared files (format per README)."""
+    groups = []
+    for rel in ("hh-rlhf-helpful/helpful.test.json", "hh-rlhf-harmless/harmless.test.json", "webgpt/webgpt.test.json"):
+        path = REAL / rel
+        if path.is_file():
+            groups.append([(r["text"][0], r["text"][1]) for r in json.loads(path.read_text(encoding="utf-8"))])
+    summ = REAL / "summarize-from-feedback" / "comparisons" / "batch13.json"
+    if summ.is_file():
+        pairs = []
+        opener = gzip.open if summ.suffix == ".gz" else open
+        with opener(summ, "rt", encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    info = r["info"]
+                    prompt = (f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\n"
+                              f"POST: {info.get('post', '')}\nTL;DR:")
+                    pairs.append((prompt + r["summaries"][0]["text"], prompt + r["summaries"][1]["text"]))
+        groups.append(pairs)
+    return [g for g in groups if g]
+
+
+def real_texts(n_pairs: int, seed: int, vocab_size: int):
+    groups = _real_pairs()
+    rng = np.random.default_rng(seed)
+    per = [n_pairs // len(groups) + (i < n_pairs % len(groups)) for i in range(len(groups))]
+    pairs = []
+    for g, k in zip(groups, per):
+        pairs += [g[i] for i in rng.choice(len(g), size=min(k, len(g)), replace=False)]
+    corpus = [t for g in groups for a, b in g for t in (a, b)]
+    tok = tiny_tokenizer(corpus, vocab_size=vocab_size)
+    return tok, [a for a, _ in pairs], [b for _, b in pairs], f"real ({REAL}, {len(groups)} sources)"
+
+
+def synthetic_texts(n_pairs: int, seed: int, vocab_size: int):
+    """Texts built from random tokens whose re-tokenized lengths follow LENGTH_PROFILE."""
+    from pipeline.data.synthetic import SyntheticConfig, synthetic_corpus
+
+    tok = tiny_tokenizer(synthetic_corpus(SyntheticConfig()), vocab_size=min(vocab_size, 2000))
+    rng = np.random.default_rng(seed)
+    sigma = np.log(LENGTH_PROFILE["p90"] / LENGTH_PROFILE["median"]) / 1.2816
+    lengths = np.minimum(rng.lognormal(np.log(LENGTH_PROFILE["median"]), sigma, 2 * n_pairs), LENGTH_PROFILE["max"])
+    # word-level tokens: a word from the tokenizer's vocabulary that encodes to exactly one token
+    words = [w for w in (tok.decode([i]) for i in range(len(tok)))
+             if w.startswith(" ") and w.strip().isalpha() and len(tok(w, add_special_tokens=False)["input_ids"]) == 1]
+    texts = [" ".join(rng.choice([w.strip() for w in words], size=max(1, int(n) - 1))) for n in lengths]
+    return tok, texts[:n_pairs], texts[n_pairs:], "synthetic (recorded length profile)"
+
+
+# --------------------------------------------------------------------------------------------------
+# Scorers
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def naive_scores(model, tok, chosen, rejected, max_length: int, dtype):
+    """One forward per pair, both sequences right-padded to exactly max_length tokens."""
+    rc, rr = np.empty(len(chosen)), np.empty(len(chosen))
+    for i, (c, r) in enumerate(zip(chosen, rejected)):
+        ids, _ = encode_left(tok, [c, r], max_length)
+        input_ids, mask = pad_right(ids, tok.pad_token_id)
+        pad = max_length - input_ids.shape[1]
+        input_ids = torch.nn.functional.pad(input_ids, (0, pad), value=tok.pad_token_id)
+        mask = torch.nn.functional.pad(mask, (0, pad), value=0)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            out = model(input_ids=input_ids, attention_mask=mask).logits.float()[:, 0]
+        rc[i], rr[i] = float(out[0]), float(out[1])
+    return rc, rr
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=48, help="number of preference pairs scored by both")
+    ap.add_argument("--size", default="small", choices=["tiny", "mini", "small"], help="TinyModelSpec size (small ~25M)")
+    ap.add_argument("--arch", default="gpt_neox", choices=["gpt_neox", "llama", "bert"])
+    ap.add_argument("--batch-size", type=int, default=CalibrationConfig().batch_size,
+                    help="sequences per forward for the batched scorer (default: the calibration stage's)")
+    ap.add_argument("--round-batches", type=int, default=1, help="batches of the batched scorer per timing round")
+    ap.add_argument("--max-length", type=int, default=512, help="left-truncation length = the naive padding length")
+    ap.add_argument("--vocab-size", type=int, default=16000, help="BPE vocabulary trained on the texts")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32"], help="autocast for BOTH scorers (auto = bf16 on CPU)")
+    ap.add_argument("--synthetic", action="store_true", help="use the recorded length profile even if real data exists")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    use_real = REAL.is_dir() and not args.synthetic
+    tok, chosen, rejected, data_desc = (real_texts if use_real else synthetic_texts)(args.pairs, args.seed, args.vocab_size)
+    ids, n_cut = encode_left(tok, chosen + rejected, args.max_length)
+    lengths = np.array([len(s) for s in ids])
+    model = tiny_model(TinyModelSpec(arch=args.arch, size=args.size, max_position_embeddings=max(1024, args.max_length)),
+                       tok, task="reward", seed=args.seed).eval()
+    device = torch.device("cpu")
+    dtype = autocast_dtype(device) if args.dtype == "auto" else None
+    print(f"data: {data_desc}; {len(chosen)} pairs, tokens/sequence mean {lengths.mean():.0f} median "
+          f"{np.median(lengths):.0f} p90 {np.percentile(lengths, 90):.0f} max {lengths.max()} ({n_cut} truncated); "
+          f"model {args.arch}/{args.size} {count_parameters(model) / 1e6:.1f}M params; autocast {dtype}; "
+          f"{torch.get_num_threads()} threads", flush=True)
+
+    # warm-up both paths (allocator, kernels) on a few pairs
+    score_pairs(model, tok, [""] * 2, chosen[:2], rejected[:2], max_length=args.max_length,
+                batch_size=args.batch_size, dtype=dtype)
+    naive_scores(model, tok, chosen[:1], rejected[:1], args.max_length, dtype)
+
+    # `score_pairs` = one `encode_left` over all 2N texts + `score_ids` (sort by length, pad per batch).
+    # We time exactly that work, but run `score_ids` on consecutive slices of the globally sorted order
+    # (whole batches, so the batches are the ones a single call would form) and interleave the slices
+    # with equal shares of the naive loop, flipping the order every round, so that load changes on a
+    # shared machine hit both scorers alike.
+    n = len(chosen)
+    t0, c0 = time.perf_counter(), time.process_time()
+    ids, _ = encode_left(tok, chosen + rejected, args.max_length)
+    t_ours, c_ours = time.perf_counter() - t0, time.process_time() - c0
+    order = np.argsort([-len(s) for s in ids], kind="stable")
+    seq_rounds = [order[i : i + args.round_batches * args.batch_size]
+                  for i in range(0, 2 * n, args.round_batches * args.batch_size)]
+    pair_bounds = np.linspace(0, n, len(seq_rounds) + 1).astype(int)
+    t_naive = c_naive = 0.0
+    rewards = np.empty(2 * n)
+    naive = (np.empty(n), np.empty(n))
+    for k, seqs in enumerate(seq_rounds):
+        sl = slice(pair_bounds[k], pair_bounds[k + 1])
+        for which in (("ours", "naive") if k % 2 == 0 else ("naive", "ours")):
+            t0, c0 = time.perf_counter(), time.process_time()
+            if which == "ours":
+                rewards[seqs] = score_ids(model, [ids[i] for i in seqs], tok.pad_token_id,
+                                          batch_size=args.batch_size, dtype=dtype)
+                t_ours += time.perf_counter() - t0
+                c_ours += time.process_time() - c0
+            else:
+                naive[0][sl], naive[1][sl] = naive_scores(model, tok, chosen[sl], rejected[sl], args.max_length, dtype)
+                t_naive += time.perf_counter() - t0
+                c_naive += time.process_time() - c0
+        print(f"round {k}: {len(seqs)} sequences (ours) / {sl.stop - sl.start} pairs (naive); cumulative "
+              f"ours {t_ours:.1f}s, naive {t_naive:.1f}s", flush=True)
+    ours = (rewards[:n], rewards[n:])
+    # the whole-call path gives the same rewards (a check that the slicing changed nothing)
+    check = score_pairs(model, tok, [""] * min(n, 8), chosen[:8], rejected[:8], max_length=args.max_length,
+                        batch_size=args.batch_size, dtype=dtype)
+
+    diff = max(np.abs(ours[0] - naive[0]).max(), np.abs(ours[1] - naive[1]).max())
+    scale = float(np.abs(np.concatenate(naive)).max()) or 1.0
+    tol = (2e-2 if dtype is not None else 1e-5) * scale  # bf16 keeps ~3 significant digits
+    same = bool(np.allclose(check[0], ours[0][:8], atol=tol) and np.allclose(check[1], ours[1][:8], atol=tol))
+    result = {
+        "benchmark": "rm_scoring",
+        "ratio": round(t_naive / t_ours, 3),
+        "naive_s": round(t_naive, 3),
+        "ours_s": round(t_ours, 3),
+        "cpu_ratio": round(c_naive / c_ours, 3),
+        "n_pairs": len(chosen),
+        "pairs_per_s_ours": round(len(chosen) / t_ours, 2),
+        "pairs_per_s_naive": round(len(chosen) / t_naive, 2),
+        "data": "real" if use_real else "synthetic-profile",
+        "tokens_per_sequence": {"mean": round(float(lengths.mean()), 1), "median": float(np.median(lengths)),
+                                "p90": float(np.percentile(lengths, 90)), "max": int(lengths.max())},
+        "model": f"{args.arch}/{args.size}",
+        "params_m": round(count_parameters(model) / 1e6, 1),
+        "batch_size": args.batch_size,
+        "timing_rounds": len(seq_rounds),
+        "max_length": args.max_length,
+        "autocast": str(dtype).replace("torch.", "") if dtype else "none",
+        "threads": torch.get_num_threads(),
+        "max_abs_reward_diff": float(diff),
+        "slices_match_score_pairs": same,
+        "reward_scale": scale,
+        "device": "cpu",
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
