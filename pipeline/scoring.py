@@ -24,6 +24,36 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+class _FP32Head:
+    """Context manager: run a Linear reward head in fp32 inside autocast, so bf16 scoring does not round
+    rewards to ~3 significant digits (which would create artificial ties and coarse probabilities)."""
+
+    def __init__(self, model, enabled: bool):
+        from pipeline.reward.trainer import find_reward_head
+
+        self.handle = None
+        if enabled:
+            try:
+                head = find_reward_head(model)
+            except ValueError:
+                return
+            if isinstance(head, torch.nn.Linear):
+                self.handle = head.register_forward_hook(self._hook)
+
+    @staticmethod
+    def _hook(module, inputs, output):
+        with torch.autocast(inputs[0].device.type, enabled=False):
+            bias = None if module.bias is None else module.bias.float()
+            return torch.nn.functional.linear(inputs[0].float(), module.weight.float(), bias)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.remove()
+
+
 @torch.no_grad()
 def score_ids(
     model,
@@ -46,20 +76,21 @@ def score_ids(
     out = np.empty(len(ids), dtype=np.float64)
     start = 0
     bar = tqdm(total=len(ids), desc="scoring", disable=not progress)
-    while start < len(order):
-        width = len(ids[order[start]])
-        n = batch_size
-        if max_tokens_per_batch:
-            n = max(1, min(batch_size, max_tokens_per_batch // max(width, 1)))
-        idx = order[start : start + n]
-        input_ids, mask = pad_right([ids[i] for i in idx], pad_id)
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(input_ids=input_ids, attention_mask=mask).logits
-        out[idx] = logits.float().reshape(len(idx), -1)[:, 0].cpu().double().numpy() / temperature
-        start += len(idx)
-        bar.update(len(idx))
-    bar.close()
+    with _FP32Head(model, enabled=dtype is not None):
+        while start < len(order):
+            width = len(ids[order[start]])
+            n = batch_size
+            if max_tokens_per_batch:
+                n = max(1, min(batch_size, max_tokens_per_batch // max(width, 1)))
+            idx = order[start : start + n]
+            input_ids, mask = pad_right([ids[i] for i in idx], pad_id)
+            input_ids, mask = input_ids.to(device), mask.to(device)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(input_ids=input_ids, attention_mask=mask).logits
+            out[idx] = logits.float().reshape(len(idx), -1)[:, 0].cpu().double().numpy() / temperature
+            start += len(idx)
+            bar.update(len(idx))
+        bar.close()
     model.train(was_training)
     return out
 
