@@ -201,8 +201,13 @@ def train_one(recipe, run_dir: Path, name: str, method: str, sources: list[str],
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
+    cpu_defaults = {}
+    if not torch.cuda.is_available():
+        # use_cpu: without it torchrun/accelerate on CPU set up no gloo DDP; TRL's bf16 default fails on CPU.
+        cpu_defaults = {"use_cpu": True, "bf16": cfg.train.get("bf16", False)}
     args = MORERewardConfig(
         **cfg.training_args(dict(
+            **cpu_defaults,
             output_dir=str(ckpt_dir),
             method=method,
             source_names=sources,
@@ -212,10 +217,6 @@ def train_one(recipe, run_dir: Path, name: str, method: str, sources: list[str],
             seed=recipe.seed,
         )),
     )
-    if not torch.cuda.is_available():
-        args.use_cpu = True  # without it, torchrun/accelerate on CPU would not set up gloo DDP
-        if "bf16" not in cfg.train:
-            args.bf16 = False
     model, peft_config = load_base_model(cfg, base)
     trainer = MORERewardTrainer(
         model, args, train_dataset=train, processing_class=tokenizer, peft_config=peft_config
