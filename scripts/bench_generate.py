@@ -1,0 +1,211 @@
+"""Benchmark: the alignment stage's best-of-n sampler vs a per-prompt loop, same prompts, one run.
+
+* ours = `pipeline.align.generate.generate_rows` (what `sample`, and so the stage, calls): prompts sorted
+  by length, left-padded, `--batch-size` prompts per `generate` call with n sequences each, KV cache on,
+  and (backend "generate") each prompt encoded ONCE with its KV cache shared by its n samples (plain
+  `generate` prefills every prompt n times); `--no-share-prompt` turns that off; `--backend` picks plain
+  `generate`, a static KV cache (compiled decoding on CUDA), or transformers' continuous batching;
+* loop = one `generate` call per prompt with `num_return_sequences=n` (the same GenerationConfig).
+Both decode EXACTLY `--new-tokens` tokens per sequence (min_new_tokens = max_new_tokens), so the work is
+identical; sampling at `--temperature`. A warm-up call of each precedes the timing.
+The last printed line is JSON:
+    {"benchmark": "bon_generation", "ratio": loop_seconds / ours_seconds, "tokens_per_s": ours, ...}
+(with `--loop-prompts K` the loop is timed on about K of the prompts and its time scaled to all of them).
+The two alternate in rounds (one of our batches, then the same prompts through the loop; the order flips
+every round) so that a busy machine slows both alike.
+
+    python scripts/bench_generate.py                         # small random GPT-NeoX on CPU
+    python scripts/bench_generate.py --arch llama --prompts 32 --batch-size 32
+    python scripts/bench_generate.py --llama7b-shape --prompts 64 --batch-size 64 --new-tokens 128 --loop-prompts 8
+    python scripts/bench_generate.py --llama7b-shape ... --backend static     # static KV cache + torch.compile
+
+Prompts are random token ids with lengths uniform in [--min-prompt, --max-prompt] (the anchors: 20-200).
+
+Beyond plain batched `generate` (what was checked, 2026-11, transformers 5.24 / torch 2.13)
+------------------------------------------------------------------------------------------
+Plain batched `generate` on an H100 reaches ~13% of what memory bandwidth allows for a 7B model
+(../shared/reference/ANCHORS.md): decoding is memory-bound, and HF's eager decoding step adds Python and
+kernel-launch overhead per token, wastes the slots of sequences that finished early (they keep decoding
+padding until the longest is done), and grows a dynamic KV cache by concatenation. The paths beyond it:
+
+1. `--backend static`: `cache_implementation="static"` preallocates the KV cache; on CUDA transformers then
+   compiles the decoding step with `torch.compile` (CUDA graphs, "reduce-overhead") automatically. Best for
+   a fixed batch shape (the stage's batches are bucketed by length); the first call per shape pays the
+   compile. On CPU there is no compilation and it gives plain-generate speed (checked: same greedy tokens).
+2. `--backend continuous`: transformers' continuous batching (`model.generate_batch`, a
+   `ContinuousBatchingManager` with a paged KV cache): finished sequences are replaced by waiting ones,
+   so no slot decodes padding. Present in 5.24 and tested equal to plain generate on a Llama; it fails on
+   GPT-NeoX in 5.24 (`PagedAttentionCache.update()` signature mismatch in the GPT-NeoX attention), and on
+   CPU it is much SLOWER (~10-30 s for a few tokens of 1-4 tiny requests, spent in its background thread) — a
+   GPU option only.
+3. vLLM (PagedAttention + CUDA graphs + continuous batching) is the production answer for 7B sampling
+   (TRL's RLOOTrainer exposes it as `use_vllm`). It is not installed here (no GPU, no wheel for this
+   torch) and is therefore not a backend of `pipeline.align.generate`; adding it is a `backend="vllm"`
+   branch mapping `SamplingParams(n, temperature, top_p, max_tokens)` onto `LLM.generate`.
+4. Shared-prompt prefill (implemented, the default): the prompt's forward pass is paid once instead of n
+   times. It matters when prompts are long relative to the responses (the anchors' 20-200-token prompts).
+On a GPU run this script with each `--backend` on the same machine and compare the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.align.generate import BACKENDS, generate_rows, generation_config  # noqa: E402
+
+LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048)
+
+
+def build_model(args, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
+
+    special = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if args.llama7b_shape:
+        config = LlamaConfig(**LLAMA_7B, **special)
+    elif args.arch == "llama":
+        config = LlamaConfig(hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
+                             num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
+                             max_position_embeddings=1024, **special)
+    else:
+        config = GPTNeoXConfig(hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
+                               num_attention_heads=args.heads, vocab_size=args.vocab, max_position_embeddings=1024,
+                               rotary_pct=0.25, use_parallel_residual=True, **special)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval(), config
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", choices=["gpt_neox", "llama"], default="gpt_neox")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=8000)
+    ap.add_argument("--llama7b-shape", action="store_true", help="Alpaca-7B's LLaMA shape (bf16; needs a GPU)")
+    ap.add_argument("--n", type=int, default=4, help="samples per prompt")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--loop-prompts", type=int, default=None, help="time the loop on the first K prompts only (scaled)")
+    ap.add_argument("--new-tokens", type=int, default=32, help="exactly this many new tokens per sequence")
+    ap.add_argument("--min-prompt", type=int, default=20)
+    ap.add_argument("--max-prompt", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (ours)")
+    ap.add_argument("--temperature", type=float, default=1.2)
+    ap.add_argument("--backend", choices=BACKENDS, default="generate")
+    ap.add_argument("--no-share-prompt", action="store_true", help="prefill each prompt n times, as plain generate")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
+                          ("cpu" if args.device == "auto" else args.device))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, config = build_model(args, device, dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    rng = np.random.default_rng(args.seed)
+    lengths = rng.integers(args.min_prompt, args.max_prompt + 1, size=args.prompts)
+    prompts = [rng.integers(3, config.vocab_size, size=int(L)).tolist() for L in lengths]
+    gen = generation_config(n=args.n, do_sample=True, temperature=args.temperature, top_p=1.0, top_k=0,
+                            max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, eos_ids=[1], pad_id=0,
+                            backend=args.backend)
+    loop_gen = generation_config(n=args.n, do_sample=True, temperature=args.temperature, top_p=1.0, top_k=0,
+                                 max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, eos_ids=[1], pad_id=0)
+    print(f"model: {'llama-7b shape' if args.llama7b_shape else args.arch} {n_params / 1e6:.1f}M params, {dtype}, "
+          f"{device}; {args.prompts} prompts x n={args.n} x {args.new_tokens} new tokens, prompt lengths "
+          f"{lengths.min()}-{lengths.max()}, backend={args.backend}", flush=True)
+
+    def ours(ps):
+        return generate_rows(model, ps, gen, n=args.n, pad_id=0, batch_size=args.batch_size, backend=args.backend,
+                             share_prompt=not args.no_share_prompt)
+
+    @torch.no_grad()
+    def loop(ps):
+        rows = []
+        for p in ps:
+            ids = torch.tensor([p], device=device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=loop_gen)
+            rows.append(out[:, ids.shape[1]:].tolist())
+        return rows
+
+    # warm-up (kernels, allocator; the static backend compiles its step here for the first shape)
+    ours(prompts[: min(len(prompts), args.batch_size)])
+    loop(prompts[:1])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    # Rounds: one batch of ours (the stage's length-sorted batches) and the same prompts through the loop,
+    # alternating which goes first, so that a busy machine slows both alike.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    batches = [[prompts[i] for i in order[s : s + args.batch_size]] for s in range(0, len(order), args.batch_size)]
+    frac = min(args.loop_prompts or len(prompts), len(prompts)) / len(prompts)
+    torch.manual_seed(args.seed)
+    rows, loop_rows, ours_s, loop_s, k = [], [], 0.0, 0.0, 0
+    for r, batch in enumerate(batches):
+        sub = batch[: max(1, round(len(batch) * frac))]
+        for which in (("ours", "loop") if r % 2 == 0 else ("loop", "ours")):
+            sync(device)
+            t = time.perf_counter()
+            if which == "ours":
+                rows += ours(batch)
+            else:
+                loop_rows += loop(sub)
+            sync(device)
+            if which == "ours":
+                ours_s += time.perf_counter() - t
+            else:
+                loop_s += (time.perf_counter() - t) * len(batch) / len(sub)
+        k += len(sub)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+    new_tokens = sum(len(r) for per in rows for r in per)
+    expected = args.prompts * args.n * args.new_tokens
+    assert new_tokens == expected, f"ours produced {new_tokens} tokens, expected {expected}"
+    assert all(len(r) == args.new_tokens for per in loop_rows for r in per)
+    result = {
+        "benchmark": "bon_generation",
+        "ratio": round(loop_s / ours_s, 3),
+        "tokens_per_s": round(new_tokens / ours_s, 1),
+        "loop_tokens_per_s": round(new_tokens / loop_s, 1),
+        "ours_s": round(ours_s, 3),
+        "loop_s": round(loop_s, 3),
+        "loop_prompts_timed": k,
+        "new_tokens": new_tokens,
+        "prompts": args.prompts,
+        "n": args.n,
+        "batch_size": args.batch_size,
+        "backend": args.backend,
+        "share_prompt": not args.no_share_prompt,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "model": "llama-7b-shape" if args.llama7b_shape else f"{args.arch} h{args.hidden} l{args.layers} v{args.vocab}",
+        "params_m": round(n_params / 1e6, 1),
+        "peak_mem_gb": None if peak is None else round(peak, 2),
+    }
+    print(f"ours: {ours_s:.2f} s ({result['tokens_per_s']} new tokens/s); loop: {loop_s:.2f} s "
+          f"({result['loop_tokens_per_s']} new tokens/s); ratio {result['ratio']}x", flush=True)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

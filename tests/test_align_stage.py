@@ -1,0 +1,189 @@
+"""The alignment stage end to end on CPU: tiny RMs in DIR/reward, synthetic data, gold judge, rerun skip."""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline.align.stage import AlignConfig, JudgeConfig, distinct_prompts, parse_comparison, render_table, select_rms
+from tests.test_align_helpers import one_torch_thread, reward_model, rm_tokenizer  # noqa: F401
+
+
+def test_config_validation_and_helpers():
+    with pytest.raises(ValueError, match="align.methods"):
+        AlignConfig(methods=["dpo"])
+    with pytest.raises(ValueError, match="peft"):
+        AlignConfig(peft="ia3")
+    with pytest.raises(ValueError, match="'<a> vs <b>'"):
+        AlignConfig(comparisons=["more versus base"])
+    with pytest.raises(ValueError, match="judge.kind"):
+        JudgeConfig(kind="human")
+    assert AlignConfig(judge={"kind": "openai"}).judge.kind == "openai"
+    paper = AlignConfig()
+    assert (paper.n, paper.temperature, paper.top_p, paper.sft_batch_size, paper.sft_learning_rate) == (4, 1.2, 1.0, 64, 1e-6)
+    assert parse_comparison("more vs base") == ("more", "base")
+    index = {"more": {}, "multitask": {}, "single-helpful": {}}
+    assert select_rms(index, None) == ["more", "multitask"]
+    assert select_rms(index, ["single-helpful"]) == ["single-helpful"]
+    with pytest.raises(ValueError, match="not in DIR/reward/index.json"):
+        select_rms(index, ["uniform"])
+    assert distinct_prompts(["a", "b", "a", "c"], None, 0) == ["a", "b", "c"]
+    picked = distinct_prompts([str(i) for i in range(50)], 5, 1)
+    assert len(picked) == 5 and picked == sorted(picked, key=int) and picked == distinct_prompts([str(i) for i in range(50)], 5, 1)
+
+
+def _recipe(**align):
+    from pipeline.data import DataConfig, SyntheticConfig
+
+    data = DataConfig(
+        sources=[{"name": "helpful", "format": "synthetic"}, {"name": "harmless", "format": "synthetic"}],
+        synthetic=SyntheticConfig(sources=("helpful", "harmless"), n_train=40, n_valid=4, n_test=16),
+    )
+    cfg = dict(methods=["best_of_n", "rjs"], n=2, max_new_tokens=10, n_prompts=16, n_eval_prompts=6, n_ppl=6,
+               warm_start_steps=30, warm_start_prompts=24, warm_start_batch_size=16, sft_batch_size=8,
+               sft_micro_batch_size=8, sft_learning_rate=1e-3, sft_max_length=96, max_prompt_length=64,
+               generation_batch_size=32, progress=False)
+    cfg.update(align)
+    return SimpleNamespace(name="t", seed=0, data=data, align=AlignConfig(**cfg))
+
+
+def _reward_dir(run_dir):
+    index = {}
+    tok = rm_tokenizer()
+    for i, name in enumerate(["more", "multitask", "single-helpful"]):
+        d = run_dir / "reward" / name
+        reward_model(seed=i, tok=tok).save_pretrained(d)
+        tok.save_pretrained(d)
+        index[name] = {"path": str(d), "method": "single" if name.startswith("single") else name, "sources": ["helpful"]}
+    (run_dir / "reward" / "more" / "temperature.json").write_text(json.dumps({"temperature": 2.0}))
+    (run_dir / "reward" / "index.json").write_text(json.dumps(index))
+
+
+def test_stage_end_to_end_and_rerun_skips(tmp_path, capsys):
+    from pipeline.align import stage
+
+    _reward_dir(tmp_path)
+    recipe = _recipe()
+    artifacts = stage.run(recipe, tmp_path)
+    align = tmp_path / "align"
+    for a in artifacts:
+        assert (tmp_path / a).exists(), a
+    # single-source RMs are not aligned by default
+    assert sorted(p.name for p in align.iterdir() if not p.name.startswith(".")) == [
+        "base", "judge_details.jsonl", "judgements.json", "metrics.json", "more", "multitask", "table.md"]
+    assert not (align / ".work").exists()
+
+    bon = [json.loads(line) for line in (align / "more" / "best_of_n" / "samples.jsonl").read_text().splitlines()]
+    assert len(bon) == 16 and all(len(r["candidates"]) == 2 and len(r["scores"]) == 2 for r in bon)
+    assert all(r["scores"][r["chosen"]] == max(r["scores"]) for r in bon)
+    rjs_dir = align / "more" / "rjs"
+    assert (rjs_dir / "policy" / "model.safetensors").exists() and (rjs_dir / "train_log.json").exists()
+    assert (rjs_dir / "samples.jsonl").exists()
+    evals = [json.loads(line) for line in (rjs_dir / "eval.jsonl").read_text().splitlines()]
+    assert len(evals) == 12 and {e["set"] for e in evals} == {"helpful", "harmless"}
+    # the same candidates, picked by RMs with and without a temperature: scores scale by 1/T
+    more = json.loads((align / "more" / "best_of_n" / "samples.jsonl").read_text().splitlines()[0])
+    assert more["candidates"] == json.loads((align / "multitask" / "best_of_n" / "samples.jsonl").read_text().splitlines()[0])["candidates"]
+
+    judgements = json.loads((align / "judgements.json").read_text())
+    assert set(judgements) == {f"{m}: {c}" for m in ("best_of_n", "rjs") for c in ("more vs multitask", "more vs base", "multitask vs base")}
+    for per_set in judgements.values():
+        assert set(per_set) == {"helpful", "harmless", "all"}
+        for r in per_set.values():
+            assert r["n"] + r["counts"]["invalid"] == (12 if r is per_set["all"] else 6)
+            assert abs(r["win"] + r["tie"] + r["lose"] - 1) < 1e-9
+            assert set(r["interval"]) == {"win", "tie", "lose"}
+    details = [json.loads(line) for line in (align / "judge_details.jsonl").read_text().splitlines()]
+    from pipeline.data.synthetic import gold_reward
+
+    d = details[0]
+    assert d["gold_a"] == gold_reward(d["prompt"], d["response_a"])  # the gold judge really is r*
+    metrics = json.loads((align / "metrics.json").read_text())["policies"]
+    assert set(metrics) == {"base", "more/best_of_n", "more/rjs", "multitask/best_of_n", "multitask/rjs"}
+    assert set(metrics["more/rjs"]["perplexity"]) == {"helpful", "harmless"}
+    assert metrics["more/rjs"]["perplexity"] != metrics["base"]["perplexity"]  # trained policy, other PPL
+    assert metrics["more/best_of_n"]["perplexity"] == metrics["base"]["perplexity"]
+    table = (align / "table.md").read_text()
+    assert "rjs: more vs multitask" in table and "PPL helpful" in table
+
+    # rerun: every sub-result is skipped, nothing is rewritten
+    stamp = os.stat(rjs_dir / "policy" / "model.safetensors").st_mtime_ns
+    capsys.readouterr()
+    stage.run(recipe, tmp_path)
+    out = capsys.readouterr().out
+    assert out.count("done earlier, skipping") == 4
+    assert os.stat(rjs_dir / "policy" / "model.safetensors").st_mtime_ns == stamp
+    assert json.loads((align / "judgements.json").read_text()) == judgements
+
+    # a changed setting redoes what depends on it
+    stage.run(_recipe(sft_learning_rate=2e-3, methods=["rjs"], rms=["more"], comparisons=["more vs base"]), tmp_path)
+    assert os.stat(rjs_dir / "policy" / "model.safetensors").st_mtime_ns != stamp
+    assert set(json.loads((align / "judgements.json").read_text())) == {"rjs: more vs base"}
+
+
+def test_stage_errors(tmp_path):
+    from pipeline.align import stage
+
+    with pytest.raises(FileNotFoundError, match="run the reward stage first"):
+        stage.run(_recipe(), tmp_path)
+    _reward_dir(tmp_path)
+    with pytest.raises(ValueError, match="eval_sources"):
+        stage.run(_recipe(eval_sources=["webgpt"]), tmp_path)
+
+
+def test_render_table_handles_empty():
+    assert "(no comparison judged)" in render_table({}, {"base": {"perplexity": {"helpful": 3.0}, "gold": None}}, "gold")
+
+
+def test_stage_runs_ppo_and_rloo(tmp_path):
+    """The RL methods through the stage: this project's PPO and TRL's RLOO, RM as reward, gold logged."""
+    from pipeline.align import stage
+
+    _reward_dir(tmp_path)
+    recipe = _recipe(methods=["ppo", "rloo"], rms=["more"], comparisons=["more vs base"],
+                     ppo={"num_steps": 2, "rollout_batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "progress": False},
+                     rloo={"max_steps": 2, "per_device_train_batch_size": 4})
+    stage.run(recipe, tmp_path)
+    align = tmp_path / "align"
+    summary = json.loads((align / "more" / "ppo" / "ppo_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["first_gold_mean"] is not None  # gold reward measured per step
+    assert (align / "more" / "ppo" / "policy" / "config.json").exists()
+    rloo_log = json.loads((align / "more" / "rloo" / "train_log.json").read_text())
+    assert sum("rewards/gold/mean" in r for r in rloo_log) == 2
+    assert (align / "more" / "rloo" / "policy" / "model.safetensors").exists()
+    judgements = json.loads((align / "judgements.json").read_text())
+    assert set(judgements) == {"ppo: more vs base", "rloo: more vs base"}
+    assert not (align / ".work").exists()
+
+
+def test_stage_with_an_openai_compatible_judge(tmp_path, monkeypatch, capsys):
+    """The LLM judge through the stage, against a loopback server: both orders asked, cached across reruns,
+    helpful/harmless prompts per prompt set, and the API key nowhere in the outputs."""
+    from pipeline.align import stage
+    from tests.test_align_helpers import judge_server
+
+    secret = "sk-align-stage-SECRET-987"
+    monkeypatch.setenv("ALIGN_TEST_KEY", secret)
+    _reward_dir(tmp_path)
+    with judge_server() as server:
+        recipe = _recipe(methods=["best_of_n"], rms=["more"], comparisons=["more vs base"],
+                         judge={"kind": "openai", "base_url": server.base_url, "model": "judge-x",
+                                "api_key_env": "ALIGN_TEST_KEY", "backoff_s": 0.01})
+        stage.run(recipe, tmp_path)
+        assert server.requests == 2 * 12  # 12 held-out prompts, each asked in both orders
+        harmless = [b for b in server.bodies if "more harmless" in b["messages"][0]["content"]]
+        assert len(harmless) == 12  # the harmless prompt set gets the harmlessness question
+        judgements = json.loads((tmp_path / "align" / "judgements.json").read_text())
+        per_set = judgements["best_of_n: more vs base"]
+        # this server always answers "A" when no response is GOOD: the two orders disagree, so all ties
+        assert per_set["all"]["counts"] == {"win": 0, "tie": 12, "lose": 0, "invalid": 0}
+        stage.run(recipe, tmp_path)
+        assert server.requests == 2 * 12  # the rerun pays nothing
+    out = capsys.readouterr()
+    assert secret not in out.out + out.err
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path

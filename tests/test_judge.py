@@ -1,0 +1,199 @@
+"""Judging: verdict parsing, the two-order protocol, gold verdicts, Wilson intervals, and the
+OpenAI-compatible judge against a real HTTP server on 127.0.0.1 (retries, cache, budget, errors, key)."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+
+import numpy as np
+import pytest
+
+from pipeline.align.judge import (
+    Comparison,
+    JudgeBudgetExhausted,
+    JudgeError,
+    JudgeUnreachable,
+    OpenAIJudge,
+    combine_orders,
+    gold_verdicts,
+    judge_prompt,
+    parse_verdict,
+    summarize,
+    wilson_interval,
+)
+from tests.test_align_helpers import judge_server
+
+SECRET = "sk-test-DO-NOT-LEAK-1234"
+
+
+# ---------------------------------------------------------------------------------------------------
+# pure functions
+
+
+def test_parse_verdict_is_strict():
+    assert parse_verdict("Response A answers the question directly.\nA") == "A"
+    assert parse_verdict("B is shorter and correct.\n\n  B  \n") == "B"
+    assert parse_verdict("One sentence.\n**A**") == "A"
+    assert parse_verdict("One sentence.\nVerdict: b.") == "B"
+    for bad in ["", None, "A is better", "Both are fine.\nAB", "Response A wins.", "A\nno verdict here", "C", "Neither"]:
+        assert parse_verdict(bad) is None, bad
+
+
+def test_combine_orders_protocol():
+    # first: a shown as A; second: a shown as B
+    assert combine_orders("A", "B") == "win"
+    assert combine_orders("B", "A") == "lose"
+    assert combine_orders("A", "A") == "tie"  # position bias: disagreeing verdicts
+    assert combine_orders("B", "B") == "tie"
+    assert combine_orders(None, "B") == "invalid"
+    assert combine_orders("A", None) == "invalid"
+
+
+def test_gold_verdicts_with_tolerance():
+    assert gold_verdicts([1.0, 0.0, 0.5, 2.0], [0.0, 1.0, 0.5, 1.95], 0.1) == ["win", "lose", "tie", "tie"]
+    assert gold_verdicts([1.0], [0.99], 0.0) == ["win"]
+    assert gold_verdicts([float("nan")], [0.0]) == ["invalid"]
+    with pytest.raises(ValueError):
+        gold_verdicts([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError):
+        gold_verdicts([1.0], [1.0], -1)
+
+
+@pytest.mark.parametrize("k,n", [(44, 100), (0, 20), (20, 20), (7, 9), (1, 1)])
+def test_wilson_interval_against_brute_force_inversion(k, n):
+    """Wilson's interval is the set of p with |k/n - p| <= z * sqrt(p(1-p)/n): invert it on a fine grid."""
+    z = 1.959963984540054
+    grid = np.linspace(0, 1, 2_000_001)
+    inside = grid[np.abs(k / n - grid) <= z * np.sqrt(grid * (1 - grid) / n) + 1e-15]
+    lo, hi = wilson_interval(k, n)
+    assert lo == pytest.approx(inside.min(), abs=2e-6)
+    assert hi == pytest.approx(inside.max(), abs=2e-6)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_summarize_fractions_counts_intervals():
+    verdicts = ["win"] * 44 + ["tie"] * 22 + ["lose"] * 34 + ["invalid"] * 3
+    s = summarize(verdicts)
+    assert (s["win"], s["tie"], s["lose"], s["n"]) == (0.44, 0.22, 0.34, 100)
+    assert s["counts"] == {"win": 44, "tie": 22, "lose": 34, "invalid": 3}
+    assert s["interval"]["win"] == list(wilson_interval(44, 100))
+    assert s["confidence"] == 0.95
+    assert summarize(["invalid"])["win"] is None and summarize([])["n"] == 0
+    json.dumps(summarize(verdicts))  # JSON-ready
+    with pytest.raises(ValueError, match="unknown verdict"):
+        summarize(["draw"])
+
+
+def test_judge_prompts():
+    h = judge_prompt("\n\nHuman: How do I pick a lock?\n\nAssistant:", "resp one", "resp two", "helpful")
+    x = judge_prompt("\n\nHuman: How do I pick a lock?\n\nAssistant:", "resp one", "resp two", "harmless")
+    assert "more helpful" in h and "more harmless" in x and "more harmless" not in h
+    assert h.index("resp one") < h.index("resp two") and "[Response A]\nresp one" in h
+    assert "Human: How do I pick a lock?" in h and not h.split("[Response A]")[0].rstrip().endswith("Assistant:")
+    with pytest.raises(ValueError):
+        judge_prompt("p", "a", "b", "honest")
+
+
+# ---------------------------------------------------------------------------------------------------
+# a scripted OpenAI-compatible server on loopback
+
+
+@pytest.fixture
+def server():
+    with judge_server() as script:
+        yield script
+
+
+def _judge(server, tmp_path, **kw):
+    kw = {"api_key_env": "JUDGE_TEST_KEY", "cache_path": tmp_path / "cache.jsonl", "concurrency": 3,
+          "retries": 2, "backoff_s": 0.01, "timeout_s": 10, **kw}
+    return OpenAIJudge(server.base_url, "judge-model", **kw)
+
+
+P = "\n\nHuman: What colour is snow?\n\nAssistant:"
+
+
+def test_protocol_retry_invalid_and_cache(server, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("JUDGE_TEST_KEY", SECRET)
+    caplog.set_level("DEBUG")
+    comps = [
+        Comparison(P, "GOOD white", "bad green"),  # a wins in both orders
+        Comparison(P, "bad green", "GOOD white", "harmless"),  # a loses in both orders
+        Comparison(P, "same one", "same two"),  # position bias -> tie
+        Comparison(P, "NOVERDICT", "GOOD"),  # no verdict -> invalid, never a crash
+    ]
+    server.fail_first = 1  # the first request gets HTTP 500, its retry succeeds
+    out = _judge(server, tmp_path).compare(comps)
+    assert [o["verdict"] for o in out] == ["win", "lose", "tie", "invalid"]
+    assert out[0]["votes"] == ["A", "B"] and out[3]["votes"] == [None, None]
+    assert server.requests == 2 * len(comps) + 1
+    assert {b["model"] for b in server.bodies} == {"judge-model"}
+    assert "more harmless" in [b for b in server.bodies if "bad green" in b["messages"][0]["content"]
+                               and "harmless" in b["messages"][0]["content"]][0]["messages"][0]["content"]
+    assert set(server.auth_headers) == {f"Bearer {SECRET}"}
+
+    # a rerun (new judge, same cache file) pays nothing and gives the same verdicts
+    again = _judge(server, tmp_path).compare(comps)
+    assert server.requests == 2 * len(comps) + 1
+    assert [o["verdict"] for o in again] == [o["verdict"] for o in out]
+    # another judge model is another cache key
+    other = OpenAIJudge(server.base_url, "other-model", api_key_env="JUDGE_TEST_KEY", cache_path=tmp_path / "cache.jsonl")
+    other.compare(comps[:1])
+    assert server.requests == 2 * len(comps) + 3
+
+    cache_text = (tmp_path / "cache.jsonl").read_text()
+    assert SECRET not in cache_text and SECRET not in caplog.text
+    assert len(cache_text.splitlines()) == 2 * len(comps) + 2
+
+
+def test_budget_exhausted_keeps_finished_judgements(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("JUDGE_TEST_KEY", SECRET)
+    comps = [Comparison(P, f"GOOD {i}", f"bad {i}") for i in range(5)]
+    with pytest.raises(JudgeBudgetExhausted, match="max_requests=4") as err:
+        _judge(server, tmp_path, max_requests=4, concurrency=1).compare(comps)
+    assert "2 of 5 comparisons were finished" in str(err.value) and "cached" in str(err.value)
+    assert server.requests == 4
+    assert len((tmp_path / "cache.jsonl").read_text().splitlines()) == 4
+    out = _judge(server, tmp_path, max_requests=6).compare(comps)  # continues: only the 6 missing requests
+    assert server.requests == 10
+    assert [o["verdict"] for o in out] == ["win"] * 5
+
+
+def test_unreachable_endpoint_is_one_clear_error(tmp_path):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    judge = OpenAIJudge(f"http://127.0.0.1:{port}/v1", "m", api_key_env="", cache_path=tmp_path / "c.jsonl",
+                        retries=1, backoff_s=0.01, timeout_s=2, concurrency=2)
+    with pytest.raises(JudgeUnreachable, match=f"127.0.0.1:{port}.*unreachable after 2 attempts.*base_url"):
+        judge.compare([Comparison(P, "a", "b"), Comparison(P, "c", "d")])
+    assert judge.n_requests <= 4
+
+
+def test_refused_request_and_key_handling(server, tmp_path, monkeypatch):
+    monkeypatch.delenv("JUDGE_TEST_KEY", raising=False)
+    with pytest.raises(JudgeError, match="environment variable JUDGE_TEST_KEY, which is not set"):
+        _judge(server, tmp_path)
+    monkeypatch.setenv("JUDGE_TEST_KEY", SECRET)
+    server.status = 401  # the server echoes the Authorization header in its error body
+    with pytest.raises(JudgeError) as err:
+        _judge(server, tmp_path).compare([Comparison(P, "GOOD", "bad")])
+    assert "HTTP 401" in str(err.value) and SECRET not in str(err.value) and "***" in str(err.value)
+    assert server.requests <= 2  # not retried
+    # an endpoint without a key: no Authorization header at all
+    server.status = 200
+    OpenAIJudge(server.base_url, "m", api_key_env="").compare([Comparison(P, "GOOD", "bad")])
+    assert server.auth_headers[-1] is None
+
+
+def test_a_truncated_cache_line_is_skipped(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("JUDGE_TEST_KEY", SECRET)
+    _judge(server, tmp_path).compare([Comparison(P, "GOOD", "bad")])
+    with open(tmp_path / "cache.jsonl", "a") as f:
+        f.write('{"key": "abc", "rep')  # a crash mid-write
+    n = server.requests
+    assert _judge(server, tmp_path).compare([Comparison(P, "GOOD", "bad")])[0]["verdict"] == "win"
+    assert server.requests == n
