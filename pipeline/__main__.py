@@ -1,0 +1,7 @@
+"""`python -m pipeline ...` is `python -m pipeline.run ...` (the whole pipeline from a recipe)."""
+
+import sys
+
+from pipeline.run import main
+
+sys.exit(main())

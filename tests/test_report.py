@@ -1,0 +1,169 @@
+"""The report stage: sentences computed from the numbers, graceful degradation, paper constants."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import pipeline.config as C
+import pipeline.report as report
+from pipeline.report import ReportConfig, compare_sentence, paper_rows, win_tie_lose_sentence
+from tests.test_run import fakes  # noqa: F401 - fixture
+
+
+def test_compare_sentence_follows_the_numbers():
+    s = compare_sentence("ECE", 0.03, 0.05, lower_is_better=True)
+    assert s.startswith("ECE: MORE is better than MultiTask") and "0.0200" in s and "40% relative" in s
+    s = compare_sentence("ECE", 0.07, 0.05, lower_is_better=True)
+    assert s.startswith("ECE: MultiTask is better than MORE")
+    s = compare_sentence("Accuracy", 61.0, 60.0, lower_is_better=False, unit="%")
+    assert "MORE is better" in s and "61.00%" in s
+    assert "equal" in compare_sentence("x", 0.5, 0.5, lower_is_better=True)
+    assert "not available" in compare_sentence("x", None, 0.5, lower_is_better=True)
+    assert "not available" in compare_sentence("x", float("nan"), 0.5, lower_is_better=True)
+
+
+def test_win_tie_lose_sentence_handles_fractions_and_percentages():
+    s = win_tie_lose_sentence("rjs", {"win": 0.4, "tie": 0.25, "lose": 0.35, "n": 200})
+    assert "win 40% / tie 25% / lose 35% of 200 prompts" in s and "wins more often" in s
+    s = win_tie_lose_sentence("rjs", {"win": 30, "tie": 20, "lose": 50})
+    assert "win 30%" in s and "loses more often" in s
+
+
+def test_paper_rows_pick_the_matching_base():
+    cfg = ReportConfig()
+    assert paper_rows(cfg, "EleutherAI/pythia-1.4b") == ["pythia-1.4b"]
+    assert paper_rows(cfg, "meta-llama/Llama-2-7b-hf") == ["llama2-7b"]
+    assert paper_rows(cfg, None) == ["pythia-1.4b", "pythia-2.8b", "llama2-7b"]
+    assert paper_rows(ReportConfig(paper_model="none"), "x") == []
+    assert paper_rows(ReportConfig(paper_model="pythia-2.8b"), None) == ["pythia-2.8b"]
+    with pytest.raises(ValueError, match="report.paper_model"):
+        ReportConfig(paper_model="gpt-4")
+
+
+def test_paper_constants_match_the_paper():
+    # MORE.md, Table 2 and Table 1 (Zeng et al. 2023)
+    assert report.PAPER_TABLE2["pythia-1.4b"]["multitask"] == (62.38, 0.0541)
+    assert report.PAPER_TABLE2["llama2-7b"]["more"] == (70.32, 0.0458)
+    assert report.PAPER_TABLE1["pythia-2.8b"]["hh_ece"] == (0.0145, 0.0078)
+    assert report.PAPER_TABLE1["llama2-7b"]["rjs_win_tie_lose"] == (45, 23, 32)
+    for m in report.PAPER_TABLE1.values():
+        assert sum(m["rjs_win_tie_lose"]) == 100
+
+
+def _metrics(ece_more, ece_mt, acc_more=0.6, acc_mt=0.61):
+    def entry(acc, ece, mae):
+        return {"accuracy": acc, "ece_10": ece, "truth": {"prob_mae": mae, "ece_vs_truth_10": ece / 2},
+                "truth_gold": {"prob_mae": mae + 0.01}, "temperature_scaled": {"ece_10": ece / 3}}
+
+    return {
+        "more": {"helpful": entry(acc_more, ece_more, 0.1), "all_average": entry(acc_more, ece_more, 0.1),
+                 "hh_average": entry(acc_more, ece_more + 0.01, 0.1)},
+        "multitask": {"helpful": entry(acc_mt, ece_mt, 0.2), "all_average": entry(acc_mt, ece_mt, 0.2),
+                      "hh_average": entry(acc_mt, ece_mt + 0.01, 0.2)},
+        "single-helpful": {"all_average": entry(0.55, 0.09, 0.3)},
+    }
+
+
+def _recipe(fakes, *ov):  # noqa: F811
+    return C.load_recipe(str(fakes / "fake.yaml"), list(ov))
+
+
+def test_report_with_every_part(fakes, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setitem(C.SECTIONS, "report", ("pipeline.report", "ReportConfig"))
+    recipe = _recipe(fakes)
+    d = tmp_path / "run"
+    (d / "calibration").mkdir(parents=True)
+    (d / "reward" / "more").mkdir(parents=True)
+    (d / "align").mkdir()
+    (d / "reward" / "index.json").write_text(json.dumps({
+        "more": {"path": str(d / "reward" / "more"), "method": "more", "sources": ["a", "b"]},
+        "multitask": {"path": "x", "method": "multitask", "sources": ["a", "b"]}}))
+    (d / "reward" / "more" / "reward_info.json").write_text(json.dumps({"n_train_pairs": 123}))
+    (d / "calibration" / "metrics.json").write_text(json.dumps(_metrics(0.07, 0.05)))
+    (d / "calibration" / "table.md").write_text("# Reward-model calibration\n\n## Table X\n\n| a |\n|---|\n| 1 |\n")
+    (d / "calibration" / "reliability.png").write_bytes(b"\x89PNG")
+    (d / "align" / "judgements.json").write_text(json.dumps(
+        {"rjs: more vs multitask": {"helpful": {"win": 0.5, "tie": 0.2, "lose": 0.3, "n": 10},
+                                    "harmless": {"win": 0.3, "tie": 0.2, "lose": 0.5, "n": 10}}}))
+    (d / "align" / "table.md").write_text("# Alignment\n\n| x |\n")
+    (d / "manifest.json").write_text(json.dumps({"stages": {"report": {"status": "running"},
+                                                            "reward": {"status": "done"}},
+                                                 "versions": {"torch": "9"}, "git_commit": "abc"}))
+    arts = report.run(recipe, d)
+    assert arts == ["report.md", "report.json"]
+    md = (d / "report.md").read_text()
+    # the sentence follows the measurement: here MultiTask is better calibrated than MORE
+    assert "ECE (M=10), all sources: MultiTask is better than MORE here (MORE 0.0700 vs MultiTask 0.0500" in md
+    assert "Accuracy, all sources: MultiTask is better than MORE here" in md
+    assert "Error against the true preference probabilities (mean |p_RM - p_true|): MORE is better" in md
+    assert "single-helpful acc 55.00% / ECE 0.0900" in md
+    assert "### Table X" in md and "# Reward-model calibration" not in md  # nested, demoted
+    assert "![reliability](calibration/reliability.png)" in md
+    assert "rjs: more vs multitask, helpful prompts: win 50% / tie 20% / lose 30% of 10 prompts" in md
+    assert "the first policy wins more often than it loses" in md
+    assert "| more | more | a, b | 123 |" in md
+    assert "| paper, pythia-1.4b | 62.38 | 0.0541 | 63.34 | 0.0364 | 0.0177 -> 0.0109 | 44/22/34 |" in md
+    assert "| **this run** | 61.00 | 0.0500 | 60.00 | 0.0700 | 0.0600 -> 0.0800 | 40/20/40 |" in md
+    assert md.index("| reward |") < md.index("| report | writing this report |")  # pipeline order
+    assert "```yaml" in md and "name: fake" in md and "git abc" in md
+    data = json.loads((d / "report.json").read_text())
+    assert data["calibration"]["rms"]["more"]["all_average"]["ece"] == 0.07
+    assert data["rjs_more_vs_baseline"] == {"win": 40.0, "tie": 20.0, "lose": 40.0}  # mean over the sets
+
+    # with an "all" prompt set, that one is summarized
+    j = json.loads((d / "align" / "judgements.json").read_text())
+    j["rjs: more vs multitask"]["all"] = {"win": 0.45, "tie": 0.1, "lose": 0.45, "n": 20}
+    (d / "align" / "judgements.json").write_text(json.dumps(j))
+    report.run(recipe, d)
+    assert json.loads((d / "report.json").read_text())["rjs_more_vs_baseline"] == {"win": 45.0, "tie": 10.0,
+                                                                                 "lose": 45.0}
+    md = (d / "report.md").read_text()
+    assert "rjs: more vs multitask, all prompts: win 45%" in md and "helpful prompts: win 50%" not in md
+    assert not list(d.glob("*.tmp")) and not list(d.glob(".*.tmp"))
+
+    # and the other way round
+    (d / "calibration" / "metrics.json").write_text(json.dumps(_metrics(0.03, 0.05, 0.62, 0.61)))
+    report.run(recipe, d)
+    md = (d / "report.md").read_text()
+    assert "ECE (M=10), all sources: MORE is better than MultiTask here (MORE 0.0300 vs MultiTask 0.0500" in md
+    assert "Accuracy, all sources: MORE is better than MultiTask here" in md
+
+
+def test_report_degrades_when_stages_did_not_run(fakes, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setitem(C.SECTIONS, "report", ("pipeline.report", "ReportConfig"))
+    recipe = _recipe(fakes, "report.include_recipe=false", "report.title=My run")
+    d = tmp_path / "empty"
+    report.run(recipe, d)
+    md = (d / "report.md").read_text()
+    assert md.startswith("# My run")
+    assert "The reward stage has not run" in md
+    assert "The calibration stage has not run" in md
+    assert "The alignment stage has not run" in md
+    assert "| **this run** | - | - | - | - | - | - |" in md
+    assert "```yaml" not in md
+
+
+def test_report_without_more_or_baseline(fakes, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setitem(C.SECTIONS, "report", ("pipeline.report", "ReportConfig"))
+    recipe = _recipe(fakes, "report.paper_model=none")
+    d = tmp_path / "run"
+    (d / "calibration").mkdir(parents=True)
+    m = _metrics(0.1, 0.1)
+    m.pop("more")
+    (d / "calibration" / "metrics.json").write_text(json.dumps(m))
+    report.run(recipe, d)
+    md = (d / "report.md").read_text()
+    assert "were not both evaluated" in md and "paper's numbers" not in md
+
+
+def test_synthetic_truth_paragraph_uses_the_run_config():
+    data = pytest.importorskip("pipeline.data")
+    cfg = data.DataConfig()
+    text = report.synthetic_truth_paragraph(cfg)
+    assert "drift_scale = 1.0" in text and "| summarize |" in text and "true_prob" in text
+    cfg.synthetic.drift_scale = 0.0
+    assert "drift_scale = 0.0" in report.synthetic_truth_paragraph(cfg)
+    real = data.DataConfig(sources=[data.SourceSpec(name="x", format="jsonl", path="x.jsonl")])
+    assert report.synthetic_truth_paragraph(real) is None

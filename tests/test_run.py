@@ -1,0 +1,505 @@
+"""The orchestrator (`pipeline.run`) on fake stages: skip/rerun logic, manifest, CLI, crash safety.
+
+The fake stages live in a module written to a temp dir (`FAKE_SRC`), so the same code serves the
+in-process tests (monkeypatched `SECTIONS`/`STAGES`) and the subprocess tests (kill -9, Ctrl-C,
+torchrun), which run `RUNNER_SRC`. Every fake stage call appends "<stage> <event> <rank>" to the file
+named by $FAKE_CALLS, so a test can count how often each stage started and finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import pipeline.config as C
+import pipeline.run as R
+
+REPO = Path(__file__).resolve().parents[1]
+
+FAKE_SRC = '''
+"""Fake recipe sections and stages for the orchestrator tests."""
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.io import atomic_write_json
+
+STAGE_NAMES = ("reward", "calibration", "align", "report")
+
+
+@dataclass
+class Inner:
+    depth: int = 2
+    tags: list[str] = field(default_factory=lambda: ["a"])
+
+
+@dataclass
+class Spec:
+    name: str = "s"
+    path: str | None = None
+
+
+@dataclass
+class Data:
+    sources: list[Spec] = field(default_factory=lambda: [Spec()])
+    n: int = 10
+    lr: float = 1e-3
+    flag: bool = False
+    inner: Inner = field(default_factory=lambda: Inner(depth=5))
+    extra: dict = field(default_factory=dict)
+    names: tuple[str, ...] = ("x",)
+
+    def __post_init__(self):
+        if self.n < 0:
+            raise ValueError(f"data.n must be >= 0, got {self.n}")
+
+
+@dataclass
+class Stage:
+    steps: int = field(default=1, metadata={"help": "fake knob"})
+    sleep: float = field(default=0.0, metadata={"help": "seconds to sleep after the checkpoint"})
+    fail: bool = False
+
+
+def log(stage, event):
+    path = os.environ.get("FAKE_CALLS")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{stage} {event} {os.environ.get('RANK', '0')}\\n")
+
+
+def make_run(stage):
+    def run(recipe, run_dir):
+        cfg = getattr(recipe, stage)
+        rank = int(os.environ.get("RANK", "0"))
+        log(stage, "start")
+        if cfg.fail:
+            raise RuntimeError(f"{stage} failed on purpose")
+        out = Path(run_dir) / stage
+        ckpt = out / "checkpoint.json"
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            resumed = ckpt.exists()
+            if cfg.sleep and not resumed:
+                atomic_write_json(ckpt, {"step": 1})
+                # what an atomic write interrupted at this point leaves behind:
+                (out / ".result.json.x1y2z3.tmp").write_text('{"half')
+                log(stage, "sleeping")
+                time.sleep(cfg.sleep)
+            atomic_write_json(out / "result.json", {"stage": stage, "steps": cfg.steps, "resumed": resumed})
+        log(stage, "end")
+        return [f"{stage}/result.json"]
+    return run
+
+
+def install(config_module, run_module):
+    config_module.SECTIONS = {"data": ("fakepipe", "Data"),
+                              **{s: ("fakepipe", "Stage") for s in STAGE_NAMES}}
+    run_module.STAGES = [(s, f"fake_{s}") for s in STAGE_NAMES]
+'''
+
+RUNNER_SRC = '''
+import os
+import sys
+
+import fakepipe
+import pipeline.config as C
+import pipeline.run as R
+
+fakepipe.install(C, R)
+if os.environ.get("FAKE_MANIFEST_WRITES"):
+    _write = R.write_manifest
+
+    def counted(run_dir, manifest):
+        with open(os.environ["FAKE_MANIFEST_WRITES"], "a") as f:
+            f.write(os.environ.get("RANK", "0") + "\\n")
+        _write(run_dir, manifest)
+
+    R.write_manifest = counted
+sys.exit(R.main(sys.argv[1:]))
+'''
+
+RECIPE_YAML = """\
+name: fake
+seed: 3
+data:
+  n: 4
+  lr: 1e-6
+  sources:
+    - {name: a}
+    - {name: b, path: /x}
+reward:
+  steps: 2
+"""
+
+STAGE_NAMES = ("reward", "calibration", "align", "report")
+
+
+def write_fakes(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "fakepipe.py").write_text(FAKE_SRC)
+    for s in STAGE_NAMES:
+        (directory / f"fake_{s}.py").write_text(f"from fakepipe import make_run\nrun = make_run({s!r})\n")
+    (directory / "runner.py").write_text(RUNNER_SRC)
+    (directory / "fake.yaml").write_text(RECIPE_YAML)
+    return directory
+
+
+@pytest.fixture
+def fakes(tmp_path, monkeypatch):
+    """Fake sections/stages installed in-process; yields the dir holding fake.yaml and runner.py."""
+    d = write_fakes(tmp_path / "fakes")
+    monkeypatch.syspath_prepend(str(d))
+    for name in ["fakepipe", *(f"fake_{s}" for s in STAGE_NAMES)]:
+        sys.modules.pop(name, None)
+    import fakepipe
+
+    monkeypatch.setattr(C, "SECTIONS", {"data": ("fakepipe", "Data"),
+                                        **{s: ("fakepipe", "Stage") for s in STAGE_NAMES}})
+    monkeypatch.setattr(R, "STAGES", [(s, f"fake_{s}") for s in STAGE_NAMES])
+    monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.log"))
+    yield d
+    for name in ["fakepipe", *(f"fake_{s}" for s in STAGE_NAMES)]:
+        sys.modules.pop(name, None)
+    assert fakepipe
+
+
+def calls(tmp_path: Path, event: str = "end") -> dict[str, int]:
+    path = tmp_path / "calls.log"
+    out = {s: 0 for s in STAGE_NAMES}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            stage, ev, _rank = line.split()
+            if ev == event:
+                out[stage] += 1
+    return out
+
+
+def run(fakes, out, *overrides, **kw):
+    recipe = C.load_recipe(str(fakes / "fake.yaml"), list(overrides))
+    return R.run_pipeline(recipe, out, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Skip / rerun decisions
+
+
+def test_first_run_writes_complete_manifest(fakes, tmp_path):
+    out = tmp_path / "run"
+    run(fakes, out)
+    assert calls(tmp_path) == {s: 1 for s in STAGE_NAMES}
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m) >= {"stages", "versions", "git_commit", "recipe"}
+    assert set(m["versions"]) >= {"torch", "trl", "transformers", "accelerate", "deepspeed", "peft",
+                                  "datasets", "python", "pipeline"}
+    assert m["versions"]["torch"] and m["versions"]["python"].count(".") == 2
+    recipe = C.load_recipe(str(fakes / "fake.yaml"))
+    assert m["recipe"]["data"]["lr"] == 1e-6 and m["recipe"]["reward"]["steps"] == 2
+    for s in STAGE_NAMES:
+        e = m["stages"][s]
+        assert e["status"] == "done"
+        assert e["config_hash"] == C.stage_config_hash(recipe, s)
+        assert e["artifacts"] == [f"{s}/result.json"]
+        assert e["started"] <= e["finished"]
+    # every downstream stage recorded which upstream run it consumed
+    assert m["stages"]["report"]["upstream"] == {s: m["stages"][s]["run_id"] for s in STAGE_NAMES[:3]}
+    assert (out / "recipe.yaml").exists()
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_rerun_skips_everything(fakes, tmp_path, caplog):
+    out = tmp_path / "run"
+    run(fakes, out)
+    before = json.loads((out / "manifest.json").read_text())
+    caplog.set_level("INFO", logger="pipeline.run")
+    run(fakes, out)
+    assert calls(tmp_path) == {s: 1 for s in STAGE_NAMES}
+    after = json.loads((out / "manifest.json").read_text())
+    assert {s: after["stages"][s]["run_id"] for s in STAGE_NAMES} == {
+        s: before["stages"][s]["run_id"] for s in STAGE_NAMES}
+    assert caplog.text.count("SKIP") == 4 and "up to date" in caplog.text
+
+
+def test_changed_override_reruns_stage_and_downstream(fakes, tmp_path):
+    out = tmp_path / "run"
+    run(fakes, out)
+    run(fakes, out, "align.steps=5")
+    assert calls(tmp_path) == {"reward": 1, "calibration": 1, "align": 2, "report": 2}
+    run(fakes, out, "align.steps=5")  # and is stable again
+    assert calls(tmp_path) == {"reward": 1, "calibration": 1, "align": 2, "report": 2}
+    run(fakes, out, "align.steps=5", "data.n=7")  # data feeds every stage
+    assert calls(tmp_path) == {"reward": 2, "calibration": 2, "align": 3, "report": 3}
+    run(fakes, out, "align.steps=5", "data.n=7", "seed=4")
+    assert calls(tmp_path) == {"reward": 3, "calibration": 3, "align": 4, "report": 4}
+
+
+def test_renaming_or_moving_does_not_rerun(fakes, tmp_path):
+    out = tmp_path / "run"
+    run(fakes, out)
+    run(fakes, out, "name=other", "description=hello", "output_dir=/elsewhere")
+    assert calls(tmp_path) == {s: 1 for s in STAGE_NAMES}
+
+
+def test_force_reruns_stage_and_downstream(fakes, tmp_path):
+    out = tmp_path / "run"
+    run(fakes, out)
+    run(fakes, out, force=["calibration"])
+    assert calls(tmp_path) == {"reward": 1, "calibration": 2, "align": 2, "report": 2}
+    run(fakes, out, force=["all"])
+    assert calls(tmp_path) == {"reward": 2, "calibration": 3, "align": 3, "report": 3}
+    with pytest.raises(C.RecipeError, match="not among the selected stages"):
+        run(fakes, out, stages="report", force=["reward"])
+
+
+def test_stages_subset_then_rest(fakes, tmp_path):
+    out = tmp_path / "run"
+    run(fakes, out, stages="report,reward")  # any order given; runs in pipeline order
+    assert calls(tmp_path) == {"reward": 1, "calibration": 0, "align": 0, "report": 1}
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["stages"]["calibration"]["status"] == "skipped"
+    assert m["stages"]["report"]["status"] == "done"
+    run(fakes, out)  # calibration/align never ran; report consumed an older state, so it reruns
+    assert calls(tmp_path) == {"reward": 1, "calibration": 1, "align": 1, "report": 2}
+
+
+def test_stage_run_alone_invalidates_downstream_later(fakes, tmp_path):
+    out = tmp_path / "run"
+    run(fakes, out)
+    run(fakes, out, stages=["calibration"], force=["calibration"])
+    assert calls(tmp_path) == {"reward": 1, "calibration": 2, "align": 1, "report": 1}
+    run(fakes, out)  # align/report consumed the old calibration run
+    assert calls(tmp_path) == {"reward": 1, "calibration": 2, "align": 2, "report": 2}
+
+
+def test_recipe_stages_field(fakes, tmp_path):
+    out = tmp_path / "run"
+    run(fakes, out, "stages=[reward,report]")
+    assert calls(tmp_path) == {"reward": 1, "calibration": 0, "align": 0, "report": 1}
+    with pytest.raises(C.RecipeError, match="unknown stage"):
+        C.load_recipe(str(fakes / "fake.yaml"), ["stages=[reward,sft]"])
+
+
+def test_missing_artifact_reruns(fakes, tmp_path):
+    out = tmp_path / "run"
+    run(fakes, out)
+    (out / "align" / "result.json").unlink()
+    run(fakes, out)
+    assert calls(tmp_path) == {"reward": 1, "calibration": 1, "align": 2, "report": 2}
+
+
+def test_failed_stage_recorded_and_retried(fakes, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="failed on purpose"):
+        run(fakes, out, "calibration.fail=true")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["stages"]["reward"]["status"] == "done"
+    assert m["stages"]["calibration"]["status"] == "failed"
+    assert "failed on purpose" in m["stages"]["calibration"]["error"]
+    assert "align" not in m["stages"] or m["stages"]["align"]["status"] != "done"
+    run(fakes, out)  # config changed back, and the stage had failed anyway
+    assert calls(tmp_path) == {"reward": 1, "calibration": 1, "align": 1, "report": 1}
+    assert calls(tmp_path, "start")["calibration"] == 2
+
+
+def test_running_status_resumes(fakes, tmp_path):
+    out = tmp_path / "run"
+    run(fakes, out)
+    m = json.loads((out / "manifest.json").read_text())
+    m["stages"]["align"]["status"] = "running"  # what kill -9 leaves
+    (out / "manifest.json").write_text(json.dumps(m))
+    (out / "align" / ".result.json.abc.tmp").write_text("half")
+    run(fakes, out)
+    assert calls(tmp_path) == {"reward": 1, "calibration": 1, "align": 2, "report": 2}
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_dry_run_changes_nothing(fakes, tmp_path, caplog):
+    out = tmp_path / "run"
+    caplog.set_level("INFO", logger="pipeline.run")
+    run(fakes, out, dry_run=True)
+    assert not out.exists() and calls(tmp_path) == {s: 0 for s in STAGE_NAMES}
+    assert caplog.text.count("RUN") == 4 and "never run" in caplog.text
+
+
+def test_unknown_stage_errors(fakes, tmp_path, capsys):
+    with pytest.raises(C.RecipeError) as e:
+        run(fakes, tmp_path / "run", stages="reward,calibraton")
+    assert "calibraton" in str(e.value) and "reward, calibration, align, report" in str(e.value)
+    rc = R.main(["--recipe", str(fakes / "fake.yaml"), "--output-dir", str(tmp_path / "r"), "--stages", "sft"])
+    assert rc == 2 and "unknown stage(s) sft" in capsys.readouterr().err
+
+
+def test_cli_overrides_and_unknown_key(fakes, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert R.main(["--recipe", str(fakes / "fake.yaml"), "--output-dir", str(out), "reward.steps=9"]) == 0
+    assert json.loads((out / "reward" / "result.json").read_text())["steps"] == 9
+    rc = R.main(["--recipe", str(fakes / "fake.yaml"), "--output-dir", str(out), "reward.stepz=9"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown key 'reward.stepz'" in err and "reward.steps" in err and "sleep" in err
+
+
+def test_main_for_stage(fakes, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--recipe", str(fakes / "fake.yaml"), "--output-dir", str(out)]
+    assert R.main_for_stage("reward", argv) == 0
+    assert R.main_for_stage("reward", argv) == 0  # up to date: skipped
+    assert calls(tmp_path) == {"reward": 1, "calibration": 0, "align": 0, "report": 0}
+    assert R.main_for_stage("reward", [*argv, "--force"]) == 0
+    assert calls(tmp_path)["reward"] == 2
+    with pytest.raises(ValueError, match="unknown stage"):
+        R.main_for_stage("sft", argv)
+
+
+def test_print_recipe_and_show_keys(fakes, tmp_path, capsys):
+    assert R.main(["--recipe", str(fakes / "fake.yaml"), "--print-recipe", "reward.steps=4"]) == 0
+    text = capsys.readouterr().out
+    import yaml
+
+    assert yaml.safe_load(text)["reward"]["steps"] == 4
+    assert R.main(["--show-keys"]) == 0
+    keys = capsys.readouterr().out
+    assert "data.inner.depth" in keys and "reward.sleep" in keys and "seconds to sleep" in keys
+
+
+def test_corrupt_manifest_is_a_clear_error(fakes, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "manifest.json").write_text("{oops")
+    with pytest.raises(C.RecipeError, match="manifest.json is not valid JSON"):
+        run(fakes, out)
+
+
+def test_second_run_in_the_same_directory_is_refused(fakes, tmp_path):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running pipeline.run holds
+        with pytest.raises(C.RecipeError, match="another pipeline.run is working in"):
+            run(fakes, out)
+    run(fakes, out)  # released (the kernel also releases it when the holder is killed)
+    assert calls(tmp_path) == {s: 1 for s in STAGE_NAMES}
+
+
+def test_artifact_outside_run_dir_or_missing_fails(fakes, tmp_path, monkeypatch):
+    import fake_align
+
+    monkeypatch.setattr(fake_align, "run", lambda recipe, run_dir: ["align/nothing.json"])
+    with pytest.raises(RuntimeError, match="did not write: align/nothing.json"):
+        run(fakes, tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert m["stages"]["align"]["status"] == "failed"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Crash safety: kill -9 and Ctrl-C in the middle of a stage, then the same command again
+
+
+def _subprocess_env(fakes: Path, tmp_path: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(fakes), str(REPO), env.get("PYTHONPATH", "")])
+    env["FAKE_CALLS"] = str(tmp_path / "calls.log")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path.exists() and text in path.read_text():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited early: {proc.communicate()}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"timed out waiting for {text!r} in {path}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_interrupt_mid_stage_then_resume(fakes, tmp_path, sig):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(fakes / "runner.py"), "--recipe", str(fakes / "fake.yaml"),
+           "--output-dir", str(out), "calibration.sleep=120"]
+    env = _subprocess_env(fakes, tmp_path)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(tmp_path / "calls.log", "calibration sleeping", proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    m = json.loads((out / "manifest.json").read_text())
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+        assert m["stages"]["calibration"]["status"] == "running"
+    else:
+        assert proc.returncode == 130, err
+        assert "run the same command again" in err
+        assert m["stages"]["calibration"]["status"] == "failed"
+        assert "KeyboardInterrupt" in m["stages"]["calibration"]["error"]
+    assert m["stages"]["reward"]["status"] == "done"
+    assert (out / "calibration" / ".result.json.x1y2z3.tmp").exists()  # the half-written file
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert ("resuming" if sig == signal.SIGKILL else "retrying") in done.stderr
+    assert calls(tmp_path, "end") == {s: 1 for s in STAGE_NAMES}  # nothing finished twice
+    assert calls(tmp_path, "start") == {"reward": 1, "calibration": 2, "align": 1, "report": 1}
+    m = json.loads((out / "manifest.json").read_text())
+    assert all(m["stages"][s]["status"] == "done" for s in STAGE_NAMES)
+    assert json.loads((out / "calibration" / "result.json").read_text())["resumed"] is True
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    for s in STAGE_NAMES:
+        json.loads((out / s / "result.json").read_text())  # every artifact complete
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several processes: every rank runs every stage; only the main process writes the manifest
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_accelerate_then_torchrun(fakes, tmp_path):
+    """accelerate_configs/cpu_2proc.yaml really starts 2 processes; a torchrun rerun skips on both ranks."""
+    out = tmp_path / "run"
+    env = _subprocess_env(fakes, tmp_path)
+    env["FAKE_MANIFEST_WRITES"] = str(tmp_path / "writes.log")
+    env["OMP_NUM_THREADS"] = "1"
+    args = [str(fakes / "runner.py"), "--recipe", str(fakes / "fake.yaml"), "--output-dir", str(out)]
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd = [*accelerate, "--config_file", str(REPO / "accelerate_configs" / "cpu_2proc.yaml"),
+           "--main_process_port", str(_free_port()), *args]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = (tmp_path / "calls.log").read_text().split("\n")
+    for s in STAGE_NAMES:
+        for rank in ("0", "1"):
+            assert f"{s} end {rank}" in lines, (s, rank)
+    writes = (tmp_path / "writes.log").read_text().split()
+    assert len(writes) >= 8 and set(writes) == {"0"}  # only the main process wrote the manifest
+    m = json.loads((out / "manifest.json").read_text())
+    assert all(m["stages"][s]["status"] == "done" and m["stages"][s]["world_size"] == 2 for s in STAGE_NAMES)
+
+    # Rerun with torchrun: the main process decides, both ranks skip every stage.
+    (tmp_path / "calls.log").unlink()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(_free_port())]
+    p = subprocess.run([*torchrun, *args], env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert not (tmp_path / "calls.log").exists()
+    assert p.stderr.count("SKIP") == 4  # logged once, by the main process
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
