@@ -489,6 +489,13 @@ def main(argv: list[str] | None = None, *, stage: str | None = None) -> int:
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, ValueError) as e:
+        # User-caused errors inside a stage (missing file, malformed record, bad value) carry one clear
+        # message; the manifest already marks the stage failed. PIPELINE_TRACEBACK=1 shows the traceback.
+        if os.environ.get("PIPELINE_TRACEBACK"):
+            raise
+        print(f"error: {type(e).__name__}: {e}\n(set PIPELINE_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:
         print(f"interrupted ({e or 'Ctrl-C'}); run the same command again to resume", file=sys.stderr)
         return 130

@@ -240,7 +240,10 @@ def test_cli_runs_the_stage_alone(tmp_path, tiny_tok, capsys):
         recipe_from_dict({})
     except ImportError as e:  # another section's module is not in the tree yet
         pytest.skip(f"the recipe loader cannot build a Recipe yet: {e}")
-    from pipeline.calibration.__main__ import main
+    from pipeline.run import main_for_stage
+
+    def main(argv):
+        return main_for_stage("calibration", argv)
 
     # no reward stage output yet: one clear message, exit status 2
     assert main(["--recipe", "tiny-cpu", "--output-dir", str(tmp_path)]) == 2

@@ -27,3 +27,15 @@ def test_bf16_scoring_keeps_fp32_head_precision(tiny_tok):
     np.testing.assert_allclose(bf16 * 2.0, fp32, atol=0.05)
     # a bf16 head output would leave only a few hundred distinct values on this range; fp32 keeps all
     assert len(np.unique(bf16)) == len(ids)
+
+
+def test_left_truncation_keeps_bert_special_tokens():
+    """A BERT-style tokenizer keeps [CLS] (its pooling token) first and [SEP] last after left truncation."""
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "a", "b", "c"]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+    ids, n = encode_left(tok, ["a b c hello world", "hello"], 5)
+    assert n == 1
+    assert ids[0] == [2, 9, 5, 6, 3]  # [CLS] c hello world [SEP]: the oldest tokens went
+    assert ids[1] == [2, 5, 3]

@@ -21,12 +21,28 @@ def encode_left(tokenizer, texts: Sequence[str], max_length: int | None, *, add_
     return ids, sum(flags)
 
 
+def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer puts before and after a single text ([CLS] / [SEP] for BERT, often none).
+
+    Found by encoding a probe with and without special tokens (transformers 5 tokenizers no longer all
+    offer build_inputs_with_special_tokens).
+    """
+    probe = "hello"
+    with_special = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    body = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    for i in range(len(with_special) - len(body) + 1):
+        if with_special[i : i + len(body)] == body:
+            return list(with_special[:i]), list(with_special[i + len(body) :])
+    return [], []
+
+
 def encode_left_flags(tokenizer, texts: Sequence[str], max_length: int | None, *, add_eos: bool = True):
     """Like `encode_left`, but returns `(ids, truncated)` with one bool per text."""
     if max_length is not None and max_length < 4:
         raise ValueError(f"max_length must be at least 4 tokens, got {max_length}")
     bodies = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    n_special = tokenizer.num_special_tokens_to_add(pair=False)
+    prefix, suffix = special_affixes(tokenizer)
+    n_special = len(prefix) + len(suffix)
     eos = [tokenizer.eos_token_id] if (add_eos and n_special == 0 and tokenizer.eos_token_id is not None) else []
     out, truncated = [], []
     for body in bodies:
@@ -36,7 +52,7 @@ def encode_left_flags(tokenizer, texts: Sequence[str], max_length: int | None, *
             if len(body) > keep:
                 body = body[len(body) - keep :]
                 cut = True
-        ids = tokenizer.build_inputs_with_special_tokens(body) if n_special else list(body)
+        ids = prefix + list(body) + suffix
         if eos and (not ids or ids[-1] != eos[0]):
             ids = ids + eos
         out.append(ids)
