@@ -3,8 +3,10 @@
 Both score the SAME pairs with the SAME randomly initialised reward model, the same left truncation to
 `--max-length` tokens and the same autocast dtype, in one run:
 
-* ours  = `pipeline.scoring.score_pairs` (what the calibration stage calls): all 2N sequences sorted by
-  length, padded per batch, `--batch-size` sequences per forward, no gradients;
+* ours  = `pipeline.scoring.score_pairs` (what the calibration stage calls): pairs sorted by length,
+  padded per batch, `--batch-size` sequences per forward, no gradients, and for decoder RMs the
+  prompt both sides share optionally encoded once per pair through the KV cache (`--share`; measured
+  slower on CPU, see pipeline.scoring.score_pair_ids);
 * naive = one forward per pair (chosen + rejected), every sequence padded to `--max-length` tokens (the
   authors' recipe pads everything to 512).
 The two alternate in rounds (one batch of ours, 1/R of the naive pairs; the order flips every round)
@@ -17,7 +19,7 @@ The last printed line is JSON: {"benchmark": "rm_scoring", "ratio": naive_second
 (wall clock; "cpu_ratio" is the same with process CPU time, and "load_average_1m" tells how busy the
 machine was: on a shared machine compare several runs).
 
-    python scripts/bench_scoring.py                 # ~25M-param GPT-NeoX, 48 pairs, CPU (1-3 min on 2 cores)
+    python scripts/bench_scoring.py                 # ~25M-param GPT-NeoX, 200 pairs, CPU (~1 min on 2 quiet cores)
     python scripts/bench_scoring.py --pairs 200 --size mini --batch-size 32
 """
 
@@ -40,7 +42,7 @@ sys.path.insert(0, str(REPO))
 from pipeline.calibration.stage import CalibrationConfig  # noqa: E402
 from pipeline.data.tokenize import encode_left, pad_right  # noqa: E402
 from pipeline.models import TinyModelSpec, count_parameters, tiny_model, tiny_tokenizer  # noqa: E402
-from pipeline.scoring import autocast_dtype, score_ids, score_pairs  # noqa: E402
+from pipeline.scoring import autocast_dtype, score_pair_ids, score_pairs  # noqa: E402
 
 REAL = REPO.parent / "shared" / "data" / "real"
 
@@ -125,7 +127,7 @@ def naive_scores(model, tok, chosen, rejected, max_length: int, dtype):
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", type=int, default=48, help="number of preference pairs scored by both")
+    ap.add_argument("--pairs", type=int, default=200, help="number of preference pairs scored by both")
     ap.add_argument("--size", default="small", choices=["tiny", "mini", "small"], help="TinyModelSpec size (small ~25M)")
     ap.add_argument("--arch", default="gpt_neox", choices=["gpt_neox", "llama", "bert"])
     ap.add_argument("--batch-size", type=int, default=CalibrationConfig().batch_size,
@@ -137,6 +139,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--synthetic", action="store_true", help="use the recorded length profile even if real data exists")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--share", action="store_true", help="encode the prompt both sides share once per pair (KV cache)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,37 +162,38 @@ def main(argv=None) -> dict:
                 batch_size=args.batch_size, dtype=dtype)
     naive_scores(model, tok, chosen[:1], rejected[:1], args.max_length, dtype)
 
-    # `score_pairs` = one `encode_left` over all 2N texts + `score_ids` (sort by length, pad per batch).
-    # We time exactly that work, but run `score_ids` on consecutive slices of the globally sorted order
-    # (whole batches, so the batches are the ones a single call would form) and interleave the slices
-    # with equal shares of the naive loop, flipping the order every round, so that load changes on a
-    # shared machine hit both scorers alike.
+    # `score_pairs` = `encode_left` of both sides + `score_pair_ids` (shared prompt prefix encoded once,
+    # pairs sorted by length, padded per batch). We time exactly that work, on consecutive slices of the
+    # length-sorted pairs interleaved with the naive loop on the SAME pairs, flipping the order every
+    # round, so that load changes on a shared machine hit both scorers alike.
     n = len(chosen)
     t0, c0 = time.perf_counter(), time.process_time()
-    ids, _ = encode_left(tok, chosen + rejected, args.max_length)
+    c_ids, _ = encode_left(tok, chosen, args.max_length)
+    r_ids, _ = encode_left(tok, rejected, args.max_length)
     t_ours, c_ours = time.perf_counter() - t0, time.process_time() - c0
-    order = np.argsort([-len(s) for s in ids], kind="stable")
-    seq_rounds = [order[i : i + args.round_batches * args.batch_size]
-                  for i in range(0, 2 * n, args.round_batches * args.batch_size)]
-    pair_bounds = np.linspace(0, n, len(seq_rounds) + 1).astype(int)
+    order = np.argsort([-max(len(a), len(b)) for a, b in zip(c_ids, r_ids)], kind="stable")
+    per_round = max(1, args.round_batches * args.batch_size // 2)
+    rounds = [order[i : i + per_round] for i in range(0, n, per_round)]
     t_naive = c_naive = 0.0
     rewards = np.empty(2 * n)
     naive = (np.empty(n), np.empty(n))
-    for k, seqs in enumerate(seq_rounds):
-        sl = slice(pair_bounds[k], pair_bounds[k + 1])
+    prefix_tokens = sum(min(len(os.path.commonprefix([a, b])), len(a) - 2, len(b) - 2) for a, b in zip(c_ids, r_ids))
+    for k, sel in enumerate(rounds):
         for which in (("ours", "naive") if k % 2 == 0 else ("naive", "ours")):
             t0, c0 = time.perf_counter(), time.process_time()
             if which == "ours":
-                rewards[seqs] = score_ids(model, [ids[i] for i in seqs], tok.pad_token_id,
-                                          batch_size=args.batch_size, dtype=dtype)
+                rc, rr = score_pair_ids(model, [c_ids[i] for i in sel], [r_ids[i] for i in sel], tok.pad_token_id,
+                                        batch_size=args.batch_size, dtype=dtype, share_prefix=args.share)
+                rewards[sel], rewards[sel + n] = rc, rr
                 t_ours += time.perf_counter() - t0
                 c_ours += time.process_time() - c0
             else:
-                naive[0][sl], naive[1][sl] = naive_scores(model, tok, chosen[sl], rejected[sl], args.max_length, dtype)
+                nc, nr = naive_scores(model, tok, [chosen[i] for i in sel], [rejected[i] for i in sel],
+                                      args.max_length, dtype)
+                naive[0][sel], naive[1][sel] = nc, nr
                 t_naive += time.perf_counter() - t0
                 c_naive += time.process_time() - c0
-        print(f"round {k}: {len(seqs)} sequences (ours) / {sl.stop - sl.start} pairs (naive); cumulative "
-              f"ours {t_ours:.1f}s, naive {t_naive:.1f}s", flush=True)
+        print(f"round {k}: {len(sel)} pairs; cumulative ours {t_ours:.1f}s, naive {t_naive:.1f}s", flush=True)
     ours = (rewards[:n], rewards[n:])
     # the whole-call path gives the same rewards (a check that the slicing changed nothing)
     check = score_pairs(model, tok, [""] * min(n, 8), chosen[:8], rejected[:8], max_length=args.max_length,
@@ -214,7 +218,9 @@ def main(argv=None) -> dict:
         "model": f"{args.arch}/{args.size}",
         "params_m": round(count_parameters(model) / 1e6, 1),
         "batch_size": args.batch_size,
-        "timing_rounds": len(seq_rounds),
+        "timing_rounds": len(rounds),
+        "shared_prefix": args.share,
+        "shared_prefix_token_fraction": round(2 * prefix_tokens / float(lengths.sum()), 3),
         "max_length": args.max_length,
         "autocast": str(dtype).replace("torch.", "") if dtype else "none",
         "threads": torch.get_num_threads(),

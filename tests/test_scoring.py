@@ -39,3 +39,36 @@ def test_left_truncation_keeps_bert_special_tokens():
     assert n == 1
     assert ids[0] == [2, 9, 5, 6, 3]  # [CLS] c hello world [SEP]: the oldest tokens went
     assert ids[1] == [2, 5, 3]
+
+
+import pytest  # noqa: E402
+
+from pipeline.scoring import score_pair_ids, score_pairs  # noqa: E402
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama", "bert"])
+def test_shared_prefix_scoring_equals_full_sequences(tiny_tok, arch):
+    """Encoding the common prompt once (KV cache) gives the rewards of scoring each full text."""
+    model = tiny_model(TinyModelSpec(arch=arch), tiny_tok, task="reward", seed=3)
+    prompts = ["\n\nHuman: What is the capital of France?\n\nAssistant:", "\n\nHuman: hi\n\nAssistant:",
+               "\n\nHuman: How many legs does a spider have? Tell me.\n\nAssistant:", ""]
+    chosen = [" Paris. Hope this helps!", " Hello there, friend.", " Eight.", "same start A"]
+    rejected = [" I cannot help with that.", " Hello.", " Eight legs, I think [1].", "same start B and more"]
+    full_c = score_texts(model, tiny_tok, [p + c for p, c in zip(prompts, chosen)], max_length=24, dtype=None)
+    full_r = score_texts(model, tiny_tok, [p + r for p, r in zip(prompts, rejected)], max_length=24, dtype=None)
+    r_c, r_r = score_pairs(model, tiny_tok, prompts, chosen, rejected, max_length=24, batch_size=4, dtype=None,
+                           share_prefix=True)
+    np.testing.assert_allclose(r_c, full_c, atol=1e-5)
+    np.testing.assert_allclose(r_r, full_r, atol=1e-5)
+    # and under bf16 autocast, close to fp32
+    b_c, _ = score_pairs(model, tiny_tok, prompts, chosen, rejected, max_length=24, dtype=torch.bfloat16,
+                         share_prefix=True)
+    np.testing.assert_allclose(b_c, full_c, atol=0.05)
+
+
+def test_pairs_without_common_prefix_fall_back(tiny_tok):
+    model = tiny_model(TinyModelSpec(arch="gpt_neox"), tiny_tok, task="reward")
+    r_c, r_r = score_pair_ids(model, [[5, 6, 7], [5, 6, 7, 8, 9]], [[9, 8, 7], [5, 6, 7, 1, 2]],
+                              tiny_tok.pad_token_id, dtype=None, share_prefix=True)
+    full = score_ids(model, [[5, 6, 7], [5, 6, 7, 8, 9], [9, 8, 7], [5, 6, 7, 1, 2]], tiny_tok.pad_token_id, dtype=None)
+    np.testing.assert_allclose(np.concatenate([r_c, r_r]), full, atol=1e-5)
