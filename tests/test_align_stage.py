@@ -123,6 +123,14 @@ def test_stage_end_to_end_and_rerun_skips(tmp_path, capsys):
     assert os.stat(rjs_dir / "policy" / "model.safetensors").st_mtime_ns != stamp
     assert set(json.loads((align / "judgements.json").read_text())) == {"rjs: more vs base"}
 
+    # a changed warm start rebuilds the base policy and re-samples its candidates
+    base_stamp = os.stat(align / "base" / "policy" / "model.safetensors").st_mtime_ns
+    cands = (align / "base" / "eval_candidates.jsonl").read_text()
+    steps = recipe.align.warm_start_steps + 1
+    stage.run(_recipe(warm_start_steps=steps, methods=["best_of_n"], rms=["more"], comparisons=["more vs base"]), tmp_path)
+    assert os.stat(align / "base" / "policy" / "model.safetensors").st_mtime_ns != base_stamp
+    assert (align / "base" / "eval_candidates.jsonl").read_text() != cands
+
 
 def test_stage_errors(tmp_path):
     from pipeline.align import stage

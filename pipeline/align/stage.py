@@ -262,16 +262,29 @@ def _pick_sources(splits: dict, wanted: list[str], what: str) -> list[str]:
     return have
 
 
-def build_base_policy(ctx: _Ctx) -> tuple[str, object]:
-    """Path of the base policy and its tokenizer (the tiny synthetic one is built once, atomically)."""
+def build_base_policy(ctx: _Ctx) -> tuple[str, object, str]:
+    """Path of the base policy, its tokenizer, and a stamp of what built it (downstream caches key on it).
+
+    The tiny synthetic policy is built once per set of warm-start settings, atomically; changing any of
+    them rebuilds it (and so re-samples every candidate that came from it).
+    """
     from pipeline.models import load_tokenizer
 
     cfg = ctx.cfg
     if cfg.model_name_or_path:
         tok = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-        return cfg.model_name_or_path, tok
+        return cfg.model_name_or_path, tok, _fingerprint(cfg.model_name_or_path)
     path = ctx.dir / "base" / "policy"
-    if ctx.main and not (path / "config.json").exists():
+    stamp = _fingerprint(_plain({
+        "synthetic": _synthetic_config(ctx.recipe), "vocab": cfg.policy_vocab_size, "arch": cfg.policy_arch,
+        "size": cfg.policy_size, "steps": cfg.warm_start_steps, "lr": cfg.warm_start_lr,
+        "batch": cfg.warm_start_batch_size, "prompts": cfg.warm_start_prompts,
+        "responses": cfg.warm_start_responses, "seed": ctx.seed,
+        "max_length": min(256, cfg.max_prompt_length + cfg.max_new_tokens),
+    }))
+    stamp_file = ctx.dir / "base" / "policy.settings.json"
+    built = (path / "config.json").exists() and stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp
+    if ctx.main and not built:
         from pipeline.align.policy import warm_start_policy
         from pipeline.data.synthetic import synthetic_corpus, synthetic_prompts, synthetic_responses
         from pipeline.models import TinyModelSpec, tiny_tokenizer
@@ -292,8 +305,9 @@ def build_base_policy(ctx: _Ctx) -> tuple[str, object]:
         with atomic_dir(path) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
+        atomic_write_json(stamp_file, stamp)
     ctx.barrier()
-    return str(path), load_tokenizer(str(path))
+    return str(path), load_tokenizer(str(path)), stamp
 
 
 def _sample_kwargs(cfg: AlignConfig, *, temperature: float, n: int) -> dict:
@@ -586,8 +600,8 @@ def run(recipe, run_dir: Path) -> list[str]:
         m = min(cfg.n_ppl, len(test))
         ppl_data[s] = (list(test["prompt"][:m]), list(test["chosen"][:m]))
 
-    base_path, tok = build_base_policy(ctx)
-    base_settings = {"policy": base_path, "style": cfg.prompt_style, "seed": ctx.seed,
+    base_path, tok, base_stamp = build_base_policy(ctx)
+    base_settings = {"policy": [base_path, base_stamp], "style": cfg.prompt_style, "seed": ctx.seed,
                      "sampling": _sample_kwargs(cfg, temperature=cfg.temperature, n=cfg.n) | {"progress": None}}
     train_cands = _candidates(ctx, "train_candidates", base_path, tok, train_prompts, temperature=cfg.temperature,
                               settings=_plain(base_settings | {"prompts": _fingerprint(train_prompts)}))
@@ -596,7 +610,7 @@ def run(recipe, run_dir: Path) -> list[str]:
     base_eval = [{"prompt": r["prompt"], "set": r["set"], "response": r["candidates"][0], "ended": r["ended"][0]} for r in eval_cands]
 
     base_ppl_path = ctx.dir / "base" / "perplexity.json"
-    ppl_stamp = _fingerprint([base_path, cfg.prompt_style, {k: v[0][:3] for k, v in ppl_data.items()}, cfg.n_ppl])
+    ppl_stamp = _fingerprint([base_path, base_stamp, cfg.prompt_style, {k: v[0][:3] for k, v in ppl_data.items()}, cfg.n_ppl])
     if ctx.main and not (base_ppl_path.exists() and json.loads(base_ppl_path.read_text()).get("stamp") == ppl_stamp):
         atomic_write_json(base_ppl_path, {"stamp": ppl_stamp, "perplexity": _perplexities(ctx, base_path, tok, ppl_data)})
     ctx.barrier()
