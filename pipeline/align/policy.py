@@ -151,34 +151,11 @@ def sample_responses(
 ) -> tuple[list[str], list[bool]]:
     """Sample one response per prompt (left padding); returns the decoded texts and whether each hit EOS.
 
-    A small convenience for tests and quick looks; the alignment stage has its own batched sampler.
+    A small convenience for tests and quick looks over the alignment stage's sampler (generate.sample).
     """
-    device = next(model.parameters()).device
-    torch.manual_seed(seed)
-    texts, has_eos = [], []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start : start + batch_size])
-            enc = tokenizer(chunk, add_special_tokens=False, return_tensors="pt", padding=True).to(device)
-            with torch.no_grad():
-                out = model.generate(
-                    **enc,
-                    do_sample=True,
-                    temperature=temperature,
-                    top_p=top_p,
-                    top_k=0,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-            for row in out[:, enc["input_ids"].shape[1] :].tolist():
-                hit = tokenizer.eos_token_id in row
-                if hit:
-                    row = row[: row.index(tokenizer.eos_token_id)]
-                has_eos.append(hit)
-                texts.append(tokenizer.decode(row, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
-    return texts, has_eos
+    from pipeline.align.generate import sample
+
+    out = sample(model, tokenizer, prompts, n=1, temperature=temperature, top_p=top_p,
+                 max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_length=None, seed=seed,
+                 dtype=None)
+    return [t[0] for t in out.texts], [e[0] for e in out.ended]
