@@ -210,7 +210,6 @@ def run_rjs(policy_path: str, tokenizer, dataset, args, out_dir: Path, *, peft: 
     Full and LoRA runs save a full model (LoRA merged into the base); QLoRA saves its adapter. Returns
     the Trainer's log history (also written to `out_dir/train_log.json`).
     """
-    from accelerate import PartialState
     from trl import SFTTrainer
 
     pcfg = peft_config(peft, **(lora or {}))
@@ -223,27 +222,7 @@ def run_rjs(policy_path: str, tokenizer, dataset, args, out_dir: Path, *, peft: 
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=pcfg)
     resume = any(Path(args.output_dir).glob("checkpoint-*"))  # an interrupted run left a checkpoint
     trainer.train(resume_from_checkpoint=True if resume else None)
-    state = PartialState()
-    policy_dir = out_dir / "policy"
-    if peft == "lora":
-        adapter_dir = out_dir / ".adapter"
-        trainer.save_model(str(adapter_dir))
-        if state.is_main_process:
-            from peft import PeftModel
-
-            base = load_policy(policy_path, dtype="auto", trust_remote_code=trust_remote_code)
-            merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-            save_policy(merged, tokenizer, policy_dir)
-            shutil.rmtree(adapter_dir, ignore_errors=True)
-    else:
-        trainer.save_model(str(policy_dir))
-        if state.is_main_process:
-            tokenizer.save_pretrained(policy_dir)
-    log = trainer.state.log_history
-    if state.is_main_process:
-        atomic_write_json(out_dir / "train_log.json", log)
-    state.wait_for_everyone()
-    return log
+    return _save_trained_policy(trainer, out_dir, policy_path, tokenizer, peft, trust_remote_code)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -263,7 +242,6 @@ def run_rloo(policy_path: str, tokenizer, prompts: Sequence[str], raw_prompts: S
              *, n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int, overrides: dict | None = None,
              gold_fn=None, peft: str = "none", lora: dict | None = None, trust_remote_code: bool = False) -> list[dict]:
     """TRL RLOOTrainer with `reward_fn` (scored on the raw dataset prompts); saves `out_dir/policy`."""
-    from accelerate import PartialState
     from datasets import Dataset
     from trl import RLOOConfig, RLOOTrainer
 
@@ -300,17 +278,28 @@ def run_rloo(policy_path: str, tokenizer, prompts: Sequence[str], raw_prompts: S
     trainer = RLOOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config(peft, **(lora or {})))
     trainer.train()
+    return _save_trained_policy(trainer, out_dir, policy_path, tokenizer, peft, trust_remote_code,
+                                cleanup=out_dir / ".trainer")
+
+
+def _save_trained_policy(trainer, out_dir: Path, policy_path: str, tokenizer, peft: str, trust_remote_code: bool,
+                         cleanup: Path | None = None) -> list:
+    """Save a TRL trainer's policy to out_dir/policy (LoRA merged into the base; QLoRA keeps its adapter)
+    and its log to out_dir/train_log.json; every rank calls it (ZeRO-3 gathers), the main process writes."""
+    from accelerate import PartialState
+
     state = PartialState()
     policy_dir = out_dir / "policy"
     if peft == "lora":
-        trainer.save_model(str(out_dir / ".adapter"))
+        adapter_dir = out_dir / ".adapter"
+        trainer.save_model(str(adapter_dir))
         if state.is_main_process:
             from peft import PeftModel
 
             base = load_policy(policy_path, dtype="auto", trust_remote_code=trust_remote_code)
-            merged = PeftModel.from_pretrained(base, str(out_dir / ".adapter")).merge_and_unload()
+            merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
             save_policy(merged, tokenizer, policy_dir)
-            shutil.rmtree(out_dir / ".adapter", ignore_errors=True)
+            shutil.rmtree(adapter_dir, ignore_errors=True)
     else:
         trainer.save_model(str(policy_dir))
         if state.is_main_process:
@@ -318,7 +307,8 @@ def run_rloo(policy_path: str, tokenizer, prompts: Sequence[str], raw_prompts: S
     log = trainer.state.log_history
     if state.is_main_process:
         atomic_write_json(out_dir / "train_log.json", log)
-        shutil.rmtree(out_dir / ".trainer", ignore_errors=True)
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
     state.wait_for_everyone()
     return log
 
