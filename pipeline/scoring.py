@@ -102,11 +102,12 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, max_length: int | Non
     return score_ids(model, ids, tokenizer.pad_token_id, **kwargs)
 
 
-def _cache_kwarg(model) -> str | None:
-    """The forward argument that takes a KV cache ('cache' in transformers 5, else 'past_key_values');
-    None for encoders (BERT), whose tokens all see each other, so no prefix can be shared."""
+def _packable(model) -> bool:
+    """Decoder RMs with an attention kernel that takes a 4D mask (sdpa/eager) can score a pair packed."""
     params = inspect.signature(model.forward).parameters
-    return next((k for k in ("cache", "past_key_values") if k in params), None)
+    decoder = "cache" in params or "past_key_values" in params  # BERT-style encoders take neither
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    return decoder and "position_ids" in params and impl in ("sdpa", "eager")
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -116,6 +117,14 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
+
+
+def _readout(seq: Sequence[int], pad_id: int) -> int:
+    """Index the model pools at: the rightmost token that is not the pad token (transformers' rule)."""
+    for j in range(len(seq) - 1, -1, -1):
+        if seq[j] != pad_id:
+            return j
+    return 0
 
 
 @torch.no_grad()
@@ -129,83 +138,96 @@ def score_pair_ids(
     max_tokens_per_batch: int | None = None,
     dtype: torch.dtype | None | str = "auto",
     temperature: float = 1.0,
-    share_prefix: bool = False,
+    share_prefix: bool = True,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(r_chosen, r_rejected) for tokenized pairs.
 
-    Default: all 2N sequences through `score_ids` (sorted by length, padded per batch).
-    `share_prefix=True` (decoder RMs): the two sides' common token prefix (the prompt) is encoded ONCE
-    per pair: prefixes run left-padded with a KV cache, which is repeated for the chosen and rejected
-    continuations (right-padded, positions continuing each row's prefix). Same rewards (tested). On the
-    2-core CPU it measured SLOWER despite ~70% shared tokens (scripts/bench_scoring.py --pairs 200: 1.84x
-    vs 2.23x over the naive loop), because prefix and suffix are padded separately and the per-call
-    batches are smaller; it is kept as an option for long shared prompts and GPUs, off by default.
+    Decoder RMs (with `share_prefix`): each pair is PACKED into one sequence, prefix + chosen
+    continuation + rejected continuation, where the prefix is the tokens both sides share (the prompt),
+    position ids restart after the prefix for the rejected continuation, and a 4D attention mask stops
+    it from seeing the chosen one. Rewards are read from the reward head at each side's pooling token.
+    Same rewards as scoring the two full sequences (tested to 1e-5 in fp32) with one copy of the prompt.
+    Encoder RMs (BERT), other attention kernels, and pairs without a shared prefix go through
+    `score_ids` (all sequences sorted by length, padded per batch). `batch_size` counts sequences; a
+    packed pair counts as two.
     """
+    from pipeline.reward.trainer import find_reward_head
+
     n = len(chosen_ids)
-    cache_kw = _cache_kwarg(model) if share_prefix else None
-    # Keep >= 2 tokens of each side out of the prefix, so each continuation holds its own last tokens
-    # (and a trailing EOS that equals the pad token cannot leave a side without a non-pad token).
+    packable = share_prefix and _packable(model)
+    # Keep >= 2 tokens of each side out of the prefix, so each side keeps its own last tokens.
     prefix = [min(_common_prefix(c, r), len(c) - 2, len(r) - 2) for c, r in zip(chosen_ids, rejected_ids)]
-    shared = [i for i in range(n) if cache_kw is not None and prefix[i] >= 1]
-    plain = [i for i in range(n) if cache_kw is None or prefix[i] < 1]
+    packed = [i for i in range(n) if packable and prefix[i] >= 1]
+    plain = [i for i in range(n) if not (packable and prefix[i] >= 1)]
     r_c, r_r = np.empty(n), np.empty(n)
     if plain:
         out = score_ids(model, [chosen_ids[i] for i in plain] + [rejected_ids[i] for i in plain], pad_id,
                         batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch, dtype=dtype,
                         temperature=temperature, progress=progress)
         r_c[plain], r_r[plain] = out[: len(plain)], out[len(plain) :]
-    if not shared:
+    if not packed:
         return r_c, r_r
     device = next(model.parameters()).device
     if dtype == "auto":
         dtype = autocast_dtype(device)
+    head = find_reward_head(model)
+    captured = {}
+    handle = head.register_forward_hook(lambda mod, inp, out: captured.update(z=inp[0]))
     was_training = model.training
     model.eval()
-    total = {i: max(len(chosen_ids[i]), len(rejected_ids[i])) for i in shared}
-    order = sorted(shared, key=lambda i: -total[i])
-    pairs_per_batch = max(1, batch_size // 2)
+    rows = {}
+    for i in packed:
+        c, r, L = chosen_ids[i], rejected_ids[i], prefix[i]
+        rows[i] = (list(c) + list(r[L:]), len(c), _readout(c, pad_id), _readout(r, pad_id))
+    order = sorted(packed, key=lambda i: -len(rows[i][0]))
     bar = tqdm(total=len(order), desc="scoring pairs", disable=not progress)
     start = 0
-    with _FP32Head(model, enabled=dtype is not None):
+    try:
         while start < len(order):
-            m = pairs_per_batch
+            width = len(rows[order[start]][0])
+            m = max(1, batch_size // 2)
             if max_tokens_per_batch:
-                m = max(1, min(m, max_tokens_per_batch // (2 * max(total[order[start]], 1))))
+                m = max(1, min(m, max_tokens_per_batch // max(width, 1)))
             idx = order[start : start + m]
-            p_len = torch.tensor([prefix[i] for i in idx])
-            width = int(p_len.max())
-            # prefixes, LEFT-padded so every row's prefix ends at the same column
-            pre_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            pre_mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                pre_ids[row, width - prefix[i] :] = torch.as_tensor(chosen_ids[i][: prefix[i]])
-                pre_mask[row, width - prefix[i] :] = 1
-            pre_pos = (pre_mask.cumsum(-1) - 1).clamp(min=0)
-            # continuations, chosen and rejected interleaved, RIGHT-padded
-            suffixes = [seq[prefix[i] :] for i in idx for seq in (chosen_ids[i], rejected_ids[i])]
-            suf_ids, suf_mask = pad_right(suffixes, pad_id)
-            suf_pos = p_len.repeat_interleave(2).unsqueeze(1) + torch.arange(suf_ids.shape[1]).unsqueeze(0)
-            full_mask = torch.cat([pre_mask.repeat_interleave(2, dim=0), suf_mask], dim=1)
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            pos = torch.zeros((len(idx), width), dtype=torch.long)
+            mask = torch.zeros((len(idx), 1, width, width), dtype=torch.bool)
+            read_c, read_r = [], []
+            for b, i in enumerate(idx):
+                seq, len_c, k_c, k_r = rows[i]
+                L, t = prefix[i], len(seq)
+                ids[b, :t] = torch.as_tensor(seq)
+                pos[b, :len_c] = torch.arange(len_c)
+                pos[b, len_c:t] = torch.arange(L, L + t - len_c)
+                mask[b, 0, :t, :t] = torch.tril(torch.ones(t, t, dtype=torch.bool))
+                mask[b, 0, len_c:t, L:len_c] = False  # the rejected side cannot see the chosen one
+                mask[b, 0, t:, t:] = torch.eye(width - t, dtype=torch.bool)  # padding rows: no empty softmax
+                read_c.append(k_c)
+                read_r.append(k_r if k_r < L else len_c + (k_r - L))
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                out = model(input_ids=pre_ids.to(device), attention_mask=pre_mask.to(device),
-                            position_ids=pre_pos.to(device), use_cache=True)
-                cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-                cache.batch_repeat_interleave(2)
-                logits = model(input_ids=suf_ids.to(device), attention_mask=full_mask.to(device),
-                               position_ids=suf_pos.to(device), use_cache=True, **{cache_kw: cache}).logits
-            rewards = logits.float().reshape(2 * len(idx), -1)[:, 0].cpu().double().numpy() / temperature
-            r_c[idx], r_r[idx] = rewards[0::2], rewards[1::2]
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device))
+            z = captured.pop("z")
+            ar = torch.arange(len(idx), device=z.device)
+            feats = torch.cat([z[ar, torch.tensor(read_c, device=z.device)], z[ar, torch.tensor(read_r, device=z.device)]])
+            handle.remove()
+            with torch.autocast(device.type, enabled=False):  # the head at its weights' precision
+                rewards = head(feats.to(next(head.parameters()).dtype))
+            handle = head.register_forward_hook(lambda mod, inp, out: captured.update(z=inp[0]))
+            rewards = rewards.float().reshape(2 * len(idx), -1)[:, 0].cpu().double().numpy() / temperature
+            r_c[idx], r_r[idx] = rewards[: len(idx)], rewards[len(idx) :]
             start += len(idx)
             bar.update(len(idx))
-    bar.close()
-    model.train(was_training)
+    finally:
+        handle.remove()
+        bar.close()
+        model.train(was_training)
     return r_c, r_r
 
 
 def score_pairs(model, tokenizer, prompts, chosen, rejected, *, max_length: int | None = 512, **kwargs):
-    """(r_chosen, r_rejected) arrays for preference pairs in the project schema (shared prompts encoded
-    once per pair for decoder RMs, see `score_pair_ids`)."""
+    """(r_chosen, r_rejected) arrays for preference pairs in the project schema (for decoder RMs each
+    pair is packed with one copy of its shared prompt, see `score_pair_ids`)."""
     c_ids, _ = encode_left(tokenizer, [p + c for p, c in zip(prompts, chosen)], max_length)
     r_ids, _ = encode_left(tokenizer, [p + r for p, r in zip(prompts, rejected)], max_length)
     return score_pair_ids(model, c_ids, r_ids, tokenizer.pad_token_id, **kwargs)

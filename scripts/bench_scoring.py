@@ -4,9 +4,9 @@ Both score the SAME pairs with the SAME randomly initialised reward model, the s
 `--max-length` tokens and the same autocast dtype, in one run:
 
 * ours  = `pipeline.scoring.score_pairs` (what the calibration stage calls): pairs sorted by length,
-  padded per batch, `--batch-size` sequences per forward, no gradients, and for decoder RMs the
-  prompt both sides share optionally encoded once per pair through the KV cache (`--share`; measured
-  slower on CPU, see pipeline.scoring.score_pair_ids);
+  padded per batch, `--batch-size` sequences per forward, no gradients, and for decoder RMs each pair
+  packed into one sequence holding one copy of the prompt both sides share (a 4D attention mask keeps
+  the two continuations apart; `--no-share` scores them as separate sequences);
 * naive = one forward per pair (chosen + rejected), every sequence padded to `--max-length` tokens (the
   authors' recipe pads everything to 512).
 The two alternate in rounds (one batch of ours, 1/R of the naive pairs; the order flips every round)
@@ -139,7 +139,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--synthetic", action="store_true", help="use the recorded length profile even if real data exists")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--share", action="store_true", help="encode the prompt both sides share once per pair (KV cache)")
+    ap.add_argument("--no-share", action="store_true", help="score chosen and rejected as separate sequences "
+                    "(default: each pair packed with one copy of its shared prompt)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -183,7 +184,7 @@ def main(argv=None) -> dict:
             t0, c0 = time.perf_counter(), time.process_time()
             if which == "ours":
                 rc, rr = score_pair_ids(model, [c_ids[i] for i in sel], [r_ids[i] for i in sel], tok.pad_token_id,
-                                        batch_size=args.batch_size, dtype=dtype, share_prefix=args.share)
+                                        batch_size=args.batch_size, dtype=dtype, share_prefix=not args.no_share)
                 rewards[sel], rewards[sel + n] = rc, rr
                 t_ours += time.perf_counter() - t0
                 c_ours += time.process_time() - c0
@@ -219,7 +220,7 @@ def main(argv=None) -> dict:
         "params_m": round(count_parameters(model) / 1e6, 1),
         "batch_size": args.batch_size,
         "timing_rounds": len(rounds),
-        "shared_prefix": args.share,
+        "shared_prefix": not args.no_share,
         "shared_prefix_token_fraction": round(2 * prefix_tokens / float(lengths.sum()), 3),
         "max_length": args.max_length,
         "autocast": str(dtype).replace("torch.", "") if dtype else "none",
