@@ -139,6 +139,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--synthetic", action="store_true", help="use the recorded length profile even if real data exists")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-tokens", type=int, default=CalibrationConfig().max_tokens_per_batch,
+                    help="token budget per forward, --batch-size sequences at most (default: the stage's)")
     ap.add_argument("--no-share", action="store_true", help="score chosen and rejected as separate sequences "
                     "(default: each pair packed with one copy of its shared prompt)")
     args = ap.parse_args(argv)
@@ -184,7 +186,8 @@ def main(argv=None) -> dict:
             t0, c0 = time.perf_counter(), time.process_time()
             if which == "ours":
                 rc, rr = score_pair_ids(model, [c_ids[i] for i in sel], [r_ids[i] for i in sel], tok.pad_token_id,
-                                        batch_size=args.batch_size, dtype=dtype, share_prefix=not args.no_share)
+                                        batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens, dtype=dtype,
+                                        share_prefix=not args.no_share)
                 rewards[sel], rewards[sel + n] = rc, rr
                 t_ours += time.perf_counter() - t0
                 c_ours += time.process_time() - c0
@@ -219,6 +222,7 @@ def main(argv=None) -> dict:
         "model": f"{args.arch}/{args.size}",
         "params_m": round(count_parameters(model) / 1e6, 1),
         "batch_size": args.batch_size,
+        "max_tokens_per_batch": args.max_tokens,
         "timing_rounds": len(rounds),
         "shared_prefix": not args.no_share,
         "shared_prefix_token_fraction": round(2 * prefix_tokens / float(lengths.sum()), 3),
