@@ -30,3 +30,14 @@ def tiny_tok():
     from pipeline.models import tiny_tokenizer
 
     return tiny_tokenizer(synthetic_corpus(SyntheticConfig()), vocab_size=1000)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and 2 threads on a busy 2-core box spin badly."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -39,16 +39,12 @@ def reward_model(seed: int = 0, tok=None):
 
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and a second one stalls badly when the cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_torch_thread(one_thread):
+    """Every test of a module that imports this runs on one torch thread (conftest's `one_thread`)."""
     yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -51,15 +51,6 @@ def test_warm_start_rejects_bad_input(tiny_tok):
         warm_start_policy(tiny_tok, [], [], steps=1)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and 2 threads on a busy 2-core box spin badly."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_warm_start_gives_template_like_mixed_quality_answers(tiny_tok, one_thread):
     from pipeline.data.synthetic import gold_reward, response_attributes, synthetic_prompts, synthetic_responses
     from pipeline.models import TinyModelSpec, tiny_model

@@ -11,15 +11,6 @@ import torch
 from pipeline.align.ppo import PPOConfig, train_ppo
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and 2 threads on a busy 2-core box spin badly."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gold(prompts, responses):
     from pipeline.data.synthetic import gold_reward
 

@@ -15,18 +15,6 @@ PAPER = {"paper-pythia-1.4b": "EleutherAI/pythia-1.4b", "paper-pythia-2.8b": "El
 ALL = ["tiny-cpu", "minilm-real", *PAPER, "alpaca-7b-rjs"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def stage_modules():
-    """Skip (only) while a stage module that defines a recipe section does not exist yet."""
-    for module, _ in C.SECTIONS.values():
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name and (e.name == module or module.startswith(e.name + ".")):
-                pytest.skip(f"stage module {module} not written yet")
-            raise
-
-
 def load(name, *overrides, data_root=None):
     ov = list(overrides)
     if name == "minilm-real":

@@ -6,7 +6,6 @@ around a minute; the full-size recipe is timed by scripts/bench_demo.py.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-import pipeline.config as C
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,16 +23,6 @@ SMALL = [
     "align.warm_start_steps=20", "align.warm_start_prompts=40", "align.n_prompts=24", "align.n_eval_prompts=16",
     "align.n_ppl=16", "align.max_new_tokens=12",
 ]
-
-
-def _require_stage_modules():
-    for module, _ in C.SECTIONS.values():
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name and (e.name == module or module.startswith(e.name + ".")):
-                pytest.skip(f"stage module {module} not written yet")
-            raise
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -48,7 +36,6 @@ def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_tiny_cpu_end_to_end_then_rerun(tmp_path):
-    _require_stage_modules()
     out = tmp_path / "run"
     p = _run(out)
     assert p.returncode == 0, p.stderr[-4000:]
@@ -88,7 +75,6 @@ def test_tiny_cpu_end_to_end_then_rerun(tmp_path):
 @pytest.mark.distributed
 def test_tiny_cpu_under_accelerate_launch_two_processes(tmp_path):
     """The whole real pipeline under `accelerate launch` with 2 CPU processes (gloo)."""
-    _require_stage_modules()
     import socket
 
     with socket.socket() as s:
