@@ -210,10 +210,9 @@ def score_pair_ids(
             z = captured.pop("z")
             ar = torch.arange(len(idx), device=z.device)
             feats = torch.cat([z[ar, torch.tensor(read_c, device=z.device)], z[ar, torch.tensor(read_r, device=z.device)]])
-            handle.remove()
             with torch.autocast(device.type, enabled=False):  # the head at its weights' precision
                 rewards = head(feats.to(next(head.parameters()).dtype))
-            handle = head.register_forward_hook(lambda mod, inp, out: captured.update(z=inp[0]))
+            captured.clear()  # the hook also saw this call
             rewards = rewards.float().reshape(2 * len(idx), -1)[:, 0].cpu().double().numpy() / temperature
             r_c[idx], r_r[idx] = rewards[: len(idx)], rewards[len(idx) :]
             start += len(idx)
