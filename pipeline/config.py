@@ -498,20 +498,21 @@ def recipe_from_dict(raw: dict, where: str = "<dict>", overrides: typing.Sequenc
         if raw.get(section) is None:
             raw[section] = {}
     recipe = build_dataclass(Recipe, raw, "", ctx)
-    from pipeline.run import stage_names
-
     if recipe.stages is not None:
+        from pipeline.run import stage_names
+
         valid = stage_names()
         bad = [s for s in recipe.stages if s not in valid]
         if bad:
             raise RecipeError(f"stages in {ctx.origin('stages')}: unknown stage(s) {bad}; valid: {valid}")
     _check_values(recipe_to_dict(recipe), "", ctx)
-    check_recipe(recipe, recipe.stages if recipe.stages is not None else stage_names(), ctx=ctx)
+    recipe._origin = ctx  # not a field: lets `check_recipe` name the file or override a bad key came from
     return recipe
 
 
 # ---------------------------------------------------------------------------------------------------
-# Checks across fields and sections, at load time (so a bad value fails before any work, also in --dry-run)
+# Checks of values (at load) and across sections (`check_recipe`, once the stages to run are known; both
+# before any work, also in --dry-run)
 
 
 _LR = re.compile(r"(?:\w+_)?(?:learning_rate|lr)")
@@ -546,9 +547,10 @@ def _check_values(node: Any, path: str, ctx: _Ctx) -> None:
 
 
 def check_recipe(recipe: Recipe, stages: typing.Sequence[str], align_runs: bool = False, ctx: _Ctx | None = None):
-    """Checks that span sections, for the stages that will be selected (`align_runs`: the align stage will
-    actually run, not only be skipped as up to date). Raises one RecipeError naming the key and the fix."""
-    ctx = ctx or _Ctx("the recipe", {})
+    """Checks that span sections, for the selected `stages` (`align_runs`: the align stage will actually run,
+    not only be skipped as up to date), so a recipe that never aligns is not held to align's defaults.
+    `pipeline.run` calls it after planning, before any work. Raises one RecipeError naming the key and the fix."""
+    ctx = ctx or getattr(recipe, "_origin", None) or _Ctx("the recipe", {})
     data, reward, align = recipe.data, recipe.reward, recipe.align
     sources = getattr(data, "source_names", None)
     if "align" not in stages or align is None:

@@ -142,20 +142,32 @@ def test_minilm_real_builds_splits_from_the_shared_slices(real_data_dir):
     ("data.sources=[{name: a, format: hh}]", "unknown format 'hh'"),
     ("align.judge.concurrency=0", "judge.concurrency must be >= 1"),
 ])
-def test_bad_values_fail_at_load_naming_the_key(override, needle):
-    with pytest.raises(C.RecipeError) as e:
-        load("tiny-cpu", override)
-    assert needle in str(e.value)
-    assert "Fix:" in str(e.value) or "must be" in str(e.value) or "use one of" in str(e.value)
+def test_bad_values_fail_at_load_or_dry_run_naming_the_key(override, needle, tmp_path, capsys):
+    from pipeline.run import main
+
+    try:  # values are checked at load; names across sections once the stages are known (align runs here)
+        C.check_recipe(load("tiny-cpu", override), stage_names())
+    except C.RecipeError as e:
+        assert needle in str(e) and ("Fix:" in str(e) or "must be" in str(e) or "use one of" in str(e))
+    else:
+        pytest.fail(f"{override} was accepted")
+    assert main(["--recipe", "tiny-cpu", "--output-dir", str(tmp_path / "run"), "--dry-run", override]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and not (tmp_path / "run").exists()
 
 
-def test_cross_section_checks_follow_the_stages():
-    # a recipe that does not run align is not held to align's source names
-    assert load("tiny-cpu", "stages=[reward, calibration]", "align.prompt_sources=[nosuch]").align.prompt_sources == ["nosuch"]
+def test_cross_section_checks_follow_the_stages(tmp_path):
+    from pipeline.run import main
+
+    # a run that does not align is not held to align's source names
+    r = load("tiny-cpu", "align.prompt_sources=[nosuch]")
+    C.check_recipe(r, ["reward", "calibration"])
+    assert main(["--recipe", "tiny-cpu", "--output-dir", str(tmp_path / "run"), "--dry-run", "--stages",
+                 "reward,calibration", "align.prompt_sources=[nosuch]"]) == 0
     # single-<source> RMs may be aligned and compared when reward.methods trains them
     r = load("tiny-cpu", "reward.methods=[more, single]", "align.rms=[more, single-helpful]",
              "align.comparisons=['more vs single-helpful']")
-    assert r.align.rms == ["more", "single-helpful"]
+    C.check_recipe(r, stage_names())
 
 
 def test_unset_judge_key_fails_before_any_work_when_align_runs(tmp_path, monkeypatch, capsys):
