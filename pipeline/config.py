@@ -38,6 +38,7 @@ import hashlib
 import importlib
 import importlib.resources
 import json
+import math
 import os
 import re
 import types
@@ -59,7 +60,26 @@ SECTIONS: dict[str, tuple[str, str]] = {
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-6` (no dot) as a STRING; this loader reads it as a float, as YAML 1.2 does."""
+    """YAML 1.1 reads `1e-6` (no dot) as a STRING; this loader reads it as a float, as YAML 1.2 does.
+    A key given twice in one mapping is an error (PyYAML would silently keep the last value)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = key in first
+                except TypeError:  # an unhashable key: PyYAML reports it
+                    continue
+                if seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given on line {first[key] + 1}); keep only one of them",
+                        key_node.start_mark)
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -485,7 +505,88 @@ def recipe_from_dict(raw: dict, where: str = "<dict>", overrides: typing.Sequenc
         bad = [s for s in recipe.stages if s not in valid]
         if bad:
             raise RecipeError(f"stages in {ctx.origin('stages')}: unknown stage(s) {bad}; valid: {valid}")
+    _check_values(recipe_to_dict(recipe), "", ctx)
+    recipe._origin = ctx  # not a field: lets `check_recipe` name the file or override a bad key came from
     return recipe
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks of values (at load) and across sections (`check_recipe`, once the stages to run are known; both
+# before any work, also in --dry-run)
+
+
+_LR = re.compile(r"(?:\w+_)?(?:learning_rate|lr)")
+_TEMPERATURE = re.compile(r"(?:\w+_)?temperature")
+_MAX_LENGTH = re.compile(r"(?:\w+_)?max_(?:\w+_)?length")
+
+
+def _check_values(node: Any, path: str, ctx: _Ctx) -> None:
+    """Every learning rate (also inside free-form dicts such as reward.train) must be finite and >= 0, every
+    temperature finite and > 0, every max_*length a positive integer (or null)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _check_values(v, _join(path, str(k)), ctx)
+        return
+    if isinstance(node, list):
+        for i, v in enumerate(node):
+            _check_values(v, f"{path}[{i}]", ctx)
+        return
+    if isinstance(node, bool) or not isinstance(node, (int, float)):
+        return
+    name = path.rsplit(".", 1)[-1]
+    problem = None
+    if _LR.fullmatch(name) and not (math.isfinite(node) and node >= 0):
+        problem, fix = "a learning rate must be a finite number >= 0", "e.g. 1e-5"
+    elif _TEMPERATURE.fullmatch(name) and not (math.isfinite(node) and node > 0):
+        problem, fix = "a temperature must be a finite number > 0", "e.g. 1.0 (use greedy decoding instead of 0)"
+    elif _MAX_LENGTH.fullmatch(name) and not (math.isfinite(node) and node >= 1):
+        problem, fix = "a maximum length must be >= 1 token", "e.g. 512, or null where the key allows it"
+    if problem:
+        raise RecipeError(f"{path} = {node!r} in {ctx.origin(_dotted(path))}: {problem}. Fix: set {path} to a valid "
+                          f"value ({fix})")
+
+
+def check_recipe(recipe: Recipe, stages: typing.Sequence[str], align_runs: bool = False, ctx: _Ctx | None = None):
+    """Checks that span sections, for the selected `stages` (`align_runs`: the align stage will actually run,
+    not only be skipped as up to date), so a recipe that never aligns is not held to align's defaults.
+    `pipeline.run` calls it after planning, before any work. Raises one RecipeError naming the key and the fix."""
+    ctx = ctx or getattr(recipe, "_origin", None) or _Ctx("the recipe", {})
+    data, reward, align = recipe.data, recipe.reward, recipe.align
+    sources = getattr(data, "source_names", None)
+    if "align" not in stages or align is None:
+        return
+    if isinstance(sources, list):
+        for key in ("prompt_sources", "eval_sources"):
+            wanted = getattr(align, key, None)
+            unknown = [s for s in wanted or [] if s not in sources]
+            if unknown:
+                raise RecipeError(f"align.{key} in {ctx.origin('align.' + key)} names unknown source(s) {unknown}; "
+                                  f"the data sources are {sources}. Fix: use names from data.sources")
+    methods = getattr(reward, "methods", None)
+    if isinstance(methods, list) and isinstance(sources, list):
+        trained = [n for m in methods for n in ([f"single-{s}" for s in sources] if m == "single" else [m])]
+        rms = getattr(align, "rms", None)
+        if rms is not None:
+            unknown = [n for n in rms if n not in trained]
+            if unknown:
+                raise RecipeError(f"align.rms in {ctx.origin('align.rms')} names RM(s) {unknown} that reward.methods "
+                                  f"does not train (it trains {trained}). Fix: use some of those, or null for all")
+        aligned = list(rms) if rms is not None else [n for n in trained if not n.startswith("single-")]
+        for comp in getattr(align, "comparisons", None) or []:
+            parts = [p.strip() for p in comp.split(" vs ")]
+            unknown = [p for p in parts if p != "base" and p not in aligned]
+            if unknown:
+                raise RecipeError(
+                    f"align.comparisons in {ctx.origin('align.comparisons')}: {comp!r} names {unknown}, not an RM "
+                    f"aligned in this run ({aligned + ['base']}). Fix: compare only those, or add the RM to "
+                    "reward.methods / align.rms")
+    judge = getattr(align, "judge", None)
+    env = getattr(judge, "api_key_env", None)
+    if align_runs and getattr(judge, "kind", None) == "openai" and env and not os.environ.get(env):
+        raise RecipeError(
+            f"align.judge.kind=openai reads the API key from the environment variable {env}, which is not set, and "
+            f"the align stage will run. Fix: export {env}=..., or set align.judge.api_key_env='' for an endpoint "
+            "without a key, or align.judge.kind=gold")
 
 
 DATA_ROOT = "${data_root}"

@@ -30,7 +30,10 @@ before and after each stage.
 Each stage can also run alone: `python -m pipeline.<stage> --recipe ... --output-dir ... [--force]
 [key.sub=value ...]` calls `main_for_stage("<stage>")`, which is `pipeline.run --stages <stage>` with the
 same bookkeeping (so `accelerate launch ... -m pipeline.reward` gives one stage its own DeepSpeed setup).
-Exit codes: 0 done, 2 a recipe/command-line error (one message, no traceback), 130 interrupted
+A read-only run directory is fine when every selected stage is up to date (nothing is written); otherwise,
+and for an --output-dir that is a file, the run stops with one message before any work.
+Exit codes: 0 done, 2 a recipe/command-line error or a user-fixable failure inside a stage (bad data,
+judge budget exhausted or endpoint unreachable: one message, no traceback), 130 interrupted
 (Ctrl-C or SIGTERM; rerun the same command to resume); a failing stage raises with its traceback.
 """
 
@@ -48,11 +51,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
+from pipeline.align.judge import JudgeError
 from pipeline.config import (
     RecipeError,
+    check_recipe,
     describe_keys,
     load_recipe,
     recipe_to_dict,
@@ -311,22 +317,39 @@ def run_pipeline(
             f"--force {', '.join(bad)}: not among the selected stages ({', '.join(selected)}); "
             f"valid: {', '.join(stage_names())} or 'all'"
         )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RecipeError(f"the run directory {run_dir} (--output-dir or output_dir) is a file. Fix: pass a directory "
+                          "path (it is created when missing), or move the file away")
     recipe.output_dir = str(run_dir)
     resolved = recipe_to_dict(recipe)
 
     # The main process locks the directory, reads the manifest and plans; a user error there is sent to
     # every rank (so no rank waits at a barrier for a main process that gave up).
-    steps, manifest, lock = None, {}, None
+    steps, manifest, lock, read_only = None, {}, None, None
     if procs.is_main:
         try:
             if not dry_run:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                lock = _lock_run_dir(run_dir)
+                try:
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    lock = _lock_run_dir(run_dir)
+                    with tempfile.TemporaryFile(dir=run_dir):  # a write probe (the lock file may already exist)
+                        pass
+                except OSError as e:
+                    if not run_dir.is_dir():
+                        raise RecipeError(f"cannot create the run directory {run_dir} ({e.strerror or e}). Fix: pass "
+                                          "an --output-dir you can write to") from None
+                    read_only = e  # fine as long as every stage is up to date (nothing is written then)
             manifest = read_manifest(run_dir)
             steps = plan(recipe, run_dir, manifest, selected, force)
+            running = [s["stage"] for s in steps if s["action"] == "run"]
+            if read_only is not None and running:
+                raise RecipeError(f"the run directory {run_dir} is not writable ({read_only.strerror or read_only}) "
+                                  f"and stage(s) {', '.join(running)} must run. Fix: make it writable (chmod -R u+w) "
+                                  "or pass another --output-dir")
+            check_recipe(recipe, selected, align_runs="align" in running)
         except RecipeError as e:
             steps = {"error": str(e)}
-    steps = procs.broadcast(steps)
+    steps, read_only = procs.broadcast((steps, read_only is not None))
     if isinstance(steps, dict):
         if lock is not None:
             lock.close()
@@ -336,6 +359,10 @@ def run_pipeline(
         if procs.is_main:
             _log_plan(recipe, run_dir, steps, procs.world)
         if dry_run:
+            return manifest
+        if read_only:
+            if procs.is_main:
+                log.info("every selected stage is up to date; %s is read-only, so nothing was written", run_dir)
             return manifest
         return _run_steps(recipe, run_dir, steps, manifest, resolved, procs)
     finally:
@@ -489,7 +516,7 @@ def main(argv: list[str] | None = None, *, stage: str | None = None) -> int:
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, JudgeError) as e:
         # User-caused errors inside a stage (missing file, malformed record, bad value) carry one clear
         # message; the manifest already marks the stage failed. PIPELINE_TRACEBACK=1 shows the traceback.
         if os.environ.get("PIPELINE_TRACEBACK"):

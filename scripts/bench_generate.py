@@ -10,7 +10,8 @@ Both decode EXACTLY `--new-tokens` tokens per sequence (min_new_tokens = max_new
 identical; sampling at `--temperature`. A warm-up call of each precedes the timing.
 The last printed line is JSON:
     {"benchmark": "bon_generation", "ratio": loop_seconds / ours_seconds, "tokens_per_s": ours, ...}
-(with `--loop-prompts K` the loop is timed on about K of the prompts and its time scaled to all of them).
+(with `--loop-prompts K` the loop is timed on K prompts drawn uniformly at random (seeded) from all of
+them, and its time scaled by N/K; each drawn prompt runs in the round of the batch that holds it).
 The two alternate in rounds (one of our batches, then the same prompts through the loop; the order flips
 every round) so that a busy machine slows both alike.
 
@@ -88,6 +89,21 @@ def build_model(args, device: torch.device, dtype: torch.dtype):
     return model.eval(), config
 
 
+def plan_rounds(prompts: list, batch_size: int, loop_prompts: int | None, seed: int) -> tuple[list, float]:
+    """Rounds of (our batch, the loop's prompts from that batch), and the factor scaling the loop's time to
+    all prompts. Our batches are the stage's (sorted by length, longest first); the loop's prompts are a
+    uniform sample of K of ALL prompts (not the first, longest ones of each batch)."""
+    n = len(prompts)
+    k = n if loop_prompts is None else max(1, min(loop_prompts, n))
+    chosen = set(np.random.default_rng(seed).choice(n, size=k, replace=False).tolist())
+    order = sorted(range(n), key=lambda i: -len(prompts[i]))
+    rounds = []
+    for s in range(0, n, batch_size):
+        idx = order[s : s + batch_size]
+        rounds.append(([prompts[i] for i in idx], [prompts[i] for i in idx if i in chosen]))
+    return rounds, n / k
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -103,7 +119,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--llama7b-shape", action="store_true", help="Alpaca-7B's LLaMA shape (bf16; needs a GPU)")
     ap.add_argument("--n", type=int, default=4, help="samples per prompt")
     ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--loop-prompts", type=int, default=None, help="time the loop on the first K prompts only (scaled)")
+    ap.add_argument("--loop-prompts", type=int, default=None,
+                    help="time the loop on K prompts drawn uniformly at random (its time scaled by N/K)")
     ap.add_argument("--new-tokens", type=int, default=32, help="exactly this many new tokens per sequence")
     ap.add_argument("--min-prompt", type=int, default=20)
     ap.add_argument("--max-prompt", type=int, default=200)
@@ -156,14 +173,13 @@ def main(argv=None) -> dict:
 
     # Rounds: one batch of ours (the stage's length-sorted batches) and the same prompts through the loop,
     # alternating which goes first, so that a busy machine slows both alike.
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    batches = [[prompts[i] for i in order[s : s + args.batch_size]] for s in range(0, len(order), args.batch_size)]
-    frac = min(args.loop_prompts or len(prompts), len(prompts)) / len(prompts)
+    rounds, scale = plan_rounds(prompts, args.batch_size, args.loop_prompts, args.seed)
     torch.manual_seed(args.seed)
     rows, loop_rows, ours_s, loop_s, k = [], [], 0.0, 0.0, 0
-    for r, batch in enumerate(batches):
-        sub = batch[: max(1, round(len(batch) * frac))]
+    for r, (batch, sub) in enumerate(rounds):
         for which in (("ours", "loop") if r % 2 == 0 else ("loop", "ours")):
+            if which == "loop" and not sub:
+                continue
             sync(device)
             t = time.perf_counter()
             if which == "ours":
@@ -174,7 +190,7 @@ def main(argv=None) -> dict:
             if which == "ours":
                 ours_s += time.perf_counter() - t
             else:
-                loop_s += (time.perf_counter() - t) * len(batch) / len(sub)
+                loop_s += (time.perf_counter() - t) * scale
         k += len(sub)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 

@@ -64,6 +64,7 @@ class JudgeScript:
         self.requests = 0
         self.fail_first = 0  # answer HTTP 500 to this many requests first
         self.status = 200
+        self.echo_auth = False  # put the Authorization header into every reply, as careless servers do
         self.auth_headers: list = []
         self.bodies: list[dict] = []
         self.base_url = ""
@@ -108,6 +109,8 @@ def judge_server():
             if script.status != 200:  # echoes the Authorization header, as careless servers do
                 return self._send(script.status, f"invalid key {self.headers.get('Authorization')}".encode())
             content = script.reply(body["messages"][-1]["content"])
+            if script.echo_auth:
+                content = f"You sent Authorization: {self.headers.get('Authorization')}.\n{content}"
             payload = {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
             self._send(200, json.dumps(payload).encode(), "application/json")
 

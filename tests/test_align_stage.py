@@ -177,6 +177,7 @@ def test_stage_with_an_openai_compatible_judge(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ALIGN_TEST_KEY", secret)
     _reward_dir(tmp_path)
     with judge_server() as server:
+        server.echo_auth = True  # every reply repeats the Authorization header (issue 12)
         recipe = _recipe(methods=["best_of_n"], rms=["more"], comparisons=["more vs base"],
                          judge={"kind": "openai", "base_url": server.base_url, "model": "judge-x",
                                 "api_key_env": "ALIGN_TEST_KEY", "backoff_s": 0.01})
@@ -192,6 +193,7 @@ def test_stage_with_an_openai_compatible_judge(tmp_path, monkeypatch, capsys):
         assert server.requests == 2 * 12  # the rerun pays nothing
     out = capsys.readouterr()
     assert secret not in out.out + out.err
+    assert "Bearer ***" in (tmp_path / "align" / "judge_details.jsonl").read_text()  # the echo, redacted
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path

@@ -305,3 +305,22 @@ if __name__ == "__main__":  # the torchrun worker of the distributed test
     (out / f"rank{state.process_index}.json").write_text(
         json.dumps({"world": state.num_processes, "artifacts": artifacts})
     )
+
+
+def test_corrupt_rm_weights_name_the_rm(tmp_path, tiny_tok):
+    """Random bytes in an RM's weights (right shapes, a loadable file) give NaN/inf rewards: the error must
+    name the RM, not only count the pairs."""
+    from safetensors.torch import load_file, save_file
+
+    reward = tmp_path / "reward"
+    _save_rm(tiny_tok, reward / "bad", seed=1, head_scale=1.0)
+    weights = load_file(reward / "bad" / "model.safetensors")
+    head = weights["score.weight"]  # random bytes in the whole model also work, but denormals make CPU math slow
+    noise = torch.randint(0, 256, (head.numel() * head.element_size(),), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    weights["score.weight"] = noise.view(head.dtype).reshape(head.shape).clone()
+    weights["score.weight"][0, 0] = float("nan")  # certain, whatever the random bytes
+    save_file(weights, reward / "bad" / "model.safetensors", metadata={"format": "pt"})
+    (reward / "index.json").write_text(json.dumps({"bad": {"path": str(reward / "bad"), "method": "multitask"}}))
+    with pytest.raises(ValueError, match=r"reward model 'bad' at .*bad gives a non-finite reward .* for \d+ of \d+ pairs"):
+        run(_recipe(max_pairs_per_split=8), tmp_path)

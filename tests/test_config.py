@@ -214,3 +214,16 @@ def test_describe_keys_lists_nested_fields_with_help(fakes):  # noqa: F811
 def test_every_recipe_field_has_help():
     for f in dataclasses.fields(C.Recipe):
         assert f.metadata.get("help"), f.name
+
+
+def test_duplicate_yaml_keys_are_rejected(fakes):  # noqa: F811
+    with pytest.raises(C.RecipeError) as e:
+        load(fakes, text="seed: 1\ndata:\n  n: 2\n  lr: 0.1\n  n: 3\n")
+    msg = str(e.value)
+    assert "other.yaml is not valid YAML" in msg and "duplicate key 'n' (first given on line 3)" in msg
+    assert "line 5" in msg
+    with pytest.raises(C.RecipeError, match="duplicate key 'seed'"):
+        load(fakes, text="seed: 1\nseed: 2\n")
+    with pytest.raises(C.RecipeError, match="duplicate key 'k'"):
+        load(fakes, "data.extra={k: 1, k: 2}")
+    assert C.yaml_load("base: &b {x: 1}\nother:\n  <<: *b\n  x: 2\n")["other"] == {"x": 2}  # merge keys still work

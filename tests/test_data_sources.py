@@ -257,3 +257,109 @@ def test_unreachable_hub_id_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", boom)
     with pytest.raises(PreferenceDataError, match="not a local path, and loading it from the hub failed"):
         load_source("webgpt", "openai/webgpt_comparisons")
+
+
+# -- hostile inputs (issue 12) -----------------------------------------------------------------------------
+
+
+def _write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+PAIR = {"prompt": f"{H} q{A}", "chosen": " yes", "rejected": " no"}
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_rejected_with_file_line_field(tmp_path, literal):
+    ok = json.dumps({**PAIR, "margin": 1.0})
+    bad = json.dumps(PAIR)[:-1] + f', "margin": {literal}}}'  # json.loads reads these literals as floats
+    with pytest.raises(PreferenceDataError, match=r"m\.jsonl, line 2, field 'margin': the number is .*not finite"):
+        load_source("jsonl", _write_lines(tmp_path / "m.jsonl", [ok, bad]))
+    texts = [f"{H} q{A} a", f"{H} q{A} b", f"{H} q{A} c"]
+    more = '{"text": %s, "score": [1.0, %s, 0.5]}' % (json.dumps(texts), literal)
+    with pytest.raises(PreferenceDataError, match=r"s\.json, line 1, field 'score\.1'.*not finite"):
+        load_source("more-json", _write_lines(tmp_path / "s.json", [more]), with_margin=True)
+    web = {"question": {"full_text": "q"}, "answer_0": "a", "answer_1": "b", "score_0": 1.0}
+    line = json.dumps(web)[:-1] + f', "score_1": {literal}}}'
+    with pytest.raises(PreferenceDataError, match=r"field 'score_1'.*not finite"):
+        load_source("webgpt", _write_lines(tmp_path / "w.jsonl", [line]))
+
+
+def test_non_finite_margin_in_parquet_is_rejected(tmp_path):
+    datasets.Dataset.from_list([{**PAIR, "margin": 1.0}, {**PAIR, "margin": float("nan")}]).to_parquet(tmp_path / "p.parquet")
+    with pytest.raises(PreferenceDataError, match=r"p\.parquet, row 1, field 'margin'.*nan"):
+        load_source("jsonl", str(tmp_path / "p.parquet"))
+
+
+def _msg(mid, parent, role, text, rank=None):
+    return json.dumps({"message_id": mid, "parent_id": parent, "role": role, "text": text, "rank": rank, "lang": "en"})
+
+
+@pytest.mark.timeout(20)  # the old code looped here until memory ran out
+def test_oasst1_flat_duplicate_ids_and_cycles_are_counted_never_looped(tmp_path):
+    lines = [
+        _msg("p1", None, "prompter", "Question?"),
+        _msg("a1", "p1", "assistant", "Good answer.", 0),
+        _msg("a2", "p1", "assistant", "Bad answer.", 1),
+        _msg("p1", "p1", "prompter", "A duplicate id that is its own parent."),
+        _msg("x", "x", "prompter", "Its own parent."),
+        _msg("c1", "c2", "prompter", "Cycle one."),
+        _msg("c2", "c1", "assistant", "Cycle two.", 0),
+        _msg("d", "c1", "assistant", "Below the cycle.", 0),
+        _msg("o", "missing", "assistant", "An orphan.", 0),
+    ]
+    ds = load_source("oasst1", _write_lines(tmp_path / "flat.jsonl", lines))
+    assert rows(ds) == [(f"{H} Question?{A}", " Good answer.", " Bad answer.")]
+    st = load_stats(ds)
+    assert (st["duplicate_message_ids"], st["cycle_messages"], st["orphan_messages"], st["trees"]) == (1, 4, 1, 1)
+
+
+def test_oasst1_bad_rank_or_reply_without_text_names_the_field(tmp_path):
+    tree = {"message_id": "p", "role": "prompter", "text": "Q?", "replies": [
+        {"message_id": "a", "role": "assistant", "text": "one", "rank": 0, "replies": []},
+        {"message_id": "b", "role": "assistant", "text": "two", "rank": "1", "replies": []}]}
+    with pytest.raises(PreferenceDataError, match=r"t\.jsonl, line 1, message 'b', field 'rank': rank must be a whole"):
+        load_source("oasst1", _write_lines(tmp_path / "t.jsonl", [json.dumps(tree)]))
+    tree["replies"][1]["rank"] = 1
+    del tree["replies"][1]["text"]
+    with pytest.raises(PreferenceDataError, match=r"message 'b', field 'text': missing field"):
+        load_source("oasst1", _write_lines(tmp_path / "t.jsonl", [json.dumps(tree)]))
+    flat = [_msg("p", None, "prompter", "Q?"), _msg("a", "p", "assistant", "one", 0),
+            json.dumps({"message_id": "b", "parent_id": "p", "role": "assistant", "rank": 1})]
+    with pytest.raises(PreferenceDataError, match=r"f\.jsonl, line 3, field 'text': missing field"):
+        load_source("oasst1", _write_lines(tmp_path / "f.jsonl", flat))
+
+
+def test_truncated_gzip_bom_and_latin1(tmp_path):
+    data = gzip.compress(("".join(json.dumps({**PAIR, "chosen": f" yes {i}"}) + "\n" for i in range(200))).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(PreferenceDataError, match=r"cut\.jsonl\.gz: truncated or corrupt gzip file.*Fix: re-download"):
+        load_source("jsonl", str(tmp_path / "cut.jsonl.gz"))
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (json.dumps(PAIR) + "\n").encode())
+    assert rows(load_source("jsonl", str(tmp_path / "bom.jsonl"))) == [(PAIR["prompt"], " yes", " no")]
+    (tmp_path / "bom.jsonl.gz").write_bytes(gzip.compress((tmp_path / "bom.jsonl").read_bytes()))
+    assert len(load_source("jsonl", str(tmp_path / "bom.jsonl.gz"))) == 1
+    (tmp_path / "latin1.jsonl").write_bytes((json.dumps(PAIR) + "\n").encode() + '{"prompt": "café"}\n'.encode("latin-1"))
+    with pytest.raises(PreferenceDataError, match=r"latin1\.jsonl, line 2: byte 0xe9 is not UTF-8.*Fix: convert"):
+        load_source("jsonl", str(tmp_path / "latin1.jsonl"))
+
+
+def test_option_values_checked_summarize_choice_bool_and_record_splits_string(fx, tmp_path):
+    hh = str(fx / "hh-rlhf/harmless-base/train.jsonl.gz")
+    with pytest.raises(PreferenceDataError, match="context_mismatch='commn' is not one of drop, common, error"):
+        load_source("hh-rlhf", hh, context_mismatch="commn")
+    with pytest.raises(PreferenceDataError, match="context_mismatch"):
+        load_source("more-json", str(fx / "more-json/helpful.test.json"), context_mismatch=True)
+    comp = {"info": {"post": "A post.", "title": "T"}, "summaries": [{"text": "one"}, {"text": "two"}],
+            "choice": True, "split": "valid1"}
+    path = _write_lines(tmp_path / "s.jsonl", [json.dumps(comp)])
+    with pytest.raises(PreferenceDataError, match=r"s\.jsonl, line 1, field 'choice': expected int, got bool True"):
+        load_source("summarize", path)
+    comp["choice"] = 1
+    path = _write_lines(tmp_path / "s.jsonl", [json.dumps(comp), json.dumps({**comp, "split": "valid2"})])
+    one = load_source("summarize", path, record_splits="valid1")  # one split, not the characters v,a,l,i,d,1
+    assert len(one) == 1 and load_stats(one)["other_split"] == 1
+    assert len(load_source("summarize", path, record_splits=["valid1", "valid2"])) == 2
+    with pytest.raises(PreferenceDataError, match="record_splits=3"):
+        load_source("summarize", path, record_splits=3)

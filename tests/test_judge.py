@@ -3,9 +3,13 @@ OpenAI-compatible judge against a real HTTP server on 127.0.0.1 (retries, cache,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import re
 import socket
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -197,3 +201,109 @@ def test_a_truncated_cache_line_is_skipped(server, tmp_path, monkeypatch):
     n = server.requests
     assert _judge(server, tmp_path).compare([Comparison(P, "GOOD", "bad")])[0]["verdict"] == "win"
     assert server.requests == n
+
+
+def test_an_echoed_key_is_redacted_everywhere(server, tmp_path, monkeypatch, caplog):
+    """An endpoint that echoes the Authorization header in its replies: the key (and any Bearer token)
+    never reaches the cache file, the returned replies or the log."""
+    monkeypatch.setenv("JUDGE_TEST_KEY", SECRET)
+    caplog.set_level("DEBUG")
+    server.echo_auth = True
+    out = _judge(server, tmp_path).compare([Comparison(P, "GOOD white", "bad green")])
+    assert out[0]["verdict"] == "win"
+    replies = " ".join(out[0]["replies"])
+    assert "Bearer ***" in replies and SECRET not in replies
+    cache_text = (tmp_path / "cache.jsonl").read_text()
+    assert SECRET not in cache_text and "Bearer ***" in cache_text and SECRET not in caplog.text
+    # a cache written by an older version (the key stored in a reply) is redacted when loaded
+    rec = json.loads(cache_text.splitlines()[0])
+    rec["reply"] = f"echo Bearer {SECRET} and Bearer sk-another-token\nA"
+    (tmp_path / "cache.jsonl").write_text(json.dumps(rec) + "\n")
+    judge = _judge(server, tmp_path)
+    assert SECRET not in (tmp_path / "cache.jsonl").read_text() and "sk-another-token" not in judge.cache[rec["key"]]["reply"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# misbehaving servers (raw sockets): trickled bytes, truncated bodies, garbage status lines
+
+
+@contextlib.contextmanager
+def raw_server(bad: str, n_bad: int = 1):
+    """A loopback server whose first `n_bad` requests get the misbehaviour `bad`; later ones a valid answer."""
+    state = {"requests": 0, "stop": False}
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+    lsock.settimeout(0.1)
+    good = json.dumps({"choices": [{"message": {"content": "fine\nA"}}]}).encode()
+    ok = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(good), good)
+
+    def handle(conn):
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, body = data.split(b"\r\n\r\n", 1)
+            length = int(re.search(rb"Content-Length: (\d+)", head, re.I).group(1))
+            while len(body) < length:
+                body += conn.recv(65536)
+            state["requests"] += 1
+            try:
+                if state["requests"] > n_bad:
+                    conn.sendall(ok)
+                elif bad == "trickle":  # one byte every 50 ms: ~20 s for the whole reply
+                    for i in range(len(ok)):
+                        if state["stop"]:
+                            return
+                        conn.sendall(ok[i : i + 1])
+                        time.sleep(0.05)
+                elif bad == "short":
+                    conn.sendall(ok.replace(b"Content-Length: %d" % len(good), b"Content-Length: 5000"))
+                elif bad == "badstatus":
+                    conn.sendall(b"garbage that is no status line\r\n\r\n")
+            except OSError:
+                return
+
+    def serve():
+        while not state["stop"]:
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{lsock.getsockname()[1]}/v1", state
+    finally:
+        state["stop"] = True
+        thread.join(2)
+        lsock.close()
+
+
+def test_timeout_is_a_whole_request_deadline(tmp_path):
+    """A server trickling one byte every 50 ms never trips a per-read timeout; the request must still
+    end after ~timeout_s, and the retry gets the answer."""
+    with raw_server("trickle") as (url, state):
+        judge = OpenAIJudge(url, "m", api_key_env="", cache_path=tmp_path / "c.jsonl", retries=1, backoff_s=0.01,
+                            timeout_s=0.5, concurrency=1)
+        t0 = time.monotonic()
+        rec = judge.ask("prompt", "ab")
+        elapsed = time.monotonic() - t0
+    assert rec["verdict"] == "A" and state["requests"] == 2
+    assert elapsed < 3.0, f"the trickled request held the judge {elapsed:.1f}s with timeout_s=0.5"
+
+
+@pytest.mark.parametrize("bad", ["short", "badstatus"])
+def test_truncated_body_or_garbage_status_is_retried(tmp_path, bad):
+    with raw_server(bad) as (url, state):
+        judge = OpenAIJudge(url, "m", api_key_env="", cache_path=tmp_path / "c.jsonl", retries=1, backoff_s=0.01,
+                            timeout_s=5, concurrency=1)
+        assert judge.ask("prompt", "ab")["verdict"] == "A"
+    assert state["requests"] == 2
+    with raw_server(bad, n_bad=10) as (url, state):  # never answers: one JudgeError after the retries
+        judge = OpenAIJudge(url, "m", api_key_env="", cache_path=tmp_path / "d.jsonl", retries=1, backoff_s=0.01,
+                            timeout_s=5, concurrency=1)
+        with pytest.raises(JudgeError, match="kept failing after 2 attempts"):
+            judge.compare([Comparison(P, "a", "b")])

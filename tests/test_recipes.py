@@ -120,3 +120,66 @@ def test_minilm_real_builds_splits_from_the_shared_slices(real_data_dir):
     for name, dd in splits.items():
         assert len(dd["train"]) == 50 and 0 < len(dd["test"]) <= 20 and len(dd["validation"]) > 0, name
         assert set(dd["train"]["source"]) == {name}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Values that used to pass the load and fail (or be ignored) inside a stage (issue 12)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("reward.train.learning_rate=-0.1", "reward.train.learning_rate = -0.1"),
+    ("align.sft_learning_rate=-1e-6", "align.sft_learning_rate = -1e-06"),
+    ("data.max_length=0", "data.max_length = 0"),
+    ("calibration.max_length=-5", "calibration.max_length = -5"),
+    ("reward.train.max_length=0", "reward.train.max_length = 0"),
+    ("align.temperature=-1", "align.temperature = -1.0"),
+    ("align.eval_temperature=0", "align.eval_temperature = 0.0"),
+    ("align.ppo.temperature=-0.5", "align.ppo.temperature = -0.5"),
+    ("align.prompt_sources=[helpful, hepful]", "align.prompt_sources in the command-line override"),
+    ("align.eval_sources=[harmless, nosuch]", "names unknown source(s) ['nosuch']"),
+    ("align.comparisons=['more vs multitask', 'more vs nosuch']", "'more vs nosuch' names ['nosuch']"),
+    ("align.rms=[more, nosuch]", "align.rms in the command-line override"),
+    ("data.sources=[{name: a, format: hh}]", "unknown format 'hh'"),
+    ("align.judge.concurrency=0", "judge.concurrency must be >= 1"),
+])
+def test_bad_values_fail_at_load_or_dry_run_naming_the_key(override, needle, tmp_path, capsys):
+    from pipeline.run import main
+
+    try:  # values are checked at load; names across sections once the stages are known (align runs here)
+        C.check_recipe(load("tiny-cpu", override), stage_names())
+    except C.RecipeError as e:
+        assert needle in str(e) and ("Fix:" in str(e) or "must be" in str(e) or "use one of" in str(e))
+    else:
+        pytest.fail(f"{override} was accepted")
+    assert main(["--recipe", "tiny-cpu", "--output-dir", str(tmp_path / "run"), "--dry-run", override]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_cross_section_checks_follow_the_stages(tmp_path):
+    from pipeline.run import main
+
+    # a run that does not align is not held to align's source names
+    r = load("tiny-cpu", "align.prompt_sources=[nosuch]")
+    C.check_recipe(r, ["reward", "calibration"])
+    assert main(["--recipe", "tiny-cpu", "--output-dir", str(tmp_path / "run"), "--dry-run", "--stages",
+                 "reward,calibration", "align.prompt_sources=[nosuch]"]) == 0
+    # single-<source> RMs may be aligned and compared when reward.methods trains them
+    r = load("tiny-cpu", "reward.methods=[more, single]", "align.rms=[more, single-helpful]",
+             "align.comparisons=['more vs single-helpful']")
+    C.check_recipe(r, stage_names())
+
+
+def test_unset_judge_key_fails_before_any_work_when_align_runs(tmp_path, monkeypatch, capsys):
+    from pipeline.run import main
+
+    monkeypatch.delenv("MORE_TEST_UNSET_KEY", raising=False)
+    argv = ["--recipe", "tiny-cpu", "--output-dir", str(tmp_path / "run"), "--dry-run", "align.judge.kind=openai",
+            "align.judge.api_key_env=MORE_TEST_UNSET_KEY"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "MORE_TEST_UNSET_KEY, which is not set, and the align stage will run" in err and "Fix: export" in err
+    assert main([*argv, "--stages", "reward,calibration"]) == 0  # align does not run: no key needed
+    monkeypatch.setenv("MORE_TEST_UNSET_KEY", "sk-x")
+    assert main(argv) == 0
+    assert not (tmp_path / "run").exists()

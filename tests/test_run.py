@@ -8,6 +8,7 @@ named by $FAKE_CALLS, so a test can count how often each stage started and finis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -503,3 +504,84 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output directories that cannot be written (issue 12)
+
+
+@contextlib.contextmanager
+def read_only(directory: Path, monkeypatch):
+    """Make `directory` read-only: chmod, and (root ignores permissions) refuse every write under it."""
+    import builtins
+
+    directory = directory.resolve()
+    inside = lambda p: str(Path(os.fsdecode(p)).resolve()).startswith(str(directory))  # noqa: E731
+    real_os_open, real_open = os.open, builtins.open
+
+    def os_open(path, flags, *a, **k):
+        if inside(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_os_open(path, flags, *a, **k)
+
+    def open_(file, mode="r", *a, **k):
+        if isinstance(file, (str, bytes, os.PathLike)) and inside(file) and set(mode) & set("wax+"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, mode, *a, **k)
+
+    modes = {p: p.stat().st_mode for p in [directory, *directory.rglob("*")]}
+    for p in modes:
+        p.chmod(p.stat().st_mode & ~0o222)
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", os_open)
+        m.setattr(builtins, "open", open_)
+        try:
+            yield
+        finally:
+            for p, mode in modes.items():
+                p.chmod(mode)
+
+
+def test_read_only_run_dir_up_to_date_writes_nothing_else_one_clear_error(fakes, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    argv = ["--recipe", str(fakes / "fake.yaml"), "--output-dir", str(out)]
+    assert R.main(argv) == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with read_only(out, monkeypatch):
+        assert R.main(argv) == 0  # every stage is up to date: nothing to write
+        assert calls(tmp_path) == {s: 1 for s in STAGE_NAMES}
+        rc = R.main([*argv, "reward.steps=5"])  # reward must rerun: one line, before any work
+    err = capsys.readouterr().err
+    assert rc == 2 and "is not writable" in err and "reward, calibration, align, report must run" in err
+    assert "Fix:" in err and "Traceback" not in err
+    assert calls(tmp_path, "start") == {s: 1 for s in STAGE_NAMES}
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_output_dir_that_is_a_file_is_one_clear_error(fakes, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    for extra in ([], ["--dry-run"]):
+        rc = R.main(["--recipe", str(fakes / "fake.yaml"), "--output-dir", str(tmp_path / "afile"), *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and "afile" in err and "is a file" in err and "Fix:" in err and "Traceback" not in err
+    rc = R.main(["--recipe", str(fakes / "fake.yaml"), "--output-dir", str(tmp_path / "afile" / "sub")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot create the run directory" in err and "Traceback" not in err
+
+
+def test_judge_budget_exhausted_is_one_line_not_a_traceback(fakes, tmp_path, monkeypatch, capsys):
+    import fake_align
+
+    from pipeline.align.judge import JudgeBudgetExhausted
+
+    def exhausted(recipe, run_dir):
+        raise JudgeBudgetExhausted("the judge request budget (align.judge.max_requests=4) is exhausted; raise "
+                                   "align.judge.max_requests and rerun the same command")
+
+    monkeypatch.setattr(fake_align, "run", exhausted)
+    monkeypatch.delenv("PIPELINE_TRACEBACK", raising=False)
+    rc = R.main(["--recipe", str(fakes / "fake.yaml"), "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "JudgeBudgetExhausted: the judge request budget" in err and "max_requests" in err
+    assert "Traceback" not in err
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["align"]["status"] == "failed"

@@ -18,8 +18,11 @@ Two judges:
   the parallel requests; a request budget bounds the HTTP requests (retries included) one run may
   send; every answered request is appended at once to an on-disk JSONL cache keyed by
   sha256(model, prompt, order), so a rerun (after a crash, an exhausted budget, or just again) never
-  pays twice. The API key is read from the environment variable NAMED by `api_key_env`; it is never
-  stored, logged or put in an error message.
+  pays twice. `timeout_s` bounds the WHOLE request (connect, headers and body): a server that trickles
+  bytes is cut off at the deadline and the attempt counts as failed, like a truncated body, a garbage
+  status line or an HTTP 500 (all retried). The API key is read from the environment variable NAMED by
+  `api_key_env`; it is never stored, logged or put in an error message: the key and any `Bearer <token>`
+  are redacted from every reply before it is cached or returned (an endpoint may echo the header).
 
 Aggregation (`summarize`): fractions of win/tie/lose over the valid comparisons, counts (invalid
 included), and Wilson score intervals per outcome.
@@ -28,6 +31,7 @@ included), and Wilson score intervals per outcome.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import math
@@ -47,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 OUTCOMES = ("win", "tie", "lose")
 RETRIABLE_HTTP = {408, 409, 425, 429, 500, 502, 503, 504}
+_BEARER = re.compile(r"(Bearer\s+)[^\s\"'\\,;]+", re.IGNORECASE)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,6 +207,83 @@ class _Stopped(JudgeError):
     """A request not sent because another one failed (never the error reported)."""
 
 
+class _DeadlinePassed(Exception):
+    pass
+
+
+def _shutdown(sock) -> None:
+    try:  # the plain-socket method, also for an SSLSocket (wakes a read blocked in another thread)
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class _Deadline:
+    """A whole-request deadline: when `seconds` pass, the request's socket is shut down, so a blocked read
+    (a server trickling its status line, headers or body) fails at once instead of after every byte's
+    own socket timeout. Use as a context manager around the request; `opener()` makes the connections."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.fired = False
+        self._socks: list = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            socks = list(self._socks)
+        for sock in socks:
+            _shutdown(sock)
+
+    def attach(self, sock) -> None:
+        with self._lock:
+            self._socks.append(sock)
+            fired = self.fired
+        if fired:
+            _shutdown(sock)
+
+    def check(self) -> None:
+        if self.fired:
+            raise _DeadlinePassed()
+
+    def __enter__(self):
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+        return False
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        """urllib's default opener (proxies from the environment included) whose HTTP(S) connections register
+        their socket with this deadline."""
+        deadline = self
+
+        def attached(cls):
+            class Conn(cls):
+                def connect(self):
+                    super().connect()
+                    deadline.attach(self.sock)
+
+            return Conn
+
+        class HTTP(urllib.request.HTTPHandler):
+            def http_open(self, req):
+                return self.do_open(attached(http.client.HTTPConnection), req)
+
+        handlers = [HTTP()]
+        if hasattr(http.client, "HTTPSConnection"):
+            class HTTPS(urllib.request.HTTPSHandler):
+                def https_open(self, req):
+                    return self.do_open(attached(http.client.HTTPSConnection), req, context=self._context)
+
+            handlers.append(HTTPS())
+        return urllib.request.build_opener(*handlers)
+
+
 @dataclass
 class Comparison:
     """One pairwise question: which of response_a / response_b is better for `prompt` under `aspect`."""
@@ -256,8 +338,11 @@ class OpenAIJudge:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
     def _redact(self, text: str) -> str:
+        """`text` without the API key and without any `Bearer <token>` (the key itself or another one)."""
         key = self._key()
-        return text.replace(key, "***") if key else text
+        if key:
+            text = text.replace(key, "***")
+        return _BEARER.sub(r"\1***", text)
 
     # -- cache
     def _load_cache(self) -> dict[str, dict]:
@@ -272,6 +357,14 @@ class OpenAIJudge:
                 cache[rec["key"]] = rec
             except (json.JSONDecodeError, KeyError, TypeError):
                 logger.warning("%s:%d: skipping a malformed judge-cache line (a crash mid-write?)", self.cache_path, lineno)
+        leaked = [r for r in cache.values() if isinstance(r.get("reply"), str) and self._redact(r["reply"]) != r["reply"]]
+        if leaked:  # written by an older version that stored replies as received: rewrite the file redacted
+            from pipeline.io import atomic_write_text
+
+            for r in leaked:
+                r["reply"] = self._redact(r["reply"])
+            atomic_write_text(self.cache_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in cache.values()))
+            logger.warning("%s: redacted a secret from %d cached judge replies", self.cache_path, len(leaked))
         return cache
 
     def _store(self, rec: dict) -> None:
@@ -299,9 +392,15 @@ class OpenAIJudge:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        deadline = _Deadline(self.timeout_s)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
-                payload = json.loads(resp.read().decode("utf-8"))
+            with deadline:
+                with deadline.opener().open(request, timeout=self.timeout_s) as resp:
+                    raw = resp.read()
+                deadline.check()
+                payload = json.loads(raw.decode("utf-8"))
+        except _DeadlinePassed:
+            raise _Retriable(f"no complete reply within align.judge.timeout_s={self.timeout_s:g}s") from None
         except urllib.error.HTTPError as e:
             detail = self._redact(e.read().decode("utf-8", "replace")[:300])
             if e.code in RETRIABLE_HTTP:
@@ -311,15 +410,21 @@ class OpenAIJudge:
                 f"(check align.judge.model, align.judge.base_url and the key in ${self.api_key_env})"
             ) from None
         except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as e:
+            if deadline.fired:
+                raise _Retriable(f"no complete reply within align.judge.timeout_s={self.timeout_s:g}s") from None
             reason = getattr(e, "reason", e)
             raise _Retriable(f"cannot connect: {self._redact(str(reason))}") from None
+        except (http.client.HTTPException, OSError) as e:  # IncompleteRead (short body), BadStatusLine, ...
+            if deadline.fired:
+                raise _Retriable(f"no complete reply within align.judge.timeout_s={self.timeout_s:g}s") from None
+            raise _Retriable(f"broken reply ({type(e).__name__}: {self._redact(str(e))[:200]})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise _Retriable(f"the reply is not JSON ({e})") from None
         try:
             content = payload["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
             raise _Retriable(f"the reply has no choices[0].message.content: {self._redact(str(payload))[:200]}") from None
-        return content if isinstance(content, str) else ""
+        return self._redact(content) if isinstance(content, str) else ""
 
     def ask(self, prompt: str, order: str, stop: threading.Event | None = None) -> dict:
         """The cached record for (model, prompt, order), asking the endpoint if it is not cached."""
@@ -333,7 +438,8 @@ class OpenAIJudge:
             with self._lock:
                 if self.n_requests >= self.max_requests:
                     raise JudgeBudgetExhausted(
-                        f"the judge request budget (align.judge.max_requests={self.max_requests}) is exhausted"
+                        f"the judge request budget (align.judge.max_requests={self.max_requests}) is exhausted; "
+                        "raise align.judge.max_requests and rerun the same command"
                     )
                 self.n_requests += 1
             try:

@@ -63,7 +63,7 @@ class JudgeConfig:
     max_requests: int = field(default=2000, metadata={"help": "For kind=openai: request budget of one run (retries count); cached answers are free."})
     retries: int = field(default=4, metadata={"help": "For kind=openai: retries of a failed request (exponential backoff)."})
     backoff_s: float = field(default=1.0, metadata={"help": "For kind=openai: first retry delay in seconds (doubles each retry)."})
-    timeout_s: float = field(default=60.0, metadata={"help": "For kind=openai: timeout of one request in seconds."})
+    timeout_s: float = field(default=60.0, metadata={"help": "For kind=openai: deadline of one whole request (connect, headers, body) in seconds; a request past it is retried."})
     max_tokens: int = field(default=256, metadata={"help": "For kind=openai: longest judge reply."})
 
     def __post_init__(self):
@@ -71,6 +71,12 @@ class JudgeConfig:
             raise ValueError(f"judge.kind must be gold, openai or none, got {self.kind!r}")
         if self.tolerance < 0:
             raise ValueError(f"judge.tolerance must be >= 0, got {self.tolerance}")
+        if self.concurrency < 1:
+            raise ValueError(f"judge.concurrency must be >= 1 (parallel requests), got {self.concurrency}")
+        if self.retries < 0 or self.max_requests < 0:
+            raise ValueError(f"judge.retries and judge.max_requests must be >= 0, got {self.retries} and {self.max_requests}")
+        if not self.timeout_s > 0 or self.backoff_s < 0:
+            raise ValueError(f"judge.timeout_s must be > 0 and judge.backoff_s >= 0, got {self.timeout_s} and {self.backoff_s}")
 
 
 @dataclass

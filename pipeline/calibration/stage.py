@@ -266,6 +266,20 @@ def score_rm(model, tok, data: dict, cfg: CalibrationConfig, max_length: int | N
     return out
 
 
+def check_finite_rewards(name: str, entry: dict, by_source: dict) -> None:
+    """One clear error naming the RM when any of its rewards is NaN or inf (corrupt weights, a diverged run)."""
+    bad = [(source, split, int((~(np.isfinite(rc) & np.isfinite(rr))).sum()), len(rc))
+           for source, by_split in by_source.items() for split, (rc, rr) in by_split.items()]
+    n_bad, n = sum(b[2] for b in bad), sum(b[3] for b in bad)
+    if n_bad:
+        source, split = next((b[0], b[1]) for b in bad if b[2])
+        raise ValueError(
+            f"calibration: reward model {name!r} at {entry.get('path')} gives a non-finite reward (NaN or inf) for "
+            f"{n_bad} of {n} pairs (first in source {source!r}, {split} split): its weights are corrupt or its "
+            "training diverged. Fix: retrain it (pipeline.run ... --force reward), or leave it out with calibration.rms"
+        )
+
+
 def averaging_rewards(rewards: dict, members: list[str]) -> dict:
     """The Averaging RM: per pair, the mean reward of the member RMs (same sources and splits)."""
     out: dict = {}
@@ -508,6 +522,7 @@ def run(recipe, run_dir: Path) -> list[str]:
         model, tok = load_rm(name, entry, cfg, state.device)
         rewards[name] = score_rm(model, tok, data, cfg, max_length, state)
         del model
+        check_finite_rewards(name, entry, rewards[name])
     singles = [n for n, e in index.items() if e.get("method") == "single"]
     if cfg.averaging and len(singles) >= 2:
         rewards[AVERAGING] = averaging_rewards(rewards, singles)

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from .sources import PreferenceDataError, load_source
+from .sources import FORMATS, PreferenceDataError, load_source
 from .synthetic import DEFAULT_SOURCES, SPLITS, SyntheticConfig, synthetic_split
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,8 @@ class DataConfig:
                     raise ValueError(f"data.sources[{i}]: unknown key(s) {sorted(unknown)}; "
                                      f"valid: {[f.name for f in fields(SourceSpec)]}")
                 s = SourceSpec(**s)
+            if s.format not in FORMATS:
+                raise ValueError(f"data.sources[{i}] ({s.name!r}): unknown format {s.format!r}; use one of {', '.join(FORMATS)}")
             specs.append(s)
         self.sources = specs
         names = [s.name for s in specs]

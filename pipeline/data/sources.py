@@ -36,16 +36,20 @@ Formats and the pairs they form (counts of everything dropped are logged and sto
 * ``summarize``: ``openai/summarize_from_feedback`` comparisons: the prompt is built from
   ``info.subreddit`` (an ``r/`` prefix is tolerated), ``info.title`` and ``info.post`` (or
   ``info.article`` for the CNN/DM rows); ``summaries[choice]`` is chosen. ``info.id`` is not needed.
-  Option ``record_splits`` (e.g. ``["valid1", "valid2"]``) keeps rows whose ``split`` field matches.
+  Option ``record_splits`` (e.g. ``["valid1", "valid2"]``, or one name) keeps rows whose ``split`` field matches.
 * ``shp``: Stanford SHP: ``history``, ``human_ref_A/B``, ``labels`` (1 = A preferred). Option
   ``min_score_ratio`` keeps pairs with ``score_ratio`` at least that.
 * ``oasst1``: OpenAssistant, either export trees (one tree per record, ``{"prompt": {...,"replies":
   [...]}}`` or a bare root message with ``replies``) or the hub's flat message table (``message_id``,
-  ``parent_id``, ...; rebuilt into trees, children in record order). For every prompter message, its
+  ``parent_id``, ...; rebuilt into trees, children in record order; a repeated ``message_id`` keeps its first
+  row (``duplicate_message_ids``), messages on a parent cycle or below one are skipped
+  (``cycle_messages``), as are those whose parent is missing (``orphan_messages``, counted once per
+  subtree)). For every prompter message, its
   assistant replies that have a ``rank`` (0 = best) form ALL i<j pairs, the lower rank chosen (a group of
   n ranked replies gives n(n-1)/2 pairs); the prompt is the whole conversation from the root to that
   prompter message. Deleted and synthetic messages are skipped together with their subtrees; unranked
-  replies are skipped; equal ranks are ties (dropped). Option ``lang`` keeps one language.
+  replies are skipped; equal ranks are ties (dropped); a rank that is not a whole number >= 0 is an
+  error. Option ``lang`` keeps one language.
 * ``jsonl``: our own schema (``prompt``, ``chosen``, ``rejected``; optional ``source``, ``margin``).
 * ``synthetic``: the in-process benchmark of :mod:`pipeline.data.synthetic`; ``path`` is the source name
   (``helpful`` ...), options are :class:`SyntheticConfig` fields, ``split`` one of train/validation/test.
@@ -54,16 +58,20 @@ Every format accepts the option ``source`` (the value of the ``source`` column; 
 name, or the synthetic source name). Counts (records read, pairs kept, and each reason for dropping)
 are logged at INFO level and stored as JSON in ``ds.info.description``; :func:`load_stats` reads them back.
 
-Bad input raises one :class:`PreferenceDataError` naming the source, file, line and field, and the fix.
+Files are UTF-8 (a leading BOM is accepted). Numbers that decide a pair or its label (scores, margins)
+must be finite: NaN or infinity is an error, as is a boolean where a number is expected. Bad input
+(also a truncated .gz file or a non-UTF-8 byte) raises one :class:`PreferenceDataError` naming the
+source, file, line and field, and the fix.
 """
 
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import logging
+import math
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,6 +84,7 @@ MORE_ASSISTANT = "## Assistant:"
 FORMATS = ("hh-rlhf", "oasst1", "webgpt", "summarize", "shp", "more-json", "jsonl", "synthetic")
 DATA_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet")
 STATS_PREFIX = "pipeline.data stats: "
+CONTEXT_MISMATCH = ("drop", "common", "error")
 
 
 class PreferenceDataError(ValueError):
@@ -91,16 +100,29 @@ def _err(source: str, where: str, problem: str, fix: str, field: str | None = No
 # Reading records (in file order), each with a human-readable location "file, line N".
 
 
-def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _read_text(path: Path, source: str) -> str:
+    """The file's text (gunzipped for .gz); a UTF-8 BOM is accepted; a truncated gzip file or a byte that is
+    not UTF-8 is one clear error naming the file (and the line)."""
+    try:
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise _err(source, str(path), f"truncated or corrupt gzip file ({type(e).__name__}: {e})",
+                   "re-download or re-compress the file (gzip -t checks it)") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise _err(source, f"{path}, line {line}", f"byte {data[e.start]:#04x} is not UTF-8 (the file is in another "
+                   "encoding, e.g. Latin-1)", "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _read_json_file(path: Path, source: str) -> Iterator[tuple[dict, str]]:
     """A JSON array, a single JSON object, or JSON lines (decided from the content, not the extension)."""
-    with _open_text(path) as f:
-        text = f.read()
+    text = _read_text(path, source)
     stripped = text.lstrip()
     if not stripped:
         return
@@ -236,10 +258,15 @@ class _Ctx:
             else:
                 raise _err(self.source, where, "missing field", "check that the file has this source's layout "
                            "(or pick the right format)", field=dotted)
-        if types is not None and not isinstance(cur, types):
-            names = types.__name__ if isinstance(types, type) else "/".join(t.__name__ for t in types)
-            raise _err(self.source, where, f"expected {names}, got {type(cur).__name__}",
-                       "check the record", field=dotted)
+        if types is not None:
+            allowed = (types,) if isinstance(types, type) else tuple(types)
+            if not isinstance(cur, allowed) or (isinstance(cur, bool) and bool not in allowed):
+                names = "/".join(t.__name__ for t in allowed)
+                raise _err(self.source, where, f"expected {names}, got {type(cur).__name__} {cur!r}"[:200],
+                           "check the record", field=dotted)
+        if isinstance(cur, float) and not math.isfinite(cur):
+            raise _err(self.source, where, f"the number is {cur} (not finite)",
+                       "give a finite number, or drop the record", field=dotted)
         return cur
 
 
@@ -315,6 +342,10 @@ def _check_options(fmt: str, options: dict, allowed: set):
         raise PreferenceDataError(
             f"[format {fmt!r}] unknown option(s) {sorted(bad)}. Fix: use only {sorted(allowed) or 'no options'}"
         )
+    mismatch = options.get("context_mismatch", "drop")
+    if mismatch not in CONTEXT_MISMATCH:
+        raise PreferenceDataError(f"[format {fmt!r}] option context_mismatch={mismatch!r} is not one of "
+                                  f"{', '.join(CONTEXT_MISMATCH)}. Fix: use one of them")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -382,6 +413,12 @@ def summarize_prompt(subreddit: str | None, title: str | None, post: str) -> str
 
 
 def _fmt_summarize(records, ctx, record_splits=None):
+    if isinstance(record_splits, str):  # one split name, not a sequence of characters
+        record_splits = [record_splits]
+    if record_splits is not None and not (isinstance(record_splits, (list, tuple, set))
+                                          and all(isinstance(x, str) for x in record_splits)):
+        raise PreferenceDataError(f"[source {ctx.source!r}] option record_splits={record_splits!r}: expected a split "
+                                  "name or a list of them. Fix: e.g. record_splits: [valid1, valid2]")
     keep = set(record_splits) if record_splits else None
     for rec, where in records:
         if keep is not None and rec.get("split") not in keep:
@@ -447,7 +484,7 @@ def _oasst_roots(records, ctx) -> Iterator[tuple[dict, str]]:
             yield rec["prompt"], where
         elif "replies" in rec and "text" in rec:
             yield rec, where
-        elif "message_id" in rec and "text" in rec:
+        elif "message_id" in rec:  # a row of the flat table (its text is checked when it is used)
             flat.append((rec, where))
         else:
             raise _err(ctx.source, where, "neither an export tree nor a message row",
@@ -457,20 +494,36 @@ def _oasst_roots(records, ctx) -> Iterator[tuple[dict, str]]:
         return
     nodes = {}
     for rec, where in flat:
+        mid = rec["message_id"]
+        if mid in nodes:  # a repeated id: keep the first row (a later one could make its own parent a loop)
+            ctx.stats["duplicate_message_ids"] += 1
+            continue
         node = dict(rec)
         node["replies"] = []
         node["_where"] = where
-        nodes[rec["message_id"]] = node
-    roots = []
-    for rec, _ in flat:
-        node = nodes[rec["message_id"]]
-        parent = rec.get("parent_id")
+        nodes[mid] = node
+    roots, orphans = [], []
+    for mid, node in nodes.items():
+        parent = node.get("parent_id")
         if parent is None:
             roots.append(node)
         elif parent in nodes:
             nodes[parent]["replies"].append(node)
         else:
             ctx.stats["orphan_messages"] += 1
+            orphans.append(node)
+    # Messages reachable from neither a root nor an orphan lie on a parent cycle (a message that is its own
+    # parent, or A -> B -> A) or below one: they are counted and skipped, never walked.
+    seen: set[int] = set()
+    stack = roots + orphans
+    while stack:
+        node = stack.pop()
+        if id(node) not in seen:
+            seen.add(id(node))
+            stack.extend(node["replies"])
+    in_cycles = sum(1 for node in nodes.values() if id(node) not in seen)
+    if in_cycles:
+        ctx.stats["cycle_messages"] += in_cycles
     for root in roots:
         yield root, root["_where"]
 
@@ -491,25 +544,32 @@ def _fmt_oasst1(records, ctx, lang=None):
             if msg.get("deleted") or msg.get("synthetic") or (lang and msg.get("lang") not in (None, lang)):
                 ctx.stats["skipped_messages"] += 1 + _count_descendants(msg)
                 continue
-            role = ctx.get(msg, "role", msg.get("_where", where), str)
-            text = ctx.get(msg, "text", msg.get("_where", where), str)
+            role = ctx.get(msg, "role", _where(msg, where), str)
+            text = ctx.get(msg, "text", _where(msg, where), str)
             turns = history + [(role, text)]
             replies = msg.get("replies") or []
+            if not isinstance(replies, list) or not all(isinstance(r, dict) for r in replies):
+                raise _err(ctx.source, _where(msg, where), "replies must be a list of messages", "check the record",
+                           field="replies")
             if role == "prompter":
-                ranked = [r for r in replies if r.get("role") == "assistant" and _rank(r) is not None
+                ranks = [_rank(ctx, r, _where(r, where)) for r in replies]
+                ranked = [r for r, k in zip(replies, ranks) if r.get("role") == "assistant" and k is not None
                           and not r.get("deleted") and not r.get("synthetic")
                           and not (lang and r.get("lang") not in (None, lang))]
+                for r in ranked:
+                    ctx.get(r, "text", _where(r, where), str)
                 ctx.stats["unranked_replies"] += sum(
-                    1 for r in replies if r.get("role") == "assistant" and _rank(r) is None)
+                    1 for r, k in zip(replies, ranks) if r.get("role") == "assistant" and k is None)
                 if len(ranked) >= 2:
                     prompt = _render_history(turns)
                     for i in range(len(ranked)):
                         for j in range(i + 1, len(ranked)):
                             a, b = ranked[i], ranked[j]
-                            if _rank(a) == _rank(b):
+                            ka, kb = _rank(ctx, a, where), _rank(ctx, b, where)
+                            if ka == kb:
                                 ctx.stats["ties"] += 1
                                 continue
-                            c, r = (a, b) if _rank(a) < _rank(b) else (b, a)
+                            c, r = (a, b) if ka < kb else (b, a)
                             if c["text"].strip() == r["text"].strip():
                                 ctx.stats["identical"] += 1
                                 continue
@@ -518,12 +578,22 @@ def _fmt_oasst1(records, ctx, lang=None):
                 stack.append((child, turns))
 
 
-def _rank(msg):
+def _where(msg: dict, where: str) -> str:
+    """A message's location: its own row (flat table), else its tree's record and its message_id."""
+    if "_where" in msg:
+        return msg["_where"]
+    return f"{where}, message {msg['message_id']!r}" if "message_id" in msg else where
+
+
+def _rank(ctx: _Ctx, msg: dict, where: str):
     """The sibling rank (0 = best), None when unranked (missing, null, or NaN in the hub's float column)."""
     r = msg.get("rank")
     if r is None or (isinstance(r, float) and r != r):
         return None
-    return r
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r != int(r) or r < 0:
+        raise _err(ctx.source, where, f"rank must be a whole number >= 0 (0 = best) or null, got {r!r}"[:200],
+                   "fix the record (OASST ranks are 0, 1, 2, ...)", field="rank")
+    return int(r)
 
 
 def _count_descendants(msg) -> int:
