@@ -316,15 +316,15 @@ def difference_sentence(a_name: str, b_name: str, what: str, entry: dict, *, low
 def win_lose_sentence(label: str, entry: dict, stats: dict | None) -> str:
     """Win/tie/lose of the first policy, called a win (or a loss) only when the win - lose interval excludes 0."""
     w, t, lo = (entry.get(k) for k in ("win", "tie", "lose"))
-    if None in (w, t, lo) or stats is None:
+    if None in (w, t, lo):
         return f"{label}: no verdicts."
     scale = 100.0 if max(w, t, lo) <= 1.0 else 1.0
     n = entry.get("n")
     head = (f"{label}: win {w * scale:.0f}% / tie {t * scale:.0f}% / lose {lo * scale:.0f}%"
             f"{f' of {n} prompts' if n else ''}")
+    if stats is None or not stats.get("ci95"):
+        return f"{head}; win - lose {(w - lo) * scale:+.1f} points (no interval, so no verdict)."
     d = 100 * stats["diff"]
-    if not stats.get("ci95"):
-        return f"{head}; win - lose {d:+.1f} points (no interval, so no verdict)."
     ci_lo, ci_hi = (100 * v for v in stats["ci95"])
     iv = f"win - lose {d:+.1f} points, 95% CI {ci_lo:+.1f} to {ci_hi:+.1f}"
     if not significant(stats):
