@@ -246,3 +246,27 @@ if __name__ == "__main__":  # the torchrun worker of the distributed test
     (out / f"rank{state.process_index}.json").write_text(
         json.dumps({"world": state.num_processes, "artifacts": artifacts})
     )
+
+
+@pytest.mark.real_data
+def test_rm_eval_recipe_on_the_real_sources(real_data_dir, trained, tmp_path):
+    """The rm-eval recipe: external RMs only, the five real sources' test data, calibration + report, no training."""
+    import pipeline.config as C
+    from pipeline.run import run_pipeline
+
+    ext = "{" + ", ".join(f"{n}: {trained / 'reward' / n}" for n in RMS) + "}"
+    recipe = C.load_recipe("rm-eval", [f"data_root={real_data_dir}", f"calibration.external_rms={ext}",
+                                       "calibration.compare=[multitask vs more]", "calibration.max_pairs_per_split=6",
+                                       "calibration.bootstrap_samples=20", "calibration.dtype=fp32",
+                                       "calibration.progress=false", "calibration.plots=false", "data.max_length=64"])
+    assert recipe.stages == ["calibration", "report"]
+    manifest = run_pipeline(recipe, tmp_path / "run")
+    assert manifest["stages"]["calibration"]["status"] == "done" and not (tmp_path / "run" / "reward").exists()
+    metrics = json.loads((tmp_path / "run" / "calibration" / "metrics.json").read_text())
+    assert list(metrics) == ["more", "multitask"]
+    assert list(metrics["more"])[:5] == ["helpful", "harmless", "oasst1", "webgpt", "summarize"]
+    assert all(metrics["more"][s]["n_pairs"] == 6 for s in ("helpful", "harmless", "oasst1", "webgpt", "summarize"))
+    comps = json.loads((tmp_path / "run" / "calibration" / "comparisons.json").read_text())
+    assert list(comps) == ["multitask vs more"] and "hh_average" in comps["multitask vs more"]
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "MultiTask" in md and "## Calibration" in md

@@ -642,6 +642,12 @@ def run(recipe, run_dir: Path) -> list[str]:
     state = PartialState(cpu=not torch.cuda.is_available())
     # Trained RMs come from DIR/reward/index.json; a run that only evaluates external RMs needs none.
     trained_needed = cfg.rms is not None or not cfg.external_rms
+    if trained_needed and not (run_dir / "reward" / "index.json").is_file():
+        raise FileNotFoundError(
+            f"calibration: {run_dir / 'reward' / 'index.json'} not found; run the reward stage first "
+            "(python -m pipeline.reward), or name reward models trained elsewhere in calibration.external_rms "
+            "(see the rm-eval recipe)"
+        )
     index = read_index(run_dir, cfg.rms) if trained_needed or (run_dir / "reward" / "index.json").is_file() else {}
     external = external_entries(cfg, list(index))
     singles = [n for n, e in index.items() if e.get("method") == "single"]
