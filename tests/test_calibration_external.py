@@ -190,7 +190,7 @@ def test_done_two_trained_rms_evaluated_by_one_command(tmp_path):
     pipeline(trained, "reward,calibration,report")
     ext = "{" + ", ".join(f"{n}: {trained / 'reward' / n}" for n in RMS) + "}"
     pipeline(fresh, "calibration,report", f"calibration.external_rms={ext}")
-    assert sorted(p.name for p in fresh.iterdir()) == ["calibration", "manifest.json", "recipe.yaml", "report.json",
+    assert sorted(p.name for p in fresh.iterdir() if not p.name.startswith(".")) == ["calibration", "manifest.json", "recipe.yaml", "report.json",
                                                         "report.md"]
     for f in ("metrics.json", "comparisons.json", "temperatures.json"):
         assert_same_numbers(json.loads((trained / "calibration" / f).read_text()),
