@@ -1,6 +1,8 @@
 """The calibration stage: score every trained RM on every source, measure accuracy and calibration.
 
-Reads `DIR/reward/index.json`, builds each source's validation and test splits with
+Reads `DIR/reward/index.json` (the RMs trained in this run) and `calibration.external_rms` (RMs trained
+elsewhere: a save_pretrained directory, a hub id or a SEQ_CLS PEFT adapter; with only those, no reward
+stage is needed), builds each source's validation and test splits with
 `pipeline.data.build_splits(recipe.data)` and scores every RM on them (batched, sorted by length, no
 gradients, bf16 autocast where supported, left truncation to the data's `max_length` as in training).
 Then, per RM:
@@ -16,8 +18,13 @@ With single-source RMs (`method: single`, named `single-<source>`) it also runs 
 analysis: the cross matrix (trained on i, tested on j) of accuracy and ECE, and the "Averaging" RM
 (mean reward of the single-source RMs), scored like any other RM under the name `averaging`.
 
+Paired comparisons (`calibration.compare`, "<a> vs <b>"): the difference a - b of every headline metric per
+source and for the averages, with a 95% paired bootstrap interval and p-value (`compare.paired_bootstrap`),
+in comparisons.json and comparisons.md.
+
 Outputs in DIR/calibration/ (written by the main process only, the folder replaced atomically):
-metrics.json, table.md, temperatures.json, scores.npz (every reward), diversity.json, and PNGs
+metrics.json, table.md, temperatures.json, scores.npz (every reward), diversity.json, comparisons.json,
+comparisons.md, config.json (settings, RMs, external paths), and PNGs
 (reliability diagrams before/after scaling, reward-difference histograms, MORE weight trajectories,
 diversity heatmaps).
 """
@@ -628,7 +635,8 @@ def _max_length(recipe, cfg: CalibrationConfig) -> int | None:
 
 
 def run(recipe, run_dir: Path) -> list[str]:
-    """Evaluate every RM of DIR/reward/index.json; returns the artifact paths relative to run_dir."""
+    """Evaluate every RM of DIR/reward/index.json and calibration.external_rms; returns the artifact paths
+    relative to run_dir. Every external RM is scored by the same `score_rm` as the trained ones."""
     import torch
     from accelerate import PartialState
 
