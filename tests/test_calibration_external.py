@@ -166,6 +166,8 @@ def test_unsupported_models_and_bad_names_fail_clearly(tmp_path, tiny_tok, train
         run(_recipe(external_rms={"more": str(trained / "reward" / "more")}, compare=["more vs nope"]), out)
     with pytest.raises(ValueError, match="is not a comparison"):
         _recipe(compare=["more versus multitask"])
+    with pytest.raises(ValueError, match=r"RM names \['my rm'\] may only hold"):
+        _recipe(external_rms={"my rm": str(tmp_path)})
     assert not (out / "calibration").exists()
 
 

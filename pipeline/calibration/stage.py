@@ -143,6 +143,10 @@ class CalibrationConfig:
                     "calibration.external_rms must map RM names to paths or hub ids, e.g. "
                     f"{{my-rm: /path/to/rm, hub-rm: owner/name}}; got {self.external_rms!r}"
                 )
+            bad = [k for k in self.external_rms if not re.fullmatch(r"[\w.+-]+", k)]
+            if bad:
+                raise ValueError(f"calibration.external_rms: RM names {bad} may only hold letters, digits and . _ + - "
+                                 "(they are used in file names and in 'a vs b' comparisons)")
             self.external_rms = dict(self.external_rms)
         if self.compare is not None:
             from pipeline.calibration.compare import parse_comparison
