@@ -1,4 +1,4 @@
-"""Paired bootstrap comparisons (pipeline.calibration.compare) against a brute-force reference, and the sentence rules."""
+"""Paired bootstrap comparisons (pipeline.calibration.compare) against a brute-force reference; the sentence rules."""
 
 from __future__ import annotations
 
@@ -150,7 +150,8 @@ def _entry(a, b, lo, hi, p=0.5):
 
 
 def test_sentence_calls_a_difference_only_when_the_interval_excludes_zero():
-    s = C.difference_sentence("MORE", "MultiTask", "ECE (M=10), all sources", _entry(0.030, 0.048, -0.026, -0.010, 0.002))
+    entry = _entry(0.030, 0.048, -0.026, -0.010, 0.002)
+    s = C.difference_sentence("MORE", "MultiTask", "ECE (M=10), all sources", entry)
     assert s == ("ECE (M=10), all sources: MORE's is lower than MultiTask's by 0.0180 (95% CI 0.0100 to 0.0260; "
                  "p = 0.002): MORE is better here.")
     s = C.difference_sentence("MORE", "MultiTask", "ECE (M=10), all sources", _entry(0.0512, 0.0506, -0.011, 0.012))

@@ -122,8 +122,8 @@ def test_peft_adapter_is_loaded_on_its_base(tmp_path, tiny_tok, one_thread):
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
     model.merge_and_unload().save_pretrained(merged_dir)
     tiny_tok.save_pretrained(merged_dir)
-    recipe = _recipe(external_rms={"adapter": str(adapter_dir), "merged": str(merged_dir)}, compare=["adapter vs merged"],
-                     bootstrap_samples=5)
+    recipe = _recipe(external_rms={"adapter": str(adapter_dir), "merged": str(merged_dir)},
+                     compare=["adapter vs merged"], bootstrap_samples=5)
     run(recipe, tmp_path / "run")
     scores = np.load(tmp_path / "run" / "calibration" / "scores.npz")
     for key in scores.files:
@@ -139,15 +139,16 @@ def test_unsupported_models_and_bad_names_fail_clearly(tmp_path, tiny_tok, train
 
     small = dict(vocab_size=len(tiny_tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                  intermediate_size=32, pad_token_id=tiny_tok.pad_token_id)
-    AutoModelForSequenceClassification.from_config(GPTNeoXConfig(**small, num_labels=3)).save_pretrained(tmp_path / "3way")
+    three_way = AutoModelForSequenceClassification.from_config(GPTNeoXConfig(**small, num_labels=3))
+    three_way.save_pretrained(tmp_path / "3way")
     GPTNeoXForCausalLM(GPTNeoXConfig(**small)).save_pretrained(tmp_path / "lm")
     (tmp_path / "lora-lm").mkdir()
     (tmp_path / "lora-lm" / "adapter_config.json").write_text(json.dumps({"task_type": "CAUSAL_LM",
                                                                           "base_model_name_or_path": "x"}))
     out = tmp_path / "run"
     cases = [
-        ("3way", r"external reward model 'x' \(.*3way\): its head has num_labels=3 outputs, not a single scalar reward. "
-                 r"Supported: a scalar-head sequence classifier"),
+        ("3way", r"external reward model 'x' \(.*3way\): its head has num_labels=3 outputs, not a single scalar "
+                 r"reward. Supported: a scalar-head sequence classifier"),
         ("lm", r"it is a GPTNeoXForCausalLM checkpoint, not a sequence classifier .* Supported:"),
         ("lora-lm", r"PEFT adapter with task_type 'CAUSAL_LM', not SEQ_CLS .* Supported:"),
     ]
@@ -192,8 +193,8 @@ def test_done_two_trained_rms_evaluated_by_one_command(tmp_path):
     pipeline(trained, "reward,calibration,report")
     ext = "{" + ", ".join(f"{n}: {trained / 'reward' / n}" for n in RMS) + "}"
     pipeline(fresh, "calibration,report", f"calibration.external_rms={ext}")
-    assert sorted(p.name for p in fresh.iterdir() if not p.name.startswith(".")) == ["calibration", "manifest.json", "recipe.yaml", "report.json",
-                                                        "report.md"]
+    written = sorted(p.name for p in fresh.iterdir() if not p.name.startswith("."))  # .lock is the run lock
+    assert written == ["calibration", "manifest.json", "recipe.yaml", "report.json", "report.md"]
     for f in ("metrics.json", "comparisons.json", "temperatures.json"):
         assert_same_numbers(json.loads((trained / "calibration" / f).read_text()),
                             json.loads((fresh / "calibration" / f).read_text()))

@@ -80,7 +80,10 @@ def resolve_comparisons(compare: Sequence[str] | None, rms: Sequence[str]) -> di
 
 
 def metric_keys(headline_bins: int, temperature_scaling: bool, truth: bool = False, gold: bool = False) -> list[str]:
-    """The compared metrics, as paths into metrics.json ('temperature_scaled/ece_10' = entry['temperature_scaled']['ece_10'])."""
+    """The compared metrics, as paths into metrics.json.
+
+    'temperature_scaled/ece_10' stands for entry['temperature_scaled']['ece_10'].
+    """
     ece = f"ece_{headline_bins}"
     keys = [ece, "accuracy", "brier", "nll"]
     if temperature_scaling:  # accuracy does not change under a temperature T > 0
@@ -225,8 +228,10 @@ def paired_bootstrap(
                              f"{len(b[s][0])} for the other; a paired comparison needs the same test pairs")
         kw = dict(n_bins=headline_bins, strategy=strategy,
                   true_prob=(true_prob or {}).get(s), gold_prob=(gold_prob or {}).get(s))
-        ta = [pair_terms(*a[s], **kw)] + ([pair_terms(*a[s], temperature=temperatures[0], **kw)] if temperatures else [])
-        tb = [pair_terms(*b[s], **kw)] + ([pair_terms(*b[s], temperature=temperatures[1], **kw)] if temperatures else [])
+        ta, tb = [pair_terms(*a[s], **kw)], [pair_terms(*b[s], **kw)]
+        if temperatures:
+            ta.append(pair_terms(*a[s], temperature=temperatures[0], **kw))
+            tb.append(pair_terms(*b[s], temperature=temperatures[1], **kw))
         n = ta[0]["n"]
         ones = np.ones((1, n))
         va, vb = _rm_values(ta, ones, None, headline_bins), _rm_values(tb, ones, None, headline_bins)

@@ -92,9 +92,10 @@ class CalibrationConfig:
     external_rms: dict[str, str] | None = field(
         default=None,
         metadata={"help": "Reward models NOT trained in this run, evaluated like the trained ones: name -> a local "
-                  "save_pretrained directory, a hub id, or a PEFT adapter directory (its base model is read from "
-                  "adapter_config.json). Any scalar-head (num_labels=1) AutoModelForSequenceClassification. A run "
-                  "with only external_rms needs no reward stage."},
+                  "save_pretrained directory (a relative path is taken from the current directory), a hub id, or "
+                  "a PEFT adapter directory (its base model is read from adapter_config.json). Any scalar-head "
+                  "(num_labels=1) AutoModelForSequenceClassification. A run with only external_rms needs no reward "
+                  "stage."},
     )
     compare: list[str] | None = field(
         default=None,
@@ -244,10 +245,8 @@ def external_entries(cfg: CalibrationConfig, taken: list[str]) -> dict:
     out = {}
     for name, spec in (cfg.external_rms or {}).items():
         if name in taken or name == AVERAGING:
-            raise ValueError(
-                f"calibration.external_rms: the name {name!r} is already used by "
-                f"{'the Averaging RM' if name == AVERAGING else 'a reward model trained in this run'}; pick another name"
-            )
+            used_by = "the Averaging RM" if name == AVERAGING else "a reward model trained in this run"
+            raise ValueError(f"calibration.external_rms: the name {name!r} is already used by {used_by}; pick another")
         local = Path(spec).expanduser()
         if local.exists():
             if not local.is_dir():
@@ -255,15 +254,15 @@ def external_entries(cfg: CalibrationConfig, taken: list[str]) -> dict:
                     f"calibration.external_rms.{name}: {spec} is a file; give the directory save_pretrained wrote "
                     "(config.json + weights + tokenizer), a PEFT adapter directory or a hub id"
                 )
-            path, where = str(local.resolve()), "local"
+            path = str(local.resolve())
         elif _HUB_ID.match(spec):
-            path, where = spec, "hub"
+            path = spec
         else:
             raise FileNotFoundError(
                 f"calibration.external_rms.{name}: {spec} is neither an existing directory nor a hub id (owner/name); "
                 "fix the path"
             )
-        out[name] = {"path": path, "method": "external", "sources": [], "external": True, "where": where}
+        out[name] = {"path": path, "method": "external", "sources": [], "external": True}
     return out
 
 
