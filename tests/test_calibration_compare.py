@@ -167,6 +167,8 @@ def test_sentence_calls_a_difference_only_when_the_interval_excludes_zero():
     assert "MORE's is higher than MultiTask's" in s and s.endswith("MultiTask is better here.")
     # an interval touching 0 is not significant; no interval gives no verdict
     assert "no significant difference" in C.difference_sentence("a", "b", "x", _entry(0.1, 0.0, 0.0, 0.2))
+    assert "(95% CI 0.0500 to 0.1500; p < 0.001): a is better" in C.difference_sentence(
+        "a", "b", "x", _entry(0.0, 0.1, -0.15, -0.05, 0.0))
     s = C.difference_sentence("a", "b", "x", {"a": 0.1, "b": 0.0, "diff": 0.1, "ci95": None, "p_value": None})
     assert "no verdict" in s and "better" not in s
 

@@ -306,7 +306,7 @@ def difference_sentence(a_name: str, b_name: str, what: str, entry: dict, *, low
                 "bootstrap interval was computed, so no verdict).")
     lo, hi = ci[0] * scale, ci[1] * scale
     p = entry.get("p_value")
-    p_txt = f"; p = {p:.3f}" if p is not None else ""
+    p_txt = "" if p is None else ("; p < 0.001" if p < 0.001 else f"; p = {p:.3f}")
     if not significant(entry):
         return (f"{what}: no significant difference between {a_name} and {b_name} (difference "
                 f"{_num(d, digits, True)}{unit}, 95% CI {_num(lo, digits, True)} to {_num(hi, digits, True)}{p_txt}).")
