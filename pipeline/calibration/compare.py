@@ -25,7 +25,6 @@ exactly when p < 0.05. A difference is reported as real ("lower by ...") only wh
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 
@@ -364,6 +363,3 @@ def render_comparisons(comparisons: dict, n_samples: int) -> str:
         lines.append("")
     return "\n".join(lines)
 
-
-def is_finite_number(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
