@@ -11,10 +11,12 @@ reward stage still gets a report saying what is missing):
   DIR/calibration/table.md     included as is, and DIR/calibration/*.png linked
 * DIR/align/judgements.json    win/tie/lose of the aligned policies, DIR/align/table.md included
 
-The comparison sentences ("MultiTask is better calibrated than MORE here ...") are computed from the
-numbers, never written in advance: the report says what was measured. The paper's numbers (Zeng et al.,
-"On Diversified Preferences of Large Language Model Alignment", arXiv 2312.07401, Tables 1 and 2) are
-constants below, for comparison only. Written atomically (DIR/report.md and DIR/report.json) by the main
+The comparison sentences are computed from DIR/calibration/comparisons.json, never written in advance: a
+difference is called real ("MORE's ECE ... is lower than MultiTask's by 0.018 (95% CI ...)") only when its
+paired 95% bootstrap interval excludes 0, else "no significant difference ..."; the same rule applies to
+alignment win rates (the interval of win - lose). Without intervals the numbers are shown with no verdict.
+The paper's numbers (Zeng et al., "On Diversified Preferences of Large Language Model Alignment", arXiv
+2312.07401, Tables 1 and 2) are constants below, for comparison only. Written atomically (DIR/report.md and DIR/report.json) by the main
 process.
 """
 
@@ -89,30 +91,37 @@ def paper_rows(cfg: ReportConfig, model_name_or_path: str | None) -> list[str]:
 
 def compare_sentence(what: str, more: float | None, base: float | None, *, lower_is_better: bool,
                      base_name: str = "MultiTask", unit: str = "") -> str:
-    """One sentence saying which RM did better on one metric, computed from the numbers."""
+    """The two values side by side WITHOUT a verdict: used only when no paired interval exists
+    (calibration/comparisons.json missing), since a difference without an interval may be noise."""
     if more is None or base is None or not (math.isfinite(more) and math.isfinite(base)):
         return f"{what}: not available for both MORE and {base_name}."
     fmt = (lambda v: f"{v:.2f}{unit}") if unit else (lambda v: f"{v:.4f}")
     if more == base:
         return f"{what}: MORE and {base_name} are equal ({fmt(more)})."
-    more_better = (more < base) if lower_is_better else (more > base)
-    winner, loser = ("MORE", base_name) if more_better else (base_name, "MORE")
-    diff = abs(more - base)
-    rel = f", {100 * diff / abs(base):.0f}% relative" if base else ""
-    return (f"{what}: {winner} is better than {loser} here (MORE {fmt(more)} vs {base_name} {fmt(base)}; "
-            f"difference {fmt(diff)}{rel}).")
+    sign = "+" if more > base else "-"
+    return (f"{what}: MORE {fmt(more)} vs {base_name} {fmt(base)} (difference {sign}{fmt(abs(more - base))}; "
+            f"{'lower' if lower_is_better else 'higher'} is better, but no paired interval was computed, so this is "
+            "no verdict).")
 
 
-def win_tie_lose_sentence(label: str, entry: dict) -> str:
-    """'rjs, helpful prompts: MORE wins 40%, ties 20%, loses 40% of 200 prompts (...)'."""
-    w, t, l = (entry.get(k) for k in ("win", "tie", "lose"))
-    if None in (w, t, l):
-        return f"{label}: no verdicts."
-    scale = 100.0 if max(w, t, l) <= 1.0 else 1.0
-    n = entry.get("n")
-    verdict = "wins more often than it loses" if w > l else ("loses more often than it wins" if w < l else "wins as often as it loses")
-    return (f"{label}: win {w * scale:.0f}% / tie {t * scale:.0f}% / lose {l * scale:.0f}%"
-            f"{f' of {n} prompts' if n else ''}; the first policy {verdict}.")
+def win_tie_lose_sentence(label: str, entry: dict, *, n_samples: int = 2000, seed: int = 0) -> str:
+    """'rjs, helpful prompts: win 40% / tie 20% / lose 40% of 200 prompts; ...': a win (or loss) only when
+    the bootstrap 95% interval of win - lose excludes 0 (see compare.win_lose_sentence)."""
+    from pipeline.calibration.compare import bootstrap_win_lose, win_lose_sentence
+
+    return win_lose_sentence(label, entry, bootstrap_win_lose(_counts(entry), n_samples=n_samples, seed=seed))
+
+
+def _counts(entry: dict) -> dict:
+    """Win/tie/lose counts of a judgements.json entry: its `counts`, else fractions (or %) times `n` (0 without n)."""
+    if isinstance(entry.get("counts"), dict):
+        return entry["counts"]
+    vals = [entry.get(k) for k in ("win", "tie", "lose")]
+    n = entry.get("n") or 0
+    if None in vals:
+        return {}
+    scale = 1.0 if max(vals) <= 1.0 else 0.01
+    return {k: int(round(v * scale * n)) for k, v in zip(("win", "tie", "lose"), vals)}
 
 
 def _get(d: dict | None, *keys):
@@ -203,6 +212,10 @@ def _in_pipeline_order(stages: dict) -> list[tuple[str, dict]]:
 def _reward_section(run_dir: Path) -> list[str]:
     index = _read_json(run_dir / "reward" / "index.json")
     lines = ["## Reward models", ""]
+    external = (_read_json(run_dir / "calibration" / "config.json") or {}).get("external") or {}
+    if external:
+        lines += ["Evaluated, not trained here (`calibration.external_rms`): "
+                  + ", ".join(f"{n} (`{p}`)" for n, p in external.items()) + ".", ""]
     if not index:
         return lines + ["The reward stage has not run in this directory (no reward/index.json).", ""]
     lines += ["| RM | method | sources | training pairs |", "|---|---|---|---|"]
@@ -230,7 +243,37 @@ def calibration_summary(metrics: dict, headline_bins: int, baseline: str = "mult
     return out
 
 
+RM_LABELS = {"more": "MORE", "multitask": "MultiTask", "uniform": "Uniform", "averaging": "Averaging"}
+
+
+def comparison_sentences(comparisons: dict, headline_bins: int) -> list[str]:
+    """Sentences from calibration/comparisons.json: a difference is called real only when its paired 95%
+    bootstrap interval excludes 0 (compare.difference_sentence)."""
+    from pipeline.calibration.compare import difference_sentence, parse_comparison
+
+    ece = f"ece_{headline_bins}"
+    rows = [(ece, f"ECE (M={headline_bins})", True, 1.0, 4, ""),
+            ("accuracy", "Accuracy", False, 100.0, 2, " points"),
+            (f"temperature_scaled/{ece}", f"ECE (M={headline_bins}) after temperature scaling", True, 1.0, 4, ""),
+            ("truth/prob_mae", "Error against the true preference probabilities (mean |p_RM - p_true|)", True, 1.0, 4,
+             ""),
+            ("truth_gold/prob_mae", "Error against the shared gold preference (mean |p_RM - p_gold|)", True, 1.0, 4,
+             "")]
+    out = []
+    for label, groups in comparisons.items():
+        a, b = (RM_LABELS.get(n, n) for n in parse_comparison(label))
+        for group, scope in (("all_average", "all sources"), ("hh_average", "Helpful & Harmless")):
+            for key, what, lower, scale, digits, unit in rows:
+                entry = _get(groups, group, key)
+                if entry is None or (key.startswith("truth") and group != "all_average"):
+                    continue
+                out.append(difference_sentence(a, b, f"{what}, {scope}", entry, lower_is_better=lower, scale=scale,
+                                               digits=digits, unit=unit))
+    return out
+
+
 def calibration_sentences(summary: dict) -> list[str]:
+    """MORE vs the baseline, side by side without verdicts: the fallback when comparisons.json is missing."""
     rms, base = summary["rms"], summary["baseline"]
     if "more" not in rms or base not in rms:
         return [f"(MORE and {base} were not both evaluated, so there is no head-to-head comparison.)"]
@@ -265,8 +308,16 @@ def _calibration_section(run_dir: Path, cfg: ReportConfig, headline_bins: int) -
     if not metrics:
         return lines + ["The calibration stage has not run in this directory (no calibration/metrics.json).", ""], None
     summary = calibration_summary(metrics, headline_bins, cfg.baseline)
-    lines += ["What this run measured (lower ECE and error are better, higher accuracy is better):", ""]
-    lines += [f"- {s}" for s in calibration_sentences(summary)]
+    comparisons = _read_json(cal / "comparisons.json")
+    if comparisons:
+        summary["sentences"] = comparison_sentences(comparisons, headline_bins)
+        lines += ["What this run measured, as paired differences with 95% bootstrap intervals over the same test "
+                  "pairs (a difference counts only when its interval excludes 0; lower ECE and error and higher "
+                  "accuracy are better):", ""]
+    else:
+        summary["sentences"] = calibration_sentences(summary)
+        lines += ["What this run measured (no paired comparisons were computed, so no differences are judged):", ""]
+    lines += [f"- {s}" for s in summary["sentences"]]
     lines.append("")
     others = [rm for rm in metrics if rm not in ("more", cfg.baseline)]
     if others:
@@ -275,9 +326,9 @@ def _calibration_section(run_dir: Path, cfg: ReportConfig, headline_bins: int) -
             f"{rm} acc {100 * _get(metrics, rm, 'all_average', 'accuracy'):.2f}% / ECE "
             f"{_get(metrics, rm, 'all_average', ece):.4f}"
             for rm in others if _get(metrics, rm, "all_average", ece) is not None) + ".", ""]
-    table = cal / "table.md"
-    if table.exists():
-        lines += [_demote(table.read_text(encoding="utf-8")), ""]
+    for name in ("table.md", "comparisons.md"):
+        if (cal / name).exists():
+            lines += [_demote((cal / name).read_text(encoding="utf-8")), ""]
     pngs = sorted(cal.glob("*.png"))
     if pngs:
         lines += ["### Plots", ""]
@@ -391,7 +442,7 @@ def render_report(recipe, run_dir: Path) -> tuple[str, dict]:
                   "Rerun exactly: `python -m pipeline.run --recipe <run dir>/recipe.yaml`.", "",
                   "```yaml", recipe_yaml(recipe).rstrip(), "```", ""]
     data = {"calibration": summary, "rjs_more_vs_baseline": _rjs_more_vs_base(judgements, cfg.baseline),
-            "sentences": calibration_sentences(summary) if summary else []}
+            "sentences": summary.get("sentences", []) if summary else []}
     return "\n".join(lines), data
 
 

@@ -12,23 +12,27 @@ from pipeline.report import ReportConfig, compare_sentence, paper_rows, win_tie_
 from tests.test_run import fakes  # noqa: F401 - fixture
 
 
-def test_compare_sentence_follows_the_numbers():
+def test_compare_sentence_without_an_interval_gives_no_verdict():
     s = compare_sentence("ECE", 0.03, 0.05, lower_is_better=True)
-    assert s.startswith("ECE: MORE is better than MultiTask") and "0.0200" in s and "40% relative" in s
-    s = compare_sentence("ECE", 0.07, 0.05, lower_is_better=True)
-    assert s.startswith("ECE: MultiTask is better than MORE")
+    assert s.startswith("ECE: MORE 0.0300 vs MultiTask 0.0500 (difference -0.0200;") and "no verdict" in s
     s = compare_sentence("Accuracy", 61.0, 60.0, lower_is_better=False, unit="%")
-    assert "MORE is better" in s and "61.00%" in s
+    assert "difference +1.00%" in s and "higher is better" in s
+    for more, base in ((0.03, 0.05), (0.07, 0.05)):
+        assert "is better than" not in compare_sentence("ECE", more, base, lower_is_better=True)
     assert "equal" in compare_sentence("x", 0.5, 0.5, lower_is_better=True)
     assert "not available" in compare_sentence("x", None, 0.5, lower_is_better=True)
     assert "not available" in compare_sentence("x", float("nan"), 0.5, lower_is_better=True)
 
 
-def test_win_tie_lose_sentence_handles_fractions_and_percentages():
+def test_win_tie_lose_sentence_needs_an_interval_that_excludes_zero():
+    # 40% vs 35% of 200 prompts: win - lose +5 points, but its 95% interval spans 0 -> not a win
     s = win_tie_lose_sentence("rjs", {"win": 0.4, "tie": 0.25, "lose": 0.35, "n": 200})
-    assert "win 40% / tie 25% / lose 35% of 200 prompts" in s and "wins more often" in s
-    s = win_tie_lose_sentence("rjs", {"win": 30, "tie": 20, "lose": 50})
+    assert "win 40% / tie 25% / lose 35% of 200 prompts; no significant difference" in s and "wins more" not in s
+    s = win_tie_lose_sentence("rjs", {"win": 0.6, "tie": 0.1, "lose": 0.3, "n": 200})
+    assert "the first policy wins more often than it loses (win - lose +30.0 points, 95% CI +" in s
+    s = win_tie_lose_sentence("rjs", {"win": 30, "tie": 20, "lose": 50, "counts": {"win": 60, "tie": 40, "lose": 100}})
     assert "win 30%" in s and "loses more often" in s
+    assert "no interval, so no verdict" in win_tie_lose_sentence("rjs", {"win": 0.6, "tie": 0.1, "lose": 0.3})
 
 
 def test_paper_rows_pick_the_matching_base():
@@ -94,15 +98,14 @@ def test_report_with_every_part(fakes, tmp_path, monkeypatch):  # noqa: F811
     arts = report.run(recipe, d)
     assert arts == ["report.md", "report.json"]
     md = (d / "report.md").read_text()
-    # the sentence follows the measurement: here MultiTask is better calibrated than MORE
-    assert "ECE (M=10), all sources: MultiTask is better than MORE here (MORE 0.0700 vs MultiTask 0.0500" in md
-    assert "Accuracy, all sources: MultiTask is better than MORE here" in md
-    assert "Error against the true preference probabilities (mean |p_RM - p_true|): MORE is better" in md
+    # without comparisons.json there is no interval, hence no verdict
+    assert "ECE (M=10), all sources: MORE 0.0700 vs MultiTask 0.0500 (difference +0.0200;" in md
+    assert "better than" not in md and "is better here" not in md
     assert "single-helpful acc 55.00% / ECE 0.0900" in md
     assert "### Table X" in md and "# Reward-model calibration" not in md  # nested, demoted
     assert "![reliability](calibration/reliability.png)" in md
     assert "rjs: more vs multitask, helpful prompts: win 50% / tie 20% / lose 30% of 10 prompts" in md
-    assert "the first policy wins more often than it loses" in md
+    assert "no significant difference between the two policies (win - lose +20.0 points, 95% CI" in md
     assert "| more | more | a, b | 123 |" in md
     assert "| paper, pythia-1.4b | 62.38 | 0.0541 | 63.34 | 0.0364 | 0.0177 -> 0.0109 | 44/22/34 |" in md
     assert "| **this run** | 61.00 | 0.0500 | 60.00 | 0.0700 | 0.0600 -> 0.0800 | 40/20/40 |" in md
@@ -123,12 +126,24 @@ def test_report_with_every_part(fakes, tmp_path, monkeypatch):  # noqa: F811
     assert "rjs: more vs multitask, all prompts: win 45%" in md and "helpful prompts: win 50%" not in md
     assert not list(d.glob("*.tmp")) and not list(d.glob(".*.tmp"))
 
-    # and the other way round
-    (d / "calibration" / "metrics.json").write_text(json.dumps(_metrics(0.03, 0.05, 0.62, 0.61)))
+    # with paired comparisons: a verdict only where the 95% interval excludes 0
+    def e(a, b, lo, hi):
+        return {"a": a, "b": b, "diff": a - b, "ci95": [lo, hi], "p_value": 0.01 if lo > 0 or hi < 0 else 0.4}
+
+    comps = {"more vs multitask": {
+        "all_average": {"ece_10": e(0.03, 0.05, -0.03, -0.01), "accuracy": e(0.62, 0.61, -0.01, 0.03)},
+        "hh_average": {"ece_10": e(0.04, 0.041, -0.02, 0.02)}}}
+    (d / "calibration" / "comparisons.json").write_text(json.dumps(comps))
+    (d / "calibration" / "comparisons.md").write_text("# Paired comparisons\n\n## more vs multitask\n")
     report.run(recipe, d)
     md = (d / "report.md").read_text()
-    assert "ECE (M=10), all sources: MORE is better than MultiTask here (MORE 0.0300 vs MultiTask 0.0500" in md
-    assert "Accuracy, all sources: MORE is better than MultiTask here" in md
+    assert ("ECE (M=10), all sources: MORE's is lower than MultiTask's by 0.0200 (95% CI 0.0100 to 0.0300; "
+            "p = 0.010): MORE is better here.") in md
+    assert ("Accuracy, all sources: no significant difference between MORE and MultiTask (difference +1.00 points, "
+            "95% CI -1.00 to +3.00; p = 0.400).") in md
+    assert "ECE (M=10), Helpful & Harmless: no significant difference between MORE and MultiTask" in md
+    assert md.count("better here") == 1 and "### more vs multitask" in md
+    assert json.loads((d / "report.json").read_text())["sentences"][0].startswith("ECE (M=10), all sources: MORE's")
 
 
 def test_report_degrades_when_stages_did_not_run(fakes, tmp_path, monkeypatch):  # noqa: F811

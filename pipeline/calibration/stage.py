@@ -1,6 +1,8 @@
 """The calibration stage: score every trained RM on every source, measure accuracy and calibration.
 
-Reads `DIR/reward/index.json`, builds each source's validation and test splits with
+Reads `DIR/reward/index.json` (the RMs trained in this run) and `calibration.external_rms` (RMs trained
+elsewhere: a save_pretrained directory, a hub id or a SEQ_CLS PEFT adapter; with only those, no reward
+stage is needed), builds each source's validation and test splits with
 `pipeline.data.build_splits(recipe.data)` and scores every RM on them (batched, sorted by length, no
 gradients, bf16 autocast where supported, left truncation to the data's `max_length` as in training).
 Then, per RM:
@@ -16,8 +18,13 @@ With single-source RMs (`method: single`, named `single-<source>`) it also runs 
 analysis: the cross matrix (trained on i, tested on j) of accuracy and ECE, and the "Averaging" RM
 (mean reward of the single-source RMs), scored like any other RM under the name `averaging`.
 
+Paired comparisons (`calibration.compare`, "<a> vs <b>"): the difference a - b of every headline metric per
+source and for the averages, with a 95% paired bootstrap interval and p-value (`compare.paired_bootstrap`),
+in comparisons.json and comparisons.md.
+
 Outputs in DIR/calibration/ (written by the main process only, the folder replaced atomically):
-metrics.json, table.md, temperatures.json, scores.npz (every reward), diversity.json, and PNGs
+metrics.json, table.md, temperatures.json, scores.npz (every reward), diversity.json, comparisons.json,
+comparisons.md, config.json (settings, RMs, external paths), and PNGs
 (reliability diagrams before/after scaling, reward-difference histograms, MORE weight trajectories,
 diversity heatmaps).
 """
@@ -26,12 +33,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.calibration import metrics as M
+from pipeline.calibration.compare import metric_keys, paired_bootstrap, render_comparisons, resolve_comparisons
 from pipeline.calibration.temperature import fit_temperature
 
 HH_NAMES = ("helpful", "harmless")
@@ -80,6 +89,20 @@ class CalibrationConfig:
     rms: list[str] | None = field(
         default=None, metadata={"help": "RM names from DIR/reward/index.json to evaluate; null = all."}
     )
+    external_rms: dict[str, str] | None = field(
+        default=None,
+        metadata={"help": "Reward models NOT trained in this run, evaluated like the trained ones: name -> a local "
+                  "save_pretrained directory (a relative path is taken from the current directory), a hub id, or "
+                  "a PEFT adapter directory (its base model is read from adapter_config.json). Any scalar-head "
+                  "(num_labels=1) AutoModelForSequenceClassification. A run with only external_rms needs no reward "
+                  "stage."},
+    )
+    compare: list[str] | None = field(
+        default=None,
+        metadata={"help": "Paired comparisons '<a> vs <b>' (RM names) with 95% paired bootstrap intervals, written "
+                  "to comparisons.json; null = 'more vs multitask' when both exist, plus each of them vs 'uniform' "
+                  "when it exists; [] = none."},
+    )
     averaging: bool = field(
         default=True, metadata={"help": "Score the Averaging RM (mean reward of the single-source RMs) when >= 2 exist."}
     )
@@ -113,6 +136,25 @@ class CalibrationConfig:
             raise ValueError(f"calibration.bits must be 4, 8 or null, got {self.bits!r}")
         if self.batch_size < 1 or self.bootstrap_samples < 0:
             raise ValueError("calibration.batch_size must be >= 1 and calibration.bootstrap_samples >= 0")
+        if self.external_rms is not None:
+            if not isinstance(self.external_rms, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and k and v for k, v in self.external_rms.items()
+            ):
+                raise ValueError(
+                    "calibration.external_rms must map RM names to paths or hub ids, e.g. "
+                    f"{{my-rm: /path/to/rm, hub-rm: owner/name}}; got {self.external_rms!r}"
+                )
+            bad = [k for k in self.external_rms if not re.fullmatch(r"[\w.+-]+", k)]
+            if bad:
+                raise ValueError(f"calibration.external_rms: RM names {bad} may only hold letters, digits and . _ + - "
+                                 "(they are used in file names and in 'a vs b' comparisons)")
+            self.external_rms = dict(self.external_rms)
+        if self.compare is not None:
+            from pipeline.calibration.compare import parse_comparison
+
+            self.compare = [self.compare] if isinstance(self.compare, str) else list(self.compare)
+            for text in self.compare:
+                parse_comparison(text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,6 +232,84 @@ def hh_sources(sources: list[str], cfg: CalibrationConfig) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # Scoring
 # --------------------------------------------------------------------------------------------------
+SUPPORTED_RMS = (
+    "Supported: a scalar-head sequence classifier, i.e. a checkpoint that AutoModelForSequenceClassification loads "
+    "with num_labels=1 (config.json architectures ending in 'ForSequenceClassification'), given as a local "
+    "save_pretrained directory or a hub id, or a PEFT adapter directory (task_type SEQ_CLS) on such a model."
+)
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def external_entries(cfg: CalibrationConfig, taken: list[str]) -> dict:
+    """calibration.external_rms as index-like entries ({"path", "method": "external", "external": True, ...})."""
+    out = {}
+    for name, spec in (cfg.external_rms or {}).items():
+        if name in taken or name == AVERAGING:
+            used_by = "the Averaging RM" if name == AVERAGING else "a reward model trained in this run"
+            raise ValueError(f"calibration.external_rms: the name {name!r} is already used by {used_by}; pick another")
+        local = Path(spec).expanduser()
+        if local.exists():
+            if not local.is_dir():
+                raise FileNotFoundError(
+                    f"calibration.external_rms.{name}: {spec} is a file; give the directory save_pretrained wrote "
+                    "(config.json + weights + tokenizer), a PEFT adapter directory or a hub id"
+                )
+            path = str(local.resolve())
+        elif _HUB_ID.match(spec):
+            path = spec
+        else:
+            raise FileNotFoundError(
+                f"calibration.external_rms.{name}: {spec} is neither an existing directory nor a hub id (owner/name); "
+                "fix the path"
+            )
+        out[name] = {"path": path, "method": "external", "sources": [], "external": True}
+    return out
+
+
+def check_external_rm(name: str, path: str, trust_remote_code: bool) -> str | None:
+    """Fail clearly unless `path` is a scalar-head sequence classifier (or a SEQ_CLS adapter on one).
+
+    Returns the directory/hub id to load the tokenizer from (an adapter without its own tokenizer: its base).
+    """
+    from transformers import AutoConfig
+
+    def fail(problem: str):
+        return ValueError(f"calibration: external reward model {name!r} ({path}): {problem}. {SUPPORTED_RMS}")
+
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.is_file():
+        try:
+            acfg = json.loads(adapter.read_text())
+        except json.JSONDecodeError as e:
+            raise fail(f"adapter_config.json is not valid JSON ({e})") from e
+        if acfg.get("task_type") != "SEQ_CLS":
+            raise fail(f"it is a PEFT adapter with task_type {acfg.get('task_type')!r}, not SEQ_CLS (sequence "
+                       "classification)")
+        base = acfg.get("base_model_name_or_path")
+        if not base:
+            raise fail("its adapter_config.json has no base_model_name_or_path")
+        has_tok = any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        return path if has_tok else base
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - one clear message whatever broke inside transformers
+        raise RuntimeError(
+            f"calibration: external reward model {name!r} at {path}: its config does not load "
+            f"({type(e).__name__}: {e}). {SUPPORTED_RMS}"
+        ) from e
+    archs = list(getattr(config, "architectures", None) or [])
+    if not archs:
+        raise fail("its config.json names no architecture, so it cannot be told from a language model whose "
+                   "reward head would be randomly initialised (add e.g. \"architectures\": "
+                   "[\"LlamaForSequenceClassification\"] if it is a sequence classifier)")
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise fail(f"it is a {', '.join(archs)} checkpoint, not a sequence classifier (loading it as one would "
+                   "give a randomly initialised reward head)")
+    if getattr(config, "num_labels", 1) != 1:
+        raise fail(f"its head has num_labels={config.num_labels} outputs, not a single scalar reward")
+    return path
+
+
 def load_rm(name: str, entry: dict, cfg: CalibrationConfig, device):
     """(model, tokenizer) of one RM, on `device`, in eval mode; one clear error when it does not load."""
     import torch
@@ -197,7 +317,11 @@ def load_rm(name: str, entry: dict, cfg: CalibrationConfig, device):
     from pipeline.models import load_reward_model, load_tokenizer
 
     path = entry["path"]
-    if not Path(path).is_dir():
+    external = bool(entry.get("external"))
+    tok_path = path
+    if external:
+        tok_path = check_external_rm(name, path, cfg.trust_remote_code)
+    elif not Path(path).is_dir():
         raise FileNotFoundError(
             f"calibration: reward model {name!r}: directory {path} does not exist (listed in DIR/reward/index.json); "
             "rerun the reward stage or fix the path"
@@ -207,15 +331,29 @@ def load_rm(name: str, entry: dict, cfg: CalibrationConfig, device):
         cuda_bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
         load_dtype = "bfloat16" if cuda_bf16 else "float32"
     try:
-        tok = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+        tok = load_tokenizer(tok_path, trust_remote_code=cfg.trust_remote_code)
         model = load_reward_model(
             path, dtype=getattr(torch, load_dtype), bits=cfg.bits, trust_remote_code=cfg.trust_remote_code
         )
     except Exception as e:  # noqa: BLE001 - one clear message whatever broke inside transformers
+        expected = (SUPPORTED_RMS if external else "Expected a save_pretrained directory with config.json, model "
+                    "weights and a tokenizer, as the reward stage writes.")
         raise RuntimeError(
-            f"calibration: reward model {name!r} at {path} does not load ({type(e).__name__}: {e}). Expected a "
-            "save_pretrained directory with config.json, model weights and a tokenizer, as the reward stage writes."
+            f"calibration: reward model {name!r} at {path} does not load ({type(e).__name__}: {e}). {expected}"
         ) from e
+    if external:
+        from pipeline.reward.trainer import find_reward_head
+
+        try:
+            head = find_reward_head(model)
+        except ValueError as e:
+            raise ValueError(f"calibration: external reward model {name!r} ({path}): {e}. {SUPPORTED_RMS}") from e
+        out = getattr(head, "out_features", None)
+        if out is None and hasattr(head, "modules_to_save"):  # a PEFT ModulesToSaveWrapper
+            out = getattr(getattr(head, "original_module", None), "out_features", None)
+        if out not in (None, 1):
+            raise ValueError(f"calibration: external reward model {name!r} ({path}): its reward head has {out} "
+                             f"outputs, not one. {SUPPORTED_RMS}")
     if not cfg.bits:
         model = model.to(device)
     model.eval()
@@ -331,6 +469,22 @@ def _average_with_ts(entries: list[dict]) -> dict:
     if all("temperature_scaled" in e for e in entries):
         avg["temperature_scaled"] = M.average_metrics([e["temperature_scaled"] for e in entries])
     return avg
+
+
+def compare_rms(a: dict, b: dict, data: dict, sources: list[str], hh: list[str], cfg: CalibrationConfig, seed: int,
+                temperatures: tuple[float, float] | None) -> dict:
+    """comparisons.json entry of one '<a> vs <b>': paired bootstrap over the same test pairs of every source."""
+    def probs(col: str) -> dict | None:
+        if not all(col in data[s]["test"].column_names for s in sources):
+            return None
+        return {s: np.asarray(data[s]["test"][col], dtype=np.float64) for s in sources}
+
+    out = paired_bootstrap({s: a[s]["test"] for s in sources}, {s: b[s]["test"] for s in sources}, sources=sources,
+                           hh=hh, headline_bins=cfg.headline_bins, strategy=cfg.strategy, temperatures=temperatures,
+                           true_prob=probs("true_prob"), gold_prob=probs("gold_prob"),
+                           n_samples=cfg.bootstrap_samples, seed=seed)
+    keys = metric_keys(cfg.headline_bins, temperatures is not None, True, True)
+    return {group: {k: by_metric[k] for k in keys if k in by_metric} for group, by_metric in out.items()}
 
 
 def diversity_analysis(index: dict, rewards: dict, sources: list[str], cfg: CalibrationConfig) -> dict | None:
@@ -498,7 +652,8 @@ def _max_length(recipe, cfg: CalibrationConfig) -> int | None:
 
 
 def run(recipe, run_dir: Path) -> list[str]:
-    """Evaluate every RM of DIR/reward/index.json; returns the artifact paths relative to run_dir."""
+    """Evaluate every RM of DIR/reward/index.json and calibration.external_rms; returns the artifact paths
+    relative to run_dir. Every external RM is scored by the same `score_rm` as the trained ones."""
     import torch
     from accelerate import PartialState
 
@@ -510,21 +665,33 @@ def run(recipe, run_dir: Path) -> list[str]:
     # a shared singleton: under pipeline.run this returns the orchestrator's state; alone under torchrun
     # on CPU, cpu=True makes it a gloo process group instead of N independent single processes
     state = PartialState(cpu=not torch.cuda.is_available())
-    index = read_index(run_dir, cfg.rms)
+    # Trained RMs come from DIR/reward/index.json; a run that only evaluates external RMs needs none.
+    trained_needed = cfg.rms is not None or not cfg.external_rms
+    if trained_needed and not (run_dir / "reward" / "index.json").is_file():
+        raise FileNotFoundError(
+            f"calibration: {run_dir / 'reward' / 'index.json'} not found; run the reward stage first "
+            "(python -m pipeline.reward), or name reward models trained elsewhere in calibration.external_rms "
+            "(see the rm-eval recipe)"
+        )
+    index = read_index(run_dir, cfg.rms) if trained_needed or (run_dir / "reward" / "index.json").is_file() else {}
+    external = external_entries(cfg, list(index))
+    singles = [n for n, e in index.items() if e.get("method") == "single"]
+    with_averaging = cfg.averaging and len(singles) >= 2
+    names = [*index, *external] + ([AVERAGING] if with_averaging else [])
+    comparisons = resolve_comparisons(cfg.compare, names)  # fails before any scoring on an unknown name
     data = eval_splits(recipe, cfg)
     sources = list(data)
     hh = hh_sources(sources, cfg)
     max_length = _max_length(recipe, cfg)
 
-    # 1. Score every RM on every test (and validation) split.
+    # 1. Score every RM on every test (and validation) split (data-parallel under several processes).
     rewards: dict = {}
-    for name, entry in index.items():
+    for name, entry in {**index, **external}.items():
         model, tok = load_rm(name, entry, cfg, state.device)
         rewards[name] = score_rm(model, tok, data, cfg, max_length, state)
         del model
         check_finite_rewards(name, entry, rewards[name])
-    singles = [n for n, e in index.items() if e.get("method") == "single"]
-    if cfg.averaging and len(singles) >= 2:
+    if with_averaging:
         rewards[AVERAGING] = averaging_rewards(rewards, singles)
 
     if not state.is_main_process:
@@ -547,6 +714,9 @@ def run(recipe, run_dir: Path) -> list[str]:
         for rm, by_source in rewards.items()
     }
     diversity = diversity_analysis(index, rewards, sources, cfg)
+    compared = {label: compare_rms(rewards[a], rewards[b], data, sources, hh, cfg, seed,
+                                   (temperatures[a], temperatures[b]) if temperatures else None)
+                for label, (a, b) in comparisons.items()}
 
     # 3. Write DIR/calibration/ atomically (and each RM dir's temperature.json).
     out_dir = run_dir / "calibration"
@@ -554,7 +724,12 @@ def run(recipe, run_dir: Path) -> list[str]:
         atomic_write_json(tmp / "metrics.json", metrics)
         atomic_write_text(tmp / "table.md", render_table(metrics, temperatures, sources, hh, cfg, diversity))
         atomic_write_json(tmp / "config.json", {**asdict(cfg), "max_length_used": max_length, "seed_used": seed,
-                                                "rms": list(rewards), "sources": sources, "hh_sources": hh})
+                                                "rms": list(rewards), "sources": sources, "hh_sources": hh,
+                                                "external": {n: e["path"] for n, e in external.items()},
+                                                "comparisons": list(compared)})
+        if compared:
+            atomic_write_json(tmp / "comparisons.json", compared)
+            atomic_write_text(tmp / "comparisons.md", render_comparisons(compared, cfg.bootstrap_samples))
         if cfg.temperature_scaling:
             atomic_write_json(tmp / "temperatures.json", temperatures)
             atomic_write_json(tmp / "temperature_fits.json", fits)

@@ -1,0 +1,275 @@
+"""Calibration of reward models NOT trained in the run (calibration.external_rms) and paired comparisons.
+
+The distributed test launches THIS file as the worker script:
+    torchrun --nproc_per_node 2 tests/test_calibration_external.py RUN_DIR RM_ROOT
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.calibration.stage import run
+from tests.test_calibration_stage import _recipe, _save_rm
+
+REPO = Path(__file__).resolve().parents[1]
+RMS = ("more", "multitask")
+
+
+def _flat(d, prefix=""):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _flat(v, f"{prefix}/{k}")
+    elif isinstance(d, list):
+        for i, v in enumerate(d):
+            yield from _flat(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, d
+
+
+def assert_same_numbers(a, b, atol=1e-6):
+    fa, fb = dict(_flat(a)), dict(_flat(b))
+    assert set(fa) == set(fb)
+    for k, v in fa.items():
+        if isinstance(v, float):
+            assert fb[k] == pytest.approx(v, abs=atol), k
+        else:
+            assert fb[k] == v, k
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_tok):
+    """A run dir whose reward/index.json lists two RMs, evaluated by the calibration stage as usual."""
+    root = tmp_path_factory.mktemp("trained")
+    index = {}
+    for i, name in enumerate(RMS):
+        _save_rm(tiny_tok, root / "reward" / name, seed=10 + i, head_scale=15.0)
+        index[name] = {"path": name, "method": name, "sources": ["helpful", "harmless", "webgpt"]}
+    (root / "reward" / "index.json").write_text(json.dumps(index))
+    run(_recipe(), root)
+    return root
+
+
+def _external(root: Path) -> dict:
+    return {n: str(root / "reward" / n) for n in RMS}
+
+
+def test_external_only_run_equals_the_trained_run(trained, tmp_path):
+    stamps = {n: (trained / "reward" / n / "temperature.json").read_text() for n in RMS}
+    out = tmp_path / "fresh"
+    artifacts = run(_recipe(external_rms=_external(trained)), out)  # no reward/ in this directory at all
+    assert "calibration/comparisons.json" in artifacts and not (out / "reward").exists()
+    for f in ("metrics.json", "temperatures.json", "temperature_fits.json"):
+        assert_same_numbers(json.loads((trained / "calibration" / f).read_text()),
+                            json.loads((out / "calibration" / f).read_text()))
+    # same pairs, same seed: the comparison of the two is the same as well
+    assert_same_numbers(json.loads((trained / "calibration" / "comparisons.json").read_text()),
+                        json.loads((out / "calibration" / "comparisons.json").read_text()))
+    # an external RM directory belongs to the user: nothing is written into it
+    assert {n: (trained / "reward" / n / "temperature.json").read_text() for n in RMS} == stamps
+    cfg = json.loads((out / "calibration" / "config.json").read_text())
+    assert cfg["external"] == _external(trained) and cfg["comparisons"] == ["more vs multitask"]
+    assert "| more |" in (out / "calibration" / "table.md").read_text()
+    assert (out / "calibration" / "reliability.png").exists()
+
+
+def test_comparisons_json_schema_and_values(trained):
+    comps = json.loads((trained / "calibration" / "comparisons.json").read_text())
+    metrics = json.loads((trained / "calibration" / "metrics.json").read_text())
+    assert list(comps) == ["more vs multitask"]  # the default when both exist
+    groups = comps["more vs multitask"]
+    assert list(groups) == ["helpful", "harmless", "webgpt", "all_average", "hh_average"]
+    keys = ["ece_10", "accuracy", "brier", "nll", "temperature_scaled/ece_10", "temperature_scaled/brier",
+            "temperature_scaled/nll", "truth/prob_mae", "truth_gold/prob_mae"]
+    for group, by_metric in groups.items():
+        assert list(by_metric) == keys
+        for key, e in by_metric.items():
+            assert set(e) == {"a", "b", "diff", "ci95", "p_value"}
+            assert e["diff"] == pytest.approx(e["a"] - e["b"], abs=1e-12)
+            assert e["ci95"][0] <= e["ci95"][1] and 0 <= e["p_value"] <= 1
+            path = key.split("/")
+            ma, mb = metrics["more"][group], metrics["multitask"][group]
+            for p in path:
+                ma, mb = ma[p], mb[p]
+            assert e["a"] == pytest.approx(ma, abs=1e-9) and e["b"] == pytest.approx(mb, abs=1e-9), (group, key)
+    md = (trained / "calibration" / "comparisons.md").read_text()
+    assert "## more vs multitask" in md and "| all_average |" in md
+
+
+def test_peft_adapter_is_loaded_on_its_base(tmp_path, tiny_tok, one_thread):
+    """A SEQ_CLS LoRA adapter directory (no tokenizer of its own) scores like the merged model."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    base_dir, adapter_dir, merged_dir = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    _save_rm(tiny_tok, base_dir, seed=3, head_scale=10.0)
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1)
+    model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8,
+                                            target_modules=["query_key_value"], modules_to_save=["score"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.5)  # a non-trivial adapter and head
+    model.save_pretrained(adapter_dir)
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+    model.merge_and_unload().save_pretrained(merged_dir)
+    tiny_tok.save_pretrained(merged_dir)
+    recipe = _recipe(external_rms={"adapter": str(adapter_dir), "merged": str(merged_dir)},
+                     compare=["adapter vs merged"], bootstrap_samples=5)
+    run(recipe, tmp_path / "run")
+    scores = np.load(tmp_path / "run" / "calibration" / "scores.npz")
+    for key in scores.files:
+        if key.startswith("adapter::"):
+            np.testing.assert_allclose(scores[key], scores[key.replace("adapter::", "merged::")], atol=1e-5)
+            assert np.ptp(scores[key]) > 0
+    comps = json.loads((tmp_path / "run" / "calibration" / "comparisons.json").read_text())
+    assert abs(comps["adapter vs merged"]["all_average"]["ece_10"]["diff"]) < 1e-5
+
+
+def test_unsupported_models_and_bad_names_fail_clearly(tmp_path, tiny_tok, trained):
+    from transformers import AutoModelForSequenceClassification, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    small = dict(vocab_size=len(tiny_tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=32, pad_token_id=tiny_tok.pad_token_id)
+    three_way = AutoModelForSequenceClassification.from_config(GPTNeoXConfig(**small, num_labels=3))
+    three_way.save_pretrained(tmp_path / "3way")
+    GPTNeoXForCausalLM(GPTNeoXConfig(**small)).save_pretrained(tmp_path / "lm")
+    (tmp_path / "lora-lm").mkdir()
+    (tmp_path / "lora-lm" / "adapter_config.json").write_text(json.dumps({"task_type": "CAUSAL_LM",
+                                                                          "base_model_name_or_path": "x"}))
+    out = tmp_path / "run"
+    cases = [
+        ("3way", r"external reward model 'x' \(.*3way\): its head has num_labels=3 outputs, not a single scalar "
+                 r"reward. Supported: a scalar-head sequence classifier"),
+        ("lm", r"it is a GPTNeoXForCausalLM checkpoint, not a sequence classifier .* Supported:"),
+        ("lora-lm", r"PEFT adapter with task_type 'CAUSAL_LM', not SEQ_CLS .* Supported:"),
+    ]
+    for name, message in cases:
+        with pytest.raises(ValueError, match=message):
+            run(_recipe(external_rms={"x": str(tmp_path / name)}), out)
+    with pytest.raises(FileNotFoundError, match=r"calibration.external_rms.x: ./nowhere/at all is neither an existing "
+                                                r"directory nor a hub id"):
+        run(_recipe(external_rms={"x": "./nowhere/at all"}), out)
+    # a name clash with a trained RM of the run
+    with pytest.raises(ValueError, match="the name 'more' is already used by a reward model trained in this run"):
+        run(_recipe(external_rms={"more": str(trained / "reward" / "more")}), trained)
+    # an unknown RM in compare fails before anything is scored or written
+    with pytest.raises(ValueError, match=r"calibration.compare: 'more vs nope' names 'nope', which this run does not "
+                                         r"evaluate; the RMs evaluated here are: more"):
+        run(_recipe(external_rms={"more": str(trained / "reward" / "more")}, compare=["more vs nope"]), out)
+    with pytest.raises(ValueError, match="is not a comparison"):
+        _recipe(compare=["more versus multitask"])
+    with pytest.raises(ValueError, match=r"RM names \['my rm'\] may only hold"):
+        _recipe(external_rms={"my rm": str(tmp_path)})
+    assert not (out / "calibration").exists()
+
+
+@pytest.mark.slow
+def test_done_two_trained_rms_evaluated_by_one_command(tmp_path):
+    """The issue's 'done': RMs trained by the real reward stage in one run, then a fresh directory that only holds
+    them as external RMs, evaluated by one `pipeline.run --stages calibration,report` into metrics.json /
+    comparisons.json / report.md, each RM's numbers identical to those of the run that trained it."""
+    small = ["data.synthetic.n_train=40", "data.synthetic.n_valid=20", "data.synthetic.n_test=24",
+             "calibration.bootstrap_samples=30", "calibration.progress=false", "reward.methods=[more,multitask]"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+
+    def pipeline(out, stages, *extra):
+        cmd = [sys.executable, "-m", "pipeline.run", "--recipe", "tiny-cpu", "--output-dir", str(out),
+               "--stages", stages, *small, *extra]
+        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, p.stderr[-4000:]
+
+    trained, fresh = tmp_path / "trained", tmp_path / "fresh"
+    pipeline(trained, "reward,calibration,report")
+    ext = "{" + ", ".join(f"{n}: {trained / 'reward' / n}" for n in RMS) + "}"
+    pipeline(fresh, "calibration,report", f"calibration.external_rms={ext}")
+    written = sorted(p.name for p in fresh.iterdir() if not p.name.startswith("."))  # .lock is the run lock
+    assert written == ["calibration", "manifest.json", "recipe.yaml", "report.json", "report.md"]
+    for f in ("metrics.json", "comparisons.json", "temperatures.json"):
+        assert_same_numbers(json.loads((trained / "calibration" / f).read_text()),
+                            json.loads((fresh / "calibration" / f).read_text()))
+    md = (fresh / "report.md").read_text()
+    comps = json.loads((fresh / "calibration" / "comparisons.json").read_text())["more vs multitask"]
+    assert "Evaluated, not trained here (`calibration.external_rms`): more" in md
+    assert "## Paired comparisons" not in md and "### more vs multitask" in md
+    # 'better' appears only in a sentence whose interval excludes 0
+    for line in md.splitlines():
+        if "better here" in line:
+            assert "lower than" in line or "higher than" in line
+    sentences = json.loads((fresh / "report.json").read_text())["sentences"]
+    for s in sentences:
+        assert ("better" in s) == ("no significant difference" not in s), s
+    ece = comps["all_average"]["ece_10"]
+    lo, hi = ece["ci95"]
+    expected = "MORE's is" if lo > 0 or hi < 0 else "no significant difference between MORE and MultiTask"
+    assert any(s.startswith("ECE (M=10), all sources: " + expected) for s in sentences)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_processes_score_external_rms_like_one(trained, tmp_path):
+    """Under torchrun (gloo, 2 CPU ranks) each rank scores a shard of every split; rank 0 gathers and writes the
+    same metrics as the single-process run."""
+    single = tmp_path / "single"
+    run(_recipe(external_rms=_external(trained)), single)
+    out = tmp_path / "multi"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(Path(__file__).resolve()), str(out), str(trained)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["artifacts"] and ranks[1]["artifacts"] == []  # only the main process writes
+    a, b = np.load(single / "calibration" / "scores.npz"), np.load(out / "calibration" / "scores.npz")
+    assert sorted(a.files) == sorted(b.files)
+    for key in a.files:
+        np.testing.assert_allclose(b[key], a[key], atol=1e-5)
+    for f in ("metrics.json", "comparisons.json"):
+        assert_same_numbers(json.loads((single / "calibration" / f).read_text()),
+                            json.loads((out / "calibration" / f).read_text()))
+
+
+if __name__ == "__main__":  # the torchrun worker of the distributed test
+    from accelerate import PartialState
+
+    out, rm_root = Path(sys.argv[1]), Path(sys.argv[2])
+    artifacts = run(_recipe(external_rms=_external(rm_root)), out)
+    state = PartialState()
+    (out / f"rank{state.process_index}.json").write_text(
+        json.dumps({"world": state.num_processes, "artifacts": artifacts})
+    )
+
+
+@pytest.mark.real_data
+def test_rm_eval_recipe_on_the_real_sources(real_data_dir, trained, tmp_path):
+    """The rm-eval recipe: external RMs only, the five real sources' test data, calibration + report, no training."""
+    import pipeline.config as C
+    from pipeline.run import run_pipeline
+
+    ext = "{" + ", ".join(f"{n}: {trained / 'reward' / n}" for n in RMS) + "}"
+    recipe = C.load_recipe("rm-eval", [f"data_root={real_data_dir}", f"calibration.external_rms={ext}",
+                                       "calibration.compare=[multitask vs more]", "calibration.max_pairs_per_split=6",
+                                       "calibration.bootstrap_samples=20", "calibration.dtype=fp32",
+                                       "calibration.progress=false", "calibration.plots=false", "data.max_length=64"])
+    assert recipe.stages == ["calibration", "report"]
+    manifest = run_pipeline(recipe, tmp_path / "run")
+    assert manifest["stages"]["calibration"]["status"] == "done" and not (tmp_path / "run" / "reward").exists()
+    metrics = json.loads((tmp_path / "run" / "calibration" / "metrics.json").read_text())
+    assert list(metrics) == ["more", "multitask"]
+    assert list(metrics["more"])[:5] == ["helpful", "harmless", "oasst1", "webgpt", "summarize"]
+    assert all(metrics["more"][s]["n_pairs"] == 6 for s in ("helpful", "harmless", "oasst1", "webgpt", "summarize"))
+    comps = json.loads((tmp_path / "run" / "calibration" / "comparisons.json").read_text())
+    assert list(comps) == ["multitask vs more"] and "hh_average" in comps["multitask vs more"]
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "MultiTask" in md and "## Calibration" in md
