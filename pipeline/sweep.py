@@ -524,8 +524,8 @@ def metric_label(metric: str) -> str:
     if m:
         base = f"ECE{m.group(2)}" if m.group(1) == "ece" else f"ECE{m.group(2)} vs true probabilities"
     else:
-        base = {"accuracy": "accuracy", "brier": "Brier", "nll": "NLL", "truth_mae": "|p - p_true|",
-                "gold_mae": "|p - p_gold|", "temperature": "temperature T", "gold_reward": "gold reward",
+        base = {"accuracy": "accuracy", "brier": "Brier", "nll": "NLL", "truth_mae": "MAE vs true prob.",
+                "gold_mae": "MAE vs gold prob.", "temperature": "temperature T", "gold_reward": "gold reward",
                 "perplexity": "perplexity", "win_rate": "win rate", "lose_rate": "lose rate",
                 "win_minus_lose": "win - lose"}.get(base, base)
     return f"{base} after temperature scaling" if ts else base
@@ -582,9 +582,14 @@ def _index(rows: list[dict]) -> dict:
 def headline_metrics(metrics: list[dict]) -> list[str]:
     present = {r["metric"] for r in metrics if r["section"] == "calibration"}
     ece = sorted(m for m in present if re.fullmatch(r"ece_\d+", m))
-    order = ["accuracy", *ece, *[f"ts_{m}" for m in ece], "temperature", "brier", "ts_brier", "nll", "ts_nll",
-             "truth_mae", "ts_truth_mae", "gold_mae"]
+    order = ["accuracy", *ece[:1], *[f"ts_{m}" for m in ece[:1]], "temperature", "brier", "nll", "truth_mae",
+             "ts_truth_mae"]
     return [m for m in order if m in present]
+
+
+def key_metrics(heads: list[str]) -> list[str]:
+    """The metrics compared in the markdown's difference tables and sentences (all are in summary.json)."""
+    return [m for m in heads if m in ("accuracy", "temperature", "truth_mae") or re.fullmatch(r"(ts_)?ece_\d+", m)]
 
 
 def _rms(metrics: list[dict], section: str) -> list[str]:
@@ -606,6 +611,8 @@ def render_summary(summary: dict, plots: list[str] | None = None) -> str:
              "\"no significant difference\". Every source and metric is in summary.json.", ""]
     if plots:
         lines += ["Plots: " + ", ".join(f"[{p}]({p})" for p in plots), ""]
+    if len(summary["points"]) > 1:
+        lines += overview(summary)
     for name, p in summary["points"].items():
         lines += [f"## {name}", ""]
         if p["grid"]:
@@ -616,8 +623,11 @@ def render_summary(summary: dict, plots: list[str] | None = None) -> str:
         idx = _index(p["metrics"])
         heads = headline_metrics(p["metrics"])
         rms = _rms(p["metrics"], "calibration")
+        sources = [s for s in dict.fromkeys(r["scope"] for r in p["metrics"] if r["section"] == "calibration")
+                   if s not in ("all_average", "hh_average")]
+        scopes = ["all_average"] + (["hh_average"] if set(sources) != {"helpful", "harmless"} else [])
         for scope, title in (("all_average", "all-source average"), ("hh_average", "Helpful & Harmless average")):
-            if not any(("calibration", rm, scope, "accuracy") in idx for rm in rms):
+            if scope not in scopes or not any(("calibration", rm, scope, "accuracy") in idx for rm in rms):
                 continue
             cols = [m for m in heads if m != "temperature" or scope == "all_average"]
             lines += [f"### Calibration, {title}", "", "| RM | " + " | ".join(metric_label(m) for m in cols) + " |",
@@ -626,8 +636,6 @@ def render_summary(summary: dict, plots: list[str] | None = None) -> str:
                 lines.append(f"| {rm_label(rm)} | " + " | ".join(cell(idx.get(("calibration", rm, scope, m)))
                                                                  for m in cols) + " |")
             lines.append("")
-        sources = [s for s in dict.fromkeys(r["scope"] for r in p["metrics"] if r["section"] == "calibration")
-                   if s not in ("all_average", "hh_average")]
         ece = next((m for m in heads if m.startswith("ece_")), None)
         if sources and ece:
             for m in (ece, f"ts_{ece}"):
@@ -655,10 +663,12 @@ def render_summary(summary: dict, plots: list[str] | None = None) -> str:
                 lines.append(f"| {j} | " + " | ".join(cell(idx.get(("judge", j, "all", m)))
                                                        for m in ("win_rate", "lose_rate", "win_minus_lose")) + " |")
             lines.append("")
+        keys = key_metrics(heads)
         diffs = [d for d in p["differences"]
-                 if (d["section"] == "calibration" and d["scope"] in ("all_average", "hh_average")
-                     and d["metric"] in heads)
+                 if (d["section"] == "calibration" and d["scope"] in scopes and d["metric"] in keys)
                  or (d["section"] == "align" and d["metric"] == "gold_reward" and d["scope"] == "all")]
+        diffs.sort(key=lambda d: (d["section"] != "calibration", d["scope"] != "all_average",
+                                  keys.index(d["metric"]) if d["metric"] in keys else 0))
         if diffs:
             lines += ["### Seed-paired differences", "",
                       f"| difference | metric | scope | mean [{conf} CI] | n | verdict |",
@@ -668,11 +678,35 @@ def render_summary(summary: dict, plots: list[str] | None = None) -> str:
                 lines.append(f"| {rm_label(d['a'])} - {rm_label(d['b'])} | {metric_label(d['metric'])} | "
                              f"{d['scope']} | {cell(d)} | {d['n']} | {sig} |")
             lines += ["", "In words:", ""]
-            key = {"accuracy", *(m for m in heads if re.fullmatch(r"(ts_)?ece_\d+", m)), "truth_mae", "temperature"}
-            lines += [f"- {d['sentence']}" for d in diffs
-                      if d["section"] == "align" or (d["scope"] == "all_average" and d["metric"] in key)]
+            lines += [f"- {d['sentence']}" for d in diffs if d["section"] == "align" or d["scope"] == "all_average"]
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def overview(summary: dict) -> list[str]:
+    """Across grid points: each RM's all-source ECE (before / after temperature scaling) and the paired
+    differences with their verdicts, one row per point."""
+    allm = [m for p in summary["points"].values() for m in p["metrics"]]
+    heads = headline_metrics(allm)
+    rms = _rms(allm, "calibration")
+    out = []
+    for metric in [m for m in heads if re.fullmatch(r"(ts_)?ece_\d+", m) or m == "temperature"]:
+        pairs = [(a, b) for a, b in PAIRS if a in rms and b in rms]
+        out += [f"## Overview: {metric_label(metric)}, all-source average", "",
+                "| point | " + " | ".join(rm_label(r) for r in rms) + " | "
+                + " | ".join(f"{rm_label(a)} - {rm_label(b)}" for a, b in pairs) + " |",
+                "|---" * (1 + len(rms) + len(pairs)) + "|"]
+        for name, p in summary["points"].items():
+            idx = _index(p["metrics"])
+            diffs = []
+            for a, b in pairs:
+                d = next((x for x in p["differences"] if x["section"] == "calibration" and x["a"] == a
+                          and x["b"] == b and x["scope"] == "all_average" and x["metric"] == metric), None)
+                diffs.append("-" if d is None else f"{cell(d)} {VERDICTS[d['significant']]}")
+            out.append(f"| {name} | " + " | ".join(cell(idx.get(("calibration", r, "all_average", metric)))
+                                                    for r in rms) + " | " + " | ".join(diffs) + " |")
+        out.append("")
+    return out
 
 
 def _number(text: str):

@@ -211,6 +211,8 @@ def test_aggregate_fake_runs_against_hand_values(tmp_path):
     assert "## drift_scale=0" in md and "Seeds with results: 2 of 3 (missing: 2)" in md
     assert "| MORE | 0." in md and "0.1000 [" in md
     assert "ECE10, all_average: no significant difference between MORE and MultiTask" in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| drift_scale=0 |"))  # the first overview table
+    assert "-0.0200 [" in row and "no significant difference" in row
     assert (tmp_path / "plot_drift_scale.png").stat().st_size > 1000
     assert json.loads((tmp_path / "summary.json").read_text())["confidence"] == 0.95
 
