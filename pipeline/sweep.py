@@ -350,9 +350,12 @@ def run_parallel(recipe_arg: str, runs: list[SweepRun], stages, n: int) -> dict[
                                                     env.get("PYTHONPATH", "")] if p)
     failed: dict[str, str] = {}
     procs: list[subprocess.Popen] = []
+    stopping = []
 
     def one(item):
         r, why = item
+        if stopping:
+            return
         Path(r.dir).mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pipeline.run", "--recipe", recipe_arg, "--output-dir", r.dir]
         if stages:
@@ -363,22 +366,26 @@ def run_parallel(recipe_arg: str, runs: list[SweepRun], stages, n: int) -> dict[
             p = subprocess.Popen(cmd + list(r.overrides), stdout=log, stderr=subprocess.STDOUT, env=env)
             procs.append(p)
             rc = p.wait()
+        if stopping:
+            return
         if rc != 0:
             failed[r.dir] = f"exit code {rc} (see {r.dir}/sweep.log)"
             _say(f"{r.point} seed {r.seed}: FAILED, {failed[r.dir]}")
         else:
             _say(f"{r.point} seed {r.seed}: finished in {time.time() - t0:.0f} s")
 
+    pool = ThreadPoolExecutor(max_workers=n)
     try:
-        with ThreadPoolExecutor(max_workers=n) as pool:
-            list(pool.map(one, todo))
+        for future in [pool.submit(one, item) for item in todo]:
+            future.result()
     except BaseException:
-        for p in procs:  # the children record their stage as failed and exit; a rerun resumes them
+        stopping.append(True)  # queued runs do not start; running ones are told to stop
+        for p in procs:  # each child records its stage as failed and exits 130; a rerun resumes it
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in procs:
-            p.wait()
         raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return failed
 
 
@@ -531,18 +538,32 @@ def metric_label(metric: str) -> str:
     return f"{base} after temperature scaling" if ts else base
 
 
-def aggregate(out_dir: str | os.PathLike, confidence: float = CONFIDENCE) -> dict:
-    """Read D/sweep.json and every run's results; write D/summary.json, D/summary.md and the plots."""
+def aggregate(out_dir: str | os.PathLike, confidence: float = CONFIDENCE, verify: bool = True) -> dict:
+    """Read D/sweep.json and every run's results; write D/summary.json, D/summary.md and the plots.
+
+    With `verify` (the default) a run counts only when its manifest shows every selected stage up to date
+    for the sweep's current definition (recipe + overrides + grid values + seed), so results of a run whose
+    settings have changed since, or that has not finished, are never aggregated."""
     out_dir = Path(out_dir)
     sweep = _read(out_dir / SWEEP_FILE)
     if not isinstance(sweep, dict):
         raise RecipeError(f"{out_dir / SWEEP_FILE} not found or unreadable: {out_dir} is not a sweep directory "
                           "(run python -m pipeline.sweep ... --output-dir there first)")
+    defined = {(r["point"], int(r["seed"])): r for r in sweep.get("runs", [])}
     summary = {"sweep": sweep, "confidence": confidence, "points": {}}
     for point in sweep["points"]:
         per_seed, runs = {}, {}
         for seed in sweep["seeds"]:
             run_dir = out_dir / point["name"] / f"seed-{seed}"
+            if verify:
+                run = defined.get((point["name"], int(seed)))
+                if run is None:
+                    runs[str(seed)] = "not in the sweep definition"
+                    continue
+                state, why = run_state(load_recipe(sweep["recipe"], run["overrides"]), run_dir, sweep.get("stages"))
+                if state != "done":
+                    runs[str(seed)] = f"not done ({why})"
+                    continue
             rows = collect_run(run_dir)
             runs[str(seed)] = "collected" if rows else "no results"
             if rows:
@@ -617,9 +638,9 @@ def render_summary(summary: dict, plots: list[str] | None = None) -> str:
         lines += [f"## {name}", ""]
         if p["grid"]:
             lines += ["Grid values: " + ", ".join(f"`{k}={v}`" for k, v in p["grid"].items()), ""]
-        missing = [s for s, st in p["runs"].items() if st != "collected"]
+        missing = [f"{s}: {st}" for s, st in p["runs"].items() if st != "collected"]
         lines += [f"Seeds with results: {p['n_runs']} of {len(p['runs'])}"
-                  + (f" (missing: {', '.join(missing)})" if missing else "") + ".", ""]
+                  + (f" (missing: {'; '.join(missing)})" if missing else "") + ".", ""]
         idx = _index(p["metrics"])
         heads = headline_metrics(p["metrics"])
         rms = _rms(p["metrics"], "calibration")

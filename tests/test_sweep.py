@@ -80,7 +80,8 @@ def test_seeds_grid_and_point_names():
         with pytest.raises(RecipeError, match="--seeds"):
             S.parse_seeds(bad)
     grid = S.parse_grid(["data.synthetic.drift_scale=0,0.5", "reward.methods=[more,multitask],[uniform]"])
-    assert grid == [("data.synthetic.drift_scale", ["0", "0.5"]), ("reward.methods", ["[more,multitask]", "[uniform]"])]
+    assert grid == [("data.synthetic.drift_scale", ["0", "0.5"]),
+                    ("reward.methods", ["[more,multitask]", "[uniform]"])]
     names = [p["name"] for p in S.grid_points(grid)]
     assert names == ["drift_scale=0__methods=more+multitask", "drift_scale=0__methods=uniform",
                      "drift_scale=0.5__methods=more+multitask", "drift_scale=0.5__methods=uniform"]
@@ -177,7 +178,7 @@ def _fake_sweep(root: Path) -> None:
 
 def test_aggregate_fake_runs_against_hand_values(tmp_path):
     _fake_sweep(tmp_path)
-    summary = S.aggregate(tmp_path)
+    summary = S.aggregate(tmp_path, verify=False)  # fake runs have no manifest
     p0 = summary["points"]["drift_scale=0"]
     assert p0["n_runs"] == 3 and p0["grid"] == {"data.synthetic.drift_scale": "0"}
     m = {(r["rm"], r["scope"], r["metric"]): r for r in p0["metrics"]}
@@ -208,7 +209,7 @@ def test_aggregate_fake_runs_against_hand_values(tmp_path):
     assert mm2["high"] == pytest.approx(-0.025 + T975[2] * math.sqrt(0.00005) / math.sqrt(2))
 
     md = (tmp_path / "summary.md").read_text()
-    assert "## drift_scale=0" in md and "Seeds with results: 2 of 3 (missing: 2)" in md
+    assert "## drift_scale=0" in md and "Seeds with results: 2 of 3 (missing: 2: no results)" in md
     assert "| MORE | 0." in md and "0.1000 [" in md
     assert "ECE10, all_average: no significant difference between MORE and MultiTask" in md
     row = next(ln for ln in md.splitlines() if ln.startswith("| drift_scale=0 |"))  # the first overview table
@@ -216,9 +217,12 @@ def test_aggregate_fake_runs_against_hand_values(tmp_path):
     assert (tmp_path / "plot_drift_scale.png").stat().st_size > 1000
     assert json.loads((tmp_path / "summary.json").read_text())["confidence"] == 0.95
 
-    # --aggregate on the command line rewrites the same summary; a directory without sweep.json fails cleanly.
+    # --aggregate on the command line verifies each run against the sweep's definition: these fake runs
+    # are not in it (and have no manifest), so none is counted. No sweep.json: one clean error.
     (tmp_path / "summary.json").unlink()
-    assert S.main(["--aggregate", str(tmp_path)]) == 0 and (tmp_path / "summary.json").exists()
+    assert S.main(["--aggregate", str(tmp_path)]) == 0
+    unverified = json.loads((tmp_path / "summary.json").read_text())["points"]["drift_scale=0"]
+    assert unverified["n_runs"] == 0 and unverified["runs"]["0"] == "not in the sweep definition"
     assert S.main(["--aggregate", str(tmp_path / "nothing")]) == 2
 
 
@@ -231,7 +235,8 @@ def test_align_results_are_aggregated_per_method():
     assert ("align", "more/rjs", "helpful", "gold_reward", -1.5) in rows
     assert ("align", "base", "helpful", "perplexity", 20.0) in rows
     assert ("judge", "rjs: more vs multitask", "all", "win_minus_lose", pytest.approx(0.2)) in rows
-    agg = S.aggregate_point({0: rows, 1: [(s, n, sc, m, v + 0.1 if n == "more/rjs" else v) for s, n, sc, m, v in rows]})
+    shifted = [(s, n, sc, m, v + 0.1 if n == "more/rjs" else v) for s, n, sc, m, v in rows]
+    agg = S.aggregate_point({0: rows, 1: shifted})
     d = [x for x in agg["differences"] if x["section"] == "align"]
     assert [(x["a"], x["b"], x["scope"]) for x in d] == [("more/rjs", "multitask/rjs", "all")]
     assert d[0]["mean"] == pytest.approx(0.55) and d[0]["better"] == "higher"
@@ -286,7 +291,8 @@ def test_two_seed_sweep_interrupted_then_resumed(tmp_path, monkeypatch, one_thre
     p = summary["points"]["default"]
     assert p["n_runs"] == 2
     ece = {(r["rm"], r["scope"]): r for r in p["metrics"] if r["metric"] == "ece_10"}
-    assert set(ece) >= {(rm, s) for rm in ("more", "multitask", "uniform") for s in ("helpful", "harmless", "all_average")}
+    scopes = ("helpful", "harmless", "all_average")
+    assert set(ece) >= {(rm, s) for rm in ("more", "multitask", "uniform") for s in scopes}
     e = ece[("more", "all_average")]
     assert e["n"] == 2 and e["values"]["0"] != e["values"]["1"]  # two different replicates
     assert e["low"] <= e["mean"] <= e["high"]
@@ -298,3 +304,10 @@ def test_two_seed_sweep_interrupted_then_resumed(tmp_path, monkeypatch, one_thre
     assert S.main(args + ["--dry-run"]) == 0
     (out / "summary.md").unlink()
     assert S.main(["--aggregate", str(out)]) == 0 and (out / "summary.md").exists()
+
+    # A run whose settings changed since it finished is not aggregated (its results are stale).
+    sweep = json.loads((out / "sweep.json").read_text())
+    sweep["runs"][1]["overrides"].append("data.synthetic.drift_scale=2")
+    S.atomic_write_json(out / "sweep.json", sweep)
+    stale = S.aggregate(out)["points"]["default"]
+    assert stale["n_runs"] == 1 and stale["runs"]["1"].startswith("not done (reward: config changed")
