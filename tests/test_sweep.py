@@ -311,3 +311,61 @@ def test_two_seed_sweep_interrupted_then_resumed(tmp_path, monkeypatch, one_thre
     S.atomic_write_json(out / "sweep.json", sweep)
     stale = S.aggregate(out)["points"]["default"]
     assert stale["n_runs"] == 1 and stale["runs"]["1"].startswith("not done (reward: config changed")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Under torchrun every run uses both processes (fake stages, so only the orchestration is measured)
+
+SWEEP_RUNNER = '''
+import sys
+
+import fakepipe
+import pipeline.config as C
+import pipeline.run as R
+import pipeline.sweep as S
+
+fakepipe.install(C, R)
+sys.exit(S.main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sweep_under_torchrun_runs_each_run_on_both_processes(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_run import _free_port, _subprocess_env, write_fakes
+
+    fakes = write_fakes(tmp_path / "fakes")
+    (fakes / "sweep_runner.py").write_text(SWEEP_RUNNER)
+    env = _subprocess_env(fakes, tmp_path)
+    env["OMP_NUM_THREADS"] = "1"
+    out = tmp_path / "sweep"
+    args = [str(fakes / "sweep_runner.py"), "--recipe", str(fakes / "fake.yaml"), "--seeds", "0,1",
+            "--grid", "data.n=1,2", "--stages", "reward,calibration", "--output-dir", str(out)]
+
+    def torchrun():
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), *args]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    p = torchrun()
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = (tmp_path / "calls.log").read_text().split("\n")
+    for stage in ("reward", "calibration"):
+        for rank in ("0", "1"):
+            assert lines.count(f"{stage} end {rank}") == 4, (stage, rank)  # 2 points x 2 seeds, on each rank
+    for point in ("n=1", "n=2"):
+        for seed in (0, 1):
+            m = json.loads((out / point / f"seed-{seed}" / "manifest.json").read_text())
+            assert m["recipe"]["seed"] == seed and m["recipe"]["data"]["n"] == int(point[-1])
+            assert m["stages"]["calibration"]["status"] == "done" and m["stages"]["calibration"]["world_size"] == 2
+    summary = json.loads((out / "summary.json").read_text())  # written once, by the main process
+    assert summary["points"]["n=2"]["runs"] == {"0": "no results", "1": "no results"}  # fakes write no metrics
+    assert p.stderr.count("wrote ") == 1
+
+    (tmp_path / "calls.log").unlink()
+    p = torchrun()  # everything is done: both ranks skip every run
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert not (tmp_path / "calls.log").exists() and p.stderr.count("done, skipped") == 4
