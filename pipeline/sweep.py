@@ -1,0 +1,895 @@
+"""`python -m pipeline.sweep`: run a recipe over seeds x a grid of settings, then aggregate with intervals.
+
+    python -m pipeline.sweep --recipe tiny-cpu --seeds 0,1,2 --stages reward,calibration \\
+        --grid data.synthetic.drift_scale=0,0.5,1,2 --output-dir runs/sweep-drift
+    python -m pipeline.sweep --recipe tiny-cpu --seeds 0-4 --dry-run --output-dir runs/sweep-drift
+    python -m pipeline.sweep --aggregate runs/sweep-drift          # re-aggregate, run nothing
+    accelerate launch --num_processes 2 -m pipeline.sweep ...        # each run uses both processes
+
+Every (grid point x seed) is one ordinary `pipeline.run` run directory, D/<point>/seed-<s>/, built from the
+recipe, the command-line overrides, the grid point's values and the seed, in that order. The seed is
+written into EVERY seed field of the resolved recipe (`seed_overrides`: the top-level seed, data.seed,
+data.synthetic.seed, and any other `seed`/`*_seed` key that is set, e.g. calibration.seed,
+align.ppo.seed, reward.train.data_seed), so seed s is one independent replicate of the whole run. A
+point's name is readable: `drift_scale=0.5` (several axes joined by `__`; `default` without a grid).
+
+Runs go through `pipeline.run.run_pipeline`, so its manifest decides what is done: a finished run is
+skipped, an interrupted one (Ctrl-C, kill, a failure) resumes from its stage checkpoints when the same
+sweep command is run again. Runs are sequential by default (in-process; under `accelerate launch` or
+`torchrun` every process joins every run). `--parallel N` runs N at a time as `python -m pipeline.run`
+subprocesses (one process each, torch threads split between them; logs in each run's sweep.log).
+A run that fails is reported and the sweep goes on with the others (exit code 1 at the end).
+
+Aggregation (after the runs, or alone with `--aggregate D`) reads every finished run's
+calibration/metrics.json, calibration/temperatures.json and, when the align stage ran, align/metrics.json
+and align/judgements.json, and writes:
+
+* D/summary.json: for each grid point, RM (or aligned policy, or judged comparison), scope (a source,
+  hh_average, all_average) and metric: mean, sd, n seeds and a 95% t-interval over seeds (`t_interval`);
+  and the seed-paired differences MORE - MultiTask, MORE - Uniform and Uniform - MultiTask (for aligned
+  policies: per method) with their 95% t-intervals and a sentence (`difference_sentence`: a difference
+  whose interval contains zero is "no significant difference").
+* D/summary.md: the same as readable tables (headline metrics; every source in summary.json).
+* D/plot_<axis>.png: per grid axis, headline metrics (all-source average) vs the axis value, one line per
+  RM with its 95% interval band (one figure per combination of the other axes' values).
+
+The statistics are small pure functions (`t_interval`, `paired_differences`, `difference_sentence`),
+tested against scipy and hand-computed values. D/sweep.json records the sweep's definition so that
+`--aggregate D` knows the points, seeds and axes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipeline.config import RecipeError, load_recipe, recipe_to_dict, yaml_load
+from pipeline.io import atomic_write_json, atomic_write_text
+
+SWEEP_FILE = "sweep.json"
+CONFIDENCE = 0.95
+# Seed-paired differences reported for every grid point: (a, b) means a - b.
+PAIRS = (("more", "multitask"), ("more", "uniform"), ("uniform", "multitask"))
+RM_LABELS = {"more": "MORE", "multitask": "MultiTask", "uniform": "Uniform"}
+# Metrics where a smaller value is better / a larger value is better; others (temperature) have no direction.
+LOWER_IS_BETTER_PREFIXES = ("ece", "ts_ece", "brier", "ts_brier", "nll", "ts_nll", "truth_", "ts_truth_",
+                            "gold_", "ts_gold_", "perplexity", "lose_rate")
+HIGHER_IS_BETTER = ("accuracy", "gold_reward", "win_rate", "win_minus_lose")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics: pure functions
+
+
+def t_interval(values, confidence: float = CONFIDENCE) -> dict:
+    """Mean, sample sd (ddof=1), n and the two-sided t-interval of the mean over `values` (None skipped).
+
+    With n < 2 there is no sd and no interval (their fields are None); with sd = 0 the interval is the mean.
+    """
+    from scipy.stats import t as student_t
+
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(xs)
+    out = {"mean": None, "sd": None, "n": n, "low": None, "high": None, "confidence": confidence}
+    if n == 0:
+        return out
+    mean = math.fsum(xs) / n
+    out["mean"] = mean
+    if n < 2:
+        return out
+    sd = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
+    half = float(student_t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    out.update(sd=sd, low=mean - half, high=mean + half)
+    return out
+
+
+def paired_differences(a: dict, b: dict) -> dict:
+    """{seed: a[seed] - b[seed]} over the seeds where both have a value (the pairing removes seed noise
+    shared by both RMs, e.g. the data draw)."""
+    return {s: a[s] - b[s] for s in a if s in b and a[s] is not None and b[s] is not None}
+
+
+def direction(metric: str) -> str | None:
+    """'lower' or 'higher' (which value is better), None when the metric has no better direction."""
+    if metric in HIGHER_IS_BETTER:
+        return "higher"
+    if metric.startswith(LOWER_IS_BETTER_PREFIXES):
+        return "lower"
+    return None
+
+
+def is_significant(stats: dict) -> bool | None:
+    """True when the interval excludes zero, False when it contains it, None without an interval."""
+    if stats.get("low") is None or stats.get("high") is None:
+        return None
+    return not (stats["low"] <= 0.0 <= stats["high"])
+
+
+def difference_sentence(a: str, b: str, what: str, stats: dict, better: str | None) -> str:
+    """One sentence about the seed-paired difference a - b, following the rule: an interval that
+    contains zero is "no significant difference"; otherwise say which is lower/higher (and better)."""
+    n = stats.get("n", 0)
+    if stats.get("mean") is None:
+        return f"{what}: {a} - {b} not available (no seed has both)."
+    if is_significant(stats) is None:
+        return f"{what}: {a} - {b} = {stats['mean']:+.4f} from {n} paired seed(s); too few seeds for an interval."
+    ci = (f"{a} - {b} = {stats['mean']:+.4f}, {100 * stats['confidence']:.0f}% CI "
+          f"[{stats['low']:+.4f}, {stats['high']:+.4f}], {n} paired seeds")
+    if not is_significant(stats):
+        return f"{what}: no significant difference between {a} and {b} ({ci})."
+    side = "lower" if stats["mean"] < 0 else "higher"
+    if better is None:
+        return f"{what}: {a} is {side} than {b} ({ci})."
+    verdict = "better" if side == better else "worse"
+    return f"{what}: {a} is {verdict} than {b} ({side}; {ci})."
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sweep definition: seeds, grid, points, per-run overrides
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' or '0-4' (inclusive) or a mix ('0-2,7') -> sorted distinct seeds."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
+        try:
+            if m:
+                lo, hi = int(m.group(1)), int(m.group(2))
+                if hi < lo:
+                    raise ValueError
+                seeds += list(range(lo, hi + 1))
+            else:
+                seeds.append(int(part))
+        except ValueError:
+            raise RecipeError(f"--seeds {text!r}: {part!r} is not a seed or a range like 0-4") from None
+    if not seeds:
+        raise RecipeError(f"--seeds {text!r}: no seed given (e.g. --seeds 0,1,2)")
+    return sorted(set(seeds))
+
+
+def split_top_level(text: str, sep: str = ",") -> list[str]:
+    """Split on `sep` outside brackets, braces and quotes: 'a,[b,c],d' -> ['a', '[b,c]', 'd']."""
+    parts, depth, quote, cur = [], 0, None, []
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts]
+
+
+def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
+    """['key=v1,v2', ...] -> [(key, ['v1', 'v2']), ...]; each value stays YAML text (parsed as an override)."""
+    grid: list[tuple[str, list[str]]] = []
+    for item in items:
+        if "=" not in item:
+            raise RecipeError(f"--grid {item!r} is not of the form key.sub=v1,v2,...")
+        key, values = item.split("=", 1)
+        key = key.strip()
+        vals = [v for v in split_top_level(values) if v != ""]
+        if not key or not vals:
+            raise RecipeError(f"--grid {item!r}: needs a key and at least one value")
+        if any(k == key for k, _ in grid):
+            raise RecipeError(f"--grid: key {key!r} given twice; list all its values in one --grid")
+        if len(set(vals)) != len(vals):
+            raise RecipeError(f"--grid {item!r}: a value is repeated")
+        if key.split(".")[-1] == "seed" or key.split(".")[-1].endswith("_seed"):
+            raise RecipeError(f"--grid {key}: seeds are set by --seeds (into every seed field), not by the grid")
+        grid.append((key, vals))
+    return grid
+
+
+def axis_labels(keys: list[str]) -> dict[str, str]:
+    """Short label per grid key: its last segment, or the whole dotted key where last segments clash."""
+    last = [k.split(".")[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+
+
+def _safe(text: str) -> str:
+    """A readable directory-name piece: 'methods=[more, uniform]' -> 'methods=more+uniform'."""
+    text = re.sub(r"[\[\]{}()'\" ]", "", text).replace(",", "+")
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", text).strip("_") or "_"
+
+
+def grid_points(grid: list[tuple[str, list[str]]]) -> list[dict]:
+    """Every combination of the grid's values, in order: [{"name", "values": {key: text}}]."""
+    if not grid:
+        return [{"name": "default", "values": {}}]
+    keys = [k for k, _ in grid]
+    labels = axis_labels(keys)
+    points = []
+    for combo in itertools.product(*(vals for _, vals in grid)):
+        name = "__".join(_safe(f"{labels[k]}={v}") for k, v in zip(keys, combo))
+        points.append({"name": name, "values": dict(zip(keys, combo))})
+    names = [p["name"] for p in points]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"--grid values give clashing directory names {names}; use values that differ in "
+                          "letters or digits")
+    return points
+
+
+def seed_fields(plain: dict, prefix: str = "") -> list[str]:
+    """Dotted paths of every seed field that is set (not null) in a resolved recipe (`recipe_to_dict`):
+    keys named `seed` or ending in `_seed`, at any depth (lists are indexed by number)."""
+    paths = []
+    items = plain.items() if isinstance(plain, dict) else enumerate(plain) if isinstance(plain, list) else []
+    for k, v in items:
+        path = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, (dict, list)):
+            paths += seed_fields(v, path)
+        elif isinstance(k, str) and (k == "seed" or k.endswith("_seed")) and v is not None and not isinstance(v, bool):
+            paths.append(path)
+    return paths
+
+
+def seed_overrides(recipe, seed: int) -> list[str]:
+    """Overrides that put `seed` in every seed field of `recipe`. The top-level seed drives model init,
+    training order, mixing and alignment; data.seed the train/valid/test cut; data.synthetic.seed the
+    synthetic benchmark's draw; a null calibration.seed already follows the top-level one."""
+    return [f"{p}={int(seed)}" for p in seed_fields(recipe_to_dict(recipe))]
+
+
+@dataclass
+class SweepRun:
+    point: str
+    seed: int
+    dir: str
+    overrides: list[str] = field(default_factory=list)
+
+
+def build_runs(recipe_arg: str, overrides: list[str], points: list[dict], seeds: list[int], out: Path
+               ) -> list[SweepRun]:
+    """Every (point x seed) with its full override list; loads each recipe once, so a bad key or value
+    fails here, before anything runs."""
+    runs = []
+    for point in points:
+        base = list(overrides) + [f"{k}={v}" for k, v in point["values"].items()]
+        recipe = load_recipe(recipe_arg, base)
+        for seed in seeds:
+            full = base + seed_overrides(recipe, seed)
+            load_recipe(recipe_arg, full)  # validate
+            runs.append(SweepRun(point["name"], seed, str(out / point["name"] / f"seed-{seed}"), full))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running
+
+
+def run_state(recipe, run_dir: Path, stages) -> tuple[str, str]:
+    """('done' | 'todo', why) from the run's manifest: done when every selected stage is up to date."""
+    from pipeline.run import plan, read_manifest, select_stages
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "manifest.json").exists():
+        return "todo", "never run"
+    selected = select_stages(stages, recipe.stages)
+    steps = plan(recipe, run_dir, read_manifest(run_dir), selected, [])
+    todo = [s for s in steps if s["action"] == "run"]
+    if not todo:
+        return "done", "every selected stage is up to date"
+    return "todo", f"{todo[0]['stage']}: {todo[0]['reason']}"
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _say(msg: str) -> None:
+    if _is_main():
+        print(f"[sweep] {msg}", file=sys.stderr, flush=True)
+
+
+def run_sequential(recipe_arg: str, runs: list[SweepRun], stages) -> dict[str, str]:
+    """Run each run in this process (all processes of an `accelerate launch` join each one)."""
+    from pipeline.run import run_pipeline
+
+    failed: dict[str, str] = {}
+    for i, r in enumerate(runs, 1):
+        recipe = load_recipe(recipe_arg, r.overrides)
+        state, why = run_state(recipe, Path(r.dir), stages)
+        if state == "done":
+            _say(f"({i}/{len(runs)}) {r.point} seed {r.seed}: done, skipped")
+            continue
+        _say(f"({i}/{len(runs)}) {r.point} seed {r.seed}: running ({why}) -> {r.dir}")
+        t0 = time.time()
+        try:
+            run_pipeline(recipe, r.dir, stages=stages)
+        except Exception as e:  # noqa: BLE001 - one failed run must not stop the others
+            if _world() > 1:
+                raise
+            failed[r.dir] = f"{type(e).__name__}: {e}"[:300]
+            _say(f"({i}/{len(runs)}) {r.point} seed {r.seed}: FAILED ({failed[r.dir]}); continuing")
+            continue
+        _say(f"({i}/{len(runs)}) {r.point} seed {r.seed}: finished in {time.time() - t0:.0f} s")
+    return failed
+
+
+def run_parallel(recipe_arg: str, runs: list[SweepRun], stages, n: int) -> dict[str, str]:
+    """Run up to `n` runs at a time as `python -m pipeline.run` subprocesses (one process each)."""
+    todo = []
+    for r in runs:
+        state, why = run_state(load_recipe(recipe_arg, r.overrides), Path(r.dir), stages)
+        if state == "done":
+            _say(f"{r.point} seed {r.seed}: done, skipped")
+        else:
+            todo.append((r, why))
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:  # n processes share the cores instead of each grabbing all of them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, min(n, len(todo) or 1))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[1]),
+                                                    env.get("PYTHONPATH", "")] if p)
+    failed: dict[str, str] = {}
+    procs: list[subprocess.Popen] = []
+    stopping = []
+
+    def one(item):
+        r, why = item
+        if stopping:
+            return
+        Path(r.dir).mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pipeline.run", "--recipe", recipe_arg, "--output-dir", r.dir]
+        if stages:
+            cmd += ["--stages", stages if isinstance(stages, str) else ",".join(stages)]
+        _say(f"{r.point} seed {r.seed}: running ({why}); log: {r.dir}/sweep.log")
+        t0 = time.time()
+        with open(Path(r.dir) / "sweep.log", "a") as log:
+            p = subprocess.Popen(cmd + list(r.overrides), stdout=log, stderr=subprocess.STDOUT, env=env)
+            procs.append(p)
+            rc = p.wait()
+        if stopping:
+            return
+        if rc != 0:
+            failed[r.dir] = f"exit code {rc} (see {r.dir}/sweep.log)"
+            _say(f"{r.point} seed {r.seed}: FAILED, {failed[r.dir]}")
+        else:
+            _say(f"{r.point} seed {r.seed}: finished in {time.time() - t0:.0f} s")
+
+    pool = ThreadPoolExecutor(max_workers=n)
+    try:
+        for future in [pool.submit(one, item) for item in todo]:
+            future.result()
+    except BaseException:
+        stopping.append(True)  # queued runs do not start; running ones are told to stop
+        for p in procs:  # each child records its stage as failed and exits 130; a rerun resumes it
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return failed
+
+
+# ---------------------------------------------------------------------------------------------------
+# Collecting one run's numbers
+
+
+def _get(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def calibration_values(metrics: dict, temperatures: dict | None, bins: int) -> list[tuple]:
+    """[(section, rm, scope, metric, value)] from calibration/metrics.json (+ temperatures.json).
+
+    Metrics: accuracy, ece_<bins>, brier, nll and, on synthetic data, truth_mae / truth_ece_<bins> (against
+    the true preference probabilities) and gold_mae; each also after temperature scaling (prefix ts_)."""
+    base = {"accuracy": ("accuracy",), f"ece_{bins}": (f"ece_{bins}",), "brier": ("brier",), "nll": ("nll",),
+            "truth_mae": ("truth", "prob_mae"), f"truth_ece_{bins}": ("truth", f"ece_vs_truth_{bins}"),
+            "gold_mae": ("truth_gold", "prob_mae")}
+    out = []
+    for rm, per_scope in metrics.items():
+        if not isinstance(per_scope, dict):
+            continue
+        for scope, m in per_scope.items():
+            if not isinstance(m, dict):
+                continue
+            for name, keys in base.items():
+                v = _get(m, *keys)
+                if isinstance(v, (int, float)):
+                    out.append(("calibration", rm, scope, name, float(v)))
+                tv = _get(m, "temperature_scaled", *keys)
+                if name != "accuracy" and isinstance(tv, (int, float)):
+                    out.append(("calibration", rm, scope, f"ts_{name}", float(tv)))
+        t = (temperatures or {}).get(rm)
+        if isinstance(t, (int, float)):
+            out.append(("calibration", rm, "all_average", "temperature", float(t)))
+    return out
+
+
+def align_values(metrics: dict | None, judgements: dict | None) -> list[tuple]:
+    """[(section, name, scope, metric, value)] from align/metrics.json and align/judgements.json:
+    gold reward (per prompt set and 'all') and perplexity (per source) of each policy `<rm>/<method>`;
+    win/lose rates of each judged comparison `<method>: <a> vs <b>` per prompt set."""
+    out = []
+    for policy, m in (_get(metrics, "policies") or {}).items():
+        for scope, g in (_get(m, "gold") or {}).items():
+            if isinstance(_get(g, "mean"), (int, float)):
+                out.append(("align", policy, scope, "gold_reward", float(g["mean"])))
+        for scope, p in (_get(m, "perplexity") or {}).items():
+            if isinstance(p, (int, float)):
+                out.append(("align", policy, scope, "perplexity", float(p)))
+    for label, per_set in (judgements or {}).items():
+        for scope, e in (per_set or {}).items():
+            w, lose = _get(e, "win"), _get(e, "lose")
+            if isinstance(w, (int, float)) and isinstance(lose, (int, float)):
+                out += [("judge", label, scope, "win_rate", float(w)),
+                        ("judge", label, scope, "lose_rate", float(lose)),
+                        ("judge", label, scope, "win_minus_lose", float(w) - float(lose))]
+    return out
+
+
+def collect_run(run_dir: Path, bins: int | None = None) -> list[tuple]:
+    """Every headline value a finished run wrote (empty when it has none yet)."""
+    run_dir = Path(run_dir)
+    metrics = _read(run_dir / "calibration" / "metrics.json")
+    out = []
+    if isinstance(metrics, dict):
+        cfg = _read(run_dir / "calibration" / "config.json") or {}
+        b = bins or int(cfg.get("headline_bins") or 10)
+        out += calibration_values(metrics, _read(run_dir / "calibration" / "temperatures.json"), b)
+    out += align_values(_read(run_dir / "align" / "metrics.json"), _read(run_dir / "align" / "judgements.json"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Aggregation
+
+
+def pair_names(a: str, b: str, names: list[str]) -> list[tuple[str, str]]:
+    """The (name_a, name_b) to compare for RMs a and b: 'more' vs 'multitask' for calibration rows,
+    'more/rjs' vs 'multitask/rjs' (same method) for aligned policies."""
+    out = []
+    for n in names:
+        head, sep, tail = n.partition("/")
+        if head == a and (f"{b}{sep}{tail}" in names):
+            out.append((n, f"{b}{sep}{tail}"))
+    return out
+
+
+def aggregate_point(per_seed: dict[int, list[tuple]], confidence: float = CONFIDENCE) -> dict:
+    """{"metrics": [...], "differences": [...]} for one grid point from {seed: collect_run(...)}."""
+    table: dict[tuple, dict[int, float]] = {}
+    for seed, rows in per_seed.items():
+        for section, name, scope, metric, value in rows:
+            table.setdefault((section, name, scope, metric), {})[seed] = value
+    metrics = []
+    for (section, name, scope, metric), vals in table.items():
+        stats = t_interval(list(vals.values()), confidence)
+        metrics.append({"section": section, "rm": name, "scope": scope, "metric": metric, **stats,
+                        "values": {str(s): v for s, v in sorted(vals.items())}})
+    differences = []
+    for section in ("calibration", "align"):
+        names = sorted({k[1] for k in table if k[0] == section})
+        for a, b in PAIRS:
+            for na, nb in pair_names(a, b, names):
+                keys = sorted({(k[2], k[3]) for k in table if k[0] == section and k[1] == na})
+                for scope, metric in keys:
+                    diffs = paired_differences(table[(section, na, scope, metric)],
+                                               table.get((section, nb, scope, metric), {}))
+                    if not diffs:
+                        continue
+                    stats = t_interval(list(diffs.values()), confidence)
+                    what = f"{metric_label(metric)}, {scope}" + (f" ({na.partition('/')[2]})" if "/" in na else "")
+                    differences.append({
+                        "section": section, "a": na, "b": nb, "scope": scope, "metric": metric, **stats,
+                        "significant": is_significant(stats), "better": direction(metric),
+                        "values": {str(s): v for s, v in sorted(diffs.items())},
+                        "sentence": difference_sentence(rm_label(na), rm_label(nb), what, stats, direction(metric)),
+                    })
+    return {"metrics": metrics, "differences": differences}
+
+
+def rm_label(name: str) -> str:
+    head, sep, tail = name.partition("/")
+    return RM_LABELS.get(head, head) + (f"/{tail}" if sep else "")
+
+
+def metric_label(metric: str) -> str:
+    ts = metric.startswith("ts_")
+    base = metric[3:] if ts else metric
+    m = re.fullmatch(r"(ece|truth_ece)_(\d+)", base)
+    if m:
+        base = f"ECE{m.group(2)}" if m.group(1) == "ece" else f"ECE{m.group(2)} vs true probabilities"
+    else:
+        base = {"accuracy": "accuracy", "brier": "Brier", "nll": "NLL", "truth_mae": "MAE vs true prob.",
+                "gold_mae": "MAE vs gold prob.", "temperature": "temperature T", "gold_reward": "gold reward",
+                "perplexity": "perplexity", "win_rate": "win rate", "lose_rate": "lose rate",
+                "win_minus_lose": "win - lose"}.get(base, base)
+    return f"{base} after temperature scaling" if ts else base
+
+
+def aggregate(out_dir: str | os.PathLike, confidence: float = CONFIDENCE, verify: bool = True) -> dict:
+    """Read D/sweep.json and every run's results; write D/summary.json, D/summary.md and the plots.
+
+    With `verify` (the default) a run counts only when its manifest shows every selected stage up to date
+    for the sweep's current definition (recipe + overrides + grid values + seed), so results of a run whose
+    settings have changed since, or that has not finished, are never aggregated."""
+    out_dir = Path(out_dir)
+    sweep = _read(out_dir / SWEEP_FILE)
+    if not isinstance(sweep, dict):
+        raise RecipeError(f"{out_dir / SWEEP_FILE} not found or unreadable: {out_dir} is not a sweep directory "
+                          "(run python -m pipeline.sweep ... --output-dir there first)")
+    defined = {(r["point"], int(r["seed"])): r for r in sweep.get("runs", [])}
+    summary = {"sweep": sweep, "confidence": confidence, "points": {}}
+    for point in sweep["points"]:
+        per_seed, runs = {}, {}
+        for seed in sweep["seeds"]:
+            run_dir = out_dir / point["name"] / f"seed-{seed}"
+            if verify:
+                run = defined.get((point["name"], int(seed)))
+                if run is None:
+                    runs[str(seed)] = "not in the sweep definition"
+                    continue
+                state, why = run_state(load_recipe(sweep["recipe"], run["overrides"]), run_dir, sweep.get("stages"))
+                if state != "done":
+                    runs[str(seed)] = f"not done ({why})"
+                    continue
+            rows = collect_run(run_dir)
+            runs[str(seed)] = "collected" if rows else "no results"
+            if rows:
+                per_seed[seed] = rows
+        summary["points"][point["name"]] = {"grid": point["values"], "runs": runs, "n_runs": len(per_seed),
+                                            **aggregate_point(per_seed, confidence)}
+    atomic_write_json(out_dir / "summary.json", summary)
+    plots = write_plots(out_dir, summary)
+    atomic_write_text(out_dir / "summary.md", render_summary(summary, plots))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rendering
+
+
+VERDICTS = {True: "significant", False: "no significant difference", None: "too few seeds"}
+
+
+def _fmt(x, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def cell(stats: dict | None) -> str:
+    """'0.0512 [0.0401, 0.0623]' (mean and interval); '0.0512 (n=1)' without an interval."""
+    if not stats or stats.get("mean") is None:
+        return "-"
+    if stats.get("low") is None:
+        return f"{_fmt(stats['mean'])} (n={stats['n']})"
+    return f"{_fmt(stats['mean'])} [{_fmt(stats['low'])}, {_fmt(stats['high'])}]"
+
+
+def _index(rows: list[dict]) -> dict:
+    return {(r["section"], r.get("rm", r.get("a")), r["scope"], r["metric"]): r for r in rows}
+
+
+def headline_metrics(metrics: list[dict]) -> list[str]:
+    present = {r["metric"] for r in metrics if r["section"] == "calibration"}
+    ece = sorted(m for m in present if re.fullmatch(r"ece_\d+", m))
+    order = ["accuracy", *ece[:1], *[f"ts_{m}" for m in ece[:1]], "temperature", "brier", "nll", "truth_mae",
+             "ts_truth_mae"]
+    return [m for m in order if m in present]
+
+
+def key_metrics(heads: list[str]) -> list[str]:
+    """The metrics compared in the markdown's difference tables and sentences (all are in summary.json)."""
+    return [m for m in heads if m in ("accuracy", "temperature", "truth_mae") or re.fullmatch(r"(ts_)?ece_\d+", m)]
+
+
+def _rms(metrics: list[dict], section: str) -> list[str]:
+    names = sorted({r["rm"] for r in metrics if r["section"] == section})
+    known = [n for n in ("more", "multitask", "uniform") if n in names]
+    return known + [n for n in names if n not in known]
+
+
+def render_summary(summary: dict, plots: list[str] | None = None) -> str:
+    sweep = summary["sweep"]
+    conf = f"{100 * summary['confidence']:.0f}%"
+    lines = ["# Sweep summary", "",
+             f"Recipe `{sweep['recipe']}`, seeds {', '.join(map(str, sweep['seeds']))}, stages "
+             f"{sweep.get('stages') or 'the recipe default'}; overrides: "
+             f"{' '.join(f'`{o}`' for o in sweep.get('overrides', [])) or 'none'}.",
+             "Grid: " + ("; ".join(f"`{k}` in {{{', '.join(v)}}}" for k, v in sweep.get("grid", [])) or "none") + ".",
+             "", f"Cells are `mean [{conf} t-interval over seeds]`. Differences are seed-paired (the same seed's "
+             f"runs share their data draw). Rule: a difference whose {conf} interval contains zero is "
+             "\"no significant difference\". Every source and metric is in summary.json.", ""]
+    if plots:
+        lines += ["Plots: " + ", ".join(f"[{p}]({p})" for p in plots), ""]
+    if len(summary["points"]) > 1:
+        lines += overview(summary)
+    for name, p in summary["points"].items():
+        lines += [f"## {name}", ""]
+        if p["grid"]:
+            lines += ["Grid values: " + ", ".join(f"`{k}={v}`" for k, v in p["grid"].items()), ""]
+        missing = [f"{s}: {st}" for s, st in p["runs"].items() if st != "collected"]
+        lines += [f"Seeds with results: {p['n_runs']} of {len(p['runs'])}"
+                  + (f" (missing: {'; '.join(missing)})" if missing else "") + ".", ""]
+        idx = _index(p["metrics"])
+        heads = headline_metrics(p["metrics"])
+        rms = _rms(p["metrics"], "calibration")
+        sources = [s for s in dict.fromkeys(r["scope"] for r in p["metrics"] if r["section"] == "calibration")
+                   if s not in ("all_average", "hh_average")]
+        scopes = ["all_average"] + (["hh_average"] if set(sources) != {"helpful", "harmless"} else [])
+        for scope, title in (("all_average", "all-source average"), ("hh_average", "Helpful & Harmless average")):
+            if scope not in scopes or not any(("calibration", rm, scope, "accuracy") in idx for rm in rms):
+                continue
+            cols = [m for m in heads if m != "temperature" or scope == "all_average"]
+            lines += [f"### Calibration, {title}", "", "| RM | " + " | ".join(metric_label(m) for m in cols) + " |",
+                      "|---" * (len(cols) + 1) + "|"]
+            for rm in rms:
+                lines.append(f"| {rm_label(rm)} | " + " | ".join(cell(idx.get(("calibration", rm, scope, m)))
+                                                                 for m in cols) + " |")
+            lines.append("")
+        ece = next((m for m in heads if m.startswith("ece_")), None)
+        if sources and ece:
+            for m in (ece, f"ts_{ece}"):
+                lines += [f"### {metric_label(m)} per source", "", "| RM | " + " | ".join(sources) + " |",
+                          "|---" * (len(sources) + 1) + "|"]
+                for rm in rms:
+                    lines.append(f"| {rm_label(rm)} | " + " | ".join(cell(idx.get(("calibration", rm, s, m)))
+                                                                     for s in sources) + " |")
+                lines.append("")
+        pols = _rms(p["metrics"], "align")
+        if pols:
+            sets = sorted({r["scope"] for r in p["metrics"]
+                           if r["section"] == "align" and r["metric"] == "gold_reward"})
+            lines += ["### Aligned policies: gold reward", "", "| policy | " + " | ".join(sets) + " |",
+                      "|---" * (len(sets) + 1) + "|"]
+            for pol in pols:
+                lines.append(f"| {pol} | " + " | ".join(cell(idx.get(("align", pol, s, "gold_reward"))) for s in sets)
+                             + " |")
+            lines.append("")
+        judged = sorted({r["rm"] for r in p["metrics"] if r["section"] == "judge"})
+        if judged:
+            lines += ["### Judgements (all prompt sets)", "", "| comparison | win rate | lose rate | win - lose |",
+                      "|---|---|---|---|"]
+            for j in judged:
+                lines.append(f"| {j} | " + " | ".join(cell(idx.get(("judge", j, "all", m)))
+                                                       for m in ("win_rate", "lose_rate", "win_minus_lose")) + " |")
+            lines.append("")
+        keys = key_metrics(heads)
+        diffs = [d for d in p["differences"]
+                 if (d["section"] == "calibration" and d["scope"] in scopes and d["metric"] in keys)
+                 or (d["section"] == "align" and d["metric"] == "gold_reward" and d["scope"] == "all")]
+        diffs.sort(key=lambda d: (d["section"] != "calibration", d["scope"] != "all_average",
+                                  keys.index(d["metric"]) if d["metric"] in keys else 0))
+        if diffs:
+            lines += ["### Seed-paired differences", "",
+                      f"| difference | metric | scope | mean [{conf} CI] | n | verdict |",
+                      "|---|---|---|---|---|---|"]
+            for d in diffs:
+                sig = VERDICTS[d["significant"]]
+                lines.append(f"| {rm_label(d['a'])} - {rm_label(d['b'])} | {metric_label(d['metric'])} | "
+                             f"{d['scope']} | {cell(d)} | {d['n']} | {sig} |")
+            lines += ["", "In words:", ""]
+            lines += [f"- {d['sentence']}" for d in diffs if d["section"] == "align" or d["scope"] == "all_average"]
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def overview(summary: dict) -> list[str]:
+    """Across grid points: each RM's all-source ECE (before / after temperature scaling) and the paired
+    differences with their verdicts, one row per point."""
+    allm = [m for p in summary["points"].values() for m in p["metrics"]]
+    heads = headline_metrics(allm)
+    rms = _rms(allm, "calibration")
+    out = []
+    for metric in [m for m in heads if re.fullmatch(r"(ts_)?ece_\d+", m) or m == "temperature"]:
+        pairs = [(a, b) for a, b in PAIRS if a in rms and b in rms]
+        out += [f"## Overview: {metric_label(metric)}, all-source average", "",
+                "| point | " + " | ".join(rm_label(r) for r in rms) + " | "
+                + " | ".join(f"{rm_label(a)} - {rm_label(b)}" for a, b in pairs) + " |",
+                "|---" * (1 + len(rms) + len(pairs)) + "|"]
+        for name, p in summary["points"].items():
+            idx = _index(p["metrics"])
+            diffs = []
+            for a, b in pairs:
+                d = next((x for x in p["differences"] if x["section"] == "calibration" and x["a"] == a
+                          and x["b"] == b and x["scope"] == "all_average" and x["metric"] == metric), None)
+                diffs.append("-" if d is None else f"{cell(d)} {VERDICTS[d['significant']]}")
+            out.append(f"| {name} | " + " | ".join(cell(idx.get(("calibration", r, "all_average", metric)))
+                                                    for r in rms) + " | " + " | ".join(diffs) + " |")
+        out.append("")
+    return out
+
+
+def _number(text: str):
+    try:
+        v = yaml_load(text)
+    except Exception:  # noqa: BLE001 - any unparsable value is plotted as a category
+        return None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+PLOT_METRICS = ("ece", "ts_ece", "accuracy", "temperature")
+
+
+def write_plots(out_dir: Path, summary: dict) -> list[str]:
+    """One PNG per grid axis (and per combination of the other axes' values): the all-source average of
+    each headline metric vs the axis value, one line per RM, the t-interval as a band. Returns file names."""
+    grid = summary["sweep"].get("grid") or []
+    if not grid:
+        return []
+    points = summary["points"]
+    any_point = next(iter(points.values()), None)
+    if any_point is None:
+        return []
+    heads = headline_metrics([m for p in points.values() for m in p["metrics"]])
+    ece = next((m for m in heads if m.startswith("ece_")), None)
+    panels = [m for m in ("accuracy", ece, f"ts_{ece}" if ece else None, "temperature") if m and m in heads]
+    if not panels:
+        return []
+    from pipeline.calibration.plots import _plt, _save
+
+    plt = _plt()
+    keys = [k for k, _ in grid]
+    labels = axis_labels(keys)
+    written = []
+    for key, values in grid:
+        others = [k for k in keys if k != key]
+        combos = itertools.product(*(dict(grid)[k] for k in others)) if others else [()]
+        for combo in combos:
+            fixed = dict(zip(others, combo))
+            nums = [_number(v) for v in values]
+            xs = nums if all(n is not None for n in nums) else list(range(len(values)))
+            fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+            for ax, metric in zip(axes[0], panels):
+                rms = []
+                for p in points.values():
+                    rms += [r["rm"] for r in p["metrics"] if r["section"] == "calibration" and r["metric"] == metric]
+                for rm in sorted(set(rms), key=lambda n: (n not in RM_LABELS, n)):
+                    ys, lo, hi, xx = [], [], [], []
+                    for x, v in zip(xs, values):
+                        pt = next((p for p in points.values() if p["grid"].get(key) == v
+                                   and all(p["grid"].get(k) == fv for k, fv in fixed.items())), None)
+                        r = _index(pt["metrics"]).get(("calibration", rm, "all_average", metric)) if pt else None
+                        if r and r["mean"] is not None:
+                            xx.append(x)
+                            ys.append(r["mean"])
+                            lo.append(r["low"] if r["low"] is not None else r["mean"])
+                            hi.append(r["high"] if r["high"] is not None else r["mean"])
+                    if xx:
+                        line = ax.plot(xx, ys, marker="o", label=rm_label(rm))[0]
+                        ax.fill_between(xx, lo, hi, alpha=0.2, color=line.get_color())
+                ax.set_xlabel(labels[key])
+                ax.set_title(metric_label(metric) + " (all sources)", fontsize=9)
+                if xs != nums:
+                    ax.set_xticks(xs, values)
+                ax.grid(alpha=0.3)
+            axes[0][0].legend(fontsize=8)
+            sub = "" if not fixed else " (" + ", ".join(f"{labels[k]}={v}" for k, v in fixed.items()) + ")"
+            fig.suptitle(f"mean and {100 * summary['confidence']:.0f}% t-interval over seeds{sub}", fontsize=9)
+            name = "plot_" + _safe(labels[key]) + "".join("__" + _safe(f"{labels[k]}={v}") for k, v in fixed.items())
+            _save(fig, out_dir / f"{name}.png")
+            written.append(f"{name}.png")
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.sweep",
+        description="Run a recipe over seeds x a grid (each run a pipeline.run directory D/<point>/seed-<s>/), "
+                    "skipping finished runs, then aggregate means and 95%% t-intervals into D/summary.{json,md}.")
+    p.add_argument("--recipe", default="tiny-cpu", help="preset name or path to a YAML recipe (default: tiny-cpu)")
+    p.add_argument("--seeds", default="0,1,2", help="seeds, e.g. 0,1,2 or 0-4 (default: 0,1,2)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a grid axis: recipe key and its values (YAML; lists in brackets); repeatable, the grid is "
+                        "the product of the axes")
+    p.add_argument("--stages", default=None, help="comma-separated stages for every run (default: the recipe's)")
+    p.add_argument("--output-dir", default=None, help="sweep directory D (required unless --aggregate)")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="runs at a time, as subprocesses (default 1: sequential, in-process)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done, run nothing")
+    p.add_argument("--aggregate", default=None, metavar="D", help="only re-aggregate the sweep in D")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides applied to every run")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.aggregate:
+            if _is_main():
+                aggregate(args.aggregate)
+                _say(f"wrote {Path(args.aggregate) / 'summary.md'} and summary.json")
+            return 0
+        if not args.output_dir:
+            raise RecipeError("--output-dir D is required (or --aggregate D to re-aggregate an existing sweep)")
+        if args.parallel < 1:
+            raise RecipeError(f"--parallel must be >= 1, got {args.parallel}")
+        if args.parallel > 1 and _world() > 1:
+            raise RecipeError("--parallel N runs subprocesses and cannot be combined with accelerate launch/"
+                              "torchrun (there every run already uses all processes); drop --parallel")
+        out = Path(args.output_dir).resolve()
+        seeds = parse_seeds(args.seeds)
+        grid = parse_grid(args.grid)
+        points = grid_points(grid)
+        if args.stages:
+            from pipeline.run import select_stages
+
+            select_stages(args.stages)  # validate once, with pipeline.run's message
+        runs = build_runs(args.recipe, args.overrides, points, seeds, out)
+        definition = {"recipe": args.recipe, "seeds": seeds, "grid": [[k, v] for k, v in grid],
+                      "stages": args.stages, "overrides": list(args.overrides), "points": points,
+                      "runs": [asdict(r) for r in runs]}
+        if args.dry_run:
+            if _is_main():
+                for r in runs:
+                    state, why = run_state(load_recipe(args.recipe, r.overrides), Path(r.dir), args.stages)
+                    print(f"{state:5s} {r.point} seed-{r.seed}  {r.dir}  ({why})")
+                    print(f"      overrides: {' '.join(r.overrides)}")
+                print(f"{len(runs)} runs ({len(points)} point(s) x {len(seeds)} seed(s))")
+            return 0
+        if _is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(out / SWEEP_FILE, definition)
+        _say(f"{len(runs)} runs ({len(points)} point(s) x {len(seeds)} seed(s)) in {out}")
+        if args.parallel > 1:
+            failed = run_parallel(args.recipe, runs, args.stages, args.parallel)
+        else:
+            failed = run_sequential(args.recipe, runs, args.stages)
+        if _is_main():
+            aggregate(out)
+            _say(f"wrote {out / 'summary.md'} and summary.json")
+        if failed:
+            _say(f"{len(failed)} run(s) failed; rerun the same command to retry them:")
+            for d, why in failed.items():
+                _say(f"  {d}: {why}")
+            return 1
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({e or 'Ctrl-C'}); run the same command again to resume the sweep", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    from pipeline.run import _on_sigterm, _setup_logging, threading_is_main
+
+    _setup_logging()
+    if threading_is_main():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    sys.exit(main())

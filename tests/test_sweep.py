@@ -1,0 +1,371 @@
+"""`pipeline.sweep`: the across-seed statistics (hand-computed values, scipy), the sweep definition (seeds,
+grid, point names, every seed field), aggregation of fake run directories with known numbers, and one
+real 2-seed sweep of the tiny recipe that is interrupted and resumed."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import pipeline.sweep as S
+from pipeline.config import RecipeError, load_recipe, recipe_to_dict
+
+T975 = {2: 12.706204736174707, 3: 4.302652729911275, 4: 3.182446305284263}  # t_{0.975, n-1} from tables
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def test_t_interval_matches_hand_computed_values():
+    r = S.t_interval([1.0, 2.0, 3.0, 4.0])
+    sd = math.sqrt(5.0 / 3.0)  # sum of squares 5, n - 1 = 3
+    half = T975[4] * sd / 2.0
+    assert r["n"] == 4 and r["mean"] == 2.5
+    assert r["sd"] == pytest.approx(sd, rel=1e-12)
+    assert (r["low"], r["high"]) == (pytest.approx(2.5 - half, rel=1e-12), pytest.approx(2.5 + half, rel=1e-12))
+    assert r["low"] == pytest.approx(0.445739, abs=1e-6) and r["high"] == pytest.approx(4.554261, abs=1e-6)
+
+
+def test_t_interval_matches_scipy_and_edge_cases():
+    from scipy import stats
+
+    xs = [0.051, 0.047, 0.062, 0.039, 0.058]
+    r = S.t_interval(xs, confidence=0.9)
+    lo, hi = stats.t.interval(0.9, len(xs) - 1, loc=sum(xs) / len(xs), scale=stats.sem(xs))
+    assert (r["low"], r["high"]) == (pytest.approx(lo, rel=1e-12), pytest.approx(hi, rel=1e-12))
+    one = S.t_interval([0.3, None])  # None (a missing run) is skipped; one value has no interval
+    assert one["n"] == 1 and one["mean"] == 0.3 and one["sd"] is None and one["low"] is None
+    assert S.t_interval([])["mean"] is None
+    flat = S.t_interval([0.2, 0.2, 0.2])
+    assert flat["sd"] == pytest.approx(0, abs=1e-15) and flat["low"] == pytest.approx(flat["high"], abs=1e-14)
+
+
+def test_paired_difference_and_sentence_rule():
+    more = {0: 0.10, 1: 0.12, 2: 0.08, 3: 0.5}
+    multitask = {0: 0.11, 1: 0.15, 2: 0.10}
+    d = S.paired_differences(more, multitask)  # seed 3 has no partner
+    assert d == pytest.approx({0: -0.01, 1: -0.03, 2: -0.02})
+    st = S.t_interval(d.values())
+    half = T975[3] * 0.01 / math.sqrt(3)  # sd of (-0.01, -0.03, -0.02) is 0.01
+    assert st["mean"] == pytest.approx(-0.02) and st["sd"] == pytest.approx(0.01)
+    assert st["low"] == pytest.approx(-0.02 - half) and st["high"] == pytest.approx(-0.02 + half)
+    assert st["high"] > 0  # the interval contains zero
+    assert S.is_significant(st) is False
+    s = S.difference_sentence("MORE", "MultiTask", "ECE10, all_average", st, S.direction("ece_10"))
+    assert "no significant difference between MORE and MultiTask" in s and "3 paired seeds" in s
+
+    st2 = S.t_interval(S.paired_differences({0: 0.10, 1: 0.12, 2: 0.08}, {0: 0.12, 1: 0.15, 2: 0.105}).values())
+    assert st2["high"] < 0 and S.is_significant(st2) is True
+    assert "MORE is better than MultiTask (lower;" in S.difference_sentence("MORE", "MultiTask", "ECE", st2, "lower")
+    assert "MORE is worse than MultiTask (lower;" in S.difference_sentence("MORE", "MultiTask", "acc", st2, "higher")
+    assert "MORE is lower than MultiTask" in S.difference_sentence("MORE", "MultiTask", "T", st2, None)
+    few = S.t_interval([0.01])
+    assert "too few seeds" in S.difference_sentence("MORE", "Uniform", "ECE", few, "lower")
+    assert S.direction("ts_ece_10") == "lower" and S.direction("accuracy") == "higher"
+    assert S.direction("temperature") is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sweep definition
+
+
+def test_seeds_grid_and_point_names():
+    assert S.parse_seeds("0,1,2") == [0, 1, 2]
+    assert S.parse_seeds("0-3,7,2") == [0, 1, 2, 3, 7]
+    for bad in ("", "a", "3-1"):
+        with pytest.raises(RecipeError, match="--seeds"):
+            S.parse_seeds(bad)
+    grid = S.parse_grid(["data.synthetic.drift_scale=0,0.5", "reward.methods=[more,multitask],[uniform]"])
+    assert grid == [("data.synthetic.drift_scale", ["0", "0.5"]),
+                    ("reward.methods", ["[more,multitask]", "[uniform]"])]
+    names = [p["name"] for p in S.grid_points(grid)]
+    assert names == ["drift_scale=0__methods=more+multitask", "drift_scale=0__methods=uniform",
+                     "drift_scale=0.5__methods=more+multitask", "drift_scale=0.5__methods=uniform"]
+    assert S.grid_points([]) == [{"name": "default", "values": {}}]
+    # Same last segment on two axes: the full dotted keys name the points.
+    both = S.grid_points(S.parse_grid(["data.seedless.x=1", "reward.x=2"]))
+    assert both[0]["name"] == "data.seedless.x=1__reward.x=2"
+    with pytest.raises(RecipeError, match="--seeds"):
+        S.parse_grid(["data.synthetic.seed=1,2"])
+    with pytest.raises(RecipeError, match="twice"):
+        S.parse_grid(["a.b=1", "a.b=2"])
+    with pytest.raises(RecipeError, match="form"):
+        S.parse_grid(["novalue"])
+
+
+def _all_seeds(recipe) -> dict:
+    plain = recipe_to_dict(recipe)
+    out = {}
+    for path in S.seed_fields(plain):
+        node = plain
+        for k in path.split("."):
+            node = node[int(k)] if isinstance(node, list) else node[k]
+        out[path] = node
+    return out
+
+
+def test_seed_reaches_every_seed_field():
+    r = load_recipe("tiny-cpu")
+    assert set(S.seed_fields(recipe_to_dict(r))) == {"seed", "data.seed", "data.synthetic.seed"}
+    extra = ["calibration.seed=11", "align.ppo={seed: 3}", "reward.train.data_seed=5"]
+    r = load_recipe("tiny-cpu", extra)
+    ov = S.seed_overrides(r, 7)
+    assert {o.split("=")[0] for o in ov} == {"seed", "data.seed", "data.synthetic.seed", "calibration.seed",
+                                             "align.ppo.seed", "reward.train.data_seed"}
+    seeded = load_recipe("tiny-cpu", extra + ov)
+    assert set(_all_seeds(seeded).values()) == {7}
+    # A null calibration.seed follows the top-level seed already and is left alone.
+    assert "calibration.seed" not in {o.split("=")[0] for o in S.seed_overrides(load_recipe("tiny-cpu"), 7)}
+
+
+def test_dry_run_lists_every_run_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    rc = S.main(["--recipe", "tiny-cpu", "--seeds", "0,1", "--grid", "data.synthetic.drift_scale=0,2",
+                 "--stages", "reward,calibration", "--output-dir", str(out), "--dry-run", "reward.peft=none"])
+    assert rc == 0
+    lines = capsys.readouterr().out.splitlines()
+    runs = [ln for ln in lines if ln.startswith("todo")]
+    assert len(runs) == 4 and "4 runs (2 point(s) x 2 seed(s))" in lines[-1]
+    assert "drift_scale=2 seed-1" in runs[-1] and str(out / "drift_scale=2" / "seed-1") in runs[-1]
+    assert any("data.synthetic.drift_scale=2 seed=1" in ln and "data.seed=1" in ln for ln in lines)
+    assert not out.exists()
+    assert S.main(["--recipe", "tiny-cpu", "--output-dir", str(out), "--grid", "reward.nope=1", "--dry-run"]) == 2
+    assert S.main(["--seeds", "0"]) == 2  # no --output-dir
+
+
+# ---------------------------------------------------------------------------------------------------
+# Aggregation of fake run directories with known numbers
+
+
+def _fake_metrics(ece: dict, acc: float) -> dict:
+    """calibration/metrics.json of one RM as the calibration stage writes it (the fields used here)."""
+    def block(e, t):
+        return {"accuracy": acc, "ece_10": e, "brier": 0.2, "nll": 0.6, "temperature": t,
+                "truth": {"prob_mae": 2 * e, "ece_vs_truth_10": e}}
+
+    per = {s: {**block(e, 1.0), "temperature_scaled": block(e / 2, 0.8)} for s, e in ece.items()}
+    avg = sum(ece.values()) / len(ece)
+    per["all_average"] = {**block(avg, 1.0), "temperature_scaled": block(avg / 2, 0.8), "sources": list(ece)}
+    return per
+
+
+ECE = {  # (point, seed) -> {rm: all-source ECE}; two sources with ECE avg +- 0.01
+    ("drift_scale=0", 0): {"more": 0.10, "multitask": 0.11, "uniform": 0.13},
+    ("drift_scale=0", 1): {"more": 0.12, "multitask": 0.15, "uniform": 0.12},
+    ("drift_scale=0", 2): {"more": 0.08, "multitask": 0.10, "uniform": 0.10},
+    ("drift_scale=2", 0): {"more": 0.20, "multitask": 0.22, "uniform": 0.21},
+    ("drift_scale=2", 1): {"more": 0.22, "multitask": 0.25, "uniform": 0.20},
+}
+
+
+def _fake_sweep(root: Path) -> None:
+    points = S.grid_points(S.parse_grid(["data.synthetic.drift_scale=0,2"]))
+    S.atomic_write_json(root / S.SWEEP_FILE, {"recipe": "tiny-cpu", "seeds": [0, 1, 2], "stages": "reward,calibration",
+                                              "grid": [["data.synthetic.drift_scale", ["0", "2"]]], "overrides": [],
+                                              "points": points, "runs": []})
+    for (point, seed), per_rm in ECE.items():
+        cal = root / point / f"seed-{seed}" / "calibration"
+        metrics = {rm: _fake_metrics({"helpful": e - 0.01, "harmless": e + 0.01}, 0.6 + seed / 100)
+                   for rm, e in per_rm.items()}
+        S.atomic_write_json(cal / "metrics.json", metrics)
+        S.atomic_write_json(cal / "temperatures.json", {rm: 1.0 + seed for rm in per_rm})
+        S.atomic_write_json(cal / "config.json", {"headline_bins": 10})
+
+
+def test_aggregate_fake_runs_against_hand_values(tmp_path):
+    _fake_sweep(tmp_path)
+    summary = S.aggregate(tmp_path, verify=False)  # fake runs have no manifest
+    p0 = summary["points"]["drift_scale=0"]
+    assert p0["n_runs"] == 3 and p0["grid"] == {"data.synthetic.drift_scale": "0"}
+    m = {(r["rm"], r["scope"], r["metric"]): r for r in p0["metrics"]}
+    ece = m[("more", "all_average", "ece_10")]
+    assert ece["mean"] == pytest.approx(0.10) and ece["sd"] == pytest.approx(0.02) and ece["n"] == 3
+    half = T975[3] * 0.02 / math.sqrt(3)
+    assert (ece["low"], ece["high"]) == (pytest.approx(0.10 - half), pytest.approx(0.10 + half))
+    assert m[("more", "helpful", "ece_10")]["mean"] == pytest.approx(0.09)
+    assert m[("more", "all_average", "ts_ece_10")]["mean"] == pytest.approx(0.05)
+    assert m[("multitask", "all_average", "temperature")]["mean"] == pytest.approx(2.0)
+    assert m[("uniform", "all_average", "truth_mae")]["mean"] == pytest.approx(2 * 0.35 / 3)
+    assert ("more", "all_average", "ts_accuracy") not in m  # accuracy does not change with T
+
+    d = {(x["a"], x["b"], x["scope"], x["metric"]): x for x in p0["differences"]}
+    assert {(a, b) for a, b, _, _ in d} == {("more", "multitask"), ("more", "uniform"), ("uniform", "multitask")}
+    mm = d[("more", "multitask", "all_average", "ece_10")]  # diffs -0.01, -0.03, -0.02 (hand computed above)
+    assert mm["mean"] == pytest.approx(-0.02) and mm["n"] == 3 and mm["significant"] is False
+    assert mm["high"] == pytest.approx(-0.02 + T975[3] * 0.01 / math.sqrt(3))
+    assert "no significant difference between MORE and MultiTask" in mm["sentence"]
+    um = d[("uniform", "multitask", "all_average", "ece_10")]  # diffs 0.02, -0.03, 0.0
+    assert um["mean"] == pytest.approx(-0.01 / 3)
+
+    p2 = summary["points"]["drift_scale=2"]
+    assert p2["n_runs"] == 2 and p2["runs"]["2"] == "no results"
+    d2 = {(x["a"], x["b"], x["scope"], x["metric"]): x for x in p2["differences"]}
+    mm2 = d2[("more", "multitask", "all_average", "ece_10")]  # diffs -0.02, -0.03: mean -0.025, sd 0.00707
+    assert mm2["mean"] == pytest.approx(-0.025) and mm2["sd"] == pytest.approx(math.sqrt(0.00005))
+    assert mm2["high"] == pytest.approx(-0.025 + T975[2] * math.sqrt(0.00005) / math.sqrt(2))
+
+    md = (tmp_path / "summary.md").read_text()
+    assert "## drift_scale=0" in md and "Seeds with results: 2 of 3 (missing: 2: no results)" in md
+    assert "| MORE | 0." in md and "0.1000 [" in md
+    assert "ECE10, all_average: no significant difference between MORE and MultiTask" in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| drift_scale=0 |"))  # the first overview table
+    assert "-0.0200 [" in row and "no significant difference" in row
+    assert (tmp_path / "plot_drift_scale.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "summary.json").read_text())["confidence"] == 0.95
+
+    # --aggregate on the command line verifies each run against the sweep's definition: these fake runs
+    # are not in it (and have no manifest), so none is counted. No sweep.json: one clean error.
+    (tmp_path / "summary.json").unlink()
+    assert S.main(["--aggregate", str(tmp_path)]) == 0
+    unverified = json.loads((tmp_path / "summary.json").read_text())["points"]["drift_scale=0"]
+    assert unverified["n_runs"] == 0 and unverified["runs"]["0"] == "not in the sweep definition"
+    assert S.main(["--aggregate", str(tmp_path / "nothing")]) == 2
+
+
+def test_align_results_are_aggregated_per_method():
+    metrics = {"policies": {"base": {"gold": {"all": {"mean": -2.0}}, "perplexity": {"helpful": 20.0}},
+                            "more/rjs": {"gold": {"all": {"mean": -1.0}, "helpful": {"mean": -1.5}}},
+                            "multitask/rjs": {"gold": {"all": {"mean": -1.5}}}}}
+    judgements = {"rjs: more vs multitask": {"all": {"win": 0.5, "tie": 0.2, "lose": 0.3, "n": 10}}}
+    rows = S.align_values(metrics, judgements)
+    assert ("align", "more/rjs", "helpful", "gold_reward", -1.5) in rows
+    assert ("align", "base", "helpful", "perplexity", 20.0) in rows
+    assert ("judge", "rjs: more vs multitask", "all", "win_minus_lose", pytest.approx(0.2)) in rows
+    shifted = [(s, n, sc, m, v + 0.1 if n == "more/rjs" else v) for s, n, sc, m, v in rows]
+    agg = S.aggregate_point({0: rows, 1: shifted})
+    d = [x for x in agg["differences"] if x["section"] == "align"]
+    assert [(x["a"], x["b"], x["scope"]) for x in d] == [("more/rjs", "multitask/rjs", "all")]
+    assert d[0]["mean"] == pytest.approx(0.55) and d[0]["better"] == "higher"
+
+
+# ---------------------------------------------------------------------------------------------------
+# A real 2-seed sweep of the tiny recipe: interrupted, resumed (in parallel), re-aggregated
+
+TINY = ["data.synthetic.n_train=40", "data.synthetic.n_valid=16", "data.synthetic.n_test=24",
+        "data.sources=[{name: helpful}, {name: harmless}]", "calibration.bootstrap_samples=0",
+        "calibration.n_bins=[10]", "reward.methods=[more,multitask,uniform]", "reward.train.save_steps=5"]
+
+
+@pytest.mark.slow
+def test_two_seed_sweep_interrupted_then_resumed(tmp_path, monkeypatch, one_thread):
+    import pipeline.calibration.stage as cal
+
+    out = tmp_path / "sweep"
+    args = ["--recipe", "tiny-cpu", "--seeds", "0,1", "--stages", "reward,calibration", "--output-dir", str(out),
+            *TINY]
+    real_run = cal.run
+
+    def interrupted(recipe, run_dir):  # Ctrl-C while seed 1 is in its calibration stage
+        if recipe.seed == 1:
+            raise KeyboardInterrupt("test interrupt")
+        return real_run(recipe, run_dir)
+
+    monkeypatch.setattr(cal, "run", interrupted)
+    assert S.main(args) == 130
+    s0, s1 = out / "default" / "seed-0", out / "default" / "seed-1"
+    m0 = json.loads((s0 / "manifest.json").read_text())
+    m1 = json.loads((s1 / "manifest.json").read_text())
+    assert m0["stages"]["calibration"]["status"] == "done"
+    assert m1["stages"]["reward"]["status"] == "done" and m1["stages"]["calibration"]["status"] == "failed"
+    for m, seed in ((m0, 0), (m1, 1)):  # the seed reached every seed field of each run
+        r = m["recipe"]
+        assert (r["seed"], r["data"]["seed"], r["data"]["synthetic"]["seed"]) == (seed, seed, seed)
+    monkeypatch.setattr(cal, "run", real_run)
+
+    # The same command resumes: seed 0 is skipped, seed 1 keeps its reward models and reruns calibration
+    # (here as a subprocess of --parallel 2, the other run path).
+    before0 = {s: e.get("run_id") for s, e in m0["stages"].items()}
+    reward1 = m1["stages"]["reward"]["run_id"]
+    assert S.main(args + ["--parallel", "2"]) == 0
+    m0 = json.loads((s0 / "manifest.json").read_text())
+    m1 = json.loads((s1 / "manifest.json").read_text())
+    assert {s: e.get("run_id") for s, e in m0["stages"].items()} == before0
+    assert m1["stages"]["reward"]["run_id"] == reward1 and m1["stages"]["calibration"]["status"] == "done"
+    assert "calibration" in (s1 / "sweep.log").read_text() and not (s0 / "sweep.log").exists()
+
+    summary = json.loads((out / "summary.json").read_text())
+    p = summary["points"]["default"]
+    assert p["n_runs"] == 2
+    ece = {(r["rm"], r["scope"]): r for r in p["metrics"] if r["metric"] == "ece_10"}
+    scopes = ("helpful", "harmless", "all_average")
+    assert set(ece) >= {(rm, s) for rm in ("more", "multitask", "uniform") for s in scopes}
+    e = ece[("more", "all_average")]
+    assert e["n"] == 2 and e["values"]["0"] != e["values"]["1"]  # two different replicates
+    assert e["low"] <= e["mean"] <= e["high"]
+    diffs = {(d["a"], d["b"]) for d in p["differences"] if d["metric"] == "ece_10" and d["scope"] == "all_average"}
+    assert diffs == {("more", "multitask"), ("more", "uniform"), ("uniform", "multitask")}
+    assert "Seed-paired differences" in (out / "summary.md").read_text()
+
+    # Everything is done now: a dry run says so; --aggregate alone rebuilds the summary.
+    assert S.main(args + ["--dry-run"]) == 0
+    (out / "summary.md").unlink()
+    assert S.main(["--aggregate", str(out)]) == 0 and (out / "summary.md").exists()
+
+    # A run whose settings changed since it finished is not aggregated (its results are stale).
+    sweep = json.loads((out / "sweep.json").read_text())
+    sweep["runs"][1]["overrides"].append("data.synthetic.drift_scale=2")
+    S.atomic_write_json(out / "sweep.json", sweep)
+    stale = S.aggregate(out)["points"]["default"]
+    assert stale["n_runs"] == 1 and stale["runs"]["1"].startswith("not done (reward: config changed")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Under torchrun every run uses both processes (fake stages, so only the orchestration is measured)
+
+SWEEP_RUNNER = '''
+import sys
+
+import fakepipe
+import pipeline.config as C
+import pipeline.run as R
+import pipeline.sweep as S
+
+fakepipe.install(C, R)
+sys.exit(S.main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sweep_under_torchrun_runs_each_run_on_both_processes(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_run import _free_port, _subprocess_env, write_fakes
+
+    fakes = write_fakes(tmp_path / "fakes")
+    (fakes / "sweep_runner.py").write_text(SWEEP_RUNNER)
+    env = _subprocess_env(fakes, tmp_path)
+    env["OMP_NUM_THREADS"] = "1"
+    out = tmp_path / "sweep"
+    args = [str(fakes / "sweep_runner.py"), "--recipe", str(fakes / "fake.yaml"), "--seeds", "0,1",
+            "--grid", "data.n=1,2", "--stages", "reward,calibration", "--output-dir", str(out)]
+
+    def torchrun():
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), *args]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    p = torchrun()
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = (tmp_path / "calls.log").read_text().split("\n")
+    for stage in ("reward", "calibration"):
+        for rank in ("0", "1"):
+            assert lines.count(f"{stage} end {rank}") == 4, (stage, rank)  # 2 points x 2 seeds, on each rank
+    for point in ("n=1", "n=2"):
+        for seed in (0, 1):
+            m = json.loads((out / point / f"seed-{seed}" / "manifest.json").read_text())
+            assert m["recipe"]["seed"] == seed and m["recipe"]["data"]["n"] == int(point[-1])
+            assert m["stages"]["calibration"]["status"] == "done" and m["stages"]["calibration"]["world_size"] == 2
+    summary = json.loads((out / "summary.json").read_text())  # written once, by the main process
+    assert summary["points"]["n=2"]["runs"] == {"0": "no results", "1": "no results"}  # fakes write no metrics
+    assert p.stderr.count("wrote ") == 1
+
+    (tmp_path / "calls.log").unlink()
+    p = torchrun()  # everything is done: both ranks skip every run
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert not (tmp_path / "calls.log").exists() and p.stderr.count("done, skipped") == 4
