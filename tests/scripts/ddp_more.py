@@ -13,6 +13,7 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.reward.trainer import MORERewardTrainer  # noqa: E402
+from pipeline.run import shutdown_distributed  # noqa: E402
 from tests import reward_helpers as H  # noqa: E402
 
 
@@ -55,6 +56,8 @@ def main():
     if not zero:
         result["weight_sum"] = float(sum(p.detach().double().sum() for p in trainer.model.parameters()))
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    del trainer, rec
+    shutdown_distributed()  # deterministic teardown: no rank may abort at interpreter exit
 
 
 if __name__ == "__main__":
