@@ -310,7 +310,7 @@ def _flat(d, prefix=""):
     return out
 
 
-def fingerprint_changes(old: dict, new: dict, limit: int = 4) -> str:
+def fingerprint_changes(old: dict, new: dict, limit: int = 6) -> str:
     """A readable diff of two fingerprint input records ('train_args.learning_rate: 0.001 -> 0.05')."""
     a, b = _flat(old), _flat(new)
     keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
