@@ -94,8 +94,15 @@ def test_saved_rm_loads_with_auto_classes(tok, tmp_path):
     rm = AutoModelForSequenceClassification.from_pretrained(out)
     rtok = AutoTokenizer.from_pretrained(out)
     assert rm.config.num_labels == 1
-    r = rm(**rtok(["hello cat"], return_tensors="pt")).logits
-    assert r.shape == (1, 1)
+    trained = {k: v.detach() for k, v in trainer.model.state_dict().items()}
+    saved = rm.state_dict()
+    assert set(saved) == set(trained)
+    for k, v in saved.items():
+        assert torch.equal(v, trained[k]), k  # the trained weights, bit for bit
+    assert any(not torch.equal(v, H.model("gpt_neox", tok).state_dict()[k]) for k, v in saved.items())
+    ids = rtok(["hello cat", "a red dog"], return_tensors="pt", padding=True)
+    trainer.model.eval()
+    torch.testing.assert_close(rm(**ids).logits, trainer.model(**ids).logits, rtol=0, atol=0)
     card = (out / "README.md").read_text()
     assert "more" in card and "helpful, harmless, webgpt" in card
 
@@ -158,15 +165,39 @@ def test_qlora_on_cpu(tok, tmp_path, bits):
     assert getattr(model, f"is_loaded_in_{bits}bit")
     trainer = MORERewardTrainer(model, H.config(tmp_path / "ck", "more", max_steps=2), train_dataset=H.balanced_pairs(2),
                                 processing_class=tok, peft_config=peft_config)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any("lora_B" in n for n in before) and any("score" in n for n in before)
     trainer.train()
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+    after = dict(trainer.model.named_parameters())
+    changed = {n for n, p in before.items() if not torch.equal(p, after[n].detach())}
+    assert any("lora_B" in n for n in changed), "the LoRA adapter did not train"
+    assert any("score" in n for n in changed), "the reward head did not train"
 
 
 def test_bf16_training(tok, tmp_path):
-    trainer = MORERewardTrainer(H.model("gpt_neox", tok), H.config(tmp_path, "more", max_steps=2, bf16=True, use_cpu=True),
-                                train_dataset=H.balanced_pairs(2), processing_class=tok)
-    trainer.train()
-    assert any("more/lambda/helpful" in h for h in trainer.state.log_history)
+    """bf16 autocast gives the fp32 run's numbers to bf16 precision (same losses and MORE weights)."""
+    runs = {}
+    for bf16 in (True, False):
+        trainer = MORERewardTrainer(H.model("gpt_neox", tok),
+                                    H.config(tmp_path / str(bf16), "more", max_steps=2, bf16=bf16, use_cpu=True),
+                                    train_dataset=H.balanced_pairs(2), processing_class=tok)
+        seen = []
+        head = find_reward_head(trainer.model)
+        head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        trainer.train()
+        runs[bf16] = (trainer.state.log_history, seen)
+    (bf, dtypes), (fp, _) = runs[True], runs[False]
+    assert torch.bfloat16 in dtypes  # really ran in bf16
+    assert len(_lambdas(bf)) == len(_lambdas(fp)) == 2
+    np.testing.assert_allclose(_lambdas(bf), _lambdas(fp), atol=0.05)
+    for lam in _lambdas(bf):
+        assert min(lam) >= 0 and sum(lam) == pytest.approx(1.0, abs=1e-5)
+    loss_bf = [h["loss"] for h in bf if "loss" in h and "more/lambda/helpful" in h]
+    loss_fp = [h["loss"] for h in fp if "loss" in h and "more/lambda/helpful" in h]
+    assert len(loss_bf) == len(loss_fp) == 2
+    np.testing.assert_allclose(loss_bf, loss_fp, rtol=0.02)
+    assert all(np.isfinite(loss_bf))
 
 
 # ------------------------------------------------------------------ the loss is what the docs say it is
