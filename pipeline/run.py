@@ -11,12 +11,15 @@ artifact paths it wrote, relative to run_dir). Adding a stage is adding a module
 Bookkeeping lives in DIR/manifest.json (written atomically, by the main process only):
 
     {"stages": {name: {"status": "done"|"failed"|"running"|"skipped", "config_hash", "started", "finished",
-                       "artifacts": [...], "reason", "upstream": {name: run_id}, "run_id", "error"?}},
+                       "artifacts": [...], "artifact_files": {path: {"size", "mtime_ns", "sha256"}},
+                       "reason", "upstream": {name: run_id}, "run_id", "error"?}},
      "versions": {...}, "git_commit": ..., "recipe": <resolved recipe>}
 
 A stage is skipped when its entry is "done", its config hash (`pipeline.config.stage_config_hash`: own
-section + data + seed + upstream hashes) is unchanged, all its artifacts exist, and the upstream stages
-it consumed have not been rerun since. Otherwise it runs, and so does every selected stage after it.
+section + data + seed + upstream hashes) is unchanged, all its artifacts exist with the recorded sizes
+and contents (sha256, recomputed only for files whose mtime moved), and the upstream stages it consumed
+have not been rerun since. `--force STAGE` also passes `force=True` to a stage whose `run` accepts it
+(the reward stage, which otherwise reuses RMs whose fingerprint matches). Otherwise it runs, and so does every selected stage after it.
 A stage left "running" (kill -9) or "failed" (an exception, Ctrl-C) reruns with the same run_dir and
 resumes from its own checkpoints; before it reruns, stale temporary files of interrupted atomic writes
 (`.*.tmp` under DIR/<stage>/ and directly in DIR) are deleted. "skipped" marks a stage that never ran in

@@ -25,6 +25,17 @@ class RecordLambda(TrainerCallback):
         self.lams.append(self.trainer._last_lambda.tolist())
 
 
+def full_weights(model, zero: int) -> dict:
+    """Every parameter, whole on this rank (ZeRO-3 partitions them: gather for reading)."""
+    params = dict(model.named_parameters())
+    if zero == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+            return {n: p.detach().clone().float() for n, p in params.items()}
+    return {n: p.detach().clone().float() for n, p in params.items()}
+
+
 def main():
     out = Path(sys.argv[1])
     zero = int(sys.argv[sys.argv.index("--zero") + 1]) if "--zero" in sys.argv else 0
@@ -53,9 +64,10 @@ def main():
     trainer.train()
     rank = trainer.args.process_index
     result = {"lambdas": rec.lams, "world_size": trainer.args.world_size, "batches": seen}
-    if not zero:
-        result["weight_sum"] = float(sum(p.detach().double().sum() for p in trainer.model.parameters()))
+    weights = full_weights(trainer.model, zero)
+    result["weight_sum"] = float(sum(w.double().sum() for w in weights.values()))
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    torch.save(weights, out / f"rank{rank}_weights.pt")
     del trainer, rec
     shutdown_distributed()  # deterministic teardown: no rank may abort at interpreter exit
 
