@@ -53,9 +53,10 @@ def main():
             "bf16": {"enabled": False}, "fp16": {"enabled": False},
         }
     tok = H.tokenizer()
+    model = H.model("gpt_neox", tok)  # before the DeepSpeed config exists: the same init as without ZeRO-3
     args = H.config(out / "ckpt", "more", max_steps=4, use_cpu=True, **extra)
     rec = RecordLambda()
-    trainer = MORERewardTrainer(H.model("gpt_neox", tok), args, train_dataset=H.balanced_pairs(8),
+    trainer = MORERewardTrainer(model, args, train_dataset=H.balanced_pairs(8),
                                 processing_class=tok, callbacks=[rec])
     rec.trainer = trainer
     seen = []  # fingerprints of this rank's batches: ranks must see different data
