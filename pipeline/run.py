@@ -18,8 +18,9 @@ Bookkeeping lives in DIR/manifest.json (written atomically, by the main process 
 A stage is skipped when its entry is "done", its config hash (`pipeline.config.stage_config_hash`: own
 section + data + seed + upstream hashes) is unchanged, all its artifacts exist with the recorded sizes
 and contents (sha256, recomputed only for files whose mtime moved), and the upstream stages it consumed
-have not been rerun since. `--force STAGE` also passes `force=True` to a stage whose `run` accepts it
-(the reward stage, which otherwise reuses RMs whose fingerprint matches). Otherwise it runs, and so does every selected stage after it.
+have not been rerun since. Otherwise it runs, and so does every selected stage after it. `--force STAGE`
+also passes `force=True` to a stage whose `run` accepts it (the reward stage, which otherwise reuses RMs
+whose fingerprint matches).
 A stage left "running" (kill -9) or "failed" (an exception, Ctrl-C) reruns with the same run_dir and
 resumes from its own checkpoints; before it reruns, stale temporary files of interrupted atomic writes
 (`.*.tmp` under DIR/<stage>/ and directly in DIR) are deleted. "skipped" marks a stage that never ran in
@@ -265,7 +266,8 @@ def plan(recipe, run_dir: Path, manifest: dict, selected: list[str], force: list
         elif missing := missing_artifacts(run_dir, entry.get("artifacts", [])):
             reason = f"artifacts missing: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
         elif changed := changed_files(run_dir, entry.get("artifact_files", {})):
-            reason = f"artifacts changed since it finished: {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}"
+            more = " ..." if len(changed) > 3 else ""
+            reason = f"artifacts changed since it finished: {', '.join(changed[:3])}{more}"
         elif ups := [u for u in order[:i] if u in rerun]:
             reason = f"upstream stage {ups[-1]} reruns"
         elif entry.get("upstream", {}) != upstream_now:

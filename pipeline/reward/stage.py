@@ -327,7 +327,8 @@ def stale_reason(out: Path, plan: RMPlan) -> str | None:
     except (OSError, ValueError):
         return f"no readable {FINGERPRINT} (trained by an older version)"
     if rec.get("fingerprint") != plan.fingerprint:
-        return "its inputs changed (" + (fingerprint_changes(rec.get("inputs", {}), plan.inputs) or "fingerprint") + ")"
+        changes = fingerprint_changes(rec.get("inputs", {}), plan.inputs) or "fingerprint"
+        return f"its inputs changed ({changes})"
     if bad := changed_files(out, rec.get("files", {})):
         return f"its files changed since it was saved: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
     return None
