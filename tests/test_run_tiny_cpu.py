@@ -78,7 +78,7 @@ def test_tiny_cpu_end_to_end_then_rerun(tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(out, copy, symlinks=True)
     snapshot = {q: q.stat().st_mtime_ns for q in out.rglob("*")}
-    p = _run(copy, "--stages", "reward,calibration", "reward.train.learning_rate=5e-2")
+    p = _run(copy, "reward.train.learning_rate=5e-2", "--stages", "reward,calibration")
     assert p.returncode == 0, p.stderr[-4000:]
     assert "already trained" not in p.stdout and "learning_rate" in p.stdout
     assert {q: q.stat().st_mtime_ns for q in out.rglob("*")} == snapshot
