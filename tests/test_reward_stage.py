@@ -65,7 +65,8 @@ def test_reward_stage_config_errors():
 
 
 def _weights(d):
-    return load_file(str(d / "model.safetensors"))
+    # cloned: load_file memory-maps the file, and a test that truncates it in place would change these tensors
+    return {k: v.clone() for k, v in load_file(str(d / "model.safetensors")).items()}
 
 
 def _one_rm_recipe(**train):
