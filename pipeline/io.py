@@ -65,3 +65,65 @@ def atomic_dir(path: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fingerprints of inputs and integrity records of outputs
+
+
+def sha256_json(obj) -> str:
+    """sha256 of a JSON-able object in canonical form (sorted keys), for fingerprints."""
+    import hashlib
+
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files_under(root: Path, rel: str) -> list[str]:
+    p = root / rel
+    if p.is_dir():
+        return sorted(str(f.relative_to(root)) for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+    return [rel] if p.is_file() else []
+
+
+def file_records(root: str | os.PathLike, paths: list[str], exclude: set[str] | frozenset = frozenset()) -> dict:
+    """{file path relative to `root`: {"size", "mtime_ns", "sha256"}} for every file of `paths` (files or
+    directories, relative to `root`), minus `exclude`. What a later check compares (`changed_files`)."""
+    root = Path(root)
+    out = {}
+    for rel in paths:
+        for f in _files_under(root, rel):
+            if f in exclude:
+                continue
+            st = (root / f).stat()
+            out[f] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(root / f)}
+    return out
+
+
+def changed_files(root: str | os.PathLike, records: dict) -> list[str]:
+    """Recorded files that are missing, have another size, or (when their mtime moved) another sha256.
+
+    Each entry reads 'PATH (why)'. Files added since the record are not checked."""
+    root = Path(root)
+    bad = []
+    for rel, rec in records.items():
+        p = root / rel
+        if not p.is_file():
+            bad.append(f"{rel} (missing)")
+            continue
+        st = p.stat()
+        if st.st_size != rec.get("size"):
+            bad.append(f"{rel} (size {st.st_size}, recorded {rec.get('size')})")
+        elif st.st_mtime_ns != rec.get("mtime_ns") and file_sha256(p) != rec.get("sha256"):
+            bad.append(f"{rel} (content changed)")
+    return bad

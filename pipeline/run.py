@@ -11,12 +11,16 @@ artifact paths it wrote, relative to run_dir). Adding a stage is adding a module
 Bookkeeping lives in DIR/manifest.json (written atomically, by the main process only):
 
     {"stages": {name: {"status": "done"|"failed"|"running"|"skipped", "config_hash", "started", "finished",
-                       "artifacts": [...], "reason", "upstream": {name: run_id}, "run_id", "error"?}},
+                       "artifacts": [...], "artifact_files": {path: {"size", "mtime_ns", "sha256"}},
+                       "reason", "upstream": {name: run_id}, "run_id", "error"?}},
      "versions": {...}, "git_commit": ..., "recipe": <resolved recipe>}
 
 A stage is skipped when its entry is "done", its config hash (`pipeline.config.stage_config_hash`: own
-section + data + seed + upstream hashes) is unchanged, all its artifacts exist, and the upstream stages
-it consumed have not been rerun since. Otherwise it runs, and so does every selected stage after it.
+section + data + seed + upstream hashes) is unchanged, all its artifacts exist with the recorded sizes
+and contents (sha256, recomputed only for files whose mtime moved), and the upstream stages it consumed
+have not been rerun since. Otherwise it runs, and so does every selected stage after it. `--force STAGE`
+also passes `force=True` to a stage whose `run` accepts it (the reward stage, which otherwise reuses RMs
+whose fingerprint matches).
 A stage left "running" (kill -9) or "failed" (an exception, Ctrl-C) reruns with the same run_dir and
 resumes from its own checkpoints; before it reruns, stale temporary files of interrupted atomic writes
 (`.*.tmp` under DIR/<stage>/ and directly in DIR) are deleted. "skipped" marks a stage that never ran in
@@ -65,7 +69,7 @@ from pipeline.config import (
     recipe_yaml,
     stage_config_hash,
 )
-from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.io import atomic_write_json, atomic_write_text, changed_files, file_records
 
 # The pipeline, in order: (stage name, module exposing `run(recipe, run_dir) -> list[str]`).
 STAGES: list[tuple[str, str]] = [
@@ -79,6 +83,7 @@ MANIFEST = "manifest.json"
 VERSION_PACKAGES = ("torch", "trl", "transformers", "accelerate", "deepspeed", "peft", "datasets")
 
 log = logging.getLogger("pipeline.run")
+FORCED = "forced (--force)"
 
 
 def stage_names() -> list[str]:
@@ -253,7 +258,7 @@ def plan(recipe, run_dir: Path, manifest: dict, selected: list[str], force: list
         upstream_now = upstream_tokens(entries, order[:i])
         reason = None
         if name in force:
-            reason = "forced (--force)"
+            reason = FORCED
         elif entry is None or entry.get("status") in (None, "skipped"):
             reason = "never run in this directory"
         elif entry["status"] == "running":
@@ -266,6 +271,9 @@ def plan(recipe, run_dir: Path, manifest: dict, selected: list[str], force: list
             reason = f"config changed (hash {str(entry.get('config_hash'))[:10]} -> {h[:10]})"
         elif missing := missing_artifacts(run_dir, entry.get("artifacts", [])):
             reason = f"artifacts missing: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+        elif changed := changed_files(run_dir, entry.get("artifact_files", {})):
+            more = " ..." if len(changed) > 3 else ""
+            reason = f"artifacts changed since it finished: {', '.join(changed[:3])}{more}"
         elif ups := [u for u in order[:i] if u in rerun]:
             reason = f"upstream stage {ups[-1]} reruns"
         elif entry.get("upstream", {}) != upstream_now:
@@ -423,10 +431,12 @@ def _run_steps(recipe, run_dir: Path, steps: list[dict], manifest: dict, resolve
             log.info("[%s] running: %s", name, step["reason"])
         procs.barrier()
         try:
-            artifacts = module.run(recipe, run_dir) or []
+            forced = {"force": True} if step["reason"] == FORCED and _accepts_force(module.run) else {}
+            artifacts = module.run(recipe, run_dir, **forced) or []
             procs.barrier()
             if procs.is_main:
                 artifacts = _normalize_artifacts(run_dir, name, artifacts)
+                files = _artifact_records(run_dir, name, artifacts, manifest)
         except BaseException as e:
             if procs.is_main:
                 entry.update(status="failed", finished=_now(), error=f"{type(e).__name__}: {e}"[:500])
@@ -434,7 +444,7 @@ def _run_steps(recipe, run_dir: Path, steps: list[dict], manifest: dict, resolve
                 log.error("[%s] FAILED (%s: %s); the same command resumes it", name, type(e).__name__, e)
             raise
         if procs.is_main:
-            entry.update(status="done", finished=_now(), artifacts=artifacts)
+            entry.update(status="done", finished=_now(), artifacts=artifacts, artifact_files=files)
             write_manifest(run_dir, manifest)
             log.info("[%s] done (%d artifacts)", name, len(artifacts))
     procs.barrier()
@@ -457,6 +467,25 @@ def _normalize_artifacts(run_dir: Path, stage: str, artifacts) -> list[str]:
     if missing:
         raise RuntimeError(f"stage {stage} reported artifacts it did not write: {', '.join(missing)}")
     return out
+
+
+def _accepts_force(fn) -> bool:
+    """Stages that keep finished sub-results of their own (the reward stage's RMs) take `force=True` to
+    redo them too; the others rerun whole anyway."""
+    import inspect
+
+    return "force" in inspect.signature(fn).parameters
+
+
+def _artifact_records(run_dir: Path, stage: str, artifacts: list[str], manifest: dict) -> dict:
+    """Size, mtime and sha256 of every file of the stage's artifacts, checked before the stage is skipped
+    (a truncated or edited artifact reruns it). Files another stage owns (e.g. calibration's
+    reward/<rm>/temperature.json inside the reward stage's RM directory) are left to that stage."""
+    others = set()
+    for other, entry in manifest.get("stages", {}).items():
+        if other != stage:
+            others |= set(entry.get("artifact_files", {})) | set(entry.get("artifacts", []))
+    return file_records(run_dir, artifacts, exclude=others)
 
 
 def _log_plan(recipe, run_dir: Path, steps: list[dict], world: int) -> None:
@@ -525,8 +554,37 @@ def main(argv: list[str] | None = None, *, stage: str | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         print(f"interrupted ({e or 'Ctrl-C'}); run the same command again to resume", file=sys.stderr)
+        shutdown_distributed(clean=False)
         return 130
+    except BaseException:
+        shutdown_distributed(clean=False)
+        raise
+    shutdown_distributed()
     return 0
+
+
+def shutdown_distributed(clean: bool = True) -> None:
+    """Tear down DeepSpeed engines and the process group before the interpreter exits.
+
+    Left to interpreter shutdown, the order in which the gloo communicator threads and the engines'
+    hooks are destroyed varies, and a rank can abort at exit ("terminate called without an active
+    exception", SIGABRT) after all its work is done. `clean`: the ranks meet at a barrier first (only
+    when none of them failed, or it would wait for a dead rank)."""
+    if "torch" not in sys.modules:
+        return
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()  # drop trainers/engines (and their communication hooks) that are no longer referenced
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean:
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer already gone: still release this rank's group
+            pass
+    dist.destroy_process_group()
 
 
 def main_for_stage(stage: str, argv: list[str] | None = None) -> int:

@@ -155,6 +155,12 @@ def test_rjs_resumes_from_its_checkpoint(tmp_path):
     M.run_rjs(base, tok, ds, _args(tmp_path / "sub" / ".trainer", save_steps=1, max_steps=1, learning_rate=1e-3),
               tmp_path / "sub")
     assert [p.name for p in (tmp_path / "sub" / ".trainer").glob("checkpoint-*")] == ["checkpoint-1"]
+    # a later save that ran out of disk before trainer_state.json must not block the resume (issue 12, defect 2)
+    import shutil
+
+    half = tmp_path / "sub" / ".trainer" / "checkpoint-2"
+    shutil.copytree(tmp_path / "sub" / ".trainer" / "checkpoint-1", half)
+    (half / "trainer_state.json").unlink()
     # the rerun (now 2 steps, lr 5e-3) continues from step 1: step 1 in its log is the first run's
     log = M.run_rjs(base, tok, ds, _args(tmp_path / "sub" / ".trainer", save_steps=1, max_steps=2, learning_rate=5e-3),
                     tmp_path / "sub")

@@ -76,7 +76,8 @@ def test_rm_directory_and_calibration_temperature(tmp_path):
 
 
 def test_gold_rewards_and_trl_adapter():
-    synthetic = pytest.importorskip("pipeline.data.synthetic")
+    from pipeline.data import synthetic
+
     gold = gold_reward_fn("synthetic")
     assert isinstance(gold, GoldReward)
     p = "\n\nHuman: What is the capital of Peru?\n\nAssistant:"

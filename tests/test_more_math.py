@@ -132,3 +132,14 @@ def test_more_weights_absent_source_gets_zero():
     lam, mom = more_weights(sums, counts, torch.ones(3), None, alpha=0.99, normalize="l2")
     np.testing.assert_allclose(lam.numpy(), [0.5, 0.0, 0.5], atol=1e-6)
     assert mom[1].abs().sum() == 0
+
+
+def test_momentum_direction_with_asymmetric_alpha():
+    """alpha weighs the NEW gradient: m <- (1 - alpha) m + alpha g. At alpha = 0.5 both conventions agree, so
+    pin it with alpha = 0.9 (hand-computed): the result stays near the new gradient, not the old momentum."""
+    old = torch.tensor([[10.0, 0.0]])
+    new = torch.tensor([[0.0, 10.0]])
+    m = update_momentum(old, new, 0.9, torch.tensor([True]))
+    assert m.tolist() == [[pytest.approx(1.0), pytest.approx(9.0)]]
+    lam, mom = more_weights(new, torch.tensor([1.0]), torch.ones(1), old, alpha=0.9, normalize="none")
+    torch.testing.assert_close(mom, torch.tensor([[1.0, 9.0]]))

@@ -142,3 +142,6 @@ if __name__ == "__main__":
     _worker(
         Path(sys.argv[1]), int(sys.argv[sys.argv.index("--zero") + 1]) if "--zero" in sys.argv else 0, "--lora" in sys.argv
     )
+    from pipeline.run import shutdown_distributed
+
+    shutdown_distributed()  # deterministic teardown: no rank may abort at interpreter exit

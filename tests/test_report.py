@@ -174,7 +174,8 @@ def test_report_without_more_or_baseline(fakes, tmp_path, monkeypatch):  # noqa:
 
 
 def test_synthetic_truth_paragraph_uses_the_run_config():
-    data = pytest.importorskip("pipeline.data")
+    from pipeline import data
+
     cfg = data.DataConfig()
     text = report.synthetic_truth_paragraph(cfg)
     assert "drift_scale = 1.0" in text and "| summarize |" in text and "true_prob" in text

@@ -1,9 +1,12 @@
 """The reward stage end to end on the synthetic benchmark: RMs saved, index written, reruns skip."""
 
 import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.data import DataConfig
@@ -49,8 +52,7 @@ def test_reward_stage_single_source_rms(tmp_path):
     stage.run(recipe, tmp_path)
     index = json.loads((tmp_path / "reward" / "index.json").read_text())
     assert set(index) == {"single-helpful", "single-harmless"}
-    assert index["single-helpful"] == {"path": str(tmp_path / "reward" / "single-helpful"), "method": "single",
-                                       "sources": ["helpful"]}
+    assert index["single-helpful"] == {"path": "reward/single-helpful", "method": "single", "sources": ["helpful"]}
 
 
 def test_reward_stage_config_errors():
@@ -60,3 +62,145 @@ def test_reward_stage_config_errors():
         RewardStageConfig(train={"learning_rat": 1e-3})
     with pytest.raises(ValueError, match="peft"):
         RewardStageConfig(peft="qlora3")
+
+
+def _weights(d):
+    # cloned: load_file memory-maps the file, and a test that truncates it in place would change these tensors
+    return {k: v.clone() for k, v in load_file(str(d / "model.safetensors")).items()}
+
+
+def _one_rm_recipe(**train):
+    recipe = tiny_recipe(methods=["more"])
+    recipe.data.sources = recipe.data.sources[:2]
+    recipe.reward.train.update(train)
+    return recipe
+
+
+def test_changed_setting_retrains_same_setting_skips_force_retrains(tmp_path, capsys):
+    """Defect 1: a changed reward.train.learning_rate must retrain (new weights, new card), not reuse; the same
+    config reuses; a truncated weights file (defect 11) or force=True (--force reward) retrains."""
+    stage.run(_one_rm_recipe(), tmp_path)
+    rm = tmp_path / "reward" / "more"
+    w1 = _weights(rm)
+    capsys.readouterr()
+
+    stage.run(_one_rm_recipe(learning_rate=5e-2), tmp_path)
+    out = capsys.readouterr().out
+    assert "already trained" not in out
+    assert "train_args.learning_rate: 0.001 -> 0.05" in out  # says why
+    w2 = _weights(rm)
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)
+    assert "Learning rate 0.05" in (rm / "README.md").read_text()
+    assert json.loads((rm / "fingerprint.json").read_text())["inputs"]["train_args"]["learning_rate"] == 0.05
+
+    stage.run(_one_rm_recipe(learning_rate=5e-2), tmp_path)  # same config: reused
+    assert "more: already trained, skipping" in capsys.readouterr().out
+    assert all(torch.equal(w2[k], v) for k, v in _weights(rm).items())
+
+    # Defect 11: a truncated model.safetensors is not up to date
+    data = (rm / "model.safetensors").read_bytes()
+    (rm / "model.safetensors").write_bytes(data[: len(data) // 2])
+    stage.run(_one_rm_recipe(learning_rate=5e-2), tmp_path)
+    out = capsys.readouterr().out
+    assert "model.safetensors (size" in out and "already trained" not in out
+    assert all(torch.equal(w2[k], v) for k, v in _weights(rm).items())  # same inputs, same seed: same RM
+
+    mtime = (rm / "model.safetensors").stat().st_mtime_ns
+    stage.run(_one_rm_recipe(learning_rate=5e-2), tmp_path, force=True)  # --force reward
+    assert "forced" in capsys.readouterr().out
+    assert (rm / "model.safetensors").stat().st_mtime_ns != mtime
+    assert all(torch.equal(w2[k], v) for k, v in _weights(rm).items())
+
+
+def test_changed_training_data_or_tiny_base_retrains(tmp_path, capsys):
+    stage.run(_one_rm_recipe(), tmp_path)
+    capsys.readouterr()
+    recipe = _one_rm_recipe()
+    recipe.data.n_train_per_source = 8  # other training rows
+    recipe.reward.tokenizer_vocab_size = 300  # another tokenizer: .base is rebuilt, the RM retrained
+    stage.run(recipe, tmp_path)
+    out = capsys.readouterr().out
+    assert "rebuilding reward/.base" in out
+    assert "train_data_sha256" in out and "reward.tokenizer_vocab_size: 400 -> 300" in out
+    tok = json.loads((tmp_path / "reward" / "more" / "tokenizer.json").read_text())
+    assert len(tok["model"]["vocab"]) <= 300
+
+
+def test_half_written_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, monkeypatch):
+    """Defect 2: a disk-full during checkpoint-4 leaves it without trainer_state.json; the rerun resumes from
+    checkpoint-2 (saying so), deletes the broken one, and ends with the RM of an uninterrupted run."""
+    from transformers import Trainer
+
+    train = {"max_steps": 6, "save_strategy": "steps", "save_steps": 2}
+    stage.run(_one_rm_recipe(**train), tmp_path / "full")
+    want = _weights(tmp_path / "full" / "reward" / "more")
+
+    run_dir = tmp_path / "cut"
+    orig = Trainer._save_rng_state
+
+    def disk_full(self, output_dir):
+        if self.state.global_step == 4:
+            raise OSError(28, "No space left on device")
+        return orig(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", disk_full)
+    with pytest.raises(OSError):
+        stage.run(_one_rm_recipe(**train), run_dir)
+    monkeypatch.undo()
+    ckpts = run_dir / "reward" / ".checkpoints" / "more"
+    assert (ckpts / "checkpoint-4").is_dir() and not (ckpts / "checkpoint-4" / "trainer_state.json").exists()
+    capsys.readouterr()
+    stage.run(_one_rm_recipe(**train), run_dir)
+    out = capsys.readouterr().out
+    assert "skipping incomplete checkpoint checkpoint-4" in out
+    assert "resuming from" in out and "checkpoint-2" in out
+    got = _weights(run_dir / "reward" / "more")
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_of_other_inputs_are_not_resumed(tmp_path, capsys, monkeypatch):
+    train = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2}
+
+    from pipeline.reward.trainer import MORERewardTrainer
+
+    orig = MORERewardTrainer._save_checkpoint
+
+    def save_then_stop(self, model, trial):
+        orig(self, model, trial)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(MORERewardTrainer, "_save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(_one_rm_recipe(**train), tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / "reward" / ".checkpoints" / "more" / "checkpoint-2").is_dir()
+    capsys.readouterr()
+    stage.run(_one_rm_recipe(learning_rate=5e-2, **train), tmp_path)
+    out = capsys.readouterr().out
+    assert "discarding checkpoints" in out and "resuming" not in out
+
+
+def test_copied_run_directory_is_independent(tmp_path):
+    """Defect 4: `cp -a D D2`, rerun calibration in D2: D is untouched, D2's artifacts stay inside D2."""
+    from pipeline.calibration.stage import CalibrationConfig
+    from pipeline.calibration.stage import run as calibrate
+
+    recipe = _one_rm_recipe()
+    d = tmp_path / "D"
+    stage.run(recipe, d)
+    index = json.loads((d / "reward" / "index.json").read_text())
+    assert index["more"]["path"] == "reward/more"
+    shutil.copytree(d, tmp_path / "D2", symlinks=True)
+    before = {p: p.stat().st_mtime_ns for p in d.rglob("*")}
+    recipe.calibration = CalibrationConfig(dtype="fp32", bootstrap_samples=0, progress=False, plots=False)
+    d2 = tmp_path / "D2"
+    artifacts = calibrate(recipe, d2.resolve())
+    assert (d2 / "reward" / "more" / "temperature.json").is_file()
+    assert not (d / "reward" / "more" / "temperature.json").exists()
+    assert {p: p.stat().st_mtime_ns for p in d.rglob("*")} == before
+    assert all(not a.startswith("/") for a in artifacts)
+    # an index written by an older version (absolute paths into D) is read as D2's own RMs
+    index["more"]["path"] = str((d / "reward" / "more").resolve())
+    (d2 / "reward" / "index.json").write_text(json.dumps(index))
+    assert stage.resolve_rm_path(d2, "more", index["more"]["path"]) == (d2 / "reward" / "more").resolve()

@@ -2,12 +2,24 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 from trl import RewardConfig, RewardTrainer
 
-from pipeline.reward.trainer import MORERewardTrainer, find_reward_head, pool_features
+from pipeline.reward import more as more_mod
+from pipeline.reward.trainer import (
+    CHECKPOINT_COMPLETE,
+    MORE_STATE,
+    MORERewardTrainer,
+    checkpoint_problem,
+    find_reward_head,
+    last_complete_checkpoint,
+    load_more_state,
+    pool_features,
+)
 from tests import reward_helpers as H
 
 
@@ -82,8 +94,15 @@ def test_saved_rm_loads_with_auto_classes(tok, tmp_path):
     rm = AutoModelForSequenceClassification.from_pretrained(out)
     rtok = AutoTokenizer.from_pretrained(out)
     assert rm.config.num_labels == 1
-    r = rm(**rtok(["hello cat"], return_tensors="pt")).logits
-    assert r.shape == (1, 1)
+    trained = {k: v.detach() for k, v in trainer.model.state_dict().items()}
+    saved = rm.state_dict()
+    assert set(saved) == set(trained)
+    for k, v in saved.items():
+        assert torch.equal(v, trained[k]), k  # the trained weights, bit for bit
+    assert any(not torch.equal(v, H.model("gpt_neox", tok).state_dict()[k]) for k, v in saved.items())
+    ids = rtok(["hello cat", "a red dog"], return_tensors="pt", padding=True)
+    trainer.model.eval()
+    torch.testing.assert_close(rm(**ids).logits, trainer.model(**ids).logits, rtol=0, atol=0)
     card = (out / "README.md").read_text()
     assert "more" in card and "helpful, harmless, webgpt" in card
 
@@ -146,12 +165,221 @@ def test_qlora_on_cpu(tok, tmp_path, bits):
     assert getattr(model, f"is_loaded_in_{bits}bit")
     trainer = MORERewardTrainer(model, H.config(tmp_path / "ck", "more", max_steps=2), train_dataset=H.balanced_pairs(2),
                                 processing_class=tok, peft_config=peft_config)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any("lora_B" in n for n in before) and any("score" in n for n in before)
     trainer.train()
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+    after = dict(trainer.model.named_parameters())
+    changed = {n for n, p in before.items() if not torch.equal(p, after[n].detach())}
+    assert any("lora_B" in n for n in changed), "the LoRA adapter did not train"
+    assert any("score" in n for n in changed), "the reward head did not train"
 
 
 def test_bf16_training(tok, tmp_path):
-    trainer = MORERewardTrainer(H.model("gpt_neox", tok), H.config(tmp_path, "more", max_steps=2, bf16=True, use_cpu=True),
-                                train_dataset=H.balanced_pairs(2), processing_class=tok)
-    trainer.train()
-    assert any("more/lambda/helpful" in h for h in trainer.state.log_history)
+    """bf16 autocast gives the fp32 run's numbers to bf16 precision (same losses and MORE weights)."""
+    runs = {}
+    for bf16 in (True, False):
+        trainer = MORERewardTrainer(H.model("gpt_neox", tok),
+                                    H.config(tmp_path / str(bf16), "more", max_steps=2, bf16=bf16, use_cpu=True),
+                                    train_dataset=H.balanced_pairs(2), processing_class=tok)
+        seen = []
+        head = find_reward_head(trainer.model)
+        head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        trainer.train()
+        runs[bf16] = (trainer.state.log_history, seen)
+    (bf, dtypes), (fp, _) = runs[True], runs[False]
+    assert torch.bfloat16 in dtypes  # really ran in bf16
+    assert len(_lambdas(bf)) == len(_lambdas(fp)) == 2
+    np.testing.assert_allclose(_lambdas(bf), _lambdas(fp), atol=0.05)
+    for lam in _lambdas(bf):
+        assert min(lam) >= 0 and sum(lam) == pytest.approx(1.0, abs=1e-5)
+    loss_bf = [h["loss"] for h in bf if "loss" in h and "more/lambda/helpful" in h]
+    loss_fp = [h["loss"] for h in fp if "loss" in h and "more/lambda/helpful" in h]
+    assert len(loss_bf) == len(loss_fp) == 2
+    np.testing.assert_allclose(loss_bf, loss_fp, rtol=0.02)
+    assert all(np.isfinite(loss_bf))
+
+
+# ------------------------------------------------------------------ the loss is what the docs say it is
+def _brute_force_min_norm(g: np.ndarray) -> np.ndarray:
+    """argmin over the simplex of ||lambda^T g||^2 by SLSQP from many starts (independent of the trainer's
+    active-set solver)."""
+    from scipy.optimize import minimize
+
+    k = g.shape[0]
+    gram = g @ g.T
+    best = None
+    for start in [np.full(k, 1 / k), *np.eye(k)]:
+        res = minimize(lambda x: x @ gram @ x, start, jac=lambda x: 2 * gram @ x, method="SLSQP",
+                       bounds=[(0, 1)] * k, constraints=[{"type": "eq", "fun": lambda x: x.sum() - 1}],
+                       options={"ftol": 1e-15, "maxiter": 500})
+        if best is None or res.fun < best.fun:
+            best = res
+    return best.x
+
+
+def test_more_loss_is_the_lambda_weighted_sum_of_per_source_bt_losses(tok, tmp_path, one_thread):
+    """One MORE step, recomputed independently in float64: per-source BT losses from separate forward passes,
+    head gradients by autograd, lambda by a generic QP solver. The logged lambda is non-uniform and is the
+    min-norm point for this batch; the loss is sum_i lambda_i * BT_loss_i with exactly that lambda."""
+    torch.manual_seed(0)
+    model = H.model("gpt_neox", tok)
+    with torch.no_grad():
+        find_reward_head(model).weight.normal_(0, 2.0)  # distinct per-source gradients from the first step
+    trainer = MORERewardTrainer(model, H.config(tmp_path, "more", alpha=1.0), train_dataset=H.balanced_pairs(4),
+                                processing_class=tok)
+    batch = _batch(trainer, 6)
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    lam = np.array([trainer._metrics["train"][f"more/lambda/{s}"][-1] for s in H.SOURCES])
+    assert np.abs(lam - 1 / 3).max() > 0.02, lam  # the test must not pass with uniform weights
+
+    model64 = H.model("gpt_neox", tok).double()
+    model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    head = find_reward_head(model64)
+    rows = [trainer.train_dataset[i] for i in range(6)]
+    bt, grads = [], []
+    for sid in range(3):
+        mine = [r for r in rows if r["source_id"] == sid]
+        r_c = torch.cat([model64(input_ids=torch.tensor([r["chosen_ids"]])).logits[:, 0] for r in mine])
+        r_r = torch.cat([model64(input_ids=torch.tensor([r["rejected_ids"]])).logits[:, 0] for r in mine])
+        loss_i = -F.logsigmoid(r_c - r_r).mean()
+        (g,) = torch.autograd.grad(loss_i, head.weight, retain_graph=True)
+        bt.append(loss_i.item())
+        grads.append(g.flatten().numpy() / np.linalg.norm(g.numpy()))  # normalize="l2"
+    want_lam = _brute_force_min_norm(np.stack(grads))
+    np.testing.assert_allclose(lam, want_lam, atol=2e-4)
+    assert loss.item() == pytest.approx(float(lam @ np.array(bt)), rel=1e-5, abs=1e-6)
+
+
+def test_more_momentum_follows_the_ema_convention(tok, tmp_path):
+    """m_t = (1 - alpha) m_{t-1} + alpha g_t with alpha = 0.8 (alpha weighs the NEW gradient)."""
+    trainer = MORERewardTrainer(H.model("gpt_neox", tok), H.config(tmp_path, "more", alpha=0.8),
+                                train_dataset=H.balanced_pairs(4), processing_class=tok)
+    grads = []
+    orig = more_mod.head_gradient_sums
+
+    def spy(*a, **kw):
+        sums, counts = orig(*a, **kw)
+        grads.append(sums / counts.clamp(min=1).unsqueeze(-1))
+        return sums, counts
+
+    import pipeline.reward.trainer as T
+
+    T.head_gradient_sums, saved = spy, T.head_gradient_sums
+    try:
+        trainer.compute_loss(trainer.model, dict(_batch(trainer, 6)))
+        rows = [trainer.train_dataset[i] for i in range(6, 12)]
+        trainer.compute_loss(trainer.model, dict(trainer.data_collator(rows)))
+    finally:
+        T.head_gradient_sums = saved
+    torch.testing.assert_close(trainer._momentum, 0.2 * grads[0] + 0.8 * grads[1])
+
+
+def test_center_rewards_coefficient_uses_trls_formula(tok, tmp_path):
+    """multitask with center_rewards_coefficient equals trl.RewardTrainer.compute_loss with the same setting."""
+    ds = H.balanced_pairs(4)
+    model = H.model("gpt_neox", tok)
+    with torch.no_grad():
+        find_reward_head(model).bias.fill_(3.0) if find_reward_head(model).bias is not None else None
+        find_reward_head(model).weight.normal_(0, 1.0)
+    ours = MORERewardTrainer(model, H.config(tmp_path / "a", "multitask", center_rewards_coefficient=0.5),
+                             train_dataset=ds, processing_class=tok)
+    batch = _batch(ours, 6)
+    loss_ours = ours.compute_loss(ours.model, dict(batch))
+    trl_args = RewardConfig(output_dir=str(tmp_path / "b"), bf16=False, report_to="none", max_length=None,
+                            gradient_checkpointing=False, center_rewards_coefficient=0.5)
+    trl = RewardTrainer(model, trl_args, train_dataset=ds.remove_columns(["source_id"]), processing_class=tok)
+    loss_trl = trl.compute_loss(trl.model, {k: v for k, v in batch.items() if k != "source_id"})
+    torch.testing.assert_close(loss_ours, loss_trl, atol=1e-6, rtol=1e-6)
+    plain = MORERewardTrainer(model, H.config(tmp_path / "c", "multitask"), train_dataset=ds, processing_class=tok)
+    assert (loss_ours - plain.compute_loss(model, dict(batch))).abs() > 1e-3  # the term is really there
+
+
+# ------------------------------------------------------------------ checkpoints: complete, atomic, with momentum
+class _Interrupt(TrainerCallback):
+    """Stop the run like a kill right after the checkpoint of `step` is saved."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("killed after a checkpoint")
+
+
+def _lambdas(log_history):
+    return [[h[f"more/lambda/{s}"] for s in H.SOURCES] for h in log_history if "more/lambda/helpful" in h]
+
+
+def _more_ckpt_config(path, **kw):
+    return H.config(path, "more", **{"max_steps": 6, "alpha": 0.3, "save_strategy": "steps", "save_steps": 3, **kw})
+
+
+def test_more_resume_restores_momentum_and_matches_an_uninterrupted_run(tok, tmp_path, one_thread):
+    ds = H.balanced_pairs(8)
+    full = MORERewardTrainer(H.model("gpt_neox", tok), _more_ckpt_config(tmp_path / "full"), train_dataset=ds,
+                             processing_class=tok)
+    full.train()
+    ckpt = tmp_path / "full" / "checkpoint-3"
+    assert (ckpt / MORE_STATE).is_file() and (ckpt / CHECKPOINT_COMPLETE).is_file()
+    assert not (ckpt / "more_state.pt").exists()  # safetensors, no pickle
+
+    cut = MORERewardTrainer(H.model("gpt_neox", tok), _more_ckpt_config(tmp_path / "cut"), train_dataset=ds,
+                            processing_class=tok, callbacks=[_Interrupt(3)])
+    with pytest.raises(KeyboardInterrupt):
+        cut.train()
+    resumed = MORERewardTrainer(H.model("gpt_neox", tok, seed=7), _more_ckpt_config(tmp_path / "cut"),
+                                train_dataset=ds, processing_class=tok)
+    resumed.train(resume_from_checkpoint=True)  # finds the last complete checkpoint itself
+    want, got = _lambdas(full.state.log_history), _lambdas(resumed.state.log_history)
+    assert len(want) == len(got) == 6
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    for (n, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=n)
+
+    # Without the momentum the resumed trajectory differs (so the comparison above can fail) ...
+    reset = MORERewardTrainer(H.model("gpt_neox", tok), _more_ckpt_config(tmp_path / "cut"), train_dataset=ds,
+                              processing_class=tok)
+    (tmp_path / "cut" / "checkpoint-3" / MORE_STATE).unlink()
+    # ... which is why a MORE checkpoint without it is refused instead of silently resetting MORE's state,
+    with pytest.raises(ValueError, match="momentum"):
+        reset.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-3"))
+    # and is not a complete checkpoint to resume from.
+    assert checkpoint_problem(tmp_path / "cut" / "checkpoint-3", "more") is not None
+
+
+def test_interrupted_checkpoint_save_is_not_resumed_from(tok, tmp_path, one_thread, monkeypatch):
+    """Disk full while saving checkpoint-6 leaves it without trainer_state.json: resume uses checkpoint-3."""
+    from transformers import Trainer
+
+    ds = H.balanced_pairs(8)
+    cfg = _more_ckpt_config(tmp_path / "ck", max_steps=9)
+    trainer = MORERewardTrainer(H.model("gpt_neox", tok), cfg, train_dataset=ds, processing_class=tok)
+    orig = Trainer._save_rng_state
+
+    def disk_full(self, output_dir):
+        if self.state.global_step == 6:
+            raise OSError(28, "No space left on device")
+        return orig(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        trainer.train()
+    monkeypatch.undo()
+    assert (tmp_path / "ck" / "checkpoint-6").is_dir()
+    assert checkpoint_problem(tmp_path / "ck" / "checkpoint-6", "more") is not None
+    assert last_complete_checkpoint(tmp_path / "ck", "more") == str(tmp_path / "ck" / "checkpoint-3")
+    resumed = MORERewardTrainer(H.model("gpt_neox", tok), _more_ckpt_config(tmp_path / "ck", max_steps=9),
+                                train_dataset=ds, processing_class=tok)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 9
+
+
+def test_legacy_momentum_pickle_is_loaded_weights_only(tmp_path):
+    torch.save({"momentum": torch.ones(3, 2)}, tmp_path / "more_state.pt")
+    assert torch.equal(load_more_state(tmp_path), torch.ones(3, 2))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.save({"momentum": torch.ones(1), "payload": _Interrupt(1)}, bad / "more_state.pt")
+    with pytest.raises(Exception, match="[Ww]eights only|weights_only|Unsupported"):
+        load_more_state(bad)  # an arbitrary pickled object is never executed

@@ -296,6 +296,72 @@ def test_missing_artifact_reruns(fakes, tmp_path):
     assert calls(tmp_path) == {"reward": 1, "calibration": 1, "align": 2, "report": 2}
 
 
+def test_truncated_or_edited_artifact_reruns(fakes, tmp_path, caplog):
+    """Defect 11: an artifact cut short (or edited in place) since its stage finished is not up to date."""
+    out = tmp_path / "run"
+    run(fakes, out)
+    m = json.loads((out / "manifest.json").read_text())
+    rec = m["stages"]["align"]["artifact_files"]["align/result.json"]
+    assert rec["size"] == (out / "align" / "result.json").stat().st_size and len(rec["sha256"]) == 64
+    text = (out / "align" / "result.json").read_text()
+    (out / "align" / "result.json").write_text(text[:5])
+    with caplog.at_level("INFO", logger="pipeline.run"):
+        run(fakes, out)
+    assert calls(tmp_path) == {"reward": 1, "calibration": 1, "align": 2, "report": 2}
+    assert "artifacts changed since it finished: align/result.json (size" in caplog.text
+    # same size, other bytes (mtime moves): the hash catches it
+    body = (out / "reward" / "result.json").read_text()
+    (out / "reward" / "result.json").write_text(body.replace('"steps": 2', '"steps": 3'))
+    run(fakes, out)
+    assert calls(tmp_path) == {"reward": 2, "calibration": 2, "align": 3, "report": 3}
+    run(fakes, out)  # and a clean rerun skips again
+    assert calls(tmp_path) == {"reward": 2, "calibration": 2, "align": 3, "report": 3}
+
+
+def test_files_of_another_stage_inside_an_artifact_are_not_recorded(fakes, tmp_path, monkeypatch):
+    """calibration writes reward/<rm>/temperature.json inside the reward stage's RM directory: rewriting it
+    must not make the reward stage look changed."""
+    import fake_calibration
+    import fake_reward
+
+    def reward_run(recipe, run_dir):
+        (Path(run_dir) / "reward" / "rm").mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "reward" / "rm" / "w.bin").write_bytes(b"weights")
+        return ["reward/rm"]
+
+    def calibration_run(recipe, run_dir):
+        (Path(run_dir) / "reward" / "rm" / "temperature.json").write_text(str(time.time()))
+        return ["reward/rm/temperature.json"]
+
+    monkeypatch.setattr(fake_reward, "run", reward_run)
+    monkeypatch.setattr(fake_calibration, "run", calibration_run)
+    out = tmp_path / "run"
+    run(fakes, out, stages="reward,calibration")
+    run(fakes, out, stages="reward,calibration", force=["reward"])  # reward rerecords with temperature.json there
+    m = json.loads((out / "manifest.json").read_text())
+    assert list(m["stages"]["reward"]["artifact_files"]) == ["reward/rm/w.bin"]
+    steps = R.plan(C.load_recipe(str(fakes / "fake.yaml")), out.resolve(), m, ["reward", "calibration"], [])
+    assert [s["action"] for s in steps[:2]] == ["skip", "skip"]
+
+
+def test_force_reaches_stages_that_keep_their_own_results(fakes, tmp_path, monkeypatch):
+    """`--force reward` must make the reward stage redo its RMs, not only rerun it (defect 1)."""
+    import fake_reward
+
+    seen = []
+
+    def reward_run(recipe, run_dir, force=False):
+        seen.append(force)
+        return []
+
+    monkeypatch.setattr(fake_reward, "run", reward_run)
+    out = tmp_path / "run"
+    run(fakes, out, stages="reward")
+    run(fakes, out, stages="reward", force=["reward"])
+    run(fakes, out, "data.n=5", stages="reward")  # rerun for a config change: the stage decides what to redo
+    assert seen == [False, True, False]
+
+
 def test_failed_stage_recorded_and_retried(fakes, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="failed on purpose"):
@@ -426,13 +492,41 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 60
     raise AssertionError(f"timed out waiting for {text!r} in {path}")
 
 
+def _sigint_default():  # preexec_fn: the child starts with SIGINT at its default (Python's KeyboardInterrupt)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _sigint_ignored():  # preexec_fn: what `nohup cmd &` from a non-interactive shell gives the child
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def test_ignored_sigint_is_respected_and_sigterm_interrupts(fakes, tmp_path):
+    """A run started with SIGINT ignored (nohup) keeps going on SIGINT; SIGTERM still stops it cleanly (130)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(fakes / "runner.py"), "--recipe", str(fakes / "fake.yaml"),
+           "--output-dir", str(out), "calibration.sleep=120"]
+    proc = subprocess.Popen(cmd, env=_subprocess_env(fakes, tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_ignored)
+    _wait_for(tmp_path / "calls.log", "calibration sleeping", proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert json.loads((out / "manifest.json").read_text())["stages"]["calibration"]["status"] == "failed"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 def test_interrupt_mid_stage_then_resume(fakes, tmp_path, sig):
     out = tmp_path / "run"
     cmd = [sys.executable, str(fakes / "runner.py"), "--recipe", str(fakes / "fake.yaml"),
            "--output-dir", str(out), "calibration.sleep=120"]
     env = _subprocess_env(fakes, tmp_path)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT's disposition is set for the child, as an interactive shell does for its foreground job: under
+    # `nohup pytest &` it would otherwise inherit "ignored" and the Ctrl-C below would never arrive.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_default)
     _wait_for(tmp_path / "calls.log", "calibration sleeping", proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)

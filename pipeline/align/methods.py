@@ -220,9 +220,26 @@ def run_rjs(policy_path: str, tokenizer, dataset, args, out_dir: Path, *, peft: 
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=pcfg)
-    resume = any(Path(args.output_dir).glob("checkpoint-*"))  # an interrupted run left a checkpoint
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.train(resume_from_checkpoint=_last_complete_trainer_checkpoint(Path(args.output_dir)))
     return _save_trained_policy(trainer, out_dir, policy_path, tokenizer, peft, trust_remote_code)
+
+
+def _last_complete_trainer_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint-N an interrupted run left that holds trainer_state.json (the Trainer writes it
+    after the weights, optimizer and RNG state); newer half-written ones (a crash or a full disk while
+    saving) are deleted, saying so, instead of failing every rerun."""
+    import re
+    import shutil
+
+    found = sorted(((int(m.group(1)), p) for p in folder.glob("checkpoint-*")
+                    if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))), reverse=True)
+    for _, ckpt in found:
+        if (ckpt / "trainer_state.json").is_file():
+            print(f"[align] resuming from {ckpt}")
+            return str(ckpt)
+        print(f"[align] skipping incomplete checkpoint {ckpt} (no trainer_state.json); deleting it")
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------

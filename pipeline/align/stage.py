@@ -563,6 +563,7 @@ def run(recipe, run_dir: Path) -> list[str]:
     """Align, judge, tabulate. Returns the artifact paths (relative to run_dir)."""
     from pipeline.align.methods import read_jsonl, write_jsonl
     from pipeline.align.rewards import gold_reward_fn
+    from pipeline.reward.stage import resolve_rm_path
 
     ctx = _Ctx(recipe, run_dir)
     cfg = ctx.cfg
@@ -573,7 +574,7 @@ def run(recipe, run_dir: Path) -> list[str]:
     rms = select_rms(index, cfg.rms)
     rm_dirs = {}
     for name in rms:
-        p = Path(index[name]["path"])
+        p = resolve_rm_path(ctx.run_dir, name, index[name]["path"])
         if not p.is_dir():
             p = ctx.run_dir / "reward" / name
         if not p.is_dir():

@@ -161,7 +161,10 @@ class CalibrationConfig:
 # Inputs
 # --------------------------------------------------------------------------------------------------
 def read_index(run_dir: Path, only: list[str] | None = None) -> dict:
-    """DIR/reward/index.json, with every path resolved (relative paths are taken from DIR/reward/)."""
+    """DIR/reward/index.json, with every path resolved (relative paths are taken from DIR; see
+    pipeline.reward.stage.resolve_rm_path)."""
+    from pipeline.reward.stage import resolve_rm_path
+
     path = run_dir / "reward" / "index.json"
     if not path.is_file():
         raise FileNotFoundError(f"calibration: {path} not found; run the reward stage first (python -m pipeline.reward)")
@@ -180,9 +183,7 @@ def read_index(run_dir: Path, only: list[str] | None = None) -> dict:
     for name, entry in index.items():
         if not isinstance(entry, dict) or "path" not in entry:
             raise ValueError(f"calibration: {path}: entry {name!r} has no 'path' field")
-        p = Path(entry["path"])
-        if not p.is_absolute():
-            p = run_dir / "reward" / p
+        p = resolve_rm_path(run_dir, name, entry["path"])
         if not p.exists() and (run_dir / "reward" / name).exists():  # the run dir was moved
             p = run_dir / "reward" / name
         out[name] = {**entry, "path": str(p), "method": entry.get("method", "unknown"),

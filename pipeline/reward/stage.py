@@ -3,8 +3,14 @@
 For every RM name (`more`, `multitask`, `uniform`, `single-<source>`), the stage mixes the sources
 (balanced blocks for more/uniform, a shuffled concatenation for multitask), trains a
 `MORERewardTrainer`, and saves `DIR/reward/<name>/` (model, tokenizer, model card, train_log.json)
-atomically. Finished RMs are skipped on rerun; an interrupted one resumes from its last Trainer
-checkpoint in `DIR/reward/.checkpoints/<name>/`. `DIR/reward/index.json` lists what was trained.
+atomically, with `fingerprint.json`: a hash of everything that determines the RM (its training settings,
+the reward section, the training rows actually used, the tokenizer, the base model, the seed, the world
+size) and the size and sha256 of every file written. A finished RM is reused only when its fingerprint
+matches and its files are intact; otherwise it is retrained and the log says why (`force=True`, i.e.
+`--force reward`, retrains every RM). An interrupted RM resumes from its last COMPLETE Trainer checkpoint in
+`DIR/reward/.checkpoints/<name>/` (one whose fingerprint matches; incomplete ones are deleted, and the log
+says which checkpoint it resumes from). `DIR/reward/index.json` lists what was trained, with paths
+relative to the run directory, so a copied or moved run directory stays self-contained.
 """
 
 from __future__ import annotations
@@ -12,16 +18,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_write_json, changed_files, file_records, sha256_json
 from pipeline.models import TinyModelSpec, load_tokenizer, quantization_config, tiny_model, tiny_tokenizer
 
 STAGE_METHODS = ("more", "multitask", "uniform", "single")
 PEFT_MODES = ("none", "lora", "qlora4", "qlora8")
+# Bump when a change to the training code changes what an RM trained from the same inputs looks like.
+TRAINING_CODE_VERSION = 2
+FINGERPRINT = "fingerprint.json"
+# Training arguments that cannot change the trained weights (so changing them reuses RMs and checkpoints).
+_NOT_FINGERPRINTED = frozenset({"output_dir", "logging_dir", "report_to", "disable_tqdm", "run_name",
+                                "save_strategy", "save_steps", "save_total_limit", "dataloader_num_workers"})
 
 
 @dataclass
@@ -107,31 +120,53 @@ def _synthetic_texts(recipe, splits) -> list[str]:
     return texts
 
 
+def _tiny_base_fingerprint(recipe, texts: list[str]) -> str:
+    """What the tiny tokenizer and random base model in DIR/reward/.base are built from."""
+    cfg = recipe.reward
+    return sha256_json({"tiny": asdict(cfg.tiny), "vocab_size": cfg.tokenizer_vocab_size, "seed": recipe.seed,
+                        "texts": sha256_json(texts)})
+
+
+def _base_is_current(base: Path, fp: str, needed: str) -> bool:
+    try:
+        return (base / needed).exists() and json.loads((base / FINGERPRINT).read_text())["fingerprint"] == fp
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def build_tokenizer(recipe, splits, run_dir: Path):
     """The tokenizer every RM of this run shares (trained once for tiny models, saved in DIR/reward/)."""
     cfg = recipe.reward
     if cfg.model_name_or_path:
         return load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    texts = _synthetic_texts(recipe, splits)
     tok_dir = run_dir / "reward" / ".base"
-    if (tok_dir / "tokenizer.json").exists():
+    if _base_is_current(tok_dir, _tiny_base_fingerprint(recipe, texts), "tokenizer.json"):
         return load_tokenizer(str(tok_dir))
-    return tiny_tokenizer(_synthetic_texts(recipe, splits), vocab_size=cfg.tokenizer_vocab_size)
+    return tiny_tokenizer(texts, vocab_size=cfg.tokenizer_vocab_size)
 
 
-def base_model_path(recipe, tokenizer, run_dir: Path) -> str:
-    """A path to load the base model from; the tiny random model is saved once to DIR/reward/.base."""
+def base_model_path(recipe, tokenizer, run_dir: Path, splits=None) -> str:
+    """A path to load the base model from; the tiny random model is saved once to DIR/reward/.base (and
+    rebuilt when what it is built from changes)."""
     cfg = recipe.reward
     if cfg.model_name_or_path:
         return _resolve_model_path(cfg.model_name_or_path)
     from accelerate import PartialState
 
     base = run_dir / "reward" / ".base"
+    fp = _tiny_base_fingerprint(recipe, _synthetic_texts(recipe, splits)) if splits is not None else None
     state = PartialState()
-    if state.is_main_process and not (base / "config.json").exists():
+    stale = not (base / "config.json").exists() or (fp is not None and not _base_is_current(base, fp, "config.json"))
+    if state.is_main_process and stale:
+        if (base / "config.json").exists():
+            print("[reward] the tiny base model's settings or training texts changed: rebuilding reward/.base")
         tmp = base.with_name(".base.partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tiny_model(cfg.tiny, tokenizer, task="reward", seed=recipe.seed).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if fp is not None:
+            atomic_write_json(tmp / FINGERPRINT, {"fingerprint": fp})
         shutil.rmtree(base, ignore_errors=True)
         os.replace(tmp, base)
     state.wait_for_everyone()
@@ -172,17 +207,61 @@ def load_base_model(cfg: RewardStageConfig, path: str):
     return model, peft_config
 
 
-def train_one(recipe, run_dir: Path, name: str, method: str, sources: list[str], splits, tokenizer, base: str):
-    """Train (or resume) one RM and save it atomically to DIR/reward/<name>/."""
+def _dataset_sha256(ds) -> str:
+    """sha256 of a dataset's rows, in order (what the trainer actually reads)."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(ds.column_names).encode())
+    for batch in ds.iter(batch_size=1024):
+        h.update(json.dumps(batch, sort_keys=True, default=str).encode("utf-8"))
+    return h.hexdigest()
+
+
+def _tokenizer_sha256(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+    return sha256_json({"tokenizer": text, "special": special, "padding_side": tokenizer.padding_side})
+
+
+def _base_model_record(base: str) -> dict:
+    """The base model's identity: its path, and for a local directory its config and weight file sizes."""
+    p = Path(base)
+    if not p.is_dir():
+        return {"path": base}  # a hub id: its name (and revision, when pinned in the name)
+    rec = {"config": json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else None,
+           "weights": {f.name: f.stat().st_size for f in sorted(p.iterdir())
+                       if f.suffix in (".safetensors", ".bin", ".pt", ".pth") and f.is_file()}}
+    if (p / FINGERPRINT).is_file():  # the tiny base: what it was built from
+        rec["fingerprint"] = json.loads((p / FINGERPRINT).read_text()).get("fingerprint")
+    return rec
+
+
+def _deepspeed_record(value):
+    if isinstance(value, str) and Path(value).is_file():
+        return {"file_sha256": sha256_json(Path(value).read_text())}
+    return value
+
+
+@dataclass
+class RMPlan:
+    """Everything one RM is trained from, and its fingerprint."""
+
+    name: str
+    method: str
+    sources: list[str]
+    train: Any
+    args: dict
+    inputs: dict
+    fingerprint: str
+
+
+def plan_rm(recipe, run_dir: Path, name: str, method: str, sources: list[str], splits, tokenizer, base: str) -> RMPlan:
     from accelerate import PartialState
-    from transformers.trainer_utils import get_last_checkpoint
 
     from pipeline.data import mix
-    from pipeline.reward.trainer import MORERewardConfig, MORERewardTrainer
 
     cfg, data = recipe.reward, recipe.data
-    out = run_dir / "reward" / name
-    ckpt_dir = run_dir / "reward" / ".checkpoints" / name
     balanced = method in ("more", "uniform")
     train = mix(
         {s: splits[s]["train"] for s in sources},
@@ -191,38 +270,132 @@ def train_one(recipe, run_dir: Path, name: str, method: str, sources: list[str],
         per_source_batch=data.per_source_batch,
         seed=recipe.seed,
     )
-    per_device = data.per_source_batch * len(sources)
+    cpu_defaults = {}
+    if not torch.cuda.is_available():
+        # use_cpu: without it torchrun/accelerate on CPU set up no gloo DDP; TRL's bf16 default fails on CPU.
+        cpu_defaults = {"use_cpu": True, "bf16": cfg.train.get("bf16", False)}
+    args = cfg.training_args(dict(
+        **cpu_defaults,
+        output_dir=str(run_dir / "reward" / ".checkpoints" / name),
+        method=method,
+        source_names=sources,
+        balanced_batches=balanced,
+        per_device_train_batch_size=data.per_source_batch * len(sources),
+        max_length=data.max_length,
+        seed=recipe.seed,
+    ))
+    section = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "train")}
+    inputs = {
+        "training_code_version": TRAINING_CODE_VERSION,
+        "method": method,
+        "sources": list(sources),
+        "train_args": {k: (_deepspeed_record(v) if k == "deepspeed" else v)
+                       for k, v in sorted(args.items()) if k not in _NOT_FINGERPRINTED},
+        "reward": section,
+        "train_rows": len(train),
+        "train_data_sha256": _dataset_sha256(train),
+        "tokenizer_sha256": _tokenizer_sha256(tokenizer),
+        "base_model": _base_model_record(base),
+        "seed": recipe.seed,
+        "world_size": PartialState().num_processes,
+    }
+    return RMPlan(name, method, list(sources), train, args, inputs, sha256_json(inputs))
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) and v else {key: v})
+    return out
+
+
+def fingerprint_changes(old: dict, new: dict, limit: int = 6) -> str:
+    """A readable diff of two fingerprint input records ('train_args.learning_rate: 0.001 -> 0.05')."""
+    a, b = _flat(old), _flat(new)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    parts = [f"{k}: {str(a.get(k, '<unset>'))[:40]} -> {str(b.get(k, '<unset>'))[:40]}" for k in keys[:limit]]
+    return "; ".join(parts) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def stale_reason(out: Path, plan: RMPlan) -> str | None:
+    """Why the RM saved in `out` cannot be reused for `plan`, or None when it can."""
+    if not (out / "reward_info.json").exists():
+        return "not trained yet"
+    try:
+        rec = json.loads((out / FINGERPRINT).read_text())
+    except (OSError, ValueError):
+        return f"no readable {FINGERPRINT} (trained by an older version)"
+    if rec.get("fingerprint") != plan.fingerprint:
+        changes = fingerprint_changes(rec.get("inputs", {}), plan.inputs) or "fingerprint"
+        return f"its inputs changed ({changes})"
+    if bad := changed_files(out, rec.get("files", {})):
+        return f"its files changed since it was saved: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
+    return None
+
+
+def _resume_point(ckpt_dir: Path, plan: RMPlan) -> str | None:
+    """The checkpoint to resume from (main process decides; deletes stale and incomplete ones)."""
+    from pipeline.reward.trainer import checkpoint_problem, list_checkpoints
+
+    if not ckpt_dir.is_dir():
+        return None
+    try:
+        recorded = json.loads((ckpt_dir / FINGERPRINT).read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        recorded = None
+    if recorded != plan.fingerprint:
+        if list_checkpoints(ckpt_dir):
+            print(f"[reward] {plan.name}: discarding checkpoints in {ckpt_dir}: they were made from other inputs")
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        return None
+    for ckpt in list_checkpoints(ckpt_dir):
+        problem = checkpoint_problem(ckpt, plan.method)
+        if problem is None:
+            return str(ckpt)
+        print(f"[reward] {plan.name}: skipping incomplete checkpoint {ckpt.name} ({problem}); deleting it")
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return None
+
+
+def train_one(recipe, run_dir: Path, plan: RMPlan, tokenizer, base: str, fresh: bool = False):
+    """Train (or resume) one RM and save it atomically to DIR/reward/<name>/ with its fingerprint."""
+    from accelerate import PartialState
+
+    from pipeline.reward.trainer import MORERewardConfig, MORERewardTrainer
+
+    cfg, name = recipe.reward, plan.name
+    out = run_dir / "reward" / name
+    ckpt_dir = run_dir / "reward" / ".checkpoints" / name
     if cfg.train.get("deepspeed") and not torch.cuda.is_available():
         # DeepSpeed on CPU: its comm layer must wrap the gloo group before the Trainer builds its config
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
-    cpu_defaults = {}
-    if not torch.cuda.is_available():
-        # use_cpu: without it torchrun/accelerate on CPU set up no gloo DDP; TRL's bf16 default fails on CPU.
-        cpu_defaults = {"use_cpu": True, "bf16": cfg.train.get("bf16", False)}
-    args = MORERewardConfig(
-        **cfg.training_args(dict(
-            **cpu_defaults,
-            output_dir=str(ckpt_dir),
-            method=method,
-            source_names=sources,
-            balanced_batches=balanced,
-            per_device_train_batch_size=per_device,
-            max_length=data.max_length,
-            seed=recipe.seed,
-        )),
-    )
+    state = PartialState()
+    last = None
+    if state.is_main_process:
+        if fresh:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        last = _resume_point(ckpt_dir, plan)
+        if last:
+            print(f"[reward] {name}: resuming from {last} (its last complete checkpoint)")
+        elif ckpt_dir.is_dir() and not fresh:
+            print(f"[reward] {name}: no complete checkpoint to resume from; training from the start")
+        atomic_write_json(ckpt_dir / FINGERPRINT, {"fingerprint": plan.fingerprint, "inputs": plan.inputs})
+    if state.num_processes > 1:
+        import torch.distributed as dist
+
+        box = [last]
+        dist.broadcast_object_list(box, src=0)
+        last = box[0]
+    args = MORERewardConfig(**plan.args)
     model, peft_config = load_base_model(cfg, base)
     trainer = MORERewardTrainer(
-        model, args, train_dataset=train, processing_class=tokenizer, peft_config=peft_config
+        model, args, train_dataset=plan.train, processing_class=tokenizer, peft_config=peft_config
     )
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-    if last:
-        print(f"[reward] {name}: resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
 
-    state = PartialState()
     partial = out.with_name(f".{name}.partial")
     if state.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
@@ -232,9 +405,12 @@ def train_one(recipe, run_dir: Path, name: str, method: str, sources: list[str],
         tokenizer.save_pretrained(partial)
         atomic_write_json(partial / "train_log.json", trainer.state.log_history)
         atomic_write_json(partial / "reward_info.json", {
-            "name": name, "method": method, "sources": sources, "n_train_pairs": len(train),
+            "name": name, "method": plan.method, "sources": plan.sources, "n_train_pairs": len(plan.train),
             "n_truncated_sequences": trainer.n_truncated.get("train", 0),
         })
+        files = file_records(partial, ["."])
+        atomic_write_json(partial / FINGERPRINT, {"fingerprint": plan.fingerprint, "inputs": plan.inputs,
+                                                  "files": {str(Path(f)): r for f, r in files.items()}})
         shutil.rmtree(out, ignore_errors=True)
         os.replace(partial, out)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -242,8 +418,9 @@ def train_one(recipe, run_dir: Path, name: str, method: str, sources: list[str],
     del trainer, model
 
 
-def run(recipe, run_dir: Path) -> list[str]:
-    """Train every RM the recipe asks for; skip those already saved. Returns artifact paths."""
+def run(recipe, run_dir: Path, force: bool = False) -> list[str]:
+    """Train every RM the recipe asks for; reuse those saved from the same inputs (all retrained when
+    `force`). Returns artifact paths relative to run_dir."""
     from accelerate import PartialState
 
     from pipeline.data import build_splits
@@ -252,16 +429,18 @@ def run(recipe, run_dir: Path) -> list[str]:
     splits = build_splits(recipe.data)
     sources = list(splits)
     tokenizer = build_tokenizer(recipe, splits, run_dir)
-    base = base_model_path(recipe, tokenizer, run_dir)
+    base = base_model_path(recipe, tokenizer, run_dir, splits)
     index = {}
     for name, method, srcs in rm_names(recipe.reward, sources):
         out = run_dir / "reward" / name
-        if (out / "reward_info.json").exists():
-            print(f"[reward] {name}: already trained, skipping")
+        plan = plan_rm(recipe, run_dir, name, method, srcs, splits, tokenizer, base)
+        reason = "forced (--force reward)" if force else stale_reason(out, plan)
+        if reason is None:
+            print(f"[reward] {name}: already trained, skipping (same inputs: fingerprint {plan.fingerprint[:10]})")
         else:
-            print(f"[reward] training {name} (method={method}, sources={srcs})")
-            train_one(recipe, run_dir, name, method, srcs, splits, tokenizer, base)
-        index[name] = {"path": str(out), "method": "single" if name.startswith("single-") else method,
+            print(f"[reward] training {name} (method={method}, sources={srcs}): {reason}")
+            train_one(recipe, run_dir, plan, tokenizer, base, fresh=force)
+        index[name] = {"path": f"reward/{name}", "method": "single" if name.startswith("single-") else method,
                        "sources": srcs}
     if PartialState().is_main_process:
         atomic_write_json(run_dir / "reward" / "index.json", index)
@@ -274,3 +453,26 @@ def load_index(run_dir: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the reward stage first (python -m pipeline.run --stages reward)")
     return json.loads(path.read_text())
+
+
+def resolve_rm_path(run_dir: Path, name: str, path: str) -> Path:
+    """The directory of an index entry. Relative paths are taken from the run directory (`reward/<name>`;
+    a bare `<name>`, relative to DIR/reward/, also works). An absolute path into another run directory's
+    `reward/<name>` (indexes written before paths were relative, then copied) maps to this run's copy, so
+    a copied run never reads or writes the original."""
+    run_dir = Path(run_dir).resolve()
+    p = Path(path)
+    local = run_dir / "reward" / name
+    if not p.is_absolute():
+        for cand in (run_dir / p, run_dir / "reward" / p):
+            if cand.exists():
+                return cand
+        return run_dir / p
+    try:
+        p.resolve().relative_to(run_dir)
+        return p
+    except ValueError:
+        pass
+    if local.exists() and p.name == name and p.parent.name == "reward":
+        return local
+    return p

@@ -13,6 +13,9 @@ all-reduced before the solve, so every rank uses the same lambda.
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,9 @@ from pipeline.reward.more import NORMALIZE_MODES, head_gradient_sums, more_weigh
 
 METHODS = ("more", "multitask", "uniform")
 HEAD_NAMES = ("score", "classifier", "v_head")
+MORE_STATE = "more_state.safetensors"  # MORE's gradient momentum, inside each Trainer checkpoint
+LEGACY_MORE_STATE = "more_state.pt"  # written by older versions (a pickle; read with weights_only=True)
+CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last: a checkpoint without it is incomplete
 
 
 @dataclass
@@ -225,7 +231,7 @@ class MORERewardTrainer(RewardTrainer):
             loss = (lam.to(pair_loss.dtype) * local_sums * scale.to(pair_loss.dtype)).sum()
             self._last_lambda = lam.detach()
         if self.args.center_rewards_coefficient is not None:
-            loss = loss + self.args.center_rewards_coefficient * torch.mean(rewards**2)
+            loss = loss + self.args.center_rewards_coefficient * torch.mean((r_c + r_r) ** 2)  # TRL's formula
 
         # TRL's own metrics (tokens, rewards, accuracy, margin) ...
         if mode == "train":
@@ -252,19 +258,47 @@ class MORERewardTrainer(RewardTrainer):
 
     # ---------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self._momentum is not None and self.args.should_save:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+        """Trainer's checkpoint, then MORE's momentum, then (after every rank wrote its part) the completion
+        marker; older checkpoints are rotated out only once the new one is complete."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-            ckpt = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            torch.save({"momentum": self._momentum.cpu()}, ckpt / "more_state.pt")
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # rotate below, after the marker: never leave no complete checkpoint
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        run_dir = self._get_output_dir(trial=trial)
+        ckpt = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save and self._momentum is not None:
+            save_more_state(ckpt, self._momentum)
+        self.accelerator.wait_for_everyone()  # every rank has written its shards
+        if self.args.should_save:
+            atomic_write_text(ckpt / CHECKPOINT_COMPLETE, json.dumps({
+                "global_step": self.state.global_step, "method": self.args.method,
+                "more_state": self._momentum is not None}) + "\n")
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        """Trainer.train, also restoring MORE's gradient momentum from a checkpoint when there is one."""
+        """Trainer.train, also restoring MORE's gradient momentum from the checkpoint.
+
+        `resume_from_checkpoint=True` picks the last COMPLETE checkpoint of output_dir (not merely the
+        highest-numbered directory). A MORE checkpoint without its momentum is refused: resuming from it
+        would silently reset MORE's source weights."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir, self.args.method)
         if isinstance(resume_from_checkpoint, str | Path):
-            state_file = Path(resume_from_checkpoint) / "more_state.pt"
-            if state_file.exists():
-                self._momentum = torch.load(state_file)["momentum"].to(self.args.device)
+            momentum = load_more_state(resume_from_checkpoint)
+            if momentum is None and self.args.method == "more":
+                raise ValueError(
+                    f"{resume_from_checkpoint}: a MORE checkpoint without {MORE_STATE}; resuming from it would reset "
+                    "MORE's gradient momentum. Delete this checkpoint directory to resume from an earlier one "
+                    "(or from scratch)."
+                )
+            if momentum is not None:
+                self._momentum = momentum.to(self.args.device)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ---------------------------------------------------------------- saving
@@ -296,3 +330,57 @@ class MORERewardTrainer(RewardTrainer):
         self.save_model(str(output_dir))
         if self.accelerator.is_main_process:
             atomic_write_text(Path(output_dir) / "README.md", self.model_card_text(base_model))
+
+
+# -------------------------------------------------------------------- checkpoint files
+def save_more_state(checkpoint: str | Path, momentum: torch.Tensor) -> Path:
+    """MORE's momentum as safetensors (no pickle), written to a temporary name then renamed."""
+    from safetensors.torch import save_file
+
+    path = Path(checkpoint) / MORE_STATE
+    tmp = path.with_name(f".{MORE_STATE}.tmp")
+    save_file({"momentum": momentum.detach().float().cpu().contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def load_more_state(checkpoint: str | Path) -> torch.Tensor | None:
+    """The momentum saved in a checkpoint, or None when it holds none."""
+    ckpt = Path(checkpoint)
+    if (ckpt / MORE_STATE).is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(ckpt / MORE_STATE))["momentum"]
+    if (ckpt / LEGACY_MORE_STATE).is_file():
+        return torch.load(ckpt / LEGACY_MORE_STATE, weights_only=True)["momentum"]
+    return None
+
+
+def checkpoint_problem(checkpoint: str | Path, method: str | None = None) -> str | None:
+    """Why a Trainer checkpoint directory cannot be resumed from, or None when it is complete."""
+    ckpt = Path(checkpoint)
+    if not (ckpt / CHECKPOINT_COMPLETE).is_file():
+        return f"no {CHECKPOINT_COMPLETE} (its save was interrupted)"
+    if not (ckpt / "trainer_state.json").is_file():
+        return "no trainer_state.json"
+    if method == "more" and not ((ckpt / MORE_STATE).is_file() or (ckpt / LEGACY_MORE_STATE).is_file()):
+        return f"no {MORE_STATE} (MORE's momentum)"
+    return None
+
+
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    """checkpoint-<step> directories of `folder`, newest (highest step) first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def last_complete_checkpoint(folder: str | Path, method: str | None = None) -> str | None:
+    """The newest checkpoint of `folder` that is complete (see `checkpoint_problem`), or None."""
+    for ckpt in list_checkpoints(folder):
+        if checkpoint_problem(ckpt, method) is None:
+            return str(ckpt)
+    return None

@@ -13,6 +13,7 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.reward.trainer import MORERewardTrainer  # noqa: E402
+from pipeline.run import shutdown_distributed  # noqa: E402
 from tests import reward_helpers as H  # noqa: E402
 
 
@@ -22,6 +23,17 @@ class RecordLambda(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         self.lams.append(self.trainer._last_lambda.tolist())
+
+
+def full_weights(model, zero: int) -> dict:
+    """Every parameter, whole on this rank (ZeRO-3 partitions them: gather for reading)."""
+    params = dict(model.named_parameters())
+    if zero == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+            return {n: p.detach().clone().float() for n, p in params.items()}
+    return {n: p.detach().clone().float() for n, p in params.items()}
 
 
 def main():
@@ -41,9 +53,10 @@ def main():
             "bf16": {"enabled": False}, "fp16": {"enabled": False},
         }
     tok = H.tokenizer()
+    model = H.model("gpt_neox", tok)  # before the DeepSpeed config exists: the same init as without ZeRO-3
     args = H.config(out / "ckpt", "more", max_steps=4, use_cpu=True, **extra)
     rec = RecordLambda()
-    trainer = MORERewardTrainer(H.model("gpt_neox", tok), args, train_dataset=H.balanced_pairs(8),
+    trainer = MORERewardTrainer(model, args, train_dataset=H.balanced_pairs(8),
                                 processing_class=tok, callbacks=[rec])
     rec.trainer = trainer
     seen = []  # fingerprints of this rank's batches: ranks must see different data
@@ -52,9 +65,12 @@ def main():
     trainer.train()
     rank = trainer.args.process_index
     result = {"lambdas": rec.lams, "world_size": trainer.args.world_size, "batches": seen}
-    if not zero:
-        result["weight_sum"] = float(sum(p.detach().double().sum() for p in trainer.model.parameters()))
+    weights = full_weights(trainer.model, zero)
+    result["weight_sum"] = float(sum(w.double().sum() for w in weights.values()))
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    torch.save(weights, out / f"rank{rank}_weights.pt")
+    del trainer, rec
+    shutdown_distributed()  # deterministic teardown: no rank may abort at interpreter exit
 
 
 if __name__ == "__main__":
