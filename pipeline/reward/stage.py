@@ -40,6 +40,13 @@ class RewardStageConfig:
     )
     tiny: TinyModelSpec = field(default_factory=TinyModelSpec, metadata={"help": "The in-process model."})
     tokenizer_vocab_size: int = field(default=1000, metadata={"help": "Vocabulary of the tiny tokenizer."})
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Chat template the RM renders conversational data with (pipeline.data.render): null "
+                  "keeps the tokenizer's own (none for the tiny model), a Jinja string, a path to a .jinja file, "
+                  "or 'none' for the plain HH layout. Saved with the RM's tokenizer, so calibration and "
+                  "alignment score in the same layout."},
+    )
     peft: str = field(default="none", metadata={"help": "none, lora, qlora4 (4-bit NF4 base) or qlora8."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
@@ -109,13 +116,24 @@ def _synthetic_texts(recipe, splits) -> list[str]:
 
 def build_tokenizer(recipe, splits, run_dir: Path):
     """The tokenizer every RM of this run shares (trained once for tiny models, saved in DIR/reward/)."""
+    from pipeline.data.render import set_chat_template
+
     cfg = recipe.reward
     if cfg.model_name_or_path:
-        return load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        tok = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        return set_chat_template(tok, cfg.chat_template, where="reward.chat_template")
     tok_dir = run_dir / "reward" / ".base"
     if (tok_dir / "tokenizer.json").exists():
         return load_tokenizer(str(tok_dir))
-    return tiny_tokenizer(_synthetic_texts(recipe, splits), vocab_size=cfg.tokenizer_vocab_size)
+    template = set_chat_template(_TemplateHolder(), cfg.chat_template, where="reward.chat_template").chat_template
+    return tiny_tokenizer(_synthetic_texts(recipe, splits), vocab_size=cfg.tokenizer_vocab_size,
+                          chat_template=template)
+
+
+class _TemplateHolder:
+    """Resolves a recipe's chat_template value before the tiny tokenizer exists."""
+
+    chat_template = None
 
 
 def base_model_path(recipe, tokenizer, run_dir: Path) -> str:
