@@ -58,6 +58,19 @@ def plain_response(messages: list[dict]) -> str:
     return " " + head["content"].strip() + "".join(f"{PLAIN_MARKERS[m['role']]} {m['content'].strip()}" for m in rest)
 
 
+def plain_to_messages(prompt: str) -> list[dict]:
+    """The inverse of `plain_prompt`: an HH-layout prompt (ending with the assistant marker) as messages."""
+    import re
+
+    parts = re.split(r"(\n\n(?:Human|Assistant|System|Tool):)", prompt)
+    roles = {v: k for k, v in PLAIN_MARKERS.items()}
+    out = []
+    for marker, text in zip(parts[1::2], parts[2::2]):
+        if text.strip():
+            out.append({"role": roles[marker], "content": text.strip()})
+    return out
+
+
 def encode_conversation(prompt: list[dict], chosen: list[dict], rejected: list[dict]) -> str:
     """The `conversation` column's value (compact, key-sorted JSON: equal conversations, equal strings)."""
     return json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}, ensure_ascii=False,

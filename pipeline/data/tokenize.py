@@ -92,6 +92,25 @@ def encode_pairs(tokenizer, prompts, chosen, rejected, conversations=None, max_l
     return c_ids, r_ids, flags
 
 
+def encode_responses(tokenizer, prompts, responses, conversations=None, max_length: int | None = None):
+    """Token ids of `prompt + response` for scoring generated responses with an RM: a conversational prompt
+    (its `{"prompt": [...]}` messages in `conversations`) gets the response as an assistant message under
+    the tokenizer's chat template (`render_response`); other prompts are `prompt + response` text."""
+    from .render import render_response
+
+    conversations = conversations if conversations is not None else [None] * len(prompts)
+    rendered = [render_response(tokenizer, p, r, c) for p, r, c in zip(prompts, responses, conversations)]
+    out = [None] * len(rendered)
+    for templated in (False, True):
+        idx = [i for i, x in enumerate(rendered) if x[2] == templated]
+        if idx:
+            ids, _ = encode_left_flags(tokenizer, [rendered[i][0] + rendered[i][1] for i in idx], max_length,
+                                       templated=templated)
+            for k, i in enumerate(idx):
+                out[i] = ids[k]
+    return out
+
+
 def tokenize_pairs(ds, tokenizer, max_length: int | None, *, keep_text: bool = False, batch_size: int = 1024):
     """Tokenize preference pairs: `prompt + chosen` and `prompt + rejected` rendered for the tokenizer
     (`encode_pairs`: a chat template for conversational rows when it has one), LEFT-truncated by `encode_left`.
