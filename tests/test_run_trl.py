@@ -14,7 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["data.n_train_per_source=24", "data.n_test_per_source=20", "reward.train.max_steps=4",
-         "calibration.bootstrap_samples=10"]
+         "calibration.bootstrap_samples=10", "align.warm_start_steps=10", "align.warm_start_prompts=20",
+         "align.n_prompts=8", "align.n_eval_prompts=4", "align.n_ppl=4", "align.max_new_tokens=8", "align.n=2"]
 IMPLICIT = ["data.sources.0.path=pkg:pipeline/recipes/data/trl-demo/implicit.jsonl.gz", "data.sources.0.split=null",
             "data.sources.0.test_split=null"]
 
@@ -33,10 +34,12 @@ def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("layout", ["explicit-hub-dir", "implicit-jsonl"])
 def test_trl_conversational_end_to_end(tmp_path, layout):
     out = tmp_path / "run"
-    p = _run(out, *(IMPLICIT if layout == "implicit-jsonl" else []))
+    extra = [*IMPLICIT, "--stages", "reward,calibration,report"] if layout == "implicit-jsonl" else []
+    p = _run(out, *extra)
     assert p.returncode == 0, p.stderr[-4000:]
     m = json.loads((out / "manifest.json").read_text())
-    assert [s for s, e in m["stages"].items() if e["status"] == "done"] == ["reward", "calibration", "report"]
+    done = [s for s, e in m["stages"].items() if e["status"] == "done"]
+    assert done == (["reward", "calibration", "report"] if extra else ["reward", "calibration", "align", "report"])
     groups = ["demo/harmless", "demo/helpful", "demo/oasst1", "demo/summarize", "demo/webgpt"]
     index = json.loads((out / "reward" / "index.json").read_text())
     assert set(index) == {"more", "multitask"} and index["more"]["sources"] == groups
@@ -46,3 +49,7 @@ def test_trl_conversational_end_to_end(tmp_path, layout):
         assert "<|im_start|>" in (template.read_text() if template.exists() else cfg.get("chat_template", ""))
     metrics = json.loads((out / "calibration" / "metrics.json").read_text())
     assert set(groups) <= set(metrics["more"]) and "all_average" in metrics["more"]
+    if not extra:  # the policy generated from prompts under ITS template and RJS trained a policy
+        cands = [json.loads(x) for x in (out / "align" / "base" / "train_candidates.jsonl").read_text().splitlines()]
+        assert all(c["policy_prompt"].startswith("<|begin_of_text|><|start_header_id|>user") for c in cands)
+        assert (out / "align" / "more" / "rjs" / "policy" / "config.json").exists()
