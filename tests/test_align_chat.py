@@ -93,3 +93,22 @@ def test_prompt_conversations_and_judge_messages():
     assert {k: json.loads(v) for k, v in prompt_conversations(ds).items()} == {PLAIN: {"prompt": Q}}
     msg = judge_prompt([{"role": "system", "content": "Be kind."}] + Q, "Four.", "Three.", "helpful")
     assert "System: Be kind.\n\nUser: How many legs has a horse got?" in msg and "<|" not in msg
+
+
+def test_ppo_rollouts_end_at_any_stop_id():
+    """PPO's response mask and decoding stop at EOS or a chat template's end-of-turn id (hand-checked)."""
+    import torch
+
+    from pipeline.align.ppo import _decode, response_mask_from_ids
+
+    resp = torch.tensor([[5, 7, 9, 2], [5, 5, 5, 5], [2, 7, 7, 7]])
+    mask, has = response_mask_from_ids(resp, [2, 7])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]] and has.tolist() == [True, False, True]
+    mask1, has1 = response_mask_from_ids(resp, 2)  # one id: the old behaviour
+    assert mask1.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0]] and has1.tolist() == [True, False, True]
+
+    class Tok:
+        def decode(self, toks, skip_special_tokens=True):
+            return ",".join(map(str, toks))
+
+    assert _decode(Tok(), resp, mask, [2, 7]) == ["5", "5,5,5,5", ""]

@@ -131,3 +131,17 @@ def test_group_name_clash(trl_dir):
     ])
     with pytest.raises(PreferenceDataError, match="clashes"):
         build_splits(cfg)
+
+
+def test_implicit_option_ignores_a_prompt_string(tmp_path):
+    """argilla/ultrafeedback-binarized-preferences-cleaned style: a prompt string beside chosen/rejected that
+    hold the whole conversation; without the option the mixed kinds are an error naming the fix."""
+    rec = {"source": "evol", "prompt": "Hi?", "chosen": [{"role": "user", "content": "Hi?"},
+                                                        {"role": "assistant", "content": "Hello."}],
+           "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Go."}]}
+    f = tmp_path / "uf.jsonl"
+    f.write_text(json.dumps(rec) + "\n")
+    ds = load_source("trl", str(f), implicit=True, group_by="source", source="uf")
+    assert ds[0]["source"] == "uf/evol" and decode_conversation(ds[0]["conversation"])["prompt"] == rec["chosen"][:1]
+    with pytest.raises(PreferenceDataError, match="implicit=true"):
+        load_source("trl", str(f))

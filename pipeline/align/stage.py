@@ -479,6 +479,8 @@ def align_one(ctx: _Ctx, rm: str, rm_dir: Path, method: str, base_path: str, tok
     reward = _rm_reward(ctx, rm_dir)
     prompts = [r["policy_prompt"] for r in train_cands]
     raw = [r["prompt"] for r in train_cands]
+    # a chat-templated policy's end-of-turn token ends RL rollouts too
+    stop_ids = turn_stops(tok).get("stop_token_ids", ()) if any(r.get("templated") for r in train_cands) else ()
 
     records = None
     if method in ("best_of_n", "rjs"):
@@ -507,12 +509,15 @@ def align_one(ctx: _Ctx, rm: str, rm_dir: Path, method: str, base_path: str, tok
         if not (work / "train_log.json").exists():  # written last, once the policy is saved
             M.run_rloo(base_path, tok, prompts, raw, reward, work, n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
                        max_new_tokens=cfg.max_new_tokens, seed=ctx.seed, overrides=cfg.rloo, gold_fn=gold_fn,
-                       peft=cfg.peft, lora=_lora(cfg), trust_remote_code=cfg.trust_remote_code)
+                       peft=cfg.peft, lora=_lora(cfg), trust_remote_code=cfg.trust_remote_code,
+                       stop_token_ids=stop_ids)
         policy_path = str(work / "policy")
     elif method == "ppo":
         defaults = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                         max_prompt_length=cfg.max_prompt_length, seed=ctx.seed, progress=cfg.progress,
                         use_peft=cfg.peft == "lora")
+        if stop_ids:
+            defaults["stop_token_ids"] = list(stop_ids)
         M.run_ppo(base_path, tok, prompts, raw, reward, work, overrides=cfg.ppo, defaults=defaults, gold_fn=gold_fn,
                   trust_remote_code=cfg.trust_remote_code)
         policy_path = str(work / "policy")

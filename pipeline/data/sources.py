@@ -46,9 +46,24 @@ Formats and the pairs they form (counts of everything dropped are logged and sto
   n ranked replies gives n(n-1)/2 pairs); the prompt is the whole conversation from the root to that
   prompter message. Deleted and synthetic messages are skipped together with their subtrees; unranked
   replies are skipped; equal ranks are ties (dropped). Option ``lang`` keeps one language.
+* ``trl``: every preference layout TRL documents: explicit prompt (``prompt``, ``chosen``, ``rejected``) or
+  implicit prompt (``chosen``/``rejected`` hold the whole conversation; the prompt is their longest common
+  prefix, as TRL's ``extract_prompt`` takes it: characters for strings, messages for conversations, cut back
+  to the last non-assistant message), each standard (strings, kept as they are) or conversational (lists
+  of ``{"role", "content"}``). Conversational rows keep their messages in the string column
+  ``conversation`` (JSON, see :mod:`pipeline.data.render`) and hold the plain HH rendering in
+  prompt/chosen/rejected. ``margin`` is kept; other columns are ignored. Identical pairs are dropped
+  (``identical``). Option ``implicit`` ignores a ``prompt`` column (chosen/rejected hold the conversation).
+  A ``save_to_disk`` directory is read too.
 * ``jsonl``: our own schema (``prompt``, ``chosen``, ``rejected``; optional ``source``, ``margin``).
 * ``synthetic``: the in-process benchmark of :mod:`pipeline.data.synthetic`; ``path`` is the source name
   (``helpful`` ...), options are :class:`SyntheticConfig` fields, ``split`` one of train/validation/test.
+
+Every format (but ``synthetic``) accepts ``group_by``: the (dotted) field whose value splits ONE dataset into
+several sources named ``<source>/<value>`` (UltraFeedback's ``source``, RewardBench's ``subset``), with
+``group_names`` (value -> source name; several values may share one), ``keep_groups`` / ``drop_groups``
+(values; dropped pairs counted as ``other_group``); per-group counts are stored under ``groups``.
+`pipeline.data.build_splits` turns each group into its own source.
 
 Every format accepts the option ``source`` (the value of the ``source`` column; default: the format
 name, or the synthetic source name). Counts (records read, pairs kept, and each reason for dropping)
@@ -496,9 +511,11 @@ def _trl_prompt_of_strings(chosen: str, rejected: str) -> str:
     return chosen[:n]
 
 
-def _fmt_trl(records, ctx):
+def _fmt_trl(records, ctx, implicit=False):
     """TRL's preference layouts: explicit (`prompt`, `chosen`, `rejected`) or implicit (`chosen`, `rejected`
-    holding the whole conversation) x standard (strings) or conversational (message lists); `margin` kept."""
+    holding the whole conversation) x standard (strings) or conversational (message lists); `margin` kept.
+    Option `implicit`: ignore a `prompt` column and extract the prompt from chosen/rejected (datasets whose
+    chosen/rejected hold the whole conversation next to a prompt string)."""
     from .render import encode_conversation, plain_prompt, plain_response
 
     for rec, where in records:
@@ -507,13 +524,14 @@ def _fmt_trl(records, ctx):
             raise _err(ctx.source, where, f"chosen is {type(chosen).__name__} but rejected is "
                        f"{type(rejected).__name__}", "give both as strings or both as message lists",
                        field="chosen/rejected")
-        explicit = rec.get("prompt") is not None
+        explicit = rec.get("prompt") is not None and not implicit
         if explicit:
             prompt = ctx.get(rec, "prompt", where, (str, list))
             if isinstance(prompt, str) != isinstance(chosen, str):
                 raise _err(ctx.source, where, f"prompt is {type(prompt).__name__} but chosen/rejected are "
                            f"{type(chosen).__name__}", "give prompt, chosen and rejected of one kind (all strings "
-                           "or all message lists)", field="prompt")
+                           "or all message lists), or pass implicit=true when chosen/rejected hold the whole "
+                           "conversation", field="prompt")
         if isinstance(chosen, str):
             if not explicit:
                 prompt = _trl_prompt_of_strings(chosen, rejected)
@@ -664,7 +682,7 @@ _FORMATS = {
     "shp": (_fmt_shp, {"min_score_ratio"}),
     "oasst1": (_fmt_oasst1, {"lang"}),
     "jsonl": (_fmt_jsonl, set()),
-    "trl": (_fmt_trl, set()),
+    "trl": (_fmt_trl, {"implicit"}),
 }
 
 
