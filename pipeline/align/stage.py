@@ -278,7 +278,8 @@ def build_base_policy(ctx: _Ctx) -> tuple[str, object, str]:
     if cfg.model_name_or_path:
         tok = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
         set_chat_template(tok, cfg.chat_template, where="align.chat_template")
-        return cfg.model_name_or_path, tok, _fingerprint([cfg.model_name_or_path, tok.chat_template])
+        stamp = [cfg.model_name_or_path, tok.chat_template] if tok.chat_template else cfg.model_name_or_path
+        return cfg.model_name_or_path, tok, _fingerprint(stamp)
     path = ctx.dir / "base" / "policy"
     stamp = _fingerprint(_plain({
         "synthetic": _synthetic_config(ctx.recipe), "vocab": cfg.policy_vocab_size, "arch": cfg.policy_arch,
@@ -382,7 +383,7 @@ def _sample_kwargs(cfg: AlignConfig, *, temperature: float, n: int) -> dict:
 def _stops(ctx: _Ctx, tok, templated) -> dict:
     """sample() kwargs that stop a chat-templated policy at its end-of-turn token/text (templated prompts)."""
     stops = turn_stops(tok) if any(templated) else {}
-    out = {"add_special_tokens": [not t for t in templated]}
+    out = {"add_special_tokens": [not t for t in templated] if any(templated) else True}
     if stops:
         out["stop_token_ids"] = stops["stop_token_ids"]
         out["stop_texts"] = tuple(ctx.cfg.stop_texts) + stops["extra_stop_texts"]
