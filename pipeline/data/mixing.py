@@ -7,7 +7,9 @@
   several pairs per prompt; splitting pairs independently would leak test prompts into training). Each
   part keeps the file's record order. Sizes: train is resampled to `n_train_per_source` (see `resample`);
   validation/test are subsampled to at most `n_valid_per_source`/`n_test_per_source` (never duplicated).
-  The ``source`` column is set to the spec's name.
+  The ``source`` column is set to the spec's name. A spec with the option ``group_by`` becomes one source
+  per group (``<name>/<value>``, see `pipeline.data.sources`), each split and sized on its own, in sorted
+  name order.
 * `mix(train_by_source, strategy, n_per_source, per_source_batch, seed)`:
   - ``balanced`` (MORE, and the ``uniform`` baseline): every source resampled to the same size n (see
     `resample`; n defaults to the largest source and is rounded UP to a multiple of per_source_batch),
@@ -17,7 +19,8 @@
     batch size) holds exactly psb pairs of every source.
   - ``concat`` (the MultiTask baseline): the same per-source resampling when `n_per_source` is given
     (so both baselines see the same pairs), else every source as is; then one global shuffle.
-  Both add an int column ``source_id``: the index of the row's source in the order of `train_by_source`
+  A source with a ``conversation`` column (chat data) mixed with text sources: the text rows get ``""``
+  there, so both kinds live in one Dataset. Both add an int column ``source_id``: the index of the row's source in the order of `train_by_source`
   (the declared order for `build_splits` output). The column is a `datasets.ClassLabel` whose ``names``
   are that list: ``ds.features["source_id"].names`` (or `source_names(ds)`).
 """
@@ -45,7 +48,7 @@ class SourceSpec:
     name: str = field(metadata={"help": "Source name (the `source` column, the key in build_splits' output)."})
     format: str = field(
         default="synthetic",
-        metadata={"help": "hh-rlhf | oasst1 | webgpt | summarize | shp | more-json | jsonl | synthetic"},
+        metadata={"help": "hh-rlhf | oasst1 | webgpt | summarize | shp | more-json | trl | jsonl | synthetic"},
     )
     path: str | None = field(
         default=None,
@@ -59,7 +62,9 @@ class SourceSpec:
         default=None, metadata={"help": "Split to validate on; None: cut valid_fraction of the train split by prompt."}
     )
     config_name: str | None = field(default=None, metadata={"help": "Hub config name (`name` of load_dataset)."})
-    options: dict = field(default_factory=dict, metadata={"help": "Format options passed to load_source."})
+    options: dict = field(default_factory=dict, metadata={"help": "Format options passed to load_source; every "
+                          "format takes group_by (+ group_names, keep_groups, drop_groups) to split one dataset "
+                          "into sources <name>/<value>."})
 
 
 def _default_sources() -> list:
