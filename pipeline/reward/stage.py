@@ -123,9 +123,14 @@ def build_tokenizer(recipe, splits, run_dir: Path):
         tok = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
         return set_chat_template(tok, cfg.chat_template, where="reward.chat_template")
     tok_dir = run_dir / "reward" / ".base"
-    if (tok_dir / "tokenizer.json").exists():
-        return load_tokenizer(str(tok_dir))
     template = set_chat_template(_TemplateHolder(), cfg.chat_template, where="reward.chat_template").chat_template
+    if (tok_dir / "tokenizer.json").exists():
+        tok = load_tokenizer(str(tok_dir))
+        if (tok.chat_template or None) != (template or None):
+            raise RuntimeError(f"{tok_dir} holds the tiny base model and tokenizer built for another "
+                               "reward.chat_template (its vocabulary has that template's markers). Fix: delete "
+                               f"{run_dir / 'reward'} or use a new --output-dir")
+        return tok
     return tiny_tokenizer(_synthetic_texts(recipe, splits), vocab_size=cfg.tokenizer_vocab_size,
                           chat_template=template)
 
