@@ -698,6 +698,8 @@ def run(recipe, run_dir: Path) -> list[str]:
     def prompt_rec(p: str, s: str) -> dict:
         return {"prompt": p, "set": s} | ({"conversation": ctx.conversations[p]} if p in ctx.conversations else {})
 
+    if gold_fn is not None and hasattr(gold_fn, "conversations"):  # an RM as gold judge: its own template too
+        gold_fn.conversations = ctx.conversations
     train_prompts = []
     for i, s in enumerate(train_sources):
         per = None if cfg.n_prompts is None else -(-cfg.n_prompts // len(train_sources))
