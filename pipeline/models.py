@@ -34,12 +34,16 @@ TINY_SHAPES = {
 }
 
 
-def tiny_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(texts: Iterable[str], vocab_size: int = 1000, *, chat_template: str | None = None
+                   ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on `texts` (no download) with <pad>, <eos>, <unk>, <bos>.
 
     The pad token differs from EOS so that sequence-classification pooling (rightmost non-pad token)
-    lands on the EOS that TRL appends.
+    lands on the EOS that TRL appends. `chat_template` (Jinja) is set on the tokenizer, and the
+    ``<|...|>`` markers it writes become special tokens (one id each, never split or merged).
     """
+    from pipeline.data.render import template_special_tokens
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=UNK))
@@ -47,7 +51,7 @@ def tiny_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> PreTrainedTo
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[PAD, EOS, UNK, BOS],
+        special_tokens=[PAD, EOS, UNK, BOS] + template_special_tokens(chat_template),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -56,6 +60,9 @@ def tiny_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> PreTrainedTo
         tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, bos_token=BOS
     )
     fast.model_max_length = 4096
+    if chat_template:
+        fast.add_special_tokens({"additional_special_tokens": template_special_tokens(chat_template)})
+        fast.chat_template = chat_template
     return fast
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.data.tokenize import encode_left, pad_right
+from pipeline.data.tokenize import encode_left, encode_pairs, pad_right
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -224,9 +224,11 @@ def score_pair_ids(
     return r_c, r_r
 
 
-def score_pairs(model, tokenizer, prompts, chosen, rejected, *, max_length: int | None = 512, **kwargs):
-    """(r_chosen, r_rejected) arrays for preference pairs in the project schema (for decoder RMs each
-    pair is packed with one copy of its shared prompt, see `score_pair_ids`)."""
-    c_ids, _ = encode_left(tokenizer, [p + c for p, c in zip(prompts, chosen)], max_length)
-    r_ids, _ = encode_left(tokenizer, [p + r for p, r in zip(prompts, rejected)], max_length)
+def score_pairs(model, tokenizer, prompts, chosen, rejected, *, conversations=None, max_length: int | None = 512,
+                **kwargs):
+    """(r_chosen, r_rejected) arrays for preference pairs in the project schema, rendered for the RM's
+    tokenizer by `encode_pairs` (its chat template for conversational rows, given as `conversations`, the
+    rows' `conversation` column). For decoder RMs each pair is packed with one copy of its shared prefix,
+    the rendered prompt (see `score_pair_ids`)."""
+    c_ids, r_ids, _ = encode_pairs(tokenizer, prompts, chosen, rejected, conversations, max_length)
     return score_pair_ids(model, c_ids, r_ids, tokenizer.pad_token_id, **kwargs)

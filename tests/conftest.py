@@ -41,3 +41,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3 = ("<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+          "{{ m['content'] }}<|eot_id|>{% endfor %}"
+          "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+def _chat_tokenizer(template: str):
+    from pipeline.data.synthetic import SyntheticConfig, synthetic_corpus
+    from pipeline.models import tiny_tokenizer
+
+    return tiny_tokenizer(synthetic_corpus(SyntheticConfig()), vocab_size=1000, chat_template=template)
+
+
+@pytest.fixture(scope="session")
+def chat_tok():
+    """`tiny_tok`'s corpus with a ChatML template (<|im_start|>/<|im_end|> as single special tokens)."""
+    return _chat_tokenizer(CHATML)
+
+
+@pytest.fixture(scope="session")
+def llama3_tok():
+    """The same corpus with a Llama-3-style template (another layout, for cross-tokenizer tests)."""
+    return _chat_tokenizer(LLAMA3)

@@ -12,7 +12,7 @@ from pipeline.run import stage_names
 
 PAPER = {"paper-pythia-1.4b": "EleutherAI/pythia-1.4b", "paper-pythia-2.8b": "EleutherAI/pythia-2.8b",
          "paper-llama2-7b": "meta-llama/Llama-2-7b-hf"}
-ALL = ["tiny-cpu", "minilm-real", "rm-eval", *PAPER, "alpaca-7b-rjs"]
+ALL = ["tiny-cpu", "minilm-real", "rm-eval", *PAPER, "alpaca-7b-rjs", "trl-conversational", "trl-ultrafeedback"]
 
 
 def load(name, *overrides, data_root=None):

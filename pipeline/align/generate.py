@@ -77,9 +77,18 @@ class Completions:
         return sum(len(c) + int(e) for cs, es in zip(self.ids, self.ended) for c, e in zip(cs, es))
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int | None) -> list[list[int]]:
-    """Token ids of each prompt, left-truncated to `max_prompt_length` (a leading BOS is kept)."""
-    ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int | None,
+                   add_special_tokens: bool | Sequence[bool] = True) -> list[list[int]]:
+    """Token ids of each prompt, left-truncated to `max_prompt_length` (a leading BOS is kept).
+
+    `add_special_tokens` (one flag, or one per prompt): False for chat-templated prompts, which carry their
+    own special tokens (`pipeline.data.render`)."""
+    if isinstance(add_special_tokens, bool):
+        ids = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
+    else:
+        with_sp = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        without = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        ids = [a if flag else b for a, b, flag in zip(with_sp, without, add_special_tokens)]
     if max_prompt_length is None:
         return [list(x) for x in ids]
     out = []
@@ -246,6 +255,8 @@ def sample(
     batch_size: int = 16,
     max_prompt_length: int | None = 512,
     stop_texts: Sequence[str] = (),
+    stop_token_ids: Sequence[int] = (),
+    add_special_tokens: bool | Sequence[bool] = True,
     seed: int | None = 0,
     dtype: torch.dtype | None | str = "auto",
     backend: str = "generate",
@@ -254,6 +265,8 @@ def sample(
     """Sample `n` completions for each prompt; `batch_size` prompts (so `batch_size * n` sequences) per call.
 
     `do_sample=False` gives greedy decoding (then every one of the n completions is the same).
+    `stop_token_ids` end a completion like EOS does (a chat template's end-of-turn token); `add_special_tokens`
+    goes to `encode_prompts` (False for chat-templated prompts).
     """
     if n < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"n, max_new_tokens and batch_size must be >= 1 (got {n}, {max_new_tokens}, {batch_size})")
@@ -261,12 +274,13 @@ def sample(
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; use do_sample=False for greedy")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = _eos_ids(model, tokenizer)
+    eos += [int(t) for t in stop_token_ids if int(t) not in eos]
     gen_config = generation_config(n=n, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
                                    max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_ids=eos,
                                    pad_id=pad_id, backend=backend)
     if seed is not None:
         torch.manual_seed(seed)
-    prompt_ids = encode_prompts(tokenizer, prompts, max_prompt_length)
+    prompt_ids = encode_prompts(tokenizer, prompts, max_prompt_length, add_special_tokens)
     rows = generate_rows(model, prompt_ids, gen_config, n=n, pad_id=pad_id, batch_size=batch_size, backend=backend,
                          dtype=dtype, progress=progress)
 

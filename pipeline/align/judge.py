@@ -169,10 +169,15 @@ ASPECTS = {
 }
 
 
-def judge_prompt(conversation: str, response_a: str, response_b: str, aspect: str) -> str:
-    """The user message asking which response is more helpful (or more harmless)."""
+def judge_prompt(conversation: str | list[dict], response_a: str, response_b: str, aspect: str) -> str:
+    """The user message asking which response is more helpful (or more harmless).
+
+    `conversation`: the prompt as text (HH layout; the final assistant marker is dropped) or as messages
+    (conversational data: each turn written as ``Role: content``, never a policy's chat-templated text)."""
     if aspect not in ASPECTS:
         raise ValueError(f"unknown judge aspect {aspect!r}: use {' or '.join(ASPECTS)}")
+    if isinstance(conversation, list):
+        conversation = "\n\n".join(f"{m['role'].capitalize()}: {m['content'].strip()}" for m in conversation)
     conversation = re.sub(r"(\n\nAssistant:|## Assistant:\n?)\s*$", "", conversation).strip()
     return _JUDGE_TEMPLATE.format(
         conversation=conversation, a=response_a.strip(), b=response_b.strip(), **ASPECTS[aspect]
@@ -288,7 +293,7 @@ class _Deadline:
 class Comparison:
     """One pairwise question: which of response_a / response_b is better for `prompt` under `aspect`."""
 
-    prompt: str
+    prompt: str | list[dict]  # text, or the messages of a conversational prompt
     response_a: str
     response_b: str
     aspect: str = "helpful"

@@ -257,8 +257,11 @@ RLOO_DEFAULTS = dict(
 
 def run_rloo(policy_path: str, tokenizer, prompts: Sequence[str], raw_prompts: Sequence[str], reward_fn, out_dir: Path,
              *, n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int, overrides: dict | None = None,
-             gold_fn=None, peft: str = "none", lora: dict | None = None, trust_remote_code: bool = False) -> list[dict]:
-    """TRL RLOOTrainer with `reward_fn` (scored on the raw dataset prompts); saves `out_dir/policy`."""
+             gold_fn=None, peft: str = "none", lora: dict | None = None, trust_remote_code: bool = False,
+             stop_token_ids=()) -> list[dict]:
+    """TRL RLOOTrainer with `reward_fn` (scored on the raw dataset prompts); saves `out_dir/policy`.
+    `stop_token_ids` (a chat template's end-of-turn token) end completions like EOS (TRL reads the stop ids
+    from the policy's generation config)."""
     from datasets import Dataset
     from trl import RLOOConfig, RLOOTrainer
 
@@ -291,6 +294,11 @@ def run_rloo(policy_path: str, tokenizer, prompts: Sequence[str], raw_prompts: S
     dataset = Dataset.from_dict({"prompt": list(prompts), "raw_prompt": list(raw_prompts)})
     model = load_policy(policy_path, dtype="auto" if peft != "qlora" else torch.bfloat16,
                         bits=4 if peft == "qlora" else None, trust_remote_code=trust_remote_code)
+    if stop_token_ids:
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        eos = eos or [tokenizer.eos_token_id]
+        model.generation_config.eos_token_id = eos + [int(t) for t in stop_token_ids if int(t) not in eos]
     tokenizer.padding_side = "left"
     trainer = RLOOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config(peft, **(lora or {})))

@@ -212,12 +212,14 @@ def per_token_kl_rewards(
     return rewards, kl, scores
 
 
-def response_mask_from_ids(response_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask of the real tokens of generated responses: everything up to and including the first EOS.
+def response_mask_from_ids(response_ids: torch.Tensor, eos_id: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of the real tokens of generated responses: everything up to and including the first EOS (any of
+    `eos_id` when a list: EOS and a chat template's end-of-turn token).
 
     Returns `(mask [batch, new_tokens] long, has_eos [batch] bool)`.
     """
-    is_eos = response_ids == eos_id
+    ids = [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    is_eos = torch.isin(response_ids, torch.tensor(ids, device=response_ids.device))
     # number of EOS strictly before position t; real iff none has appeared yet
     before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
     return (before == 0).long(), is_eos.any(dim=1)
@@ -256,6 +258,7 @@ class PPOConfig:
     max_new_tokens: int = field(default=64, metadata={"help": "Longest response sampled."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs are computed at the same temperature)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
+    stop_token_ids: list[int] = field(default_factory=list, metadata={"help": "Token ids that end a response like EOS (a chat template's end-of-turn token; the align stage sets it for a chat-templated policy)."})
     value_model: str = field(default="head", metadata={"help": "head: scalar head on the policy's last hidden state | critic: a separate copy of the backbone with a scalar head."})
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters; the reference is the adapter-disabled model (no copy)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -520,6 +523,7 @@ def train_ppo(
         return chunk[rank * cfg.rollout_batch_size : (rank + 1) * cfg.rollout_batch_size].tolist()
 
     bar = tqdm(range(start_step, cfg.num_steps), desc="ppo", disable=not (main and cfg.progress))
+    stop_ids = [tokenizer.eos_token_id] + [int(t) for t in cfg.stop_token_ids if int(t) != tokenizer.eos_token_id]
     for step in bar:
         t0 = time.time()
         idx = prompt_indices(step)
@@ -539,12 +543,12 @@ def train_ppo(
                 top_k=0,
                 max_new_tokens=cfg.max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stop_ids,
             )
         response = generated[:, plen:]
-        resp_mask, has_eos = response_mask_from_ids(response, tokenizer.eos_token_id)
+        resp_mask, has_eos = response_mask_from_ids(response, stop_ids)
         response = torch.where(resp_mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
-        texts = _decode(tokenizer, response, resp_mask, tokenizer.eos_token_id)
+        texts = _decode(tokenizer, response, resp_mask, stop_ids)
         scores = _call_scorer(reward_fn, "reward_fn", batch_prompts, texts).to(device)
         gold = _call_scorer(gold_fn, "gold_fn", batch_prompts, texts) if gold_fn is not None else None
 
@@ -703,9 +707,10 @@ def _left_pad(seqs, pad_id, device):
 
 
 def _decode(tokenizer, response, mask, eos_id) -> list[str]:
+    stops = {eos_id} if isinstance(eos_id, int) else set(eos_id)
     out = []
     for row, m in zip(response.tolist(), mask.tolist()):
-        toks = [t for t, keep in zip(row, m) if keep and t != eos_id]
+        toks = [t for t, keep in zip(row, m) if keep and t not in stops]
         out.append(tokenizer.decode(toks, skip_special_tokens=True))
     return out
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.scoring import score_texts
+from pipeline.data.tokenize import encode_responses
+from pipeline.scoring import score_ids, score_texts
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 
@@ -50,6 +51,10 @@ class RMReward:
     `rm` is a directory written by the reward stage (or any save_pretrained sequence-classification
     checkpoint, or a hub id), or an already loaded model together with its `tokenizer`.
     `temperature="auto"` reads `<dir>/temperature.json` (1.0 when absent); a number overrides it.
+    `conversations` maps a prompt text to its messages (``'{"prompt": [...]}'``, the align stage's prompt
+    records): such a prompt and its response are re-rendered as messages under THIS RM's chat template
+    (`pipeline.data.render.render_response`), whatever template the policy generated with; other prompts
+    are scored as ``prompt + response`` text.
     """
 
     def __init__(
@@ -64,6 +69,7 @@ class RMReward:
         dtype: torch.dtype | None | str = "auto",
         bits: int | None = None,
         name: str | None = None,
+        conversations: dict | None = None,
     ):
         from pipeline.models import load_reward_model, load_tokenizer
 
@@ -90,6 +96,7 @@ class RMReward:
         self.temperature = float(temperature)
         self.max_length, self.batch_size, self.dtype = max_length, batch_size, dtype
         self.name = name or (Path(self.path).name if self.path else "rm")
+        self.conversations = conversations if conversations is not None else {}
         self.__name__ = self.name  # TRL logs rewards/<callable name>
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
@@ -97,6 +104,11 @@ class RMReward:
             raise ValueError(f"RMReward: {len(prompts)} prompts but {len(responses)} responses")
         if not len(prompts):
             return np.zeros(0, dtype=np.float64)
+        if self.conversations:
+            ids = encode_responses(self.tokenizer, prompts, responses,
+                                   [self.conversations.get(p) for p in prompts], self.max_length)
+            return score_ids(self.model, ids, self.tokenizer.pad_token_id, batch_size=self.batch_size,
+                             temperature=self.temperature, dtype=self.dtype)
         texts = [p + r for p, r in zip(prompts, responses)]
         return score_texts(
             self.model,

@@ -102,7 +102,8 @@ class AlignConfig:
     n_prompts: int | None = field(default=1024, metadata={"help": "Training prompts (distinct, seeded sample); null = all."})
     n_eval_prompts: int = field(default=200, metadata={"help": "Held-out prompts per prompt set."})
     n_ppl: int = field(default=500, metadata={"help": "Test answers (chosen responses) per source for the perplexity."})
-    prompt_style: str = field(default="raw", metadata={"help": "raw (the HH layout) | alpaca (Alpaca's instruction template)."})
+    prompt_style: str = field(default="raw", metadata={"help": "raw (the HH layout) | alpaca (Alpaca's instruction template). Applies to text prompts and to conversational ones when the policy has no chat template."})
+    chat_template: str | None = field(default=None, metadata={"help": "The POLICY's chat template (pipeline.data.render): null keeps its tokenizer's own, a Jinja string, a .jinja path, or 'none' (plain layout / prompt_style). Conversational prompts are rendered with it (add_generation_prompt) and responses cut at its end-of-turn token."})
     max_prompt_length: int = field(default=512, metadata={"help": "Prompts are truncated from the left to this many policy tokens."})
     # --- sampling (the paper: n=4, T=1.2, top_p=1.0, 256 new tokens)
     n: int = field(default=4, metadata={"help": "Samples per prompt (best-of-n, rejection sampling, RLOO group size)."})
@@ -236,6 +237,7 @@ class _Ctx:
         import torch
 
         self.device = self.state.device if torch.cuda.is_available() else torch.device("cpu")
+        self.conversations: dict = {}  # prompt text -> '{"prompt": [messages]}' for conversational prompts
 
     def barrier(self):
         self.state.wait_for_everyone()
@@ -277,9 +279,13 @@ def build_base_policy(ctx: _Ctx) -> tuple[str, object, str]:
     from pipeline.models import load_tokenizer
 
     cfg = ctx.cfg
+    from pipeline.data.render import set_chat_template
+
     if cfg.model_name_or_path:
         tok = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-        return cfg.model_name_or_path, tok, _fingerprint(cfg.model_name_or_path)
+        set_chat_template(tok, cfg.chat_template, where="align.chat_template")
+        stamp = [cfg.model_name_or_path, tok.chat_template] if tok.chat_template else cfg.model_name_or_path
+        return cfg.model_name_or_path, tok, _fingerprint(stamp)
     path = ctx.dir / "base" / "policy"
     stamp = _fingerprint(_plain({
         "synthetic": _synthetic_config(ctx.recipe), "vocab": cfg.policy_vocab_size, "arch": cfg.policy_arch,
@@ -287,6 +293,7 @@ def build_base_policy(ctx: _Ctx) -> tuple[str, object, str]:
         "batch": cfg.warm_start_batch_size, "prompts": cfg.warm_start_prompts,
         "responses": cfg.warm_start_responses, "seed": ctx.seed,
         "max_length": min(256, cfg.max_prompt_length + cfg.max_new_tokens),
+        **({"chat_template": cfg.chat_template} if cfg.chat_template else {}),
     }))
     stamp_file = ctx.dir / "base" / "policy.settings.json"
     built = (path / "config.json").exists() and stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp
@@ -296,12 +303,18 @@ def build_base_policy(ctx: _Ctx) -> tuple[str, object, str]:
         from pipeline.models import TinyModelSpec, tiny_tokenizer
 
         ctx.log("building the tiny base policy (warm start on synthetic responses of mixed quality)")
-        tok = tiny_tokenizer(synthetic_corpus(_synthetic_config(ctx.recipe)), vocab_size=cfg.policy_vocab_size)
+        template = set_chat_template(_TemplateHolder(), cfg.chat_template, where="align.chat_template").chat_template
+        tok = tiny_tokenizer(synthetic_corpus(_synthetic_config(ctx.recipe)), vocab_size=cfg.policy_vocab_size,
+                             chat_template=template)
         prompts = synthetic_prompts(cfg.warm_start_prompts, seed=ctx.seed, split="train")
         P, R = [], []
         for p in prompts:
             for r in synthetic_responses(p, cfg.warm_start_responses, seed=ctx.seed):
-                P.append(p)
+                if template:  # warm-start on the templated dialogue, so the policy learns the template's turns
+                    q, r = _templated_warm_start(tok, p, r)
+                    P.append(q)
+                else:
+                    P.append(p)
                 R.append(r)
         model = warm_start_policy(
             tok, P, R, spec=TinyModelSpec(arch=cfg.policy_arch, size=cfg.policy_size), steps=cfg.warm_start_steps,
@@ -316,15 +329,76 @@ def build_base_policy(ctx: _Ctx) -> tuple[str, object, str]:
     return str(path), load_tokenizer(str(path)), stamp
 
 
+class _TemplateHolder:
+    chat_template = None
+
+
+def _templated_warm_start(tok, prompt: str, response: str) -> tuple[str, str]:
+    """A synthetic HH-layout (prompt, response) as the template's (generation prompt, assistant turn)."""
+    from pipeline.data.render import plain_to_messages, render_response
+
+    conv = json.dumps({"prompt": plain_to_messages(prompt)})
+    p, c, _ = render_response(tok, prompt, response, conv)
+    return p, c
+
+
+def policy_prompt(tok, rec: dict, style: str) -> tuple[str, bool]:
+    """(text the policy sees, templated) for a prompt record: the policy's chat template for conversational
+    prompts when it has one (pipeline.data.render), else `format_prompt` (raw HH layout or Alpaca)."""
+    from pipeline.align.generate import format_prompt
+    from pipeline.data.render import render_prompt
+
+    text, templated = render_prompt(tok, rec["prompt"], rec.get("conversation"))
+    if templated:
+        if style != "raw":
+            raise ValueError(f"align.prompt_style={style!r} is for text prompts; this policy renders conversational "
+                             "prompts with its chat template. Fix: align.prompt_style=raw, or align.chat_template=none "
+                             "to use the plain layout with the prompt style")
+        return text, True
+    return format_prompt(text, style), False
+
+
+def turn_stops(tok) -> dict:
+    """Extra stops for a chat-templated policy: its end-of-turn token (when one token) and text; {} without."""
+    from pipeline.data.render import end_of_turn_text
+
+    eot = end_of_turn_text(tok)
+    if not eot:
+        return {}
+    ids = tok(eot, add_special_tokens=False)["input_ids"]
+    return {"stop_token_ids": tuple(ids) if len(ids) == 1 else (), "extra_stop_texts": (eot,)}
+
+
+def prompt_conversations(ds) -> dict:
+    """{prompt text: '{"prompt": [messages]}'} for the conversational rows of a split ({} for text rows)."""
+    if "conversation" not in ds.column_names:
+        return {}
+    out = {}
+    for p, c in zip(ds["prompt"], ds["conversation"]):
+        if c and p not in out:
+            out[p] = json.dumps({"prompt": json.loads(c)["prompt"]}, ensure_ascii=False)
+    return out
+
+
 def _sample_kwargs(cfg: AlignConfig, *, temperature: float, n: int) -> dict:
     return dict(n=n, temperature=temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                 batch_size=cfg.generation_batch_size, max_prompt_length=cfg.max_prompt_length,
                 stop_texts=tuple(cfg.stop_texts), backend=cfg.generation_backend, progress=cfg.progress)
 
 
+def _stops(ctx: _Ctx, tok, templated) -> dict:
+    """sample() kwargs that stop a chat-templated policy at its end-of-turn token/text (templated prompts)."""
+    stops = turn_stops(tok) if any(templated) else {}
+    out = {"add_special_tokens": [not t for t in templated] if any(templated) else True}
+    if stops:
+        out["stop_token_ids"] = stops["stop_token_ids"]
+        out["stop_texts"] = tuple(ctx.cfg.stop_texts) + stops["extra_stop_texts"]
+    return out
+
+
 def _candidates(ctx: _Ctx, name: str, policy_path: str, tok, raw_prompts: list[dict], *, temperature: float, settings: dict):
     """n samples per prompt from the base policy, cached in DIR/align/base/<name>.jsonl (main process)."""
-    from pipeline.align.generate import format_prompt, sample
+    from pipeline.align.generate import sample
     from pipeline.align.methods import load_policy, read_jsonl, write_jsonl
 
     path = ctx.dir / "base" / f"{name}.jsonl"
@@ -332,9 +406,12 @@ def _candidates(ctx: _Ctx, name: str, policy_path: str, tok, raw_prompts: list[d
     if ctx.main and not (path.exists() and stamp.exists() and json.loads(stamp.read_text()) == settings):
         ctx.log(f"sampling {ctx.cfg.n} candidates for {len(raw_prompts)} {name.split('_')[0]} prompts from the base policy")
         model = load_policy(policy_path, trust_remote_code=ctx.cfg.trust_remote_code).to(ctx.device)
-        prompts = [format_prompt(r["prompt"], ctx.cfg.prompt_style) for r in raw_prompts]
-        out = sample(model, tok, prompts, seed=ctx.seed, **_sample_kwargs(ctx.cfg, temperature=temperature, n=ctx.cfg.n))
-        recs = [dict(r, policy_prompt=p, candidates=c, ended=e) for r, p, c, e in zip(raw_prompts, prompts, out.texts, out.ended)]
+        rendered = [policy_prompt(tok, r, ctx.cfg.prompt_style) for r in raw_prompts]
+        prompts, templated = [t for t, _ in rendered], [f for _, f in rendered]
+        kwargs = _sample_kwargs(ctx.cfg, temperature=temperature, n=ctx.cfg.n) | _stops(ctx, tok, templated)
+        out = sample(model, tok, prompts, seed=ctx.seed, **kwargs)
+        recs = [dict(r, policy_prompt=p, candidates=c, ended=e) | ({"templated": True} if f else {})
+                for r, p, f, c, e in zip(raw_prompts, prompts, templated, out.texts, out.ended)]
         write_jsonl(path, recs)
         atomic_write_json(stamp, settings)
         del model
@@ -348,21 +425,31 @@ def _eval_records(ctx: _Ctx, policy_path: str, tok, eval_cands: list[dict]) -> l
     from pipeline.align.methods import load_policy
 
     model = load_policy(policy_path, trust_remote_code=ctx.cfg.trust_remote_code).to(ctx.device)
-    out = sample(model, tok, [r["policy_prompt"] for r in eval_cands], seed=ctx.seed + 1,
-                 **_sample_kwargs(ctx.cfg, temperature=ctx.cfg.eval_temperature, n=1))
-    return [{"prompt": r["prompt"], "set": r["set"], "response": t[0], "ended": e[0]}
+    kwargs = _sample_kwargs(ctx.cfg, temperature=ctx.cfg.eval_temperature, n=1)
+    kwargs |= _stops(ctx, tok, [bool(r.get("templated")) for r in eval_cands])
+    out = sample(model, tok, [r["policy_prompt"] for r in eval_cands], seed=ctx.seed + 1, **kwargs)
+    return [_with_conv({"prompt": r["prompt"], "set": r["set"], "response": t[0], "ended": e[0]}, r)
             for r, t, e in zip(eval_cands, out.texts, out.ended)]
 
 
+def _with_conv(rec: dict, src: dict) -> dict:
+    """`rec` plus `src`'s prompt messages (conversational prompts), for judges that take messages."""
+    return rec | ({"conversation": src["conversation"]} if src.get("conversation") else {})
+
+
 def _perplexities(ctx: _Ctx, policy_path: str, tok, ppl_data: dict) -> dict:
-    from pipeline.align.generate import format_prompt
     from pipeline.align.methods import load_policy
     from pipeline.align.perplexity import response_perplexity
+    from pipeline.data.render import render_response
 
     model = load_policy(policy_path, trust_remote_code=ctx.cfg.trust_remote_code).to(ctx.device)
     out = {}
     for src, (prompts, answers) in ppl_data.items():
-        ppl = response_perplexity(model, tok, [format_prompt(p, ctx.cfg.prompt_style) for p in prompts], answers,
+        convs = ctx.conversations
+        texts = [policy_prompt(tok, {"prompt": p, "conversation": convs.get(p)}, ctx.cfg.prompt_style)[0]
+                 for p in prompts]
+        answers = [render_response(tok, p, a, convs.get(p))[1] if convs.get(p) else a for p, a in zip(prompts, answers)]
+        ppl = response_perplexity(model, tok, texts, answers,
                                   max_length=ctx.cfg.max_prompt_length + ctx.cfg.max_new_tokens)
         out[src] = ppl if math.isfinite(ppl) else None  # JSON null, not NaN
     return out
@@ -373,7 +460,7 @@ def _rm_reward(ctx: _Ctx, rm_dir: Path):
 
     return RMReward(str(rm_dir), max_length=ctx.cfg.rm_max_length, batch_size=ctx.cfg.rm_batch_size,
                     temperature="auto" if ctx.cfg.use_calibrated_rewards else 1.0, device=ctx.device,
-                    name=rm_dir.name)
+                    name=rm_dir.name, conversations=ctx.conversations)
 
 
 def align_one(ctx: _Ctx, rm: str, rm_dir: Path, method: str, base_path: str, tok, train_cands, eval_cands,
@@ -399,6 +486,8 @@ def align_one(ctx: _Ctx, rm: str, rm_dir: Path, method: str, base_path: str, tok
     reward = _rm_reward(ctx, rm_dir)
     prompts = [r["policy_prompt"] for r in train_cands]
     raw = [r["prompt"] for r in train_cands]
+    # a chat-templated policy's end-of-turn token ends RL rollouts too
+    stop_ids = turn_stops(tok).get("stop_token_ids", ()) if any(r.get("templated") for r in train_cands) else ()
 
     records = None
     if method in ("best_of_n", "rjs"):
@@ -415,6 +504,7 @@ def align_one(ctx: _Ctx, rm: str, rm_dir: Path, method: str, base_path: str, tok
     if method == "rjs":
         if not (work / "train_log.json").exists():  # written last, once the policy is saved
             best = [rec["candidates"][rec["chosen"]] for rec in records]
+            best = [_sft_completion(tok, r, b) for r, b in zip(train_cands, best)]
             dataset = M.rjs_dataset(tok, prompts, best, cfg.sft_max_length)
             args = M.sft_config(work / ".trainer", batch_size=cfg.sft_batch_size, micro_batch_size=cfg.sft_micro_batch_size,
                                 learning_rate=cfg.sft_learning_rate, lr_scheduler=cfg.sft_lr_scheduler,
@@ -426,12 +516,15 @@ def align_one(ctx: _Ctx, rm: str, rm_dir: Path, method: str, base_path: str, tok
         if not (work / "train_log.json").exists():  # written last, once the policy is saved
             M.run_rloo(base_path, tok, prompts, raw, reward, work, n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
                        max_new_tokens=cfg.max_new_tokens, seed=ctx.seed, overrides=cfg.rloo, gold_fn=gold_fn,
-                       peft=cfg.peft, lora=_lora(cfg), trust_remote_code=cfg.trust_remote_code)
+                       peft=cfg.peft, lora=_lora(cfg), trust_remote_code=cfg.trust_remote_code,
+                       stop_token_ids=stop_ids)
         policy_path = str(work / "policy")
     elif method == "ppo":
         defaults = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                         max_prompt_length=cfg.max_prompt_length, seed=ctx.seed, progress=cfg.progress,
                         use_peft=cfg.peft == "lora")
+        if stop_ids:
+            defaults["stop_token_ids"] = list(stop_ids)
         M.run_ppo(base_path, tok, prompts, raw, reward, work, overrides=cfg.ppo, defaults=defaults, gold_fn=gold_fn,
                   trust_remote_code=cfg.trust_remote_code)
         policy_path = str(work / "policy")
@@ -443,8 +536,8 @@ def align_one(ctx: _Ctx, rm: str, rm_dir: Path, method: str, base_path: str, tok
             evals = []
             for r, row in zip(eval_cands, scores):
                 k = int(np.nanargmax(row))
-                evals.append({"prompt": r["prompt"], "set": r["set"], "response": r["candidates"][k], "ended": r["ended"][k],
-                              "scores": [float(x) for x in row], "chosen": k})
+                evals.append(_with_conv({"prompt": r["prompt"], "set": r["set"], "response": r["candidates"][k],
+                                         "ended": r["ended"][k], "scores": [float(x) for x in row], "chosen": k}, r))
             ppl = None  # the policy is the base policy
         else:
             evals = _eval_records(ctx, policy_path, tok, eval_cands)
@@ -462,6 +555,16 @@ def align_one(ctx: _Ctx, rm: str, rm_dir: Path, method: str, base_path: str, tok
     del reward
     gc.collect()
     ctx.barrier()
+
+
+def _sft_completion(tok, rec: dict, response: str) -> str:
+    """The SFT completion for a chosen sample: under the policy's template, the assistant turn with its
+    end-of-turn markers (so the completion-only loss also teaches where a turn ends); else the text."""
+    from pipeline.data.render import render_response
+
+    if not rec.get("templated"):
+        return response
+    return render_response(tok, rec["prompt"], response, rec["conversation"])[1]
 
 
 def _lora(cfg: AlignConfig) -> dict:
@@ -517,7 +620,8 @@ def judge_all(ctx: _Ctx, rms: list[str], base_eval: list[dict], gold_fn) -> tupl
                 verdicts = J.gold_verdicts(gold_of(la, ra), gold_of(lb, rb), jc.tolerance)
                 extra = [{"gold_a": float(x), "gold_b": float(y)} for x, y in zip(gold_of(la, ra), gold_of(lb, rb))]
             else:
-                comps = [J.Comparison(x["prompt"], x["response"], y["response"], "harmless" if "harmless" in x["set"] else "helpful")
+                comps = [J.Comparison(json.loads(x["conversation"])["prompt"] if x.get("conversation") else x["prompt"],
+                                      x["response"], y["response"], "harmless" if "harmless" in x["set"] else "helpful")
                          for x, y in zip(ra, rb)]
                 res = oa.compare(comps, progress=cfg.progress)
                 verdicts = [r["verdict"] for r in res]
@@ -594,16 +698,25 @@ def run(recipe, run_dir: Path) -> list[str]:
     elif synthetic:
         gold_fn = gold_reward_fn("synthetic")  # still logged as a measurement
 
+    for s in dict.fromkeys(train_sources + eval_sources):  # conversational prompts keep their messages
+        for part in ("train", "test"):
+            ctx.conversations.update(prompt_conversations(splits[s][part]))
+
+    def prompt_rec(p: str, s: str) -> dict:
+        return {"prompt": p, "set": s} | ({"conversation": ctx.conversations[p]} if p in ctx.conversations else {})
+
+    if gold_fn is not None and hasattr(gold_fn, "conversations"):  # an RM as gold judge: its own template too
+        gold_fn.conversations = ctx.conversations
     train_prompts = []
     for i, s in enumerate(train_sources):
         per = None if cfg.n_prompts is None else -(-cfg.n_prompts // len(train_sources))
-        train_prompts += [{"prompt": p, "set": s} for p in distinct_prompts(splits[s]["train"]["prompt"], per, ctx.seed + i)]
+        train_prompts += [prompt_rec(p, s) for p in distinct_prompts(splits[s]["train"]["prompt"], per, ctx.seed + i)]
     if not train_prompts:
         raise ValueError(f"align: no training prompts in the train splits of {train_sources}")
     eval_prompts, ppl_data = [], {}
     for i, s in enumerate(eval_sources):
         test = splits[s]["test"]
-        eval_prompts += [{"prompt": p, "set": s} for p in distinct_prompts(test["prompt"], cfg.n_eval_prompts, ctx.seed + 100 + i)]
+        eval_prompts += [prompt_rec(p, s) for p in distinct_prompts(test["prompt"], cfg.n_eval_prompts, ctx.seed + 100 + i)]
         m = min(cfg.n_ppl, len(test))
         ppl_data[s] = (list(test["prompt"][:m]), list(test["chosen"][:m]))
 
@@ -614,7 +727,8 @@ def run(recipe, run_dir: Path) -> list[str]:
                               settings=_plain(base_settings | {"prompts": _fingerprint(train_prompts)}))
     eval_cands = _candidates(ctx, "eval_candidates", base_path, tok, eval_prompts, temperature=cfg.eval_temperature,
                              settings=_plain(base_settings | {"temperature": cfg.eval_temperature, "prompts": _fingerprint(eval_prompts)}))
-    base_eval = [{"prompt": r["prompt"], "set": r["set"], "response": r["candidates"][0], "ended": r["ended"][0]} for r in eval_cands]
+    base_eval = [_with_conv({"prompt": r["prompt"], "set": r["set"], "response": r["candidates"][0],
+                             "ended": r["ended"][0]}, r) for r in eval_cands]
 
     base_ppl_path = ctx.dir / "base" / "perplexity.json"
     ppl_stamp = _fingerprint([base_path, base_stamp, cfg.prompt_style, {k: v[0][:3] for k, v in ppl_data.items()}, cfg.n_ppl])

@@ -370,7 +370,7 @@ def score_rm(model, tok, data: dict, cfg: CalibrationConfig, max_length: int | N
 
     from pipeline.scoring import score_pairs
 
-    keys, prompts, chosen, rejected = [], [], [], []
+    keys, prompts, chosen, rejected, convs = [], [], [], [], []
     for source, by_split in data.items():
         for split, ds in by_split.items():
             if ds is None:
@@ -379,6 +379,8 @@ def score_rm(model, tok, data: dict, cfg: CalibrationConfig, max_length: int | N
             prompts += list(ds["prompt"])
             chosen += list(ds["chosen"])
             rejected += list(ds["rejected"])
+            # conversational rows: rendered with the RM's chat template (pipeline.data.render)
+            convs += list(ds["conversation"]) if "conversation" in ds.column_names else [""] * len(ds)
     n = len(prompts)
     dtype = AUTOCAST[cfg.dtype]
     dtype = getattr(torch, dtype) if dtype not in (None, "auto") else dtype
@@ -390,13 +392,14 @@ def score_rm(model, tok, data: dict, cfg: CalibrationConfig, max_length: int | N
 
         bounds = np.linspace(0, n, world + 1).astype(int)
         lo, hi = bounds[state.process_index], bounds[state.process_index + 1]
-        part = score_pairs(model, tok, prompts[lo:hi], chosen[lo:hi], rejected[lo:hi], **kwargs) if hi > lo else ([], [])
+        part = (score_pairs(model, tok, prompts[lo:hi], chosen[lo:hi], rejected[lo:hi], conversations=convs[lo:hi],
+                            **kwargs) if hi > lo else ([], []))
         shards = gather_object([(int(lo), np.asarray(part[0]).tolist(), np.asarray(part[1]).tolist())])
         rc, rr = np.empty(n), np.empty(n)
         for start, c, r in shards:
             rc[start : start + len(c)], rr[start : start + len(r)] = c, r
     else:
-        rc, rr = score_pairs(model, tok, prompts, chosen, rejected, **kwargs)
+        rc, rr = score_pairs(model, tok, prompts, chosen, rejected, conversations=convs, **kwargs)
     out: dict = {}
     start = 0
     for source, split, size in keys:

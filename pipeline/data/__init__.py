@@ -2,7 +2,10 @@
 
 Schema: string columns `prompt`, `chosen`, `rejected`, `source` (optional float `margin`); `prompt` ends
 with the final assistant marker, so `prompt + chosen` is the full chosen transcript. The synthetic
-benchmark adds `true_prob` and `gold_prob` (see `pipeline.data.synthetic`).
+benchmark adds `true_prob` and `gold_prob` (see `pipeline.data.synthetic`). Conversational rows (format
+`trl`) add the string column `conversation` (their messages as JSON; `""` for text rows) and hold the plain
+HH rendering in prompt/chosen/rejected; `pipeline.data.render` turns a row into text for a tokenizer (its
+chat template, or the plain layout).
 
     from pipeline.data import DataConfig, build_splits, mix, tokenize_pairs
     splits = build_splits(DataConfig())                       # the five synthetic sources
@@ -10,7 +13,8 @@ benchmark adds `true_prob` and `gold_prob` (see `pipeline.data.synthetic`).
     tok_train, n_cut = tokenize_pairs(train, tokenizer, max_length=512)
 
 Modules: `sources` (load_source and the formats), `synthetic` (the ground-truth benchmark), `mixing`
-(DataConfig, SourceSpec, build_splits, mix), `tokenize` (encode_left, pad_right, tokenize_pairs).
+(DataConfig, SourceSpec, build_splits, mix), `render` (chat templates / plain layout), `tokenize`
+(encode_left, encode_pairs, pad_right, tokenize_pairs).
 """
 
 from .mixing import DataConfig, SourceSpec, build_splits, mix, resample_indices, source_names

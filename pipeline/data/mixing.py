@@ -7,7 +7,9 @@
   several pairs per prompt; splitting pairs independently would leak test prompts into training). Each
   part keeps the file's record order. Sizes: train is resampled to `n_train_per_source` (see `resample`);
   validation/test are subsampled to at most `n_valid_per_source`/`n_test_per_source` (never duplicated).
-  The ``source`` column is set to the spec's name.
+  The ``source`` column is set to the spec's name. A spec with the option ``group_by`` becomes one source
+  per group (``<name>/<value>``, see `pipeline.data.sources`), each split and sized on its own, in sorted
+  name order.
 * `mix(train_by_source, strategy, n_per_source, per_source_batch, seed)`:
   - ``balanced`` (MORE, and the ``uniform`` baseline): every source resampled to the same size n (see
     `resample`; n defaults to the largest source and is rounded UP to a multiple of per_source_batch),
@@ -17,7 +19,8 @@
     batch size) holds exactly psb pairs of every source.
   - ``concat`` (the MultiTask baseline): the same per-source resampling when `n_per_source` is given
     (so both baselines see the same pairs), else every source as is; then one global shuffle.
-  Both add an int column ``source_id``: the index of the row's source in the order of `train_by_source`
+  A source with a ``conversation`` column (chat data) mixed with text sources: the text rows get ``""``
+  there, so both kinds live in one Dataset. Both add an int column ``source_id``: the index of the row's source in the order of `train_by_source`
   (the declared order for `build_splits` output). The column is a `datasets.ClassLabel` whose ``names``
   are that list: ``ds.features["source_id"].names`` (or `source_names(ds)`).
 """
@@ -45,7 +48,7 @@ class SourceSpec:
     name: str = field(metadata={"help": "Source name (the `source` column, the key in build_splits' output)."})
     format: str = field(
         default="synthetic",
-        metadata={"help": "hh-rlhf | oasst1 | webgpt | summarize | shp | more-json | jsonl | synthetic"},
+        metadata={"help": "hh-rlhf | oasst1 | webgpt | summarize | shp | more-json | trl | jsonl | synthetic"},
     )
     path: str | None = field(
         default=None,
@@ -59,7 +62,9 @@ class SourceSpec:
         default=None, metadata={"help": "Split to validate on; None: cut valid_fraction of the train split by prompt."}
     )
     config_name: str | None = field(default=None, metadata={"help": "Hub config name (`name` of load_dataset)."})
-    options: dict = field(default_factory=dict, metadata={"help": "Format options passed to load_source."})
+    options: dict = field(default_factory=dict, metadata={"help": "Format options passed to load_source; every "
+                          "format takes group_by (+ group_names, keep_groups, drop_groups) to split one dataset "
+                          "into sources <name>/<value>."})
 
 
 def _default_sources() -> list:
@@ -180,30 +185,59 @@ def build_splits(cfg: DataConfig) -> dict:
             parts = {k: synthetic_split(scfg, syn_name, k, sizes[k]) for k in SPLITS}
         else:
             train = _load_spec(spec, spec.split)
-            parts = {}
-            if spec.test_split:
-                parts["test"] = _load_spec(spec, spec.test_split)
-            if spec.validation_split:
-                parts["validation"] = _load_spec(spec, spec.validation_split)
-            cut = _split_by_prompt(train, 0.0 if spec.test_split else cfg.test_fraction,
-                                   0.0 if spec.validation_split else cfg.valid_fraction, rng)
-            parts = {"train": cut["train"], "validation": parts.get("validation", cut["validation"]),
-                     "test": parts.get("test", cut["test"])}
-            if cfg.n_train_per_source:
-                idx = resample_indices(len(parts["train"]), cfg.n_train_per_source, rng)
-                parts["train"] = parts["train"].select(np.sort(idx) if cfg.n_train_per_source <= len(parts["train"]) else idx)
-            for k, n in (("validation", cfg.n_valid_per_source), ("test", cfg.n_test_per_source)):
-                if n is not None and len(parts[k]) > n:
-                    parts[k] = parts[k].select(np.sort(rng.permutation(len(parts[k]))[:n]))
-        for k, d in parts.items():
-            if len(d) and set(d["source"]) != {spec.name}:
-                d = d.map(lambda _: {"source": spec.name})
-            parts[k] = d
-        if len(parts["train"]) == 0:
-            raise PreferenceDataError(f"[source {spec.name!r}] the train split is empty. Fix: check the data")
-        out[spec.name] = datasets.DatasetDict(parts)
-        logger.info("[%s] train/validation/test = %s", spec.name, {k: len(v) for k, v in parts.items()})
+            test = _load_spec(spec, spec.test_split) if spec.test_split else None
+            valid = _load_spec(spec, spec.validation_split) if spec.validation_split else None
+            if spec.options.get("group_by"):  # one dataset, several sources <name>/<value>
+                for g in sorted(set(train["source"])):
+                    if g in out or g in cfg.source_names:
+                        raise PreferenceDataError(f"[source {spec.name!r}] group source {g!r} clashes with another "
+                                                  "source's name. Fix: rename one (group_names or the source name)")
+                    out[g] = _finish(_source_parts(cfg, g, *(_group_of(d, g) for d in (train, test, valid))), g)
+                continue
+            parts = _source_parts(cfg, spec.name, train, test, valid, rng)
+        out[spec.name] = _finish(parts, spec.name)
     return out
+
+
+def _group_of(ds, name: str):
+    """The rows of one group (a `group_by` source) of a loaded dataset; None stays None."""
+    if ds is None:
+        return None
+    idx = [i for i, s in enumerate(ds["source"]) if s == name]
+    if not idx:
+        raise PreferenceDataError(f"[source {name!r}] has pairs in the train split but none in a declared test/"
+                                  "validation split. Fix: drop that group (drop_groups) or let the split be cut "
+                                  "from train (test_split/validation_split: null)")
+    return ds.select(idx)
+
+
+def _source_parts(cfg, name: str, train, test=None, valid=None, rng=None) -> dict:
+    """train/validation/test of one loaded source: declared splits, or cut from train by prompt; sized."""
+    rng = rng if rng is not None else _rng(cfg.seed, "split", name)
+    cut = _split_by_prompt(train, 0.0 if test is not None else cfg.test_fraction,
+                           0.0 if valid is not None else cfg.valid_fraction, rng)
+    parts = {"train": cut["train"], "validation": valid if valid is not None else cut["validation"],
+             "test": test if test is not None else cut["test"]}
+    if cfg.n_train_per_source:
+        idx = resample_indices(len(parts["train"]), cfg.n_train_per_source, rng)
+        parts["train"] = parts["train"].select(np.sort(idx) if cfg.n_train_per_source <= len(parts["train"]) else idx)
+    for k, n in (("validation", cfg.n_valid_per_source), ("test", cfg.n_test_per_source)):
+        if n is not None and len(parts[k]) > n:
+            parts[k] = parts[k].select(np.sort(rng.permutation(len(parts[k]))[:n]))
+    return parts
+
+
+def _finish(parts: dict, name: str):
+    import datasets
+
+    for k, d in parts.items():
+        if len(d) and set(d["source"]) != {name}:
+            d = d.map(lambda _: {"source": name})
+        parts[k] = d
+    if len(parts["train"]) == 0:
+        raise PreferenceDataError(f"[source {name!r}] the train split is empty. Fix: check the data")
+    logger.info("[%s] train/validation/test = %s", name, {k: len(v) for k, v in parts.items()})
+    return datasets.DatasetDict(parts)
 
 
 def mix(train_by_source: dict, strategy: str = "balanced", *, n_per_source: int | None = None,
@@ -219,6 +253,9 @@ def mix(train_by_source: dict, strategy: str = "balanced", *, n_per_source: int 
     for s, d in train_by_source.items():
         if len(d) == 0:
             raise PreferenceDataError(f"[source {s!r}] empty training set. Fix: check the data")
+    if any("conversation" in d.column_names for d in train_by_source.values()):  # text and conversational rows
+        train_by_source = {s: d if "conversation" in d.column_names else d.add_column("conversation", [""] * len(d))
+                           for s, d in train_by_source.items()}
     common = [c for c in train_by_source[names[0]].column_names
               if all(c in d.column_names for d in train_by_source.values()) and c != "source_id"]
     for c in SCHEMA:

@@ -50,9 +50,24 @@ Formats and the pairs they form (counts of everything dropped are logged and sto
   prompter message. Deleted and synthetic messages are skipped together with their subtrees; unranked
   replies are skipped; equal ranks are ties (dropped); a rank that is not a whole number >= 0 is an
   error. Option ``lang`` keeps one language.
+* ``trl``: every preference layout TRL documents: explicit prompt (``prompt``, ``chosen``, ``rejected``) or
+  implicit prompt (``chosen``/``rejected`` hold the whole conversation; the prompt is their longest common
+  prefix, as TRL's ``extract_prompt`` takes it: characters for strings, messages for conversations, cut back
+  to the last non-assistant message), each standard (strings, kept as they are) or conversational (lists
+  of ``{"role", "content"}``). Conversational rows keep their messages in the string column
+  ``conversation`` (JSON, see :mod:`pipeline.data.render`) and hold the plain HH rendering in
+  prompt/chosen/rejected. ``margin`` is kept; other columns are ignored. Identical pairs are dropped
+  (``identical``). Option ``implicit`` ignores a ``prompt`` column (chosen/rejected hold the conversation).
+  A ``save_to_disk`` directory is read too.
 * ``jsonl``: our own schema (``prompt``, ``chosen``, ``rejected``; optional ``source``, ``margin``).
 * ``synthetic``: the in-process benchmark of :mod:`pipeline.data.synthetic`; ``path`` is the source name
   (``helpful`` ...), options are :class:`SyntheticConfig` fields, ``split`` one of train/validation/test.
+
+Every format (but ``synthetic``) accepts ``group_by``: the (dotted) field whose value splits ONE dataset into
+several sources named ``<source>/<value>`` (UltraFeedback's ``source``, RewardBench's ``subset``), with
+``group_names`` (value -> source name; several values may share one), ``keep_groups`` / ``drop_groups``
+(values; dropped pairs counted as ``other_group``); per-group counts are stored under ``groups``.
+`pipeline.data.build_splits` turns each group into its own source.
 
 Every format accepts the option ``source`` (the value of the ``source`` column; default: the format
 name, or the synthetic source name). Counts (records read, pairs kept, and each reason for dropping)
@@ -81,7 +96,8 @@ logger = logging.getLogger(__name__)
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
 MORE_ASSISTANT = "## Assistant:"
-FORMATS = ("hh-rlhf", "oasst1", "webgpt", "summarize", "shp", "more-json", "jsonl", "synthetic")
+FORMATS = ("hh-rlhf", "oasst1", "webgpt", "summarize", "shp", "more-json", "jsonl", "trl", "synthetic")
+GROUP_OPTIONS = ("group_by", "group_names", "keep_groups", "drop_groups")
 DATA_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet")
 STATS_PREFIX = "pipeline.data stats: "
 CONTEXT_MISMATCH = ("drop", "common", "error")
@@ -200,10 +216,30 @@ def _dir_files(root: Path, split: str | None, source: str) -> list[Path]:
                        "pass split=... (e.g. split='train')")
         return files
     chosen = [p for p in files if _split_of(p.name) == split]
+    if not chosen:  # split names with an underscore (UltraFeedback's train_prefs-00000-of-00001.parquet)
+        chosen = [p for p in files if re.match(re.escape(split) + r"[-.]", p.name)]
     if not chosen:
         raise _err(source, str(root), f"no data file for split {split!r} (files: {[p.name for p in files][:10]})",
                    f"use one of the splits present ({sorted(named) or 'none: pass split=None'})")
     return chosen
+
+
+def _is_saved_dataset(p: Path) -> bool:
+    """A `Dataset.save_to_disk` / `DatasetDict.save_to_disk` directory."""
+    return (p / "state.json").is_file() or (p / "dataset_dict.json").is_file()
+
+
+def _read_saved(p: Path, split: str | None, source: str) -> Iterator[tuple[dict, str]]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(p))
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None or split not in ds:
+            raise _err(source, str(p), f"a saved DatasetDict with splits {sorted(ds)}; split {split!r} is not one",
+                       f"pass split= one of {sorted(ds)}")
+        ds = ds[split]
+    for i, rec in enumerate(ds):
+        yield rec, f"{p}, row {i}"
 
 
 def _is_hub_id(path: str) -> bool:
@@ -219,6 +255,9 @@ def _read_records(path: str, split, name, data_dir, source) -> Iterator[tuple[di
         for sub in (name, data_dir):
             if sub and (p / sub).is_dir():
                 p = p / sub
+        if _is_saved_dataset(p):
+            yield from _read_saved(p, split, source)
+            return
         for f in _dir_files(p, split, source):
             yield from _read_file(f, source)
         return
@@ -473,6 +512,108 @@ def _fmt_jsonl(records, ctx):
         yield row
 
 
+# -- TRL preference formats -------------------------------------------------------------------------
+
+
+def _messages(ctx, value, where: str, field: str) -> list[dict]:
+    """A validated message list ({role, content} strings; other keys dropped)."""
+    from .render import ROLES
+
+    out = []
+    for i, m in enumerate(value):
+        f = f"{field}[{i}]"
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise _err(ctx.source, where, "a message without 'role' and 'content'",
+                       "every message must be {'role': ..., 'content': ...}", field=f)
+        if m["role"] not in ROLES:
+            raise _err(ctx.source, where, f"unknown role {m['role']!r}", f"use one of {list(ROLES)}", field=f + ".role")
+        if not isinstance(m["content"], str):
+            raise _err(ctx.source, where, f"content is {type(m['content']).__name__}, not text",
+                       "only text messages are supported (flatten multimodal content parts to a string)",
+                       field=f + ".content")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _trl_prompt_of_strings(chosen: str, rejected: str) -> str:
+    """TRL's `extract_prompt` for strings: the longest common prefix, a space before the split point going
+    to the responses."""
+    n = 0
+    for x, y in zip(chosen, rejected):
+        if x != y:
+            break
+        n += 1
+    if n and n < min(len(chosen), len(rejected)) and chosen[n - 1] == " ":
+        n -= 1
+    return chosen[:n]
+
+
+def _fmt_trl(records, ctx, implicit=False):
+    """TRL's preference layouts: explicit (`prompt`, `chosen`, `rejected`) or implicit (`chosen`, `rejected`
+    holding the whole conversation) x standard (strings) or conversational (message lists); `margin` kept.
+    Option `implicit`: ignore a `prompt` column and extract the prompt from chosen/rejected (datasets whose
+    chosen/rejected hold the whole conversation next to a prompt string)."""
+    from .render import encode_conversation, plain_prompt, plain_response
+
+    for rec, where in records:
+        chosen, rejected = ctx.get(rec, "chosen", where, (str, list)), ctx.get(rec, "rejected", where, (str, list))
+        if isinstance(chosen, str) != isinstance(rejected, str):
+            raise _err(ctx.source, where, f"chosen is {type(chosen).__name__} but rejected is "
+                       f"{type(rejected).__name__}", "give both as strings or both as message lists",
+                       field="chosen/rejected")
+        explicit = rec.get("prompt") is not None and not implicit
+        if explicit:
+            prompt = ctx.get(rec, "prompt", where, (str, list))
+            if isinstance(prompt, str) != isinstance(chosen, str):
+                raise _err(ctx.source, where, f"prompt is {type(prompt).__name__} but chosen/rejected are "
+                           f"{type(chosen).__name__}", "give prompt, chosen and rejected of one kind (all strings "
+                           "or all message lists), or pass implicit=true when chosen/rejected hold the whole "
+                           "conversation", field="prompt")
+        if isinstance(chosen, str):
+            if not explicit:
+                prompt = _trl_prompt_of_strings(chosen, rejected)
+                chosen, rejected = chosen[len(prompt) :], rejected[len(prompt) :]
+            row = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        else:
+            chosen, rejected = _messages(ctx, chosen, where, "chosen"), _messages(ctx, rejected, where, "rejected")
+            if explicit:
+                prompt = _messages(ctx, prompt, where, "prompt")
+                if prompt and prompt[-1]["role"] == "assistant":
+                    raise _err(ctx.source, where, "the prompt ends with an assistant turn",
+                               "end the prompt with the user's turn; the assistant's reply goes in chosen/rejected",
+                               field="prompt")
+            else:  # the longest common message prefix, cut back to its last non-assistant turn
+                n = 0
+                while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+                    n += 1
+                while n and chosen[n - 1]["role"] == "assistant":
+                    n -= 1
+                prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+            if not prompt:
+                raise _err(ctx.source, where, "empty prompt (no user turn before the responses)",
+                           "start the conversation with the user's message", field="prompt")
+            for side, msgs in (("chosen", chosen), ("rejected", rejected)):
+                if msgs and msgs[0]["role"] != "assistant":
+                    raise _err(ctx.source, where, f"the {side} response starts with a {msgs[0]['role']!r} turn",
+                               "responses must start with the assistant's turn", field=side)
+            if chosen == rejected:
+                ctx.stats["identical"] += 1
+                continue
+            for side, msgs in (("chosen", chosen), ("rejected", rejected)):
+                if not msgs:
+                    raise _err(ctx.source, where, f"the {side} side has no response after the shared prompt",
+                               "give both sides an assistant reply", field=side)
+            row = {"prompt": plain_prompt(prompt), "chosen": plain_response(chosen),
+                   "rejected": plain_response(rejected),
+                   "conversation": encode_conversation(prompt, chosen, rejected)}
+        if row["chosen"] == row["rejected"]:
+            ctx.stats["identical"] += 1
+            continue
+        if rec.get("margin") is not None:
+            row["margin"] = float(ctx.get(rec, "margin", where, (int, float)))
+        yield row
+
+
 # -- OASST1 ------------------------------------------------------------------------------------------
 
 
@@ -492,6 +633,9 @@ def _oasst_roots(records, ctx) -> Iterator[tuple[dict, str]]:
                        field="prompt/message_id")
     if not flat:
         return
+    if getattr(ctx, "group_by", None):
+        raise _err(ctx.source, flat[0][1], "group_by needs one record per conversation",
+                   "use the OASST export trees (one tree per record) with group_by, or drop group_by")
     nodes = {}
     for rec, where in flat:
         mid = rec["message_id"]
@@ -608,6 +752,7 @@ _FORMATS = {
     "shp": (_fmt_shp, {"min_score_ratio"}),
     "oasst1": (_fmt_oasst1, {"lang"}),
     "jsonl": (_fmt_jsonl, set()),
+    "trl": (_fmt_trl, {"implicit"}),
 }
 
 
@@ -622,6 +767,9 @@ def _to_dataset(rows: list[dict], source: str, stats: dict):
     cols = {k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")}
     cols["source"] = [r.get("source", source) for r in rows]
     feats = {k: datasets.Value("string") for k in ("prompt", "chosen", "rejected", "source")}
+    if any("conversation" in r for r in rows):
+        cols["conversation"] = [r.get("conversation", "") for r in rows]
+        feats["conversation"] = datasets.Value("string")
     if has_margin:
         cols["margin"] = [float(r.get("margin", 0.0)) for r in rows]
         feats["margin"] = datasets.Value("float64")
@@ -643,6 +791,10 @@ def load_source(format: str, path: str, *, split: str | None = None, name: str |
     if format == "synthetic":
         from .synthetic import SyntheticConfig, synthetic_split
 
+        if set(options) & set(GROUP_OPTIONS):
+            raise PreferenceDataError("[format 'synthetic'] group_by does not apply to synthetic sources. Fix: "
+                                      "declare each synthetic source separately")
+
         try:
             cfg = SyntheticConfig(**options)
         except TypeError as e:
@@ -657,10 +809,13 @@ def load_source(format: str, path: str, *, split: str | None = None, name: str |
         return ds
     source = source or format
     data_dir = options.pop("data_dir", None)
+    grouping = {k: options.pop(k) for k in GROUP_OPTIONS if k in options}
     fn, allowed = _FORMATS[format]
     _check_options(format, options, allowed)
     ctx = _Ctx(source)
+    ctx.group_by = grouping.get("group_by")
     counted = Counter()
+    current = {}
 
     def records():
         for rec, where in _read_records(str(path), split, name, data_dir, source):
@@ -668,12 +823,15 @@ def load_source(format: str, path: str, *, split: str | None = None, name: str |
             if not isinstance(rec, dict):
                 raise _err(source, where, f"expected a JSON object, got {type(rec).__name__}",
                            f"check that the file is in the {format} layout")
+            if ctx.group_by:
+                current["group"] = ctx.get(rec, ctx.group_by, where, (str, int, float, bool))
             yield rec, where
 
-    rows = list(fn(records(), ctx, **options))
+    rows = fn(records(), ctx, **options)
+    rows = list(_grouped(rows, current, ctx, source, **grouping) if grouping else rows)
     stats = {"format": format, "path": str(path), "split": split, "records": counted["records"],
              "pairs": len(rows), **dict(sorted(ctx.stats.items()))}
-    dropped = {k: v for k, v in ctx.stats.items() if v and k not in ("trees",)}
+    dropped = {k: v for k, v in ctx.stats.items() if v and k not in ("trees", "groups")}
     logger.info("[%s] %s: %d records -> %d pairs%s", source, path, counted["records"], len(rows),
                 f" (dropped/skipped: {dropped})" if dropped else "")
     if not rows:
@@ -681,6 +839,31 @@ def load_source(format: str, path: str, *, split: str | None = None, name: str |
             f"[source {source!r}] {path}: no preference pairs left after filtering ({stats}). Fix: check the "
             f"format ({format!r}), the split and the filtering options")
     return _to_dataset(rows, source, stats)
+
+
+def _grouped(rows, current: dict, ctx, source: str, group_by=None, group_names=None, keep_groups=None,
+             drop_groups=None):
+    """Rows with `source` set from their record's `group_by` value: ``<source>/<value>``, or
+    ``group_names[value]`` (several values may map to one name); `keep_groups`/`drop_groups` filter by value
+    (dropped rows counted as ``other_group``). Per-group pair counts go to the stats (``groups``)."""
+    if not group_by:
+        raise PreferenceDataError(f"[source {source!r}] group_names/keep_groups/drop_groups need group_by. "
+                                  "Fix: set group_by to the column whose value splits the dataset")
+    if group_names is not None and not isinstance(group_names, dict):
+        raise PreferenceDataError(f"[source {source!r}] group_names must map column values to source names")
+    keep = None if keep_groups is None else {str(v) for v in keep_groups}
+    drop = {str(v) for v in drop_groups or ()}
+    names = {str(k): str(v) for k, v in (group_names or {}).items()}
+    counts = Counter()
+    for row in rows:
+        value = str(current["group"])
+        if (keep is not None and value not in keep) or value in drop:
+            ctx.stats["other_group"] += 1
+            continue
+        row["source"] = names.get(value, f"{source}/{value}")
+        counts[row["source"]] += 1
+        yield row
+    ctx.stats["groups"] = dict(sorted(counts.items()))
 
 
 def load_stats(ds) -> dict:

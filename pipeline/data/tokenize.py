@@ -36,12 +36,19 @@ def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
     return [], []
 
 
-def encode_left_flags(tokenizer, texts: Sequence[str], max_length: int | None, *, add_eos: bool = True):
-    """Like `encode_left`, but returns `(ids, truncated)` with one bool per text."""
+def encode_left_flags(tokenizer, texts: Sequence[str], max_length: int | None, *, add_eos: bool = True,
+                      templated: bool = False):
+    """Like `encode_left`, but returns `(ids, truncated)` with one bool per text.
+
+    `templated`: the texts come from a chat template (`pipeline.data.render`), which writes its own special
+    tokens: nothing is added (no [CLS]/[SEP], no EOS), and the cut from the left keeps the template's tail
+    (the final assistant turn's end-of-turn markers) whole, so the reward head reads the same last token.
+    """
     if max_length is not None and max_length < 4:
         raise ValueError(f"max_length must be at least 4 tokens, got {max_length}")
     bodies = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    prefix, suffix = special_affixes(tokenizer)
+    prefix, suffix = ([], []) if templated else special_affixes(tokenizer)
+    add_eos = add_eos and not templated
     n_special = len(prefix) + len(suffix)
     eos = [tokenizer.eos_token_id] if (add_eos and n_special == 0 and tokenizer.eos_token_id is not None) else []
     out, truncated = [], []
@@ -60,8 +67,53 @@ def encode_left_flags(tokenizer, texts: Sequence[str], max_length: int | None, *
     return out, truncated
 
 
+def encode_pairs(tokenizer, prompts, chosen, rejected, conversations=None, max_length: int | None = None):
+    """Token ids of `prompt + chosen` and `prompt + rejected` for rows of the project schema, each pair
+    rendered for `tokenizer` by `pipeline.data.render.render_pair` (chat template for conversational rows
+    when the tokenizer has one, the strings as they are otherwise) and LEFT-truncated by `encode_left`.
+
+    Returns `(chosen_ids, rejected_ids, truncated)` with one bool per pair (either side lost tokens).
+    """
+    from .render import render_pair
+
+    conversations = conversations if conversations is not None else [None] * len(prompts)
+    rendered = [render_pair(tokenizer, p, c, r, v) for p, c, r, v in zip(prompts, chosen, rejected, conversations)]
+    c_ids, r_ids, flags = [None] * len(rendered), [None] * len(rendered), [False] * len(rendered)
+    for templated in (False, True):
+        idx = [i for i, x in enumerate(rendered) if x.templated == templated]
+        if not idx:
+            continue
+        c, fc = encode_left_flags(tokenizer, [rendered[i].prompt + rendered[i].chosen for i in idx], max_length,
+                                  templated=templated)
+        r, fr = encode_left_flags(tokenizer, [rendered[i].prompt + rendered[i].rejected for i in idx], max_length,
+                                  templated=templated)
+        for k, i in enumerate(idx):
+            c_ids[i], r_ids[i], flags[i] = c[k], r[k], fc[k] or fr[k]
+    return c_ids, r_ids, flags
+
+
+def encode_responses(tokenizer, prompts, responses, conversations=None, max_length: int | None = None):
+    """Token ids of `prompt + response` for scoring generated responses with an RM: a conversational prompt
+    (its `{"prompt": [...]}` messages in `conversations`) gets the response as an assistant message under
+    the tokenizer's chat template (`render_response`); other prompts are `prompt + response` text."""
+    from .render import render_response
+
+    conversations = conversations if conversations is not None else [None] * len(prompts)
+    rendered = [render_response(tokenizer, p, r, c) for p, r, c in zip(prompts, responses, conversations)]
+    out = [None] * len(rendered)
+    for templated in (False, True):
+        idx = [i for i, x in enumerate(rendered) if x[2] == templated]
+        if idx:
+            ids, _ = encode_left_flags(tokenizer, [rendered[i][0] + rendered[i][1] for i in idx], max_length,
+                                       templated=templated)
+            for k, i in enumerate(idx):
+                out[i] = ids[k]
+    return out
+
+
 def tokenize_pairs(ds, tokenizer, max_length: int | None, *, keep_text: bool = False, batch_size: int = 1024):
-    """Tokenize preference pairs: `prompt + chosen` and `prompt + rejected`, LEFT-truncated by `encode_left`.
+    """Tokenize preference pairs: `prompt + chosen` and `prompt + rejected` rendered for the tokenizer
+    (`encode_pairs`: a chat template for conversational rows when it has one), LEFT-truncated by `encode_left`.
 
     Returns `(dataset, n_truncated)`: the dataset has int-list columns `chosen_ids` and `rejected_ids` and
     keeps every non-text column (`source_id`, `margin`, `true_prob`, ...; the string columns prompt,
@@ -72,18 +124,18 @@ def tokenize_pairs(ds, tokenizer, max_length: int | None, *, keep_text: bool = F
 
     import datasets
 
-    text_cols = {"prompt", "chosen", "rejected", "source"}
+    text_cols = {"prompt", "chosen", "rejected", "source", "conversation"}
     for c in ("prompt", "chosen", "rejected"):
         if c not in ds.column_names:
             raise ValueError(f"tokenize_pairs: the dataset has no {c!r} column (columns: {ds.column_names})")
     chosen_ids, rejected_ids, n_truncated = [], [], 0
     for start in range(0, len(ds), batch_size):
         batch = ds[start : start + batch_size]
-        c, fc = encode_left_flags(tokenizer, [p + x for p, x in zip(batch["prompt"], batch["chosen"])], max_length)
-        r, fr = encode_left_flags(tokenizer, [p + x for p, x in zip(batch["prompt"], batch["rejected"])], max_length)
+        c, r, flags = encode_pairs(tokenizer, batch["prompt"], batch["chosen"], batch["rejected"],
+                                   batch.get("conversation"), max_length)
         chosen_ids += c
         rejected_ids += r
-        n_truncated += sum(a or b for a, b in zip(fc, fr))
+        n_truncated += sum(flags)
     keep = [c for c in ds.column_names if keep_text or c not in text_cols]
     keep = [c for c in keep if c not in ("chosen_ids", "rejected_ids")]
     if keep:

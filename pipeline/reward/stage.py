@@ -53,6 +53,13 @@ class RewardStageConfig:
     )
     tiny: TinyModelSpec = field(default_factory=TinyModelSpec, metadata={"help": "The in-process model."})
     tokenizer_vocab_size: int = field(default=1000, metadata={"help": "Vocabulary of the tiny tokenizer."})
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Chat template the RM renders conversational data with (pipeline.data.render): null "
+                  "keeps the tokenizer's own (none for the tiny model), a Jinja string, a path to a .jinja file, "
+                  "or 'none' for the plain HH layout. Saved with the RM's tokenizer, so calibration and "
+                  "alignment score in the same layout."},
+    )
     peft: str = field(default="none", metadata={"help": "none, lora, qlora4 (4-bit NF4 base) or qlora8."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
@@ -124,7 +131,7 @@ def _tiny_base_fingerprint(recipe, texts: list[str]) -> str:
     """What the tiny tokenizer and random base model in DIR/reward/.base are built from."""
     cfg = recipe.reward
     return sha256_json({"tiny": asdict(cfg.tiny), "vocab_size": cfg.tokenizer_vocab_size, "seed": recipe.seed,
-                        "texts": sha256_json(texts)})
+                        "texts": sha256_json(texts), "chat_template": _tiny_chat_template(recipe)})
 
 
 def _base_is_current(base: Path, fp: str, needed: str) -> bool:
@@ -136,14 +143,27 @@ def _base_is_current(base: Path, fp: str, needed: str) -> bool:
 
 def build_tokenizer(recipe, splits, run_dir: Path):
     """The tokenizer every RM of this run shares (trained once for tiny models, saved in DIR/reward/)."""
+    from pipeline.data.render import set_chat_template
+
     cfg = recipe.reward
     if cfg.model_name_or_path:
-        return load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        tok = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        return set_chat_template(tok, cfg.chat_template, where="reward.chat_template")
     texts = _synthetic_texts(recipe, splits)
     tok_dir = run_dir / "reward" / ".base"
     if _base_is_current(tok_dir, _tiny_base_fingerprint(recipe, texts), "tokenizer.json"):
         return load_tokenizer(str(tok_dir))
-    return tiny_tokenizer(texts, vocab_size=cfg.tokenizer_vocab_size)
+    return tiny_tokenizer(texts, vocab_size=cfg.tokenizer_vocab_size, chat_template=_tiny_chat_template(recipe))
+
+
+def _tiny_chat_template(recipe) -> str | None:
+    """The recipe's reward.chat_template resolved to template text (or None) before the tiny tokenizer exists."""
+    from pipeline.data.render import set_chat_template
+
+    class _Holder:
+        chat_template = None
+
+    return set_chat_template(_Holder(), recipe.reward.chat_template, where="reward.chat_template").chat_template
 
 
 def base_model_path(recipe, tokenizer, run_dir: Path, splits=None) -> str:

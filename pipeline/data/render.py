@@ -1,0 +1,202 @@
+"""How a preference pair or a prompt becomes text for one tokenizer (the only place that decides it).
+
+Rows come in two kinds (see `pipeline.data.sources`):
+
+* **text rows** (every paper layout, TRL's *standard* format): `prompt`, `chosen`, `rejected` are strings
+  and are used as they are, whatever the tokenizer (TRL's rule: standard data is never templated). The
+  paper's layouts are the HH layout already.
+* **conversational rows** (TRL's *conversational* format): the row also carries its messages in the
+  string column `conversation` (JSON ``{"prompt": [...], "chosen": [...], "rejected": [...]}``, each a
+  list of ``{"role", "content"}``; ``""`` for text rows). Its `prompt`/`chosen`/`rejected` strings hold
+  the PLAIN rendering below, so code that hashes, compares or slices `prompt` (splits, resampling,
+  mixing, distinct prompts) works on both kinds alike, and sources of both kinds mix in one Dataset.
+
+Rendering a conversational row for a tokenizer:
+
+* with a chat template (the tokenizer's own, or the recipe's `chat_template`): TRL's rules. The prompt
+  for generation is ``apply_chat_template(prompt, add_generation_prompt=True)``; a pair is
+  ``apply_chat_template(prompt + chosen)`` / ``(prompt + rejected)``, its prompt text being the common
+  prefix of those and the generation prompt (so ``prompt_text + chosen_text`` is exactly the templated
+  conversation). Templated text carries its own special tokens: it is tokenized without adding any and
+  without an appended EOS (TRL does the same for conversational data).
+* without one (or with ``chat_template: none``): the PLAIN layout, the HH layout the paper's data uses:
+  ``"\\n\\nSystem: s"`` (if any) ``"\\n\\nHuman: u1\\n\\nAssistant: a1\\n\\nHuman: u2\\n\\nAssistant:"`` for the
+  prompt and ``" " + reply`` for the response (further turns continue in the same layout). Contents
+  are stripped of surrounding whitespace, as the loaders of the paper's sources do.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+PLAIN_MARKERS = {"user": "\n\nHuman:", "assistant": "\n\nAssistant:", "system": "\n\nSystem:", "tool": "\n\nTool:"}
+ROLES = tuple(PLAIN_MARKERS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Messages and the plain layout (pure string functions)
+
+
+def is_conversation(value) -> bool:
+    """True for a list of message dicts (TRL's conversational format); False for a string."""
+    return isinstance(value, list) and all(isinstance(m, dict) for m in value)
+
+
+def plain_prompt(messages: list[dict]) -> str:
+    """The plain (HH) layout of a prompt: every turn with its marker, ending with the assistant marker."""
+    return "".join(f"{PLAIN_MARKERS[m['role']]} {m['content'].strip()}" for m in messages) + PLAIN_MARKERS["assistant"]
+
+
+def plain_response(messages: list[dict]) -> str:
+    """The plain layout of a response that follows `plain_prompt`: ``" " + first reply``, then any further
+    turns with their markers."""
+    if not messages:
+        return ""
+    head, rest = messages[0], messages[1:]
+    return " " + head["content"].strip() + "".join(f"{PLAIN_MARKERS[m['role']]} {m['content'].strip()}" for m in rest)
+
+
+def plain_to_messages(prompt: str) -> list[dict]:
+    """The inverse of `plain_prompt`: an HH-layout prompt (ending with the assistant marker) as messages."""
+    import re
+
+    parts = re.split(r"(\n\n(?:Human|Assistant|System|Tool):)", prompt)
+    roles = {v: k for k, v in PLAIN_MARKERS.items()}
+    out = []
+    for marker, text in zip(parts[1::2], parts[2::2]):
+        if text.strip():
+            out.append({"role": roles[marker], "content": text.strip()})
+    return out
+
+
+def encode_conversation(prompt: list[dict], chosen: list[dict], rejected: list[dict]) -> str:
+    """The `conversation` column's value (compact, key-sorted JSON: equal conversations, equal strings)."""
+    return json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}, ensure_ascii=False,
+                      separators=(",", ":"), sort_keys=True)
+
+
+def decode_conversation(value: str | None) -> dict | None:
+    """The messages of a row's `conversation` value, or None for a text row (``""`` or missing)."""
+    return json.loads(value) if value else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chat templates
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def set_chat_template(tokenizer, spec: str | None, *, where: str = "chat_template"):
+    """Apply a recipe's `chat_template` choice to `tokenizer` (in place; returns it).
+
+    `spec`: None keeps the tokenizer's own template (if any); ``"none"`` removes it (plain layout); a path
+    to an existing file (``.jinja``, ``.j2``, ``.txt``) is read; any other string must be a Jinja template.
+    """
+    if spec is None:
+        return tokenizer
+    if spec.strip().lower() == "none":
+        tokenizer.chat_template = None
+        return tokenizer
+    text = spec
+    if "{" not in spec:
+        p = Path(spec).expanduser()
+        if not p.is_file():
+            raise ValueError(f"{where}: {spec!r} is neither a Jinja template (no '{{' in it) nor an existing file. "
+                             "Fix: give the template text, a path to a .jinja file, or 'none' for the plain layout")
+        text = p.read_text(encoding="utf-8")
+    tokenizer.chat_template = text
+    return tokenizer
+
+
+def template_special_tokens(template: str | None) -> list[str]:
+    """The ``<|...|>``-style marker strings a Jinja template writes literally (to add as special tokens to a
+    tokenizer trained in-process, so each marker is ONE token)."""
+    import re
+
+    if not template:
+        return []
+    return list(dict.fromkeys(re.findall(r"<\|[A-Za-z0-9_]+\|>", template)))
+
+
+def _common_prefix(*texts: str) -> str:
+    n = min(len(t) for t in texts)
+    for i in range(n):
+        if len({t[i] for t in texts}) > 1:
+            return texts[0][:i]
+    return texts[0][:n]
+
+
+def templated_prompt(tokenizer, prompt: list[dict]) -> str:
+    """The generation prompt: ``apply_chat_template(prompt, add_generation_prompt=True)``."""
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def templated_pair(tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[dict]) -> tuple[str, str, str]:
+    """(prompt_text, chosen_text, rejected_text) with prompt_text + chosen_text the templated prompt + chosen
+    conversation (TRL's rule, including its common-prefix guard against templates whose generation prompt
+    differs from the prompt part of the full conversation)."""
+    gen = templated_prompt(tokenizer, prompt)
+    full_c = tokenizer.apply_chat_template(prompt + chosen, tokenize=False)
+    full_r = tokenizer.apply_chat_template(prompt + rejected, tokenize=False)
+    p = _common_prefix(gen, full_c, full_r)
+    return p, full_c[len(p) :], full_r[len(p) :]
+
+
+def end_of_turn_text(tokenizer) -> str | None:
+    """The text a chat template writes right after an assistant message's content (e.g. ``<|im_end|>``),
+    stripped of whitespace; None without a template or when it writes nothing there."""
+    if not has_chat_template(tokenizer):
+        return None
+    probe = "PROBE_REPLY_7c1"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
+                                         tokenize=False)
+    i = text.rfind(probe)
+    tail = text[i + len(probe) :].strip() if i >= 0 else ""
+    return tail or None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rows -> text for a tokenizer
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """Text of one pair for one tokenizer; `templated` says it went through a chat template (tokenize it
+    without adding special tokens or an EOS)."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    templated: bool
+
+
+def render_pair(tokenizer, prompt: str, chosen: str, rejected: str, conversation: str | None = None) -> Rendered:
+    """A row of the project schema rendered for `tokenizer` (see the module docstring)."""
+    conv = decode_conversation(conversation)
+    if conv is not None and has_chat_template(tokenizer):
+        return Rendered(*templated_pair(tokenizer, conv["prompt"], conv["chosen"], conv["rejected"]), templated=True)
+    return Rendered(prompt, chosen, rejected, templated=False)
+
+
+def render_prompt(tokenizer, prompt: str, conversation: str | None = None) -> tuple[str, bool]:
+    """(generation prompt text, templated) for a row's prompt."""
+    conv = decode_conversation(conversation)
+    if conv is not None and has_chat_template(tokenizer):
+        return templated_prompt(tokenizer, conv["prompt"]), True
+    return prompt, False
+
+
+def render_response(tokenizer, prompt: str, response: str, conversation: str | None = None) -> tuple[str, str, bool]:
+    """(prompt_text, response_text, templated): a generated response (plain text, no template markers) put
+    back as an assistant message after the row's prompt, rendered under `tokenizer`'s template, so an RM
+    with another template than the policy's scores it in its own layout."""
+    conv = decode_conversation(conversation)
+    if conv is not None and has_chat_template(tokenizer):
+        reply = [{"role": "assistant", "content": response.strip()}]
+        p, c, _ = templated_pair(tokenizer, conv["prompt"], reply, reply)
+        return p, c, True
+    return prompt, response, False
