@@ -667,7 +667,8 @@ def _sha256(obj: Any) -> str:
 
 
 def stage_config_hash(recipe: Recipe, stage: str, order: typing.Sequence[str] | None = None) -> str:
-    """sha256 of what `stage` depends on: its own section, `data`, `seed`, and every upstream stage's hash.
+    """sha256 of what `stage` depends on: its own section, `data`, `seed`, every upstream stage's hash, and
+    the size and mtime of the local files the recipe names by path (`local_input_stats`).
 
     Upstream = the stages before it in pipeline order (`pipeline.run.STAGES` unless `order` is given),
     so a change anywhere upstream changes every downstream hash. `name`, `description`, `output_dir` and
@@ -684,7 +685,30 @@ def stage_config_hash(recipe: Recipe, stage: str, order: typing.Sequence[str] | 
     upstream = {u: stage_config_hash(recipe, u, order) for u in order[: order.index(stage)]}
     payload = {"stage": stage, "section": d.get(stage), "data": d.get("data"), "seed": d.get("seed"),
                "upstream": upstream}
+    files = local_input_stats(d, stage)
+    if files:  # only when there are local inputs, so hashes of runs without any stay as they were
+        payload["local_inputs"] = files
     return _sha256(payload)
+
+
+def local_input_stats(d: dict, stage: str) -> dict:
+    """Size and mtime of every file under the local paths a stage reads that the recipe names (data sources;
+    for calibration, `external_rms`): editing or replacing such a file changes the stage's hash, so a result
+    computed from the old file is never reused. Hub ids and missing paths contribute nothing; calibration's
+    own `temperature.json` inside an RM directory is not an input."""
+    paths = [s.get("path") for s in (d.get("data") or {}).get("sources") or []
+             if isinstance(s, dict) and s.get("format") != "synthetic"]
+    if stage == "calibration":
+        paths += list(((d.get("calibration") or {}).get("external_rms") or {}).values())
+    out = {}
+    for p in paths:
+        if not isinstance(p, str) or not p or not os.path.exists(p):
+            continue
+        root = Path(p)
+        files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+        out[p] = [[f.relative_to(root).as_posix() if f != root else "", st.st_size, st.st_mtime_ns]
+                  for f in files if f.name != "temperature.json" for st in [f.stat()]]
+    return out
 
 
 def recipe_yaml(recipe: Recipe) -> str:

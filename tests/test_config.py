@@ -227,3 +227,32 @@ def test_duplicate_yaml_keys_are_rejected(fakes):  # noqa: F811
     with pytest.raises(C.RecipeError, match="duplicate key 'k'"):
         load(fakes, "data.extra={k: 1, k: 2}")
     assert C.yaml_load("base: &b {x: 1}\nother:\n  <<: *b\n  x: 2\n")["other"] == {"x": 2}  # merge keys still work
+
+
+def test_stage_hash_follows_local_input_files(fakes, tmp_path):  # noqa: F811
+    """Editing a local data file (or an external RM's weights) changes the hashes, so results computed from
+    the old file are not reused; hub ids, synthetic sources and calibration's temperature.json do not count."""
+    order = ["reward", "calibration", "align", "report"]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+
+    def hashes():
+        r = load(fakes, f"data.sources=[{{name: a, path: {data}}}]")
+        return {s: C.stage_config_hash(r, s, order) for s in order}
+
+    h0 = hashes()
+    assert h0 == hashes()
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "c"}\n{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    assert all(v != h0[s] for s, v in hashes().items())
+
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "model.safetensors").write_bytes(b"x" * 10)
+    d = {"data": {"sources": [{"path": "owner/hub-id"}, {"path": "helpful", "format": "synthetic"}]},
+         "calibration": {"external_rms": {"mine": str(rm), "hub": "owner/name"}}}
+    before = C.local_input_stats(d, "calibration")
+    assert list(before) == [str(rm)] and C.local_input_stats(d, "reward") == {}
+    (rm / "temperature.json").write_text("{}")
+    assert C.local_input_stats(d, "calibration") == before
+    (rm / "model.safetensors").write_bytes(b"x" * 5)  # truncated weights
+    assert C.local_input_stats(d, "calibration") != before
