@@ -52,16 +52,19 @@ class PackedPairCollator:
     `readout` [2, P] (flat indices into the B*W positions of each pair's chosen and rejected pooling token,
     in example order), `num_pair_tokens` (tokens of the unpacked pairs, what TRL counts), and `source_id`,
     `margin` when the examples have them. `readout_pad_id` is the pad id of the MODEL's config (where it
-    pools); `pad_token_id` fills the rows.
+    pools); `pad_token_id` fills the rows. `max_tokens`: tokens per row (None: the batch's longest pair).
     """
 
     pad_token_id: int
     readout_pad_id: int | None
-    max_tokens: int = 1024
+    max_tokens: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         pairs = [(list(e["chosen_ids"]), list(e["rejected_ids"])) for e in examples]
-        rows = first_fit_decreasing([packed_length(c, r) for c, r in pairs], self.max_tokens)
+        lengths = [packed_length(c, r) for c, r in pairs]
+        # Default budget: the batch's longest packed pair. Rows then are no wider than that pair needs anyway
+        # (attention cost grows with the row width squared) and shorter pairs fill the rows' room.
+        rows = first_fit_decreasing(lengths, self.max_tokens or max(lengths))
         ids, pos, mask, read_c, read_r = pack_pair_rows([[pairs[i] for i in row] for row in rows],
                                                         self.pad_token_id, self.readout_pad_id)
         where = [i for row in rows for i in row]  # the packed order of the examples

@@ -72,10 +72,11 @@ class MORERewardConfig(RewardConfig):
                   "(decoder RMs with sdpa/eager attention: GPT-NeoX, Llama, Mistral, Qwen, GPT-2); BERT-like "
                   "encoders and flash-attention kernels fall back to padded batches."},
     )
-    packing_max_tokens: int = field(
-        default=1024,
-        metadata={"help": "Packing: tokens per packed row (a longer pair gets a row of its own). Attention costs "
-                  "grow with the row length, so larger is not always faster."},
+    packing_max_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Packing: tokens per packed row (a longer pair gets a row of its own). None: the batch's "
+                  "longest packed pair, so no row is wider than one pair needs (attention cost grows with the "
+                  "row width squared) and shorter pairs share rows (padding-free up to the last row's tail)."},
     )
     length_grouping: bool = field(
         default=True,
@@ -93,7 +94,7 @@ class MORERewardConfig(RewardConfig):
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
         if self.method in ("more", "uniform") and not self.source_names:
             raise ValueError(f"method={self.method!r} needs source_names (one per source_id)")
-        if self.packing_max_tokens < 4:
+        if self.packing_max_tokens is not None and self.packing_max_tokens < 4:
             raise ValueError(f"packing_max_tokens must be at least 4, got {self.packing_max_tokens}")
         if self.balanced_batches:
             self.train_sampling_strategy = "sequential"
