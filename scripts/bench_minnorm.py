@@ -1,12 +1,14 @@
 """Worst-case time of MORE's exact min-norm solve (pipeline.reward.more.min_norm_weights) at K sources.
 
-Worst case (the one that made the old 2^K enumeration cost 2.5 s at K=16): normalize='none', K-1 random
-gradients with a common positive direction (the hull stays away from the origin, so the optimum sits on
-a large face) and one source's gradient strictly inside the others' cone, at a smaller norm. Every solve
+Worst case of the old 2^K enumeration (2.5 s at K=16): normalize='none', K-1 random gradients with a common
+positive direction (the hull stays away from the origin) and one source's gradient strictly inside the
+others' cone, at a smaller norm: the optimum is that gradient alone, the last support an enumeration from
+the largest supports down reaches. Every solve
 is checked against the KKT certificate. The last line printed is JSON:
 {"benchmark": "min_norm_solve", "ms": {"8": ..., "16": ..., "64": ..., "256": ...}, "targets_met": ...}
 where "ms" is, per K, the slower of two cases (the one above and `full_support`, nearly orthogonal
-gradients whose optimum uses every source: the most work for an active-set solver) (median ms per solve including the Gram matmul; targets on the project's 2-core CPU: <= 1 ms at K=16,
+gradients whose optimum uses every source: the most work for an active-set solver) (median ms per solve
+including the Gram matmul; targets on the project's 2-core CPU: <= 1 ms at K=16,
 <= 10 ms at K=64).
 
     python scripts/bench_minnorm.py
@@ -35,7 +37,7 @@ TARGETS_MS = {16: 1.0, 64: 10.0}
 
 def worst_case_grads(k: int, dim: int, seed: int = 0) -> torch.Tensor:
     """K x dim gradients: K-1 in a common half-space, source 0 a positive combination of them (inside their
-    cone) scaled down, so the minimum-norm point is interior to a big face."""
+    cone) scaled down, so the minimum-norm point is source 0's gradient (a single-vertex support)."""
     rng = np.random.default_rng(seed)
     g = rng.normal(size=(k, dim)) + 0.5
     if k > 1:

@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForSequenceClassification, GPTNeoXConfig  # noqa: E402
+from trl import RewardConfig, RewardTrainer  # noqa: E402
 
 from pipeline.models import TinyModelSpec, count_parameters, tiny_model, tiny_tokenizer  # noqa: E402
 from pipeline.reward.trainer import MORERewardConfig, MORERewardTrainer  # noqa: E402
-from trl import RewardConfig, RewardTrainer  # noqa: E402
 
 SOURCES = ["helpful", "harmless", "oasst1", "webgpt", "summarize"]
 

@@ -107,8 +107,8 @@ def build_model(args, tok):
         config._attn_implementation = "sdpa"
         torch.manual_seed(args.seed)
         return AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
-    return tiny_model(TinyModelSpec(arch=args.arch, size=args.size, max_position_embeddings=max(1024, args.max_length)),
-                      tok, task="reward", seed=args.seed)
+    spec = TinyModelSpec(arch=args.arch, size=args.size, max_position_embeddings=max(1024, args.max_length))
+    return tiny_model(spec, tok, task="reward", seed=args.seed)
 
 
 def main(argv=None) -> dict:
