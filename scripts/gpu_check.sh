@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [[ "${1:-}" == "--tiny" ]]; then
-  TRAIN=(--size tiny --per-source-batch 1 --steps 1 --warmup 0 --synthetic --max-length 64 --vocab-size 500)
+  TRAIN=(--size tiny --per-source-batch 1 --steps 1 --warmup 0 --synthetic --vocab-size 500)
   GEN=(--hidden 64 --layers 2 --heads 2 --vocab 500 --prompts 2 --batch-size 2 --new-tokens 2 --loop-prompts 1
        --min-prompt 4 --max-prompt 8)
 else
