@@ -9,6 +9,11 @@ The head gradients come from the pooled features the forward pass already comput
 forward hook on the reward head), so MORE costs no second forward, no CPU copies of features or weights,
 and no gathering of partitioned parameters under ZeRO-3. In data-parallel runs the per-source sums are
 all-reduced before the solve, so every rank uses the same lambda.
+
+Every method trains on packed batches where that is exact (`packing`, pipeline.reward.packing: one copy of
+each pair's prompt, several pairs per row) and on length-grouped batches (`length_grouping`, still
+balanced per source for more/uniform); rewards and features are then read from the head's per-position
+outputs and inputs at each side's pooling token.
 """
 
 from __future__ import annotations
