@@ -102,8 +102,22 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, max_length: int | Non
     return score_ids(model, ids, tokenizer.pad_token_id, **kwargs)
 
 
-def _packable(model) -> bool:
-    """Decoder RMs with an attention kernel that takes a 4D mask (sdpa/eager) can score a pair packed."""
+def unwrap_model(model):
+    """The transformers model inside PEFT / DeepSpeed / DDP wrappers (whose forward hides its signature)."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def packable(model) -> bool:
+    """Decoder RMs with an attention kernel that takes a 4D mask (sdpa/eager) and position ids can take a
+    pair packed (GPT-NeoX, Llama/Mistral/Qwen families, GPT-2). BERT-like encoders and flash-attention
+    kernels cannot."""
+    model = unwrap_model(model)
     params = inspect.signature(model.forward).parameters
     decoder = "cache" in params or "past_key_values" in params  # BERT-style encoders take neither
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
@@ -119,12 +133,62 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _readout(seq: Sequence[int], pad_id: int) -> int:
+def shared_prefix(chosen: Sequence[int], rejected: Sequence[int]) -> int:
+    """Tokens both sides of a pair share and a packed pair encodes once (the prompt). At least 2 tokens of
+    each side stay out of it, so each side keeps its own last tokens; 0 when they share nothing."""
+    return max(0, min(_common_prefix(chosen, rejected), len(chosen) - 2, len(rejected) - 2))
+
+
+def _readout(seq: Sequence[int], pad_id: int | None) -> int:
     """Index the model pools at: the rightmost token that is not the pad token (transformers' rule)."""
+    if pad_id is None:
+        return len(seq) - 1
     for j in range(len(seq) - 1, -1, -1):
         if seq[j] != pad_id:
             return j
     return 0
+
+
+def packed_length(chosen: Sequence[int], rejected: Sequence[int]) -> int:
+    """Tokens of a pair packed with one copy of its shared prefix."""
+    return len(chosen) + len(rejected) - shared_prefix(chosen, rejected)
+
+
+def pack_pair_rows(rows: Sequence[Sequence[tuple[Sequence[int], Sequence[int]]]], pad_id: int,
+                   readout_pad_id: int | None = None):
+    """Lay out preference pairs packed into rows: each row holds one or more pairs back to back, each pair
+    as prefix + chosen continuation + rejected continuation (see `shared_prefix`).
+
+    Positions restart at 0 for every pair and at the prefix length for the rejected continuation; the 4D
+    boolean attention mask [B, 1, W, W] is causal within a pair, lets the rejected continuation see the
+    prefix but not the chosen one, and keeps pairs of one row apart. Padding rows attend to themselves only
+    (no empty softmax). Returns `(input_ids [B, W], position_ids [B, W], mask, read_c, read_r)` where
+    read_c/read_r are flat indices into the B*W positions of each pair's pooling token (the rightmost token
+    that is not `readout_pad_id`, transformers' rule), in the order the pairs were given, row by row.
+    """
+    lengths = [sum(packed_length(c, r) for c, r in row) for row in rows]
+    width = max(lengths)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), 1, width, width), dtype=torch.bool)
+    read_c, read_r = [], []
+    for b, row in enumerate(rows):
+        at = 0
+        for c, r in row:
+            L = shared_prefix(c, r)
+            t = len(c) + len(r) - L
+            s = slice(at, at + t)
+            ids[b, s] = torch.as_tensor(list(c) + list(r[L:]), dtype=torch.long)
+            pos[b, at : at + len(c)] = torch.arange(len(c))
+            pos[b, at + len(c) : at + t] = torch.arange(L, len(r))
+            mask[b, 0, s, s] = torch.tril(torch.ones(t, t, dtype=torch.bool))
+            mask[b, 0, at + len(c) : at + t, at + L : at + len(c)] = False  # rejected cannot see chosen
+            k_c, k_r = _readout(c, readout_pad_id), _readout(r, readout_pad_id)
+            read_c.append(b * width + at + k_c)
+            read_r.append(b * width + at + (k_r if k_r < L else len(c) + k_r - L))
+            at += t
+        mask[b, 0, at:, at:] = torch.eye(width - at, dtype=torch.bool)
+    return ids, pos, mask, read_c, read_r
 
 
 @torch.no_grad()
@@ -155,11 +219,10 @@ def score_pair_ids(
     from pipeline.reward.trainer import find_reward_head
 
     n = len(chosen_ids)
-    packable = share_prefix and _packable(model)
-    # Keep >= 2 tokens of each side out of the prefix, so each side keeps its own last tokens.
-    prefix = [min(_common_prefix(c, r), len(c) - 2, len(r) - 2) for c, r in zip(chosen_ids, rejected_ids)]
-    packed = [i for i in range(n) if packable and prefix[i] >= 1]
-    plain = [i for i in range(n) if not (packable and prefix[i] >= 1)]
+    can_pack = share_prefix and packable(model)
+    prefix = [shared_prefix(c, r) for c, r in zip(chosen_ids, rejected_ids)]
+    packed = [i for i in range(n) if can_pack and prefix[i] >= 1]
+    plain = [i for i in range(n) if not (can_pack and prefix[i] >= 1)]
     r_c, r_r = np.empty(n), np.empty(n)
     if plain:
         out = score_ids(model, [chosen_ids[i] for i in plain] + [rejected_ids[i] for i in plain], pad_id,
@@ -176,40 +239,24 @@ def score_pair_ids(
     handle = head.register_forward_hook(lambda mod, inp, out: captured.update(z=inp[0]))
     was_training = model.training
     model.eval()
-    rows = {}
-    for i in packed:
-        c, r, L = chosen_ids[i], rejected_ids[i], prefix[i]
-        rows[i] = (list(c) + list(r[L:]), len(c), _readout(c, pad_id), _readout(r, pad_id))
-    order = sorted(packed, key=lambda i: -len(rows[i][0]))
+    width_of = {i: len(chosen_ids[i]) + len(rejected_ids[i]) - prefix[i] for i in packed}
+    order = sorted(packed, key=lambda i: -width_of[i])
     bar = tqdm(total=len(order), desc="scoring pairs", disable=not progress)
     start = 0
     try:
         while start < len(order):
-            width = len(rows[order[start]][0])
+            width = width_of[order[start]]
             m = max(1, batch_size // 2)
             if max_tokens_per_batch:
                 m = max(1, min(m, max_tokens_per_batch // max(width, 1)))
             idx = order[start : start + m]
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            pos = torch.zeros((len(idx), width), dtype=torch.long)
-            mask = torch.zeros((len(idx), 1, width, width), dtype=torch.bool)
-            read_c, read_r = [], []
-            for b, i in enumerate(idx):
-                seq, len_c, k_c, k_r = rows[i]
-                L, t = prefix[i], len(seq)
-                ids[b, :t] = torch.as_tensor(seq)
-                pos[b, :len_c] = torch.arange(len_c)
-                pos[b, len_c:t] = torch.arange(L, L + t - len_c)
-                mask[b, 0, :t, :t] = torch.tril(torch.ones(t, t, dtype=torch.bool))
-                mask[b, 0, len_c:t, L:len_c] = False  # the rejected side cannot see the chosen one
-                mask[b, 0, t:, t:] = torch.eye(width - t, dtype=torch.bool)  # padding rows: no empty softmax
-                read_c.append(k_c)
-                read_r.append(k_r if k_r < L else len_c + (k_r - L))
+            ids, pos, mask, read_c, read_r = pack_pair_rows(
+                [[(chosen_ids[i], rejected_ids[i])] for i in idx], pad_id, pad_id)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device))
             z = captured.pop("z")
-            ar = torch.arange(len(idx), device=z.device)
-            feats = torch.cat([z[ar, torch.tensor(read_c, device=z.device)], z[ar, torch.tensor(read_r, device=z.device)]])
+            z = z.reshape(-1, z.shape[-1])
+            feats = z[torch.tensor(read_c + read_r, device=z.device)]
             with torch.autocast(device.type, enabled=False):  # the head at its weights' precision
                 rewards = head(feats.to(next(head.parameters()).dtype))
             captured.clear()  # the hook also saw this call

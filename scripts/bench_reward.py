@@ -5,6 +5,11 @@ balanced batches so machine noise hits both alike. A step = forward + backward +
 The last line printed is JSON: {"benchmark": "more_vs_multitask_step_time", "ratio": more/multitask, ...}
 where ratio is the median over iterations of (more step time / multitask step time on the same batch).
 Target: ratio <= 1.01 (MORE's extra work is a hook, an index_add over pooled features and a K x K solve).
+The fair baseline, what a user would otherwise run, is timed in the same rounds: a stock `trl.RewardTrainer`
+step on the same pairs collated by TRL's own `DataCollatorForPreference` (dynamic padding); the JSON adds
+"more_vs_trl" (median of more / trl step time on the same pairs; < 1 means MORE is faster) and "trl_s".
+Our trainers run their defaults (pairs packed; these random pairs share no prompt, so packing only removes
+padding here; scripts/bench_train.py measures the real shared-prompt profile).
 
     python scripts/bench_reward.py                       # ~25M-param GPT-NeoX, 8 pairs x 256 tokens, CPU
     python scripts/bench_reward.py --arch llama --steps 20 --bf16
@@ -27,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForSequenceClassification, GPTNeoXConfig  # noqa: E402
+from trl import RewardConfig, RewardTrainer  # noqa: E402
 
 from pipeline.models import TinyModelSpec, count_parameters, tiny_model, tiny_tokenizer  # noqa: E402
 from pipeline.reward.trainer import MORERewardConfig, MORERewardTrainer  # noqa: E402
@@ -82,8 +88,16 @@ def main():
         t.create_optimizer()
         t.current_gradient_accumulation_steps = 1  # set by the train loop, which we bypass
         trainers[method] = t
-    batches = [trainers["more"].data_collator([data[i] for i in range(b * args.pairs, (b + 1) * args.pairs)])
-               for b in range(args.warmup + args.steps)]
+    trl_cfg = RewardConfig(output_dir=f"{tmp}/trl", per_device_train_batch_size=args.pairs, bf16=args.bf16,
+                           use_cpu=device == "cpu", gradient_checkpointing=False, report_to="none", max_length=None,
+                           learning_rate=1e-5, logging_steps=10**9, disable_tqdm=True)
+    trl = RewardTrainer(model, trl_cfg, train_dataset=data.remove_columns(["source_id"]), processing_class=tok)
+    trl.create_optimizer()
+    trl.current_gradient_accumulation_steps = 1
+    trainers["trl"] = trl
+    rows = [[data[i] for i in range(b * args.pairs, (b + 1) * args.pairs)] for b in range(args.warmup + args.steps)]
+    batches = [trainers["more"].data_collator(r) for r in rows]
+    trl_batches = [trl.data_collator([{k: v for k, v in e.items() if k != "source_id"} for e in r]) for r in rows]
 
     def step(method, batch):
         t = trainers[method]
@@ -100,20 +114,24 @@ def main():
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    times = {"multitask": [], "more": []}
+    times = {"multitask": [], "more": [], "trl": []}
     for i, batch in enumerate(batches):
-        order = ("multitask", "more") if i % 2 == 0 else ("more", "multitask")
+        order = ("multitask", "more", "trl") if i % 2 == 0 else ("trl", "more", "multitask")
         for method in order:
-            dt = step(method, batch)
+            dt = step(method, trl_batches[i] if method == "trl" else batch)
             if i >= args.warmup:
                 times[method].append(dt)
     med = {m: statistics.median(v) for m, v in times.items()}
     # Paired estimate: each iteration ran both methods back to back on the same batch, so the median of
     # the per-iteration ratios cancels slow drifts of the machine's speed.
     paired = statistics.median(a / b for a, b in zip(times["more"], times["multitask"]))
+    vs_trl = statistics.median(a / b for a, b in zip(times["more"], times["trl"]))
     result = {
         "benchmark": "more_vs_multitask_step_time",
         "ratio": paired,
+        "more_vs_trl": vs_trl,
+        "trl_s": med["trl"],
+        "baseline": "stock trl.RewardTrainer step, DataCollatorForPreference (dynamic padding), same pairs",
         "ratio_of_medians": med["more"] / med["multitask"],
         "more_s": med["more"],
         "multitask_s": med["multitask"],
@@ -123,6 +141,7 @@ def main():
         "steps": args.steps,
         "dtype": "bf16" if args.bf16 else "fp32",
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "load_average_1m": round(__import__("os").getloadavg()[0], 2),
         "lambda_last": trainers["more"]._last_lambda.tolist(),
     }
     print(f"median step: multitask {med['multitask']:.4f}s, more {med['more']:.4f}s ({n_params / 1e6:.1f}M params)")

@@ -86,6 +86,64 @@ def test_min_norm_kkt_and_scale_invariance():
         assert (gram @ lam).min() >= val - 1e-8  # KKT: no vertex direction decreases the norm
 
 
+def _enumerate_min_norm(gram):
+    """Brute force over all 2^K supports (the solver this project used before NNLS): the best feasible
+    affine-hull minimiser of any face."""
+    k = gram.shape[0]
+    best = np.inf
+    for size in range(1, k + 1):
+        for s in itertools.combinations(range(k), size):
+            s = list(s)
+            kkt = np.block([[gram[np.ix_(s, s)], np.ones((size, 1))], [np.ones((1, size)), np.zeros((1, 1))]])
+            lam_s = np.linalg.lstsq(kkt, np.r_[np.zeros(size), 1.0], rcond=None)[0][:size]
+            if lam_s.min() >= -1e-12:
+                lam = np.zeros(k)
+                lam[s] = lam_s
+                best = min(best, float(lam @ gram @ lam))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_min_norm_matches_enumeration_on_degenerate_hulls(seed):
+    """Duplicated, colinear, zero and in-cone rows, K up to 8, against the 2^K enumeration."""
+    rng = np.random.default_rng(seed)
+    k, d = rng.integers(2, 9), rng.integers(1, 6)
+    g = rng.normal(size=(k, d)) + rng.uniform(0, 2)
+    for i in range(k):
+        kind = rng.integers(0, 5)
+        j = rng.integers(0, k)
+        if kind == 0:
+            g[i] = g[j]
+        elif kind == 1:
+            g[i] = rng.uniform(0.1, 3) * g[j]
+        elif kind == 2:
+            g[i] = 0.0
+        elif kind == 3:
+            g[i] = rng.dirichlet(np.ones(k)) @ g * 0.5
+    gram = g @ g.T
+    lam = min_norm_weights_from_gram(gram)
+    scaled = gram / max(np.abs(np.diag(gram)).max(), 1e-300)
+    assert lam.min() >= 0 and lam.sum() == pytest.approx(1.0, abs=1e-12)
+    assert lam @ scaled @ lam <= _enumerate_min_norm(scaled) + 1e-9
+    assert (scaled @ lam).min() >= lam @ scaled @ lam - 1e-9  # KKT certificate
+
+
+@pytest.mark.parametrize("k", [16, 64, 256])
+def test_min_norm_scales_to_many_sources(k):
+    """The worst cases of scripts/bench_minnorm.py (one gradient inside the others' cone; nearly orthogonal
+    gradients using every source) are solved exactly: feasible and KKT-certified, at K far beyond 2^K reach."""
+    rng = np.random.default_rng(k)
+    inside = rng.normal(size=(k, 64)) + 0.5
+    inside[0] = 0.5 * rng.dirichlet(np.ones(k - 1)) @ inside[1:]
+    ortho = rng.normal(size=(k, 2 * k)) * rng.uniform(0.5, 2.0, size=(k, 1))
+    for g in (inside, ortho):
+        lam = min_norm_weights(torch.tensor(g)).numpy().astype(np.float64)
+        gram = g @ g.T / np.abs(np.diag(g @ g.T)).max()
+        assert lam.min() >= 0 and lam.sum() == pytest.approx(1.0, abs=1e-6)
+        assert (gram @ lam).min() >= lam @ gram @ lam - 1e-7
+    assert (lam > 0).sum() >= k // 2  # the orthogonal case uses most sources (a large active set)
+
+
 def test_min_norm_rejects_bad_input():
     with pytest.raises(ValueError):
         min_norm_weights(torch.zeros(3))

@@ -14,6 +14,7 @@ from pipeline.reward.trainer import (
     CHECKPOINT_COMPLETE,
     MORE_STATE,
     MORERewardTrainer,
+    SourceAwareCollator,
     checkpoint_problem,
     find_reward_head,
     last_complete_checkpoint,
@@ -49,8 +50,11 @@ def test_uniform_weights_reproduce_trl_loss(tok, tmp_path):
     ds = H.balanced_pairs(4)
     ours = MORERewardTrainer(H.model("gpt_neox", tok), H.config(tmp_path / "a", "uniform"), train_dataset=ds,
                              processing_class=tok)
-    batch = _batch(ours, 6)
+    batch = _batch(ours, 6)  # packed (the default for this decoder RM) ...
     loss_ours = ours.compute_loss(ours.model, dict(batch))
+    # ... and TRL's loss on the padded batch TRL's collator makes of the same pairs
+    rows = [ours.train_dataset[i] for i in range(6)]
+    batch = SourceAwareCollator(pad_token_id=tok.pad_token_id)(rows)
     trl_args = RewardConfig(output_dir=str(tmp_path / "b"), bf16=False, report_to="none", max_length=None,
                             gradient_checkpointing=False)
     trl = RewardTrainer(ours.model, trl_args, train_dataset=ds.remove_columns(["source_id"]), processing_class=tok)

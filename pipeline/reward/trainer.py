@@ -9,6 +9,11 @@ The head gradients come from the pooled features the forward pass already comput
 forward hook on the reward head), so MORE costs no second forward, no CPU copies of features or weights,
 and no gathering of partitioned parameters under ZeRO-3. In data-parallel runs the per-source sums are
 all-reduced before the solve, so every rank uses the same lambda.
+
+Every method trains on packed batches where that is exact (`packing`, pipeline.reward.packing: one copy of
+each pair's prompt, several pairs per row) and on length-grouped batches (`length_grouping`, still
+balanced per source for more/uniform); rewards and features are then read from the head's per-position
+outputs and inputs at each side's pooling token.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 from pipeline.data.tokenize import tokenize_pairs
 from pipeline.io import atomic_write_text
 from pipeline.reward.more import NORMALIZE_MODES, head_gradient_sums, more_weights
+from pipeline.reward.packing import LengthGroupedBalancedSampler, PackedPairCollator
+from pipeline.scoring import packable, packed_length
 
 METHODS = ("more", "multitask", "uniform")
 HEAD_NAMES = ("score", "classifier", "v_head")
@@ -68,6 +75,26 @@ class MORERewardConfig(RewardConfig):
         metadata={"help": "The train set is laid out in balanced blocks (pipeline.data.mix(strategy='balanced')):"
                   " read it in order so every batch holds the same number of pairs from every source."},
     )
+    packing: bool = field(
+        default=True,
+        metadata={"help": "Pack each pair as prompt + chosen + rejected continuation (one copy of the shared prompt)"
+                  " and several pairs per row up to packing_max_tokens, behind a 4D attention mask with restarted "
+                  "positions: the same loss and gradients as padded batches, fewer tokens. Used where exact "
+                  "(decoder RMs with sdpa/eager attention: GPT-NeoX, Llama, Mistral, Qwen, GPT-2); BERT-like "
+                  "encoders and flash-attention kernels fall back to padded batches."},
+    )
+    packing_max_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Packing: tokens per packed row (a longer pair gets a row of its own). None: the batch's "
+                  "longest packed pair, so no row is wider than one pair needs (attention cost grows with the "
+                  "row width squared) and shorter pairs share rows (padding-free up to the last row's tail)."},
+    )
+    length_grouping: bool = field(
+        default=True,
+        metadata={"help": "Group pairs of similar length into the same batch (per source with balanced_batches: "
+                  "every batch still holds per_device_train_batch_size / len(source_names) pairs of every "
+                  "source); batch order is shuffled per epoch with the seed."},
+    )
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -78,6 +105,8 @@ class MORERewardConfig(RewardConfig):
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
         if self.method in ("more", "uniform") and not self.source_names:
             raise ValueError(f"method={self.method!r} needs source_names (one per source_id)")
+        if self.packing_max_tokens is not None and self.packing_max_tokens < 4:
+            raise ValueError(f"packing_max_tokens must be at least 4, got {self.packing_max_tokens}")
         if self.balanced_batches:
             self.train_sampling_strategy = "sequential"
         super().__post_init__()
@@ -140,6 +169,7 @@ class MORERewardTrainer(RewardTrainer):
         self._max_length = args.max_length
         args.max_length = None  # we truncate from the left in _prepare_dataset; TRL would drop pairs
         processing_class = kwargs.get("processing_class")
+        user_collator = data_collator is not None
         if data_collator is None and processing_class is not None:
             pad_id = processing_class.pad_token_id
             if pad_id is None:
@@ -148,8 +178,16 @@ class MORERewardTrainer(RewardTrainer):
         super().__init__(model, args, *pos, data_collator=data_collator, **kwargs)
         args.max_length = self._max_length
         self.num_sources = len(args.source_names or [])
+        self.packed = bool(args.packing and not user_collator and isinstance(data_collator, SourceAwareCollator)
+                           and packable(self.model))
+        if self.packed:
+            self.data_collator = PackedPairCollator(
+                pad_token_id=data_collator.pad_token_id, max_tokens=args.packing_max_tokens,
+                readout_pad_id=self.model.config.get_text_config().pad_token_id,
+            )
         self._momentum: torch.Tensor | None = None
         self._features: torch.Tensor | None = None
+        self._head_output: torch.Tensor | None = None
         self._last_lambda: torch.Tensor | None = None
         self._hook = find_reward_head(self.model).register_forward_hook(self._capture_head_input)
 
@@ -165,6 +203,23 @@ class MORERewardTrainer(RewardTrainer):
                   f"{self._max_length} tokens")
         return dataset
 
+    def _get_train_sampler(self, train_dataset=None):
+        """Length-grouped batches (per source with balanced_batches), see `LengthGroupedBalancedSampler`."""
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.args.length_grouping or ds is None or not hasattr(ds, "column_names"):
+            return super()._get_train_sampler(train_dataset)
+        cols = ds.column_names
+        lengths = [packed_length(c, r) if self.packed else max(len(c), len(r))
+                   for c, r in zip(ds["chosen_ids"], ds["rejected_ids"])]
+        sources, psb = None, self.args.per_device_train_batch_size
+        if self.args.balanced_batches and "source_id" in cols:
+            k = self.num_sources or len(set(ds["source_id"]))
+            if psb % k:
+                raise ValueError(f"balanced_batches: per_device_train_batch_size={psb} is not a multiple of the "
+                                 f"{k} sources")
+            sources, psb = ds["source_id"], psb // k
+        return LengthGroupedBalancedSampler(lengths, sources, psb, seed=self.args.seed)
+
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "source_id"]
@@ -172,25 +227,53 @@ class MORERewardTrainer(RewardTrainer):
     # ---------------------------------------------------------------- loss
     def _capture_head_input(self, module, inputs, output):
         self._features = inputs[0]
+        self._head_output = output
+
+    def _packed_forward(self, model, inputs):
+        """Rewards [2P] (chosen then rejected) and pooled features [2P, H] of a packed batch: the head's
+        per-position outputs and inputs, read at each side's pooling token."""
+        readout = inputs.pop("readout").reshape(-1)
+        inputs.pop("num_pair_tokens", None)
+        self._features = self._head_output = None
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                        position_ids=inputs["position_ids"], use_cache=False)
+        if self._head_output is None:
+            raise RuntimeError("the reward head's forward hook did not fire on the packed batch")
+        out, feats = self._head_output, self._features
+        rewards = out.reshape(-1, out.shape[-1])[readout][:, 0]
+        z = feats.reshape(-1, feats.shape[-1])[readout]
+        self._features = self._head_output = None
+        return outputs, rewards, z
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         source_ids = inputs.pop("source_id", None)
         method = self.args.method
+        packed = "readout" in inputs
         if source_ids is None:
             if method != "multitask":
                 raise ValueError(f"method={method!r} needs a `source_id` column in the dataset")
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if not packed:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            source_ids = torch.zeros(inputs["readout"].shape[-1], dtype=torch.long, device=inputs["readout"].device)
         mode = "train" if self.model.training else "eval"
-        inputs["use_cache"] = False
-        self._features = None
-        outputs = model(**inputs)
-        rewards = outputs.logits.squeeze(-1)
+        if packed:
+            n_pair_tokens = inputs["num_pair_tokens"]
+            outputs, rewards, z = self._packed_forward(model, inputs)
+            from transformers.modeling_outputs import SequenceClassifierOutput
+
+            outputs = SequenceClassifierOutput(logits=rewards.unsqueeze(-1))
+        else:
+            inputs["use_cache"] = False
+            self._features = None
+            outputs = model(**inputs)
+            rewards = outputs.logits.squeeze(-1)
+            n_pair_tokens = inputs["attention_mask"].sum()
         r_c, r_r = torch.chunk(rewards, 2)
         diff = r_c - r_r
         if "margin" in inputs:
             diff = diff - inputs["margin"]
         pair_loss = -F.logsigmoid(diff)
-        k = self.num_sources
+        k = max(self.num_sources, 1)
         # Per-source statistics, reduced over data-parallel ranks: loss sums, counts, correct counts.
         loss_sums = torch.zeros(k, device=rewards.device, dtype=torch.float32)
         loss_sums.index_add_(0, source_ids, pair_loss.detach().float())
@@ -198,16 +281,18 @@ class MORERewardTrainer(RewardTrainer):
         correct.index_add_(0, source_ids, ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).detach())
         grad_sums = None
         if method == "more" and mode == "train":
-            if self._features is None:
-                raise RuntimeError("the reward head's forward hook did not fire; cannot compute MORE weights")
-            z = pool_features(self._features, inputs["input_ids"], self.model.config.get_text_config().pad_token_id)
+            if not packed:
+                if self._features is None:
+                    raise RuntimeError("the reward head's forward hook did not fire; cannot compute MORE weights")
+                z = pool_features(self._features, inputs["input_ids"],
+                                  self.model.config.get_text_config().pad_token_id)
             z_c, z_r = torch.chunk(z, 2)
             grad_sums, counts = head_gradient_sums(z_c, z_r, diff, source_ids, k)
             stats = torch.cat([grad_sums, torch.stack([counts, loss_sums, correct], dim=1)], dim=1)
         else:
             counts = torch.bincount(source_ids, minlength=k).float()
             stats = torch.stack([counts, loss_sums, correct], dim=1)
-        self._features = None
+        self._features = self._head_output = None
         stats = self.accelerator.reduce(stats, reduction="sum") if self.accelerator.num_processes > 1 else stats
         g_counts, g_loss, g_correct = stats[:, -3], stats[:, -2], stats[:, -1]
         present = g_counts > 0
@@ -235,7 +320,8 @@ class MORERewardTrainer(RewardTrainer):
 
         # TRL's own metrics (tokens, rewards, accuracy, margin) ...
         if mode == "train":
-            n_tok = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            # tokens of the pairs as TRL counts them (chosen + rejected), packed or not
+            n_tok = self.accelerator.gather_for_metrics(n_pair_tokens).sum().item()
             self._total_train_tokens += n_tok // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         with torch.no_grad():
