@@ -555,10 +555,20 @@ def check_recipe(recipe: Recipe, stages: typing.Sequence[str], align_runs: bool 
     sources = getattr(data, "source_names", None)
     if "align" not in stages or align is None:
         return
+    # A `group_by` source becomes sources named <name>/<value> (or its group_names values) only once the data
+    # is read: names of that shape pass here, and the data stage checks them against the groups it finds.
+    grouped = [spec for spec in getattr(data, "sources", None) or []
+               if isinstance(getattr(spec, "options", None), dict) and spec.options.get("group_by")]
+    group_names = {str(v) for spec in grouped for v in (spec.options.get("group_names") or {}).values()}
+
+    def is_source(name: str) -> bool:
+        return (name in sources or name in group_names
+                or any(str(name).startswith(f"{spec.name}/") for spec in grouped))
+
     if isinstance(sources, list):
         for key in ("prompt_sources", "eval_sources"):
             wanted = getattr(align, key, None)
-            unknown = [s for s in wanted or [] if s not in sources]
+            unknown = [s for s in wanted or [] if not is_source(s)]
             if unknown:
                 raise RecipeError(f"align.{key} in {ctx.origin('align.' + key)} names unknown source(s) {unknown}; "
                                   f"the data sources are {sources}. Fix: use names from data.sources")
@@ -567,7 +577,7 @@ def check_recipe(recipe: Recipe, stages: typing.Sequence[str], align_runs: bool 
         trained = [n for m in methods for n in ([f"single-{s}" for s in sources] if m == "single" else [m])]
         rms = getattr(align, "rms", None)
         if rms is not None:
-            unknown = [n for n in rms if n not in trained]
+            unknown = [n for n in rms if n not in trained and not (n.startswith("single-") and is_source(n[7:]))]
             if unknown:
                 raise RecipeError(f"align.rms in {ctx.origin('align.rms')} names RM(s) {unknown} that reward.methods "
                                   f"does not train (it trains {trained}). Fix: use some of those, or null for all")

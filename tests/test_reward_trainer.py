@@ -288,8 +288,9 @@ def test_center_rewards_coefficient_uses_trls_formula(tok, tmp_path):
         find_reward_head(model).weight.normal_(0, 1.0)
     ours = MORERewardTrainer(model, H.config(tmp_path / "a", "multitask", center_rewards_coefficient=0.5),
                              train_dataset=ds, processing_class=tok)
-    batch = _batch(ours, 6)
-    loss_ours = ours.compute_loss(ours.model, dict(batch))
+    loss_ours = ours.compute_loss(ours.model, dict(_batch(ours, 6)))  # packed (the default here) ...
+    # ... and TRL's loss on the padded batch of the same pairs
+    batch = SourceAwareCollator(pad_token_id=tok.pad_token_id)([ours.train_dataset[i] for i in range(6)])
     trl_args = RewardConfig(output_dir=str(tmp_path / "b"), bf16=False, report_to="none", max_length=None,
                             gradient_checkpointing=False, center_rewards_coefficient=0.5)
     trl = RewardTrainer(model, trl_args, train_dataset=ds.remove_columns(["source_id"]), processing_class=tok)

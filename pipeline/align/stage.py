@@ -264,10 +264,11 @@ def _is_synthetic(splits: dict, sources) -> bool:
 
 
 def _pick_sources(splits: dict, wanted: list[str], what: str) -> list[str]:
-    have = [s for s in wanted if s in splits]
-    if not have:
-        raise ValueError(f"align.{what}: none of {wanted} is a data source of this run (sources: {list(splits)})")
-    return have
+    missing = [s for s in wanted if s not in splits]
+    if missing or not wanted:
+        raise ValueError(f"align.{what}: {missing or wanted} not among the data sources of this run "
+                         f"{list(splits)}. Fix: name sources from that list")
+    return list(wanted)
 
 
 def build_base_policy(ctx: _Ctx) -> tuple[str, object, str]:

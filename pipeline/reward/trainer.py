@@ -246,6 +246,12 @@ class MORERewardTrainer(RewardTrainer):
         return outputs, rewards, z
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.is_deepspeed_enabled and not getattr(self, "_hook_after_engine", False):
+            # ZeRO-3 wraps module outputs in forward hooks (to re-gather the weights for backward); a packed
+            # batch takes its rewards from the captured head output, so capture after DeepSpeed's hooks.
+            self._hook.remove()
+            self._hook = find_reward_head(self.model).register_forward_hook(self._capture_head_input)
+            self._hook_after_engine = True
         source_ids = inputs.pop("source_id", None)
         method = self.args.method
         packed = "readout" in inputs
