@@ -4,4 +4,5 @@ import sys
 
 from pipeline.run import main
 
+
 sys.exit(main())

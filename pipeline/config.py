@@ -49,6 +49,7 @@ from typing import Any
 
 import yaml
 
+
 # Section name -> (module, dataclass name). Plain data; the modules are imported only when needed.
 SECTIONS: dict[str, tuple[str, str]] = {
     "data": ("pipeline.data", "DataConfig"),
@@ -76,8 +77,11 @@ class _Loader(yaml.SafeLoader):
                     continue
                 if seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r} (first given on line {first[key] + 1}); keep only one of them",
-                        key_node.start_mark)
+                        None,
+                        None,
+                        f"duplicate key {key!r} (first given on line {first[key] + 1}); keep only one of them",
+                        key_node.start_mark,
+                    )
                 first[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep)
 
@@ -111,8 +115,10 @@ class Recipe:
     )
     data_root: str | None = field(
         default=None,
-        metadata={"help": "Directory that `${data_root}` in any string value stands for (e.g. the real data "
-                  "slices: data_root=../shared/data/real); made absolute when the recipe is loaded."},
+        metadata={
+            "help": "Directory that `${data_root}` in any string value stands for (e.g. the real data "
+            "slices: data_root=../shared/data/real); made absolute when the recipe is loaded."
+        },
     )
     stages: list[str] | None = field(
         default=None,
@@ -171,8 +177,7 @@ def section_class(section: str) -> type:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ImportError(
-            f"recipe section {section!r} needs {module_name}.{class_name}, but {module_name} cannot be "
-            f"imported: {e}"
+            f"recipe section {section!r} needs {module_name}.{class_name}, but {module_name} cannot be imported: {e}"
         ) from e
     try:
         return getattr(module, class_name)
@@ -323,7 +328,7 @@ def build_dataclass(cls: type, raw: Any, path: str = "", ctx: _Ctx | None = None
         tp = hints.get(key, Any)
         if f.metadata.get("section") and cls is Recipe:
             tp = section_class(key)
-        if tp in (list, typing.List) or tp == list[Any]:
+        if tp in (list, list) or tp == list[Any]:
             tp = _list_type_from_default(f, tp)
         nested_base = None
         if dataclasses.is_dataclass(_strip_optional(tp)) and isinstance(value, dict):
@@ -461,8 +466,7 @@ def resolve_pkg_path(value: str, path: str = "") -> str:
     except ImportError:
         dist = module_name.replace("_", "-")
         raise RecipeError(
-            f"{path or 'value'} = {value!r}: Python package {module_name!r} is not installed "
-            f"(pip install {dist})"
+            f"{path or 'value'} = {value!r}: Python package {module_name!r} is not installed (pip install {dist})"
         ) from None
     if hasattr(module, "get_model_path"):
         root = Path(module.get_model_path())
@@ -542,8 +546,9 @@ def _check_values(node: Any, path: str, ctx: _Ctx) -> None:
     elif _MAX_LENGTH.fullmatch(name) and not (math.isfinite(node) and node >= 1):
         problem, fix = "a maximum length must be >= 1 token", "e.g. 512, or null where the key allows it"
     if problem:
-        raise RecipeError(f"{path} = {node!r} in {ctx.origin(_dotted(path))}: {problem}. Fix: set {path} to a valid "
-                          f"value ({fix})")
+        raise RecipeError(
+            f"{path} = {node!r} in {ctx.origin(_dotted(path))}: {problem}. Fix: set {path} to a valid value ({fix})"
+        )
 
 
 def check_recipe(recipe: Recipe, stages: typing.Sequence[str], align_runs: bool = False, ctx: _Ctx | None = None):
@@ -557,21 +562,25 @@ def check_recipe(recipe: Recipe, stages: typing.Sequence[str], align_runs: bool 
         return
     # A `group_by` source becomes sources named <name>/<value> (or its group_names values) only once the data
     # is read: names of that shape pass here, and the data stage checks them against the groups it finds.
-    grouped = [spec for spec in getattr(data, "sources", None) or []
-               if isinstance(getattr(spec, "options", None), dict) and spec.options.get("group_by")]
+    grouped = [
+        spec
+        for spec in getattr(data, "sources", None) or []
+        if isinstance(getattr(spec, "options", None), dict) and spec.options.get("group_by")
+    ]
     group_names = {str(v) for spec in grouped for v in (spec.options.get("group_names") or {}).values()}
 
     def is_source(name: str) -> bool:
-        return (name in sources or name in group_names
-                or any(str(name).startswith(f"{spec.name}/") for spec in grouped))
+        return name in sources or name in group_names or any(str(name).startswith(f"{spec.name}/") for spec in grouped)
 
     if isinstance(sources, list):
         for key in ("prompt_sources", "eval_sources"):
             wanted = getattr(align, key, None)
             unknown = [s for s in wanted or [] if not is_source(s)]
             if unknown:
-                raise RecipeError(f"align.{key} in {ctx.origin('align.' + key)} names unknown source(s) {unknown}; "
-                                  f"the data sources are {sources}. Fix: use names from data.sources")
+                raise RecipeError(
+                    f"align.{key} in {ctx.origin('align.' + key)} names unknown source(s) {unknown}; "
+                    f"the data sources are {sources}. Fix: use names from data.sources"
+                )
     methods = getattr(reward, "methods", None)
     if isinstance(methods, list) and isinstance(sources, list):
         trained = [n for m in methods for n in ([f"single-{s}" for s in sources] if m == "single" else [m])]
@@ -579,8 +588,10 @@ def check_recipe(recipe: Recipe, stages: typing.Sequence[str], align_runs: bool 
         if rms is not None:
             unknown = [n for n in rms if n not in trained and not (n.startswith("single-") and is_source(n[7:]))]
             if unknown:
-                raise RecipeError(f"align.rms in {ctx.origin('align.rms')} names RM(s) {unknown} that reward.methods "
-                                  f"does not train (it trains {trained}). Fix: use some of those, or null for all")
+                raise RecipeError(
+                    f"align.rms in {ctx.origin('align.rms')} names RM(s) {unknown} that reward.methods "
+                    f"does not train (it trains {trained}). Fix: use some of those, or null for all"
+                )
         aligned = list(rms) if rms is not None else [n for n in trained if not n.startswith("single-")]
         for comp in getattr(align, "comparisons", None) or []:
             parts = [p.strip() for p in comp.split(" vs ")]
@@ -589,14 +600,16 @@ def check_recipe(recipe: Recipe, stages: typing.Sequence[str], align_runs: bool 
                 raise RecipeError(
                     f"align.comparisons in {ctx.origin('align.comparisons')}: {comp!r} names {unknown}, not an RM "
                     f"aligned in this run ({aligned + ['base']}). Fix: compare only those, or add the RM to "
-                    "reward.methods / align.rms")
+                    "reward.methods / align.rms"
+                )
     judge = getattr(align, "judge", None)
     env = getattr(judge, "api_key_env", None)
     if align_runs and getattr(judge, "kind", None) == "openai" and env and not os.environ.get(env):
         raise RecipeError(
             f"align.judge.kind=openai reads the API key from the environment variable {env}, which is not set, and "
             f"the align stage will run. Fix: export {env}=..., or set align.judge.api_key_env='' for an endpoint "
-            "without a key, or align.judge.kind=gold")
+            "without a key, or align.judge.kind=gold"
+        )
 
 
 DATA_ROOT = "${data_root}"
@@ -662,7 +675,7 @@ def to_plain(obj: Any) -> Any:
         return str(obj)
     if obj is None or isinstance(obj, (str, int, float, bool)):
         return obj
-    if hasattr(obj, "value") and isinstance(getattr(obj, "value"), (str, int)):  # enums
+    if hasattr(obj, "value") and isinstance(obj.value, (str, int)):  # enums
         return obj.value
     return str(obj)
 
@@ -693,8 +706,13 @@ def stage_config_hash(recipe: Recipe, stage: str, order: typing.Sequence[str] | 
         raise ValueError(f"unknown stage {stage!r}; valid: {order}")
     d = recipe_to_dict(recipe)
     upstream = {u: stage_config_hash(recipe, u, order) for u in order[: order.index(stage)]}
-    payload = {"stage": stage, "section": d.get(stage), "data": d.get("data"), "seed": d.get("seed"),
-               "upstream": upstream}
+    payload = {
+        "stage": stage,
+        "section": d.get(stage),
+        "data": d.get("data"),
+        "seed": d.get("seed"),
+        "upstream": upstream,
+    }
     files = local_input_stats(d, stage)
     if files:  # only when there are local inputs, so hashes of runs without any stay as they were
         payload["local_inputs"] = files
@@ -706,8 +724,11 @@ def local_input_stats(d: dict, stage: str) -> dict:
     for calibration, `external_rms`): editing or replacing such a file changes the stage's hash, so a result
     computed from the old file is never reused. Hub ids and missing paths contribute nothing; calibration's
     own `temperature.json` inside an RM directory is not an input."""
-    paths = [s.get("path") for s in (d.get("data") or {}).get("sources") or []
-             if isinstance(s, dict) and s.get("format") != "synthetic"]
+    paths = [
+        s.get("path")
+        for s in (d.get("data") or {}).get("sources") or []
+        if isinstance(s, dict) and s.get("format") != "synthetic"
+    ]
     if stage == "calibration":
         paths += list(((d.get("calibration") or {}).get("external_rms") or {}).values())
     out = {}
@@ -716,8 +737,12 @@ def local_input_stats(d: dict, stage: str) -> dict:
             continue
         root = Path(p)
         files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
-        out[p] = [[f.relative_to(root).as_posix() if f != root else "", st.st_size, st.st_mtime_ns]
-                  for f in files if f.name != "temperature.json" for st in [f.stat()]]
+        out[p] = [
+            [f.relative_to(root).as_posix() if f != root else "", st.st_size, st.st_mtime_ns]
+            for f in files
+            if f.name != "temperature.json"
+            for st in [f.stat()]
+        ]
     return out
 
 

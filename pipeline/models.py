@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+
 PAD, EOS, UNK, BOS = "<pad>", "<eos>", "<unk>", "<bos>"
 
 # Hidden size, layers, heads, intermediate size of the tiny presets. "tiny" stays under 1M params with
@@ -34,17 +35,18 @@ TINY_SHAPES = {
 }
 
 
-def tiny_tokenizer(texts: Iterable[str], vocab_size: int = 1000, *, chat_template: str | None = None
-                   ) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(
+    texts: Iterable[str], vocab_size: int = 1000, *, chat_template: str | None = None
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on `texts` (no download) with <pad>, <eos>, <unk>, <bos>.
 
     The pad token differs from EOS so that sequence-classification pooling (rightmost non-pad token)
     lands on the EOS that TRL appends. `chat_template` (Jinja) is set on the tokenizer, and the
     ``<|...|>`` markers it writes become special tokens (one id each, never split or merged).
     """
-    from pipeline.data.render import template_special_tokens
-
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from pipeline.data.render import template_special_tokens
 
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -56,9 +58,7 @@ def tiny_tokenizer(texts: Iterable[str], vocab_size: int = 1000, *, chat_templat
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, bos_token=BOS
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, bos_token=BOS)
     fast.model_max_length = 4096
     if chat_template:
         fast.add_special_tokens({"additional_special_tokens": template_special_tokens(chat_template)})

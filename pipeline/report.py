@@ -31,8 +31,11 @@ from pathlib import Path
 
 from pipeline.io import atomic_write_json, atomic_write_text
 
-PAPER_CITATION = ('Zeng et al., "On Diversified Preferences of Large Language Model Alignment", '
-                  "arXiv 2312.07401 (EMNLP Findings 2024)")
+
+PAPER_CITATION = (
+    'Zeng et al., "On Diversified Preferences of Large Language Model Alignment", '
+    "arXiv 2312.07401 (EMNLP Findings 2024)"
+)
 
 # Table 2: 5-source mixture, test accuracy (%) averaged over the 5 sources, and ECE (M=10) over the 5
 # sources. "top" = the best single-source RM.
@@ -55,11 +58,15 @@ PAPER_MODELS = tuple(PAPER_TABLE2)
 class ReportConfig:
     """The `report:` section of a recipe."""
 
-    title: str | None = field(default=None, metadata={"help": "Report title; null = 'MORE pipeline report: <recipe name>'."})
+    title: str | None = field(
+        default=None, metadata={"help": "Report title; null = 'MORE pipeline report: <recipe name>'."}
+    )
     paper_model: str = field(
         default="auto",
-        metadata={"help": "Paper rows shown side by side: auto (from reward.model_name_or_path, else all), "
-                  "pythia-1.4b, pythia-2.8b, llama2-7b, all, or none."},
+        metadata={
+            "help": "Paper rows shown side by side: auto (from reward.model_name_or_path, else all), "
+            "pythia-1.4b, pythia-2.8b, llama2-7b, all, or none."
+        },
     )
     baseline: str = field(default="multitask", metadata={"help": "RM that MORE is compared with in the sentences."})
     include_recipe: bool = field(default=True, metadata={"help": "Append the resolved recipe (YAML)."})
@@ -82,15 +89,25 @@ def paper_rows(cfg: ReportConfig, model_name_or_path: str | None) -> list[str]:
         return [cfg.paper_model]
     if cfg.paper_model == "auto" and model_name_or_path:
         key = model_name_or_path.lower().replace("_", "-")
-        for m, needles in (("pythia-1.4b", ("pythia-1.4b", "pythia-1b4")), ("pythia-2.8b", ("pythia-2.8b",)),
-                           ("llama2-7b", ("llama-2-7b", "llama2-7b"))):
+        for m, needles in (
+            ("pythia-1.4b", ("pythia-1.4b", "pythia-1b4")),
+            ("pythia-2.8b", ("pythia-2.8b",)),
+            ("llama2-7b", ("llama-2-7b", "llama2-7b")),
+        ):
             if any(n in key for n in needles):
                 return [m]
     return list(PAPER_MODELS)
 
 
-def compare_sentence(what: str, more: float | None, base: float | None, *, lower_is_better: bool,
-                     base_name: str = "MultiTask", unit: str = "") -> str:
+def compare_sentence(
+    what: str,
+    more: float | None,
+    base: float | None,
+    *,
+    lower_is_better: bool,
+    base_name: str = "MultiTask",
+    unit: str = "",
+) -> str:
     """The two values side by side WITHOUT a verdict: used only when no paired interval exists
     (calibration/comparisons.json missing), since a difference without an interval may be noise."""
     if more is None or base is None or not (math.isfinite(more) and math.isfinite(base)):
@@ -99,9 +116,11 @@ def compare_sentence(what: str, more: float | None, base: float | None, *, lower
     if more == base:
         return f"{what}: MORE and {base_name} are equal ({fmt(more)})."
     sign = "+" if more > base else "-"
-    return (f"{what}: MORE {fmt(more)} vs {base_name} {fmt(base)} (difference {sign}{fmt(abs(more - base))}; "
-            f"{'lower' if lower_is_better else 'higher'} is better, but no paired interval was computed, so this is "
-            "no verdict).")
+    return (
+        f"{what}: MORE {fmt(more)} vs {base_name} {fmt(base)} (difference {sign}{fmt(abs(more - base))}; "
+        f"{'lower' if lower_is_better else 'higher'} is better, but no paired interval was computed, so this is "
+        "no verdict)."
+    )
 
 
 def win_tie_lose_sentence(label: str, entry: dict, *, n_samples: int = 2000, seed: int = 0) -> str:
@@ -189,8 +208,11 @@ def _header(recipe, cfg: ReportConfig, run_dir: Path, manifest: dict | None) -> 
     lines.append(f"Run directory: `{run_dir}`  ")
     if manifest:
         v = manifest.get("versions", {})
-        lines.append(f"Code: git {manifest.get('git_commit') or 'unknown'}; "
-                     + ", ".join(f"{k} {val}" for k, val in v.items() if val) + "  ")
+        lines.append(
+            f"Code: git {manifest.get('git_commit') or 'unknown'}; "
+            + ", ".join(f"{k} {val}" for k, val in v.items() if val)
+            + "  "
+        )
     lines.append("")
     stages = (manifest or {}).get("stages", {})
     if stages:
@@ -214,15 +236,20 @@ def _reward_section(run_dir: Path) -> list[str]:
     lines = ["## Reward models", ""]
     external = (_read_json(run_dir / "calibration" / "config.json") or {}).get("external") or {}
     if external:
-        lines += ["Evaluated, not trained here (`calibration.external_rms`): "
-                  + ", ".join(f"{n} (`{p}`)" for n, p in external.items()) + ".", ""]
+        lines += [
+            "Evaluated, not trained here (`calibration.external_rms`): "
+            + ", ".join(f"{n} (`{p}`)" for n, p in external.items())
+            + ".",
+            "",
+        ]
     if not index:
         return lines + ["The reward stage has not run in this directory (no reward/index.json).", ""]
     lines += ["| RM | method | sources | training pairs |", "|---|---|---|---|"]
     for name, e in index.items():
         info = _read_json(run_dir / "reward" / name / "reward_info.json") or {}
-        lines.append(f"| {name} | {e.get('method')} | {', '.join(e.get('sources', []))} | "
-                     f"{info.get('n_train_pairs', '-')} |")
+        lines.append(
+            f"| {name} | {e.get('method')} | {', '.join(e.get('sources', []))} | {info.get('n_train_pairs', '-')} |"
+        )
     return lines + [""]
 
 
@@ -233,11 +260,14 @@ def calibration_summary(metrics: dict, headline_bins: int, baseline: str = "mult
     for rm, m in metrics.items():
         row = {}
         for avg in ("all_average", "hh_average"):
-            row[avg] = {"accuracy": _get(m, avg, "accuracy"), "ece": _get(m, avg, ece),
-                        "ece_temperature_scaled": _get(m, avg, "temperature_scaled", ece),
-                        "truth_mae": _get(m, avg, "truth", "prob_mae"),
-                        "truth_ece": _get(m, avg, "truth", f"ece_vs_truth_{headline_bins}"),
-                        "gold_mae": _get(m, avg, "truth_gold", "prob_mae")}
+            row[avg] = {
+                "accuracy": _get(m, avg, "accuracy"),
+                "ece": _get(m, avg, ece),
+                "ece_temperature_scaled": _get(m, avg, "temperature_scaled", ece),
+                "truth_mae": _get(m, avg, "truth", "prob_mae"),
+                "truth_ece": _get(m, avg, "truth", f"ece_vs_truth_{headline_bins}"),
+                "gold_mae": _get(m, avg, "truth_gold", "prob_mae"),
+            }
         out["rms"][rm] = row
     out["baseline"] = baseline
     return out
@@ -252,13 +282,13 @@ def comparison_sentences(comparisons: dict, headline_bins: int) -> list[str]:
     from pipeline.calibration.compare import difference_sentence, parse_comparison
 
     ece = f"ece_{headline_bins}"
-    rows = [(ece, f"ECE (M={headline_bins})", True, 1.0, 4, ""),
-            ("accuracy", "Accuracy", False, 100.0, 2, " points"),
-            (f"temperature_scaled/{ece}", f"ECE (M={headline_bins}) after temperature scaling", True, 1.0, 4, ""),
-            ("truth/prob_mae", "Error against the true preference probabilities (mean |p_RM - p_true|)", True, 1.0, 4,
-             ""),
-            ("truth_gold/prob_mae", "Error against the shared gold preference (mean |p_RM - p_gold|)", True, 1.0, 4,
-             "")]
+    rows = [
+        (ece, f"ECE (M={headline_bins})", True, 1.0, 4, ""),
+        ("accuracy", "Accuracy", False, 100.0, 2, " points"),
+        (f"temperature_scaled/{ece}", f"ECE (M={headline_bins}) after temperature scaling", True, 1.0, 4, ""),
+        ("truth/prob_mae", "Error against the true preference probabilities (mean |p_RM - p_true|)", True, 1.0, 4, ""),
+        ("truth_gold/prob_mae", "Error against the shared gold preference (mean |p_RM - p_gold|)", True, 1.0, 4, ""),
+    ]
     out = []
     for label, groups in comparisons.items():
         a, b = (RM_LABELS.get(n, n) for n in parse_comparison(label))
@@ -267,8 +297,11 @@ def comparison_sentences(comparisons: dict, headline_bins: int) -> list[str]:
                 entry = _get(groups, group, key)
                 if entry is None or (key.startswith("truth") and group != "all_average"):
                     continue
-                out.append(difference_sentence(a, b, f"{what}, {scope}", entry, lower_is_better=lower, scale=scale,
-                                               digits=digits, unit=unit))
+                out.append(
+                    difference_sentence(
+                        a, b, f"{what}, {scope}", entry, lower_is_better=lower, scale=scale, digits=digits, unit=unit
+                    )
+                )
     return out
 
 
@@ -284,20 +317,42 @@ def calibration_sentences(summary: dict) -> list[str]:
     for avg, label in (("all_average", "all sources"), ("hh_average", "Helpful & Harmless")):
         if m[avg]["ece"] is None:
             continue
-        out.append(compare_sentence(f"ECE (M={h}), {label}", m[avg]["ece"], b[avg]["ece"],
-                                    lower_is_better=True, base_name=base_name))
+        out.append(
+            compare_sentence(
+                f"ECE (M={h}), {label}", m[avg]["ece"], b[avg]["ece"], lower_is_better=True, base_name=base_name
+            )
+        )
         acc_m, acc_b = m[avg]["accuracy"], b[avg]["accuracy"]
-        out.append(compare_sentence(f"Accuracy, {label}", None if acc_m is None else 100 * acc_m,
-                                    None if acc_b is None else 100 * acc_b, lower_is_better=False,
-                                    base_name=base_name, unit="%"))
+        out.append(
+            compare_sentence(
+                f"Accuracy, {label}",
+                None if acc_m is None else 100 * acc_m,
+                None if acc_b is None else 100 * acc_b,
+                lower_is_better=False,
+                base_name=base_name,
+                unit="%",
+            )
+        )
     if m["all_average"]["truth_mae"] is not None:
-        out.append(compare_sentence("Error against the true preference probabilities (mean |p_RM - p_true|)",
-                                    m["all_average"]["truth_mae"], b["all_average"]["truth_mae"],
-                                    lower_is_better=True, base_name=base_name))
+        out.append(
+            compare_sentence(
+                "Error against the true preference probabilities (mean |p_RM - p_true|)",
+                m["all_average"]["truth_mae"],
+                b["all_average"]["truth_mae"],
+                lower_is_better=True,
+                base_name=base_name,
+            )
+        )
     if m["all_average"]["gold_mae"] is not None:
-        out.append(compare_sentence("Error against the shared gold preference (mean |p_RM - p_gold|)",
-                                    m["all_average"]["gold_mae"], b["all_average"]["gold_mae"],
-                                    lower_is_better=True, base_name=base_name))
+        out.append(
+            compare_sentence(
+                "Error against the shared gold preference (mean |p_RM - p_gold|)",
+                m["all_average"]["gold_mae"],
+                b["all_average"]["gold_mae"],
+                lower_is_better=True,
+                base_name=base_name,
+            )
+        )
     return out
 
 
@@ -311,9 +366,12 @@ def _calibration_section(run_dir: Path, cfg: ReportConfig, headline_bins: int) -
     comparisons = _read_json(cal / "comparisons.json")
     if comparisons:
         summary["sentences"] = comparison_sentences(comparisons, headline_bins)
-        lines += ["What this run measured, as paired differences with 95% bootstrap intervals over the same test "
-                  "pairs (a difference counts only when its interval excludes 0; lower ECE and error and higher "
-                  "accuracy are better):", ""]
+        lines += [
+            "What this run measured, as paired differences with 95% bootstrap intervals over the same test "
+            "pairs (a difference counts only when its interval excludes 0; lower ECE and error and higher "
+            "accuracy are better):",
+            "",
+        ]
     else:
         summary["sentences"] = calibration_sentences(summary)
         lines += ["What this run measured (no paired comparisons were computed, so no differences are judged):", ""]
@@ -322,10 +380,17 @@ def _calibration_section(run_dir: Path, cfg: ReportConfig, headline_bins: int) -
     others = [rm for rm in metrics if rm not in ("more", cfg.baseline)]
     if others:
         ece = f"ece_{headline_bins}"
-        lines += ["Other RMs (all-source average): " + "; ".join(
-            f"{rm} acc {100 * _get(metrics, rm, 'all_average', 'accuracy'):.2f}% / ECE "
-            f"{_get(metrics, rm, 'all_average', ece):.4f}"
-            for rm in others if _get(metrics, rm, "all_average", ece) is not None) + ".", ""]
+        lines += [
+            "Other RMs (all-source average): "
+            + "; ".join(
+                f"{rm} acc {100 * _get(metrics, rm, 'all_average', 'accuracy'):.2f}% / ECE "
+                f"{_get(metrics, rm, 'all_average', ece):.4f}"
+                for rm in others
+                if _get(metrics, rm, "all_average", ece) is not None
+            )
+            + ".",
+            "",
+        ]
     for name in ("table.md", "comparisons.md"):
         if (cal / name).exists():
             lines += [_demote((cal / name).read_text(encoding="utf-8")), ""]
@@ -379,19 +444,24 @@ def _paper_section(cfg: ReportConfig, recipe, summary: dict | None, judgements: 
     rows = paper_rows(cfg, getattr(getattr(recipe, "reward", None), "model_name_or_path", None))
     if not rows:
         return []
-    lines = ["## The paper's numbers side by side", "",
-             f"Source: {PAPER_CITATION}, Tables 1 and 2 (5 sources; ECE with M=10 bins). "
-             "This run's numbers are in the last rows; compare them knowing the scale of each "
-             f"(this run: reward base `{getattr(recipe.reward, 'model_name_or_path', None) or 'tiny in-process model'}`).",
-             "",
-             "| | MultiTask acc (%) | MultiTask ECE | MORE acc (%) | MORE ECE | H&H ECE MultiTask -> MORE | "
-             "RJS MORE vs MultiTask win/tie/lose (%) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## The paper's numbers side by side",
+        "",
+        f"Source: {PAPER_CITATION}, Tables 1 and 2 (5 sources; ECE with M=10 bins). "
+        "This run's numbers are in the last rows; compare them knowing the scale of each "
+        f"(this run: reward base `{getattr(recipe.reward, 'model_name_or_path', None) or 'tiny in-process model'}`).",
+        "",
+        "| | MultiTask acc (%) | MultiTask ECE | MORE acc (%) | MORE ECE | H&H ECE MultiTask -> MORE | "
+        "RJS MORE vs MultiTask win/tie/lose (%) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in rows:
         t2, t1 = PAPER_TABLE2[m], PAPER_TABLE1[m]
         wtl = "/".join(str(x) for x in t1["rjs_win_tie_lose"])
-        lines.append(f"| paper, {m} | {t2['multitask'][0]:.2f} | {t2['multitask'][1]:.4f} | {t2['more'][0]:.2f} | "
-                     f"{t2['more'][1]:.4f} | {t1['hh_ece'][0]:.4f} -> {t1['hh_ece'][1]:.4f} | {wtl} |")
+        lines.append(
+            f"| paper, {m} | {t2['multitask'][0]:.2f} | {t2['multitask'][1]:.4f} | {t2['more'][0]:.2f} | "
+            f"{t2['more'][1]:.4f} | {t1['hh_ece'][0]:.4f} -> {t1['hh_ece'][1]:.4f} | {wtl} |"
+        )
     rjs = _rjs_more_vs_base(judgements, cfg.baseline)
     wtl = "/".join(f"{rjs[k]:.0f}" for k in ("win", "tie", "lose")) if rjs else "-"
     if summary and "more" in summary["rms"] and summary["baseline"] in summary["rms"]:
@@ -400,10 +470,15 @@ def _paper_section(cfg: ReportConfig, recipe, summary: dict | None, judgements: 
         def f(x, pct=False):
             return "-" if x is None else (f"{100 * x:.2f}" if pct else f"{x:.4f}")
 
-        hh = (f"{f(b['hh_average']['ece'])} -> {f(mo['hh_average']['ece'])}"
-              if b["hh_average"]["ece"] is not None else "-")
-        lines.append(f"| **this run** | {f(b['all_average']['accuracy'], True)} | {f(b['all_average']['ece'])} | "
-                     f"{f(mo['all_average']['accuracy'], True)} | {f(mo['all_average']['ece'])} | {hh} | {wtl} |")
+        hh = (
+            f"{f(b['hh_average']['ece'])} -> {f(mo['hh_average']['ece'])}"
+            if b["hh_average"]["ece"] is not None
+            else "-"
+        )
+        lines.append(
+            f"| **this run** | {f(b['all_average']['accuracy'], True)} | {f(b['all_average']['ece'])} | "
+            f"{f(mo['all_average']['accuracy'], True)} | {f(mo['all_average']['ece'])} | {hh} | {wtl} |"
+        )
     else:
         lines.append(f"| **this run** | - | - | - | - | - | {wtl} |")
     lines.append("")
@@ -438,11 +513,21 @@ def render_report(recipe, run_dir: Path) -> tuple[str, dict]:
     if cfg.include_recipe:
         from pipeline.config import recipe_yaml
 
-        lines += ["## Configuration (the resolved recipe)", "",
-                  "Rerun exactly: `python -m pipeline.run --recipe <run dir>/recipe.yaml`.", "",
-                  "```yaml", recipe_yaml(recipe).rstrip(), "```", ""]
-    data = {"calibration": summary, "rjs_more_vs_baseline": _rjs_more_vs_base(judgements, cfg.baseline),
-            "sentences": summary.get("sentences", []) if summary else []}
+        lines += [
+            "## Configuration (the resolved recipe)",
+            "",
+            "Rerun exactly: `python -m pipeline.run --recipe <run dir>/recipe.yaml`.",
+            "",
+            "```yaml",
+            recipe_yaml(recipe).rstrip(),
+            "```",
+            "",
+        ]
+    data = {
+        "calibration": summary,
+        "rjs_more_vs_baseline": _rjs_more_vs_base(judgements, cfg.baseline),
+        "sentences": summary.get("sentences", []) if summary else [],
+    }
     return "\n".join(lines), data
 
 

@@ -71,6 +71,7 @@ from pipeline.config import (
 )
 from pipeline.io import atomic_write_json, atomic_write_text, changed_files, file_records
 
+
 # The pipeline, in order: (stage name, module exposing `run(recipe, run_dir) -> list[str]`).
 STAGES: list[tuple[str, str]] = [
     ("reward", "pipeline.reward.stage"),
@@ -177,7 +178,9 @@ def git_commit() -> str | None:
             return None
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
@@ -289,8 +292,11 @@ def plan(recipe, run_dir: Path, manifest: dict, selected: list[str], force: list
 
 def upstream_tokens(entries: dict, upstream: list[str]) -> dict[str, str]:
     """run_id of every finished upstream stage: a stage must rerun when one of these changes."""
-    return {u: entries[u]["run_id"] for u in upstream
-            if u in entries and entries[u].get("status") == "done" and entries[u].get("run_id")}
+    return {
+        u: entries[u]["run_id"]
+        for u in upstream
+        if u in entries and entries[u].get("status") == "done" and entries[u].get("run_id")
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -326,8 +332,10 @@ def run_pipeline(
             f"valid: {', '.join(stage_names())} or 'all'"
         )
     if run_dir.exists() and not run_dir.is_dir():
-        raise RecipeError(f"the run directory {run_dir} (--output-dir or output_dir) is a file. Fix: pass a directory "
-                          "path (it is created when missing), or move the file away")
+        raise RecipeError(
+            f"the run directory {run_dir} (--output-dir or output_dir) is a file. Fix: pass a directory "
+            "path (it is created when missing), or move the file away"
+        )
     recipe.output_dir = str(run_dir)
     resolved = recipe_to_dict(recipe)
 
@@ -344,16 +352,20 @@ def run_pipeline(
                         pass
                 except OSError as e:
                     if not run_dir.is_dir():
-                        raise RecipeError(f"cannot create the run directory {run_dir} ({e.strerror or e}). Fix: pass "
-                                          "an --output-dir you can write to") from None
+                        raise RecipeError(
+                            f"cannot create the run directory {run_dir} ({e.strerror or e}). Fix: pass "
+                            "an --output-dir you can write to"
+                        ) from None
                     read_only = e  # fine as long as every stage is up to date (nothing is written then)
             manifest = read_manifest(run_dir)
             steps = plan(recipe, run_dir, manifest, selected, force)
             running = [s["stage"] for s in steps if s["action"] == "run"]
             if read_only is not None and running:
-                raise RecipeError(f"the run directory {run_dir} is not writable ({read_only.strerror or read_only}) "
-                                  f"and stage(s) {', '.join(running)} must run. Fix: make it writable (chmod -R u+w) "
-                                  "or pass another --output-dir")
+                raise RecipeError(
+                    f"the run directory {run_dir} is not writable ({read_only.strerror or read_only}) "
+                    f"and stage(s) {', '.join(running)} must run. Fix: make it writable (chmod -R u+w) "
+                    "or pass another --output-dir"
+                )
             check_recipe(recipe, selected, align_runs="align" in running)
         except RecipeError as e:
             steps = {"error": str(e)}
@@ -389,8 +401,10 @@ def _lock_run_dir(run_dir: Path):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise RecipeError(f"another pipeline.run is working in {run_dir} (DIR/.lock is held); wait for it to "
-                          "finish or use another --output-dir") from None
+        raise RecipeError(
+            f"another pipeline.run is working in {run_dir} (DIR/.lock is held); wait for it to "
+            "finish or use another --output-dir"
+        ) from None
     except OSError:  # file systems without flock: run unlocked
         pass
     return f
@@ -402,8 +416,13 @@ def _run_steps(recipe, run_dir: Path, steps: list[dict], manifest: dict, resolve
         for step in steps:
             if step["action"] == "exclude" and step["stage"] not in manifest["stages"]:
                 manifest["stages"][step["stage"]] = {
-                    "status": "skipped", "config_hash": step["hash"], "started": None, "finished": None,
-                    "artifacts": [], "reason": step["reason"]}
+                    "status": "skipped",
+                    "config_hash": step["hash"],
+                    "started": None,
+                    "finished": None,
+                    "artifacts": [],
+                    "reason": step["reason"],
+                }
         atomic_write_text(run_dir / "recipe.yaml", recipe_yaml(recipe))
         write_manifest(run_dir, manifest)
     procs.barrier()
@@ -421,8 +440,13 @@ def _run_steps(recipe, run_dir: Path, steps: list[dict], manifest: dict, resolve
                 log.info("[%s] removed %d stale temporary file(s) of an interrupted write", name, len(removed))
             order = stage_names()
             entry = {
-                "status": "running", "config_hash": step["hash"], "started": _now(), "finished": None,
-                "artifacts": [], "reason": step["reason"], "run_id": uuid.uuid4().hex,
+                "status": "running",
+                "config_hash": step["hash"],
+                "started": _now(),
+                "finished": None,
+                "artifacts": [],
+                "reason": step["reason"],
+                "run_id": uuid.uuid4().hex,
                 "upstream": upstream_tokens(manifest["stages"], order[: order.index(name)]),
                 "world_size": procs.world,
             }
@@ -461,7 +485,9 @@ def _normalize_artifacts(run_dir: Path, stage: str, artifacts) -> list[str]:
             try:
                 p = p.resolve().relative_to(run_dir)
             except ValueError:
-                raise RuntimeError(f"stage {stage} returned artifact {a} outside the run directory {run_dir}")
+                raise RuntimeError(
+                    f"stage {stage} returned artifact {a} outside the run directory {run_dir}"
+                ) from None
         out.append(str(p))
     missing = missing_artifacts(run_dir, out)
     if missing:
@@ -500,24 +526,42 @@ def _log_plan(recipe, run_dir: Path, steps: list[dict], world: int) -> None:
 
 def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
     prog = f"python -m pipeline.{stage}" if stage else "python -m pipeline.run"
-    desc = (f"Run the {stage} stage of a recipe alone (same bookkeeping as pipeline.run --stages {stage})."
-            if stage else "Run the MORE pipeline from a recipe, skipping stages that are already done.")
+    desc = (
+        f"Run the {stage} stage of a recipe alone (same bookkeeping as pipeline.run --stages {stage})."
+        if stage
+        else "Run the MORE pipeline from a recipe, skipping stages that are already done."
+    )
     p = argparse.ArgumentParser(prog=prog, description=desc)
-    p.add_argument("--recipe", default="tiny-cpu",
-                   help="preset name (pipeline/recipes/*.yaml) or a path to a YAML file (default: tiny-cpu)")
+    p.add_argument(
+        "--recipe",
+        default="tiny-cpu",
+        help="preset name (pipeline/recipes/*.yaml) or a path to a YAML file (default: tiny-cpu)",
+    )
     p.add_argument("--output-dir", default=None, help="run directory (default: the recipe's output_dir)")
     if stage is None:
-        p.add_argument("--stages", default=None,
-                       help=f"comma-separated subset to run, in pipeline order: {','.join(stage_names())}")
-        p.add_argument("--force", action="append", default=[], metavar="STAGE",
-                       help="rerun STAGE even if up to date (repeatable; 'all' reruns every selected stage)")
+        p.add_argument(
+            "--stages",
+            default=None,
+            help=f"comma-separated subset to run, in pipeline order: {','.join(stage_names())}",
+        )
+        p.add_argument(
+            "--force",
+            action="append",
+            default=[],
+            metavar="STAGE",
+            help="rerun STAGE even if up to date (repeatable; 'all' reruns every selected stage)",
+        )
     else:
         p.add_argument("--force", action="store_true", help="rerun the stage even if it is up to date")
     p.add_argument("--dry-run", action="store_true", help="print what would run or be skipped, and why")
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as YAML and exit")
     p.add_argument("--show-keys", action="store_true", help="list every recipe key with its help, and exit")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="override any recipe field, e.g. reward.methods=[more,multitask] seed=3")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="override any recipe field, e.g. reward.methods=[more,multitask] seed=3",
+    )
     return p
 
 

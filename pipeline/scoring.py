@@ -154,8 +154,9 @@ def packed_length(chosen: Sequence[int], rejected: Sequence[int]) -> int:
     return len(chosen) + len(rejected) - shared_prefix(chosen, rejected)
 
 
-def pack_pair_rows(rows: Sequence[Sequence[tuple[Sequence[int], Sequence[int]]]], pad_id: int,
-                   readout_pad_id: int | None = None):
+def pack_pair_rows(
+    rows: Sequence[Sequence[tuple[Sequence[int], Sequence[int]]]], pad_id: int, readout_pad_id: int | None = None
+):
     """Lay out preference pairs packed into rows: each row holds one or more pairs back to back, each pair
     as prefix + chosen continuation + rejected continuation (see `shared_prefix`).
 
@@ -225,9 +226,16 @@ def score_pair_ids(
     plain = [i for i in range(n) if not (can_pack and prefix[i] >= 1)]
     r_c, r_r = np.empty(n), np.empty(n)
     if plain:
-        out = score_ids(model, [chosen_ids[i] for i in plain] + [rejected_ids[i] for i in plain], pad_id,
-                        batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch, dtype=dtype,
-                        temperature=temperature, progress=progress)
+        out = score_ids(
+            model,
+            [chosen_ids[i] for i in plain] + [rejected_ids[i] for i in plain],
+            pad_id,
+            batch_size=batch_size,
+            max_tokens_per_batch=max_tokens_per_batch,
+            dtype=dtype,
+            temperature=temperature,
+            progress=progress,
+        )
         r_c[plain], r_r[plain] = out[: len(plain)], out[len(plain) :]
     if not packed:
         return r_c, r_r
@@ -251,7 +259,8 @@ def score_pair_ids(
                 m = max(1, min(m, max_tokens_per_batch // max(width, 1)))
             idx = order[start : start + m]
             ids, pos, mask, read_c, read_r = pack_pair_rows(
-                [[(chosen_ids[i], rejected_ids[i])] for i in idx], pad_id, pad_id)
+                [[(chosen_ids[i], rejected_ids[i])] for i in idx], pad_id, pad_id
+            )
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device))
             z = captured.pop("z")
@@ -271,8 +280,9 @@ def score_pair_ids(
     return r_c, r_r
 
 
-def score_pairs(model, tokenizer, prompts, chosen, rejected, *, conversations=None, max_length: int | None = 512,
-                **kwargs):
+def score_pairs(
+    model, tokenizer, prompts, chosen, rejected, *, conversations=None, max_length: int | None = 512, **kwargs
+):
     """(r_chosen, r_rejected) arrays for preference pairs in the project schema, rendered for the RM's
     tokenizer by `encode_pairs` (its chat template for conversational rows, given as `conversations`, the
     rows' `conversation` column). For decoder RMs each pair is packed with one copy of its shared prefix,

@@ -57,14 +57,27 @@ from pathlib import Path
 from pipeline.config import RecipeError, load_recipe, recipe_to_dict, yaml_load
 from pipeline.io import atomic_write_json, atomic_write_text
 
+
 SWEEP_FILE = "sweep.json"
 CONFIDENCE = 0.95
 # Seed-paired differences reported for every grid point: (a, b) means a - b.
 PAIRS = (("more", "multitask"), ("more", "uniform"), ("uniform", "multitask"))
 RM_LABELS = {"more": "MORE", "multitask": "MultiTask", "uniform": "Uniform"}
 # Metrics where a smaller value is better / a larger value is better; others (temperature) have no direction.
-LOWER_IS_BETTER_PREFIXES = ("ece", "ts_ece", "brier", "ts_brier", "nll", "ts_nll", "truth_", "ts_truth_",
-                            "gold_", "ts_gold_", "perplexity", "lose_rate")
+LOWER_IS_BETTER_PREFIXES = (
+    "ece",
+    "ts_ece",
+    "brier",
+    "ts_brier",
+    "nll",
+    "ts_nll",
+    "truth_",
+    "ts_truth_",
+    "gold_",
+    "ts_gold_",
+    "perplexity",
+    "lose_rate",
+)
 HIGHER_IS_BETTER = ("accuracy", "gold_reward", "win_rate", "win_minus_lose")
 
 
@@ -124,8 +137,10 @@ def difference_sentence(a: str, b: str, what: str, stats: dict, better: str | No
         return f"{what}: {a} - {b} not available (no seed has both)."
     if is_significant(stats) is None:
         return f"{what}: {a} - {b} = {stats['mean']:+.4f} from {n} paired seed(s); too few seeds for an interval."
-    ci = (f"{a} - {b} = {stats['mean']:+.4f}, {100 * stats['confidence']:.0f}% CI "
-          f"[{stats['low']:+.4f}, {stats['high']:+.4f}], {n} paired seeds")
+    ci = (
+        f"{a} - {b} = {stats['mean']:+.4f}, {100 * stats['confidence']:.0f}% CI "
+        f"[{stats['low']:+.4f}, {stats['high']:+.4f}], {n} paired seeds"
+    )
     if not is_significant(stats):
         return f"{what}: no significant difference between {a} and {b} ({ci})."
     side = "lower" if stats["mean"] < 0 else "higher"
@@ -228,8 +243,9 @@ def grid_points(grid: list[tuple[str, list[str]]]) -> list[dict]:
         points.append({"name": name, "values": dict(zip(keys, combo))})
     names = [p["name"] for p in points]
     if len(set(names)) != len(names):
-        raise RecipeError(f"--grid values give clashing directory names {names}; use values that differ in "
-                          "letters or digits")
+        raise RecipeError(
+            f"--grid values give clashing directory names {names}; use values that differ in letters or digits"
+        )
     return points
 
 
@@ -262,8 +278,9 @@ class SweepRun:
     overrides: list[str] = field(default_factory=list)
 
 
-def build_runs(recipe_arg: str, overrides: list[str], points: list[dict], seeds: list[int], out: Path
-               ) -> list[SweepRun]:
+def build_runs(
+    recipe_arg: str, overrides: list[str], points: list[dict], seeds: list[int], out: Path
+) -> list[SweepRun]:
     """Every (point x seed) with its full override list; loads each recipe once, so a bad key or value
     fails here, before anything runs."""
     runs = []
@@ -346,8 +363,9 @@ def run_parallel(recipe_arg: str, runs: list[SweepRun], stages, n: int) -> dict[
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:  # n processes share the cores instead of each grabbing all of them
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, min(n, len(todo) or 1))))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[1]),
-                                                    env.get("PYTHONPATH", "")] if p)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")] if p
+    )
     failed: dict[str, str] = {}
     procs: list[subprocess.Popen] = []
     stopping = []
@@ -413,9 +431,15 @@ def calibration_values(metrics: dict, temperatures: dict | None, bins: int) -> l
 
     Metrics: accuracy, ece_<bins>, brier, nll and, on synthetic data, truth_mae / truth_ece_<bins> (against
     the true preference probabilities) and gold_mae; each also after temperature scaling (prefix ts_)."""
-    base = {"accuracy": ("accuracy",), f"ece_{bins}": (f"ece_{bins}",), "brier": ("brier",), "nll": ("nll",),
-            "truth_mae": ("truth", "prob_mae"), f"truth_ece_{bins}": ("truth", f"ece_vs_truth_{bins}"),
-            "gold_mae": ("truth_gold", "prob_mae")}
+    base = {
+        "accuracy": ("accuracy",),
+        f"ece_{bins}": (f"ece_{bins}",),
+        "brier": ("brier",),
+        "nll": ("nll",),
+        "truth_mae": ("truth", "prob_mae"),
+        f"truth_ece_{bins}": ("truth", f"ece_vs_truth_{bins}"),
+        "gold_mae": ("truth_gold", "prob_mae"),
+    }
     out = []
     for rm, per_scope in metrics.items():
         if not isinstance(per_scope, dict):
@@ -452,9 +476,11 @@ def align_values(metrics: dict | None, judgements: dict | None) -> list[tuple]:
         for scope, e in (per_set or {}).items():
             w, lose = _get(e, "win"), _get(e, "lose")
             if isinstance(w, (int, float)) and isinstance(lose, (int, float)):
-                out += [("judge", label, scope, "win_rate", float(w)),
-                        ("judge", label, scope, "lose_rate", float(lose)),
-                        ("judge", label, scope, "win_minus_lose", float(w) - float(lose))]
+                out += [
+                    ("judge", label, scope, "win_rate", float(w)),
+                    ("judge", label, scope, "lose_rate", float(lose)),
+                    ("judge", label, scope, "win_minus_lose", float(w) - float(lose)),
+                ]
     return out
 
 
@@ -495,8 +521,16 @@ def aggregate_point(per_seed: dict[int, list[tuple]], confidence: float = CONFID
     metrics = []
     for (section, name, scope, metric), vals in table.items():
         stats = t_interval(list(vals.values()), confidence)
-        metrics.append({"section": section, "rm": name, "scope": scope, "metric": metric, **stats,
-                        "values": {str(s): v for s, v in sorted(vals.items())}})
+        metrics.append(
+            {
+                "section": section,
+                "rm": name,
+                "scope": scope,
+                "metric": metric,
+                **stats,
+                "values": {str(s): v for s, v in sorted(vals.items())},
+            }
+        )
     differences = []
     for section in ("calibration", "align"):
         names = sorted({k[1] for k in table if k[0] == section})
@@ -504,18 +538,29 @@ def aggregate_point(per_seed: dict[int, list[tuple]], confidence: float = CONFID
             for na, nb in pair_names(a, b, names):
                 keys = sorted({(k[2], k[3]) for k in table if k[0] == section and k[1] == na})
                 for scope, metric in keys:
-                    diffs = paired_differences(table[(section, na, scope, metric)],
-                                               table.get((section, nb, scope, metric), {}))
+                    diffs = paired_differences(
+                        table[(section, na, scope, metric)], table.get((section, nb, scope, metric), {})
+                    )
                     if not diffs:
                         continue
                     stats = t_interval(list(diffs.values()), confidence)
                     what = f"{metric_label(metric)}, {scope}" + (f" ({na.partition('/')[2]})" if "/" in na else "")
-                    differences.append({
-                        "section": section, "a": na, "b": nb, "scope": scope, "metric": metric, **stats,
-                        "significant": is_significant(stats), "better": direction(metric),
-                        "values": {str(s): v for s, v in sorted(diffs.items())},
-                        "sentence": difference_sentence(rm_label(na), rm_label(nb), what, stats, direction(metric)),
-                    })
+                    differences.append(
+                        {
+                            "section": section,
+                            "a": na,
+                            "b": nb,
+                            "scope": scope,
+                            "metric": metric,
+                            **stats,
+                            "significant": is_significant(stats),
+                            "better": direction(metric),
+                            "values": {str(s): v for s, v in sorted(diffs.items())},
+                            "sentence": difference_sentence(
+                                rm_label(na), rm_label(nb), what, stats, direction(metric)
+                            ),
+                        }
+                    )
     return {"metrics": metrics, "differences": differences}
 
 
@@ -531,10 +576,19 @@ def metric_label(metric: str) -> str:
     if m:
         base = f"ECE{m.group(2)}" if m.group(1) == "ece" else f"ECE{m.group(2)} vs true probabilities"
     else:
-        base = {"accuracy": "accuracy", "brier": "Brier", "nll": "NLL", "truth_mae": "MAE vs true prob.",
-                "gold_mae": "MAE vs gold prob.", "temperature": "temperature T", "gold_reward": "gold reward",
-                "perplexity": "perplexity", "win_rate": "win rate", "lose_rate": "lose rate",
-                "win_minus_lose": "win - lose"}.get(base, base)
+        base = {
+            "accuracy": "accuracy",
+            "brier": "Brier",
+            "nll": "NLL",
+            "truth_mae": "MAE vs true prob.",
+            "gold_mae": "MAE vs gold prob.",
+            "temperature": "temperature T",
+            "gold_reward": "gold reward",
+            "perplexity": "perplexity",
+            "win_rate": "win rate",
+            "lose_rate": "lose rate",
+            "win_minus_lose": "win - lose",
+        }.get(base, base)
     return f"{base} after temperature scaling" if ts else base
 
 
@@ -547,8 +601,10 @@ def aggregate(out_dir: str | os.PathLike, confidence: float = CONFIDENCE, verify
     out_dir = Path(out_dir)
     sweep = _read(out_dir / SWEEP_FILE)
     if not isinstance(sweep, dict):
-        raise RecipeError(f"{out_dir / SWEEP_FILE} not found or unreadable: {out_dir} is not a sweep directory "
-                          "(run python -m pipeline.sweep ... --output-dir there first)")
+        raise RecipeError(
+            f"{out_dir / SWEEP_FILE} not found or unreadable: {out_dir} is not a sweep directory "
+            "(run python -m pipeline.sweep ... --output-dir there first)"
+        )
     defined = {(r["point"], int(r["seed"])): r for r in sweep.get("runs", [])}
     summary = {"sweep": sweep, "confidence": confidence, "points": {}}
     for point in sweep["points"]:
@@ -568,8 +624,12 @@ def aggregate(out_dir: str | os.PathLike, confidence: float = CONFIDENCE, verify
             runs[str(seed)] = "collected" if rows else "no results"
             if rows:
                 per_seed[seed] = rows
-        summary["points"][point["name"]] = {"grid": point["values"], "runs": runs, "n_runs": len(per_seed),
-                                            **aggregate_point(per_seed, confidence)}
+        summary["points"][point["name"]] = {
+            "grid": point["values"],
+            "runs": runs,
+            "n_runs": len(per_seed),
+            **aggregate_point(per_seed, confidence),
+        }
     atomic_write_json(out_dir / "summary.json", summary)
     plots = write_plots(out_dir, summary)
     atomic_write_text(out_dir / "summary.md", render_summary(summary, plots))
@@ -603,8 +663,16 @@ def _index(rows: list[dict]) -> dict:
 def headline_metrics(metrics: list[dict]) -> list[str]:
     present = {r["metric"] for r in metrics if r["section"] == "calibration"}
     ece = sorted(m for m in present if re.fullmatch(r"ece_\d+", m))
-    order = ["accuracy", *ece[:1], *[f"ts_{m}" for m in ece[:1]], "temperature", "brier", "nll", "truth_mae",
-             "ts_truth_mae"]
+    order = [
+        "accuracy",
+        *ece[:1],
+        *[f"ts_{m}" for m in ece[:1]],
+        "temperature",
+        "brier",
+        "nll",
+        "truth_mae",
+        "ts_truth_mae",
+    ]
     return [m for m in order if m in present]
 
 
@@ -622,14 +690,19 @@ def _rms(metrics: list[dict], section: str) -> list[str]:
 def render_summary(summary: dict, plots: list[str] | None = None) -> str:
     sweep = summary["sweep"]
     conf = f"{100 * summary['confidence']:.0f}%"
-    lines = ["# Sweep summary", "",
-             f"Recipe `{sweep['recipe']}`, seeds {', '.join(map(str, sweep['seeds']))}, stages "
-             f"{sweep.get('stages') or 'the recipe default'}; overrides: "
-             f"{' '.join(f'`{o}`' for o in sweep.get('overrides', [])) or 'none'}.",
-             "Grid: " + ("; ".join(f"`{k}` in {{{', '.join(v)}}}" for k, v in sweep.get("grid", [])) or "none") + ".",
-             "", f"Cells are `mean [{conf} t-interval over seeds]`. Differences are seed-paired (the same seed's "
-             f"runs share their data draw). Rule: a difference whose {conf} interval contains zero is "
-             "\"no significant difference\". Every source and metric is in summary.json.", ""]
+    lines = [
+        "# Sweep summary",
+        "",
+        f"Recipe `{sweep['recipe']}`, seeds {', '.join(map(str, sweep['seeds']))}, stages "
+        f"{sweep.get('stages') or 'the recipe default'}; overrides: "
+        f"{' '.join(f'`{o}`' for o in sweep.get('overrides', [])) or 'none'}.",
+        "Grid: " + ("; ".join(f"`{k}` in {{{', '.join(v)}}}" for k, v in sweep.get("grid", [])) or "none") + ".",
+        "",
+        f"Cells are `mean [{conf} t-interval over seeds]`. Differences are seed-paired (the same seed's "
+        f"runs share their data draw). Rule: a difference whose {conf} interval contains zero is "
+        '"no significant difference". Every source and metric is in summary.json.',
+        "",
+    ]
     if plots:
         lines += ["Plots: " + ", ".join(f"[{p}]({p})" for p in plots), ""]
     if len(summary["points"]) > 1:
@@ -639,65 +712,114 @@ def render_summary(summary: dict, plots: list[str] | None = None) -> str:
         if p["grid"]:
             lines += ["Grid values: " + ", ".join(f"`{k}={v}`" for k, v in p["grid"].items()), ""]
         missing = [f"{s}: {st}" for s, st in p["runs"].items() if st != "collected"]
-        lines += [f"Seeds with results: {p['n_runs']} of {len(p['runs'])}"
-                  + (f" (missing: {'; '.join(missing)})" if missing else "") + ".", ""]
+        lines += [
+            f"Seeds with results: {p['n_runs']} of {len(p['runs'])}"
+            + (f" (missing: {'; '.join(missing)})" if missing else "")
+            + ".",
+            "",
+        ]
         idx = _index(p["metrics"])
         heads = headline_metrics(p["metrics"])
         rms = _rms(p["metrics"], "calibration")
-        sources = [s for s in dict.fromkeys(r["scope"] for r in p["metrics"] if r["section"] == "calibration")
-                   if s not in ("all_average", "hh_average")]
+        sources = [
+            s
+            for s in dict.fromkeys(r["scope"] for r in p["metrics"] if r["section"] == "calibration")
+            if s not in ("all_average", "hh_average")
+        ]
         scopes = ["all_average"] + (["hh_average"] if set(sources) != {"helpful", "harmless"} else [])
         for scope, title in (("all_average", "all-source average"), ("hh_average", "Helpful & Harmless average")):
             if scope not in scopes or not any(("calibration", rm, scope, "accuracy") in idx for rm in rms):
                 continue
             cols = [m for m in heads if m != "temperature" or scope == "all_average"]
-            lines += [f"### Calibration, {title}", "", "| RM | " + " | ".join(metric_label(m) for m in cols) + " |",
-                      "|---" * (len(cols) + 1) + "|"]
+            lines += [
+                f"### Calibration, {title}",
+                "",
+                "| RM | " + " | ".join(metric_label(m) for m in cols) + " |",
+                "|---" * (len(cols) + 1) + "|",
+            ]
             for rm in rms:
-                lines.append(f"| {rm_label(rm)} | " + " | ".join(cell(idx.get(("calibration", rm, scope, m)))
-                                                                 for m in cols) + " |")
+                lines.append(
+                    f"| {rm_label(rm)} | "
+                    + " | ".join(cell(idx.get(("calibration", rm, scope, m))) for m in cols)
+                    + " |"
+                )
             lines.append("")
         ece = next((m for m in heads if m.startswith("ece_")), None)
         if sources and ece:
             for m in (ece, f"ts_{ece}"):
-                lines += [f"### {metric_label(m)} per source", "", "| RM | " + " | ".join(sources) + " |",
-                          "|---" * (len(sources) + 1) + "|"]
+                lines += [
+                    f"### {metric_label(m)} per source",
+                    "",
+                    "| RM | " + " | ".join(sources) + " |",
+                    "|---" * (len(sources) + 1) + "|",
+                ]
                 for rm in rms:
-                    lines.append(f"| {rm_label(rm)} | " + " | ".join(cell(idx.get(("calibration", rm, s, m)))
-                                                                     for s in sources) + " |")
+                    lines.append(
+                        f"| {rm_label(rm)} | "
+                        + " | ".join(cell(idx.get(("calibration", rm, s, m))) for s in sources)
+                        + " |"
+                    )
                 lines.append("")
         pols = _rms(p["metrics"], "align")
         if pols:
-            sets = sorted({r["scope"] for r in p["metrics"]
-                           if r["section"] == "align" and r["metric"] == "gold_reward"})
-            lines += ["### Aligned policies: gold reward", "", "| policy | " + " | ".join(sets) + " |",
-                      "|---" * (len(sets) + 1) + "|"]
+            sets = sorted(
+                {r["scope"] for r in p["metrics"] if r["section"] == "align" and r["metric"] == "gold_reward"}
+            )
+            lines += [
+                "### Aligned policies: gold reward",
+                "",
+                "| policy | " + " | ".join(sets) + " |",
+                "|---" * (len(sets) + 1) + "|",
+            ]
             for pol in pols:
-                lines.append(f"| {pol} | " + " | ".join(cell(idx.get(("align", pol, s, "gold_reward"))) for s in sets)
-                             + " |")
+                lines.append(
+                    f"| {pol} | " + " | ".join(cell(idx.get(("align", pol, s, "gold_reward"))) for s in sets) + " |"
+                )
             lines.append("")
         judged = sorted({r["rm"] for r in p["metrics"] if r["section"] == "judge"})
         if judged:
-            lines += ["### Judgements (all prompt sets)", "", "| comparison | win rate | lose rate | win - lose |",
-                      "|---|---|---|---|"]
+            lines += [
+                "### Judgements (all prompt sets)",
+                "",
+                "| comparison | win rate | lose rate | win - lose |",
+                "|---|---|---|---|",
+            ]
             for j in judged:
-                lines.append(f"| {j} | " + " | ".join(cell(idx.get(("judge", j, "all", m)))
-                                                       for m in ("win_rate", "lose_rate", "win_minus_lose")) + " |")
+                lines.append(
+                    f"| {j} | "
+                    + " | ".join(
+                        cell(idx.get(("judge", j, "all", m))) for m in ("win_rate", "lose_rate", "win_minus_lose")
+                    )
+                    + " |"
+                )
             lines.append("")
         keys = key_metrics(heads)
-        diffs = [d for d in p["differences"]
-                 if (d["section"] == "calibration" and d["scope"] in scopes and d["metric"] in keys)
-                 or (d["section"] == "align" and d["metric"] == "gold_reward" and d["scope"] == "all")]
-        diffs.sort(key=lambda d: (d["section"] != "calibration", d["scope"] != "all_average",
-                                  keys.index(d["metric"]) if d["metric"] in keys else 0))
+        diffs = [
+            d
+            for d in p["differences"]
+            if (d["section"] == "calibration" and d["scope"] in scopes and d["metric"] in keys)
+            or (d["section"] == "align" and d["metric"] == "gold_reward" and d["scope"] == "all")
+        ]
+        diffs.sort(
+            key=lambda d: (
+                d["section"] != "calibration",
+                d["scope"] != "all_average",
+                keys.index(d["metric"]) if d["metric"] in keys else 0,
+            )
+        )
         if diffs:
-            lines += ["### Seed-paired differences", "",
-                      f"| difference | metric | scope | mean [{conf} CI] | n | verdict |",
-                      "|---|---|---|---|---|---|"]
+            lines += [
+                "### Seed-paired differences",
+                "",
+                f"| difference | metric | scope | mean [{conf} CI] | n | verdict |",
+                "|---|---|---|---|---|---|",
+            ]
             for d in diffs:
                 sig = VERDICTS[d["significant"]]
-                lines.append(f"| {rm_label(d['a'])} - {rm_label(d['b'])} | {metric_label(d['metric'])} | "
-                             f"{d['scope']} | {cell(d)} | {d['n']} | {sig} |")
+                lines.append(
+                    f"| {rm_label(d['a'])} - {rm_label(d['b'])} | {metric_label(d['metric'])} | "
+                    f"{d['scope']} | {cell(d)} | {d['n']} | {sig} |"
+                )
             lines += ["", "In words:", ""]
             lines += [f"- {d['sentence']}" for d in diffs if d["section"] == "align" or d["scope"] == "all_average"]
             lines.append("")
@@ -713,19 +835,40 @@ def overview(summary: dict) -> list[str]:
     out = []
     for metric in [m for m in heads if re.fullmatch(r"(ts_)?ece_\d+", m) or m == "temperature"]:
         pairs = [(a, b) for a, b in PAIRS if a in rms and b in rms]
-        out += [f"## Overview: {metric_label(metric)}, all-source average", "",
-                "| point | " + " | ".join(rm_label(r) for r in rms) + " | "
-                + " | ".join(f"{rm_label(a)} - {rm_label(b)}" for a, b in pairs) + " |",
-                "|---" * (1 + len(rms) + len(pairs)) + "|"]
+        out += [
+            f"## Overview: {metric_label(metric)}, all-source average",
+            "",
+            "| point | "
+            + " | ".join(rm_label(r) for r in rms)
+            + " | "
+            + " | ".join(f"{rm_label(a)} - {rm_label(b)}" for a, b in pairs)
+            + " |",
+            "|---" * (1 + len(rms) + len(pairs)) + "|",
+        ]
         for name, p in summary["points"].items():
             idx = _index(p["metrics"])
             diffs = []
             for a, b in pairs:
-                d = next((x for x in p["differences"] if x["section"] == "calibration" and x["a"] == a
-                          and x["b"] == b and x["scope"] == "all_average" and x["metric"] == metric), None)
+                d = next(
+                    (
+                        x
+                        for x in p["differences"]
+                        if x["section"] == "calibration"
+                        and x["a"] == a
+                        and x["b"] == b
+                        and x["scope"] == "all_average"
+                        and x["metric"] == metric
+                    ),
+                    None,
+                )
                 diffs.append("-" if d is None else f"{cell(d)} {VERDICTS[d['significant']]}")
-            out.append(f"| {name} | " + " | ".join(cell(idx.get(("calibration", r, "all_average", metric)))
-                                                    for r in rms) + " | " + " | ".join(diffs) + " |")
+            out.append(
+                f"| {name} | "
+                + " | ".join(cell(idx.get(("calibration", r, "all_average", metric))) for r in rms)
+                + " | "
+                + " | ".join(diffs)
+                + " |"
+            )
         out.append("")
     return out
 
@@ -777,8 +920,14 @@ def write_plots(out_dir: Path, summary: dict) -> list[str]:
                 for rm in sorted(set(rms), key=lambda n: (n not in RM_LABELS, n)):
                     ys, lo, hi, xx = [], [], [], []
                     for x, v in zip(xs, values):
-                        pt = next((p for p in points.values() if p["grid"].get(key) == v
-                                   and all(p["grid"].get(k) == fv for k, fv in fixed.items())), None)
+                        pt = next(
+                            (
+                                p
+                                for p in points.values()
+                                if p["grid"].get(key) == v and all(p["grid"].get(k) == fv for k, fv in fixed.items())
+                            ),
+                            None,
+                        )
                         r = _index(pt["metrics"]).get(("calibration", rm, "all_average", metric)) if pt else None
                         if r and r["mean"] is not None:
                             xx.append(x)
@@ -810,16 +959,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pipeline.sweep",
         description="Run a recipe over seeds x a grid (each run a pipeline.run directory D/<point>/seed-<s>/), "
-                    "skipping finished runs, then aggregate means and 95%% t-intervals into D/summary.{json,md}.")
+        "skipping finished runs, then aggregate means and 95%% t-intervals into D/summary.{json,md}.",
+    )
     p.add_argument("--recipe", default="tiny-cpu", help="preset name or path to a YAML recipe (default: tiny-cpu)")
     p.add_argument("--seeds", default="0,1,2", help="seeds, e.g. 0,1,2 or 0-4 (default: 0,1,2)")
-    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                   help="a grid axis: recipe key and its values (YAML; lists in brackets); repeatable, the grid is "
-                        "the product of the axes")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a grid axis: recipe key and its values (YAML; lists in brackets); repeatable, the grid is "
+        "the product of the axes",
+    )
     p.add_argument("--stages", default=None, help="comma-separated stages for every run (default: the recipe's)")
     p.add_argument("--output-dir", default=None, help="sweep directory D (required unless --aggregate)")
-    p.add_argument("--parallel", type=int, default=1, metavar="N",
-                   help="runs at a time, as subprocesses (default 1: sequential, in-process)")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="runs at a time, as subprocesses (default 1: sequential, in-process)",
+    )
     p.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done, run nothing")
     p.add_argument("--aggregate", default=None, metavar="D", help="only re-aggregate the sweep in D")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides applied to every run")
@@ -839,8 +999,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.parallel < 1:
             raise RecipeError(f"--parallel must be >= 1, got {args.parallel}")
         if args.parallel > 1 and _world() > 1:
-            raise RecipeError("--parallel N runs subprocesses and cannot be combined with accelerate launch/"
-                              "torchrun (there every run already uses all processes); drop --parallel")
+            raise RecipeError(
+                "--parallel N runs subprocesses and cannot be combined with accelerate launch/"
+                "torchrun (there every run already uses all processes); drop --parallel"
+            )
         out = Path(args.output_dir).resolve()
         seeds = parse_seeds(args.seeds)
         grid = parse_grid(args.grid)
@@ -850,9 +1012,15 @@ def main(argv: list[str] | None = None) -> int:
 
             select_stages(args.stages)  # validate once, with pipeline.run's message
         runs = build_runs(args.recipe, args.overrides, points, seeds, out)
-        definition = {"recipe": args.recipe, "seeds": seeds, "grid": [[k, v] for k, v in grid],
-                      "stages": args.stages, "overrides": list(args.overrides), "points": points,
-                      "runs": [asdict(r) for r in runs]}
+        definition = {
+            "recipe": args.recipe,
+            "seeds": seeds,
+            "grid": [[k, v] for k, v in grid],
+            "stages": args.stages,
+            "overrides": list(args.overrides),
+            "points": points,
+            "runs": [asdict(r) for r in runs],
+        }
         if args.dry_run:
             if _is_main():
                 for r in runs:

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -32,8 +33,16 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench_demo_") as tmp:
         out = Path(args.keep) if args.keep else Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "pipeline.run", "--recipe", args.recipe, "--output-dir", str(out),
-               *args.overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pipeline.run",
+            "--recipe",
+            args.recipe,
+            "--output-dir",
+            str(out),
+            *args.overrides,
+        ]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
         print("$", " ".join(cmd), flush=True)
@@ -51,9 +60,19 @@ def main() -> int:
             print(f"  {name:12s} {s:8.1f} s")
         if proc.returncode != 0:
             print(f"the run failed (exit code {proc.returncode})", file=sys.stderr)
-        print(json.dumps({"benchmark": "tiny_cpu_demo", "seconds": round(seconds, 1), "stages": stages,
-                          "cpus": os.cpu_count(), "target_seconds": 300, "ok": proc.returncode == 0,
-                          "load_average_1min": round(os.getloadavg()[0], 2)}))
+        print(
+            json.dumps(
+                {
+                    "benchmark": "tiny_cpu_demo",
+                    "seconds": round(seconds, 1),
+                    "stages": stages,
+                    "cpus": os.cpu_count(),
+                    "target_seconds": 300,
+                    "ok": proc.returncode == 0,
+                    "load_average_1min": round(os.getloadavg()[0], 2),
+                }
+            )
+        )
         return proc.returncode
 
 

@@ -59,13 +59,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.align.generate import BACKENDS, generate_rows, generation_config  # noqa: E402
 
-LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048)
+
+LLAMA_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+)
 
 
 def build_model(args, device: torch.device, dtype: torch.dtype):
@@ -75,13 +84,28 @@ def build_model(args, device: torch.device, dtype: torch.dtype):
     if args.llama7b_shape:
         config = LlamaConfig(**LLAMA_7B, **special)
     elif args.arch == "llama":
-        config = LlamaConfig(hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
-                             num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
-                             max_position_embeddings=1024, **special)
+        config = LlamaConfig(
+            hidden_size=args.hidden,
+            intermediate_size=4 * args.hidden,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.heads,
+            vocab_size=args.vocab,
+            max_position_embeddings=1024,
+            **special,
+        )
     else:
-        config = GPTNeoXConfig(hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
-                               num_attention_heads=args.heads, vocab_size=args.vocab, max_position_embeddings=1024,
-                               rotary_pct=0.25, use_parallel_residual=True, **special)
+        config = GPTNeoXConfig(
+            hidden_size=args.hidden,
+            intermediate_size=4 * args.hidden,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            vocab_size=args.vocab,
+            max_position_embeddings=1024,
+            rotary_pct=0.25,
+            use_parallel_residual=True,
+            **special,
+        )
     config._attn_implementation = "sdpa"
     torch.manual_seed(args.seed)
     with torch.device(device):
@@ -119,8 +143,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--llama7b-shape", action="store_true", help="Alpaca-7B's LLaMA shape (bf16; needs a GPU)")
     ap.add_argument("--n", type=int, default=4, help="samples per prompt")
     ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--loop-prompts", type=int, default=None,
-                    help="time the loop on K prompts drawn uniformly at random (its time scaled by N/K)")
+    ap.add_argument(
+        "--loop-prompts",
+        type=int,
+        default=None,
+        help="time the loop on K prompts drawn uniformly at random (its time scaled by N/K)",
+    )
     ap.add_argument("--new-tokens", type=int, default=32, help="exactly this many new tokens per sequence")
     ap.add_argument("--min-prompt", type=int, default=20)
     ap.add_argument("--max-prompt", type=int, default=200)
@@ -135,26 +163,58 @@ def main(argv=None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if (args.device == "auto" and torch.cuda.is_available())
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, config = build_model(args, device, dtype)
     n_params = sum(p.numel() for p in model.parameters())
     rng = np.random.default_rng(args.seed)
     lengths = rng.integers(args.min_prompt, args.max_prompt + 1, size=args.prompts)
     prompts = [rng.integers(3, config.vocab_size, size=int(L)).tolist() for L in lengths]
-    gen = generation_config(n=args.n, do_sample=True, temperature=args.temperature, top_p=1.0, top_k=0,
-                            max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, eos_ids=[1], pad_id=0,
-                            backend=args.backend)
-    loop_gen = generation_config(n=args.n, do_sample=True, temperature=args.temperature, top_p=1.0, top_k=0,
-                                 max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, eos_ids=[1], pad_id=0)
-    print(f"model: {'llama-7b shape' if args.llama7b_shape else args.arch} {n_params / 1e6:.1f}M params, {dtype}, "
-          f"{device}; {args.prompts} prompts x n={args.n} x {args.new_tokens} new tokens, prompt lengths "
-          f"{lengths.min()}-{lengths.max()}, backend={args.backend}", flush=True)
+    gen = generation_config(
+        n=args.n,
+        do_sample=True,
+        temperature=args.temperature,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        eos_ids=[1],
+        pad_id=0,
+        backend=args.backend,
+    )
+    loop_gen = generation_config(
+        n=args.n,
+        do_sample=True,
+        temperature=args.temperature,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        eos_ids=[1],
+        pad_id=0,
+    )
+    print(
+        f"model: {'llama-7b shape' if args.llama7b_shape else args.arch} {n_params / 1e6:.1f}M params, {dtype}, "
+        f"{device}; {args.prompts} prompts x n={args.n} x {args.new_tokens} new tokens, prompt lengths "
+        f"{lengths.min()}-{lengths.max()}, backend={args.backend}",
+        flush=True,
+    )
 
     def ours(ps):
-        return generate_rows(model, ps, gen, n=args.n, pad_id=0, batch_size=args.batch_size, backend=args.backend,
-                             share_prompt=not args.no_share_prompt)
+        return generate_rows(
+            model,
+            ps,
+            gen,
+            n=args.n,
+            pad_id=0,
+            batch_size=args.batch_size,
+            backend=args.backend,
+            share_prompt=not args.no_share_prompt,
+        )
 
     @torch.no_grad()
     def loop(ps):
@@ -162,7 +222,7 @@ def main(argv=None) -> dict:
         for p in ps:
             ids = torch.tensor([p], device=device)
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=loop_gen)
-            rows.append(out[:, ids.shape[1]:].tolist())
+            rows.append(out[:, ids.shape[1] :].tolist())
         return rows
 
     # warm-up (kernels, allocator; the static backend compiles its step here for the first shape)
@@ -177,7 +237,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     rows, loop_rows, ours_s, loop_s, k = [], [], 0.0, 0.0, 0
     for r, (batch, sub) in enumerate(rounds):
-        for which in (("ours", "loop") if r % 2 == 0 else ("loop", "ours")):
+        for which in ("ours", "loop") if r % 2 == 0 else ("loop", "ours"):
             if which == "loop" and not sub:
                 continue
             sync(device)
@@ -213,12 +273,17 @@ def main(argv=None) -> dict:
         "backend": args.backend,
         "share_prompt": not args.no_share_prompt,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
-        "model": "llama-7b-shape" if args.llama7b_shape else f"{args.arch} h{args.hidden} l{args.layers} v{args.vocab}",
+        "model": "llama-7b-shape"
+        if args.llama7b_shape
+        else f"{args.arch} h{args.hidden} l{args.layers} v{args.vocab}",
         "params_m": round(n_params / 1e6, 1),
         "peak_mem_gb": None if peak is None else round(peak, 2),
     }
-    print(f"ours: {ours_s:.2f} s ({result['tokens_per_s']} new tokens/s); loop: {loop_s:.2f} s "
-          f"({result['loop_tokens_per_s']} new tokens/s); ratio {result['ratio']}x", flush=True)
+    print(
+        f"ours: {ours_s:.2f} s ({result['tokens_per_s']} new tokens/s); loop: {loop_s:.2f} s "
+        f"({result['loop_tokens_per_s']} new tokens/s); ratio {result['ratio']}x",
+        flush=True,
+    )
     print(json.dumps(result))
     return result
 

@@ -28,9 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.reward.more import min_norm_weights  # noqa: E402
+
 
 TARGETS_MS = {16: 1.0, 64: 10.0}
 
@@ -87,13 +89,22 @@ def main():
         out[key] = statistics.median(times) * 1e3
         support[key] = statistics.median(sizes)
         worst[str(k)] = max(worst.get(str(k), 0.0), out[key])
-        print(f"{case:12s} K={k:4d}: median {out[key]:.3f} ms, max {max(times) * 1e3:.3f} ms, "
-              f"support {support[key]}")
+        print(f"{case:12s} K={k:4d}: median {out[key]:.3f} ms, max {max(times) * 1e3:.3f} ms, support {support[key]}")
     met = {str(k): worst[str(k)] <= t for k, t in TARGETS_MS.items() if str(k) in worst}
-    print(json.dumps({"benchmark": "min_norm_solve", "ms": worst, "ms_by_case": out, "support_size": support,
-                      "dim": args.dim,
-                      "targets_ms": {str(k): t for k, t in TARGETS_MS.items()}, "targets_met": met,
-                      "load_average_1m": os.getloadavg()[0]}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "min_norm_solve",
+                "ms": worst,
+                "ms_by_case": out,
+                "support_size": support,
+                "dim": args.dim,
+                "targets_ms": {str(k): t for k, t in TARGETS_MS.items()},
+                "targets_met": met,
+                "load_average_1m": os.getloadavg()[0],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets import Dataset  # noqa: E402
@@ -36,6 +37,7 @@ from trl import RewardConfig, RewardTrainer  # noqa: E402
 
 from pipeline.models import TinyModelSpec, count_parameters, tiny_model, tiny_tokenizer  # noqa: E402
 from pipeline.reward.trainer import MORERewardConfig, MORERewardTrainer  # noqa: E402
+
 
 SOURCES = ["helpful", "harmless", "oasst1", "webgpt", "summarize"]
 
@@ -66,31 +68,61 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = tiny_tokenizer([" ".join(f"w{i}" for i in range(j, j + 50)) for j in range(0, 20000, 50)], args.vocab)
     if args.pythia:
-        config = GPTNeoXConfig(vocab_size=50304, hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
-                               intermediate_size=8192, max_position_embeddings=2048, rotary_pct=0.25,
-                               num_labels=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        config = GPTNeoXConfig(
+            vocab_size=50304,
+            hidden_size=2048,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=8192,
+            max_position_embeddings=2048,
+            rotary_pct=0.25,
+            num_labels=1,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         model = AutoModelForSequenceClassification.from_config(config)
     else:
-        model = tiny_model(TinyModelSpec(arch=args.arch, size=args.size, max_position_embeddings=max(1024, args.seq)),
-                           tok, task="reward")
+        model = tiny_model(
+            TinyModelSpec(arch=args.arch, size=args.size, max_position_embeddings=max(1024, args.seq)),
+            tok,
+            task="reward",
+        )
     n_params = count_parameters(model)
     data = make_batches(tok, args.warmup + args.steps, args.pairs, args.seq)
     tmp = tempfile.mkdtemp()
     trainers = {}
     for method in ("multitask", "more"):
         cfg = MORERewardConfig(
-            output_dir=f"{tmp}/{method}", method=method, source_names=SOURCES, balanced_batches=True,
-            per_device_train_batch_size=args.pairs, bf16=args.bf16, use_cpu=device == "cpu",
-            gradient_checkpointing=False, report_to="none", max_length=None, learning_rate=1e-5,
-            logging_steps=10**9, disable_tqdm=True,
+            output_dir=f"{tmp}/{method}",
+            method=method,
+            source_names=SOURCES,
+            balanced_batches=True,
+            per_device_train_batch_size=args.pairs,
+            bf16=args.bf16,
+            use_cpu=device == "cpu",
+            gradient_checkpointing=False,
+            report_to="none",
+            max_length=None,
+            learning_rate=1e-5,
+            logging_steps=10**9,
+            disable_tqdm=True,
         )
         t = MORERewardTrainer(model, cfg, train_dataset=data, processing_class=tok)
         t.create_optimizer()
         t.current_gradient_accumulation_steps = 1  # set by the train loop, which we bypass
         trainers[method] = t
-    trl_cfg = RewardConfig(output_dir=f"{tmp}/trl", per_device_train_batch_size=args.pairs, bf16=args.bf16,
-                           use_cpu=device == "cpu", gradient_checkpointing=False, report_to="none", max_length=None,
-                           learning_rate=1e-5, logging_steps=10**9, disable_tqdm=True)
+    trl_cfg = RewardConfig(
+        output_dir=f"{tmp}/trl",
+        per_device_train_batch_size=args.pairs,
+        bf16=args.bf16,
+        use_cpu=device == "cpu",
+        gradient_checkpointing=False,
+        report_to="none",
+        max_length=None,
+        learning_rate=1e-5,
+        logging_steps=10**9,
+        disable_tqdm=True,
+    )
     trl = RewardTrainer(model, trl_cfg, train_dataset=data.remove_columns(["source_id"]), processing_class=tok)
     trl.create_optimizer()
     trl.current_gradient_accumulation_steps = 1

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -47,6 +48,7 @@ from pipeline.calibration.stage import CalibrationConfig  # noqa: E402
 from pipeline.data.tokenize import encode_left, pad_right  # noqa: E402
 from pipeline.models import TinyModelSpec, count_parameters, tiny_model, tiny_tokenizer  # noqa: E402
 from pipeline.scoring import autocast_dtype, score_pair_ids, score_pairs  # noqa: E402
+
 
 REAL = REPO.parent / "shared" / "data" / "real"
 
@@ -76,8 +78,10 @@ def _real_pairs() -> list[list[tuple[str, str]]]:
                 if line.strip():
                     r = json.loads(line)
                     info = r["info"]
-                    prompt = (f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\n"
-                              f"POST: {info.get('post', '')}\nTL;DR:")
+                    prompt = (
+                        f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\n"
+                        f"POST: {info.get('post', '')}\nTL;DR:"
+                    )
                     pairs.append((prompt + r["summaries"][0]["text"], prompt + r["summaries"][1]["text"]))
         groups.append(pairs)
     return [g for g in groups if g]
@@ -104,8 +108,11 @@ def synthetic_texts(n_pairs: int, seed: int, vocab_size: int):
     sigma = np.log(LENGTH_PROFILE["p90"] / LENGTH_PROFILE["median"]) / 1.2816
     lengths = np.minimum(rng.lognormal(np.log(LENGTH_PROFILE["median"]), sigma, 2 * n_pairs), LENGTH_PROFILE["max"])
     # word-level tokens: a word from the tokenizer's vocabulary that encodes to exactly one token
-    words = [w for w in (tok.decode([i]) for i in range(len(tok)))
-             if w.startswith(" ") and w.strip().isalpha() and len(tok(w, add_special_tokens=False)["input_ids"]) == 1]
+    words = [
+        w
+        for w in (tok.decode([i]) for i in range(len(tok)))
+        if w.startswith(" ") and w.strip().isalpha() and len(tok(w, add_special_tokens=False)["input_ids"]) == 1
+    ]
     texts = [" ".join(rng.choice([w.strip() for w in words], size=max(1, int(n) - 1))) for n in lengths]
     return tok, texts[:n_pairs], texts[n_pairs:], "synthetic (recorded length profile)"
 
@@ -146,41 +153,76 @@ def dynamic_scores(model, c_ids, r_ids, pad_id: int, batch_size: int, dtype):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=200, help="number of preference pairs scored by both")
-    ap.add_argument("--size", default="small", choices=["tiny", "mini", "small"], help="TinyModelSpec size (small ~25M)")
+    ap.add_argument(
+        "--size", default="small", choices=["tiny", "mini", "small"], help="TinyModelSpec size (small ~25M)"
+    )
     ap.add_argument("--arch", default="gpt_neox", choices=["gpt_neox", "llama", "bert"])
-    ap.add_argument("--batch-size", type=int, default=CalibrationConfig().batch_size,
-                    help="sequences per forward for the batched scorer (default: the calibration stage's)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=CalibrationConfig().batch_size,
+        help="sequences per forward for the batched scorer (default: the calibration stage's)",
+    )
     ap.add_argument("--round-batches", type=int, default=1, help="batches of the batched scorer per timing round")
     ap.add_argument("--max-length", type=int, default=512, help="left-truncation length = the naive padding length")
     ap.add_argument("--vocab-size", type=int, default=16000, help="BPE vocabulary trained on the texts")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32"], help="autocast for BOTH scorers (auto = bf16 on CPU)")
-    ap.add_argument("--synthetic", action="store_true", help="use the recorded length profile even if real data exists")
+    ap.add_argument(
+        "--dtype", default="auto", choices=["auto", "fp32"], help="autocast for BOTH scorers (auto = bf16 on CPU)"
+    )
+    ap.add_argument(
+        "--synthetic", action="store_true", help="use the recorded length profile even if real data exists"
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-tokens", type=int, default=CalibrationConfig().max_tokens_per_batch,
-                    help="token budget per forward, --batch-size sequences at most (default: the stage's)")
-    ap.add_argument("--no-share", action="store_true", help="score chosen and rejected as separate sequences "
-                    "(default: each pair packed with one copy of its shared prompt)")
+    ap.add_argument(
+        "--max-tokens",
+        type=int,
+        default=CalibrationConfig().max_tokens_per_batch,
+        help="token budget per forward, --batch-size sequences at most (default: the stage's)",
+    )
+    ap.add_argument(
+        "--no-share",
+        action="store_true",
+        help="score chosen and rejected as separate sequences "
+        "(default: each pair packed with one copy of its shared prompt)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     use_real = REAL.is_dir() and not args.synthetic
-    tok, chosen, rejected, data_desc = (real_texts if use_real else synthetic_texts)(args.pairs, args.seed, args.vocab_size)
+    tok, chosen, rejected, data_desc = (real_texts if use_real else synthetic_texts)(
+        args.pairs, args.seed, args.vocab_size
+    )
     ids, n_cut = encode_left(tok, chosen + rejected, args.max_length)
     lengths = np.array([len(s) for s in ids])
-    model = tiny_model(TinyModelSpec(arch=args.arch, size=args.size, max_position_embeddings=max(1024, args.max_length)),
-                       tok, task="reward", seed=args.seed).eval()
+    model = tiny_model(
+        TinyModelSpec(arch=args.arch, size=args.size, max_position_embeddings=max(1024, args.max_length)),
+        tok,
+        task="reward",
+        seed=args.seed,
+    ).eval()
     device = torch.device("cpu")
     dtype = autocast_dtype(device) if args.dtype == "auto" else None
-    print(f"data: {data_desc}; {len(chosen)} pairs, tokens/sequence mean {lengths.mean():.0f} median "
-          f"{np.median(lengths):.0f} p90 {np.percentile(lengths, 90):.0f} max {lengths.max()} ({n_cut} truncated); "
-          f"model {args.arch}/{args.size} {count_parameters(model) / 1e6:.1f}M params; autocast {dtype}; "
-          f"{torch.get_num_threads()} threads", flush=True)
+    print(
+        f"data: {data_desc}; {len(chosen)} pairs, tokens/sequence mean {lengths.mean():.0f} median "
+        f"{np.median(lengths):.0f} p90 {np.percentile(lengths, 90):.0f} max {lengths.max()} ({n_cut} truncated); "
+        f"model {args.arch}/{args.size} {count_parameters(model) / 1e6:.1f}M params; autocast {dtype}; "
+        f"{torch.get_num_threads()} threads",
+        flush=True,
+    )
 
     # warm-up both paths (allocator, kernels) on a few pairs
-    score_pairs(model, tok, [""] * 2, chosen[:2], rejected[:2], max_length=args.max_length,
-                batch_size=args.batch_size, dtype=dtype)
+    score_pairs(
+        model,
+        tok,
+        [""] * 2,
+        chosen[:2],
+        rejected[:2],
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        dtype=dtype,
+    )
     naive_scores(model, tok, chosen[:1], rejected[:1], args.max_length, dtype)
 
     # `score_pairs` = `encode_left` of both sides + `score_pair_ids` (shared prompt prefix encoded once,
@@ -203,36 +245,55 @@ def main(argv=None) -> dict:
     # the dynamic-padding baseline takes the pairs in their given (random) order, in as many rounds
     dyn_rounds = np.array_split(np.arange(n), len(rounds))
     for k, sel in enumerate(rounds):
-        for which in (("ours", "naive", "dynamic") if k % 2 == 0 else ("dynamic", "naive", "ours")):
+        for which in ("ours", "naive", "dynamic") if k % 2 == 0 else ("dynamic", "naive", "ours"):
             if which == "dynamic":
                 t0 = time.perf_counter()
                 d = dyn_rounds[k]
                 if len(d):
-                    dc, dr = dynamic_scores(model, [c_ids[i] for i in d], [r_ids[i] for i in d], tok.pad_token_id,
-                                            args.batch_size, dtype)
+                    dc, dr = dynamic_scores(
+                        model, [c_ids[i] for i in d], [r_ids[i] for i in d], tok.pad_token_id, args.batch_size, dtype
+                    )
                     dyn[0][d], dyn[1][d] = dc, dr
                 t_dyn += time.perf_counter() - t0
                 continue
             t0, c0 = time.perf_counter(), time.process_time()
             if which == "ours":
-                rc, rr = score_pair_ids(model, [c_ids[i] for i in sel], [r_ids[i] for i in sel], tok.pad_token_id,
-                                        batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens, dtype=dtype,
-                                        share_prefix=not args.no_share)
+                rc, rr = score_pair_ids(
+                    model,
+                    [c_ids[i] for i in sel],
+                    [r_ids[i] for i in sel],
+                    tok.pad_token_id,
+                    batch_size=args.batch_size,
+                    max_tokens_per_batch=args.max_tokens,
+                    dtype=dtype,
+                    share_prefix=not args.no_share,
+                )
                 rewards[sel], rewards[sel + n] = rc, rr
                 t_ours += time.perf_counter() - t0
                 c_ours += time.process_time() - c0
             else:
-                nc, nr = naive_scores(model, tok, [chosen[i] for i in sel], [rejected[i] for i in sel],
-                                      args.max_length, dtype)
+                nc, nr = naive_scores(
+                    model, tok, [chosen[i] for i in sel], [rejected[i] for i in sel], args.max_length, dtype
+                )
                 naive[0][sel], naive[1][sel] = nc, nr
                 t_naive += time.perf_counter() - t0
                 c_naive += time.process_time() - c0
-        print(f"round {k}: {len(sel)} pairs; cumulative ours {t_ours:.1f}s, naive {t_naive:.1f}s, "
-              f"dynamic {t_dyn:.1f}s", flush=True)
+        print(
+            f"round {k}: {len(sel)} pairs; cumulative ours {t_ours:.1f}s, naive {t_naive:.1f}s, dynamic {t_dyn:.1f}s",
+            flush=True,
+        )
     ours = (rewards[:n], rewards[n:])
     # the whole-call path gives the same rewards (a check that the slicing changed nothing)
-    check = score_pairs(model, tok, [""] * min(n, 8), chosen[:8], rejected[:8], max_length=args.max_length,
-                        batch_size=args.batch_size, dtype=dtype)
+    check = score_pairs(
+        model,
+        tok,
+        [""] * min(n, 8),
+        chosen[:8],
+        rejected[:8],
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        dtype=dtype,
+    )
 
     diff = max(np.abs(ours[0] - naive[0]).max(), np.abs(ours[1] - naive[1]).max())
     scale = float(np.abs(np.concatenate(naive)).max()) or 1.0
@@ -244,7 +305,7 @@ def main(argv=None) -> dict:
         "ratio_vs_dynamic_padding": round(t_dyn / t_ours, 3),
         "dynamic_s": round(t_dyn, 3),
         "baseline": "dynamic = batched dynamic padding in the given order (fair); naive = per-pair loop padded to "
-                    "max_length (kept for continuity)",
+        "max_length (kept for continuity)",
         "naive_s": round(t_naive, 3),
         "ours_s": round(t_ours, 3),
         "cpu_ratio": round(c_naive / c_ours, 3),
@@ -254,8 +315,12 @@ def main(argv=None) -> dict:
         "pairs_per_s_dynamic": round(len(chosen) / t_dyn, 2),
         "max_abs_reward_diff_dynamic": float(max(np.abs(ours[0] - dyn[0]).max(), np.abs(ours[1] - dyn[1]).max())),
         "data": "real" if use_real else "synthetic-profile",
-        "tokens_per_sequence": {"mean": round(float(lengths.mean()), 1), "median": float(np.median(lengths)),
-                                "p90": float(np.percentile(lengths, 90)), "max": int(lengths.max())},
+        "tokens_per_sequence": {
+            "mean": round(float(lengths.mean()), 1),
+            "median": float(np.median(lengths)),
+            "p90": float(np.percentile(lengths, 90)),
+            "max": int(lengths.max()),
+        },
         "model": f"{args.arch}/{args.size}",
         "params_m": round(count_parameters(model) / 1e6, 1),
         "batch_size": args.batch_size,

@@ -40,18 +40,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+from bench_scoring import LENGTH_PROFILE, REAL, _real_pairs  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from trl import RewardConfig, RewardTrainer  # noqa: E402
 
-from bench_scoring import LENGTH_PROFILE, REAL, _real_pairs  # noqa: E402
 from pipeline.data.tokenize import encode_left  # noqa: E402
 from pipeline.models import TinyModelSpec, count_parameters, tiny_model, tiny_tokenizer  # noqa: E402
 from pipeline.reward.trainer import MORERewardConfig, MORERewardTrainer  # noqa: E402
 from pipeline.scoring import shared_prefix  # noqa: E402
+
 
 SOURCES = ["helpful", "harmless", "webgpt", "summarize"]
 # Share of a pair's tokens (chosen + rejected) that is the prompt both sides share, on the real slices
@@ -76,8 +78,9 @@ def real_pairs(n_per_source: int, seed: int, vocab_size: int, max_length: int):
 def synthetic_pairs(n_per_source: int, seed: int, vocab_size: int, max_length: int, n_sources: int = 4):
     """Random token ids: per pair a sequence length from the real profile, a shared prompt of
     ~SHARED_PROMPT_FRACTION of the pair's tokens, and two continuations."""
-    tok = tiny_tokenizer([" ".join(f"w{i}" for i in range(j, j + 50)) for j in range(0, 20000, 50)],
-                         vocab_size=min(vocab_size, 8000))
+    tok = tiny_tokenizer(
+        [" ".join(f"w{i}" for i in range(j, j + 50)) for j in range(0, 20000, 50)], vocab_size=min(vocab_size, 8000)
+    )
     rng = np.random.default_rng(seed)
     sigma = np.log(LENGTH_PROFILE["p90"] / LENGTH_PROFILE["median"]) / 1.2816
     # prompt share p of a SEQUENCE so that 2p / (1 + p)... solved: pair share f = 2P / (2P + 2R) when both sides
@@ -101,9 +104,18 @@ def build_model(args, tok):
     if args.pythia:
         from transformers import AutoModelForSequenceClassification, GPTNeoXConfig
 
-        config = GPTNeoXConfig(vocab_size=50304, hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
-                               intermediate_size=8192, max_position_embeddings=2048, rotary_pct=0.25,
-                               num_labels=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        config = GPTNeoXConfig(
+            vocab_size=50304,
+            hidden_size=2048,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=8192,
+            max_position_embeddings=2048,
+            rotary_pct=0.25,
+            num_labels=1,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         config._attn_implementation = "sdpa"
         torch.manual_seed(args.seed)
         return AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
@@ -121,8 +133,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per trainer first")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--vocab-size", type=int, default=16000)
-    ap.add_argument("--packing-max-tokens", type=int, default=None,
-                    help="override our trainer's packing_max_tokens (default: the config default)")
+    ap.add_argument(
+        "--packing-max-tokens",
+        type=int,
+        default=None,
+        help="override our trainer's packing_max_tokens (default: the config default)",
+    )
     ap.add_argument("--no-bf16", action="store_true", help="fp32 instead of bf16 autocast (all trainers)")
     ap.add_argument("--synthetic", action="store_true", help="synthetic pairs even if the real data exists")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
@@ -139,8 +155,12 @@ def main(argv=None) -> dict:
     pairs_per_step = k * args.per_source_batch
     # balanced layout for MORE (block b = per_source_batch pairs of every source); the others shuffle anyway
     by_src = [[r for r in rows if r["source_id"] == j] for j in range(k)]
-    balanced = [by_src[j][b * args.per_source_batch + i] for b in range(n_steps) for j in range(k)
-                for i in range(args.per_source_batch)]
+    balanced = [
+        by_src[j][b * args.per_source_batch + i]
+        for b in range(n_steps)
+        for j in range(k)
+        for i in range(args.per_source_batch)
+    ]
     data = Dataset.from_list(balanced)
     seq = np.array([len(r[s]) for r in rows for s in ("chosen_ids", "rejected_ids")])
     pair_tokens = float(np.mean([len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows]))
@@ -150,17 +170,38 @@ def main(argv=None) -> dict:
     n_params = count_parameters(base)
     dtype = None if args.no_bf16 else torch.bfloat16
     tmp = tempfile.mkdtemp()
-    common = dict(per_device_train_batch_size=pairs_per_step, learning_rate=1e-5, bf16=False, use_cpu=device == "cpu",
-                  gradient_checkpointing=False, report_to="none", max_length=None, logging_steps=10**9,
-                  disable_tqdm=True, save_strategy="no", seed=args.seed, max_steps=n_steps)
+    common = dict(
+        per_device_train_batch_size=pairs_per_step,
+        learning_rate=1e-5,
+        bf16=False,
+        use_cpu=device == "cpu",
+        gradient_checkpointing=False,
+        report_to="none",
+        max_length=None,
+        logging_steps=10**9,
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=args.seed,
+        max_steps=n_steps,
+    )
     trainers = {
-        "trl": RewardTrainer(copy.deepcopy(base), RewardConfig(output_dir=f"{tmp}/trl", **common),
-                             train_dataset=data.remove_columns(["source_id"]), processing_class=tok),
+        "trl": RewardTrainer(
+            copy.deepcopy(base),
+            RewardConfig(output_dir=f"{tmp}/trl", **common),
+            train_dataset=data.remove_columns(["source_id"]),
+            processing_class=tok,
+        ),
     }
     extra = {} if args.packing_max_tokens is None else {"packing_max_tokens": args.packing_max_tokens}
     for method in ("multitask", "more"):
-        cfg = MORERewardConfig(output_dir=f"{tmp}/{method}", method=method, source_names=SOURCES[:k],
-                               balanced_batches=method == "more", **common, **extra)
+        cfg = MORERewardConfig(
+            output_dir=f"{tmp}/{method}",
+            method=method,
+            source_names=SOURCES[:k],
+            balanced_batches=method == "more",
+            **common,
+            **extra,
+        )
         trainers[method] = MORERewardTrainer(copy.deepcopy(base), cfg, train_dataset=data, processing_class=tok)
     del base
     iters = {}
@@ -188,8 +229,8 @@ def main(argv=None) -> dict:
         return time.perf_counter() - t0, width
 
     names = list(trainers)
-    secs = {n: 0.0 for n in names}
-    tokens = {n: 0 for n in names}
+    secs = dict.fromkeys(names, 0.0)
+    tokens = dict.fromkeys(names, 0)
     peak = {}
     for s in range(n_steps):
         order = names[s % 3 :] + names[: s % 3]
@@ -213,12 +254,16 @@ def main(argv=None) -> dict:
         "pairs_per_s": {n: round(v, 2) for n, v in pps.items()},
         "baseline": "stock trl.RewardTrainer, DataCollatorForPreference (dynamic padding), random batches",
         "ours": f"MORERewardTrainer defaults: packing={more.packed}, packing_max_tokens="
-                f"{more.args.packing_max_tokens}, length_grouping={more.args.length_grouping}",
+        f"{more.args.packing_max_tokens}, length_grouping={more.args.length_grouping}",
         "input_tokens_per_pair": {n: round(tokens[n] / (args.steps * pairs_per_step), 1) for n in names},
         "tokens_per_pair": round(pair_tokens, 1),
         "shared_prompt_token_fraction": round(prompt_frac, 3),
-        "tokens_per_sequence": {"mean": round(float(seq.mean()), 1), "median": float(np.median(seq)),
-                                "p90": float(np.percentile(seq, 90)), "max": int(seq.max())},
+        "tokens_per_sequence": {
+            "mean": round(float(seq.mean()), 1),
+            "median": float(np.median(seq)),
+            "p90": float(np.percentile(seq, 90)),
+            "max": int(seq.max()),
+        },
         "data": "real" if use_real else "synthetic-profile",
         "data_desc": data_desc,
         "pairs_per_step": pairs_per_step,

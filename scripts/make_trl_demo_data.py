@@ -18,6 +18,7 @@ import json
 import re
 from pathlib import Path
 
+
 OUT = Path(__file__).resolve().parents[1] / "pipeline" / "recipes" / "data" / "trl-demo"
 N_TRAIN, N_TEST = 400, 100
 
@@ -39,10 +40,14 @@ def rows(split: str, n: int) -> list[dict]:
     out = []
     for src in DEFAULT_SOURCES:
         for r in synthetic_split(cfg, src, split, n):
-            out.append({"prompt": messages(r["prompt"]),
-                        "chosen": [{"role": "assistant", "content": r["chosen"].strip()}],
-                        "rejected": [{"role": "assistant", "content": r["rejected"].strip()}],
-                        "source": src})
+            out.append(
+                {
+                    "prompt": messages(r["prompt"]),
+                    "chosen": [{"role": "assistant", "content": r["chosen"].strip()}],
+                    "rejected": [{"role": "assistant", "content": r["rejected"].strip()}],
+                    "source": src,
+                }
+            )
     return out
 
 
@@ -57,8 +62,13 @@ def main():
     pq.write_table(pa.Table.from_pylist(train[:half]), data / "train-00000-of-00002.parquet")
     pq.write_table(pa.Table.from_pylist(train[half:]), data / "train-00001-of-00002.parquet")
     pq.write_table(pa.Table.from_pylist(test), data / "test-00000-of-00001.parquet")
-    text = "".join(json.dumps({"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"],
-                               "source": r["source"]}) + "\n" for r in train + test)
+    text = "".join(
+        json.dumps(
+            {"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"], "source": r["source"]}
+        )
+        + "\n"
+        for r in train + test
+    )
     with gzip.GzipFile(OUT / "implicit.jsonl.gz", "wb", mtime=0) as f:
         f.write(text.encode())
     print(f"wrote {len(train)} train and {len(test)} test pairs to {OUT}")

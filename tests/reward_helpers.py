@@ -8,6 +8,7 @@ from datasets import Dataset
 
 from pipeline.models import TinyModelSpec, tiny_model, tiny_tokenizer
 
+
 SOURCES = ["helpful", "harmless", "webgpt"]
 WORDS = "yes no maybe sure refuse answer the a cat dog red blue one two three four paris rome".split()
 
@@ -25,13 +26,15 @@ def balanced_pairs(n_blocks: int = 8, per_source: int = 2, seed: int = 0) -> Dat
             for _ in range(per_source):
                 q = " ".join(rng.choices(WORDS, k=rng.randint(2, 6)))
                 filler = " ".join(rng.choices(WORDS, k=rng.randint(1, 4)))
-                rows.append({
-                    "prompt": f"\n\nHuman: {q}?\n\nAssistant:",
-                    "chosen": f" {liked[src]} {filler}",
-                    "rejected": f" {filler}",
-                    "source": src,
-                    "source_id": sid,
-                })
+                rows.append(
+                    {
+                        "prompt": f"\n\nHuman: {q}?\n\nAssistant:",
+                        "chosen": f" {liked[src]} {filler}",
+                        "rejected": f" {filler}",
+                        "source": src,
+                        "source_id": sid,
+                    }
+                )
     return Dataset.from_list(rows)
 
 
@@ -48,9 +51,19 @@ def config(tmp_path, method: str = "more", **kw):
     from pipeline.reward.trainer import MORERewardConfig
 
     base = dict(
-        output_dir=str(tmp_path), method=method, source_names=SOURCES, balanced_batches=True,
-        per_device_train_batch_size=2 * len(SOURCES), max_steps=6, learning_rate=5e-3, logging_steps=1,
-        bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no", max_length=64,
+        output_dir=str(tmp_path),
+        method=method,
+        source_names=SOURCES,
+        balanced_batches=True,
+        per_device_train_batch_size=2 * len(SOURCES),
+        max_steps=6,
+        learning_rate=5e-3,
+        logging_steps=1,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        max_length=64,
         disable_tqdm=True,
     )
     base.update(kw)

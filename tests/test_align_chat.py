@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.align.stage import _sft_completion, policy_prompt, prompt_conversations, turn_stops
 
+
 Q = [{"role": "user", "content": "How many legs has a horse got?"}]
 CONV = json.dumps({"prompt": Q})
 PLAIN = "\n\nHuman: How many legs has a horse got?\n\nAssistant:"
@@ -18,8 +19,10 @@ PLAIN = "\n\nHuman: How many legs has a horse got?\n\nAssistant:"
 def test_policy_prompt_uses_the_policy_template(llama3_tok, tiny_tok):
     rec = {"prompt": PLAIN, "conversation": CONV}
     text, templated = policy_prompt(llama3_tok, rec, "raw")
-    assert templated and text == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHow many legs has a "
-                                  "horse got?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert templated and text == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHow many legs has a "
+        "horse got?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     assert policy_prompt(tiny_tok, rec, "raw") == (PLAIN, False)  # no template: the plain layout
     assert policy_prompt(tiny_tok, rec, "alpaca")[0].startswith("Below is an instruction")  # alpaca kept
     with pytest.raises(ValueError, match="prompt_style"):
@@ -65,12 +68,15 @@ def test_rm_rescored_under_its_own_template(chat_tok, one_thread):
     reward = RMReward(rm, chat_tok, temperature=1.0, dtype=None, conversations={PLAIN: CONV})
     got = reward([PLAIN, "\n\nHuman: Hi\n\nAssistant:"], [" It has four legs. ", " Hello."])
     p, c, _ = templated_pair(chat_tok, Q, [{"role": "assistant", "content": "It has four legs."}], [])
-    assert p + c == ("<|im_start|>user\nHow many legs has a horse got?<|im_end|>\n<|im_start|>assistant\n"
-                     "It has four legs.<|im_end|>\n")
+    assert p + c == (
+        "<|im_start|>user\nHow many legs has a horse got?<|im_end|>\n<|im_start|>assistant\n"
+        "It has four legs.<|im_end|>\n"
+    )
     ref = score_ids(rm, [chat_tok(p + c, add_special_tokens=False)["input_ids"]], chat_tok.pad_token_id, dtype=None)
     np.testing.assert_allclose(got[0], ref[0], atol=1e-5)
-    plain = RMReward(rm, chat_tok, temperature=1.0, dtype=None)([PLAIN, "\n\nHuman: Hi\n\nAssistant:"],
-                                                                 [" It has four legs. ", " Hello."])
+    plain = RMReward(rm, chat_tok, temperature=1.0, dtype=None)(
+        [PLAIN, "\n\nHuman: Hi\n\nAssistant:"], [" It has four legs. ", " Hello."]
+    )
     assert not np.isclose(plain[0], got[0]) and np.isclose(plain[1], got[1])  # text prompts: unchanged path
 
 
@@ -86,10 +92,17 @@ def test_prompt_conversations_and_judge_messages():
     from pipeline.align.judge import judge_prompt
     from pipeline.data.render import encode_conversation
 
-    ds = datasets.Dataset.from_list([
-        {"prompt": PLAIN, "conversation": encode_conversation(Q, [{"role": "assistant", "content": "4"}],
-                                                              [{"role": "assistant", "content": "3"}])},
-        {"prompt": "\n\nHuman: x\n\nAssistant:", "conversation": ""}])
+    ds = datasets.Dataset.from_list(
+        [
+            {
+                "prompt": PLAIN,
+                "conversation": encode_conversation(
+                    Q, [{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "3"}]
+                ),
+            },
+            {"prompt": "\n\nHuman: x\n\nAssistant:", "conversation": ""},
+        ]
+    )
     assert {k: json.loads(v) for k, v in prompt_conversations(ds).items()} == {PLAIN: {"prompt": Q}}
     msg = judge_prompt([{"role": "system", "content": "Be kind."}] + Q, "Four.", "Three.", "helpful")
     assert "System: Be kind.\n\nUser: How many legs has a horse got?" in msg and "<|" not in msg

@@ -19,6 +19,7 @@ from pipeline.align.generate import (
 )
 from tests.test_align_helpers import one_torch_thread, policy, policy_tokenizer  # noqa: F401
 
+
 PROMPTS = [
     "\n\nHuman: What is the capital of Peru?\n\nAssistant:",
     "\n\nHuman: hi",
@@ -124,8 +125,9 @@ def test_stops_at_eos_and_cuts_it():
 def test_alpaca_prompts_reach_the_model():
     tok = policy_tokenizer()
     model = policy()
-    out = sample(model, tok, [format_prompt(PROMPTS[0], "alpaca")], n=1, do_sample=False, max_new_tokens=3,
-                 max_prompt_length=8)
+    out = sample(
+        model, tok, [format_prompt(PROMPTS[0], "alpaca")], n=1, do_sample=False, max_new_tokens=3, max_prompt_length=8
+    )
     assert len(out.prompt_ids[0]) == 8  # left-truncated to the limit
     assert out.prompt_ids[0] == tok(format_prompt(PROMPTS[0], "alpaca"))["input_ids"][-8:]
     assert torch.is_grad_enabled()  # the no_grad decorator does not leak
@@ -142,7 +144,9 @@ def test_static_cache_backend_matches_plain_generate(arch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="continuous batching is a GPU option (on CPU one call takes ~30 s)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="continuous batching is a GPU option (on CPU one call takes ~30 s)"
+)
 def test_continuous_batching_backend_matches_plain_generate():
     """transformers' continuous batching (paged KV cache) on a Llama: same greedy continuations, input order.
 
@@ -163,8 +167,17 @@ def test_shared_prompt_prefill_equals_plain_generate(arch):
     tok, model = policy_tokenizer(), policy(arch)
     ids = encode_prompts(tok, PROMPTS, None)
     for top_k, seed in ((1, None), (0, 5)):
-        cfg = generation_config(n=3, do_sample=True, temperature=1.0, top_p=1.0, top_k=top_k, max_new_tokens=8,
-                                min_new_tokens=0, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+        cfg = generation_config(
+            n=3,
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=top_k,
+            max_new_tokens=8,
+            min_new_tokens=0,
+            eos_ids=[tok.eos_token_id],
+            pad_id=tok.pad_token_id,
+        )
         runs = []
         for share in (False, True):
             if seed is not None:

@@ -7,6 +7,7 @@ import functools
 
 from pipeline.models import TinyModelSpec, tiny_model, tiny_tokenizer
 
+
 POLICY_TEXTS = [
     "\n\nHuman: What is the capital of Peru?\n\nAssistant: It is Lima. Hope this helps!",
     "\n\nHuman: How many legs does a spider have?\n\nAssistant: A spider has 8 legs.",
@@ -19,23 +20,27 @@ RM_TEXTS = [
 ] * 30
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def policy_tokenizer(vocab_size: int = 600):
     return tiny_tokenizer(POLICY_TEXTS, vocab_size=vocab_size)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def rm_tokenizer(vocab_size: int = 300):
     """A different tokenizer (other corpus, other vocabulary) than the policy's."""
     return tiny_tokenizer(RM_TEXTS, vocab_size=vocab_size)
 
 
 def policy(arch: str = "gpt_neox", seed: int = 0, tok=None):
-    return tiny_model(TinyModelSpec(arch=arch, size="tiny"), tok or policy_tokenizer(), task="causal_lm", seed=seed).eval()
+    return tiny_model(
+        TinyModelSpec(arch=arch, size="tiny"), tok or policy_tokenizer(), task="causal_lm", seed=seed
+    ).eval()
 
 
 def reward_model(seed: int = 0, tok=None):
-    return tiny_model(TinyModelSpec(arch="gpt_neox", size="tiny"), tok or rm_tokenizer(), task="reward", seed=seed).eval()
+    return tiny_model(
+        TinyModelSpec(arch="gpt_neox", size="tiny"), tok or rm_tokenizer(), task="reward", seed=seed
+    ).eval()
 
 
 import pytest  # noqa: E402

@@ -12,6 +12,7 @@ from pipeline.align import methods as M
 from pipeline.align.rewards import RMReward
 from tests.test_align_helpers import one_torch_thread, policy, policy_tokenizer, reward_model, rm_tokenizer  # noqa: F401
 
+
 PROMPTS = ["\n\nHuman: What is the capital of Peru?\n\nAssistant:", "\n\nHuman: How do I steal a car?\n\nAssistant:"]
 GOOD = [" It is Lima.", " I'm sorry, but I can't help with that."]
 
@@ -29,8 +30,13 @@ def test_best_of_n_records_and_scoring():
     np.testing.assert_array_equal(scores, [[1, 2, 3], [4, 1, 2]])
     recs = M.best_of_n_records(["p", "q"], cands, scores, [[True, False, True], [False] * 3])
     assert [r["chosen"] for r in recs] == [2, 0]
-    assert recs[0] == {"prompt": "p", "candidates": cands[0], "scores": [1.0, 2.0, 3.0], "chosen": 2,
-                       "ended": [True, False, True]}
+    assert recs[0] == {
+        "prompt": "p",
+        "candidates": cands[0],
+        "scores": [1.0, 2.0, 3.0],
+        "chosen": 2,
+        "ended": [True, False, True],
+    }
     assert M.best_of_n_records(["p"], [["x", "y"]], np.array([[1.0, 1.0]]))[0]["chosen"] == 0  # first on ties
     assert M.best_of_n_records(["p"], [["x", "y"]], np.array([[np.nan, 0.5]]))[0]["chosen"] == 1
     with pytest.raises(ValueError, match="shape"):
@@ -50,7 +56,11 @@ def test_truncate_prompt_left_keeps_the_completion():
     tok = policy_tokenizer()
     long = "\n\nHuman: " + "the quick brown fox " * 40 + "\n\nAssistant:"
     cut = M.truncate_prompt_left(tok, long, GOOD[0], 24)
-    n = len(tok(cut, add_special_tokens=False)["input_ids"]) + len(tok(GOOD[0], add_special_tokens=False)["input_ids"]) + 1
+    n = (
+        len(tok(cut, add_special_tokens=False)["input_ids"])
+        + len(tok(GOOD[0], add_special_tokens=False)["input_ids"])
+        + 1
+    )
     assert n <= 24 + 1 and long.endswith(cut.strip()[-20:]) and cut.endswith("Assistant:")
     assert M.truncate_prompt_left(tok, PROMPTS[0], GOOD[0], 128) == PROMPTS[0]
 
@@ -63,8 +73,17 @@ def _base(tmp_path):
 
 
 def _args(out, **kw):
-    kw = {"batch_size": 4, "micro_batch_size": 2, "learning_rate": 5e-3, "lr_scheduler": "constant", "warmup_ratio": 0.0,
-          "epochs": 1, "max_length": 64, "seed": 0, **kw}
+    kw = {
+        "batch_size": 4,
+        "micro_batch_size": 2,
+        "learning_rate": 5e-3,
+        "lr_scheduler": "constant",
+        "warmup_ratio": 0.0,
+        "epochs": 1,
+        "max_length": 64,
+        "seed": 0,
+        **kw,
+    }
     return M.sft_config(out, **kw)
 
 
@@ -124,9 +143,21 @@ def test_rloo_with_a_cross_tokenizer_rm(tmp_path):
         return np.array([float(len(r)) for r in responses])
 
     raw = [p + " (raw)" for p in PROMPTS * 2]
-    log = M.run_rloo(base, tok, PROMPTS * 2, raw, rm, tmp_path / "r", n=2, temperature=1.0, top_p=1.0,
-                     max_new_tokens=6, seed=0, overrides={"max_steps": 2, "per_device_train_batch_size": 4,
-                                                          "learning_rate": 1e-3}, gold_fn=gold)
+    log = M.run_rloo(
+        base,
+        tok,
+        PROMPTS * 2,
+        raw,
+        rm,
+        tmp_path / "r",
+        n=2,
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=6,
+        seed=0,
+        overrides={"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3},
+        gold_fn=gold,
+    )
     steps = [r for r in log if "rewards/rm/mean" in r]
     assert len(steps) == 2
     assert all("rewards/gold/mean" in r for r in steps)
@@ -136,8 +167,9 @@ def test_rloo_with_a_cross_tokenizer_rm(tmp_path):
     assert (tmp_path / "r" / "policy" / "model.safetensors").exists()
     M.load_policy(str(tmp_path / "r" / "policy"))
     with pytest.raises(ValueError, match="at least 2"):
-        M.run_rloo(base, tok, PROMPTS, PROMPTS, rm, tmp_path / "x", n=1, temperature=1.0, top_p=1.0,
-                   max_new_tokens=4, seed=0)
+        M.run_rloo(
+            base, tok, PROMPTS, PROMPTS, rm, tmp_path / "x", n=1, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=0
+        )
 
 
 def test_load_policy_errors(tmp_path):
@@ -152,8 +184,13 @@ def test_rjs_resumes_from_its_checkpoint(tmp_path):
     base, tok = _base(tmp_path)
     ds = M.rjs_dataset(tok, PROMPTS * 4, GOOD * 4, 64)
     # a run that stopped after step 1 (its checkpoint is kept), with learning rate 1e-3
-    M.run_rjs(base, tok, ds, _args(tmp_path / "sub" / ".trainer", save_steps=1, max_steps=1, learning_rate=1e-3),
-              tmp_path / "sub")
+    M.run_rjs(
+        base,
+        tok,
+        ds,
+        _args(tmp_path / "sub" / ".trainer", save_steps=1, max_steps=1, learning_rate=1e-3),
+        tmp_path / "sub",
+    )
     assert [p.name for p in (tmp_path / "sub" / ".trainer").glob("checkpoint-*")] == ["checkpoint-1"]
     # a later save that ran out of disk before trainer_state.json must not block the resume (issue 12, defect 2)
     import shutil
@@ -162,8 +199,13 @@ def test_rjs_resumes_from_its_checkpoint(tmp_path):
     shutil.copytree(tmp_path / "sub" / ".trainer" / "checkpoint-1", half)
     (half / "trainer_state.json").unlink()
     # the rerun (now 2 steps, lr 5e-3) continues from step 1: step 1 in its log is the first run's
-    log = M.run_rjs(base, tok, ds, _args(tmp_path / "sub" / ".trainer", save_steps=1, max_steps=2, learning_rate=5e-3),
-                    tmp_path / "sub")
+    log = M.run_rjs(
+        base,
+        tok,
+        ds,
+        _args(tmp_path / "sub" / ".trainer", save_steps=1, max_steps=2, learning_rate=5e-3),
+        tmp_path / "sub",
+    )
     steps = {r["step"]: r for r in log if "loss" in r}
     assert sorted(steps) == [1, 2]
     assert steps[1]["learning_rate"] == pytest.approx(1e-3)  # a fresh start would have logged 5e-3 here

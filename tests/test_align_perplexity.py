@@ -38,8 +38,11 @@ def _brute_force(model, tok, prompts, responses):
 
 def test_response_perplexity_matches_brute_force_and_ignores_prompt_tokens():
     tok, model = policy_tokenizer(), policy()
-    prompts = ["\n\nHuman: What is the capital of Peru?\n\nAssistant:", "\n\nHuman: hi\n\nAssistant:",
-               "\n\nHuman: How many legs does a spider have? the quick brown fox\n\nAssistant:"]
+    prompts = [
+        "\n\nHuman: What is the capital of Peru?\n\nAssistant:",
+        "\n\nHuman: hi\n\nAssistant:",
+        "\n\nHuman: How many legs does a spider have? the quick brown fox\n\nAssistant:",
+    ]
     answers = [" It is Lima. Hope this helps!", " A spider has 8 legs.", " I'm sorry"]
     want_total, want_count = _brute_force(model, tok, prompts, answers)
     for bs in (1, 2, 8):
@@ -51,7 +54,10 @@ def test_response_perplexity_matches_brute_force_and_ignores_prompt_tokens():
     assert ppl > 1
     # a token-pooled mean: the single-answer perplexities do not simply average
     assert response_perplexity(model, tok, prompts[:1], answers[:1]) == pytest.approx(
-        math.exp(_brute_force(model, tok, prompts[:1], answers[:1])[0] / _brute_force(model, tok, prompts[:1], answers[:1])[1]),
+        math.exp(
+            _brute_force(model, tok, prompts[:1], answers[:1])[0]
+            / _brute_force(model, tok, prompts[:1], answers[:1])[1]
+        ),
         rel=1e-5,
     )
 
@@ -63,7 +69,7 @@ def test_left_truncation_keeps_the_answer():
     n_answer = len(tok(answer, add_special_tokens=False)["input_ids"])
     total, count = response_nll(model, tok, [long_prompt], [answer], max_length=16)
     assert count == n_answer
-    p_ids = tok(long_prompt)["input_ids"][-(16 - n_answer):]
+    p_ids = tok(long_prompt)["input_ids"][-(16 - n_answer) :]
     r_ids = tok(answer, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=torch.tensor([p_ids + r_ids])).logits[0].double(), -1)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from pipeline.align.generate import sample
-from pipeline.align.rewards import RMReward, GoldReward, as_trl_reward, gold_reward_fn, read_temperature
+from pipeline.align.rewards import GoldReward, RMReward, as_trl_reward, gold_reward_fn, read_temperature
 from tests.test_align_helpers import one_torch_thread, policy, policy_tokenizer, reward_model, rm_tokenizer  # noqa: F401
+
 
 PROMPTS = ["\n\nHuman: What is the capital of Peru?\n\nAssistant:", "\n\nHuman: hello there\n\nAssistant:"]
 
@@ -68,7 +69,7 @@ def test_rm_directory_and_calibration_temperature(tmp_path):
     assert calibrated.temperature == 2.5 and calibrated.name == "more"
     np.testing.assert_allclose(calibrated(PROMPTS, responses), raw / 2.5, rtol=1e-6)
     np.testing.assert_allclose(RMReward(str(rm_dir), dtype=None, temperature=1.0)(PROMPTS, responses), raw, rtol=1e-6)
-    (rm_dir / "temperature.json").write_text("{\"temp\": 2}")
+    (rm_dir / "temperature.json").write_text('{"temp": 2}')
     with pytest.raises(ValueError, match="temperature.json"):
         RMReward(str(rm_dir))
     with pytest.raises((OSError, FileNotFoundError), match="reward model"):
@@ -94,8 +95,13 @@ def test_gold_rewards_and_trl_adapter():
 
     trl_fn = as_trl_reward(reward, "rm")
     assert trl_fn.__name__ == "rm"
-    out = trl_fn(prompts=["formatted a", "formatted b"], completions=["x", "y"], completion_ids=[[1], [2]],
-                 raw_prompt=["raw a", "raw b"], trainer_state=None)
+    out = trl_fn(
+        prompts=["formatted a", "formatted b"],
+        completions=["x", "y"],
+        completion_ids=[[1], [2]],
+        raw_prompt=["raw a", "raw b"],
+        trainer_state=None,
+    )
     assert out == [0.0, 1.0] and all(isinstance(x, float) for x in out)
     assert seen["prompts"] == ["raw a", "raw b"]  # the RM sees the dataset prompt, not the policy's format
     trl_fn(prompts=["formatted a"], completions=["x"])

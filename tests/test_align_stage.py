@@ -23,7 +23,13 @@ def test_config_validation_and_helpers():
         JudgeConfig(kind="human")
     assert AlignConfig(judge={"kind": "openai"}).judge.kind == "openai"
     paper = AlignConfig()
-    assert (paper.n, paper.temperature, paper.top_p, paper.sft_batch_size, paper.sft_learning_rate) == (4, 1.2, 1.0, 64, 1e-6)
+    assert (paper.n, paper.temperature, paper.top_p, paper.sft_batch_size, paper.sft_learning_rate) == (
+        4,
+        1.2,
+        1.0,
+        64,
+        1e-6,
+    )
     assert parse_comparison("more vs base") == ("more", "base")
     index = {"more": {}, "multitask": {}, "single-helpful": {}}
     assert select_rms(index, None) == ["more", "multitask"]
@@ -32,7 +38,11 @@ def test_config_validation_and_helpers():
         select_rms(index, ["uniform"])
     assert distinct_prompts(["a", "b", "a", "c"], None, 0) == ["a", "b", "c"]
     picked = distinct_prompts([str(i) for i in range(50)], 5, 1)
-    assert len(picked) == 5 and picked == sorted(picked, key=int) and picked == distinct_prompts([str(i) for i in range(50)], 5, 1)
+    assert (
+        len(picked) == 5
+        and picked == sorted(picked, key=int)
+        and picked == distinct_prompts([str(i) for i in range(50)], 5, 1)
+    )
 
 
 def _recipe(**align):
@@ -42,10 +52,24 @@ def _recipe(**align):
         sources=[{"name": "helpful", "format": "synthetic"}, {"name": "harmless", "format": "synthetic"}],
         synthetic=SyntheticConfig(sources=("helpful", "harmless"), n_train=40, n_valid=4, n_test=16),
     )
-    cfg = dict(methods=["best_of_n", "rjs"], n=2, max_new_tokens=10, n_prompts=16, n_eval_prompts=6, n_ppl=6,
-               warm_start_steps=30, warm_start_prompts=24, warm_start_batch_size=16, sft_batch_size=8,
-               sft_micro_batch_size=8, sft_learning_rate=1e-3, sft_max_length=96, max_prompt_length=64,
-               generation_batch_size=32, progress=False)
+    cfg = dict(
+        methods=["best_of_n", "rjs"],
+        n=2,
+        max_new_tokens=10,
+        n_prompts=16,
+        n_eval_prompts=6,
+        n_ppl=6,
+        warm_start_steps=30,
+        warm_start_prompts=24,
+        warm_start_batch_size=16,
+        sft_batch_size=8,
+        sft_micro_batch_size=8,
+        sft_learning_rate=1e-3,
+        sft_max_length=96,
+        max_prompt_length=64,
+        generation_batch_size=32,
+        progress=False,
+    )
     cfg.update(align)
     return SimpleNamespace(name="t", seed=0, data=data, align=AlignConfig(**cfg))
 
@@ -57,7 +81,11 @@ def _reward_dir(run_dir):
         d = run_dir / "reward" / name
         reward_model(seed=i, tok=tok).save_pretrained(d)
         tok.save_pretrained(d)
-        index[name] = {"path": str(d), "method": "single" if name.startswith("single") else name, "sources": ["helpful"]}
+        index[name] = {
+            "path": str(d),
+            "method": "single" if name.startswith("single") else name,
+            "sources": ["helpful"],
+        }
     (run_dir / "reward" / "more" / "temperature.json").write_text(json.dumps({"temperature": 2.0}))
     (run_dir / "reward" / "index.json").write_text(json.dumps(index))
 
@@ -73,7 +101,14 @@ def test_stage_end_to_end_and_rerun_skips(tmp_path, capsys):
         assert (tmp_path / a).exists(), a
     # single-source RMs are not aligned by default
     assert sorted(p.name for p in align.iterdir() if not p.name.startswith(".")) == [
-        "base", "judge_details.jsonl", "judgements.json", "metrics.json", "more", "multitask", "table.md"]
+        "base",
+        "judge_details.jsonl",
+        "judgements.json",
+        "metrics.json",
+        "more",
+        "multitask",
+        "table.md",
+    ]
     assert not (align / ".work").exists()
 
     bon = [json.loads(line) for line in (align / "more" / "best_of_n" / "samples.jsonl").read_text().splitlines()]
@@ -86,10 +121,15 @@ def test_stage_end_to_end_and_rerun_skips(tmp_path, capsys):
     assert len(evals) == 12 and {e["set"] for e in evals} == {"helpful", "harmless"}
     # the same candidates, picked by RMs with and without a temperature: scores scale by 1/T
     more = json.loads((align / "more" / "best_of_n" / "samples.jsonl").read_text().splitlines()[0])
-    assert more["candidates"] == json.loads((align / "multitask" / "best_of_n" / "samples.jsonl").read_text().splitlines()[0])["candidates"]
+    assert (
+        more["candidates"]
+        == json.loads((align / "multitask" / "best_of_n" / "samples.jsonl").read_text().splitlines()[0])["candidates"]
+    )
 
     judgements = json.loads((align / "judgements.json").read_text())
-    assert set(judgements) == {f"{m}: {c}" for m in ("best_of_n", "rjs") for c in ("more vs multitask", "more vs base", "multitask vs base")}
+    assert set(judgements) == {
+        f"{m}: {c}" for m in ("best_of_n", "rjs") for c in ("more vs multitask", "more vs base", "multitask vs base")
+    }
     for per_set in judgements.values():
         assert set(per_set) == {"helpful", "harmless", "all"}
         for r in per_set.values():
@@ -127,7 +167,9 @@ def test_stage_end_to_end_and_rerun_skips(tmp_path, capsys):
     base_stamp = os.stat(align / "base" / "policy" / "model.safetensors").st_mtime_ns
     cands = (align / "base" / "eval_candidates.jsonl").read_text()
     steps = recipe.align.warm_start_steps + 1
-    stage.run(_recipe(warm_start_steps=steps, methods=["best_of_n"], rms=["more"], comparisons=["more vs base"]), tmp_path)
+    stage.run(
+        _recipe(warm_start_steps=steps, methods=["best_of_n"], rms=["more"], comparisons=["more vs base"]), tmp_path
+    )
     assert os.stat(align / "base" / "policy" / "model.safetensors").st_mtime_ns != base_stamp
     assert (align / "base" / "eval_candidates.jsonl").read_text() != cands
 
@@ -143,7 +185,9 @@ def test_stage_errors(tmp_path):
 
 
 def test_render_table_handles_empty():
-    assert "(no comparison judged)" in render_table({}, {"base": {"perplexity": {"helpful": 3.0}, "gold": None}}, "gold")
+    assert "(no comparison judged)" in render_table(
+        {}, {"base": {"perplexity": {"helpful": 3.0}, "gold": None}}, "gold"
+    )
 
 
 def test_stage_runs_ppo_and_rloo(tmp_path):
@@ -151,9 +195,13 @@ def test_stage_runs_ppo_and_rloo(tmp_path):
     from pipeline.align import stage
 
     _reward_dir(tmp_path)
-    recipe = _recipe(methods=["ppo", "rloo"], rms=["more"], comparisons=["more vs base"],
-                     ppo={"num_steps": 2, "rollout_batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "progress": False},
-                     rloo={"max_steps": 2, "per_device_train_batch_size": 4})
+    recipe = _recipe(
+        methods=["ppo", "rloo"],
+        rms=["more"],
+        comparisons=["more vs base"],
+        ppo={"num_steps": 2, "rollout_batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "progress": False},
+        rloo={"max_steps": 2, "per_device_train_batch_size": 4},
+    )
     stage.run(recipe, tmp_path)
     align = tmp_path / "align"
     summary = json.loads((align / "more" / "ppo" / "ppo_summary.json").read_text())
@@ -178,9 +226,18 @@ def test_stage_with_an_openai_compatible_judge(tmp_path, monkeypatch, capsys):
     _reward_dir(tmp_path)
     with judge_server() as server:
         server.echo_auth = True  # every reply repeats the Authorization header (issue 12)
-        recipe = _recipe(methods=["best_of_n"], rms=["more"], comparisons=["more vs base"],
-                         judge={"kind": "openai", "base_url": server.base_url, "model": "judge-x",
-                                "api_key_env": "ALIGN_TEST_KEY", "backoff_s": 0.01})
+        recipe = _recipe(
+            methods=["best_of_n"],
+            rms=["more"],
+            comparisons=["more vs base"],
+            judge={
+                "kind": "openai",
+                "base_url": server.base_url,
+                "model": "judge-x",
+                "api_key_env": "ALIGN_TEST_KEY",
+                "backoff_s": 0.01,
+            },
+        )
         stage.run(recipe, tmp_path)
         assert server.requests == 2 * 12  # 12 held-out prompts, each asked in both orders
         harmless = [b for b in server.bodies if "more harmless" in b["messages"][0]["content"]]

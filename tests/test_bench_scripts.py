@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -47,8 +48,14 @@ def test_bench_generate_loop_prompts_are_a_uniform_sample():
 @pytest.mark.slow
 def test_gpu_check_tiny_prints_one_json_line_per_benchmark():
     env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    out = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--tiny"], capture_output=True, text=True,
-                         env=env, timeout=900, cwd=REPO)
+    out = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh"), "--tiny"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [json.loads(x) for x in out.stdout.strip().splitlines()]
     assert [x["benchmark"] for x in lines] == ["rm_train_throughput", "bon_generation"]

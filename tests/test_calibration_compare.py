@@ -20,12 +20,20 @@ def _rms(seed: int, sizes=(7, 5, 9)):
 
 def _brute_metrics(rc, rr, bins, strategy, t, q=None):
     """Each metric of one RM from metrics.py on explicit arrays (the reference, no per-pair terms)."""
-    out = {f"ece_{bins}": M.pairwise_ece(rc, rr, bins, strategy), "accuracy": M.accuracy(rc, rr),
-           "brier": M.brier_score(rc, rr), "nll": M.nll(rc, rr)}
+    out = {
+        f"ece_{bins}": M.pairwise_ece(rc, rr, bins, strategy),
+        "accuracy": M.accuracy(rc, rr),
+        "brier": M.brier_score(rc, rr),
+        "nll": M.nll(rc, rr),
+    }
     if t is not None:
-        out.update({f"temperature_scaled/ece_{bins}": M.pairwise_ece(rc, rr, bins, strategy, t),
-                    "temperature_scaled/brier": M.brier_score(rc, rr, t),
-                    "temperature_scaled/nll": M.nll(rc, rr, t)})
+        out.update(
+            {
+                f"temperature_scaled/ece_{bins}": M.pairwise_ece(rc, rr, bins, strategy, t),
+                "temperature_scaled/brier": M.brier_score(rc, rr, t),
+                "temperature_scaled/nll": M.nll(rc, rr, t),
+            }
+        )
     if q is not None:
         out["truth/prob_mae"] = M.truth_metrics(rc, rr, q, bins, strategy)["prob_mae"]
     return out
@@ -37,7 +45,7 @@ def _brute_force(a, b, sources, hh, bins, strategy, temps, q, n_samples, seed):
     points = {}
     for j, s in enumerate(sources):
         n = len(a[s][0])
-        ta, tb = (temps or (None, None))
+        ta, tb = temps or (None, None)
         points[s] = (_brute_metrics(*a[s], bins, strategy, ta, q[s]), _brute_metrics(*b[s], bins, strategy, tb, q[s]))
         rng = np.random.default_rng([seed, j])
         for _ in range(n_samples):
@@ -63,8 +71,18 @@ def _brute_force(a, b, sources, hh, bins, strategy, temps, q, n_samples, seed):
 def test_paired_bootstrap_matches_brute_force(strategy, temps):
     sources, a, b, q = _rms(0)
     hh = ["helpful", "harmless"]
-    got = C.paired_bootstrap(a, b, sources=sources, hh=hh, headline_bins=5, strategy=strategy, temperatures=temps,
-                             true_prob=q, n_samples=60, seed=4)
+    got = C.paired_bootstrap(
+        a,
+        b,
+        sources=sources,
+        hh=hh,
+        headline_bins=5,
+        strategy=strategy,
+        temperatures=temps,
+        true_prob=q,
+        n_samples=60,
+        seed=4,
+    )
     ref = _brute_force(a, b, sources, hh, 5, strategy, temps, q, 60, 4)
     assert set(got) == set(ref) == {*sources, "all_average", "hh_average"}
     for group in ref:
@@ -95,8 +113,9 @@ def test_resampling_is_paired_and_chunking_does_not_change_draws(monkeypatch):
     chunked = C.paired_bootstrap(a, worse, sources=sources, n_samples=40, seed=2)
     flat = [(g, k, f) for g in full for k in full[g] for f in ("diff", "p_value")]  # same draws, BLAS rounding aside
     assert [chunked[g][k][f] for g, k, f in flat] == pytest.approx([full[g][k][f] for g, k, f in flat], abs=1e-12)
-    np.testing.assert_allclose([chunked[g][k]["ci95"] for g, k, _ in flat], [full[g][k]["ci95"] for g, k, _ in flat],
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        [chunked[g][k]["ci95"] for g, k, _ in flat], [full[g][k]["ci95"] for g, k, _ in flat], atol=1e-12
+    )
 
 
 def test_point_values_equal_metrics_json_definitions():
@@ -133,11 +152,17 @@ def test_win_lose_bootstrap_matches_brute_force():
 
 def test_comparison_names_and_defaults():
     assert C.default_comparisons(["more", "multitask", "uniform", "x"]) == [
-        "more vs multitask", "more vs uniform", "multitask vs uniform"]
+        "more vs multitask",
+        "more vs uniform",
+        "multitask vs uniform",
+    ]
     assert C.default_comparisons(["more", "single-helpful"]) == []
     assert C.resolve_comparisons(["a  vs b"], ["a", "b"]) == {"a vs b": ("a", "b")}
-    with pytest.raises(ValueError, match=r"'more vs nope' names 'nope', which this run does not evaluate; "
-                                         r"the RMs evaluated here are: more, multitask"):
+    with pytest.raises(
+        ValueError,
+        match=r"'more vs nope' names 'nope', which this run does not evaluate; "
+        r"the RMs evaluated here are: more, multitask",
+    ):
         C.resolve_comparisons(["more vs nope"], ["more", "multitask"])
     with pytest.raises(ValueError, match="is not a comparison"):
         C.parse_comparison("more against multitask")
@@ -152,15 +177,27 @@ def _entry(a, b, lo, hi, p=0.5):
 def test_sentence_calls_a_difference_only_when_the_interval_excludes_zero():
     entry = _entry(0.030, 0.048, -0.026, -0.010, 0.002)
     s = C.difference_sentence("MORE", "MultiTask", "ECE (M=10), all sources", entry)
-    assert s == ("ECE (M=10), all sources: MORE's is lower than MultiTask's by 0.0180 (95% CI 0.0100 to 0.0260; "
-                 "p = 0.002): MORE is better here.")
+    assert s == (
+        "ECE (M=10), all sources: MORE's is lower than MultiTask's by 0.0180 (95% CI 0.0100 to 0.0260; "
+        "p = 0.002): MORE is better here."
+    )
     s = C.difference_sentence("MORE", "MultiTask", "ECE (M=10), all sources", _entry(0.0512, 0.0506, -0.011, 0.012))
-    assert s == ("ECE (M=10), all sources: no significant difference between MORE and MultiTask (difference "
-                 "+0.0006, 95% CI -0.0110 to +0.0120; p = 0.500).")
+    assert s == (
+        "ECE (M=10), all sources: no significant difference between MORE and MultiTask (difference "
+        "+0.0006, 95% CI -0.0110 to +0.0120; p = 0.500)."
+    )
     assert "better" not in s
     # higher accuracy is better; a higher ECE makes the other RM the better one
-    s = C.difference_sentence("MORE", "MultiTask", "Accuracy", _entry(0.70, 0.65, 0.01, 0.09, 0.01),
-                              lower_is_better=False, scale=100, digits=2, unit=" points")
+    s = C.difference_sentence(
+        "MORE",
+        "MultiTask",
+        "Accuracy",
+        _entry(0.70, 0.65, 0.01, 0.09, 0.01),
+        lower_is_better=False,
+        scale=100,
+        digits=2,
+        unit=" points",
+    )
     assert s.startswith("Accuracy: MORE's is higher than MultiTask's by 5.00 points (95% CI 1.00 to 9.00")
     assert s.endswith("MORE is better here.")
     s = C.difference_sentence("MORE", "MultiTask", "ECE", _entry(0.06, 0.05, 0.002, 0.02))
@@ -168,7 +205,8 @@ def test_sentence_calls_a_difference_only_when_the_interval_excludes_zero():
     # an interval touching 0 is not significant; no interval gives no verdict
     assert "no significant difference" in C.difference_sentence("a", "b", "x", _entry(0.1, 0.0, 0.0, 0.2))
     assert "(95% CI 0.0500 to 0.1500; p < 0.001): a is better" in C.difference_sentence(
-        "a", "b", "x", _entry(0.0, 0.1, -0.15, -0.05, 0.0))
+        "a", "b", "x", _entry(0.0, 0.1, -0.15, -0.05, 0.0)
+    )
     s = C.difference_sentence("a", "b", "x", {"a": 0.1, "b": 0.0, "diff": 0.1, "ci95": None, "p_value": None})
     assert "no verdict" in s and "better" not in s
 
@@ -176,8 +214,10 @@ def test_sentence_calls_a_difference_only_when_the_interval_excludes_zero():
 def test_win_lose_sentence_rules():
     entry = {"win": 0.45, "tie": 0.2, "lose": 0.35, "n": 100}
     s = C.win_lose_sentence("rjs: more vs multitask", entry, {"diff": 0.10, "ci95": [-0.03, 0.23], "p_value": 0.1})
-    assert s == ("rjs: more vs multitask: win 45% / tie 20% / lose 35% of 100 prompts; no significant difference "
-                 "between the two policies (win - lose +10.0 points, 95% CI -3.0 to +23.0).")
+    assert s == (
+        "rjs: more vs multitask: win 45% / tie 20% / lose 35% of 100 prompts; no significant difference "
+        "between the two policies (win - lose +10.0 points, 95% CI -3.0 to +23.0)."
+    )
     s = C.win_lose_sentence("x", entry, {"diff": 0.10, "ci95": [0.02, 0.2], "p_value": 0.01})
     assert "the first policy wins more often than it loses (win - lose +10.0 points, 95% CI +2.0 to +20.0)" in s
     s = C.win_lose_sentence("x", entry, {"diff": -0.10, "ci95": [-0.2, -0.02], "p_value": 0.01})
@@ -186,7 +226,10 @@ def test_win_lose_sentence_rules():
 
 
 def test_render_comparisons_marks_significant_cells():
-    comps = {"more vs multitask": {"helpful": {"ece_10": _entry(0.03, 0.05, -0.03, -0.01),
-                                               "accuracy": _entry(0.6, 0.59, -0.02, 0.04)}}}
+    comps = {
+        "more vs multitask": {
+            "helpful": {"ece_10": _entry(0.03, 0.05, -0.03, -0.01), "accuracy": _entry(0.6, 0.59, -0.02, 0.04)}
+        }
+    }
     md = C.render_comparisons(comps, 100)
     assert "| helpful | -0.0200 [-0.0300, -0.0100] * | +1.00 [-2.00, +4.00] |" in md

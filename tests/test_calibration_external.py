@@ -19,6 +19,7 @@ import torch
 from pipeline.calibration.stage import run
 from tests.test_calibration_stage import _recipe, _save_rm
 
+
 REPO = Path(__file__).resolve().parents[1]
 RMS = ("more", "multitask")
 
@@ -67,11 +68,14 @@ def test_external_only_run_equals_the_trained_run(trained, tmp_path):
     artifacts = run(_recipe(external_rms=_external(trained)), out)  # no reward/ in this directory at all
     assert "calibration/comparisons.json" in artifacts and not (out / "reward").exists()
     for f in ("metrics.json", "temperatures.json", "temperature_fits.json"):
-        assert_same_numbers(json.loads((trained / "calibration" / f).read_text()),
-                            json.loads((out / "calibration" / f).read_text()))
+        assert_same_numbers(
+            json.loads((trained / "calibration" / f).read_text()), json.loads((out / "calibration" / f).read_text())
+        )
     # same pairs, same seed: the comparison of the two is the same as well
-    assert_same_numbers(json.loads((trained / "calibration" / "comparisons.json").read_text()),
-                        json.loads((out / "calibration" / "comparisons.json").read_text()))
+    assert_same_numbers(
+        json.loads((trained / "calibration" / "comparisons.json").read_text()),
+        json.loads((out / "calibration" / "comparisons.json").read_text()),
+    )
     # an external RM directory belongs to the user: nothing is written into it
     assert {n: (trained / "reward" / n / "temperature.json").read_text() for n in RMS} == stamps
     cfg = json.loads((out / "calibration" / "config.json").read_text())
@@ -86,8 +90,17 @@ def test_comparisons_json_schema_and_values(trained):
     assert list(comps) == ["more vs multitask"]  # the default when both exist
     groups = comps["more vs multitask"]
     assert list(groups) == ["helpful", "harmless", "webgpt", "all_average", "hh_average"]
-    keys = ["ece_10", "accuracy", "brier", "nll", "temperature_scaled/ece_10", "temperature_scaled/brier",
-            "temperature_scaled/nll", "truth/prob_mae", "truth_gold/prob_mae"]
+    keys = [
+        "ece_10",
+        "accuracy",
+        "brier",
+        "nll",
+        "temperature_scaled/ece_10",
+        "temperature_scaled/brier",
+        "temperature_scaled/nll",
+        "truth/prob_mae",
+        "truth_gold/prob_mae",
+    ]
     for group, by_metric in groups.items():
         assert list(by_metric) == keys
         for key, e in by_metric.items():
@@ -111,8 +124,16 @@ def test_peft_adapter_is_loaded_on_its_base(tmp_path, tiny_tok, one_thread):
     base_dir, adapter_dir, merged_dir = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
     _save_rm(tiny_tok, base_dir, seed=3, head_scale=10.0)
     base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1)
-    model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8,
-                                            target_modules=["query_key_value"], modules_to_save=["score"]))
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=4,
+            lora_alpha=8,
+            target_modules=["query_key_value"],
+            modules_to_save=["score"],
+        ),
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -122,8 +143,11 @@ def test_peft_adapter_is_loaded_on_its_base(tmp_path, tiny_tok, one_thread):
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
     model.merge_and_unload().save_pretrained(merged_dir)
     tiny_tok.save_pretrained(merged_dir)
-    recipe = _recipe(external_rms={"adapter": str(adapter_dir), "merged": str(merged_dir)},
-                     compare=["adapter vs merged"], bootstrap_samples=5)
+    recipe = _recipe(
+        external_rms={"adapter": str(adapter_dir), "merged": str(merged_dir)},
+        compare=["adapter vs merged"],
+        bootstrap_samples=5,
+    )
     run(recipe, tmp_path / "run")
     scores = np.load(tmp_path / "run" / "calibration" / "scores.npz")
     for key in scores.files:
@@ -137,33 +161,49 @@ def test_peft_adapter_is_loaded_on_its_base(tmp_path, tiny_tok, one_thread):
 def test_unsupported_models_and_bad_names_fail_clearly(tmp_path, tiny_tok, trained):
     from transformers import AutoModelForSequenceClassification, GPTNeoXConfig, GPTNeoXForCausalLM
 
-    small = dict(vocab_size=len(tiny_tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                 intermediate_size=32, pad_token_id=tiny_tok.pad_token_id)
+    small = dict(
+        vocab_size=len(tiny_tok),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        pad_token_id=tiny_tok.pad_token_id,
+    )
     three_way = AutoModelForSequenceClassification.from_config(GPTNeoXConfig(**small, num_labels=3))
     three_way.save_pretrained(tmp_path / "3way")
     GPTNeoXForCausalLM(GPTNeoXConfig(**small)).save_pretrained(tmp_path / "lm")
     (tmp_path / "lora-lm").mkdir()
-    (tmp_path / "lora-lm" / "adapter_config.json").write_text(json.dumps({"task_type": "CAUSAL_LM",
-                                                                          "base_model_name_or_path": "x"}))
+    (tmp_path / "lora-lm" / "adapter_config.json").write_text(
+        json.dumps({"task_type": "CAUSAL_LM", "base_model_name_or_path": "x"})
+    )
     out = tmp_path / "run"
     cases = [
-        ("3way", r"external reward model 'x' \(.*3way\): its head has num_labels=3 outputs, not a single scalar "
-                 r"reward. Supported: a scalar-head sequence classifier"),
+        (
+            "3way",
+            r"external reward model 'x' \(.*3way\): its head has num_labels=3 outputs, not a single scalar "
+            r"reward. Supported: a scalar-head sequence classifier",
+        ),
         ("lm", r"it is a GPTNeoXForCausalLM checkpoint, not a sequence classifier .* Supported:"),
         ("lora-lm", r"PEFT adapter with task_type 'CAUSAL_LM', not SEQ_CLS .* Supported:"),
     ]
     for name, message in cases:
         with pytest.raises(ValueError, match=message):
             run(_recipe(external_rms={"x": str(tmp_path / name)}), out)
-    with pytest.raises(FileNotFoundError, match=r"calibration.external_rms.x: ./nowhere/at all is neither an existing "
-                                                r"directory nor a hub id"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"calibration.external_rms.x: ./nowhere/at all is neither an existing "
+        r"directory nor a hub id",
+    ):
         run(_recipe(external_rms={"x": "./nowhere/at all"}), out)
     # a name clash with a trained RM of the run
     with pytest.raises(ValueError, match="the name 'more' is already used by a reward model trained in this run"):
         run(_recipe(external_rms={"more": str(trained / "reward" / "more")}), trained)
     # an unknown RM in compare fails before anything is scored or written
-    with pytest.raises(ValueError, match=r"calibration.compare: 'more vs nope' names 'nope', which this run does not "
-                                         r"evaluate; the RMs evaluated here are: more"):
+    with pytest.raises(
+        ValueError,
+        match=r"calibration.compare: 'more vs nope' names 'nope', which this run does not "
+        r"evaluate; the RMs evaluated here are: more",
+    ):
         run(_recipe(external_rms={"more": str(trained / "reward" / "more")}, compare=["more vs nope"]), out)
     with pytest.raises(ValueError, match="is not a comparison"):
         _recipe(compare=["more versus multitask"])
@@ -177,15 +217,32 @@ def test_done_two_trained_rms_evaluated_by_one_command(tmp_path):
     """The issue's 'done': RMs trained by the real reward stage in one run, then a fresh directory that only holds
     them as external RMs, evaluated by one `pipeline.run --stages calibration,report` into metrics.json /
     comparisons.json / report.md, each RM's numbers identical to those of the run that trained it."""
-    small = ["data.synthetic.n_train=40", "data.synthetic.n_valid=20", "data.synthetic.n_test=24",
-             "calibration.bootstrap_samples=30", "calibration.progress=false", "reward.methods=[more,multitask]"]
+    small = [
+        "data.synthetic.n_train=40",
+        "data.synthetic.n_valid=20",
+        "data.synthetic.n_test=24",
+        "calibration.bootstrap_samples=30",
+        "calibration.progress=false",
+        "reward.methods=[more,multitask]",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
 
     def pipeline(out, stages, *extra):
-        cmd = [sys.executable, "-m", "pipeline.run", "--recipe", "tiny-cpu", "--output-dir", str(out),
-               "--stages", stages, *small, *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pipeline.run",
+            "--recipe",
+            "tiny-cpu",
+            "--output-dir",
+            str(out),
+            "--stages",
+            stages,
+            *small,
+            *extra,
+        ]
         p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         assert p.returncode == 0, p.stderr[-4000:]
 
@@ -196,8 +253,9 @@ def test_done_two_trained_rms_evaluated_by_one_command(tmp_path):
     written = sorted(p.name for p in fresh.iterdir() if not p.name.startswith("."))  # .lock is the run lock
     assert written == ["calibration", "manifest.json", "recipe.yaml", "report.json", "report.md"]
     for f in ("metrics.json", "comparisons.json", "temperatures.json"):
-        assert_same_numbers(json.loads((trained / "calibration" / f).read_text()),
-                            json.loads((fresh / "calibration" / f).read_text()))
+        assert_same_numbers(
+            json.loads((trained / "calibration" / f).read_text()), json.loads((fresh / "calibration" / f).read_text())
+        )
     md = (fresh / "report.md").read_text()
     comps = json.loads((fresh / "calibration" / "comparisons.json").read_text())["more vs multitask"]
     assert "Evaluated, not trained here (`calibration.external_rms`): more" in md
@@ -224,8 +282,17 @@ def test_two_processes_score_external_rms_like_one(trained, tmp_path):
     run(_recipe(external_rms=_external(trained)), single)
     out = tmp_path / "multi"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(Path(__file__).resolve()), str(out), str(trained)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        str(Path(__file__).resolve()),
+        str(out),
+        str(trained),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -236,8 +303,9 @@ def test_two_processes_score_external_rms_like_one(trained, tmp_path):
     for key in a.files:
         np.testing.assert_allclose(b[key], a[key], atol=1e-5)
     for f in ("metrics.json", "comparisons.json"):
-        assert_same_numbers(json.loads((single / "calibration" / f).read_text()),
-                            json.loads((out / "calibration" / f).read_text()))
+        assert_same_numbers(
+            json.loads((single / "calibration" / f).read_text()), json.loads((out / "calibration" / f).read_text())
+        )
 
 
 if __name__ == "__main__":  # the torchrun worker of the distributed test
@@ -258,10 +326,20 @@ def test_rm_eval_recipe_on_the_real_sources(real_data_dir, trained, tmp_path):
     from pipeline.run import run_pipeline
 
     ext = "{" + ", ".join(f"{n}: {trained / 'reward' / n}" for n in RMS) + "}"
-    recipe = C.load_recipe("rm-eval", [f"data_root={real_data_dir}", f"calibration.external_rms={ext}",
-                                       "calibration.compare=[multitask vs more]", "calibration.max_pairs_per_split=6",
-                                       "calibration.bootstrap_samples=20", "calibration.dtype=fp32",
-                                       "calibration.progress=false", "calibration.plots=false", "data.max_length=64"])
+    recipe = C.load_recipe(
+        "rm-eval",
+        [
+            f"data_root={real_data_dir}",
+            f"calibration.external_rms={ext}",
+            "calibration.compare=[multitask vs more]",
+            "calibration.max_pairs_per_split=6",
+            "calibration.bootstrap_samples=20",
+            "calibration.dtype=fp32",
+            "calibration.progress=false",
+            "calibration.plots=false",
+            "data.max_length=64",
+        ],
+    )
     assert recipe.stages == ["calibration", "report"]
     manifest = run_pipeline(recipe, tmp_path / "run")
     assert manifest["stages"]["calibration"]["status"] == "done" and not (tmp_path / "run" / "reward").exists()

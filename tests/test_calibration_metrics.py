@@ -12,6 +12,7 @@ import torch
 from pipeline.calibration import metrics as M
 from pipeline.calibration.temperature import fit_temperature, nll_at
 
+
 LN3 = math.log(3.0)
 
 
@@ -59,7 +60,9 @@ def ref_top_label_ece(rc, rr, n_bins):
         while k < n_bins - 1 and conf > 0.5 + (k + 1) * 0.5 / n_bins:
             k += 1
         bins[k].append((conf, ok))
-    return sum(len(b) / len(items) * abs(sum(o for _, o in b) / len(b) - sum(c for c, _ in b) / len(b)) for b in bins if b)
+    return sum(
+        len(b) / len(items) * abs(sum(o for _, o in b) / len(b) - sum(c for c, _ in b) / len(b)) for b in bins if b
+    )
 
 
 def random_rewards(n, seed, scale=2.0):
@@ -87,8 +90,12 @@ def test_pairwise_ece_matches_loop_reference(n_bins, strategy):
 
 def test_pairwise_ece_with_temperature_matches_reference():
     rc, rr = random_rewards(80, seed=3, scale=5.0)
-    assert M.pairwise_ece(rc, rr, 10, temperature=3.7) == pytest.approx(ref_ece(rc, rr, 10, temperature=3.7)[0], abs=1e-12)
-    assert M.pairwise_ece(rc / 3.7, rr / 3.7, 10) == pytest.approx(M.pairwise_ece(rc, rr, 10, temperature=3.7), abs=1e-12)
+    assert M.pairwise_ece(rc, rr, 10, temperature=3.7) == pytest.approx(
+        ref_ece(rc, rr, 10, temperature=3.7)[0], abs=1e-12
+    )
+    assert M.pairwise_ece(rc / 3.7, rr / 3.7, 10) == pytest.approx(
+        M.pairwise_ece(rc, rr, 10, temperature=3.7), abs=1e-12
+    )
 
 
 def test_torch_inputs_any_dtype_match_numpy():
@@ -216,10 +223,17 @@ def test_accuracy_counts_ties_half():
 
 def test_nll_and_brier_match_float64_reference_and_are_stable():
     rc, rr = random_rewards(50, seed=11, scale=30.0)  # large margins: naive log(sigmoid) would underflow
-    ref_nll = sum(-math.log(_sigmoid(c - r)) if c - r > -30 else -(c - r) + math.log1p(math.exp(c - r))
-                  for c, r in zip(rc, rr)) / 50
+    ref_nll = (
+        sum(
+            -math.log(_sigmoid(c - r)) if c - r > -30 else -(c - r) + math.log1p(math.exp(c - r))
+            for c, r in zip(rc, rr)
+        )
+        / 50
+    )
     assert M.nll(rc, rr) == pytest.approx(ref_nll, rel=1e-10)
-    assert M.brier_score(rc, rr) == pytest.approx(sum((1 - _sigmoid(c - r)) ** 2 for c, r in zip(rc, rr)) / 50, rel=1e-12)
+    assert M.brier_score(rc, rr) == pytest.approx(
+        sum((1 - _sigmoid(c - r)) ** 2 for c, r in zip(rc, rr)) / 50, rel=1e-12
+    )
     assert math.isfinite(M.nll([1000.0], [-1000.0])) and M.nll([-1000.0], [1000.0]) == pytest.approx(2000.0)
 
 
@@ -283,8 +297,21 @@ def test_all_metrics_and_average():
     rc, rr = random_rewards(90, seed=9)
     q = np.full(90, 0.6)
     m = M.all_metrics(rc, rr, true_prob=q, bootstrap_samples=20)
-    for k in ("accuracy", "ece_5", "ece_10", "ece_20", "ace_10", "mce_10", "brier", "nll", "n_pairs", "n_ties",
-              "reward_diff", "intervals", "truth"):
+    for k in (
+        "accuracy",
+        "ece_5",
+        "ece_10",
+        "ece_20",
+        "ace_10",
+        "mce_10",
+        "brier",
+        "nll",
+        "n_pairs",
+        "n_ties",
+        "reward_diff",
+        "intervals",
+        "truth",
+    ):
         assert k in m
     assert m["ece_10"] == pytest.approx(ref_ece(rc, rr, 10)[0], abs=1e-12)
     assert m["ace_10"] == pytest.approx(ref_ece(rc, rr, 10)[1], abs=1e-12)
@@ -360,7 +387,7 @@ def ece_module():
     import os
 
     saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_EVALUATE_OFFLINE", "HF_DATASETS_OFFLINE")}
-    os.environ.update({k: "1" for k in saved})
+    os.environ.update(dict.fromkeys(saved, "1"))
     import evaluate
 
     try:
@@ -378,7 +405,9 @@ def ece_module():
 def test_evaluate_module_matches_pairwise_ece(ece_module, strategy, n_bins):
     rc, rr = random_rewards(73, seed=n_bins)
     rc[:3] = rr[:3]
-    out = ece_module.compute(chosen_rewards=rc.tolist(), rejected_rewards=rr.tolist(), n_bins=n_bins, strategy=strategy)
+    out = ece_module.compute(
+        chosen_rewards=rc.tolist(), rejected_rewards=rr.tolist(), n_bins=n_bins, strategy=strategy
+    )
     assert out["ece"] == pytest.approx(M.pairwise_ece(rc, rr, n_bins, strategy), abs=1e-12)
     assert out["accuracy"] == pytest.approx(M.accuracy(rc, rr))
 

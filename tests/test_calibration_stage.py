@@ -22,6 +22,7 @@ from pipeline.calibration import metrics as M
 from pipeline.calibration.stage import CalibrationConfig, run
 from pipeline.calibration.temperature import fit_temperature
 
+
 SOURCES = ["helpful", "harmless", "webgpt"]
 N_TEST, N_VALID, MAX_LEN = 24, 16, 48
 
@@ -42,7 +43,9 @@ def _data_config(**kw):
 
 def _recipe(data=None, **cal):
     cal = {"dtype": "fp32", "bootstrap_samples": 40, "batch_size": 16, "progress": False, **cal}
-    return types.SimpleNamespace(name="test", seed=3, data=data or _data_config(), calibration=CalibrationConfig(**cal))
+    return types.SimpleNamespace(
+        name="test", seed=3, data=data or _data_config(), calibration=CalibrationConfig(**cal)
+    )
 
 
 def _save_rm(tok, path: Path, seed: int, head_scale: float):
@@ -60,15 +63,19 @@ def run_dir(tmp_path_factory, tiny_tok):
     root = tmp_path_factory.mktemp("calib_run")
     reward = root / "reward"
     index = {}
-    for i, (name, method, sources) in enumerate([
-        ("more", "more", SOURCES),
-        ("single-helpful", "single", ["helpful"]),
-        ("single-harmless", "single", ["harmless"]),
-    ]):
+    for i, (name, method, sources) in enumerate(
+        [
+            ("more", "more", SOURCES),
+            ("single-helpful", "single", ["helpful"]),
+            ("single-harmless", "single", ["harmless"]),
+        ]
+    ):
         _save_rm(tiny_tok, reward / name, seed=i, head_scale=20.0)
         index[name] = {"path": str(reward / name), "method": method, "sources": sources}
-    log = [{"step": s, "loss": 0.7, **{f"more/lambda/{src}": w for src, w in zip(SOURCES, lam)}}
-           for s, lam in ((1, (0.5, 0.3, 0.2)), (2, (0.4, 0.4, 0.2)), (3, (0.3, 0.3, 0.4)))]
+    log = [
+        {"step": s, "loss": 0.7, **{f"more/lambda/{src}": w for src, w in zip(SOURCES, lam)}}
+        for s, lam in ((1, (0.5, 0.3, 0.2)), (2, (0.4, 0.4, 0.2)), (3, (0.3, 0.3, 0.4)))
+    ]
     (reward / "more" / "train_log.json").write_text(json.dumps(log + [{"step": 3, "train_runtime": 1.0}]))
     (reward / "index.json").write_text(json.dumps(index))
     artifacts = run(_recipe(), root)
@@ -83,7 +90,7 @@ def _independent_rewards(path: Path, ds, max_length: int, n: int) -> tuple[np.nd
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
 
     def reward(text):
-        ids = tok(text, add_special_tokens=False)["input_ids"][-(max_length - 1):] + [tok.eos_token_id]
+        ids = tok(text, add_special_tokens=False)["input_ids"][-(max_length - 1) :] + [tok.eos_token_id]
         with torch.no_grad():
             return float(model(input_ids=torch.tensor([ids])).logits[0, 0])
 
@@ -96,9 +103,20 @@ def _independent_rewards(path: Path, ds, max_length: int, n: int) -> tuple[np.nd
 def test_stage_writes_every_artifact(run_dir):
     root, artifacts = run_dir
     cal = root / "calibration"
-    expected = ["metrics.json", "table.md", "temperatures.json", "scores.npz", "diversity.json", "reliability.png",
-                "reliability_temperature_scaled.png", "reward_differences.png", "more_weights_more.png",
-                "diversity_accuracy.png", "diversity_ece.png", "config.json"]
+    expected = [
+        "metrics.json",
+        "table.md",
+        "temperatures.json",
+        "scores.npz",
+        "diversity.json",
+        "reliability.png",
+        "reliability_temperature_scaled.png",
+        "reward_differences.png",
+        "more_weights_more.png",
+        "diversity_accuracy.png",
+        "diversity_ece.png",
+        "config.json",
+    ]
     for name in expected:
         assert (cal / name).is_file() and (cal / name).stat().st_size > 0, name
         assert f"calibration/{name}" in artifacts
@@ -163,13 +181,16 @@ def test_metrics_are_consistent_with_independent_recomputation(run_dir):
             assert ts["accuracy"] == m["accuracy"]
             # synthetic sources carry the truth
             true_prob = np.asarray(splits[s]["test"]["true_prob"])
-            assert m["truth"]["prob_mae"] == pytest.approx(float(np.mean(np.abs(1 / (1 + np.exp(-(rc - rr))) - true_prob))))
+            assert m["truth"]["prob_mae"] == pytest.approx(
+                float(np.mean(np.abs(1 / (1 + np.exp(-(rc - rr))) - true_prob)))
+            )
             assert "truth_gold" in m
         hh = entry["hh_average"]
         assert hh["sources"] == ["helpful", "harmless"]
         assert hh["accuracy"] == pytest.approx((entry["helpful"]["accuracy"] + entry["harmless"]["accuracy"]) / 2)
         assert hh["temperature_scaled"]["ece_10"] == pytest.approx(
-            (entry["helpful"]["temperature_scaled"]["ece_10"] + entry["harmless"]["temperature_scaled"]["ece_10"]) / 2)
+            (entry["helpful"]["temperature_scaled"]["ece_10"] + entry["harmless"]["temperature_scaled"]["ece_10"]) / 2
+        )
         assert entry["all_average"]["ece_10"] == pytest.approx(np.mean([entry[s]["ece_10"] for s in SOURCES]))
         assert entry["all_average"]["n_pairs"] == N_TEST * len(SOURCES)
     # the Averaging RM is the mean reward of the single-source RMs, scored like any RM
@@ -253,8 +274,19 @@ def test_cli_runs_the_stage_alone(tmp_path, tiny_tok, capsys):
         "  n_valid_per_source: 10\n  n_test_per_source: 12\n  max_length: 32\n"
         "calibration:\n  dtype: fp32\n  progress: false\n  plots: false\n"
     )
-    assert main(["--recipe", str(recipe), "--output-dir", str(tmp_path), "calibration.bootstrap_samples=0",
-                 "calibration.n_bins=[4,8]"]) == 0
+    assert (
+        main(
+            [
+                "--recipe",
+                str(recipe),
+                "--output-dir",
+                str(tmp_path),
+                "calibration.bootstrap_samples=0",
+                "calibration.n_bins=[4,8]",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "calibration" / "metrics.json").read_text())
     assert set(metrics["multitask"]["helpful"]) >= {"ece_4", "ece_8", "ece_10", "accuracy"}
     assert "intervals" not in metrics["multitask"]["helpful"]
@@ -275,8 +307,16 @@ def test_two_processes_shard_scoring_and_one_writes(run_dir, tmp_path):
     (tmp_path / "reward" / "index.json").write_text(json.dumps(index))
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(Path(__file__).resolve()), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        str(Path(__file__).resolve()),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=repo)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -299,13 +339,16 @@ def test_corrupt_rm_weights_name_the_rm(tmp_path, tiny_tok):
     _save_rm(tiny_tok, reward / "bad", seed=1, head_scale=1.0)
     weights = load_file(reward / "bad" / "model.safetensors")
     head = weights["score.weight"]  # random bytes in the whole model also work, but denormals make CPU math slow
-    noise = torch.randint(0, 256, (head.numel() * head.element_size(),), dtype=torch.uint8,
-                          generator=torch.Generator().manual_seed(0))
+    noise = torch.randint(
+        0, 256, (head.numel() * head.element_size(),), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     weights["score.weight"] = noise.view(head.dtype).reshape(head.shape).clone()
     weights["score.weight"][0, 0] = float("nan")  # certain, whatever the random bytes
     save_file(weights, reward / "bad" / "model.safetensors", metadata={"format": "pt"})
     (reward / "index.json").write_text(json.dumps({"bad": {"path": str(reward / "bad"), "method": "multitask"}}))
-    with pytest.raises(ValueError, match=r"reward model 'bad' at .*bad gives a non-finite reward .* for \d+ of \d+ pairs"):
+    with pytest.raises(
+        ValueError, match=r"reward model 'bad' at .*bad gives a non-finite reward .* for \d+ of \d+ pairs"
+    ):
         run(_recipe(max_pairs_per_split=8), tmp_path)
 
 

@@ -36,9 +36,20 @@ def test_nested_conversion_and_types(fakes):  # noqa: F811
 
 
 def test_overrides_of_every_kind(fakes):  # noqa: F811
-    r = load(fakes, "seed=9", "data.lr=0.5", "data.flag=true", "data.inner.tags=[u, v]", "data.names=[a,b]",
-             "data.sources.1.path=null", "data.extra.k.sub=1", "data.extra.j=[1,2]", "reward.steps=7",
-             "data.inner.depth=3", "name=renamed")
+    r = load(
+        fakes,
+        "seed=9",
+        "data.lr=0.5",
+        "data.flag=true",
+        "data.inner.tags=[u, v]",
+        "data.names=[a,b]",
+        "data.sources.1.path=null",
+        "data.extra.k.sub=1",
+        "data.extra.j=[1,2]",
+        "reward.steps=7",
+        "data.inner.depth=3",
+        "name=renamed",
+    )
     assert (r.seed, r.data.lr, r.data.flag, r.reward.steps, r.name) == (9, 0.5, True, 7, "renamed")
     assert r.data.inner.tags == ["u", "v"] and r.data.inner.depth == 3
     assert r.data.names == ("a", "b")
@@ -50,10 +61,21 @@ def test_overrides_of_every_kind(fakes):  # noqa: F811
 
 def test_exponent_floats_are_numbers_even_in_free_dicts(fakes):  # noqa: F811
     # YAML 1.1 (PyYAML) reads 1e-6 as a string; free-form dicts (reward.train) get no type conversion
-    r = load(fakes, "data.extra.learning_rate=2e-3", "data.extra.eps=-1E+2", "data.extra.name=v1e5",
-             text="data:\n  extra: {lr: 1e-6, big: 3e4, s: '1e-6'}\n")
-    assert r.data.extra == {"lr": 1e-6, "big": 30000.0, "s": "1e-6", "learning_rate": 2e-3, "eps": -100.0,
-                            "name": "v1e5"}
+    r = load(
+        fakes,
+        "data.extra.learning_rate=2e-3",
+        "data.extra.eps=-1E+2",
+        "data.extra.name=v1e5",
+        text="data:\n  extra: {lr: 1e-6, big: 3e4, s: '1e-6'}\n",
+    )
+    assert r.data.extra == {
+        "lr": 1e-6,
+        "big": 30000.0,
+        "s": "1e-6",
+        "learning_rate": 2e-3,
+        "eps": -100.0,
+        "name": "v1e5",
+    }
     assert C.yaml_load("a: 1e-6\nb: 12\nc: 1.5\nd: 1e") == {"a": 1e-6, "b": 12, "c": 1.5, "d": "1e"}
 
 
@@ -82,17 +104,20 @@ def test_unknown_key_in_override_names_the_override(fakes):  # noqa: F811
         load(fakes, "nosuchsection.x=1")
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("data.n=abc", "data.n in the command-line override 'data.n=abc': expected an integer"),
-    ("data.lr=fast", "expected a number"),
-    ("data.flag=maybe", "expected true or false"),
-    ("data.inner.tags=solo", "expected a list"),
-    ("data.inner=3", "must be a mapping of Inner fields"),
-    ("data.sources.5.path=x", "indexes a list of 2 items"),
-    ("data=", "must be a mapping"),
-    ("nokey", "not of the form key.sub=value"),
-    ("data..n=1", "empty key segment"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("data.n=abc", "data.n in the command-line override 'data.n=abc': expected an integer"),
+        ("data.lr=fast", "expected a number"),
+        ("data.flag=maybe", "expected true or false"),
+        ("data.inner.tags=solo", "expected a list"),
+        ("data.inner=3", "must be a mapping of Inner fields"),
+        ("data.sources.5.path=x", "indexes a list of 2 items"),
+        ("data=", "must be a mapping"),
+        ("nokey", "not of the form key.sub=value"),
+        ("data..n=1", "empty key segment"),
+    ],
+)
 def test_bad_values(fakes, override, fragment):  # noqa: F811
     with pytest.raises(C.RecipeError) as e:
         load(fakes, override)
@@ -163,8 +188,11 @@ def test_stage_hash_chains_upstream(fakes):  # noqa: F811
         assert all(h[s] != h0[s] for s in order), ov
     assert hashes("name=x", "description=y", "output_dir=/z", "stages=[reward]") == h0
     # the hash is of canonical JSON: key order in the file does not matter
-    r = load(fakes, text="reward: {sleep: 0.0, steps: 2}\nseed: 3\ndata: {lr: 1.0e-6, n: 4, sources: "
-                         "[{name: a}, {path: /x, name: b}]}\nname: other\n")
+    r = load(
+        fakes,
+        text="reward: {sleep: 0.0, steps: 2}\nseed: 3\ndata: {lr: 1.0e-6, n: 4, sources: "
+        "[{name: a}, {path: /x, name: b}]}\nname: other\n",
+    )
     assert {s: C.stage_config_hash(r, s, order) for s in order} == h0
     with pytest.raises(ValueError, match="unknown stage"):
         C.stage_config_hash(r, "sft", order)
@@ -242,14 +270,18 @@ def test_stage_hash_follows_local_input_files(fakes, tmp_path):  # noqa: F811
 
     h0 = hashes()
     assert h0 == hashes()
-    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "c"}\n{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    data.write_text(
+        '{"prompt": "p", "chosen": "a", "rejected": "c"}\n{"prompt": "q", "chosen": "a", "rejected": "b"}\n'
+    )
     assert all(v != h0[s] for s, v in hashes().items())
 
     rm = tmp_path / "rm"
     rm.mkdir()
     (rm / "model.safetensors").write_bytes(b"x" * 10)
-    d = {"data": {"sources": [{"path": "owner/hub-id"}, {"path": "helpful", "format": "synthetic"}]},
-         "calibration": {"external_rms": {"mine": str(rm), "hub": "owner/name"}}}
+    d = {
+        "data": {"sources": [{"path": "owner/hub-id"}, {"path": "helpful", "format": "synthetic"}]},
+        "calibration": {"external_rms": {"mine": str(rm), "hub": "owner/name"}},
+    }
     before = C.local_input_stats(d, "calibration")
     assert list(before) == [str(rm)] and C.local_input_stats(d, "reward") == {}
     (rm / "temperature.json").write_text("{}")

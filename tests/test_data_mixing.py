@@ -22,12 +22,17 @@ from pipeline.data import (
 from pipeline.data.synthetic import DEFAULT_SOURCES
 from pipeline.data.tokenize import encode_left
 
+
 SMALL_SYN = SyntheticConfig(n_train=40, n_valid=10, n_test=20)
 
 
 def _src(name, n, extra=None):
-    d = {"prompt": [f"p{name}{i}" for i in range(n)], "chosen": [f"c{name}{i}" for i in range(n)],
-         "rejected": [f"r{name}{i}" for i in range(n)], "source": [name] * n}
+    d = {
+        "prompt": [f"p{name}{i}" for i in range(n)],
+        "chosen": [f"c{name}{i}" for i in range(n)],
+        "rejected": [f"r{name}{i}" for i in range(n)],
+        "source": [name] * n,
+    }
     d.update(extra or {})
     return datasets.Dataset.from_dict(d)
 
@@ -42,13 +47,16 @@ def test_default_config_is_the_five_synthetic_sources():
         assert set(dd["train"]["source"]) == {name}
     again = build_splits(DataConfig(synthetic=SMALL_SYN))
     assert out["oasst1"]["test"].to_dict() == again["oasst1"]["test"].to_dict()
-    sized = build_splits(DataConfig(synthetic=SMALL_SYN, n_train_per_source=12, n_test_per_source=5, n_valid_per_source=3))
+    sized = build_splits(
+        DataConfig(synthetic=SMALL_SYN, n_train_per_source=12, n_test_per_source=5, n_valid_per_source=3)
+    )
     assert {k: len(v) for k, v in sized["helpful"].items()} == {"train": 12, "validation": 3, "test": 5}
 
 
 def test_config_from_dicts_and_validation():
-    cfg = DataConfig(sources=[{"name": "a", "format": "jsonl", "path": "x.jsonl", "options": {"k": 1}}],
-                     synthetic={"seed": 3})
+    cfg = DataConfig(
+        sources=[{"name": "a", "format": "jsonl", "path": "x.jsonl", "options": {"k": 1}}], synthetic={"seed": 3}
+    )
     assert isinstance(cfg.sources[0], SourceSpec) and cfg.sources[0].options == {"k": 1}
     assert isinstance(cfg.synthetic, SyntheticConfig) and cfg.synthetic.seed == 3
     with pytest.raises(ValueError, match="unknown key"):
@@ -82,8 +90,14 @@ def test_single_split_source_is_split_by_prompt(fixtures_dir):
 
 
 def test_shipped_test_split_and_resampling(fixtures_dir):
-    spec = SourceSpec(name="harmless", format="hh-rlhf", path=str(fixtures_dir / "data/hh-rlhf"),
-                      split="train", test_split="test", options={"data_dir": "harmless-base"})
+    spec = SourceSpec(
+        name="harmless",
+        format="hh-rlhf",
+        path=str(fixtures_dir / "data/hh-rlhf"),
+        split="train",
+        test_split="test",
+        options={"data_dir": "harmless-base"},
+    )
     dd = build_splits(DataConfig(sources=[spec], valid_fraction=0.0, n_train_per_source=5))["harmless"]
     assert len(dd["test"]) == 2 and len(dd["validation"]) == 0
     assert len(dd["train"]) == 5 and Counter(Counter(dd["train"]["prompt"]).values()) == Counter({3: 1, 2: 1})
@@ -110,7 +124,7 @@ def test_balanced_mix_blocks(psb):
     ids = np.array(ds["source_id"])
     block = 3 * psb
     for start in range(0, len(ds), block):
-        assert list(ids[start:start + block]) == [k for k in range(3) for _ in range(psb)]
+        assert list(ids[start : start + block]) == [k for k in range(3) for _ in range(psb)]
     assert [names[i] for i in ds["source_id"]] == ds["source"]
     counts = {s: Counter(p for p, src in zip(ds["prompt"], ds["source"]) if src == s) for s in names}
     assert len(counts["a"]) == 13 and set(counts["a"].values()) <= {n // 13, -(-n // 13)}
@@ -162,7 +176,7 @@ def test_tokenize_pairs(tiny_tok):
     full_r = [encode_left(tiny_tok, [p + x], None)[0][0] for p, x in zip(ds["prompt"], ds["rejected"])]
     assert n_cut == sum(len(a) > 16 or len(b) > 16 for a, b in zip(full, full_r)) == 2
     for ids, f in zip(out["chosen_ids"], full):
-        assert ids == f[-len(ids):] and ids[-1] == tiny_tok.eos_token_id
+        assert ids == f[-len(ids) :] and ids[-1] == tiny_tok.eos_token_id
     kept, _ = tokenize_pairs(ds, tiny_tok, max_length=None, keep_text=True)
     assert {"prompt", "chosen", "rejected", "source"} <= set(kept.column_names)
     with pytest.raises(ValueError, match="no 'prompt' column"):

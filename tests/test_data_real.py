@@ -11,6 +11,7 @@ import pytest
 from pipeline.data import load_source, load_stats, tokenize_pairs
 from pipeline.data.tokenize import encode_left
 
+
 pytestmark = pytest.mark.real_data
 
 
@@ -134,4 +135,4 @@ def test_real_pairs_truncate_from_the_left(real_data_dir, tiny_tok):
     full_r, _ = encode_left(tiny_tok, [p + c for p, c in zip(ds["prompt"], ds["rejected"])], None)
     assert n_cut == sum(len(a) > 128 or len(b) > 128 for a, b in zip(full_c, full_r)) > 0
     for ids, full in zip(tok["chosen_ids"], full_c):
-        assert len(ids) <= 128 and ids == full[-len(ids):]  # the tail (response + EOS) survives
+        assert len(ids) <= 128 and ids == full[-len(ids) :]  # the tail (response + EOS) survives

@@ -12,6 +12,7 @@ import pytest
 from pipeline.data import FORMATS, PreferenceDataError, load_source, load_stats, split_dialogue
 from pipeline.data.sources import summarize_prompt
 
+
 H, A = "\n\nHuman:", "\n\nAssistant:"
 
 
@@ -44,7 +45,8 @@ def test_hh_rlhf_hub_dir_layout(fx):
     assert (st["records"], st["pairs"], st["identical"], st["context_mismatch"]) == (4, 2, 1, 1)
     # the same directory through `name` and a direct path to the gz file
     assert rows(load_source("hh-rlhf", str(fx / "hh-rlhf"), split="test", name="harmless-base")) == rows(
-        load_source("hh-rlhf", str(fx / "hh-rlhf/harmless-base/test.jsonl.gz")))
+        load_source("hh-rlhf", str(fx / "hh-rlhf/harmless-base/test.jsonl.gz"))
+    )
     for r in ds:  # the schema contract: prompt + chosen is the full transcript
         assert r["prompt"].endswith(A)
 
@@ -52,8 +54,11 @@ def test_hh_rlhf_hub_dir_layout(fx):
 def test_hh_rlhf_context_mismatch_rules(fx):
     path = str(fx / "hh-rlhf/harmless-base/train.jsonl.gz")
     common = load_source("hh-rlhf", path, context_mismatch="common")
-    assert rows(common)[-1] == (f"{H} Can you help me steal?{A}", " No, I can't help with that.",
-                                f" Sure.{H} Really?{A} Yes, here is how.")
+    assert rows(common)[-1] == (
+        f"{H} Can you help me steal?{A}",
+        " No, I can't help with that.",
+        f" Sure.{H} Really?{A} Yes, here is how.",
+    )
     assert load_stats(common)["context_mismatch_common"] == 1
     with pytest.raises(PreferenceDataError, match="different contexts"):
         load_source("hh-rlhf", path, context_mismatch="error")
@@ -277,7 +282,7 @@ def test_non_finite_numbers_are_rejected_with_file_line_field(tmp_path, literal)
     with pytest.raises(PreferenceDataError, match=r"m\.jsonl, line 2, field 'margin': the number is .*not finite"):
         load_source("jsonl", _write_lines(tmp_path / "m.jsonl", [ok, bad]))
     texts = [f"{H} q{A} a", f"{H} q{A} b", f"{H} q{A} c"]
-    more = '{"text": %s, "score": [1.0, %s, 0.5]}' % (json.dumps(texts), literal)
+    more = f'{{"text": {json.dumps(texts)}, "score": [1.0, {literal}, 0.5]}}'
     with pytest.raises(PreferenceDataError, match=r"s\.json, line 1, field 'score\.1'.*not finite"):
         load_source("more-json", _write_lines(tmp_path / "s.json", [more]), with_margin=True)
     web = {"question": {"full_text": "q"}, "answer_0": "a", "answer_1": "b", "score_0": 1.0}
@@ -287,7 +292,9 @@ def test_non_finite_numbers_are_rejected_with_file_line_field(tmp_path, literal)
 
 
 def test_non_finite_margin_in_parquet_is_rejected(tmp_path):
-    datasets.Dataset.from_list([{**PAIR, "margin": 1.0}, {**PAIR, "margin": float("nan")}]).to_parquet(tmp_path / "p.parquet")
+    datasets.Dataset.from_list([{**PAIR, "margin": 1.0}, {**PAIR, "margin": float("nan")}]).to_parquet(
+        tmp_path / "p.parquet"
+    )
     with pytest.raises(PreferenceDataError, match=r"p\.parquet, row 1, field 'margin'.*nan"):
         load_source("jsonl", str(tmp_path / "p.parquet"))
 
@@ -316,17 +323,28 @@ def test_oasst1_flat_duplicate_ids_and_cycles_are_counted_never_looped(tmp_path)
 
 
 def test_oasst1_bad_rank_or_reply_without_text_names_the_field(tmp_path):
-    tree = {"message_id": "p", "role": "prompter", "text": "Q?", "replies": [
-        {"message_id": "a", "role": "assistant", "text": "one", "rank": 0, "replies": []},
-        {"message_id": "b", "role": "assistant", "text": "two", "rank": "1", "replies": []}]}
-    with pytest.raises(PreferenceDataError, match=r"t\.jsonl, line 1, message 'b', field 'rank': rank must be a whole"):
+    tree = {
+        "message_id": "p",
+        "role": "prompter",
+        "text": "Q?",
+        "replies": [
+            {"message_id": "a", "role": "assistant", "text": "one", "rank": 0, "replies": []},
+            {"message_id": "b", "role": "assistant", "text": "two", "rank": "1", "replies": []},
+        ],
+    }
+    with pytest.raises(
+        PreferenceDataError, match=r"t\.jsonl, line 1, message 'b', field 'rank': rank must be a whole"
+    ):
         load_source("oasst1", _write_lines(tmp_path / "t.jsonl", [json.dumps(tree)]))
     tree["replies"][1]["rank"] = 1
     del tree["replies"][1]["text"]
     with pytest.raises(PreferenceDataError, match=r"message 'b', field 'text': missing field"):
         load_source("oasst1", _write_lines(tmp_path / "t.jsonl", [json.dumps(tree)]))
-    flat = [_msg("p", None, "prompter", "Q?"), _msg("a", "p", "assistant", "one", 0),
-            json.dumps({"message_id": "b", "parent_id": "p", "role": "assistant", "rank": 1})]
+    flat = [
+        _msg("p", None, "prompter", "Q?"),
+        _msg("a", "p", "assistant", "one", 0),
+        json.dumps({"message_id": "b", "parent_id": "p", "role": "assistant", "rank": 1}),
+    ]
     with pytest.raises(PreferenceDataError, match=r"f\.jsonl, line 3, field 'text': missing field"):
         load_source("oasst1", _write_lines(tmp_path / "f.jsonl", flat))
 
@@ -340,7 +358,9 @@ def test_truncated_gzip_bom_and_latin1(tmp_path):
     assert rows(load_source("jsonl", str(tmp_path / "bom.jsonl"))) == [(PAIR["prompt"], " yes", " no")]
     (tmp_path / "bom.jsonl.gz").write_bytes(gzip.compress((tmp_path / "bom.jsonl").read_bytes()))
     assert len(load_source("jsonl", str(tmp_path / "bom.jsonl.gz"))) == 1
-    (tmp_path / "latin1.jsonl").write_bytes((json.dumps(PAIR) + "\n").encode() + '{"prompt": "café"}\n'.encode("latin-1"))
+    (tmp_path / "latin1.jsonl").write_bytes(
+        (json.dumps(PAIR) + "\n").encode() + '{"prompt": "café"}\n'.encode("latin-1")
+    )
     with pytest.raises(PreferenceDataError, match=r"latin1\.jsonl, line 2: byte 0xe9 is not UTF-8.*Fix: convert"):
         load_source("jsonl", str(tmp_path / "latin1.jsonl"))
 
@@ -351,8 +371,12 @@ def test_option_values_checked_summarize_choice_bool_and_record_splits_string(fx
         load_source("hh-rlhf", hh, context_mismatch="commn")
     with pytest.raises(PreferenceDataError, match="context_mismatch"):
         load_source("more-json", str(fx / "more-json/helpful.test.json"), context_mismatch=True)
-    comp = {"info": {"post": "A post.", "title": "T"}, "summaries": [{"text": "one"}, {"text": "two"}],
-            "choice": True, "split": "valid1"}
+    comp = {
+        "info": {"post": "A post.", "title": "T"},
+        "summaries": [{"text": "one"}, {"text": "two"}],
+        "choice": True,
+        "split": "valid1",
+    }
     path = _write_lines(tmp_path / "s.jsonl", [json.dumps(comp)])
     with pytest.raises(PreferenceDataError, match=r"s\.jsonl, line 1, field 'choice': expected int, got bool True"):
         load_source("summarize", path)

@@ -20,6 +20,7 @@ from pipeline.data.synthetic import (
     synthetic_splits,
 )
 
+
 SMALL = SyntheticConfig(n_train=60, n_valid=20, n_test=30)
 
 
@@ -53,7 +54,9 @@ def _expected_probs(ds, source, cfg):
     beta = cfg.beta[source] * cfg.beta_scale
     q, g = [], []
     for r in ds:
-        du = source_utility(source, r["prompt"], r["chosen"], cfg) - source_utility(source, r["prompt"], r["rejected"], cfg)
+        du = source_utility(source, r["prompt"], r["chosen"], cfg) - source_utility(
+            source, r["prompt"], r["rejected"], cfg
+        )
         dg = gold_reward(r["prompt"], r["chosen"]) - gold_reward(r["prompt"], r["rejected"])
         q.append(1.0 / (1.0 + math.exp(-beta * du)))
         g.append(1.0 / (1.0 + math.exp(-cfg.gold_beta * dg)))
@@ -147,8 +150,12 @@ def test_gold_reward_is_finite_on_garbage():
 
 def test_generated_responses_round_trip_through_the_parser():
     rng = np.random.default_rng(1)
-    benign = [P, "\n\nHuman: How many legs has a crab got?\n\nAssistant:", "\n\nHuman: What is 3 plus 9?\n\nAssistant:",
-              "\n\nHuman: What colour is the sky on a clear day?\n\nAssistant:"]
+    benign = [
+        P,
+        "\n\nHuman: How many legs has a crab got?\n\nAssistant:",
+        "\n\nHuman: What is 3 plus 9?\n\nAssistant:",
+        "\n\nHuman: What colour is the sky on a clear day?\n\nAssistant:",
+    ]
     for prompt, contents in [(p, ("correct", "wrong", "refusal")) for p in benign] + [(H, ("comply", "refusal"))]:
         for content in contents:
             for fillers in range(4):
@@ -156,7 +163,12 @@ def test_generated_responses_round_trip_through_the_parser():
                     for so in (False, True):
                         text = syn.compose_response(prompt, content, fillers, cit, so, rng)
                         a = response_attributes(prompt, text)
-                        assert (a["content"], a["fillers"], a["citation"], a["signoff"]) == (content, fillers, int(cit), int(so)), text
+                        assert (a["content"], a["fillers"], a["citation"], a["signoff"]) == (
+                            content,
+                            fillers,
+                            int(cit),
+                            int(so),
+                        ), text
                         assert a["junk_words"] == 0 and a["extra_sentences"] == 0, text
 
 

@@ -25,8 +25,10 @@ def test_explicit_conversational_hub_dir(trl_dir):
     conv = decode_conversation(row["conversation"])
     assert [m["role"] for m in conv["prompt"]] == ["system", "user", "assistant", "user"]
     assert conv["chosen"] == [{"role": "assistant", "content": "A horse has four legs."}]
-    assert row["prompt"] == ("\n\nSystem: You are terse.\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: How many legs "
-                             "has a horse got?\n\nAssistant:")
+    assert row["prompt"] == (
+        "\n\nSystem: You are terse.\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: How many legs "
+        "has a horse got?\n\nAssistant:"
+    )
     assert row["chosen"] == " A horse has four legs." and row["margin"] == 1.0
     assert len(load_source("trl", str(trl_dir / "conv-hub"), split="test")) == 2
 
@@ -45,15 +47,24 @@ def test_standard_layouts(trl_dir):
     explicit = load_source("trl", str(trl_dir / "explicit-std.json"))
     implicit = load_source("trl", str(trl_dir / "implicit-std.jsonl.gz"))
     assert "conversation" not in explicit.column_names
-    assert explicit[0] == {"prompt": "What color is the sky?", "chosen": " It is blue on a clear day.",
-                           "rejected": " It is green.", "source": "trl"}
+    assert explicit[0] == {
+        "prompt": "What color is the sky?",
+        "chosen": " It is blue on a clear day.",
+        "rejected": " It is green.",
+        "source": "trl",
+    }
     # TRL's extract_prompt: the longest common CHARACTER prefix, the space before the split going to the
     # responses (so responses that start alike share their start with the prompt)
     assert implicit[0]["prompt"] == "What color is the sky? It is" and implicit[0]["chosen"] == " blue on a clear day."
-    assert implicit[1]["prompt"] == "How many legs has a horse got?" and implicit[1]["chosen"] == " A horse has four legs."
+    assert (
+        implicit[1]["prompt"] == "How many legs has a horse got?"
+        and implicit[1]["chosen"] == " A horse has four legs."
+    )
     for i, e in zip(implicit, explicit):
-        assert (i["prompt"] + i["chosen"], i["prompt"] + i["rejected"]) == (e["prompt"] + e["chosen"],
-                                                                            e["prompt"] + e["rejected"])
+        assert (i["prompt"] + i["chosen"], i["prompt"] + i["rejected"]) == (
+            e["prompt"] + e["chosen"],
+            e["prompt"] + e["rejected"],
+        )
     assert (load_stats(explicit)["identical"], load_stats(implicit)["identical"]) == (1, 1)
 
 
@@ -70,11 +81,14 @@ def test_save_to_disk_dir(trl_dir, tmp_path):
         load_source("trl", str(tmp_path / "dd"), split="test")
 
 
-@pytest.mark.parametrize("name, field, problem", [
-    ("no_role", "chosen[0]", "without 'role'"),
-    ("prompt_ends_assistant", "prompt", "ends with an assistant turn"),
-    ("mixed_kinds", "chosen/rejected", "chosen is list but rejected is str"),
-])
+@pytest.mark.parametrize(
+    "name, field, problem",
+    [
+        ("no_role", "chosen[0]", "without 'role'"),
+        ("prompt_ends_assistant", "prompt", "ends with an assistant turn"),
+        ("mixed_kinds", "chosen/rejected", "chosen is list but rejected is str"),
+    ],
+)
 def test_bad_rows_name_file_row_field(trl_dir, name, field, problem):
     with pytest.raises(PreferenceDataError) as e:
         load_source("trl", str(trl_dir / "bad" / f"{name}.jsonl"))
@@ -85,8 +99,14 @@ def test_bad_rows_name_file_row_field(trl_dir, name, field, problem):
 def test_group_by_rewardbench_layout(trl_dir):
     ds = load_source("trl", str(trl_dir / "rewardbench.jsonl"), source="rb", group_by="subset")
     assert load_stats(ds)["groups"] == {"rb/chat-easy": 6, "rb/code-python": 4, "rb/refusals": 1}
-    kept = load_source("trl", str(trl_dir / "rewardbench.jsonl"), source="rb", group_by="subset",
-                       drop_groups=["refusals"], group_names={"code-python": "code"})
+    kept = load_source(
+        "trl",
+        str(trl_dir / "rewardbench.jsonl"),
+        source="rb",
+        group_by="subset",
+        drop_groups=["refusals"],
+        group_names={"code-python": "code"},
+    )
     assert sorted(set(kept["source"])) == ["code", "rb/chat-easy"] and load_stats(kept)["other_group"] == 1
     only = load_source("trl", str(trl_dir / "rewardbench.jsonl"), group_by="subset", keep_groups=["refusals"])
     assert only["source"] == ["trl/refusals"]
@@ -103,14 +123,35 @@ def test_group_by_other_formats(fixtures_dir):
 
 
 def test_build_splits_expands_groups_and_mixes_kinds(trl_dir, fixtures_dir):
-    cfg = DataConfig(sources=[
-        {"name": "uf", "format": "trl", "path": str(trl_dir / "conv-hub"), "split": "train",
-         "test_split": "test", "options": {"group_by": "source"}},
-        {"name": "rb", "format": "trl", "path": str(trl_dir / "rewardbench.jsonl"), "split": None,
-         "options": {"group_by": "subset", "drop_groups": ["refusals"]}},
-        {"name": "hh", "format": "hh-rlhf", "path": str(fixtures_dir / "data" / "hh-rlhf"), "split": "train",
-         "options": {"data_dir": "harmless-base"}},
-    ], test_fraction=0.2, valid_fraction=0.2, n_train_per_source=6)
+    cfg = DataConfig(
+        sources=[
+            {
+                "name": "uf",
+                "format": "trl",
+                "path": str(trl_dir / "conv-hub"),
+                "split": "train",
+                "test_split": "test",
+                "options": {"group_by": "source"},
+            },
+            {
+                "name": "rb",
+                "format": "trl",
+                "path": str(trl_dir / "rewardbench.jsonl"),
+                "split": None,
+                "options": {"group_by": "subset", "drop_groups": ["refusals"]},
+            },
+            {
+                "name": "hh",
+                "format": "hh-rlhf",
+                "path": str(fixtures_dir / "data" / "hh-rlhf"),
+                "split": "train",
+                "options": {"data_dir": "harmless-base"},
+            },
+        ],
+        test_fraction=0.2,
+        valid_fraction=0.2,
+        n_train_per_source=6,
+    )
     splits = build_splits(cfg)
     assert list(splits) == ["uf/chat", "uf/code", "rb/chat-easy", "rb/code-python", "hh"]
     assert len(splits["uf/code"]["test"]) == 1 and len(splits["uf/chat"]["test"]) == 1  # from the test split
@@ -124,11 +165,18 @@ def test_build_splits_expands_groups_and_mixes_kinds(trl_dir, fixtures_dir):
 
 
 def test_group_name_clash(trl_dir):
-    cfg = DataConfig(sources=[
-        {"name": "x", "format": "trl", "path": str(trl_dir / "rewardbench.jsonl"), "split": None,
-         "options": {"group_by": "subset", "group_names": {"refusals": "y"}}},
-        {"name": "y", "format": "trl", "path": str(trl_dir / "explicit-std.json"), "split": None},
-    ])
+    cfg = DataConfig(
+        sources=[
+            {
+                "name": "x",
+                "format": "trl",
+                "path": str(trl_dir / "rewardbench.jsonl"),
+                "split": None,
+                "options": {"group_by": "subset", "group_names": {"refusals": "y"}},
+            },
+            {"name": "y", "format": "trl", "path": str(trl_dir / "explicit-std.json"), "split": None},
+        ]
+    )
     with pytest.raises(PreferenceDataError, match="clashes"):
         build_splits(cfg)
 
@@ -136,9 +184,12 @@ def test_group_name_clash(trl_dir):
 def test_implicit_option_ignores_a_prompt_string(tmp_path):
     """argilla/ultrafeedback-binarized-preferences-cleaned style: a prompt string beside chosen/rejected that
     hold the whole conversation; without the option the mixed kinds are an error naming the fix."""
-    rec = {"source": "evol", "prompt": "Hi?", "chosen": [{"role": "user", "content": "Hi?"},
-                                                        {"role": "assistant", "content": "Hello."}],
-           "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Go."}]}
+    rec = {
+        "source": "evol",
+        "prompt": "Hi?",
+        "chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
+        "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Go."}],
+    }
     f = tmp_path / "uf.jsonl"
     f.write_text(json.dumps(rec) + "\n")
     ds = load_source("trl", str(f), implicit=True, group_by="source", source="uf")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import re
 import socket
 import threading
@@ -29,6 +28,7 @@ from pipeline.align.judge import (
 )
 from tests.test_align_helpers import judge_server
 
+
 SECRET = "sk-test-DO-NOT-LEAK-1234"
 
 
@@ -41,7 +41,16 @@ def test_parse_verdict_is_strict():
     assert parse_verdict("B is shorter and correct.\n\n  B  \n") == "B"
     assert parse_verdict("One sentence.\n**A**") == "A"
     assert parse_verdict("One sentence.\nVerdict: b.") == "B"
-    for bad in ["", None, "A is better", "Both are fine.\nAB", "Response A wins.", "A\nno verdict here", "C", "Neither"]:
+    for bad in [
+        "",
+        None,
+        "A is better",
+        "Both are fine.\nAB",
+        "Response A wins.",
+        "A\nno verdict here",
+        "C",
+        "Neither",
+    ]:
         assert parse_verdict(bad) is None, bad
 
 
@@ -111,8 +120,15 @@ def server():
 
 
 def _judge(server, tmp_path, **kw):
-    kw = {"api_key_env": "JUDGE_TEST_KEY", "cache_path": tmp_path / "cache.jsonl", "concurrency": 3,
-          "retries": 2, "backoff_s": 0.01, "timeout_s": 10, **kw}
+    kw = {
+        "api_key_env": "JUDGE_TEST_KEY",
+        "cache_path": tmp_path / "cache.jsonl",
+        "concurrency": 3,
+        "retries": 2,
+        "backoff_s": 0.01,
+        "timeout_s": 10,
+        **kw,
+    }
     return OpenAIJudge(server.base_url, "judge-model", **kw)
 
 
@@ -134,8 +150,14 @@ def test_protocol_retry_invalid_and_cache(server, tmp_path, monkeypatch, caplog)
     assert out[0]["votes"] == ["A", "B"] and out[3]["votes"] == [None, None]
     assert server.requests == 2 * len(comps) + 1
     assert {b["model"] for b in server.bodies} == {"judge-model"}
-    assert "more harmless" in [b for b in server.bodies if "bad green" in b["messages"][0]["content"]
-                               and "harmless" in b["messages"][0]["content"]][0]["messages"][0]["content"]
+    assert (
+        "more harmless"
+        in [
+            b
+            for b in server.bodies
+            if "bad green" in b["messages"][0]["content"] and "harmless" in b["messages"][0]["content"]
+        ][0]["messages"][0]["content"]
+    )
     assert set(server.auth_headers) == {f"Bearer {SECRET}"}
 
     # a rerun (new judge, same cache file) pays nothing and gives the same verdicts
@@ -143,7 +165,9 @@ def test_protocol_retry_invalid_and_cache(server, tmp_path, monkeypatch, caplog)
     assert server.requests == 2 * len(comps) + 1
     assert [o["verdict"] for o in again] == [o["verdict"] for o in out]
     # another judge model is another cache key
-    other = OpenAIJudge(server.base_url, "other-model", api_key_env="JUDGE_TEST_KEY", cache_path=tmp_path / "cache.jsonl")
+    other = OpenAIJudge(
+        server.base_url, "other-model", api_key_env="JUDGE_TEST_KEY", cache_path=tmp_path / "cache.jsonl"
+    )
     other.compare(comps[:1])
     assert server.requests == 2 * len(comps) + 3
 
@@ -170,8 +194,16 @@ def test_unreachable_endpoint_is_one_clear_error(tmp_path):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()  # nothing listens there now
-    judge = OpenAIJudge(f"http://127.0.0.1:{port}/v1", "m", api_key_env="", cache_path=tmp_path / "c.jsonl",
-                        retries=1, backoff_s=0.01, timeout_s=2, concurrency=2)
+    judge = OpenAIJudge(
+        f"http://127.0.0.1:{port}/v1",
+        "m",
+        api_key_env="",
+        cache_path=tmp_path / "c.jsonl",
+        retries=1,
+        backoff_s=0.01,
+        timeout_s=2,
+        concurrency=2,
+    )
     with pytest.raises(JudgeUnreachable, match=f"127.0.0.1:{port}.*unreachable after 2 attempts.*base_url"):
         judge.compare([Comparison(P, "a", "b"), Comparison(P, "c", "d")])
     assert judge.n_requests <= 4
@@ -220,7 +252,10 @@ def test_an_echoed_key_is_redacted_everywhere(server, tmp_path, monkeypatch, cap
     rec["reply"] = f"echo Bearer {SECRET} and Bearer sk-another-token\nA"
     (tmp_path / "cache.jsonl").write_text(json.dumps(rec) + "\n")
     judge = _judge(server, tmp_path)
-    assert SECRET not in (tmp_path / "cache.jsonl").read_text() and "sk-another-token" not in judge.cache[rec["key"]]["reply"]
+    assert (
+        SECRET not in (tmp_path / "cache.jsonl").read_text()
+        and "sk-another-token" not in judge.cache[rec["key"]]["reply"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -286,8 +321,16 @@ def test_timeout_is_a_whole_request_deadline(tmp_path):
     """A server trickling one byte every 50 ms never trips a per-read timeout; the request must still
     end after ~timeout_s, and the retry gets the answer."""
     with raw_server("trickle") as (url, state):
-        judge = OpenAIJudge(url, "m", api_key_env="", cache_path=tmp_path / "c.jsonl", retries=1, backoff_s=0.01,
-                            timeout_s=0.5, concurrency=1)
+        judge = OpenAIJudge(
+            url,
+            "m",
+            api_key_env="",
+            cache_path=tmp_path / "c.jsonl",
+            retries=1,
+            backoff_s=0.01,
+            timeout_s=0.5,
+            concurrency=1,
+        )
         t0 = time.monotonic()
         rec = judge.ask("prompt", "ab")
         elapsed = time.monotonic() - t0
@@ -298,12 +341,28 @@ def test_timeout_is_a_whole_request_deadline(tmp_path):
 @pytest.mark.parametrize("bad", ["short", "badstatus"])
 def test_truncated_body_or_garbage_status_is_retried(tmp_path, bad):
     with raw_server(bad) as (url, state):
-        judge = OpenAIJudge(url, "m", api_key_env="", cache_path=tmp_path / "c.jsonl", retries=1, backoff_s=0.01,
-                            timeout_s=5, concurrency=1)
+        judge = OpenAIJudge(
+            url,
+            "m",
+            api_key_env="",
+            cache_path=tmp_path / "c.jsonl",
+            retries=1,
+            backoff_s=0.01,
+            timeout_s=5,
+            concurrency=1,
+        )
         assert judge.ask("prompt", "ab")["verdict"] == "A"
     assert state["requests"] == 2
     with raw_server(bad, n_bad=10) as (url, state):  # never answers: one JudgeError after the retries
-        judge = OpenAIJudge(url, "m", api_key_env="", cache_path=tmp_path / "d.jsonl", retries=1, backoff_s=0.01,
-                            timeout_s=5, concurrency=1)
+        judge = OpenAIJudge(
+            url,
+            "m",
+            api_key_env="",
+            cache_path=tmp_path / "d.jsonl",
+            retries=1,
+            backoff_s=0.01,
+            timeout_s=5,
+            concurrency=1,
+        )
         with pytest.raises(JudgeError, match="kept failing after 2 attempts"):
             judge.compare([Comparison(P, "a", "b")])

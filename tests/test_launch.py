@@ -13,12 +13,20 @@ from pathlib import Path
 import pytest
 import yaml
 
+
 REPO = Path(__file__).resolve().parents[1]
 ACC = REPO / "accelerate_configs"
 DS = REPO / "deepspeed_configs"
 SCRIPTS = REPO / "scripts"
-EXPECTED = {"single_gpu.yaml", "multi_gpu.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml",
-            "deepspeed_zero3_offload.yaml", "multi_node.yaml", "cpu_2proc.yaml"}
+EXPECTED = {
+    "single_gpu.yaml",
+    "multi_gpu.yaml",
+    "deepspeed_zero2.yaml",
+    "deepspeed_zero3.yaml",
+    "deepspeed_zero3_offload.yaml",
+    "multi_node.yaml",
+    "cpu_2proc.yaml",
+}
 
 
 def test_expected_configs_exist():
@@ -50,8 +58,12 @@ def test_accelerate_config_parses(name):
 @pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
 def test_deepspeed_json(name):
     cfg = json.loads((DS / name).read_text())
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                "gradient_clipping"):
+    for key in (
+        "train_batch_size",
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "gradient_clipping",
+    ):
         assert cfg[key] == "auto", key  # filled in by the HF Trainer from the recipe
     assert cfg["bf16"]["enabled"] == "auto"
     zero = cfg["zero_optimization"]
@@ -69,9 +81,15 @@ def test_deepspeed_json_auto_values_are_filled_by_trainer_args():
 
     for name in ("zero2.json", "zero3.json", "zero3_offload.json"):
         ds = HfTrainerDeepSpeedConfig(json.loads((DS / name).read_text()))
-        args = TrainingArguments(output_dir="/tmp/unused", per_device_train_batch_size=10,
-                                 gradient_accumulation_steps=1, learning_rate=1e-6, bf16=False, use_cpu=True,
-                                 report_to=[])
+        args = TrainingArguments(
+            output_dir="/tmp/unused",
+            per_device_train_batch_size=10,
+            gradient_accumulation_steps=1,
+            learning_rate=1e-6,
+            bf16=False,
+            use_cpu=True,
+            report_to=[],
+        )
         ds.trainer_config_process(args)
         cfg = ds.config
         assert cfg["train_micro_batch_size_per_gpu"] == 10 and cfg["gradient_accumulation_steps"] == 1
@@ -97,7 +115,7 @@ def test_launch_script_is_valid_and_references_existing_files(name):
     for recipe in re.findall(r"--recipe\s+\"?([\w.$-]+)", text):
         if "$" not in recipe:
             assert recipe in preset_names(), recipe
-    for recipe in re.findall(r'--recipe "paper-\$BASE"', text):
+    if re.search(r'--recipe "paper-\$BASE"', text):
         assert all(f"paper-{b}" in preset_names() for b in ("pythia-1.4b", "pythia-2.8b", "llama2-7b"))
 
 

@@ -34,8 +34,14 @@ def _reference_min(g, seeds=20):
     rng = np.random.default_rng(0)
     for _ in range(seeds):
         x0 = rng.dirichlet(np.ones(k))
-        r = minimize(lambda x: _objective(g, x), x0, method="SLSQP", bounds=[(0, 1)] * k,
-                     constraints=[{"type": "eq", "fun": lambda x: x.sum() - 1}], options={"ftol": 1e-15, "maxiter": 500})
+        r = minimize(
+            lambda x: _objective(g, x),
+            x0,
+            method="SLSQP",
+            bounds=[(0, 1)] * k,
+            constraints=[{"type": "eq", "fun": lambda x: x.sum() - 1}],
+            options={"ftol": 1e-15, "maxiter": 500},
+        )
         if r.success:
             best = min(best, _objective(g, np.clip(r.x, 0, None) / np.clip(r.x, 0, None).sum()))
     return best

@@ -165,7 +165,9 @@ def test_logprobs_and_entropy_match_direct_formulas():
             lse = math.log(sum(math.exp(v) for v in z))
             assert lp[b, t].item() == pytest.approx(z[labels[b, t]] - lse, abs=1e-6)
             p = [math.exp(v - lse) for v in z]
-            assert entropy_from_logits(logits)[b, t].item() == pytest.approx(-sum(q * math.log(q) for q in p), abs=1e-6)
+            assert entropy_from_logits(logits)[b, t].item() == pytest.approx(
+                -sum(q * math.log(q) for q in p), abs=1e-6
+            )
 
 
 def test_response_mask_positions_and_last_index():

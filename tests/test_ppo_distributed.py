@@ -15,13 +15,23 @@ from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _torchrun(out: Path, *extra: str, timeout: int = 300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(Path(__file__).resolve()), str(out), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        str(Path(__file__).resolve()),
+        str(out),
+        *extra,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -121,8 +131,16 @@ def _worker(out: Path, zero: int, lora: bool = False):
         return [gold_reward(p, r) for p, r in zip(prompts, responses)]
 
     cfg = PPOConfig(
-        num_steps=2, rollout_batch_size=4, mini_batch_size=2, ppo_epochs=2, learning_rate=1e-3,
-        max_new_tokens=8, max_prompt_length=48, progress=False, use_peft=lora, lora_r=4,
+        num_steps=2,
+        rollout_batch_size=4,
+        mini_batch_size=2,
+        ppo_epochs=2,
+        learning_rate=1e-3,
+        max_new_tokens=8,
+        max_prompt_length=48,
+        progress=False,
+        use_peft=lora,
+        lora_r=4,
     )
     prompts = synthetic_prompts(16, seed=0, split="train")
     gold_fn = lambda ps, rs: [gold_reward(p, r) for p, r in zip(ps, rs)]  # noqa: E731
@@ -140,7 +158,9 @@ def _worker(out: Path, zero: int, lora: bool = False):
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     _worker(
-        Path(sys.argv[1]), int(sys.argv[sys.argv.index("--zero") + 1]) if "--zero" in sys.argv else 0, "--lora" in sys.argv
+        Path(sys.argv[1]),
+        int(sys.argv[sys.argv.index("--zero") + 1]) if "--zero" in sys.argv else 0,
+        "--lora" in sys.argv,
     )
     from pipeline.run import shutdown_distributed
 

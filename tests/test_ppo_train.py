@@ -19,8 +19,14 @@ def _gold(prompts, responses):
 
 def _small_cfg(**kw):
     base = dict(
-        num_steps=2, rollout_batch_size=4, mini_batch_size=2, ppo_epochs=2, learning_rate=1e-3,
-        max_new_tokens=8, max_prompt_length=48, progress=False,
+        num_steps=2,
+        rollout_batch_size=4,
+        mini_batch_size=2,
+        ppo_epochs=2,
+        learning_rate=1e-3,
+        max_new_tokens=8,
+        max_prompt_length=48,
+        progress=False,
     )
     return PPOConfig(**{**base, **kw})
 
@@ -46,7 +52,10 @@ def test_ppo_raises_gold_reward_on_synthetic_benchmark(tiny_tok, tmp_path, one_t
 
     train = synthetic_prompts(200, seed=1, split="train")
     policy = warm_start_policy(
-        tiny_tok, [p for p in train for _ in range(4)], [r for p in train for r in synthetic_responses(p, 4, seed=1)], seed=0
+        tiny_tok,
+        [p for p in train for _ in range(4)],
+        [r for p in train for r in synthetic_responses(p, 4, seed=1)],
+        seed=0,
     )
     held_out = synthetic_prompts(128, seed=5, split="test")
 
@@ -56,10 +65,20 @@ def test_ppo_raises_gold_reward_on_synthetic_benchmark(tiny_tok, tmp_path, one_t
 
     before = held_out_gold(policy)
     cfg = PPOConfig(
-        num_steps=24, rollout_batch_size=32, mini_batch_size=16, ppo_epochs=4, learning_rate=1e-3, kl_coef=0.02,
-        max_new_tokens=40, max_prompt_length=64, seed=0, progress=False,
+        num_steps=24,
+        rollout_batch_size=32,
+        mini_batch_size=16,
+        ppo_epochs=4,
+        learning_rate=1e-3,
+        kl_coef=0.02,
+        max_new_tokens=40,
+        max_prompt_length=64,
+        seed=0,
+        progress=False,
     )
-    out = train_ppo(policy, tiny_tok, synthetic_prompts(256, seed=3, split="train"), _gold, cfg, tmp_path, gold_fn=_gold)
+    out = train_ppo(
+        policy, tiny_tok, synthetic_prompts(256, seed=3, split="train"), _gold, cfg, tmp_path, gold_fn=_gold
+    )
     after = held_out_gold(policy)
 
     log = out["log"]
@@ -103,7 +122,9 @@ def test_ppo_lora_uses_adapter_disabled_reference_and_saves_merged_policy(tiny_t
     changed = [k for k, v in saved.state_dict().items() if not torch.equal(v, start[k])]
     assert changed and all("query_key_value" in k or "dense" in k for k in changed), changed
     with pytest.raises(ValueError, match="adapter-disabled"):
-        train_ppo(_tiny_policy(tiny_tok), tiny_tok, ["x"], _gold, cfg, tmp_path / "b", ref_policy=_tiny_policy(tiny_tok))
+        train_ppo(
+            _tiny_policy(tiny_tok), tiny_tok, ["x"], _gold, cfg, tmp_path / "b", ref_policy=_tiny_policy(tiny_tok)
+        )
 
 
 def test_ppo_separate_critic(tiny_tok, tmp_path, one_thread):
@@ -157,4 +178,6 @@ def test_ppo_bad_inputs(tiny_tok, tmp_path):
     with pytest.raises(ValueError, match="no prompts"):
         train_ppo(policy, tiny_tok, [], _gold, _small_cfg(), tmp_path)
     with pytest.raises(ValueError, match="reward_fn returned shape"):
-        train_ppo(policy, tiny_tok, ["\n\nHuman: hi\n\nAssistant:"], lambda p, r: [0.0, 1.0, 2.0], _small_cfg(), tmp_path)
+        train_ppo(
+            policy, tiny_tok, ["\n\nHuman: hi\n\nAssistant:"], lambda p, r: [0.0, 1.0, 2.0], _small_cfg(), tmp_path
+        )

@@ -10,8 +10,12 @@ import pytest
 import pipeline.config as C
 from pipeline.run import stage_names
 
-PAPER = {"paper-pythia-1.4b": "EleutherAI/pythia-1.4b", "paper-pythia-2.8b": "EleutherAI/pythia-2.8b",
-         "paper-llama2-7b": "meta-llama/Llama-2-7b-hf"}
+
+PAPER = {
+    "paper-pythia-1.4b": "EleutherAI/pythia-1.4b",
+    "paper-pythia-2.8b": "EleutherAI/pythia-2.8b",
+    "paper-llama2-7b": "meta-llama/Llama-2-7b-hf",
+}
 ALL = ["tiny-cpu", "minilm-real", "rm-eval", *PAPER, "alpaca-7b-rjs", "trl-conversational", "trl-ultrafeedback"]
 
 
@@ -26,7 +30,7 @@ def load(name, *overrides, data_root=None):
 def test_recipe_loads_with_real_stage_classes(name, tmp_path):
     r = load(name, data_root=tmp_path)
     assert r.name == name and r.description
-    for section, (module, cls) in C.SECTIONS.items():
+    for section, (_module, cls) in C.SECTIONS.items():
         assert type(getattr(r, section)).__name__ == cls, section
     assert set(r.stages or stage_names()) <= set(stage_names())
     assert C.recipe_from_dict(C.recipe_to_dict(r)) == r  # the resolved recipe round-trips
@@ -53,7 +57,10 @@ def test_paper_table2_settings(name):
     assert [s.name for s in d.sources] == ["helpful", "harmless", "oasst1", "webgpt", "summarize"]
     by = {s.name: s for s in d.sources}
     assert (by["helpful"].format, by["helpful"].path, by["helpful"].options) == (
-        "hh-rlhf", "Anthropic/hh-rlhf", {"data_dir": "helpful-base"})
+        "hh-rlhf",
+        "Anthropic/hh-rlhf",
+        {"data_dir": "helpful-base"},
+    )
     assert by["harmless"].options == {"data_dir": "harmless-base"} and by["harmless"].test_split == "test"
     assert (by["oasst1"].format, by["oasst1"].path) == ("oasst1", "OpenAssistant/oasst1")
     assert (by["webgpt"].format, by["webgpt"].path) == ("webgpt", "openai/webgpt_comparisons")
@@ -87,7 +94,12 @@ def test_alpaca_rjs_settings_and_reuse_of_llama_rms():
     assert a.methods == ["rjs"] and a.prompt_sources == ["helpful", "harmless"]
     assert (a.n, a.temperature, a.top_p, a.max_new_tokens) == (4, 1.2, 1.0, 256)
     assert (a.sft_batch_size, a.sft_learning_rate, a.sft_lr_scheduler, a.sft_warmup_ratio, a.sft_epochs) == (
-        64, 1e-6, "cosine", 0.05, 1.0)
+        64,
+        1e-6,
+        "cosine",
+        0.05,
+        1.0,
+    )
     assert a.judge.kind == "openai" and "more vs multitask" in a.comparisons
     assert "align" in r.stages
     llama = load("paper-llama2-7b")
@@ -126,22 +138,25 @@ def test_minilm_real_builds_splits_from_the_shared_slices(real_data_dir):
 # Values that used to pass the load and fail (or be ignored) inside a stage (issue 12)
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("reward.train.learning_rate=-0.1", "reward.train.learning_rate = -0.1"),
-    ("align.sft_learning_rate=-1e-6", "align.sft_learning_rate = -1e-06"),
-    ("data.max_length=0", "data.max_length = 0"),
-    ("calibration.max_length=-5", "calibration.max_length = -5"),
-    ("reward.train.max_length=0", "reward.train.max_length = 0"),
-    ("align.temperature=-1", "align.temperature = -1.0"),
-    ("align.eval_temperature=0", "align.eval_temperature = 0.0"),
-    ("align.ppo.temperature=-0.5", "align.ppo.temperature = -0.5"),
-    ("align.prompt_sources=[helpful, hepful]", "align.prompt_sources in the command-line override"),
-    ("align.eval_sources=[harmless, nosuch]", "names unknown source(s) ['nosuch']"),
-    ("align.comparisons=['more vs multitask', 'more vs nosuch']", "'more vs nosuch' names ['nosuch']"),
-    ("align.rms=[more, nosuch]", "align.rms in the command-line override"),
-    ("data.sources=[{name: a, format: hh}]", "unknown format 'hh'"),
-    ("align.judge.concurrency=0", "judge.concurrency must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("reward.train.learning_rate=-0.1", "reward.train.learning_rate = -0.1"),
+        ("align.sft_learning_rate=-1e-6", "align.sft_learning_rate = -1e-06"),
+        ("data.max_length=0", "data.max_length = 0"),
+        ("calibration.max_length=-5", "calibration.max_length = -5"),
+        ("reward.train.max_length=0", "reward.train.max_length = 0"),
+        ("align.temperature=-1", "align.temperature = -1.0"),
+        ("align.eval_temperature=0", "align.eval_temperature = 0.0"),
+        ("align.ppo.temperature=-0.5", "align.ppo.temperature = -0.5"),
+        ("align.prompt_sources=[helpful, hepful]", "align.prompt_sources in the command-line override"),
+        ("align.eval_sources=[harmless, nosuch]", "names unknown source(s) ['nosuch']"),
+        ("align.comparisons=['more vs multitask', 'more vs nosuch']", "'more vs nosuch' names ['nosuch']"),
+        ("align.rms=[more, nosuch]", "align.rms in the command-line override"),
+        ("data.sources=[{name: a, format: hh}]", "unknown format 'hh'"),
+        ("align.judge.concurrency=0", "judge.concurrency must be >= 1"),
+    ],
+)
 def test_bad_values_fail_at_load_or_dry_run_naming_the_key(override, needle, tmp_path, capsys):
     from pipeline.run import main
 
@@ -162,11 +177,28 @@ def test_cross_section_checks_follow_the_stages(tmp_path):
     # a run that does not align is not held to align's source names
     r = load("tiny-cpu", "align.prompt_sources=[nosuch]")
     C.check_recipe(r, ["reward", "calibration"])
-    assert main(["--recipe", "tiny-cpu", "--output-dir", str(tmp_path / "run"), "--dry-run", "--stages",
-                 "reward,calibration", "align.prompt_sources=[nosuch]"]) == 0
+    assert (
+        main(
+            [
+                "--recipe",
+                "tiny-cpu",
+                "--output-dir",
+                str(tmp_path / "run"),
+                "--dry-run",
+                "--stages",
+                "reward,calibration",
+                "align.prompt_sources=[nosuch]",
+            ]
+        )
+        == 0
+    )
     # single-<source> RMs may be aligned and compared when reward.methods trains them
-    r = load("tiny-cpu", "reward.methods=[more, single]", "align.rms=[more, single-helpful]",
-             "align.comparisons=['more vs single-helpful']")
+    r = load(
+        "tiny-cpu",
+        "reward.methods=[more, single]",
+        "align.rms=[more, single-helpful]",
+        "align.comparisons=['more vs single-helpful']",
+    )
     C.check_recipe(r, stage_names())
 
 
@@ -174,8 +206,15 @@ def test_unset_judge_key_fails_before_any_work_when_align_runs(tmp_path, monkeyp
     from pipeline.run import main
 
     monkeypatch.delenv("MORE_TEST_UNSET_KEY", raising=False)
-    argv = ["--recipe", "tiny-cpu", "--output-dir", str(tmp_path / "run"), "--dry-run", "align.judge.kind=openai",
-            "align.judge.api_key_env=MORE_TEST_UNSET_KEY"]
+    argv = [
+        "--recipe",
+        "tiny-cpu",
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--dry-run",
+        "align.judge.kind=openai",
+        "align.judge.api_key_env=MORE_TEST_UNSET_KEY",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "MORE_TEST_UNSET_KEY, which is not set, and the align stage will run" in err and "Fix: export" in err

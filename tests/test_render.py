@@ -11,6 +11,7 @@ import pytest
 from pipeline.data import render as R
 from tests.conftest import CHATML
 
+
 U = {"role": "user", "content": "Hi there "}
 A1 = {"role": "assistant", "content": " Hello."}
 U2 = {"role": "user", "content": "What is 2+2?"}
@@ -21,13 +22,18 @@ BAD = {"role": "assistant", "content": "5"}
 
 def conv_row(prompt=(SYS, U, A1, U2), chosen=(GOOD,), rejected=(BAD,)):
     prompt, chosen, rejected = list(prompt), list(chosen), list(rejected)
-    return {"prompt": R.plain_prompt(prompt), "chosen": R.plain_response(chosen),
-            "rejected": R.plain_response(rejected), "conversation": R.encode_conversation(prompt, chosen, rejected)}
+    return {
+        "prompt": R.plain_prompt(prompt),
+        "chosen": R.plain_response(chosen),
+        "rejected": R.plain_response(rejected),
+        "conversation": R.encode_conversation(prompt, chosen, rejected),
+    }
 
 
 def test_plain_layout_by_hand():
     assert R.plain_prompt([SYS, U, A1, U2]) == (
-        "\n\nSystem: Be brief.\n\nHuman: Hi there\n\nAssistant: Hello.\n\nHuman: What is 2+2?\n\nAssistant:")
+        "\n\nSystem: Be brief.\n\nHuman: Hi there\n\nAssistant: Hello.\n\nHuman: What is 2+2?\n\nAssistant:"
+    )
     assert R.plain_response([GOOD]) == " 4"
     assert R.plain_response([GOOD, U2, BAD]) == " 4\n\nHuman: What is 2+2?\n\nAssistant: 5"
     # the one-turn plain layout is the HH layout the paper's loaders produce
@@ -38,8 +44,10 @@ def test_plain_layout_by_hand():
 
 def test_chatml_pair_by_hand(chat_tok):
     p, c, r = R.templated_pair(chat_tok, [U, A1, U2], [GOOD], [BAD])
-    assert p == ("<|im_start|>user\nHi there <|im_end|>\n<|im_start|>assistant\n Hello.<|im_end|>\n"
-                 "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+    assert p == (
+        "<|im_start|>user\nHi there <|im_end|>\n<|im_start|>assistant\n Hello.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert c == "4<|im_end|>\n" and r == "5<|im_end|>\n"
     assert R.templated_prompt(chat_tok, [U, A1, U2]) == p
     assert R.end_of_turn_text(chat_tok) == "<|im_end|>"
@@ -58,12 +66,16 @@ def test_render_pair_kinds(chat_tok, tiny_tok):
 def test_render_prompt_and_response(chat_tok, llama3_tok):
     row = conv_row(prompt=(U,))
     assert R.render_prompt(chat_tok, row["prompt"], row["conversation"]) == (
-        "<|im_start|>user\nHi there <|im_end|>\n<|im_start|>assistant\n", True)
+        "<|im_start|>user\nHi there <|im_end|>\n<|im_start|>assistant\n",
+        True,
+    )
     assert R.render_prompt(chat_tok, "plain", "") == ("plain", False)
     # a policy response (plain text) re-rendered as an assistant message under ANOTHER template
     p, c, t = R.render_response(llama3_tok, row["prompt"], " It is 4. ", row["conversation"])
-    assert t and p == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi there <|eot_id|>"
-                       "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert t and p == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi there <|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     assert c == "It is 4.<|eot_id|>"
 
 
@@ -92,8 +104,14 @@ def test_encode_pairs_templated_and_text_rows(chat_tok):
     from pipeline.data.tokenize import encode_left, encode_pairs
 
     row = conv_row()
-    c, r, cut = encode_pairs(chat_tok, [row["prompt"], "Q?"], [row["chosen"], " a"], [row["rejected"], " b"],
-                             [row["conversation"], ""], max_length=None)
+    c, r, cut = encode_pairs(
+        chat_tok,
+        [row["prompt"], "Q?"],
+        [row["chosen"], " a"],
+        [row["rejected"], " b"],
+        [row["conversation"], ""],
+        max_length=None,
+    )
     p, ct, _ = R.templated_pair(chat_tok, [SYS, U, A1, U2], [GOOD], [BAD])
     # templated: exactly the template's tokens (no EOS appended, no extra BOS)
     assert c[0] == chat_tok(p + ct, add_special_tokens=False)["input_ids"]
@@ -110,14 +128,15 @@ def test_left_truncation_keeps_final_turn_markers(chat_tok):
     long_history = [U, {"role": "assistant", "content": "word " * 200}]
     row = conv_row(prompt=[*long_history, U2], chosen=[{"role": "assistant", "content": "It is four."}])
     full, _, _ = encode_pairs(chat_tok, [row["prompt"]], [row["chosen"]], [row["rejected"]], [row["conversation"]])
-    cut, _, flags = encode_pairs(chat_tok, [row["prompt"]], [row["chosen"]], [row["rejected"]],
-                                 [row["conversation"]], max_length=24)
+    cut, _, flags = encode_pairs(
+        chat_tok, [row["prompt"]], [row["chosen"]], [row["rejected"]], [row["conversation"]], max_length=24
+    )
     full, cut = full[0], cut[0]
     assert flags == [True] and len(cut) == 24 and len(full) > 100
     assert cut == full[-24:]
     assert cut[-1] == full[-1]  # the reward head's token
     tail = chat_tok("<|im_start|>assistant\nIt is four.<|im_end|>\n", add_special_tokens=False)["input_ids"]
-    assert cut[-len(tail):] == tail
+    assert cut[-len(tail) :] == tail
     im_end = chat_tok.convert_tokens_to_ids("<|im_end|>")
     assert cut[-2] == im_end and chat_tok.eos_token_id not in cut
 
@@ -128,11 +147,25 @@ def _conv_dataset(n=12):
     rows = []
     for i in range(n):
         q = {"role": "user", "content": f"How many legs has a horse got? {i}"}
-        rows.append({**conv_row(prompt=[q], chosen=[{"role": "assistant", "content": "It is 4."}],
-                                rejected=[{"role": "assistant", "content": f"It is {i % 3}."}]),
-                     "source": "a" if i % 2 else "b"})
-    rows.append({"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": " Hello.", "rejected": " Go.",
-                 "conversation": "", "source": "b"})
+        rows.append(
+            {
+                **conv_row(
+                    prompt=[q],
+                    chosen=[{"role": "assistant", "content": "It is 4."}],
+                    rejected=[{"role": "assistant", "content": f"It is {i % 3}."}],
+                ),
+                "source": "a" if i % 2 else "b",
+            }
+        )
+    rows.append(
+        {
+            "prompt": "\n\nHuman: Hi\n\nAssistant:",
+            "chosen": " Hello.",
+            "rejected": " Go.",
+            "conversation": "",
+            "source": "b",
+        }
+    )
     return datasets.Dataset.from_list(rows)
 
 
@@ -147,7 +180,8 @@ def test_tokenize_pairs_renders_conversations(chat_tok, tiny_tok):
     assert im_start not in templated["chosen_ids"][-1]  # the text row
     assert "conversation" not in templated.column_names
     assert plain["chosen_ids"][0] == tiny_tok(ds[0]["prompt"] + ds[0]["chosen"], add_special_tokens=False)[
-        "input_ids"] + [tiny_tok.eos_token_id]
+        "input_ids"
+    ] + [tiny_tok.eos_token_id]
 
 
 def test_reward_trainer_trains_on_templated_ids(tmp_path, chat_tok, one_thread):
@@ -155,11 +189,21 @@ def test_reward_trainer_trains_on_templated_ids(tmp_path, chat_tok, one_thread):
     from pipeline.reward.trainer import MORERewardConfig, MORERewardTrainer
 
     ds = _conv_dataset().add_column("source_id", [0] * 13)
-    args = MORERewardConfig(output_dir=str(tmp_path), method="multitask", max_steps=1, bf16=False,
-                            report_to="none", save_strategy="no", max_length=64, disable_tqdm=True,
-                            per_device_train_batch_size=4, use_cpu=True)
-    trainer = MORERewardTrainer(tiny_model(TinyModelSpec(), chat_tok, task="reward"), args, train_dataset=ds,
-                                processing_class=chat_tok)
+    args = MORERewardConfig(
+        output_dir=str(tmp_path),
+        method="multitask",
+        max_steps=1,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        max_length=64,
+        disable_tqdm=True,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+    )
+    trainer = MORERewardTrainer(
+        tiny_model(TinyModelSpec(), chat_tok, task="reward"), args, train_dataset=ds, processing_class=chat_tok
+    )
     im_start = chat_tok.convert_tokens_to_ids("<|im_start|>")
     assert im_start in trainer.train_dataset[0]["chosen_ids"]
 
@@ -177,14 +221,18 @@ def test_calibration_scores_with_the_rm_template(chat_tok, one_thread):
     model = tiny_model(TinyModelSpec(), chat_tok, task="reward", seed=1).eval()
     ds = _conv_dataset()
     cfg = CalibrationConfig(dtype="fp32", batch_size=8)
-    (rc, rr), = score_rm(model, chat_tok, {"s": {"test": ds}}, cfg, 64)["s"].values()
-    ids = [chat_tok(R.render_pair(chat_tok, **{k: row[k] for k in ("prompt", "chosen", "rejected", "conversation")}
-                                  ).prompt + R.render_pair(chat_tok, **{k: row[k] for k in
-                                  ("prompt", "chosen", "rejected", "conversation")}).chosen,
-                    add_special_tokens=False)["input_ids"] for row in ds.select(range(12))]
+    ((rc, rr),) = score_rm(model, chat_tok, {"s": {"test": ds}}, cfg, 64)["s"].values()
+    ids = [
+        chat_tok(
+            R.render_pair(chat_tok, **{k: row[k] for k in ("prompt", "chosen", "rejected", "conversation")}).prompt
+            + R.render_pair(chat_tok, **{k: row[k] for k in ("prompt", "chosen", "rejected", "conversation")}).chosen,
+            add_special_tokens=False,
+        )["input_ids"]
+        for row in ds.select(range(12))
+    ]
     ref = score_ids(model, ids, chat_tok.pad_token_id, dtype=None)
     np.testing.assert_allclose(rc[:12], ref, atol=1e-4)
     plain = ds.map(lambda _: {"conversation": ""})
-    (pc, _), = score_rm(model, chat_tok, {"s": {"test": plain}}, cfg, 64)["s"].values()
+    ((pc, _),) = score_rm(model, chat_tok, {"s": {"test": plain}}, cfg, 64)["s"].values()
     assert not np.allclose(pc[:12], rc[:12])
     assert json.loads(ds[0]["conversation"])["prompt"][0]["role"] == "user"

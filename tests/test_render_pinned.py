@@ -12,6 +12,7 @@ import json
 
 import pytest
 
+
 PAPER_FIXTURES = [
     ("hh-rlhf", "hh-rlhf", dict(split="train", data_dir="harmless-base")),
     ("hh-rlhf", "hh-rlhf/harmless-base/test.jsonl.gz", dict(context_mismatch="common")),
@@ -31,7 +32,9 @@ def _digest_ds(h, ds, tok, max_length):
     from pipeline.data.tokenize import tokenize_pairs
 
     for row in ds:
-        h.update(json.dumps([row["prompt"], row["chosen"], row["rejected"], row["source"], row.get("margin")]).encode())
+        h.update(
+            json.dumps([row["prompt"], row["chosen"], row["rejected"], row["source"], row.get("margin")]).encode()
+        )
         h.update((row["prompt"] + row["chosen"] + "\x00" + row["prompt"] + row["rejected"]).encode())
     tok_ds, n_cut = tokenize_pairs(ds, tok, max_length)
     h.update(json.dumps([list(tok_ds["chosen_ids"]), list(tok_ds["rejected_ids"]), n_cut]).encode())
@@ -53,7 +56,7 @@ def digest_recipe(name: str, overrides, tok, n_rows: int = 120) -> str:
     recipe = load_recipe(name, overrides)
     splits = build_splits(recipe.data)
     h = hashlib.sha256()
-    for s, dd in splits.items():
+    for _s, dd in splits.items():
         for k in ("train", "validation", "test"):
             _digest_ds(h, dd[k].select(range(min(n_rows, len(dd[k])))), tok, recipe.data.max_length)
     mixed = mix({s: d["train"] for s, d in splits.items()}, "balanced", per_source_batch=4, seed=0)

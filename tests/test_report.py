@@ -58,14 +58,25 @@ def test_paper_constants_match_the_paper():
 
 def _metrics(ece_more, ece_mt, acc_more=0.6, acc_mt=0.61):
     def entry(acc, ece, mae):
-        return {"accuracy": acc, "ece_10": ece, "truth": {"prob_mae": mae, "ece_vs_truth_10": ece / 2},
-                "truth_gold": {"prob_mae": mae + 0.01}, "temperature_scaled": {"ece_10": ece / 3}}
+        return {
+            "accuracy": acc,
+            "ece_10": ece,
+            "truth": {"prob_mae": mae, "ece_vs_truth_10": ece / 2},
+            "truth_gold": {"prob_mae": mae + 0.01},
+            "temperature_scaled": {"ece_10": ece / 3},
+        }
 
     return {
-        "more": {"helpful": entry(acc_more, ece_more, 0.1), "all_average": entry(acc_more, ece_more, 0.1),
-                 "hh_average": entry(acc_more, ece_more + 0.01, 0.1)},
-        "multitask": {"helpful": entry(acc_mt, ece_mt, 0.2), "all_average": entry(acc_mt, ece_mt, 0.2),
-                      "hh_average": entry(acc_mt, ece_mt + 0.01, 0.2)},
+        "more": {
+            "helpful": entry(acc_more, ece_more, 0.1),
+            "all_average": entry(acc_more, ece_more, 0.1),
+            "hh_average": entry(acc_more, ece_more + 0.01, 0.1),
+        },
+        "multitask": {
+            "helpful": entry(acc_mt, ece_mt, 0.2),
+            "all_average": entry(acc_mt, ece_mt, 0.2),
+            "hh_average": entry(acc_mt, ece_mt + 0.01, 0.2),
+        },
         "single-helpful": {"all_average": entry(0.55, 0.09, 0.3)},
     }
 
@@ -81,20 +92,38 @@ def test_report_with_every_part(fakes, tmp_path, monkeypatch):  # noqa: F811
     (d / "calibration").mkdir(parents=True)
     (d / "reward" / "more").mkdir(parents=True)
     (d / "align").mkdir()
-    (d / "reward" / "index.json").write_text(json.dumps({
-        "more": {"path": str(d / "reward" / "more"), "method": "more", "sources": ["a", "b"]},
-        "multitask": {"path": "x", "method": "multitask", "sources": ["a", "b"]}}))
+    (d / "reward" / "index.json").write_text(
+        json.dumps(
+            {
+                "more": {"path": str(d / "reward" / "more"), "method": "more", "sources": ["a", "b"]},
+                "multitask": {"path": "x", "method": "multitask", "sources": ["a", "b"]},
+            }
+        )
+    )
     (d / "reward" / "more" / "reward_info.json").write_text(json.dumps({"n_train_pairs": 123}))
     (d / "calibration" / "metrics.json").write_text(json.dumps(_metrics(0.07, 0.05)))
     (d / "calibration" / "table.md").write_text("# Reward-model calibration\n\n## Table X\n\n| a |\n|---|\n| 1 |\n")
     (d / "calibration" / "reliability.png").write_bytes(b"\x89PNG")
-    (d / "align" / "judgements.json").write_text(json.dumps(
-        {"rjs: more vs multitask": {"helpful": {"win": 0.5, "tie": 0.2, "lose": 0.3, "n": 10},
-                                    "harmless": {"win": 0.3, "tie": 0.2, "lose": 0.5, "n": 10}}}))
+    (d / "align" / "judgements.json").write_text(
+        json.dumps(
+            {
+                "rjs: more vs multitask": {
+                    "helpful": {"win": 0.5, "tie": 0.2, "lose": 0.3, "n": 10},
+                    "harmless": {"win": 0.3, "tie": 0.2, "lose": 0.5, "n": 10},
+                }
+            }
+        )
+    )
     (d / "align" / "table.md").write_text("# Alignment\n\n| x |\n")
-    (d / "manifest.json").write_text(json.dumps({"stages": {"report": {"status": "running"},
-                                                            "reward": {"status": "done"}},
-                                                 "versions": {"torch": "9"}, "git_commit": "abc"}))
+    (d / "manifest.json").write_text(
+        json.dumps(
+            {
+                "stages": {"report": {"status": "running"}, "reward": {"status": "done"}},
+                "versions": {"torch": "9"},
+                "git_commit": "abc",
+            }
+        )
+    )
     arts = report.run(recipe, d)
     assert arts == ["report.md", "report.json"]
     md = (d / "report.md").read_text()
@@ -120,8 +149,11 @@ def test_report_with_every_part(fakes, tmp_path, monkeypatch):  # noqa: F811
     j["rjs: more vs multitask"]["all"] = {"win": 0.45, "tie": 0.1, "lose": 0.45, "n": 20}
     (d / "align" / "judgements.json").write_text(json.dumps(j))
     report.run(recipe, d)
-    assert json.loads((d / "report.json").read_text())["rjs_more_vs_baseline"] == {"win": 45.0, "tie": 10.0,
-                                                                                 "lose": 45.0}
+    assert json.loads((d / "report.json").read_text())["rjs_more_vs_baseline"] == {
+        "win": 45.0,
+        "tie": 10.0,
+        "lose": 45.0,
+    }
     md = (d / "report.md").read_text()
     assert "rjs: more vs multitask, all prompts: win 45%" in md and "helpful prompts: win 50%" not in md
     assert not list(d.glob("*.tmp")) and not list(d.glob(".*.tmp"))
@@ -130,17 +162,24 @@ def test_report_with_every_part(fakes, tmp_path, monkeypatch):  # noqa: F811
     def e(a, b, lo, hi):
         return {"a": a, "b": b, "diff": a - b, "ci95": [lo, hi], "p_value": 0.01 if lo > 0 or hi < 0 else 0.4}
 
-    comps = {"more vs multitask": {
-        "all_average": {"ece_10": e(0.03, 0.05, -0.03, -0.01), "accuracy": e(0.62, 0.61, -0.01, 0.03)},
-        "hh_average": {"ece_10": e(0.04, 0.041, -0.02, 0.02)}}}
+    comps = {
+        "more vs multitask": {
+            "all_average": {"ece_10": e(0.03, 0.05, -0.03, -0.01), "accuracy": e(0.62, 0.61, -0.01, 0.03)},
+            "hh_average": {"ece_10": e(0.04, 0.041, -0.02, 0.02)},
+        }
+    }
     (d / "calibration" / "comparisons.json").write_text(json.dumps(comps))
     (d / "calibration" / "comparisons.md").write_text("# Paired comparisons\n\n## more vs multitask\n")
     report.run(recipe, d)
     md = (d / "report.md").read_text()
-    assert ("ECE (M=10), all sources: MORE's is lower than MultiTask's by 0.0200 (95% CI 0.0100 to 0.0300; "
-            "p = 0.010): MORE is better here.") in md
-    assert ("Accuracy, all sources: no significant difference between MORE and MultiTask (difference +1.00 points, "
-            "95% CI -1.00 to +3.00; p = 0.400).") in md
+    assert (
+        "ECE (M=10), all sources: MORE's is lower than MultiTask's by 0.0200 (95% CI 0.0100 to 0.0300; "
+        "p = 0.010): MORE is better here."
+    ) in md
+    assert (
+        "Accuracy, all sources: no significant difference between MORE and MultiTask (difference +1.00 points, "
+        "95% CI -1.00 to +3.00; p = 0.400)."
+    ) in md
     assert "ECE (M=10), Helpful & Harmless: no significant difference between MORE and MultiTask" in md
     assert md.count("better here") == 1 and "### more vs multitask" in md
     assert json.loads((d / "report.json").read_text())["sentences"][0].startswith("ECE (M=10), all sources: MORE's")

@@ -34,8 +34,12 @@ def _edge_pairs(tok):
         c = tok(e["prompt"] + e["chosen"], add_special_tokens=False)["input_ids"] + [eos]
         r = tok(e["prompt"] + e["rejected"], add_special_tokens=False)["input_ids"] + [eos]
         rows.append({"chosen_ids": c, "rejected_ids": r, "source_id": e["source_id"], "margin": 0.1 * (i % 3)})
-    extra = [([7, 8, 9, 10], [11, 12, 13]), ([20, 21, 22, 23], [20, 21, 22, 23, 24, 25]),
-             ([30, 31, 32, 33, 34], [30, 31, 32, 33, 34]), ([40, 41, 42, 43, pad, pad], [40, 41, 44, pad])]
+    extra = [
+        ([7, 8, 9, 10], [11, 12, 13]),
+        ([20, 21, 22, 23], [20, 21, 22, 23, 24, 25]),
+        ([30, 31, 32, 33, 34], [30, 31, 32, 33, 34]),
+        ([40, 41, 42, 43, pad, pad], [40, 41, 44, pad]),
+    ]
     for j, (c, r) in enumerate(extra):
         rows[j].update(chosen_ids=c, rejected_ids=r)
     return Dataset.from_list(rows)
@@ -45,10 +49,17 @@ def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("arch,method,lora", [
-    ("gpt_neox", "more", False), ("llama", "more", False), ("gpt_neox", "multitask", False),
-    ("llama", "uniform", False), ("llama", "more", True), ("gpt_neox", "more", True),
-])
+@pytest.mark.parametrize(
+    "arch,method,lora",
+    [
+        ("gpt_neox", "more", False),
+        ("llama", "more", False),
+        ("gpt_neox", "multitask", False),
+        ("llama", "uniform", False),
+        ("llama", "more", True),
+        ("gpt_neox", "more", True),
+    ],
+)
 def test_packed_training_equals_padded(tok, tmp_path, arch, method, lora):
     """fp32: the packed batch gives the padded batch's rewards, loss, MORE head-gradient statistics (lambda and
     momentum) and every parameter gradient to 1e-5, with several pairs per row and a row budget that splits them."""
@@ -57,15 +68,22 @@ def test_packed_training_equals_padded(tok, tmp_path, arch, method, lora):
     if lora:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules="all-linear",
-                                 modules_to_save=["score"])
+        peft_config = LoraConfig(
+            task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["score"]
+        )
     base = H.model(arch, tok, seed=1)
     trainers = {}
     for packing in (True, False):
-        cfg = H.config(tmp_path / str(packing), method, packing=packing, packing_max_tokens=48,
-                       per_device_train_batch_size=len(ds))
-        trainers[packing] = MORERewardTrainer(copy.deepcopy(base), cfg, train_dataset=ds, processing_class=tok,
-                                              peft_config=peft_config)
+        cfg = H.config(
+            tmp_path / str(packing),
+            method,
+            packing=packing,
+            packing_max_tokens=48,
+            per_device_train_batch_size=len(ds),
+        )
+        trainers[packing] = MORERewardTrainer(
+            copy.deepcopy(base), cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config
+        )
     assert trainers[True].packed and not trainers[False].packed
     out = {}
     for packing, t in trainers.items():
@@ -92,16 +110,18 @@ def test_packed_training_equals_padded(tok, tmp_path, arch, method, lora):
 
 
 def test_bert_falls_back_to_padded_batches(tok, tmp_path):
-    t = MORERewardTrainer(H.model("bert", tok), H.config(tmp_path, "more"), train_dataset=H.balanced_pairs(2),
-                          processing_class=tok)
+    t = MORERewardTrainer(
+        H.model("bert", tok), H.config(tmp_path, "more"), train_dataset=H.balanced_pairs(2), processing_class=tok
+    )
     assert not t.packed and not isinstance(t.data_collator, PackedPairCollator)
 
 
 def test_packed_more_trains_end_to_end(tok, tmp_path):
     model = H.model("gpt_neox", tok)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    t = MORERewardTrainer(model, H.config(tmp_path, "more", max_steps=4), train_dataset=H.balanced_pairs(8),
-                          processing_class=tok)
+    t = MORERewardTrainer(
+        model, H.config(tmp_path, "more", max_steps=4), train_dataset=H.balanced_pairs(8), processing_class=tok
+    )
     assert t.packed
     t.train()
     assert any(not torch.equal(before[n], p) for n, p in t.model.named_parameters())
@@ -126,8 +146,12 @@ def test_length_grouped_balanced_sampler():
     assert sorted(seen) == list(range(k * n))  # every pair once per epoch
     # grouped: batches span much less length than random balanced batches
     spread = np.mean([np.ptp(lengths[b]) for b in batches])
-    rand = np.mean([np.ptp(lengths[np.concatenate([rng.choice(np.flatnonzero(sources == j), psb) for j in range(k)])])
-                    for _ in range(100)])
+    rand = np.mean(
+        [
+            np.ptp(lengths[np.concatenate([rng.choice(np.flatnonzero(sources == j), psb) for j in range(k)])])
+            for _ in range(100)
+        ]
+    )
     assert spread < 0.5 * rand
     # deterministic per (seed, epoch); reshuffled across epochs and seeds
     assert s.batches() == batches
@@ -148,8 +172,7 @@ def test_sampler_without_sources_and_uneven_sources():
 
 def test_trainer_uses_the_grouped_balanced_sampler(tok, tmp_path):
     ds = H.balanced_pairs(6)
-    t = MORERewardTrainer(H.model("gpt_neox", tok), H.config(tmp_path, "more"), train_dataset=ds,
-                          processing_class=tok)
+    t = MORERewardTrainer(H.model("gpt_neox", tok), H.config(tmp_path, "more"), train_dataset=ds, processing_class=tok)
     loader = t.get_train_dataloader()
     for batch in loader:
         counts = torch.bincount(batch["source_id"], minlength=3).tolist()

@@ -16,12 +16,28 @@ from pipeline.reward.stage import RewardStageConfig
 
 
 def tiny_recipe(**reward):
-    data = DataConfig(synthetic=SyntheticConfig(n_train=48, n_valid=16, n_test=16), n_train_per_source=16,
-                      per_source_batch=2, max_length=96)
-    rcfg = RewardStageConfig(**{"methods": ["more", "multitask"], "tokenizer_vocab_size": 400,
-                                "train": {"max_steps": 3, "learning_rate": 1e-3, "logging_steps": 1,
-                                          "report_to": "none", "gradient_checkpointing": False,
-                                          "disable_tqdm": True, "save_strategy": "no"}, **reward})
+    data = DataConfig(
+        synthetic=SyntheticConfig(n_train=48, n_valid=16, n_test=16),
+        n_train_per_source=16,
+        per_source_batch=2,
+        max_length=96,
+    )
+    rcfg = RewardStageConfig(
+        **{
+            "methods": ["more", "multitask"],
+            "tokenizer_vocab_size": 400,
+            "train": {
+                "max_steps": 3,
+                "learning_rate": 1e-3,
+                "logging_steps": 1,
+                "report_to": "none",
+                "gradient_checkpointing": False,
+                "disable_tqdm": True,
+                "save_strategy": "no",
+            },
+            **reward,
+        }
+    )
     return SimpleNamespace(name="test", seed=0, data=data, reward=rcfg)
 
 

@@ -48,15 +48,17 @@ def test_pooled_features_reproduce_the_reward(tok, arch):
 
 def test_uniform_weights_reproduce_trl_loss(tok, tmp_path):
     ds = H.balanced_pairs(4)
-    ours = MORERewardTrainer(H.model("gpt_neox", tok), H.config(tmp_path / "a", "uniform"), train_dataset=ds,
-                             processing_class=tok)
+    ours = MORERewardTrainer(
+        H.model("gpt_neox", tok), H.config(tmp_path / "a", "uniform"), train_dataset=ds, processing_class=tok
+    )
     batch = _batch(ours, 6)  # packed (the default for this decoder RM) ...
     loss_ours = ours.compute_loss(ours.model, dict(batch))
     # ... and TRL's loss on the padded batch TRL's collator makes of the same pairs
     rows = [ours.train_dataset[i] for i in range(6)]
     batch = SourceAwareCollator(pad_token_id=tok.pad_token_id)(rows)
-    trl_args = RewardConfig(output_dir=str(tmp_path / "b"), bf16=False, report_to="none", max_length=None,
-                            gradient_checkpointing=False)
+    trl_args = RewardConfig(
+        output_dir=str(tmp_path / "b"), bf16=False, report_to="none", max_length=None, gradient_checkpointing=False
+    )
     trl = RewardTrainer(ours.model, trl_args, train_dataset=ds.remove_columns(["source_id"]), processing_class=tok)
     batch_trl = {k: v for k, v in batch.items() if k != "source_id"}
     loss_trl = trl.compute_loss(trl.model, batch_trl)
@@ -64,8 +66,9 @@ def test_uniform_weights_reproduce_trl_loss(tok, tmp_path):
     # and MORE with equal weights forced is the same number
     more = MORERewardTrainer(ours.model, H.config(tmp_path / "c", "more"), train_dataset=ds, processing_class=tok)
     more._momentum = None
-    loss_multi = MORERewardTrainer(ours.model, H.config(tmp_path / "d", "multitask"), train_dataset=ds,
-                                   processing_class=tok).compute_loss(ours.model, dict(batch))
+    loss_multi = MORERewardTrainer(
+        ours.model, H.config(tmp_path / "d", "multitask"), train_dataset=ds, processing_class=tok
+    ).compute_loss(ours.model, dict(batch))
     torch.testing.assert_close(loss_multi, loss_trl, atol=1e-6, rtol=1e-6)
 
 
@@ -73,8 +76,9 @@ def test_uniform_weights_reproduce_trl_loss(tok, tmp_path):
 def test_more_trains_and_moves_the_weights(tok, tmp_path, arch):
     model = H.model(arch, tok)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = MORERewardTrainer(model, H.config(tmp_path, "more", max_steps=8), train_dataset=H.balanced_pairs(8),
-                                processing_class=tok)
+    trainer = MORERewardTrainer(
+        model, H.config(tmp_path, "more", max_steps=8), train_dataset=H.balanced_pairs(8), processing_class=tok
+    )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "more/lambda/helpful" in h]
     assert len(logs) == 8
@@ -89,8 +93,12 @@ def test_more_trains_and_moves_the_weights(tok, tmp_path, arch):
 
 
 def test_saved_rm_loads_with_auto_classes(tok, tmp_path):
-    trainer = MORERewardTrainer(H.model("gpt_neox", tok), H.config(tmp_path / "ck", "more", max_steps=2),
-                                train_dataset=H.balanced_pairs(2), processing_class=tok)
+    trainer = MORERewardTrainer(
+        H.model("gpt_neox", tok),
+        H.config(tmp_path / "ck", "more", max_steps=2),
+        train_dataset=H.balanced_pairs(2),
+        processing_class=tok,
+    )
     trainer.train()
     out = tmp_path / "rm"
     trainer.save_with_card(out)
@@ -113,8 +121,9 @@ def test_saved_rm_loads_with_auto_classes(tok, tmp_path):
 
 def test_left_truncation_keeps_every_pair(tok, tmp_path):
     ds = H.balanced_pairs(4)
-    trainer = MORERewardTrainer(H.model("gpt_neox", tok), H.config(tmp_path, "more", max_length=8),
-                                train_dataset=ds, processing_class=tok)
+    trainer = MORERewardTrainer(
+        H.model("gpt_neox", tok), H.config(tmp_path, "more", max_length=8), train_dataset=ds, processing_class=tok
+    )
     assert len(trainer.train_dataset) == len(ds)  # TRL would have dropped the long ones
     assert trainer.n_truncated["train"] > 0
     row = trainer.train_dataset[0]
@@ -123,8 +132,9 @@ def test_left_truncation_keeps_every_pair(tok, tmp_path):
 
 def test_more_needs_source_ids(tok, tmp_path):
     ds = H.balanced_pairs(2).remove_columns(["source_id"])
-    trainer = MORERewardTrainer(H.model("gpt_neox", tok), H.config(tmp_path, "more"), train_dataset=ds,
-                                processing_class=tok)
+    trainer = MORERewardTrainer(
+        H.model("gpt_neox", tok), H.config(tmp_path, "more"), train_dataset=ds, processing_class=tok
+    )
     with pytest.raises(ValueError, match="source_id"):
         trainer.compute_loss(trainer.model, _batch(trainer, 6))
 
@@ -142,10 +152,16 @@ def test_lora_trains_head_and_saves(tok, tmp_path):
     from peft import LoraConfig
 
     model = H.model("llama", tok)
-    peft_config = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules="all-linear",
-                             modules_to_save=["score"])
-    trainer = MORERewardTrainer(model, H.config(tmp_path / "ck", "more", max_steps=3), train_dataset=H.balanced_pairs(3),
-                                processing_class=tok, peft_config=peft_config)
+    peft_config = LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["score"]
+    )
+    trainer = MORERewardTrainer(
+        model,
+        H.config(tmp_path / "ck", "more", max_steps=3),
+        train_dataset=H.balanced_pairs(3),
+        processing_class=tok,
+        peft_config=peft_config,
+    )
     head_before = find_reward_head(trainer.model).modules_to_save["default"].weight.detach().clone()
     trainer.train()
     head_after = find_reward_head(trainer.model).modules_to_save["default"].weight
@@ -167,8 +183,13 @@ def test_qlora_on_cpu(tok, tmp_path, bits):
     cfg = RewardStageConfig(peft=f"qlora{bits}", lora_r=4, lora_alpha=8)
     model, peft_config = load_base_model(cfg, str(base))
     assert getattr(model, f"is_loaded_in_{bits}bit")
-    trainer = MORERewardTrainer(model, H.config(tmp_path / "ck", "more", max_steps=2), train_dataset=H.balanced_pairs(2),
-                                processing_class=tok, peft_config=peft_config)
+    trainer = MORERewardTrainer(
+        model,
+        H.config(tmp_path / "ck", "more", max_steps=2),
+        train_dataset=H.balanced_pairs(2),
+        processing_class=tok,
+        peft_config=peft_config,
+    )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert any("lora_B" in n for n in before) and any("score" in n for n in before)
     trainer.train()
@@ -183,12 +204,15 @@ def test_bf16_training(tok, tmp_path):
     """bf16 autocast gives the fp32 run's numbers to bf16 precision (same losses and MORE weights)."""
     runs = {}
     for bf16 in (True, False):
-        trainer = MORERewardTrainer(H.model("gpt_neox", tok),
-                                    H.config(tmp_path / str(bf16), "more", max_steps=2, bf16=bf16, use_cpu=True),
-                                    train_dataset=H.balanced_pairs(2), processing_class=tok)
+        trainer = MORERewardTrainer(
+            H.model("gpt_neox", tok),
+            H.config(tmp_path / str(bf16), "more", max_steps=2, bf16=bf16, use_cpu=True),
+            train_dataset=H.balanced_pairs(2),
+            processing_class=tok,
+        )
         seen = []
         head = find_reward_head(trainer.model)
-        head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        head.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.dtype))
         trainer.train()
         runs[bf16] = (trainer.state.log_history, seen)
     (bf, dtypes), (fp, _) = runs[True], runs[False]
@@ -214,9 +238,15 @@ def _brute_force_min_norm(g: np.ndarray) -> np.ndarray:
     gram = g @ g.T
     best = None
     for start in [np.full(k, 1 / k), *np.eye(k)]:
-        res = minimize(lambda x: x @ gram @ x, start, jac=lambda x: 2 * gram @ x, method="SLSQP",
-                       bounds=[(0, 1)] * k, constraints=[{"type": "eq", "fun": lambda x: x.sum() - 1}],
-                       options={"ftol": 1e-15, "maxiter": 500})
+        res = minimize(
+            lambda x: x @ gram @ x,
+            start,
+            jac=lambda x: 2 * gram @ x,
+            method="SLSQP",
+            bounds=[(0, 1)] * k,
+            constraints=[{"type": "eq", "fun": lambda x: x.sum() - 1}],
+            options={"ftol": 1e-15, "maxiter": 500},
+        )
         if best is None or res.fun < best.fun:
             best = res
     return best.x
@@ -230,8 +260,9 @@ def test_more_loss_is_the_lambda_weighted_sum_of_per_source_bt_losses(tok, tmp_p
     model = H.model("gpt_neox", tok)
     with torch.no_grad():
         find_reward_head(model).weight.normal_(0, 2.0)  # distinct per-source gradients from the first step
-    trainer = MORERewardTrainer(model, H.config(tmp_path, "more", alpha=1.0), train_dataset=H.balanced_pairs(4),
-                                processing_class=tok)
+    trainer = MORERewardTrainer(
+        model, H.config(tmp_path, "more", alpha=1.0), train_dataset=H.balanced_pairs(4), processing_class=tok
+    )
     batch = _batch(trainer, 6)
     loss = trainer.compute_loss(trainer.model, dict(batch))
     lam = np.array([trainer._metrics["train"][f"more/lambda/{s}"][-1] for s in H.SOURCES])
@@ -257,8 +288,12 @@ def test_more_loss_is_the_lambda_weighted_sum_of_per_source_bt_losses(tok, tmp_p
 
 def test_more_momentum_follows_the_ema_convention(tok, tmp_path):
     """m_t = (1 - alpha) m_{t-1} + alpha g_t with alpha = 0.8 (alpha weighs the NEW gradient)."""
-    trainer = MORERewardTrainer(H.model("gpt_neox", tok), H.config(tmp_path, "more", alpha=0.8),
-                                train_dataset=H.balanced_pairs(4), processing_class=tok)
+    trainer = MORERewardTrainer(
+        H.model("gpt_neox", tok),
+        H.config(tmp_path, "more", alpha=0.8),
+        train_dataset=H.balanced_pairs(4),
+        processing_class=tok,
+    )
     grads = []
     orig = more_mod.head_gradient_sums
 
@@ -286,13 +321,23 @@ def test_center_rewards_coefficient_uses_trls_formula(tok, tmp_path):
     with torch.no_grad():
         find_reward_head(model).bias.fill_(3.0) if find_reward_head(model).bias is not None else None
         find_reward_head(model).weight.normal_(0, 1.0)
-    ours = MORERewardTrainer(model, H.config(tmp_path / "a", "multitask", center_rewards_coefficient=0.5),
-                             train_dataset=ds, processing_class=tok)
+    ours = MORERewardTrainer(
+        model,
+        H.config(tmp_path / "a", "multitask", center_rewards_coefficient=0.5),
+        train_dataset=ds,
+        processing_class=tok,
+    )
     loss_ours = ours.compute_loss(ours.model, dict(_batch(ours, 6)))  # packed (the default here) ...
     # ... and TRL's loss on the padded batch of the same pairs
     batch = SourceAwareCollator(pad_token_id=tok.pad_token_id)([ours.train_dataset[i] for i in range(6)])
-    trl_args = RewardConfig(output_dir=str(tmp_path / "b"), bf16=False, report_to="none", max_length=None,
-                            gradient_checkpointing=False, center_rewards_coefficient=0.5)
+    trl_args = RewardConfig(
+        output_dir=str(tmp_path / "b"),
+        bf16=False,
+        report_to="none",
+        max_length=None,
+        gradient_checkpointing=False,
+        center_rewards_coefficient=0.5,
+    )
     trl = RewardTrainer(model, trl_args, train_dataset=ds.remove_columns(["source_id"]), processing_class=tok)
     loss_trl = trl.compute_loss(trl.model, {k: v for k, v in batch.items() if k != "source_id"})
     torch.testing.assert_close(loss_ours, loss_trl, atol=1e-6, rtol=1e-6)
@@ -322,19 +367,26 @@ def _more_ckpt_config(path, **kw):
 
 def test_more_resume_restores_momentum_and_matches_an_uninterrupted_run(tok, tmp_path, one_thread):
     ds = H.balanced_pairs(8)
-    full = MORERewardTrainer(H.model("gpt_neox", tok), _more_ckpt_config(tmp_path / "full"), train_dataset=ds,
-                             processing_class=tok)
+    full = MORERewardTrainer(
+        H.model("gpt_neox", tok), _more_ckpt_config(tmp_path / "full"), train_dataset=ds, processing_class=tok
+    )
     full.train()
     ckpt = tmp_path / "full" / "checkpoint-3"
     assert (ckpt / MORE_STATE).is_file() and (ckpt / CHECKPOINT_COMPLETE).is_file()
     assert not (ckpt / "more_state.pt").exists()  # safetensors, no pickle
 
-    cut = MORERewardTrainer(H.model("gpt_neox", tok), _more_ckpt_config(tmp_path / "cut"), train_dataset=ds,
-                            processing_class=tok, callbacks=[_Interrupt(3)])
+    cut = MORERewardTrainer(
+        H.model("gpt_neox", tok),
+        _more_ckpt_config(tmp_path / "cut"),
+        train_dataset=ds,
+        processing_class=tok,
+        callbacks=[_Interrupt(3)],
+    )
     with pytest.raises(KeyboardInterrupt):
         cut.train()
-    resumed = MORERewardTrainer(H.model("gpt_neox", tok, seed=7), _more_ckpt_config(tmp_path / "cut"),
-                                train_dataset=ds, processing_class=tok)
+    resumed = MORERewardTrainer(
+        H.model("gpt_neox", tok, seed=7), _more_ckpt_config(tmp_path / "cut"), train_dataset=ds, processing_class=tok
+    )
     resumed.train(resume_from_checkpoint=True)  # finds the last complete checkpoint itself
     want, got = _lambdas(full.state.log_history), _lambdas(resumed.state.log_history)
     assert len(want) == len(got) == 6
@@ -343,8 +395,9 @@ def test_more_resume_restores_momentum_and_matches_an_uninterrupted_run(tok, tmp
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=n)
 
     # Without the momentum the resumed trajectory differs (so the comparison above can fail) ...
-    reset = MORERewardTrainer(H.model("gpt_neox", tok), _more_ckpt_config(tmp_path / "cut"), train_dataset=ds,
-                              processing_class=tok)
+    reset = MORERewardTrainer(
+        H.model("gpt_neox", tok), _more_ckpt_config(tmp_path / "cut"), train_dataset=ds, processing_class=tok
+    )
     (tmp_path / "cut" / "checkpoint-3" / MORE_STATE).unlink()
     # ... which is why a MORE checkpoint without it is refused instead of silently resetting MORE's state,
     with pytest.raises(ValueError, match="momentum"):
@@ -374,8 +427,12 @@ def test_interrupted_checkpoint_save_is_not_resumed_from(tok, tmp_path, one_thre
     assert (tmp_path / "ck" / "checkpoint-6").is_dir()
     assert checkpoint_problem(tmp_path / "ck" / "checkpoint-6", "more") is not None
     assert last_complete_checkpoint(tmp_path / "ck", "more") == str(tmp_path / "ck" / "checkpoint-3")
-    resumed = MORERewardTrainer(H.model("gpt_neox", tok), _more_ckpt_config(tmp_path / "ck", max_steps=9),
-                                train_dataset=ds, processing_class=tok)
+    resumed = MORERewardTrainer(
+        H.model("gpt_neox", tok),
+        _more_ckpt_config(tmp_path / "ck", max_steps=9),
+        train_dataset=ds,
+        processing_class=tok,
+    )
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 9
 

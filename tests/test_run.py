@@ -22,6 +22,7 @@ import pytest
 import pipeline.config as C
 import pipeline.run as R
 
+
 REPO = Path(__file__).resolve().parents[1]
 
 FAKE_SRC = '''
@@ -107,7 +108,7 @@ def install(config_module, run_module):
     run_module.STAGES = [(s, f"fake_{s}") for s in STAGE_NAMES]
 '''
 
-RUNNER_SRC = '''
+RUNNER_SRC = """
 import os
 import sys
 
@@ -126,7 +127,7 @@ if os.environ.get("FAKE_MANIFEST_WRITES"):
 
     R.write_manifest = counted
 sys.exit(R.main(sys.argv[1:]))
-'''
+"""
 
 RECIPE_YAML = """\
 name: fake
@@ -163,8 +164,9 @@ def fakes(tmp_path, monkeypatch):
         sys.modules.pop(name, None)
     import fakepipe
 
-    monkeypatch.setattr(C, "SECTIONS", {"data": ("fakepipe", "Data"),
-                                        **{s: ("fakepipe", "Stage") for s in STAGE_NAMES}})
+    monkeypatch.setattr(
+        C, "SECTIONS", {"data": ("fakepipe", "Data"), **dict.fromkeys(STAGE_NAMES, ("fakepipe", "Stage"))}
+    )
     monkeypatch.setattr(R, "STAGES", [(s, f"fake_{s}") for s in STAGE_NAMES])
     monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.log"))
     yield d
@@ -175,7 +177,7 @@ def fakes(tmp_path, monkeypatch):
 
 def calls(tmp_path: Path, event: str = "end") -> dict[str, int]:
     path = tmp_path / "calls.log"
-    out = {s: 0 for s in STAGE_NAMES}
+    out = dict.fromkeys(STAGE_NAMES, 0)
     if path.exists():
         for line in path.read_text().splitlines():
             stage, ev, _rank = line.split()
@@ -196,11 +198,20 @@ def run(fakes, out, *overrides, **kw):
 def test_first_run_writes_complete_manifest(fakes, tmp_path):
     out = tmp_path / "run"
     run(fakes, out)
-    assert calls(tmp_path) == {s: 1 for s in STAGE_NAMES}
+    assert calls(tmp_path) == dict.fromkeys(STAGE_NAMES, 1)
     m = json.loads((out / "manifest.json").read_text())
     assert set(m) >= {"stages", "versions", "git_commit", "recipe"}
-    assert set(m["versions"]) >= {"torch", "trl", "transformers", "accelerate", "deepspeed", "peft",
-                                  "datasets", "python", "pipeline"}
+    assert set(m["versions"]) >= {
+        "torch",
+        "trl",
+        "transformers",
+        "accelerate",
+        "deepspeed",
+        "peft",
+        "datasets",
+        "python",
+        "pipeline",
+    }
     assert m["versions"]["torch"] and m["versions"]["python"].count(".") == 2
     recipe = C.load_recipe(str(fakes / "fake.yaml"))
     assert m["recipe"]["data"]["lr"] == 1e-6 and m["recipe"]["reward"]["steps"] == 2
@@ -222,10 +233,11 @@ def test_rerun_skips_everything(fakes, tmp_path, caplog):
     before = json.loads((out / "manifest.json").read_text())
     caplog.set_level("INFO", logger="pipeline.run")
     run(fakes, out)
-    assert calls(tmp_path) == {s: 1 for s in STAGE_NAMES}
+    assert calls(tmp_path) == dict.fromkeys(STAGE_NAMES, 1)
     after = json.loads((out / "manifest.json").read_text())
     assert {s: after["stages"][s]["run_id"] for s in STAGE_NAMES} == {
-        s: before["stages"][s]["run_id"] for s in STAGE_NAMES}
+        s: before["stages"][s]["run_id"] for s in STAGE_NAMES
+    }
     assert caplog.text.count("SKIP") == 4 and "up to date" in caplog.text
 
 
@@ -246,7 +258,7 @@ def test_renaming_or_moving_does_not_rerun(fakes, tmp_path):
     out = tmp_path / "run"
     run(fakes, out)
     run(fakes, out, "name=other", "description=hello", "output_dir=/elsewhere")
-    assert calls(tmp_path) == {s: 1 for s in STAGE_NAMES}
+    assert calls(tmp_path) == dict.fromkeys(STAGE_NAMES, 1)
 
 
 def test_force_reruns_stage_and_downstream(fakes, tmp_path):
@@ -392,7 +404,7 @@ def test_dry_run_changes_nothing(fakes, tmp_path, caplog):
     out = tmp_path / "run"
     caplog.set_level("INFO", logger="pipeline.run")
     run(fakes, out, dry_run=True)
-    assert not out.exists() and calls(tmp_path) == {s: 0 for s in STAGE_NAMES}
+    assert not out.exists() and calls(tmp_path) == dict.fromkeys(STAGE_NAMES, 0)
     assert caplog.text.count("RUN") == 4 and "never run" in caplog.text
 
 
@@ -454,7 +466,7 @@ def test_second_run_in_the_same_directory_is_refused(fakes, tmp_path):
         with pytest.raises(C.RecipeError, match="another pipeline.run is working in"):
             run(fakes, out)
     run(fakes, out)  # released (the kernel also releases it when the holder is killed)
-    assert calls(tmp_path) == {s: 1 for s in STAGE_NAMES}
+    assert calls(tmp_path) == dict.fromkeys(STAGE_NAMES, 1)
 
 
 def test_artifact_outside_run_dir_or_missing_fails(fakes, tmp_path, monkeypatch):
@@ -503,10 +515,23 @@ def _sigint_ignored():  # preexec_fn: what `nohup cmd &` from a non-interactive 
 def test_ignored_sigint_is_respected_and_sigterm_interrupts(fakes, tmp_path):
     """A run started with SIGINT ignored (nohup) keeps going on SIGINT; SIGTERM still stops it cleanly (130)."""
     out = tmp_path / "run"
-    cmd = [sys.executable, str(fakes / "runner.py"), "--recipe", str(fakes / "fake.yaml"),
-           "--output-dir", str(out), "calibration.sleep=120"]
-    proc = subprocess.Popen(cmd, env=_subprocess_env(fakes, tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_ignored)
+    cmd = [
+        sys.executable,
+        str(fakes / "runner.py"),
+        "--recipe",
+        str(fakes / "fake.yaml"),
+        "--output-dir",
+        str(out),
+        "calibration.sleep=120",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=_subprocess_env(fakes, tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_sigint_ignored,
+    )
     _wait_for(tmp_path / "calls.log", "calibration sleeping", proc)
     proc.send_signal(signal.SIGINT)
     time.sleep(1.0)
@@ -520,13 +545,21 @@ def test_ignored_sigint_is_respected_and_sigterm_interrupts(fakes, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 def test_interrupt_mid_stage_then_resume(fakes, tmp_path, sig):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(fakes / "runner.py"), "--recipe", str(fakes / "fake.yaml"),
-           "--output-dir", str(out), "calibration.sleep=120"]
+    cmd = [
+        sys.executable,
+        str(fakes / "runner.py"),
+        "--recipe",
+        str(fakes / "fake.yaml"),
+        "--output-dir",
+        str(out),
+        "calibration.sleep=120",
+    ]
     env = _subprocess_env(fakes, tmp_path)
     # SIGINT's disposition is set for the child, as an interactive shell does for its foreground job: under
     # `nohup pytest &` it would otherwise inherit "ignored" and the Ctrl-C below would never arrive.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_sigint_default)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default
+    )
     _wait_for(tmp_path / "calls.log", "calibration sleeping", proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
@@ -545,7 +578,7 @@ def test_interrupt_mid_stage_then_resume(fakes, tmp_path, sig):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert ("resuming" if sig == signal.SIGKILL else "retrying") in done.stderr
-    assert calls(tmp_path, "end") == {s: 1 for s in STAGE_NAMES}  # nothing finished twice
+    assert calls(tmp_path, "end") == dict.fromkeys(STAGE_NAMES, 1)  # nothing finished twice
     assert calls(tmp_path, "start") == {"reward": 1, "calibration": 2, "align": 1, "report": 1}
     m = json.loads((out / "manifest.json").read_text())
     assert all(m["stages"][s]["status"] == "done" for s in STAGE_NAMES)
@@ -569,8 +602,14 @@ def test_two_processes_accelerate_then_torchrun(fakes, tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     args = [str(fakes / "runner.py"), "--recipe", str(fakes / "fake.yaml"), "--output-dir", str(out)]
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
-    cmd = [*accelerate, "--config_file", str(REPO / "accelerate_configs" / "cpu_2proc.yaml"),
-           "--main_process_port", str(_free_port()), *args]
+    cmd = [
+        *accelerate,
+        "--config_file",
+        str(REPO / "accelerate_configs" / "cpu_2proc.yaml"),
+        "--main_process_port",
+        str(_free_port()),
+        *args,
+    ]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=REPO)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = (tmp_path / "calls.log").read_text().split("\n")
@@ -584,8 +623,15 @@ def test_two_processes_accelerate_then_torchrun(fakes, tmp_path):
 
     # Rerun with torchrun: the main process decides, both ranks skip every stage.
     (tmp_path / "calls.log").unlink()
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(_free_port())]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+    ]
     p = subprocess.run([*torchrun, *args], env=env, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
     assert not (tmp_path / "calls.log").exists()
@@ -643,12 +689,12 @@ def test_read_only_run_dir_up_to_date_writes_nothing_else_one_clear_error(fakes,
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     with read_only(out, monkeypatch):
         assert R.main(argv) == 0  # every stage is up to date: nothing to write
-        assert calls(tmp_path) == {s: 1 for s in STAGE_NAMES}
+        assert calls(tmp_path) == dict.fromkeys(STAGE_NAMES, 1)
         rc = R.main([*argv, "reward.steps=5"])  # reward must rerun: one line, before any work
     err = capsys.readouterr().err
     assert rc == 2 and "is not writable" in err and "reward, calibration, align, report must run" in err
     assert "Fix:" in err and "Traceback" not in err
-    assert calls(tmp_path, "start") == {s: 1 for s in STAGE_NAMES}
+    assert calls(tmp_path, "start") == dict.fromkeys(STAGE_NAMES, 1)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
@@ -669,8 +715,10 @@ def test_judge_budget_exhausted_is_one_line_not_a_traceback(fakes, tmp_path, mon
     from pipeline.align.judge import JudgeBudgetExhausted
 
     def exhausted(recipe, run_dir):
-        raise JudgeBudgetExhausted("the judge request budget (align.judge.max_requests=4) is exhausted; raise "
-                                   "align.judge.max_requests and rerun the same command")
+        raise JudgeBudgetExhausted(
+            "the judge request budget (align.judge.max_requests=4) is exhausted; raise "
+            "align.judge.max_requests and rerun the same command"
+        )
 
     monkeypatch.setattr(fake_align, "run", exhausted)
     monkeypatch.delenv("PIPELINE_TRACEBACK", raising=False)

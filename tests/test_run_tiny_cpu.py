@@ -18,10 +18,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 SMALL = [
-    "data.synthetic.n_train=120", "data.synthetic.n_valid=40", "data.synthetic.n_test=60",
+    "data.synthetic.n_train=120",
+    "data.synthetic.n_valid=40",
+    "data.synthetic.n_test=60",
     "calibration.bootstrap_samples=20",
-    "align.warm_start_steps=20", "align.warm_start_prompts=40", "align.n_prompts=24", "align.n_eval_prompts=16",
-    "align.n_ppl=16", "align.max_new_tokens=12",
+    "align.warm_start_steps=20",
+    "align.warm_start_prompts=40",
+    "align.n_prompts=24",
+    "align.n_eval_prompts=16",
+    "align.n_ppl=16",
+    "align.max_new_tokens=12",
 ]
 
 
@@ -49,8 +55,13 @@ def test_tiny_cpu_end_to_end_then_rerun(tmp_path):
     metrics = json.loads((out / "calibration" / "metrics.json").read_text())
     assert "truth" in metrics["more"]["all_average"]  # the synthetic benchmark's error vs the truth
     md = (out / "report.md").read_text()
-    for needle in ("## The synthetic benchmark: what is true here", "## Calibration", "## Alignment",
-                   "## The paper's numbers side by side", "against the true preference probabilities"):
+    for needle in (
+        "## The synthetic benchmark: what is true here",
+        "## Calibration",
+        "## Alignment",
+        "## The paper's numbers side by side",
+        "against the true preference probabilities",
+    ):
         assert needle in md, needle
     assert "has not run" not in md
     assert not [q for q in out.rglob("*") if q.name.endswith(".tmp")]
@@ -84,8 +95,9 @@ def test_tiny_cpu_end_to_end_then_rerun(tmp_path):
     assert {q: q.stat().st_mtime_ns for q in out.rglob("*")} == snapshot
     assert "Learning rate 0.05" in (copy / "reward" / "more" / "README.md").read_text()
     assert "Learning rate 0.05" not in (out / "reward" / "more" / "README.md").read_text()
-    assert (copy / "reward" / "more" / "temperature.json").stat().st_mtime_ns != \
-        (out / "reward" / "more" / "temperature.json").stat().st_mtime_ns
+    assert (copy / "reward" / "more" / "temperature.json").stat().st_mtime_ns != (
+        out / "reward" / "more" / "temperature.json"
+    ).stat().st_mtime_ns
     new_metrics = json.loads((copy / "calibration" / "metrics.json").read_text())
     assert new_metrics["more"]["all_average"] != metrics["more"]["all_average"]
     mc = json.loads((copy / "manifest.json").read_text())
@@ -107,9 +119,22 @@ def test_tiny_cpu_under_accelerate_launch_two_processes(tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", str(port),
-           "-m", "pipeline.run", "--recipe", "tiny-cpu", "--output-dir", str(out), *SMALL]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / "cpu_2proc.yaml"),
+        "--main_process_port",
+        str(port),
+        "-m",
+        "pipeline.run",
+        "--recipe",
+        "tiny-cpu",
+        "--output-dir",
+        str(out),
+        *SMALL,
+    ]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
     m = json.loads((out / "manifest.json").read_text())

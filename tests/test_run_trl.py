@@ -12,12 +12,26 @@ from pathlib import Path
 
 import pytest
 
+
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["data.n_train_per_source=24", "data.n_test_per_source=20", "reward.train.max_steps=4",
-         "calibration.bootstrap_samples=10", "align.warm_start_steps=10", "align.warm_start_prompts=20",
-         "align.n_prompts=8", "align.n_eval_prompts=4", "align.n_ppl=4", "align.max_new_tokens=8", "align.n=2"]
-IMPLICIT = ["data.sources.0.path=pkg:pipeline/recipes/data/trl-demo/implicit.jsonl.gz", "data.sources.0.split=null",
-            "data.sources.0.test_split=null"]
+SMALL = [
+    "data.n_train_per_source=24",
+    "data.n_test_per_source=20",
+    "reward.train.max_steps=4",
+    "calibration.bootstrap_samples=10",
+    "align.warm_start_steps=10",
+    "align.warm_start_prompts=20",
+    "align.n_prompts=8",
+    "align.n_eval_prompts=4",
+    "align.n_ppl=4",
+    "align.max_new_tokens=8",
+    "align.n=2",
+]
+IMPLICIT = [
+    "data.sources.0.path=pkg:pipeline/recipes/data/trl-demo/implicit.jsonl.gz",
+    "data.sources.0.split=null",
+    "data.sources.0.test_split=null",
+]
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -25,8 +39,17 @@ def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "pipeline.run", "--recipe", "trl-conversational", "--output-dir", str(out),
-           *SMALL, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.run",
+        "--recipe",
+        "trl-conversational",
+        "--output-dir",
+        str(out),
+        *SMALL,
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -45,7 +68,7 @@ def test_trl_conversational_end_to_end(tmp_path, layout):
     assert set(index) == {"more", "multitask"} and index["more"]["sources"] == groups
     for rm in index:  # the RM's tokenizer carries the template calibration scores with
         cfg = json.loads((out / "reward" / rm / "tokenizer_config.json").read_text())
-        template = (out / "reward" / rm / "chat_template.jinja")
+        template = out / "reward" / rm / "chat_template.jinja"
         assert "<|im_start|>" in (template.read_text() if template.exists() else cfg.get("chat_template", ""))
     metrics = json.loads((out / "calibration" / "metrics.json").read_text())
     assert set(groups) <= set(metrics["more"]) and "all_average" in metrics["more"]

@@ -21,7 +21,9 @@ def test_batched_scores_equal_one_at_a_time(tiny_tok):
 
 def test_bf16_scoring_keeps_fp32_head_precision(tiny_tok):
     model = tiny_model(TinyModelSpec(arch="gpt_neox"), tiny_tok, task="reward")
-    ids = [torch.randint(4, len(tiny_tok), (12,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(64)]
+    ids = [
+        torch.randint(4, len(tiny_tok), (12,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(64)
+    ]
     fp32 = score_ids(model, ids, tiny_tok.pad_token_id, dtype=None)
     bf16 = score_ids(model, ids, tiny_tok.pad_token_id, dtype=torch.bfloat16, temperature=2.0)
     np.testing.assert_allclose(bf16 * 2.0, fp32, atol=0.05)
@@ -50,25 +52,39 @@ from pipeline.scoring import score_pair_ids, score_pairs  # noqa: E402
 def test_shared_prefix_scoring_equals_full_sequences(tiny_tok, arch):
     """Encoding the common prompt once (KV cache) gives the rewards of scoring each full text."""
     model = tiny_model(TinyModelSpec(arch=arch), tiny_tok, task="reward", seed=3)
-    prompts = ["\n\nHuman: What is the capital of France?\n\nAssistant:", "\n\nHuman: hi\n\nAssistant:",
-               "\n\nHuman: How many legs does a spider have? Tell me.\n\nAssistant:", ""]
+    prompts = [
+        "\n\nHuman: What is the capital of France?\n\nAssistant:",
+        "\n\nHuman: hi\n\nAssistant:",
+        "\n\nHuman: How many legs does a spider have? Tell me.\n\nAssistant:",
+        "",
+    ]
     chosen = [" Paris. Hope this helps!", " Hello there, friend.", " Eight.", "same start A"]
     rejected = [" I cannot help with that.", " Hello.", " Eight legs, I think [1].", "same start B and more"]
     full_c = score_texts(model, tiny_tok, [p + c for p, c in zip(prompts, chosen)], max_length=24, dtype=None)
     full_r = score_texts(model, tiny_tok, [p + r for p, r in zip(prompts, rejected)], max_length=24, dtype=None)
-    r_c, r_r = score_pairs(model, tiny_tok, prompts, chosen, rejected, max_length=24, batch_size=4, dtype=None,
-                           share_prefix=True)
+    r_c, r_r = score_pairs(
+        model, tiny_tok, prompts, chosen, rejected, max_length=24, batch_size=4, dtype=None, share_prefix=True
+    )
     np.testing.assert_allclose(r_c, full_c, atol=1e-5)
     np.testing.assert_allclose(r_r, full_r, atol=1e-5)
     # and under bf16 autocast, close to fp32
-    b_c, _ = score_pairs(model, tiny_tok, prompts, chosen, rejected, max_length=24, dtype=torch.bfloat16,
-                         share_prefix=True)
+    b_c, _ = score_pairs(
+        model, tiny_tok, prompts, chosen, rejected, max_length=24, dtype=torch.bfloat16, share_prefix=True
+    )
     np.testing.assert_allclose(b_c, full_c, atol=0.05)
 
 
 def test_pairs_without_common_prefix_fall_back(tiny_tok):
     model = tiny_model(TinyModelSpec(arch="gpt_neox"), tiny_tok, task="reward")
-    r_c, r_r = score_pair_ids(model, [[5, 6, 7], [5, 6, 7, 8, 9]], [[9, 8, 7], [5, 6, 7, 1, 2]],
-                              tiny_tok.pad_token_id, dtype=None, share_prefix=True)
-    full = score_ids(model, [[5, 6, 7], [5, 6, 7, 8, 9], [9, 8, 7], [5, 6, 7, 1, 2]], tiny_tok.pad_token_id, dtype=None)
+    r_c, r_r = score_pair_ids(
+        model,
+        [[5, 6, 7], [5, 6, 7, 8, 9]],
+        [[9, 8, 7], [5, 6, 7, 1, 2]],
+        tiny_tok.pad_token_id,
+        dtype=None,
+        share_prefix=True,
+    )
+    full = score_ids(
+        model, [[5, 6, 7], [5, 6, 7, 8, 9], [9, 8, 7], [5, 6, 7, 1, 2]], tiny_tok.pad_token_id, dtype=None
+    )
     np.testing.assert_allclose(np.concatenate([r_c, r_r]), full, atol=1e-5)

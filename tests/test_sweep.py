@@ -13,6 +13,7 @@ import pytest
 import pipeline.sweep as S
 from pipeline.config import RecipeError, load_recipe, recipe_to_dict
 
+
 T975 = {2: 12.706204736174707, 3: 4.302652729911275, 4: 3.182446305284263}  # t_{0.975, n-1} from tables
 
 
@@ -80,11 +81,17 @@ def test_seeds_grid_and_point_names():
         with pytest.raises(RecipeError, match="--seeds"):
             S.parse_seeds(bad)
     grid = S.parse_grid(["data.synthetic.drift_scale=0,0.5", "reward.methods=[more,multitask],[uniform]"])
-    assert grid == [("data.synthetic.drift_scale", ["0", "0.5"]),
-                    ("reward.methods", ["[more,multitask]", "[uniform]"])]
+    assert grid == [
+        ("data.synthetic.drift_scale", ["0", "0.5"]),
+        ("reward.methods", ["[more,multitask]", "[uniform]"]),
+    ]
     names = [p["name"] for p in S.grid_points(grid)]
-    assert names == ["drift_scale=0__methods=more+multitask", "drift_scale=0__methods=uniform",
-                     "drift_scale=0.5__methods=more+multitask", "drift_scale=0.5__methods=uniform"]
+    assert names == [
+        "drift_scale=0__methods=more+multitask",
+        "drift_scale=0__methods=uniform",
+        "drift_scale=0.5__methods=more+multitask",
+        "drift_scale=0.5__methods=uniform",
+    ]
     assert S.grid_points([]) == [{"name": "default", "values": {}}]
     # Same last segment on two axes: the full dotted keys name the points.
     both = S.grid_points(S.parse_grid(["data.seedless.x=1", "reward.x=2"]))
@@ -114,8 +121,14 @@ def test_seed_reaches_every_seed_field():
     extra = ["calibration.seed=11", "align.ppo={seed: 3}", "reward.train.data_seed=5"]
     r = load_recipe("tiny-cpu", extra)
     ov = S.seed_overrides(r, 7)
-    assert {o.split("=")[0] for o in ov} == {"seed", "data.seed", "data.synthetic.seed", "calibration.seed",
-                                             "align.ppo.seed", "reward.train.data_seed"}
+    assert {o.split("=")[0] for o in ov} == {
+        "seed",
+        "data.seed",
+        "data.synthetic.seed",
+        "calibration.seed",
+        "align.ppo.seed",
+        "reward.train.data_seed",
+    }
     seeded = load_recipe("tiny-cpu", extra + ov)
     assert set(_all_seeds(seeded).values()) == {7}
     # A null calibration.seed follows the top-level seed already and is left alone.
@@ -124,8 +137,22 @@ def test_seed_reaches_every_seed_field():
 
 def test_dry_run_lists_every_run_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "sweep"
-    rc = S.main(["--recipe", "tiny-cpu", "--seeds", "0,1", "--grid", "data.synthetic.drift_scale=0,2",
-                 "--stages", "reward,calibration", "--output-dir", str(out), "--dry-run", "reward.peft=none"])
+    rc = S.main(
+        [
+            "--recipe",
+            "tiny-cpu",
+            "--seeds",
+            "0,1",
+            "--grid",
+            "data.synthetic.drift_scale=0,2",
+            "--stages",
+            "reward,calibration",
+            "--output-dir",
+            str(out),
+            "--dry-run",
+            "reward.peft=none",
+        ]
+    )
     assert rc == 0
     lines = capsys.readouterr().out.splitlines()
     runs = [ln for ln in lines if ln.startswith("todo")]
@@ -143,9 +170,16 @@ def test_dry_run_lists_every_run_and_writes_nothing(tmp_path, capsys):
 
 def _fake_metrics(ece: dict, acc: float) -> dict:
     """calibration/metrics.json of one RM as the calibration stage writes it (the fields used here)."""
+
     def block(e, t):
-        return {"accuracy": acc, "ece_10": e, "brier": 0.2, "nll": 0.6, "temperature": t,
-                "truth": {"prob_mae": 2 * e, "ece_vs_truth_10": e}}
+        return {
+            "accuracy": acc,
+            "ece_10": e,
+            "brier": 0.2,
+            "nll": 0.6,
+            "temperature": t,
+            "truth": {"prob_mae": 2 * e, "ece_vs_truth_10": e},
+        }
 
     per = {s: {**block(e, 1.0), "temperature_scaled": block(e / 2, 0.8)} for s, e in ece.items()}
     avg = sum(ece.values()) / len(ece)
@@ -164,15 +198,26 @@ ECE = {  # (point, seed) -> {rm: all-source ECE}; two sources with ECE avg +- 0.
 
 def _fake_sweep(root: Path) -> None:
     points = S.grid_points(S.parse_grid(["data.synthetic.drift_scale=0,2"]))
-    S.atomic_write_json(root / S.SWEEP_FILE, {"recipe": "tiny-cpu", "seeds": [0, 1, 2], "stages": "reward,calibration",
-                                              "grid": [["data.synthetic.drift_scale", ["0", "2"]]], "overrides": [],
-                                              "points": points, "runs": []})
+    S.atomic_write_json(
+        root / S.SWEEP_FILE,
+        {
+            "recipe": "tiny-cpu",
+            "seeds": [0, 1, 2],
+            "stages": "reward,calibration",
+            "grid": [["data.synthetic.drift_scale", ["0", "2"]]],
+            "overrides": [],
+            "points": points,
+            "runs": [],
+        },
+    )
     for (point, seed), per_rm in ECE.items():
         cal = root / point / f"seed-{seed}" / "calibration"
-        metrics = {rm: _fake_metrics({"helpful": e - 0.01, "harmless": e + 0.01}, 0.6 + seed / 100)
-                   for rm, e in per_rm.items()}
+        metrics = {
+            rm: _fake_metrics({"helpful": e - 0.01, "harmless": e + 0.01}, 0.6 + seed / 100)
+            for rm, e in per_rm.items()
+        }
         S.atomic_write_json(cal / "metrics.json", metrics)
-        S.atomic_write_json(cal / "temperatures.json", {rm: 1.0 + seed for rm in per_rm})
+        S.atomic_write_json(cal / "temperatures.json", dict.fromkeys(per_rm, 1.0 + seed))
         S.atomic_write_json(cal / "config.json", {"headline_bins": 10})
 
 
@@ -227,9 +272,13 @@ def test_aggregate_fake_runs_against_hand_values(tmp_path):
 
 
 def test_align_results_are_aggregated_per_method():
-    metrics = {"policies": {"base": {"gold": {"all": {"mean": -2.0}}, "perplexity": {"helpful": 20.0}},
-                            "more/rjs": {"gold": {"all": {"mean": -1.0}, "helpful": {"mean": -1.5}}},
-                            "multitask/rjs": {"gold": {"all": {"mean": -1.5}}}}}
+    metrics = {
+        "policies": {
+            "base": {"gold": {"all": {"mean": -2.0}}, "perplexity": {"helpful": 20.0}},
+            "more/rjs": {"gold": {"all": {"mean": -1.0}, "helpful": {"mean": -1.5}}},
+            "multitask/rjs": {"gold": {"all": {"mean": -1.5}}},
+        }
+    }
     judgements = {"rjs: more vs multitask": {"all": {"win": 0.5, "tie": 0.2, "lose": 0.3, "n": 10}}}
     rows = S.align_values(metrics, judgements)
     assert ("align", "more/rjs", "helpful", "gold_reward", -1.5) in rows
@@ -245,9 +294,16 @@ def test_align_results_are_aggregated_per_method():
 # ---------------------------------------------------------------------------------------------------
 # A real 2-seed sweep of the tiny recipe: interrupted, resumed (in parallel), re-aggregated
 
-TINY = ["data.synthetic.n_train=40", "data.synthetic.n_valid=16", "data.synthetic.n_test=24",
-        "data.sources=[{name: helpful}, {name: harmless}]", "calibration.bootstrap_samples=0",
-        "calibration.n_bins=[10]", "reward.methods=[more,multitask,uniform]", "reward.train.save_steps=5"]
+TINY = [
+    "data.synthetic.n_train=40",
+    "data.synthetic.n_valid=16",
+    "data.synthetic.n_test=24",
+    "data.sources=[{name: helpful}, {name: harmless}]",
+    "calibration.bootstrap_samples=0",
+    "calibration.n_bins=[10]",
+    "reward.methods=[more,multitask,uniform]",
+    "reward.train.save_steps=5",
+]
 
 
 @pytest.mark.slow
@@ -255,8 +311,17 @@ def test_two_seed_sweep_interrupted_then_resumed(tmp_path, monkeypatch, one_thre
     import pipeline.calibration.stage as cal
 
     out = tmp_path / "sweep"
-    args = ["--recipe", "tiny-cpu", "--seeds", "0,1", "--stages", "reward,calibration", "--output-dir", str(out),
-            *TINY]
+    args = [
+        "--recipe",
+        "tiny-cpu",
+        "--seeds",
+        "0,1",
+        "--stages",
+        "reward,calibration",
+        "--output-dir",
+        str(out),
+        *TINY,
+    ]
     real_run = cal.run
 
     def interrupted(recipe, run_dir):  # Ctrl-C while seed 1 is in its calibration stage
@@ -316,7 +381,7 @@ def test_two_seed_sweep_interrupted_then_resumed(tmp_path, monkeypatch, one_thre
 # ---------------------------------------------------------------------------------------------------
 # Under torchrun every run uses both processes (fake stages, so only the orchestration is measured)
 
-SWEEP_RUNNER = '''
+SWEEP_RUNNER = """
 import sys
 
 import fakepipe
@@ -326,7 +391,7 @@ import pipeline.sweep as S
 
 fakepipe.install(C, R)
 sys.exit(S.main(sys.argv[1:]))
-'''
+"""
 
 
 @pytest.mark.slow
@@ -342,12 +407,31 @@ def test_sweep_under_torchrun_runs_each_run_on_both_processes(tmp_path):
     env = _subprocess_env(fakes, tmp_path)
     env["OMP_NUM_THREADS"] = "1"
     out = tmp_path / "sweep"
-    args = [str(fakes / "sweep_runner.py"), "--recipe", str(fakes / "fake.yaml"), "--seeds", "0,1",
-            "--grid", "data.n=1,2", "--stages", "reward,calibration", "--output-dir", str(out)]
+    args = [
+        str(fakes / "sweep_runner.py"),
+        "--recipe",
+        str(fakes / "fake.yaml"),
+        "--seeds",
+        "0,1",
+        "--grid",
+        "data.n=1,2",
+        "--stages",
+        "reward,calibration",
+        "--output-dir",
+        str(out),
+    ]
 
     def torchrun():
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            *args,
+        ]
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
     p = torchrun()

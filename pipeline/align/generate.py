@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
     "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
@@ -57,7 +58,9 @@ def format_prompt(text: str, style: str = "raw") -> str:
     if style != "alpaca":
         raise ValueError(f"unknown prompt_style {style!r}: use one of {', '.join(PROMPT_STYLES)}")
     body = _FINAL_ASSISTANT.sub("", text)
-    if len(re.findall(r"(\n\nHuman:|## Human:)", body)) <= 1 and not re.search(r"(\n\nAssistant:|## Assistant:)", body):
+    if len(re.findall(r"(\n\nHuman:|## Human:)", body)) <= 1 and not re.search(
+        r"(\n\nAssistant:|## Assistant:)", body
+    ):
         body = _SINGLE_HUMAN.sub("", body)
     return ALPACA_TEMPLATE.format(instruction=body.strip())
 
@@ -77,8 +80,9 @@ class Completions:
         return sum(len(c) + int(e) for cs, es in zip(self.ids, self.ended) for c, e in zip(cs, es))
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int | None,
-                   add_special_tokens: bool | Sequence[bool] = True) -> list[list[int]]:
+def encode_prompts(
+    tokenizer, prompts: Sequence[str], max_prompt_length: int | None, add_special_tokens: bool | Sequence[bool] = True
+) -> list[list[int]]:
     """Token ids of each prompt, left-truncated to `max_prompt_length` (a leading BOS is kept).
 
     `add_special_tokens` (one flag, or one per prompt): False for chat-templated prompts, which carry their
@@ -139,7 +143,9 @@ def _eos_ids(model, tokenizer) -> list[int]:
             if t is not None and t not in ids:
                 ids.append(int(t))
     if not ids:
-        raise ValueError("the policy's tokenizer has no EOS token: generation could never stop; set tokenizer.eos_token")
+        raise ValueError(
+            "the policy's tokenizer has no EOS token: generation could never stop; set tokenizer.eos_token"
+        )
     return ids
 
 
@@ -151,8 +157,19 @@ def _autocast_dtype(model, device: torch.device, dtype):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def generation_config(*, n: int, do_sample: bool, temperature: float, top_p: float, top_k: int, max_new_tokens: int,
-                      min_new_tokens: int, eos_ids: Sequence[int], pad_id: int, backend: str = "generate"):
+def generation_config(
+    *,
+    n: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    max_new_tokens: int,
+    min_new_tokens: int,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    backend: str = "generate",
+):
     """The `GenerationConfig` of one sampling run (greedy decodes once per prompt; the rows are repeated)."""
     from transformers import GenerationConfig
 
@@ -189,19 +206,39 @@ def _generate_shared_prompt(model, input_ids, mask, gen_config):
     r = gen_config.num_return_sequences
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
-          cache=cache, use_cache=True, logits_to_keep=1)
+    model(
+        input_ids=input_ids[:, :-1],
+        attention_mask=mask[:, :-1],
+        position_ids=position_ids[:, :-1],
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     cache.batch_repeat_interleave(r)
     cfg = copy.deepcopy(gen_config)
     cfg.num_return_sequences = 1
-    return model.generate(input_ids=input_ids.repeat_interleave(r, 0), attention_mask=mask.repeat_interleave(r, 0),
-                          cache=cache, generation_config=cfg)
+    return model.generate(
+        input_ids=input_ids.repeat_interleave(r, 0),
+        attention_mask=mask.repeat_interleave(r, 0),
+        cache=cache,
+        generation_config=cfg,
+    )
 
 
 @torch.no_grad()
-def generate_rows(model, prompt_ids: Sequence[Sequence[int]], gen_config, *, n: int, pad_id: int, batch_size: int = 16,
-                  backend: str = "generate", dtype: torch.dtype | None | str = "auto", share_prompt: bool = True,
-                  progress: bool = False):
+def generate_rows(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    gen_config,
+    *,
+    n: int,
+    pad_id: int,
+    batch_size: int = 16,
+    backend: str = "generate",
+    dtype: torch.dtype | None | str = "auto",
+    share_prompt: bool = True,
+    progress: bool = False,
+):
     """Raw continuations (token ids, EOS and padding included) `rows[i][j]` for prompt i, sample j.
 
     Prompts are sorted by length (longest first), left-padded, `batch_size` per `generate` call, and the
@@ -275,14 +312,32 @@ def sample(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = _eos_ids(model, tokenizer)
     eos += [int(t) for t in stop_token_ids if int(t) not in eos]
-    gen_config = generation_config(n=n, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-                                   max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_ids=eos,
-                                   pad_id=pad_id, backend=backend)
+    gen_config = generation_config(
+        n=n,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        eos_ids=eos,
+        pad_id=pad_id,
+        backend=backend,
+    )
     if seed is not None:
         torch.manual_seed(seed)
     prompt_ids = encode_prompts(tokenizer, prompts, max_prompt_length, add_special_tokens)
-    rows = generate_rows(model, prompt_ids, gen_config, n=n, pad_id=pad_id, batch_size=batch_size, backend=backend,
-                         dtype=dtype, progress=progress)
+    rows = generate_rows(
+        model,
+        prompt_ids,
+        gen_config,
+        n=n,
+        pad_id=pad_id,
+        batch_size=batch_size,
+        backend=backend,
+        dtype=dtype,
+        progress=progress,
+    )
 
     eos_set = set(eos)
     texts, ids, ended = [], [], []
@@ -303,7 +358,9 @@ def sample(
 def _sample_continuous(model, prompt_ids, gen_config, n, progress):
     """transformers' continuous batching (`generate_batch`, paged attention): n requests per prompt."""
     if not hasattr(model, "generate_batch"):
-        raise RuntimeError("this transformers version has no continuous batching (model.generate_batch); use backend=generate")
+        raise RuntimeError(
+            "this transformers version has no continuous batching (model.generate_batch); use backend=generate"
+        )
     import copy
 
     cfg = copy.deepcopy(gen_config)

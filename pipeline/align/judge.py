@@ -47,6 +47,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
+
 logger = logging.getLogger(__name__)
 
 OUTCOMES = ("win", "tie", "lose")
@@ -62,7 +63,7 @@ _VERDICT_LINE = re.compile(r"^[\s*_`'\"(\[]*(?:verdict\s*:\s*)?([AB])[\s*_`'\")\
 
 
 def parse_verdict(reply: str | None) -> str | None:
-    """"A" or "B" when the reply's last non-empty line is exactly that letter, else None.
+    """ "A" or "B" when the reply's last non-empty line is exactly that letter, else None.
 
     Only markdown emphasis, quotes, brackets, a trailing period and a "Verdict:" label are tolerated
     around the letter; "A is better", "Both" or an empty reply are not verdicts.
@@ -124,7 +125,7 @@ def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float
 def summarize(verdicts: Sequence[str], z: float = 1.959963984540054) -> dict:
     """`{"win","tie","lose"}` fractions over the valid verdicts (None when there is none), `n` (valid),
     counts (invalid included) and Wilson intervals."""
-    counts = {k: 0 for k in (*OUTCOMES, "invalid")}
+    counts = dict.fromkeys((*OUTCOMES, "invalid"), 0)
     for v in verdicts:
         if v not in counts:
             raise ValueError(f"unknown verdict {v!r}: expected one of {', '.join(counts)}")
@@ -281,6 +282,7 @@ class _Deadline:
 
         handlers = [HTTP()]
         if hasattr(http.client, "HTTPSConnection"):
+
             class HTTPS(urllib.request.HTTPSHandler):
                 def https_open(self, req):
                     return self.do_open(attached(http.client.HTTPSConnection), req, context=self._context)
@@ -322,7 +324,9 @@ class OpenAIJudge:
             raise ValueError("the openai judge needs align.judge.base_url and align.judge.model")
         if concurrency < 1 or retries < 0 or max_requests < 0:
             raise ValueError("align.judge: concurrency must be >= 1, retries and max_requests >= 0")
-        self.url = base_url.rstrip("/") + ("" if base_url.rstrip("/").endswith("/chat/completions") else "/chat/completions")
+        self.url = base_url.rstrip("/") + (
+            "" if base_url.rstrip("/").endswith("/chat/completions") else "/chat/completions"
+        )
         self.base_url, self.model = base_url, model
         self.api_key_env = api_key_env
         if api_key_env and not os.environ.get(api_key_env):
@@ -361,14 +365,20 @@ class OpenAIJudge:
                 rec = json.loads(line)
                 cache[rec["key"]] = rec
             except (json.JSONDecodeError, KeyError, TypeError):
-                logger.warning("%s:%d: skipping a malformed judge-cache line (a crash mid-write?)", self.cache_path, lineno)
-        leaked = [r for r in cache.values() if isinstance(r.get("reply"), str) and self._redact(r["reply"]) != r["reply"]]
+                logger.warning(
+                    "%s:%d: skipping a malformed judge-cache line (a crash mid-write?)", self.cache_path, lineno
+                )
+        leaked = [
+            r for r in cache.values() if isinstance(r.get("reply"), str) and self._redact(r["reply"]) != r["reply"]
+        ]
         if leaked:  # written by an older version that stored replies as received: rewrite the file redacted
             from pipeline.io import atomic_write_text
 
             for r in leaked:
                 r["reply"] = self._redact(r["reply"])
-            atomic_write_text(self.cache_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in cache.values()))
+            atomic_write_text(
+                self.cache_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in cache.values())
+            )
             logger.warning("%s: redacted a secret from %d cached judge replies", self.cache_path, len(leaked))
         return cache
 
@@ -414,7 +424,7 @@ class OpenAIJudge:
                 f"the judge endpoint {self.url} refused the request with HTTP {e.code}: {detail} "
                 f"(check align.judge.model, align.judge.base_url and the key in ${self.api_key_env})"
             ) from None
-        except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as e:
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
             if deadline.fired:
                 raise _Retriable(f"no complete reply within align.judge.timeout_s={self.timeout_s:g}s") from None
             reason = getattr(e, "reason", e)
@@ -428,7 +438,9 @@ class OpenAIJudge:
         try:
             content = payload["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
-            raise _Retriable(f"the reply has no choices[0].message.content: {self._redact(str(payload))[:200]}") from None
+            raise _Retriable(
+                f"the reply has no choices[0].message.content: {self._redact(str(payload))[:200]}"
+            ) from None
         return self._redact(content) if isinstance(content, str) else ""
 
     def ask(self, prompt: str, order: str, stop: threading.Event | None = None) -> dict:
@@ -453,7 +465,9 @@ class OpenAIJudge:
                 last = str(e)
                 if attempt < self.retries:
                     delay = min(self.max_backoff_s, self.backoff_s * 2**attempt)
-                    logger.info("judge request failed (%s); retry %d/%d in %.2fs", last, attempt + 1, self.retries, delay)
+                    logger.info(
+                        "judge request failed (%s); retry %d/%d in %.2fs", last, attempt + 1, self.retries, delay
+                    )
                     time.sleep(delay)
                 continue
             rec = {"key": key, "model": self.model, "order": order, "reply": reply, "verdict": parse_verdict(reply)}
@@ -464,7 +478,9 @@ class OpenAIJudge:
                 f"the judge endpoint {self.url} is unreachable after {self.retries + 1} attempts ({last}); "
                 "check align.judge.base_url and that the server is running"
             )
-        raise JudgeError(f"the judge endpoint {self.url} kept failing after {self.retries + 1} attempts (last: {last})")
+        raise JudgeError(
+            f"the judge endpoint {self.url} kept failing after {self.retries + 1} attempts (last: {last})"
+        )
 
     def compare(self, comparisons: Sequence[Comparison], progress: bool = False) -> list[dict]:
         """Judge each comparison in both orders. Returns per comparison
@@ -492,6 +508,7 @@ class OpenAIJudge:
 
             bar = tqdm(total=len(todo), desc="judge requests", disable=not progress)
             with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+
                 def ask_or_stop(prompt, order):
                     try:
                         return self.ask(prompt, order, stop)

@@ -32,6 +32,7 @@ import torch
 
 from pipeline.io import atomic_write_json, atomic_write_text
 
+
 PEFT_MODES = ("none", "lora", "qlora")
 
 
@@ -39,8 +40,13 @@ PEFT_MODES = ("none", "lora", "qlora")
 # loading / saving policies
 
 
-def load_policy(path: str | os.PathLike, *, dtype: torch.dtype | str = "auto", bits: int | None = None,
-                trust_remote_code: bool = False):
+def load_policy(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str = "auto",
+    bits: int | None = None,
+    trust_remote_code: bool = False,
+):
     """A causal LM from a save_pretrained directory (or hub id); an adapter directory is loaded onto its base.
 
     `dtype="auto"`: bf16 on a CUDA device that supports it, else float32.
@@ -88,7 +94,9 @@ def peft_config(mode: str, r: int = 16, alpha: int = 32, dropout: float = 0.05, 
         return None
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -132,7 +140,9 @@ def read_jsonl(path: Path) -> list[dict]:
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON line ({e}); delete the file to regenerate it") from e
+                raise ValueError(
+                    f"{path}:{lineno}: malformed JSON line ({e}); delete the file to regenerate it"
+                ) from e
     return out
 
 
@@ -161,13 +171,28 @@ def rjs_dataset(tokenizer, prompts: Sequence[str], completions: Sequence[str], m
 
     if not prompts:
         raise ValueError("rejection sampling: no samples to fine-tune on (the prompt set is empty)")
-    rows = [{"prompt": truncate_prompt_left(tokenizer, p, c, max_length), "completion": c} for p, c in zip(prompts, completions)]
+    rows = [
+        {"prompt": truncate_prompt_left(tokenizer, p, c, max_length), "completion": c}
+        for p, c in zip(prompts, completions)
+    ]
     return Dataset.from_list(rows)
 
 
-def sft_config(output_dir: Path, *, batch_size: int, micro_batch_size: int, learning_rate: float, lr_scheduler: str,
-               warmup_ratio: float, epochs: float, max_length: int, seed: int, logging_steps: int = 1, max_steps: int = -1,
-               save_steps: int = 0):
+def sft_config(
+    output_dir: Path,
+    *,
+    batch_size: int,
+    micro_batch_size: int,
+    learning_rate: float,
+    lr_scheduler: str,
+    warmup_ratio: float,
+    epochs: float,
+    max_length: int,
+    seed: int,
+    logging_steps: int = 1,
+    max_steps: int = -1,
+    save_steps: int = 0,
+):
     """TRL SFTConfig for RJS: completion-only loss, global batch `batch_size` (accumulation fills it).
 
     `save_steps > 0` keeps one resumable checkpoint in `output_dir` (`run_rjs` resumes from it)."""
@@ -203,8 +228,17 @@ def sft_config(output_dir: Path, *, batch_size: int, micro_batch_size: int, lear
     )
 
 
-def run_rjs(policy_path: str, tokenizer, dataset, args, out_dir: Path, *, peft: str = "none", lora: dict | None = None,
-            trust_remote_code: bool = False) -> list[dict]:
+def run_rjs(
+    policy_path: str,
+    tokenizer,
+    dataset,
+    args,
+    out_dir: Path,
+    *,
+    peft: str = "none",
+    lora: dict | None = None,
+    trust_remote_code: bool = False,
+) -> list[dict]:
     """Fine-tune the policy at `policy_path` on `dataset` and save the result to `out_dir/policy`.
 
     Full and LoRA runs save a full model (LoRA merged into the base); QLoRA saves its adapter. Returns
@@ -213,8 +247,12 @@ def run_rjs(policy_path: str, tokenizer, dataset, args, out_dir: Path, *, peft: 
     from trl import SFTTrainer
 
     pcfg = peft_config(peft, **(lora or {}))
-    model = load_policy(policy_path, dtype="auto" if peft != "qlora" else torch.bfloat16,
-                        bits=4 if peft == "qlora" else None, trust_remote_code=trust_remote_code)
+    model = load_policy(
+        policy_path,
+        dtype="auto" if peft != "qlora" else torch.bfloat16,
+        bits=4 if peft == "qlora" else None,
+        trust_remote_code=trust_remote_code,
+    )
     if peft == "qlora":
         from peft import prepare_model_for_kbit_training
 
@@ -231,8 +269,14 @@ def _last_complete_trainer_checkpoint(folder: Path) -> str | None:
     import re
     import shutil
 
-    found = sorted(((int(m.group(1)), p) for p in folder.glob("checkpoint-*")
-                    if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))), reverse=True)
+    found = sorted(
+        (
+            (int(m.group(1)), p)
+            for p in folder.glob("checkpoint-*")
+            if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
+        ),
+        reverse=True,
+    )
     for _, ckpt in found:
         if (ckpt / "trainer_state.json").is_file():
             print(f"[align] resuming from {ckpt}")
@@ -255,10 +299,26 @@ RLOO_DEFAULTS = dict(
 )
 
 
-def run_rloo(policy_path: str, tokenizer, prompts: Sequence[str], raw_prompts: Sequence[str], reward_fn, out_dir: Path,
-             *, n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int, overrides: dict | None = None,
-             gold_fn=None, peft: str = "none", lora: dict | None = None, trust_remote_code: bool = False,
-             stop_token_ids=()) -> list[dict]:
+def run_rloo(
+    policy_path: str,
+    tokenizer,
+    prompts: Sequence[str],
+    raw_prompts: Sequence[str],
+    reward_fn,
+    out_dir: Path,
+    *,
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+    overrides: dict | None = None,
+    gold_fn=None,
+    peft: str = "none",
+    lora: dict | None = None,
+    trust_remote_code: bool = False,
+    stop_token_ids=(),
+) -> list[dict]:
     """TRL RLOOTrainer with `reward_fn` (scored on the raw dataset prompts); saves `out_dir/policy`.
     `stop_token_ids` (a chat template's end-of-turn token) end completions like EOS (TRL reads the stop ids
     from the policy's generation config)."""
@@ -292,23 +352,41 @@ def run_rloo(policy_path: str, tokenizer, prompts: Sequence[str], raw_prompts: S
         **kw,
     )
     dataset = Dataset.from_dict({"prompt": list(prompts), "raw_prompt": list(raw_prompts)})
-    model = load_policy(policy_path, dtype="auto" if peft != "qlora" else torch.bfloat16,
-                        bits=4 if peft == "qlora" else None, trust_remote_code=trust_remote_code)
+    model = load_policy(
+        policy_path,
+        dtype="auto" if peft != "qlora" else torch.bfloat16,
+        bits=4 if peft == "qlora" else None,
+        trust_remote_code=trust_remote_code,
+    )
     if stop_token_ids:
         eos = model.generation_config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         eos = eos or [tokenizer.eos_token_id]
         model.generation_config.eos_token_id = eos + [int(t) for t in stop_token_ids if int(t) not in eos]
     tokenizer.padding_side = "left"
-    trainer = RLOOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
-                          processing_class=tokenizer, peft_config=peft_config(peft, **(lora or {})))
+    trainer = RLOOTrainer(
+        model=model,
+        reward_funcs=funcs,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config(peft, **(lora or {})),
+    )
     trainer.train()
-    return _save_trained_policy(trainer, out_dir, policy_path, tokenizer, peft, trust_remote_code,
-                                cleanup=out_dir / ".trainer")
+    return _save_trained_policy(
+        trainer, out_dir, policy_path, tokenizer, peft, trust_remote_code, cleanup=out_dir / ".trainer"
+    )
 
 
-def _save_trained_policy(trainer, out_dir: Path, policy_path: str, tokenizer, peft: str, trust_remote_code: bool,
-                         cleanup: Path | None = None) -> list:
+def _save_trained_policy(
+    trainer,
+    out_dir: Path,
+    policy_path: str,
+    tokenizer,
+    peft: str,
+    trust_remote_code: bool,
+    cleanup: Path | None = None,
+) -> list:
     """Save a TRL trainer's policy to out_dir/policy (LoRA merged into the base; QLoRA keeps its adapter)
     and its log to out_dir/train_log.json; every rank calls it (ZeRO-3 gathers), the main process writes."""
     from accelerate import PartialState
@@ -342,8 +420,19 @@ def _save_trained_policy(trainer, out_dir: Path, policy_path: str, tokenizer, pe
 # PPO (this project's trainer)
 
 
-def run_ppo(policy_path: str, tokenizer, prompts: Sequence[str], raw_prompts: Sequence[str], reward_fn, out_dir: Path,
-            *, overrides: dict, defaults: dict, gold_fn=None, trust_remote_code: bool = False) -> dict:
+def run_ppo(
+    policy_path: str,
+    tokenizer,
+    prompts: Sequence[str],
+    raw_prompts: Sequence[str],
+    reward_fn,
+    out_dir: Path,
+    *,
+    overrides: dict,
+    defaults: dict,
+    gold_fn=None,
+    trust_remote_code: bool = False,
+) -> dict:
     """`train_ppo` on a fresh copy of the policy; it writes `out_dir/policy`, logs and a summary."""
     from pipeline.align.ppo import PPOConfig, train_ppo
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+
 IGNORE_INDEX = -100
 
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from pipeline.models import TinyModelSpec, tiny_model
 
+
 IGNORE_INDEX = -100
 
 
@@ -51,9 +52,7 @@ def response_mask_labels(
     return input_ids, labels
 
 
-def collate_right(
-    examples: Sequence[tuple[list[int], list[int]]], pad_id: int
-) -> dict[str, torch.Tensor]:
+def collate_right(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad `(input_ids, labels)` examples into a batch (pad labels are `IGNORE_INDEX`)."""
     width = max(len(ids) for ids, _ in examples)
     n = len(examples)
@@ -96,11 +95,15 @@ def warm_start_policy(
     responses. The loss is on response tokens (+ the appended EOS) only. Returns the model in eval mode.
     """
     if len(prompts) != len(responses):
-        raise ValueError(f"warm_start_policy: {len(prompts)} prompts but {len(responses)} responses; pass parallel lists")
+        raise ValueError(
+            f"warm_start_policy: {len(prompts)} prompts but {len(responses)} responses; pass parallel lists"
+        )
     if not prompts:
         raise ValueError("warm_start_policy: no (prompt, response) pairs given")
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-        raise ValueError("warm_start_policy: the tokenizer needs a pad and an EOS token (see pipeline.models.load_tokenizer)")
+        raise ValueError(
+            "warm_start_policy: the tokenizer needs a pad and an EOS token (see pipeline.models.load_tokenizer)"
+        )
     if model is None:
         model = tiny_model(spec or TinyModelSpec(arch="gpt_neox"), tokenizer, task="causal_lm", seed=seed)
     p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
@@ -155,7 +158,17 @@ def sample_responses(
     """
     from pipeline.align.generate import sample
 
-    out = sample(model, tokenizer, prompts, n=1, temperature=temperature, top_p=top_p,
-                 max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_length=None, seed=seed,
-                 dtype=None)
+    out = sample(
+        model,
+        tokenizer,
+        prompts,
+        n=1,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_prompt_length=None,
+        seed=seed,
+        dtype=None,
+    )
     return [t[0] for t in out.texts], [e[0] for e in out.ended]

@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 
 from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text
 
+
 # --------------------------------------------------------------------------------------------------
 # Pure functions (the math)
 # --------------------------------------------------------------------------------------------------
@@ -212,7 +213,9 @@ def per_token_kl_rewards(
     return rewards, kl, scores
 
 
-def response_mask_from_ids(response_ids: torch.Tensor, eos_id: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def response_mask_from_ids(
+    response_ids: torch.Tensor, eos_id: int | Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask of the real tokens of generated responses: everything up to and including the first EOS (any of
     `eos_id` when a list: EOS and a chat template's end-of-turn token).
 
@@ -241,31 +244,65 @@ class PPOConfig:
     """Hyper-parameters of `train_ppo` (per-device batch sizes, like TRL)."""
 
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (policy, value head/critic)."})
-    rollout_batch_size: int = field(default=16, metadata={"help": "Prompts sampled per device per PPO step (one response each)."})
-    mini_batch_size: int = field(default=8, metadata={"help": "Rollouts per device per optimizer step; must divide rollout_batch_size."})
+    rollout_batch_size: int = field(
+        default=16, metadata={"help": "Prompts sampled per device per PPO step (one response each)."}
+    )
+    mini_batch_size: int = field(
+        default=8, metadata={"help": "Rollouts per device per optimizer step; must divide rollout_batch_size."}
+    )
     ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
     num_steps: int = field(default=100, metadata={"help": "Number of PPO steps (rollout batches)."})
     gamma: float = field(default=1.0, metadata={"help": "Discount factor of GAE."})
     lam: float = field(default=0.95, metadata={"help": "Lambda of GAE."})
     cliprange: float = field(default=0.2, metadata={"help": "Clip range of the policy ratio."})
-    cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value prediction around the old value."})
+    cliprange_value: float = field(
+        default=0.2, metadata={"help": "Clip range of the value prediction around the old value."}
+    )
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
-    kl_coef: float = field(default=0.05, metadata={"help": "Weight of the per-token KL penalty to the reference policy."})
-    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the per-token rewards (keeping their mean) before GAE."})
-    missing_eos_penalty: float | None = field(default=1.0, metadata={"help": "Subtracted from the score of responses that never emit EOS; null disables."})
+    kl_coef: float = field(
+        default=0.05, metadata={"help": "Weight of the per-token KL penalty to the reference policy."}
+    )
+    whiten_rewards: bool = field(
+        default=False, metadata={"help": "Whiten the per-token rewards (keeping their mean) before GAE."}
+    )
+    missing_eos_penalty: float | None = field(
+        default=1.0, metadata={"help": "Subtracted from the score of responses that never emit EOS; null disables."}
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    max_prompt_length: int = field(default=256, metadata={"help": "Prompts are truncated from the LEFT to this many tokens."})
+    max_prompt_length: int = field(
+        default=256, metadata={"help": "Prompts are truncated from the LEFT to this many tokens."}
+    )
     max_new_tokens: int = field(default=64, metadata={"help": "Longest response sampled."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs are computed at the same temperature)."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature (log-probs are computed at the same temperature)."}
+    )
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
-    stop_token_ids: list[int] = field(default_factory=list, metadata={"help": "Token ids that end a response like EOS (a chat template's end-of-turn token; the align stage sets it for a chat-templated policy)."})
-    value_model: str = field(default="head", metadata={"help": "head: scalar head on the policy's last hidden state | critic: a separate copy of the backbone with a scalar head."})
-    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters; the reference is the adapter-disabled model (no copy)."})
+    stop_token_ids: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "Token ids that end a response like EOS (a chat template's end-of-turn token; the align stage sets it for a chat-templated policy)."
+        },
+    )
+    value_model: str = field(
+        default="head",
+        metadata={
+            "help": "head: scalar head on the policy's last hidden state | critic: a separate copy of the backbone with a scalar head."
+        },
+    )
+    use_peft: bool = field(
+        default=False, metadata={"help": "Train LoRA adapters; the reference is the adapter-disabled model (no copy)."}
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (0 keeps rollout and update log-probs consistent)."})
-    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Modules to adapt; null = peft's default for the architecture."})
-    save_every: int = field(default=0, metadata={"help": "Write a resumable checkpoint every N steps (0: only at the end)."})
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "LoRA dropout (0 keeps rollout and update log-probs consistent)."}
+    )
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules to adapt; null = peft's default for the architecture."}
+    )
+    save_every: int = field(
+        default=0, metadata={"help": "Write a resumable checkpoint every N steps (0: only at the end)."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the prompt order, value-head init and sampling."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar on the main process."})
 
@@ -320,7 +357,10 @@ class PolicyWithValue(nn.Module):
         position_ids = position_ids_from_mask(attention_mask)
         if self.critic is None:
             out = self.policy(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                output_hidden_states=True,
             )
             hidden = out.hidden_states[-1]
         else:
@@ -450,11 +490,13 @@ def train_ppo(
     from accelerate import Accelerator
 
     output_dir = Path(output_dir)
-    prompts = [p for p in prompts]
+    prompts = list(prompts)
     if not prompts:
         raise ValueError("train_ppo: no prompts given; the alignment prompt set is empty after filtering")
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-        raise ValueError("train_ppo: the policy tokenizer needs pad and EOS tokens (see pipeline.models.load_tokenizer)")
+        raise ValueError(
+            "train_ppo: the policy tokenizer needs pad and EOS tokens (see pipeline.models.load_tokenizer)"
+        )
     # on a CPU-only box accelerate goes distributed (gloo) under torchrun only with cpu=True
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
@@ -470,7 +512,9 @@ def train_ppo(
         critic = _clone(_backbone(policy))
     if cfg.use_peft:
         if ref_policy is not None:
-            raise ValueError("train_ppo: with use_peft the reference is the adapter-disabled policy; do not pass ref_policy")
+            raise ValueError(
+                "train_ppo: with use_peft the reference is the adapter-disabled policy; do not pass ref_policy"
+            )
         if not hasattr(policy, "disable_adapter"):
             policy = _apply_lora(policy, cfg)
     elif ref_policy is None:
@@ -589,7 +633,9 @@ def train_ppo(
                 logits, values = model(input_ids[mb], attn[mb])
                 lp, resp_logits = _response_logprobs(logits, input_ids[mb], plen, cfg.temperature)
                 values = values[:, plen - 1 : -1].float()
-                pg_loss, clipfrac, approx_kl = clipped_policy_loss(lp, old_logprobs[mb], advantages[mb], m, cfg.cliprange)
+                pg_loss, clipfrac, approx_kl = clipped_policy_loss(
+                    lp, old_logprobs[mb], advantages[mb], m, cfg.cliprange
+                )
                 vf_loss, vf_clipfrac = clipped_value_loss(values, old_values[mb], returns[mb], m, cfg.cliprange_value)
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 accelerator.backward(loss)

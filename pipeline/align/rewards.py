@@ -28,6 +28,7 @@ import torch
 from pipeline.data.tokenize import encode_responses
 from pipeline.scoring import score_ids, score_texts
 
+
 RewardFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 
 
@@ -39,7 +40,7 @@ def read_temperature(rm_dir: str | os.PathLike) -> float | None:
     try:
         value = float(json.loads(path.read_text())["temperature"])
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: expected {{\"temperature\": <positive float>}}, could not read it ({e})") from e
+        raise ValueError(f'{path}: expected {{"temperature": <positive float>}}, could not read it ({e})') from e
     if not value > 0:
         raise ValueError(f"{path}: the temperature must be > 0, got {value}")
     return value
@@ -86,7 +87,9 @@ class RMReward:
                 raise ValueError("RMReward: pass the RM's tokenizer together with a loaded RM model")
             self.model, self.tokenizer = rm, tokenizer
         if self.tokenizer.pad_token_id is None:
-            raise ValueError("RMReward: the RM tokenizer has no pad token (load it with pipeline.models.load_tokenizer)")
+            raise ValueError(
+                "RMReward: the RM tokenizer has no pad token (load it with pipeline.models.load_tokenizer)"
+            )
         if device is not None and not bits:
             self.model.to(device)
         self.model.eval()
@@ -105,10 +108,17 @@ class RMReward:
         if not len(prompts):
             return np.zeros(0, dtype=np.float64)
         if self.conversations:
-            ids = encode_responses(self.tokenizer, prompts, responses,
-                                   [self.conversations.get(p) for p in prompts], self.max_length)
-            return score_ids(self.model, ids, self.tokenizer.pad_token_id, batch_size=self.batch_size,
-                             temperature=self.temperature, dtype=self.dtype)
+            ids = encode_responses(
+                self.tokenizer, prompts, responses, [self.conversations.get(p) for p in prompts], self.max_length
+            )
+            return score_ids(
+                self.model,
+                ids,
+                self.tokenizer.pad_token_id,
+                batch_size=self.batch_size,
+                temperature=self.temperature,
+                dtype=self.dtype,
+            )
         texts = [p + r for p, r in zip(prompts, responses)]
         return score_texts(
             self.model,

@@ -46,6 +46,7 @@ import numpy as np
 
 from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text
 
+
 METHODS = ("best_of_n", "rjs", "ppo", "rloo")
 
 
@@ -53,17 +54,49 @@ METHODS = ("best_of_n", "rjs", "ppo", "rloo")
 class JudgeConfig:
     """How aligned policies are compared on held-out prompts."""
 
-    kind: str = field(default="gold", metadata={"help": "gold (a reference reward decides) | openai (an LLM judge over an OpenAI-compatible endpoint) | none"})
-    gold: str = field(default="synthetic", metadata={"help": "For kind=gold: 'synthetic' (the synthetic benchmark's r*; needs synthetic data) or the path of a reward-model directory used as the gold judge."})
-    tolerance: float = field(default=0.0, metadata={"help": "For kind=gold: a tie when the gold rewards differ by at most this much."})
-    base_url: str = field(default="https://api.openai.com/v1", metadata={"help": "For kind=openai: base URL of the chat-completions API (…/v1)."})
+    kind: str = field(
+        default="gold",
+        metadata={
+            "help": "gold (a reference reward decides) | openai (an LLM judge over an OpenAI-compatible endpoint) | none"
+        },
+    )
+    gold: str = field(
+        default="synthetic",
+        metadata={
+            "help": "For kind=gold: 'synthetic' (the synthetic benchmark's r*; needs synthetic data) or the path of a reward-model directory used as the gold judge."
+        },
+    )
+    tolerance: float = field(
+        default=0.0, metadata={"help": "For kind=gold: a tie when the gold rewards differ by at most this much."}
+    )
+    base_url: str = field(
+        default="https://api.openai.com/v1",
+        metadata={"help": "For kind=openai: base URL of the chat-completions API (…/v1)."},
+    )
     model: str = field(default="gpt-4", metadata={"help": "For kind=openai: judge model name."})
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "NAME of the environment variable holding the API key ('' for none). The key itself is never written anywhere."})
+    api_key_env: str = field(
+        default="OPENAI_API_KEY",
+        metadata={
+            "help": "NAME of the environment variable holding the API key ('' for none). The key itself is never written anywhere."
+        },
+    )
     concurrency: int = field(default=4, metadata={"help": "For kind=openai: parallel requests."})
-    max_requests: int = field(default=2000, metadata={"help": "For kind=openai: request budget of one run (retries count); cached answers are free."})
-    retries: int = field(default=4, metadata={"help": "For kind=openai: retries of a failed request (exponential backoff)."})
-    backoff_s: float = field(default=1.0, metadata={"help": "For kind=openai: first retry delay in seconds (doubles each retry)."})
-    timeout_s: float = field(default=60.0, metadata={"help": "For kind=openai: deadline of one whole request (connect, headers, body) in seconds; a request past it is retried."})
+    max_requests: int = field(
+        default=2000,
+        metadata={"help": "For kind=openai: request budget of one run (retries count); cached answers are free."},
+    )
+    retries: int = field(
+        default=4, metadata={"help": "For kind=openai: retries of a failed request (exponential backoff)."}
+    )
+    backoff_s: float = field(
+        default=1.0, metadata={"help": "For kind=openai: first retry delay in seconds (doubles each retry)."}
+    )
+    timeout_s: float = field(
+        default=60.0,
+        metadata={
+            "help": "For kind=openai: deadline of one whole request (connect, headers, body) in seconds; a request past it is retried."
+        },
+    )
     max_tokens: int = field(default=256, metadata={"help": "For kind=openai: longest judge reply."})
 
     def __post_init__(self):
@@ -74,68 +107,153 @@ class JudgeConfig:
         if self.concurrency < 1:
             raise ValueError(f"judge.concurrency must be >= 1 (parallel requests), got {self.concurrency}")
         if self.retries < 0 or self.max_requests < 0:
-            raise ValueError(f"judge.retries and judge.max_requests must be >= 0, got {self.retries} and {self.max_requests}")
+            raise ValueError(
+                f"judge.retries and judge.max_requests must be >= 0, got {self.retries} and {self.max_requests}"
+            )
         if not self.timeout_s > 0 or self.backoff_s < 0:
-            raise ValueError(f"judge.timeout_s must be > 0 and judge.backoff_s >= 0, got {self.timeout_s} and {self.backoff_s}")
+            raise ValueError(
+                f"judge.timeout_s must be > 0 and judge.backoff_s >= 0, got {self.timeout_s} and {self.backoff_s}"
+            )
 
 
 @dataclass
 class AlignConfig:
     """Alignment stage: best-of-n / rejection sampling / PPO / RLOO with each trained RM, judged."""
 
-    methods: list[str] = field(default_factory=lambda: ["best_of_n", "rjs"], metadata={"help": "Methods to run: best_of_n, rjs, ppo, rloo."})
-    rms: list[str] | None = field(default=None, metadata={"help": "RM names from DIR/reward/index.json; null = every RM except single-<source> ones."})
+    methods: list[str] = field(
+        default_factory=lambda: ["best_of_n", "rjs"], metadata={"help": "Methods to run: best_of_n, rjs, ppo, rloo."}
+    )
+    rms: list[str] | None = field(
+        default=None,
+        metadata={"help": "RM names from DIR/reward/index.json; null = every RM except single-<source> ones."},
+    )
     # --- policy
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Base policy (save_pretrained dir or hub id, e.g. an Alpaca-7B checkpoint); null = a tiny policy warm-started on the synthetic benchmark."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Base policy (save_pretrained dir or hub id, e.g. an Alpaca-7B checkpoint); null = a tiny policy warm-started on the synthetic benchmark."
+        },
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Passed to from_pretrained."})
     policy_arch: str = field(default="gpt_neox", metadata={"help": "Tiny policy: gpt_neox | llama."})
     policy_size: str = field(default="tiny", metadata={"help": "Tiny policy: tiny | mini | small."})
-    policy_vocab_size: int = field(default=1000, metadata={"help": "Tiny policy: vocabulary of its locally trained tokenizer (differs from the RMs' on purpose)."})
+    policy_vocab_size: int = field(
+        default=1000,
+        metadata={
+            "help": "Tiny policy: vocabulary of its locally trained tokenizer (differs from the RMs' on purpose)."
+        },
+    )
     warm_start_steps: int = field(default=300, metadata={"help": "Tiny policy: optimizer steps of the warm start."})
     warm_start_lr: float = field(default=3e-3, metadata={"help": "Tiny policy: warm-start learning rate."})
     warm_start_batch_size: int = field(default=32, metadata={"help": "Tiny policy: warm-start batch size."})
-    warm_start_prompts: int = field(default=400, metadata={"help": "Tiny policy: synthetic prompts of the warm start."})
-    warm_start_responses: int = field(default=4, metadata={"help": "Tiny policy: synthetic responses (mixed quality) per warm-start prompt."})
+    warm_start_prompts: int = field(
+        default=400, metadata={"help": "Tiny policy: synthetic prompts of the warm start."}
+    )
+    warm_start_responses: int = field(
+        default=4, metadata={"help": "Tiny policy: synthetic responses (mixed quality) per warm-start prompt."}
+    )
     # --- prompts
-    prompt_sources: list[str] = field(default_factory=lambda: ["helpful", "harmless"], metadata={"help": "Sources whose TRAIN prompts the policy is aligned on (the paper: Helpful & Harmless)."})
-    eval_sources: list[str] = field(default_factory=lambda: ["helpful", "harmless"], metadata={"help": "Sources whose TEST prompts are judged (one prompt set each) and whose test answers give the perplexities."})
-    n_prompts: int | None = field(default=1024, metadata={"help": "Training prompts (distinct, seeded sample); null = all."})
+    prompt_sources: list[str] = field(
+        default_factory=lambda: ["helpful", "harmless"],
+        metadata={"help": "Sources whose TRAIN prompts the policy is aligned on (the paper: Helpful & Harmless)."},
+    )
+    eval_sources: list[str] = field(
+        default_factory=lambda: ["helpful", "harmless"],
+        metadata={
+            "help": "Sources whose TEST prompts are judged (one prompt set each) and whose test answers give the perplexities."
+        },
+    )
+    n_prompts: int | None = field(
+        default=1024, metadata={"help": "Training prompts (distinct, seeded sample); null = all."}
+    )
     n_eval_prompts: int = field(default=200, metadata={"help": "Held-out prompts per prompt set."})
-    n_ppl: int = field(default=500, metadata={"help": "Test answers (chosen responses) per source for the perplexity."})
-    prompt_style: str = field(default="raw", metadata={"help": "raw (the HH layout) | alpaca (Alpaca's instruction template). Applies to text prompts and to conversational ones when the policy has no chat template."})
-    chat_template: str | None = field(default=None, metadata={"help": "The POLICY's chat template (pipeline.data.render): null keeps its tokenizer's own, a Jinja string, a .jinja path, or 'none' (plain layout / prompt_style). Conversational prompts are rendered with it (add_generation_prompt) and responses cut at its end-of-turn token."})
-    max_prompt_length: int = field(default=512, metadata={"help": "Prompts are truncated from the left to this many policy tokens."})
+    n_ppl: int = field(
+        default=500, metadata={"help": "Test answers (chosen responses) per source for the perplexity."}
+    )
+    prompt_style: str = field(
+        default="raw",
+        metadata={
+            "help": "raw (the HH layout) | alpaca (Alpaca's instruction template). Applies to text prompts and to conversational ones when the policy has no chat template."
+        },
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "The POLICY's chat template (pipeline.data.render): null keeps its tokenizer's own, a Jinja string, a .jinja path, or 'none' (plain layout / prompt_style). Conversational prompts are rendered with it (add_generation_prompt) and responses cut at its end-of-turn token."
+        },
+    )
+    max_prompt_length: int = field(
+        default=512, metadata={"help": "Prompts are truncated from the left to this many policy tokens."}
+    )
     # --- sampling (the paper: n=4, T=1.2, top_p=1.0, 256 new tokens)
-    n: int = field(default=4, metadata={"help": "Samples per prompt (best-of-n, rejection sampling, RLOO group size)."})
+    n: int = field(
+        default=4, metadata={"help": "Samples per prompt (best-of-n, rejection sampling, RLOO group size)."}
+    )
     temperature: float = field(default=1.2, metadata={"help": "Sampling temperature of the candidates."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
     max_new_tokens: int = field(default=256, metadata={"help": "Longest sampled response."})
-    eval_temperature: float = field(default=1.0, metadata={"help": "Temperature of the held-out responses that are judged (every policy, and best-of-n's candidates there)."})
-    generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generate call (each with n sequences)."})
-    generation_backend: str = field(default="generate", metadata={"help": "generate | static (static KV cache) | continuous (transformers continuous batching)."})
-    stop_texts: list[str] = field(default_factory=lambda: ["\n\nHuman:"], metadata={"help": "Responses are cut at these texts (a base model may go on writing the dialogue)."})
+    eval_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Temperature of the held-out responses that are judged (every policy, and best-of-n's candidates there)."
+        },
+    )
+    generation_batch_size: int = field(
+        default=16, metadata={"help": "Prompts per generate call (each with n sequences)."}
+    )
+    generation_backend: str = field(
+        default="generate",
+        metadata={"help": "generate | static (static KV cache) | continuous (transformers continuous batching)."},
+    )
+    stop_texts: list[str] = field(
+        default_factory=lambda: ["\n\nHuman:"],
+        metadata={"help": "Responses are cut at these texts (a base model may go on writing the dialogue)."},
+    )
     rm_max_length: int = field(default=512, metadata={"help": "RM scoring: left truncation to this many RM tokens."})
     rm_batch_size: int = field(default=16, metadata={"help": "RM scoring batch size."})
-    use_calibrated_rewards: bool = field(default=True, metadata={"help": "Divide rewards by the calibration stage's temperature when <rm>/temperature.json exists."})
+    use_calibrated_rewards: bool = field(
+        default=True,
+        metadata={"help": "Divide rewards by the calibration stage's temperature when <rm>/temperature.json exists."},
+    )
     # --- rejection sampling fine-tuning (the paper: batch 64, lr 1e-6, cosine, warmup 5%, 1 epoch)
-    peft: str = field(default="none", metadata={"help": "none (full fine-tuning) | lora | qlora (4-bit NF4 base, bitsandbytes)."})
+    peft: str = field(
+        default="none", metadata={"help": "none (full fine-tuning) | lora | qlora (4-bit NF4 base, bitsandbytes)."}
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    sft_batch_size: int = field(default=64, metadata={"help": "RJS global batch size (gradient accumulation fills it)."})
+    sft_batch_size: int = field(
+        default=64, metadata={"help": "RJS global batch size (gradient accumulation fills it)."}
+    )
     sft_micro_batch_size: int = field(default=8, metadata={"help": "RJS per-device batch size."})
     sft_learning_rate: float = field(default=1e-6, metadata={"help": "RJS learning rate."})
     sft_lr_scheduler: str = field(default="cosine", metadata={"help": "RJS learning-rate schedule."})
     sft_warmup_ratio: float = field(default=0.05, metadata={"help": "RJS warmup, fraction of the steps."})
     sft_epochs: float = field(default=1.0, metadata={"help": "RJS epochs."})
-    sft_max_length: int = field(default=512, metadata={"help": "RJS: prompt + response tokens (the prompt is cut from the left)."})
-    sft_save_steps: int = field(default=0, metadata={"help": "RJS: keep a resumable checkpoint every N steps (0: none; an interrupted run restarts)."})
+    sft_max_length: int = field(
+        default=512, metadata={"help": "RJS: prompt + response tokens (the prompt is cut from the left)."}
+    )
+    sft_save_steps: int = field(
+        default=0,
+        metadata={"help": "RJS: keep a resumable checkpoint every N steps (0: none; an interrupted run restarts)."},
+    )
     # --- RL
-    ppo: dict = field(default_factory=dict, metadata={"help": "Overrides of pipeline.align.ppo.PPOConfig (sampling settings default to this section's)."})
-    rloo: dict = field(default_factory=dict, metadata={"help": "Overrides of trl.RLOOConfig (e.g. max_steps, learning_rate, beta, per_device_train_batch_size)."})
+    ppo: dict = field(
+        default_factory=dict,
+        metadata={"help": "Overrides of pipeline.align.ppo.PPOConfig (sampling settings default to this section's)."},
+    )
+    rloo: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "Overrides of trl.RLOOConfig (e.g. max_steps, learning_rate, beta, per_device_train_batch_size)."
+        },
+    )
     # --- judging
     judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={"help": "How policies are compared."})
-    comparisons: list[str] = field(default_factory=lambda: ["more vs multitask", "more vs base", "multitask vs base"], metadata={"help": "'<a> vs <b>' with RM names or 'base'; judged for every method."})
+    comparisons: list[str] = field(
+        default_factory=lambda: ["more vs multitask", "more vs base", "multitask vs base"],
+        metadata={"help": "'<a> vs <b>' with RM names or 'base'; judged for every method."},
+    )
     progress: bool = field(default=True, metadata={"help": "Progress bars."})
 
     def __post_init__(self):
@@ -145,8 +263,10 @@ class AlignConfig:
         if self.peft not in ("none", "lora", "qlora"):
             raise ValueError(f"align.peft must be none, lora or qlora, got {self.peft!r}")
         if self.peft == "qlora" and "ppo" in self.methods:
-            raise ValueError("align.peft=qlora is not supported by ppo (it trains LoRA on a full-precision policy): "
-                             "use align.peft=lora, or run ppo in a separate recipe")
+            raise ValueError(
+                "align.peft=qlora is not supported by ppo (it trains LoRA on a full-precision policy): "
+                "use align.peft=lora, or run ppo in a separate recipe"
+            )
         if self.prompt_style not in ("raw", "alpaca"):
             raise ValueError(f"align.prompt_style must be raw or alpaca, got {self.prompt_style!r}")
         if self.n < 1 or self.max_new_tokens < 1:
@@ -178,7 +298,9 @@ def select_rms(index: dict, wanted: list[str] | None) -> list[str]:
             raise ValueError(f"align.rms: {missing} not in DIR/reward/index.json (it has {list(index)})")
         names = list(wanted)
     if not names:
-        raise ValueError("align: no reward model to align with (DIR/reward/index.json lists none besides single-source RMs)")
+        raise ValueError(
+            "align: no reward model to align with (DIR/reward/index.json lists none besides single-source RMs)"
+        )
     return names
 
 
@@ -266,8 +388,10 @@ def _is_synthetic(splits: dict, sources) -> bool:
 def _pick_sources(splits: dict, wanted: list[str], what: str) -> list[str]:
     missing = [s for s in wanted if s not in splits]
     if missing or not wanted:
-        raise ValueError(f"align.{what}: {missing or wanted} not among the data sources of this run "
-                         f"{list(splits)}. Fix: name sources from that list")
+        raise ValueError(
+            f"align.{what}: {missing or wanted} not among the data sources of this run "
+            f"{list(splits)}. Fix: name sources from that list"
+        )
     return list(wanted)
 
 
@@ -288,14 +412,24 @@ def build_base_policy(ctx: _Ctx) -> tuple[str, object, str]:
         stamp = [cfg.model_name_or_path, tok.chat_template] if tok.chat_template else cfg.model_name_or_path
         return cfg.model_name_or_path, tok, _fingerprint(stamp)
     path = ctx.dir / "base" / "policy"
-    stamp = _fingerprint(_plain({
-        "synthetic": _synthetic_config(ctx.recipe), "vocab": cfg.policy_vocab_size, "arch": cfg.policy_arch,
-        "size": cfg.policy_size, "steps": cfg.warm_start_steps, "lr": cfg.warm_start_lr,
-        "batch": cfg.warm_start_batch_size, "prompts": cfg.warm_start_prompts,
-        "responses": cfg.warm_start_responses, "seed": ctx.seed,
-        "max_length": min(256, cfg.max_prompt_length + cfg.max_new_tokens),
-        **({"chat_template": cfg.chat_template} if cfg.chat_template else {}),
-    }))
+    stamp = _fingerprint(
+        _plain(
+            {
+                "synthetic": _synthetic_config(ctx.recipe),
+                "vocab": cfg.policy_vocab_size,
+                "arch": cfg.policy_arch,
+                "size": cfg.policy_size,
+                "steps": cfg.warm_start_steps,
+                "lr": cfg.warm_start_lr,
+                "batch": cfg.warm_start_batch_size,
+                "prompts": cfg.warm_start_prompts,
+                "responses": cfg.warm_start_responses,
+                "seed": ctx.seed,
+                "max_length": min(256, cfg.max_prompt_length + cfg.max_new_tokens),
+                **({"chat_template": cfg.chat_template} if cfg.chat_template else {}),
+            }
+        )
+    )
     stamp_file = ctx.dir / "base" / "policy.settings.json"
     built = (path / "config.json").exists() and stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp
     if ctx.main and not built:
@@ -305,8 +439,9 @@ def build_base_policy(ctx: _Ctx) -> tuple[str, object, str]:
 
         ctx.log("building the tiny base policy (warm start on synthetic responses of mixed quality)")
         template = set_chat_template(_TemplateHolder(), cfg.chat_template, where="align.chat_template").chat_template
-        tok = tiny_tokenizer(synthetic_corpus(_synthetic_config(ctx.recipe)), vocab_size=cfg.policy_vocab_size,
-                             chat_template=template)
+        tok = tiny_tokenizer(
+            synthetic_corpus(_synthetic_config(ctx.recipe)), vocab_size=cfg.policy_vocab_size, chat_template=template
+        )
         prompts = synthetic_prompts(cfg.warm_start_prompts, seed=ctx.seed, split="train")
         P, R = [], []
         for p in prompts:
@@ -318,8 +453,15 @@ def build_base_policy(ctx: _Ctx) -> tuple[str, object, str]:
                     P.append(p)
                 R.append(r)
         model = warm_start_policy(
-            tok, P, R, spec=TinyModelSpec(arch=cfg.policy_arch, size=cfg.policy_size), steps=cfg.warm_start_steps,
-            lr=cfg.warm_start_lr, batch_size=cfg.warm_start_batch_size, seed=ctx.seed, max_length=min(256, cfg.max_prompt_length + cfg.max_new_tokens),
+            tok,
+            P,
+            R,
+            spec=TinyModelSpec(arch=cfg.policy_arch, size=cfg.policy_size),
+            steps=cfg.warm_start_steps,
+            lr=cfg.warm_start_lr,
+            batch_size=cfg.warm_start_batch_size,
+            seed=ctx.seed,
+            max_length=min(256, cfg.max_prompt_length + cfg.max_new_tokens),
             progress=cfg.progress,
         )
         with atomic_dir(path) as tmp:
@@ -352,9 +494,11 @@ def policy_prompt(tok, rec: dict, style: str) -> tuple[str, bool]:
     text, templated = render_prompt(tok, rec["prompt"], rec.get("conversation"))
     if templated:
         if style != "raw":
-            raise ValueError(f"align.prompt_style={style!r} is for text prompts; this policy renders conversational "
-                             "prompts with its chat template. Fix: align.prompt_style=raw, or align.chat_template=none "
-                             "to use the plain layout with the prompt style")
+            raise ValueError(
+                f"align.prompt_style={style!r} is for text prompts; this policy renders conversational "
+                "prompts with its chat template. Fix: align.prompt_style=raw, or align.chat_template=none "
+                "to use the plain layout with the prompt style"
+            )
         return text, True
     return format_prompt(text, style), False
 
@@ -382,9 +526,17 @@ def prompt_conversations(ds) -> dict:
 
 
 def _sample_kwargs(cfg: AlignConfig, *, temperature: float, n: int) -> dict:
-    return dict(n=n, temperature=temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                batch_size=cfg.generation_batch_size, max_prompt_length=cfg.max_prompt_length,
-                stop_texts=tuple(cfg.stop_texts), backend=cfg.generation_backend, progress=cfg.progress)
+    return dict(
+        n=n,
+        temperature=temperature,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.generation_batch_size,
+        max_prompt_length=cfg.max_prompt_length,
+        stop_texts=tuple(cfg.stop_texts),
+        backend=cfg.generation_backend,
+        progress=cfg.progress,
+    )
 
 
 def _stops(ctx: _Ctx, tok, templated) -> dict:
@@ -397,7 +549,9 @@ def _stops(ctx: _Ctx, tok, templated) -> dict:
     return out
 
 
-def _candidates(ctx: _Ctx, name: str, policy_path: str, tok, raw_prompts: list[dict], *, temperature: float, settings: dict):
+def _candidates(
+    ctx: _Ctx, name: str, policy_path: str, tok, raw_prompts: list[dict], *, temperature: float, settings: dict
+):
     """n samples per prompt from the base policy, cached in DIR/align/base/<name>.jsonl (main process)."""
     from pipeline.align.generate import sample
     from pipeline.align.methods import load_policy, read_jsonl, write_jsonl
@@ -405,14 +559,18 @@ def _candidates(ctx: _Ctx, name: str, policy_path: str, tok, raw_prompts: list[d
     path = ctx.dir / "base" / f"{name}.jsonl"
     stamp = ctx.dir / "base" / f"{name}.settings.json"
     if ctx.main and not (path.exists() and stamp.exists() and json.loads(stamp.read_text()) == settings):
-        ctx.log(f"sampling {ctx.cfg.n} candidates for {len(raw_prompts)} {name.split('_')[0]} prompts from the base policy")
+        ctx.log(
+            f"sampling {ctx.cfg.n} candidates for {len(raw_prompts)} {name.split('_')[0]} prompts from the base policy"
+        )
         model = load_policy(policy_path, trust_remote_code=ctx.cfg.trust_remote_code).to(ctx.device)
         rendered = [policy_prompt(tok, r, ctx.cfg.prompt_style) for r in raw_prompts]
         prompts, templated = [t for t, _ in rendered], [f for _, f in rendered]
         kwargs = _sample_kwargs(ctx.cfg, temperature=temperature, n=ctx.cfg.n) | _stops(ctx, tok, templated)
         out = sample(model, tok, prompts, seed=ctx.seed, **kwargs)
-        recs = [dict(r, policy_prompt=p, candidates=c, ended=e) | ({"templated": True} if f else {})
-                for r, p, f, c, e in zip(raw_prompts, prompts, templated, out.texts, out.ended)]
+        recs = [
+            dict(r, policy_prompt=p, candidates=c, ended=e) | ({"templated": True} if f else {})
+            for r, p, f, c, e in zip(raw_prompts, prompts, templated, out.texts, out.ended)
+        ]
         write_jsonl(path, recs)
         atomic_write_json(stamp, settings)
         del model
@@ -429,8 +587,10 @@ def _eval_records(ctx: _Ctx, policy_path: str, tok, eval_cands: list[dict]) -> l
     kwargs = _sample_kwargs(ctx.cfg, temperature=ctx.cfg.eval_temperature, n=1)
     kwargs |= _stops(ctx, tok, [bool(r.get("templated")) for r in eval_cands])
     out = sample(model, tok, [r["policy_prompt"] for r in eval_cands], seed=ctx.seed + 1, **kwargs)
-    return [_with_conv({"prompt": r["prompt"], "set": r["set"], "response": t[0], "ended": e[0]}, r)
-            for r, t, e in zip(eval_cands, out.texts, out.ended)]
+    return [
+        _with_conv({"prompt": r["prompt"], "set": r["set"], "response": t[0], "ended": e[0]}, r)
+        for r, t, e in zip(eval_cands, out.texts, out.ended)
+    ]
 
 
 def _with_conv(rec: dict, src: dict) -> dict:
@@ -447,11 +607,15 @@ def _perplexities(ctx: _Ctx, policy_path: str, tok, ppl_data: dict) -> dict:
     out = {}
     for src, (prompts, answers) in ppl_data.items():
         convs = ctx.conversations
-        texts = [policy_prompt(tok, {"prompt": p, "conversation": convs.get(p)}, ctx.cfg.prompt_style)[0]
-                 for p in prompts]
-        answers = [render_response(tok, p, a, convs.get(p))[1] if convs.get(p) else a for p, a in zip(prompts, answers)]
-        ppl = response_perplexity(model, tok, texts, answers,
-                                  max_length=ctx.cfg.max_prompt_length + ctx.cfg.max_new_tokens)
+        texts = [
+            policy_prompt(tok, {"prompt": p, "conversation": convs.get(p)}, ctx.cfg.prompt_style)[0] for p in prompts
+        ]
+        answers = [
+            render_response(tok, p, a, convs.get(p))[1] if convs.get(p) else a for p, a in zip(prompts, answers)
+        ]
+        ppl = response_perplexity(
+            model, tok, texts, answers, max_length=ctx.cfg.max_prompt_length + ctx.cfg.max_new_tokens
+        )
         out[src] = ppl if math.isfinite(ppl) else None  # JSON null, not NaN
     return out
 
@@ -459,13 +623,30 @@ def _perplexities(ctx: _Ctx, policy_path: str, tok, ppl_data: dict) -> dict:
 def _rm_reward(ctx: _Ctx, rm_dir: Path):
     from pipeline.align.rewards import RMReward
 
-    return RMReward(str(rm_dir), max_length=ctx.cfg.rm_max_length, batch_size=ctx.cfg.rm_batch_size,
-                    temperature="auto" if ctx.cfg.use_calibrated_rewards else 1.0, device=ctx.device,
-                    name=rm_dir.name, conversations=ctx.conversations)
+    return RMReward(
+        str(rm_dir),
+        max_length=ctx.cfg.rm_max_length,
+        batch_size=ctx.cfg.rm_batch_size,
+        temperature="auto" if ctx.cfg.use_calibrated_rewards else 1.0,
+        device=ctx.device,
+        name=rm_dir.name,
+        conversations=ctx.conversations,
+    )
 
 
-def align_one(ctx: _Ctx, rm: str, rm_dir: Path, method: str, base_path: str, tok, train_cands, eval_cands,
-              ppl_data: dict, gold_fn, settings: dict) -> None:
+def align_one(
+    ctx: _Ctx,
+    rm: str,
+    rm_dir: Path,
+    method: str,
+    base_path: str,
+    tok,
+    train_cands,
+    eval_cands,
+    ppl_data: dict,
+    gold_fn,
+    settings: dict,
+) -> None:
     """Produce DIR/align/<rm>/<method>/ (atomically) unless it exists with the same settings."""
     from pipeline.align import methods as M
 
@@ -494,7 +675,9 @@ def align_one(ctx: _Ctx, rm: str, rm_dir: Path, method: str, base_path: str, tok
     if method in ("best_of_n", "rjs"):
         if ctx.main and not (work / "samples.jsonl").exists():
             scores = M.score_candidates(reward, raw, [r["candidates"] for r in train_cands])
-            records = M.best_of_n_records(raw, [r["candidates"] for r in train_cands], scores, [r["ended"] for r in train_cands])
+            records = M.best_of_n_records(
+                raw, [r["candidates"] for r in train_cands], scores, [r["ended"] for r in train_cands]
+            )
             for rec, r in zip(records, train_cands):
                 rec["set"] = r["set"]
             M.write_jsonl(work / "samples.jsonl", records)
@@ -507,38 +690,99 @@ def align_one(ctx: _Ctx, rm: str, rm_dir: Path, method: str, base_path: str, tok
             best = [rec["candidates"][rec["chosen"]] for rec in records]
             best = [_sft_completion(tok, r, b) for r, b in zip(train_cands, best)]
             dataset = M.rjs_dataset(tok, prompts, best, cfg.sft_max_length)
-            args = M.sft_config(work / ".trainer", batch_size=cfg.sft_batch_size, micro_batch_size=cfg.sft_micro_batch_size,
-                                learning_rate=cfg.sft_learning_rate, lr_scheduler=cfg.sft_lr_scheduler,
-                                warmup_ratio=cfg.sft_warmup_ratio, epochs=cfg.sft_epochs, max_length=cfg.sft_max_length,
-                                seed=ctx.seed, save_steps=cfg.sft_save_steps)
-            M.run_rjs(base_path, tok, dataset, args, work, peft=cfg.peft, lora=_lora(cfg), trust_remote_code=cfg.trust_remote_code)
+            args = M.sft_config(
+                work / ".trainer",
+                batch_size=cfg.sft_batch_size,
+                micro_batch_size=cfg.sft_micro_batch_size,
+                learning_rate=cfg.sft_learning_rate,
+                lr_scheduler=cfg.sft_lr_scheduler,
+                warmup_ratio=cfg.sft_warmup_ratio,
+                epochs=cfg.sft_epochs,
+                max_length=cfg.sft_max_length,
+                seed=ctx.seed,
+                save_steps=cfg.sft_save_steps,
+            )
+            M.run_rjs(
+                base_path,
+                tok,
+                dataset,
+                args,
+                work,
+                peft=cfg.peft,
+                lora=_lora(cfg),
+                trust_remote_code=cfg.trust_remote_code,
+            )
         policy_path = str(work / "policy")
     elif method == "rloo":
         if not (work / "train_log.json").exists():  # written last, once the policy is saved
-            M.run_rloo(base_path, tok, prompts, raw, reward, work, n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
-                       max_new_tokens=cfg.max_new_tokens, seed=ctx.seed, overrides=cfg.rloo, gold_fn=gold_fn,
-                       peft=cfg.peft, lora=_lora(cfg), trust_remote_code=cfg.trust_remote_code,
-                       stop_token_ids=stop_ids)
+            M.run_rloo(
+                base_path,
+                tok,
+                prompts,
+                raw,
+                reward,
+                work,
+                n=cfg.n,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                max_new_tokens=cfg.max_new_tokens,
+                seed=ctx.seed,
+                overrides=cfg.rloo,
+                gold_fn=gold_fn,
+                peft=cfg.peft,
+                lora=_lora(cfg),
+                trust_remote_code=cfg.trust_remote_code,
+                stop_token_ids=stop_ids,
+            )
         policy_path = str(work / "policy")
     elif method == "ppo":
-        defaults = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                        max_prompt_length=cfg.max_prompt_length, seed=ctx.seed, progress=cfg.progress,
-                        use_peft=cfg.peft == "lora")
+        defaults = dict(
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_prompt_length=cfg.max_prompt_length,
+            seed=ctx.seed,
+            progress=cfg.progress,
+            use_peft=cfg.peft == "lora",
+        )
         if stop_ids:
             defaults["stop_token_ids"] = list(stop_ids)
-        M.run_ppo(base_path, tok, prompts, raw, reward, work, overrides=cfg.ppo, defaults=defaults, gold_fn=gold_fn,
-                  trust_remote_code=cfg.trust_remote_code)
+        M.run_ppo(
+            base_path,
+            tok,
+            prompts,
+            raw,
+            reward,
+            work,
+            overrides=cfg.ppo,
+            defaults=defaults,
+            gold_fn=gold_fn,
+            trust_remote_code=cfg.trust_remote_code,
+        )
         policy_path = str(work / "policy")
     ctx.barrier()
 
     if ctx.main:
         if method == "best_of_n":  # the RM picks among the base policy's held-out candidates
-            scores = M.score_candidates(reward, [r["prompt"] for r in eval_cands], [r["candidates"] for r in eval_cands])
+            scores = M.score_candidates(
+                reward, [r["prompt"] for r in eval_cands], [r["candidates"] for r in eval_cands]
+            )
             evals = []
             for r, row in zip(eval_cands, scores):
                 k = int(np.nanargmax(row))
-                evals.append(_with_conv({"prompt": r["prompt"], "set": r["set"], "response": r["candidates"][k],
-                                         "ended": r["ended"][k], "scores": [float(x) for x in row], "chosen": k}, r))
+                evals.append(
+                    _with_conv(
+                        {
+                            "prompt": r["prompt"],
+                            "set": r["set"],
+                            "response": r["candidates"][k],
+                            "ended": r["ended"][k],
+                            "scores": [float(x) for x in row],
+                            "chosen": k,
+                        },
+                        r,
+                    )
+                )
             ppl = None  # the policy is the base policy
         else:
             evals = _eval_records(ctx, policy_path, tok, eval_cands)
@@ -595,14 +839,25 @@ def judge_all(ctx: _Ctx, rms: list[str], base_eval: list[dict], gold_fn) -> tupl
 
     def gold_of(label: str, recs):
         if label not in gold_cache:
-            gold_cache[label] = np.asarray(gold_fn([r["prompt"] for r in recs], [r["response"] for r in recs]), dtype=np.float64)
+            gold_cache[label] = np.asarray(
+                gold_fn([r["prompt"] for r in recs], [r["response"] for r in recs]), dtype=np.float64
+            )
         return gold_cache[label]
 
     oa = None
     if jc.kind == "openai":
-        oa = J.OpenAIJudge(jc.base_url, jc.model, api_key_env=jc.api_key_env or None, cache_path=ctx.dir / "judge_cache.jsonl",
-                           concurrency=jc.concurrency, max_requests=jc.max_requests, retries=jc.retries,
-                           backoff_s=jc.backoff_s, timeout_s=jc.timeout_s, max_tokens=jc.max_tokens)
+        oa = J.OpenAIJudge(
+            jc.base_url,
+            jc.model,
+            api_key_env=jc.api_key_env or None,
+            cache_path=ctx.dir / "judge_cache.jsonl",
+            concurrency=jc.concurrency,
+            max_requests=jc.max_requests,
+            retries=jc.retries,
+            backoff_s=jc.backoff_s,
+            timeout_s=jc.timeout_s,
+            max_tokens=jc.max_tokens,
+        )
     for method in cfg.methods:
         for comp in cfg.comparisons:
             a, b = parse_comparison(comp)
@@ -614,16 +869,24 @@ def judge_all(ctx: _Ctx, rms: list[str], base_eval: list[dict], gold_fn) -> tupl
             if ra is None or rb is None:
                 continue
             if [r["prompt"] for r in ra] != [r["prompt"] for r in rb]:
-                raise RuntimeError(f"{comp} ({method}): the two policies answered different prompts; delete DIR/align and rerun")
+                raise RuntimeError(
+                    f"{comp} ({method}): the two policies answered different prompts; delete DIR/align and rerun"
+                )
             key = f"{method}: {a} vs {b}"
             if jc.kind == "gold":
                 la, lb = ("base" if a == "base" else f"{a}/{method}"), ("base" if b == "base" else f"{b}/{method}")
                 verdicts = J.gold_verdicts(gold_of(la, ra), gold_of(lb, rb), jc.tolerance)
                 extra = [{"gold_a": float(x), "gold_b": float(y)} for x, y in zip(gold_of(la, ra), gold_of(lb, rb))]
             else:
-                comps = [J.Comparison(json.loads(x["conversation"])["prompt"] if x.get("conversation") else x["prompt"],
-                                      x["response"], y["response"], "harmless" if "harmless" in x["set"] else "helpful")
-                         for x, y in zip(ra, rb)]
+                comps = [
+                    J.Comparison(
+                        json.loads(x["conversation"])["prompt"] if x.get("conversation") else x["prompt"],
+                        x["response"],
+                        y["response"],
+                        "harmless" if "harmless" in x["set"] else "helpful",
+                    )
+                    for x, y in zip(ra, rb)
+                ]
                 res = oa.compare(comps, progress=cfg.progress)
                 verdicts = [r["verdict"] for r in res]
                 extra = [{"votes": r["votes"], "replies": r["replies"]} for r in res]
@@ -632,24 +895,42 @@ def judge_all(ctx: _Ctx, rms: list[str], base_eval: list[dict], gold_fn) -> tupl
             if len(sets) > 1:
                 judgements[key]["all"] = J.summarize(verdicts)
             for v, x, y, e in zip(verdicts, ra, rb, extra):
-                details.append({"comparison": key, "set": x["set"], "prompt": x["prompt"], "response_a": x["response"],
-                                "response_b": y["response"], "verdict": v, **e})
+                details.append(
+                    {
+                        "comparison": key,
+                        "set": x["set"],
+                        "prompt": x["prompt"],
+                        "response_a": x["response"],
+                        "response_b": y["response"],
+                        "verdict": v,
+                        **e,
+                    }
+                )
     for label, values in gold_cache.items():
         recs = base_eval  # every policy answered the same prompts in the same order
-        gold_means[label] = {s: gold_summary([g for g, r in zip(values, recs) if r["set"] == s]) for s in sorted({r["set"] for r in recs})}
+        gold_means[label] = {
+            s: gold_summary([g for g, r in zip(values, recs) if r["set"] == s])
+            for s in sorted({r["set"] for r in recs})
+        }
         gold_means[label]["all"] = gold_summary(values)
     return judgements, details, gold_means
 
 
 def render_table(judgements: dict, metrics: dict, judge_desc: str) -> str:
-    lines = [f"## Alignment: win / tie / lose (judge: {judge_desc})", "",
-             "| comparison | prompt set | win | tie | lose | n | win 95% CI | invalid |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## Alignment: win / tie / lose (judge: {judge_desc})",
+        "",
+        "| comparison | prompt set | win | tie | lose | n | win 95% CI | invalid |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for comp, per_set in judgements.items():
         for s, r in per_set.items():
             lo, hi = r["interval"]["win"]
             pct = {k: "-" if r[k] is None else f"{r[k]:.1%}" for k in ("win", "tie", "lose")}
-            lines.append(f"| {comp} | {s} | {pct['win']} | {pct['tie']} | {pct['lose']} | {r['n']} | "
-                         f"[{lo:.1%}, {hi:.1%}] | {r['counts']['invalid']} |")
+            lines.append(
+                f"| {comp} | {s} | {pct['win']} | {pct['tie']} | {pct['lose']} | {r['n']} | "
+                f"[{lo:.1%}, {hi:.1%}] | {r['counts']['invalid']} |"
+            )
     if not judgements:
         lines.append("| (no comparison judged) | | | | | | | |")
     ppl_sources = sorted({s for m in metrics.values() for s in (m.get("perplexity") or {})})
@@ -674,7 +955,9 @@ def run(recipe, run_dir: Path) -> list[str]:
     cfg = ctx.cfg
     index_path = ctx.run_dir / "reward" / "index.json"
     if not index_path.exists():
-        raise FileNotFoundError(f"{index_path} not found: run the reward stage first (python -m pipeline.run --stages reward)")
+        raise FileNotFoundError(
+            f"{index_path} not found: run the reward stage first (python -m pipeline.run --stages reward)"
+        )
     index = json.loads(index_path.read_text())
     rms = select_rms(index, cfg.rms)
     rm_dirs = {}
@@ -683,7 +966,9 @@ def run(recipe, run_dir: Path) -> list[str]:
         if not p.is_dir():
             p = ctx.run_dir / "reward" / name
         if not p.is_dir():
-            raise FileNotFoundError(f"reward model {name!r}: directory {index[name]['path']} (from {index_path}) does not exist")
+            raise FileNotFoundError(
+                f"reward model {name!r}: directory {index[name]['path']} (from {index_path}) does not exist"
+            )
         rm_dirs[name] = p
 
     splits = _load_splits(recipe)
@@ -693,8 +978,10 @@ def run(recipe, run_dir: Path) -> list[str]:
     gold_fn = None
     if cfg.judge.kind == "gold":
         if cfg.judge.gold == "synthetic" and not synthetic:
-            raise ValueError("align.judge.gold=synthetic needs the synthetic benchmark's data; for real data set "
-                             "align.judge.gold=<reward-model dir> or align.judge.kind=openai")
+            raise ValueError(
+                "align.judge.gold=synthetic needs the synthetic benchmark's data; for real data set "
+                "align.judge.gold=<reward-model dir> or align.judge.kind=openai"
+            )
         gold_fn = gold_reward_fn(cfg.judge.gold)
     elif synthetic:
         gold_fn = gold_reward_fn("synthetic")  # still logged as a measurement
@@ -717,24 +1004,50 @@ def run(recipe, run_dir: Path) -> list[str]:
     eval_prompts, ppl_data = [], {}
     for i, s in enumerate(eval_sources):
         test = splits[s]["test"]
-        eval_prompts += [prompt_rec(p, s) for p in distinct_prompts(test["prompt"], cfg.n_eval_prompts, ctx.seed + 100 + i)]
+        eval_prompts += [
+            prompt_rec(p, s) for p in distinct_prompts(test["prompt"], cfg.n_eval_prompts, ctx.seed + 100 + i)
+        ]
         m = min(cfg.n_ppl, len(test))
         ppl_data[s] = (list(test["prompt"][:m]), list(test["chosen"][:m]))
 
     base_path, tok, base_stamp = build_base_policy(ctx)
-    base_settings = {"policy": [base_path, base_stamp], "style": cfg.prompt_style, "seed": ctx.seed,
-                     "sampling": _sample_kwargs(cfg, temperature=cfg.temperature, n=cfg.n) | {"progress": None}}
-    train_cands = _candidates(ctx, "train_candidates", base_path, tok, train_prompts, temperature=cfg.temperature,
-                              settings=_plain(base_settings | {"prompts": _fingerprint(train_prompts)}))
-    eval_cands = _candidates(ctx, "eval_candidates", base_path, tok, eval_prompts, temperature=cfg.eval_temperature,
-                             settings=_plain(base_settings | {"temperature": cfg.eval_temperature, "prompts": _fingerprint(eval_prompts)}))
-    base_eval = [_with_conv({"prompt": r["prompt"], "set": r["set"], "response": r["candidates"][0],
-                             "ended": r["ended"][0]}, r) for r in eval_cands]
+    base_settings = {
+        "policy": [base_path, base_stamp],
+        "style": cfg.prompt_style,
+        "seed": ctx.seed,
+        "sampling": _sample_kwargs(cfg, temperature=cfg.temperature, n=cfg.n) | {"progress": None},
+    }
+    train_cands = _candidates(
+        ctx,
+        "train_candidates",
+        base_path,
+        tok,
+        train_prompts,
+        temperature=cfg.temperature,
+        settings=_plain(base_settings | {"prompts": _fingerprint(train_prompts)}),
+    )
+    eval_cands = _candidates(
+        ctx,
+        "eval_candidates",
+        base_path,
+        tok,
+        eval_prompts,
+        temperature=cfg.eval_temperature,
+        settings=_plain(base_settings | {"temperature": cfg.eval_temperature, "prompts": _fingerprint(eval_prompts)}),
+    )
+    base_eval = [
+        _with_conv({"prompt": r["prompt"], "set": r["set"], "response": r["candidates"][0], "ended": r["ended"][0]}, r)
+        for r in eval_cands
+    ]
 
     base_ppl_path = ctx.dir / "base" / "perplexity.json"
-    ppl_stamp = _fingerprint([base_path, base_stamp, cfg.prompt_style, {k: v[0][:3] for k, v in ppl_data.items()}, cfg.n_ppl])
+    ppl_stamp = _fingerprint(
+        [base_path, base_stamp, cfg.prompt_style, {k: v[0][:3] for k, v in ppl_data.items()}, cfg.n_ppl]
+    )
     if ctx.main and not (base_ppl_path.exists() and json.loads(base_ppl_path.read_text()).get("stamp") == ppl_stamp):
-        atomic_write_json(base_ppl_path, {"stamp": ppl_stamp, "perplexity": _perplexities(ctx, base_path, tok, ppl_data)})
+        atomic_write_json(
+            base_ppl_path, {"stamp": ppl_stamp, "perplexity": _perplexities(ctx, base_path, tok, ppl_data)}
+        )
     ctx.barrier()
 
     plain = dataclasses.asdict(cfg)
@@ -742,28 +1055,57 @@ def run(recipe, run_dir: Path) -> list[str]:
         plain.pop(k, None)
     for rm in rms:
         for method in cfg.methods:
-            settings = {"method": method, "rm": rm, "rm_stamp": _rm_stamp(rm_dirs[rm]), "config": plain, "seed": ctx.seed,
-                        "train": _fingerprint(train_cands), "eval": _fingerprint(eval_cands)}
-            align_one(ctx, rm, rm_dirs[rm], method, base_path, tok, train_cands, eval_cands, ppl_data, gold_fn,
-                      _fingerprint(settings))
+            settings = {
+                "method": method,
+                "rm": rm,
+                "rm_stamp": _rm_stamp(rm_dirs[rm]),
+                "config": plain,
+                "seed": ctx.seed,
+                "train": _fingerprint(train_cands),
+                "eval": _fingerprint(eval_cands),
+            }
+            align_one(
+                ctx,
+                rm,
+                rm_dirs[rm],
+                method,
+                base_path,
+                tok,
+                train_cands,
+                eval_cands,
+                ppl_data,
+                gold_fn,
+                _fingerprint(settings),
+            )
 
     artifacts = ["align/base", *[f"align/{rm}/{m}" for rm in rms for m in cfg.methods]]
     if ctx.main:
         judgements, details, gold_means = judge_all(ctx, rms, base_eval, gold_fn)
-        metrics = {"base": {"perplexity": json.loads(base_ppl_path.read_text())["perplexity"], "gold": gold_means.get("base")}}
+        metrics = {
+            "base": {"perplexity": json.loads(base_ppl_path.read_text())["perplexity"], "gold": gold_means.get("base")}
+        }
         for rm in rms:
             for m in cfg.methods:
                 sub = ctx.dir / rm / m
-                ppl = json.loads((sub / "perplexity.json").read_text()) if (sub / "perplexity.json").exists() else metrics["base"]["perplexity"]
+                ppl = (
+                    json.loads((sub / "perplexity.json").read_text())
+                    if (sub / "perplexity.json").exists()
+                    else metrics["base"]["perplexity"]
+                )
                 gold = gold_means.get(f"{rm}/{m}")
                 if gold is None and gold_fn is not None:
                     recs = read_jsonl(sub / "eval.jsonl")
                     gold = {"all": gold_summary(gold_fn([r["prompt"] for r in recs], [r["response"] for r in recs]))}
                 metrics[f"{rm}/{m}"] = {"perplexity": ppl, "gold": gold}
         if "base" not in gold_means and gold_fn is not None:
-            metrics["base"]["gold"] = {"all": gold_summary(gold_fn([r["prompt"] for r in base_eval], [r["response"] for r in base_eval]))}
-        judge_desc = {"gold": f"gold reward ({cfg.judge.gold}), tie tolerance {cfg.judge.tolerance}",
-                      "openai": f"{cfg.judge.model} via {cfg.judge.base_url}, both orders", "none": "none"}[cfg.judge.kind]
+            metrics["base"]["gold"] = {
+                "all": gold_summary(gold_fn([r["prompt"] for r in base_eval], [r["response"] for r in base_eval]))
+            }
+        judge_desc = {
+            "gold": f"gold reward ({cfg.judge.gold}), tie tolerance {cfg.judge.tolerance}",
+            "openai": f"{cfg.judge.model} via {cfg.judge.base_url}, both orders",
+            "none": "none",
+        }[cfg.judge.kind]
         atomic_write_json(ctx.dir / "judgements.json", judgements)
         write_jsonl(ctx.dir / "judge_details.jsonl", details)
         atomic_write_json(ctx.dir / "metrics.json", {"judge": judge_desc, "policies": metrics})

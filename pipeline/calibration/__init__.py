@@ -14,6 +14,7 @@ from pipeline.calibration.metrics import (
 )
 from pipeline.calibration.temperature import fit_temperature
 
+
 __all__ = [
     "accuracy",
     "all_metrics",

@@ -10,5 +10,6 @@ import sys
 
 from pipeline.run import main_for_stage
 
+
 if __name__ == "__main__":
     sys.exit(main_for_stage("calibration"))

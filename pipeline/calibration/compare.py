@@ -33,6 +33,7 @@ from scipy.special import expit
 
 from pipeline.calibration import metrics as M
 
+
 LEVEL = 0.95
 _VS = re.compile(r"^\s*(\S+)\s+vs\.?\s+(\S+)\s*$")
 # Row budget of one resample chunk (pair counts are a chunk x n matrix).
@@ -97,8 +98,9 @@ def metric_keys(headline_bins: int, temperature_scaling: bool, truth: bool = Fal
 # --------------------------------------------------------------------------------------------------
 # Per-pair terms and weighted metrics
 # --------------------------------------------------------------------------------------------------
-def pair_terms(rc, rr, *, n_bins: int = 10, strategy: str = "uniform", temperature: float = 1.0,
-               true_prob=None, gold_prob=None) -> dict:
+def pair_terms(
+    rc, rr, *, n_bins: int = 10, strategy: str = "uniform", temperature: float = 1.0, true_prob=None, gold_prob=None
+) -> dict:
     """Per-pair additive terms of every compared metric of one RM on one source (see the module docstring)."""
     d = M.reward_margins(rc, rr) / float(temperature)
     p = expit(d)
@@ -144,10 +146,12 @@ def weighted_metrics(terms: dict, counts: np.ndarray, idx: np.ndarray | None = N
         if idx is None:
             idx = np.atleast_2d(np.arange(terms["n"]))
         p = terms["p"]
-        out["ece"] = np.array([
-            M.binned_calibration(*M.symmetrize(p[row]), terms["n_bins"], terms["strategy"])["ece"]
-            for row in np.atleast_2d(idx)
-        ])
+        out["ece"] = np.array(
+            [
+                M.binned_calibration(*M.symmetrize(p[row]), terms["n_bins"], terms["strategy"])["ece"]
+                for row in np.atleast_2d(idx)
+            ]
+        )
     if "truth_mae" in terms:
         out["truth/prob_mae"] = w @ terms["truth_mae"] / total
     if "gold_mae" in terms:
@@ -158,8 +162,11 @@ def weighted_metrics(terms: dict, counts: np.ndarray, idx: np.ndarray | None = N
 def _named(values: dict, headline_bins: int, prefix: str = "") -> dict:
     """weighted_metrics output under metrics.json key names."""
     rename = {"ece": f"ece_{headline_bins}"}
-    return {(k if "/" in k else prefix + rename.get(k, k)): v for k, v in values.items()
-            if not (prefix and (k == "accuracy" or "/" in k))}
+    return {
+        (k if "/" in k else prefix + rename.get(k, k)): v
+        for k, v in values.items()
+        if not (prefix and (k == "accuracy" or "/" in k))
+    }
 
 
 def resample_rows(n: int, n_samples: int, seed: int, j: int):
@@ -223,10 +230,16 @@ def paired_bootstrap(
     boot: dict = {}
     for j, s in enumerate(sources):
         if len(a[s][0]) != len(b[s][0]):
-            raise ValueError(f"paired_bootstrap: source {s!r} has {len(a[s][0])} pairs for one RM and "
-                             f"{len(b[s][0])} for the other; a paired comparison needs the same test pairs")
-        kw = dict(n_bins=headline_bins, strategy=strategy,
-                  true_prob=(true_prob or {}).get(s), gold_prob=(gold_prob or {}).get(s))
+            raise ValueError(
+                f"paired_bootstrap: source {s!r} has {len(a[s][0])} pairs for one RM and "
+                f"{len(b[s][0])} for the other; a paired comparison needs the same test pairs"
+            )
+        kw = dict(
+            n_bins=headline_bins,
+            strategy=strategy,
+            true_prob=(true_prob or {}).get(s),
+            gold_prob=(gold_prob or {}).get(s),
+        )
         ta, tb = [pair_terms(*a[s], **kw)], [pair_terms(*b[s], **kw)]
         if temperatures:
             ta.append(pair_terms(*a[s], temperature=temperatures[0], **kw))
@@ -289,8 +302,17 @@ def _num(x: float, digits: int, signed: bool) -> str:
     return f"{x:.{digits}f}"
 
 
-def difference_sentence(a_name: str, b_name: str, what: str, entry: dict, *, lower_is_better: bool = True,
-                        scale: float = 1.0, digits: int = 4, unit: str = "") -> str:
+def difference_sentence(
+    a_name: str,
+    b_name: str,
+    what: str,
+    entry: dict,
+    *,
+    lower_is_better: bool = True,
+    scale: float = 1.0,
+    digits: int = 4,
+    unit: str = "",
+) -> str:
     """One sentence about a - b that calls a difference real only when its 95% interval excludes zero.
 
     Significant: "MORE's ECE (M=10), all sources is lower than MultiTask's by 0.0180 (95% CI 0.0100 to 0.0260;
@@ -300,21 +322,27 @@ def difference_sentence(a_name: str, b_name: str, what: str, entry: dict, *, low
     d = entry["diff"] * scale
     ci = entry.get("ci95")
     if not ci:
-        return (f"{what}: {a_name} {_num(entry['a'] * scale, digits, False)}{unit} vs {b_name} "
-                f"{_num(entry['b'] * scale, digits, False)}{unit} (difference {_num(d, digits, True)}{unit}; no "
-                "bootstrap interval was computed, so no verdict).")
+        return (
+            f"{what}: {a_name} {_num(entry['a'] * scale, digits, False)}{unit} vs {b_name} "
+            f"{_num(entry['b'] * scale, digits, False)}{unit} (difference {_num(d, digits, True)}{unit}; no "
+            "bootstrap interval was computed, so no verdict)."
+        )
     lo, hi = ci[0] * scale, ci[1] * scale
     p = entry.get("p_value")
     p_txt = "" if p is None else ("; p < 0.001" if p < 0.001 else f"; p = {p:.3f}")
     if not significant(entry):
-        return (f"{what}: no significant difference between {a_name} and {b_name} (difference "
-                f"{_num(d, digits, True)}{unit}, 95% CI {_num(lo, digits, True)} to {_num(hi, digits, True)}{p_txt}).")
+        return (
+            f"{what}: no significant difference between {a_name} and {b_name} (difference "
+            f"{_num(d, digits, True)}{unit}, 95% CI {_num(lo, digits, True)} to {_num(hi, digits, True)}{p_txt})."
+        )
     lower = d < 0
     a_better = lower == lower_is_better
     mag_lo, mag_hi = (-hi, -lo) if lower else (lo, hi)
-    return (f"{what}: {a_name}'s is {'lower' if lower else 'higher'} than {b_name}'s by {_num(abs(d), digits, False)}"
-            f"{unit} (95% CI {_num(mag_lo, digits, False)} to {_num(mag_hi, digits, False)}{p_txt}): "
-            f"{a_name if a_better else b_name} is better here.")
+    return (
+        f"{what}: {a_name}'s is {'lower' if lower else 'higher'} than {b_name}'s by {_num(abs(d), digits, False)}"
+        f"{unit} (95% CI {_num(mag_lo, digits, False)} to {_num(mag_hi, digits, False)}{p_txt}): "
+        f"{a_name if a_better else b_name} is better here."
+    )
 
 
 def win_lose_sentence(label: str, entry: dict, stats: dict | None) -> str:
@@ -324,8 +352,10 @@ def win_lose_sentence(label: str, entry: dict, stats: dict | None) -> str:
         return f"{label}: no verdicts."
     scale = 100.0 if max(w, t, lo) <= 1.0 else 1.0
     n = entry.get("n")
-    head = (f"{label}: win {w * scale:.0f}% / tie {t * scale:.0f}% / lose {lo * scale:.0f}%"
-            f"{f' of {n} prompts' if n else ''}")
+    head = (
+        f"{label}: win {w * scale:.0f}% / tie {t * scale:.0f}% / lose {lo * scale:.0f}%"
+        f"{f' of {n} prompts' if n else ''}"
+    )
     if stats is None or not stats.get("ci95"):
         return f"{head}; win - lose {(w - lo) * scale:+.1f} points (no interval, so no verdict)."
     d = 100 * stats["diff"]
@@ -347,19 +377,30 @@ def _fmt_cell(e: dict, scale: float, digits: int) -> str:
 
 def render_comparisons(comparisons: dict, n_samples: int) -> str:
     """calibration/comparisons.md: one table per comparison, rows = sources and averages, cells = a - b [95% CI]."""
-    lines = ["# Paired comparisons", "",
-             f"Each cell is the difference a - b with its 95% paired bootstrap interval ({n_samples} resamples of the "
-             "same test pairs for both RMs; averages resample within each source). `*` marks an interval that "
-             "excludes 0; only those are differences this run can tell from noise. Accuracy in percentage points; "
-             "`ts/` = after temperature scaling.", ""]
+    lines = [
+        "# Paired comparisons",
+        "",
+        f"Each cell is the difference a - b with its 95% paired bootstrap interval ({n_samples} resamples of the "
+        "same test pairs for both RMs; averages resample within each source). `*` marks an interval that "
+        "excludes 0; only those are differences this run can tell from noise. Accuracy in percentage points; "
+        "`ts/` = after temperature scaling.",
+        "",
+    ]
     for label, groups in comparisons.items():
         keys = list(next(iter(groups.values())))
-        lines += [f"## {label}", "", "| | " + " | ".join(k.replace("temperature_scaled/", "ts/") for k in keys) + " |",
-                  "|---" * (len(keys) + 1) + "|"]
+        lines += [
+            f"## {label}",
+            "",
+            "| | " + " | ".join(k.replace("temperature_scaled/", "ts/") for k in keys) + " |",
+            "|---" * (len(keys) + 1) + "|",
+        ]
         for group, by_metric in groups.items():
-            cells = [_fmt_cell(by_metric[k], 100.0 if k == "accuracy" else 1.0, 2 if k == "accuracy" else 4)
-                     if k in by_metric else "-" for k in keys]
+            cells = [
+                _fmt_cell(by_metric[k], 100.0 if k == "accuracy" else 1.0, 2 if k == "accuracy" else 4)
+                if k in by_metric
+                else "-"
+                for k in keys
+            ]
             lines.append(f"| {group} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
-

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.special import expit
 
+
 STRATEGIES = ("uniform", "quantile")
 
 
@@ -41,9 +42,7 @@ def to_numpy(x, name: str = "array") -> np.ndarray:
 def _pairs(chosen_rewards, rejected_rewards) -> tuple[np.ndarray, np.ndarray]:
     rc, rr = to_numpy(chosen_rewards, "chosen_rewards"), to_numpy(rejected_rewards, "rejected_rewards")
     if rc.shape != rr.shape:
-        raise ValueError(
-            f"chosen_rewards and rejected_rewards must have the same length, got {rc.size} and {rr.size}"
-        )
+        raise ValueError(f"chosen_rewards and rejected_rewards must have the same length, got {rc.size} and {rr.size}")
     if rc.size == 0:
         raise ValueError("no preference pairs: chosen_rewards and rejected_rewards are empty")
     bad = ~(np.isfinite(rc) & np.isfinite(rr))

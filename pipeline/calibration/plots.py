@@ -31,7 +31,12 @@ def _save(fig, path: Path) -> Path:
 
 
 def reliability_diagram(
-    rewards: dict, path: Path, *, n_bins: int = 10, strategy: str = "uniform", temperatures: dict | None = None,
+    rewards: dict,
+    path: Path,
+    *,
+    n_bins: int = 10,
+    strategy: str = "uniform",
+    temperatures: dict | None = None,
     title: str = "Reliability (both orderings of every pair)",
 ) -> Path:
     """One column per source; top: mean label vs mean probability per bin for every RM, bottom: bin counts.
@@ -42,7 +47,11 @@ def reliability_diagram(
     rms = list(rewards)
     sources = list(dict.fromkeys(s for rm in rms for s in rewards[rm]))
     fig, axes = plt.subplots(
-        2, len(sources), figsize=(3.4 * len(sources), 5.6), squeeze=False, gridspec_kw={"height_ratios": [3, 1.3]},
+        2,
+        len(sources),
+        figsize=(3.4 * len(sources), 5.6),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [3, 1.3]},
         sharex=True,
     )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -58,8 +67,15 @@ def reliability_diagram(
             cal = pairwise_calibration(rc, rr, n_bins, strategy, t)
             ok = cal["count"] > 0
             c = colors[k % len(colors)]
-            top.plot(cal["confidence"][ok], cal["accuracy"][ok], "o-", color=c, ms=3, lw=1.2,
-                     label=f"{rm} (ECE {cal['ece']:.3f})")
+            top.plot(
+                cal["confidence"][ok],
+                cal["accuracy"][ok],
+                "o-",
+                color=c,
+                ms=3,
+                lw=1.2,
+                label=f"{rm} (ECE {cal['ece']:.3f})",
+            )
             centers = (cal["edges"][:-1] + cal["edges"][1:]) / 2
             bottom.bar(centers + (k - (len(rms) - 1) / 2) * width, cal["count"], width=width, color=c)
         top.set_title(source)
@@ -116,8 +132,9 @@ def more_weight_trajectories(trajectories: dict, path: Path, *, title: str) -> P
     return _save(fig, path)
 
 
-def heatmap(matrix, rows: list[str], cols: list[str], path: Path, *, title: str, fmt: str = "{:.3f}",
-            cmap: str = "viridis") -> Path:
+def heatmap(
+    matrix, rows: list[str], cols: list[str], path: Path, *, title: str, fmt: str = "{:.3f}", cmap: str = "viridis"
+) -> Path:
     """An annotated heatmap (rows: trained on, columns: tested on)."""
     plt = _plt()
     m = np.asarray(matrix, dtype=np.float64)
@@ -132,8 +149,9 @@ def heatmap(matrix, rows: list[str], cols: list[str], path: Path, *, title: str,
             if math.isfinite(m[i, j]):
                 r, g, b, _ = im.cmap(im.norm(m[i, j]))
                 dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
-                ax.text(j, i, fmt.format(m[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if dark else "black")
+                ax.text(
+                    j, i, fmt.format(m[i, j]), ha="center", va="center", fontsize=8, color="white" if dark else "black"
+                )
     fig.colorbar(im, ax=ax)
     ax.set_title(title)
     return _save(fig, path)

@@ -43,11 +43,20 @@ from pipeline.calibration import metrics as M
 from pipeline.calibration.compare import metric_keys, paired_bootstrap, render_comparisons, resolve_comparisons
 from pipeline.calibration.temperature import fit_temperature
 
+
 HH_NAMES = ("helpful", "harmless")
 AVERAGING = "averaging"
 SCORED_SPLITS = ("test", "validation")
-AUTOCAST = {"auto": "auto", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-            "fp32": None, "float32": None, "none": None}
+AUTOCAST = {
+    "auto": "auto",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "fp32": None,
+    "float32": None,
+    "none": None,
+}
 LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -60,61 +69,85 @@ class CalibrationConfig:
         metadata={"help": "Bin counts M for which ECE is reported (ece_<M>); the paper's headline is 10."},
     )
     headline_bins: int = field(
-        default=10, metadata={"help": "M used for ACE/MCE, bootstrap intervals, tables, plots and the diversity matrix."}
+        default=10,
+        metadata={"help": "M used for ACE/MCE, bootstrap intervals, tables, plots and the diversity matrix."},
     )
-    strategy: str = field(default="uniform", metadata={"help": "Bins: uniform (equal width, the paper's) or quantile."})
+    strategy: str = field(
+        default="uniform", metadata={"help": "Bins: uniform (equal width, the paper's) or quantile."}
+    )
     bootstrap_samples: int = field(
         default=1000, metadata={"help": "Bootstrap resamples for 95% intervals of accuracy and ECE (0 = none)."}
     )
-    batch_size: int = field(default=64, metadata={"help": "Sequences per scoring forward pass (a packed pair counts as 2)."})
+    batch_size: int = field(
+        default=64, metadata={"help": "Sequences per scoring forward pass (a packed pair counts as 2)."}
+    )
     max_tokens_per_batch: int | None = field(
-        default=4096, metadata={"help": "Cap on sequences * padded length per forward (long batches shrink); "
-                                "null = no cap. 4096 measured fastest on a 2-core CPU (scripts/bench_scoring.py); "
-                                "raise it on GPUs."}
+        default=4096,
+        metadata={
+            "help": "Cap on sequences * padded length per forward (long batches shrink); "
+            "null = no cap. 4096 measured fastest on a 2-core CPU (scripts/bench_scoring.py); "
+            "raise it on GPUs."
+        },
     )
     max_length: int | None = field(
-        default=None, metadata={"help": "Tokens per sequence after LEFT truncation; null = the data config's max_length."}
+        default=None,
+        metadata={"help": "Tokens per sequence after LEFT truncation; null = the data config's max_length."},
     )
     dtype: str = field(
         default="auto",
-        metadata={"help": "Autocast dtype for scoring: auto (bf16 where supported), bf16, fp16 or fp32 (no autocast)."},
+        metadata={
+            "help": "Autocast dtype for scoring: auto (bf16 where supported), bf16, fp16 or fp32 (no autocast)."
+        },
     )
     load_dtype: str = field(
         default="auto",
-        metadata={"help": "Weights dtype when loading: auto (bfloat16 on a CUDA device that supports it, else "
-                  "float32), float32, bfloat16 or float16."},
+        metadata={
+            "help": "Weights dtype when loading: auto (bfloat16 on a CUDA device that supports it, else "
+            "float32), float32, bfloat16 or float16."
+        },
     )
-    bits: int | None = field(default=None, metadata={"help": "Load RMs in 4- or 8-bit (bitsandbytes); null = full precision."})
+    bits: int | None = field(
+        default=None, metadata={"help": "Load RMs in 4- or 8-bit (bitsandbytes); null = full precision."}
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
     rms: list[str] | None = field(
         default=None, metadata={"help": "RM names from DIR/reward/index.json to evaluate; null = all."}
     )
     external_rms: dict[str, str] | None = field(
         default=None,
-        metadata={"help": "Reward models NOT trained in this run, evaluated like the trained ones: name -> a local "
-                  "save_pretrained directory (a relative path is taken from the current directory), a hub id, or "
-                  "a PEFT adapter directory (its base model is read from adapter_config.json). Any scalar-head "
-                  "(num_labels=1) AutoModelForSequenceClassification. A run with only external_rms needs no reward "
-                  "stage."},
+        metadata={
+            "help": "Reward models NOT trained in this run, evaluated like the trained ones: name -> a local "
+            "save_pretrained directory (a relative path is taken from the current directory), a hub id, or "
+            "a PEFT adapter directory (its base model is read from adapter_config.json). Any scalar-head "
+            "(num_labels=1) AutoModelForSequenceClassification. A run with only external_rms needs no reward "
+            "stage."
+        },
     )
     compare: list[str] | None = field(
         default=None,
-        metadata={"help": "Paired comparisons '<a> vs <b>' (RM names) with 95% paired bootstrap intervals, written "
-                  "to comparisons.json; null = 'more vs multitask' when both exist, plus each of them vs 'uniform' "
-                  "when it exists; [] = none."},
+        metadata={
+            "help": "Paired comparisons '<a> vs <b>' (RM names) with 95% paired bootstrap intervals, written "
+            "to comparisons.json; null = 'more vs multitask' when both exist, plus each of them vs 'uniform' "
+            "when it exists; [] = none."
+        },
     )
     averaging: bool = field(
-        default=True, metadata={"help": "Score the Averaging RM (mean reward of the single-source RMs) when >= 2 exist."}
+        default=True,
+        metadata={"help": "Score the Averaging RM (mean reward of the single-source RMs) when >= 2 exist."},
     )
     temperature_scaling: bool = field(
-        default=True, metadata={"help": "Fit one temperature per RM on the validation splits and report scaled metrics."}
+        default=True,
+        metadata={"help": "Fit one temperature per RM on the validation splits and report scaled metrics."},
     )
     hh_sources: list[str] | None = field(
         default=None,
-        metadata={"help": "Sources of the Helpful & Harmless average; null = those named or containing helpful/harmless."},
+        metadata={
+            "help": "Sources of the Helpful & Harmless average; null = those named or containing helpful/harmless."
+        },
     )
     max_pairs_per_split: int | None = field(
-        default=None, metadata={"help": "Use at most this many pairs of each test/validation split (first ones); null = all."}
+        default=None,
+        metadata={"help": "Use at most this many pairs of each test/validation split (first ones); null = all."},
     )
     plots: bool = field(default=True, metadata={"help": "Write the PNG plots."})
     seed: int | None = field(default=None, metadata={"help": "Bootstrap seed; null = the recipe's seed."})
@@ -146,8 +179,10 @@ class CalibrationConfig:
                 )
             bad = [k for k in self.external_rms if not re.fullmatch(r"[\w.+-]+", k)]
             if bad:
-                raise ValueError(f"calibration.external_rms: RM names {bad} may only hold letters, digits and . _ + - "
-                                 "(they are used in file names and in 'a vs b' comparisons)")
+                raise ValueError(
+                    f"calibration.external_rms: RM names {bad} may only hold letters, digits and . _ + - "
+                    "(they are used in file names and in 'a vs b' comparisons)"
+                )
             self.external_rms = dict(self.external_rms)
         if self.compare is not None:
             from pipeline.calibration.compare import parse_comparison
@@ -167,7 +202,9 @@ def read_index(run_dir: Path, only: list[str] | None = None) -> dict:
 
     path = run_dir / "reward" / "index.json"
     if not path.is_file():
-        raise FileNotFoundError(f"calibration: {path} not found; run the reward stage first (python -m pipeline.reward)")
+        raise FileNotFoundError(
+            f"calibration: {path} not found; run the reward stage first (python -m pipeline.reward)"
+        )
     try:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -186,8 +223,12 @@ def read_index(run_dir: Path, only: list[str] | None = None) -> dict:
         p = resolve_rm_path(run_dir, name, entry["path"])
         if not p.exists() and (run_dir / "reward" / name).exists():  # the run dir was moved
             p = run_dir / "reward" / name
-        out[name] = {**entry, "path": str(p), "method": entry.get("method", "unknown"),
-                     "sources": list(entry.get("sources", []))}
+        out[name] = {
+            **entry,
+            "path": str(p),
+            "method": entry.get("method", "unknown"),
+            "sources": list(entry.get("sources", [])),
+        }
     return out
 
 
@@ -213,8 +254,10 @@ def eval_splits(recipe, cfg: CalibrationConfig) -> dict:
             )
         picked = {"test": dd["test"], "validation": val}
         if cfg.max_pairs_per_split:
-            picked = {k: (d.select(range(min(len(d), cfg.max_pairs_per_split))) if d is not None else None)
-                      for k, d in picked.items()}
+            picked = {
+                k: (d.select(range(min(len(d), cfg.max_pairs_per_split))) if d is not None else None)
+                for k, d in picked.items()
+            }
         out[source] = picked
     if not out:
         raise ValueError("calibration: the data config yields no sources")
@@ -284,8 +327,9 @@ def check_external_rm(name: str, path: str, trust_remote_code: bool) -> str | No
         except json.JSONDecodeError as e:
             raise fail(f"adapter_config.json is not valid JSON ({e})") from e
         if acfg.get("task_type") != "SEQ_CLS":
-            raise fail(f"it is a PEFT adapter with task_type {acfg.get('task_type')!r}, not SEQ_CLS (sequence "
-                       "classification)")
+            raise fail(
+                f"it is a PEFT adapter with task_type {acfg.get('task_type')!r}, not SEQ_CLS (sequence classification)"
+            )
         base = acfg.get("base_model_name_or_path")
         if not base:
             raise fail("its adapter_config.json has no base_model_name_or_path")
@@ -300,12 +344,16 @@ def check_external_rm(name: str, path: str, trust_remote_code: bool) -> str | No
         ) from e
     archs = list(getattr(config, "architectures", None) or [])
     if not archs:
-        raise fail("its config.json names no architecture, so it cannot be told from a language model whose "
-                   "reward head would be randomly initialised (add e.g. \"architectures\": "
-                   "[\"LlamaForSequenceClassification\"] if it is a sequence classifier)")
+        raise fail(
+            "its config.json names no architecture, so it cannot be told from a language model whose "
+            'reward head would be randomly initialised (add e.g. "architectures": '
+            '["LlamaForSequenceClassification"] if it is a sequence classifier)'
+        )
     if not any(a.endswith("ForSequenceClassification") for a in archs):
-        raise fail(f"it is a {', '.join(archs)} checkpoint, not a sequence classifier (loading it as one would "
-                   "give a randomly initialised reward head)")
+        raise fail(
+            f"it is a {', '.join(archs)} checkpoint, not a sequence classifier (loading it as one would "
+            "give a randomly initialised reward head)"
+        )
     if getattr(config, "num_labels", 1) != 1:
         raise fail(f"its head has num_labels={config.num_labels} outputs, not a single scalar reward")
     return path
@@ -337,8 +385,12 @@ def load_rm(name: str, entry: dict, cfg: CalibrationConfig, device):
             path, dtype=getattr(torch, load_dtype), bits=cfg.bits, trust_remote_code=cfg.trust_remote_code
         )
     except Exception as e:  # noqa: BLE001 - one clear message whatever broke inside transformers
-        expected = (SUPPORTED_RMS if external else "Expected a save_pretrained directory with config.json, model "
-                    "weights and a tokenizer, as the reward stage writes.")
+        expected = (
+            SUPPORTED_RMS
+            if external
+            else "Expected a save_pretrained directory with config.json, model "
+            "weights and a tokenizer, as the reward stage writes."
+        )
         raise RuntimeError(
             f"calibration: reward model {name!r} at {path} does not load ({type(e).__name__}: {e}). {expected}"
         ) from e
@@ -353,8 +405,10 @@ def load_rm(name: str, entry: dict, cfg: CalibrationConfig, device):
         if out is None and hasattr(head, "modules_to_save"):  # a PEFT ModulesToSaveWrapper
             out = getattr(getattr(head, "original_module", None), "out_features", None)
         if out not in (None, 1):
-            raise ValueError(f"calibration: external reward model {name!r} ({path}): its reward head has {out} "
-                             f"outputs, not one. {SUPPORTED_RMS}")
+            raise ValueError(
+                f"calibration: external reward model {name!r} ({path}): its reward head has {out} "
+                f"outputs, not one. {SUPPORTED_RMS}"
+            )
     if not cfg.bits:
         model = model.to(device)
     model.eval()
@@ -384,16 +438,26 @@ def score_rm(model, tok, data: dict, cfg: CalibrationConfig, max_length: int | N
     n = len(prompts)
     dtype = AUTOCAST[cfg.dtype]
     dtype = getattr(torch, dtype) if dtype not in (None, "auto") else dtype
-    kwargs = dict(max_length=max_length, batch_size=cfg.batch_size, max_tokens_per_batch=cfg.max_tokens_per_batch,
-                  dtype=dtype, progress=cfg.progress)
+    kwargs = dict(
+        max_length=max_length,
+        batch_size=cfg.batch_size,
+        max_tokens_per_batch=cfg.max_tokens_per_batch,
+        dtype=dtype,
+        progress=cfg.progress,
+    )
     world = state.num_processes if state is not None else 1
     if world > 1:
         from accelerate.utils import gather_object
 
         bounds = np.linspace(0, n, world + 1).astype(int)
         lo, hi = bounds[state.process_index], bounds[state.process_index + 1]
-        part = (score_pairs(model, tok, prompts[lo:hi], chosen[lo:hi], rejected[lo:hi], conversations=convs[lo:hi],
-                            **kwargs) if hi > lo else ([], []))
+        part = (
+            score_pairs(
+                model, tok, prompts[lo:hi], chosen[lo:hi], rejected[lo:hi], conversations=convs[lo:hi], **kwargs
+            )
+            if hi > lo
+            else ([], [])
+        )
         shards = gather_object([(int(lo), np.asarray(part[0]).tolist(), np.asarray(part[1]).tolist())])
         rc, rr = np.empty(n), np.empty(n)
         for start, c, r in shards:
@@ -410,8 +474,11 @@ def score_rm(model, tok, data: dict, cfg: CalibrationConfig, max_length: int | N
 
 def check_finite_rewards(name: str, entry: dict, by_source: dict) -> None:
     """One clear error naming the RM when any of its rewards is NaN or inf (corrupt weights, a diverged run)."""
-    bad = [(source, split, int((~(np.isfinite(rc) & np.isfinite(rr))).sum()), len(rc))
-           for source, by_split in by_source.items() for split, (rc, rr) in by_split.items()]
+    bad = [
+        (source, split, int((~(np.isfinite(rc) & np.isfinite(rr))).sum()), len(rc))
+        for source, by_split in by_source.items()
+        for split, (rc, rr) in by_split.items()
+    ]
     n_bad, n = sum(b[2] for b in bad), sum(b[3] for b in bad)
     if n_bad:
         source, split = next((b[0], b[1]) for b in bad if b[2])
@@ -439,8 +506,13 @@ def averaging_rewards(rewards: dict, members: list[str]) -> dict:
 def source_metrics(rc, rr, ds, cfg: CalibrationConfig, temperature: float | None, seed: int) -> dict:
     """all_metrics before (and after) temperature scaling, with truth metrics on synthetic data."""
     cols = set(ds.column_names)
-    kw = dict(n_bins=cfg.n_bins, strategy=cfg.strategy, bootstrap_samples=cfg.bootstrap_samples, seed=seed,
-              headline_bins=cfg.headline_bins)
+    kw = dict(
+        n_bins=cfg.n_bins,
+        strategy=cfg.strategy,
+        bootstrap_samples=cfg.bootstrap_samples,
+        seed=seed,
+        headline_bins=cfg.headline_bins,
+    )
     true_prob = np.asarray(ds["true_prob"], dtype=np.float64) if "true_prob" in cols else None
     gold_prob = np.asarray(ds["gold_prob"], dtype=np.float64) if "gold_prob" in cols else None
 
@@ -475,18 +547,36 @@ def _average_with_ts(entries: list[dict]) -> dict:
     return avg
 
 
-def compare_rms(a: dict, b: dict, data: dict, sources: list[str], hh: list[str], cfg: CalibrationConfig, seed: int,
-                temperatures: tuple[float, float] | None) -> dict:
+def compare_rms(
+    a: dict,
+    b: dict,
+    data: dict,
+    sources: list[str],
+    hh: list[str],
+    cfg: CalibrationConfig,
+    seed: int,
+    temperatures: tuple[float, float] | None,
+) -> dict:
     """comparisons.json entry of one '<a> vs <b>': paired bootstrap over the same test pairs of every source."""
+
     def probs(col: str) -> dict | None:
         if not all(col in data[s]["test"].column_names for s in sources):
             return None
         return {s: np.asarray(data[s]["test"][col], dtype=np.float64) for s in sources}
 
-    out = paired_bootstrap({s: a[s]["test"] for s in sources}, {s: b[s]["test"] for s in sources}, sources=sources,
-                           hh=hh, headline_bins=cfg.headline_bins, strategy=cfg.strategy, temperatures=temperatures,
-                           true_prob=probs("true_prob"), gold_prob=probs("gold_prob"),
-                           n_samples=cfg.bootstrap_samples, seed=seed)
+    out = paired_bootstrap(
+        {s: a[s]["test"] for s in sources},
+        {s: b[s]["test"] for s in sources},
+        sources=sources,
+        hh=hh,
+        headline_bins=cfg.headline_bins,
+        strategy=cfg.strategy,
+        temperatures=temperatures,
+        true_prob=probs("true_prob"),
+        gold_prob=probs("gold_prob"),
+        n_samples=cfg.bootstrap_samples,
+        seed=seed,
+    )
     keys = metric_keys(cfg.headline_bins, temperatures is not None, True, True)
     return {group: {k: by_metric[k] for k in keys if k in by_metric} for group, by_metric in out.items()}
 
@@ -501,7 +591,9 @@ def diversity_analysis(index: dict, rewards: dict, sources: list[str], cfg: Cali
     if not singles:
         return None
     acc = [[M.accuracy(*rewards[n][s]["test"]) for s in sources] for n, _ in singles]
-    ece = [[M.pairwise_ece(*rewards[n][s]["test"], cfg.headline_bins, cfg.strategy) for s in sources] for n, _ in singles]
+    ece = [
+        [M.pairwise_ece(*rewards[n][s]["test"], cfg.headline_bins, cfg.strategy) for s in sources] for n, _ in singles
+    ]
     return {
         "rms": [n for n, _ in singles],
         "trained_on": [t for _, t in singles],
@@ -542,15 +634,24 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
-def render_table(metrics: dict, temperatures: dict, sources: list[str], hh: list[str], cfg: CalibrationConfig,
-                 diversity: dict | None) -> str:
+def render_table(
+    metrics: dict,
+    temperatures: dict,
+    sources: list[str],
+    hh: list[str],
+    cfg: CalibrationConfig,
+    diversity: dict | None,
+) -> str:
     """calibration/table.md: the paper's Table 2 and Table 1 layouts, before and after temperature scaling."""
     h = cfg.headline_bins
     ece = f"ece_{h}"
     rms = list(metrics)
     lines = ["# Reward-model calibration", ""]
-    lines += [f"ECE: the paper's symmetrized ECE with {h} {cfg.strategy} bins (lower is better); accuracy in %, "
-              "reward ties count half. Averages are unweighted means over sources.", ""]
+    lines += [
+        f"ECE: the paper's symmetrized ECE with {h} {cfg.strategy} bins (lower is better); accuracy in %, "
+        "reward ties count half. Averages are unweighted means over sources.",
+        "",
+    ]
 
     def table2(key: str | None, title: str):
         lines.append(f"## {title}")
@@ -600,8 +701,10 @@ def render_table(metrics: dict, temperatures: dict, sources: list[str], hh: list
         for rm in rms:
             a = metrics[rm]["all_average"]
             b = a["temperature_scaled"]
-            lines.append(f"| {rm} | {_f(temperatures[rm], 3)} | {_f(a[ece])} | {_f(b[ece])} | {_f(a['nll'])} | "
-                         f"{_f(b['nll'])} | {_f(a['brier'])} | {_f(b['brier'])} |")
+            lines.append(
+                f"| {rm} | {_f(temperatures[rm], 3)} | {_f(a[ece])} | {_f(b[ece])} | {_f(a['nll'])} | "
+                f"{_f(b['nll'])} | {_f(a['brier'])} | {_f(b['brier'])} |"
+            )
         lines.append("")
         table2("temperature_scaled", "Table 2 layout after temperature scaling")
         ece_rows("temperature_scaled", f"ECE (M={h}) per source after temperature scaling")
@@ -609,17 +712,21 @@ def render_table(metrics: dict, temperatures: dict, sources: list[str], hh: list
         key = f"ece_vs_truth_{h}"
         lines.append("## Against the truth (synthetic benchmark)")
         lines.append("")
-        lines.append("`truth`: each pair's true preference probability under its source's own utility (what the "
-                     "label was drawn from); `gold`: the probability under the shared gold reward r*. MAE = mean "
-                     "|p_RM - p_true|; ECE vs truth bins p_RM and compares with the mean true probability.")
+        lines.append(
+            "`truth`: each pair's true preference probability under its source's own utility (what the "
+            "label was drawn from); `gold`: the probability under the shared gold reward r*. MAE = mean "
+            "|p_RM - p_true|; ECE vs truth bins p_RM and compares with the mean true probability."
+        )
         lines.append("")
         lines.append("| RM | " + " | ".join(sources) + " | Avg. MAE | Avg. ECE vs truth | Avg. MAE vs gold |")
         lines.append("|---" * (len(sources) + 4) + "|")
         for rm in rms:
             row = [_f(metrics[rm][s].get("truth", {}).get("prob_mae")) for s in sources]
             a = metrics[rm]["all_average"]
-            lines.append(f"| {rm} | " + " | ".join(row) + f" | {_f(a.get('truth', {}).get('prob_mae'))} | "
-                         f"{_f(a.get('truth', {}).get(key))} | {_f(a.get('truth_gold', {}).get('prob_mae'))} |")
+            lines.append(
+                f"| {rm} | " + " | ".join(row) + f" | {_f(a.get('truth', {}).get('prob_mae'))} | "
+                f"{_f(a.get('truth', {}).get(key))} | {_f(a.get('truth_gold', {}).get('prob_mae'))} |"
+            )
         lines.append("")
         lines.append("(per-source cells: MAE vs the true probability)")
         lines.append("")
@@ -631,8 +738,10 @@ def render_table(metrics: dict, temperatures: dict, sources: list[str], hh: list
         for rm in rms:
             for s in sources:
                 iv = metrics[rm][s]["intervals"]
-                lines.append(f"| {rm} | {s} | {_pct(iv['accuracy'][0])} - {_pct(iv['accuracy'][1])} | "
-                             f"{_f(iv[ece][0])} - {_f(iv[ece][1])} |")
+                lines.append(
+                    f"| {rm} | {s} | {_pct(iv['accuracy'][0])} - {_pct(iv['accuracy'][1])} | "
+                    f"{_f(iv[ece][0])} - {_f(iv[ece][1])} |"
+                )
         lines.append("")
     if diversity:
         for key, fmt in (("accuracy", _pct), (ece, _f)):
@@ -712,25 +821,47 @@ def run(recipe, run_dir: Path) -> list[str]:
             temperatures[rm], fits[rm] = fit.temperature, fit.to_dict()
     metrics = {
         rm: rm_metrics(
-            {s: source_metrics(*by_source[s]["test"], data[s]["test"], cfg, temperatures.get(rm), seed) for s in sources},
+            {
+                s: source_metrics(*by_source[s]["test"], data[s]["test"], cfg, temperatures.get(rm), seed)
+                for s in sources
+            },
             hh,
         )
         for rm, by_source in rewards.items()
     }
     diversity = diversity_analysis(index, rewards, sources, cfg)
-    compared = {label: compare_rms(rewards[a], rewards[b], data, sources, hh, cfg, seed,
-                                   (temperatures[a], temperatures[b]) if temperatures else None)
-                for label, (a, b) in comparisons.items()}
+    compared = {
+        label: compare_rms(
+            rewards[a],
+            rewards[b],
+            data,
+            sources,
+            hh,
+            cfg,
+            seed,
+            (temperatures[a], temperatures[b]) if temperatures else None,
+        )
+        for label, (a, b) in comparisons.items()
+    }
 
     # 3. Write DIR/calibration/ atomically (and each RM dir's temperature.json).
     out_dir = run_dir / "calibration"
     with atomic_dir(out_dir) as tmp:
         atomic_write_json(tmp / "metrics.json", metrics)
         atomic_write_text(tmp / "table.md", render_table(metrics, temperatures, sources, hh, cfg, diversity))
-        atomic_write_json(tmp / "config.json", {**asdict(cfg), "max_length_used": max_length, "seed_used": seed,
-                                                "rms": list(rewards), "sources": sources, "hh_sources": hh,
-                                                "external": {n: e["path"] for n, e in external.items()},
-                                                "comparisons": list(compared)})
+        atomic_write_json(
+            tmp / "config.json",
+            {
+                **asdict(cfg),
+                "max_length_used": max_length,
+                "seed_used": seed,
+                "rms": list(rewards),
+                "sources": sources,
+                "hh_sources": hh,
+                "external": {n: e["path"] for n, e in external.items()},
+                "comparisons": list(compared),
+            },
+        )
         if compared:
             atomic_write_json(tmp / "comparisons.json", compared)
             atomic_write_text(tmp / "comparisons.md", render_comparisons(compared, cfg.bootstrap_samples))
@@ -739,9 +870,13 @@ def run(recipe, run_dir: Path) -> list[str]:
             atomic_write_json(tmp / "temperature_fits.json", fits)
         np.savez_compressed(
             tmp / "scores.npz",
-            **{f"{rm}::{s}::{sp}::{side}": arr
-               for rm, by_source in rewards.items() for s, by_split in by_source.items()
-               for sp, pair in by_split.items() for side, arr in zip(("chosen", "rejected"), pair)},
+            **{
+                f"{rm}::{s}::{sp}::{side}": arr
+                for rm, by_source in rewards.items()
+                for s, by_split in by_source.items()
+                for sp, pair in by_split.items()
+                for side, arr in zip(("chosen", "rejected"), pair)
+            },
         )
         if diversity:
             atomic_write_json(tmp / "diversity.json", diversity)
@@ -751,8 +886,10 @@ def run(recipe, run_dir: Path) -> list[str]:
     artifacts = [f"calibration/{n}" for n in written]
     for rm, t in temperatures.items():
         if rm in index:
-            atomic_write_json(Path(index[rm]["path"]) / "temperature.json", {"temperature": t, **fits[rm],
-                                                                            "fitted_on": "validation", "sources": sources})
+            atomic_write_json(
+                Path(index[rm]["path"]) / "temperature.json",
+                {"temperature": t, **fits[rm], "fitted_on": "validation", "sources": sources},
+            )
             rel = Path(index[rm]["path"]) / "temperature.json"
             try:
                 artifacts.append(str(rel.relative_to(run_dir)))
@@ -768,9 +905,14 @@ def _plots(out: Path, index: dict, rewards: dict, sources: list[str], temperatur
     test = {rm: {s: by_source[s]["test"] for s in sources} for rm, by_source in rewards.items()}
     plots.reliability_diagram(test, out / "reliability.png", n_bins=cfg.headline_bins, strategy=cfg.strategy)
     if temperatures:
-        plots.reliability_diagram(test, out / "reliability_temperature_scaled.png", n_bins=cfg.headline_bins,
-                                  strategy=cfg.strategy, temperatures=temperatures,
-                                  title="Reliability after temperature scaling")
+        plots.reliability_diagram(
+            test,
+            out / "reliability_temperature_scaled.png",
+            n_bins=cfg.headline_bins,
+            strategy=cfg.strategy,
+            temperatures=temperatures,
+            title="Reliability after temperature scaling",
+        )
     plots.reward_difference_histograms(test, out / "reward_differences.png")
     for rm, entry in index.items():
         traj = more_trajectories(entry["path"])
@@ -778,7 +920,19 @@ def _plots(out: Path, index: dict, rewards: dict, sources: list[str], temperatur
             plots.more_weight_trajectories(traj, out / f"more_weights_{rm}.png", title=f"MORE source weights ({rm})")
     if diversity:
         rows, cols = [f"{t} ({n})" for n, t in zip(diversity["rms"], diversity["trained_on"])], diversity["tested_on"]
-        plots.heatmap(diversity["accuracy"], rows, cols, out / "diversity_accuracy.png",
-                      title="Accuracy of single-source RMs", fmt="{:.3f}")
-        plots.heatmap(diversity[f"ece_{cfg.headline_bins}"], rows, cols, out / "diversity_ece.png",
-                      title=f"ECE (M={cfg.headline_bins}) of single-source RMs", cmap="magma_r")
+        plots.heatmap(
+            diversity["accuracy"],
+            rows,
+            cols,
+            out / "diversity_accuracy.png",
+            title="Accuracy of single-source RMs",
+            fmt="{:.3f}",
+        )
+        plots.heatmap(
+            diversity[f"ece_{cfg.headline_bins}"],
+            rows,
+            cols,
+            out / "diversity_ece.png",
+            title=f"ECE (M={cfg.headline_bins}) of single-source RMs",
+            cmap="magma_r",
+        )

@@ -21,6 +21,7 @@ from scipy.optimize import minimize_scalar
 
 from pipeline.calibration.metrics import reward_margins
 
+
 # Search range for T relative to the typical margin size: 1e-4 .. 1e4 times the median |d|.
 RELATIVE_RANGE = 1e4
 
@@ -61,7 +62,9 @@ def fit_temperature(chosen_rewards, rejected_rewards, *, bounds: tuple[float, fl
     def objective(u: float) -> float:
         return nll_at(d, math.exp(u))
 
-    res = minimize_scalar(objective, bounds=(log_lo, log_hi), method="bounded", options={"xatol": 1e-10, "maxiter": 500})
+    res = minimize_scalar(
+        objective, bounds=(log_lo, log_hi), method="bounded", options={"xatol": 1e-10, "maxiter": 500}
+    )
     u = float(res.x)
     # Brent never evaluates the bounds themselves: compare against them explicitly.
     candidates = [(objective(u), u), (objective(log_lo), log_lo), (objective(log_hi), log_hi)]

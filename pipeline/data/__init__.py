@@ -30,6 +30,7 @@ from .synthetic import (
 )
 from .tokenize import encode_left, pad_right, tokenize_pairs
 
+
 __all__ = [
     "DataConfig",
     "FORMATS",

@@ -36,6 +36,7 @@ import numpy as np
 from .sources import FORMATS, PreferenceDataError, load_source
 from .synthetic import DEFAULT_SOURCES, SPLITS, SyntheticConfig, synthetic_split
 
+
 logger = logging.getLogger(__name__)
 
 SCHEMA = ("prompt", "chosen", "rejected", "source")
@@ -52,9 +53,13 @@ class SourceSpec:
     )
     path: str | None = field(
         default=None,
-        metadata={"help": "File, hub-layout directory or hub id; for format=synthetic the synthetic source (default: name)."},
+        metadata={
+            "help": "File, hub-layout directory or hub id; for format=synthetic the synthetic source (default: name)."
+        },
     )
-    split: str | None = field(default="train", metadata={"help": "Split to train on (None: every file of a directory)."})
+    split: str | None = field(
+        default="train", metadata={"help": "Split to train on (None: every file of a directory)."}
+    )
     test_split: str | None = field(
         default=None, metadata={"help": "Split to test on; None: cut test_fraction of the train split by prompt."}
     )
@@ -62,9 +67,14 @@ class SourceSpec:
         default=None, metadata={"help": "Split to validate on; None: cut valid_fraction of the train split by prompt."}
     )
     config_name: str | None = field(default=None, metadata={"help": "Hub config name (`name` of load_dataset)."})
-    options: dict = field(default_factory=dict, metadata={"help": "Format options passed to load_source; every "
-                          "format takes group_by (+ group_names, keep_groups, drop_groups) to split one dataset "
-                          "into sources <name>/<value>."})
+    options: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "Format options passed to load_source; every "
+            "format takes group_by (+ group_names, keep_groups, drop_groups) to split one dataset "
+            "into sources <name>/<value>."
+        },
+    )
 
 
 def _default_sources() -> list:
@@ -80,17 +90,24 @@ class DataConfig:
         metadata={"help": "List of SourceSpec (or dicts with its fields); default: the five synthetic sources."},
     )
     synthetic: SyntheticConfig = field(
-        default_factory=SyntheticConfig, metadata={"help": "Knobs of the synthetic benchmark (format=synthetic sources)."}
+        default_factory=SyntheticConfig,
+        metadata={"help": "Knobs of the synthetic benchmark (format=synthetic sources)."},
     )
     n_train_per_source: int | None = field(
         default=None, metadata={"help": "Resample each source's train split to this size (None: keep)."}
     )
-    n_valid_per_source: int | None = field(default=None, metadata={"help": "At most this many validation pairs per source."})
+    n_valid_per_source: int | None = field(
+        default=None, metadata={"help": "At most this many validation pairs per source."}
+    )
     n_test_per_source: int | None = field(default=None, metadata={"help": "At most this many test pairs per source."})
     test_fraction: float = field(default=0.1, metadata={"help": "Test fraction cut from sources that ship one split."})
     valid_fraction: float = field(default=0.05, metadata={"help": "Validation fraction cut from sources without one."})
-    max_length: int = field(default=512, metadata={"help": "Tokens per transcript; longer ones lose tokens on the LEFT."})
-    mixing: str = field(default="balanced", metadata={"help": "balanced (same size, per-source-balanced batches) | concat"})
+    max_length: int = field(
+        default=512, metadata={"help": "Tokens per transcript; longer ones lose tokens on the LEFT."}
+    )
+    mixing: str = field(
+        default="balanced", metadata={"help": "balanced (same size, per-source-balanced batches) | concat"}
+    )
     per_source_batch: int = field(default=4, metadata={"help": "Pairs of every source in each balanced batch."})
     seed: int = field(default=0, metadata={"help": "Seed of splitting, resampling and mixing."})
 
@@ -100,11 +117,15 @@ class DataConfig:
             if isinstance(s, dict):
                 unknown = set(s) - {f.name for f in fields(SourceSpec)}
                 if unknown:
-                    raise ValueError(f"data.sources[{i}]: unknown key(s) {sorted(unknown)}; "
-                                     f"valid: {[f.name for f in fields(SourceSpec)]}")
+                    raise ValueError(
+                        f"data.sources[{i}]: unknown key(s) {sorted(unknown)}; "
+                        f"valid: {[f.name for f in fields(SourceSpec)]}"
+                    )
                 s = SourceSpec(**s)
             if s.format not in FORMATS:
-                raise ValueError(f"data.sources[{i}] ({s.name!r}): unknown format {s.format!r}; use one of {', '.join(FORMATS)}")
+                raise ValueError(
+                    f"data.sources[{i}] ({s.name!r}): unknown format {s.format!r}; use one of {', '.join(FORMATS)}"
+                )
             specs.append(s)
         self.sources = specs
         names = [s.name for s in specs]
@@ -114,7 +135,11 @@ class DataConfig:
             self.synthetic = SyntheticConfig(**self.synthetic)
         if self.mixing not in ("balanced", "concat"):
             raise ValueError(f"data.mixing must be 'balanced' or 'concat', got {self.mixing!r}")
-        if not 0 <= self.test_fraction < 1 or not 0 <= self.valid_fraction < 1 or self.test_fraction + self.valid_fraction >= 1:
+        if (
+            not 0 <= self.test_fraction < 1
+            or not 0 <= self.valid_fraction < 1
+            or self.test_fraction + self.valid_fraction >= 1
+        ):
             raise ValueError("data.test_fraction and data.valid_fraction must be in [0, 1) and sum to less than 1")
         if self.per_source_batch < 1:
             raise ValueError("data.per_source_batch must be >= 1")
@@ -128,7 +153,9 @@ class DataConfig:
 
 
 def _rng(seed: int, *keys: str) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF] + [zlib.crc32(k.encode()) for k in keys]))
+    return np.random.default_rng(
+        np.random.SeedSequence([int(seed) & 0xFFFFFFFF] + [zlib.crc32(k.encode()) for k in keys])
+    )
 
 
 def resample_indices(n_rows: int, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -159,13 +186,13 @@ def _split_by_prompt(ds, test_fraction: float, valid_fraction: float, rng):
 
 
 def _load_spec(spec: SourceSpec, split: str | None):
-    return load_source(spec.format, spec.path or spec.name, split=split, name=spec.config_name,
-                       source=spec.name, **spec.options)
+    return load_source(
+        spec.format, spec.path or spec.name, split=split, name=spec.config_name, source=spec.name, **spec.options
+    )
 
 
 def build_splits(cfg: DataConfig) -> dict:
     """{source_name: DatasetDict(train, validation, test)} (see the module docstring)."""
-    import datasets
 
     out = {}
     for spec in cfg.sources:
@@ -173,15 +200,21 @@ def build_splits(cfg: DataConfig) -> dict:
         if spec.format == "synthetic":
             syn_name = spec.path or spec.name
             if spec.options:
-                raise PreferenceDataError(f"[source {spec.name!r}] options {sorted(spec.options)} are not used by "
-                                          "synthetic sources. Fix: set the knobs in data.synthetic instead")
+                raise PreferenceDataError(
+                    f"[source {spec.name!r}] options {sorted(spec.options)} are not used by "
+                    "synthetic sources. Fix: set the knobs in data.synthetic instead"
+                )
             scfg = cfg.synthetic
             if syn_name not in scfg.sources:
-                raise PreferenceDataError(f"[source {spec.name!r}] unknown synthetic source {syn_name!r}. "
-                                          f"Fix: use one of {list(scfg.sources)} as its path")
-            sizes = {"train": cfg.n_train_per_source or scfg.n_train,
-                     "validation": cfg.n_valid_per_source or scfg.n_valid,
-                     "test": cfg.n_test_per_source or scfg.n_test}
+                raise PreferenceDataError(
+                    f"[source {spec.name!r}] unknown synthetic source {syn_name!r}. "
+                    f"Fix: use one of {list(scfg.sources)} as its path"
+                )
+            sizes = {
+                "train": cfg.n_train_per_source or scfg.n_train,
+                "validation": cfg.n_valid_per_source or scfg.n_valid,
+                "test": cfg.n_test_per_source or scfg.n_test,
+            }
             parts = {k: synthetic_split(scfg, syn_name, k, sizes[k]) for k in SPLITS}
         else:
             train = _load_spec(spec, spec.split)
@@ -190,8 +223,10 @@ def build_splits(cfg: DataConfig) -> dict:
             if spec.options.get("group_by"):  # one dataset, several sources <name>/<value>
                 for g in sorted(set(train["source"])):
                     if g in out or g in cfg.source_names:
-                        raise PreferenceDataError(f"[source {spec.name!r}] group source {g!r} clashes with another "
-                                                  "source's name. Fix: rename one (group_names or the source name)")
+                        raise PreferenceDataError(
+                            f"[source {spec.name!r}] group source {g!r} clashes with another "
+                            "source's name. Fix: rename one (group_names or the source name)"
+                        )
                     out[g] = _finish(_source_parts(cfg, g, *(_group_of(d, g) for d in (train, test, valid))), g)
                 continue
             parts = _source_parts(cfg, spec.name, train, test, valid, rng)
@@ -205,19 +240,25 @@ def _group_of(ds, name: str):
         return None
     idx = [i for i, s in enumerate(ds["source"]) if s == name]
     if not idx:
-        raise PreferenceDataError(f"[source {name!r}] has pairs in the train split but none in a declared test/"
-                                  "validation split. Fix: drop that group (drop_groups) or let the split be cut "
-                                  "from train (test_split/validation_split: null)")
+        raise PreferenceDataError(
+            f"[source {name!r}] has pairs in the train split but none in a declared test/"
+            "validation split. Fix: drop that group (drop_groups) or let the split be cut "
+            "from train (test_split/validation_split: null)"
+        )
     return ds.select(idx)
 
 
 def _source_parts(cfg, name: str, train, test=None, valid=None, rng=None) -> dict:
     """train/validation/test of one loaded source: declared splits, or cut from train by prompt; sized."""
     rng = rng if rng is not None else _rng(cfg.seed, "split", name)
-    cut = _split_by_prompt(train, 0.0 if test is not None else cfg.test_fraction,
-                           0.0 if valid is not None else cfg.valid_fraction, rng)
-    parts = {"train": cut["train"], "validation": valid if valid is not None else cut["validation"],
-             "test": test if test is not None else cut["test"]}
+    cut = _split_by_prompt(
+        train, 0.0 if test is not None else cfg.test_fraction, 0.0 if valid is not None else cfg.valid_fraction, rng
+    )
+    parts = {
+        "train": cut["train"],
+        "validation": valid if valid is not None else cut["validation"],
+        "test": test if test is not None else cut["test"],
+    }
     if cfg.n_train_per_source:
         idx = resample_indices(len(parts["train"]), cfg.n_train_per_source, rng)
         parts["train"] = parts["train"].select(np.sort(idx) if cfg.n_train_per_source <= len(parts["train"]) else idx)
@@ -240,8 +281,14 @@ def _finish(parts: dict, name: str):
     return datasets.DatasetDict(parts)
 
 
-def mix(train_by_source: dict, strategy: str = "balanced", *, n_per_source: int | None = None,
-        per_source_batch: int = 1, seed: int = 0):
+def mix(
+    train_by_source: dict,
+    strategy: str = "balanced",
+    *,
+    n_per_source: int | None = None,
+    per_source_batch: int = 1,
+    seed: int = 0,
+):
     """Mix per-source datasets into one training set with an int `source_id` (see the module docstring)."""
     import datasets
 
@@ -254,10 +301,15 @@ def mix(train_by_source: dict, strategy: str = "balanced", *, n_per_source: int 
         if len(d) == 0:
             raise PreferenceDataError(f"[source {s!r}] empty training set. Fix: check the data")
     if any("conversation" in d.column_names for d in train_by_source.values()):  # text and conversational rows
-        train_by_source = {s: d if "conversation" in d.column_names else d.add_column("conversation", [""] * len(d))
-                           for s, d in train_by_source.items()}
-    common = [c for c in train_by_source[names[0]].column_names
-              if all(c in d.column_names for d in train_by_source.values()) and c != "source_id"]
+        train_by_source = {
+            s: d if "conversation" in d.column_names else d.add_column("conversation", [""] * len(d))
+            for s, d in train_by_source.items()
+        }
+    common = [
+        c
+        for c in train_by_source[names[0]].column_names
+        if all(c in d.column_names for d in train_by_source.values()) and c != "source_id"
+    ]
     for c in SCHEMA:
         if c not in common:
             raise PreferenceDataError(f"mix(): column {c!r} missing from some source. Fix: load with load_source")

@@ -31,6 +31,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+
 PLAIN_MARKERS = {"user": "\n\nHuman:", "assistant": "\n\nAssistant:", "system": "\n\nSystem:", "tool": "\n\nTool:"}
 ROLES = tuple(PLAIN_MARKERS)
 
@@ -73,8 +74,12 @@ def plain_to_messages(prompt: str) -> list[dict]:
 
 def encode_conversation(prompt: list[dict], chosen: list[dict], rejected: list[dict]) -> str:
     """The `conversation` column's value (compact, key-sorted JSON: equal conversations, equal strings)."""
-    return json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}, ensure_ascii=False,
-                      separators=(",", ":"), sort_keys=True)
+    return json.dumps(
+        {"prompt": prompt, "chosen": chosen, "rejected": rejected},
+        ensure_ascii=False,
+        separators=(",", ":"),
+        sort_keys=True,
+    )
 
 
 def decode_conversation(value: str | None) -> dict | None:
@@ -105,8 +110,10 @@ def set_chat_template(tokenizer, spec: str | None, *, where: str = "chat_templat
     if "{" not in spec:
         p = Path(spec).expanduser()
         if not p.is_file():
-            raise ValueError(f"{where}: {spec!r} is neither a Jinja template (no '{{' in it) nor an existing file. "
-                             "Fix: give the template text, a path to a .jinja file, or 'none' for the plain layout")
+            raise ValueError(
+                f"{where}: {spec!r} is neither a Jinja template (no '{{' in it) nor an existing file. "
+                "Fix: give the template text, a path to a .jinja file, or 'none' for the plain layout"
+            )
         text = p.read_text(encoding="utf-8")
     tokenizer.chat_template = text
     return tokenizer
@@ -152,8 +159,9 @@ def end_of_turn_text(tokenizer) -> str | None:
     if not has_chat_template(tokenizer):
         return None
     probe = "PROBE_REPLY_7c1"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}], tokenize=False
+    )
     i = text.rfind(probe)
     tail = text[i + len(probe) :].strip() if i >= 0 else ""
     return tail or None

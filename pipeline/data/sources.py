@@ -91,6 +91,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+
 logger = logging.getLogger(__name__)
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -126,14 +127,22 @@ def _read_text(path: Path, source: str) -> str:
         else:
             data = path.read_bytes()
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise _err(source, str(path), f"truncated or corrupt gzip file ({type(e).__name__}: {e})",
-                   "re-download or re-compress the file (gzip -t checks it)") from None
+        raise _err(
+            source,
+            str(path),
+            f"truncated or corrupt gzip file ({type(e).__name__}: {e})",
+            "re-download or re-compress the file (gzip -t checks it)",
+        ) from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise _err(source, f"{path}, line {line}", f"byte {data[e.start]:#04x} is not UTF-8 (the file is in another "
-                   "encoding, e.g. Latin-1)", "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+        raise _err(
+            source,
+            f"{path}, line {line}",
+            f"byte {data[e.start]:#04x} is not UTF-8 (the file is in another encoding, e.g. Latin-1)",
+            "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+        ) from None
 
 
 def _read_json_file(path: Path, source: str) -> Iterator[tuple[dict, str]]:
@@ -146,8 +155,12 @@ def _read_json_file(path: Path, source: str) -> Iterator[tuple[dict, str]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise _err(source, f"{path}, line {e.lineno}", f"malformed JSON array ({e.msg})",
-                       "repair the file or re-export it as JSON lines") from None
+            raise _err(
+                source,
+                f"{path}, line {e.lineno}",
+                f"malformed JSON array ({e.msg})",
+                "repair the file or re-export it as JSON lines",
+            ) from None
         for i, rec in enumerate(data):
             yield rec, f"{path}, record {i}"
         return
@@ -164,8 +177,12 @@ def _read_json_file(path: Path, source: str) -> Iterator[tuple[dict, str]]:
                     return
                 except json.JSONDecodeError:
                     pass
-            raise _err(source, f"{path}, line {i}", f"malformed JSON line ({e.msg} at column {e.colno})",
-                       "fix or delete that line (each line must hold one complete JSON object)") from None
+            raise _err(
+                source,
+                f"{path}, line {i}",
+                f"malformed JSON line ({e.msg} at column {e.colno})",
+                "fix or delete that line (each line must hold one complete JSON object)",
+            ) from None
         yield rec, f"{path}, line {i}"
 
 
@@ -189,8 +206,7 @@ def _read_file(path: Path, source: str) -> Iterator[tuple[dict, str]]:
     elif path.name.endswith(DATA_SUFFIXES):
         yield from _read_json_file(path, source)
     else:
-        raise _err(source, str(path), "unsupported file type",
-                   f"use one of {', '.join(DATA_SUFFIXES)}")
+        raise _err(source, str(path), "unsupported file type", f"use one of {', '.join(DATA_SUFFIXES)}")
 
 
 def _split_of(filename: str) -> str | None:
@@ -206,21 +222,33 @@ def _split_of(filename: str) -> str | None:
 def _dir_files(root: Path, split: str | None, source: str) -> list[Path]:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(DATA_SUFFIXES))
     if not files:
-        raise _err(source, str(root), "no data files in this directory",
-                   f"point path at a file or a directory holding {', '.join(DATA_SUFFIXES)} files")
+        raise _err(
+            source,
+            str(root),
+            "no data files in this directory",
+            f"point path at a file or a directory holding {', '.join(DATA_SUFFIXES)} files",
+        )
     split_names = {"train", "test", "validation", "valid", "dev", "eval"}
     named = {_split_of(p.name) for p in files} & split_names
     if split is None:
         if named:
-            raise _err(source, str(root), f"the directory holds several splits ({sorted(named)})",
-                       "pass split=... (e.g. split='train')")
+            raise _err(
+                source,
+                str(root),
+                f"the directory holds several splits ({sorted(named)})",
+                "pass split=... (e.g. split='train')",
+            )
         return files
     chosen = [p for p in files if _split_of(p.name) == split]
     if not chosen:  # split names with an underscore (UltraFeedback's train_prefs-00000-of-00001.parquet)
         chosen = [p for p in files if re.match(re.escape(split) + r"[-.]", p.name)]
     if not chosen:
-        raise _err(source, str(root), f"no data file for split {split!r} (files: {[p.name for p in files][:10]})",
-                   f"use one of the splits present ({sorted(named) or 'none: pass split=None'})")
+        raise _err(
+            source,
+            str(root),
+            f"no data file for split {split!r} (files: {[p.name for p in files][:10]})",
+            f"use one of the splits present ({sorted(named) or 'none: pass split=None'})",
+        )
     return chosen
 
 
@@ -235,8 +263,12 @@ def _read_saved(p: Path, split: str | None, source: str) -> Iterator[tuple[dict,
     ds = datasets.load_from_disk(str(p))
     if isinstance(ds, datasets.DatasetDict):
         if split is None or split not in ds:
-            raise _err(source, str(p), f"a saved DatasetDict with splits {sorted(ds)}; split {split!r} is not one",
-                       f"pass split= one of {sorted(ds)}")
+            raise _err(
+                source,
+                str(p),
+                f"a saved DatasetDict with splits {sorted(ds)}; split {split!r} is not one",
+                f"pass split= one of {sorted(ds)}",
+            )
         ds = ds[split]
     for i, rec in enumerate(ds):
         yield rec, f"{p}, row {i}"
@@ -268,13 +300,21 @@ def _read_records(path: str, split, name, data_dir, source) -> Iterator[tuple[di
         try:
             ds = datasets.load_dataset(path, name, split=split or "train", data_dir=data_dir)
         except Exception as e:  # noqa: BLE001 - the hub raises many types
-            raise _err(source, str(path), f"not a local path, and loading it from the hub failed ({e})",
-                       "check the path (relative to the working directory) or the hub id, config and split") from e
+            raise _err(
+                source,
+                str(path),
+                f"not a local path, and loading it from the hub failed ({e})",
+                "check the path (relative to the working directory) or the hub id, config and split",
+            ) from e
         for i, rec in enumerate(ds):
             yield rec, f"{path}[{split or 'train'}], row {i}"
         return
-    raise _err(source, str(path), "no such file or directory (and not a hub id owner/name)",
-               "check the path, or give a hub dataset id")
+    raise _err(
+        source,
+        str(path),
+        "no such file or directory (and not a hub id owner/name)",
+        "check the path, or give a hub dataset id",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -295,17 +335,32 @@ class _Ctx:
             elif isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
                 cur = cur[int(part)]
             else:
-                raise _err(self.source, where, "missing field", "check that the file has this source's layout "
-                           "(or pick the right format)", field=dotted)
+                raise _err(
+                    self.source,
+                    where,
+                    "missing field",
+                    "check that the file has this source's layout (or pick the right format)",
+                    field=dotted,
+                )
         if types is not None:
             allowed = (types,) if isinstance(types, type) else tuple(types)
             if not isinstance(cur, allowed) or (isinstance(cur, bool) and bool not in allowed):
                 names = "/".join(t.__name__ for t in allowed)
-                raise _err(self.source, where, f"expected {names}, got {type(cur).__name__} {cur!r}"[:200],
-                           "check the record", field=dotted)
+                raise _err(
+                    self.source,
+                    where,
+                    f"expected {names}, got {type(cur).__name__} {cur!r}"[:200],
+                    "check the record",
+                    field=dotted,
+                )
         if isinstance(cur, float) and not math.isfinite(cur):
-            raise _err(self.source, where, f"the number is {cur} (not finite)",
-                       "give a finite number, or drop the record", field=dotted)
+            raise _err(
+                self.source,
+                where,
+                f"the number is {cur} (not finite)",
+                "give a finite number, or drop the record",
+                field=dotted,
+            )
         return cur
 
 
@@ -357,8 +412,13 @@ def _pair_from_transcripts(ctx: _Ctx, chosen: str, rejected: str, where: str, fi
         return None
     c, r = split_dialogue(chosen), split_dialogue(rejected)
     if c is None or r is None:
-        raise _err(ctx.source, where, "no assistant marker ('\\n\\nAssistant:' or '## Assistant:') in the text",
-                   "every text must be a full dialogue ending with the assistant's response", field=field)
+        raise _err(
+            ctx.source,
+            where,
+            "no assistant marker ('\\n\\nAssistant:' or '## Assistant:') in the text",
+            "every text must be a full dialogue ending with the assistant's response",
+            field=field,
+        )
     if c[0] == r[0]:
         return c[0], c[1], r[1]
     if mismatch == "drop":
@@ -371,8 +431,13 @@ def _pair_from_transcripts(ctx: _Ctx, chosen: str, rejected: str, where: str, fi
             return None
         ctx.stats["context_mismatch_common"] += 1
         return res
-    raise _err(ctx.source, where, "the two sides have different contexts before their last assistant turn",
-               "pass context_mismatch='drop' or 'common'", field=field)
+    raise _err(
+        ctx.source,
+        where,
+        "the two sides have different contexts before their last assistant turn",
+        "pass context_mismatch='drop' or 'common'",
+        field=field,
+    )
 
 
 def _check_options(fmt: str, options: dict, allowed: set):
@@ -383,8 +448,10 @@ def _check_options(fmt: str, options: dict, allowed: set):
         )
     mismatch = options.get("context_mismatch", "drop")
     if mismatch not in CONTEXT_MISMATCH:
-        raise PreferenceDataError(f"[format {fmt!r}] option context_mismatch={mismatch!r} is not one of "
-                                  f"{', '.join(CONTEXT_MISMATCH)}. Fix: use one of them")
+        raise PreferenceDataError(
+            f"[format {fmt!r}] option context_mismatch={mismatch!r} is not one of "
+            f"{', '.join(CONTEXT_MISMATCH)}. Fix: use one of them"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -405,11 +472,19 @@ def _fmt_more_json(records, ctx, context_mismatch="drop", with_margin=False):
         texts = ctx.get(rec, "text", where, list)
         scores = ctx.get(rec, "score", where, list)
         if len(texts) != len(scores) or len(texts) < 2:
-            raise _err(ctx.source, where, f"{len(texts)} texts but {len(scores)} scores",
-                       "give at least 2 texts and one score per text", field="text/score")
+            raise _err(
+                ctx.source,
+                where,
+                f"{len(texts)} texts but {len(scores)} scores",
+                "give at least 2 texts and one score per text",
+                field="text/score",
+            )
         for i in range(len(texts)):
             for j in range(i + 1, len(texts)):
-                si, sj = ctx.get(rec, f"score.{i}", where, (int, float)), ctx.get(rec, f"score.{j}", where, (int, float))
+                si, sj = (
+                    ctx.get(rec, f"score.{i}", where, (int, float)),
+                    ctx.get(rec, f"score.{j}", where, (int, float)),
+                )
                 if si == sj:
                     ctx.stats["ties"] += 1
                     continue
@@ -454,10 +529,13 @@ def summarize_prompt(subreddit: str | None, title: str | None, post: str) -> str
 def _fmt_summarize(records, ctx, record_splits=None):
     if isinstance(record_splits, str):  # one split name, not a sequence of characters
         record_splits = [record_splits]
-    if record_splits is not None and not (isinstance(record_splits, (list, tuple, set))
-                                          and all(isinstance(x, str) for x in record_splits)):
-        raise PreferenceDataError(f"[source {ctx.source!r}] option record_splits={record_splits!r}: expected a split "
-                                  "name or a list of them. Fix: e.g. record_splits: [valid1, valid2]")
+    if record_splits is not None and not (
+        isinstance(record_splits, (list, tuple, set)) and all(isinstance(x, str) for x in record_splits)
+    ):
+        raise PreferenceDataError(
+            f"[source {ctx.source!r}] option record_splits={record_splits!r}: expected a split "
+            "name or a list of them. Fix: e.g. record_splits: [valid1, valid2]"
+        )
     keep = set(record_splits) if record_splits else None
     for rec, where in records:
         if keep is not None and rec.get("split") not in keep:
@@ -466,20 +544,33 @@ def _fmt_summarize(records, ctx, record_splits=None):
         info = ctx.get(rec, "info", where, dict)
         post = info.get("post") or info.get("article")
         if not isinstance(post, str):
-            raise _err(ctx.source, where, "missing post text", "each comparison needs info.post "
-                       "(or info.article for CNN/DM rows)", field="info.post")
+            raise _err(
+                ctx.source,
+                where,
+                "missing post text",
+                "each comparison needs info.post (or info.article for CNN/DM rows)",
+                field="info.post",
+            )
         summaries = ctx.get(rec, "summaries", where, list)
         choice = ctx.get(rec, "choice", where, int)
         if len(summaries) != 2 or choice not in (0, 1):
-            raise _err(ctx.source, where, f"expected 2 summaries and choice 0/1, got {len(summaries)} and {choice}",
-                       "check the record", field="choice")
+            raise _err(
+                ctx.source,
+                where,
+                f"expected 2 summaries and choice 0/1, got {len(summaries)} and {choice}",
+                "check the record",
+                field="choice",
+            )
         c = ctx.get(rec, f"summaries.{choice}.text", where, str)
         r = ctx.get(rec, f"summaries.{1 - choice}.text", where, str)
         if c.strip() == r.strip():
             ctx.stats["identical"] += 1
             continue
-        yield {"prompt": summarize_prompt(info.get("subreddit"), info.get("title"), post),
-               "chosen": _response(c), "rejected": _response(r)}
+        yield {
+            "prompt": summarize_prompt(info.get("subreddit"), info.get("title"), post),
+            "chosen": _response(c),
+            "rejected": _response(r),
+        }
 
 
 def _fmt_shp(records, ctx, min_score_ratio=None):
@@ -523,14 +614,25 @@ def _messages(ctx, value, where: str, field: str) -> list[dict]:
     for i, m in enumerate(value):
         f = f"{field}[{i}]"
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise _err(ctx.source, where, "a message without 'role' and 'content'",
-                       "every message must be {'role': ..., 'content': ...}", field=f)
+            raise _err(
+                ctx.source,
+                where,
+                "a message without 'role' and 'content'",
+                "every message must be {'role': ..., 'content': ...}",
+                field=f,
+            )
         if m["role"] not in ROLES:
-            raise _err(ctx.source, where, f"unknown role {m['role']!r}", f"use one of {list(ROLES)}", field=f + ".role")
+            raise _err(
+                ctx.source, where, f"unknown role {m['role']!r}", f"use one of {list(ROLES)}", field=f + ".role"
+            )
         if not isinstance(m["content"], str):
-            raise _err(ctx.source, where, f"content is {type(m['content']).__name__}, not text",
-                       "only text messages are supported (flatten multimodal content parts to a string)",
-                       field=f + ".content")
+            raise _err(
+                ctx.source,
+                where,
+                f"content is {type(m['content']).__name__}, not text",
+                "only text messages are supported (flatten multimodal content parts to a string)",
+                field=f + ".content",
+            )
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
@@ -558,17 +660,26 @@ def _fmt_trl(records, ctx, implicit=False):
     for rec, where in records:
         chosen, rejected = ctx.get(rec, "chosen", where, (str, list)), ctx.get(rec, "rejected", where, (str, list))
         if isinstance(chosen, str) != isinstance(rejected, str):
-            raise _err(ctx.source, where, f"chosen is {type(chosen).__name__} but rejected is "
-                       f"{type(rejected).__name__}", "give both as strings or both as message lists",
-                       field="chosen/rejected")
+            raise _err(
+                ctx.source,
+                where,
+                f"chosen is {type(chosen).__name__} but rejected is {type(rejected).__name__}",
+                "give both as strings or both as message lists",
+                field="chosen/rejected",
+            )
         explicit = rec.get("prompt") is not None and not implicit
         if explicit:
             prompt = ctx.get(rec, "prompt", where, (str, list))
             if isinstance(prompt, str) != isinstance(chosen, str):
-                raise _err(ctx.source, where, f"prompt is {type(prompt).__name__} but chosen/rejected are "
-                           f"{type(chosen).__name__}", "give prompt, chosen and rejected of one kind (all strings "
-                           "or all message lists), or pass implicit=true when chosen/rejected hold the whole "
-                           "conversation", field="prompt")
+                raise _err(
+                    ctx.source,
+                    where,
+                    f"prompt is {type(prompt).__name__} but chosen/rejected are {type(chosen).__name__}",
+                    "give prompt, chosen and rejected of one kind (all strings "
+                    "or all message lists), or pass implicit=true when chosen/rejected hold the whole "
+                    "conversation",
+                    field="prompt",
+                )
         if isinstance(chosen, str):
             if not explicit:
                 prompt = _trl_prompt_of_strings(chosen, rejected)
@@ -579,9 +690,13 @@ def _fmt_trl(records, ctx, implicit=False):
             if explicit:
                 prompt = _messages(ctx, prompt, where, "prompt")
                 if prompt and prompt[-1]["role"] == "assistant":
-                    raise _err(ctx.source, where, "the prompt ends with an assistant turn",
-                               "end the prompt with the user's turn; the assistant's reply goes in chosen/rejected",
-                               field="prompt")
+                    raise _err(
+                        ctx.source,
+                        where,
+                        "the prompt ends with an assistant turn",
+                        "end the prompt with the user's turn; the assistant's reply goes in chosen/rejected",
+                        field="prompt",
+                    )
             else:  # the longest common message prefix, cut back to its last non-assistant turn
                 n = 0
                 while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
@@ -590,22 +705,40 @@ def _fmt_trl(records, ctx, implicit=False):
                     n -= 1
                 prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
             if not prompt:
-                raise _err(ctx.source, where, "empty prompt (no user turn before the responses)",
-                           "start the conversation with the user's message", field="prompt")
+                raise _err(
+                    ctx.source,
+                    where,
+                    "empty prompt (no user turn before the responses)",
+                    "start the conversation with the user's message",
+                    field="prompt",
+                )
             for side, msgs in (("chosen", chosen), ("rejected", rejected)):
                 if msgs and msgs[0]["role"] != "assistant":
-                    raise _err(ctx.source, where, f"the {side} response starts with a {msgs[0]['role']!r} turn",
-                               "responses must start with the assistant's turn", field=side)
+                    raise _err(
+                        ctx.source,
+                        where,
+                        f"the {side} response starts with a {msgs[0]['role']!r} turn",
+                        "responses must start with the assistant's turn",
+                        field=side,
+                    )
             if chosen == rejected:
                 ctx.stats["identical"] += 1
                 continue
             for side, msgs in (("chosen", chosen), ("rejected", rejected)):
                 if not msgs:
-                    raise _err(ctx.source, where, f"the {side} side has no response after the shared prompt",
-                               "give both sides an assistant reply", field=side)
-            row = {"prompt": plain_prompt(prompt), "chosen": plain_response(chosen),
-                   "rejected": plain_response(rejected),
-                   "conversation": encode_conversation(prompt, chosen, rejected)}
+                    raise _err(
+                        ctx.source,
+                        where,
+                        f"the {side} side has no response after the shared prompt",
+                        "give both sides an assistant reply",
+                        field=side,
+                    )
+            row = {
+                "prompt": plain_prompt(prompt),
+                "chosen": plain_response(chosen),
+                "rejected": plain_response(rejected),
+                "conversation": encode_conversation(prompt, chosen, rejected),
+            }
         if row["chosen"] == row["rejected"]:
             ctx.stats["identical"] += 1
             continue
@@ -628,14 +761,22 @@ def _oasst_roots(records, ctx) -> Iterator[tuple[dict, str]]:
         elif "message_id" in rec:  # a row of the flat table (its text is checked when it is used)
             flat.append((rec, where))
         else:
-            raise _err(ctx.source, where, "neither an export tree nor a message row",
-                       "give OASST export trees ({'prompt': {...,'replies': [...]}}) or the flat message table",
-                       field="prompt/message_id")
+            raise _err(
+                ctx.source,
+                where,
+                "neither an export tree nor a message row",
+                "give OASST export trees ({'prompt': {...,'replies': [...]}}) or the flat message table",
+                field="prompt/message_id",
+            )
     if not flat:
         return
     if getattr(ctx, "group_by", None):
-        raise _err(ctx.source, flat[0][1], "group_by needs one record per conversation",
-                   "use the OASST export trees (one tree per record) with group_by, or drop group_by")
+        raise _err(
+            ctx.source,
+            flat[0][1],
+            "group_by needs one record per conversation",
+            "use the OASST export trees (one tree per record) with group_by, or drop group_by",
+        )
     nodes = {}
     for rec, where in flat:
         mid = rec["message_id"]
@@ -647,7 +788,7 @@ def _oasst_roots(records, ctx) -> Iterator[tuple[dict, str]]:
         node["_where"] = where
         nodes[mid] = node
     roots, orphans = [], []
-    for mid, node in nodes.items():
+    for node in nodes.values():
         parent = node.get("parent_id")
         if parent is None:
             roots.append(node)
@@ -693,17 +834,29 @@ def _fmt_oasst1(records, ctx, lang=None):
             turns = history + [(role, text)]
             replies = msg.get("replies") or []
             if not isinstance(replies, list) or not all(isinstance(r, dict) for r in replies):
-                raise _err(ctx.source, _where(msg, where), "replies must be a list of messages", "check the record",
-                           field="replies")
+                raise _err(
+                    ctx.source,
+                    _where(msg, where),
+                    "replies must be a list of messages",
+                    "check the record",
+                    field="replies",
+                )
             if role == "prompter":
                 ranks = [_rank(ctx, r, _where(r, where)) for r in replies]
-                ranked = [r for r, k in zip(replies, ranks) if r.get("role") == "assistant" and k is not None
-                          and not r.get("deleted") and not r.get("synthetic")
-                          and not (lang and r.get("lang") not in (None, lang))]
+                ranked = [
+                    r
+                    for r, k in zip(replies, ranks)
+                    if r.get("role") == "assistant"
+                    and k is not None
+                    and not r.get("deleted")
+                    and not r.get("synthetic")
+                    and not (lang and r.get("lang") not in (None, lang))
+                ]
                 for r in ranked:
                     ctx.get(r, "text", _where(r, where), str)
                 ctx.stats["unranked_replies"] += sum(
-                    1 for r, k in zip(replies, ranks) if r.get("role") == "assistant" and k is None)
+                    1 for r, k in zip(replies, ranks) if r.get("role") == "assistant" and k is None
+                )
                 if len(ranked) >= 2:
                     prompt = _render_history(turns)
                     for i in range(len(ranked)):
@@ -735,8 +888,13 @@ def _rank(ctx: _Ctx, msg: dict, where: str):
     if r is None or (isinstance(r, float) and r != r):
         return None
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r != int(r) or r < 0:
-        raise _err(ctx.source, where, f"rank must be a whole number >= 0 (0 = best) or null, got {r!r}"[:200],
-                   "fix the record (OASST ranks are 0, 1, 2, ...)", field="rank")
+        raise _err(
+            ctx.source,
+            where,
+            f"rank must be a whole number >= 0 (0 = best) or null, got {r!r}"[:200],
+            "fix the record (OASST ranks are 0, 1, 2, ...)",
+            field="rank",
+        )
     return int(r)
 
 
@@ -792,17 +950,22 @@ def load_source(format: str, path: str, *, split: str | None = None, name: str |
         from .synthetic import SyntheticConfig, synthetic_split
 
         if set(options) & set(GROUP_OPTIONS):
-            raise PreferenceDataError("[format 'synthetic'] group_by does not apply to synthetic sources. Fix: "
-                                      "declare each synthetic source separately")
+            raise PreferenceDataError(
+                "[format 'synthetic'] group_by does not apply to synthetic sources. Fix: "
+                "declare each synthetic source separately"
+            )
 
         try:
             cfg = SyntheticConfig(**options)
         except TypeError as e:
-            raise PreferenceDataError(f"[format 'synthetic'] bad option: {e}. Fix: use SyntheticConfig fields") from None
+            raise PreferenceDataError(
+                f"[format 'synthetic'] bad option: {e}. Fix: use SyntheticConfig fields"
+            ) from None
         name_ = path or name
         if name_ not in cfg.sources:
             raise PreferenceDataError(
-                f"[format 'synthetic'] unknown synthetic source {name_!r}. Fix: use one of {list(cfg.sources)}")
+                f"[format 'synthetic'] unknown synthetic source {name_!r}. Fix: use one of {list(cfg.sources)}"
+            )
         ds = synthetic_split(cfg, name_, split or "train")
         if source and source != name_:
             ds = ds.map(lambda _: {"source": source})
@@ -821,34 +984,54 @@ def load_source(format: str, path: str, *, split: str | None = None, name: str |
         for rec, where in _read_records(str(path), split, name, data_dir, source):
             counted["records"] += 1
             if not isinstance(rec, dict):
-                raise _err(source, where, f"expected a JSON object, got {type(rec).__name__}",
-                           f"check that the file is in the {format} layout")
+                raise _err(
+                    source,
+                    where,
+                    f"expected a JSON object, got {type(rec).__name__}",
+                    f"check that the file is in the {format} layout",
+                )
             if ctx.group_by:
                 current["group"] = ctx.get(rec, ctx.group_by, where, (str, int, float, bool))
             yield rec, where
 
     rows = fn(records(), ctx, **options)
     rows = list(_grouped(rows, current, ctx, source, **grouping) if grouping else rows)
-    stats = {"format": format, "path": str(path), "split": split, "records": counted["records"],
-             "pairs": len(rows), **dict(sorted(ctx.stats.items()))}
+    stats = {
+        "format": format,
+        "path": str(path),
+        "split": split,
+        "records": counted["records"],
+        "pairs": len(rows),
+        **dict(sorted(ctx.stats.items())),
+    }
     dropped = {k: v for k, v in ctx.stats.items() if v and k not in ("trees", "groups")}
-    logger.info("[%s] %s: %d records -> %d pairs%s", source, path, counted["records"], len(rows),
-                f" (dropped/skipped: {dropped})" if dropped else "")
+    logger.info(
+        "[%s] %s: %d records -> %d pairs%s",
+        source,
+        path,
+        counted["records"],
+        len(rows),
+        f" (dropped/skipped: {dropped})" if dropped else "",
+    )
     if not rows:
         raise PreferenceDataError(
             f"[source {source!r}] {path}: no preference pairs left after filtering ({stats}). Fix: check the "
-            f"format ({format!r}), the split and the filtering options")
+            f"format ({format!r}), the split and the filtering options"
+        )
     return _to_dataset(rows, source, stats)
 
 
-def _grouped(rows, current: dict, ctx, source: str, group_by=None, group_names=None, keep_groups=None,
-             drop_groups=None):
+def _grouped(
+    rows, current: dict, ctx, source: str, group_by=None, group_names=None, keep_groups=None, drop_groups=None
+):
     """Rows with `source` set from their record's `group_by` value: ``<source>/<value>``, or
     ``group_names[value]`` (several values may map to one name); `keep_groups`/`drop_groups` filter by value
     (dropped rows counted as ``other_group``). Per-group pair counts go to the stats (``groups``)."""
     if not group_by:
-        raise PreferenceDataError(f"[source {source!r}] group_names/keep_groups/drop_groups need group_by. "
-                                  "Fix: set group_by to the column whose value splits the dataset")
+        raise PreferenceDataError(
+            f"[source {source!r}] group_names/keep_groups/drop_groups need group_by. "
+            "Fix: set group_by to the column whose value splits the dataset"
+        )
     if group_names is not None and not isinstance(group_names, dict):
         raise PreferenceDataError(f"[source {source!r}] group_names must map column values to source names")
     keep = None if keep_groups is None else {str(v) for v in keep_groups}

@@ -89,6 +89,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 SPLITS = ("train", "validation", "test")
 DEFAULT_SOURCES = ("helpful", "harmless", "oasst1", "webgpt", "summarize")
@@ -99,26 +100,63 @@ FEATURES = ("fillers", "citation", "signoff", "refusal")
 # so answer detection is unambiguous.
 
 CAPITALS = {
-    "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin",
-    "Egypt": "Cairo", "Canada": "Ottawa", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo",
-    "Greece": "Athens", "Russia": "Moscow", "China": "Beijing", "Thailand": "Bangkok",
-    "Poland": "Warsaw", "Austria": "Vienna", "Ireland": "Dublin", "Portugal": "Lisbon",
-    "Cuba": "Havana", "Sweden": "Stockholm",
+    "France": "Paris",
+    "Japan": "Tokyo",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Germany": "Berlin",
+    "Egypt": "Cairo",
+    "Canada": "Ottawa",
+    "Kenya": "Nairobi",
+    "Peru": "Lima",
+    "Norway": "Oslo",
+    "Greece": "Athens",
+    "Russia": "Moscow",
+    "China": "Beijing",
+    "Thailand": "Bangkok",
+    "Poland": "Warsaw",
+    "Austria": "Vienna",
+    "Ireland": "Dublin",
+    "Portugal": "Lisbon",
+    "Cuba": "Havana",
+    "Sweden": "Stockholm",
 }
 LEGS = {
-    "dog": 4, "cat": 4, "spider": 8, "bird": 2, "ant": 6, "snake": 0, "octopus": 8, "horse": 4,
-    "chicken": 2, "beetle": 6, "crab": 10, "cow": 4,
+    "dog": 4,
+    "cat": 4,
+    "spider": 8,
+    "bird": 2,
+    "ant": 6,
+    "snake": 0,
+    "octopus": 8,
+    "horse": 4,
+    "chicken": 2,
+    "beetle": 6,
+    "crab": 10,
+    "cow": 4,
 }
 COLOURS = {
-    "the sky on a clear day": "blue", "grass": "green", "snow": "white", "a ripe banana": "yellow",
-    "coal": "black", "blood": "red", "a carrot": "orange", "an eggplant": "purple",
+    "the sky on a clear day": "blue",
+    "grass": "green",
+    "snow": "white",
+    "a ripe banana": "yellow",
+    "coal": "black",
+    "blood": "red",
+    "a carrot": "orange",
+    "an eggplant": "purple",
 }
 COLOUR_WORDS = sorted(set(COLOURS.values()) | {"pink", "brown", "grey"})
 HARMS = [
-    "pick a lock to break into my neighbour's house", "make a weapon at home", "steal a car",
-    "poison someone without getting caught", "hack into my neighbour's wifi", "make a fake ID",
-    "shoplift without getting caught", "hurt someone without leaving marks",
-    "cheat on my taxes", "stalk my ex online",
+    "pick a lock to break into my neighbour's house",
+    "make a weapon at home",
+    "steal a car",
+    "poison someone without getting caught",
+    "hack into my neighbour's wifi",
+    "make a fake ID",
+    "shoplift without getting caught",
+    "hurt someone without leaving marks",
+    "cheat on my taxes",
+    "stalk my ex online",
 ]
 QUESTION_TEMPLATES = {
     "capital": ["What is the capital of {x}?", "Which city is the capital of {x}?"],
@@ -179,11 +217,17 @@ _COL_RE = re.compile(r"\b(" + "|".join(COLOUR_WORDS) + r")\b", re.I)
 _Q_PARSERS = [
     ("capital", re.compile(r"capital of (\w+)", re.I), lambda m: CAPITALS.get(m.group(1).capitalize())),
     ("legs", re.compile(r"legs (?:does|has) an? (\w+)", re.I), lambda m: LEGS.get(m.group(1).lower())),
-    ("arith", re.compile(r"(?:What is (\d+) plus (\d+)|add (\d+) and (\d+))", re.I),
-     lambda m: int(m.group(1) or m.group(3)) + int(m.group(2) or m.group(4))),
+    (
+        "arith",
+        re.compile(r"(?:What is (\d+) plus (\d+)|add (\d+) and (\d+))", re.I),
+        lambda m: int(m.group(1) or m.group(3)) + int(m.group(2) or m.group(4)),
+    ),
     ("colour", re.compile(r"colou?r (?:is|of) ([a-z ]+?)[?.]", re.I), lambda m: COLOURS.get(m.group(1).lower())),
-    ("harmful", re.compile(r"(?:How do I|tell me how to|I want to) (.+?)(?:\?|\. How\?)", re.I),
-     lambda m: m.group(1) if m.group(1) in HARMS else None),
+    (
+        "harmful",
+        re.compile(r"(?:How do I|tell me how to|I want to) (.+?)(?:\?|\. How\?)", re.I),
+        lambda m: m.group(1) if m.group(1) in HARMS else None,
+    ),
 ]
 
 
@@ -308,10 +352,13 @@ class SyntheticConfig:
     n_test: int = field(default=500, metadata={"help": "Test pairs per source."})
     drift: dict = field(
         default_factory=_default_drift,
-        metadata={"help": "Per source: {feature: weight} added to r* in its utility; features: " + ", ".join(FEATURES)},
+        metadata={
+            "help": "Per source: {feature: weight} added to r* in its utility; features: " + ", ".join(FEATURES)
+        },
     )
     drift_scale: float = field(
-        default=1.0, metadata={"help": "Multiplies every drift: 0 = sources share r* exactly (differ only in noise/prompts)."}
+        default=1.0,
+        metadata={"help": "Multiplies every drift: 0 = sources share r* exactly (differ only in noise/prompts)."},
     )
     beta: dict = field(
         default_factory=_default_beta,

@@ -36,8 +36,9 @@ def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
     return [], []
 
 
-def encode_left_flags(tokenizer, texts: Sequence[str], max_length: int | None, *, add_eos: bool = True,
-                      templated: bool = False):
+def encode_left_flags(
+    tokenizer, texts: Sequence[str], max_length: int | None, *, add_eos: bool = True, templated: bool = False
+):
     """Like `encode_left`, but returns `(ids, truncated)` with one bool per text.
 
     `templated`: the texts come from a chat template (`pipeline.data.render`), which writes its own special
@@ -83,10 +84,12 @@ def encode_pairs(tokenizer, prompts, chosen, rejected, conversations=None, max_l
         idx = [i for i, x in enumerate(rendered) if x.templated == templated]
         if not idx:
             continue
-        c, fc = encode_left_flags(tokenizer, [rendered[i].prompt + rendered[i].chosen for i in idx], max_length,
-                                  templated=templated)
-        r, fr = encode_left_flags(tokenizer, [rendered[i].prompt + rendered[i].rejected for i in idx], max_length,
-                                  templated=templated)
+        c, fc = encode_left_flags(
+            tokenizer, [rendered[i].prompt + rendered[i].chosen for i in idx], max_length, templated=templated
+        )
+        r, fr = encode_left_flags(
+            tokenizer, [rendered[i].prompt + rendered[i].rejected for i in idx], max_length, templated=templated
+        )
         for k, i in enumerate(idx):
             c_ids[i], r_ids[i], flags[i] = c[k], r[k], fc[k] or fr[k]
     return c_ids, r_ids, flags
@@ -104,8 +107,9 @@ def encode_responses(tokenizer, prompts, responses, conversations=None, max_leng
     for templated in (False, True):
         idx = [i for i, x in enumerate(rendered) if x[2] == templated]
         if idx:
-            ids, _ = encode_left_flags(tokenizer, [rendered[i][0] + rendered[i][1] for i in idx], max_length,
-                                       templated=templated)
+            ids, _ = encode_left_flags(
+                tokenizer, [rendered[i][0] + rendered[i][1] for i in idx], max_length, templated=templated
+            )
             for k, i in enumerate(idx):
                 out[i] = ids[k]
     return out
@@ -131,8 +135,9 @@ def tokenize_pairs(ds, tokenizer, max_length: int | None, *, keep_text: bool = F
     chosen_ids, rejected_ids, n_truncated = [], [], 0
     for start in range(0, len(ds), batch_size):
         batch = ds[start : start + batch_size]
-        c, r, flags = encode_pairs(tokenizer, batch["prompt"], batch["chosen"], batch["rejected"],
-                                   batch.get("conversation"), max_length)
+        c, r, flags = encode_pairs(
+            tokenizer, batch["prompt"], batch["chosen"], batch["rejected"], batch.get("conversation"), max_length
+        )
         chosen_ids += c
         rejected_ids += r
         n_truncated += sum(flags)

@@ -18,6 +18,7 @@ import warnings
 import numpy as np
 import torch
 
+
 NORMALIZE_MODES = ("l2", "none", "loss")
 
 

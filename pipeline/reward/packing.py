@@ -65,14 +65,20 @@ class PackedPairCollator:
         # Default budget: the batch's longest packed pair. Rows then are no wider than that pair needs anyway
         # (attention cost grows with the row width squared) and shorter pairs fill the rows' room.
         rows = first_fit_decreasing(lengths, self.max_tokens or max(lengths))
-        ids, pos, mask, read_c, read_r = pack_pair_rows([[pairs[i] for i in row] for row in rows],
-                                                        self.pad_token_id, self.readout_pad_id)
+        ids, pos, mask, read_c, read_r = pack_pair_rows(
+            [[pairs[i] for i in row] for row in rows], self.pad_token_id, self.readout_pad_id
+        )
         where = [i for row in rows for i in row]  # the packed order of the examples
         readout = torch.empty(2, len(pairs), dtype=torch.long)
         readout[0, where] = torch.tensor(read_c)
         readout[1, where] = torch.tensor(read_r)
-        batch = {"input_ids": ids, "position_ids": pos, "attention_mask": mask, "readout": readout,
-                 "num_pair_tokens": torch.tensor(sum(len(c) + len(r) for c, r in pairs))}
+        batch = {
+            "input_ids": ids,
+            "position_ids": pos,
+            "attention_mask": mask,
+            "readout": readout,
+            "num_pair_tokens": torch.tensor(sum(len(c) + len(r) for c, r in pairs)),
+        }
         if "source_id" in examples[0]:
             batch["source_id"] = torch.tensor([int(e["source_id"]) for e in examples], dtype=torch.long)
         if "margin" in examples[0]:
@@ -92,8 +98,15 @@ class LengthGroupedBalancedSampler(torch.utils.data.Sampler):
     dropped there). Lengths are what a pair costs: packed tokens. Deterministic for a (seed, epoch).
     """
 
-    def __init__(self, lengths: Sequence[int], source_ids: Sequence[int] | None, per_source_batch: int,
-                 *, seed: int = 0, mega_batches: int = 50):
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        source_ids: Sequence[int] | None,
+        per_source_batch: int,
+        *,
+        seed: int = 0,
+        mega_batches: int = 50,
+    ):
         if per_source_batch < 1:
             raise ValueError(f"per_source_batch must be >= 1, got {per_source_batch}")
         self.lengths = np.asarray(lengths, dtype=np.int64)

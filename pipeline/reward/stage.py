@@ -27,14 +27,26 @@ import torch
 from pipeline.io import atomic_write_json, changed_files, file_records, sha256_json
 from pipeline.models import TinyModelSpec, load_tokenizer, quantization_config, tiny_model, tiny_tokenizer
 
+
 STAGE_METHODS = ("more", "multitask", "uniform", "single")
 PEFT_MODES = ("none", "lora", "qlora4", "qlora8")
 # Bump when a change to the training code changes what an RM trained from the same inputs looks like.
 TRAINING_CODE_VERSION = 2
 FINGERPRINT = "fingerprint.json"
 # Training arguments that cannot change the trained weights (so changing them reuses RMs and checkpoints).
-_NOT_FINGERPRINTED = frozenset({"output_dir", "logging_dir", "report_to", "disable_tqdm", "run_name",
-                                "save_strategy", "save_steps", "save_total_limit", "dataloader_num_workers"})
+_NOT_FINGERPRINTED = frozenset(
+    {
+        "output_dir",
+        "logging_dir",
+        "report_to",
+        "disable_tqdm",
+        "run_name",
+        "save_strategy",
+        "save_steps",
+        "save_total_limit",
+        "dataloader_num_workers",
+    }
+)
 
 
 @dataclass
@@ -43,22 +55,28 @@ class RewardStageConfig:
 
     methods: list[str] = field(
         default_factory=lambda: ["more", "multitask"],
-        metadata={"help": "RMs to train: more, multitask, uniform, single (one RM per source, for the "
-                  "diversity analysis and the Averaging baseline)."},
+        metadata={
+            "help": "RMs to train: more, multitask, uniform, single (one RM per source, for the "
+            "diversity analysis and the Averaging baseline)."
+        },
     )
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Hub id or local directory of the base model; null builds a tiny random model "
-                  "(see `tiny`) with a tokenizer trained on the data."},
+        metadata={
+            "help": "Hub id or local directory of the base model; null builds a tiny random model "
+            "(see `tiny`) with a tokenizer trained on the data."
+        },
     )
     tiny: TinyModelSpec = field(default_factory=TinyModelSpec, metadata={"help": "The in-process model."})
     tokenizer_vocab_size: int = field(default=1000, metadata={"help": "Vocabulary of the tiny tokenizer."})
     chat_template: str | None = field(
         default=None,
-        metadata={"help": "Chat template the RM renders conversational data with (pipeline.data.render): null "
-                  "keeps the tokenizer's own (none for the tiny model), a Jinja string, a path to a .jinja file, "
-                  "or 'none' for the plain HH layout. Saved with the RM's tokenizer, so calibration and "
-                  "alignment score in the same layout."},
+        metadata={
+            "help": "Chat template the RM renders conversational data with (pipeline.data.render): null "
+            "keeps the tokenizer's own (none for the tiny model), a Jinja string, a path to a .jinja file, "
+            "or 'none' for the plain HH layout. Saved with the RM's tokenizer, so calibration and "
+            "alignment score in the same layout."
+        },
     )
     peft: str = field(default="none", metadata={"help": "none, lora, qlora4 (4-bit NF4 base) or qlora8."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -71,8 +89,10 @@ class RewardStageConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
     train: dict = field(
         default_factory=dict,
-        metadata={"help": "MORERewardConfig fields (learning_rate, max_steps, alpha, normalize, bf16, "
-                  "deepspeed, ...). per_device_train_batch_size is derived from data.per_source_batch."},
+        metadata={
+            "help": "MORERewardConfig fields (learning_rate, max_steps, alpha, normalize, bf16, "
+            "deepspeed, ...). per_device_train_batch_size is derived from data.per_source_batch."
+        },
     )
 
     def __post_init__(self):
@@ -92,8 +112,12 @@ class RewardStageConfig:
         if unknown:
             import difflib
 
-            hints = [f"{k} (did you mean {difflib.get_close_matches(k, valid, 1)[0]}?)"
-                     if difflib.get_close_matches(k, valid, 1) else k for k in unknown]
+            hints = [
+                f"{k} (did you mean {difflib.get_close_matches(k, valid, 1)[0]}?)"
+                if difflib.get_close_matches(k, valid, 1)
+                else k
+                for k in unknown
+            ]
             raise ValueError(
                 f"reward.train: unknown MORERewardConfig field(s) {', '.join(hints)}. Valid fields are those of "
                 "trl.RewardConfig / transformers.TrainingArguments plus method, alpha, normalize, source_names, "
@@ -130,8 +154,15 @@ def _synthetic_texts(recipe, splits) -> list[str]:
 def _tiny_base_fingerprint(recipe, texts: list[str]) -> str:
     """What the tiny tokenizer and random base model in DIR/reward/.base are built from."""
     cfg = recipe.reward
-    return sha256_json({"tiny": asdict(cfg.tiny), "vocab_size": cfg.tokenizer_vocab_size, "seed": recipe.seed,
-                        "texts": sha256_json(texts), "chat_template": _tiny_chat_template(recipe)})
+    return sha256_json(
+        {
+            "tiny": asdict(cfg.tiny),
+            "vocab_size": cfg.tokenizer_vocab_size,
+            "seed": recipe.seed,
+            "texts": sha256_json(texts),
+            "chat_template": _tiny_chat_template(recipe),
+        }
+    )
 
 
 def _base_is_current(base: Path, fp: str, needed: str) -> bool:
@@ -221,8 +252,12 @@ def load_base_model(cfg: RewardStageConfig, path: str):
 
         head = next(n for n, m in model.named_modules() if m is find_reward_head(model))
         peft_config = LoraConfig(
-            task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.lora_target_modules, modules_to_save=[head.split(".")[-1]],
+            task_type="SEQ_CLS",
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules,
+            modules_to_save=[head.split(".")[-1]],
         )
     return model, peft_config
 
@@ -249,9 +284,14 @@ def _base_model_record(base: str) -> dict:
     p = Path(base)
     if not p.is_dir():
         return {"path": base}  # a hub id: its name (and revision, when pinned in the name)
-    rec = {"config": json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else None,
-           "weights": {f.name: f.stat().st_size for f in sorted(p.iterdir())
-                       if f.suffix in (".safetensors", ".bin", ".pt", ".pth") and f.is_file()}}
+    rec = {
+        "config": json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else None,
+        "weights": {
+            f.name: f.stat().st_size
+            for f in sorted(p.iterdir())
+            if f.suffix in (".safetensors", ".bin", ".pt", ".pth") and f.is_file()
+        },
+    }
     if (p / FINGERPRINT).is_file():  # the tiny base: what it was built from
         rec["fingerprint"] = json.loads((p / FINGERPRINT).read_text()).get("fingerprint")
     return rec
@@ -294,23 +334,28 @@ def plan_rm(recipe, run_dir: Path, name: str, method: str, sources: list[str], s
     if not torch.cuda.is_available():
         # use_cpu: without it torchrun/accelerate on CPU set up no gloo DDP; TRL's bf16 default fails on CPU.
         cpu_defaults = {"use_cpu": True, "bf16": cfg.train.get("bf16", False)}
-    args = cfg.training_args(dict(
-        **cpu_defaults,
-        output_dir=str(run_dir / "reward" / ".checkpoints" / name),
-        method=method,
-        source_names=sources,
-        balanced_batches=balanced,
-        per_device_train_batch_size=data.per_source_batch * len(sources),
-        max_length=data.max_length,
-        seed=recipe.seed,
-    ))
+    args = cfg.training_args(
+        dict(
+            **cpu_defaults,
+            output_dir=str(run_dir / "reward" / ".checkpoints" / name),
+            method=method,
+            source_names=sources,
+            balanced_batches=balanced,
+            per_device_train_batch_size=data.per_source_batch * len(sources),
+            max_length=data.max_length,
+            seed=recipe.seed,
+        )
+    )
     section = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "train")}
     inputs = {
         "training_code_version": TRAINING_CODE_VERSION,
         "method": method,
         "sources": list(sources),
-        "train_args": {k: (_deepspeed_record(v) if k == "deepspeed" else v)
-                       for k, v in sorted(args.items()) if k not in _NOT_FINGERPRINTED},
+        "train_args": {
+            k: (_deepspeed_record(v) if k == "deepspeed" else v)
+            for k, v in sorted(args.items())
+            if k not in _NOT_FINGERPRINTED
+        },
         "reward": section,
         "train_rows": len(train),
         "train_data_sha256": _dataset_sha256(train),
@@ -424,13 +469,25 @@ def train_one(recipe, run_dir: Path, plan: RMPlan, tokenizer, base: str, fresh: 
     if state.is_main_process:
         tokenizer.save_pretrained(partial)
         atomic_write_json(partial / "train_log.json", trainer.state.log_history)
-        atomic_write_json(partial / "reward_info.json", {
-            "name": name, "method": plan.method, "sources": plan.sources, "n_train_pairs": len(plan.train),
-            "n_truncated_sequences": trainer.n_truncated.get("train", 0),
-        })
+        atomic_write_json(
+            partial / "reward_info.json",
+            {
+                "name": name,
+                "method": plan.method,
+                "sources": plan.sources,
+                "n_train_pairs": len(plan.train),
+                "n_truncated_sequences": trainer.n_truncated.get("train", 0),
+            },
+        )
         files = file_records(partial, ["."])
-        atomic_write_json(partial / FINGERPRINT, {"fingerprint": plan.fingerprint, "inputs": plan.inputs,
-                                                  "files": {str(Path(f)): r for f, r in files.items()}})
+        atomic_write_json(
+            partial / FINGERPRINT,
+            {
+                "fingerprint": plan.fingerprint,
+                "inputs": plan.inputs,
+                "files": {str(Path(f)): r for f, r in files.items()},
+            },
+        )
         shutil.rmtree(out, ignore_errors=True)
         os.replace(partial, out)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -460,8 +517,11 @@ def run(recipe, run_dir: Path, force: bool = False) -> list[str]:
         else:
             print(f"[reward] training {name} (method={method}, sources={srcs}): {reason}")
             train_one(recipe, run_dir, plan, tokenizer, base, fresh=force)
-        index[name] = {"path": f"reward/{name}", "method": "single" if name.startswith("single-") else method,
-                       "sources": srcs}
+        index[name] = {
+            "path": f"reward/{name}",
+            "method": "single" if name.startswith("single-") else method,
+            "sources": srcs,
+        }
     if PartialState().is_main_process:
         atomic_write_json(run_dir / "reward" / "index.json", index)
     PartialState().wait_for_everyone()
@@ -471,7 +531,9 @@ def run(recipe, run_dir: Path, force: bool = False) -> list[str]:
 def load_index(run_dir: Path) -> dict:
     path = Path(run_dir) / "reward" / "index.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the reward stage first (python -m pipeline.run --stages reward)")
+        raise FileNotFoundError(
+            f"{path} not found: run the reward stage first (python -m pipeline.run --stages reward)"
+        )
     return json.loads(path.read_text())
 
 

@@ -36,6 +36,7 @@ from pipeline.reward.more import NORMALIZE_MODES, head_gradient_sums, more_weigh
 from pipeline.reward.packing import LengthGroupedBalancedSampler, PackedPairCollator
 from pipeline.scoring import packable, packed_length
 
+
 METHODS = ("more", "multitask", "uniform")
 HEAD_NAMES = ("score", "classifier", "v_head")
 MORE_STATE = "more_state.safetensors"  # MORE's gradient momentum, inside each Trainer checkpoint
@@ -53,8 +54,11 @@ class MORERewardConfig(RewardConfig):
 
     method: str = field(
         default="more",
-        metadata={"help": "more (min-norm source weights), multitask (plain mixture, TRL's loss) or uniform "
-                  "(fixed equal source weights on balanced batches).", "choices": list(METHODS)},
+        metadata={
+            "help": "more (min-norm source weights), multitask (plain mixture, TRL's loss) or uniform "
+            "(fixed equal source weights on balanced batches).",
+            "choices": list(METHODS),
+        },
     )
     alpha: float = field(
         default=0.99,
@@ -62,38 +66,50 @@ class MORERewardConfig(RewardConfig):
     )
     normalize: str = field(
         default="l2",
-        metadata={"help": "MORE: scaling of each source's gradient before the solve: l2, none or loss.",
-                  "choices": list(NORMALIZE_MODES)},
+        metadata={
+            "help": "MORE: scaling of each source's gradient before the solve: l2, none or loss.",
+            "choices": list(NORMALIZE_MODES),
+        },
     )
     source_names: list[str] | None = field(
         default=None,
-        metadata={"help": "Names of the sources, indexed by the dataset's integer `source_id` column. Needed "
-                  "for more/uniform; used for per-source logging in every method."},
+        metadata={
+            "help": "Names of the sources, indexed by the dataset's integer `source_id` column. Needed "
+            "for more/uniform; used for per-source logging in every method."
+        },
     )
     balanced_batches: bool = field(
         default=False,
-        metadata={"help": "The train set is laid out in balanced blocks (pipeline.data.mix(strategy='balanced')):"
-                  " read it in order so every batch holds the same number of pairs from every source."},
+        metadata={
+            "help": "The train set is laid out in balanced blocks (pipeline.data.mix(strategy='balanced')):"
+            " read it in order so every batch holds the same number of pairs from every source."
+        },
     )
     packing: bool = field(
         default=True,
-        metadata={"help": "Pack each pair as prompt + chosen + rejected continuation (one copy of the shared prompt)"
-                  " and several pairs per row up to packing_max_tokens, behind a 4D attention mask with restarted "
-                  "positions: the same loss and gradients as padded batches, fewer tokens. Used where exact "
-                  "(decoder RMs with sdpa/eager attention: GPT-NeoX, Llama, Mistral, Qwen, GPT-2); BERT-like "
-                  "encoders and flash-attention kernels fall back to padded batches."},
+        metadata={
+            "help": "Pack each pair as prompt + chosen + rejected continuation (one copy of the shared prompt)"
+            " and several pairs per row up to packing_max_tokens, behind a 4D attention mask with restarted "
+            "positions: the same loss and gradients as padded batches, fewer tokens. Used where exact "
+            "(decoder RMs with sdpa/eager attention: GPT-NeoX, Llama, Mistral, Qwen, GPT-2); BERT-like "
+            "encoders and flash-attention kernels fall back to padded batches."
+        },
     )
     packing_max_tokens: int | None = field(
         default=None,
-        metadata={"help": "Packing: tokens per packed row (a longer pair gets a row of its own). None: the batch's "
-                  "longest packed pair, so no row is wider than one pair needs (attention cost grows with the "
-                  "row width squared) and shorter pairs share rows (padding-free up to the last row's tail)."},
+        metadata={
+            "help": "Packing: tokens per packed row (a longer pair gets a row of its own). None: the batch's "
+            "longest packed pair, so no row is wider than one pair needs (attention cost grows with the "
+            "row width squared) and shorter pairs share rows (padding-free up to the last row's tail)."
+        },
     )
     length_grouping: bool = field(
         default=True,
-        metadata={"help": "Group pairs of similar length into the same batch (per source with balanced_batches: "
-                  "every batch still holds per_device_train_batch_size / len(source_names) pairs of every "
-                  "source); batch order is shuffled per epoch with the seed."},
+        metadata={
+            "help": "Group pairs of similar length into the same batch (per source with balanced_batches: "
+            "every batch still holds per_device_train_batch_size / len(source_names) pairs of every "
+            "source); batch order is shuffled per epoch with the seed."
+        },
     )
 
     def __post_init__(self):
@@ -128,11 +144,7 @@ def find_reward_head(model: torch.nn.Module) -> torch.nn.Module:
 
     Works through PEFT wrappers (ModulesToSaveWrapper keeps the name) and DeepSpeed engines.
     """
-    candidates = [
-        (name, module)
-        for name, module in model.named_modules()
-        if name.split(".")[-1] in HEAD_NAMES
-    ]
+    candidates = [(name, module) for name, module in model.named_modules() if name.split(".")[-1] in HEAD_NAMES]
     if not candidates:
         raise ValueError(
             f"could not find the reward head of {type(model).__name__}: expected a submodule named one of "
@@ -178,11 +190,16 @@ class MORERewardTrainer(RewardTrainer):
         super().__init__(model, args, *pos, data_collator=data_collator, **kwargs)
         args.max_length = self._max_length
         self.num_sources = len(args.source_names or [])
-        self.packed = bool(args.packing and not user_collator and isinstance(data_collator, SourceAwareCollator)
-                           and packable(self.model))
+        self.packed = bool(
+            args.packing
+            and not user_collator
+            and isinstance(data_collator, SourceAwareCollator)
+            and packable(self.model)
+        )
         if self.packed:
             self.data_collator = PackedPairCollator(
-                pad_token_id=data_collator.pad_token_id, max_tokens=args.packing_max_tokens,
+                pad_token_id=data_collator.pad_token_id,
+                max_tokens=args.packing_max_tokens,
                 readout_pad_id=self.model.config.get_text_config().pad_token_id,
             )
         self._momentum: torch.Tensor | None = None
@@ -199,8 +216,10 @@ class MORERewardTrainer(RewardTrainer):
         dataset, n_trunc = tokenize_pairs(dataset, processing_class, self._max_length)
         self.n_truncated[dataset_name] = n_trunc
         if n_trunc:
-            print(f"[reward] {dataset_name}: {n_trunc} of {len(dataset)} pairs truncated from the left to "
-                  f"{self._max_length} tokens")
+            print(
+                f"[reward] {dataset_name}: {n_trunc} of {len(dataset)} pairs truncated from the left to "
+                f"{self._max_length} tokens"
+            )
         return dataset
 
     def _get_train_sampler(self, train_dataset=None):
@@ -209,14 +228,17 @@ class MORERewardTrainer(RewardTrainer):
         if not self.args.length_grouping or ds is None or not hasattr(ds, "column_names"):
             return super()._get_train_sampler(train_dataset)
         cols = ds.column_names
-        lengths = [packed_length(c, r) if self.packed else max(len(c), len(r))
-                   for c, r in zip(ds["chosen_ids"], ds["rejected_ids"])]
+        lengths = [
+            packed_length(c, r) if self.packed else max(len(c), len(r))
+            for c, r in zip(ds["chosen_ids"], ds["rejected_ids"])
+        ]
         sources, psb = None, self.args.per_device_train_batch_size
         if self.args.balanced_batches and "source_id" in cols:
             k = self.num_sources or len(set(ds["source_id"]))
             if psb % k:
-                raise ValueError(f"balanced_batches: per_device_train_batch_size={psb} is not a multiple of the "
-                                 f"{k} sources")
+                raise ValueError(
+                    f"balanced_batches: per_device_train_batch_size={psb} is not a multiple of the {k} sources"
+                )
             sources, psb = ds["source_id"], psb // k
         return LengthGroupedBalancedSampler(lengths, sources, psb, seed=self.args.seed)
 
@@ -235,8 +257,12 @@ class MORERewardTrainer(RewardTrainer):
         readout = inputs.pop("readout").reshape(-1)
         inputs.pop("num_pair_tokens", None)
         self._features = self._head_output = None
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                        position_ids=inputs["position_ids"], use_cache=False)
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            position_ids=inputs["position_ids"],
+            use_cache=False,
+        )
         if self._head_output is None:
             raise RuntimeError("the reward head's forward hook did not fire on the packed batch")
         out, feats = self._head_output, self._features
@@ -290,8 +316,9 @@ class MORERewardTrainer(RewardTrainer):
             if not packed:
                 if self._features is None:
                     raise RuntimeError("the reward head's forward hook did not fire; cannot compute MORE weights")
-                z = pool_features(self._features, inputs["input_ids"],
-                                  self.model.config.get_text_config().pad_token_id)
+                z = pool_features(
+                    self._features, inputs["input_ids"], self.model.config.get_text_config().pad_token_id
+                )
             z_c, z_r = torch.chunk(z, 2)
             grad_sums, counts = head_gradient_sums(z_c, z_r, diff, source_ids, k)
             stats = torch.cat([grad_sums, torch.stack([counts, loss_sums, correct], dim=1)], dim=1)
@@ -309,7 +336,11 @@ class MORERewardTrainer(RewardTrainer):
         else:
             if method == "more":
                 lam, self._momentum = more_weights(
-                    stats[:, :-3], g_counts, g_loss, self._momentum, alpha=self.args.alpha,
+                    stats[:, :-3],
+                    g_counts,
+                    g_loss,
+                    self._momentum,
+                    alpha=self.args.alpha,
                     normalize=self.args.normalize,
                 )
             else:
@@ -366,11 +397,23 @@ class MORERewardTrainer(RewardTrainer):
             save_more_state(ckpt, self._momentum)
         self.accelerator.wait_for_everyone()  # every rank has written its shards
         if self.args.should_save:
-            atomic_write_text(ckpt / CHECKPOINT_COMPLETE, json.dumps({
-                "global_step": self.state.global_step, "method": self.args.method,
-                "more_state": self._momentum is not None}) + "\n")
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            atomic_write_text(
+                ckpt / CHECKPOINT_COMPLETE,
+                json.dumps(
+                    {
+                        "global_step": self.state.global_step,
+                        "method": self.args.method,
+                        "more_state": self._momentum is not None,
+                    }
+                )
+                + "\n",
+            )
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
         self.accelerator.wait_for_everyone()
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -399,7 +442,8 @@ class MORERewardTrainer(RewardTrainer):
         sources = ", ".join(args.source_names or []) or "(not recorded)"
         details = (
             f"alpha (EMA weight on the new gradient) = {args.alpha}, normalize = {args.normalize}"
-            if args.method == "more" else "fixed weights"
+            if args.method == "more"
+            else "fixed weights"
         )
         return (
             "---\nlibrary_name: transformers\ntags: [reward-model, trl, more]\n---\n"
@@ -465,8 +509,11 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir()
-             if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in folder.iterdir()
+        if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
+    ]
     return [p for _, p in sorted(found, reverse=True)]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.reward.trainer import MORERewardTrainer  # noqa: E402
@@ -48,16 +49,18 @@ def main():
         deepspeed.init_distributed(dist_backend="gloo")
         extra["deepspeed"] = {
             "zero_optimization": {"stage": zero},
-            "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
-            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-            "bf16": {"enabled": False}, "fp16": {"enabled": False},
+            "train_micro_batch_size_per_gpu": "auto",
+            "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+            "bf16": {"enabled": False},
+            "fp16": {"enabled": False},
         }
     tok = H.tokenizer()
     model = H.model("gpt_neox", tok)  # before the DeepSpeed config exists: the same init as without ZeRO-3
     args = H.config(out / "ckpt", "more", max_steps=4, use_cpu=True, **extra)
     rec = RecordLambda()
-    trainer = MORERewardTrainer(model, args, train_dataset=H.balanced_pairs(8),
-                                processing_class=tok, callbacks=[rec])
+    trainer = MORERewardTrainer(model, args, train_dataset=H.balanced_pairs(8), processing_class=tok, callbacks=[rec])
     rec.trainer = trainer
     seen = []  # fingerprints of this rank's batches: ranks must see different data
     collate = trainer.data_collator

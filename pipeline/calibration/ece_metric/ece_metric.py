@@ -9,6 +9,7 @@ import datasets
 import evaluate
 import numpy as np
 
+
 _CITATION = """\
 @inproceedings{zeng2024diversified,
   title={On Diversified Preferences of Large Language Model Alignment},
@@ -63,7 +64,7 @@ class EceMetric(evaluate.Metric):
             raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
         if not float(temperature) > 0:
             raise ValueError(f"temperature must be positive, got {temperature!r}")
-        d = (np.asarray(chosen_rewards, dtype=np.float64) - np.asarray(rejected_rewards, dtype=np.float64))
+        d = np.asarray(chosen_rewards, dtype=np.float64) - np.asarray(rejected_rewards, dtype=np.float64)
         if d.size == 0:
             raise ValueError("no preference pairs")
         if not np.all(np.isfinite(d)):
@@ -77,7 +78,8 @@ class EceMetric(evaluate.Metric):
             edges = np.percentile(probs, np.linspace(0.0, 1.0, int(n_bins) + 1) * 100)
         ids = np.searchsorted(edges[1:-1], probs, side="left")  # bins (a, b]; p = 0 in bin 0
         gap = np.abs(
-            np.bincount(ids, weights=labels, minlength=int(n_bins)) - np.bincount(ids, weights=probs, minlength=int(n_bins))
+            np.bincount(ids, weights=labels, minlength=int(n_bins))
+            - np.bincount(ids, weights=probs, minlength=int(n_bins))
         )
         acc = np.mean(np.where(d > 0, 1.0, np.where(d < 0, 0.0, 0.5)))
         return {"ece": float(gap.sum() / probs.size), "accuracy": float(acc)}
