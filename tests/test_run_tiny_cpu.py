@@ -81,25 +81,20 @@ def test_tiny_cpu_end_to_end_then_rerun(tmp_path):
     assert [s for s in before if m2["stages"][s]["run_id"] != before[s]] == ["report"]
     assert (out / "report.md").read_text().startswith("# Second look")
 
-    # A copy of the run is independent (issue 12, defect 4), and a changed reward setting retrains the RMs
-    # instead of reusing them (defect 1): the copy gets new RMs and new calibration numbers, the original
-    # is not touched.
+    # A copy of the run is independent (issue 12, defect 4): recalibrating in the copy writes only there (the
+    # retraining of stale RMs, defect 1, is covered at stage level in test_reward_stage.py).
     import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(out, copy, symlinks=True)
     snapshot = {q: q.stat().st_mtime_ns for q in out.rglob("*")}
-    p = _run(copy, "reward.train.learning_rate=5e-2", "--stages", "reward,calibration")
+    p = _run(copy, "--stages", "calibration", "--force", "calibration")
     assert p.returncode == 0, p.stderr[-4000:]
-    assert "already trained" not in p.stdout and "learning_rate" in p.stdout
     assert {q: q.stat().st_mtime_ns for q in out.rglob("*")} == snapshot
-    assert "Learning rate 0.05" in (copy / "reward" / "more" / "README.md").read_text()
-    assert "Learning rate 0.05" not in (out / "reward" / "more" / "README.md").read_text()
     assert (copy / "reward" / "more" / "temperature.json").stat().st_mtime_ns != (
         out / "reward" / "more" / "temperature.json"
     ).stat().st_mtime_ns
-    new_metrics = json.loads((copy / "calibration" / "metrics.json").read_text())
-    assert new_metrics["more"]["all_average"] != metrics["more"]["all_average"]
+    assert json.loads((copy / "calibration" / "metrics.json").read_text())["more"] == metrics["more"]
     mc = json.loads((copy / "manifest.json").read_text())
     assert all(not a.startswith("/") for e in mc["stages"].values() for a in e["artifacts"])
 
