@@ -111,6 +111,25 @@ def tiny_model(spec: TinyModelSpec, tokenizer, *, task: str = "reward", seed: in
     raise ValueError(f"unknown task {task!r}: use 'reward' or 'causal_lm'")
 
 
+def pythia_1_4b_config(tokenizer):
+    """Pythia-1.4B's architecture (GPT-NeoX, hidden 2048, 24 layers, 1.31B params with a scalar head), for
+    random-init throughput benchmarks (scripts/bench_reward.py, scripts/bench_train.py; ANCHORS.md's shape)."""
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(
+        vocab_size=50304,
+        hidden_size=2048,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=8192,
+        max_position_embeddings=2048,
+        rotary_pct=0.25,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     """Load a tokenizer and make sure it can pad (pad falls back to EOS, then to a new <pad> token)."""
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -32,10 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForSequenceClassification, GPTNeoXConfig  # noqa: E402
+from transformers import AutoModelForSequenceClassification  # noqa: E402
 from trl import RewardConfig, RewardTrainer  # noqa: E402
 
-from pipeline.models import TinyModelSpec, count_parameters, tiny_model, tiny_tokenizer  # noqa: E402
+from pipeline.models import TinyModelSpec, count_parameters, pythia_1_4b_config, tiny_model, tiny_tokenizer  # noqa: E402
 from pipeline.reward.trainer import MORERewardConfig, MORERewardTrainer  # noqa: E402
 
 
@@ -68,18 +68,7 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = tiny_tokenizer([" ".join(f"w{i}" for i in range(j, j + 50)) for j in range(0, 20000, 50)], args.vocab)
     if args.pythia:
-        config = GPTNeoXConfig(
-            vocab_size=50304,
-            hidden_size=2048,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            intermediate_size=8192,
-            max_position_embeddings=2048,
-            rotary_pct=0.25,
-            num_labels=1,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
+        config = pythia_1_4b_config(tok)
         model = AutoModelForSequenceClassification.from_config(config)
     else:
         model = tiny_model(

@@ -102,20 +102,11 @@ def synthetic_pairs(n_per_source: int, seed: int, vocab_size: int, max_length: i
 
 def build_model(args, tok):
     if args.pythia:
-        from transformers import AutoModelForSequenceClassification, GPTNeoXConfig
+        from transformers import AutoModelForSequenceClassification
 
-        config = GPTNeoXConfig(
-            vocab_size=50304,
-            hidden_size=2048,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            intermediate_size=8192,
-            max_position_embeddings=2048,
-            rotary_pct=0.25,
-            num_labels=1,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
+        from pipeline.models import pythia_1_4b_config
+
+        config = pythia_1_4b_config(tok)
         config._attn_implementation = "sdpa"
         torch.manual_seed(args.seed)
         return AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
