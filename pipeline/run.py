@@ -567,7 +567,7 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, *, stage: str | None = None) -> int:
     """Entry point of `python -m pipeline.run` (and, with `stage`, of each stage's __main__)."""
-    args = build_parser(stage).parse_args(argv)
+    args = build_parser(stage).parse_intermixed_args(argv)
     _setup_logging()
     if threading_is_main():
         signal.signal(signal.SIGTERM, _on_sigterm)

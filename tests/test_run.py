@@ -709,6 +709,12 @@ def test_output_dir_that_is_a_file_is_one_clear_error(fakes, tmp_path, capsys):
     assert rc == 2 and "cannot create the run directory" in err and "Traceback" not in err
 
 
+def test_overrides_may_come_before_and_after_options(capsys):
+    rc = R.main(["seed=3", "--recipe", "tiny-cpu", "--print-recipe", "reward.peft=none"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "\nseed: 3\n" in out and "peft: none" in out
+
+
 def test_judge_budget_exhausted_is_one_line_not_a_traceback(fakes, tmp_path, monkeypatch, capsys):
     import fake_align
 

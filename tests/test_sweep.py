@@ -164,6 +164,16 @@ def test_dry_run_lists_every_run_and_writes_nothing(tmp_path, capsys):
     assert S.main(["--seeds", "0"]) == 2  # no --output-dir
 
 
+def test_overrides_may_come_before_and_after_options(tmp_path, capsys):
+    """`... key=v --parallel 2 key2=v2` (as scripts/run_study.sh writes it) parses: argparse's plain
+    parse_args rejected overrides that follow an option after other overrides."""
+    out = tmp_path / "sweep"
+    argv = ["--recipe", "tiny-cpu", "reward.peft=none", "--seeds", "0", "--parallel", "2"]
+    rc = S.main([*argv, "data.synthetic.n_train=400", "--output-dir", str(out), "--dry-run"])
+    assert rc == 0
+    assert "reward.peft=none data.synthetic.n_train=400 seed=0" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------------
 # Aggregation of fake run directories with known numbers
 
