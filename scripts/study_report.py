@@ -1,0 +1,242 @@
+"""Write docs/results.md from the study's committed sweep summaries (issue 10, part 2).
+
+    python scripts/study_report.py [--results docs/results] [--out docs/results.md]
+
+Reads docs/results/<part>/summary.json (written by `python -m pipeline.sweep`, copied there by
+scripts/run_study.sh with MACHINE.txt) and an optional hand-written docs/results/<part>/NOTE.md (context:
+what was changed or left out, measured wall time). Every number and every verdict in the page is computed
+here from those files, with the sweep's rule: a seed-paired difference whose 95% interval contains zero is
+"no significant difference"; "better" / "worse" only when the interval excludes zero. Nothing is typed in
+by hand, so regenerating after a rerun can never leave a stale number behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pipeline.sweep import PAIRS, VERDICTS, cell, metric_label, rm_label
+
+
+# The parts run_study.sh knows, in page order, with what each one asks.
+PARTS = {
+    "synthetic": (
+        "Synthetic benchmark, 5 sources that disagree",
+        "The `tiny-cpu` recipe's synthetic benchmark (five sources whose labels follow a shared gold reward "
+        "r* plus a per-source drift; `data.synthetic.drift_scale` scales the drift, 0 is the control where "
+        "every source shares r*), reward + calibration stages, three RMs on the same data: MORE (balanced "
+        "batches, min-norm source weights), MultiTask (the plain mixture: sources concatenated, random "
+        "batches) and Uniform (balanced batches with fixed equal weights: MORE's batching without its "
+        "reweighting).",
+    ),
+    "overconfident": (
+        "Synthetic benchmark, over-confident regime",
+        "The same grid, trained until the RMs are over-confident like the paper's large RMs (MultiTask's "
+        "fitted temperature above 1): 400 training pairs per source for 10 epochs "
+        "(`data.synthetic.n_train=400 reward.train.num_train_epochs=10`).",
+    ),
+    "real": (
+        "Real data: all-MiniLM-L6-v2 on the five real sources",
+        "The `minilm-real` recipe (all-MiniLM-L6-v2, 22.7M parameters, MORE vs MultiTask) on local slices of "
+        "Helpful, Harmless, OASST1, WebGPT and Summarize.",
+    ),
+}
+# Tables per part: (scope, metric, title). Rows are grid points, columns RMs then paired differences.
+TABLES = [
+    ("all_average", "ece_10", "ECE10, all-source average"),
+    ("all_average", "ts_ece_10", "ECE10 after temperature scaling, all-source average"),
+    ("hh_average", "ece_10", "ECE10, Helpful & Harmless average (the paper's Table 1 scope)"),
+    ("all_average", "gold_mae", "MAE of the RM's probability vs the gold (shared r*) probability, all-source average"),
+    ("all_average", "truth_mae", "MAE vs each source's true label probability, all-source average"),
+    ("all_average", "accuracy", "Accuracy, all-source average"),
+    ("all_average", "temperature", "Fitted temperature T (T > 1: over-confident)"),
+]
+# The comparisons that decide the claim: (scope, metric).
+CLAIM = [
+    ("all_average", "ece_10"),
+    ("hh_average", "ece_10"),
+    ("all_average", "ts_ece_10"),
+    ("all_average", "gold_mae"),
+    ("all_average", "accuracy"),
+]
+
+
+def _index(rows, key_a="rm"):
+    return {(r["section"], r.get(key_a), r["scope"], r["metric"]): r for r in rows}
+
+
+def _diff(point, a, b, scope, metric):
+    for d in point["differences"]:
+        if (d["section"], d["a"], d["b"], d["scope"], d["metric"]) == ("calibration", a, b, scope, metric):
+            return d
+    return None
+
+
+def _rms(summary):
+    names = {m["rm"] for p in summary["points"].values() for m in p["metrics"] if m["section"] == "calibration"}
+    order = [a for pair in PAIRS for a in pair]
+    return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
+
+
+def _pairs(rms):
+    return [(a, b) for a, b in PAIRS if a in rms and b in rms]
+
+
+def _verdict(d) -> str:
+    if d is None:
+        return "-"
+    sig = d["significant"]
+    if not sig:
+        return f"{cell(d)} {VERDICTS[sig]}"
+    side = "lower" if d["mean"] < 0 else "higher"
+    if not d.get("better"):  # e.g. the temperature: say which side, not better / worse
+        return f"{cell(d)} **{side}**"
+    return f"{cell(d)} **{'better' if side == d['better'] else 'worse'}**"
+
+
+def table(summary, scope, metric, title) -> list[str]:
+    rms, points = _rms(summary), summary["points"]
+    pairs = _pairs(rms)
+    if not any((("calibration", r, scope, metric) in _index(p["metrics"])) for p in points.values() for r in rms):
+        return []
+    out = [
+        f"**{title}** (mean [95% t-interval] over seeds; differences seed-paired)",
+        "",
+        "| point | n | "
+        + " | ".join(rm_label(r) for r in rms)
+        + "".join(f" | {rm_label(a)} - {rm_label(b)}" for a, b in pairs)
+        + " |",
+        "|---" * (2 + len(rms) + len(pairs)) + "|",
+    ]
+    for name, p in points.items():
+        idx = _index(p["metrics"])
+        cells = [cell(idx.get(("calibration", r, scope, metric))) for r in rms]
+        diffs = [_verdict(_diff(p, a, b, scope, metric)) for a, b in pairs]
+        out.append(f"| {name} | {p['n_runs']} | " + " | ".join(cells + diffs) + " |")
+    return out + [""]
+
+
+def claim_lines(summary, pairs=None, claim=CLAIM) -> list[str]:
+    """Per comparison and key metric: at which grid points the difference is better / worse / not
+    significant, all read off the intervals."""
+    rms, points = _rms(summary), summary["points"]
+    out = []
+    for a, b in pairs or _pairs(rms):
+        for scope, metric in claim:
+            groups: dict[str, list[str]] = {}
+            for name, p in points.items():
+                d = _diff(p, a, b, scope, metric)
+                if d is None:
+                    continue
+                if d["significant"] is None:
+                    key = "too few seeds for an interval"
+                elif not d["significant"]:
+                    key = "no significant difference"
+                else:
+                    side = "lower" if d["mean"] < 0 else "higher"
+                    good = d.get("better") and ((side == "lower") == (d["better"] == "lower"))
+                    key = f"{side} ({'better' if good else 'worse'})" if d.get("better") else side
+                groups.setdefault(key, []).append(f"{name} ({d['mean']:+.4f})")
+            if not groups:
+                continue
+            what = f"{metric_label(metric)}, {scope.replace('_', ' ')}"
+            body = "; ".join(f"{k} at {', '.join(v)}" for k, v in groups.items())
+            out.append(f"- {rm_label(a)} - {rm_label(b)}, {what}: {body}.")
+    return out
+
+
+def part_section(name: str, part_dir: Path) -> list[str]:
+    title, what = PARTS.get(name, (name, ""))
+    out = [f"## {title}", "", what, ""]
+    note = part_dir / "NOTE.md"
+    summary_path = part_dir / "summary.json"
+    if note.exists():
+        out += [note.read_text().strip(), ""]
+    if not summary_path.exists():
+        out += ["Not run: no summary was committed for this part.", ""]
+        return out
+    summary = json.loads(summary_path.read_text())
+    sweep = summary["sweep"]
+    machine = part_dir / "MACHINE.txt"
+    if machine.exists():
+        out += ["Run record (`MACHINE.txt`):", "", "```", machine.read_text().strip(), "```", ""]
+    grid = "; ".join(f"`{k}` in {{{', '.join(v)}}}" for k, v in sweep.get("grid", [])) or "none"
+    out += [
+        f"Seeds {', '.join(map(str, sweep['seeds']))}; grid: {grid}; overrides: "
+        + (" ".join(f"`{o}`" for o in sweep.get("overrides", [])) or "none")
+        + ".",
+        "",
+        "What the intervals say:",
+        "",
+        *claim_lines(summary),
+        "",
+    ]
+    for scope, metric, t in TABLES:
+        out += table(summary, scope, metric, t)
+    plots = sorted(p.name for p in part_dir.glob("plot_*.png"))
+    out += [
+        f"Every source and metric: [{name}/summary.md](results/{name}/summary.md), "
+        f"[summary.json](results/{name}/summary.json)"
+        + ("; plots: " + ", ".join(f"[{p}](results/{name}/{p})" for p in plots) if plots else "")
+        + ".",
+        "",
+    ]
+    return out
+
+
+def render(results: Path) -> str:
+    names = [n for n in PARTS if (results / n).is_dir()] + sorted(
+        p.name for p in results.iterdir() if p.is_dir() and p.name not in PARTS
+    )
+    out = [
+        "# Results: when does MORE make reward models better calibrated?",
+        "",
+        "Generated by `python scripts/study_report.py` from the committed sweep summaries under "
+        "[docs/results/](results/) (regenerate, do not edit). Each part was produced by "
+        "`scripts/run_study.sh <part>`, which runs one `python -m pipeline.sweep` command (recorded with the "
+        "date, machine and commit in the part's `MACHINE.txt`) and copies its summary here.",
+        "",
+        "How to read it: cells are the mean over seeds with its 95% t-interval. Differences (a - b) are "
+        "seed-paired: the same seed's RMs share their data draw. A difference whose interval contains zero "
+        'is "no significant difference"; only an interval that excludes zero is called better or worse. '
+        "Lower is better for ECE and MAE, higher for accuracy; the temperature has no better direction "
+        "(T > 1 means over-confident, T < 1 under-confident).",
+        "",
+    ]
+    out += ["## The claim's status at each scale measured", ""]
+    out += ["MORE - MultiTask, the paper's comparison (details and the Uniform baseline in each part below):", ""]
+    for name in names:
+        path = results / name / "summary.json"
+        title = PARTS.get(name, (name,))[0]
+        if not path.exists():
+            out += [f"- {title}: not run (see its section)."]
+            continue
+        lines = claim_lines(json.loads(path.read_text()), [("more", "multitask")], CLAIM[:3])
+        out += [f"- {title}:"] + [f"  {ln}" for ln in lines]
+    out += [f"- {PARTS[n][0]}: not run (see its section)." for n in PARTS if n not in names]
+    out.append("")
+    for name in names:
+        out += part_section(name, results / name)
+    for name in PARTS:
+        if name not in names:
+            out += part_section(name, results / name)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default="docs/results", help="folder with one sub-folder per study part")
+    ap.add_argument("--out", default="docs/results.md", help="the page to write")
+    args = ap.parse_args(argv)
+    text = render(Path(args.results))
+    out = Path(args.out)
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
