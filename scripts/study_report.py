@@ -41,6 +41,13 @@ PARTS = {
         "The `minilm-real` recipe (all-MiniLM-L6-v2, 22.7M parameters, MORE vs MultiTask) on local slices of "
         "Helpful, Harmless, OASST1, WebGPT and Summarize.",
     ),
+    "real-reduced": (
+        "Real data, reduced to fit one CPU session",
+        "The `minilm-real` recipe cut down (`data.max_length=128 data.n_train_per_source=300 "
+        "reward.train.num_train_epochs=1`: 75 optimizer steps per RM instead of 300, at 128 left-truncated "
+        "tokens instead of 256), reward + calibration stages, calibration on the recipe's test sets (up to 400 "
+        "pairs per source). A smaller scale than the full recipe: its verdicts apply to this scale only.",
+    ),
 }
 # Tables per part: (scope, metric, title). Rows are grid points, columns RMs then paired differences.
 TABLES = [
