@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The MORE-vs-baselines study (issue 10, part 2): seeds x grid sweeps with 95% t-intervals over seeds.
 #   scripts/run_study.sh [synthetic|overconfident|real|real-reduced|all] [OUT_ROOT]      (default: all runs/study)
+# and then regenerates docs/results.md (scripts/study_report.py) from every committed part.
 #   PARALLEL=2 (default) runs two synthetic runs at a time; DATA_ROOT=../shared/data/real for the real part.
 # Each part is one `python -m pipeline.sweep` command; rerunning the script skips finished runs and resumes
 # an interrupted one. Each part's summary.{md,json} and plots are copied to docs/results/<part>/ with
@@ -24,7 +25,7 @@
 # Cost, measured 2026-12-01 on this project's 2-core CPU machine with nothing else running:
 #   synthetic      24 min wall with PARALLEL=2 and OMP_NUM_THREADS=1 (each run ~150 s: 3 RMs x 500 steps at
 #                  ~18 steps/s, then calibration).
-#   overconfident  see docs/results/overconfident/MACHINE.txt (3 RMs x 1000 steps per run, ~16 steps/s).
+#   overconfident  43 min wall, same settings (each run ~190 s: 3 RMs x 1000 steps at ~16 steps/s).
 #   real           8.5 s per training step (fp32, 2 threads; bf16 autocast was 23x slower on this CPU: 198 s),
 #                  so 2 RMs x 300 steps = 85 min of training per seed and ~4.5 h for the 3 seeds with
 #                  calibration: more than one 3-hour session. On a loaded machine (load ~10, 1 thread) a step
@@ -54,6 +55,7 @@ publish() {  # publish PART_NAME SWEEP_DIR COMMAND...
   mkdir -p "docs/results/$name"
   cp "$dir/summary.md" "$dir/summary.json" "docs/results/$name/"
   cp "$dir"/plot_*.png "docs/results/$name/" 2>/dev/null || true
+  rm -f "docs/results/$name/NOTE.md"  # a NOTE says why a part is missing or cut; a fresh run supersedes it
   {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "machine: $(uname -srm), $(env -u OMP_NUM_THREADS nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)"
@@ -88,3 +90,4 @@ if [[ "$PART" == real-reduced ]]; then
   OMP_NUM_THREADS="$(env -u OMP_NUM_THREADS nproc)" sweep real-reduced "$ROOT/minilm-real-reduced" \
     --recipe minilm-real --seeds 0-2 --stages reward,calibration "data_root=$DATA_ROOT" "${REDUCED[@]}"
 fi
+python scripts/study_report.py
