@@ -16,7 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from pipeline.sweep import PAIRS, VERDICTS, cell, metric_label, rm_label
+from pipeline.sweep import PAIRS, VERDICTS, _index, cell, metric_label, rm_label
+from pipeline.sweep import _rms as _rms_in
 
 
 # The parts run_study.sh knows, in page order, with what each one asks.
@@ -69,10 +70,6 @@ CLAIM = [
 ]
 
 
-def _index(rows, key_a="rm"):
-    return {(r["section"], r.get(key_a), r["scope"], r["metric"]): r for r in rows}
-
-
 def _diff(point, a, b, scope, metric):
     for d in point["differences"]:
         if (d["section"], d["a"], d["b"], d["scope"], d["metric"]) == ("calibration", a, b, scope, metric):
@@ -81,9 +78,8 @@ def _diff(point, a, b, scope, metric):
 
 
 def _rms(summary):
-    names = {m["rm"] for p in summary["points"].values() for m in p["metrics"] if m["section"] == "calibration"}
-    order = [a for pair in PAIRS for a in pair]
-    return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
+    """The calibrated RMs of every grid point, in sweep.py's order (MORE, MultiTask, Uniform, others)."""
+    return _rms_in([m for p in summary["points"].values() for m in p["metrics"]], "calibration")
 
 
 def _pairs(rms):
@@ -105,7 +101,8 @@ def _verdict(d) -> str:
 def table(summary, scope, metric, title) -> list[str]:
     rms, points = _rms(summary), summary["points"]
     pairs = _pairs(rms)
-    if not any((("calibration", r, scope, metric) in _index(p["metrics"])) for p in points.values() for r in rms):
+    indexes = {name: _index(p["metrics"]) for name, p in points.items()}
+    if not any(("calibration", r, scope, metric) in idx for idx in indexes.values() for r in rms):
         return []
     out = [
         f"**{title}** (mean [95% t-interval] over seeds; differences seed-paired)",
@@ -117,7 +114,7 @@ def table(summary, scope, metric, title) -> list[str]:
         "|---" * (2 + len(rms) + len(pairs)) + "|",
     ]
     for name, p in points.items():
-        idx = _index(p["metrics"])
+        idx = indexes[name]
         cells = [cell(idx.get(("calibration", r, scope, metric))) for r in rms]
         diffs = [_verdict(_diff(p, a, b, scope, metric)) for a, b in pairs]
         out.append(f"| {name} | {p['n_runs']} | " + " | ".join(cells + diffs) + " |")
