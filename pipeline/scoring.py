@@ -136,11 +136,13 @@ def score_pair_ids(
     Decoder RMs (with `share_prefix`): each pair is PACKED into one sequence, prefix + chosen
     continuation + rejected continuation, where the prefix is the tokens both sides share (the prompt),
     position ids restart after the prefix for the rejected continuation, and a 4D attention mask stops
-    it from seeing the chosen one. Rewards are read from the reward head at each side's pooling token.
-    Same rewards as scoring the two full sequences (tested to 1e-5 in fp32) with one copy of the prompt.
-    Encoder RMs (BERT), other attention kernels, and pairs without a shared prefix go through
-    `score_ids` (all sequences sorted by length, padded per batch). `batch_size` counts sequences; a
-    packed pair counts as two.
+    it from seeing the chosen one (`pipeline.layout`: boolean for sdpa, additive for eager, the model's
+    sliding window applied). Rewards are read from the reward head at each side's pooling token, where the
+    model reads it (its config pad id, not `pad_id`). Same rewards as the model's own forward pass on each
+    full sequence alone (tested to 1e-5 in fp32) with one copy of the prompt. Models that cannot take the
+    packed layout exactly (`pipeline.layout.packing_problem`: encoders, flash/flex kernels, mixed attention
+    layers) and pairs without a shared prefix go through `score_ids` (all sequences sorted by length,
+    padded per batch). `batch_size` counts sequences; a packed pair counts as two.
     """
     n = len(chosen_ids)
     can_pack = share_prefix and packing_problem(model) is None
