@@ -220,3 +220,13 @@ def test_packing_problem_names_why_a_model_is_not_packed():
     assert "flash_attention_2" in packing_problem(model)
     model.config._attn_implementation_internal = None  # unknown: not taken for eager
     assert "no attention implementation" in packing_problem(model)
+
+
+def test_eager_packed_scoring_under_bf16_autocast():
+    """The additive eager mask also serves bf16 autocast (scores close to fp32, no dtype clash)."""
+    model = _model("llama", "eager")
+    pairs = _pairs(MODEL_PAD, EOS, random.Random(7))
+    chosen, rejected = [c for c, _ in pairs], [r for _, r in pairs]
+    fp32 = score_pair_ids(model, chosen, rejected, CALLER_PAD, dtype=None)
+    bf16 = score_pair_ids(model, chosen, rejected, CALLER_PAD, dtype=torch.bfloat16)
+    np.testing.assert_allclose(np.concatenate(bf16), np.concatenate(fp32), atol=0.1)
