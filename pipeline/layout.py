@@ -9,7 +9,8 @@ what the model's own forward pass does on one sequence alone (unbatched, no padd
 * `shared_prefix`, `packed_length`, `pack_pair_rows`: pairs packed as prefix + chosen continuation + rejected
   continuation with restarted position ids and a boolean 4D mask.
 * `packed_attention_mask`: that mask in the form the model's attention implementation consumes (boolean for sdpa,
-  additive float for eager, which ADDS a given 4D mask to the scores) with the model's sliding window applied.
+  additive float for eager, which ADDS a given 4D mask to the scores) with the model's sliding window applied (one
+  mask per layer type for models that alternate sliding and full layers, e.g. Gemma-2).
 * `packing_problem`: why a model cannot take the packed layout exactly (None when it can); such models are scored
   and trained on padded batches instead, never approximately.
 """
@@ -146,29 +147,44 @@ def pack_pair_rows(
     return ids, pos, mask, read_c, read_r
 
 
-def _sliding_window(config) -> tuple[int | None, str | None]:
-    """(window, problem): the sliding window every attention layer applies (None: full attention), or why the
-    layers' attention pattern cannot be laid out in one packed mask."""
+def _takes_mask_per_layer_type(model) -> bool:
+    """Whether the decoder's forward takes `attention_mask` as a mapping {layer type: 4D mask} (the transformers
+    models with `config.layer_types`, e.g. Qwen2, Gemma-2, whose forward checks for a prepared dict)."""
+    base = getattr(model, "base_model", model)
+    try:
+        source = inspect.getsource(type(base).forward)
+    except (OSError, TypeError):
+        return False
+    return "causal_mask_mapping := attention_mask, dict" in source
+
+
+def _layer_windows(model) -> tuple[dict[str, int | None], str | None]:
+    """({layer type: sliding window or None}, problem): the attention pattern of every layer, keyed by layer type
+    for a model that takes one mask per layer type, else {"": window} (one mask for all layers, Mistral style:
+    `config.sliding_window` applies to every layer); or why it cannot be laid out in packed masks."""
+    config = model.config.get_text_config()
     for name in _UNSUPPORTED_WINDOWS:
         if getattr(config, name, None) is not None:
-            return None, f"its config sets {name} (a local attention pattern the packed mask does not replicate)"
+            return {}, f"its config sets {name} (a local attention pattern the packed mask does not replicate)"
     window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is None:
-        return window, None  # Mistral style: the window (if any) applies to every layer
-    kinds = set(layer_types)
-    if kinds == {"full_attention"}:
-        return None, None
-    if kinds == {"sliding_attention"} and window is not None:
-        return int(window), None
-    return None, f"its layers mix attention types {sorted(kinds)} (one packed mask cannot serve them all)"
+    kinds = set(getattr(config, "layer_types", None) or [])
+    if not kinds or not _takes_mask_per_layer_type(model):
+        if len(kinds) > 1:
+            return {}, f"its layers mix attention types {sorted(kinds)} but its forward takes one mask for all"
+        return {"": window}, None
+    unknown = kinds - {"full_attention", "sliding_attention"}
+    if unknown:
+        return {}, f"its layers use attention types {sorted(unknown)} (not laid out in a packed mask)"
+    if "sliding_attention" in kinds and window is None:
+        return {}, "it has sliding-attention layers but no sliding_window"
+    return {kind: window if kind == "sliding_attention" else None for kind in kinds}, None
 
 
 def packing_problem(model) -> str | None:
     """Why `model` cannot score or train on packed pairs EXACTLY (same rewards as its own forward pass on each
     sequence alone), or None when it can. Packing needs a decoder whose forward takes position ids and a 4D mask
-    (sdpa or eager attention), one attention pattern for all layers (full or a single sliding window), and a
-    reward head to read per-position rewards from."""
+    (sdpa or eager attention), full or sliding-window attention in its layers (several patterns only where the
+    model takes one mask per layer type), and a reward head to read per-position rewards from."""
     model = unwrap_model(model)
     name = type(model).__name__
     params = inspect.signature(model.forward).parameters
@@ -184,7 +200,7 @@ def packing_problem(model) -> str | None:
         return (
             f"{name} uses attn_implementation={impl!r}, which takes no 4D attention mask (packing needs sdpa or eager)"
         )
-    _, problem = _sliding_window(config.get_text_config())
+    _, problem = _layer_windows(model)
     if problem:
         return f"{name}: {problem}"
     try:
@@ -199,21 +215,26 @@ def packable(model) -> bool:
     return packing_problem(model) is None
 
 
-def packed_attention_mask(model, mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+def packed_attention_mask(model, mask: torch.Tensor, position_ids: torch.Tensor):
     """The boolean packed mask of `pack_pair_rows` ([B, 1, W, W], True: attend) as `model` consumes it: the
     model's sliding window applied on the tokens' positions (a query at position p sees keys at positions above
     p - window, transformers' rule), boolean for sdpa, additive for eager (0 where attended, the dtype's minimum
-    elsewhere: eager attention adds a given 4D mask to the scores, so a boolean one would mask nothing)."""
+    elsewhere: eager attention adds a given 4D mask to the scores, so a boolean one would mask nothing). For a
+    model that takes one mask per layer type (e.g. Gemma-2's alternating sliding and full layers) a dict of them."""
     model = unwrap_model(model)
-    config = model.config
-    window, problem = _sliding_window(config.get_text_config())
+    windows, problem = _layer_windows(model)
     if problem:
         raise ValueError(f"{type(model).__name__} cannot take a packed mask: {problem}")
-    if window is not None:
-        pos = position_ids.to(mask.device)
-        mask = mask & ((pos[:, :, None] - pos[:, None, :]) < window)[:, None]
-    if config._attn_implementation == "eager":
-        dtype = getattr(model, "dtype", torch.float32)
-        dtype = dtype if dtype.is_floating_point else torch.float32
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    return mask
+    eager = model.config._attn_implementation == "eager"
+    dtype = getattr(model, "dtype", torch.float32)
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    out = {}
+    for kind, window in windows.items():
+        m = mask
+        if window is not None:
+            pos = position_ids.to(mask.device)
+            m = m & ((pos[:, :, None] - pos[:, None, :]) < window)[:, None]
+        if eager:
+            m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+        out[kind] = m
+    return out[""] if "" in out else out

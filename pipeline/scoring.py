@@ -140,8 +140,8 @@ def score_pair_ids(
     sliding window applied). Rewards are read from the reward head at each side's pooling token, where the
     model reads it (its config pad id, not `pad_id`). Same rewards as the model's own forward pass on each
     full sequence alone (tested to 1e-5 in fp32) with one copy of the prompt. Models that cannot take the
-    packed layout exactly (`pipeline.layout.packing_problem`: encoders, flash/flex kernels, mixed attention
-    layers) and pairs without a shared prefix go through `score_ids` (all sequences sorted by length,
+    packed layout exactly (`pipeline.layout.packing_problem`: encoders, flash/flex kernels, attention
+    patterns it does not lay out) and pairs without a shared prefix go through `score_ids` (all sequences sorted by length,
     padded per batch). `batch_size` counts sequences; a packed pair counts as two.
     """
     n = len(chosen_ids)

@@ -3,7 +3,8 @@
 The reference is `model(input_ids=seq[None]).logits[0, 0]`: unbatched, no padding, no attention mask, no code
 shared with the scorer or the trainer. It is compared, within 1e-5 in fp32, with the padded and the packed
 scorer (pipeline.scoring) and the packed trainer (pipeline.reward.trainer) for tiny random Llama, Qwen2, GPT-2,
-GPT-NeoX and sliding-window Mistral / Qwen2 models in sdpa and eager attention, for an RM whose config pads with
+GPT-NeoX, sliding-window Mistral / Qwen2 and Gemma-2 / Qwen2 with alternating sliding and full layers in sdpa
+and eager attention, for an RM whose config pads with
 EOS and one whose config has no pad id (the caller always pads with another id), for empty completions and
 pre-tokenized rows that end in pad tokens. A configuration that cannot be packed exactly must fall back, with
 `packing_problem` saying why.
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from transformers import (
     AutoModelForSequenceClassification,
+    Gemma2Config,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
@@ -33,7 +35,17 @@ from pipeline.scoring import score_ids, score_pair_ids
 
 VOCAB, CALLER_PAD, MODEL_PAD, EOS = 48, 1, 2, 3
 WINDOW = 4  # shorter than every packed pair below
-ARCHS = ["llama", "qwen2", "gpt2", "gpt_neox", "mistral_window", "qwen2_window", "qwen2_mixed"]
+ARCHS = [
+    "llama",
+    "qwen2",
+    "gpt2",
+    "gpt_neox",
+    "mistral_window",
+    "qwen2_window",
+    "qwen2_mixed",
+    "gemma2",
+    "mistral_mixed",
+]
 
 
 def _config(arch: str, pad_id, eos_id, vocab: int):
@@ -54,8 +66,12 @@ def _config(arch: str, pad_id, eos_id, vocab: int):
         cfg = MistralConfig(**llama_like, sliding_window=WINDOW)
     elif arch == "qwen2_window":  # every layer slides
         cfg = Qwen2Config(**llama_like, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0)
-    elif arch == "qwen2_mixed":  # layer 0 full, layer 1 sliding: one packed mask cannot serve both
+    elif arch == "qwen2_mixed":  # layer 0 full, layer 1 sliding: one packed mask per layer type
         cfg = Qwen2Config(**llama_like, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
+    elif arch == "gemma2":  # alternating sliding and full layers, attention-logit soft-capping
+        cfg = Gemma2Config(**llama_like, head_dim=8, sliding_window=WINDOW)
+    elif arch == "mistral_mixed":  # layer types its forward ignores (it takes one mask): cannot be packed
+        cfg = MistralConfig(**llama_like, sliding_window=WINDOW, layer_types=["full_attention", "sliding_attention"])
     elif arch == "gpt2":
         cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128)
     elif arch == "gpt_neox":
@@ -116,9 +132,9 @@ def _pairs(pad_id, eos, rng: random.Random):
     return pairs
 
 
-CASES = [(arch, impl, "distinct") for arch in ARCHS for impl in ("sdpa", "eager")] + [
-    ("llama", impl, pad) for impl in ("sdpa", "eager") for pad in ("eos", "none")
-]
+CASES = [
+    (arch, impl, "distinct") for arch in ARCHS for impl in ("sdpa", "eager") if (arch, impl) != ("gemma2", "sdpa")
+] + [("llama", impl, pad) for impl in ("sdpa", "eager") for pad in ("eos", "none")]
 
 
 def _pad_convention(pad: str):
@@ -137,7 +153,7 @@ def test_padded_and_packed_scores_equal_each_sequences_own_forward(arch, impl, p
     assert np.ptp(ref_c) > 0.5  # rewards that differ: a wrong read-out would show
 
     problem = packing_problem(model)
-    assert (problem is None) == (arch != "qwen2_mixed"), problem
+    assert (problem is None) == (arch != "mistral_mixed"), problem
     for share_prefix in (True, False):  # packed (where exact), padded
         r_c, r_r = score_pair_ids(
             model, chosen, rejected, CALLER_PAD, batch_size=6, dtype=None, share_prefix=share_prefix
@@ -149,12 +165,18 @@ def test_padded_and_packed_scores_equal_each_sequences_own_forward(arch, impl, p
 
 
 @pytest.mark.parametrize(
-    "arch,impl,pad", [("llama", "eager", "distinct"), ("mistral_window", "sdpa", "distinct"), ("llama", "sdpa", "eos")]
+    "arch,impl,pad",
+    [
+        ("llama", "eager", "distinct"),
+        ("mistral_window", "sdpa", "distinct"),
+        ("gemma2", "eager", "distinct"),
+        ("llama", "sdpa", "eos"),
+    ],
 )
 def test_packed_trainer_rewards_and_loss_equal_each_sequences_own_forward(tmp_path, arch, impl, pad):
     """The packed trainer's rewards and Bradley-Terry loss (with margins) are those of each sequence's own forward
-    pass, for eager attention, a sliding window shorter than the pair, and an RM that pads with EOS (rows ending in
-    EOS are read before it)."""
+    pass, for eager attention, a sliding window shorter than the pair, alternating sliding and full layers (one
+    mask per layer type), and an RM that pads with EOS (rows ending in EOS are read before it)."""
     from pipeline.reward.trainer import MORERewardTrainer
     from tests import reward_helpers as H
 
@@ -213,7 +235,8 @@ def test_packing_problem_names_why_a_model_is_not_packed():
     from tests import reward_helpers as H
 
     assert packing_problem(_model("llama", "sdpa")) is None and packing_problem(_model("gpt2", "eager")) is None
-    assert "layers mix attention types" in packing_problem(_model("qwen2_mixed", "sdpa"))
+    assert packing_problem(_model("qwen2_mixed", "sdpa")) is None  # one mask per layer type
+    assert "takes one mask for all" in packing_problem(_model("mistral_mixed", "sdpa"))
     assert "not a decoder" in packing_problem(H.model("bert", H.tokenizer()))
     model = _model("llama", "sdpa")
     model.config._attn_implementation_internal = "flash_attention_2"

@@ -96,9 +96,9 @@ class MORERewardConfig(RewardConfig):
             "help": "Pack each pair as prompt + chosen + rejected continuation (one copy of the shared prompt)"
             " and several pairs per row up to packing_max_tokens, behind a 4D attention mask with restarted "
             "positions: the same loss and gradients as padded batches, fewer tokens. Used where exact "
-            "(decoder RMs with sdpa/eager attention and one attention pattern, full or one sliding window, in "
-            "every layer: GPT-NeoX, Llama, Mistral, Qwen, GPT-2); others (BERT-like encoders, flash/flex "
-            "kernels, mixed attention layers) fall back to padded batches, see pipeline.layout.packing_problem."
+            "(decoder RMs with sdpa/eager attention, full or sliding-window: GPT-NeoX, Llama, Mistral, Qwen, "
+            "Gemma-2, GPT-2); others (BERT-like encoders, flash/flex kernels, attention patterns the packed "
+            "mask does not replicate) fall back to padded batches, see pipeline.layout.packing_problem."
         },
     )
     packing_max_tokens: int | None = field(
