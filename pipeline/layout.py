@@ -17,6 +17,7 @@ what the model's own forward pass does on one sequence alone (unbatched, no padd
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 
@@ -147,15 +148,19 @@ def pack_pair_rows(
     return ids, pos, mask, read_c, read_r
 
 
-def _takes_mask_per_layer_type(model) -> bool:
-    """Whether the decoder's forward takes `attention_mask` as a mapping {layer type: 4D mask} (the transformers
-    models with `config.layer_types`, e.g. Qwen2, Gemma-2, whose forward checks for a prepared dict)."""
-    base = getattr(model, "base_model", model)
+@functools.cache
+def _forward_takes_mask_mapping(cls: type) -> bool:
     try:
-        source = inspect.getsource(type(base).forward)
+        source = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return False
     return "causal_mask_mapping := attention_mask, dict" in source
+
+
+def _takes_mask_per_layer_type(model) -> bool:
+    """Whether the decoder's forward takes `attention_mask` as a mapping {layer type: 4D mask} (the transformers
+    models with `config.layer_types`, e.g. Qwen2, Gemma-2, whose forward checks for a prepared dict)."""
+    return _forward_takes_mask_mapping(type(getattr(model, "base_model", model)))
 
 
 def _layer_windows(model) -> tuple[dict[str, int | None], str | None]:
