@@ -58,11 +58,14 @@ def _grads(model):
         ("llama", "uniform", False),
         ("llama", "more", True),
         ("gpt_neox", "more", True),
+        ("llama:eager", "more", False),
     ],
 )
 def test_packed_training_equals_padded(tok, tmp_path, arch, method, lora):
     """fp32: the packed batch gives the padded batch's rewards, loss, MORE head-gradient statistics (lambda and
-    momentum) and every parameter gradient to 1e-5, with several pairs per row and a row budget that splits them."""
+    momentum) and every parameter gradient to 1e-5, with several pairs per row and a row budget that splits them.
+    `arch:eager`: eager attention, which adds the 4D mask to the scores (the packed mask must be additive)."""
+    arch, _, attn = arch.partition(":")
     ds = _edge_pairs(tok)
     peft_config = None
     if lora:
@@ -72,6 +75,8 @@ def test_packed_training_equals_padded(tok, tmp_path, arch, method, lora):
             task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["score"]
         )
     base = H.model(arch, tok, seed=1)
+    if attn:
+        base.set_attn_implementation(attn)
     trainers = {}
     for packing in (True, False):
         cfg = H.config(

@@ -2,10 +2,12 @@
 
 * `PackedPairCollator` lays a batch of preference pairs out as few rows as possible: each pair is packed
   as prompt + chosen continuation + rejected continuation (the layout `pipeline.scoring` scores with, see
-  `pipeline.scoring.pack_pair_rows`), and pairs are placed first-fit-decreasing into rows of at most
+  `pipeline.layout.pack_pair_rows`), and pairs are placed first-fit-decreasing into rows of at most
   `max_tokens` tokens, so a batch carries almost no padding and every prompt is encoded once instead of
   twice. A 4D attention mask keeps pairs and the two continuations apart and position ids restart, so
-  rewards, loss and gradients equal those of the padded chosen/rejected batch (tested to 1e-5 in fp32).
+  rewards, loss and gradients equal those of each sequence's own forward pass (tested to 1e-5 in fp32). The
+  mask is boolean; the trainer hands it to the model through `pipeline.layout.packed_attention_mask` (the
+  model's sliding window, an additive mask for eager attention).
   It works on token ids only: how texts were rendered and tokenized does not matter.
 * `LengthGroupedBalancedSampler` orders a training set so that every batch holds exactly
   `per_source_batch` pairs of every source (what MORE needs), pairs of similar length share a batch
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.scoring import pack_pair_rows, packed_length
+from pipeline.layout import pack_pair_rows, packed_length
 
 
 def first_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]:

@@ -32,13 +32,18 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from pipeline.data.tokenize import tokenize_pairs
 from pipeline.io import atomic_write_text
+from pipeline.layout import (
+    find_reward_head,
+    packable,
+    packed_attention_mask,
+    packed_length,
+    pool_features,
+)
 from pipeline.reward.more import NORMALIZE_MODES, head_gradient_sums, more_weights
 from pipeline.reward.packing import LengthGroupedBalancedSampler, PackedPairCollator
-from pipeline.scoring import packable, packed_length
 
 
 METHODS = ("more", "multitask", "uniform")
-HEAD_NAMES = ("score", "classifier", "v_head")
 MORE_STATE = "more_state.safetensors"  # MORE's gradient momentum, inside each Trainer checkpoint
 LEGACY_MORE_STATE = "more_state.pt"  # written by older versions (a pickle; read with weights_only=True)
 CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last: a checkpoint without it is incomplete
@@ -91,8 +96,9 @@ class MORERewardConfig(RewardConfig):
             "help": "Pack each pair as prompt + chosen + rejected continuation (one copy of the shared prompt)"
             " and several pairs per row up to packing_max_tokens, behind a 4D attention mask with restarted "
             "positions: the same loss and gradients as padded batches, fewer tokens. Used where exact "
-            "(decoder RMs with sdpa/eager attention: GPT-NeoX, Llama, Mistral, Qwen, GPT-2); BERT-like "
-            "encoders and flash-attention kernels fall back to padded batches."
+            "(decoder RMs with sdpa/eager attention, full or sliding-window: GPT-NeoX, Llama, Mistral, Qwen, "
+            "Gemma-2, GPT-2); others (BERT-like encoders, flash/flex kernels, attention patterns the packed "
+            "mask does not replicate) fall back to padded batches, see pipeline.layout.packing_problem."
         },
     )
     packing_max_tokens: int | None = field(
@@ -137,35 +143,6 @@ class SourceAwareCollator(DataCollatorForPreference):
         if "source_id" in examples[0]:
             batch["source_id"] = torch.tensor([int(e["source_id"]) for e in examples], dtype=torch.long)
         return batch
-
-
-def find_reward_head(model: torch.nn.Module) -> torch.nn.Module:
-    """The module that maps pooled/last hidden states to the scalar reward (score, classifier, ...).
-
-    Works through PEFT wrappers (ModulesToSaveWrapper keeps the name) and DeepSpeed engines.
-    """
-    candidates = [(name, module) for name, module in model.named_modules() if name.split(".")[-1] in HEAD_NAMES]
-    if not candidates:
-        raise ValueError(
-            f"could not find the reward head of {type(model).__name__}: expected a submodule named one of "
-            f"{HEAD_NAMES} (AutoModelForSequenceClassification models have one)"
-        )
-    return min(candidates, key=lambda nm: nm[0].count("."))[1]
-
-
-def pool_features(head_input: torch.Tensor, input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
-    """Pooled features z with reward = w^T z, from the head's input.
-
-    BERT-style heads already receive pooled [B, H] features. Decoder heads receive [B, T, H] and the model
-    reads the rightmost non-pad token (transformers' rule, replicated here exactly).
-    """
-    if head_input.ndim == 2:
-        return head_input
-    if pad_token_id is None:
-        return head_input[:, -1]
-    non_pad = (input_ids != pad_token_id).to(torch.int32)
-    idx = (torch.arange(input_ids.shape[-1], device=input_ids.device, dtype=torch.int32) * non_pad).argmax(-1)
-    return head_input[torch.arange(head_input.shape[0], device=head_input.device), idx.to(head_input.device)]
 
 
 class MORERewardTrainer(RewardTrainer):
@@ -259,7 +236,7 @@ class MORERewardTrainer(RewardTrainer):
         self._features = self._head_output = None
         outputs = model(
             input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
+            attention_mask=packed_attention_mask(model, inputs["attention_mask"], inputs["position_ids"]),
             position_ids=inputs["position_ids"],
             use_cache=False,
         )
