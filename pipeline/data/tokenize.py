@@ -118,6 +118,7 @@ def encode_responses(tokenizer, prompts, responses, conversations=None, max_leng
 def tokenize_pairs(ds, tokenizer, max_length: int | None, *, keep_text: bool = False, batch_size: int = 1024):
     """Tokenize preference pairs: `prompt + chosen` and `prompt + rejected` rendered for the tokenizer
     (`encode_pairs`: a chat template for conversational rows when it has one), LEFT-truncated by `encode_left`.
+    Without a `prompt` column (TRL's implicit-prompt text layout) `chosen` and `rejected` are the whole texts.
 
     Returns `(dataset, n_truncated)`: the dataset has int-list columns `chosen_ids` and `rejected_ids` and
     keeps every non-text column (`source_id`, `margin`, `true_prob`, ...; the string columns prompt,
@@ -129,14 +130,17 @@ def tokenize_pairs(ds, tokenizer, max_length: int | None, *, keep_text: bool = F
     import datasets
 
     text_cols = {"prompt", "chosen", "rejected", "source", "conversation"}
-    for c in ("prompt", "chosen", "rejected"):
+    for c in ("chosen", "rejected"):
         if c not in ds.column_names:
             raise ValueError(f"tokenize_pairs: the dataset has no {c!r} column (columns: {ds.column_names})")
     chosen_ids, rejected_ids, n_truncated = [], [], 0
     for start in range(0, len(ds), batch_size):
         batch = ds[start : start + batch_size]
+        # TRL's implicit-prompt layout: chosen/rejected hold the whole text (its prompt included), which is
+        # what gets tokenized; the prompt is then the empty string
+        prompts = batch["prompt"] if "prompt" in batch else [""] * len(batch["chosen"])
         c, r, flags = encode_pairs(
-            tokenizer, batch["prompt"], batch["chosen"], batch["rejected"], batch.get("conversation"), max_length
+            tokenizer, prompts, batch["chosen"], batch["rejected"], batch.get("conversation"), max_length
         )
         chosen_ids += c
         rejected_ids += r
