@@ -261,6 +261,11 @@ class MORERewardTrainer(RewardTrainer):
         else:
             logger.info("[reward] packing off: packing=False")
         self.packing_status = "on" if self.packed else f"off: {why_not}"
+        if args.length_grouping and train_dataset is not None and not isinstance(self.train_dataset, Dataset):
+            logger.warning(
+                f"[reward] length_grouping off: the train set is a {type(self.train_dataset).__name__} (no length);"
+                " its pairs are read in their own order, as TRL does"
+            )
         self._momentum: torch.Tensor | None = None
         self._features: torch.Tensor | None = None
         self._head_output: torch.Tensor | None = None
@@ -307,10 +312,7 @@ class MORERewardTrainer(RewardTrainer):
         ds = train_dataset if train_dataset is not None else self.train_dataset
         if not self.args.length_grouping or ds is None:
             return super()._get_train_sampler(train_dataset)
-        if not isinstance(ds, Dataset):  # a streaming dataset has no length: read in its own order
-            logger.warning(
-                f"[reward] length_grouping off: the train set is a {type(ds).__name__}, read in its own order"
-            )
+        if not isinstance(ds, Dataset):  # a streaming dataset has no length (logged in __init__)
             return super()._get_train_sampler(train_dataset)
         cols = ds.column_names
         lengths = [
