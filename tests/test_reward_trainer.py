@@ -624,3 +624,22 @@ def test_packing_off_says_why(tok, tmp_path):
     assert not t.packed and t.packing_status == "off: a data_collator was passed"
     t = MORERewardTrainer(H.model("bert", tok), H.config(tmp_path, "more"), train_dataset=ds, processing_class=tok)
     assert not t.packed and "packable" in t.packing_status
+
+
+def test_bos_only_tokenizer_gets_trls_eos(tmp_path):
+    """A tokenizer that adds a BOS and nothing after the text (Llama 3's layout): text pairs still end with
+    the EOS TRL appends, so MORERewardTrainer's ids equal trl.RewardTrainer's."""
+    from tokenizers.processors import TemplateProcessing
+
+    t = H.tokenizer()
+    t.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{t.bos_token} $A", special_tokens=[(t.bos_token, t.bos_token_id)]
+    )
+    assert t("a cat")["input_ids"][0] == t.bos_token_id
+    ds = _implicit(H.balanced_pairs(1))
+    model = H.model("gpt_neox", t)
+    cfg = H.config(tmp_path / "a", "multitask", source_names=None, balanced_batches=False)
+    ours = MORERewardTrainer(model, cfg, train_dataset=ds, processing_class=t)
+    ref = RewardTrainer(model, _trl_config(tmp_path / "b"), train_dataset=ds, processing_class=t)
+    assert ours.train_dataset["chosen_ids"] == ref.train_dataset["chosen_ids"]
+    assert all(ids[0] == t.bos_token_id and ids[-1] == t.eos_token_id for ids in ours.train_dataset["chosen_ids"])

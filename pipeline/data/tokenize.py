@@ -3,8 +3,8 @@
 TRL's `RewardConfig.max_length` drops pairs longer than the limit. We keep every pair and cut tokens
 from the LEFT (the oldest dialogue turns), so that the response, which the reward is about, survives.
 Special tokens survive too: a BERT-style tokenizer keeps its [CLS] (its pooling token) and [SEP]; a
-decoder tokenizer that adds no special tokens gets an EOS appended, as TRL does, so the reward is read
-at a token that has seen the whole response.
+decoder tokenizer that adds no special token after a text (none at all, or only a BOS like Llama 3's)
+gets an EOS appended, as TRL does, so the reward is read at a token that has seen the whole response.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def encode_left_flags(
     prefix, suffix = ([], []) if templated else special_affixes(tokenizer)
     add_eos = add_eos and not templated
     n_special = len(prefix) + len(suffix)
-    eos = [tokenizer.eos_token_id] if (add_eos and n_special == 0 and tokenizer.eos_token_id is not None) else []
+    # TRL appends the EOS whenever the tokenizer closes a text with nothing of its own (a BOS-only tokenizer
+    # such as Llama 3's included); a closing special token ([SEP], </s>) is the pooling end already
+    eos = [tokenizer.eos_token_id] if (add_eos and not suffix and tokenizer.eos_token_id is not None) else []
     out, truncated = [], []
     for body in bodies:
         cut = False
