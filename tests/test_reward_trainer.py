@@ -533,6 +533,11 @@ def test_source_id_without_source_names_is_refused(tok, tmp_path):
     cfg = H.config(tmp_path, "more", source_names=None, balanced_batches=False)
     with pytest.raises(ValueError, match="source_names"):
         MORERewardTrainer(H.model("gpt_neox", tok), cfg, train_dataset=H.balanced_pairs(2), processing_class=tok)
+    # multitask needs no names: the source_id column is then ignored (one source, 'all')
+    cfg = H.config(tmp_path, "multitask", source_names=None, balanced_batches=False)
+    t = MORERewardTrainer(H.model("gpt_neox", tok), cfg, train_dataset=H.balanced_pairs(2), processing_class=tok)
+    t.model.train()
+    assert torch.isfinite(t.compute_loss(t.model, _batch(t, 6))) and "loss/all" in t._metrics["train"]
 
 
 def test_step_count_and_last_batch_match_trl(tok, tmp_path, one_thread):

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from trl import RewardConfig, RewardTrainer
 from trl.data_utils import get_dataset_column_names
 from trl.trainer.reward_trainer import DataCollatorForPreference
@@ -219,8 +219,8 @@ class MORERewardTrainer(RewardTrainer):
                 f"MORERewardTrainer needs a MORERewardConfig, got {type(args).__name__}; "
                 "build one with MORERewardConfig(**your_config.to_dict())"
             )
-        if train_dataset is not None and not args.source_names and args.method in ("more", "uniform"):
-            if "source_id" in get_dataset_column_names(train_dataset):
+        if isinstance(train_dataset, Dataset | IterableDataset) and args.method in ("more", "uniform"):
+            if not args.source_names and "source_id" in get_dataset_column_names(train_dataset):
                 raise ValueError(
                     f"method={args.method!r}: the train set has a source_id column but the config has no "
                     "source_names; pass source_names (one name per source_id)"
@@ -373,6 +373,8 @@ class MORERewardTrainer(RewardTrainer):
             self._hook_after_engine = True
         source_ids = inputs.pop("source_id", None)
         method = self.args.method
+        if source_ids is not None and self.num_sources == 0:  # multitask without source_names: one source
+            source_ids = torch.zeros_like(source_ids)
         packed = "readout" in inputs
         if source_ids is None:
             if self.num_sources > 1:
