@@ -179,5 +179,8 @@ def test_tokenize_pairs(tiny_tok):
         assert ids == f[-len(ids) :] and ids[-1] == tiny_tok.eos_token_id
     kept, _ = tokenize_pairs(ds, tiny_tok, max_length=None, keep_text=True)
     assert {"prompt", "chosen", "rejected", "source"} <= set(kept.column_names)
-    with pytest.raises(ValueError, match="no 'prompt' column"):
-        tokenize_pairs(ds.remove_columns("prompt"), tiny_tok, 16)
+    # no prompt column: TRL's implicit-prompt layout, chosen/rejected are the whole texts
+    implicit, _ = tokenize_pairs(ds.remove_columns("prompt"), tiny_tok, 16)
+    assert implicit["chosen_ids"] == encode_left(tiny_tok, ds["chosen"], 16)[0]
+    with pytest.raises(ValueError, match="no 'chosen' column"):
+        tokenize_pairs(ds.remove_columns("chosen"), tiny_tok, 16)

@@ -196,3 +196,39 @@ def test_implicit_option_ignores_a_prompt_string(tmp_path):
     assert ds[0]["source"] == "uf/evol" and decode_conversation(ds[0]["conversation"])["prompt"] == rec["chosen"][:1]
     with pytest.raises(PreferenceDataError, match="implicit=true"):
         load_source("trl", str(f))
+
+
+@pytest.mark.parametrize("name", ["implicit-conv.jsonl", "implicit-std.jsonl.gz", "explicit-std.json"])
+def test_data_layer_and_trainer_tokenize_trl_rows_alike(trl_dir, chat_tok, tmp_path, name):
+    """The same TRL file, read by the data layer (`load_source('trl')` + `tokenize_pairs`) or handed to
+    MORERewardTrainer as it is (conversational rows: TRL's own preparation), gives the same token ids."""
+    import datasets
+
+    from pipeline.data.tokenize import tokenize_pairs
+    from pipeline.models import TinyModelSpec, tiny_model
+    from pipeline.reward.trainer import MORERewardConfig, MORERewardTrainer
+
+    records = [json.loads(line) for line in _read_lines(trl_dir / name)]
+    records = [r for r in records if r["chosen"] != r["rejected"]]  # the data layer drops identical pairs
+    loaded, _ = tokenize_pairs(load_source("trl", str(trl_dir / name)), chat_tok, None)
+    args = MORERewardConfig(
+        output_dir=str(tmp_path), method="multitask", max_length=None, bf16=False, report_to="none", use_cpu=True
+    )
+    trainer = MORERewardTrainer(
+        tiny_model(TinyModelSpec(), chat_tok, task="reward"),
+        args,
+        train_dataset=datasets.Dataset.from_list(records),
+        processing_class=chat_tok,
+    )
+    assert trainer.train_dataset["chosen_ids"] == loaded["chosen_ids"]
+    assert trainer.train_dataset["rejected_ids"] == loaded["rejected_ids"]
+
+
+def _read_lines(path):
+    import gzip
+
+    if path.suffix == ".json":
+        return [json.dumps(r) for r in json.loads(path.read_text())]
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [line for line in f if line.strip()]

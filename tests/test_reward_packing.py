@@ -171,8 +171,11 @@ def test_sampler_without_sources_and_uneven_sources():
     assert sorted(i for b in s.batches() for i in b) == list(range(30))
     s = LengthGroupedBalancedSampler(lengths, [0] * 20 + [1] * 10, 5, seed=0)
     assert len(s.batches()) == 2 and all(sum(i >= 20 for i in b) == 5 for b in s.batches())
-    with pytest.raises(ValueError, match="per_source_batch"):
-        LengthGroupedBalancedSampler(lengths, [0] * 28 + [1] * 2, 5)
+    # a source smaller than one balanced share: one incomplete batch, as balanced as it allows; the rest of
+    # the larger source is left out this epoch, and counted
+    s = LengthGroupedBalancedSampler(lengths, [0] * 28 + [1] * 2, 5)
+    assert [sorted(i >= 28 for i in b) for b in s.batches()] == [[False, False, True, True]]
+    assert (len(s), s.n_left_out) == (4, 26)
 
 
 def test_trainer_uses_the_grouped_balanced_sampler(tok, tmp_path):

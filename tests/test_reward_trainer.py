@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 from trl import RewardConfig, RewardTrainer
 
@@ -13,6 +14,7 @@ from pipeline.reward import more as more_mod
 from pipeline.reward.trainer import (
     CHECKPOINT_COMPLETE,
     MORE_STATE,
+    MORERewardConfig,
     MORERewardTrainer,
     SourceAwareCollator,
     checkpoint_problem,
@@ -445,3 +447,204 @@ def test_legacy_momentum_pickle_is_loaded_weights_only(tmp_path):
     torch.save({"momentum": torch.ones(1), "payload": _Interrupt(1)}, bad / "more_state.pt")
     with pytest.raises(Exception, match="[Ww]eights only|weights_only|Unsupported"):
         load_more_state(bad)  # an arbitrary pickled object is never executed
+
+
+# ------------------------------------------------------------------ drop-in for trl.RewardTrainer (issue 16)
+def _implicit(ds):
+    """TRL's implicit-prompt text layout of project rows: chosen/rejected hold the whole text."""
+    return Dataset.from_dict(
+        {
+            "chosen": [p + c for p, c in zip(ds["prompt"], ds["chosen"])],
+            "rejected": [p + r for p, r in zip(ds["prompt"], ds["rejected"])],
+        }
+    )
+
+
+def _conversational(ds, implicit: bool):
+    rows = []
+    for p, c, r in zip(ds["prompt"], ds["chosen"], ds["rejected"]):
+        user = [{"role": "user", "content": p.split("Human:")[1].split("\n\nAssistant:")[0].strip()}]
+        chosen, rejected = [{"role": "assistant", "content": c.strip()}], [{"role": "assistant", "content": r.strip()}]
+        if implicit:
+            rows.append({"chosen": user + chosen, "rejected": user + rejected, "chat_template_kwargs": {"x": 1}})
+        else:
+            rows.append({"prompt": user, "chosen": chosen, "rejected": rejected})
+    return Dataset.from_list(rows)
+
+
+def _trl_config(path, **kw):
+    base = dict(output_dir=str(path), bf16=False, report_to="none", gradient_checkpointing=False, disable_tqdm=True)
+    return RewardConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("layout", ["implicit_text", "explicit_conversational", "implicit_conversational"])
+def test_trl_layouts_tokenize_like_trl(tok, chat_tok, tmp_path, layout):
+    """Every TRL preference layout is accepted and tokenized to the ids trl.RewardTrainer itself makes."""
+    from pipeline.models import TinyModelSpec, tiny_model
+
+    base = H.balanced_pairs(2)
+    if layout == "implicit_text":
+        ds, t = _implicit(base), tok
+    else:
+        ds, t = _conversational(base, implicit=layout.startswith("implicit")), chat_tok
+    model = tiny_model(TinyModelSpec(), t, task="reward")
+    cfg = H.config(tmp_path / "a", "multitask", source_names=None, balanced_batches=False)
+    ours = MORERewardTrainer(model, cfg, train_dataset=ds, processing_class=t)
+    ref = RewardTrainer(model, _trl_config(tmp_path / "b", max_length=64), train_dataset=ds, processing_class=t)
+    assert len(ours.train_dataset) == len(ref.train_dataset) == len(ds)
+    assert ours.train_dataset["chosen_ids"] == ref.train_dataset["chosen_ids"]
+    assert ours.train_dataset["rejected_ids"] == ref.train_dataset["rejected_ids"]
+    if layout != "implicit_text":
+        im_start = t.convert_tokens_to_ids("<|im_start|>")
+        assert im_start in ours.train_dataset[0]["chosen_ids"]  # TRL applied the chat template
+
+
+def test_args_none_trains_more_as_one_source_with_trls_loss(tok, tmp_path, monkeypatch):
+    """args=None builds TRL's default ('<name>-Reward') MORERewardConfig: MORE on the data as ONE source
+    (no source_id column, no source_names), whose loss is TRL's."""
+    import functools
+
+    monkeypatch.chdir(tmp_path)
+    # TRL's default config asks for bf16, which a CPU-only machine refuses (stock TRL fails the same way here)
+    cpu_init = functools.partialmethod(MORERewardConfig.__init__, bf16=False, use_cpu=True)
+    monkeypatch.setattr(MORERewardConfig, "__init__", cpu_init)
+    ds = _implicit(H.balanced_pairs(2))
+    model = H.model("gpt_neox", tok)
+    ours = MORERewardTrainer(model, train_dataset=ds, processing_class=tok)
+    assert isinstance(ours.args, MORERewardConfig) and ours.args.output_dir.endswith("-Reward")
+    assert ours.args.method == "more" and not ours.args.source_names and ours.packed
+    batch = _batch(ours, 6)
+    assert "source_id" not in batch
+    ours.model.train()
+    loss_ours = ours.compute_loss(ours.model, dict(batch))
+    ref = RewardTrainer(model, _trl_config(tmp_path / "b"), train_dataset=ds, processing_class=tok)
+    loss_ref = ref.compute_loss(ref.model, ref.data_collator([ref.train_dataset[i] for i in range(6)]))
+    torch.testing.assert_close(loss_ours, loss_ref, atol=1e-5, rtol=1e-5)
+    assert ours._last_lambda.tolist() == [1.0]
+    assert "loss/all" in ours._metrics["train"] and "more/lambda/all" in ours._metrics["train"]
+
+
+def test_more_single_source_weight_is_one_even_for_nan_gradients():
+    """One source: the min-norm weight is 1 whatever its gradient (TRL trains on, e.g. an fp16 overflow)."""
+    assert more_mod.min_norm_weights(torch.tensor([[float("nan"), 1.0]])).tolist() == [1.0]
+
+
+def test_source_id_without_source_names_is_refused(tok, tmp_path):
+    cfg = H.config(tmp_path, "more", source_names=None, balanced_batches=False)
+    with pytest.raises(ValueError, match="source_names"):
+        MORERewardTrainer(H.model("gpt_neox", tok), cfg, train_dataset=H.balanced_pairs(2), processing_class=tok)
+    # multitask needs no names: the source_id column is then ignored (one source, 'all')
+    cfg = H.config(tmp_path, "multitask", source_names=None, balanced_batches=False)
+    t = MORERewardTrainer(H.model("gpt_neox", tok), cfg, train_dataset=H.balanced_pairs(2), processing_class=tok)
+    t.model.train()
+    assert torch.isfinite(t.compute_loss(t.model, _batch(t, 6))) and "loss/all" in t._metrics["train"]
+
+
+def test_step_count_and_last_batch_match_trl(tok, tmp_path, one_thread):
+    """17 pairs, batch 8, 3 epochs: 9 optimizer steps, like TRL (the incomplete last batch is trained);
+    every pair is read once per epoch."""
+    ds = _implicit(H.balanced_pairs(6)).select(range(17))
+    kw = dict(per_device_train_batch_size=8, num_train_epochs=3, max_steps=-1, learning_rate=1e-3)
+    cfg = H.config(tmp_path / "a", "multitask", source_names=None, balanced_batches=False, **kw)
+    ours = MORERewardTrainer(H.model("gpt_neox", tok), cfg, train_dataset=ds, processing_class=tok)
+    sampler = ours._get_train_sampler()
+    assert sorted(sampler) == list(range(17)) and len(ours.get_train_dataloader()) == 3
+    ours.train()
+    ref = RewardTrainer(
+        H.model("gpt_neox", tok), _trl_config(tmp_path / "b", **kw), train_dataset=ds, processing_class=tok
+    )
+    assert ours.state.global_step == len(ref.get_train_dataloader()) * 3 == 9
+
+
+def test_balanced_last_batch_keeps_every_pair(tok, tmp_path):
+    """Balanced batches of 3 sources, 5 pairs each, batch 6: two full batches and one of 1 pair per source
+    (TRL: ceil(15 / 6) = 3 batches too)."""
+    ds = H.balanced_pairs(5, per_source=1)
+    t = MORERewardTrainer(H.model("gpt_neox", tok), H.config(tmp_path, "more"), train_dataset=ds, processing_class=tok)
+    counts = [torch.bincount(b["source_id"], minlength=3).tolist() for b in t.get_train_dataloader()]
+    assert counts == [[2, 2, 2], [2, 2, 2], [1, 1, 1]]
+
+
+def test_legacy_pretokenized_columns_warn_and_honour_max_length(tok, tmp_path):
+    """TRL's legacy chosen_input_ids/rejected_input_ids: renamed with TRL's FutureWarning; pre-tokenized
+    pairs longer than max_length are dropped as TRL documents, and counted."""
+    rng = np.random.default_rng(0)
+    lengths = [(int(a), int(b)) for a, b in rng.integers(3, 20, size=(12, 2))]
+    ids = lambda n: rng.integers(5, 100, size=n).tolist()  # noqa: E731
+    ds = Dataset.from_dict(
+        {"chosen_input_ids": [ids(a) for a, _ in lengths], "rejected_input_ids": [ids(b) for _, b in lengths]}
+    )
+    cfg = H.config(tmp_path, "multitask", source_names=None, balanced_batches=False, max_length=12)
+    with pytest.warns(FutureWarning, match="chosen_input_ids"):
+        t = MORERewardTrainer(H.model("gpt_neox", tok), cfg, train_dataset=ds, processing_class=tok)
+    keep = [i for i, (a, b) in enumerate(lengths) if a <= 12 and b <= 12]
+    assert 0 < len(keep) < 12 and t.n_dropped["train"] == 12 - len(keep)
+    assert t.train_dataset["chosen_ids"] == [ds[i]["chosen_input_ids"] for i in keep]
+    assert "chosen_input_ids" not in t.train_dataset.column_names
+
+
+def test_streaming_datasets_train_and_evaluate(tok, tmp_path, caplog, one_thread):
+    """Iterable train and eval sets: no len(); the sampler falls back to TRL's (logged), packing is on and
+    logged once, and evaluation reads packed batches."""
+    import logging
+
+    ds = H.balanced_pairs(2)
+    stream = ds.to_iterable_dataset()
+    cfg = H.config(tmp_path, "more", balanced_batches=False, max_steps=2, eval_strategy="no")
+    with caplog.at_level(logging.INFO, logger="pipeline.reward.trainer"):
+        t = MORERewardTrainer(
+            H.model("gpt_neox", tok), cfg, train_dataset=stream, eval_dataset={"a": stream}, processing_class=tok
+        )
+        t.train()
+        metrics = t.evaluate()
+    assert t.state.global_step == 2 and np.isfinite(metrics["eval_a_loss"])
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("packing on" in m for m in messages) == 1
+    assert any("length_grouping off" in m for m in messages)
+
+
+def test_model_id_without_processing_class_packs_and_keeps_source_id(tok, tmp_path):
+    """A model id and no processing_class: TRL loads the tokenizer, and the trainer still packs (where
+    exact) and keeps source_id for MORE."""
+    path = tmp_path / "rm"
+    H.model("gpt_neox", tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    t = MORERewardTrainer(str(path), H.config(tmp_path / "out", "more"), train_dataset=H.balanced_pairs(2))
+    assert t.packed and t.packing_status == "on"
+    batch = next(iter(t.get_train_dataloader()))
+    assert batch["source_id"].tolist().count(0) == 2 and "readout" in batch
+    t.model.train()
+    assert torch.isfinite(t.compute_loss(t.model, batch))
+
+
+def test_packing_off_says_why(tok, tmp_path):
+    ds = H.balanced_pairs(2)
+    t = MORERewardTrainer(
+        H.model("gpt_neox", tok),
+        H.config(tmp_path, "more"),
+        train_dataset=ds,
+        processing_class=tok,
+        data_collator=SourceAwareCollator(pad_token_id=tok.pad_token_id),
+    )
+    assert not t.packed and t.packing_status == "off: a data_collator was passed"
+    t = MORERewardTrainer(H.model("bert", tok), H.config(tmp_path, "more"), train_dataset=ds, processing_class=tok)
+    assert not t.packed and "packable" in t.packing_status
+
+
+def test_bos_only_tokenizer_gets_trls_eos(tmp_path):
+    """A tokenizer that adds a BOS and nothing after the text (Llama 3's layout): text pairs still end with
+    the EOS TRL appends, so MORERewardTrainer's ids equal trl.RewardTrainer's."""
+    from tokenizers.processors import TemplateProcessing
+
+    t = H.tokenizer()
+    t.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{t.bos_token} $A", special_tokens=[(t.bos_token, t.bos_token_id)]
+    )
+    assert t("a cat")["input_ids"][0] == t.bos_token_id
+    ds = _implicit(H.balanced_pairs(1))
+    model = H.model("gpt_neox", t)
+    cfg = H.config(tmp_path / "a", "multitask", source_names=None, balanced_batches=False)
+    ours = MORERewardTrainer(model, cfg, train_dataset=ds, processing_class=t)
+    ref = RewardTrainer(model, _trl_config(tmp_path / "b"), train_dataset=ds, processing_class=t)
+    assert ours.train_dataset["chosen_ids"] == ref.train_dataset["chosen_ids"]
+    assert all(ids[0] == t.bos_token_id and ids[-1] == t.eos_token_id for ids in ours.train_dataset["chosen_ids"])

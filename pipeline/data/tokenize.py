@@ -3,8 +3,8 @@
 TRL's `RewardConfig.max_length` drops pairs longer than the limit. We keep every pair and cut tokens
 from the LEFT (the oldest dialogue turns), so that the response, which the reward is about, survives.
 Special tokens survive too: a BERT-style tokenizer keeps its [CLS] (its pooling token) and [SEP]; a
-decoder tokenizer that adds no special tokens gets an EOS appended, as TRL does, so the reward is read
-at a token that has seen the whole response.
+decoder tokenizer that adds no special token after a text (none at all, or only a BOS like Llama 3's)
+gets an EOS appended, as TRL does, so the reward is read at a token that has seen the whole response.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def encode_left_flags(
     prefix, suffix = ([], []) if templated else special_affixes(tokenizer)
     add_eos = add_eos and not templated
     n_special = len(prefix) + len(suffix)
-    eos = [tokenizer.eos_token_id] if (add_eos and n_special == 0 and tokenizer.eos_token_id is not None) else []
+    # TRL appends the EOS whenever the tokenizer closes a text with nothing of its own (a BOS-only tokenizer
+    # such as Llama 3's included); a closing special token ([SEP], </s>) is the pooling end already
+    eos = [tokenizer.eos_token_id] if (add_eos and not suffix and tokenizer.eos_token_id is not None) else []
     out, truncated = [], []
     for body in bodies:
         cut = False
@@ -118,6 +120,7 @@ def encode_responses(tokenizer, prompts, responses, conversations=None, max_leng
 def tokenize_pairs(ds, tokenizer, max_length: int | None, *, keep_text: bool = False, batch_size: int = 1024):
     """Tokenize preference pairs: `prompt + chosen` and `prompt + rejected` rendered for the tokenizer
     (`encode_pairs`: a chat template for conversational rows when it has one), LEFT-truncated by `encode_left`.
+    Without a `prompt` column (TRL's implicit-prompt text layout) `chosen` and `rejected` are the whole texts.
 
     Returns `(dataset, n_truncated)`: the dataset has int-list columns `chosen_ids` and `rejected_ids` and
     keeps every non-text column (`source_id`, `margin`, `true_prob`, ...; the string columns prompt,
@@ -129,14 +132,17 @@ def tokenize_pairs(ds, tokenizer, max_length: int | None, *, keep_text: bool = F
     import datasets
 
     text_cols = {"prompt", "chosen", "rejected", "source", "conversation"}
-    for c in ("prompt", "chosen", "rejected"):
+    for c in ("chosen", "rejected"):
         if c not in ds.column_names:
             raise ValueError(f"tokenize_pairs: the dataset has no {c!r} column (columns: {ds.column_names})")
     chosen_ids, rejected_ids, n_truncated = [], [], 0
     for start in range(0, len(ds), batch_size):
         batch = ds[start : start + batch_size]
+        # TRL's implicit-prompt layout: chosen/rejected hold the whole text (its prompt included), which is
+        # what gets tokenized; the prompt is then the empty string
+        prompts = batch["prompt"] if "prompt" in batch else [""] * len(batch["chosen"])
         c, r, flags = encode_pairs(
-            tokenizer, batch["prompt"], batch["chosen"], batch["rejected"], batch.get("conversation"), max_length
+            tokenizer, prompts, batch["chosen"], batch["rejected"], batch.get("conversation"), max_length
         )
         chosen_ids += c
         rejected_ids += r

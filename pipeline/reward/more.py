@@ -191,6 +191,8 @@ def min_norm_weights(grads: torch.Tensor) -> torch.Tensor:
     """
     if grads.ndim != 2:
         raise ValueError(f"grads must be [K, d], got shape {tuple(grads.shape)}")
+    if grads.shape[0] == 1:  # one source: the hull is one point, its weight 1 (whatever its value, as TRL's loss)
+        return torch.ones(1, dtype=grads.dtype, device=grads.device)
     gram = (grads.double() @ grads.double().T).cpu().numpy()
     lam = min_norm_weights_from_gram(gram)
     return torch.as_tensor(lam, dtype=grads.dtype, device=grads.device)

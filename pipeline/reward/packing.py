@@ -90,14 +90,19 @@ class PackedPairCollator:
 
 class LengthGroupedBalancedSampler(torch.utils.data.Sampler):
     """Indices in batches of `num_sources * per_source_batch` (or `per_source_batch` without sources), each
-    holding exactly `per_source_batch` pairs of every source, pairs of similar length together.
+    holding exactly `per_source_batch` pairs of every source, pairs of similar length together, then ONE
+    incomplete last batch with the pairs left over (the same number from every source, fewer than
+    `per_source_batch`), so no pair of an equal-sized (balanced) set is left out and an epoch has as many
+    batches as TRL's sampler gives (ceil(pairs / batch size) without sources).
 
-    Per epoch (seed, epoch): each source's pairs are shuffled, cut into mega-chunks of `mega_batches *
-    per_source_batch` pairs, sorted by length inside a chunk and cut into groups of `per_source_batch`;
-    batch j of chunk m takes the j-th group of chunk m of every source (similar length quantiles), and the
-    batches are shuffled. A source with more pairs than the smallest one contributes a random subset of
-    the smallest one's size each epoch (a `mix(strategy='balanced')` set has equal sizes; nothing is
-    dropped there). Lengths are what a pair costs: packed tokens. Deterministic for a (seed, epoch).
+    Per epoch (seed, epoch): each source's pairs are shuffled, the first `n_batches * per_source_batch` of
+    them are cut into mega-chunks of `mega_batches * per_source_batch` pairs, sorted by length inside a chunk
+    and cut into groups of `per_source_batch`; batch j of chunk m takes the j-th group of chunk m of every
+    source (similar length quantiles), and the full batches are shuffled; the remaining pairs form the last
+    batch. A source with more pairs than the smallest one contributes a random subset of the smallest one's
+    size each epoch (a `mix(strategy='balanced')` set has equal sizes; nothing is dropped there); how many
+    pairs that leaves out per epoch is `n_left_out`. Lengths are what a pair costs: packed tokens.
+    Deterministic for a (seed, epoch).
     """
 
     def __init__(
@@ -115,33 +120,41 @@ class LengthGroupedBalancedSampler(torch.utils.data.Sampler):
         sids = np.zeros(len(self.lengths), dtype=np.int64) if source_ids is None else np.asarray(source_ids)
         if len(sids) != len(self.lengths):
             raise ValueError("lengths and source_ids differ in length")
+        if len(self.lengths) == 0:
+            raise ValueError("no pairs to sample from")
         self.by_source = [np.flatnonzero(sids == k) for k in np.unique(sids)]
         self.psb = int(per_source_batch)
-        self.n_batches = min(len(ix) for ix in self.by_source) // self.psb
-        if self.n_batches == 0:
-            raise ValueError(f"every source needs at least per_source_batch={self.psb} pairs for one balanced batch")
+        self.per_source = min(len(ix) for ix in self.by_source)  # pairs of every source read per epoch
+        self.n_batches = self.per_source // self.psb  # full batches
+        self.n_left_out = len(self.lengths) - self.per_source * len(self.by_source)
         self.seed, self.mega, self.epoch = int(seed), int(mega_batches), 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.n_batches * self.psb * len(self.by_source)
+        return self.per_source * len(self.by_source)
 
     def batches(self) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         chunk = self.mega * self.psb
-        groups = []  # groups[k][b]: the b-th length-sorted group of source k
+        n_full = self.n_batches * self.psb
+        groups, rest = [], []  # groups[k][b]: the b-th length-sorted group of source k; rest[k]: its leftovers
         for ix in self.by_source:
-            ix = rng.permutation(ix)[: self.n_batches * self.psb]
+            ix = rng.permutation(ix)[: self.per_source]
+            ix, left = ix[:n_full], ix[n_full:]
             out = []
             for s in range(0, len(ix), chunk):
                 part = ix[s : s + chunk]
                 part = part[np.argsort(-self.lengths[part], kind="stable")]
                 out += [part[j : j + self.psb] for j in range(0, len(part), self.psb)]
             groups.append(out)
+            rest.append(left)
         batches = [np.concatenate([g[b] for g in groups]).tolist() for b in range(self.n_batches)]
-        return [batches[i] for i in rng.permutation(self.n_batches)]
+        batches = [batches[i] for i in rng.permutation(self.n_batches)]
+        if len(rest[0]):  # the incomplete last batch, as balanced as the remaining pairs allow
+            batches.append(np.concatenate(rest).tolist())
+        return batches
 
     def __iter__(self):
         for batch in self.batches():

@@ -19,6 +19,7 @@ outputs and inputs at each side's pooling token.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -27,16 +28,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from datasets import Dataset, IterableDataset
 from trl import RewardConfig, RewardTrainer
+from trl.data_utils import get_dataset_column_names
 from trl.trainer.reward_trainer import DataCollatorForPreference
+from trl.trainer.utils import get_config_model_id
 
 from pipeline.data.tokenize import tokenize_pairs
 from pipeline.io import atomic_write_text
 from pipeline.layout import (
     find_reward_head,
-    packable,
     packed_attention_mask,
     packed_length,
+    packing_problem,
     pool_features,
 )
 from pipeline.reward.more import NORMALIZE_MODES, head_gradient_sums, more_weights
@@ -47,14 +51,19 @@ METHODS = ("more", "multitask", "uniform")
 MORE_STATE = "more_state.safetensors"  # MORE's gradient momentum, inside each Trainer checkpoint
 LEGACY_MORE_STATE = "more_state.pt"  # written by older versions (a pickle; read with weights_only=True)
 CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last: a checkpoint without it is incomplete
+SINGLE_SOURCE = "all"  # the name of the one source of a dataset without a source_id column
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class MORERewardConfig(RewardConfig):
     r"""Configuration for [`MORERewardTrainer`]: TRL's `RewardConfig` plus the multi-source options.
 
-    Unlike TRL, sequences longer than `max_length` are truncated from the LEFT (the response survives)
-    instead of being dropped.
+    Text pairs (strings) longer than `max_length` are truncated from the LEFT (the response survives)
+    instead of being dropped as TRL does; conversational and pre-tokenized data follow TRL (over-long pairs
+    are dropped, and their number is logged). `source_names` may be omitted for a dataset without a
+    `source_id` column: it is then one source, named 'all' (MORE's weight is 1, its loss TRL's).
     """
 
     method: str = field(
@@ -80,7 +89,8 @@ class MORERewardConfig(RewardConfig):
         default=None,
         metadata={
             "help": "Names of the sources, indexed by the dataset's integer `source_id` column. Needed "
-            "for more/uniform; used for per-source logging in every method."
+            "for more/uniform on data with a source_id column (without one the data is one source, 'all'); "
+            "used for per-source logging in every method."
         },
     )
     balanced_batches: bool = field(
@@ -125,8 +135,8 @@ class MORERewardConfig(RewardConfig):
             raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {self.normalize!r}")
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
-        if self.method in ("more", "uniform") and not self.source_names:
-            raise ValueError(f"method={self.method!r} needs source_names (one per source_id)")
+        if self.balanced_batches and self.method in ("more", "uniform") and not self.source_names:
+            raise ValueError(f"method={self.method!r} with balanced_batches needs source_names (one per source_id)")
         if self.packing_max_tokens is not None and self.packing_max_tokens < 4:
             raise ValueError(f"packing_max_tokens must be at least 4, got {self.packing_max_tokens}")
         if self.balanced_batches:
@@ -145,39 +155,93 @@ class SourceAwareCollator(DataCollatorForPreference):
         return batch
 
 
+def is_text_pair_dataset(dataset) -> bool:
+    """True for an in-memory dataset of text pairs (`chosen`/`rejected` strings, with or without a `prompt`
+    column), which `tokenize_pairs` tokenizes; False for conversational, pre-tokenized or streaming data."""
+    if not isinstance(dataset, Dataset) or len(dataset) == 0:
+        return False
+    cols = dataset.column_names
+    if "chosen_ids" in cols or "chosen_input_ids" in cols or not {"chosen", "rejected"} <= set(cols):
+        return False
+    first = dataset[0]
+    return all(isinstance(first[c], str) for c in ("prompt", "chosen", "rejected") if c in cols)
+
+
 class MORERewardTrainer(RewardTrainer):
     """A `RewardTrainer` that trains on several preference sources with MORE, MultiTask or Uniform weights."""
 
     _tag_names = ["trl", "reward-trainer", "more"]
     _name = "MORE Reward"
 
-    def __init__(self, model, args: MORERewardConfig, *pos, data_collator=None, **kwargs):
+    def __init__(
+        self,
+        model,
+        args: MORERewardConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        *pos,
+        **kwargs,
+    ):
+        """TRL's signature and defaults: `args=None` builds a default `MORERewardConfig` (method 'more' on
+        one source unless the data has a `source_id` column), `model` may be an id, `processing_class` is
+        loaded from the model when omitted. Without a `data_collator`, batches keep `source_id` and are packed
+        where that is exact (`pipeline.layout.packing_problem`)."""
+        if args is None:  # TRL's default: '<model name>-Reward'
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = MORERewardConfig(f"{name.split('/')[-1]}-Reward")
         if not isinstance(args, MORERewardConfig):
-            raise TypeError("MORERewardTrainer needs a MORERewardConfig")
+            raise TypeError(
+                f"MORERewardTrainer needs a MORERewardConfig, got {type(args).__name__}; "
+                "build one with MORERewardConfig(**your_config.to_dict())"
+            )
+        if isinstance(train_dataset, Dataset | IterableDataset) and args.method in ("more", "uniform"):
+            if not args.source_names and "source_id" in get_dataset_column_names(train_dataset):
+                raise ValueError(
+                    f"method={args.method!r}: the train set has a source_id column but the config has no "
+                    "source_names; pass source_names (one name per source_id)"
+                )
         self.n_truncated: dict[str, int] = {}
+        self.n_dropped: dict[str, int] = {}
         self._max_length = args.max_length
-        args.max_length = None  # we truncate from the left in _prepare_dataset; TRL would drop pairs
-        processing_class = kwargs.get("processing_class")
         user_collator = data_collator is not None
-        if data_collator is None and processing_class is not None:
-            pad_id = processing_class.pad_token_id
-            if pad_id is None:
-                pad_id = processing_class.eos_token_id
-            data_collator = SourceAwareCollator(pad_token_id=pad_id)
-        super().__init__(model, args, *pos, data_collator=data_collator, **kwargs)
-        args.max_length = self._max_length
+        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *pos, **kwargs)
         self.num_sources = len(args.source_names or [])
-        self.packed = bool(
-            args.packing
-            and not user_collator
-            and isinstance(data_collator, SourceAwareCollator)
-            and packable(self.model)
-        )
+        self.packed, why_not = False, None
+        if not user_collator:
+            # TRL's collator drops source_id; ours keeps it (TRL has set the tokenizer's pad token by now)
+            self.data_collator = SourceAwareCollator(
+                pad_token_id=self.processing_class.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of
+            )
+            if not args.packing:
+                why_not = "packing=False"
+            elif (problem := packing_problem(self.model)) is not None:
+                why_not = problem
+            else:
+                self.packed = True
+        else:
+            why_not = "a data_collator was passed"
         if self.packed:
             self.data_collator = PackedPairCollator(
-                pad_token_id=data_collator.pad_token_id,
+                pad_token_id=self.processing_class.pad_token_id,
                 max_tokens=args.packing_max_tokens,
                 readout_pad_id=self.model.config.get_text_config().pad_token_id,
+            )
+            # A packed batch cannot be concatenated with others and re-split (accelerate's dispatch of streaming
+            # datasets does that): every process reads its own batches, as TRL sets for a streaming train set.
+            args.accelerator_config.dispatch_batches = False
+            self.accelerator.dataloader_config.dispatch_batches = False
+            logger.info("[reward] packing on: pairs packed with one copy of their prompt")
+        elif args.packing:
+            logger.warning(f"[reward] packing off: {why_not}; training on padded batches")
+        else:
+            logger.info("[reward] packing off: packing=False")
+        self.packing_status = "on" if self.packed else f"off: {why_not}"
+        if args.length_grouping and train_dataset is not None and not isinstance(self.train_dataset, Dataset):
+            logger.warning(
+                f"[reward] length_grouping off: the train set is a {type(self.train_dataset).__name__} (no length);"
+                " its pairs are read in their own order, as TRL does"
             )
         self._momentum: torch.Tensor | None = None
         self._features: torch.Tensor | None = None
@@ -187,22 +251,45 @@ class MORERewardTrainer(RewardTrainer):
 
     # ---------------------------------------------------------------- data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        columns = dataset.column_names or []
-        if "chosen_ids" in columns and "rejected_ids" in columns:
+        """Text rows (`chosen`/`rejected` strings, with or without a `prompt` column) are tokenized by the
+        project's `tokenize_pairs`: long pairs are truncated from the LEFT, none is dropped. Every other TRL
+        layout (conversational message lists with `tools` / `chat_template_kwargs`, pre-tokenized
+        `chosen_ids`/`rejected_ids` or legacy `chosen_input_ids`/`rejected_input_ids` columns, streaming
+        datasets) goes through TRL's own `RewardTrainer._prepare_dataset`, which drops pairs longer than
+        `max_length` as TRL documents; how many were dropped is logged."""
+        if is_text_pair_dataset(dataset):
+            dataset, n_trunc = tokenize_pairs(dataset, processing_class, self._max_length)
+            self.n_truncated[dataset_name] = n_trunc
+            if n_trunc:
+                logger.warning(
+                    f"[reward] {dataset_name}: {n_trunc} of {len(dataset)} pairs truncated from the left to "
+                    f"{self._max_length} tokens"
+                )
             return dataset
-        dataset, n_trunc = tokenize_pairs(dataset, processing_class, self._max_length)
-        self.n_truncated[dataset_name] = n_trunc
-        if n_trunc:
-            print(
-                f"[reward] {dataset_name}: {n_trunc} of {len(dataset)} pairs truncated from the left to "
-                f"{self._max_length} tokens"
-            )
+        n_before = len(dataset) if isinstance(dataset, Dataset) else None
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if args.max_length is not None:
+            if n_before is None:
+                logger.warning(
+                    f"[reward] {dataset_name}: a streaming dataset; pairs longer than max_length={args.max_length} "
+                    "tokens are dropped (TRL's rule), their number is not known in advance"
+                )
+            else:
+                self.n_dropped[dataset_name] = n_before - len(dataset)
+                if self.n_dropped[dataset_name]:
+                    logger.warning(
+                        f"[reward] {dataset_name}: {self.n_dropped[dataset_name]} of {n_before} pairs longer than "
+                        f"max_length={args.max_length} tokens dropped (TRL's rule for conversational and "
+                        "pre-tokenized data; text rows are truncated from the left instead)"
+                    )
         return dataset
 
     def _get_train_sampler(self, train_dataset=None):
         """Length-grouped batches (per source with balanced_batches), see `LengthGroupedBalancedSampler`."""
         ds = train_dataset if train_dataset is not None else self.train_dataset
-        if not self.args.length_grouping or ds is None or not hasattr(ds, "column_names"):
+        if not self.args.length_grouping or ds is None:
+            return super()._get_train_sampler(train_dataset)
+        if not isinstance(ds, Dataset):  # a streaming dataset has no length (logged in __init__)
             return super()._get_train_sampler(train_dataset)
         cols = ds.column_names
         lengths = [
@@ -217,7 +304,13 @@ class MORERewardTrainer(RewardTrainer):
                     f"balanced_batches: per_device_train_batch_size={psb} is not a multiple of the {k} sources"
                 )
             sources, psb = ds["source_id"], psb // k
-        return LengthGroupedBalancedSampler(lengths, sources, psb, seed=self.args.seed)
+        sampler = LengthGroupedBalancedSampler(lengths, sources, psb, seed=self.args.seed)
+        if sampler.n_left_out:
+            logger.warning(
+                f"[reward] balanced_batches: the sources differ in size; each epoch reads {sampler.per_source} "
+                f"random pairs of every source and leaves {sampler.n_left_out} of {len(lengths)} pairs out"
+            )
+        return sampler
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -257,13 +350,19 @@ class MORERewardTrainer(RewardTrainer):
             self._hook_after_engine = True
         source_ids = inputs.pop("source_id", None)
         method = self.args.method
+        if source_ids is not None and self.num_sources == 0:  # multitask without source_names: one source
+            source_ids = torch.zeros_like(source_ids)
         packed = "readout" in inputs
         if source_ids is None:
-            if method != "multitask":
-                raise ValueError(f"method={method!r} needs a `source_id` column in the dataset")
-            if not packed:
+            if self.num_sources > 1:
+                raise ValueError(
+                    f"method={method!r} with {self.num_sources} source_names needs a `source_id` column in the dataset"
+                )
+            if method == "multitask" and not packed:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            source_ids = torch.zeros(inputs["readout"].shape[-1], dtype=torch.long, device=inputs["readout"].device)
+            # one source: every pair is source 0 (MORE's and Uniform's weight is then 1: TRL's loss)
+            n_pairs = inputs["readout"].shape[-1] if packed else inputs["input_ids"].shape[0] // 2
+            source_ids = torch.zeros(n_pairs, dtype=torch.long, device=inputs["input_ids"].device)
         mode = "train" if self.model.training else "eval"
         if packed:
             n_pair_tokens = inputs["num_pair_tokens"]
@@ -347,7 +446,7 @@ class MORERewardTrainer(RewardTrainer):
             margin = self.accelerator.gather_for_metrics((r_c - r_r).mean()).mean()
             self._metrics[mode]["margin"].append(margin.item())
             # ... and per-source ones
-            names = self.args.source_names or [str(i) for i in range(k)]
+            names = self.args.source_names or ([SINGLE_SOURCE] if k == 1 else [str(i) for i in range(k)])
             for i in torch.nonzero(present).flatten().tolist():
                 self._metrics[mode][f"loss/{names[i]}"].append((g_loss[i] / g_counts[i]).item())
                 self._metrics[mode][f"accuracy/{names[i]}"].append((g_correct[i] / g_counts[i]).item())
