@@ -125,6 +125,7 @@ def _tree(root):
     }
 
 
+@pytest.mark.slow
 def test_hostile_source_and_group_names_stay_inside_the_run_directory(tmp_path, capsys, one_thread):
     """Defect 1: a group value `../../../../../x` or a source name `/../../../x` made the stage write
     fingerprint.json outside the run directory and `--force reward` rmtree it; `a/b` failed after training."""
@@ -136,7 +137,7 @@ def test_hostile_source_and_group_names_stay_inside_the_run_directory(tmp_path, 
         d.mkdir(parents=True, exist_ok=True)
         (d / "precious.txt").write_text("user data")
     data_file = tmp_path / "pairs.jsonl"
-    groups = ["../../../../../x", "a/b", "n\x00l", "y" * 300]
+    groups = ["../../../../../x", "a/b", "n\x00l" + "y" * 300]  # `..`, `/`, NUL and > 255 bytes
     _pairs_file(data_file, groups)
     before = {k: v for k, v in _tree(sentinel).items() if not k.startswith("a/b/c/d/run/")}
 
