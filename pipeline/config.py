@@ -4,7 +4,7 @@ A recipe file has a few top-level keys (`name`, `description`, `seed`, `output_d
 section per stage. Every section maps 1:1 onto a dataclass that the stage module defines next to its
 code, in TRL's style (`field(default=..., metadata={"help": ...})`):
 
-    data:        pipeline.data.DataConfig                 (sources, sizes, mixing)
+    data:        pipeline.data.DataConfig                 (sources, sizes, batches)
     reward:      pipeline.reward.stage.RewardStageConfig  (RM methods, base model, PEFT, `train:` overrides)
     calibration: pipeline.calibration.stage.CalibrationConfig
     align:       pipeline.align.stage.AlignConfig
@@ -288,6 +288,15 @@ def _field_default(f: dataclasses.Field):
     return None
 
 
+# Keys that recipes used to accept but no code reads: refused with the reason (a key that does nothing must not
+# look like a setting, nor change a stage's hash).
+REMOVED_KEYS: dict[str, str] = {
+    "data.mixing": "each RM's method decides how its sources are mixed (more and uniform: per-source-balanced "
+    "batches of data.per_source_batch pairs per source; multitask and single: a shuffled concatenation), so "
+    "it never changed an RM. Fix: delete the key (choose mixing with reward.methods)",
+}
+
+
 def _unknown_key_error(path: str, key: str, valid: list[str], ctx: _Ctx) -> RecipeError:
     full = _join(path, key)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
@@ -316,6 +325,9 @@ def build_dataclass(cls: type, raw: Any, path: str = "", ctx: _Ctx | None = None
         )
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in raw:
+        if _join(path, str(key)) in REMOVED_KEYS:
+            full = _join(path, str(key))
+            raise RecipeError(f"{full} in {ctx.origin(_dotted(full))} is no longer read: {REMOVED_KEYS[full]}")
         if key not in fields:
             raise _unknown_key_error(path, str(key), list(fields), ctx)
     hints = _type_hints(cls)
@@ -691,7 +703,8 @@ def _sha256(obj: Any) -> str:
 
 def stage_config_hash(recipe: Recipe, stage: str, order: typing.Sequence[str] | None = None) -> str:
     """sha256 of what `stage` depends on: its own section, `data`, `seed`, every upstream stage's hash, and
-    the size and mtime of the local files the recipe names by path (`local_input_stats`).
+    the CONTENT of the local files the recipe names by path and the hub revision of the hub ids it names
+    (`local_input_stats`).
 
     Upstream = the stages before it in pipeline order (`pipeline.run.STAGES` unless `order` is given),
     so a change anywhere upstream changes every downstream hash. `name`, `description`, `output_dir` and
@@ -719,30 +732,43 @@ def stage_config_hash(recipe: Recipe, stage: str, order: typing.Sequence[str] | 
     return _sha256(payload)
 
 
-def local_input_stats(d: dict, stage: str) -> dict:
-    """Size and mtime of every file under the local paths a stage reads that the recipe names (data sources;
-    for calibration, `external_rms`): editing or replacing such a file changes the stage's hash, so a result
-    computed from the old file is never reused. Hub ids and missing paths contribute nothing; calibration's
-    own `temperature.json` inside an RM directory is not an input."""
-    paths = [
-        s.get("path")
+def _stage_input_paths(d: dict, stage: str) -> list[tuple[str, str]]:
+    """(path or hub id, hub repo type) of every input a stage reads that the recipe names: data sources (every
+    stage), the base model and a chat-template file (reward, align), calibration's external RMs."""
+    out = [
+        (s.get("path"), "dataset")
         for s in (d.get("data") or {}).get("sources") or []
         if isinstance(s, dict) and s.get("format") != "synthetic"
     ]
+    section = d.get(stage) or {}
+    if stage in ("reward", "align"):
+        out.append((section.get("model_name_or_path"), "model"))
+        template = section.get("chat_template")
+        if isinstance(template, str) and "{" not in template and template.strip().lower() != "none":
+            out.append((template, ""))  # a template file (a template TEXT is part of the section itself)
     if stage == "calibration":
-        paths += list(((d.get("calibration") or {}).get("external_rms") or {}).values())
+        out += [(p, "model") for p in (section.get("external_rms") or {}).values()]
+    return out
+
+
+def local_input_stats(d: dict, stage: str) -> dict:
+    """What a stage's inputs named by path hold: [relative path, size, sha256] of every file under each local
+    path (data sources; reward/align: the base model and a chat-template file; calibration: `external_rms`),
+    and for a hub id the commit the local hub cache resolves it to. Editing or replacing such a file (also in
+    place, with its size and mtime kept) changes the stage's hash, so a result computed from the old file is
+    never reused. Content hashes are cached (`pipeline.io.content_sha256`), so a large model is read once
+    per change. Missing paths and hub ids not in the local cache contribute nothing; calibration's own
+    `temperature.json` inside an RM directory is not an input."""
+    from pipeline.io import content_records, hub_revision
+
     out = {}
-    for p in paths:
-        if not isinstance(p, str) or not p or not os.path.exists(p):
+    for p, repo_type in _stage_input_paths(d, stage):
+        if not isinstance(p, str) or not p:
             continue
-        root = Path(p)
-        files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
-        out[p] = [
-            [f.relative_to(root).as_posix() if f != root else "", st.st_size, st.st_mtime_ns]
-            for f in files
-            if f.name != "temperature.json"
-            for st in [f.stat()]
-        ]
+        if os.path.exists(os.path.expanduser(p)):
+            out[p] = content_records(os.path.expanduser(p), skip=frozenset({"temperature.json"}))
+        elif repo_type and (rev := hub_revision(p, repo_type)):
+            out[p] = {"hub_revision": rev}
     return out
 
 

@@ -1,13 +1,74 @@
-"""Crash-safe file output: write to a temporary sibling, then rename (atomic on POSIX)."""
+"""Crash-safe file output (write to a temporary sibling, then rename: atomic on POSIX), the path helpers that
+keep every write and delete inside the run directory, and content fingerprints of input files.
+
+Names that come from data or recipes (source names, `group_by` values, RM names) never become paths as they
+are: `safe_component` turns one into a single safe path component, and `inside` / `remove_tree` refuse a path
+that does not resolve to a location inside the run directory before anything is written or deleted there.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Paths derived from names
+
+_SAFE_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+MAX_COMPONENT_BYTES = 100
+
+
+class UnsafePathError(ValueError):
+    """A path the pipeline was about to write or delete lies outside the directory it belongs to."""
+
+
+def safe_component(name: str) -> str:
+    """`name` as ONE path component. A name that is already safe (ASCII letters, digits and `._+-`, not
+    starting with `.` or `-`, at most 100 bytes) is returned unchanged, so plain names keep their layout;
+    any other name (`..`, `/`, an absolute path, NUL, spaces, non-ASCII, a very long name) becomes a readable
+    slug plus the first 10 hex digits of the name's sha256 (`a/b` -> `a_b-<hash>`), so two names never
+    share a directory. Callers keep the original name next to the path (DIR/reward/index.json does)."""
+    name = str(name)
+    if _SAFE_COMPONENT.fullmatch(name) and len(name) <= MAX_COMPONENT_BYTES:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    slug = re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("._-+")[:60].rstrip("._-+")
+    return f"{slug or 'name'}-{digest}"
+
+
+def inside(root: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """`path`, after checking that it resolves (symlinks followed) to a location strictly inside `root`;
+    raises UnsafePathError otherwise. Call it on every path built from a name before writing or deleting."""
+    root_r = Path(root).resolve()
+    p = Path(path) if Path(path).is_absolute() else Path(root) / path
+    resolved = p.resolve()
+    if resolved == root_r or not resolved.is_relative_to(root_r):
+        raise UnsafePathError(
+            f"refusing to touch {p}: it resolves to {resolved}, outside {root_r}. A source, group or RM name "
+            "must not make a path leave the run directory; report this as a bug, with the name"
+        )
+    return p
+
+
+def remove_tree(path: str | os.PathLike, root: str | os.PathLike) -> None:
+    """`shutil.rmtree(path)` (missing is fine) after checking that `path` lies inside `root` (`inside`). The
+    only way the pipeline deletes a directory; a symlink is unlinked, never followed."""
+    p = Path(path)
+    if not p.is_symlink() and not p.exists():
+        return
+    if p.is_symlink():
+        inside(root, p.parent)
+        p.unlink(missing_ok=True)
+        return
+    inside(root, p)
+    shutil.rmtree(p, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -56,14 +117,14 @@ def atomic_dir(path: str | os.PathLike):
         yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old, path.parent)
             os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old, path.parent)
         else:
             os.replace(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp, path.parent)
         raise
 
 
@@ -73,15 +134,11 @@ def atomic_dir(path: str | os.PathLike):
 
 def sha256_json(obj) -> str:
     """sha256 of a JSON-able object in canonical form (sorted keys), for fingerprints."""
-    import hashlib
-
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -127,3 +184,76 @@ def changed_files(root: str | os.PathLike, records: dict) -> list[str]:
         elif st.st_mtime_ns != rec.get("mtime_ns") and file_sha256(p) != rec.get("sha256"):
             bad.append(f"{rel} (content changed)")
     return bad
+
+
+# ---------------------------------------------------------------------------------------------------
+# Content hashes of input files (data files, base-model weights, templates), cached
+
+
+def hash_cache_dir() -> Path:
+    """Where `content_sha256` caches hashes: $MORE_PIPELINE_CACHE, else $XDG_CACHE_HOME/more-pipeline, else
+    ~/.cache/more-pipeline (one tiny file per (file, stat) key under `sha256/`; safe to delete any time)."""
+    if os.environ.get("MORE_PIPELINE_CACHE"):
+        return Path(os.environ["MORE_PIPELINE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "more-pipeline"
+
+
+def _stat_key(p: Path, st: os.stat_result) -> list:
+    # ctime too: an in-place edit that restores size and mtime (os.utime) still moves ctime, which no user
+    # call can set back
+    return [str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def content_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, cached by (absolute path, size, mtime_ns, ctime_ns, inode, device): a 14 GB
+    model is read once per change, and any change to the file (even one that keeps its size and restores its
+    mtime) changes the key, so the file is hashed again. A cache that cannot be written is skipped."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = sha256_json(_stat_key(p, st))
+    if key in _HASHED:
+        return _HASHED[key]
+    entry = hash_cache_dir() / "sha256" / key[:2] / key
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        cached = entry.read_text(encoding="ascii").strip()
+        if re.fullmatch(r"[0-9a-f]{64}", cached):
+            _HASHED[key] = cached
+            return cached
+    digest = file_sha256(p)
+    if _stat_key(p, p.stat()) == _stat_key(p, st):  # unchanged while it was read
+        _HASHED[key] = digest
+        with contextlib.suppress(OSError):
+            atomic_write_text(entry, digest + "\n")
+    return digest
+
+
+_HASHED: dict[str, str] = {}  # this process's hashes, also when the cache directory is not writable
+
+
+def content_records(path: str | os.PathLike, skip: frozenset = frozenset()) -> list | None:
+    """[[relative path, size, sha256], ...] of a file or of every file under a directory (sorted; file names
+    in `skip` left out), or None when `path` does not exist. What the stage hashes record of local inputs."""
+    root = Path(path)
+    if not root.exists():
+        return None
+    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+    return [
+        [f.relative_to(root).as_posix() if f != root else "", f.stat().st_size, content_sha256(f)]
+        for f in files
+        if f.name not in skip
+    ]
+
+
+def hub_revision(repo_id: str, repo_type: str = "model") -> str | None:
+    """The commit the local Hugging Face cache resolves `repo_id` (a model, or a dataset) to (its refs/main),
+    or None when it is not cached (or not a hub id)."""
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*", repo_id):
+        return None
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:  # pragma: no cover
+        return None
+    ref = Path(HF_HUB_CACHE) / f"{repo_type}s--{repo_id.replace('/', '--')}" / "refs" / "main"
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        return ref.read_text(encoding="utf-8").strip() or None
+    return None

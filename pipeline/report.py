@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.io import atomic_write_json, atomic_write_text, safe_component
 
 
 PAPER_CITATION = (
@@ -246,7 +246,7 @@ def _reward_section(run_dir: Path) -> list[str]:
         return lines + ["The reward stage has not run in this directory (no reward/index.json).", ""]
     lines += ["| RM | method | sources | training pairs |", "|---|---|---|---|"]
     for name, e in index.items():
-        info = _read_json(run_dir / "reward" / name / "reward_info.json") or {}
+        info = _read_json(run_dir / "reward" / safe_component(name) / "reward_info.json") or {}
         lines.append(
             f"| {name} | {e.get('method')} | {', '.join(e.get('sources', []))} | {info.get('n_train_pairs', '-')} |"
         )

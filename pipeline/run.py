@@ -51,7 +51,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
@@ -69,7 +68,7 @@ from pipeline.config import (
     recipe_yaml,
     stage_config_hash,
 )
-from pipeline.io import atomic_write_json, atomic_write_text, changed_files, file_records
+from pipeline.io import atomic_write_json, atomic_write_text, changed_files, file_records, remove_tree
 
 
 # The pipeline, in order: (stage name, module exposing `run(recipe, run_dir) -> list[str]`).
@@ -219,7 +218,7 @@ def clean_stale_tmp(run_dir: Path, stage: str) -> list[str]:
         candidates += list((run_dir / stage).rglob(".*.tmp"))
     for p in candidates:
         if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
+            remove_tree(p, run_dir)
         else:
             p.unlink(missing_ok=True)
         removed.append(str(p.relative_to(run_dir)))

@@ -39,7 +39,7 @@ def _src(name, n, extra=None):
 
 def test_default_config_is_the_five_synthetic_sources():
     cfg = DataConfig(synthetic=SMALL_SYN)
-    assert cfg.source_names == list(DEFAULT_SOURCES) and cfg.max_length == 512 and cfg.mixing == "balanced"
+    assert cfg.source_names == list(DEFAULT_SOURCES) and cfg.max_length == 512
     out = build_splits(cfg)
     assert list(out) == list(DEFAULT_SOURCES)
     for name, dd in out.items():
@@ -63,7 +63,7 @@ def test_config_from_dicts_and_validation():
         DataConfig(sources=[{"name": "a", "fromat": "jsonl"}])
     with pytest.raises(ValueError, match="duplicate"):
         DataConfig(sources=[SourceSpec("a"), SourceSpec("a")])
-    with pytest.raises(ValueError, match="mixing"):
+    with pytest.raises(TypeError, match="mixing"):  # removed: the RM's method decides (see test_config.py)
         DataConfig(mixing="interleave")
     with pytest.raises(ValueError, match="set the knobs in data.synthetic"):
         build_splits(DataConfig(sources=[SourceSpec("helpful", options={"seed": 1})]))

@@ -65,7 +65,7 @@ def test_paper_table2_settings(name):
     assert (by["oasst1"].format, by["oasst1"].path) == ("oasst1", "OpenAssistant/oasst1")
     assert (by["webgpt"].format, by["webgpt"].path) == ("webgpt", "openai/webgpt_comparisons")
     assert (by["summarize"].path, by["summarize"].config_name) == ("openai/summarize_from_feedback", "comparisons")
-    assert d.n_train_per_source == 40_000 and d.max_length == 512 and d.mixing == "balanced"
+    assert d.n_train_per_source == 40_000 and d.max_length == 512
     t = r.reward.train
     assert t["learning_rate"] == 1e-6 and t["num_train_epochs"] == 1 and t["bf16"] is True
     gpus = 8  # the paper's 8 x A100

@@ -23,14 +23,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.io import atomic_write_json, atomic_write_text, remove_tree
 
 
 PEFT_MODES = ("none", "lora", "qlora")
@@ -267,7 +266,6 @@ def _last_complete_trainer_checkpoint(folder: Path) -> str | None:
     after the weights, optimizer and RNG state); newer half-written ones (a crash or a full disk while
     saving) are deleted, saying so, instead of failing every rerun."""
     import re
-    import shutil
 
     found = sorted(
         (
@@ -282,7 +280,7 @@ def _last_complete_trainer_checkpoint(folder: Path) -> str | None:
             print(f"[align] resuming from {ckpt}")
             return str(ckpt)
         print(f"[align] skipping incomplete checkpoint {ckpt} (no trainer_state.json); deleting it")
-        shutil.rmtree(ckpt, ignore_errors=True)
+        remove_tree(ckpt, folder)
     return None
 
 
@@ -402,7 +400,7 @@ def _save_trained_policy(
             base = load_policy(policy_path, dtype="auto", trust_remote_code=trust_remote_code)
             merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
             save_policy(merged, tokenizer, policy_dir)
-            shutil.rmtree(adapter_dir, ignore_errors=True)
+            remove_tree(adapter_dir, out_dir)
     else:
         trainer.save_model(str(policy_dir))
         if state.is_main_process:
@@ -411,7 +409,7 @@ def _save_trained_policy(
     if state.is_main_process:
         atomic_write_json(out_dir / "train_log.json", log)
         if cleanup is not None:
-            shutil.rmtree(cleanup, ignore_errors=True)
+            remove_tree(cleanup, out_dir)
     state.wait_for_everyone()
     return log
 

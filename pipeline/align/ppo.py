@@ -46,7 +46,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -57,7 +56,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text
+from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, remove_tree
 
 
 # --------------------------------------------------------------------------------------------------
@@ -681,7 +680,7 @@ def train_ppo(
         _save_policy(unwrapped, state_dict, tokenizer, policy_dir, cfg)
         summary = _summary(log, cfg, policy_dir)
         atomic_write_json(summary_path, summary)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # the finished policy supersedes the checkpoints
+        remove_tree(ckpt_dir, output_dir)  # the finished policy supersedes the checkpoints
     accelerator.wait_for_everyone()
     return _summary(log, cfg, policy_dir)
 
@@ -772,7 +771,7 @@ def _save_checkpoint(accelerator, ckpt_dir: Path, step: int) -> None:
         atomic_write_json(ckpt_dir / "state.json", {"step": step, "dir": name})
         for old in ckpt_dir.glob("step-*"):
             if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_tree(old, ckpt_dir)
     accelerator.wait_for_everyone()
 
 

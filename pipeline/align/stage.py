@@ -44,7 +44,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text
+from pipeline.io import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    content_sha256,
+    inside,
+    remove_tree,
+    safe_component,
+)
 
 
 METHODS = ("best_of_n", "rjs", "ppo", "rloo")
@@ -331,13 +339,13 @@ def _fingerprint(obj) -> str:
 
 
 def _rm_stamp(rm_dir: Path) -> list:
-    """Cheap identity of an RM's weights (a retrained RM invalidates the alignments made with it)."""
+    """Identity of an RM's weights and temperature by content (a retrained RM, or one edited in place,
+    invalidates the alignments made with it); content hashes are cached (`pipeline.io.content_sha256`)."""
     out = []
     for name in ("model.safetensors", "adapter_model.safetensors", "temperature.json"):
         p = rm_dir / name
         if p.exists():
-            st = p.stat()
-            out.append([name, st.st_size, int(st.st_mtime)])
+            out.append([name, p.stat().st_size, content_sha256(p)])
     return out
 
 
@@ -651,17 +659,17 @@ def align_one(
     from pipeline.align import methods as M
 
     cfg = ctx.cfg
-    final = ctx.dir / rm / method
+    final = inside(ctx.run_dir, ctx.dir / safe_component(rm) / method)
     if (final / "settings.json").exists() and json.loads((final / "settings.json").read_text()) == settings:
         ctx.log(f"{rm}/{method}: done earlier, skipping")
         return
     ctx.log(f"{rm}/{method}: aligning")
-    work = ctx.dir / ".work" / rm / method
+    work = inside(ctx.run_dir, ctx.dir / ".work" / safe_component(rm) / method)
     if ctx.main:
         work.mkdir(parents=True, exist_ok=True)
         stamp = work / "settings.json"
         if stamp.exists() and json.loads(stamp.read_text()) != settings:
-            shutil.rmtree(work)  # stale partial work from other settings
+            remove_tree(work, ctx.run_dir)  # stale partial work from other settings
             work.mkdir(parents=True)
         atomic_write_json(stamp, settings)
     ctx.barrier()
@@ -796,7 +804,7 @@ def align_one(
             if ppl is not None:
                 atomic_write_json(tmp / "perplexity.json", ppl)
             atomic_write_json(tmp / "settings.json", settings)
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tree(work, ctx.run_dir)
     del reward
     gc.collect()
     ctx.barrier()
@@ -819,7 +827,7 @@ def _lora(cfg: AlignConfig) -> dict:
 def _policy_responses(ctx: _Ctx, who: str, method: str, base_eval: list[dict]) -> list[dict] | None:
     if who == "base":
         return base_eval
-    path = ctx.dir / who / method / "eval.jsonl"
+    path = ctx.dir / safe_component(who) / method / "eval.jsonl"
     if not path.exists():
         return None
     from pipeline.align.methods import read_jsonl
@@ -949,7 +957,7 @@ def run(recipe, run_dir: Path) -> list[str]:
     """Align, judge, tabulate. Returns the artifact paths (relative to run_dir)."""
     from pipeline.align.methods import read_jsonl, write_jsonl
     from pipeline.align.rewards import gold_reward_fn
-    from pipeline.reward.stage import resolve_rm_path
+    from pipeline.reward.stage import resolve_rm_path, rm_dir
 
     ctx = _Ctx(recipe, run_dir)
     cfg = ctx.cfg
@@ -964,7 +972,7 @@ def run(recipe, run_dir: Path) -> list[str]:
     for name in rms:
         p = resolve_rm_path(ctx.run_dir, name, index[name]["path"])
         if not p.is_dir():
-            p = ctx.run_dir / "reward" / name
+            p = rm_dir(ctx.run_dir, name)
         if not p.is_dir():
             raise FileNotFoundError(
                 f"reward model {name!r}: directory {index[name]['path']} (from {index_path}) does not exist"
@@ -1078,7 +1086,7 @@ def run(recipe, run_dir: Path) -> list[str]:
                 _fingerprint(settings),
             )
 
-    artifacts = ["align/base", *[f"align/{rm}/{m}" for rm in rms for m in cfg.methods]]
+    artifacts = ["align/base", *[f"align/{safe_component(rm)}/{m}" for rm in rms for m in cfg.methods]]
     if ctx.main:
         judgements, details, gold_means = judge_all(ctx, rms, base_eval, gold_fn)
         metrics = {
@@ -1086,7 +1094,7 @@ def run(recipe, run_dir: Path) -> list[str]:
         }
         for rm in rms:
             for m in cfg.methods:
-                sub = ctx.dir / rm / m
+                sub = ctx.dir / safe_component(rm) / m
                 ppl = (
                     json.loads((sub / "perplexity.json").read_text())
                     if (sub / "perplexity.json").exists()
@@ -1110,7 +1118,7 @@ def run(recipe, run_dir: Path) -> list[str]:
         write_jsonl(ctx.dir / "judge_details.jsonl", details)
         atomic_write_json(ctx.dir / "metrics.json", {"judge": judge_desc, "policies": metrics})
         atomic_write_text(ctx.dir / "table.md", render_table(judgements, metrics, judge_desc))
-        shutil.rmtree(ctx.dir / ".work", ignore_errors=True)
+        remove_tree(ctx.dir / ".work", ctx.run_dir)
     ctx.barrier()
     artifacts += ["align/judgements.json", "align/judge_details.jsonl", "align/metrics.json", "align/table.md"]
     return artifacts

@@ -198,7 +198,7 @@ class CalibrationConfig:
 def read_index(run_dir: Path, only: list[str] | None = None) -> dict:
     """DIR/reward/index.json, with every path resolved (relative paths are taken from DIR; see
     pipeline.reward.stage.resolve_rm_path)."""
-    from pipeline.reward.stage import resolve_rm_path
+    from pipeline.reward.stage import resolve_rm_path, rm_dir
 
     path = run_dir / "reward" / "index.json"
     if not path.is_file():
@@ -221,8 +221,8 @@ def read_index(run_dir: Path, only: list[str] | None = None) -> dict:
         if not isinstance(entry, dict) or "path" not in entry:
             raise ValueError(f"calibration: {path}: entry {name!r} has no 'path' field")
         p = resolve_rm_path(run_dir, name, entry["path"])
-        if not p.exists() and (run_dir / "reward" / name).exists():  # the run dir was moved
-            p = run_dir / "reward" / name
+        if not p.exists() and rm_dir(run_dir, name).exists():  # the run dir was moved
+            p = rm_dir(run_dir, name)
         out[name] = {
             **entry,
             "path": str(p),
@@ -770,7 +770,7 @@ def run(recipe, run_dir: Path) -> list[str]:
     import torch
     from accelerate import PartialState
 
-    from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text
+    from pipeline.io import UnsafePathError, atomic_dir, atomic_write_json, atomic_write_text, inside
 
     run_dir = Path(run_dir)
     cfg = getattr(recipe, "calibration", None) or CalibrationConfig()
@@ -886,6 +886,14 @@ def run(recipe, run_dir: Path) -> list[str]:
     artifacts = [f"calibration/{n}" for n in written]
     for rm, t in temperatures.items():
         if rm in index:
+            try:  # an index entry may name an RM directory outside this run: never write there
+                inside(run_dir, Path(index[rm]["path"]) / "temperature.json")
+            except UnsafePathError:
+                print(
+                    f"[calibration] {rm}: not writing temperature.json into {index[rm]['path']} (outside the run "
+                    f"directory {run_dir}); its temperature is in calibration/temperatures.json"
+                )
+                continue
             atomic_write_json(
                 Path(index[rm]["path"]) / "temperature.json",
                 {"temperature": t, **fits[rm], "fitted_on": "validation", "sources": sources},
@@ -901,6 +909,7 @@ def run(recipe, run_dir: Path) -> list[str]:
 
 def _plots(out: Path, index: dict, rewards: dict, sources: list[str], temperatures: dict, diversity, cfg) -> None:
     from pipeline.calibration import plots
+    from pipeline.io import safe_component
 
     test = {rm: {s: by_source[s]["test"] for s in sources} for rm, by_source in rewards.items()}
     plots.reliability_diagram(test, out / "reliability.png", n_bins=cfg.headline_bins, strategy=cfg.strategy)
@@ -917,7 +926,9 @@ def _plots(out: Path, index: dict, rewards: dict, sources: list[str], temperatur
     for rm, entry in index.items():
         traj = more_trajectories(entry["path"])
         if traj:
-            plots.more_weight_trajectories(traj, out / f"more_weights_{rm}.png", title=f"MORE source weights ({rm})")
+            plots.more_weight_trajectories(
+                traj, out / f"more_weights_{safe_component(rm)}.png", title=f"MORE source weights ({rm})"
+            )
     if diversity:
         rows, cols = [f"{t} ({n})" for n, t in zip(diversity["rms"], diversity["trained_on"])], diversity["tested_on"]
         plots.heatmap(

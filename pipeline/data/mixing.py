@@ -105,9 +105,6 @@ class DataConfig:
     max_length: int = field(
         default=512, metadata={"help": "Tokens per transcript; longer ones lose tokens on the LEFT."}
     )
-    mixing: str = field(
-        default="balanced", metadata={"help": "balanced (same size, per-source-balanced batches) | concat"}
-    )
     per_source_batch: int = field(default=4, metadata={"help": "Pairs of every source in each balanced batch."})
     seed: int = field(default=0, metadata={"help": "Seed of splitting, resampling and mixing."})
 
@@ -133,8 +130,6 @@ class DataConfig:
             raise ValueError(f"data.sources: duplicate source names {names}; give every source a unique name")
         if isinstance(self.synthetic, dict):
             self.synthetic = SyntheticConfig(**self.synthetic)
-        if self.mixing not in ("balanced", "concat"):
-            raise ValueError(f"data.mixing must be 'balanced' or 'concat', got {self.mixing!r}")
         if (
             not 0 <= self.test_fraction < 1
             or not 0 <= self.valid_fraction < 1

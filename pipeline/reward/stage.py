@@ -4,8 +4,11 @@ For every RM name (`more`, `multitask`, `uniform`, `single-<source>`), the stage
 (balanced blocks for more/uniform, a shuffled concatenation for multitask), trains a
 `MORERewardTrainer`, and saves `DIR/reward/<name>/` (model, tokenizer, model card, train_log.json)
 atomically, with `fingerprint.json`: a hash of everything that determines the RM (its training settings,
-the reward section, the training rows actually used, the tokenizer, the base model, the seed, the world
-size) and the size and sha256 of every file written. A finished RM is reused only when its fingerprint
+the reward section, the training rows actually used, the tokenizer with its chat template text, the base
+model's config and weight CONTENT (sha256) or hub revision, the seed, the world size) and the size and
+sha256 of every file written. A name that is not a safe path component (a `group_by` source `src/a/b`, a
+name with `..` or NUL) gets the directory `pipeline.io.safe_component(name)` (a slug plus a hash), and every
+path is checked to lie inside the run directory before it is written or deleted. A finished RM is reused only when its fingerprint
 matches and its files are intact; otherwise it is retrained and the log says why (`force=True`, i.e.
 `--force reward`, retrains every RM). An interrupted RM resumes from its last COMPLETE Trainer checkpoint in
 `DIR/reward/.checkpoints/<name>/` (one whose fingerprint matches; incomplete ones are deleted, and the log
@@ -17,14 +20,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.io import atomic_write_json, changed_files, file_records, sha256_json
+from pipeline.io import (
+    atomic_write_json,
+    changed_files,
+    content_sha256,
+    file_records,
+    hub_revision,
+    inside,
+    remove_tree,
+    safe_component,
+    sha256_json,
+)
 from pipeline.models import TinyModelSpec, load_tokenizer, quantization_config, tiny_model, tiny_tokenizer
 
 
@@ -126,6 +138,16 @@ class RewardStageConfig:
         return {**self.train, **extra}
 
 
+def rm_dir(run_dir: Path, name: str) -> Path:
+    """DIR/reward/<name> for a plain RM name; a name that is not a safe path component (a source or group
+    name with `/`, `..`, NUL, ... in it) becomes a slug plus a hash (`pipeline.io.safe_component`)."""
+    return Path(run_dir) / "reward" / safe_component(name)
+
+
+def checkpoint_dir(run_dir: Path, name: str) -> Path:
+    return Path(run_dir) / "reward" / ".checkpoints" / safe_component(name)
+
+
 def rm_names(cfg: RewardStageConfig, sources: list[str]) -> list[tuple[str, str, list[str]]]:
     """(rm name, trainer method, sources) for every RM the config asks for."""
     out = []
@@ -213,12 +235,12 @@ def base_model_path(recipe, tokenizer, run_dir: Path, splits=None) -> str:
         if (base / "config.json").exists():
             print("[reward] the tiny base model's settings or training texts changed: rebuilding reward/.base")
         tmp = base.with_name(".base.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp, run_dir)
         tiny_model(cfg.tiny, tokenizer, task="reward", seed=recipe.seed).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if fp is not None:
             atomic_write_json(tmp / FINGERPRINT, {"fingerprint": fp})
-        shutil.rmtree(base, ignore_errors=True)
+        remove_tree(base, run_dir)
         os.replace(tmp, base)
     state.wait_for_everyone()
     return str(base)
@@ -273,23 +295,34 @@ def _dataset_sha256(ds) -> str:
 
 
 def _tokenizer_sha256(tokenizer) -> str:
+    """The tokenizer's vocabulary and merges, special tokens, padding side and chat template TEXT (the
+    template the RM renders conversations with, wherever it came from: a file, the recipe, the tokenizer)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
-    return sha256_json({"tokenizer": text, "special": special, "padding_side": tokenizer.padding_side})
+    rec = {"tokenizer": text, "special": special, "padding_side": tokenizer.padding_side}
+    template = getattr(tokenizer, "chat_template", None)
+    if template:  # only when set, so fingerprints of RMs without a template stay as they were
+        rec["chat_template_sha256"] = sha256_json(template)
+    return sha256_json(rec)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 
 
 def _base_model_record(base: str) -> dict:
-    """The base model's identity: its path, and for a local directory its config and weight file sizes."""
+    """The base model's identity: for a local directory its config and the size and sha256 of every weight
+    file (content hashes cached by `pipeline.io.content_sha256`, so a large model is read once per change);
+    for a hub id its name and the commit the local hub cache resolves it to (None when not cached)."""
     p = Path(base)
     if not p.is_dir():
-        return {"path": base}  # a hub id: its name (and revision, when pinned in the name)
+        return {"path": base, "revision": hub_revision(base)}
     rec = {
         "config": json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else None,
         "weights": {
-            f.name: f.stat().st_size
-            for f in sorted(p.iterdir())
-            if f.suffix in (".safetensors", ".bin", ".pt", ".pth") and f.is_file()
+            f.relative_to(p).as_posix(): f"{f.stat().st_size} bytes, sha256 {content_sha256(f)}"
+            for f in sorted(p.rglob("*"))
+            if f.suffix in WEIGHT_SUFFIXES and f.is_file() and not f.relative_to(p).as_posix().startswith(".")
         },
     }
     if (p / FINGERPRINT).is_file():  # the tiny base: what it was built from
@@ -337,7 +370,7 @@ def plan_rm(recipe, run_dir: Path, name: str, method: str, sources: list[str], s
     args = cfg.training_args(
         dict(
             **cpu_defaults,
-            output_dir=str(run_dir / "reward" / ".checkpoints" / name),
+            output_dir=str(checkpoint_dir(run_dir, name)),
             method=method,
             source_names=sources,
             balanced_batches=balanced,
@@ -399,7 +432,7 @@ def stale_reason(out: Path, plan: RMPlan) -> str | None:
     return None
 
 
-def _resume_point(ckpt_dir: Path, plan: RMPlan) -> str | None:
+def _resume_point(ckpt_dir: Path, plan: RMPlan, run_dir: Path) -> str | None:
     """The checkpoint to resume from (main process decides; deletes stale and incomplete ones)."""
     from pipeline.reward.trainer import checkpoint_problem, list_checkpoints
 
@@ -412,14 +445,14 @@ def _resume_point(ckpt_dir: Path, plan: RMPlan) -> str | None:
     if recorded != plan.fingerprint:
         if list_checkpoints(ckpt_dir):
             print(f"[reward] {plan.name}: discarding checkpoints in {ckpt_dir}: they were made from other inputs")
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        remove_tree(ckpt_dir, run_dir)
         return None
     for ckpt in list_checkpoints(ckpt_dir):
         problem = checkpoint_problem(ckpt, plan.method)
         if problem is None:
             return str(ckpt)
         print(f"[reward] {plan.name}: skipping incomplete checkpoint {ckpt.name} ({problem}); deleting it")
-        shutil.rmtree(ckpt, ignore_errors=True)
+        remove_tree(ckpt, run_dir)
     return None
 
 
@@ -430,8 +463,8 @@ def train_one(recipe, run_dir: Path, plan: RMPlan, tokenizer, base: str, fresh: 
     from pipeline.reward.trainer import MORERewardConfig, MORERewardTrainer
 
     cfg, name = recipe.reward, plan.name
-    out = run_dir / "reward" / name
-    ckpt_dir = run_dir / "reward" / ".checkpoints" / name
+    out = inside(run_dir, rm_dir(run_dir, name))
+    ckpt_dir = inside(run_dir, checkpoint_dir(run_dir, name))
     if cfg.train.get("deepspeed") and not torch.cuda.is_available():
         # DeepSpeed on CPU: its comm layer must wrap the gloo group before the Trainer builds its config
         import deepspeed
@@ -441,8 +474,8 @@ def train_one(recipe, run_dir: Path, plan: RMPlan, tokenizer, base: str, fresh: 
     last = None
     if state.is_main_process:
         if fresh:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-        last = _resume_point(ckpt_dir, plan)
+            remove_tree(ckpt_dir, run_dir)
+        last = _resume_point(ckpt_dir, plan, run_dir)
         if last:
             print(f"[reward] {name}: resuming from {last} (its last complete checkpoint)")
         elif ckpt_dir.is_dir() and not fresh:
@@ -461,9 +494,9 @@ def train_one(recipe, run_dir: Path, plan: RMPlan, tokenizer, base: str, fresh: 
     )
     trainer.train(resume_from_checkpoint=last)
 
-    partial = out.with_name(f".{name}.partial")
+    partial = inside(run_dir, out.with_name(f".{out.name}.partial"))
     if state.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
+        remove_tree(partial, run_dir)
     state.wait_for_everyone()
     trainer.save_with_card(partial, base_model=cfg.model_name_or_path)  # every rank (ZeRO-3 gathers)
     if state.is_main_process:
@@ -488,9 +521,9 @@ def train_one(recipe, run_dir: Path, plan: RMPlan, tokenizer, base: str, fresh: 
                 "files": {str(Path(f)): r for f, r in files.items()},
             },
         )
-        shutil.rmtree(out, ignore_errors=True)
+        remove_tree(out, run_dir)
         os.replace(partial, out)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        remove_tree(ckpt_dir, run_dir)
     state.wait_for_everyone()
     del trainer, model
 
@@ -509,7 +542,7 @@ def run(recipe, run_dir: Path, force: bool = False) -> list[str]:
     base = base_model_path(recipe, tokenizer, run_dir, splits)
     index = {}
     for name, method, srcs in rm_names(recipe.reward, sources):
-        out = run_dir / "reward" / name
+        out = inside(run_dir, rm_dir(run_dir, name))
         plan = plan_rm(recipe, run_dir, name, method, srcs, splits, tokenizer, base)
         reason = "forced (--force reward)" if force else stale_reason(out, plan)
         if reason is None:
@@ -517,8 +550,8 @@ def run(recipe, run_dir: Path, force: bool = False) -> list[str]:
         else:
             print(f"[reward] training {name} (method={method}, sources={srcs}): {reason}")
             train_one(recipe, run_dir, plan, tokenizer, base, fresh=force)
-        index[name] = {
-            "path": f"reward/{name}",
+        index[name] = {  # the key is the RM's name as given; the path its directory (safe_component)
+            "path": f"reward/{out.name}",
             "method": "single" if name.startswith("single-") else method,
             "sources": srcs,
         }
@@ -544,7 +577,7 @@ def resolve_rm_path(run_dir: Path, name: str, path: str) -> Path:
     a copied run never reads or writes the original."""
     run_dir = Path(run_dir).resolve()
     p = Path(path)
-    local = run_dir / "reward" / name
+    local = rm_dir(run_dir, name)
     if not p.is_absolute():
         for cand in (run_dir / p, run_dir / "reward" / p):
             if cand.exists():
@@ -555,6 +588,6 @@ def resolve_rm_path(run_dir: Path, name: str, path: str) -> Path:
         return p
     except ValueError:
         pass
-    if local.exists() and p.name == name and p.parent.name == "reward":
+    if local.exists() and p.name == local.name and p.parent.name == "reward":
         return local
     return p
