@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 
 import pytest
 
@@ -119,3 +120,96 @@ def test_a_broken_chat_template_is_one_line(tmp_path, monkeypatch, capsys, templ
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"reward.chat_template ({tmp_path / 't.jinja'}): the chat template" in err
     assert expected in err and "reward.chat_template=none" in err
+
+
+# ---------------------------------------------------------------------------------------------------
+# external reward models that do not load: one ModelLoadError naming the model, the problem and the fix
+
+
+def _tiny_rm(tok, path, pad: bool = True):
+    from pipeline.models import TinyModelSpec, tiny_model
+
+    model = tiny_model(TinyModelSpec(arch="gpt_neox", size="tiny"), tok, task="reward", seed=0)
+    if not pad:
+        model.config.pad_token_id = None
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _offline(monkeypatch):
+    """No network in tests: a hub id fails at once, as with HF_HUB_OFFLINE=1 (read when the hub is imported)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def _broken_rms(root, tok):
+    """{case: (directory or hub id, expected message)} of the ways an external RM directory can be broken."""
+    good = _tiny_rm(tok, root / "good")
+    (root / "notes").mkdir()
+    (root / "notes" / "README.md").write_text("my reward model, coming soon")
+    bad_json = root / "badjson"
+    bad_json.mkdir()
+    (bad_json / "config.json").write_text('{"model_type": "gpt_neox",')
+    (bad_json / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes())
+    no_weights = root / "noweights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((good / "config.json").read_text())
+    adapter = root / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"task_type": "SEQ_CLS", "base_model_name_or_path": str(root / "gone"), "peft_type": "LORA"})
+    )
+    (adapter / "adapter_model.safetensors").write_bytes(b"{}")
+    return {
+        "not a model": (root / "notes", r"is not a model directory: it has no config.json \(README.md\)"),
+        "invalid config.json": (bad_json, r"config.json is not valid JSON \(.* at line 1"),
+        "no weights": (no_weights, r"has a config.json but no weights \(model.safetensors"),
+        "adapter without its base": (adapter, rf"is for the base model '{root / 'gone'}'.*which does not exist"),
+        "unreachable hub id": (
+            "nobody-here/no-such-rm",
+            r"'nobody-here/no-such-rm' is no local directory, and as a hub",
+        ),
+    }
+
+
+def test_broken_reward_model_directories_are_one_clear_error(tmp_path, tiny_tok, monkeypatch):
+    from pipeline.models import ModelLoadError, load_reward_model
+
+    _offline(monkeypatch)
+    for case, (path, message) in _broken_rms(tmp_path, tiny_tok).items():
+        with pytest.raises(ModelLoadError, match=message) as err:
+            load_reward_model(str(path))
+        assert "Fix:" in str(err.value) and "\n" not in str(err.value), case
+
+
+@pytest.mark.parametrize("case", ["not a model", "invalid config.json", "no weights", "unreachable hub id"])
+def test_broken_external_rm_exits_2_with_one_line(tmp_path, tiny_tok, monkeypatch, capsys, case):
+    _offline(monkeypatch)
+    monkeypatch.delenv("PIPELINE_TRACEBACK", raising=False)
+    path, message = _broken_rms(tmp_path / "rms", tiny_tok)[case]
+    recipe = (
+        "name: t\nseed: 0\nstages: [calibration]\n"
+        "data:\n  synthetic: {n_train: 24, n_valid: 16, n_test: 16}\n"
+        f"calibration:\n  external_rms: {{x: '{path}'}}\n  bootstrap_samples: 20\n  progress: false\n"
+    )
+    assert _main(tmp_path, recipe=recipe) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1
+    assert "calibration.external_rms.x" in err, err
+    assert re.search(message, err), err
+
+
+def test_an_rm_config_without_pad_token_id_gets_the_tokenizer_s(tmp_path, tiny_tok):
+    from pipeline.align.rewards import RMReward
+    from pipeline.models import ModelLoadError, copy_pad_token_id, load_reward_model
+
+    path = _tiny_rm(tiny_tok, tmp_path / "nopad", pad=False)
+    assert json.loads((path / "config.json").read_text()).get("pad_token_id") is None
+    rm = RMReward(str(path), max_length=64, temperature=1.0)  # a batch of two needs the pad id
+    assert rm.model.config.pad_token_id == tiny_tok.pad_token_id
+    assert rm(["\n\nHuman: hi\n\nAssistant:"] * 2, [" hello there", " no"]).shape == (2,)
+    model = load_reward_model(str(path))
+    with pytest.raises(ModelLoadError, match=r"reward model x: its config.json has no pad_token_id .*Fix: set"):
+        copy_pad_token_id(model, type("Tok", (), {"pad_token_id": 10**6, "eos_token_id": 1})(), key="reward model x")
