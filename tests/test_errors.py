@@ -42,7 +42,6 @@ def _main(tmp_path, *overrides, recipe=TINY_REWARD_RECIPE):
     return R.main(["--recipe", str(path), "--output-dir", str(tmp_path / "run"), *overrides])
 
 
-@pytest.mark.slow
 def test_disk_full_while_checkpointing_is_one_line_and_recorded(tmp_path, monkeypatch, capsys):
     from transformers import Trainer
 

@@ -463,13 +463,14 @@ def test_no_trace_of_the_key_in_the_run_directory_or_logs(case, fakes, tmp_path,
 
         monkeypatch.setattr(fake_align, "run", align)
         rc = R.main(["--recipe", str(fakes / "fake.yaml"), "--output-dir", str(tmp_path / "run")])
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     if case == "key in a reply":
         assert rc == 0 and "***" in (tmp_path / "run" / "align" / "details.json").read_text()
     else:
         assert rc == 2 and "***" in err and "***" in manifest["stages"]["align"]["error"]
-    blobs = {"stderr": err, "log": caplog.text}
+    blobs = {"stderr": err, "stdout": captured.out, "log": caplog.text}
     blobs.update({str(p): p.read_text("utf-8", "replace") for p in (tmp_path / "run").rglob("*") if p.is_file()})
     for where, text in blobs.items():
         leaked = [f for f in _key_forms(HOSTILE_KEY) if f in text]
