@@ -386,11 +386,15 @@ def _human(n: float) -> str:
 
 def disk_full_message(recipe, run_dir: Path, stage: str, err: OSError) -> str:
     where = Path(err.filename).parent if getattr(err, "filename", None) else Path(run_dir)
-    need, how = space_needed(recipe, run_dir, stage)
+    try:
+        need, how = space_needed(recipe, run_dir, stage)
+    except OSError:  # files vanishing while they are counted
+        need, how = 0, ""
+    amount = f"about {_human(need)} more: {how}" if need else "more (no estimate: it had written nothing yet)"
     return (
         f"the {stage} stage ran out of disk space writing in {where} ({_human(_free_bytes(where))} free; it "
-        f"needs about {_human(need)} more: {how}). Fix: free space there or pass an --output-dir on a larger "
-        "disk, then rerun the same command (finished work is kept)"
+        f"needs {amount}). Fix: free space there or pass an --output-dir on a larger disk, then rerun the same "
+        "command (finished work is kept)"
     )
 
 
