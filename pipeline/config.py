@@ -607,6 +607,18 @@ def check_recipe(recipe: Recipe, stages: typing.Sequence[str], align_runs: bool 
     `pipeline.run` calls it after planning, before any work. Raises one RecipeError naming the key and the fix."""
     ctx = ctx or getattr(recipe, "_origin", None) or _Ctx("the recipe", {})
     data, reward, align = recipe.data, recipe.reward, recipe.align
+    for section in ("reward", "align"):  # a template that does not parse or raises fails before any work
+        template = getattr(getattr(recipe, section, None), "chat_template", None)
+        if section in stages and isinstance(template, str):
+            from pipeline.data.render import set_chat_template
+
+            class _Holder:
+                chat_template = None
+
+            try:
+                set_chat_template(_Holder(), template, where=f"{section}.chat_template")
+            except ValueError as e:
+                raise RecipeError(f"{e} (in {ctx.origin(section + '.chat_template')})") from None
     sources = getattr(data, "source_names", None)
     if "align" not in stages or align is None:
         return

@@ -120,6 +120,9 @@ def test_a_broken_chat_template_is_one_line(tmp_path, monkeypatch, capsys, templ
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"reward.chat_template ({tmp_path / 't.jinja'}): the chat template" in err
     assert expected in err and "reward.chat_template=none" in err
+    # and before any work, also under --dry-run
+    assert _main(tmp_path, "--dry-run", f"reward.chat_template={tmp_path / 't.jinja'}") == 2
+    assert expected in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------
