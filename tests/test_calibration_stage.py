@@ -232,7 +232,7 @@ def test_bad_inputs_raise_one_clear_error(tmp_path, tiny_tok):
     (reward / "broken").mkdir(parents=True)
     (reward / "broken" / "config.json").write_text("{not json")
     (reward / "index.json").write_text(json.dumps({"broken": {"path": str(reward / "broken"), "method": "more"}}))
-    with pytest.raises(RuntimeError, match="reward model 'broken' at .* does not load"):
+    with pytest.raises(ValueError, match="reward model 'broken' at .* does not load"):
         run(_recipe(), tmp_path)
     (reward / "index.json").write_text(json.dumps({"gone": {"path": str(reward / "gone"), "method": "more"}}))
     with pytest.raises(FileNotFoundError, match="reward model 'gone'.*does not exist"):

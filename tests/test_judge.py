@@ -27,6 +27,7 @@ from pipeline.align.judge import (
     wilson_interval,
 )
 from tests.test_align_helpers import judge_server
+from tests.test_run import fakes  # noqa: F401 - the fixture of fake stages
 
 
 SECRET = "sk-test-DO-NOT-LEAK-1234"
@@ -366,3 +367,127 @@ def test_truncated_body_or_garbage_status_is_retried(tmp_path, bad):
         )
         with pytest.raises(JudgeError, match="kept failing after 2 attempts"):
             judge.compare([Comparison(P, "a", "b")])
+
+
+# ---------------------------------------------------------------------------------------------------
+# secrets: hostile endpoints echo the key in every encoding; nothing of it may reach a file or a log line
+
+HOSTILE_KEY = "sk-proj/Ab12+Cd34=Ef56-LEAK_7890"
+
+
+def _key_forms(key: str) -> list[str]:
+    """The key as is, JSON-escaped and URL-encoded, and every run of 8 of its characters (a cut prefix)."""
+    import urllib.parse
+
+    forms = [key, key.replace("/", "\\/"), urllib.parse.quote(key, safe=""), urllib.parse.quote_plus(key)]
+    return forms + [f[i : i + 8] for f in forms for i in range(len(f) - 7)]
+
+
+def test_redact_secret_forms():
+    import urllib.parse
+
+    from pipeline.align.judge import redact_secret
+
+    k = HOSTILE_KEY
+    cases = [
+        k,
+        json.dumps({"error": f"bad key {k}"}).replace("/", "\\/"),  # JSON with escaped slashes
+        json.dumps({"error": f"bad key {k}"}, ensure_ascii=True).replace("/", "\\u002f"),
+        json.dumps(json.dumps(k)),  # escaped twice
+        urllib.parse.quote(k, safe=""),
+        urllib.parse.quote(k, safe="").replace("%2F", "%2f"),
+        urllib.parse.quote_plus(k),
+        k[:9] + "\n" + k[9:],  # split across lines
+        json.dumps(k[:5] + "\r\n" + k[5:]),  # split, escaped line break
+        "x" * 20 + k[:12],  # the prefix a cut leaves
+        k[-10:] + " rest",
+    ]
+    for text in cases:
+        out = redact_secret(text, k)
+        assert "***" in out, text
+        assert not any(f in out for f in _key_forms(k)), (text, out)
+    assert redact_secret("nothing secret here / 100%", k) == "nothing secret here / 100%"
+    assert redact_secret("key sk-proj ok", k) == "key sk-proj ok"  # 7 characters: not a secret
+    assert redact_secret("abc", None) == "abc" and redact_secret("xkeyx", "key") == "x***x"
+
+
+def _hostile(server, case: str) -> None:
+    import urllib.parse
+
+    if case == "401 with the key JSON-escaped":
+        server.status = 401
+        server.error_body = lambda auth: json.dumps({"error": {"message": f"bad key {HOSTILE_KEY}"}}).replace(
+            "/", "\\/"
+        )
+    elif case == "500 echoing the key":
+        server.fail_first = 1000
+        server.error_body = lambda auth: f"overloaded; request was {auth} (key={urllib.parse.quote(HOSTILE_KEY)})"
+    elif case == "key near the truncation point":
+        server.status = 403
+        server.error_body = lambda auth: "x" * 292 + HOSTILE_KEY + " and " + urllib.parse.quote(HOSTILE_KEY)
+    elif case == "key in a reply":
+        escaped = json.dumps(HOSTILE_KEY).replace("/", "\\/")
+        split = f"{HOSTILE_KEY[:10]}\n{HOSTILE_KEY[10:]}"
+        server.reply_prefix = lambda auth: f"Your key is {split}, {urllib.parse.quote(HOSTILE_KEY)}, {escaped}.\n"
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["401 with the key JSON-escaped", "500 echoing the key", "key near the truncation point", "key in a reply"],
+)
+def test_no_trace_of_the_key_in_the_run_directory_or_logs(case, fakes, tmp_path, monkeypatch, capsys, caplog):  # noqa: F811
+    """The whole path a judging error or reply takes: the stage's files, the judge cache, manifest.json
+    (the stage's error), stderr (the one-line error) and every log line (retries, warnings)."""
+    import fake_align
+
+    from pipeline import run as R
+
+    monkeypatch.setenv("HOSTILE_KEY", HOSTILE_KEY)
+    monkeypatch.delenv("PIPELINE_TRACEBACK", raising=False)
+    caplog.set_level("DEBUG")
+    with judge_server() as server:
+        _hostile(server, case)
+
+        def align(recipe, run_dir):
+            judge = OpenAIJudge(
+                server.base_url,
+                "judge-model",
+                api_key_env="HOSTILE_KEY",
+                cache_path=run_dir / "align" / "judge_cache.jsonl",
+                retries=1,
+                backoff_s=0.01,
+            )
+            out = judge.compare([Comparison(P, "GOOD white", "bad green")])
+            (run_dir / "align" / "details.json").write_text(json.dumps(out))
+            return ["align/details.json"]
+
+        monkeypatch.setattr(fake_align, "run", align)
+        rc = R.main(["--recipe", str(fakes / "fake.yaml"), "--output-dir", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    err = captured.err
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    if case == "key in a reply":
+        assert rc == 0 and "***" in (tmp_path / "run" / "align" / "details.json").read_text()
+    else:
+        assert rc == 2 and "***" in err and "***" in manifest["stages"]["align"]["error"]
+    blobs = {"stderr": err, "stdout": captured.out, "log": caplog.text}
+    blobs.update({str(p): p.read_text("utf-8", "replace") for p in (tmp_path / "run").rglob("*") if p.is_file()})
+    for where, text in blobs.items():
+        leaked = [f for f in _key_forms(HOSTILE_KEY) if f in text]
+        assert not leaked, f"{case}: {leaked[:3]} in {where}"
+
+
+def test_a_judge_without_verdicts_fails_after_max_invalid_in_a_row(server, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("JUDGE_TEST_KEY", SECRET)
+    comps = [Comparison(P, f"NOVERDICT {i}", "x") for i in range(10)]
+    with pytest.raises(JudgeError, match=r"3 requests in a row without a verdict.*align.judge.max_invalid=3"):
+        _judge(server, tmp_path, max_invalid=3, concurrency=1).compare(comps)
+    assert server.requests == 3  # stopped at once, not after all 20 requests
+    # 0 = never stop: every comparison invalid, with a warning
+    caplog.set_level("WARNING")
+    out = _judge(server, tmp_path, max_invalid=0, concurrency=2).compare(comps)
+    assert [o["verdict"] for o in out] == ["invalid"] * 10 and "10 of 10 comparisons have no verdict" in caplog.text
+    # invalid replies scattered among valid ones never stop it
+    mixed = [Comparison(P, "GOOD" if i % 2 else "NOVERDICT", f"y{i}") for i in range(12)]
+    out = _judge(server, tmp_path / "m", max_invalid=3, concurrency=1).compare(mixed)
+    assert [o["verdict"] for o in out].count("invalid") == 6

@@ -22,7 +22,10 @@ Two judges:
   bytes is cut off at the deadline and the attempt counts as failed, like a truncated body, a garbage
   status line or an HTTP 500 (all retried). The API key is read from the environment variable NAMED by
   `api_key_env`; it is never stored, logged or put in an error message: the key and any `Bearer <token>`
-  are redacted from every reply before it is cached or returned (an endpoint may echo the header).
+  are redacted from every reply and error body before it is cut, cached or returned (an endpoint may echo
+  the header), also JSON-escaped, URL-encoded, split across lines, or any 8 characters of it in a row
+  (`redact_secret`). After `max_invalid` replies in a row without a verdict the judging stops with one
+  error (a judge model that does not follow the instruction), instead of counting everything invalid.
 
 Aggregation (`summarize`): fractions of win/tie/lose over the valid comparisons, counts (invalid
 included), and Wilson score intervals per outcome.
@@ -185,6 +188,58 @@ def judge_prompt(conversation: str | list[dict], response_a: str, response_b: st
     )
 
 
+# ---------------------------------------------------------------------------------------------------
+# secrets: the API key never leaves the judge, in any encoding an endpoint may echo it in
+
+_ESCAPE = re.compile(r"\\+(?:u([0-9a-fA-F]{4})|([nrt])|([/\\\"']))|%([0-9a-fA-F]{2})|(\s)")
+
+
+def _decoded_chars(text: str) -> list[tuple[str | None, int, int]]:
+    """`text` as (char, raw start, raw end) tokens, JSON escapes (`\\/`, `\\u002f`, any number of backslashes)
+    and URL escapes (`%2F`) decoded; whitespace and escaped line breaks are separators (char None)."""
+    out: list[tuple[str | None, int, int]] = []
+    i = 0
+    for m in _ESCAPE.finditer(text):
+        out.extend((c, j, j + 1) for j, c in enumerate(text[i : m.start()], i))
+        u, _, esc, pct, _ = m.groups()
+        char = chr(int(u, 16)) if u else esc if esc else chr(int(pct, 16)) if pct else None
+        out.append((char, m.start(), m.end()))
+        i = m.end()
+    out.extend((c, j, j + 1) for j, c in enumerate(text[i:], i))
+    return out
+
+
+def redact_secret(text: str, secret: str | None, min_len: int = 8, mask: str = "***") -> str:
+    """`text` with `secret` masked wherever it appears: as is, JSON-escaped (`\\/`, `\\uXXXX`), URL-encoded
+    (`%2F`), split by whitespace or escaped line breaks, and every run of at least `min_len` consecutive
+    characters of it (the prefix a cut leaves, a suffix, a piece of a split key). Call it on a whole body
+    BEFORE any truncation: a cut can leave a piece shorter than `min_len`."""
+    if not secret or not text:
+        return text
+    n = min(min_len, len(secret))
+    grams = {secret[i : i + n] for i in range(len(secret) - n + 1)}
+    tokens = [t for t in _decoded_chars(text) if t[0] is not None]  # separators dropped: a split key joins up
+    decoded = "".join(t[0] for t in tokens)
+    hit = [False] * len(tokens)
+    for i in range(len(decoded) - n + 1):
+        if decoded[i : i + n] in grams:
+            hit[i : i + n] = [True] * n
+    spans: list[list[int]] = []  # raw [start, end) of each run of consecutive masked tokens
+    for k, (_, start, end) in enumerate(tokens):
+        if hit[k]:
+            if k > 0 and hit[k - 1]:
+                spans[-1][1] = end
+            else:
+                spans.append([start, end])
+    if not spans:
+        return text
+    parts, last = [], 0
+    for start, end in spans:
+        parts += [text[last:start], mask]
+        last = end
+    return "".join(parts) + text[last:]
+
+
 def cache_key(model: str, prompt: str, order: str) -> str:
     return hashlib.sha256(json.dumps([model, prompt, order], ensure_ascii=False).encode("utf-8")).hexdigest()
 
@@ -203,6 +258,10 @@ class JudgeUnreachable(JudgeError):
 
 class JudgeBudgetExhausted(JudgeError):
     pass
+
+
+class JudgeNoVerdicts(JudgeError):
+    """The endpoint keeps answering without a verdict (a model that does not follow the instruction)."""
 
 
 class _Retriable(Exception):
@@ -319,11 +378,12 @@ class OpenAIJudge:
         timeout_s: float = 60.0,
         temperature: float = 0.0,
         max_tokens: int = 256,
+        max_invalid: int = 8,
     ):
         if not base_url or not model:
             raise ValueError("the openai judge needs align.judge.base_url and align.judge.model")
-        if concurrency < 1 or retries < 0 or max_requests < 0:
-            raise ValueError("align.judge: concurrency must be >= 1, retries and max_requests >= 0")
+        if concurrency < 1 or retries < 0 or max_requests < 0 or max_invalid < 0:
+            raise ValueError("align.judge: concurrency must be >= 1, retries, max_requests and max_invalid >= 0")
         self.url = base_url.rstrip("/") + (
             "" if base_url.rstrip("/").endswith("/chat/completions") else "/chat/completions"
         )
@@ -337,6 +397,8 @@ class OpenAIJudge:
         self.concurrency, self.max_requests, self.retries = concurrency, max_requests, retries
         self.backoff_s, self.max_backoff_s, self.timeout_s = backoff_s, max_backoff_s, timeout_s
         self.temperature, self.max_tokens = temperature, max_tokens
+        self.max_invalid = max_invalid  # consecutive replies without a verdict that stop judging (0: never)
+        self._invalid_streak = 0
         self.n_requests = 0  # HTTP requests sent by this judge (retries included)
         self._lock = threading.Lock()
         self.cache_path = Path(cache_path) if cache_path else None
@@ -347,11 +409,9 @@ class OpenAIJudge:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
     def _redact(self, text: str) -> str:
-        """`text` without the API key and without any `Bearer <token>` (the key itself or another one)."""
-        key = self._key()
-        if key:
-            text = text.replace(key, "***")
-        return _BEARER.sub(r"\1***", text)
+        """`text` without the API key (in any form `redact_secret` finds) and without any `Bearer <token>` (the
+        key itself or another one). Always on a whole text, before it is cut."""
+        return _BEARER.sub(r"\1***", redact_secret(text, self._key()))
 
     # -- cache
     def _load_cache(self) -> dict[str, dict]:
@@ -417,11 +477,11 @@ class OpenAIJudge:
         except _DeadlinePassed:
             raise _Retriable(f"no complete reply within align.judge.timeout_s={self.timeout_s:g}s") from None
         except urllib.error.HTTPError as e:
-            detail = self._redact(e.read().decode("utf-8", "replace")[:300])
+            detail = self._redact(e.read(1 << 20).decode("utf-8", "replace"))[:300]  # redacted, then cut
             if e.code in RETRIABLE_HTTP:
                 raise _Retriable(f"HTTP {e.code}: {detail}") from None
             raise JudgeError(
-                f"the judge endpoint {self.url} refused the request with HTTP {e.code}: {detail} "
+                f"the judge endpoint {self._redact(self.url)} refused the request with HTTP {e.code}: {detail} "
                 f"(check align.judge.model, align.judge.base_url and the key in ${self.api_key_env})"
             ) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
@@ -472,15 +532,30 @@ class OpenAIJudge:
                 continue
             rec = {"key": key, "model": self.model, "order": order, "reply": reply, "verdict": parse_verdict(reply)}
             self._store(rec)
+            self._count_verdict(rec)
             return rec
         if last.startswith("cannot connect"):
             raise JudgeUnreachable(
-                f"the judge endpoint {self.url} is unreachable after {self.retries + 1} attempts ({last}); "
+                f"the judge endpoint {self._redact(self.url)} is unreachable after {self.retries + 1} attempts ({last}); "
                 "check align.judge.base_url and that the server is running"
             )
         raise JudgeError(
-            f"the judge endpoint {self.url} kept failing after {self.retries + 1} attempts (last: {last})"
+            f"the judge endpoint {self._redact(self.url)} kept failing after {self.retries + 1} attempts (last: {last})"
         )
+
+    def _count_verdict(self, rec: dict) -> None:
+        """Stop after `max_invalid` fresh replies in a row without a verdict: a judge that never answers A or B
+        would otherwise turn every comparison into "invalid" and the stage would still succeed."""
+        with self._lock:
+            self._invalid_streak = self._invalid_streak + 1 if rec["verdict"] is None else 0
+            streak = self._invalid_streak
+        if self.max_invalid and streak >= self.max_invalid:
+            raise JudgeNoVerdicts(
+                f"the judge {self.model!r} at {self._redact(self.url)} answered {streak} requests in a row without "
+                f"a verdict (the last line of a reply must be A or B; last reply: {rec['reply'][-200:]!r}). Fix: "
+                "use a chat model that follows the instruction (align.judge.model) or check align.judge.base_url; "
+                f"align.judge.max_invalid={self.max_invalid} is how many such replies in a row stop judging (0: never)"
+            )
 
     def compare(self, comparisons: Sequence[Comparison], progress: bool = False) -> list[dict]:
         """Judge each comparison in both orders. Returns per comparison
@@ -550,5 +625,14 @@ class OpenAIJudge:
                     "votes": [ab["verdict"], ba["verdict"]],
                     "replies": [ab["reply"], ba["reply"]],
                 }
+            )
+        n_invalid = sum(o["verdict"] == "invalid" for o in out)
+        if n_invalid:
+            logger.warning(
+                "judge %r: %d of %d comparisons have no verdict in one order or both (counted as invalid, not "
+                "as ties); their replies are in the judge details",
+                self.model,
+                n_invalid,
+                len(out),
             )
         return out

@@ -72,7 +72,7 @@ class RMReward:
         name: str | None = None,
         conversations: dict | None = None,
     ):
-        from pipeline.models import load_reward_model, load_tokenizer
+        from pipeline.models import copy_pad_token_id, load_reward_model, load_tokenizer
 
         self.path = None
         if isinstance(rm, (str, os.PathLike)):
@@ -80,6 +80,7 @@ class RMReward:
             try:
                 self.model = load_reward_model(self.path, bits=bits)
                 self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.path)
+                copy_pad_token_id(self.model, self.tokenizer, key=f"reward model {self.path}")
             except (OSError, ValueError) as e:
                 raise type(e)(f"cannot load the reward model at {self.path!r} for alignment: {e}") from e
         else:

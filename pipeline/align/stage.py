@@ -106,6 +106,13 @@ class JudgeConfig:
         },
     )
     max_tokens: int = field(default=256, metadata={"help": "For kind=openai: longest judge reply."})
+    max_invalid: int = field(
+        default=8,
+        metadata={
+            "help": "For kind=openai: replies without an A/B verdict in a row that fail the stage (a judge model "
+            "that does not follow the instruction); 0 = never fail, count them as invalid."
+        },
+    )
 
     def __post_init__(self):
         if self.kind not in ("gold", "openai", "none"):
@@ -114,9 +121,10 @@ class JudgeConfig:
             raise ValueError(f"judge.tolerance must be >= 0, got {self.tolerance}")
         if self.concurrency < 1:
             raise ValueError(f"judge.concurrency must be >= 1 (parallel requests), got {self.concurrency}")
-        if self.retries < 0 or self.max_requests < 0:
+        if self.retries < 0 or self.max_requests < 0 or self.max_invalid < 0:
             raise ValueError(
-                f"judge.retries and judge.max_requests must be >= 0, got {self.retries} and {self.max_requests}"
+                f"judge.retries, judge.max_requests and judge.max_invalid must be >= 0, got {self.retries}, "
+                f"{self.max_requests} and {self.max_invalid}"
             )
         if not self.timeout_s > 0 or self.backoff_s < 0:
             raise ValueError(
@@ -865,6 +873,7 @@ def judge_all(ctx: _Ctx, rms: list[str], base_eval: list[dict], gold_fn) -> tupl
             backoff_s=jc.backoff_s,
             timeout_s=jc.timeout_s,
             max_tokens=jc.max_tokens,
+            max_invalid=jc.max_invalid,
         )
     for method in cfg.methods:
         for comp in cfg.comparisons:

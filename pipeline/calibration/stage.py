@@ -338,7 +338,13 @@ def check_external_rm(name: str, path: str, trust_remote_code: bool) -> str | No
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - one clear message whatever broke inside transformers
-        raise RuntimeError(
+        from pipeline.models import ModelLoadError, check_model_source, hub_error
+
+        key = f"calibration.external_rms.{name}"
+        check_model_source(path, key=key)  # the precise reason, when it is one: no config.json, invalid JSON, ...
+        if not Path(path).is_dir():
+            raise hub_error(path, key, e) from None
+        raise ModelLoadError(
             f"calibration: external reward model {name!r} at {path}: its config does not load "
             f"({type(e).__name__}: {e}). {SUPPORTED_RMS}"
         ) from e
@@ -363,13 +369,20 @@ def load_rm(name: str, entry: dict, cfg: CalibrationConfig, device):
     """(model, tokenizer) of one RM, on `device`, in eval mode; one clear error when it does not load."""
     import torch
 
-    from pipeline.models import load_reward_model, load_tokenizer
+    from pipeline.models import (
+        ModelLoadError,
+        check_model_source,
+        copy_pad_token_id,
+        load_reward_model,
+        load_tokenizer,
+    )
 
     path = entry["path"]
     external = bool(entry.get("external"))
     tok_path = path
     if external:
         tok_path = check_external_rm(name, path, cfg.trust_remote_code)
+        check_model_source(path, key=f"calibration.external_rms.{name}")  # weights, an adapter's base
     elif not Path(path).is_dir():
         raise FileNotFoundError(
             f"calibration: reward model {name!r}: directory {path} does not exist (listed in DIR/reward/index.json); "
@@ -384,6 +397,7 @@ def load_rm(name: str, entry: dict, cfg: CalibrationConfig, device):
         model = load_reward_model(
             path, dtype=getattr(torch, load_dtype), bits=cfg.bits, trust_remote_code=cfg.trust_remote_code
         )
+        copy_pad_token_id(model, tok, key=f"calibration: reward model {name!r} ({path})")
     except Exception as e:  # noqa: BLE001 - one clear message whatever broke inside transformers
         expected = (
             SUPPORTED_RMS
@@ -391,7 +405,9 @@ def load_rm(name: str, entry: dict, cfg: CalibrationConfig, device):
             else "Expected a save_pretrained directory with config.json, model "
             "weights and a tokenizer, as the reward stage writes."
         )
-        raise RuntimeError(
+        if isinstance(e, ModelLoadError):
+            raise ModelLoadError(f"calibration: reward model {name!r}: {e}") from None
+        raise ModelLoadError(
             f"calibration: reward model {name!r} at {path} does not load ({type(e).__name__}: {e}). {expected}"
         ) from e
     if external:

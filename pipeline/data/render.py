@@ -115,8 +115,29 @@ def set_chat_template(tokenizer, spec: str | None, *, where: str = "chat_templat
                 "Fix: give the template text, a path to a .jinja file, or 'none' for the plain layout"
             )
         text = p.read_text(encoding="utf-8")
+    check_chat_template(text, where=where if text == spec else f"{where} ({spec})")
     tokenizer.chat_template = text
     return tokenizer
+
+
+def check_chat_template(text: str, *, where: str = "chat_template") -> None:
+    """Render `text` on a two-turn conversation (and a generation prompt): a template that does not parse or
+    raises is ONE ValueError naming `where`, before any work, instead of a Jinja traceback mid-stage."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    sample = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        render_jinja_template(conversations=[sample], chat_template=text)
+        render_jinja_template(conversations=[sample[:1]], chat_template=text, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - any error of the user's template is reported the same way
+        line = f" (template line {e.lineno})" if getattr(e, "lineno", None) else ""
+        kind = "does not parse" if isinstance(e, TemplateSyntaxError) else "raises on a user/assistant turn"
+        detail = str(e) if isinstance(e, TemplateError) else f"{type(e).__name__}: {e}"
+        raise ValueError(
+            f"{where}: the chat template {kind}{line}: {detail}. Fix: correct the template, or set "
+            f"{where.split(' ')[0]}=none for the plain layout"
+        ) from None
 
 
 def template_special_tokens(template: str | None) -> list[str]:

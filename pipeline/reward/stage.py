@@ -200,7 +200,12 @@ def build_tokenizer(recipe, splits, run_dir: Path):
 
     cfg = recipe.reward
     if cfg.model_name_or_path:
-        tok = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        from pipeline.models import check_model_source
+
+        check_model_source(cfg.model_name_or_path, key="reward.model_name_or_path")  # one line, not a traceback
+        tok = load_tokenizer(
+            cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, key="reward.model_name_or_path"
+        )
         return set_chat_template(tok, cfg.chat_template, where="reward.chat_template")
     texts = _synthetic_texts(recipe, splits)
     tok_dir = run_dir / "reward" / ".base"
