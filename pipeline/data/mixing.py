@@ -195,6 +195,79 @@ def split_of_prompt(prompt: str, test_fraction: float, valid_fraction: float) ->
     return "test" if u < test_fraction else ("validation" if u < test_fraction + valid_fraction else "train")
 
 
+TRAIN_PROMPTS = "train_prompts.json"
+
+
+def train_prompts_record(prompts) -> dict:
+    """What an RM's ``train_prompts.json`` holds: the sorted unique `prompt_hash` of every prompt it was
+    trained on (16 hex digits each, about 19 bytes per prompt in the file)."""
+    return {
+        "hash": f"sha256(prompt as UTF-8), first {PROMPT_HASH_CHARS} hex digits (pipeline.data.mixing.prompt_hash)",
+        "n_prompts": len(hashes := sorted({prompt_hash(p) for p in prompts})),
+        "prompts": hashes,
+    }
+
+
+def read_train_prompts(rm_dir) -> set[str] | None:
+    """The prompt hashes in ``<rm_dir>/train_prompts.json``; None when the RM has no such record (a hub id, or
+    an RM trained elsewhere). A record that does not parse is an error naming the file."""
+    import json
+    from pathlib import Path
+
+    path = Path(rm_dir) / TRAIN_PROMPTS
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+        hashes = rec["prompts"]
+        if not isinstance(hashes, list) or not all(isinstance(h, str) for h in hashes):
+            raise TypeError("'prompts' is not a list of strings")
+    except (ValueError, KeyError, TypeError) as e:
+        raise PreferenceDataError(
+            f"{path}: not a readable training-prompt record ({type(e).__name__}: {e}). Fix: delete it (the RM's "
+            "overlap with the evaluation data is then not checked) or restore it"
+        ) from None
+    return set(hashes)
+
+
+NOT_DROPPED = frozenset({"format", "path", "split", "records", "pairs", "groups", "trees", "context_mismatch_common"})
+
+
+def data_stats(splits: dict) -> dict:
+    """Per source of `build_splits` output: pairs per part, what each load read (`load_stats`: records, pairs,
+    every reason for dropping) and the dropped counts summed over those loads."""
+    from .sources import load_stats
+
+    out = {}
+    for source, dd in splits.items():
+        loads = []
+        for d in dd.values():
+            st = load_stats(d)
+            if st and st not in loads:
+                loads.append(st)
+        dropped: dict = {}
+        for st in loads:
+            for k, v in st.items():
+                if k not in NOT_DROPPED and isinstance(v, int) and v:
+                    dropped[k] = dropped.get(k, 0) + v
+        out[source] = {"pairs": {k: len(d) for k, d in dd.items()}, "loaded": loads, "dropped": dropped}
+    return out
+
+
+def describe_data_stats(stats: dict) -> list[str]:
+    """One log line per source: its pairs per part and what was dropped on loading."""
+    lines = []
+    for source, st in stats.items():
+        parts = "/".join(str(st["pairs"].get(k, 0)) for k in SPLITS)
+        read = sum(x.get("records", 0) for x in st["loaded"])
+        drop = ", ".join(f"{k} {v}" for k, v in sorted(st["dropped"].items())) or "none"
+        lines.append(
+            f"{source}: train/validation/test = {parts} pairs"
+            + (f"; {read} records read, dropped: {drop}" if st["loaded"] else "")
+        )
+    return lines
+
+
 def _split_by_prompt(ds, test_fraction: float, valid_fraction: float):
     """test/validation/train of one source by the content hash of each pair's prompt (`split_of_prompt`), so
     all pairs of one prompt share a part. A source of >= 3 prompts whose hashes give an asked-for part no
