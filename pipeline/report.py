@@ -356,6 +356,29 @@ def calibration_sentences(summary: dict) -> list[str]:
     return out
 
 
+def train_overlap_line(metrics: dict) -> str | None:
+    """One sentence on the evaluation pairs whose prompt an RM was trained on (metrics.json's train_overlap)."""
+    parts, excluded = [], None
+    for rm, m in metrics.items():
+        o = m.get("train_overlap") if isinstance(m, dict) else None
+        if not isinstance(o, dict):
+            continue
+        excluded = o.get("excluded")
+        if not o.get("checked"):
+            parts.append(f"{rm}: not checked (no train_prompts.json beside it)")
+        else:
+            n = sum(v or 0 for sp in ("test", "validation") for v in (o.get(sp) or {}).values())
+            parts.append(f"{rm}: {n}")
+    if not parts:
+        return None
+    what = (
+        "left out of the scores (calibration.exclude_train_overlap; synthetic sources are only counted)"
+        if excluded
+        else "KEPT in the scores (calibration.exclude_train_overlap=false), so those RMs' numbers are inflated"
+    )
+    return f"Evaluation pairs whose prompt the RM was trained on, {what}: " + "; ".join(parts) + "."
+
+
 def _calibration_section(run_dir: Path, cfg: ReportConfig, headline_bins: int) -> tuple[list[str], dict | None]:
     cal = run_dir / "calibration"
     lines = ["## Calibration", ""]
@@ -377,6 +400,8 @@ def _calibration_section(run_dir: Path, cfg: ReportConfig, headline_bins: int) -
         lines += ["What this run measured (no paired comparisons were computed, so no differences are judged):", ""]
     lines += [f"- {s}" for s in summary["sentences"]]
     lines.append("")
+    if overlap := train_overlap_line(metrics):
+        lines += [overlap, ""]
     others = [rm for rm in metrics if rm not in ("more", cfg.baseline)]
     if others:
         ece = f"ece_{headline_bins}"
