@@ -14,6 +14,13 @@ Then, per RM:
   and the all-source average, and, on the synthetic benchmark, the error against the true and the gold
   preference probabilities.
 
+Before scoring, every RM's training prompts are read from its `train_prompts.json` (written by the reward
+stage; for an external RM when one lies in its directory): the evaluation pairs whose prompt an RM was trained
+on are counted per RM, source and split, printed and written to metrics.json (`<rm>.train_overlap`), and, by
+default (`calibration.exclude_train_overlap`), every pair whose prompt ANY evaluated RM was trained on is left
+out for all RMs, so the compared RMs are scored on the same unseen pairs (synthetic sources are only counted:
+their test pairs reuse the training prompt pool by design). config.json records what was excluded.
+
 With single-source RMs (`method: single`, named `single-<source>`) it also runs the paper's diversity
 analysis: the cross matrix (trained on i, tested on j) of accuracy and ECE, and the "Averaging" RM
 (mean reward of the single-source RMs), scored like any other RM under the name `averaging`.

@@ -10,7 +10,11 @@ matches and its files are intact; otherwise it is retrained and the log says why
 `--force reward`, retrains every RM). An interrupted RM resumes from its last COMPLETE Trainer checkpoint in
 `DIR/reward/.checkpoints/<name>/` (one whose fingerprint matches; incomplete ones are deleted, and the log
 says which checkpoint it resumes from). `DIR/reward/index.json` lists what was trained, with paths
-relative to the run directory, so a copied or moved run directory stays self-contained.
+relative to the run directory, so a copied or moved run directory stays self-contained. Each RM directory
+holds `train_prompts.json` (the hashes of the prompts it was trained on, `pipeline.data.mixing.prompt_hash`;
+calibration uses it to count and exclude evaluation pairs the RM has seen), and `DIR/reward/data_stats.json`
+holds every source's pairs per split, the records read and the pairs dropped on loading, by reason (also
+printed), and each RM's count of over-length (left-truncated) training pairs.
 """
 
 from __future__ import annotations
