@@ -68,7 +68,7 @@ def test_overlap_is_reported_and_excluded_so_it_cannot_raise_a_score(trained_rm,
     n_valid = len(build_splits(cfg)["renamed"]["validation"])
     assert o["validation"] == {"renamed": n_valid}  # rm-eval's validation cut lies inside the training part
     assert f"mine: {int(is_seen.sum()) + n_valid} of {len(test) + n_valid} evaluation pairs" in out
-    assert "KEPT" in out
+    assert "KEPT" in out and "[calibration] data renamed: train/validation/test = " in out
     assert "KEPT in the scores" in train_overlap_line(kept)
 
     # excluded (the default): the score is the one of the unseen pairs alone
@@ -82,6 +82,9 @@ def test_overlap_is_reported_and_excluded_so_it_cannot_raise_a_score(trained_rm,
     assert excl["mine"]["renamed"]["ece_10"] == pytest.approx(M.pairwise_ece(rc[~is_seen], rr[~is_seen], 10), abs=1e-6)
     cfg_json = json.loads((tmp_path / "excl" / "calibration" / "config.json").read_text())
     assert cfg_json["train_overlap_excluded"]["renamed"]["test"] == int(is_seen.sum())
+    # issue 17: the data layer's counts (pairs per split, records read, dropped pairs) are kept by rm-eval runs too
+    assert sum(cfg_json["data_stats"]["renamed"]["pairs"].values()) == N_PROMPTS
+    assert cfg_json["data_stats"]["renamed"]["loaded"][0]["records"] == N_PROMPTS
     assert "excluded" in capsys.readouterr().out and "left out of the scores" in train_overlap_line(excl)
 
 

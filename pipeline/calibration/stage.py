@@ -249,11 +249,15 @@ def read_index(run_dir: Path, only: list[str] | None = None) -> dict:
     return out
 
 
-def eval_splits(recipe, cfg: CalibrationConfig) -> dict:
-    """{source: {"test": Dataset, "validation": Dataset | None}} with one clear error per bad source."""
+def eval_splits(recipe, cfg: CalibrationConfig, stats: dict | None = None) -> dict:
+    """{source: {"test": Dataset, "validation": Dataset | None}} with one clear error per bad source; `stats`,
+    when given, receives `pipeline.data.mixing.data_stats` of the built splits."""
     from pipeline.data import build_splits
+    from pipeline.data.mixing import data_stats
 
     splits = build_splits(recipe.data)
+    if stats is not None:  # pairs per split and dropped pairs per source, for the log and config.json
+        stats.update(data_stats(splits))
     out = {}
     for source, dd in splits.items():
         names = list(dd.keys()) if hasattr(dd, "keys") else []
@@ -881,7 +885,13 @@ def run(recipe, run_dir: Path) -> list[str]:
     with_averaging = cfg.averaging and len(singles) >= 2
     names = [*index, *external] + ([AVERAGING] if with_averaging else [])
     comparisons = resolve_comparisons(cfg.compare, names)  # fails before any scoring on an unknown name
-    data = eval_splits(recipe, cfg)
+    stats: dict = {}
+    data = eval_splits(recipe, cfg, stats)
+    if state.is_main_process:
+        from pipeline.data.mixing import describe_data_stats
+
+        for line in describe_data_stats(stats):
+            print(f"[calibration] data {line}")
     # Pairs whose prompt an RM was trained on (its train_prompts.json): counted per RM, excluded by default.
     records = train_prompt_records({**index, **external}, singles, with_averaging)
     hashes = _prompt_hashes(data)
@@ -978,6 +988,7 @@ def run(recipe, run_dir: Path) -> list[str]:
                 "external": {n: e["path"] for n, e in external.items()},
                 "comparisons": list(compared),
                 "train_overlap_excluded": excluded,
+                "data_stats": stats,
             },
         )
         if compared:
