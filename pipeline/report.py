@@ -357,7 +357,7 @@ def calibration_sentences(summary: dict) -> list[str]:
 
 
 def train_overlap_line(metrics: dict) -> str | None:
-    """One sentence on the evaluation pairs whose prompt an RM was trained on (metrics.json's train_overlap)."""
+    """One sentence on the evaluation pairs whose prompt the RM was trained on (metrics.json's train_overlap)."""
     parts, excluded = [], None
     for rm, m in metrics.items():
         o = m.get("train_overlap") if isinstance(m, dict) else None
@@ -366,17 +366,24 @@ def train_overlap_line(metrics: dict) -> str | None:
         excluded = o.get("excluded")
         if not o.get("checked"):
             parts.append(f"{rm}: not checked (no train_prompts.json beside it)")
-        else:
-            n = sum(v or 0 for sp in ("test", "validation") for v in (o.get(sp) or {}).values())
-            parts.append(f"{rm}: {n}")
+            continue
+        kept_sources = set(o.get("kept_sources") or [])
+        n = {True: 0, False: 0}
+        for sp in ("test", "validation"):
+            for source, v in (o.get(sp) or {}).items():
+                n[source in kept_sources] += v or 0
+        text = f"{rm}: {n[False]} left out" if excluded else f"{rm}: {n[True]} kept"
+        if excluded and n[True]:
+            text += f", {n[True]} kept on synthetic sources (their test pairs reuse the training prompts by design)"
+        parts.append(text)
     if not parts:
         return None
-    what = (
-        "left out of the scores (calibration.exclude_train_overlap; synthetic sources are only counted)"
+    how = (
+        "calibration.exclude_train_overlap is on"
         if excluded
-        else "KEPT in the scores (calibration.exclude_train_overlap=false), so those RMs' numbers are inflated"
+        else "calibration.exclude_train_overlap=false, so scores on them are inflated"
     )
-    return f"Evaluation pairs whose prompt the RM was trained on, {what}: " + "; ".join(parts) + "."
+    return f"Evaluation pairs whose prompt the RM was trained on ({how}): " + "; ".join(parts) + "."
 
 
 def _calibration_section(run_dir: Path, cfg: ReportConfig, headline_bins: int) -> tuple[list[str], dict | None]:

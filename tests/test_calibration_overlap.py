@@ -69,7 +69,9 @@ def test_overlap_is_reported_and_excluded_so_it_cannot_raise_a_score(trained_rm,
     assert o["validation"] == {"renamed": n_valid}  # rm-eval's validation cut lies inside the training part
     assert f"mine: {int(is_seen.sum()) + n_valid} of {len(test) + n_valid} evaluation pairs" in out
     assert "KEPT" in out and "[calibration] data renamed: train/validation/test = " in out
-    assert "KEPT in the scores" in train_overlap_line(kept)
+    assert f"mine: {int(is_seen.sum()) + n_valid} kept" in train_overlap_line(
+        kept
+    ) and "inflated" in train_overlap_line(kept)
 
     # excluded (the default): the score is the one of the unseen pairs alone
     _, excl = _eval(tmp_path / "excl", data, rm, 0.8, 0.15, temperature_scaling=False)
@@ -85,7 +87,8 @@ def test_overlap_is_reported_and_excluded_so_it_cannot_raise_a_score(trained_rm,
     # issue 17: the data layer's counts (pairs per split, records read, dropped pairs) are kept by rm-eval runs too
     assert sum(cfg_json["data_stats"]["renamed"]["pairs"].values()) == N_PROMPTS
     assert cfg_json["data_stats"]["renamed"]["loaded"][0]["records"] == N_PROMPTS
-    assert "excluded" in capsys.readouterr().out and "left out of the scores" in train_overlap_line(excl)
+    assert "excluded" in capsys.readouterr().out
+    assert f"mine: {int(is_seen.sum()) + n_valid} left out" in train_overlap_line(excl)
 
 
 def test_training_runs_fractions_select_exactly_the_unseen_prompts(trained_rm, tmp_path):
@@ -107,3 +110,14 @@ def test_nothing_left_is_one_clear_error(trained_rm, tmp_path):
     (everything / TRAIN_PROMPTS).write_text(json.dumps(train_prompts_record(prompts)))
     with pytest.raises(ValueError, match="every test pair of source 'renamed'.*exclude_train_overlap=false"):
         _eval(tmp_path / "y", data, everything, 0.8, 0.15, temperature_scaling=False)
+
+
+def test_report_line_separates_synthetic_sources_which_are_only_counted():
+    o = {"checked": True, "excluded": True, "kept_sources": ["helpful"]}
+    metrics = {
+        "more": {"train_overlap": {**o, "test": {"helpful": 7, "mine": 2}, "validation": {"helpful": 3, "mine": 1}}},
+        "hub": {"train_overlap": {"checked": False, "excluded": True, "test": {}, "validation": {}}},
+    }
+    line = train_overlap_line(metrics)
+    assert "more: 3 left out, 10 kept on synthetic sources" in line and "hub: not checked" in line
+    assert train_overlap_line({"more": {"all_average": {}}}) is None  # metrics.json of an older run: no line

@@ -333,27 +333,28 @@ def drop_seen_prompts(data: dict, hashes: dict, seen: set, keep_sources=()) -> t
 
 
 def _report_overlap(overlap: dict, data: dict, exclude: bool, synthetic: set) -> None:
-    """Print, per RM, how many evaluation pairs have a prompt it was trained on."""
+    """Print, per RM, how many evaluation pairs have a prompt it was trained on, and what happens to them."""
+    total = sum(len(d) for by_split in data.values() for d in by_split.values() if d is not None)
     for rm, o in overlap.items():
         if not o["checked"]:
             print(
                 f"[calibration] {rm}: no train_prompts.json beside it; its overlap with the evaluation data is unknown"
             )
             continue
-        n = sum(o["test"].values()) + sum(o["validation"].values())
-        total = sum(len(d) for by_split in data.values() for d in by_split.values() if d is not None)
-        if not n:
+        per = {s: o["test"][s] + o["validation"][s] for s in o["test"]}
+        if not any(per.values()):
             print(f"[calibration] {rm}: none of the {total} evaluation pairs has a prompt it was trained on")
             continue
-        per = ", ".join(
-            f"{s} {o['test'][s]}+{o['validation'][s]}" for s in o["test"] if o["test"][s] or o["validation"][s]
-        )
-        fate = "excluded" if exclude else "KEPT (calibration.exclude_train_overlap=false): its scores are inflated"
-        if exclude and synthetic & {s for s in o["test"] if o["test"][s] or o["validation"][s]}:
-            fate += " (synthetic sources: kept, by design)"
+        shown = ", ".join(f"{s} {o['test'][s]}+{o['validation'][s]}" for s, n in per.items() if n)
+        if not exclude:
+            fate = "KEPT (calibration.exclude_train_overlap=false): its scores on them are inflated"
+        else:
+            gone = sum(n for s, n in per.items() if s not in synthetic)
+            kept = sum(n for s, n in per.items() if s in synthetic)
+            fate = f"{gone} excluded" + (f", {kept} kept on synthetic sources (by design)" if kept else "")
         print(
-            f"[calibration] {rm}: {n} of {total} evaluation pairs have a prompt it was trained on "
-            f"(test+validation per source: {per}); {fate}"
+            f"[calibration] {rm}: {sum(per.values())} of {total} evaluation pairs have a prompt it was trained on "
+            f"(test+validation per source: {shown}); {fate}"
         )
 
 
@@ -955,7 +956,11 @@ def run(recipe, run_dir: Path) -> list[str]:
         for rm, by_source in rewards.items()
     }
     for rm in metrics:
-        metrics[rm]["train_overlap"] = {**overlap[rm], "excluded": cfg.exclude_train_overlap}
+        metrics[rm]["train_overlap"] = {
+            **overlap[rm],
+            "excluded": cfg.exclude_train_overlap,
+            "kept_sources": sorted(synthetic & set(sources)) if cfg.exclude_train_overlap else list(sources),
+        }
     diversity = diversity_analysis(index, rewards, sources, cfg)
     compared = {
         label: compare_rms(
