@@ -119,6 +119,27 @@ def test_reward_stage_records_training_prompts_and_dropped_pairs(tmp_path, capsy
     assert "already trained, skipping" in capsys.readouterr().out
     assert read_train_prompts(run_dir / "reward" / "multitask") == recorded
 
+    # end to end (issue 19): this run's RM evaluated as an external RM on its own training file, cut 80/15 under
+    # another source name, reports the overlap and is scored on the held-out prompts only
+    from pipeline.calibration.stage import CalibrationConfig
+    from pipeline.calibration.stage import run as calibrate
+
+    eval_data = DataConfig(
+        sources=[SourceSpec(name="renamed", format="jsonl", path=str(path), split=None)],
+        max_length=8,
+        test_fraction=0.8,
+        valid_fraction=0.15,
+    )
+    cal = CalibrationConfig(
+        external_rms={"theirs": str(rm_dir)}, temperature_scaling=False, bootstrap_samples=0, plots=False
+    )
+    calibrate(SimpleNamespace(name="eval", seed=0, data=eval_data, calibration=cal), tmp_path / "eval")
+    metrics = json.loads((tmp_path / "eval" / "calibration" / "metrics.json").read_text())
+    test = build_splits(eval_data)["renamed"]["test"]
+    n_seen = sum(prompt_hash(p) in recorded for p in test["prompt"])
+    assert n_seen > 0 and metrics["theirs"]["train_overlap"]["test"] == {"renamed": n_seen}
+    assert metrics["theirs"]["renamed"]["n_pairs"] == len(test) - n_seen
+
 
 def test_reward_stage_config_errors():
     with pytest.raises(ValueError, match="methods"):
