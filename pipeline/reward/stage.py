@@ -520,8 +520,9 @@ def run(recipe, run_dir: Path, force: bool = False) -> list[str]:
     splits = build_splits(recipe.data)
     sources = list(splits)
     stats = data_stats(splits)
-    for line in describe_data_stats(stats):
-        print(f"[reward] data {line}")
+    if PartialState().is_main_process:
+        for line in describe_data_stats(stats):
+            print(f"[reward] data {line}")
     tokenizer = build_tokenizer(recipe, splits, run_dir)
     base = base_model_path(recipe, tokenizer, run_dir, splits)
     index = {}
