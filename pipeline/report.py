@@ -356,6 +356,36 @@ def calibration_sentences(summary: dict) -> list[str]:
     return out
 
 
+def train_overlap_line(metrics: dict) -> str | None:
+    """One sentence on the evaluation pairs whose prompt the RM was trained on (metrics.json's train_overlap)."""
+    parts, excluded = [], None
+    for rm, m in metrics.items():
+        o = m.get("train_overlap") if isinstance(m, dict) else None
+        if not isinstance(o, dict):
+            continue
+        excluded = o.get("excluded")
+        if not o.get("checked"):
+            parts.append(f"{rm}: not checked (no train_prompts.json beside it)")
+            continue
+        kept_sources = set(o.get("kept_sources") or [])
+        n = {True: 0, False: 0}
+        for sp in ("test", "validation"):
+            for source, v in (o.get(sp) or {}).items():
+                n[source in kept_sources] += v or 0
+        text = f"{rm}: {n[False]} left out" if excluded else f"{rm}: {n[True]} kept"
+        if excluded and n[True]:
+            text += f", {n[True]} kept on synthetic sources (their test pairs reuse the training prompts by design)"
+        parts.append(text)
+    if not parts:
+        return None
+    how = (
+        "calibration.exclude_train_overlap is on"
+        if excluded
+        else "calibration.exclude_train_overlap=false, so scores on them are inflated"
+    )
+    return f"Evaluation pairs whose prompt the RM was trained on ({how}): " + "; ".join(parts) + "."
+
+
 def _calibration_section(run_dir: Path, cfg: ReportConfig, headline_bins: int) -> tuple[list[str], dict | None]:
     cal = run_dir / "calibration"
     lines = ["## Calibration", ""]
@@ -377,6 +407,8 @@ def _calibration_section(run_dir: Path, cfg: ReportConfig, headline_bins: int) -
         lines += ["What this run measured (no paired comparisons were computed, so no differences are judged):", ""]
     lines += [f"- {s}" for s in summary["sentences"]]
     lines.append("")
+    if overlap := train_overlap_line(metrics):
+        lines += [overlap, ""]
     others = [rm for rm in metrics if rm not in ("more", cfg.baseline)]
     if others:
         ece = f"ece_{headline_bins}"

@@ -159,7 +159,8 @@ def test_metrics_are_consistent_with_independent_recomputation(run_dir):
     assert set(metrics) == {"more", "single-helpful", "single-harmless", "averaging"}
     assert set(temps) == set(metrics)
     for rm, entry in metrics.items():
-        assert set(entry) == set(SOURCES) | {"hh_average", "all_average"}
+        assert set(entry) == set(SOURCES) | {"hh_average", "all_average", "train_overlap"}
+        assert entry["train_overlap"]["checked"] is False  # these RMs have no train_prompts.json
         val_c = np.concatenate([scores[f"{rm}::{s}::validation::chosen"] for s in SOURCES])
         val_r = np.concatenate([scores[f"{rm}::{s}::validation::rejected"] for s in SOURCES])
         assert len(val_c) == N_VALID * len(SOURCES)

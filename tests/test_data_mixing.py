@@ -89,6 +89,71 @@ def test_single_split_source_is_split_by_prompt(fixtures_dir):
     assert build_splits(cfg)["oa"]["test"].to_dict() == dd["test"].to_dict()
 
 
+def _jsonl_source(path, n_prompts: int, pairs_per_prompt: int = 2):
+    import json
+
+    with open(path, "w") as f:
+        for i in range(n_prompts):
+            for j in range(pairs_per_prompt):
+                rec = {"prompt": f"\n\nHuman: q{i}?\n\nAssistant:", "chosen": f" a{i}.{j}", "rejected": f" b{i}.{j}"}
+                f.write(json.dumps(rec) + "\n")
+    return str(path)
+
+
+def _part_of_each_pair(dd) -> dict:
+    return {t: k for k, v in dd.items() for t in zip(v["prompt"], v["chosen"], v["rejected"])}
+
+
+def test_split_depends_on_the_prompt_not_on_the_source_name_order_or_seed(tmp_path):
+    """Issue 19: the cut was seeded by the source's NAME, so renaming a source moved test prompts into training."""
+    path = _jsonl_source(tmp_path / "d.jsonl", 300)
+    other = _jsonl_source(tmp_path / "o.jsonl", 20)
+
+    def parts(name, seed=0, first_other=False, test_fraction=0.1):
+        specs = [SourceSpec(name=name, format="jsonl", path=path, split=None)]
+        o = SourceSpec(name="zz-other", format="jsonl", path=other, split=None)
+        specs = [o, *specs] if first_other else [*specs, o]
+        cfg = DataConfig(sources=specs, test_fraction=test_fraction, valid_fraction=0.05, seed=seed)
+        return _part_of_each_pair(build_splits(cfg)[name])
+
+    base = parts("mine")
+    assert parts("renamed") == base  # the regression: every pair keeps its split under a new name
+    assert parts("mine", seed=7) == base and parts("mine", first_other=True) == base
+    # a larger test fraction (rm-eval's 0.8) only adds prompts to the test part: nested cuts
+    wide = parts("mine", test_fraction=0.8)
+    assert {t for t, k in base.items() if k == "test"} <= {t for t, k in wide.items() if k == "test"}
+    # all pairs of one prompt share a part, and the part is the one split_of_prompt gives
+    from pipeline.data.mixing import split_of_prompt
+
+    assert all(k == split_of_prompt(t[0], 0.1, 0.05) for t, k in base.items())
+
+
+def test_split_fractions_hold_in_expectation(tmp_path):
+    from pipeline.data.mixing import split_of_prompt
+
+    n = 4000
+    counts = Counter(split_of_prompt(f"prompt number {i}", 0.1, 0.05) for i in range(n))
+    # binomial sd: sqrt(n p (1-p)) = 19 (test) and 14 (validation); 4 sd bounds
+    assert abs(counts["test"] - 0.1 * n) < 4 * 19 and abs(counts["validation"] - 0.05 * n) < 4 * 14
+    path = _jsonl_source(tmp_path / "d.jsonl", 1000, pairs_per_prompt=1)
+    dd = build_splits(DataConfig(sources=[SourceSpec(name="s", format="jsonl", path=path, split=None)]))["s"]
+    assert abs(len(dd["test"]) - 100) < 4 * 9.5 and abs(len(dd["validation"]) - 50) < 4 * 6.9
+    assert len(dd["train"]) + len(dd["test"]) + len(dd["validation"]) == 1000
+
+
+def test_test_subsample_is_by_content_too(tmp_path):
+    path = _jsonl_source(tmp_path / "d.jsonl", 400)
+
+    def test_pairs(name, seed):
+        cfg = DataConfig(
+            sources=[SourceSpec(name=name, format="jsonl", path=path, split=None)], n_test_per_source=10, seed=seed
+        )
+        t = build_splits(cfg)[name]["test"]
+        return list(zip(t["prompt"], t["chosen"], t["rejected"]))
+
+    assert len(test_pairs("a", 0)) == 10 and test_pairs("a", 0) == test_pairs("b", 3)
+
+
 def test_shipped_test_split_and_resampling(fixtures_dir):
     spec = SourceSpec(
         name="harmless",

@@ -116,6 +116,43 @@ def test_group_by_rewardbench_layout(trl_dir):
         load_source("trl", str(trl_dir / "rewardbench.jsonl"), keep_groups=["x"])
 
 
+def test_keep_or_drop_groups_naming_absent_values_list_the_values_present(trl_dir, tmp_path):
+    """Issue 17: a keep_groups value that no row has was silently ignored (or failed without the values)."""
+    path = str(trl_dir / "rewardbench.jsonl")
+    with pytest.raises(PreferenceDataError) as e:
+        load_source("trl", path, source="rb", group_by="subset", keep_groups=["refusals", "chat-hard"])
+    msg = str(e.value)
+    assert "\n" not in msg and "keep_groups names ['chat-hard']" in msg and "rewardbench.jsonl" in msg
+    assert "'chat-easy', 'code-python', 'refusals'" in msg and "Fix:" in msg
+    with pytest.raises(PreferenceDataError, match=r"drop_groups names \['typo'\].*'chat-easy'"):
+        load_source("trl", path, source="rb", group_by="subset", drop_groups=["typo"])
+    many = tmp_path / "many.jsonl"  # a long list of present values is cut
+    many.write_text(
+        "".join(
+            json.dumps({"prompt": f"q{i}", "chosen": " a", "rejected": " b", "g": f"v{i:03d}"}) + "\n"
+            for i in range(50)
+        )
+    )
+    with pytest.raises(PreferenceDataError, match=r"'v019' \.\.\. \(\+30 more\)"):
+        load_source("trl", str(many), group_by="g", keep_groups=["nope"])
+
+
+def test_implicit_prompt_that_would_be_empty_is_an_error_naming_the_row(tmp_path):
+    """Issue 17: implicit pairs without a common prefix trained with an empty prompt."""
+    f = tmp_path / "implicit.jsonl"
+    rows = [
+        {"chosen": "Q? Yes.", "rejected": "Q? No."},
+        {"chosen": "Sure, here it is.", "rejected": "No way."},
+    ]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(PreferenceDataError) as e:
+        load_source("trl", str(f), source="mine")
+    msg = str(e.value)
+    assert "implicit.jsonl, line 2" in msg and "empty" in msg and "'prompt' column" in msg and "\n" not in msg
+    f.write_text(json.dumps(rows[0]) + "\n")
+    assert load_source("trl", str(f))["prompt"] == ["Q?"]
+
+
 def test_group_by_other_formats(fixtures_dir):
     """group_by works for the paper's formats too (any column of the record)."""
     ds = load_source("webgpt", str(fixtures_dir / "data" / "webgpt" / "comparisons.jsonl"), group_by="score_0")

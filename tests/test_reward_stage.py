@@ -68,7 +68,77 @@ def test_reward_stage_single_source_rms(tmp_path):
     stage.run(recipe, tmp_path)
     index = json.loads((tmp_path / "reward" / "index.json").read_text())
     assert set(index) == {"single-helpful", "single-harmless"}
-    assert index["single-helpful"] == {"path": "reward/single-helpful", "method": "single", "sources": ["helpful"]}
+    assert index["single-helpful"] == {
+        "path": "reward/single-helpful",
+        "method": "single",
+        "sources": ["helpful"],
+        "train_prompts": "reward/single-helpful/train_prompts.json",
+    }
+
+
+def test_reward_stage_records_training_prompts_and_dropped_pairs(tmp_path, capsys):
+    """Issue 19: every RM records the hashes of its training prompts; issue 17: dropped-pair counts are printed
+    and stored in the run directory (they were only logged at INFO level, never shown nor kept)."""
+    from pipeline.data import SourceSpec, build_splits
+    from pipeline.data.mixing import prompt_hash, read_train_prompts
+
+    rows = [{"prompt": f"\n\nHuman: q{i}?\n\nAssistant:", "chosen": f" yes {i}", "rejected": " no"} for i in range(60)]
+    rows += [{"prompt": "\n\nHuman: same?\n\nAssistant:", "chosen": " x", "rejected": " x"}] * 3  # identical: dropped
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tiny_recipe(methods=["multitask"])
+    recipe.data = DataConfig(
+        sources=[SourceSpec(name="mine", format="jsonl", path=str(path), split=None)],
+        per_source_batch=2,
+        max_length=8,
+        test_fraction=0.2,
+    )
+    run_dir = tmp_path / "run"
+    artifacts = stage.run(recipe, run_dir)
+    out = capsys.readouterr().out
+    assert "[reward] data mine: train/validation/test = " in out and "63 records read, dropped: identical 3" in out
+    stats = json.loads((run_dir / "reward" / "data_stats.json").read_text())
+    assert "reward/data_stats.json" in artifacts
+    assert stats["sources"]["mine"]["dropped"] == {"identical": 3}
+    assert stats["sources"]["mine"]["loaded"][0]["records"] == 63
+    assert stats["over_length_pairs"]["per_rm"]["multitask"] > 0  # max_length=8 cuts every pair
+    splits = build_splits(recipe.data)["mine"]
+    assert sum(stats["sources"]["mine"]["pairs"].values()) == 60
+    recorded = read_train_prompts(run_dir / "reward" / "multitask")
+    assert recorded == {prompt_hash(p) for p in splits["train"]["prompt"]}
+    assert not recorded & {prompt_hash(p) for p in [*splits["test"]["prompt"], *splits["validation"]["prompt"]]}
+    index = json.loads((run_dir / "reward" / "index.json").read_text())
+    assert (run_dir / index["multitask"]["train_prompts"]).is_file()
+    # an RM trained before the record existed gets it on the next (skipping) run, without retraining
+    rm_dir = run_dir / "reward" / "multitask"
+    (rm_dir / "train_prompts.json").unlink()
+    fp = json.loads((rm_dir / "fingerprint.json").read_text())
+    del fp["files"]["train_prompts.json"]
+    (rm_dir / "fingerprint.json").write_text(json.dumps(fp))
+    stage.run(recipe, run_dir)
+    assert "already trained, skipping" in capsys.readouterr().out
+    assert read_train_prompts(run_dir / "reward" / "multitask") == recorded
+
+    # end to end (issue 19): this run's RM evaluated as an external RM on its own training file, cut 80/15 under
+    # another source name, reports the overlap and is scored on the held-out prompts only
+    from pipeline.calibration.stage import CalibrationConfig
+    from pipeline.calibration.stage import run as calibrate
+
+    eval_data = DataConfig(
+        sources=[SourceSpec(name="renamed", format="jsonl", path=str(path), split=None)],
+        max_length=8,
+        test_fraction=0.8,
+        valid_fraction=0.15,
+    )
+    cal = CalibrationConfig(
+        external_rms={"theirs": str(rm_dir)}, temperature_scaling=False, bootstrap_samples=0, plots=False
+    )
+    calibrate(SimpleNamespace(name="eval", seed=0, data=eval_data, calibration=cal), tmp_path / "eval")
+    metrics = json.loads((tmp_path / "eval" / "calibration" / "metrics.json").read_text())
+    test = build_splits(eval_data)["renamed"]["test"]
+    n_seen = sum(prompt_hash(p) in recorded for p in test["prompt"])
+    assert n_seen > 0 and metrics["theirs"]["train_overlap"]["test"] == {"renamed": n_seen}
+    assert metrics["theirs"]["renamed"]["n_pairs"] == len(test) - n_seen
 
 
 def test_reward_stage_config_errors():

@@ -14,6 +14,13 @@ Then, per RM:
   and the all-source average, and, on the synthetic benchmark, the error against the true and the gold
   preference probabilities.
 
+Before scoring, every RM's training prompts are read from its `train_prompts.json` (written by the reward
+stage; for an external RM when one lies in its directory): the evaluation pairs whose prompt an RM was trained
+on are counted per RM, source and split, printed and written to metrics.json (`<rm>.train_overlap`), and, by
+default (`calibration.exclude_train_overlap`), every pair whose prompt ANY evaluated RM was trained on is left
+out for all RMs, so the compared RMs are scored on the same unseen pairs (synthetic sources are only counted:
+their test pairs reuse the training prompt pool by design). config.json records what was excluded.
+
 With single-source RMs (`method: single`, named `single-<source>`) it also runs the paper's diversity
 analysis: the cross matrix (trained on i, tested on j) of accuracy and ECE, and the "Averaging" RM
 (mean reward of the single-source RMs), scored like any other RM under the name `averaging`.
@@ -149,6 +156,16 @@ class CalibrationConfig:
         default=None,
         metadata={"help": "Use at most this many pairs of each test/validation split (first ones); null = all."},
     )
+    exclude_train_overlap: bool = field(
+        default=True,
+        metadata={
+            "help": "Leave out every test/validation pair whose prompt an evaluated RM was trained on (read from "
+            "the RM's train_prompts.json, which the reward stage writes; RMs without one are not checked), so "
+            "no RM is scored on prompts it saw. The counts per RM and source are printed and written to "
+            "metrics.json (train_overlap) either way. Synthetic sources are counted, never excluded (their "
+            "test pairs are fresh draws over the same small prompt pool by design)."
+        },
+    )
     plots: bool = field(default=True, metadata={"help": "Write the PNG plots."})
     seed: int | None = field(default=None, metadata={"help": "Bootstrap seed; null = the recipe's seed."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar while scoring."})
@@ -232,11 +249,15 @@ def read_index(run_dir: Path, only: list[str] | None = None) -> dict:
     return out
 
 
-def eval_splits(recipe, cfg: CalibrationConfig) -> dict:
-    """{source: {"test": Dataset, "validation": Dataset | None}} with one clear error per bad source."""
+def eval_splits(recipe, cfg: CalibrationConfig, stats: dict | None = None) -> dict:
+    """{source: {"test": Dataset, "validation": Dataset | None}} with one clear error per bad source; `stats`,
+    when given, receives `pipeline.data.mixing.data_stats` of the built splits."""
     from pipeline.data import build_splits
+    from pipeline.data.mixing import data_stats
 
     splits = build_splits(recipe.data)
+    if stats is not None:  # pairs per split and dropped pairs per source, for the log and config.json
+        stats.update(data_stats(splits))
     out = {}
     for source, dd in splits.items():
         names = list(dd.keys()) if hasattr(dd, "keys") else []
@@ -262,6 +283,79 @@ def eval_splits(recipe, cfg: CalibrationConfig) -> dict:
     if not out:
         raise ValueError("calibration: the data config yields no sources")
     return out
+
+
+def train_prompt_records(entries: dict, singles: list[str], with_averaging: bool) -> dict:
+    """{rm: set of prompt hashes it was trained on, or None when it has no train_prompts.json} for every RM
+    (a hub id has none); the Averaging RM saw what its members saw (None if one of them has no record)."""
+    from pipeline.data.mixing import read_train_prompts
+
+    out = {n: read_train_prompts(e["path"]) if Path(e["path"]).is_dir() else None for n, e in entries.items()}
+    if with_averaging:
+        members = [out[n] for n in singles]
+        out[AVERAGING] = None if any(m is None for m in members) else set().union(*members)
+    return out
+
+
+def _prompt_hashes(data: dict) -> dict:
+    from pipeline.data.mixing import prompt_hash
+
+    return {
+        s: {sp: [prompt_hash(p) for p in ds["prompt"]] for sp, ds in by_split.items() if ds is not None}
+        for s, by_split in data.items()
+    }
+
+
+def overlap_counts(hashes: dict, seen: set | None) -> dict:
+    """{"checked": bool, "test": {source: n}, "validation": {source: n}}: evaluation pairs whose prompt is in
+    `seen` (an RM's training prompts); nothing is counted when the RM has no record."""
+    out: dict = {"checked": seen is not None, "test": {}, "validation": {}}
+    for s, by_split in hashes.items():
+        for sp in SCORED_SPLITS:
+            out[sp][s] = sum(h in seen for h in by_split.get(sp, [])) if seen is not None else None
+    return out
+
+
+def drop_seen_prompts(data: dict, hashes: dict, seen: set, keep_sources=()) -> tuple[dict, dict]:
+    """`data` without the pairs whose prompt hash is in `seen` (sources in `keep_sources` untouched), and
+    {source: {split: pairs removed}}."""
+    out, removed = {}, {}
+    for s, by_split in data.items():
+        out[s] = dict(by_split)
+        for sp, ds in by_split.items():
+            if ds is None or s in keep_sources:
+                continue
+            keep = [i for i, h in enumerate(hashes[s][sp]) if h not in seen]
+            if len(keep) < len(ds):
+                out[s][sp] = ds.select(keep)
+                removed.setdefault(s, {})[sp] = len(ds) - len(keep)
+    return out, removed
+
+
+def _report_overlap(overlap: dict, data: dict, exclude: bool, synthetic: set) -> None:
+    """Print, per RM, how many evaluation pairs have a prompt it was trained on, and what happens to them."""
+    total = sum(len(d) for by_split in data.values() for d in by_split.values() if d is not None)
+    for rm, o in overlap.items():
+        if not o["checked"]:
+            print(
+                f"[calibration] {rm}: no train_prompts.json beside it; its overlap with the evaluation data is unknown"
+            )
+            continue
+        per = {s: o["test"][s] + o["validation"][s] for s in o["test"]}
+        if not any(per.values()):
+            print(f"[calibration] {rm}: none of the {total} evaluation pairs has a prompt it was trained on")
+            continue
+        shown = ", ".join(f"{s} {o['test'][s]}+{o['validation'][s]}" for s, n in per.items() if n)
+        if not exclude:
+            fate = "KEPT (calibration.exclude_train_overlap=false): its scores on them are inflated"
+        else:
+            gone = sum(n for s, n in per.items() if s not in synthetic)
+            kept = sum(n for s, n in per.items() if s in synthetic)
+            fate = f"{gone} excluded" + (f", {kept} kept on synthetic sources (by design)" if kept else "")
+        print(
+            f"[calibration] {rm}: {sum(per.values())} of {total} evaluation pairs have a prompt it was trained on "
+            f"(test+validation per source: {shown}); {fate}"
+        )
 
 
 def hh_sources(sources: list[str], cfg: CalibrationConfig) -> list[str]:
@@ -808,7 +902,39 @@ def run(recipe, run_dir: Path) -> list[str]:
     with_averaging = cfg.averaging and len(singles) >= 2
     names = [*index, *external] + ([AVERAGING] if with_averaging else [])
     comparisons = resolve_comparisons(cfg.compare, names)  # fails before any scoring on an unknown name
-    data = eval_splits(recipe, cfg)
+    stats: dict = {}
+    data = eval_splits(recipe, cfg, stats)
+    if state.is_main_process:
+        from pipeline.data.mixing import describe_data_stats
+
+        for line in describe_data_stats(stats):
+            print(f"[calibration] data {line}")
+    # Pairs whose prompt an RM was trained on (its train_prompts.json): counted per RM, excluded by default.
+    records = train_prompt_records({**index, **external}, singles, with_averaging)
+    hashes = _prompt_hashes(data)
+    overlap = {rm: overlap_counts(hashes, seen) for rm, seen in records.items()}
+    synthetic = {sp.name for sp in getattr(getattr(recipe, "data", None), "sources", []) if sp.format == "synthetic"}
+    if state.is_main_process:
+        _report_overlap(overlap, data, cfg.exclude_train_overlap, synthetic)
+    excluded: dict = {}
+    if cfg.exclude_train_overlap:
+        seen_by_any = set().union(*(r for r in records.values() if r is not None))
+        data, excluded = drop_seen_prompts(data, hashes, seen_by_any, keep_sources=synthetic)
+        for s, by_split in data.items():
+            for sp, ds in by_split.items():
+                if ds is None or len(ds) > 0:
+                    continue
+                if sp == "validation" and not cfg.temperature_scaling:
+                    by_split[sp] = None
+                    continue
+                fix = "or set calibration.temperature_scaling=false, " if sp == "validation" else ""
+                raise ValueError(
+                    f"calibration: every {sp} pair of source {s!r} has a prompt that an evaluated RM was trained on "
+                    "(its train_prompts.json), so none is left. Fix: evaluate on data the RMs never saw (for a "
+                    "file they were trained on: the training run's data.test_fraction and data.valid_fraction, "
+                    f"which select exactly its unseen test and validation prompts), {fix}or set "
+                    "calibration.exclude_train_overlap=false to score them anyway (inflated)"
+                )
     sources = list(data)
     hh = hh_sources(sources, cfg)
     max_length = _max_length(recipe, cfg)
@@ -845,6 +971,12 @@ def run(recipe, run_dir: Path) -> list[str]:
         )
         for rm, by_source in rewards.items()
     }
+    for rm in metrics:
+        metrics[rm]["train_overlap"] = {
+            **overlap[rm],
+            "excluded": cfg.exclude_train_overlap,
+            "kept_sources": sorted(synthetic & set(sources)) if cfg.exclude_train_overlap else list(sources),
+        }
     diversity = diversity_analysis(index, rewards, sources, cfg)
     compared = {
         label: compare_rms(
@@ -876,6 +1008,8 @@ def run(recipe, run_dir: Path) -> list[str]:
                 "hh_sources": hh,
                 "external": {n: e["path"] for n, e in external.items()},
                 "comparisons": list(compared),
+                "train_overlap_excluded": excluded,
+                "data_stats": stats,
             },
         )
         if compared:

@@ -17,7 +17,7 @@ Modules: `sources` (load_source and the formats), `synthetic` (the ground-truth 
 (encode_left, encode_pairs, pad_right, tokenize_pairs).
 """
 
-from .mixing import DataConfig, SourceSpec, build_splits, mix, resample_indices, source_names
+from .mixing import DataConfig, SourceSpec, build_splits, mix, prompt_hash, resample_indices, source_names
 from .sources import FORMATS, PreferenceDataError, load_source, load_stats, split_dialogue
 from .synthetic import (
     SyntheticConfig,
@@ -43,6 +43,7 @@ __all__ = [
     "load_source",
     "load_stats",
     "mix",
+    "prompt_hash",
     "pad_right",
     "resample_indices",
     "source_names",

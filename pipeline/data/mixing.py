@@ -2,14 +2,17 @@
 
 * `build_splits(cfg)` -> ``{source_name: DatasetDict(train, validation, test)}`` in the declared source
   order. A source that ships a test split (`SourceSpec.test_split`) uses it; a source that ships one
-  split is cut deterministically (seeded by ``(cfg.seed, source name)``) into train/validation/test BY
-  PROMPT: all pairs that share a prompt land in the same part (OASST1 and the synthetic benchmark have
-  several pairs per prompt; splitting pairs independently would leak test prompts into training). Each
-  part keeps the file's record order. Sizes: train is resampled to `n_train_per_source` (see `resample`);
-  validation/test are subsampled to at most `n_valid_per_source`/`n_test_per_source` (never duplicated).
-  The ``source`` column is set to the spec's name. A spec with the option ``group_by`` becomes one source
-  per group (``<name>/<value>``, see `pipeline.data.sources`), each split and sized on its own, in sorted
-  name order.
+  split is cut into train/validation/test BY PROMPT CONTENT (`split_of_prompt`: the sha256 of the prompt
+  read as a number u in [0, 1); test when u < test_fraction, validation when u < test_fraction +
+  valid_fraction): all pairs that share a prompt land in the same part (OASST1 and the synthetic benchmark
+  have several pairs per prompt), and the same prompt lands in the same part in every run, whatever the
+  source's name, its order or the seed (renaming a source cannot move a test prompt into training). The
+  fractions hold in expectation. Each part keeps the file's record order. Sizes: train is resampled to
+  `n_train_per_source` (see `resample`); validation/test are subsampled to at most
+  `n_valid_per_source`/`n_test_per_source` (never duplicated; the pairs with the smallest prompt hashes,
+  again by content). The ``source`` column is set to the spec's name. A spec with the option ``group_by``
+  becomes one source per group (``<name>/<value>``, see `pipeline.data.sources`), each split and sized on
+  its own, in sorted name order. `prompt_hash` is also what an RM's ``train_prompts.json`` records.
 * `mix(train_by_source, strategy, n_per_source, per_source_batch, seed)`:
   - ``balanced`` (MORE, and the ``uniform`` baseline): every source resampled to the same size n (see
     `resample`; n defaults to the largest source and is rounded UP to a multiple of per_source_batch),
@@ -27,6 +30,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import zlib
 from dataclasses import asdict, dataclass, field, fields
@@ -40,6 +44,7 @@ from .synthetic import DEFAULT_SOURCES, SPLITS, SyntheticConfig, synthetic_split
 logger = logging.getLogger(__name__)
 
 SCHEMA = ("prompt", "chosen", "rejected", "source")
+PROMPT_HASH_CHARS = 16  # hex digits of sha256 kept per prompt (64 bits: no collision in practice)
 
 
 @dataclass
@@ -100,13 +105,19 @@ class DataConfig:
         default=None, metadata={"help": "At most this many validation pairs per source."}
     )
     n_test_per_source: int | None = field(default=None, metadata={"help": "At most this many test pairs per source."})
-    test_fraction: float = field(default=0.1, metadata={"help": "Test fraction cut from sources that ship one split."})
-    valid_fraction: float = field(default=0.05, metadata={"help": "Validation fraction cut from sources without one."})
+    test_fraction: float = field(
+        default=0.1, metadata={"help": "Test fraction cut (by prompt hash) from sources that ship one split."}
+    )
+    valid_fraction: float = field(
+        default=0.05, metadata={"help": "Validation fraction cut (by prompt hash) from sources without one."}
+    )
     max_length: int = field(
         default=512, metadata={"help": "Tokens per transcript; longer ones lose tokens on the LEFT."}
     )
     per_source_batch: int = field(default=4, metadata={"help": "Pairs of every source in each balanced batch."})
-    seed: int = field(default=0, metadata={"help": "Seed of splitting, resampling and mixing."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed of resampling and mixing (test/validation cuts depend on the prompt only)."}
+    )
 
     def __post_init__(self):
         specs = []
@@ -164,18 +175,106 @@ def resample_indices(n_rows: int, n: int, rng: np.random.Generator) -> np.ndarra
     return rng.permutation(idx)
 
 
-def _split_by_prompt(ds, test_fraction: float, valid_fraction: float, rng):
+def prompt_hash(prompt: str) -> str:
+    """The content hash of a prompt: the first 16 hex digits of sha256(prompt as UTF-8). It decides a cut
+    source's split (`split_of_prompt`) and is what an RM's `train_prompts.json` records."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:PROMPT_HASH_CHARS]
+
+
+def split_of_prompt(prompt: str, test_fraction: float, valid_fraction: float) -> str:
+    """The part (test / validation / train) a prompt belongs to, from its content alone: u = its hash read as
+    a number in [0, 1); test when u < test_fraction, validation when u < test_fraction + valid_fraction, else
+    train. The same prompt lands in the same part in every run, whatever the source's name or order and the
+    seed; a larger test_fraction only adds prompts to the test part (nested cuts)."""
+    u = int(prompt_hash(prompt), 16) / 16**PROMPT_HASH_CHARS
+    return "test" if u < test_fraction else ("validation" if u < test_fraction + valid_fraction else "train")
+
+
+TRAIN_PROMPTS = "train_prompts.json"
+
+
+def train_prompts_record(prompts) -> dict:
+    """What an RM's ``train_prompts.json`` holds: the sorted unique `prompt_hash` of every prompt it was
+    trained on (16 hex digits each, about 19 bytes per prompt in the file)."""
+    return {
+        "hash": f"sha256(prompt as UTF-8), first {PROMPT_HASH_CHARS} hex digits (pipeline.data.mixing.prompt_hash)",
+        "n_prompts": len(hashes := sorted({prompt_hash(p) for p in prompts})),
+        "prompts": hashes,
+    }
+
+
+def read_train_prompts(rm_dir) -> set[str] | None:
+    """The prompt hashes in ``<rm_dir>/train_prompts.json``; None when the RM has no such record (a hub id, or
+    an RM trained elsewhere). A record that does not parse is an error naming the file."""
+    import json
+    from pathlib import Path
+
+    path = Path(rm_dir) / TRAIN_PROMPTS
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+        hashes = rec["prompts"]
+        if not isinstance(hashes, list) or not all(isinstance(h, str) for h in hashes):
+            raise TypeError("'prompts' is not a list of strings")
+    except (ValueError, KeyError, TypeError) as e:
+        raise PreferenceDataError(
+            f"{path}: not a readable training-prompt record ({type(e).__name__}: {e}). Fix: delete it (the RM's "
+            "overlap with the evaluation data is then not checked) or restore it"
+        ) from None
+    return set(hashes)
+
+
+NOT_DROPPED = frozenset({"format", "path", "split", "records", "pairs", "groups", "trees", "context_mismatch_common"})
+
+
+def data_stats(splits: dict) -> dict:
+    """Per source of `build_splits` output: pairs per part, what each load read (`load_stats`: records, pairs,
+    every reason for dropping) and the dropped counts summed over those loads."""
+    from .sources import load_stats
+
+    out = {}
+    for source, dd in splits.items():
+        loads = []
+        for d in dd.values():
+            st = load_stats(d)
+            if st and st not in loads:
+                loads.append(st)
+        dropped: dict = {}
+        for st in loads:
+            for k, v in st.items():
+                if k not in NOT_DROPPED and isinstance(v, int) and v:
+                    dropped[k] = dropped.get(k, 0) + v
+        out[source] = {"pairs": {k: len(d) for k, d in dd.items()}, "loaded": loads, "dropped": dropped}
+    return out
+
+
+def describe_data_stats(stats: dict) -> list[str]:
+    """One log line per source: its pairs per part and what was dropped on loading."""
+    lines = []
+    for source, st in stats.items():
+        parts = "/".join(str(st["pairs"].get(k, 0)) for k in SPLITS)
+        read = sum(x.get("records", 0) for x in st["loaded"])
+        drop = ", ".join(f"{k} {v}" for k, v in sorted(st["dropped"].items())) or "none"
+        lines.append(
+            f"{source}: train/validation/test = {parts} pairs"
+            + (f"; {read} records read, dropped: {drop}" if st["loaded"] else "")
+        )
+    return lines
+
+
+def _split_by_prompt(ds, test_fraction: float, valid_fraction: float):
+    """test/validation/train of one source by the content hash of each pair's prompt (`split_of_prompt`), so
+    all pairs of one prompt share a part. A source of >= 3 prompts whose hashes give an asked-for part no
+    prompt moves the train prompt with the smallest hash there (tiny sources only; still content-based)."""
     prompts = ds["prompt"]
     uniq = list(dict.fromkeys(prompts))
-    order = rng.permutation(len(uniq))
-    n_test = int(round(test_fraction * len(uniq)))
-    n_valid = int(round(valid_fraction * len(uniq)))
+    part = {p: split_of_prompt(p, test_fraction, valid_fraction) for p in uniq}
     if len(uniq) >= 3:
-        n_test = max(n_test, 1) if test_fraction > 0 else 0
-        n_valid = max(n_valid, 1) if valid_fraction > 0 else 0
-    part = {}
-    for rank, u in enumerate(order):
-        part[uniq[u]] = "test" if rank < n_test else ("validation" if rank < n_test + n_valid else "train")
+        for k, f in (("test", test_fraction), ("validation", valid_fraction)):
+            train = sorted((prompt_hash(p), p) for p in uniq if part[p] == "train")
+            if f > 0 and k not in part.values() and len(train) > 1:
+                part[train[0][1]] = k
     idx = {k: [i for i, p in enumerate(prompts) if part[p] == k] for k in SPLITS}
     return {k: ds.select(v) for k, v in idx.items()}
 
@@ -247,7 +346,7 @@ def _source_parts(cfg, name: str, train, test=None, valid=None, rng=None) -> dic
     """train/validation/test of one loaded source: declared splits, or cut from train by prompt; sized."""
     rng = rng if rng is not None else _rng(cfg.seed, "split", name)
     cut = _split_by_prompt(
-        train, 0.0 if test is not None else cfg.test_fraction, 0.0 if valid is not None else cfg.valid_fraction, rng
+        train, 0.0 if test is not None else cfg.test_fraction, 0.0 if valid is not None else cfg.valid_fraction
     )
     parts = {
         "train": cut["train"],
@@ -258,8 +357,9 @@ def _source_parts(cfg, name: str, train, test=None, valid=None, rng=None) -> dic
         idx = resample_indices(len(parts["train"]), cfg.n_train_per_source, rng)
         parts["train"] = parts["train"].select(np.sort(idx) if cfg.n_train_per_source <= len(parts["train"]) else idx)
     for k, n in (("validation", cfg.n_valid_per_source), ("test", cfg.n_test_per_source)):
-        if n is not None and len(parts[k]) > n:
-            parts[k] = parts[k].select(np.sort(rng.permutation(len(parts[k]))[:n]))
+        if n is not None and len(parts[k]) > n:  # by content too: the same pairs whatever the name or seed
+            keys = [(prompt_hash(p), i) for i, p in enumerate(parts[k]["prompt"])]
+            parts[k] = parts[k].select(sorted(i for _, i in sorted(keys)[:n]))
     return parts
 
 

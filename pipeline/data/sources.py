@@ -683,6 +683,15 @@ def _fmt_trl(records, ctx, implicit=False):
         if isinstance(chosen, str):
             if not explicit:
                 prompt = _trl_prompt_of_strings(chosen, rejected)
+                if not prompt.strip() and chosen != rejected:
+                    raise _err(
+                        ctx.source,
+                        where,
+                        "implicit prompt: chosen and rejected share no common prefix, so the prompt would be empty",
+                        "give a 'prompt' column (explicit layout), or start chosen and rejected with the same "
+                        "conversation (the prompt is their longest common prefix)",
+                        field="chosen/rejected",
+                    )
                 chosen, rejected = chosen[len(prompt) :], rejected[len(prompt) :]
             row = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
         else:
@@ -978,7 +987,7 @@ def load_source(format: str, path: str, *, split: str | None = None, name: str |
     ctx = _Ctx(source)
     ctx.group_by = grouping.get("group_by")
     counted = Counter()
-    current = {}
+    current = {"path": f"{path}" + (f" (split {split!r})" if split else "")}
 
     def records():
         for rec, where in _read_records(str(path), split, name, data_dir, source):
@@ -1037,15 +1046,27 @@ def _grouped(
     keep = None if keep_groups is None else {str(v) for v in keep_groups}
     drop = {str(v) for v in drop_groups or ()}
     names = {str(k): str(v) for k, v in (group_names or {}).items()}
-    counts = Counter()
+    counts, seen = Counter(), Counter()
     for row in rows:
         value = str(current["group"])
+        seen[value] += 1
         if (keep is not None and value not in keep) or value in drop:
             ctx.stats["other_group"] += 1
             continue
         row["source"] = names.get(value, f"{source}/{value}")
         counts[row["source"]] += 1
         yield row
+    for option, values in (("keep_groups", keep or set()), ("drop_groups", drop)):
+        if absent := sorted(values - set(seen)):
+            present = sorted(seen)
+            shown = ", ".join(repr(v) for v in present[:20]) + (
+                f" ... (+{len(present) - 20} more)" if len(present) > 20 else ""
+            )
+            raise PreferenceDataError(
+                f"[source {source!r}] {option} names {absent[:10]}, which no pair's {group_by!r} has in "
+                f"{current.get('path', 'the data')}; the values present are: {shown or 'none'}. Fix: use values "
+                "from that list"
+            )
     ctx.stats["groups"] = dict(sorted(counts.items()))
 
 

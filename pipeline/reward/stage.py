@@ -13,7 +13,11 @@ matches and its files are intact; otherwise it is retrained and the log says why
 `--force reward`, retrains every RM). An interrupted RM resumes from its last COMPLETE Trainer checkpoint in
 `DIR/reward/.checkpoints/<name>/` (one whose fingerprint matches; incomplete ones are deleted, and the log
 says which checkpoint it resumes from). `DIR/reward/index.json` lists what was trained, with paths
-relative to the run directory, so a copied or moved run directory stays self-contained.
+relative to the run directory, so a copied or moved run directory stays self-contained. Each RM directory
+holds `train_prompts.json` (the hashes of the prompts it was trained on, `pipeline.data.mixing.prompt_hash`;
+calibration uses it to count and exclude evaluation pairs the RM has seen), and `DIR/reward/data_stats.json`
+holds every source's pairs per split, the records read and the pairs dropped on loading, by reason (also
+printed), and each RM's count of over-length (left-truncated) training pairs.
 """
 
 from __future__ import annotations
@@ -506,6 +510,7 @@ def train_one(recipe, run_dir: Path, plan: RMPlan, tokenizer, base: str, fresh: 
     trainer.save_with_card(partial, base_model=cfg.model_name_or_path)  # every rank (ZeRO-3 gathers)
     if state.is_main_process:
         tokenizer.save_pretrained(partial)
+        _write_train_prompts(partial, plan.train)
         atomic_write_json(partial / "train_log.json", trainer.state.log_history)
         atomic_write_json(
             partial / "reward_info.json",
@@ -533,16 +538,29 @@ def train_one(recipe, run_dir: Path, plan: RMPlan, tokenizer, base: str, fresh: 
     del trainer, model
 
 
+def _write_train_prompts(rm_dir: Path, train) -> None:
+    """<rm dir>/train_prompts.json: the hashes of the prompts the RM was trained on, so calibration can count
+    (and exclude) evaluation pairs it has seen, in this run or when another run evaluates it as external."""
+    from pipeline.data.mixing import TRAIN_PROMPTS, train_prompts_record
+
+    atomic_write_json(Path(rm_dir) / TRAIN_PROMPTS, train_prompts_record(train["prompt"]))
+
+
 def run(recipe, run_dir: Path, force: bool = False) -> list[str]:
     """Train every RM the recipe asks for; reuse those saved from the same inputs (all retrained when
     `force`). Returns artifact paths relative to run_dir."""
     from accelerate import PartialState
 
     from pipeline.data import build_splits
+    from pipeline.data.mixing import TRAIN_PROMPTS, data_stats, describe_data_stats
 
     run_dir = Path(run_dir)
     splits = build_splits(recipe.data)
     sources = list(splits)
+    stats = data_stats(splits)
+    if PartialState().is_main_process:
+        for line in describe_data_stats(stats):
+            print(f"[reward] data {line}")
     tokenizer = build_tokenizer(recipe, splits, run_dir)
     base = base_model_path(recipe, tokenizer, run_dir, splits)
     index = {}
@@ -552,6 +570,8 @@ def run(recipe, run_dir: Path, force: bool = False) -> list[str]:
         reason = "forced (--force reward)" if force else stale_reason(out, plan)
         if reason is None:
             print(f"[reward] {name}: already trained, skipping (same inputs: fingerprint {plan.fingerprint[:10]})")
+            if PartialState().is_main_process and not (out / TRAIN_PROMPTS).is_file():  # trained before the record
+                _write_train_prompts(out, plan.train)
         else:
             print(f"[reward] training {name} (method={method}, sources={srcs}): {reason}")
             train_one(recipe, run_dir, plan, tokenizer, base, fresh=force)
@@ -559,11 +579,31 @@ def run(recipe, run_dir: Path, force: bool = False) -> list[str]:
             "path": f"reward/{out.name}",
             "method": "single" if name.startswith("single-") else method,
             "sources": srcs,
+            "train_prompts": f"reward/{name}/{TRAIN_PROMPTS}",
         }
     if PartialState().is_main_process:
+        truncated = {}
+        for name in index:
+            try:
+                truncated[name] = json.loads((run_dir / "reward" / name / "reward_info.json").read_text())[
+                    "n_truncated_sequences"
+                ]
+            except (OSError, ValueError, KeyError):
+                truncated[name] = None
+        atomic_write_json(
+            run_dir / "reward" / "data_stats.json",
+            {
+                "sources": stats,
+                "over_length_pairs": {
+                    "note": f"training pairs longer than data.max_length={recipe.data.max_length} tokens: kept, "
+                    "cut from the left",
+                    "per_rm": truncated,
+                },
+            },
+        )
         atomic_write_json(run_dir / "reward" / "index.json", index)
     PartialState().wait_for_everyone()
-    return ["reward/index.json"] + [f"reward/{n}" for n in index]
+    return ["reward/index.json", "reward/data_stats.json"] + [f"reward/{n}" for n in index]
 
 
 def load_index(run_dir: Path) -> dict:
