@@ -650,8 +650,9 @@ def main(argv: list[str] | None = None, *, stage: str | None = None) -> int:
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.show_keys:
-            for key, tp, help_ in describe_keys():
-                print(f"{key:45s} {tp:22s} {help_}")
+            print(f"{'key':45s} {'type':22s} {'default':24s} help")
+            for key, tp, default, help_ in describe_keys():
+                print(f"{key:45s} {tp:22s} {default:24s} {help_}")
             return 0
         recipe = load_recipe(args.recipe, args.overrides)
         if args.print_recipe:

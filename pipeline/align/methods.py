@@ -225,6 +225,7 @@ def sft_config(
         seed=seed,
         disable_tqdm=False,
         dataloader_num_workers=0,
+        activation_checkpointing=True,  # TRL's default, under the name that does not warn in transformers 5
     )
 
 
@@ -333,6 +334,8 @@ def run_rloo(
     kw = dict(RLOO_DEFAULTS)
     kw["per_device_train_batch_size"] = max(n, (kw["per_device_train_batch_size"] // n) * n)
     kw.update(overrides or {})
+    if "gradient_checkpointing" not in kw:  # TRL's default (on), under the name that does not warn
+        kw.setdefault("activation_checkpointing", True)
     funcs, weights = [as_trl_reward(reward_fn, "rm")], [1.0]
     if gold_fn is not None:
         funcs.append(as_trl_reward(gold_fn, "gold"))

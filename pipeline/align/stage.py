@@ -240,7 +240,10 @@ class AlignConfig:
     # --- RL
     ppo: dict = field(
         default_factory=dict,
-        metadata={"help": "Overrides of pipeline.align.ppo.PPOConfig (sampling settings default to this section's)."},
+        metadata={
+            "keys": "pipeline.align.ppo:PPOConfig",
+            "help": "Overrides of pipeline.align.ppo.PPOConfig (sampling settings default to this section's).",
+        },
     )
     rloo: dict = field(
         default_factory=dict,

@@ -49,6 +49,29 @@ _NOT_FINGERPRINTED = frozenset(
 )
 
 
+# The TrainingArguments fields `--show-keys` lists under reward.train (every other one is accepted too).
+SHOWN_TRAINING_ARGS = (
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "gradient_accumulation_steps",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "optim",
+    "bf16",
+    "activation_checkpointing",
+    "deepspeed",
+    "logging_steps",
+    "save_strategy",
+    "save_steps",
+    "save_total_limit",
+    "report_to",
+    "dataloader_num_workers",
+)
+
+
 @dataclass
 class RewardStageConfig:
     """The `reward:` section of a recipe."""
@@ -90,8 +113,11 @@ class RewardStageConfig:
     train: dict = field(
         default_factory=dict,
         metadata={
+            "keys": "pipeline.reward.trainer:MORERewardConfig",
+            "key_fields": SHOWN_TRAINING_ARGS,
             "help": "MORERewardConfig fields (learning_rate, max_steps, alpha, normalize, bf16, "
-            "deepspeed, ...). per_device_train_batch_size is derived from data.per_source_batch."
+            "deepspeed, ...; any trl.RewardConfig / TrainingArguments field). per_device_train_batch_size "
+            "is derived from data.per_source_batch.",
         },
     )
 

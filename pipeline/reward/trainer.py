@@ -103,6 +103,20 @@ class MORERewardConfig(RewardConfig):
             "row width squared) and shorter pairs share rows (padding-free up to the last row's tail)."
         },
     )
+    # TRL's RewardConfig defaults the deprecated alias `gradient_checkpointing` to True, so transformers 5 warned
+    # "`gradient_checkpointing` is deprecated" on every RM although no recipe set it. Both default to None here
+    # and __post_init__ sets TRL's default (on) under the new name; a user who sets the old name still gets
+    # transformers' warning (it is theirs to act on), and it still takes effect.
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing (transformers 5)."}
+    )
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Recompute activations in the backward pass to save memory (TRL's RewardConfig default: "
+            "on when neither this nor gradient_checkpointing is set)."
+        },
+    )
     length_grouping: bool = field(
         default=True,
         metadata={
@@ -125,6 +139,8 @@ class MORERewardConfig(RewardConfig):
             raise ValueError(f"packing_max_tokens must be at least 4, got {self.packing_max_tokens}")
         if self.balanced_batches:
             self.train_sampling_strategy = "sequential"
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
         super().__post_init__()
 
 
