@@ -70,6 +70,7 @@ from pipeline.config import (
     stage_config_hash,
 )
 from pipeline.io import atomic_write_json, atomic_write_text, changed_files, dict_changes, file_records
+from pipeline.logs import quiet_library_noise
 
 
 # The pipeline, in order: (stage name, module exposing `run(recipe, run_dir) -> list[str]`).
@@ -646,6 +647,7 @@ def main(argv: list[str] | None = None, *, stage: str | None = None) -> int:
     """Entry point of `python -m pipeline.run` (and, with `stage`, of each stage's __main__)."""
     args = build_parser(stage).parse_intermixed_args(argv)
     _setup_logging()
+    quiet_library_noise()
     if threading_is_main():
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:

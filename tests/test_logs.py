@@ -32,3 +32,45 @@ def test_shipped_recipes_build_training_args_without_future_warnings(name, tmp_p
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         MORERewardConfig(**args)
+
+
+def test_progress_lines_in_a_log_file_every_ten_percent():
+    import io
+
+    from pipeline.logs import LineProgress, progress_bar
+
+    out = io.StringIO()  # not a tty: percentage lines
+    bar = progress_bar(range(500), desc="warm-start policy", stream=out)
+    assert isinstance(bar, LineProgress)
+    for _ in bar:
+        bar.set_postfix(loss="0.500")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 10 and lines[0].startswith("[warm-start policy] 10% (50/500), ")
+    assert "ETA" in lines[0] and "(loss=0.500)" in lines[0]
+    assert lines[-1].startswith("[warm-start policy] 100% (500/500)") and "ETA" not in lines[-1]
+    out = io.StringIO()
+    bar = progress_bar(total=1000, initial=420, desc="ppo", stream=out)  # resumed at 420: 500, 600, ... 1000
+    bar.update(79)
+    assert out.getvalue() == ""
+    for _ in range(600):  # past the total: 100% once
+        bar.update(1)
+    assert [ln.split("%")[0] for ln in out.getvalue().splitlines()] == [f"[ppo] {p}" for p in range(50, 101, 10)]
+    out = io.StringIO()
+    bar = progress_bar(total=3, desc="x", stream=out, disable=True)
+    bar.update(3)
+    assert out.getvalue() == ""
+
+
+def test_library_noise_is_filtered_once(caplog):
+    import logging
+
+    from pipeline.logs import quiet_library_noise
+
+    quiet_library_noise()
+    quiet_library_noise()
+    assert len(logging.getLogger("DeepSpeed").filters) == 1
+    caplog.set_level("INFO")
+    logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU. If you have GPU or other accelerator, ...")
+    logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward from k: x")
+    logging.getLogger("DeepSpeed").warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.logs import trainer_progress_callback
 
 
 PEFT_MODES = ("none", "lora", "qlora")
@@ -223,7 +224,7 @@ def sft_config(
         save_total_limit=1,
         report_to="none",
         seed=seed,
-        disable_tqdm=False,
+        disable_tqdm=True,  # pipeline.logs' progress lines instead (a log file gets 10 lines, not thousands)
         dataloader_num_workers=0,
         activation_checkpointing=True,  # TRL's default, under the name that does not warn in transformers 5
     )
@@ -259,6 +260,7 @@ def run_rjs(
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=pcfg)
+    trainer.add_callback(trainer_progress_callback("rjs fine-tuning"))
     trainer.train(resume_from_checkpoint=_last_complete_trainer_checkpoint(Path(args.output_dir)))
     return _save_trained_policy(trainer, out_dir, policy_path, tokenizer, peft, trust_remote_code)
 

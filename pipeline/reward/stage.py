@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from pipeline.io import atomic_write_json, changed_files, file_records, sha256_json
+from pipeline.logs import trainer_progress_callback
 from pipeline.models import TinyModelSpec, load_tokenizer, quantization_config, tiny_model, tiny_tokenizer
 
 
@@ -368,6 +369,7 @@ def plan_rm(recipe, run_dir: Path, name: str, method: str, sources: list[str], s
             source_names=sources,
             balanced_batches=balanced,
             per_device_train_batch_size=data.per_source_batch * len(sources),
+            disable_tqdm=True,  # pipeline.logs' progress (a bar on a terminal, 10 lines in a log file) instead
             max_length=data.max_length,
             seed=recipe.seed,
         )
@@ -449,8 +451,9 @@ def _resume_point(ckpt_dir: Path, plan: RMPlan) -> str | None:
     return None
 
 
-def train_one(recipe, run_dir: Path, plan: RMPlan, tokenizer, base: str, fresh: bool = False):
-    """Train (or resume) one RM and save it atomically to DIR/reward/<name>/ with its fingerprint."""
+def train_one(recipe, run_dir: Path, plan: RMPlan, tokenizer, base: str, fresh: bool = False, label: str = ""):
+    """Train (or resume) one RM and save it atomically to DIR/reward/<name>/ with its fingerprint (`label`,
+    e.g. 'more, RM 2 of 3', names its progress lines)."""
     from accelerate import PartialState
 
     from pipeline.reward.trainer import MORERewardConfig, MORERewardTrainer
@@ -485,6 +488,7 @@ def train_one(recipe, run_dir: Path, plan: RMPlan, tokenizer, base: str, fresh: 
     trainer = MORERewardTrainer(
         model, args, train_dataset=plan.train, processing_class=tokenizer, peft_config=peft_config
     )
+    trainer.add_callback(trainer_progress_callback(f"reward {label or name}"))
     trainer.train(resume_from_checkpoint=last)
 
     partial = out.with_name(f".{name}.partial")
@@ -534,15 +538,19 @@ def run(recipe, run_dir: Path, force: bool = False) -> list[str]:
     tokenizer = build_tokenizer(recipe, splits, run_dir)
     base = base_model_path(recipe, tokenizer, run_dir, splits)
     index = {}
-    for name, method, srcs in rm_names(recipe.reward, sources):
+    rms = rm_names(recipe.reward, sources)
+    for i, (name, method, srcs) in enumerate(rms, 1):
         out = run_dir / "reward" / name
         plan = plan_rm(recipe, run_dir, name, method, srcs, splits, tokenizer, base)
         reason = "forced (--force reward)" if force else stale_reason(out, plan)
+        of = f"RM {i} of {len(rms)}"
         if reason is None:
-            print(f"[reward] {name}: already trained, skipping (same inputs: fingerprint {plan.fingerprint[:10]})")
+            print(
+                f"[reward] {of}: {name} already trained, skipping (same inputs: fingerprint {plan.fingerprint[:10]})"
+            )
         else:
-            print(f"[reward] training {name} (method={method}, sources={srcs}): {reason}")
-            train_one(recipe, run_dir, plan, tokenizer, base, fresh=force)
+            print(f"[reward] {of}: training {name} (method={method}, sources={srcs}): {reason}")
+            train_one(recipe, run_dir, plan, tokenizer, base, fresh=force, label=f"{name}, {of}")
         index[name] = {
             "path": f"reward/{name}",
             "method": "single" if name.startswith("single-") else method,

@@ -508,13 +508,17 @@ def load_more_state(checkpoint: str | Path) -> torch.Tensor | None:
     return None
 
 
-def checkpoint_problem(checkpoint: str | Path, method: str | None = None) -> str | None:
-    """Why a Trainer checkpoint directory cannot be resumed from, or None when it is complete."""
+def checkpoint_problem(
+    checkpoint: str | Path, method: str | None = None, required: tuple[str, ...] = ("trainer_state.json",)
+) -> str | None:
+    """Why a checkpoint directory cannot be resumed from, or None when it is complete (`required`: the files a
+    complete one holds besides the marker; a Trainer's by default)."""
     ckpt = Path(checkpoint)
     if not (ckpt / CHECKPOINT_COMPLETE).is_file():
         return f"no {CHECKPOINT_COMPLETE} (its save was interrupted)"
-    if not (ckpt / "trainer_state.json").is_file():
-        return "no trainer_state.json"
+    for name in required:
+        if not (ckpt / name).is_file():
+            return f"no {name}"
     if method == "more" and not ((ckpt / MORE_STATE).is_file() or (ckpt / LEGACY_MORE_STATE).is_file()):
         return f"no {MORE_STATE} (MORE's momentum)"
     return None
@@ -533,9 +537,11 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def last_complete_checkpoint(folder: str | Path, method: str | None = None) -> str | None:
+def last_complete_checkpoint(
+    folder: str | Path, method: str | None = None, required: tuple[str, ...] = ("trainer_state.json",)
+) -> str | None:
     """The newest checkpoint of `folder` that is complete (see `checkpoint_problem`), or None."""
     for ckpt in list_checkpoints(folder):
-        if checkpoint_problem(ckpt, method) is None:
+        if checkpoint_problem(ckpt, method, required) is None:
             return str(ckpt)
     return None
