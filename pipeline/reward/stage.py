@@ -558,8 +558,12 @@ def run(recipe, run_dir: Path, force: bool = False) -> list[str]:
         }
     if PartialState().is_main_process:
         atomic_write_json(run_dir / "reward" / "index.json", index)
+        # pairs per source and split, for the report's "What ran" (the data the RMs actually saw)
+        atomic_write_json(
+            run_dir / "reward" / "data.json", {s: {k: len(v) for k, v in dd.items()} for s, dd in splits.items()}
+        )
     PartialState().wait_for_everyone()
-    return ["reward/index.json"] + [f"reward/{n}" for n in index]
+    return ["reward/index.json", "reward/data.json"] + [f"reward/{n}" for n in index]
 
 
 def load_index(run_dir: Path) -> dict:
