@@ -442,6 +442,9 @@ def run_pipeline(
         if procs.is_main:
             _log_plan(recipe, run_dir, steps, procs.world)
         if dry_run:
+            if procs.is_main:
+                for line in estimate_lines(recipe, run_dir, steps, manifest, procs.world):
+                    log.info("  %s", line)
             return manifest
         if read_only:
             if procs.is_main:
@@ -590,6 +593,77 @@ def _artifact_records(run_dir: Path, stage: str, artifacts: list[str], manifest:
         if other != stage:
             others |= set(entry.get("artifact_files", {})) | set(entry.get("artifacts", []))
     return file_records(run_dir, artifacts, exclude=others)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return (
+        f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else (f"{seconds // 60}:{seconds % 60:02d}")
+    )
+
+
+def last_duration(entry: dict | None) -> float | None:
+    """Seconds the stage's last finished run took (from the manifest), or None."""
+    if not entry or entry.get("status") != "done" or not entry.get("started") or not entry.get("finished"):
+        return None
+    start, end = (_dt.datetime.fromisoformat(entry[k]) for k in ("started", "finished"))
+    return (end - start).total_seconds()
+
+
+def estimate_lines(recipe, run_dir: Path, steps: list[dict], manifest: dict, world: int = 1) -> list[str]:
+    """For --dry-run: the work each stage that would run does (optimizer / generation steps) and a time
+    estimate from what this directory measured before (the RMs' step time, the stage's last duration), or
+    'unknown'. Nothing is invented: a number is shown only when it was measured here."""
+    out = []
+    entries = manifest.get("stages", {})
+    for step in steps:
+        if step["action"] != "run":
+            continue
+        name = step["stage"]
+        last = last_duration(entries.get(name))
+        took = f"its last run here took {_clock(last)} (inputs may have changed since)" if last else None
+        if name == "reward":
+            from pipeline.reward.stage import measured_step_seconds, planned_steps
+
+            counts = planned_steps(recipe, world=world)
+            total = sum(counts.values())
+            work = (
+                f"{len(counts)} RMs, {total} optimizer steps ("
+                + ", ".join(f"RM {i} of {len(counts)} {rm}: {n}" for i, (rm, n) in enumerate(counts.items(), 1))
+                + ")"
+            )
+            sec = measured_step_seconds(run_dir)
+            when = "training time unknown (no step time measured in this directory yet)"
+            if sec:
+                when = f"training about {_clock(sec * total)} at the {sec:.3g} s/step measured in this directory"
+            when += f"; {took}" if took else ""
+        elif name == "align":
+            work = align_workload(recipe)
+            when = took or "time unknown (never run in this directory)"
+        else:
+            work = f"{name}: no optimizer steps"
+            when = took or "time unknown (never run in this directory)"
+        out.append(f"{name:12s} {work}; {when}")
+    return out
+
+
+def align_workload(recipe) -> str:
+    """The align stage's counts from its settings: warm-start steps, samples to generate, RMs and methods."""
+    cfg = getattr(recipe, "align", None)
+    if cfg is None:
+        return "align: unknown workload"
+    parts = []
+    if not getattr(cfg, "model_name_or_path", None):
+        parts.append(f"{cfg.warm_start_steps} warm-start steps (tiny policy, unless already built)")
+    rms = list(cfg.rms) if getattr(cfg, "rms", None) else [m for m in recipe.reward.methods if m != "single"]
+    prompts = "all" if cfg.n_prompts is None else cfg.n_prompts
+    parts.append(f"{len(rms)} RM(s) x methods {', '.join(cfg.methods)}")
+    parts.append(f"sampling {prompts} training prompts x {cfg.n} responses")
+    if "ppo" in cfg.methods:
+        parts.append(f"ppo {cfg.ppo.get('num_steps', 100)} steps per RM")
+    return "; ".join(parts)
 
 
 def _log_plan(recipe, run_dir: Path, steps: list[dict], world: int) -> None:

@@ -781,3 +781,42 @@ def test_dry_run_fails_for_a_data_path_that_does_not_exist(tmp_path, capsys):
     missing.write_text("")
     assert R.main([*argv, f"data.sources=[{{name: mine, format: jsonl, path: {missing}}}]"]) == 0
     assert not (tmp_path / "run").exists()
+
+
+def test_planned_reward_steps_match_the_trainers_formula_by_hand():
+    from pipeline.reward.stage import planned_steps
+
+    base = ["data.synthetic.n_train=100", "data.per_source_batch=4", "reward.methods=[more,multitask]"]
+    # 5 sources x 100 pairs, 20 pairs per batch: 25 batches per epoch
+    assert planned_steps(C.load_recipe("tiny-cpu", base)) == {"more": 25, "multitask": 25}
+    r = C.load_recipe(
+        "tiny-cpu", [*base, "reward.train.gradient_accumulation_steps=2", "reward.train.num_train_epochs=1.5"]
+    )
+    assert planned_steps(r) == {"more": 20, "multitask": 20}  # ceil(1.5 x ceil(25 / 2))
+    assert planned_steps(r, world=2) == {"more": 11, "multitask": 11}  # ceil(1.5 x ceil(13 / 2))
+    r = C.load_recipe("tiny-cpu", [*base, "reward.train.max_steps=7"])
+    assert planned_steps(r) == {"more": 7, "multitask": 7}
+
+
+def test_dry_run_prints_step_counts_and_an_estimate_only_from_measurements(tmp_path, caplog):
+    out = tmp_path / "run"
+    ov = ["data.synthetic.n_train=100", "reward.methods=[more,multitask]", "align.warm_start_steps=40"]
+    argv = ["--recipe", "tiny-cpu", "--output-dir", str(out), "--dry-run", *ov]
+    caplog.set_level("INFO", logger="pipeline.run")
+    assert R.main(argv) == 0
+    text = caplog.text
+    assert "2 RMs, 50 optimizer steps (RM 1 of 2 more: 25, RM 2 of 2 multitask: 25)" in text
+    assert "training time unknown (no step time measured in this directory yet)" in text
+    assert "40 warm-start steps" in text and "time unknown (never run in this directory)" in text
+    # a previous run measured 0.5 s/step and the align stage took 2:05
+    for rm in ("more", "multitask"):
+        (out / "reward" / rm).mkdir(parents=True)
+        (out / "reward" / rm / "train_log.json").write_text(
+            json.dumps([{"loss": 1}, {"train_runtime": 12.5, "step": 25}])
+        )
+    align = {"status": "done", "started": "2026-01-01T00:00:00.000+00:00", "finished": "2026-01-01T00:02:05.000+00:00"}
+    (out / "manifest.json").write_text(json.dumps({"stages": {"align": align}}))
+    caplog.clear()
+    assert R.main(argv) == 0
+    assert "training about 0:25 at the 0.5 s/step measured in this directory" in caplog.text
+    assert "its last run here took 2:05" in caplog.text

@@ -164,6 +164,55 @@ def rm_names(cfg: RewardStageConfig, sources: list[str]) -> list[tuple[str, str,
     return out
 
 
+def planned_steps(recipe, splits=None, world: int = 1) -> dict[str, int]:
+    """Optimizer steps each RM of the recipe trains for, as the Trainer computes them: `max_steps` when > 0,
+    else ceil(num_train_epochs x ceil(batches / gradient_accumulation_steps)) with batches = ceil(training
+    pairs after mixing / (per_device_train_batch_size x world)). `splits` defaults to loading the data."""
+    import math
+
+    from pipeline.data import build_splits, mix
+
+    splits = build_splits(recipe.data) if splits is None else splits
+    train = recipe.reward.train
+    from pipeline.reward.trainer import MORERewardConfig
+
+    defaults = {f.name: f.default for f in fields(MORERewardConfig) if f.name in ("max_steps", "num_train_epochs")}
+    max_steps = int(train.get("max_steps", defaults["max_steps"]))
+    epochs = float(train.get("num_train_epochs", defaults["num_train_epochs"]))
+    accum = int(train.get("gradient_accumulation_steps", 1))
+    out = {}
+    for name, method, srcs in rm_names(recipe.reward, list(splits)):
+        if max_steps > 0:
+            out[name] = max_steps
+            continue
+        balanced = method in ("more", "uniform")
+        n = len(
+            mix(
+                {s: splits[s]["train"] for s in srcs},
+                "balanced" if balanced else "concat",
+                n_per_source=recipe.data.n_train_per_source,
+                per_source_batch=recipe.data.per_source_batch,
+                seed=recipe.seed,
+            )
+        )
+        batches = math.ceil(n / (recipe.data.per_source_batch * len(srcs) * world))
+        out[name] = math.ceil(epochs * max(math.ceil(batches / accum), 1))
+    return out
+
+
+def measured_step_seconds(run_dir: Path) -> float | None:
+    """Seconds per optimizer step of the RMs last trained in `run_dir` (their train_log.json's train_runtime /
+    step, pooled), or None when none was trained there."""
+    runtime = steps = 0.0
+    for log_file in sorted((Path(run_dir) / "reward").glob("*/train_log.json")):
+        try:
+            last = json.loads(log_file.read_text())[-1]
+            runtime, steps = runtime + float(last["train_runtime"]), steps + float(last["step"])
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            continue
+    return runtime / steps if steps else None
+
+
 def _synthetic_texts(recipe, splits) -> list[str]:
     """Texts to train the tiny tokenizer on: the synthetic corpus, else the training pairs."""
     formats = {s.format for s in recipe.data.sources}
