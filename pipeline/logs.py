@@ -3,7 +3,7 @@
 * `progress_bar(iterable=None, total=..., desc=...)`: a tqdm bar with ETA on a terminal; in a log file
   (stderr not a tty) a line at every 10% instead ("[warm-start policy] 40% (200/500), 0:42 elapsed, ETA 1:03"),
   so a log holds a handful of lines per loop, not thousands of carriage-return frames.
-  `ProgressLinesCallback` does the same for a transformers `Trainer` (its own tqdm is turned off then).
+  `attach_progress(trainer, desc)` does the same for a transformers `Trainer` (its own tqdm turned off).
 * `quiet_library_noise()`: drops messages a user cannot act on (DeepSpeed's "Setting accelerator to CPU"
   on every CPU run, bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community"), and
   in a log file turns off the model-loading and datasets progress bars (frozen at 0% in a log).
@@ -24,6 +24,9 @@ _NOISE = (
 )
 
 
+QUIET_SECONDS = 10.0  # a loop shorter than this prints only its 100% line in a log file
+
+
 def is_tty(stream=None) -> bool:
     stream = sys.stderr if stream is None else stream
     try:
@@ -41,7 +44,11 @@ def _clock(seconds: float) -> str:
 class LineProgress:
     """tqdm's update/set_postfix/close/iteration, printing one line per `every` of the total (non-tty)."""
 
-    def __init__(self, iterable=None, total=None, desc="", initial=0, every=0.1, stream=None, disable=False):
+    def __init__(
+        self, iterable=None, total=None, desc="", initial=0, every=0.1, stream=None, disable=False, min_seconds=None
+    ):
+        self.min_seconds = QUIET_SECONDS if min_seconds is None else min_seconds
+        self.printed = False
         self.iterable = iterable
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
         self.desc, self.n, self.every, self.disable = desc, initial, every, disable
@@ -68,8 +75,11 @@ class LineProgress:
         self.n += n
         if self.disable or self._next is None or self.n < self._next:
             return
-        print(self.line(), file=self.stream or sys.stderr, flush=True)
         self._next = self._threshold_after(self.n)
+        if not self.printed and time.monotonic() - self.start < self.min_seconds and self._next is not None:
+            return  # a loop done within seconds needs no progress lines
+        print(self.line(), file=self.stream or sys.stderr, flush=True)
+        self.printed = True
 
     def set_postfix(self, **kw) -> None:
         self.postfix = ", ".join(f"{k}={v}" for k, v in kw.items())
@@ -89,13 +99,16 @@ class LineProgress:
         self.close()
 
 
-def progress_bar(iterable=None, *, total=None, desc="", initial=0, disable=False, stream=None):
-    """A tqdm bar (terminal) or sparse percentage lines (log file); same interface either way."""
+def progress_bar(iterable=None, *, total=None, desc="", initial=0, disable=False, stream=None, min_seconds=None):
+    """A tqdm bar (terminal) or sparse percentage lines (log file: one per 10%, none for a loop done within
+    `min_seconds`, default QUIET_SECONDS, except its last); same interface either way."""
     if is_tty(stream):
         from tqdm.auto import tqdm
 
         return tqdm(iterable, total=total, desc=desc, initial=initial, disable=disable, file=stream)
-    return LineProgress(iterable, total=total, desc=desc, initial=initial, disable=disable, stream=stream)
+    return LineProgress(
+        iterable, total=total, desc=desc, initial=initial, disable=disable, stream=stream, min_seconds=min_seconds
+    )
 
 
 def trainer_progress_callback(desc: str):
@@ -114,6 +127,10 @@ def trainer_progress_callback(desc: str):
         def on_step_end(self, args, state, control, **kw):
             if self.bar is not None:
                 self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if self.bar is not None and logs and "loss" in logs:
+                self.bar.set_postfix(loss=f"{float(logs['loss']):.4g}")
 
         def on_train_end(self, args, state, control, **kw):
             if self.bar is not None:
@@ -147,3 +164,14 @@ def quiet_library_noise() -> None:
             datasets.disable_progress_bars()
         except ImportError:  # pragma: no cover
             pass
+
+
+def attach_progress(trainer, desc: str) -> None:
+    """Show a Trainer's optimizer steps through `progress_bar` (its own tqdm must be off: disable_tqdm=True).
+    In a log file the per-logging-step metric dicts are not printed as well (they are in the trainer's log
+    history / train_log.json, and the latest loss is on every progress line)."""
+    trainer.add_callback(trainer_progress_callback(desc))
+    if not is_tty():
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)

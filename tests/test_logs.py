@@ -40,7 +40,7 @@ def test_progress_lines_in_a_log_file_every_ten_percent():
     from pipeline.logs import LineProgress, progress_bar
 
     out = io.StringIO()  # not a tty: percentage lines
-    bar = progress_bar(range(500), desc="warm-start policy", stream=out)
+    bar = progress_bar(range(500), desc="warm-start policy", stream=out, min_seconds=0)
     assert isinstance(bar, LineProgress)
     for _ in bar:
         bar.set_postfix(loss="0.500")
@@ -49,12 +49,20 @@ def test_progress_lines_in_a_log_file_every_ten_percent():
     assert "ETA" in lines[0] and "(loss=0.500)" in lines[0]
     assert lines[-1].startswith("[warm-start policy] 100% (500/500)") and "ETA" not in lines[-1]
     out = io.StringIO()
-    bar = progress_bar(total=1000, initial=420, desc="ppo", stream=out)  # resumed at 420: 500, 600, ... 1000
+    bar = progress_bar(
+        total=1000, initial=420, desc="ppo", stream=out, min_seconds=0
+    )  # resumed at 420: 500, 600, ... 1000
     bar.update(79)
     assert out.getvalue() == ""
     for _ in range(600):  # past the total: 100% once
         bar.update(1)
     assert [ln.split("%")[0] for ln in out.getvalue().splitlines()] == [f"[ppo] {p}" for p in range(50, 101, 10)]
+    out = io.StringIO()  # a loop done within seconds: only its last line
+    bar = progress_bar(total=50, desc="fast", stream=out)
+    for _ in range(50):
+        bar.update(1)
+    assert out.getvalue().splitlines() == [out.getvalue().splitlines()[-1]]
+    assert out.getvalue().startswith("[fast] 100% (50/50)")
     out = io.StringIO()
     bar = progress_bar(total=3, desc="x", stream=out, disable=True)
     bar.update(3)
@@ -74,3 +82,22 @@ def test_library_noise_is_filtered_once(caplog):
     logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward from k: x")
     logging.getLogger("DeepSpeed").warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
+def test_a_trainer_in_a_log_file_prints_sparse_progress_lines_not_metric_dicts(tmp_path, capsys):
+    from pipeline.logs import attach_progress
+    from pipeline.reward.trainer import MORERewardTrainer
+    from tests import reward_helpers as H
+
+    tok = H.tokenizer()
+    args = H.config(tmp_path, max_steps=10, logging_steps=1)
+    trainer = MORERewardTrainer(
+        H.model(tok=tok), args, train_dataset=H.balanced_pairs(n_blocks=12), processing_class=tok
+    )
+    attach_progress(trainer, "reward more, RM 1 of 1")  # pytest's captured stderr is not a tty
+    trainer.train()
+    out = capsys.readouterr()
+    lines = (out.out + out.err).splitlines()
+    assert "{'loss'" not in out.out + out.err  # no per-step metric dicts
+    progress = [ln for ln in lines if ln.startswith("[reward more, RM 1 of 1]")]
+    assert progress and progress[-1].startswith("[reward more, RM 1 of 1] 100% (10/10)") and "loss=" in progress[-1]

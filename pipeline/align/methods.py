@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from pipeline.io import atomic_write_json, atomic_write_text
-from pipeline.logs import trainer_progress_callback
+from pipeline.logs import attach_progress
 
 
 PEFT_MODES = ("none", "lora", "qlora")
@@ -260,7 +260,7 @@ def run_rjs(
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=pcfg)
-    trainer.add_callback(trainer_progress_callback("rjs fine-tuning"))
+    attach_progress(trainer, "rjs fine-tuning")
     trainer.train(resume_from_checkpoint=_last_complete_trainer_checkpoint(Path(args.output_dir)))
     return _save_trained_policy(trainer, out_dir, policy_path, tokenizer, peft, trust_remote_code)
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from pipeline.io import atomic_write_json, changed_files, file_records, sha256_json
-from pipeline.logs import trainer_progress_callback
+from pipeline.logs import attach_progress
 from pipeline.models import TinyModelSpec, load_tokenizer, quantization_config, tiny_model, tiny_tokenizer
 
 
@@ -537,7 +537,7 @@ def train_one(recipe, run_dir: Path, plan: RMPlan, tokenizer, base: str, fresh: 
     trainer = MORERewardTrainer(
         model, args, train_dataset=plan.train, processing_class=tokenizer, peft_config=peft_config
     )
-    trainer.add_callback(trainer_progress_callback(f"reward {label or name}"))
+    attach_progress(trainer, f"reward {label or name}")
     trainer.train(resume_from_checkpoint=last)
 
     partial = out.with_name(f".{name}.partial")
@@ -595,7 +595,7 @@ def run(recipe, run_dir: Path, force: bool = False) -> list[str]:
         of = f"RM {i} of {len(rms)}"
         if reason is None:
             print(
-                f"[reward] {of}: {name} already trained, skipping (same inputs: fingerprint {plan.fingerprint[:10]})"
+                f"[reward] {of}: {name}: already trained, skipping (same inputs: fingerprint {plan.fingerprint[:10]})"
             )
         else:
             print(f"[reward] {of}: training {name} (method={method}, sources={srcs}): {reason}")
