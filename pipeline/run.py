@@ -624,7 +624,8 @@ def estimate_lines(recipe, run_dir: Path, steps: list[dict], manifest: dict, wor
         name = step["stage"]
         last = last_duration(entries.get(name))
         took = f"its last run here took {_clock(last)} (inputs may have changed since)" if last else None
-        if name == "reward":
+        module = dict(STAGES).get(name)
+        if name == "reward" and module == "pipeline.reward.stage":
             from pipeline.reward.stage import measured_step_seconds, planned_steps
 
             counts = planned_steps(recipe, world=world)
@@ -639,11 +640,11 @@ def estimate_lines(recipe, run_dir: Path, steps: list[dict], manifest: dict, wor
             if sec:
                 when = f"training about {_clock(sec * total)} at the {sec:.3g} s/step measured in this directory"
             when += f"; {took}" if took else ""
-        elif name == "align":
+        elif name == "align" and module == "pipeline.align.stage":
             work = align_workload(recipe)
             when = took or "time unknown (never run in this directory)"
         else:
-            work = f"{name}: no optimizer steps"
+            work = f"{name}: no optimizer steps" if name in ("calibration", "report") else f"{name}: work unknown"
             when = took or "time unknown (never run in this directory)"
         out.append(f"{name:12s} {work}; {when}")
     return out

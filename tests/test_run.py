@@ -778,7 +778,7 @@ def test_dry_run_fails_for_a_data_path_that_does_not_exist(tmp_path, capsys):
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert "data.sources[0] ('mine', format jsonl)" in err and str(missing) in err and "does not exist" in err
     missing.parent.mkdir()
-    missing.write_text("")
+    missing.write_text(json.dumps({"prompt": "Hi", "chosen": " a", "rejected": " b"}) + "\n")
     assert R.main([*argv, f"data.sources=[{{name: mine, format: jsonl, path: {missing}}}]"]) == 0
     assert not (tmp_path / "run").exists()
 
