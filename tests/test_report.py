@@ -243,7 +243,9 @@ def test_safetensors_param_count_equals_the_models_own_count(tiny_tok, tmp_path)
 
 def _manifest(d, data):
     stage = {"status": "done", "inputs": {"seed": 0, "data": data}}
-    (d / "manifest.json").write_text(json.dumps({"stages": {"calibration": stage, "report": {"status": "running"}}}))
+    align = {"status": "done", "stale": "upstream stage calibration reruns"}
+    stages = {"calibration": stage, "align": align, "report": {"status": "running"}}
+    (d / "manifest.json").write_text(json.dumps({"stages": stages}))
 
 
 def test_report_of_a_synthetic_run_describes_it_and_says_the_paper_is_not_comparable(tiny_tok, tmp_path):
@@ -266,6 +268,7 @@ def test_report_of_a_synthetic_run_describes_it_and_says_the_paper_is_not_compar
     assert "**Not comparable as is.**" in md and "synthetic benchmark (2 sources), not the paper's real" in md
     assert f"reward models have {report.format_count(n)} parameters; the paper's rows are pythia-1.4b (1.4B)" in md
     assert md.index("Not comparable") < md.index("| paper, pythia-1.4b |")
+    assert "| align | done, **STALE** (upstream stage calibration reruns; rerun it with --stages align) |" in md
 
 
 def test_report_of_an_rm_eval_on_topic_buckets_names_them_not_the_paper_datasets(tiny_tok, tmp_path):

@@ -333,7 +333,7 @@ def run_rloo(
     if n < 2:
         raise ValueError("rloo needs at least 2 generations per prompt (align.n >= 2): the baseline is leave-one-out")
     cuda = torch.cuda.is_available()
-    kw = dict(RLOO_DEFAULTS)
+    kw = dict(RLOO_DEFAULTS, disable_tqdm=True)  # pipeline.logs' progress instead (attach_progress below)
     kw["per_device_train_batch_size"] = max(n, (kw["per_device_train_batch_size"] // n) * n)
     kw.update(overrides or {})
     if "gradient_checkpointing" not in kw:  # TRL's default (on), under the name that does not warn
@@ -377,6 +377,7 @@ def run_rloo(
         processing_class=tokenizer,
         peft_config=peft_config(peft, **(lora or {})),
     )
+    attach_progress(trainer, "rloo")
     trainer.train()
     return _save_trained_policy(
         trainer, out_dir, policy_path, tokenizer, peft, trust_remote_code, cleanup=out_dir / ".trainer"
