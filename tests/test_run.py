@@ -796,6 +796,12 @@ def test_planned_reward_steps_match_the_trainers_formula_by_hand():
     assert planned_steps(r, world=2) == {"more": 11, "multitask": 11}  # ceil(1.5 x ceil(13 / 2))
     r = C.load_recipe("tiny-cpu", [*base, "reward.train.max_steps=7"])
     assert planned_steps(r) == {"more": 7, "multitask": 7}
+    # 102 pairs per source: balanced mixing fills blocks to 104 each (26 full batches); multitask's 510 pairs make
+    # 25 full batches of 20, and the length-grouped sampler (the default) yields full batches only
+    odd = ["data.synthetic.n_train=102", *base[1:]]
+    assert planned_steps(C.load_recipe("tiny-cpu", odd)) == {"more": 26, "multitask": 25}
+    no_grouping = C.load_recipe("tiny-cpu", [*odd, "reward.train.length_grouping=false"])
+    assert planned_steps(no_grouping) == {"more": 26, "multitask": 26}  # the default sampler keeps the last one
 
 
 def test_dry_run_prints_step_counts_and_an_estimate_only_from_measurements(tmp_path, caplog):

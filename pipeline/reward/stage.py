@@ -166,9 +166,12 @@ def rm_names(cfg: RewardStageConfig, sources: list[str]) -> list[tuple[str, str,
 
 def planned_steps(recipe, splits=None, world: int = 1) -> dict[str, int]:
     """Optimizer steps each RM of the recipe trains for, as the Trainer computes them: `max_steps` when > 0,
-    else ceil(num_train_epochs x ceil(batches / gradient_accumulation_steps)) with batches = ceil(training
-    pairs after mixing / (per_device_train_batch_size x world)). `splits` defaults to loading the data."""
+    else ceil(num_train_epochs x ceil(batches / gradient_accumulation_steps)). Batches per epoch: with
+    `length_grouping` (the default) the sampler's full batches only (`LengthGroupedBalancedSampler`: the
+    smallest source's pairs // per_source_batch for more/uniform, pairs // batch size for multitask), else
+    ceil(pairs / batch size); divided over `world` processes (ceil). `splits` defaults to loading the data."""
     import math
+    from collections import Counter
 
     from pipeline.data import build_splits, mix
 
@@ -180,22 +183,28 @@ def planned_steps(recipe, splits=None, world: int = 1) -> dict[str, int]:
     max_steps = int(train.get("max_steps", defaults["max_steps"]))
     epochs = float(train.get("num_train_epochs", defaults["num_train_epochs"]))
     accum = int(train.get("gradient_accumulation_steps", 1))
+    grouping = bool(train.get("length_grouping", True))
     out = {}
     for name, method, srcs in rm_names(recipe.reward, list(splits)):
         if max_steps > 0:
             out[name] = max_steps
             continue
         balanced = method in ("more", "uniform")
-        n = len(
-            mix(
-                {s: splits[s]["train"] for s in srcs},
-                "balanced" if balanced else "concat",
-                n_per_source=recipe.data.n_train_per_source,
-                per_source_batch=recipe.data.per_source_batch,
-                seed=recipe.seed,
-            )
+        mixed = mix(
+            {s: splits[s]["train"] for s in srcs},
+            "balanced" if balanced else "concat",
+            n_per_source=recipe.data.n_train_per_source,
+            per_source_batch=recipe.data.per_source_batch,
+            seed=recipe.seed,
         )
-        batches = math.ceil(n / (recipe.data.per_source_batch * len(srcs) * world))
+        psb, batch = recipe.data.per_source_batch, recipe.data.per_source_batch * len(srcs)
+        if grouping and balanced:
+            batches = min(Counter(mixed["source"]).values()) // psb
+        elif grouping:
+            batches = len(mixed) // batch
+        else:
+            batches = math.ceil(len(mixed) / batch)
+        batches = math.ceil(batches / world)
         out[name] = math.ceil(epochs * max(math.ceil(batches / accum), 1))
     return out
 
