@@ -838,12 +838,17 @@ def recipe_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True)
 
 
-def describe_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
-    """Every settable key path with its type and help text (for `--show-keys`)."""
+def describe_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Every settable key path with its type, default and help text (for `--show-keys`).
+
+    Nested dataclasses are expanded; so is a list whose default holds dataclasses (`data.sources[].format`)
+    and a dict field whose metadata names its keys with `keys` ("module:Class" of a dataclass, e.g.
+    `reward.train` -> MORERewardConfig, or "module:function" returning such rows, e.g. a source's `options`).
+    A dataclass from `transformers` shows only its fields listed in the metadata's `key_fields`."""
     rows = []
     hints = _type_hints(cls)
     for f in dataclasses.fields(cls):
-        if not f.init:
+        if not f.init or not _shown_field(cls, f):
             continue
         key = _join(prefix, f.name)
         tp = hints.get(f.name, Any)
@@ -851,12 +856,52 @@ def describe_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, 
             try:
                 tp = section_class(f.name)
             except ImportError as e:
-                rows.append((key, "?", f"unavailable: {e}"))
+                rows.append((key, "?", "", f"unavailable: {e}"))
                 continue
         inner = _strip_optional(tp)
+        default = _field_default(f)
         if dataclasses.is_dataclass(inner) and isinstance(inner, type):
             rows.extend(describe_keys(inner, key))
+        elif isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
+            rows.append((key, "list", f"{len(default)} items", f.metadata.get("help", "")))
+            rows.extend(describe_keys(type(default[0]), key + "[]"))
         else:
-            name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-            rows.append((key, name, f.metadata.get("help", "")))
+            rows.append((key, _type_name(tp), _default_text(default, f), f.metadata.get("help", "")))
+            if f.metadata.get("keys"):
+                rows.extend(_dict_key_rows(f, key))
     return rows
+
+
+def _shown_field(cls: type, f: dataclasses.Field) -> bool:
+    """Fields of a transformers dataclass (TrainingArguments' ~150) are shown only when named in the
+    `key_fields` of the recipe field expanding it (kept on the class by `_dict_key_rows`)."""
+    allowed = getattr(cls, "_show_key_fields", None)
+    if allowed is None:
+        return True
+    owner = next((c for c in cls.__mro__ if f.name in c.__dict__.get("__annotations__", {})), cls)
+    return f.name in allowed or not owner.__module__.startswith("transformers")
+
+
+def _dict_key_rows(f: dataclasses.Field, key: str) -> list[tuple[str, str, str, str]]:
+    module_name, attr = f.metadata["keys"].split(":")
+    try:
+        target = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        return [(key + ".*", "?", "", f"unavailable: {e}")]
+    if not (dataclasses.is_dataclass(target) and isinstance(target, type)):
+        return [(_join(key, k), t, d, h) for k, t, d, h in target()]
+    shown = type(target.__name__, (target,), {"_show_key_fields": frozenset(f.metadata.get("key_fields", ()))})
+    return [(_join(key, k), t, d, h) for k, t, d, h in describe_keys(shown)]
+
+
+def _type_name(tp) -> str:
+    """'SchedulerType | str' for 'transformers.trainer_utils.SchedulerType | str'."""
+    return tp.__name__ if isinstance(tp, type) else re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", str(tp))
+
+
+def _default_text(default: Any, f: dataclasses.Field, width: int = 24) -> str:
+    if default is None and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+        return "required"
+    text = json.dumps(to_plain(default), default=str) if not isinstance(default, str) else default
+    text = text if default != "" else '""'
+    return text if len(text) <= width else text[: width - 3] + "..."

@@ -257,3 +257,32 @@ def hub_revision(repo_id: str, repo_type: str = "model") -> str | None:
     with contextlib.suppress(OSError, UnicodeDecodeError):
         return ref.read_text(encoding="utf-8").strip() or None
     return None
+
+
+def flat_items(obj, prefix: str = "") -> dict:
+    """{'a.b.0.c': value} for nested dicts and lists (an empty dict or list is one value)."""
+    if isinstance(obj, dict) and obj:
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)) and obj:
+        items = enumerate(obj)
+    else:
+        return {prefix: obj}
+    out = {}
+    for k, v in items:
+        out.update(flat_items(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def dict_changes(old: dict, new: dict, limit: int = 6, width: int = 40) -> str:
+    """'reward.train.learning_rate: 0.0001 -> 0.0005; data.seed: <unset> -> 1' (key paths in sorted order)."""
+    a, b = flat_items(old), flat_items(new)
+    unset = "<unset>"
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, unset) != b.get(k, unset))
+
+    def show(d, k):
+        v = d.get(k, unset)
+        text = v if isinstance(v, str) and v == unset else json.dumps(v, default=str)
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    parts = [f"{k}: {show(a, k)} -> {show(b, k)}" for k in keys[:limit]]
+    return "; ".join(parts) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")

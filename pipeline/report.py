@@ -202,9 +202,9 @@ def synthetic_truth_paragraph(data_cfg) -> str | None:
 
 def _header(recipe, cfg: ReportConfig, run_dir: Path, manifest: dict | None) -> list[str]:
     title = cfg.title or f"MORE pipeline report: {recipe.name}"
+    # The recipe's `description` is NOT repeated: it says what the recipe was written for, not what ran (a
+    # recipe reused on other data kept claiming "the synthetic benchmark"); "What ran" below is computed.
     lines = [f"# {title}", ""]
-    if getattr(recipe, "description", ""):
-        lines += [recipe.description.strip(), ""]
     lines.append(f"Run directory: `{run_dir}`  ")
     if manifest:
         v = manifest.get("versions", {})
@@ -219,9 +219,162 @@ def _header(recipe, cfg: ReportConfig, run_dir: Path, manifest: dict | None) -> 
         lines += ["| stage | status | finished | why it ran |", "|---|---|---|---|"]
         for name, e in _in_pipeline_order(stages):
             status = "writing this report" if name == "report" and e.get("status") == "running" else e.get("status")
+            if e.get("stale"):
+                status = f"{status}, **STALE** ({e['stale']}; rerun it with --stages {name})"
             lines.append(f"| {name} | {status} | {e.get('finished') or '-'} | {e.get('reason', '')} |")
         lines.append("")
     return lines
+
+
+def safetensors_param_count(path: str | os.PathLike) -> int | None:
+    """Number of parameters stored in the *.safetensors files of a model directory (or one file), read from
+    the files' headers (no weights loaded); None when there are none (a hub id, a .bin checkpoint)."""
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(p.glob("*.safetensors")) if p.is_dir() else []
+    files = [f for f in files if f.name not in ("value_model.safetensors", "more_state.safetensors")]
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for name, t in header.items():
+            if name != "__metadata__":
+                total += math.prod(t["shape"])
+    return total
+
+
+def format_count(n: int | None) -> str:
+    """1234567 -> '1.23M'; None -> 'unknown'."""
+    if n is None:
+        return "unknown"
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
+def run_data_config(recipe, manifest: dict | None) -> dict:
+    """The `data` section the run's results were computed from: the one recorded in the manifest by the
+    calibration (else reward) stage when it ran, else the recipe's (`to_plain`)."""
+    for stage in ("calibration", "reward"):
+        entry = (manifest or {}).get("stages", {}).get(stage) or {}
+        data = (entry.get("inputs") or {}).get("data")
+        if entry.get("status") == "done" and isinstance(data, dict):
+            return data
+    from pipeline.config import to_plain
+
+    return to_plain(getattr(recipe, "data", None)) or {}
+
+
+PAPER_SOURCE_FORMATS = {"hh-rlhf", "oasst1", "webgpt", "summarize", "more-json"}
+
+
+def run_facts(recipe, run_dir: Path, manifest: dict | None) -> dict:
+    """What ran, from the manifest, the stages' outputs and the run's data section: the sources (format, path,
+    pairs per split), the reward models (trained or external, parameter counts) and the policy."""
+    run_dir = Path(run_dir)
+    data = run_data_config(recipe, manifest)
+    specs = data.get("sources") or []
+    sizes = _read_json(run_dir / "reward" / "data.json") or {}
+    metrics = _read_json(run_dir / "calibration" / "metrics.json") or {}
+    sources = []
+    names = list(sizes) or [
+        s for s in (next(iter(metrics.values()), {}) or {}) if s not in ("all_average", "hh_average")
+    ]
+    names = names or [s.get("name") for s in specs]
+    for name in names:
+        spec = next((s for s in specs if s.get("name") == name or str(name).startswith(f"{s.get('name')}/")), {})
+        n = dict(sizes.get(name) or {})
+        if "test" not in n:
+            tests = [
+                m[name]["n_pairs"] for m in metrics.values() if isinstance(m.get(name), dict) and "n_pairs" in m[name]
+            ]
+            if tests:
+                n["test"] = tests[0]
+        fmt = spec.get("format", "?")
+        path = spec.get("path") or (spec.get("name") if fmt != "synthetic" else None)
+        group_by = (spec.get("options") or {}).get("group_by")
+        sources.append({"name": name, "format": fmt, "path": path, "group_by": group_by, "pairs": n})
+    rms = {}
+    for name, e in (_read_json(run_dir / "reward" / "index.json") or {}).items():
+        rm_path = run_dir / e.get("path", f"reward/{name}")  # a name unsafe as a path has a slug directory
+        info = _read_json(rm_path / "reward_info.json") or {}
+        params = info.get("n_params") or safetensors_param_count(rm_path)
+        rms[name] = {"trained": True, "method": e.get("method"), "sources": e.get("sources", []), "params": params}
+    for name, path in ((_read_json(run_dir / "calibration" / "config.json") or {}).get("external") or {}).items():
+        rms[name] = {"trained": False, "path": path, "params": safetensors_param_count(path)}
+    reward = getattr(recipe, "reward", None)
+    base = getattr(reward, "model_name_or_path", None)
+    policy = None
+    if (run_dir / "align").is_dir():
+        align = getattr(recipe, "align", None)
+        ppath = getattr(align, "model_name_or_path", None) or str(run_dir / "align" / "base" / "policy")
+        policy = {"path": ppath, "params": safetensors_param_count(ppath)}
+    return {"sources": sources, "rms": rms, "reward_base": base, "policy": policy}
+
+
+def _what_ran_section(facts: dict) -> list[str]:
+    lines = [
+        "## What ran",
+        "",
+        "Computed from the run's manifest and outputs (not from the recipe's description).",
+        "",
+    ]
+    if facts["sources"]:
+        lines += ["| source | format | path | group_by | train pairs | validation pairs | test pairs |"]
+        lines += ["|---|---|---|---|---|---|---|"]
+        for s in facts["sources"]:
+            n = s["pairs"]
+            path = f"`{s['path']}`" if s["path"] else ("synthetic benchmark" if s["format"] == "synthetic" else "-")
+            lines.append(
+                f"| {s['name']} | {s['format']} | {path} | {s['group_by'] or '-'} | {n.get('train', '-')} | "
+                f"{n.get('validation', '-')} | {n.get('test', '-')} |"
+            )
+        lines.append("")
+    if facts["rms"]:
+        base = facts["reward_base"] or "tiny model built in-process (random init)"
+        lines += ["| reward model | trained here | base / path | parameters |", "|---|---|---|---|"]
+        for name, r in facts["rms"].items():
+            where = f"`{base}`" if r["trained"] else f"`{r['path']}`"
+            lines.append(
+                f"| {name} | {'yes, ' + str(r['method']) if r['trained'] else 'no (external)'} | {where} | "
+                f"{format_count(r['params'])} |"
+            )
+        lines.append("")
+    if facts["policy"]:
+        lines += [f"Policy: `{facts['policy']['path']}`, {format_count(facts['policy']['params'])} parameters.", ""]
+    return lines
+
+
+def paper_differences(facts: dict, paper_models: list[str]) -> list[str]:
+    """What differs between this run and the paper's rows (empty when sources and model size match)."""
+    out = []
+    fmts = [s["format"] for s in facts["sources"]]
+    if not fmts:
+        out.append("this run's data sources are unknown (no reward or calibration output)")
+    elif "synthetic" in fmts:
+        out.append(f"data: this run used the synthetic benchmark ({len(fmts)} sources), not the paper's real datasets")
+    elif len(fmts) != 5 or not set(fmts) <= PAPER_SOURCE_FORMATS:
+        used = ", ".join(f"{s['name']} [{s['format']}]" for s in facts["sources"])
+        out.append(
+            f"data: this run used {len(fmts)} source(s) ({used}); "
+            "the paper used 5 (Anthropic HH helpful and harmless, OASST1, WebGPT, OpenAI summarize)"
+        )
+    train = [s["pairs"].get("train") for s in facts["sources"] if s["pairs"].get("train")]
+    if train and max(train) < 40000:
+        out.append(
+            f"data size: at most {max(train)} training pairs per source here; the paper resampled 40k per source"
+        )
+    sizes = {"pythia-1.4b": 1.4e9, "pythia-2.8b": 2.8e9, "llama2-7b": 6.7e9}
+    params = [r["params"] for r in facts["rms"].values() if r.get("params")]
+    if not params:
+        out.append("model size: this run's reward models' parameter counts are unknown")
+    elif paper_models and any(abs(p - sizes[m]) / sizes[m] > 0.2 for p in params for m in paper_models):
+        got = ", ".join(sorted({format_count(p) for p in params}))
+        want = ", ".join(f"{m} ({format_count(int(sizes[m]))})" for m in paper_models)
+        out.append(f"model size: this run's reward models have {got} parameters; the paper's rows are {want}")
+    return out
 
 
 def _in_pipeline_order(stages: dict) -> list[tuple[str, dict]]:
@@ -472,16 +625,30 @@ def _rjs_more_vs_base(judgements: dict | None, baseline: str) -> dict | None:
     return None
 
 
-def _paper_section(cfg: ReportConfig, recipe, summary: dict | None, judgements: dict | None) -> list[str]:
+def _paper_section(
+    cfg: ReportConfig, recipe, summary: dict | None, judgements: dict | None, facts: dict | None = None
+) -> list[str]:
     rows = paper_rows(cfg, getattr(getattr(recipe, "reward", None), "model_name_or_path", None))
     if not rows:
         return []
+    differences = paper_differences(facts or {"sources": [], "rms": {}}, rows)
+    if differences:
+        note = [
+            "**Not comparable as is.** What differs between this run and the paper's rows:",
+            "",
+            *[f"- {d}" for d in differences],
+            "",
+            "The paper's rows are there for orientation (what the method did at the paper's scale), not as a target "
+            "this run should reproduce.",
+        ]
+    else:
+        note = ["Same five sources and a base model of the paper's size; steps, batch and hardware may still differ."]
     lines = [
         "## The paper's numbers side by side",
         "",
-        f"Source: {PAPER_CITATION}, Tables 1 and 2 (5 sources; ECE with M=10 bins). "
-        "This run's numbers are in the last rows; compare them knowing the scale of each "
-        f"(this run: reward base `{getattr(recipe.reward, 'model_name_or_path', None) or 'tiny in-process model'}`).",
+        f"Source: {PAPER_CITATION}, Tables 1 and 2 (5 sources; ECE with M=10 bins).",
+        "",
+        *note,
         "",
         "| | MultiTask acc (%) | MultiTask ECE | MORE acc (%) | MORE ECE | H&H ECE MultiTask -> MORE | "
         "RJS MORE vs MultiTask win/tie/lose (%) |",
@@ -533,6 +700,8 @@ def render_report(recipe, run_dir: Path) -> tuple[str, dict]:
     headline = int(cal_cfg.get("headline_bins", headline or 10))
 
     lines = _header(recipe, cfg, run_dir, manifest)
+    facts = run_facts(recipe, run_dir, manifest)
+    lines += _what_ran_section(facts)
     truth = synthetic_truth_paragraph(getattr(recipe, "data", None))
     if truth:
         lines += ["## The synthetic benchmark: what is true here", "", truth, ""]
@@ -541,7 +710,7 @@ def render_report(recipe, run_dir: Path) -> tuple[str, dict]:
     lines += cal_lines
     align_lines, judgements = _align_section(run_dir)
     lines += align_lines
-    lines += _paper_section(cfg, recipe, summary, judgements)
+    lines += _paper_section(cfg, recipe, summary, judgements, facts)
     if cfg.include_recipe:
         from pipeline.config import recipe_yaml
 
@@ -556,6 +725,7 @@ def render_report(recipe, run_dir: Path) -> tuple[str, dict]:
             "",
         ]
     data = {
+        "run": facts,
         "calibration": summary,
         "rjs_more_vs_baseline": _rjs_more_vs_base(judgements, cfg.baseline),
         "sentences": summary.get("sentences", []) if summary else [],

@@ -53,6 +53,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,7 +71,8 @@ from pipeline.config import (
     recipe_yaml,
     stage_config_hash,
 )
-from pipeline.io import atomic_write_json, atomic_write_text, changed_files, file_records, remove_tree
+from pipeline.io import atomic_write_json, atomic_write_text, changed_files, dict_changes, file_records, remove_tree
+from pipeline.logs import quiet_library_noise
 
 
 # The pipeline, in order: (stage name, module exposing `run(recipe, run_dir) -> list[str]`).
@@ -82,6 +84,8 @@ STAGES: list[tuple[str, str]] = [
 ]
 
 MANIFEST = "manifest.json"
+DATA_STAGES = {"reward", "calibration", "align"}  # stages that read data.sources
+REPORT = "report"  # regenerated whenever a stage it reads from reruns, even when not selected
 VERSION_PACKAGES = ("torch", "trl", "transformers", "accelerate", "deepspeed", "peft", "datasets")
 
 log = logging.getLogger("pipeline.run")
@@ -255,11 +259,13 @@ def plan(recipe, run_dir: Path, manifest: dict, selected: list[str], force: list
     steps = []
     for i, name in enumerate(order):
         h = stage_config_hash(recipe, name, order)
-        if name not in selected:
-            steps.append({"stage": name, "action": "exclude", "hash": h, "reason": "not selected"})
-            continue
         entry = entries.get(name)
         upstream_now = upstream_tokens(entries, order[:i])
+        if name not in selected:
+            steps.append(_unselected_step(name, h, entry, upstream_now, [u for u in order[:i] if u in rerun]))
+            if steps[-1]["action"] == "run":
+                rerun.add(name)
+            continue
         reason = None
         if name in force:
             reason = FORCED
@@ -272,7 +278,7 @@ def plan(recipe, run_dir: Path, manifest: dict, selected: list[str], force: list
         elif entry["status"] != "done":
             reason = f"status {entry['status']!r}"
         elif entry.get("config_hash") != h:
-            reason = f"config changed (hash {str(entry.get('config_hash'))[:10]} -> {h[:10]})"
+            reason = config_change_reason(entry, stage_inputs(recipe_to_dict(recipe), name, order), h)
         elif missing := missing_artifacts(run_dir, entry.get("artifacts", [])):
             reason = f"artifacts missing: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
         elif changed := changed_files(run_dir, entry.get("artifact_files", {})):
@@ -289,6 +295,62 @@ def plan(recipe, run_dir: Path, manifest: dict, selected: list[str], force: list
             rerun.add(name)
             steps.append({"stage": name, "action": "run", "hash": h, "reason": reason})
     return steps
+
+
+def _unselected_step(name: str, h: str, entry: dict | None, upstream_now: dict, upstream_rerun: list[str]) -> dict:
+    """A stage outside --stages: the report is regenerated when a stage it reads from reruns (or reran since
+    it was written), so report.md never shows old numbers; any other finished stage is marked stale."""
+    step = {"stage": name, "action": "exclude", "hash": h, "reason": "not selected"}
+    if entry is None or entry.get("status") != "done":
+        return step
+    if upstream_rerun:
+        why = f"upstream stage {upstream_rerun[-1]} reruns"
+    elif entry.get("upstream", {}) != upstream_now:
+        changed = sorted(set(entry.get("upstream", {}).items()) ^ set(upstream_now.items()))
+        why = f"upstream stage {changed[0][0]} was rerun since this stage finished"
+    else:
+        return step
+    if name == REPORT:
+        return {**step, "action": "run", "reason": f"regenerated: {why}"}
+    return {**step, "stale": why, "reason": f"not selected; its results are STALE ({why}): add it to --stages"}
+
+
+def stage_inputs(resolved: dict, stage: str, order: list[str] | None = None) -> dict:
+    """The parts of the resolved recipe a stage's config hash covers (seed, data, its own and every upstream
+    section), stored in its manifest entry so a later plan can say which KEYS changed."""
+    order = list(order or stage_names())
+    upto = order[: order.index(stage) + 1] if stage in order else [stage]
+    return {"seed": resolved.get("seed"), "data": resolved.get("data"), **{s: resolved.get(s) for s in upto}}
+
+
+def config_change_reason(entry: dict, inputs_now: dict, h: str) -> str:
+    """'config changed: reward.train.learning_rate: 0.0001 -> 0.0005' from the inputs recorded in the manifest;
+    the hashes only when the keys are equal (a local data file changed) or an older manifest recorded none."""
+    old = entry.get("inputs")
+    if isinstance(old, dict):
+        changes = dict_changes(old, inputs_now)
+        if changes:
+            return "config changed: " + changes
+        return "local input files changed (size or modification time of a data file or external RM)"
+    return f"config changed (hash {str(entry.get('config_hash'))[:10]} -> {h[:10]})"
+
+
+def check_data_paths(recipe) -> None:
+    """Every non-synthetic data source names an existing local path or a hub id (owner/name); checked before
+    any work, --dry-run included, so a typo in a path is one line instead of a failure minutes later."""
+    from pipeline.data.sources import _is_hub_id
+
+    for i, spec in enumerate(getattr(getattr(recipe, "data", None), "sources", None) or []):
+        fmt = getattr(spec, "format", None)
+        if fmt is None or fmt == "synthetic":
+            continue
+        path = spec.path or spec.name
+        if not Path(path).expanduser().exists() and not _is_hub_id(path):
+            raise RecipeError(
+                f"data.sources[{i}] ({spec.name!r}, format {fmt}): path {path!r} does not exist (resolved: "
+                f"{Path(path).expanduser().resolve()}) and is not a hub id owner/name. Fix: correct the path "
+                "(relative paths are taken from the working directory; data_root=DIR sets ${data_root})"
+            )
 
 
 def upstream_tokens(entries: dict, upstream: list[str]) -> dict[str, str]:
@@ -457,6 +519,8 @@ def run_pipeline(
                     "or pass another --output-dir"
                 )
             check_recipe(recipe, selected, align_runs="align" in running)
+            if set(running) & DATA_STAGES:
+                check_data_paths(recipe)
         except RecipeError as e:
             steps = {"error": str(e)}
     steps, read_only = procs.broadcast((steps, read_only is not None))
@@ -469,6 +533,9 @@ def run_pipeline(
         if procs.is_main:
             _log_plan(recipe, run_dir, steps, procs.world)
         if dry_run:
+            if procs.is_main:
+                for line in estimate_lines(recipe, run_dir, steps, manifest, procs.world):
+                    log.info("  %s", line)
             return manifest
         if read_only:
             if procs.is_main:
@@ -504,6 +571,12 @@ def _run_steps(recipe, run_dir: Path, steps: list[dict], manifest: dict, resolve
     if procs.is_main:
         manifest.update(versions=versions(), git_commit=git_commit(), recipe=resolved)
         for step in steps:
+            entry = manifest["stages"].get(step["stage"])
+            if step["action"] == "exclude" and entry is not None and entry.get("status") == "done":
+                if step.get("stale"):  # read by the report and by the next plan
+                    entry["stale"] = step["stale"]
+                else:
+                    entry.pop("stale", None)
             if step["action"] == "exclude" and step["stage"] not in manifest["stages"]:
                 manifest["stages"][step["stage"]] = {
                     "status": "skipped",
@@ -539,6 +612,7 @@ def _run_steps(recipe, run_dir: Path, steps: list[dict], manifest: dict, resolve
                 "run_id": uuid.uuid4().hex,
                 "upstream": upstream_tokens(manifest["stages"], order[: order.index(name)]),
                 "world_size": procs.world,
+                "inputs": stage_inputs(resolved, name, order),
             }
             manifest["stages"][name] = entry
             write_manifest(run_dir, manifest)
@@ -578,7 +652,15 @@ def _run_steps(recipe, run_dir: Path, steps: list[dict], manifest: dict, resolve
             log.info("[%s] done (%d artifacts)", name, len(artifacts))
     procs.barrier()
     if procs.is_main:
+        stale = [s for s in steps if s.get("stale")]
         log.info("all selected stages are done: %s", run_dir)
+        for s in stale:
+            log.warning(
+                "  %s is STALE (%s); its results predate it: rerun it with --stages %s",
+                s["stage"],
+                s["stale"],
+                s["stage"],
+            )
     return manifest
 
 
@@ -617,6 +699,78 @@ def _artifact_records(run_dir: Path, stage: str, artifacts: list[str], manifest:
         if other != stage:
             others |= set(entry.get("artifact_files", {})) | set(entry.get("artifacts", []))
     return file_records(run_dir, artifacts, exclude=others)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return (
+        f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else (f"{seconds // 60}:{seconds % 60:02d}")
+    )
+
+
+def last_duration(entry: dict | None) -> float | None:
+    """Seconds the stage's last finished run took (from the manifest), or None."""
+    if not entry or entry.get("status") != "done" or not entry.get("started") or not entry.get("finished"):
+        return None
+    start, end = (_dt.datetime.fromisoformat(entry[k]) for k in ("started", "finished"))
+    return (end - start).total_seconds()
+
+
+def estimate_lines(recipe, run_dir: Path, steps: list[dict], manifest: dict, world: int = 1) -> list[str]:
+    """For --dry-run: the work each stage that would run does (optimizer / generation steps) and a time
+    estimate from what this directory measured before (the RMs' step time, the stage's last duration), or
+    'unknown'. Nothing is invented: a number is shown only when it was measured here."""
+    out = []
+    entries = manifest.get("stages", {})
+    for step in steps:
+        if step["action"] != "run":
+            continue
+        name = step["stage"]
+        last = last_duration(entries.get(name))
+        took = f"its last run here took {_clock(last)} (inputs may have changed since)" if last else None
+        module = dict(STAGES).get(name)
+        if name == "reward" and module == "pipeline.reward.stage":
+            from pipeline.reward.stage import measured_step_seconds, planned_steps
+
+            counts = planned_steps(recipe, world=world)
+            total = sum(counts.values())
+            work = (
+                f"{len(counts)} RMs, {total} optimizer steps ("
+                + ", ".join(f"RM {i} of {len(counts)} {rm}: {n}" for i, (rm, n) in enumerate(counts.items(), 1))
+                + ")"
+            )
+            sec = measured_step_seconds(run_dir)
+            when = "training time unknown (no step time measured in this directory yet)"
+            if sec:
+                when = f"training about {_clock(sec * total)} at the {sec:.3g} s/step measured in this directory"
+            when += f"; {took}" if took else ""
+        elif name == "align" and module == "pipeline.align.stage":
+            work = align_workload(recipe)
+            when = took or "time unknown (never run in this directory)"
+        else:
+            work = f"{name}: no optimizer steps" if name in ("calibration", "report") else f"{name}: work unknown"
+            when = took or "time unknown (never run in this directory)"
+        out.append(f"{name:12s} {work}; {when}")
+    return out
+
+
+def align_workload(recipe) -> str:
+    """The align stage's counts from its settings: warm-start steps, samples to generate, RMs and methods."""
+    cfg = getattr(recipe, "align", None)
+    if cfg is None:
+        return "align: unknown workload"
+    parts = []
+    if not getattr(cfg, "model_name_or_path", None):
+        parts.append(f"{cfg.warm_start_steps} warm-start steps (tiny policy, unless already built)")
+    rms = list(cfg.rms) if getattr(cfg, "rms", None) else [m for m in recipe.reward.methods if m != "single"]
+    prompts = "all" if cfg.n_prompts is None else cfg.n_prompts
+    parts.append(f"{len(rms)} RM(s) x methods {', '.join(cfg.methods)}")
+    parts.append(f"sampling {prompts} training prompts x {cfg.n} responses")
+    if "ppo" in cfg.methods:
+        parts.append(f"ppo {cfg.ppo.get('num_steps', 100)} steps per RM")
+    return "; ".join(parts)
 
 
 def _log_plan(recipe, run_dir: Path, steps: list[dict], world: int) -> None:
@@ -674,12 +828,14 @@ def main(argv: list[str] | None = None, *, stage: str | None = None) -> int:
     """Entry point of `python -m pipeline.run` (and, with `stage`, of each stage's __main__)."""
     args = build_parser(stage).parse_intermixed_args(argv)
     _setup_logging()
+    quiet_library_noise()
     if threading_is_main():
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.show_keys:
-            for key, tp, help_ in describe_keys():
-                print(f"{key:45s} {tp:22s} {help_}")
+            print(f"{'key':45s} {'type':22s} {'default':24s} help")
+            for key, tp, default, help_ in describe_keys():
+                print(f"{key:45s} {tp:22s} {default:24s} {help_}")
             return 0
         recipe = load_recipe(args.recipe, args.overrides)
         if args.print_recipe:

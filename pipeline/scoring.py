@@ -10,7 +10,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from pipeline.data.tokenize import encode_left, encode_pairs, pad_right
 from pipeline.layout import (
@@ -21,6 +20,7 @@ from pipeline.layout import (
     packing_problem,
     shared_prefix,
 )
+from pipeline.logs import progress_bar
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -89,7 +89,7 @@ def score_ids(
     order = np.argsort([-len(s) for s in ids], kind="stable")  # longest first: OOM shows up at once
     out = np.empty(len(ids), dtype=np.float64)
     start = 0
-    bar = tqdm(total=len(ids), desc="scoring", disable=not progress)
+    bar = progress_bar(total=len(ids), desc="scoring", disable=not progress)
     with _FP32Head(model, enabled=dtype is not None):
         while start < len(order):
             width = len(ids[order[start]])
@@ -175,7 +175,7 @@ def score_pair_ids(
     model.eval()
     width_of = {i: len(chosen_ids[i]) + len(rejected_ids[i]) - prefix[i] for i in packed}
     order = sorted(packed, key=lambda i: -width_of[i])
-    bar = tqdm(total=len(order), desc="scoring pairs", disable=not progress)
+    bar = progress_bar(total=len(order), desc="scoring pairs", disable=not progress)
     start = 0
     try:
         while start < len(order):

@@ -166,7 +166,7 @@ def main(argv=None) -> dict:
         learning_rate=1e-5,
         bf16=False,
         use_cpu=device == "cpu",
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         report_to="none",
         max_length=None,
         logging_steps=10**9,

@@ -234,7 +234,7 @@ def test_missing_stage_module_is_a_clear_import_error(fakes, monkeypatch):  # no
 
 
 def test_describe_keys_lists_nested_fields_with_help(fakes):  # noqa: F811
-    rows = {k: (t, h) for k, t, h in C.describe_keys()}
+    rows = {k: (t, h) for k, t, _default, h in C.describe_keys()}
     assert "data.inner.depth" in rows and "reward.steps" in rows and rows["reward.steps"][1] == "fake knob"
     assert rows["seed"][1].startswith("Global seed")
 
@@ -288,3 +288,20 @@ def test_stage_hash_follows_local_input_files(fakes, tmp_path):  # noqa: F811
     assert C.local_input_stats(d, "calibration") == before
     (rm / "model.safetensors").write_bytes(b"x" * 5)  # truncated weights
     assert C.local_input_stats(d, "calibration") != before
+
+
+def test_show_keys_lists_defaults_source_fields_reward_train_and_ppo():
+    rows = {k: (t, d, h) for k, t, d, h in C.describe_keys()}
+    assert rows["seed"][1] == "42" and rows["data.max_length"][1] == "512"
+    assert rows["data.sources[].name"][1] == "required" and rows["data.sources[].format"][1] == "synthetic"
+    from pipeline.data.sources import _FORMATS, GROUP_OPTIONS
+
+    options = {k.rsplit(".", 1)[1] for k in rows if k.startswith("data.sources[].options.")}
+    assert options == set(GROUP_OPTIONS) | {"data_dir"} | set().union(*(a for _, a in _FORMATS.values()))
+    # reward.train: MORE's fields, TRL RewardConfig's, and the TrainingArguments ones that matter; not all ~150
+    assert rows["reward.train.max_steps"][:2] == ("int", "-1") and rows["reward.train.alpha"][1] == "0.99"
+    assert rows["reward.train.activation_checkpointing"][1] == "null" and "reward.train.max_length" in rows
+    assert rows["reward.train.lr_scheduler_type"][0] == "SchedulerType | str"
+    assert "reward.train.push_to_hub" not in rows and "reward.train.hub_token" not in rows
+    assert rows["align.ppo.num_steps"][:2] == ("int", "100") and "align.ppo.kl_coef" in rows
+    assert all(len(r) == 3 and r[0] for r in rows.values())

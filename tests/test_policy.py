@@ -77,3 +77,50 @@ def test_warm_start_gives_template_like_mixed_quality_answers(tiny_tok, one_thre
     # mixed quality: some samples get the top gold reward, and some clearly do not (room for alignment)
     assert (warm["gold"] == 2.0).mean() >= 0.05, stats
     assert (warm["gold"] <= -1.0).mean() >= 0.2, stats
+
+
+def test_warm_start_interrupted_resumes_from_its_last_complete_checkpoint(tiny_tok, tmp_path, one_thread):
+    from pipeline.data.synthetic import synthetic_prompts, synthetic_responses
+    from pipeline.models import TinyModelSpec, tiny_model
+    from pipeline.reward.trainer import CHECKPOINT_COMPLETE
+
+    train = synthetic_prompts(16, seed=1, split="train")
+    prompts = [p for p in train for _ in range(2)]
+    responses = [r for p in train for r in synthetic_responses(p, 2, seed=1)]
+    kw = dict(steps=10, batch_size=4, seed=0, lr=1e-2)
+
+    def fresh():
+        return tiny_model(TinyModelSpec(arch="gpt_neox"), tiny_tok, task="causal_lm", seed=0)
+
+    reference = warm_start_policy(tiny_tok, prompts, responses, model=fresh(), **kw)
+
+    class Interrupt(Exception):
+        pass
+
+    calls = []
+
+    def dying(model):  # Ctrl-C during step 8 (0-based 7): checkpoints 3 and 6 exist by then
+        forward = model.forward
+
+        def dying_forward(*a, **k):
+            calls.append(1)
+            if len(calls) == 8:
+                raise Interrupt
+            return forward(*a, **k)
+
+        model.forward = dying_forward
+        return model
+
+    model = dying(fresh())
+    ckpts = tmp_path / "ckpts"
+    with pytest.raises(Interrupt):
+        warm_start_policy(tiny_tok, prompts, responses, model=model, checkpoint_dir=ckpts, save_every=3, **kw)
+    assert [p.name for p in ckpts.iterdir()] == ["checkpoint-6"]  # older ones rotated away
+    (ckpts / "checkpoint-9").mkdir()  # a save interrupted before its completion marker: not resumed from
+    assert not (ckpts / "checkpoint-9" / CHECKPOINT_COMPLETE).exists()
+    calls.clear()
+    model = dying(fresh())
+    resumed = warm_start_policy(tiny_tok, prompts, responses, model=model, checkpoint_dir=ckpts, save_every=3, **kw)
+    assert len(calls) == 4  # steps 7..10 only
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -222,3 +222,73 @@ def test_synthetic_truth_paragraph_uses_the_run_config():
     assert "drift_scale = 0.0" in report.synthetic_truth_paragraph(cfg)
     real = data.DataConfig(sources=[data.SourceSpec(name="x", format="jsonl", path="x.jsonl")])
     assert report.synthetic_truth_paragraph(real) is None
+
+
+def _save_tiny(path, tiny_tok):
+    from pipeline.models import TinyModelSpec, tiny_model
+
+    model = tiny_model(TinyModelSpec(arch="gpt_neox"), tiny_tok, task="reward", seed=0)
+    model.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_safetensors_param_count_equals_the_models_own_count(tiny_tok, tmp_path):
+    n = _save_tiny(tmp_path / "rm", tiny_tok)
+    assert report.safetensors_param_count(tmp_path / "rm") == n
+    assert report.safetensors_param_count(tmp_path / "rm" / "model.safetensors") == n
+    assert report.safetensors_param_count("owner/hub-model") is None
+    assert report.format_count(1_400_000_000) == "1.4B" and report.format_count(412_345) == "412k"
+    assert report.format_count(None) == "unknown"
+
+
+def _manifest(d, data):
+    stage = {"status": "done", "inputs": {"seed": 0, "data": data}}
+    align = {"status": "done", "stale": "upstream stage calibration reruns"}
+    stages = {"calibration": stage, "align": align, "report": {"status": "running"}}
+    (d / "manifest.json").write_text(json.dumps({"stages": stages}))
+
+
+def test_report_of_a_synthetic_run_describes_it_and_says_the_paper_is_not_comparable(tiny_tok, tmp_path):
+    recipe = C.load_recipe("tiny-cpu")
+    d = tmp_path / "run"
+    (d / "calibration").mkdir(parents=True)
+    n = _save_tiny(d / "reward" / "more", tiny_tok)
+    (d / "reward" / "index.json").write_text(
+        json.dumps({"more": {"path": "reward/more", "method": "more", "sources": ["helpful", "harmless"]}})
+    )
+    sizes = {"helpful": {"train": 2000, "validation": 200, "test": 400}, "harmless": {"train": 2000}}
+    (d / "reward" / "data.json").write_text(json.dumps(sizes))
+    (d / "calibration" / "metrics.json").write_text(json.dumps({"more": {"helpful": {"n_pairs": 400}}}))
+    _manifest(d, C.to_plain(recipe.data))
+    md = report.render_report(recipe, d)[0]
+    body = md.split("## Configuration (the resolved recipe)")[0]  # the recipe itself is appended verbatim
+    assert recipe.description.strip()[:40] not in body  # the recipe's own words are not repeated as fact
+    assert "| helpful | synthetic | synthetic benchmark | - | 2000 | 200 | 400 |" in md
+    assert f"| more | yes, more | `tiny model built in-process (random init)` | {report.format_count(n)} |" in md
+    assert "**Not comparable as is.**" in md and "synthetic benchmark (2 sources), not the paper's real" in md
+    assert f"reward models have {report.format_count(n)} parameters; the paper's rows are pythia-1.4b (1.4B)" in md
+    assert md.index("Not comparable") < md.index("| paper, pythia-1.4b |")
+    assert "| align | done, **STALE** (upstream stage calibration reruns; rerun it with --stages align) |" in md
+
+
+def test_report_of_an_rm_eval_on_topic_buckets_names_them_not_the_paper_datasets(tiny_tok, tmp_path):
+    recipe = C.load_recipe("rm-eval", [f"data_root={tmp_path}", "report.paper_model=all"])
+    d = tmp_path / "run"
+    (d / "calibration").mkdir(parents=True)
+    n = _save_tiny(tmp_path / "mine", tiny_tok)
+    (d / "calibration" / "config.json").write_text(json.dumps({"external": {"mine": str(tmp_path / "mine")}}))
+    topics = ["hh/code", "hh/math", "hh/travel"]
+    (d / "calibration" / "metrics.json").write_text(
+        json.dumps({"mine": {**{t: {"n_pairs": 78} for t in topics}, "all_average": {"accuracy": 0.6}}})
+    )
+    # what the run used: ONE trl file split by a column, not the recipe's five sources
+    data = C.to_plain(recipe.data)
+    data["sources"] = [{"name": "hh", "format": "trl", "path": "/data/hh.parquet", "options": {"group_by": "topic"}}]
+    _manifest(d, data)
+    md = report.render_report(recipe, d)[0]
+    body = md.split("## Configuration (the resolved recipe)")[0].split("## The paper's numbers")[0]
+    assert "TL;DR test data" not in body and "OASST1, WebGPT" not in body
+    for t in topics:
+        assert f"| {t} | trl | `/data/hh.parquet` | topic | - | - | 78 |" in md
+    assert f"| mine | no (external) | `{tmp_path / 'mine'}` | {report.format_count(n)} |" in md
+    assert "data: this run used 3 source(s) (hh/code [trl], hh/math [trl], hh/travel [trl]); the paper used 5" in md

@@ -31,7 +31,7 @@ def tiny_recipe(**reward):
                 "learning_rate": 1e-3,
                 "logging_steps": 1,
                 "report_to": "none",
-                "gradient_checkpointing": False,
+                "activation_checkpointing": False,
                 "disable_tqdm": True,
                 "save_strategy": "no",
             },

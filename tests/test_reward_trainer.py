@@ -59,7 +59,7 @@ def test_uniform_weights_reproduce_trl_loss(tok, tmp_path):
     rows = [ours.train_dataset[i] for i in range(6)]
     batch = SourceAwareCollator(pad_token_id=tok.pad_token_id)(rows)
     trl_args = RewardConfig(
-        output_dir=str(tmp_path / "b"), bf16=False, report_to="none", max_length=None, gradient_checkpointing=False
+        output_dir=str(tmp_path / "b"), bf16=False, report_to="none", max_length=None, activation_checkpointing=False
     )
     trl = RewardTrainer(ours.model, trl_args, train_dataset=ds.remove_columns(["source_id"]), processing_class=tok)
     batch_trl = {k: v for k, v in batch.items() if k != "source_id"}
@@ -337,7 +337,7 @@ def test_center_rewards_coefficient_uses_trls_formula(tok, tmp_path):
         bf16=False,
         report_to="none",
         max_length=None,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         center_rewards_coefficient=0.5,
     )
     trl = RewardTrainer(model, trl_args, train_dataset=ds.remove_columns(["source_id"]), processing_class=tok)

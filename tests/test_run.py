@@ -283,13 +283,48 @@ def test_stages_subset_then_rest(fakes, tmp_path):
     assert calls(tmp_path) == {"reward": 1, "calibration": 1, "align": 1, "report": 2}
 
 
-def test_stage_run_alone_invalidates_downstream_later(fakes, tmp_path):
+def test_stage_run_alone_invalidates_downstream_later(fakes, tmp_path, caplog):
     out = tmp_path / "run"
     run(fakes, out)
+    caplog.set_level("INFO", logger="pipeline.run")
     run(fakes, out, stages=["calibration"], force=["calibration"])
-    assert calls(tmp_path) == {"reward": 1, "calibration": 2, "align": 1, "report": 1}
-    run(fakes, out)  # align/report consumed the old calibration run
-    assert calls(tmp_path) == {"reward": 1, "calibration": 2, "align": 2, "report": 2}
+    # the report reads calibration's results, so it is regenerated; align is not rerun but marked stale
+    assert calls(tmp_path) == {"reward": 1, "calibration": 2, "align": 1, "report": 2}
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["stages"]["align"]["stale"] == "upstream stage calibration reruns"
+    assert m["stages"]["report"]["reason"] == "regenerated: upstream stage calibration reruns"
+    assert "align is STALE" in caplog.text
+    run(fakes, out)  # align consumed the old calibration run; the report then reads the new align
+    assert calls(tmp_path) == {"reward": 1, "calibration": 2, "align": 2, "report": 3}
+    assert "stale" not in json.loads((out / "manifest.json").read_text())["stages"]["align"]
+
+
+def test_report_regenerated_later_when_an_upstream_reran_without_it(fakes, tmp_path):
+    out = tmp_path / "run"
+    run(fakes, out, stages="reward,calibration")
+    run(fakes, out, stages="report")
+    run(fakes, out, stages="calibration", force=["calibration"])  # report was done: regenerated
+    assert calls(tmp_path) == {"reward": 1, "calibration": 2, "align": 0, "report": 2}
+    run(fakes, out, stages="reward")  # nothing reruns: the report is left alone
+    assert calls(tmp_path)["report"] == 2
+
+
+def test_plan_names_the_changed_keys(fakes, tmp_path, caplog):
+    out = tmp_path / "run"
+    run(fakes, out)
+    assert json.loads((out / "manifest.json").read_text())["stages"]["align"]["inputs"]["align"]["steps"] == 1
+    caplog.set_level("INFO", logger="pipeline.run")
+    run(fakes, out, "calibration.steps=7", "data.sources.1.path=/y", dry_run=True)
+    text = caplog.text
+    assert 'reward       RUN     config changed: data.sources.1.path: "/x" -> "/y"' in text
+    assert "calibration.steps: 1 -> 7" in text and "config changed (hash" not in text
+    # an older manifest without recorded inputs still says the config changed, by hash
+    m = json.loads((out / "manifest.json").read_text())
+    del m["stages"]["reward"]["inputs"]
+    (out / "manifest.json").write_text(json.dumps(m))
+    caplog.clear()
+    run(fakes, out, "data.n=5", dry_run=True)
+    assert "config changed (hash" in caplog.text and "config changed: data.n: 4 -> 5" in caplog.text
 
 
 def test_recipe_stages_field(fakes, tmp_path):
@@ -733,3 +768,61 @@ def test_judge_budget_exhausted_is_one_line_not_a_traceback(fakes, tmp_path, mon
     assert rc == 2 and "JudgeBudgetExhausted: the judge request budget" in err and "max_requests" in err
     assert "Traceback" not in err
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["align"]["status"] == "failed"
+
+
+def test_dry_run_fails_for_a_data_path_that_does_not_exist(tmp_path, capsys):
+    argv = ["--recipe", "tiny-cpu", "--output-dir", str(tmp_path / "run"), "--dry-run", "--stages", "reward"]
+    missing = tmp_path / "nope" / "hh.jsonl"
+    rc = R.main([*argv, f"data.sources=[{{name: mine, format: jsonl, path: {missing}}}]"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "data.sources[0] ('mine', format jsonl)" in err and str(missing) in err and "does not exist" in err
+    missing.parent.mkdir()
+    missing.write_text(json.dumps({"prompt": "Hi", "chosen": " a", "rejected": " b"}) + "\n")
+    assert R.main([*argv, f"data.sources=[{{name: mine, format: jsonl, path: {missing}}}]"]) == 0
+    assert not (tmp_path / "run").exists()
+
+
+def test_planned_reward_steps_match_the_trainers_formula_by_hand():
+    from pipeline.reward.stage import planned_steps
+
+    base = ["data.synthetic.n_train=100", "data.per_source_batch=4", "reward.methods=[more,multitask]"]
+    # 5 sources x 100 pairs, 20 pairs per batch: 25 batches per epoch
+    assert planned_steps(C.load_recipe("tiny-cpu", base)) == {"more": 25, "multitask": 25}
+    r = C.load_recipe(
+        "tiny-cpu", [*base, "reward.train.gradient_accumulation_steps=2", "reward.train.num_train_epochs=1.5"]
+    )
+    assert planned_steps(r) == {"more": 20, "multitask": 20}  # ceil(1.5 x ceil(25 / 2))
+    assert planned_steps(r, world=2) == {"more": 11, "multitask": 11}  # ceil(1.5 x ceil(13 / 2))
+    r = C.load_recipe("tiny-cpu", [*base, "reward.train.max_steps=7"])
+    assert planned_steps(r) == {"more": 7, "multitask": 7}
+    # 102 pairs per source: balanced mixing fills blocks to 104 each (26 full batches); multitask's 510 pairs make
+    # 25 full batches of 20, and the length-grouped sampler (the default) yields full batches only
+    odd = ["data.synthetic.n_train=102", *base[1:]]
+    assert planned_steps(C.load_recipe("tiny-cpu", odd)) == {"more": 26, "multitask": 25}
+    no_grouping = C.load_recipe("tiny-cpu", [*odd, "reward.train.length_grouping=false"])
+    assert planned_steps(no_grouping) == {"more": 26, "multitask": 26}  # the default sampler keeps the last one
+
+
+def test_dry_run_prints_step_counts_and_an_estimate_only_from_measurements(tmp_path, caplog):
+    out = tmp_path / "run"
+    ov = ["data.synthetic.n_train=100", "reward.methods=[more,multitask]", "align.warm_start_steps=40"]
+    argv = ["--recipe", "tiny-cpu", "--output-dir", str(out), "--dry-run", *ov]
+    caplog.set_level("INFO", logger="pipeline.run")
+    assert R.main(argv) == 0
+    text = caplog.text
+    assert "2 RMs, 50 optimizer steps (RM 1 of 2 more: 25, RM 2 of 2 multitask: 25)" in text
+    assert "training time unknown (no step time measured in this directory yet)" in text
+    assert "40 warm-start steps" in text and "time unknown (never run in this directory)" in text
+    # a previous run measured 0.5 s/step and the align stage took 2:05
+    for rm in ("more", "multitask"):
+        (out / "reward" / rm).mkdir(parents=True)
+        (out / "reward" / rm / "train_log.json").write_text(
+            json.dumps([{"loss": 1}, {"train_runtime": 12.5, "step": 25}])
+        )
+    align = {"status": "done", "started": "2026-01-01T00:00:00.000+00:00", "finished": "2026-01-01T00:02:05.000+00:00"}
+    (out / "manifest.json").write_text(json.dumps({"stages": {"align": align}}))
+    caplog.clear()
+    assert R.main(argv) == 0
+    assert "training about 0:25 at the 0.5 s/step measured in this directory" in caplog.text
+    assert "its last run here took 2:05" in caplog.text

@@ -32,7 +32,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
+
+from pipeline.logs import progress_bar
 
 
 ALPACA_TEMPLATE = (
@@ -257,7 +258,7 @@ def generate_rows(
             if backend == "continuous":
                 return _sample_continuous(model, prompt_ids, gen_config, n, progress)
             order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-            bar = tqdm(total=len(order), desc=f"sampling {n} per prompt", disable=not progress)
+            bar = progress_bar(total=len(order), desc=f"sampling {n} per prompt", disable=not progress)
             per = gen_config.num_return_sequences
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]

@@ -579,9 +579,9 @@ class OpenAIJudge:
         stop = threading.Event()
         error: BaseException | None = None
         if todo:
-            from tqdm.auto import tqdm
+            from pipeline.logs import progress_bar
 
-            bar = tqdm(total=len(todo), desc="judge requests", disable=not progress)
+            bar = progress_bar(total=len(todo), desc="judge requests", disable=not progress)
             with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
 
                 def ask_or_stop(prompt, order):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from pipeline.io import atomic_write_json, atomic_write_text, remove_tree
+from pipeline.logs import attach_progress
 
 
 PEFT_MODES = ("none", "lora", "qlora")
@@ -222,8 +223,9 @@ def sft_config(
         save_total_limit=1,
         report_to="none",
         seed=seed,
-        disable_tqdm=False,
+        disable_tqdm=True,  # pipeline.logs' progress lines instead (a log file gets 10 lines, not thousands)
         dataloader_num_workers=0,
+        activation_checkpointing=True,  # TRL's default, under the name that does not warn in transformers 5
     )
 
 
@@ -257,6 +259,7 @@ def run_rjs(
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=pcfg)
+    attach_progress(trainer, "rjs fine-tuning")
     trainer.train(resume_from_checkpoint=_last_complete_trainer_checkpoint(Path(args.output_dir)))
     return _save_trained_policy(trainer, out_dir, policy_path, tokenizer, peft, trust_remote_code)
 
@@ -328,9 +331,11 @@ def run_rloo(
     if n < 2:
         raise ValueError("rloo needs at least 2 generations per prompt (align.n >= 2): the baseline is leave-one-out")
     cuda = torch.cuda.is_available()
-    kw = dict(RLOO_DEFAULTS)
+    kw = dict(RLOO_DEFAULTS, disable_tqdm=True)  # pipeline.logs' progress instead (attach_progress below)
     kw["per_device_train_batch_size"] = max(n, (kw["per_device_train_batch_size"] // n) * n)
     kw.update(overrides or {})
+    if "gradient_checkpointing" not in kw:  # TRL's default (on), under the name that does not warn
+        kw.setdefault("activation_checkpointing", True)
     funcs, weights = [as_trl_reward(reward_fn, "rm")], [1.0]
     if gold_fn is not None:
         funcs.append(as_trl_reward(gold_fn, "gold"))
@@ -370,6 +375,7 @@ def run_rloo(
         processing_class=tokenizer,
         peft_config=peft_config(peft, **(lora or {})),
     )
+    attach_progress(trainer, "rloo")
     trainer.train()
     return _save_trained_policy(
         trainer, out_dir, policy_path, tokenizer, peft, trust_remote_code, cleanup=out_dir / ".trainer"

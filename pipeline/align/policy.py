@@ -15,12 +15,15 @@ that split, not on the BPE of the joined text).
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from pipeline.logs import progress_bar
 from pipeline.models import TinyModelSpec, tiny_model
 
 
@@ -88,11 +91,19 @@ def warm_start_policy(
     max_length: int = 128,
     model: torch.nn.Module | None = None,
     progress: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    save_every: int = 0,
 ) -> torch.nn.Module:
     """Build a tiny causal LM (or take `model`) and train it on `(prompt, response)` pairs.
 
     `prompts[i]` and `responses[i]` form one example; a prompt may appear several times with different
     responses. The loss is on response tokens (+ the appended EOS) only. Returns the model in eval mode.
+
+    With `checkpoint_dir` and `save_every > 0`, the whole loop state (weights, optimizer, schedule, example
+    order, RNG states) is saved to `checkpoint_dir/checkpoint-<step>/` every `save_every` steps, marked
+    complete last (the reward trainer's `checkpoint_complete.json`); a call with the same arguments resumes
+    from the newest complete one and ends with the same weights as an uninterrupted run. The caller owns
+    the directory (it must hold only checkpoints of the same inputs) and deletes it when done.
     """
     if len(prompts) != len(responses):
         raise ValueError(
@@ -119,9 +130,23 @@ def warm_start_policy(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1.0 - s / max(1, steps))
     )
     order: list[int] = []
+    start = 0
+    if checkpoint_dir is not None and save_every > 0:
+        from pipeline.reward.trainer import last_complete_checkpoint
+
+        last = last_complete_checkpoint(checkpoint_dir, required=(WARM_START_STATE,))
+        if last is not None:
+            state = torch.load(Path(last) / WARM_START_STATE, weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            rng.setstate(state["rng"])
+            torch.set_rng_state(state["torch_rng"])
+            order, start = state["order"], state["step"]
+            print(f"[align] warm-start policy: resuming from {last} (step {start} of {steps})")
     model.train()
-    bar = tqdm(range(steps), desc="warm-start policy", disable=not progress)
-    for _ in bar:
+    bar = progress_bar(range(start, steps), total=steps, initial=start, desc="warm-start policy", disable=not progress)
+    for step in bar:
         if len(order) < batch_size:
             more = list(range(len(examples)))
             rng.shuffle(more)
@@ -137,8 +162,37 @@ def warm_start_policy(
         optimizer.step()
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if checkpoint_dir is not None and save_every > 0 and (step + 1) % save_every == 0 and step + 1 < steps:
+            _save_warm_start(Path(checkpoint_dir), step + 1, model, optimizer, schedule, rng, order)
     model.eval()
     return model
+
+
+WARM_START_STATE = "warm_start_state.pt"
+
+
+def _save_warm_start(folder: Path, step: int, model, optimizer, schedule, rng, order: list[int]) -> None:
+    """checkpoint-<step>/ with the loop state, then its completion marker; older checkpoints are removed."""
+    from pipeline.io import atomic_write_json
+    from pipeline.reward.trainer import CHECKPOINT_COMPLETE, list_checkpoints
+
+    ckpt = folder / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "rng": rng.getstate(),
+        "torch_rng": torch.get_rng_state(),
+        "order": list(order),
+        "step": step,
+    }
+    tmp = ckpt / f".{WARM_START_STATE}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, ckpt / WARM_START_STATE)
+    atomic_write_json(ckpt / CHECKPOINT_COMPLETE, {"global_step": step})
+    for old in list_checkpoints(folder)[1:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def sample_responses(

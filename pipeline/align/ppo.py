@@ -54,9 +54,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, remove_tree
+from pipeline.logs import progress_bar
 
 
 # --------------------------------------------------------------------------------------------------
@@ -565,7 +565,13 @@ def train_ppo(
         chunk = order[within * global_batch : (within + 1) * global_batch]
         return chunk[rank * cfg.rollout_batch_size : (rank + 1) * cfg.rollout_batch_size].tolist()
 
-    bar = tqdm(range(start_step, cfg.num_steps), desc="ppo", disable=not (main and cfg.progress))
+    bar = progress_bar(
+        range(start_step, cfg.num_steps),
+        total=cfg.num_steps,
+        initial=start_step,
+        desc="ppo",
+        disable=not (main and cfg.progress),
+    )
     stop_ids = [tokenizer.eos_token_id] + [int(t) for t in cfg.stop_token_ids if int(t) != tokenizer.eos_token_id]
     for step in bar:
         t0 = time.time()

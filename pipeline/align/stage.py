@@ -162,6 +162,13 @@ class AlignConfig:
     warm_start_steps: int = field(default=300, metadata={"help": "Tiny policy: optimizer steps of the warm start."})
     warm_start_lr: float = field(default=3e-3, metadata={"help": "Tiny policy: warm-start learning rate."})
     warm_start_batch_size: int = field(default=32, metadata={"help": "Tiny policy: warm-start batch size."})
+    warm_start_save_steps: int = field(
+        default=50,
+        metadata={
+            "help": "Tiny policy: keep a resumable warm-start checkpoint every N steps (0: none; an interrupted "
+            "warm start then restarts from step 0)."
+        },
+    )
     warm_start_prompts: int = field(
         default=400, metadata={"help": "Tiny policy: synthetic prompts of the warm start."}
     )
@@ -256,7 +263,10 @@ class AlignConfig:
     # --- RL
     ppo: dict = field(
         default_factory=dict,
-        metadata={"help": "Overrides of pipeline.align.ppo.PPOConfig (sampling settings default to this section's)."},
+        metadata={
+            "keys": "pipeline.align.ppo:PPOConfig",
+            "help": "Overrides of pipeline.align.ppo.PPOConfig (sampling settings default to this section's).",
+        },
     )
     rloo: dict = field(
         default_factory=dict,
@@ -468,6 +478,10 @@ def build_base_policy(ctx: _Ctx) -> tuple[str, object, str]:
                 else:
                     P.append(p)
                 R.append(r)
+        ckpt_dir = ctx.dir / "base" / ".warm_start_checkpoints"
+        if _read_json_or_none(ckpt_dir / "settings.json") != stamp:  # checkpoints of other settings
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        atomic_write_json(ckpt_dir / "settings.json", stamp)
         model = warm_start_policy(
             tok,
             P,
@@ -479,17 +493,27 @@ def build_base_policy(ctx: _Ctx) -> tuple[str, object, str]:
             seed=ctx.seed,
             max_length=min(256, cfg.max_prompt_length + cfg.max_new_tokens),
             progress=cfg.progress,
+            checkpoint_dir=ckpt_dir,
+            save_every=cfg.warm_start_save_steps,
         )
         with atomic_dir(path) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
         atomic_write_json(stamp_file, stamp)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     ctx.barrier()
     return str(path), load_tokenizer(str(path)), stamp
 
 
 class _TemplateHolder:
     chat_template = None
+
+
+def _read_json_or_none(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _templated_warm_start(tok, prompt: str, response: str) -> tuple[str, str]:

@@ -75,9 +75,10 @@ class SourceSpec:
     options: dict = field(
         default_factory=dict,
         metadata={
+            "keys": "pipeline.data.sources:option_keys",
             "help": "Format options passed to load_source; every "
             "format takes group_by (+ group_names, keep_groups, drop_groups) to split one dataset "
-            "into sources <name>/<value>."
+            "into sources <name>/<value>.",
         },
     )
 

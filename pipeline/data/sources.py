@@ -923,6 +923,33 @@ _FORMATS = {
 }
 
 
+def option_keys() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) of every `options` key of a source, for `--show-keys`."""
+    return [
+        (
+            "group_by",
+            "str",
+            "null",
+            "Column (dotted path) whose values split the dataset into sources <name>/<value>.",
+        ),
+        ("group_names", "dict", "{}", "group_by value -> source name (several values may share one name)."),
+        ("keep_groups", "list", "null", "Keep only these group_by values (null: all)."),
+        ("drop_groups", "list", "[]", "Drop these group_by values."),
+        ("data_dir", "str", "null", "Sub-directory of a hub-layout directory or hub dataset to read."),
+        (
+            "context_mismatch",
+            "str",
+            "drop",
+            f"hh-rlhf, more-json: {' | '.join(CONTEXT_MISMATCH)} when the two transcripts' contexts differ.",
+        ),
+        ("with_margin", "bool", "false", "more-json, webgpt: keep the score difference as `margin`."),
+        ("record_splits", "list|str", "null", "summarize: keep rows whose `split` field is one of these."),
+        ("min_score_ratio", "float", "null", "shp: keep pairs whose score_ratio is at least this."),
+        ("lang", "str", "null", "oasst1: keep one language (e.g. en)."),
+        ("implicit", "bool", "false", "trl: ignore a `prompt` string beside whole conversations."),
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Public API
 

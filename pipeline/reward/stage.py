@@ -41,6 +41,7 @@ from pipeline.io import (
     safe_component,
     sha256_json,
 )
+from pipeline.logs import attach_progress
 from pipeline.models import TinyModelSpec, load_tokenizer, quantization_config, tiny_model, tiny_tokenizer
 
 
@@ -62,6 +63,29 @@ _NOT_FINGERPRINTED = frozenset(
         "save_total_limit",
         "dataloader_num_workers",
     }
+)
+
+
+# The TrainingArguments fields `--show-keys` lists under reward.train (every other one is accepted too).
+SHOWN_TRAINING_ARGS = (
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "gradient_accumulation_steps",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "optim",
+    "bf16",
+    "activation_checkpointing",
+    "deepspeed",
+    "logging_steps",
+    "save_strategy",
+    "save_steps",
+    "save_total_limit",
+    "report_to",
+    "dataloader_num_workers",
 )
 
 
@@ -106,8 +130,11 @@ class RewardStageConfig:
     train: dict = field(
         default_factory=dict,
         metadata={
+            "keys": "pipeline.reward.trainer:MORERewardConfig",
+            "key_fields": SHOWN_TRAINING_ARGS,
             "help": "MORERewardConfig fields (learning_rate, max_steps, alpha, normalize, bf16, "
-            "deepspeed, ...). per_device_train_batch_size is derived from data.per_source_batch."
+            "deepspeed, ...; any trl.RewardConfig / TrainingArguments field). per_device_train_batch_size "
+            "is derived from data.per_source_batch.",
         },
     )
 
@@ -161,6 +188,64 @@ def rm_names(cfg: RewardStageConfig, sources: list[str]) -> list[tuple[str, str,
         else:
             out.append((m, m, list(sources)))
     return out
+
+
+def planned_steps(recipe, splits=None, world: int = 1) -> dict[str, int]:
+    """Optimizer steps each RM of the recipe trains for, as the Trainer computes them: `max_steps` when > 0,
+    else ceil(num_train_epochs x ceil(batches / gradient_accumulation_steps)). Batches per epoch: with
+    `length_grouping` (the default) the sampler's full batches only (`LengthGroupedBalancedSampler`: the
+    smallest source's pairs // per_source_batch for more/uniform, pairs // batch size for multitask), else
+    ceil(pairs / batch size); divided over `world` processes (ceil). `splits` defaults to loading the data."""
+    import math
+    from collections import Counter
+
+    from pipeline.data import build_splits, mix
+
+    splits = build_splits(recipe.data) if splits is None else splits
+    train = recipe.reward.train
+    from pipeline.reward.trainer import MORERewardConfig
+
+    defaults = {f.name: f.default for f in fields(MORERewardConfig) if f.name in ("max_steps", "num_train_epochs")}
+    max_steps = int(train.get("max_steps", defaults["max_steps"]))
+    epochs = float(train.get("num_train_epochs", defaults["num_train_epochs"]))
+    accum = int(train.get("gradient_accumulation_steps", 1))
+    grouping = bool(train.get("length_grouping", True))
+    out = {}
+    for name, method, srcs in rm_names(recipe.reward, list(splits)):
+        if max_steps > 0:
+            out[name] = max_steps
+            continue
+        balanced = method in ("more", "uniform")
+        mixed = mix(
+            {s: splits[s]["train"] for s in srcs},
+            "balanced" if balanced else "concat",
+            n_per_source=recipe.data.n_train_per_source,
+            per_source_batch=recipe.data.per_source_batch,
+            seed=recipe.seed,
+        )
+        psb, batch = recipe.data.per_source_batch, recipe.data.per_source_batch * len(srcs)
+        if grouping and balanced:
+            batches = min(Counter(mixed["source"]).values()) // psb
+        elif grouping:
+            batches = len(mixed) // batch
+        else:
+            batches = math.ceil(len(mixed) / batch)
+        batches = math.ceil(batches / world)
+        out[name] = math.ceil(epochs * max(math.ceil(batches / accum), 1))
+    return out
+
+
+def measured_step_seconds(run_dir: Path) -> float | None:
+    """Seconds per optimizer step of the RMs last trained in `run_dir` (their train_log.json's train_runtime /
+    step, pooled), or None when none was trained there."""
+    runtime = steps = 0.0
+    for log_file in sorted((Path(run_dir) / "reward").glob("*/train_log.json")):
+        try:
+            last = json.loads(log_file.read_text())[-1]
+            runtime, steps = runtime + float(last["train_runtime"]), steps + float(last["step"])
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            continue
+    return runtime / steps if steps else None
 
 
 def _synthetic_texts(recipe, splits) -> list[str]:
@@ -384,6 +469,7 @@ def plan_rm(recipe, run_dir: Path, name: str, method: str, sources: list[str], s
             source_names=sources,
             balanced_batches=balanced,
             per_device_train_batch_size=data.per_source_batch * len(sources),
+            disable_tqdm=True,  # pipeline.logs' progress (a bar on a terminal, 10 lines in a log file) instead
             max_length=data.max_length,
             seed=recipe.seed,
         )
@@ -465,8 +551,9 @@ def _resume_point(ckpt_dir: Path, plan: RMPlan, run_dir: Path) -> str | None:
     return None
 
 
-def train_one(recipe, run_dir: Path, plan: RMPlan, tokenizer, base: str, fresh: bool = False):
-    """Train (or resume) one RM and save it atomically to DIR/reward/<name>/ with its fingerprint."""
+def train_one(recipe, run_dir: Path, plan: RMPlan, tokenizer, base: str, fresh: bool = False, label: str = ""):
+    """Train (or resume) one RM and save it atomically to DIR/reward/<name>/ with its fingerprint (`label`,
+    e.g. 'more, RM 2 of 3', names its progress lines)."""
     from accelerate import PartialState
 
     from pipeline.reward.trainer import MORERewardConfig, MORERewardTrainer
@@ -501,6 +588,7 @@ def train_one(recipe, run_dir: Path, plan: RMPlan, tokenizer, base: str, fresh: 
     trainer = MORERewardTrainer(
         model, args, train_dataset=plan.train, processing_class=tokenizer, peft_config=peft_config
     )
+    attach_progress(trainer, f"reward {label or name}")
     trainer.train(resume_from_checkpoint=last)
 
     partial = inside(run_dir, out.with_name(f".{out.name}.partial"))
@@ -564,28 +652,32 @@ def run(recipe, run_dir: Path, force: bool = False) -> list[str]:
     tokenizer = build_tokenizer(recipe, splits, run_dir)
     base = base_model_path(recipe, tokenizer, run_dir, splits)
     index = {}
-    for name, method, srcs in rm_names(recipe.reward, sources):
+    rms = rm_names(recipe.reward, sources)
+    for i, (name, method, srcs) in enumerate(rms, 1):
         out = inside(run_dir, rm_dir(run_dir, name))
         plan = plan_rm(recipe, run_dir, name, method, srcs, splits, tokenizer, base)
         reason = "forced (--force reward)" if force else stale_reason(out, plan)
+        of = f"RM {i} of {len(rms)}"
         if reason is None:
-            print(f"[reward] {name}: already trained, skipping (same inputs: fingerprint {plan.fingerprint[:10]})")
+            print(
+                f"[reward] {of}: {name}: already trained, skipping (same inputs: fingerprint {plan.fingerprint[:10]})"
+            )
             if PartialState().is_main_process and not (out / TRAIN_PROMPTS).is_file():  # trained before the record
                 _write_train_prompts(out, plan.train)
         else:
-            print(f"[reward] training {name} (method={method}, sources={srcs}): {reason}")
-            train_one(recipe, run_dir, plan, tokenizer, base, fresh=force)
+            print(f"[reward] {of}: training {name} (method={method}, sources={srcs}): {reason}")
+            train_one(recipe, run_dir, plan, tokenizer, base, fresh=force, label=f"{name}, {of}")
         index[name] = {  # the key is the RM's name as given; the path its directory (safe_component)
             "path": f"reward/{out.name}",
             "method": "single" if name.startswith("single-") else method,
             "sources": srcs,
-            "train_prompts": f"reward/{name}/{TRAIN_PROMPTS}",
+            "train_prompts": f"reward/{out.name}/{TRAIN_PROMPTS}",
         }
     if PartialState().is_main_process:
         truncated = {}
         for name in index:
             try:
-                truncated[name] = json.loads((run_dir / "reward" / name / "reward_info.json").read_text())[
+                truncated[name] = json.loads((rm_dir(run_dir, name) / "reward_info.json").read_text())[
                     "n_truncated_sequences"
                 ]
             except (OSError, ValueError, KeyError):
@@ -602,8 +694,14 @@ def run(recipe, run_dir: Path, force: bool = False) -> list[str]:
             },
         )
         atomic_write_json(run_dir / "reward" / "index.json", index)
+        # pairs per source and split, for the report's "What ran" (the data the RMs actually saw)
+        atomic_write_json(
+            run_dir / "reward" / "data.json", {s: {k: len(v) for k, v in dd.items()} for s, dd in splits.items()}
+        )
     PartialState().wait_for_everyone()
-    return ["reward/index.json", "reward/data_stats.json"] + [f"reward/{n}" for n in index]
+    return ["reward/index.json", "reward/data_stats.json", "reward/data.json"] + [
+        f"reward/{v['path'].split('/')[-1]}" for v in index.values()
+    ]
 
 
 def load_index(run_dir: Path) -> dict:

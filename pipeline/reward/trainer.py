@@ -119,6 +119,20 @@ class MORERewardConfig(RewardConfig):
             "row width squared) and shorter pairs share rows (padding-free up to the last row's tail)."
         },
     )
+    # TRL's RewardConfig defaults the deprecated alias `gradient_checkpointing` to True, so transformers 5 warned
+    # "`gradient_checkpointing` is deprecated" on every RM although no recipe set it. Both default to None here
+    # and __post_init__ sets TRL's default (on) under the new name; a user who sets the old name still gets
+    # transformers' warning (it is theirs to act on), and it still takes effect.
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing (transformers 5)."}
+    )
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Recompute activations in the backward pass to save memory (TRL's RewardConfig default: "
+            "on when neither this nor gradient_checkpointing is set)."
+        },
+    )
     length_grouping: bool = field(
         default=True,
         metadata={
@@ -141,6 +155,8 @@ class MORERewardConfig(RewardConfig):
             raise ValueError(f"packing_max_tokens must be at least 4, got {self.packing_max_tokens}")
         if self.balanced_batches:
             self.train_sampling_strategy = "sequential"
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
         super().__post_init__()
 
 
@@ -568,13 +584,17 @@ def load_more_state(checkpoint: str | Path) -> torch.Tensor | None:
     return None
 
 
-def checkpoint_problem(checkpoint: str | Path, method: str | None = None) -> str | None:
-    """Why a Trainer checkpoint directory cannot be resumed from, or None when it is complete."""
+def checkpoint_problem(
+    checkpoint: str | Path, method: str | None = None, required: tuple[str, ...] = ("trainer_state.json",)
+) -> str | None:
+    """Why a checkpoint directory cannot be resumed from, or None when it is complete (`required`: the files a
+    complete one holds besides the marker; a Trainer's by default)."""
     ckpt = Path(checkpoint)
     if not (ckpt / CHECKPOINT_COMPLETE).is_file():
         return f"no {CHECKPOINT_COMPLETE} (its save was interrupted)"
-    if not (ckpt / "trainer_state.json").is_file():
-        return "no trainer_state.json"
+    for name in required:
+        if not (ckpt / name).is_file():
+            return f"no {name}"
     if method == "more" and not ((ckpt / MORE_STATE).is_file() or (ckpt / LEGACY_MORE_STATE).is_file()):
         return f"no {MORE_STATE} (MORE's momentum)"
     return None
@@ -593,9 +613,11 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def last_complete_checkpoint(folder: str | Path, method: str | None = None) -> str | None:
+def last_complete_checkpoint(
+    folder: str | Path, method: str | None = None, required: tuple[str, ...] = ("trainer_state.json",)
+) -> str | None:
     """The newest checkpoint of `folder` that is complete (see `checkpoint_problem`), or None."""
     for ckpt in list_checkpoints(folder):
-        if checkpoint_problem(ckpt, method) is None:
+        if checkpoint_problem(ckpt, method, required) is None:
             return str(ckpt)
     return None
