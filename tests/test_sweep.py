@@ -67,7 +67,7 @@ def test_paired_difference_and_sentence_rule():
     few = S.t_interval([0.01])
     assert "too few seeds" in S.difference_sentence("MORE", "Uniform", "ECE", few, "lower")
     assert S.direction("ts_ece_10") == "lower" and S.direction("accuracy") == "higher"
-    assert S.direction("temperature") is None
+    assert S.direction("temperature") == "closer to 1"
 
 
 # ---------------------------------------------------------------------------------------------------
