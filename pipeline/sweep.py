@@ -1159,7 +1159,9 @@ def _seed_plot(plt, out_dir: Path, summary: dict, panels: list[str], conf: str, 
     legend_below(fig, list(handles.values()), list(handles))
     n = p["n_runs"]
     warn = f"; only {n} seeds: very wide intervals" if 2 <= n < MIN_SEEDS else ""
-    fig.suptitle(f"dots: seeds; diamond and bar: mean and {conf} t-interval over {n} seeds{warn}")
+    fig.suptitle(
+        f"dots: seeds; diamond and bar: mean and {conf} t-interval over {n} seeds (clipped to the range){warn}"
+    )
     fig.tight_layout()
     save(fig, out_dir / "plot_seeds.png")
     return "plot_seeds.png"
