@@ -463,3 +463,106 @@ def test_sweep_under_torchrun_runs_each_run_on_both_processes(tmp_path):
     p = torchrun()  # everything is done: both ranks skip every run
     assert p.returncode == 0, p.stderr[-3000:]
     assert not (tmp_path / "calls.log").exists() and p.stderr.count("done, skipped") == 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bounded intervals, few seeds, units, the closing paragraph, the seeds-only plot
+
+
+def _two_seed_rows():
+    """2 seeds: accuracy 0.99 / 0.90, ECE 0.01 / 0.05, T 0.2 / 3.0 for MORE; their t-intervals (t = 12.7)
+    reach above 1, below 0 and below 0."""
+    out = {}
+    for seed, (acc, ece, t) in enumerate([(0.99, 0.01, 0.2), (0.90, 0.05, 3.0)]):
+        out[seed] = [
+            ("calibration", "more", "all_average", "accuracy", acc),
+            ("calibration", "more", "all_average", "ece_10", ece),
+            ("calibration", "more", "all_average", "temperature", t),
+            ("calibration", "multitask", "all_average", "accuracy", acc - 0.1),
+            ("calibration", "multitask", "all_average", "ece_10", ece + 0.05),
+            ("calibration", "multitask", "all_average", "temperature", t),
+        ]
+    return out
+
+
+def test_bounded_metrics_are_clipped_to_their_range_and_few_seeds_warned():
+    agg = S.aggregate_point(_two_seed_rows())
+    m = {(r["rm"], r["metric"]): r for r in agg["metrics"]}
+    acc, ece, t = m[("more", "accuracy")], m[("more", "ece_10")], m[("more", "temperature")]
+    half = T975[2] * math.sqrt((0.09**2) / 2) / math.sqrt(2)  # sd of (0.99, 0.90) = 0.09 / sqrt 2
+    assert acc["t_high"] == pytest.approx(0.945 + half) and acc["high"] == 1.0 and acc["clipped"] == ["high"]
+    assert acc["low"] == pytest.approx(0.945 - half) and "t_low" not in acc
+    assert ece["t_low"] < 0 and ece["low"] == 0.0 and ece["clipped"] == ["low"]
+    assert t["low"] == 0.0 and t["t_low"] < 0
+    assert S.metric_range("ts_ece_15") == (0.0, 1.0) and S.metric_range("gold_reward") == (None, None)
+    # differences are not clipped (they are compared with 0)
+    d = next(x for x in agg["differences"] if x["metric"] == "accuracy")
+    assert "clipped" not in d and d["mean"] == pytest.approx(0.1)
+    # cells: accuracy in %, the clipped end marked, the seed count shown below 3 seeds
+    assert S.cell(acc, "accuracy") == f"94.50 [{100 * (0.945 - half):.2f}, 100.00] † (n=2)"
+    assert S.cell(ece, "ece_10").startswith("0.0300 [0.0000, ") and "†" in S.cell(ece, "ece_10")
+    assert "t = 12.7" in S.seed_warning(2) and S.seed_warning(3) == "" and S.seed_warning(1) == ""
+    summary = {
+        "sweep": {"recipe": "tiny-cpu", "seeds": [0, 1], "grid": []},
+        "confidence": 0.95,
+        "points": {"default": {"grid": {}, "runs": {"0": "collected", "1": "collected"}, "n_runs": 2, **agg}},
+    }
+    md = S.render_summary(summary)
+    assert "**Warning: 2 seeds." in md and "| *better* | higher is better | lower is better" in md
+    assert "| MORE | 94.50 [" in md  # accuracy (%) in the table, as report.md
+
+
+def test_summary_paragraph_names_every_significant_difference():
+    """3 seeds: Brier MORE - MultiTask +0.018 +- 0.001 (significant, not a column of the difference table),
+    ECE -0.02 / -0.021 / -0.019 (significant), accuracy +0.01 / -0.01 / 0 (not); T both above 1, MORE closer."""
+    per_seed = {}
+    for seed, (d_ece, d_acc, d_brier) in enumerate(
+        [(-0.020, 0.01, 0.017), (-0.021, -0.01, 0.018), (-0.019, 0, 0.019)]
+    ):
+        per_seed[seed] = [
+            ("calibration", "multitask", "helpful", "brier", 0.2),
+            ("calibration", "more", "helpful", "brier", 0.2 + d_brier),
+            ("calibration", "multitask", "all_average", "ece_10", 0.1 + seed / 100),
+            ("calibration", "more", "all_average", "ece_10", 0.1 + seed / 100 + d_ece),
+            ("calibration", "multitask", "all_average", "accuracy", 0.7),
+            ("calibration", "more", "all_average", "accuracy", 0.7 + d_acc),
+            ("calibration", "multitask", "all_average", "temperature", 1.5 + seed / 100),
+            ("calibration", "more", "all_average", "temperature", 1.2 + seed / 100),
+        ]
+    agg = S.aggregate_point(per_seed)
+    d = {(x["scope"], x["metric"]): x for x in agg["differences"]}
+    assert d[("helpful", "brier")]["p_value"] == pytest.approx(
+        __import__("scipy.stats").stats.ttest_1samp([0.017, 0.018, 0.019], 0.0).pvalue
+    )
+    assert d[("all_average", "temperature")]["sentence"].startswith(
+        "temperature T, all_average: MORE is better than MultiTask (lower, closer to 1 is better;"
+    )
+    summary = {
+        "sweep": {"recipe": "tiny-cpu", "seeds": [0, 1, 2], "grid": []},
+        "confidence": 0.95,
+        "points": {"default": {"grid": {}, "runs": {}, "n_runs": 3, **agg}},
+    }
+    para = S.summary_paragraph(summary)
+    assert para.startswith("Summary: 3 of the 4 seed-paired differences tested are significant")
+    assert "MORE - MultiTask, Brier, helpful +0.018 [" in para and "MultiTask better" in para
+    assert "MORE - MultiTask, ECE10, all_average -0.02 [" in para and "MORE better" in para
+    assert "temperature T, all_average -0.3 [" in para and "(closer to 1)" in para
+    assert "accuracy" not in para
+    md = S.render_summary(summary)
+    assert md.rstrip().endswith(para) and "| p | n | verdict |" in md
+
+
+def test_help_prints_a_single_percent_sign():
+    text = S.build_parser().format_help()
+    assert "95%" in text and "%%" not in text
+
+
+def test_seeds_only_sweep_writes_a_plot(tmp_path):
+    agg = S.aggregate_point(_two_seed_rows())
+    summary = {
+        "sweep": {"recipe": "tiny-cpu", "seeds": [0, 1], "grid": []},
+        "confidence": 0.95,
+        "points": {"default": {"grid": {}, "runs": {}, "n_runs": 2, **agg}},
+    }
+    assert S.write_plots(tmp_path, summary) == ["plot_seeds.png"]
+    assert (tmp_path / "plot_seeds.png").stat().st_size > 5000
