@@ -63,10 +63,29 @@ from pipeline.calibration.compare import (
 )
 from pipeline.calibration.compare import is_significant as significance_rule
 from pipeline.config import RecipeError, load_recipe, recipe_to_dict, yaml_load
-from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, sha256_json
 
 
 SWEEP_FILE = "sweep.json"
+EXPORT_FILE = "export.json"
+# A run's small results, copied by --export (globs relative to the run directory): no weights, checkpoints,
+# scores or data. Train logs carry MORE's source weights (more/lambda/<source>).
+EXPORT_GLOBS = (
+    "manifest.json",
+    "recipe.yaml",
+    "report.md",
+    "calibration/metrics.json",
+    "calibration/comparisons.json",
+    "calibration/comparisons.md",
+    "calibration/temperatures.json",
+    "calibration/config.json",
+    "calibration/table.md",
+    "align/metrics.json",
+    "align/judgements.json",
+    "reward/index.json",
+    "reward/*/train_log.json",
+    "reward/*/temperature.json",
+)
 CONFIDENCE = 0.95
 # Seed-paired differences reported for every grid point: (a, b) means a - b.
 PAIRS = (("more", "multitask"), ("more", "uniform"), ("uniform", "multitask"))
@@ -409,16 +428,21 @@ def _say(msg: str) -> None:
         print(f"[sweep] {msg}", file=sys.stderr, flush=True)
 
 
-def run_sequential(recipe_arg: str, runs: list[SweepRun], stages) -> dict[str, str]:
+def run_sequential(recipe_arg: str, runs: list[SweepRun], stages, exporter: Exporter | None = None) -> dict[str, str]:
     """Run each run in this process (all processes of an `accelerate launch` join each one)."""
     from pipeline.run import run_pipeline
 
     failed: dict[str, str] = {}
     for i, r in enumerate(runs, 1):
+        if exporter and exporter.is_exported(r):
+            _say(f"({i}/{len(runs)}) {r.point} seed {r.seed}: exported, skipped")
+            continue
         recipe = load_recipe(recipe_arg, r.overrides)
         state, why = run_state(recipe, Path(r.dir), stages)
         if state == "done":
             _say(f"({i}/{len(runs)}) {r.point} seed {r.seed}: done, skipped")
+            if exporter and _is_main():
+                exporter.export(r)
             continue
         _say(f"({i}/{len(runs)}) {r.point} seed {r.seed}: running ({why}) -> {r.dir}")
         t0 = time.time()
@@ -431,16 +455,25 @@ def run_sequential(recipe_arg: str, runs: list[SweepRun], stages) -> dict[str, s
             _say(f"({i}/{len(runs)}) {r.point} seed {r.seed}: FAILED ({failed[r.dir]}); continuing")
             continue
         _say(f"({i}/{len(runs)}) {r.point} seed {r.seed}: finished in {time.time() - t0:.0f} s")
+        if exporter and _is_main():
+            exporter.export(r)
     return failed
 
 
-def run_parallel(recipe_arg: str, runs: list[SweepRun], stages, n: int) -> dict[str, str]:
+def run_parallel(
+    recipe_arg: str, runs: list[SweepRun], stages, n: int, exporter: Exporter | None = None
+) -> dict[str, str]:
     """Run up to `n` runs at a time as `python -m pipeline.run` subprocesses (one process each)."""
     todo = []
     for r in runs:
+        if exporter and exporter.is_exported(r):
+            _say(f"{r.point} seed {r.seed}: exported, skipped")
+            continue
         state, why = run_state(load_recipe(recipe_arg, r.overrides), Path(r.dir), stages)
         if state == "done":
             _say(f"{r.point} seed {r.seed}: done, skipped")
+            if exporter:
+                exporter.export(r)
         else:
             todo.append((r, why))
     env = dict(os.environ)
@@ -474,6 +507,8 @@ def run_parallel(recipe_arg: str, runs: list[SweepRun], stages, n: int) -> dict[
             _say(f"{r.point} seed {r.seed}: FAILED, {failed[r.dir]}")
         else:
             _say(f"{r.point} seed {r.seed}: finished in {time.time() - t0:.0f} s")
+            if exporter:
+                exporter.export(r)
 
     pool = ThreadPoolExecutor(max_workers=n)
     try:
@@ -488,6 +523,119 @@ def run_parallel(recipe_arg: str, runs: list[SweepRun], stages, n: int) -> dict[
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return failed
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exporting finished runs' small results (a results folder that outlives the machine)
+
+
+def run_fingerprint(recipe_arg: str, overrides: list[str], stages, roots=()) -> str:
+    """sha256 of what a run computes: its resolved recipe (with machine paths under `roots` made relative,
+    see `strip_paths`) and the selected stages. An export is reused only when this is unchanged."""
+    resolved = recipe_to_dict(load_recipe(recipe_arg, overrides))
+    resolved = json.loads(strip_paths(json.dumps(resolved, sort_keys=True, default=str), roots))
+    return sha256_json({"recipe": resolved, "stages": stages})
+
+
+def strip_paths(text: str, roots) -> str:
+    """`text` with every absolute path under one of `roots` written relative to it (longest root first):
+    '<root>/x' -> 'x' for the run directory (the first root), '<name>/x' for the others (their `name`s are
+    given as (path, name) pairs), so exported files name no directory of this machine."""
+    pairs = sorted(((str(Path(r)), n) for r, n in roots), key=lambda rn: -len(rn[0]))
+    for root, name in pairs:
+        if root in ("", "/", "."):
+            continue
+        text = text.replace(root + "/", f"{name}/" if name else "").replace(root, name or ".")
+    return text
+
+
+def _machine_roots(out_dir: Path) -> list[tuple[str, str]]:
+    """Directories of this machine that exported files name relatively: the sweep directory, the working
+    directory, the home directory."""
+    return [(str(Path(out_dir).resolve()), "<sweep>"), (str(Path.cwd()), "<cwd>"), (str(Path.home()), "~")]
+
+
+def _export_roots(run_dir: Path, out_dir: Path) -> list[tuple[str, str]]:
+    return [(str(Path(run_dir).resolve()), ""), (str(Path(run_dir)), "")] + _machine_roots(out_dir)
+
+
+def _portable(obj, roots):
+    """A JSON-able object with the machine paths under `roots` made relative (`strip_paths`)."""
+    return json.loads(strip_paths(json.dumps(obj), roots))
+
+
+def recipe_label(recipe_arg: str) -> str:
+    """How an export names its recipe: a preset's name, or a recipe file's name (its content is in recipe.yaml
+    and in the fingerprint; its directory is this machine's)."""
+    return Path(recipe_arg).name if Path(recipe_arg).is_file() else recipe_arg
+
+
+def export_run(run_dir: Path, dest: Path, info: dict, out_dir: Path) -> list[str]:
+    """Copy a finished run's small results (`EXPORT_GLOBS`) to `dest`, absolute paths of this machine
+    replaced (`strip_paths`), with DEST/export.json = `info` + the files; atomic (a temporary folder renamed).
+    Returns the exported files, relative to `dest`."""
+    run_dir = Path(run_dir)
+    roots = _export_roots(run_dir, out_dir)
+    files = sorted({str(f.relative_to(run_dir)) for g in EXPORT_GLOBS for f in run_dir.glob(g) if f.is_file()})
+    with atomic_dir(dest) as tmp:
+        for rel in files:
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(strip_paths((run_dir / rel).read_text(encoding="utf-8"), roots), encoding="utf-8")
+        atomic_write_json(tmp / EXPORT_FILE, _portable({**info, "files": files}, roots))
+    return files
+
+
+def exported(dest: Path, fingerprint: str) -> bool:
+    """True when `dest` holds a complete export (export.json is written last) of a run with this fingerprint."""
+    info = _read(Path(dest) / EXPORT_FILE)
+    return isinstance(info, dict) and info.get("fingerprint") == fingerprint
+
+
+def _export_info(recipe_arg: str, r: SweepRun, stages, fingerprint: str) -> dict:
+    return {
+        "recipe": recipe_label(recipe_arg),
+        "point": r.point,
+        "seed": r.seed,
+        "overrides": list(r.overrides),
+        "stages": stages,
+        "fingerprint": fingerprint,
+    }
+
+
+class Exporter:
+    """--export E: E/sweep.json (the definition, run directories relative) and E/<point>/seed-<s>/ per finished
+    run. A run whose export exists with the same fingerprint is not run again, on this machine or another."""
+
+    def __init__(self, root: Path, recipe_arg: str, stages, out_dir: Path, definition: dict):
+        self.root, self.recipe_arg, self.stages, self.out_dir = Path(root), recipe_arg, stages, Path(out_dir)
+        self.definition = definition
+        self.fingerprints: dict = {}
+
+    def dest(self, r: SweepRun) -> Path:
+        return self.root / r.point / f"seed-{r.seed}"
+
+    def fingerprint(self, r: SweepRun) -> str:
+        key = (r.point, r.seed)
+        if key not in self.fingerprints:
+            self.fingerprints[key] = run_fingerprint(
+                self.recipe_arg, r.overrides, self.stages, _machine_roots(self.out_dir)
+            )
+        return self.fingerprints[key]
+
+    def write_definition(self) -> None:
+        runs = [{**run, "dir": f"{run['point']}/seed-{run['seed']}"} for run in self.definition["runs"]]
+        definition = {**self.definition, "recipe": recipe_label(self.recipe_arg), "runs": runs, "export": True}
+        atomic_write_json(self.root / SWEEP_FILE, _portable(definition, _machine_roots(self.out_dir)))
+
+    def is_exported(self, r: SweepRun) -> bool:
+        return exported(self.dest(r), self.fingerprint(r))
+
+    def export(self, r: SweepRun) -> None:
+        files = export_run(
+            Path(r.dir), self.dest(r), _export_info(self.recipe_arg, r, self.stages, self.fingerprint(r)), self.out_dir
+        )
+        _say(f"{r.point} seed {r.seed}: exported {len(files)} files to {self.dest(r)}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -684,6 +832,21 @@ def metric_label(metric: str) -> str:
     return f"{base} after temperature scaling" if ts else base
 
 
+def export_mismatch(info, sweep: dict, run: dict) -> str:
+    """Why an exported run does not belong to the sweep's definition ('' when it does): the recipe, the
+    stages and the run's overrides (grid values and seed included) must be the ones recorded at export."""
+    if not isinstance(info, dict):
+        return "no export.json: the run has not finished"
+    for key, want in (
+        ("recipe", sweep.get("recipe")),
+        ("stages", sweep.get("stages")),
+        ("overrides", run["overrides"]),
+    ):
+        if info.get(key) != want:
+            return f"its {key} differ from the sweep's definition"
+    return ""
+
+
 def aggregate(out_dir: str | os.PathLike, confidence: float = CONFIDENCE, verify: bool = True) -> dict:
     """Read D/sweep.json and every run's results; write D/summary.json, D/summary.md and the plots.
 
@@ -698,6 +861,7 @@ def aggregate(out_dir: str | os.PathLike, confidence: float = CONFIDENCE, verify
             "(run python -m pipeline.sweep ... --output-dir there first)"
         )
     defined = {(r["point"], int(r["seed"])): r for r in sweep.get("runs", [])}
+    from_export = bool(sweep.get("export"))
     summary = {"sweep": sweep, "confidence": confidence, "points": {}}
     for point in sweep["points"]:
         per_seed, runs = {}, {}
@@ -707,6 +871,16 @@ def aggregate(out_dir: str | os.PathLike, confidence: float = CONFIDENCE, verify
                 run = defined.get((point["name"], int(seed)))
                 if run is None:
                     runs[str(seed)] = "not in the sweep definition"
+                    continue
+                if from_export:  # a results folder: its export.json must be of this run's definition
+                    why = export_mismatch(_read(run_dir / EXPORT_FILE), sweep, run)
+                    if why:
+                        runs[str(seed)] = f"not exported ({why})"
+                        continue
+                    rows = collect_run(run_dir)
+                    runs[str(seed)] = "collected" if rows else "no results"
+                    if rows:
+                        per_seed[seed] = rows
                     continue
                 state, why = run_state(load_recipe(sweep["recipe"], run["overrides"]), run_dir, sweep.get("stages"))
                 if state != "done":
@@ -1197,7 +1371,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="runs at a time, as subprocesses (default 1: sequential, in-process)",
     )
     p.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done, run nothing")
-    p.add_argument("--aggregate", default=None, metavar="D", help="only re-aggregate the sweep in D")
+    p.add_argument(
+        "--aggregate",
+        default=None,
+        metavar="D",
+        help="only re-aggregate the sweep in D: a sweep directory or a results folder written by --export",
+    )
+    p.add_argument(
+        "--export",
+        default=None,
+        metavar="E",
+        help="copy each finished run's small results (metrics, comparisons, temperatures, train logs, manifest, "
+        "resolved recipe; no weights or checkpoints) to E/<point>/seed-<s>/ and aggregate into E; runs already "
+        "exported there with the same settings are skipped (so a new machine reruns only the unfinished ones)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides applied to every run")
     return p
 
@@ -1237,10 +1424,15 @@ def main(argv: list[str] | None = None) -> int:
             "points": points,
             "runs": [asdict(r) for r in runs],
         }
+        exporter = None
+        if args.export:
+            exporter = Exporter(Path(args.export).resolve(), args.recipe, args.stages, out, definition)
         if args.dry_run:
             if _is_main():
                 for r in runs:
                     state, why = run_state(load_recipe(args.recipe, r.overrides), Path(r.dir), args.stages)
+                    if exporter and exporter.is_exported(r):
+                        state, why = "done", f"exported to {exporter.dest(r)}"
                     print(f"{state:5s} {r.point} seed-{r.seed}  {r.dir}  ({why})")
                     print(f"      overrides: {' '.join(r.overrides)}")
                 print(f"{len(runs)} runs ({len(points)} point(s) x {len(seeds)} seed(s))")
@@ -1248,14 +1440,17 @@ def main(argv: list[str] | None = None) -> int:
         if _is_main():
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(out / SWEEP_FILE, definition)
+            if exporter:
+                exporter.write_definition()
         _say(f"{len(runs)} runs ({len(points)} point(s) x {len(seeds)} seed(s)) in {out}")
         if args.parallel > 1:
-            failed = run_parallel(args.recipe, runs, args.stages, args.parallel)
+            failed = run_parallel(args.recipe, runs, args.stages, args.parallel, exporter)
         else:
-            failed = run_sequential(args.recipe, runs, args.stages)
+            failed = run_sequential(args.recipe, runs, args.stages, exporter)
         if _is_main():
-            aggregate(out)
-            _say(f"wrote {out / 'summary.md'} and summary.json")
+            final = exporter.root if exporter else out  # the export holds every finished run, on any machine
+            aggregate(final)
+            _say(f"wrote {final / 'summary.md'} and summary.json")
         if failed:
             _say(f"{len(failed)} run(s) failed; rerun the same command to retry them:")
             for d, why in failed.items():

@@ -12,6 +12,7 @@ import pytest
 
 import pipeline.sweep as S
 from pipeline.config import RecipeError, load_recipe, recipe_to_dict
+from tests.test_run import calls, fakes  # noqa: F401 - `fakes` is a fixture
 
 
 T975 = {2: 12.706204736174707, 3: 4.302652729911275, 4: 3.182446305284263}  # t_{0.975, n-1} from tables
@@ -412,7 +413,7 @@ def test_sweep_under_torchrun_runs_each_run_on_both_processes(tmp_path):
 
     from tests.test_run import _free_port, _subprocess_env, write_fakes
 
-    fakes = write_fakes(tmp_path / "fakes")
+    fakes = write_fakes(tmp_path / "fakes")  # noqa: F811 - a local folder, not the fixture
     (fakes / "sweep_runner.py").write_text(SWEEP_RUNNER)
     env = _subprocess_env(fakes, tmp_path)
     env["OMP_NUM_THREADS"] = "1"
@@ -566,3 +567,85 @@ def test_seeds_only_sweep_writes_a_plot(tmp_path):
     }
     assert S.write_plots(tmp_path, summary) == ["plot_seeds.png"]
     assert (tmp_path / "plot_seeds.png").stat().st_size > 5000
+
+
+# ---------------------------------------------------------------------------------------------------
+# --export: a results folder that outlives the machine (fake stages: only the bookkeeping is measured)
+
+FAKE_CALIBRATION = """
+import json
+from pathlib import Path
+
+from fakepipe import make_run
+from pipeline.io import atomic_write_json
+
+_run = make_run("calibration")
+
+
+def run(recipe, run_dir):
+    out = _run(recipe, run_dir)
+    cal, rm = Path(run_dir) / "calibration", Path(run_dir) / "reward" / "more"
+    s = recipe.seed
+    metrics = {
+        name: {"all_average": {"accuracy": 0.6 + s / 100 + k / 50, "ece_10": 0.1 - s / 100 - k / 100}}
+        for k, name in enumerate(("more", "multitask"))
+    }
+    atomic_write_json(cal / "metrics.json", metrics)
+    atomic_write_json(cal / "temperatures.json", {"more": 1.2, "multitask": 1.5})
+    atomic_write_json(cal / "config.json", {"headline_bins": 10, "rm_path": str(rm.resolve())})
+    atomic_write_json(rm / "train_log.json", [{"step": 1, "more/lambda/a": 0.4, "more/lambda/b": 0.6}])
+    (rm / "model.safetensors").write_bytes(b"weights")
+    return out + ["calibration/metrics.json", "calibration/temperatures.json", "calibration/config.json"]
+"""
+
+
+def test_export_then_aggregate_from_the_folder_alone_and_resume_on_a_new_machine(fakes, tmp_path):  # noqa: F811
+    import shutil
+
+    (fakes / "fake_calibration.py").write_text(FAKE_CALIBRATION)
+    export = tmp_path / "results"
+    base = ["--recipe", str(fakes / "fake.yaml"), "--stages", "reward,calibration", "--export", str(export)]
+    d1 = tmp_path / "machine1"
+    assert S.main(base + ["--seeds", "0,1", "--output-dir", str(d1)]) == 0
+    assert calls(tmp_path)["calibration"] == 2
+    for seed in (0, 1):
+        e = export / "default" / f"seed-{seed}"
+        files = json.loads((e / "export.json").read_text())["files"]
+        assert {"manifest.json", "recipe.yaml", "calibration/metrics.json", "reward/more/train_log.json"} <= set(files)
+        assert not (e / "reward" / "more" / "model.safetensors").exists()  # no weights
+        assert not (e / "reward" / "checkpoint.json").exists()  # no checkpoints
+        assert json.loads((e / "calibration" / "config.json").read_text())["rm_path"] == "reward/more"
+    for f in export.rglob("*"):  # no absolute path of this machine in any exported file
+        if f.is_file() and f.suffix in (".json", ".yaml", ".md"):
+            assert str(tmp_path) not in f.read_text(), f
+    assert json.loads((export / "sweep.json").read_text())["recipe"] == "fake.yaml"
+    assert (export / "summary.md").exists()
+
+    # The machine is gone: the folder alone aggregates (no run directories).
+    shutil.rmtree(d1)
+    (export / "summary.json").unlink()
+    assert S.main(["--aggregate", str(export)]) == 0
+    p = json.loads((export / "summary.json").read_text())["points"]["default"]
+    assert p["n_runs"] == 2 and set(p["runs"].values()) == {"collected"}
+    acc = next(r for r in p["metrics"] if r["rm"] == "more" and r["metric"] == "accuracy")
+    assert acc["values"] == {"0": pytest.approx(0.6), "1": pytest.approx(0.61)}
+
+    # A new machine with one more seed: the exported runs are skipped, only seed 2 runs.
+    d2 = tmp_path / "machine2"
+    assert S.main(base + ["--seeds", "0-2", "--output-dir", str(d2)]) == 0
+    assert calls(tmp_path)["calibration"] == 3 and not (d2 / "default" / "seed-0").exists()
+    assert json.loads((export / "summary.json").read_text())["points"]["default"]["n_runs"] == 3
+
+    # Changed settings: the exports no longer match, so every run runs again (and is re-exported).
+    assert S.main(base + ["--seeds", "0", "--output-dir", str(d2), "reward.steps=3"]) == 0
+    assert calls(tmp_path)["calibration"] == 4
+    assert "reward.steps=3" in json.loads((export / "default" / "seed-0" / "export.json").read_text())["overrides"]
+
+    # An export of another definition is not aggregated: it names why.
+    sweep = json.loads((export / "sweep.json").read_text())
+    sweep["runs"][0]["overrides"].append("data.n=5")
+    S.atomic_write_json(export / "sweep.json", sweep)
+    stale = S.aggregate(export)["points"]["default"]
+    assert stale["n_runs"] == 0 and stale["runs"]["0"] == (
+        "not exported (its overrides differ from the sweep's definition)"
+    )
