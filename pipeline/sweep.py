@@ -4,6 +4,8 @@
         --grid data.synthetic.drift_scale=0,0.5,1,2 --output-dir runs/sweep-drift
     python -m pipeline.sweep --recipe tiny-cpu --seeds 0-4 --dry-run --output-dir runs/sweep-drift
     python -m pipeline.sweep --aggregate runs/sweep-drift          # re-aggregate, run nothing
+    python -m pipeline.sweep ... --export results/drift            # also keep each finished run's results
+    python -m pipeline.sweep --aggregate results/drift             # aggregate from that folder alone
     accelerate launch --num_processes 2 -m pipeline.sweep ...        # each run uses both processes
 
 Every (grid point x seed) is one ordinary `pipeline.run` run directory, D/<point>/seed-<s>/, built from the
@@ -27,15 +29,26 @@ and align/judgements.json, and writes:
 * D/summary.json: for each grid point, RM (or aligned policy, or judged comparison), scope (a source,
   hh_average, all_average) and metric: mean, sd, n seeds and a 95% t-interval over seeds (`t_interval`);
   and the seed-paired differences MORE - MultiTask, MORE - Uniform and Uniform - MultiTask (for aligned
-  policies: per method) with their 95% t-intervals and a sentence (`difference_sentence`: a difference
-  whose interval contains zero is "no significant difference").
-* D/summary.md: the same as readable tables (headline metrics; every source in summary.json).
+  policies: per method) with their 95% t-intervals, the paired t-test's p-value (`t_test_p`) and a
+  sentence (`difference_sentence`). The rule is the project's one (`compare.is_significant`): significant
+  only when the interval excludes zero AND p < 0.05 strictly. Intervals of a metric's mean are clipped to
+  its range (`bounded_interval`: accuracy in [0, 1], ECE >= 0, T >= 0; the t-interval's own ends are kept
+  as t_low / t_high); differences are not clipped.
+* D/summary.md: the same as readable tables (headline metrics, each with its better direction; accuracy in
+  %, as in report.md; a warning where fewer than 3 seeds made the intervals; every source in
+  summary.json), ending with a paragraph that names every significant difference (`summary_paragraph`).
 * D/plot_<axis>.png: per grid axis, headline metrics (all-source average) vs the axis value, one line per
-  RM with its 95% interval band (one figure per combination of the other axes' values).
+  RM with its 95% interval band (one figure per combination of the other axes' values); without a grid,
+  D/plot_seeds.png (per-seed values, mean and interval per RM).
 
-The statistics are small pure functions (`t_interval`, `paired_differences`, `difference_sentence`),
-tested against scipy and hand-computed values. D/sweep.json records the sweep's definition so that
-`--aggregate D` knows the points, seeds and axes.
+With `--export E`, each run's small results are copied to E/<point>/seed-<s>/ as soon as it finishes
+(`export_run`: EXPORT_GLOBS, no weights or checkpoints, machine paths made relative) with E/.../export.json
+(overrides + `run_fingerprint`), and the summary is written into E. A run exported with the same
+fingerprint is skipped, so on a new machine only unfinished runs run; `--aggregate E` works from E alone.
+
+The statistics are small pure functions (`t_interval`, `t_test_p`, `paired_differences`,
+`bounded_interval`, `difference_sentence`), tested against scipy and hand-computed values. D/sweep.json
+records the sweep's definition so that `--aggregate D` knows the points, seeds and axes.
 """
 
 from __future__ import annotations
