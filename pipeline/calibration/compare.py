@@ -348,6 +348,12 @@ def p_text(p: float | None) -> str:
 def significance_paragraph(findings: Sequence[str], n_tested: int, what: str = "difference") -> str:
     """One paragraph naming EVERY significant difference (`findings`, one phrase each) out of `n_tested`."""
     rule = f"interval excludes 0 and p < {ALPHA:g}"
+    chance = (
+        f" With {n_tested} tests, about {ALPHA * n_tested:.0f} would pass this rule by chance alone even with no "
+        "real difference, so read isolated ones with care."
+        if ALPHA * n_tested >= 1
+        else ""
+    )
     if not findings:
         return (
             f"Summary: none of the {n_tested} {what}s tested is significant ({rule}); none of them can be told "
@@ -357,6 +363,7 @@ def significance_paragraph(findings: Sequence[str], n_tested: int, what: str = "
         f"Summary: {len(findings)} of the {n_tested} {what}s tested are significant ({rule}): "
         + "; ".join(findings)
         + f". Every other {what} is not significant."
+        + chance
     )
 
 

@@ -246,15 +246,18 @@ def more_weight_trajectories(trajectories: dict, path: Path, *, title: str, wind
     k = len(trajectories)
     n = max((len(v) for _, v in trajectories.values()), default=0)
     w = window or max(1, (n // 20) | 1)
+    marker = "o" if n <= 30 else None  # few logged values: show where they are
     for source, (steps, values) in trajectories.items():
         c = color_for(source)
-        ax.plot(steps, values, lw=0.8, color=c, alpha=0.25)
-        ax.plot(steps, smooth(values, w), lw=2.0, color=c, label=source)
+        if w > 1:
+            ax.plot(steps, values, lw=0.8, color=c, alpha=0.25)
+        ax.plot(steps, smooth(values, w), lw=2.0, color=c, label=source, marker=marker, ms=4)
     if k:
         ax.axhline(1.0 / k, color="grey", lw=0.8, ls="--", label="uniform 1/K")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("lambda (source weight)")
-    ax.set_title(f"{title}\nmoving average over {w} steps; raw values faint", fontsize=FONT)
+    how = f"moving average over {w} logged values; raw values faint" if w > 1 else f"{n} logged values, unsmoothed"
+    ax.set_title(f"{title}\n{how}", fontsize=FONT)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(alpha=0.3)
     return _save(fig, path)
