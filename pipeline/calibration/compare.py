@@ -482,10 +482,8 @@ def render_comparisons(comparisons: dict, n_samples: int) -> str:
         "percentage points; `ts/` = after temperature scaling.",
         "",
     ]
-    findings, n_tested = [], 0
     for label, groups in comparisons.items():
         keys = list(dict.fromkeys(k for by_metric in groups.values() for k in by_metric))
-        a, b = parse_comparison(label)
         lines += [
             f"## {label}",
             "",
@@ -496,11 +494,20 @@ def render_comparisons(comparisons: dict, n_samples: int) -> str:
         for group, by_metric in groups.items():
             cells = [_fmt_cell(by_metric[k], *_scale(k)) if k in by_metric else "-" for k in keys]
             lines.append(f"| {group} | " + " | ".join(cells) + " |")
-            for k in keys:
-                if k in by_metric and by_metric[k].get("ci95") is not None:
-                    n_tested += 1
-                    if significant(by_metric[k]):
-                        findings.append(f"{label}, " + _finding(a, b, group, k, by_metric[k]))
         lines.append("")
-    lines += [significance_paragraph(findings, n_tested), ""]
+    lines += [comparisons_paragraph(comparisons), ""]
     return "\n".join(lines)
+
+
+def comparisons_paragraph(comparisons: dict) -> str:
+    """The closing paragraph of comparisons.md: every significant cell of comparisons.json, named."""
+    findings, n_tested = [], 0
+    for label, groups in comparisons.items():
+        a, b = parse_comparison(label)
+        for group, by_metric in groups.items():
+            for k, e in by_metric.items():
+                if e.get("ci95") is not None:
+                    n_tested += 1
+                    if significant(e):
+                        findings.append(f"{label}, " + _finding(a, b, group, k, e))
+    return significance_paragraph(findings, n_tested)
