@@ -599,7 +599,7 @@ def run(recipe, run_dir):
 """
 
 
-def test_export_then_aggregate_from_the_folder_alone_and_resume_on_a_new_machine(fakes, tmp_path):  # noqa: F811
+def test_export_then_aggregate_from_the_folder_alone_and_resume_on_a_new_machine(fakes, tmp_path, capsys):  # noqa: F811
     import shutil
 
     (fakes / "fake_calibration.py").write_text(FAKE_CALIBRATION)
@@ -635,6 +635,10 @@ def test_export_then_aggregate_from_the_folder_alone_and_resume_on_a_new_machine
     assert S.main(base + ["--seeds", "0-2", "--output-dir", str(d2)]) == 0
     assert calls(tmp_path)["calibration"] == 3 and not (d2 / "default" / "seed-0").exists()
     assert json.loads((export / "summary.json").read_text())["points"]["default"]["n_runs"] == 3
+    capsys.readouterr()
+    assert S.main(base + ["--seeds", "0-2", "--output-dir", str(tmp_path / "machine3"), "--dry-run"]) == 0
+    listing = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("done")]
+    assert len(listing) == 3 and all("exported to" in ln for ln in listing)
 
     # Changed settings: the exports no longer match, so every run runs again (and is re-exported).
     assert S.main(base + ["--seeds", "0", "--output-dir", str(d2), "reward.steps=3"]) == 0

@@ -384,7 +384,7 @@ def difference_sentence(
     digits: int = 4,
     unit: str = "",
 ) -> str:
-    """One sentence about a - b that calls a difference real only when its 95% interval excludes zero.
+    """One sentence about a - b that calls a difference real only when `significant` (interval excludes 0, p < 0.05).
 
     Significant: "MORE's ECE (M=10), all sources is lower than MultiTask's by 0.0180 (95% CI 0.0100 to 0.0260;
     p = 0.002): MORE is better here." Otherwise: "no significant difference between MORE and MultiTask in
@@ -417,7 +417,7 @@ def difference_sentence(
 
 
 def win_lose_sentence(label: str, entry: dict, stats: dict | None) -> str:
-    """Win/tie/lose of the first policy, called a win (or a loss) only when the win - lose interval excludes 0."""
+    """Win/tie/lose of the first policy, called a win (or a loss) only when win - lose is `significant`."""
     w, t, lo = (entry.get(k) for k in ("win", "tie", "lose"))
     if None in (w, t, lo):
         return f"{label}: no verdicts."
