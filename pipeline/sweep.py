@@ -915,6 +915,26 @@ def aggregate(out_dir: str | os.PathLike, confidence: float = CONFIDENCE, verify
     return summary
 
 
+def resummarize(out_dir: str | os.PathLike) -> dict:
+    """Rebuild D/summary.json, D/summary.md and the plots from D/summary.json alone: every point's statistics
+    are recomputed from the per-seed values its metric rows keep (the same numbers `aggregate` collected), so
+    a committed summary follows the current rules and presentation without its run directories."""
+    out_dir = Path(out_dir)
+    summary = _read(out_dir / "summary.json")
+    if not isinstance(summary, dict) or "points" not in summary:
+        raise RecipeError(f"{out_dir / 'summary.json'} not found or not a sweep summary")
+    for p in summary["points"].values():
+        per_seed: dict[int, list[tuple]] = {}
+        for r in p["metrics"]:
+            for seed, v in r.get("values", {}).items():
+                per_seed.setdefault(int(seed), []).append((r["section"], r["rm"], r["scope"], r["metric"], v))
+        p.update(aggregate_point(per_seed, summary["confidence"]))
+    atomic_write_json(out_dir / "summary.json", summary)
+    plots = write_plots(out_dir, summary)
+    atomic_write_text(out_dir / "summary.md", render_summary(summary, plots))
+    return summary
+
+
 # ---------------------------------------------------------------------------------------------------
 # Rendering
 
@@ -1391,6 +1411,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="only re-aggregate the sweep in D: a sweep directory or a results folder written by --export",
     )
     p.add_argument(
+        "--from-summary",
+        action="store_true",
+        help="with --aggregate D: recompute D/summary.{json,md} and the plots from D/summary.json's per-seed "
+        "values alone (no run directories), e.g. for a committed summary",
+    )
+    p.add_argument(
         "--export",
         default=None,
         metavar="E",
@@ -1407,7 +1433,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.aggregate:
             if _is_main():
-                aggregate(args.aggregate)
+                (resummarize if args.from_summary else aggregate)(args.aggregate)
                 _say(f"wrote {Path(args.aggregate) / 'summary.md'} and summary.json")
             return 0
         if not args.output_dir:

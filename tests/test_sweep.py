@@ -653,3 +653,19 @@ def test_export_then_aggregate_from_the_folder_alone_and_resume_on_a_new_machine
     assert stale["n_runs"] == 0 and stale["runs"]["0"] == (
         "not exported (its overrides differ from the sweep's definition)"
     )
+
+
+def test_resummarize_recomputes_a_committed_summary_from_its_own_values(tmp_path):
+    """--aggregate D --from-summary: the statistics rebuilt from summary.json's per-seed values equal those
+    `aggregate` computed from the run directories (here after the run directories are gone)."""
+    import shutil
+
+    _fake_sweep(tmp_path)
+    first = S.aggregate(tmp_path, verify=False)
+    for point in ("drift_scale=0", "drift_scale=2"):
+        shutil.rmtree(tmp_path / point)
+    (tmp_path / "summary.md").unlink()
+    assert S.main(["--aggregate", str(tmp_path), "--from-summary"]) == 0
+    again = json.loads((tmp_path / "summary.json").read_text())
+    assert again == json.loads(json.dumps(first))
+    assert (tmp_path / "summary.md").exists() and (tmp_path / "plot_drift_scale.png").exists()
