@@ -4,6 +4,8 @@
         --grid data.synthetic.drift_scale=0,0.5,1,2 --output-dir runs/sweep-drift
     python -m pipeline.sweep --recipe tiny-cpu --seeds 0-4 --dry-run --output-dir runs/sweep-drift
     python -m pipeline.sweep --aggregate runs/sweep-drift          # re-aggregate, run nothing
+    python -m pipeline.sweep ... --export results/drift            # also keep each finished run's results
+    python -m pipeline.sweep --aggregate results/drift             # aggregate from that folder alone
     accelerate launch --num_processes 2 -m pipeline.sweep ...        # each run uses both processes
 
 Every (grid point x seed) is one ordinary `pipeline.run` run directory, D/<point>/seed-<s>/, built from the
@@ -27,15 +29,26 @@ and align/judgements.json, and writes:
 * D/summary.json: for each grid point, RM (or aligned policy, or judged comparison), scope (a source,
   hh_average, all_average) and metric: mean, sd, n seeds and a 95% t-interval over seeds (`t_interval`);
   and the seed-paired differences MORE - MultiTask, MORE - Uniform and Uniform - MultiTask (for aligned
-  policies: per method) with their 95% t-intervals and a sentence (`difference_sentence`: a difference
-  whose interval contains zero is "no significant difference").
-* D/summary.md: the same as readable tables (headline metrics; every source in summary.json).
+  policies: per method) with their 95% t-intervals, the paired t-test's p-value (`t_test_p`) and a
+  sentence (`difference_sentence`). The rule is the project's one (`compare.is_significant`): significant
+  only when the interval excludes zero AND p < 0.05 strictly. Intervals of a metric's mean are clipped to
+  its range (`bounded_interval`: accuracy in [0, 1], ECE >= 0, T >= 0; the t-interval's own ends are kept
+  as t_low / t_high); differences are not clipped.
+* D/summary.md: the same as readable tables (headline metrics, each with its better direction; accuracy in
+  %, as in report.md; a warning where fewer than 3 seeds made the intervals; every source in
+  summary.json), ending with a paragraph that names every significant difference (`summary_paragraph`).
 * D/plot_<axis>.png: per grid axis, headline metrics (all-source average) vs the axis value, one line per
-  RM with its 95% interval band (one figure per combination of the other axes' values).
+  RM with its 95% interval band (one figure per combination of the other axes' values); without a grid,
+  D/plot_seeds.png (per-seed values, mean and interval per RM).
 
-The statistics are small pure functions (`t_interval`, `paired_differences`, `difference_sentence`),
-tested against scipy and hand-computed values. D/sweep.json records the sweep's definition so that
-`--aggregate D` knows the points, seeds and axes.
+With `--export E`, each run's small results are copied to E/<point>/seed-<s>/ as soon as it finishes
+(`export_run`: EXPORT_GLOBS, no weights or checkpoints, machine paths made relative) with E/.../export.json
+(overrides + `run_fingerprint`), and the summary is written into E. A run exported with the same
+fingerprint is skipped, so on a new machine only unfinished runs run; `--aggregate E` works from E alone.
+
+The statistics are small pure functions (`t_interval`, `t_test_p`, `paired_differences`,
+`bounded_interval`, `difference_sentence`), tested against scipy and hand-computed values. D/sweep.json
+records the sweep's definition so that `--aggregate D` knows the points, seeds and axes.
 """
 
 from __future__ import annotations
@@ -54,31 +67,46 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline.calibration.compare import (
+    ALPHA,
+    DIRECTION_TEXT,
+    direction,
+    p_text,
+    significance_paragraph,
+)
+from pipeline.calibration.compare import is_significant as significance_rule
 from pipeline.config import RecipeError, load_recipe, recipe_to_dict, yaml_load
-from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, sha256_json
 
 
 SWEEP_FILE = "sweep.json"
+EXPORT_FILE = "export.json"
+# A run's small results, copied by --export (globs relative to the run directory): no weights, checkpoints,
+# scores or data. Train logs carry MORE's source weights (more/lambda/<source>).
+EXPORT_GLOBS = (
+    "manifest.json",
+    "recipe.yaml",
+    "report.md",
+    "calibration/metrics.json",
+    "calibration/comparisons.json",
+    "calibration/comparisons.md",
+    "calibration/temperatures.json",
+    "calibration/config.json",
+    "calibration/table.md",
+    "align/metrics.json",
+    "align/judgements.json",
+    "reward/index.json",
+    "reward/*/train_log.json",
+    "reward/*/temperature.json",
+)
 CONFIDENCE = 0.95
 # Seed-paired differences reported for every grid point: (a, b) means a - b.
 PAIRS = (("more", "multitask"), ("more", "uniform"), ("uniform", "multitask"))
 RM_LABELS = {"more": "MORE", "multitask": "MultiTask", "uniform": "Uniform"}
-# Metrics where a smaller value is better / a larger value is better; others (temperature) have no direction.
-LOWER_IS_BETTER_PREFIXES = (
-    "ece",
-    "ts_ece",
-    "brier",
-    "ts_brier",
-    "nll",
-    "ts_nll",
-    "truth_",
-    "ts_truth_",
-    "gold_",
-    "ts_gold_",
-    "perplexity",
-    "lose_rate",
-)
-HIGHER_IS_BETTER = ("accuracy", "gold_reward", "win_rate", "win_minus_lose")
+# Fewer seeds than this: the t-interval (t = 12.7 for 2 seeds) is reported with a warning.
+MIN_SEEDS = 3
+# Shown in percent / percentage points in every table and plot (summary.json keeps fractions, as metrics.json).
+PERCENT_METRICS = ("accuracy", "win_rate", "lose_rate", "win_minus_lose")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,37 +141,124 @@ def paired_differences(a: dict, b: dict) -> dict:
     return {s: a[s] - b[s] for s in a if s in b and a[s] is not None and b[s] is not None}
 
 
-def direction(metric: str) -> str | None:
-    """'lower' or 'higher' (which value is better), None when the metric has no better direction."""
-    if metric in HIGHER_IS_BETTER:
-        return "higher"
-    if metric.startswith(LOWER_IS_BETTER_PREFIXES):
-        return "lower"
-    return None
+def t_test_p(mean: float | None, sd: float | None, n: int) -> float | None:
+    """Two-sided p-value of the one-sample t-test of mean = 0 (the test the t-interval inverts); None when
+    n < 2. With sd = 0: 0 for a non-zero mean, 1 for a zero mean."""
+    from scipy.stats import t as student_t
+
+    if mean is None or sd is None or n < 2:
+        return None
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    return float(2.0 * student_t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
 
 
 def is_significant(stats: dict) -> bool | None:
-    """True when the interval excludes zero, False when it contains it, None without an interval."""
-    if stats.get("low") is None or stats.get("high") is None:
+    """The project's rule (compare.is_significant) on a seed-paired difference: the t-interval excludes 0
+    AND p < 0.05 strictly; None without an interval. p comes from the row, or from its mean, sd and n
+    (summaries written before p-values were stored)."""
+    p = stats.get("p_value")
+    if p is None:
+        p = t_test_p(stats.get("mean"), stats.get("sd"), stats.get("n", 0))
+    return significance_rule(stats.get("low"), stats.get("high"), p)
+
+
+# The range of each metric's values: (low, high), None = unbounded on that side.
+_UNIT = (0.0, 1.0)
+METRIC_RANGES = {
+    "accuracy": _UNIT,
+    "brier": _UNIT,
+    "truth_mae": _UNIT,
+    "gold_mae": _UNIT,
+    "win_rate": _UNIT,
+    "lose_rate": _UNIT,
+    "win_minus_lose": (-1.0, 1.0),
+    "nll": (0.0, None),
+    "temperature": (0.0, None),
+    "perplexity": (1.0, None),
+}
+
+
+def metric_range(metric: str) -> tuple[float | None, float | None]:
+    """The values a metric can take; ECEs lie in [0, 1]; unknown metrics (gold reward) are unbounded."""
+    base = metric[3:] if metric.startswith("ts_") else metric
+    if re.fullmatch(r"(truth_)?ece_\d+", base):
+        return _UNIT
+    return METRIC_RANGES.get(base, (None, None))
+
+
+def bounded_interval(stats: dict, metric: str) -> dict:
+    """`stats` with its interval clipped to the metric's range (accuracy in [0, 1], ECE >= 0, T >= 0, ...).
+
+    The t-interval of a mean is symmetric and ignores the range, so with few seeds it can reach impossible
+    values (accuracy above 1, a negative ECE). We keep the t-interval (so it matches scipy and the seed-paired
+    differences, which are not clipped) and clip its ends to the range: the clipped interval holds exactly
+    the possible values of the t-interval. `clipped` names the ends that were moved; `t_low`/`t_high` keep
+    the unclipped ends."""
+    out = dict(stats)
+    lo, hi = metric_range(metric)
+    clipped = []
+    if out.get("low") is not None and lo is not None and out["low"] < lo:
+        out["t_low"], out["low"] = out["low"], lo
+        clipped.append("low")
+    if out.get("high") is not None and hi is not None and out["high"] > hi:
+        out["t_high"], out["high"] = out["high"], hi
+        clipped.append("high")
+    if clipped:
+        out["clipped"] = clipped
+    return out
+
+
+def judge(d: dict) -> tuple[str, str | None] | None:
+    """A significant difference row's (side, judgement): side 'lower'/'higher' (a vs b), judgement 'better',
+    'worse' (for a) or None where the metric has no direction or, for a temperature (closer to 1 is better),
+    the two means are unknown or lie on opposite sides of 1. None when not significant (`is_significant`)."""
+    if not is_significant(d):
         return None
-    return not (stats["low"] <= 0.0 <= stats["high"])
+    side = "lower" if d["mean"] < 0 else "higher"
+    better = d.get("better", direction(d.get("metric", "")))
+    if better in ("lower", "higher"):
+        return side, "better" if side == better else "worse"
+    ma, mb = d.get("a_mean"), d.get("b_mean")
+    if better == "closer to 1" and ma is not None and mb is not None and (ma - 1) * (mb - 1) >= 0:
+        return side, "better" if abs(ma - 1) < abs(mb - 1) else "worse"
+    return side, None
 
 
-def difference_sentence(a: str, b: str, what: str, stats: dict, better: str | None) -> str:
-    """One sentence about the seed-paired difference a - b, following the rule: an interval that
-    contains zero is "no significant difference"; otherwise say which is lower/higher (and better)."""
+def difference_sentence(
+    a: str, b: str, what: str, stats: dict, better: str | None, *, scale: float = 1.0, unit: str = ""
+) -> str:
+    """One sentence about the seed-paired difference a - b, following the rule (`is_significant`): otherwise
+    "no significant difference"; if significant, say which is lower/higher and which is better. For
+    `better` = 'closer to 1' (a temperature) the verdict needs the two means (`a_mean`, `b_mean` in stats)
+    on the same side of 1. `scale`, `unit`: accuracy is written in percentage points (scale 100)."""
     n = stats.get("n", 0)
+    digits = 2 if scale == 100 else 4
+
+    def v(x):
+        return f"{x * scale:+.{digits}f}{unit}"
+
     if stats.get("mean") is None:
         return f"{what}: {a} - {b} not available (no seed has both)."
-    if is_significant(stats) is None:
-        return f"{what}: {a} - {b} = {stats['mean']:+.4f} from {n} paired seed(s); too few seeds for an interval."
+    sig = is_significant(stats)
+    if sig is None:
+        return f"{what}: {a} - {b} = {v(stats['mean'])} from {n} paired seed(s); too few seeds for an interval."
+    p = stats.get("p_value", t_test_p(stats["mean"], stats.get("sd"), n))
     ci = (
-        f"{a} - {b} = {stats['mean']:+.4f}, {100 * stats['confidence']:.0f}% CI "
-        f"[{stats['low']:+.4f}, {stats['high']:+.4f}], {n} paired seeds"
+        f"{a} - {b} = {v(stats['mean'])}, {100 * stats['confidence']:.0f}% CI "
+        f"[{v(stats['low'])}, {v(stats['high'])}], {p_text(p)}, {n} paired seeds"
     )
-    if not is_significant(stats):
+    if n < MIN_SEEDS:
+        ci += f"; fewer than {MIN_SEEDS} seeds, a very wide interval"
+    if not sig:
         return f"{what}: no significant difference between {a} and {b} ({ci})."
     side = "lower" if stats["mean"] < 0 else "higher"
+    if better == "closer to 1":
+        ma, mb = stats.get("a_mean"), stats.get("b_mean")
+        if ma is None or mb is None or (ma - 1) * (mb - 1) < 0:
+            return f"{what}: {a} is {side} than {b} ({ci}); the two lie on opposite sides of 1."
+        verdict = "better" if abs(ma - 1) < abs(mb - 1) else "worse"
+        return f"{what}: {a} is {verdict} than {b} ({side}, closer to 1 is better; {ci})."
     if better is None:
         return f"{what}: {a} is {side} than {b} ({ci})."
     verdict = "better" if side == better else "worse"
@@ -326,16 +441,21 @@ def _say(msg: str) -> None:
         print(f"[sweep] {msg}", file=sys.stderr, flush=True)
 
 
-def run_sequential(recipe_arg: str, runs: list[SweepRun], stages) -> dict[str, str]:
+def run_sequential(recipe_arg: str, runs: list[SweepRun], stages, exporter: Exporter | None = None) -> dict[str, str]:
     """Run each run in this process (all processes of an `accelerate launch` join each one)."""
     from pipeline.run import run_pipeline
 
     failed: dict[str, str] = {}
     for i, r in enumerate(runs, 1):
+        if exporter and exporter.is_exported(r):
+            _say(f"({i}/{len(runs)}) {r.point} seed {r.seed}: exported, skipped")
+            continue
         recipe = load_recipe(recipe_arg, r.overrides)
         state, why = run_state(recipe, Path(r.dir), stages)
         if state == "done":
             _say(f"({i}/{len(runs)}) {r.point} seed {r.seed}: done, skipped")
+            if exporter and _is_main():
+                exporter.export(r)
             continue
         _say(f"({i}/{len(runs)}) {r.point} seed {r.seed}: running ({why}) -> {r.dir}")
         t0 = time.time()
@@ -348,16 +468,25 @@ def run_sequential(recipe_arg: str, runs: list[SweepRun], stages) -> dict[str, s
             _say(f"({i}/{len(runs)}) {r.point} seed {r.seed}: FAILED ({failed[r.dir]}); continuing")
             continue
         _say(f"({i}/{len(runs)}) {r.point} seed {r.seed}: finished in {time.time() - t0:.0f} s")
+        if exporter and _is_main():
+            exporter.export(r)
     return failed
 
 
-def run_parallel(recipe_arg: str, runs: list[SweepRun], stages, n: int) -> dict[str, str]:
+def run_parallel(
+    recipe_arg: str, runs: list[SweepRun], stages, n: int, exporter: Exporter | None = None
+) -> dict[str, str]:
     """Run up to `n` runs at a time as `python -m pipeline.run` subprocesses (one process each)."""
     todo = []
     for r in runs:
+        if exporter and exporter.is_exported(r):
+            _say(f"{r.point} seed {r.seed}: exported, skipped")
+            continue
         state, why = run_state(load_recipe(recipe_arg, r.overrides), Path(r.dir), stages)
         if state == "done":
             _say(f"{r.point} seed {r.seed}: done, skipped")
+            if exporter:
+                exporter.export(r)
         else:
             todo.append((r, why))
     env = dict(os.environ)
@@ -391,6 +520,8 @@ def run_parallel(recipe_arg: str, runs: list[SweepRun], stages, n: int) -> dict[
             _say(f"{r.point} seed {r.seed}: FAILED, {failed[r.dir]}")
         else:
             _say(f"{r.point} seed {r.seed}: finished in {time.time() - t0:.0f} s")
+            if exporter:
+                exporter.export(r)
 
     pool = ThreadPoolExecutor(max_workers=n)
     try:
@@ -405,6 +536,119 @@ def run_parallel(recipe_arg: str, runs: list[SweepRun], stages, n: int) -> dict[
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return failed
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exporting finished runs' small results (a results folder that outlives the machine)
+
+
+def run_fingerprint(recipe_arg: str, overrides: list[str], stages, roots=()) -> str:
+    """sha256 of what a run computes: its resolved recipe (with machine paths under `roots` made relative,
+    see `strip_paths`) and the selected stages. An export is reused only when this is unchanged."""
+    resolved = recipe_to_dict(load_recipe(recipe_arg, overrides))
+    resolved = json.loads(strip_paths(json.dumps(resolved, sort_keys=True, default=str), roots))
+    return sha256_json({"recipe": resolved, "stages": stages})
+
+
+def strip_paths(text: str, roots) -> str:
+    """`text` with every absolute path under one of `roots` written relative to it (longest root first):
+    '<root>/x' -> 'x' for the run directory (the first root), '<name>/x' for the others (their `name`s are
+    given as (path, name) pairs), so exported files name no directory of this machine."""
+    pairs = sorted(((str(Path(r)), n) for r, n in roots), key=lambda rn: -len(rn[0]))
+    for root, name in pairs:
+        if root in ("", "/", "."):
+            continue
+        text = text.replace(root + "/", f"{name}/" if name else "").replace(root, name or ".")
+    return text
+
+
+def _machine_roots(out_dir: Path) -> list[tuple[str, str]]:
+    """Directories of this machine that exported files name relatively: the sweep directory, the working
+    directory, the home directory."""
+    return [(str(Path(out_dir).resolve()), "<sweep>"), (str(Path.cwd()), "<cwd>"), (str(Path.home()), "~")]
+
+
+def _export_roots(run_dir: Path, out_dir: Path) -> list[tuple[str, str]]:
+    return [(str(Path(run_dir).resolve()), ""), (str(Path(run_dir)), "")] + _machine_roots(out_dir)
+
+
+def _portable(obj, roots):
+    """A JSON-able object with the machine paths under `roots` made relative (`strip_paths`)."""
+    return json.loads(strip_paths(json.dumps(obj), roots))
+
+
+def recipe_label(recipe_arg: str) -> str:
+    """How an export names its recipe: a preset's name, or a recipe file's name (its content is in recipe.yaml
+    and in the fingerprint; its directory is this machine's)."""
+    return Path(recipe_arg).name if Path(recipe_arg).is_file() else recipe_arg
+
+
+def export_run(run_dir: Path, dest: Path, info: dict, out_dir: Path) -> list[str]:
+    """Copy a finished run's small results (`EXPORT_GLOBS`) to `dest`, absolute paths of this machine
+    replaced (`strip_paths`), with DEST/export.json = `info` + the files; atomic (a temporary folder renamed).
+    Returns the exported files, relative to `dest`."""
+    run_dir = Path(run_dir)
+    roots = _export_roots(run_dir, out_dir)
+    files = sorted({str(f.relative_to(run_dir)) for g in EXPORT_GLOBS for f in run_dir.glob(g) if f.is_file()})
+    with atomic_dir(dest) as tmp:
+        for rel in files:
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(strip_paths((run_dir / rel).read_text(encoding="utf-8"), roots), encoding="utf-8")
+        atomic_write_json(tmp / EXPORT_FILE, _portable({**info, "files": files}, roots))
+    return files
+
+
+def exported(dest: Path, fingerprint: str) -> bool:
+    """True when `dest` holds a complete export (export.json is written last) of a run with this fingerprint."""
+    info = _read(Path(dest) / EXPORT_FILE)
+    return isinstance(info, dict) and info.get("fingerprint") == fingerprint
+
+
+def _export_info(recipe_arg: str, r: SweepRun, stages, fingerprint: str) -> dict:
+    return {
+        "recipe": recipe_label(recipe_arg),
+        "point": r.point,
+        "seed": r.seed,
+        "overrides": list(r.overrides),
+        "stages": stages,
+        "fingerprint": fingerprint,
+    }
+
+
+class Exporter:
+    """--export E: E/sweep.json (the definition, run directories relative) and E/<point>/seed-<s>/ per finished
+    run. A run whose export exists with the same fingerprint is not run again, on this machine or another."""
+
+    def __init__(self, root: Path, recipe_arg: str, stages, out_dir: Path, definition: dict):
+        self.root, self.recipe_arg, self.stages, self.out_dir = Path(root), recipe_arg, stages, Path(out_dir)
+        self.definition = definition
+        self.fingerprints: dict = {}
+
+    def dest(self, r: SweepRun) -> Path:
+        return self.root / r.point / f"seed-{r.seed}"
+
+    def fingerprint(self, r: SweepRun) -> str:
+        key = (r.point, r.seed)
+        if key not in self.fingerprints:
+            self.fingerprints[key] = run_fingerprint(
+                self.recipe_arg, r.overrides, self.stages, _machine_roots(self.out_dir)
+            )
+        return self.fingerprints[key]
+
+    def write_definition(self) -> None:
+        runs = [{**run, "dir": f"{run['point']}/seed-{run['seed']}"} for run in self.definition["runs"]]
+        definition = {**self.definition, "recipe": recipe_label(self.recipe_arg), "runs": runs, "export": True}
+        atomic_write_json(self.root / SWEEP_FILE, _portable(definition, _machine_roots(self.out_dir)))
+
+    def is_exported(self, r: SweepRun) -> bool:
+        return exported(self.dest(r), self.fingerprint(r))
+
+    def export(self, r: SweepRun) -> None:
+        files = export_run(
+            Path(r.dir), self.dest(r), _export_info(self.recipe_arg, r, self.stages, self.fingerprint(r)), self.out_dir
+        )
+        _say(f"{r.point} seed {r.seed}: exported {len(files)} files to {self.dest(r)}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -520,7 +764,7 @@ def aggregate_point(per_seed: dict[int, list[tuple]], confidence: float = CONFID
             table.setdefault((section, name, scope, metric), {})[seed] = value
     metrics = []
     for (section, name, scope, metric), vals in table.items():
-        stats = t_interval(list(vals.values()), confidence)
+        stats = bounded_interval(t_interval(list(vals.values()), confidence), metric)
         metrics.append(
             {
                 "section": section,
@@ -544,6 +788,10 @@ def aggregate_point(per_seed: dict[int, list[tuple]], confidence: float = CONFID
                     if not diffs:
                         continue
                     stats = t_interval(list(diffs.values()), confidence)
+                    stats["p_value"] = t_test_p(stats["mean"], stats["sd"], stats["n"])
+                    va, vb = table[(section, na, scope, metric)], table[(section, nb, scope, metric)]
+                    stats["a_mean"] = math.fsum(va[s] for s in diffs) / len(diffs)
+                    stats["b_mean"] = math.fsum(vb[s] for s in diffs) / len(diffs)
                     what = f"{metric_label(metric)}, {scope}" + (f" ({na.partition('/')[2]})" if "/" in na else "")
                     differences.append(
                         {
@@ -557,11 +805,16 @@ def aggregate_point(per_seed: dict[int, list[tuple]], confidence: float = CONFID
                             "better": direction(metric),
                             "values": {str(s): v for s, v in sorted(diffs.items())},
                             "sentence": difference_sentence(
-                                rm_label(na), rm_label(nb), what, stats, direction(metric)
+                                rm_label(na), rm_label(nb), what, stats, direction(metric), **_units(metric)
                             ),
                         }
                     )
     return {"metrics": metrics, "differences": differences}
+
+
+def _units(metric: str) -> dict:
+    """difference_sentence's scale and unit: percentage points for accuracy and win/lose rates."""
+    return {"scale": 100.0, "unit": " points"} if metric in PERCENT_METRICS else {}
 
 
 def rm_label(name: str) -> str:
@@ -592,6 +845,21 @@ def metric_label(metric: str) -> str:
     return f"{base} after temperature scaling" if ts else base
 
 
+def export_mismatch(info, sweep: dict, run: dict) -> str:
+    """Why an exported run does not belong to the sweep's definition ('' when it does): the recipe, the
+    stages and the run's overrides (grid values and seed included) must be the ones recorded at export."""
+    if not isinstance(info, dict):
+        return "no export.json: the run has not finished"
+    for key, want in (
+        ("recipe", sweep.get("recipe")),
+        ("stages", sweep.get("stages")),
+        ("overrides", run["overrides"]),
+    ):
+        if info.get(key) != want:
+            return f"its {key} differ from the sweep's definition"
+    return ""
+
+
 def aggregate(out_dir: str | os.PathLike, confidence: float = CONFIDENCE, verify: bool = True) -> dict:
     """Read D/sweep.json and every run's results; write D/summary.json, D/summary.md and the plots.
 
@@ -606,6 +874,7 @@ def aggregate(out_dir: str | os.PathLike, confidence: float = CONFIDENCE, verify
             "(run python -m pipeline.sweep ... --output-dir there first)"
         )
     defined = {(r["point"], int(r["seed"])): r for r in sweep.get("runs", [])}
+    from_export = bool(sweep.get("export"))
     summary = {"sweep": sweep, "confidence": confidence, "points": {}}
     for point in sweep["points"]:
         per_seed, runs = {}, {}
@@ -615,6 +884,16 @@ def aggregate(out_dir: str | os.PathLike, confidence: float = CONFIDENCE, verify
                 run = defined.get((point["name"], int(seed)))
                 if run is None:
                     runs[str(seed)] = "not in the sweep definition"
+                    continue
+                if from_export:  # a results folder: its export.json must be of this run's definition
+                    why = export_mismatch(_read(run_dir / EXPORT_FILE), sweep, run)
+                    if why:
+                        runs[str(seed)] = f"not exported ({why})"
+                        continue
+                    rows = collect_run(run_dir)
+                    runs[str(seed)] = "collected" if rows else "no results"
+                    if rows:
+                        per_seed[seed] = rows
                     continue
                 state, why = run_state(load_recipe(sweep["recipe"], run["overrides"]), run_dir, sweep.get("stages"))
                 if state != "done":
@@ -636,6 +915,26 @@ def aggregate(out_dir: str | os.PathLike, confidence: float = CONFIDENCE, verify
     return summary
 
 
+def resummarize(out_dir: str | os.PathLike) -> dict:
+    """Rebuild D/summary.json, D/summary.md and the plots from D/summary.json alone: every point's statistics
+    are recomputed from the per-seed values its metric rows keep (the same numbers `aggregate` collected), so
+    a committed summary follows the current rules and presentation without its run directories."""
+    out_dir = Path(out_dir)
+    summary = _read(out_dir / "summary.json")
+    if not isinstance(summary, dict) or "points" not in summary:
+        raise RecipeError(f"{out_dir / 'summary.json'} not found or not a sweep summary")
+    for p in summary["points"].values():
+        per_seed: dict[int, list[tuple]] = {}
+        for r in p["metrics"]:
+            for seed, v in r.get("values", {}).items():
+                per_seed.setdefault(int(seed), []).append((r["section"], r["rm"], r["scope"], r["metric"], v))
+        p.update(aggregate_point(per_seed, summary["confidence"]))
+    atomic_write_json(out_dir / "summary.json", summary)
+    plots = write_plots(out_dir, summary)
+    atomic_write_text(out_dir / "summary.md", render_summary(summary, plots))
+    return summary
+
+
 # ---------------------------------------------------------------------------------------------------
 # Rendering
 
@@ -647,13 +946,36 @@ def _fmt(x, digits: int = 4) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def cell(stats: dict | None) -> str:
-    """'0.0512 [0.0401, 0.0623]' (mean and interval); '0.0512 (n=1)' without an interval."""
+def cell(stats: dict | None, metric: str = "") -> str:
+    """'0.0512 [0.0401, 0.0623]' (mean and interval); '0.0512 (n=1)' without an interval. Accuracy and
+    win/lose rates in percent (`PERCENT_METRICS`); an interval clipped to the metric's range is marked
+    with a dagger, one from fewer than MIN_SEEDS seeds with (n=2)."""
     if not stats or stats.get("mean") is None:
         return "-"
+    scale, digits = (100.0, 2) if metric in PERCENT_METRICS else (1.0, 4)
+
+    def f(x):
+        return _fmt(x * scale, digits)
+
     if stats.get("low") is None:
-        return f"{_fmt(stats['mean'])} (n={stats['n']})"
-    return f"{_fmt(stats['mean'])} [{_fmt(stats['low'])}, {_fmt(stats['high'])}]"
+        return f"{f(stats['mean'])} (n={stats['n']})"
+    mark = " †" if stats.get("clipped") else ""
+    few = f" (n={stats['n']})" if stats.get("n", 0) < MIN_SEEDS else ""
+    return f"{f(stats['mean'])} [{f(stats['low'])}, {f(stats['high'])}]{mark}{few}"
+
+
+def seed_warning(n: int) -> str:
+    """The warning printed beside intervals from fewer than MIN_SEEDS seeds (empty otherwise)."""
+    if n >= MIN_SEEDS or n < 2:
+        return ""
+    from scipy.stats import t as student_t
+
+    t = float(student_t.ppf(0.975, n - 1))
+    return (
+        f"Warning: {n} seeds. A 95% t-interval from {n} seeds uses t = {t:.1f} and is very wide (intervals of "
+        f"bounded metrics are clipped to their range, marked †); run at least {MIN_SEEDS} seeds before "
+        "reading anything into these intervals."
+    )
 
 
 def _index(rows: list[dict]) -> dict:
@@ -698,9 +1020,14 @@ def render_summary(summary: dict, plots: list[str] | None = None) -> str:
         f"{' '.join(f'`{o}`' for o in sweep.get('overrides', [])) or 'none'}.",
         "Grid: " + ("; ".join(f"`{k}` in {{{', '.join(v)}}}" for k, v in sweep.get("grid", [])) or "none") + ".",
         "",
-        f"Cells are `mean [{conf} t-interval over seeds]`. Differences are seed-paired (the same seed's "
-        f"runs share their data draw). Rule: a difference whose {conf} interval contains zero is "
-        '"no significant difference". Every source and metric is in summary.json.',
+        f"Cells are `mean [{conf} t-interval over seeds]`; an interval that reached outside the metric's "
+        "range (accuracy above 100%, a negative ECE or temperature) is clipped to the range and marked †. "
+        "Accuracy and win/lose rates are in % (their differences in percentage points), as in report.md. "
+        "Differences are seed-paired (the same seed's runs share their data draw), with the two-sided p-value "
+        f"of the paired t-test. Rule: a difference is significant only when its {conf} interval excludes zero "
+        f'AND p < {ALPHA:g}; otherwise it is "no significant difference". The *better* row says which '
+        "direction is better. Every source and metric is in summary.json (fractions, as in metrics.json); the "
+        "closing paragraph names every significant difference found there.",
         "",
     ]
     if plots:
@@ -718,6 +1045,8 @@ def render_summary(summary: dict, plots: list[str] | None = None) -> str:
             + ".",
             "",
         ]
+        if seed_warning(p["n_runs"]):
+            lines += [f"**{seed_warning(p['n_runs'])}**", ""]
         idx = _index(p["metrics"])
         heads = headline_metrics(p["metrics"])
         rms = _rms(p["metrics"], "calibration")
@@ -734,13 +1063,16 @@ def render_summary(summary: dict, plots: list[str] | None = None) -> str:
             lines += [
                 f"### Calibration, {title}",
                 "",
-                "| RM | " + " | ".join(metric_label(m) for m in cols) + " |",
+                "| RM | "
+                + " | ".join(metric_label(m) + (" (%)" if m in PERCENT_METRICS else "") for m in cols)
+                + " |",
                 "|---" * (len(cols) + 1) + "|",
+                "| *better* | " + " | ".join(DIRECTION_TEXT[direction(m)] for m in cols) + " |",
             ]
             for rm in rms:
                 lines.append(
                     f"| {rm_label(rm)} | "
-                    + " | ".join(cell(idx.get(("calibration", rm, scope, m))) for m in cols)
+                    + " | ".join(cell(idx.get(("calibration", rm, scope, m)), m) for m in cols)
                     + " |"
                 )
             lines.append("")
@@ -748,7 +1080,7 @@ def render_summary(summary: dict, plots: list[str] | None = None) -> str:
         if sources and ece:
             for m in (ece, f"ts_{ece}"):
                 lines += [
-                    f"### {metric_label(m)} per source",
+                    f"### {metric_label(m)} per source ({DIRECTION_TEXT[direction(m)]})",
                     "",
                     "| RM | " + " | ".join(sources) + " |",
                     "|---" * (len(sources) + 1) + "|",
@@ -756,7 +1088,7 @@ def render_summary(summary: dict, plots: list[str] | None = None) -> str:
                 for rm in rms:
                     lines.append(
                         f"| {rm_label(rm)} | "
-                        + " | ".join(cell(idx.get(("calibration", rm, s, m))) for s in sources)
+                        + " | ".join(cell(idx.get(("calibration", rm, s, m)), m) for s in sources)
                         + " |"
                     )
                 lines.append("")
@@ -766,7 +1098,7 @@ def render_summary(summary: dict, plots: list[str] | None = None) -> str:
                 {r["scope"] for r in p["metrics"] if r["section"] == "align" and r["metric"] == "gold_reward"}
             )
             lines += [
-                "### Aligned policies: gold reward",
+                "### Aligned policies: gold reward (higher is better)",
                 "",
                 "| policy | " + " | ".join(sets) + " |",
                 "|---" * (len(sets) + 1) + "|",
@@ -781,14 +1113,14 @@ def render_summary(summary: dict, plots: list[str] | None = None) -> str:
             lines += [
                 "### Judgements (all prompt sets)",
                 "",
-                "| comparison | win rate | lose rate | win - lose |",
+                "| comparison | win rate (%) | lose rate (%) | win - lose (points) |",
                 "|---|---|---|---|",
             ]
             for j in judged:
                 lines.append(
                     f"| {j} | "
                     + " | ".join(
-                        cell(idx.get(("judge", j, "all", m))) for m in ("win_rate", "lose_rate", "win_minus_lose")
+                        cell(idx.get(("judge", j, "all", m)), m) for m in ("win_rate", "lose_rate", "win_minus_lose")
                     )
                     + " |"
                 )
@@ -811,19 +1143,49 @@ def render_summary(summary: dict, plots: list[str] | None = None) -> str:
             lines += [
                 "### Seed-paired differences",
                 "",
-                f"| difference | metric | scope | mean [{conf} CI] | n | verdict |",
-                "|---|---|---|---|---|---|",
+                f"| difference | metric | better | scope | mean [{conf} CI] | p | n | verdict |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for d in diffs:
-                sig = VERDICTS[d["significant"]]
+                sig = VERDICTS[is_significant(d)]
                 lines.append(
                     f"| {rm_label(d['a'])} - {rm_label(d['b'])} | {metric_label(d['metric'])} | "
-                    f"{d['scope']} | {cell(d)} | {d['n']} | {sig} |"
+                    f"{DIRECTION_TEXT[direction(d['metric'])]} | {d['scope']} | {cell(d, d['metric'])} | "
+                    f"{p_text(d.get('p_value')) or '-'} | {d['n']} | {sig} |"
                 )
             lines += ["", "In words:", ""]
             lines += [f"- {d['sentence']}" for d in diffs if d["section"] == "align" or d["scope"] == "all_average"]
             lines.append("")
+    lines += ["## Summary", "", summary_paragraph(summary), ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def summary_paragraph(summary: dict) -> str:
+    """One paragraph naming every significant seed-paired difference in summary.json (every point, scope and
+    metric), by the project's rule."""
+    findings, n_tested = [], 0
+    for name, p in summary["points"].items():
+        for d in p["differences"]:
+            sig = is_significant(d)
+            if sig is None:
+                continue
+            n_tested += 1
+            if not sig:
+                continue
+            what = f"{metric_label(d['metric'])}, {d['scope']}"
+            scale = 100.0 if d["metric"] in PERCENT_METRICS else 1.0
+            better = direction(d["metric"])
+            a, b = rm_label(d["a"]), rm_label(d["b"])
+            _, judgement = judge(d)
+            verdict = "" if judgement is None else f", {a if judgement == 'better' else b} better"
+            if judgement and better == "closer to 1":
+                verdict += " (closer to 1)"
+            point = f"{name}: " if len(summary["points"]) > 1 else ""
+            findings.append(
+                f"{point}{a} - {b}, {what} {d['mean'] * scale:+.4g} [{d['low'] * scale:+.4g}, "
+                f"{d['high'] * scale:+.4g}], {p_text(d.get('p_value'))}{verdict}"
+            )
+    return significance_paragraph(findings, n_tested, "seed-paired difference")
 
 
 def overview(summary: dict) -> list[str]:
@@ -861,10 +1223,10 @@ def overview(summary: dict) -> list[str]:
                     ),
                     None,
                 )
-                diffs.append("-" if d is None else f"{cell(d)} {VERDICTS[d['significant']]}")
+                diffs.append("-" if d is None else f"{cell(d, metric)} {VERDICTS[is_significant(d)]}")
             out.append(
                 f"| {name} | "
-                + " | ".join(cell(idx.get(("calibration", r, "all_average", metric))) for r in rms)
+                + " | ".join(cell(idx.get(("calibration", r, "all_average", metric)), metric) for r in rms)
                 + " | "
                 + " | ".join(diffs)
                 + " |"
@@ -884,24 +1246,34 @@ def _number(text: str):
 PLOT_METRICS = ("ece", "ts_ece", "accuracy", "temperature")
 
 
+def _axis_label(metric: str) -> str:
+    """A panel's y-axis label: the metric, its unit and which direction is better."""
+    unit = " (%)" if metric in PERCENT_METRICS else ""
+    return f"{metric_label(metric)}{unit}\n({DIRECTION_TEXT[direction(metric)]})"
+
+
 def write_plots(out_dir: Path, summary: dict) -> list[str]:
-    """One PNG per grid axis (and per combination of the other axes' values): the all-source average of
-    each headline metric vs the axis value, one line per RM, the t-interval as a band. Returns file names."""
+    """PNGs of the all-source averages of the headline metrics (accuracy in %, ECE before / after temperature
+    scaling, temperature), one colour per RM (`plots.color_for`), y axes labelled, legend below the panels.
+
+    With a grid: one PNG per grid axis (and per combination of the other axes' values), each metric vs the
+    axis value, one line per RM, the t-interval as a band. Without a grid (seeds only): plot_seeds.png, each
+    RM's per-seed values as dots with the mean and its t-interval. Returns the file names."""
     grid = summary["sweep"].get("grid") or []
-    if not grid:
-        return []
     points = summary["points"]
-    any_point = next(iter(points.values()), None)
-    if any_point is None:
+    if not points:
         return []
     heads = headline_metrics([m for p in points.values() for m in p["metrics"]])
     ece = next((m for m in heads if m.startswith("ece_")), None)
     panels = [m for m in ("accuracy", ece, f"ts_{ece}" if ece else None, "temperature") if m and m in heads]
     if not panels:
         return []
-    from pipeline.calibration.plots import _plt, _save
+    from pipeline.calibration.plots import _plt, _save, color_for, legend_below
 
     plt = _plt()
+    conf = f"{100 * summary['confidence']:.0f}%"
+    if not grid:
+        return [_seed_plot(plt, out_dir, summary, panels, conf, _save, color_for, legend_below)]
     keys = [k for k, _ in grid]
     labels = axis_labels(keys)
     written = []
@@ -912,8 +1284,10 @@ def write_plots(out_dir: Path, summary: dict) -> list[str]:
             fixed = dict(zip(others, combo))
             nums = [_number(v) for v in values]
             xs = nums if all(n is not None for n in nums) else list(range(len(values)))
-            fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+            fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.0), squeeze=False)
+            handles: dict = {}
             for ax, metric in zip(axes[0], panels):
+                scale = 100.0 if metric in PERCENT_METRICS else 1.0
                 rms = []
                 for p in points.values():
                     rms += [r["rm"] for r in p["metrics"] if r["section"] == "calibration" and r["metric"] == metric]
@@ -931,24 +1305,73 @@ def write_plots(out_dir: Path, summary: dict) -> list[str]:
                         r = _index(pt["metrics"]).get(("calibration", rm, "all_average", metric)) if pt else None
                         if r and r["mean"] is not None:
                             xx.append(x)
-                            ys.append(r["mean"])
-                            lo.append(r["low"] if r["low"] is not None else r["mean"])
-                            hi.append(r["high"] if r["high"] is not None else r["mean"])
+                            ys.append(scale * r["mean"])
+                            lo.append(scale * (r["low"] if r["low"] is not None else r["mean"]))
+                            hi.append(scale * (r["high"] if r["high"] is not None else r["mean"]))
                     if xx:
-                        line = ax.plot(xx, ys, marker="o", label=rm_label(rm))[0]
-                        ax.fill_between(xx, lo, hi, alpha=0.2, color=line.get_color())
+                        c = color_for(rm)
+                        handles[rm_label(rm)] = ax.plot(xx, ys, marker="o", color=c, lw=1.8)[0]
+                        ax.fill_between(xx, lo, hi, alpha=0.2, color=c)
+                if metric == "temperature":
+                    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
                 ax.set_xlabel(labels[key])
-                ax.set_title(metric_label(metric) + " (all sources)", fontsize=9)
+                ax.set_ylabel(_axis_label(metric))
+                ax.set_title(metric_label(metric) + " (all sources)")
                 if xs != nums:
                     ax.set_xticks(xs, values)
                 ax.grid(alpha=0.3)
-            axes[0][0].legend(fontsize=8)
+            legend_below(fig, list(handles.values()), list(handles))
             sub = "" if not fixed else " (" + ", ".join(f"{labels[k]}={v}" for k, v in fixed.items()) + ")"
-            fig.suptitle(f"mean and {100 * summary['confidence']:.0f}% t-interval over seeds{sub}", fontsize=9)
+            fig.suptitle(f"mean and {conf} t-interval over seeds{sub}")
+            fig.tight_layout()
             name = "plot_" + _safe(labels[key]) + "".join("__" + _safe(f"{labels[k]}={v}") for k, v in fixed.items())
             _save(fig, out_dir / f"{name}.png")
             written.append(f"{name}.png")
     return written
+
+
+def _seed_plot(plt, out_dir: Path, summary: dict, panels: list[str], conf: str, save, color_for, legend_below) -> str:
+    """plot_seeds.png of a sweep without a grid: per panel, each RM's per-seed values (dots) and its mean with
+    the t-interval (bar; clipped to the metric's range)."""
+    import numpy as np
+
+    p = next(iter(summary["points"].values()))
+    idx = _index(p["metrics"])
+    rms = _rms(p["metrics"], "calibration")
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 4.0), squeeze=False)
+    handles: dict = {}
+    for ax, metric in zip(axes[0], panels):
+        scale = 100.0 if metric in PERCENT_METRICS else 1.0
+        for i, rm in enumerate(rms):
+            r = idx.get(("calibration", rm, "all_average", metric))
+            if not r or r["mean"] is None:
+                continue
+            c = color_for(rm)
+            vals = [scale * v for v in r["values"].values()]
+            jitter = np.linspace(-0.12, 0.12, len(vals)) if len(vals) > 1 else np.zeros(1)
+            ax.scatter(i + jitter, vals, color=c, alpha=0.5, s=22, zorder=2)
+            m = scale * r["mean"]
+            if r["low"] is not None:
+                yerr = [[m - scale * r["low"]], [scale * r["high"] - m]]
+                handles[rm_label(rm)] = ax.errorbar(i + 0.3, m, yerr=yerr, fmt="D", color=c, capsize=4, ms=6)
+            else:
+                handles[rm_label(rm)] = ax.errorbar(i + 0.3, m, fmt="D", color=c, ms=6)
+        if metric == "temperature":
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xticks(range(len(rms)), [rm_label(r) for r in rms])
+        ax.set_xlim(-0.5, len(rms) - 0.3)
+        ax.set_ylabel(_axis_label(metric))
+        ax.set_title(metric_label(metric) + " (all sources)")
+        ax.grid(alpha=0.3, axis="y")
+    legend_below(fig, list(handles.values()), list(handles))
+    n = p["n_runs"]
+    warn = f"; only {n} seeds: very wide intervals" if 2 <= n < MIN_SEEDS else ""
+    fig.suptitle(
+        f"dots: seeds; diamond and bar: mean and {conf} t-interval over {n} seeds (clipped to the range){warn}"
+    )
+    fig.tight_layout()
+    save(fig, out_dir / "plot_seeds.png")
+    return "plot_seeds.png"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -959,7 +1382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pipeline.sweep",
         description="Run a recipe over seeds x a grid (each run a pipeline.run directory D/<point>/seed-<s>/), "
-        "skipping finished runs, then aggregate means and 95%% t-intervals into D/summary.{json,md}.",
+        "skipping finished runs, then aggregate means and 95% t-intervals into D/summary.{json,md}.",
     )
     p.add_argument("--recipe", default="tiny-cpu", help="preset name or path to a YAML recipe (default: tiny-cpu)")
     p.add_argument("--seeds", default="0,1,2", help="seeds, e.g. 0,1,2 or 0-4 (default: 0,1,2)")
@@ -981,7 +1404,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="runs at a time, as subprocesses (default 1: sequential, in-process)",
     )
     p.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done, run nothing")
-    p.add_argument("--aggregate", default=None, metavar="D", help="only re-aggregate the sweep in D")
+    p.add_argument(
+        "--aggregate",
+        default=None,
+        metavar="D",
+        help="only re-aggregate the sweep in D: a sweep directory or a results folder written by --export",
+    )
+    p.add_argument(
+        "--from-summary",
+        action="store_true",
+        help="with --aggregate D: recompute D/summary.{json,md} and the plots from D/summary.json's per-seed "
+        "values alone (no run directories), e.g. for a committed summary",
+    )
+    p.add_argument(
+        "--export",
+        default=None,
+        metavar="E",
+        help="copy each finished run's small results (metrics, comparisons, temperatures, train logs, manifest, "
+        "resolved recipe; no weights or checkpoints) to E/<point>/seed-<s>/ and aggregate into E; runs already "
+        "exported there with the same settings are skipped (so a new machine reruns only the unfinished ones)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides applied to every run")
     return p
 
@@ -991,7 +1433,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.aggregate:
             if _is_main():
-                aggregate(args.aggregate)
+                (resummarize if args.from_summary else aggregate)(args.aggregate)
                 _say(f"wrote {Path(args.aggregate) / 'summary.md'} and summary.json")
             return 0
         if not args.output_dir:
@@ -1021,10 +1463,15 @@ def main(argv: list[str] | None = None) -> int:
             "points": points,
             "runs": [asdict(r) for r in runs],
         }
+        exporter = None
+        if args.export:
+            exporter = Exporter(Path(args.export).resolve(), args.recipe, args.stages, out, definition)
         if args.dry_run:
             if _is_main():
                 for r in runs:
                     state, why = run_state(load_recipe(args.recipe, r.overrides), Path(r.dir), args.stages)
+                    if exporter and exporter.is_exported(r):
+                        state, why = "done", f"exported to {exporter.dest(r)}"
                     print(f"{state:5s} {r.point} seed-{r.seed}  {r.dir}  ({why})")
                     print(f"      overrides: {' '.join(r.overrides)}")
                 print(f"{len(runs)} runs ({len(points)} point(s) x {len(seeds)} seed(s))")
@@ -1032,14 +1479,17 @@ def main(argv: list[str] | None = None) -> int:
         if _is_main():
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(out / SWEEP_FILE, definition)
+            if exporter:
+                exporter.write_definition()
         _say(f"{len(runs)} runs ({len(points)} point(s) x {len(seeds)} seed(s)) in {out}")
         if args.parallel > 1:
-            failed = run_parallel(args.recipe, runs, args.stages, args.parallel)
+            failed = run_parallel(args.recipe, runs, args.stages, args.parallel, exporter)
         else:
-            failed = run_sequential(args.recipe, runs, args.stages)
+            failed = run_sequential(args.recipe, runs, args.stages, exporter)
         if _is_main():
-            aggregate(out)
-            _say(f"wrote {out / 'summary.md'} and summary.json")
+            final = exporter.root if exporter else out  # the export holds every finished run, on any machine
+            aggregate(final)
+            _say(f"wrote {final / 'summary.md'} and summary.json")
         if failed:
             _say(f"{len(failed)} run(s) failed; rerun the same command to retry them:")
             for d, why in failed.items():

@@ -5,8 +5,9 @@
 Reads docs/results/<part>/summary.json (written by `python -m pipeline.sweep`, copied there by
 scripts/run_study.sh with MACHINE.txt) and an optional hand-written docs/results/<part>/NOTE.md (context:
 what was changed or left out, measured wall time). Every number and every verdict in the page is computed
-here from those files, with the sweep's rule: a seed-paired difference whose 95% interval contains zero is
-"no significant difference"; "better" / "worse" only when the interval excludes zero. Nothing is typed in
+here from those files, with the project's one rule (pipeline.sweep.is_significant): a seed-paired difference
+is significant only when its 95% interval excludes zero AND p < 0.05; otherwise it is "no significant
+difference"; "better" / "worse" only for a significant one. Nothing is typed in
 by hand, so regenerating after a rerun can never leave a stale number behind.
 """
 
@@ -16,7 +17,18 @@ import argparse
 import json
 from pathlib import Path
 
-from pipeline.sweep import PAIRS, VERDICTS, _index, cell, metric_label, rm_label
+from pipeline.sweep import (
+    PAIRS,
+    PERCENT_METRICS,
+    VERDICTS,
+    _index,
+    cell,
+    is_significant,
+    judge,
+    metric_label,
+    rm_label,
+    seed_warning,
+)
 from pipeline.sweep import _rms as _rms_in
 
 
@@ -57,7 +69,7 @@ TABLES = [
     ("hh_average", "ece_10", "ECE10, Helpful & Harmless average (the paper's Table 1 scope)"),
     ("all_average", "gold_mae", "MAE of the RM's probability vs the gold (shared r*) probability, all-source average"),
     ("all_average", "truth_mae", "MAE vs each source's true label probability, all-source average"),
-    ("all_average", "accuracy", "Accuracy, all-source average"),
+    ("all_average", "accuracy", "Accuracy (%), all-source average"),
     ("all_average", "temperature", "Fitted temperature T (T > 1: over-confident)"),
 ]
 # The comparisons that decide the claim: (scope, metric).
@@ -86,16 +98,14 @@ def _pairs(rms):
     return [(a, b) for a, b in PAIRS if a in rms and b in rms]
 
 
-def _verdict(d) -> str:
+def _verdict(d, metric: str = "") -> str:
     if d is None:
         return "-"
-    sig = d["significant"]
-    if not sig:
-        return f"{cell(d)} {VERDICTS[sig]}"
-    side = "lower" if d["mean"] < 0 else "higher"
-    if not d.get("better"):  # e.g. the temperature: say which side, not better / worse
-        return f"{cell(d)} **{side}**"
-    return f"{cell(d)} **{'better' if side == d['better'] else 'worse'}**"
+    j = judge(d)
+    if j is None:
+        return f"{cell(d, metric)} {VERDICTS[is_significant(d)]}"
+    side, judgement = j
+    return f"{cell(d, metric)} **{judgement or side}**"
 
 
 def table(summary, scope, metric, title) -> list[str]:
@@ -115,8 +125,8 @@ def table(summary, scope, metric, title) -> list[str]:
     ]
     for name, p in points.items():
         idx = indexes[name]
-        cells = [cell(idx.get(("calibration", r, scope, metric))) for r in rms]
-        diffs = [_verdict(_diff(p, a, b, scope, metric)) for a, b in pairs]
+        cells = [cell(idx.get(("calibration", r, scope, metric)), metric) for r in rms]
+        diffs = [_verdict(_diff(p, a, b, scope, metric), metric) for a, b in pairs]
         out.append(f"| {name} | {p['n_runs']} | " + " | ".join(cells + diffs) + " |")
     return out + [""]
 
@@ -133,15 +143,15 @@ def claim_lines(summary, pairs=None, claim=CLAIM) -> list[str]:
                 d = _diff(p, a, b, scope, metric)
                 if d is None:
                     continue
-                if d["significant"] is None:
+                sig, j = is_significant(d), judge(d)
+                if sig is None:
                     key = "too few seeds for an interval"
-                elif not d["significant"]:
+                elif j is None:
                     key = "no significant difference"
                 else:
-                    side = "lower" if d["mean"] < 0 else "higher"
-                    good = d.get("better") and ((side == "lower") == (d["better"] == "lower"))
-                    key = f"{side} ({'better' if good else 'worse'})" if d.get("better") else side
-                groups.setdefault(key, []).append(f"{name} ({d['mean']:+.4f})")
+                    key = f"{j[0]} ({j[1]})" if j[1] else j[0]
+                value = f"{100 * d['mean']:+.2f} points" if metric in PERCENT_METRICS else f"{d['mean']:+.4f}"
+                groups.setdefault(key, []).append(f"{name} ({value})")
             if not groups:
                 continue
             what = f"{metric_label(metric)}, {scope.replace('_', ' ')}"
@@ -162,6 +172,7 @@ def part_section(name: str, part_dir: Path) -> list[str]:
         return out
     summary = json.loads(summary_path.read_text())
     sweep = summary["sweep"]
+    ns = [p["n_runs"] for p in summary["points"].values() if p["n_runs"] >= 2]
     machine = part_dir / "MACHINE.txt"
     if machine.exists():
         out += ["Run record (`MACHINE.txt`):", "", "```", machine.read_text().strip(), "```", ""]
@@ -171,6 +182,7 @@ def part_section(name: str, part_dir: Path) -> list[str]:
         + (" ".join(f"`{o}`" for o in sweep.get("overrides", [])) or "none")
         + ".",
         "",
+        *([f"**{seed_warning(min(ns))}**", ""] if ns and seed_warning(min(ns)) else []),
         "What the intervals say:",
         "",
         *claim_lines(summary),
@@ -202,10 +214,13 @@ def render(results: Path) -> str:
         "date, machine and commit in the part's `MACHINE.txt`) and copies its summary here.",
         "",
         "How to read it: cells are the mean over seeds with its 95% t-interval. Differences (a - b) are "
-        "seed-paired: the same seed's RMs share their data draw. A difference whose interval contains zero "
-        'is "no significant difference"; only an interval that excludes zero is called better or worse. '
-        "Lower is better for ECE and MAE, higher for accuracy; the temperature has no better direction "
-        "(T > 1 means over-confident, T < 1 under-confident).",
+        "seed-paired: the same seed's RMs share their data draw. A difference is significant only when its "
+        'interval excludes zero AND its paired t-test gives p < 0.05; otherwise it is "no significant '
+        'difference"; only a significant one is called better or worse. Lower is better for ECE and MAE, '
+        "higher for accuracy (in %, as in report.md); a temperature closer to 1 is better (T > 1 means "
+        "over-confident, T < 1 under-confident), so a temperature difference gets a verdict only when both "
+        "temperatures lie on the same side of 1. An interval that reached outside a metric's range is clipped "
+        "to it (†); intervals from fewer than 3 seeds are very wide and come with a warning.",
         "",
     ]
     out += ["## The claim's status at each scale measured", ""]

@@ -200,7 +200,7 @@ def test_sentence_calls_a_difference_only_when_the_interval_excludes_zero():
     )
     assert s.startswith("Accuracy: MORE's is higher than MultiTask's by 5.00 points (95% CI 1.00 to 9.00")
     assert s.endswith("MORE is better here.")
-    s = C.difference_sentence("MORE", "MultiTask", "ECE", _entry(0.06, 0.05, 0.002, 0.02))
+    s = C.difference_sentence("MORE", "MultiTask", "ECE", _entry(0.06, 0.05, 0.002, 0.02, 0.01))
     assert "MORE's is higher than MultiTask's" in s and s.endswith("MultiTask is better here.")
     # an interval touching 0 is not significant; no interval gives no verdict
     assert "no significant difference" in C.difference_sentence("a", "b", "x", _entry(0.1, 0.0, 0.0, 0.2))
@@ -232,4 +232,77 @@ def test_render_comparisons_marks_significant_cells():
         }
     }
     md = C.render_comparisons(comps, 100)
-    assert "| helpful | -0.0200 [-0.0300, -0.0100] * | +1.00 [-2.00, +4.00] |" in md
+    assert "| helpful | -0.0200 [-0.0300, -0.0100] p = 0.500 | +1.00 [-2.00, +4.00] p = 0.500 |" in md  # p too big
+    comps["more vs multitask"]["helpful"]["ece_10"]["p_value"] = 0.004
+    md = C.render_comparisons(comps, 100)
+    assert "| helpful | -0.0200 [-0.0300, -0.0100] p = 0.004 * | +1.00 [-2.00, +4.00] p = 0.500 |" in md
+    assert "| *better* | lower is better | higher is better |" in md
+
+
+def test_significance_rule_boundaries():
+    """One rule everywhere: the interval excludes 0 (touching 0 does not) AND p < 0.05 strictly."""
+    import pipeline.sweep as S
+
+    assert C.is_significant(0.002, 0.034, 0.024) is True
+    assert C.is_significant(0.002, 0.034, 0.05) is False  # p = 0.050 is not significant
+    assert C.is_significant(0.002, 0.034, 0.0499) is True
+    assert C.is_significant(0.0, 0.034, 0.01) is False  # an interval touching 0 does not exclude it
+    assert C.is_significant(-0.034, 0.0, 0.01) is False
+    assert C.is_significant(-0.034, -0.001, 0.01) is True
+    assert C.is_significant(None, None, 0.01) is None and C.is_significant(0.1, 0.2, None) is None
+    assert C.significant(_entry(0.1, 0.0, 0.01, 0.2, 0.05)) is False
+    assert C.significant({"diff": 0.1, "ci95": None, "p_value": None}) is False
+    # the sweep's seed-paired rows go through the same function (p stored, or from mean, sd, n)
+    row = {"mean": 0.02, "sd": 0.01, "n": 3, "low": 0.001, "high": 0.04}
+    assert S.is_significant({**row, "p_value": 0.05}) is False
+    assert S.is_significant({**row, "p_value": 0.049}) is True
+    assert S.is_significant({**row, "low": 0.0, "p_value": 0.01}) is False
+    # without a stored p (older summaries) the paired t-test's p is recomputed: here t = 0.02 / (0.01 / sqrt 3)
+    from scipy import stats
+
+    assert S.t_test_p(0.02, 0.01, 3) == pytest.approx(stats.ttest_1samp([0.01, 0.02, 0.03], 0.0).pvalue)
+    assert S.is_significant(row) is (S.t_test_p(0.02, 0.01, 3) < 0.05)
+
+
+def test_direction_labels():
+    assert C.direction("ece_10") == C.direction("temperature_scaled/ece_10") == "lower"
+    assert C.direction("brier") == C.direction("nll") == C.direction("ts_nll") == "lower"
+    assert C.direction("truth/prob_mae") == C.direction("truth_gold/prob_mae") == C.direction("gold_mae") == "lower"
+    assert C.direction("accuracy") == "higher" and C.direction("temperature") == "closer to 1"
+    assert C.direction("something_else") is None
+    assert C.DIRECTION_TEXT["lower"] == "lower is better"
+
+
+def test_comparisons_summary_names_every_significant_difference():
+    """The issue's case: the prose said 'no significant difference' while the table held a significant Brier
+    difference +0.018 [0.002, 0.034], p = 0.024. The closing paragraph names it, and every other significant
+    cell (per source too), and leaves out p = 0.050 and an interval touching 0."""
+    comps = {
+        "more vs multitask": {
+            "helpful": {
+                "ece_10": _entry(0.03, 0.05, -0.03, -0.01, 0.004),
+                "accuracy": _entry(0.62, 0.60, 0.005, 0.035, 0.01),
+                "brier": _entry(0.2, 0.19, 0.0, 0.02, 0.01),  # touches 0
+            },
+            "all_average": {
+                "ece_10": _entry(0.04, 0.05, -0.02, -0.001, 0.05),  # p = 0.050
+                "accuracy": _entry(0.6, 0.6, -0.02, 0.02, 0.9),
+                "brier": _entry(0.2, 0.182, 0.002, 0.034, 0.024),
+            },
+        },
+        "more vs uniform": {"all_average": {"nll": _entry(0.6, 0.65, -0.08, -0.02, 0.001)}},
+    }
+    md = C.render_comparisons(comps, 1000)
+    summary = md.strip().splitlines()[-1]
+    assert summary.startswith("Summary: 4 of the 7 differences tested are significant")
+    assert (
+        "more vs multitask, brier (all_average): more higher by 0.0180 [0.0020, 0.0340], p = 0.024, multitask better"
+        in summary
+    )
+    assert (
+        "more vs multitask, ece_10 (helpful): more lower by 0.0200 [0.0100, 0.0300], p = 0.004, more better" in summary
+    )
+    assert "accuracy (helpful): more higher by 2.00 [0.50, 3.50] points, p = 0.010, more better" in summary
+    assert "more vs uniform, nll (all_average): more lower by 0.0500" in summary
+    assert "ece_10 (all_average)" not in summary and "brier (helpful)" not in summary
+    assert "none of the 1 differences" in C.render_comparisons({"a vs b": {"x": {"nll": _entry(1, 1, -1, 1, 1)}}}, 10)

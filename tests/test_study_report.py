@@ -58,12 +58,15 @@ def test_results_page_is_computed_from_summaries(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
     assert "- MORE - MultiTask, ECE10, all average: lower (better) at drift_scale=1 (-0.0200)." in md
-    assert "- MORE - MultiTask, accuracy, all average: no significant difference at drift_scale=1 (+0.0000)." in md
+    assert (
+        "- MORE - MultiTask, accuracy, all average: no significant difference at drift_scale=1 (+0.00 points)." in md
+    )
     row = next(ln for ln in md.splitlines() if ln.startswith("| drift_scale=1 | 3 | 0.0900 ["))
     assert row.endswith("-0.0200 [-0.0225, -0.0175] **better** |")
     assert "Uniform" not in row  # only the RMs that were trained get columns
     temp_row = [ln for ln in md.splitlines() if ln.startswith("| drift_scale=1 |") and "1.2000" in ln]
-    assert temp_row and temp_row[0].endswith("-0.3000 [-0.3000, -0.3000] **lower** |")  # T has no better side
+    # both T above 1: the one closer to 1 (MORE's 1.2) is better
+    assert temp_row and temp_row[0].endswith("-0.3000 [-0.3000, -0.3000] **better** |")
     assert "wall time: 24 min" in md
 
     sections = md.split("\n## ")

@@ -12,6 +12,7 @@ import pytest
 
 import pipeline.sweep as S
 from pipeline.config import RecipeError, load_recipe, recipe_to_dict
+from tests.test_run import calls, fakes  # noqa: F401 - `fakes` is a fixture
 
 
 T975 = {2: 12.706204736174707, 3: 4.302652729911275, 4: 3.182446305284263}  # t_{0.975, n-1} from tables
@@ -67,7 +68,7 @@ def test_paired_difference_and_sentence_rule():
     few = S.t_interval([0.01])
     assert "too few seeds" in S.difference_sentence("MORE", "Uniform", "ECE", few, "lower")
     assert S.direction("ts_ece_10") == "lower" and S.direction("accuracy") == "higher"
-    assert S.direction("temperature") is None
+    assert S.direction("temperature") == "closer to 1"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -412,7 +413,7 @@ def test_sweep_under_torchrun_runs_each_run_on_both_processes(tmp_path):
 
     from tests.test_run import _free_port, _subprocess_env, write_fakes
 
-    fakes = write_fakes(tmp_path / "fakes")
+    fakes = write_fakes(tmp_path / "fakes")  # noqa: F811 - a local folder, not the fixture
     (fakes / "sweep_runner.py").write_text(SWEEP_RUNNER)
     env = _subprocess_env(fakes, tmp_path)
     env["OMP_NUM_THREADS"] = "1"
@@ -463,3 +464,208 @@ def test_sweep_under_torchrun_runs_each_run_on_both_processes(tmp_path):
     p = torchrun()  # everything is done: both ranks skip every run
     assert p.returncode == 0, p.stderr[-3000:]
     assert not (tmp_path / "calls.log").exists() and p.stderr.count("done, skipped") == 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bounded intervals, few seeds, units, the closing paragraph, the seeds-only plot
+
+
+def _two_seed_rows():
+    """2 seeds: accuracy 0.99 / 0.90, ECE 0.01 / 0.05, T 0.2 / 3.0 for MORE; their t-intervals (t = 12.7)
+    reach above 1, below 0 and below 0."""
+    out = {}
+    for seed, (acc, ece, t) in enumerate([(0.99, 0.01, 0.2), (0.90, 0.05, 3.0)]):
+        out[seed] = [
+            ("calibration", "more", "all_average", "accuracy", acc),
+            ("calibration", "more", "all_average", "ece_10", ece),
+            ("calibration", "more", "all_average", "temperature", t),
+            ("calibration", "multitask", "all_average", "accuracy", acc - 0.1),
+            ("calibration", "multitask", "all_average", "ece_10", ece + 0.05),
+            ("calibration", "multitask", "all_average", "temperature", t),
+        ]
+    return out
+
+
+def test_bounded_metrics_are_clipped_to_their_range_and_few_seeds_warned():
+    agg = S.aggregate_point(_two_seed_rows())
+    m = {(r["rm"], r["metric"]): r for r in agg["metrics"]}
+    acc, ece, t = m[("more", "accuracy")], m[("more", "ece_10")], m[("more", "temperature")]
+    half = T975[2] * math.sqrt((0.09**2) / 2) / math.sqrt(2)  # sd of (0.99, 0.90) = 0.09 / sqrt 2
+    assert acc["t_high"] == pytest.approx(0.945 + half) and acc["high"] == 1.0 and acc["clipped"] == ["high"]
+    assert acc["low"] == pytest.approx(0.945 - half) and "t_low" not in acc
+    assert ece["t_low"] < 0 and ece["low"] == 0.0 and ece["clipped"] == ["low"]
+    assert t["low"] == 0.0 and t["t_low"] < 0
+    assert S.metric_range("ts_ece_15") == (0.0, 1.0) and S.metric_range("gold_reward") == (None, None)
+    # differences are not clipped (they are compared with 0)
+    d = next(x for x in agg["differences"] if x["metric"] == "accuracy")
+    assert "clipped" not in d and d["mean"] == pytest.approx(0.1)
+    # cells: accuracy in %, the clipped end marked, the seed count shown below 3 seeds
+    assert S.cell(acc, "accuracy") == f"94.50 [{100 * (0.945 - half):.2f}, 100.00] † (n=2)"
+    assert S.cell(ece, "ece_10").startswith("0.0300 [0.0000, ") and "†" in S.cell(ece, "ece_10")
+    assert "t = 12.7" in S.seed_warning(2) and S.seed_warning(3) == "" and S.seed_warning(1) == ""
+    summary = {
+        "sweep": {"recipe": "tiny-cpu", "seeds": [0, 1], "grid": []},
+        "confidence": 0.95,
+        "points": {"default": {"grid": {}, "runs": {"0": "collected", "1": "collected"}, "n_runs": 2, **agg}},
+    }
+    md = S.render_summary(summary)
+    assert "**Warning: 2 seeds." in md and "| *better* | higher is better | lower is better" in md
+    assert "| MORE | 94.50 [" in md  # accuracy (%) in the table, as report.md
+
+
+def test_summary_paragraph_names_every_significant_difference():
+    """3 seeds: Brier MORE - MultiTask +0.018 +- 0.001 (significant, not a column of the difference table),
+    ECE -0.02 / -0.021 / -0.019 (significant), accuracy +0.01 / -0.01 / 0 (not); T both above 1, MORE closer."""
+    per_seed = {}
+    for seed, (d_ece, d_acc, d_brier) in enumerate(
+        [(-0.020, 0.01, 0.017), (-0.021, -0.01, 0.018), (-0.019, 0, 0.019)]
+    ):
+        per_seed[seed] = [
+            ("calibration", "multitask", "helpful", "brier", 0.2),
+            ("calibration", "more", "helpful", "brier", 0.2 + d_brier),
+            ("calibration", "multitask", "all_average", "ece_10", 0.1 + seed / 100),
+            ("calibration", "more", "all_average", "ece_10", 0.1 + seed / 100 + d_ece),
+            ("calibration", "multitask", "all_average", "accuracy", 0.7),
+            ("calibration", "more", "all_average", "accuracy", 0.7 + d_acc),
+            ("calibration", "multitask", "all_average", "temperature", 1.5 + seed / 100),
+            ("calibration", "more", "all_average", "temperature", 1.2 + seed / 100),
+        ]
+    agg = S.aggregate_point(per_seed)
+    d = {(x["scope"], x["metric"]): x for x in agg["differences"]}
+    assert d[("helpful", "brier")]["p_value"] == pytest.approx(
+        __import__("scipy.stats").stats.ttest_1samp([0.017, 0.018, 0.019], 0.0).pvalue
+    )
+    assert d[("all_average", "temperature")]["sentence"].startswith(
+        "temperature T, all_average: MORE is better than MultiTask (lower, closer to 1 is better;"
+    )
+    summary = {
+        "sweep": {"recipe": "tiny-cpu", "seeds": [0, 1, 2], "grid": []},
+        "confidence": 0.95,
+        "points": {"default": {"grid": {}, "runs": {}, "n_runs": 3, **agg}},
+    }
+    para = S.summary_paragraph(summary)
+    assert para.startswith("Summary: 3 of the 4 seed-paired differences tested are significant")
+    assert "MORE - MultiTask, Brier, helpful +0.018 [" in para and "MultiTask better" in para
+    assert "MORE - MultiTask, ECE10, all_average -0.02 [" in para and "MORE better" in para
+    assert "temperature T, all_average -0.3 [" in para and "(closer to 1)" in para
+    assert "accuracy" not in para
+    md = S.render_summary(summary)
+    assert md.rstrip().endswith(para) and "| p | n | verdict |" in md
+
+
+def test_help_prints_a_single_percent_sign():
+    text = S.build_parser().format_help()
+    assert "95%" in text and "%%" not in text
+
+
+def test_seeds_only_sweep_writes_a_plot(tmp_path):
+    agg = S.aggregate_point(_two_seed_rows())
+    summary = {
+        "sweep": {"recipe": "tiny-cpu", "seeds": [0, 1], "grid": []},
+        "confidence": 0.95,
+        "points": {"default": {"grid": {}, "runs": {}, "n_runs": 2, **agg}},
+    }
+    assert S.write_plots(tmp_path, summary) == ["plot_seeds.png"]
+    assert (tmp_path / "plot_seeds.png").stat().st_size > 5000
+
+
+# ---------------------------------------------------------------------------------------------------
+# --export: a results folder that outlives the machine (fake stages: only the bookkeeping is measured)
+
+FAKE_CALIBRATION = """
+import json
+from pathlib import Path
+
+from fakepipe import make_run
+from pipeline.io import atomic_write_json
+
+_run = make_run("calibration")
+
+
+def run(recipe, run_dir):
+    out = _run(recipe, run_dir)
+    cal, rm = Path(run_dir) / "calibration", Path(run_dir) / "reward" / "more"
+    s = recipe.seed
+    metrics = {
+        name: {"all_average": {"accuracy": 0.6 + s / 100 + k / 50, "ece_10": 0.1 - s / 100 - k / 100}}
+        for k, name in enumerate(("more", "multitask"))
+    }
+    atomic_write_json(cal / "metrics.json", metrics)
+    atomic_write_json(cal / "temperatures.json", {"more": 1.2, "multitask": 1.5})
+    atomic_write_json(cal / "config.json", {"headline_bins": 10, "rm_path": str(rm.resolve())})
+    atomic_write_json(rm / "train_log.json", [{"step": 1, "more/lambda/a": 0.4, "more/lambda/b": 0.6}])
+    (rm / "model.safetensors").write_bytes(b"weights")
+    return out + ["calibration/metrics.json", "calibration/temperatures.json", "calibration/config.json"]
+"""
+
+
+def test_export_then_aggregate_from_the_folder_alone_and_resume_on_a_new_machine(fakes, tmp_path, capsys):  # noqa: F811
+    import shutil
+
+    (fakes / "fake_calibration.py").write_text(FAKE_CALIBRATION)
+    export = tmp_path / "results"
+    base = ["--recipe", str(fakes / "fake.yaml"), "--stages", "reward,calibration", "--export", str(export)]
+    d1 = tmp_path / "machine1"
+    assert S.main(base + ["--seeds", "0,1", "--output-dir", str(d1)]) == 0
+    assert calls(tmp_path)["calibration"] == 2
+    for seed in (0, 1):
+        e = export / "default" / f"seed-{seed}"
+        files = json.loads((e / "export.json").read_text())["files"]
+        assert {"manifest.json", "recipe.yaml", "calibration/metrics.json", "reward/more/train_log.json"} <= set(files)
+        assert not (e / "reward" / "more" / "model.safetensors").exists()  # no weights
+        assert not (e / "reward" / "checkpoint.json").exists()  # no checkpoints
+        assert json.loads((e / "calibration" / "config.json").read_text())["rm_path"] == "reward/more"
+    for f in export.rglob("*"):  # no absolute path of this machine in any exported file
+        if f.is_file() and f.suffix in (".json", ".yaml", ".md"):
+            assert str(tmp_path) not in f.read_text(), f
+    assert json.loads((export / "sweep.json").read_text())["recipe"] == "fake.yaml"
+    assert (export / "summary.md").exists()
+
+    # The machine is gone: the folder alone aggregates (no run directories).
+    shutil.rmtree(d1)
+    (export / "summary.json").unlink()
+    assert S.main(["--aggregate", str(export)]) == 0
+    p = json.loads((export / "summary.json").read_text())["points"]["default"]
+    assert p["n_runs"] == 2 and set(p["runs"].values()) == {"collected"}
+    acc = next(r for r in p["metrics"] if r["rm"] == "more" and r["metric"] == "accuracy")
+    assert acc["values"] == {"0": pytest.approx(0.6), "1": pytest.approx(0.61)}
+
+    # A new machine with one more seed: the exported runs are skipped, only seed 2 runs.
+    d2 = tmp_path / "machine2"
+    assert S.main(base + ["--seeds", "0-2", "--output-dir", str(d2)]) == 0
+    assert calls(tmp_path)["calibration"] == 3 and not (d2 / "default" / "seed-0").exists()
+    assert json.loads((export / "summary.json").read_text())["points"]["default"]["n_runs"] == 3
+    capsys.readouterr()
+    assert S.main(base + ["--seeds", "0-2", "--output-dir", str(tmp_path / "machine3"), "--dry-run"]) == 0
+    listing = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("done")]
+    assert len(listing) == 3 and all("exported to" in ln for ln in listing)
+
+    # Changed settings: the exports no longer match, so every run runs again (and is re-exported).
+    assert S.main(base + ["--seeds", "0", "--output-dir", str(d2), "reward.steps=3"]) == 0
+    assert calls(tmp_path)["calibration"] == 4
+    assert "reward.steps=3" in json.loads((export / "default" / "seed-0" / "export.json").read_text())["overrides"]
+
+    # An export of another definition is not aggregated: it names why.
+    sweep = json.loads((export / "sweep.json").read_text())
+    sweep["runs"][0]["overrides"].append("data.n=5")
+    S.atomic_write_json(export / "sweep.json", sweep)
+    stale = S.aggregate(export)["points"]["default"]
+    assert stale["n_runs"] == 0 and stale["runs"]["0"] == (
+        "not exported (its overrides differ from the sweep's definition)"
+    )
+
+
+def test_resummarize_recomputes_a_committed_summary_from_its_own_values(tmp_path):
+    """--aggregate D --from-summary: the statistics rebuilt from summary.json's per-seed values equal those
+    `aggregate` computed from the run directories (here after the run directories are gone)."""
+    import shutil
+
+    _fake_sweep(tmp_path)
+    first = S.aggregate(tmp_path, verify=False)
+    for point in ("drift_scale=0", "drift_scale=2"):
+        shutil.rmtree(tmp_path / point)
+    (tmp_path / "summary.md").unlink()
+    assert S.main(["--aggregate", str(tmp_path), "--from-summary"]) == 0
+    again = json.loads((tmp_path / "summary.json").read_text())
+    assert again == json.loads(json.dumps(first))
+    assert (tmp_path / "summary.md").exists() and (tmp_path / "plot_drift_scale.png").exists()

@@ -20,7 +20,14 @@ Draws (reproducible, and what the brute-force test replays): source number j of 
 
 The interval is the percentile interval of the B resampled differences; the two-sided p-value is
 min(1, 2 min(P*(diff <= 0), P*(diff >= 0))), so that (up to interpolation) the 95% interval excludes 0
-exactly when p < 0.05. A difference is reported as real ("lower by ...") only when its interval excludes 0.
+exactly when p < 0.05. Because the two can disagree at the boundary (an interval that just excludes 0 with
+p = 0.050), the one significance rule of the project (`is_significant`, also used by pipeline.sweep and
+scripts/study_report.py) asks for both: the interval excludes 0 (an end exactly at 0 does not) AND
+p < 0.05 strictly. Only such a difference is reported as real ("lower by ...").
+
+comparisons.md labels every metric with its better direction (`direction`: lower is better for ECE, Brier,
+NLL and the MAEs; higher for accuracy; closer to 1 for a temperature), gives each cell's p-value, and ends
+with one paragraph (`significance_paragraph`) that names every significant difference in the tables.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from pipeline.calibration import metrics as M
 
 
 LEVEL = 0.95
+ALPHA = 0.05  # a difference is significant only when p < ALPHA (strictly) and the interval excludes 0
 _VS = re.compile(r"^\s*(\S+)\s+vs\.?\s+(\S+)\s*$")
 # Row budget of one resample chunk (pair counts are a chunk x n matrix).
 _CHUNK_CELLS = 2_000_000
@@ -290,10 +298,73 @@ def bootstrap_win_lose(counts: dict, *, n_samples: int = 2000, seed: int = 0, le
 # --------------------------------------------------------------------------------------------------
 # Sentences
 # --------------------------------------------------------------------------------------------------
+def is_significant(low, high, p_value, alpha: float = ALPHA) -> bool | None:
+    """The project's one significance rule: the interval [low, high] excludes 0 (an end exactly at 0 does not
+    exclude it) AND p < alpha strictly (p = 0.050 is not significant). None when the interval or p is missing."""
+    if low is None or high is None or p_value is None:
+        return None
+    return bool((low > 0 or high < 0) and p_value < alpha)
+
+
 def significant(entry: dict) -> bool:
-    """True when the entry's 95% interval excludes zero (no interval: never significant)."""
-    ci = entry.get("ci95")
-    return bool(ci) and (ci[0] > 0 or ci[1] < 0)
+    """`is_significant` of a comparisons.json entry {"ci95": [lo, hi], "p_value"} (no interval: never)."""
+    ci = entry.get("ci95") or (None, None)
+    return is_significant(ci[0], ci[1], entry.get("p_value")) is True
+
+
+HIGHER_IS_BETTER = ("accuracy", "gold_reward", "win_rate", "win_minus_lose")
+LOWER_IS_BETTER_PREFIXES = ("ece", "brier", "nll", "truth", "gold_", "prob_mae", "perplexity", "lose_rate")
+DIRECTION_TEXT = {
+    "lower": "lower is better",
+    "higher": "higher is better",
+    "closer to 1": "closer to 1 is better",
+    None: "no better direction",
+}
+
+
+def direction(metric: str) -> str | None:
+    """Which value of a metric is better: 'lower', 'higher', 'closer to 1' (a temperature) or None.
+
+    Takes comparisons.json keys ('temperature_scaled/ece_10', 'truth/prob_mae') and pipeline.sweep's names
+    ('ts_ece_10', 'truth_mae', 'temperature')."""
+    base = metric.split("/", 1)[1] if metric.startswith("temperature_scaled/") else metric
+    base = base[3:] if base.startswith("ts_") else base
+    if base in HIGHER_IS_BETTER:
+        return "higher"
+    if base == "temperature":
+        return "closer to 1"
+    if base.startswith(LOWER_IS_BETTER_PREFIXES):
+        return "lower"
+    return None
+
+
+def p_text(p: float | None) -> str:
+    """'p < 0.001', 'p = 0.024' or '' (no p-value)."""
+    if p is None:
+        return ""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def significance_paragraph(findings: Sequence[str], n_tested: int, what: str = "difference") -> str:
+    """One paragraph naming EVERY significant difference (`findings`, one phrase each) out of `n_tested`."""
+    rule = f"interval excludes 0 and p < {ALPHA:g}"
+    chance = (
+        f" With {n_tested} tests, about {ALPHA * n_tested:.0f} would pass this rule by chance alone even with no "
+        "real difference, so read isolated ones with care."
+        if ALPHA * n_tested >= 1
+        else ""
+    )
+    if not findings:
+        return (
+            f"Summary: none of the {n_tested} {what}s tested is significant ({rule}); none of them can be told "
+            "from noise here."
+        )
+    return (
+        f"Summary: {len(findings)} of the {n_tested} {what}s tested are significant ({rule}): "
+        + "; ".join(findings)
+        + f". Every other {what} is not significant."
+        + chance
+    )
 
 
 def _num(x: float, digits: int, signed: bool) -> str:
@@ -313,7 +384,7 @@ def difference_sentence(
     digits: int = 4,
     unit: str = "",
 ) -> str:
-    """One sentence about a - b that calls a difference real only when its 95% interval excludes zero.
+    """One sentence about a - b that calls a difference real only when `significant` (interval excludes 0, p < 0.05).
 
     Significant: "MORE's ECE (M=10), all sources is lower than MultiTask's by 0.0180 (95% CI 0.0100 to 0.0260;
     p = 0.002): MORE is better here." Otherwise: "no significant difference between MORE and MultiTask in
@@ -329,7 +400,7 @@ def difference_sentence(
         )
     lo, hi = ci[0] * scale, ci[1] * scale
     p = entry.get("p_value")
-    p_txt = "" if p is None else ("; p < 0.001" if p < 0.001 else f"; p = {p:.3f}")
+    p_txt = "" if p is None else "; " + p_text(p)
     if not significant(entry):
         return (
             f"{what}: no significant difference between {a_name} and {b_name} (difference "
@@ -346,7 +417,7 @@ def difference_sentence(
 
 
 def win_lose_sentence(label: str, entry: dict, stats: dict | None) -> str:
-    """Win/tie/lose of the first policy, called a win (or a loss) only when the win - lose interval excludes 0."""
+    """Win/tie/lose of the first policy, called a win (or a loss) only when win - lose is `significant`."""
     w, t, lo = (entry.get(k) for k in ("win", "tie", "lose"))
     if None in (w, t, lo):
         return f"{label}: no verdicts."
@@ -372,35 +443,71 @@ def _fmt_cell(e: dict, scale: float, digits: int) -> str:
         return f"{e['diff'] * scale:+.{digits}f}"
     star = " *" if significant(e) else ""
     lo, hi = (v * scale for v in e["ci95"])
-    return f"{e['diff'] * scale:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{star}"
+    p = e.get("p_value")
+    p_cell = "" if p is None else f" {p_text(p)}"
+    return f"{e['diff'] * scale:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{p_cell}{star}"
+
+
+def _scale(key: str) -> tuple[float, int]:
+    """(scale, digits) of a metric in the tables: accuracy in percentage points, as in report.md."""
+    return (100.0, 2) if key == "accuracy" else (1.0, 4)
+
+
+def _finding(a: str, b: str, group: str, key: str, e: dict) -> str:
+    """'brier (all_average): more higher by 0.0180 [0.0020, 0.0340], p = 0.024, multitask better'."""
+    scale, digits = _scale(key)
+    d, (lo, hi) = e["diff"] * scale, (v * scale for v in e["ci95"])
+    side = "lower" if d < 0 else "higher"
+    mag = f"{abs(d):.{digits}f} [{min(abs(lo), abs(hi)):.{digits}f}, {max(abs(lo), abs(hi)):.{digits}f}]"
+    better = direction(key)
+    verdict = f", {a if side == better else b} better" if better in ("lower", "higher") else ""
+    unit = " points" if key == "accuracy" else ""
+    return f"{_label(key)} ({group}): {a} {side} by {mag}{unit}, {p_text(e.get('p_value'))}{verdict}"
+
+
+def _label(key: str) -> str:
+    return key.replace("temperature_scaled/", "ts/")
 
 
 def render_comparisons(comparisons: dict, n_samples: int) -> str:
-    """calibration/comparisons.md: one table per comparison, rows = sources and averages, cells = a - b [95% CI]."""
+    """calibration/comparisons.md: one table per comparison, rows = sources and averages, cells = a - b [95% CI]
+    and p; each column says which direction is better; a closing paragraph names every significant cell."""
     lines = [
         "# Paired comparisons",
         "",
-        f"Each cell is the difference a - b with its 95% paired bootstrap interval ({n_samples} resamples of the "
-        "same test pairs for both RMs; averages resample within each source). `*` marks an interval that "
-        "excludes 0; only those are differences this run can tell from noise. Accuracy in percentage points; "
-        "`ts/` = after temperature scaling.",
+        f"Each cell is the difference a - b with its 95% paired bootstrap interval and two-sided p-value "
+        f"({n_samples} resamples of the same test pairs for both RMs; averages resample within each source). "
+        f"`*` marks a significant difference: its interval excludes 0 AND p < {ALPHA:g}; only those are "
+        "differences this run can tell from noise. Under each metric: which direction is better. Accuracy in "
+        "percentage points; `ts/` = after temperature scaling.",
         "",
     ]
     for label, groups in comparisons.items():
-        keys = list(next(iter(groups.values())))
+        keys = list(dict.fromkeys(k for by_metric in groups.values() for k in by_metric))
         lines += [
             f"## {label}",
             "",
-            "| | " + " | ".join(k.replace("temperature_scaled/", "ts/") for k in keys) + " |",
+            "| | " + " | ".join(_label(k) for k in keys) + " |",
             "|---" * (len(keys) + 1) + "|",
+            "| *better* | " + " | ".join(DIRECTION_TEXT[direction(k)] for k in keys) + " |",
         ]
         for group, by_metric in groups.items():
-            cells = [
-                _fmt_cell(by_metric[k], 100.0 if k == "accuracy" else 1.0, 2 if k == "accuracy" else 4)
-                if k in by_metric
-                else "-"
-                for k in keys
-            ]
+            cells = [_fmt_cell(by_metric[k], *_scale(k)) if k in by_metric else "-" for k in keys]
             lines.append(f"| {group} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += [comparisons_paragraph(comparisons), ""]
     return "\n".join(lines)
+
+
+def comparisons_paragraph(comparisons: dict) -> str:
+    """The closing paragraph of comparisons.md: every significant cell of comparisons.json, named."""
+    findings, n_tested = [], 0
+    for label, groups in comparisons.items():
+        a, b = parse_comparison(label)
+        for group, by_metric in groups.items():
+            for k, e in by_metric.items():
+                if e.get("ci95") is not None:
+                    n_tested += 1
+                    if significant(e):
+                        findings.append(f"{label}, " + _finding(a, b, group, k, e))
+    return significance_paragraph(findings, n_tested)

@@ -1075,19 +1075,20 @@ def _plots(out: Path, index: dict, rewards: dict, sources: list[str], temperatur
     plots.reward_difference_histograms(test, out / "reward_differences.png")
     for rm, entry in index.items():
         traj = more_trajectories(entry["path"])
-        if traj:
+        if plots.has_learned_weights(entry.get("method", ""), traj):  # not uniform, multitask, single-source
             plots.more_weight_trajectories(
                 traj, out / f"more_weights_{safe_component(rm)}.png", title=f"MORE source weights ({rm})"
             )
     if diversity:
         rows, cols = [f"{t} ({n})" for n, t in zip(diversity["rms"], diversity["trained_on"])], diversity["tested_on"]
         plots.heatmap(
-            diversity["accuracy"],
+            100 * np.asarray(diversity["accuracy"], dtype=np.float64),  # in %, as in every table
             rows,
             cols,
             out / "diversity_accuracy.png",
-            title="Accuracy of single-source RMs",
-            fmt="{:.3f}",
+            title="Accuracy (%) of single-source RMs",
+            fmt="{:.1f}",
+            value_label="accuracy (%), higher is better",
         )
         plots.heatmap(
             diversity[f"ece_{cfg.headline_bins}"],
@@ -1096,4 +1097,5 @@ def _plots(out: Path, index: dict, rewards: dict, sources: list[str], temperatur
             out / "diversity_ece.png",
             title=f"ECE (M={cfg.headline_bins}) of single-source RMs",
             cmap="magma_r",
+            value_label="ECE, lower is better",
         )
