@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
         default=None,
         help="time the loop on K prompts drawn uniformly at random (its time scaled by N/K)",
     )
-    ap.add_argument("--new-tokens", type=int, default=32, help="exactly this many new tokens per sequence")
+    ap.add_argument("--new-tokens", type=int, default=16, help="exactly this many new tokens per sequence")
     ap.add_argument("--min-prompt", type=int, default=20)
     ap.add_argument("--max-prompt", type=int, default=200)
     ap.add_argument(

@@ -12,7 +12,7 @@ rounds: a stock `trl.RewardTrainer` step on the same pairs collated by TRL's own
 Our trainers run their defaults (pairs packed; these random pairs share no prompt, so packing only removes
 padding here; scripts/bench_train.py measures the real shared-prompt profile).
 
-    python scripts/bench_reward.py                       # mini GPT-NeoX, 8 pairs x 128 tokens, CPU
+    python scripts/bench_reward.py                       # mini GPT-NeoX, 10 pairs x 64 tokens, CPU
     python scripts/bench_reward.py --arch llama --precision bf16
     python scripts/bench_reward.py --pythia-1.4b --pairs 16 --seq 512          # on a GPU (bf16)
 """
@@ -59,8 +59,8 @@ def main(argv=None) -> dict:
     p.add_argument("--size", default="mini", help="tiny | mini | small (~25M params with --vocab 8000)")
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--pythia-1.4b", dest="pythia", action="store_true", help="Pythia-1.4B shape, random init")
-    p.add_argument("--pairs", type=int, default=8, help="pairs per step (spread over the 5 sources)")
-    p.add_argument("--seq", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--pairs", type=int, default=10, help="pairs per step (spread over the 5 sources)")
+    p.add_argument("--seq", type=int, default=64, help="tokens per sequence")
     p.add_argument("--steps", type=int, default=bench_common.MIN_STEPS, help="timed steps per method")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=bench_common.MIN_REPEATS, help="timed passes over the steps")
