@@ -159,6 +159,12 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--synthetic", action="store_true", help="synthetic pairs even if the real data exists")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument(
+        "--share-model",
+        action="store_true",
+        help="all sides step ONE model (each with its own optimizer): a third of the weight memory, for GPUs "
+        "that cannot hold three copies with AdamW states (the timings are unaffected; the weights just drift)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.threads:
@@ -185,6 +191,9 @@ def main(argv=None) -> dict:
     base = build_model(args, tok)
     n_params = count_parameters(base)
     tmp = tempfile.mkdtemp()
+
+    models = iter([base] * 3 if args.share_model else [copy.deepcopy(base), copy.deepcopy(base), base])
+
     common = dict(
         per_device_train_batch_size=pairs_per_step,
         learning_rate=1e-5,
@@ -200,7 +209,7 @@ def main(argv=None) -> dict:
     )
     trainers = {
         "trl": RewardTrainer(
-            copy.deepcopy(base),
+            next(models),
             RewardConfig(output_dir=f"{tmp}/trl", **common),
             train_dataset=data.remove_columns(["source_id"]),
             processing_class=tok,
@@ -216,7 +225,7 @@ def main(argv=None) -> dict:
             **common,
             **extra,
         )
-        trainers[method] = MORERewardTrainer(copy.deepcopy(base), cfg, train_dataset=data, processing_class=tok)
+        trainers[method] = MORERewardTrainer(next(models), cfg, train_dataset=data, processing_class=tok)
     del base
     for t in trainers.values():
         t.create_optimizer()
@@ -327,6 +336,7 @@ def main(argv=None) -> dict:
         "pairs_per_step": pairs_per_step,
         "model": "pythia-1.4b-shape" if args.pythia else f"{args.arch}/{args.size}",
         "params_m": round(n_params / 1e6, 1),
+        "shared_model": args.share_model,
         **bench_common.environment(device, precision, why, torch.get_num_threads()),
         "peak_gpu_gib": {n: round(v, 1) for n, v in peak.items()} or None,
         "load_before": load_before,
