@@ -64,6 +64,15 @@ def choose_precision(requested: str, device: str, cpuinfo: str | None = None) ->
     return "fp32", f"auto: CPU has none of {'/'.join(BF16_FLAGS)} (bf16 would be emulated)"
 
 
+def add_precision_argument(parser, what: str = "autocast of ALL sides") -> None:
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help=f"{what} (auto: bf16 on CUDA and on CPUs with avx512_bf16/amx_bf16, else fp32)",
+    )
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 

@@ -162,12 +162,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--repeats", type=int, default=bench_common.MIN_REPEATS, help="timed passes over the prompts")
-    ap.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "bf16", "fp32"],
-        help="model dtype of both sides (auto: bf16 on CUDA and on CPUs with avx512_bf16/amx_bf16, else fp32)",
-    )
+    bench_common.add_precision_argument(ap, "model dtype of both sides")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 

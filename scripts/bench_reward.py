@@ -64,12 +64,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=bench_common.MIN_STEPS, help="timed steps per method")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=bench_common.MIN_REPEATS, help="timed passes over the steps")
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "bf16", "fp32"],
-        help="autocast of ALL sides (auto: bf16 on CUDA and on CPUs with avx512_bf16/amx_bf16, else fp32)",
-    )
+    bench_common.add_precision_argument(p, "autocast of ALL sides")
     args = p.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

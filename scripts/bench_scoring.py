@@ -174,12 +174,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=bench_common.MIN_REPEATS, help="timed passes over the pairs")
     ap.add_argument("--max-length", type=int, default=512, help="left-truncation length = the naive padding length")
     ap.add_argument("--vocab-size", type=int, default=16000, help="BPE vocabulary trained on the texts")
-    ap.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "bf16", "fp32"],
-        help="autocast of ALL scorers (auto: bf16 on CPUs with avx512_bf16/amx_bf16, else fp32)",
-    )
+    bench_common.add_precision_argument(ap, "autocast of ALL scorers")
     ap.add_argument("--no-naive", action="store_true", help="skip the per-pair pad-to-max-length loop")
     ap.add_argument(
         "--synthetic", action="store_true", help="use the recorded length profile even if real data exists"

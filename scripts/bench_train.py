@@ -151,12 +151,7 @@ def main(argv=None) -> dict:
         default=None,
         help="override our trainer's packing_max_tokens (default: the config default)",
     )
-    ap.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "bf16", "fp32"],
-        help="autocast of ALL sides (auto: bf16 on CUDA and on CPUs with avx512_bf16/amx_bf16, else fp32)",
-    )
+    bench_common.add_precision_argument(ap, "autocast of ALL sides")
     ap.add_argument("--synthetic", action="store_true", help="synthetic pairs even if the real data exists")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument(
