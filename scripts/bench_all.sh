@@ -30,13 +30,16 @@ else
 fi
 LOAD_BEFORE=$(python -c "import os; print(*(round(x, 2) for x in os.getloadavg()))")
 LINES=$(mktemp)
-trap 'rm -f "$LINES"' EXIT
+ONE=$(mktemp)
+trap 'rm -f "$LINES" "$ONE"' EXIT
 for run in "${RUNS[@]}"; do
   args=($run)
   extra=()
   [[ "${args[0]}" == bench_minnorm.py || "${args[0]}" == bench_demo.py ]] || extra=("${PREC[@]}")
   echo "== python scripts/$run ${extra[*]}" >&2
-  last=$(python "scripts/${args[0]}" "${args[@]:1}" "${extra[@]}" 2>&1 | tee /dev/stderr | tail -n 1)
+  # (tee to a file and our stderr; `tee /dev/stderr` would reopen, and so truncate, a redirected log)
+  python "scripts/${args[0]}" "${args[@]:1}" "${extra[@]}" 2>&1 | tee "$ONE" >&2
+  last=$(tail -n 1 "$ONE")
   python -c "import json, sys; json.loads(sys.argv[1])" "$last" || { echo "bench_all.sh: $run printed no JSON line" >&2; exit 1; }
   printf 'python scripts/%s\t%s\n' "$run${extra[*]:+ ${extra[*]}}" "$last" >> "$LINES"
 done
