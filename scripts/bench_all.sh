@@ -44,5 +44,5 @@ for run in "${RUNS[@]}"; do
   printf 'python scripts/%s\t%s\n' "$run${extra[*]:+ ${extra[*]}}" "$last" >> "$LINES"
 done
 python scripts/bench_common.py "$LINES" --json "$JSON" --md "$MD" --readme "$README" \
-  --command "bash scripts/bench_all.sh ${1:-}" --load-before $LOAD_BEFORE
+  --command "bash scripts/bench_all.sh${1:+ $1}" --load-before $LOAD_BEFORE
 echo "bench_all.sh: wrote $JSON, $MD${README:+ and $README}" >&2
