@@ -213,7 +213,6 @@ def test_bench_train_pools_are_balanced_and_disjoint():
     assert [r["source_id"] for r in warm[:8]] == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
-@pytest.mark.slow
 def test_bench_scoring_times_the_same_pairs_on_every_side():
     r = _script("bench_scoring").main(
         ["--size", "tiny", "--pairs", "8", "--round-pairs", "4", "--repeats", "3", "--synthetic"]
