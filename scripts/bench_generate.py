@@ -7,15 +7,16 @@
   `generate`, a static KV cache (compiled decoding on CUDA), or transformers' continuous batching;
 * loop = one `generate` call per prompt with `num_return_sequences=n` (the same GenerationConfig).
 Both decode EXACTLY `--new-tokens` tokens per sequence (min_new_tokens = max_new_tokens), so the work is
-identical; sampling at `--temperature`. A warm-up call of each precedes the timing.
+identical; sampling at `--temperature`. The timing discipline is scripts/bench_common.py's: a timed step =
+one of our batches and the same prompts through the loop, the sides take turns (the order rotates), step 0
+runs once untimed first on both, and the pass over all prompts is repeated `--repeats` times.
 The last printed line is JSON:
-    {"benchmark": "bon_generation", "ratio": loop_seconds / ours_seconds, "tokens_per_s": ours, ...}
+    {"benchmark": "bon_generation", "ratio": loop s / ours s (median over repeats; ratio_min, ratio_max), ...}
+with the prompt tokens, new tokens and model input tokens of each side as the identical-work evidence
 (with `--loop-prompts K` the loop is timed on K prompts drawn uniformly at random (seeded) from all of
-them, and its time scaled by N/K; each drawn prompt runs in the round of the batch that holds it).
-The two alternate in rounds (one of our batches, then the same prompts through the loop; the order flips
-every round) so that a busy machine slows both alike.
+them, its time scaled by N/K, and `timed_prompts_identical` is false).
 
-    python scripts/bench_generate.py                         # small random GPT-NeoX on CPU
+    python scripts/bench_generate.py                         # small random GPT-NeoX on CPU, 80 prompts, 20 steps x 3
     python scripts/bench_generate.py --arch llama --prompts 32 --batch-size 32
     python scripts/bench_generate.py --llama7b-shape --prompts 64 --batch-size 64 --new-tokens 128 --loop-prompts 8
     python scripts/bench_generate.py --llama7b-shape ... --backend static     # static KV cache + torch.compile

@@ -1,30 +1,32 @@
-"""Benchmark: the calibration stage's batched RM scorer vs a naive per-pair loop padded to 512 tokens.
+"""Benchmark: the calibration stage's batched RM scorer vs batched dynamic padding (the headline) and vs a
+per-pair loop padded to 512 tokens (a second field).
 
-Both score the SAME pairs with the SAME randomly initialised reward model, the same left truncation to
-`--max-length` tokens and the same autocast dtype, in one run:
+All score the SAME pairs with the SAME randomly initialised reward model, the same left truncation to
+`--max-length` tokens and the same autocast (`--precision`), in one run:
 
 * ours  = `pipeline.scoring.score_pairs` (what the calibration stage calls): pairs sorted by length,
   padded per batch, `--batch-size` sequences per forward, no gradients, and for decoder RMs each pair
   packed into one sequence holding one copy of the prompt both sides share (a 4D attention mask keeps
   the two continuations apart; `--no-share` scores them as separate sequences);
+* dynamic = the fair baseline, what a user would otherwise run: pairs in their given order, chosen and
+  rejected of up to batch_size/2 pairs per forward, padded to the longest of the batch (batched dynamic
+  padding, like TRL's collator), no sorting, no prompt sharing;
 * naive = one forward per pair (chosen + rejected), every sequence padded to `--max-length` tokens (the
-  authors' recipe pads everything to 512).
-* dynamic = the fair baseline, what a user would otherwise run: pairs in their given order, `--batch-size`
-  sequences (chosen and rejected of batch_size/2 pairs) per forward, padded to the longest of the batch
-  (batched dynamic padding, like TRL's collator), no sorting, no prompt sharing.
-The three alternate in rounds (one batch of ours, 1/R of the naive and dynamic pairs; the order flips every
-round) so that a busy machine slows them alike. "ratio" (vs naive) is kept for continuity;
-"ratio_vs_dynamic_padding" is the figure to quote.
+  authors' recipe pads everything to 512); `--no-naive` skips it.
+The timing discipline is scripts/bench_common.py's: a timed step = `--round-pairs` pairs on every side
+(ours takes consecutive slices of the length-sorted pairs, the baselines the pairs in their given order),
+the sides take turns step by step, step 0 runs once untimed first on every side, and the pass over all
+pairs is repeated `--repeats` times. The JSON carries the pair tokens each side scored (equal: the same
+pairs) and the tokens each side actually fed the model (`input_tokens`, from a forward pre-hook).
 
 Texts: the real Helpful / Harmless / WebGPT / TL;DR slices in <repo>/../shared/data/real when present
 (pairs drawn evenly across them with a seed), tokenized by a BPE trained on them; otherwise synthetic
 texts whose token lengths follow the recorded length profile of those slices (see LENGTH_PROFILE).
-The last printed line is JSON: {"benchmark": "rm_scoring", "ratio": naive_seconds / ours_seconds, ...}
-(wall clock; "cpu_ratio" is the same with process CPU time, and "load_average_1m" tells how busy the
-machine was: on a shared machine compare several runs).
+The last printed line is JSON: {"benchmark": "rm_scoring", "ratio_vs_dynamic_padding": dynamic s / ours s
+(median over repeats, with _min and _max), "ratio_vs_naive_pad": likewise, ...}.
 
-    python scripts/bench_scoring.py                 # ~25M-param GPT-NeoX, 200 pairs, CPU (~1 min on 2 quiet cores)
-    python scripts/bench_scoring.py --pairs 200 --size mini --batch-size 32
+    python scripts/bench_scoring.py --precision fp32   # 200 pairs, mini GPT-NeoX, 20 steps x 3 repeats, CPU
+    python scripts/bench_scoring.py --pairs 400 --round-pairs 20 --size small
 """
 
 from __future__ import annotations
