@@ -7,15 +7,16 @@
   `generate`, a static KV cache (compiled decoding on CUDA), or transformers' continuous batching;
 * loop = one `generate` call per prompt with `num_return_sequences=n` (the same GenerationConfig).
 Both decode EXACTLY `--new-tokens` tokens per sequence (min_new_tokens = max_new_tokens), so the work is
-identical; sampling at `--temperature`. A warm-up call of each precedes the timing.
+identical; sampling at `--temperature`. The timing discipline is scripts/bench_common.py's: a timed step =
+one of our batches and the same prompts through the loop, the sides take turns (the order rotates), step 0
+runs once untimed first on both, and the pass over all prompts is repeated `--repeats` times.
 The last printed line is JSON:
-    {"benchmark": "bon_generation", "ratio": loop_seconds / ours_seconds, "tokens_per_s": ours, ...}
+    {"benchmark": "bon_generation", "ratio": loop s / ours s (median over repeats; ratio_min, ratio_max), ...}
+with the prompt tokens, new tokens and model input tokens of each side as the identical-work evidence
 (with `--loop-prompts K` the loop is timed on K prompts drawn uniformly at random (seeded) from all of
-them, and its time scaled by N/K; each drawn prompt runs in the round of the batch that holds it).
-The two alternate in rounds (one of our batches, then the same prompts through the loop; the order flips
-every round) so that a busy machine slows both alike.
+them, its time scaled by N/K, and `timed_prompts_identical` is false).
 
-    python scripts/bench_generate.py                         # small random GPT-NeoX on CPU
+    python scripts/bench_generate.py                         # small random GPT-NeoX on CPU, 80 prompts, 20 steps x 3
     python scripts/bench_generate.py --arch llama --prompts 32 --batch-size 32
     python scripts/bench_generate.py --llama7b-shape --prompts 64 --batch-size 64 --new-tokens 128 --loop-prompts 8
     python scripts/bench_generate.py --llama7b-shape ... --backend static     # static KV cache + torch.compile
@@ -51,9 +52,7 @@ On a GPU run this script with each `--backend` on the same machine and compare t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +61,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import bench_common  # noqa: E402
 
 from pipeline.align.generate import BACKENDS, generate_rows, generation_config  # noqa: E402
 
@@ -142,22 +144,26 @@ def main(argv=None) -> dict:
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--llama7b-shape", action="store_true", help="Alpaca-7B's LLaMA shape (bf16; needs a GPU)")
     ap.add_argument("--n", type=int, default=4, help="samples per prompt")
-    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--prompts", type=int, default=80)
     ap.add_argument(
         "--loop-prompts",
         type=int,
         default=None,
         help="time the loop on K prompts drawn uniformly at random (its time scaled by N/K)",
     )
-    ap.add_argument("--new-tokens", type=int, default=32, help="exactly this many new tokens per sequence")
+    ap.add_argument("--new-tokens", type=int, default=16, help="exactly this many new tokens per sequence")
     ap.add_argument("--min-prompt", type=int, default=20)
     ap.add_argument("--max-prompt", type=int, default=200)
-    ap.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (ours)")
+    ap.add_argument(
+        "--batch-size", type=int, default=4, help="prompts per generate call (ours); 80 / 4 = 20 timed steps"
+    )
     ap.add_argument("--temperature", type=float, default=1.2)
     ap.add_argument("--backend", choices=BACKENDS, default="generate")
     ap.add_argument("--no-share-prompt", action="store_true", help="prefill each prompt n times, as plain generate")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--repeats", type=int, default=bench_common.MIN_REPEATS, help="timed passes over the prompts")
+    bench_common.add_precision_argument(ap, "model dtype of both sides")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -168,7 +174,8 @@ def main(argv=None) -> dict:
         if (args.device == "auto" and torch.cuda.is_available())
         else ("cpu" if args.device == "auto" else args.device)
     )
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    precision, precision_reason = bench_common.choose_precision(args.precision, device.type)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model, config = build_model(args, device, dtype)
     n_params = sum(p.numel() for p in model.parameters())
     rng = np.random.default_rng(args.seed)
@@ -225,67 +232,93 @@ def main(argv=None) -> dict:
             rows.append(out[:, ids.shape[1] :].tolist())
         return rows
 
-    # warm-up (kernels, allocator; the static backend compiles its step here for the first shape)
-    ours(prompts[: min(len(prompts), args.batch_size)])
-    loop(prompts[:1])
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-    # Rounds: one batch of ours (the stage's length-sorted batches) and the same prompts through the loop,
-    # alternating which goes first, so that a busy machine slows both alike.
+    # Steps: one batch of ours (the stage's length-sorted batches) and the same prompts through the loop,
+    # interleaved (the order rotates), repeated; the first step of each side is run once more before, untimed
+    # (kernels, allocator; the static backend compiles its step there for the first shape).
     rounds, scale = plan_rounds(prompts, args.batch_size, args.loop_prompts, args.seed)
     torch.manual_seed(args.seed)
-    rows, loop_rows, ours_s, loop_s, k = [], [], 0.0, 0.0, 0
-    for r, (batch, sub) in enumerate(rounds):
-        for which in ("ours", "loop") if r % 2 == 0 else ("loop", "ours"):
-            if which == "loop" and not sub:
-                continue
-            sync(device)
-            t = time.perf_counter()
-            if which == "ours":
-                rows += ours(batch)
-            else:
-                loop_rows += loop(sub)
-            sync(device)
-            if which == "ours":
-                ours_s += time.perf_counter() - t
-            else:
-                loop_s += (time.perf_counter() - t) * scale
-        k += len(sub)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    load_before = bench_common.load_average()
+    rows = [[] for _ in rounds]
+    loop_rows = [[] for _ in rounds]
 
-    new_tokens = sum(len(r) for per in rows for r in per)
+    def step(which, counter):
+        def f(i):
+            batch, sub = rounds[i]
+            counter.take()
+            if which == "ours":
+                rows[i] = ours(batch)
+            elif sub:
+                loop_rows[i] = loop(sub)
+            return counter.take()
+
+        return f
+
+    with bench_common.count_tokens(model) as counter:
+        timings = bench_common.run_interleaved(
+            {"ours": step("ours", counter), "loop": step("loop", counter)},
+            len(rounds),
+            repeats=args.repeats,
+            warmup_steps=1,
+            sync=lambda: sync(device),
+            progress=lambda s: print(s, flush=True),
+        )
+    load_after = bench_common.load_average()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    secs = bench_common.seconds_per_side(timings)
+    ours_s, loop_s = secs["ours"], secs["loop"] * scale
+    k = sum(len(sub) for _, sub in rounds)
+
+    new_tokens = sum(len(r) for batch_rows in rows for per in batch_rows for r in per)
+    loop_new = sum(len(r) for batch_rows in loop_rows for per in batch_rows for r in per)
     expected = args.prompts * args.n * args.new_tokens
     assert new_tokens == expected, f"ours produced {new_tokens} tokens, expected {expected}"
-    assert all(len(r) == args.new_tokens for per in loop_rows for r in per)
+    assert loop_new == k * args.n * args.new_tokens, f"the loop produced {loop_new} tokens"
+    summary = bench_common.ratio_summary(timings, "loop", "ours")
+    if scale != 1:
+        summary = {
+            key: (round(v * scale, 3) if key != "per_repeat" else [round(x * scale, 3) for x in v])
+            for key, v in summary.items()
+        }
     result = {
         "benchmark": "bon_generation",
-        "ratio": round(loop_s / ours_s, 3),
+        **bench_common.flat_ratio_fields("ratio", summary),
+        **bench_common.discipline(timings),
+        "baseline": "one generate call per prompt with num_return_sequences=n (same GenerationConfig)",
+        "timed_prompts_identical": k == args.prompts,
+        "loop_time_scale": scale,
+        "timed_prompt_tokens": {
+            "ours": sum(len(p) for batch, _ in rounds for p in batch),
+            "loop": sum(len(p) for _, sub in rounds for p in sub),
+        },
+        "new_tokens": {"ours": new_tokens, "loop": loop_new},
+        "input_tokens": {side: sum(timings.out[side][0]) for side in ("ours", "loop")},
         "tokens_per_s": round(new_tokens / ours_s, 1),
         "loop_tokens_per_s": round(new_tokens / loop_s, 1),
         "ours_s": round(ours_s, 3),
         "loop_s": round(loop_s, 3),
         "loop_prompts_timed": k,
-        "new_tokens": new_tokens,
         "prompts": args.prompts,
         "n": args.n,
         "batch_size": args.batch_size,
         "backend": args.backend,
         "share_prompt": not args.no_share_prompt,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
         "model": "llama-7b-shape"
         if args.llama7b_shape
         else f"{args.arch} h{args.hidden} l{args.layers} v{args.vocab}",
         "params_m": round(n_params / 1e6, 1),
         "peak_mem_gb": None if peak is None else round(peak, 2),
+        **bench_common.environment(
+            device.type, "bf16" if dtype == torch.bfloat16 else "fp32", precision_reason, torch.get_num_threads()
+        ),
+        "load_before": load_before,
+        "load_after": load_after,
     }
     print(
         f"ours: {ours_s:.2f} s ({result['tokens_per_s']} new tokens/s); loop: {loop_s:.2f} s "
         f"({result['loop_tokens_per_s']} new tokens/s); ratio {result['ratio']}x",
         flush=True,
     )
-    print(json.dumps(result))
-    return result
+    return bench_common.emit(result)
 
 
 if __name__ == "__main__":

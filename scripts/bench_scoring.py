@@ -1,30 +1,32 @@
-"""Benchmark: the calibration stage's batched RM scorer vs a naive per-pair loop padded to 512 tokens.
+"""Benchmark: the calibration stage's batched RM scorer vs batched dynamic padding (the headline) and vs a
+per-pair loop padded to 512 tokens (a second field).
 
-Both score the SAME pairs with the SAME randomly initialised reward model, the same left truncation to
-`--max-length` tokens and the same autocast dtype, in one run:
+All score the SAME pairs with the SAME randomly initialised reward model, the same left truncation to
+`--max-length` tokens and the same autocast (`--precision`), in one run:
 
 * ours  = `pipeline.scoring.score_pairs` (what the calibration stage calls): pairs sorted by length,
   padded per batch, `--batch-size` sequences per forward, no gradients, and for decoder RMs each pair
   packed into one sequence holding one copy of the prompt both sides share (a 4D attention mask keeps
   the two continuations apart; `--no-share` scores them as separate sequences);
+* dynamic = the fair baseline, what a user would otherwise run: pairs in their given order, chosen and
+  rejected of up to batch_size/2 pairs per forward, padded to the longest of the batch (batched dynamic
+  padding, like TRL's collator), no sorting, no prompt sharing;
 * naive = one forward per pair (chosen + rejected), every sequence padded to `--max-length` tokens (the
-  authors' recipe pads everything to 512).
-* dynamic = the fair baseline, what a user would otherwise run: pairs in their given order, `--batch-size`
-  sequences (chosen and rejected of batch_size/2 pairs) per forward, padded to the longest of the batch
-  (batched dynamic padding, like TRL's collator), no sorting, no prompt sharing.
-The three alternate in rounds (one batch of ours, 1/R of the naive and dynamic pairs; the order flips every
-round) so that a busy machine slows them alike. "ratio" (vs naive) is kept for continuity;
-"ratio_vs_dynamic_padding" is the figure to quote.
+  authors' recipe pads everything to 512); `--no-naive` skips it.
+The timing discipline is scripts/bench_common.py's: a timed step = `--round-pairs` pairs on every side
+(ours takes consecutive slices of the length-sorted pairs, the baselines the pairs in their given order),
+the sides take turns step by step, step 0 runs once untimed first on every side, and the pass over all
+pairs is repeated `--repeats` times. The JSON carries the pair tokens each side scored (equal: the same
+pairs) and the tokens each side actually fed the model (`input_tokens`, from a forward pre-hook).
 
 Texts: the real Helpful / Harmless / WebGPT / TL;DR slices in <repo>/../shared/data/real when present
 (pairs drawn evenly across them with a seed), tokenized by a BPE trained on them; otherwise synthetic
 texts whose token lengths follow the recorded length profile of those slices (see LENGTH_PROFILE).
-The last printed line is JSON: {"benchmark": "rm_scoring", "ratio": naive_seconds / ours_seconds, ...}
-(wall clock; "cpu_ratio" is the same with process CPU time, and "load_average_1m" tells how busy the
-machine was: on a shared machine compare several runs).
+The last printed line is JSON: {"benchmark": "rm_scoring", "ratio_vs_dynamic_padding": dynamic s / ours s
+(median over repeats, with _min and _max), "ratio_vs_naive_pad": likewise, ...}.
 
-    python scripts/bench_scoring.py                 # ~25M-param GPT-NeoX, 200 pairs, CPU (~1 min on 2 quiet cores)
-    python scripts/bench_scoring.py --pairs 200 --size mini --batch-size 32
+    python scripts/bench_scoring.py --precision fp32   # 200 pairs, mini GPT-NeoX, 20 steps x 3 repeats, CPU
+    python scripts/bench_scoring.py --pairs 400 --round-pairs 20 --size small
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import gzip
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +44,14 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import bench_common  # noqa: E402
 
 from pipeline.calibration.stage import CalibrationConfig  # noqa: E402
 from pipeline.data.tokenize import encode_left, pad_right  # noqa: E402
 from pipeline.models import TinyModelSpec, count_parameters, tiny_model, tiny_tokenizer  # noqa: E402
-from pipeline.scoring import autocast_dtype, score_pair_ids, score_pairs  # noqa: E402
+from pipeline.scoring import score_pair_ids, score_pairs  # noqa: E402
 
 
 REAL = REPO.parent / "shared" / "data" / "real"
@@ -152,23 +156,28 @@ def dynamic_scores(model, c_ids, r_ids, pad_id: int, batch_size: int, dtype):
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", type=int, default=200, help="number of preference pairs scored by both")
+    ap.add_argument("--pairs", type=int, default=200, help="number of preference pairs scored by every side")
     ap.add_argument(
-        "--size", default="small", choices=["tiny", "mini", "small"], help="TinyModelSpec size (small ~25M)"
+        "--size", default="mini", choices=["tiny", "mini", "small"], help="TinyModelSpec size (small ~25M)"
     )
     ap.add_argument("--arch", default="gpt_neox", choices=["gpt_neox", "llama", "bert"])
     ap.add_argument(
         "--batch-size",
         type=int,
         default=CalibrationConfig().batch_size,
-        help="sequences per forward for the batched scorer (default: the calibration stage's)",
+        help="sequences per forward for the batched scorers (default: the calibration stage's)",
     )
-    ap.add_argument("--round-batches", type=int, default=1, help="batches of the batched scorer per timing round")
+    ap.add_argument(
+        "--round-pairs",
+        type=int,
+        default=10,
+        help="pairs per timed step (every side scores the same number of pairs per step; 200 / 10 = 20 steps)",
+    )
+    ap.add_argument("--repeats", type=int, default=bench_common.MIN_REPEATS, help="timed passes over the pairs")
     ap.add_argument("--max-length", type=int, default=512, help="left-truncation length = the naive padding length")
     ap.add_argument("--vocab-size", type=int, default=16000, help="BPE vocabulary trained on the texts")
-    ap.add_argument(
-        "--dtype", default="auto", choices=["auto", "fp32"], help="autocast for BOTH scorers (auto = bf16 on CPU)"
-    )
+    bench_common.add_precision_argument(ap, "autocast of ALL scorers")
+    ap.add_argument("--no-naive", action="store_true", help="skip the per-pair pad-to-max-length loop")
     ap.add_argument(
         "--synthetic", action="store_true", help="use the recorded length profile even if real data exists"
     )
@@ -189,6 +198,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_before = bench_common.load_average()
 
     use_real = REAL.is_dir() and not args.synthetic
     tok, chosen, rejected, data_desc = (real_texts if use_real else synthetic_texts)(
@@ -202,87 +212,70 @@ def main(argv=None) -> dict:
         task="reward",
         seed=args.seed,
     ).eval()
-    device = torch.device("cpu")
-    dtype = autocast_dtype(device) if args.dtype == "auto" else None
+    precision, why = bench_common.choose_precision(args.precision, "cpu")
+    dtype = torch.bfloat16 if precision == "bf16" else None
     print(
         f"data: {data_desc}; {len(chosen)} pairs, tokens/sequence mean {lengths.mean():.0f} median "
         f"{np.median(lengths):.0f} p90 {np.percentile(lengths, 90):.0f} max {lengths.max()} ({n_cut} truncated); "
-        f"model {args.arch}/{args.size} {count_parameters(model) / 1e6:.1f}M params; autocast {dtype}; "
+        f"model {args.arch}/{args.size} {count_parameters(model) / 1e6:.1f}M params; {precision} ({why}); "
         f"{torch.get_num_threads()} threads",
         flush=True,
     )
 
-    # warm-up both paths (allocator, kernels) on a few pairs
-    score_pairs(
-        model,
-        tok,
-        [""] * 2,
-        chosen[:2],
-        rejected[:2],
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        dtype=dtype,
-    )
-    naive_scores(model, tok, chosen[:1], rejected[:1], args.max_length, dtype)
-
     # `score_pairs` = `encode_left` of both sides + `score_pair_ids` (shared prompt prefix encoded once,
-    # pairs sorted by length, padded per batch). We time exactly that work, on consecutive slices of the
-    # length-sorted pairs interleaved with the naive loop on the SAME pairs, flipping the order every
-    # round, so that load changes on a shared machine hit both scorers alike.
+    # pairs sorted by length, padded per batch). Every side scores the SAME pairs, --round-pairs per timed
+    # step: ours takes consecutive slices of the length-sorted pairs (its sorting is part of what is
+    # measured), the baselines take the pairs in their given (random) order. Encoding is done once, outside
+    # the timing, for all sides alike (the naive loop re-encodes, as a user's loop would).
     n = len(chosen)
-    t0, c0 = time.perf_counter(), time.process_time()
     c_ids, _ = encode_left(tok, chosen, args.max_length)
     r_ids, _ = encode_left(tok, rejected, args.max_length)
-    t_ours, c_ours = time.perf_counter() - t0, time.process_time() - c0
     order = np.argsort([-max(len(a), len(b)) for a, b in zip(c_ids, r_ids)], kind="stable")
-    per_round = max(1, args.round_batches * args.batch_size // 2)
-    rounds = [order[i : i + per_round] for i in range(0, n, per_round)]
-    t_naive = c_naive = t_dyn = 0.0
-    dyn = (np.empty(n), np.empty(n))
-    rewards = np.empty(2 * n)
-    naive = (np.empty(n), np.empty(n))
+    n_steps = max(1, -(-n // args.round_pairs))
+    plans = {"ours": [a.tolist() for a in np.array_split(order, n_steps)]}
+    plans["dynamic"] = [a.tolist() for a in np.array_split(np.arange(n), n_steps)]
+    if not args.no_naive:
+        plans["naive"] = plans["dynamic"]
+    rewards = {side: (np.empty(n), np.empty(n)) for side in plans}
     prefix_tokens = sum(min(len(os.path.commonprefix([a, b])), len(a) - 2, len(b) - 2) for a, b in zip(c_ids, r_ids))
-    # the dynamic-padding baseline takes the pairs in their given (random) order, in as many rounds
-    dyn_rounds = np.array_split(np.arange(n), len(rounds))
-    for k, sel in enumerate(rounds):
-        for which in ("ours", "naive", "dynamic") if k % 2 == 0 else ("dynamic", "naive", "ours"):
-            if which == "dynamic":
-                t0 = time.perf_counter()
-                d = dyn_rounds[k]
-                if len(d):
-                    dc, dr = dynamic_scores(
-                        model, [c_ids[i] for i in d], [r_ids[i] for i in d], tok.pad_token_id, args.batch_size, dtype
-                    )
-                    dyn[0][d], dyn[1][d] = dc, dr
-                t_dyn += time.perf_counter() - t0
-                continue
-            t0, c0 = time.perf_counter(), time.process_time()
-            if which == "ours":
+
+    def scorer(side, counter):
+        def step(i):
+            sel = plans[side][i]
+            counter.take()
+            if side == "ours":
                 rc, rr = score_pair_ids(
                     model,
-                    [c_ids[i] for i in sel],
-                    [r_ids[i] for i in sel],
+                    [c_ids[j] for j in sel],
+                    [r_ids[j] for j in sel],
                     tok.pad_token_id,
                     batch_size=args.batch_size,
                     max_tokens_per_batch=args.max_tokens,
                     dtype=dtype,
                     share_prefix=not args.no_share,
                 )
-                rewards[sel], rewards[sel + n] = rc, rr
-                t_ours += time.perf_counter() - t0
-                c_ours += time.process_time() - c0
-            else:
-                nc, nr = naive_scores(
-                    model, tok, [chosen[i] for i in sel], [rejected[i] for i in sel], args.max_length, dtype
+            elif side == "dynamic":
+                rc, rr = dynamic_scores(
+                    model, [c_ids[j] for j in sel], [r_ids[j] for j in sel], tok.pad_token_id, args.batch_size, dtype
                 )
-                naive[0][sel], naive[1][sel] = nc, nr
-                t_naive += time.perf_counter() - t0
-                c_naive += time.process_time() - c0
-        print(
-            f"round {k}: {len(sel)} pairs; cumulative ours {t_ours:.1f}s, naive {t_naive:.1f}s, dynamic {t_dyn:.1f}s",
-            flush=True,
+            else:
+                rc, rr = naive_scores(
+                    model, tok, [chosen[j] for j in sel], [rejected[j] for j in sel], args.max_length, dtype
+                )
+            rewards[side][0][sel], rewards[side][1][sel] = rc, rr
+            return counter.take()
+
+        return step
+
+    with bench_common.count_tokens(model) as counter:
+        timings = bench_common.run_interleaved(
+            {side: scorer(side, counter) for side in plans},
+            n_steps,
+            repeats=args.repeats,
+            warmup_steps=1,
+            progress=lambda s: print(s, flush=True),
         )
-    ours = (rewards[:n], rewards[n:])
+    load_after = bench_common.load_average()
     # the whole-call path gives the same rewards (a check that the slicing changed nothing)
     check = score_pairs(
         model,
@@ -295,25 +288,30 @@ def main(argv=None) -> dict:
         dtype=dtype,
     )
 
-    diff = max(np.abs(ours[0] - naive[0]).max(), np.abs(ours[1] - naive[1]).max())
-    scale = float(np.abs(np.concatenate(naive)).max()) or 1.0
+    def diff(a, b):
+        return float(max(np.abs(a[0] - b[0]).max(), np.abs(a[1] - b[1]).max()))
+
+    ours, dyn = rewards["ours"], rewards["dynamic"]
+    scale = float(np.abs(np.concatenate(dyn)).max()) or 1.0
     tol = (2e-2 if dtype is not None else 1e-5) * scale  # bf16 keeps ~3 significant digits
     same = bool(np.allclose(check[0], ours[0][:8], atol=tol) and np.allclose(check[1], ours[1][:8], atol=tol))
+    secs = bench_common.seconds_per_side(timings)
+    pair_len = [len(a) + len(b) for a, b in zip(c_ids, r_ids)]
     result = {
         "benchmark": "rm_scoring",
-        "ratio": round(t_naive / t_ours, 3),
-        "ratio_vs_dynamic_padding": round(t_dyn / t_ours, 3),
-        "dynamic_s": round(t_dyn, 3),
-        "baseline": "dynamic = batched dynamic padding in the given order (fair); naive = per-pair loop padded to "
-        "max_length (kept for continuity)",
-        "naive_s": round(t_naive, 3),
-        "ours_s": round(t_ours, 3),
-        "cpu_ratio": round(c_naive / c_ours, 3),
-        "n_pairs": len(chosen),
-        "pairs_per_s_ours": round(len(chosen) / t_ours, 2),
-        "pairs_per_s_naive": round(len(chosen) / t_naive, 2),
-        "pairs_per_s_dynamic": round(len(chosen) / t_dyn, 2),
-        "max_abs_reward_diff_dynamic": float(max(np.abs(ours[0] - dyn[0]).max(), np.abs(ours[1] - dyn[1]).max())),
+        **bench_common.flat_ratio_fields(
+            "ratio_vs_dynamic_padding", bench_common.ratio_summary(timings, "dynamic", "ours")
+        ),
+        **bench_common.discipline(timings),
+        "baseline": "batched dynamic padding of the same pairs in their given order, batch_size/2 pairs (both sides) "
+        "per forward, padded to the longest of the batch",
+        "timed_pairs_identical": bench_common.same_multiset(*plans.values()) and len(order) == n,
+        "timed_pair_tokens": {side: sum(pair_len[j] for b in p for j in b) for side, p in plans.items()},
+        "input_tokens": {side: sum(timings.out[side][0]) for side in plans},
+        "seconds_per_repeat": secs,
+        "pairs_per_s": {side: round(n / s, 2) for side, s in secs.items()},
+        "max_abs_reward_diff_dynamic": diff(ours, dyn),
+        "n_pairs": n,
         "data": "real" if use_real else "synthetic-profile",
         "tokens_per_sequence": {
             "mean": round(float(lengths.mean()), 1),
@@ -324,21 +322,24 @@ def main(argv=None) -> dict:
         "model": f"{args.arch}/{args.size}",
         "params_m": round(count_parameters(model) / 1e6, 1),
         "batch_size": args.batch_size,
+        "round_pairs": args.round_pairs,
         "max_tokens_per_batch": args.max_tokens,
-        "timing_rounds": len(rounds),
         "shared_prefix": not args.no_share,
         "shared_prefix_token_fraction": round(2 * prefix_tokens / float(lengths.sum()), 3),
         "max_length": args.max_length,
-        "autocast": str(dtype).replace("torch.", "") if dtype else "none",
-        "threads": torch.get_num_threads(),
-        "max_abs_reward_diff": float(diff),
         "slices_match_score_pairs": same,
         "reward_scale": scale,
-        "device": "cpu",
-        "load_average_1m": round(os.getloadavg()[0], 2),
+        **bench_common.environment("cpu", precision, why, torch.get_num_threads()),
+        "load_before": load_before,
+        "load_after": load_after,
     }
-    print(json.dumps(result))
-    return result
+    if "naive" in plans:
+        result.update(
+            bench_common.flat_ratio_fields("ratio_vs_naive_pad", bench_common.ratio_summary(timings, "naive", "ours"))
+        )
+        result["naive"] = f"one forward per pair, both sides padded to {args.max_length} tokens (the authors' recipe)"
+        result["max_abs_reward_diff_naive"] = diff(ours, rewards["naive"])
+    return bench_common.emit(result)
 
 
 if __name__ == "__main__":

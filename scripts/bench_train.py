@@ -1,40 +1,41 @@
 """Reward-model TRAINING throughput: our trainer (defaults) vs stock `trl.RewardTrainer`, in one interleaved run.
 
-Three trainers train copies of the SAME randomly initialised RM on the SAME pairs with the SAME number of
-pairs per optimizer step, one epoch each (so each sees every pair exactly once), under the same bf16
-autocast; their steps are interleaved (trl, multitask, more, then rotated) so load on a shared machine
-hits all three alike:
+Three trainers train copies of the SAME randomly initialised RM with the SAME number of pairs per optimizer
+step under the same autocast (`--precision`; auto = bf16 on CUDA and on CPUs with avx512_bf16/amx_bf16):
 
 * trl       = stock `trl.RewardTrainer` with TRL's own `DataCollatorForPreference` and sampler (random
               batches, dynamic padding to the longest sequence of the batch): what a user would otherwise run;
-* multitask = our `MORERewardTrainer(method="multitask")` with its defaults (pairs packed with one copy of
-              their prompt, several per row; length-grouped batches);
-* more      = our `MORERewardTrainer(method="more")` with its defaults, on balanced batches (per_source_batch
-              pairs of every source per step).
-A timed step = fetching and collating the batch + forward + backward + optimizer step.
+* more      = our `MORERewardTrainer(method="more")` with its defaults (pairs packed with one copy of their
+              prompt, several per row; length-grouped balanced batches: per_source_batch pairs of every source);
+* multitask = `MORERewardTrainer(method="multitask")` on MORE's very batches (same sampler, same packing), so
+              `more_overhead` (MORE s / MultiTask s) measures MORE's weight computation and nothing else.
+The timing discipline is scripts/bench_common.py's: the timed pairs are ONE pool that every side covers
+exactly once per repeat (each side's own sampler decides its batches: that is part of what is compared);
+the warm-up runs on a separate pool of pairs, the same batches on every side, untimed; the sides take turns
+step by step (the order rotates); the timed pass is repeated `--repeats` times. A timed step = collating the
+batch + forward + backward + optimizer step. The JSON carries the evidence: `timed_pairs_identical`, the pair
+tokens of each side's timed batches (`timed_pair_tokens_trl` = `timed_pair_tokens_ours` when the pairs are the
+same) and the tokens each side actually fed the model (`input_tokens_trl`, `input_tokens_ours`).
 
 Pairs: the real Helpful / Harmless / WebGPT / TL;DR slices in <repo>/../shared/data/real (one source each,
 full transcripts; the shared prompt is their common prefix), tokenized by a BPE trained on them and
 left-truncated to --max-length; otherwise (or with --synthetic) random tokens with the real length profile
 (tokens per sequence log-normal, median 178, p90 404, cap 512) AND shared-prompt profile (the prompt is
 SHARED_PROMPT_FRACTION of a pair's tokens, as measured on the real slices).
-The last printed line is JSON with speedup_vs_trl (more pairs/s / trl pairs/s), more_overhead (multitask
-pairs/s / more pairs/s), the model size, tokens per pair and the load average.
+The last printed line is JSON: speedup_vs_trl (TRL s / MORE s per repeat: median, _min, _max), more_overhead
+(likewise), repeats, the token counts, precision, threads, load_before, load_after.
 
-    python scripts/bench_train.py                         # ~25M-param GPT-NeoX on CPU (target speedup >= 1.5)
-    python scripts/bench_train.py --size tiny --steps 3   # a smoke run
-    python scripts/bench_train.py --pythia-1.4b --steps 20 --per-source-batch 4   # on a GPU (gpu_check.sh)
+    python scripts/bench_train.py --precision fp32        # 1.8M-param GPT-NeoX, 8 pairs/step, 20 steps x 3, CPU
+    python scripts/bench_train.py --size tiny --steps 2 --repeats 1   # a smoke run
+    python scripts/bench_train.py --pythia-1.4b --per-source-batch 4  # on a GPU (gpu_check.sh)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+import bench_common  # noqa: E402
 from bench_scoring import LENGTH_PROFILE, REAL, _real_pairs  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from trl import RewardConfig, RewardTrainer  # noqa: E402
@@ -52,7 +54,7 @@ from trl import RewardConfig, RewardTrainer  # noqa: E402
 from pipeline.data.tokenize import encode_left  # noqa: E402
 from pipeline.models import TinyModelSpec, count_parameters, tiny_model, tiny_tokenizer  # noqa: E402
 from pipeline.reward.trainer import MORERewardConfig, MORERewardTrainer  # noqa: E402
-from pipeline.scoring import shared_prefix  # noqa: E402
+from pipeline.layout import shared_prefix  # noqa: E402
 
 
 SOURCES = ["helpful", "harmless", "webgpt", "summarize"]
@@ -114,14 +116,33 @@ def build_model(args, tok):
     return tiny_model(spec, tok, task="reward", seed=args.seed)
 
 
+def balanced_split(rows, k: int, per_source: int, warm_steps: int):
+    """(warm-up rows, timed rows): per source, its first warm_steps * per_source pairs warm up, the rest are
+    timed. Both pools hold the same number of pairs of every source (what balanced batches need)."""
+    by_src = [[r for r in rows if r["source_id"] == j] for j in range(k)]
+    n_warm = warm_steps * per_source
+    warm = [by_src[j][b * per_source + i] for b in range(warm_steps) for j in range(k) for i in range(per_source)]
+    timed = [r for j in range(k) for r in by_src[j][n_warm:]]
+    return warm, timed
+
+
+def batch_plan(trainer, n_rows: int, pairs_per_step: int) -> list[list[int]]:
+    """The pair indices of each batch of one epoch, in the trainer's own sampler's order."""
+    order = [int(i) for i in trainer._get_train_sampler(trainer.train_dataset)]
+    if sorted(order) != list(range(n_rows)):
+        raise RuntimeError(f"{type(trainer).__name__}'s sampler does not visit each of the {n_rows} pairs once")
+    return [order[s : s + pairs_per_step] for s in range(0, len(order), pairs_per_step)]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="gpt_neox", choices=["gpt_neox", "llama"])
-    ap.add_argument("--size", default="small", choices=["tiny", "mini", "small"], help="TinyModelSpec size")
+    ap.add_argument("--size", default="mini", choices=["tiny", "mini", "small"], help="TinyModelSpec size")
     ap.add_argument("--pythia-1.4b", dest="pythia", action="store_true", help="Pythia-1.4B shape, random init, sdpa")
-    ap.add_argument("--per-source-batch", type=int, default=4, help="pairs per source per step (x4 sources)")
-    ap.add_argument("--steps", type=int, default=12, help="timed optimizer steps per trainer")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per trainer first")
+    ap.add_argument("--per-source-batch", type=int, default=2, help="pairs per source per step (x4 sources)")
+    ap.add_argument("--steps", type=int, default=bench_common.MIN_STEPS, help="timed optimizer steps per side")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (the same pairs)")
+    ap.add_argument("--repeats", type=int, default=bench_common.MIN_REPEATS, help="timed passes over the pairs")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--vocab-size", type=int, default=16000)
     ap.add_argument(
@@ -130,37 +151,44 @@ def main(argv=None) -> dict:
         default=None,
         help="override our trainer's packing_max_tokens (default: the config default)",
     )
-    ap.add_argument("--no-bf16", action="store_true", help="fp32 instead of bf16 autocast (all trainers)")
+    bench_common.add_precision_argument(ap, "autocast of ALL sides")
     ap.add_argument("--synthetic", action="store_true", help="synthetic pairs even if the real data exists")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument(
+        "--share-model",
+        action="store_true",
+        help="all sides step ONE model (each with its own optimizer): a third of the weight memory, for GPUs "
+        "that cannot hold three copies with AdamW states (the timings are unaffected; the weights just drift)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_before = bench_common.load_average()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    n_steps = args.warmup + args.steps
+    precision, why = bench_common.choose_precision(args.precision, device)
+    dtype = torch.bfloat16 if precision == "bf16" else None
     use_real = REAL.is_dir() and not args.synthetic
     make = real_pairs if use_real else synthetic_pairs
-    tok, rows, k, data_desc = make(n_steps * args.per_source_batch, args.seed, args.vocab_size, args.max_length)
+    n_per_source = (args.warmup + args.steps) * args.per_source_batch
+    tok, rows, k, data_desc = make(n_per_source, args.seed, args.vocab_size, args.max_length)
     pairs_per_step = k * args.per_source_batch
-    # balanced layout for MORE (block b = per_source_batch pairs of every source); the others shuffle anyway
-    by_src = [[r for r in rows if r["source_id"] == j] for j in range(k)]
-    balanced = [
-        by_src[j][b * args.per_source_batch + i]
-        for b in range(n_steps)
-        for j in range(k)
-        for i in range(args.per_source_batch)
-    ]
-    data = Dataset.from_list(balanced)
-    seq = np.array([len(r[s]) for r in rows for s in ("chosen_ids", "rejected_ids")])
-    pair_tokens = float(np.mean([len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows]))
-    prompt_frac = float(np.mean([2 * shared_prefix(r["chosen_ids"], r["rejected_ids"]) for r in rows])) / pair_tokens
+    warm_rows, timed_rows = balanced_split(rows, k, args.per_source_batch, args.warmup)
+    data = Dataset.from_list(timed_rows)
+    seq = np.array([len(r[s]) for r in timed_rows for s in ("chosen_ids", "rejected_ids")])
+    pair_len = [len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in timed_rows]
+    pair_tokens = float(np.mean(pair_len))
+    prompt_frac = (
+        float(np.mean([2 * shared_prefix(r["chosen_ids"], r["rejected_ids"]) for r in timed_rows])) / pair_tokens
+    )
 
     base = build_model(args, tok)
     n_params = count_parameters(base)
-    dtype = None if args.no_bf16 else torch.bfloat16
     tmp = tempfile.mkdtemp()
+
+    models = iter([base] * 3 if args.share_model else [copy.deepcopy(base), copy.deepcopy(base), base])
+
     common = dict(
         per_device_train_batch_size=pairs_per_step,
         learning_rate=1e-5,
@@ -173,11 +201,10 @@ def main(argv=None) -> dict:
         disable_tqdm=True,
         save_strategy="no",
         seed=args.seed,
-        max_steps=n_steps,
     )
     trainers = {
         "trl": RewardTrainer(
-            copy.deepcopy(base),
+            next(models),
             RewardConfig(output_dir=f"{tmp}/trl", **common),
             train_dataset=data.remove_columns(["source_id"]),
             processing_class=tok,
@@ -189,64 +216,108 @@ def main(argv=None) -> dict:
             output_dir=f"{tmp}/{method}",
             method=method,
             source_names=SOURCES[:k],
-            balanced_batches=method == "more",
+            balanced_batches=True,  # MultiTask gets MORE's sampler: more_overhead compares IDENTICAL batches
             **common,
             **extra,
         )
-        trainers[method] = MORERewardTrainer(copy.deepcopy(base), cfg, train_dataset=data, processing_class=tok)
+        trainers[method] = MORERewardTrainer(next(models), cfg, train_dataset=data, processing_class=tok)
     del base
-    iters = {}
-    for name, t in trainers.items():
+    for t in trainers.values():
         t.create_optimizer()
         t.current_gradient_accumulation_steps = 1  # set by the train loop, which we bypass
         t.model.train()
-        iters[name] = iter(t.get_train_dataloader())
 
-    def step(name):
+    # Each side's own sampler decides its batches over the SAME timed pairs (TRL: random batches; ours:
+    # length-grouped balanced batches); MultiTask takes MORE's batches verbatim. The warm-up pairs are
+    # separate and the same on every side.
+    plans = {"trl": batch_plan(trainers["trl"], len(timed_rows), pairs_per_step)}
+    plans["more"] = batch_plan(trainers["more"], len(timed_rows), pairs_per_step)
+    plans["multitask"] = plans["more"]
+    n_steps = min(len(p) for p in plans.values())
+    plans = {n: p[:n_steps] for n, p in plans.items()}
+    warm_plan = [list(range(s, s + pairs_per_step)) for s in range(0, len(warm_rows), pairs_per_step)]
+
+    def rows_for(name, pool, idx):
+        if name == "trl":
+            return [{"chosen_ids": pool[i]["chosen_ids"], "rejected_ids": pool[i]["rejected_ids"]} for i in idx]
+        return [pool[i] for i in idx]
+
+    def run_step(name, examples):
         t = trainers[name]
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        batch = next(iters[name])
+        batch = t.data_collator(examples)
         batch = {key: v.to(t.args.device) if hasattr(v, "to") else v for key, v in batch.items()}
         width = batch["input_ids"].numel()
-        # training_step outside train() runs on the unprepared model: apply the bf16 autocast ourselves (all alike)
+        # training_step outside train() runs on the unprepared model: apply the autocast ourselves (all alike)
         with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
             t.training_step(t.model, batch)
         t.optimizer.step()
         t.optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0, width
+        return width
 
-    names = list(trainers)
-    secs = dict.fromkeys(names, 0.0)
-    tokens = dict.fromkeys(names, 0)
+    timed_examples = {n: [rows_for(n, timed_rows, idx) for idx in plans[n]] for n in trainers}
+    warm_examples = {n: [rows_for(n, warm_rows, idx) for idx in warm_plan] for n in trainers}
+    first = {n: trainers[n].data_collator(timed_examples[n][0]) for n in ("more", "multitask")}
+    batches_identical = (
+        all(torch.equal(first["more"][key], first["multitask"][key]) for key in first["more"] if key != "source_id")
+        and plans["more"] == plans["multitask"]
+    )
+
     peak = {}
-    for s in range(n_steps):
-        order = names[s % 3 :] + names[: s % 3]
-        for name in order:
+
+    def stepper(name, examples):
+        def f(i):
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            dt, width = step(name)
+            width = run_step(name, examples[i])
             if device == "cuda":
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated() / 2**30)
-            if s >= args.warmup:
-                secs[name] += dt
-                tokens[name] += width
-        print(f"step {s + 1}/{n_steps}: " + ", ".join(f"{n} {secs[n]:.1f}s" for n in names), flush=True)
-    pps = {n: args.steps * pairs_per_step / secs[n] for n in names}
+            return width
+
+        return f
+
+    timings = bench_common.run_interleaved(
+        {n: stepper(n, timed_examples[n]) for n in trainers},
+        n_steps,
+        repeats=args.repeats,
+        warmup_steps=len(warm_plan),
+        warmup={n: stepper(n, warm_examples[n]) for n in trainers},
+        sync=torch.cuda.synchronize if device == "cuda" else None,
+        progress=lambda s: print(s, flush=True),
+    )
+    load_after = bench_common.load_average()
+
+    timed_pairs = n_steps * pairs_per_step
+    secs = bench_common.seconds_per_side(timings)
+    pps = {n: round(timed_pairs / s, 2) for n, s in secs.items()}
+    tokens = {n: sum(timings.out[n][0]) for n in trainers}  # identical in every repeat (the same batches)
+    plan_tokens = {n: sum(pair_len[i] for b in plans[n] for i in b) for n in trainers}
+    speedup = bench_common.ratio_summary(timings, "trl", "more")
+    overhead = bench_common.ratio_summary(timings, "more", "multitask")
     more = trainers["more"]
     result = {
         "benchmark": "rm_train_throughput",
-        "speedup_vs_trl": round(pps["more"] / pps["trl"], 3),
-        "multitask_speedup_vs_trl": round(pps["multitask"] / pps["trl"], 3),
-        "more_overhead": round(pps["multitask"] / pps["more"], 3),
-        "pairs_per_s": {n: round(v, 2) for n, v in pps.items()},
-        "baseline": "stock trl.RewardTrainer, DataCollatorForPreference (dynamic padding), random batches",
-        "ours": f"MORERewardTrainer defaults: packing={more.packed}, packing_max_tokens="
-        f"{more.args.packing_max_tokens}, length_grouping={more.args.length_grouping}",
-        "input_tokens_per_pair": {n: round(tokens[n] / (args.steps * pairs_per_step), 1) for n in names},
+        **bench_common.flat_ratio_fields("speedup_vs_trl", speedup),
+        "multitask_speedup_vs_trl": bench_common.ratio_summary(timings, "trl", "multitask")["median"],
+        **bench_common.flat_ratio_fields("more_overhead", overhead),
+        "more_overhead_batches_identical": bool(batches_identical),
+        **bench_common.discipline(timings),
+        "timed_pairs_identical": bench_common.same_multiset(plans["trl"], plans["more"], plans["multitask"])
+        and timed_pairs == len(timed_rows),
+        "timed_pairs_per_repeat": timed_pairs,
+        "timed_pair_tokens_trl": plan_tokens["trl"],
+        "timed_pair_tokens_ours": plan_tokens["more"],
+        "input_tokens_trl": tokens["trl"],
+        "input_tokens_ours": tokens["more"],
+        "input_token_ratio_trl_vs_ours": round(tokens["trl"] / tokens["more"], 3),
+        "warmup_steps": len(warm_plan),
+        "warmup": "the same separate warm-up pairs on every side, untimed",
+        "pairs_per_s": pps,
+        "seconds_per_repeat": secs,
+        "baseline": "stock trl.RewardTrainer, DataCollatorForPreference (dynamic padding), its random sampler",
+        "ours": f"MORERewardTrainer(method='more') defaults: packing={more.packed}, packing_max_tokens="
+        f"{more.args.packing_max_tokens}, length_grouping={more.args.length_grouping}, balanced batches",
+        "more_overhead_def": "MORE seconds / MultiTask seconds on the same batches (same sampler and packing)",
+        "speedup_def": "stock TRL seconds / MORE seconds over the same timed pairs, per repeat",
         "tokens_per_pair": round(pair_tokens, 1),
         "shared_prompt_token_fraction": round(prompt_frac, 3),
         "tokens_per_sequence": {
@@ -258,16 +329,15 @@ def main(argv=None) -> dict:
         "data": "real" if use_real else "synthetic-profile",
         "data_desc": data_desc,
         "pairs_per_step": pairs_per_step,
-        "timed_steps": args.steps,
         "model": "pythia-1.4b-shape" if args.pythia else f"{args.arch}/{args.size}",
         "params_m": round(n_params / 1e6, 1),
-        "autocast": "bf16" if dtype is not None else "fp32",
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "shared_model": args.share_model,
+        **bench_common.environment(device, precision, why, torch.get_num_threads()),
         "peak_gpu_gib": {n: round(v, 1) for n, v in peak.items()} or None,
-        "load_average_1m": round(os.getloadavg()[0], 2),
+        "load_before": load_before,
+        "load_after": load_after,
     }
-    print(json.dumps(result))
-    return result
+    return bench_common.emit(result)
 
 
 if __name__ == "__main__":
