@@ -52,9 +52,9 @@ from datasets import Dataset  # noqa: E402
 from trl import RewardConfig, RewardTrainer  # noqa: E402
 
 from pipeline.data.tokenize import encode_left  # noqa: E402
+from pipeline.layout import shared_prefix  # noqa: E402
 from pipeline.models import TinyModelSpec, count_parameters, tiny_model, tiny_tokenizer  # noqa: E402
 from pipeline.reward.trainer import MORERewardConfig, MORERewardTrainer  # noqa: E402
-from pipeline.layout import shared_prefix  # noqa: E402
 
 
 SOURCES = ["helpful", "harmless", "webgpt", "summarize"]
