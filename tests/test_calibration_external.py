@@ -40,7 +40,9 @@ def assert_same_numbers(a, b, atol=1e-6):
     assert set(fa) == set(fb)
     for k, v in fa.items():
         if isinstance(v, float):
-            assert fb[k] == pytest.approx(v, abs=atol), k
+            # relative too: a fitted temperature on a near-flat likelihood (T in the thousands) moves by
+            # a few 1e-6 relative when the scores move by 1e-7 (summation order across ranks)
+            assert fb[k] == pytest.approx(v, abs=atol, rel=1e-5), k
         else:
             assert fb[k] == v, k
 
