@@ -269,3 +269,83 @@ def _read_lines(path):
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         return [line for line in f if line.strip()]
+
+
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\ntools: {{ tools | map(attribute='function.name') | join(', ') }}<|im_end|>\n"
+    "{% endif %}{% if lang %}<|im_start|>system\nlang {{ lang }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}{% if m.get('name') %} {{ m['name'] }}{% endif %}\n"
+    "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}call {{ c['function']['name'] }}"
+    "({{ c['function']['arguments'] | tojson }}){% endfor %}{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_tools_and_chat_template_kwargs_reach_the_template_as_in_trl(tmp_path):
+    """TRL's `tools` (a list, or a JSON string of one) and `chat_template_kwargs` columns, and assistant turns that
+    call tools (`tool_calls`, no content) followed by `tool` turns with a `name`: the data layer renders them like
+    trl.RewardTrainer (same token ids), and the plain layout keeps the calls as text."""
+    import datasets
+
+    from pipeline.data.synthetic import SyntheticConfig, synthetic_corpus
+    from pipeline.data.tokenize import tokenize_pairs
+    from pipeline.models import TinyModelSpec, tiny_model, tiny_tokenizer
+    from pipeline.reward.trainer import MORERewardConfig, MORERewardTrainer
+
+    tok = tiny_tokenizer(synthetic_corpus(SyntheticConfig()), vocab_size=1000, chat_template=TOOLS_TEMPLATE)
+    tool = {"type": "function", "function": {"name": "get_time", "description": "time", "parameters": {}}}
+    call = {"type": "function", "function": {"name": "get_time", "arguments": {"city": "Oslo"}}}
+    user = [{"role": "user", "content": "What time is it in Oslo?"}]
+    records = [
+        {
+            "prompt": user,
+            "chosen": [
+                {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "name": "get_time", "content": "10:00"},
+                {"role": "assistant", "content": "It is ten."},
+            ],
+            "rejected": [{"role": "assistant", "content": "No idea."}],
+            "tools": json.dumps([tool]),  # TRL's JSON-string form
+            "chat_template_kwargs": {"lang": "en"},
+        },
+        {
+            "prompt": [{"role": "user", "content": "Hi?"}],
+            "chosen": [{"role": "assistant", "content": "Hello."}],
+            "rejected": [{"role": "assistant", "content": "Go."}],
+            "tools": json.dumps([tool]),
+            "chat_template_kwargs": {"lang": "de"},
+        },
+    ]
+    f = tmp_path / "tools.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ds = load_source("trl", str(f))
+    conv = decode_conversation(ds[0]["conversation"])
+    assert conv["tools"] == [tool] and conv["chat_template_kwargs"] == {"lang": "en"}
+    assert '"get_time"' in ds[0]["chosen"] and "It is ten." in ds[0]["chosen"]  # plain layout keeps the call
+    loaded, _ = tokenize_pairs(ds, tok, None)
+    text = tok.decode(loaded["chosen_ids"][0])
+    assert "tools: get_time" in text and "lang en" in text and "call get_time" in text and "tool get_time" in text
+    args = MORERewardConfig(
+        output_dir=str(tmp_path / "o"), method="multitask", max_length=None, bf16=False, report_to="none", use_cpu=True
+    )
+    trainer = MORERewardTrainer(
+        tiny_model(TinyModelSpec(), tok, task="reward"),
+        args,
+        train_dataset=datasets.Dataset.from_list(records),
+        processing_class=tok,
+    )
+    assert trainer.train_dataset["chosen_ids"] == loaded["chosen_ids"]
+    assert trainer.train_dataset["rejected_ids"] == loaded["rejected_ids"]
+
+
+def test_bad_tools_and_template_kwargs_name_the_field(tmp_path):
+    base = {
+        "prompt": [{"role": "user", "content": "Hi?"}],
+        "chosen": [{"role": "assistant", "content": "Hello."}],
+        "rejected": [{"role": "assistant", "content": "Go."}],
+    }
+    for extra, field in (({"tools": "{not json"}, "tools"), ({"chat_template_kwargs": [1]}, "chat_template_kwargs")):
+        f = tmp_path / f"{field}.jsonl"
+        f.write_text(json.dumps({**base, **extra}) + "\n")
+        with pytest.raises(PreferenceDataError, match=field):
+            load_source("trl", str(f))

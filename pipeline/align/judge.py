@@ -181,7 +181,9 @@ def judge_prompt(conversation: str | list[dict], response_a: str, response_b: st
     if aspect not in ASPECTS:
         raise ValueError(f"unknown judge aspect {aspect!r}: use {' or '.join(ASPECTS)}")
     if isinstance(conversation, list):
-        conversation = "\n\n".join(f"{m['role'].capitalize()}: {m['content'].strip()}" for m in conversation)
+        from pipeline.data.render import plain_content
+
+        conversation = "\n\n".join(f"{m['role'].capitalize()}: {plain_content(m)}" for m in conversation)
     conversation = re.sub(r"(\n\nAssistant:|## Assistant:\n?)\s*$", "", conversation).strip()
     return _JUDGE_TEMPLATE.format(
         conversation=conversation, a=response_a.strip(), b=response_b.strip(), **ASPECTS[aspect]

@@ -45,9 +45,18 @@ def is_conversation(value) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) for m in value)
 
 
+def plain_content(message: dict) -> str:
+    """A message's text in the plain layout: its content, then its tool calls (if any) as compact JSON."""
+    text = (message.get("content") or "").strip()
+    if message.get("tool_calls"):
+        calls = json.dumps(message["tool_calls"], ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+        text = f"{text} {calls}" if text else calls
+    return text
+
+
 def plain_prompt(messages: list[dict]) -> str:
     """The plain (HH) layout of a prompt: every turn with its marker, ending with the assistant marker."""
-    return "".join(f"{PLAIN_MARKERS[m['role']]} {m['content'].strip()}" for m in messages) + PLAIN_MARKERS["assistant"]
+    return "".join(f"{PLAIN_MARKERS[m['role']]} {plain_content(m)}" for m in messages) + PLAIN_MARKERS["assistant"]
 
 
 def plain_response(messages: list[dict]) -> str:
@@ -56,7 +65,7 @@ def plain_response(messages: list[dict]) -> str:
     if not messages:
         return ""
     head, rest = messages[0], messages[1:]
-    return " " + head["content"].strip() + "".join(f"{PLAIN_MARKERS[m['role']]} {m['content'].strip()}" for m in rest)
+    return " " + plain_content(head) + "".join(f"{PLAIN_MARKERS[m['role']]} {plain_content(m)}" for m in rest)
 
 
 def plain_to_messages(prompt: str) -> list[dict]:
@@ -72,10 +81,22 @@ def plain_to_messages(prompt: str) -> list[dict]:
     return out
 
 
-def encode_conversation(prompt: list[dict], chosen: list[dict], rejected: list[dict]) -> str:
-    """The `conversation` column's value (compact, key-sorted JSON: equal conversations, equal strings)."""
+def encode_conversation(
+    prompt: list[dict],
+    chosen: list[dict],
+    rejected: list[dict],
+    tools: list | None = None,
+    chat_template_kwargs: dict | None = None,
+) -> str:
+    """The `conversation` column's value (compact, key-sorted JSON: equal conversations, equal strings). A row's
+    `tools` and `chat_template_kwargs` (TRL's columns) ride along, only when given."""
+    value = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if tools:
+        value["tools"] = tools
+    if chat_template_kwargs:
+        value["chat_template_kwargs"] = chat_template_kwargs
     return json.dumps(
-        {"prompt": prompt, "chosen": chosen, "rejected": rejected},
+        value,
         ensure_ascii=False,
         separators=(",", ":"),
         sort_keys=True,
@@ -158,18 +179,27 @@ def _common_prefix(*texts: str) -> str:
     return texts[0][:n]
 
 
-def templated_prompt(tokenizer, prompt: list[dict]) -> str:
-    """The generation prompt: ``apply_chat_template(prompt, add_generation_prompt=True)``."""
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+def template_kwargs(conv: dict) -> dict:
+    """The extra `apply_chat_template` arguments of a decoded conversation, as TRL builds them from a row:
+    ``{"tools": tools, **chat_template_kwargs}``."""
+    return {"tools": conv.get("tools"), **(conv.get("chat_template_kwargs") or {})}
 
 
-def templated_pair(tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[dict]) -> tuple[str, str, str]:
+def templated_prompt(tokenizer, prompt: list[dict], **kwargs) -> str:
+    """The generation prompt: ``apply_chat_template(prompt, add_generation_prompt=True, **kwargs)``."""
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **kwargs)
+
+
+def templated_pair(
+    tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[dict], **kwargs
+) -> tuple[str, str, str]:
     """(prompt_text, chosen_text, rejected_text) with prompt_text + chosen_text the templated prompt + chosen
     conversation (TRL's rule, including its common-prefix guard against templates whose generation prompt
-    differs from the prompt part of the full conversation)."""
-    gen = templated_prompt(tokenizer, prompt)
-    full_c = tokenizer.apply_chat_template(prompt + chosen, tokenize=False)
-    full_r = tokenizer.apply_chat_template(prompt + rejected, tokenize=False)
+    differs from the prompt part of the full conversation); `kwargs` (tools, template variables) go to every
+    `apply_chat_template` call."""
+    gen = templated_prompt(tokenizer, prompt, **kwargs)
+    full_c = tokenizer.apply_chat_template(prompt + chosen, tokenize=False, **kwargs)
+    full_r = tokenizer.apply_chat_template(prompt + rejected, tokenize=False, **kwargs)
     p = _common_prefix(gen, full_c, full_r)
     return p, full_c[len(p) :], full_r[len(p) :]
 
@@ -207,7 +237,8 @@ def render_pair(tokenizer, prompt: str, chosen: str, rejected: str, conversation
     """A row of the project schema rendered for `tokenizer` (see the module docstring)."""
     conv = decode_conversation(conversation)
     if conv is not None and has_chat_template(tokenizer):
-        return Rendered(*templated_pair(tokenizer, conv["prompt"], conv["chosen"], conv["rejected"]), templated=True)
+        texts = templated_pair(tokenizer, conv["prompt"], conv["chosen"], conv["rejected"], **template_kwargs(conv))
+        return Rendered(*texts, templated=True)
     return Rendered(prompt, chosen, rejected, templated=False)
 
 
@@ -215,7 +246,7 @@ def render_prompt(tokenizer, prompt: str, conversation: str | None = None) -> tu
     """(generation prompt text, templated) for a row's prompt."""
     conv = decode_conversation(conversation)
     if conv is not None and has_chat_template(tokenizer):
-        return templated_prompt(tokenizer, conv["prompt"]), True
+        return templated_prompt(tokenizer, conv["prompt"], **template_kwargs(conv)), True
     return prompt, False
 
 
@@ -226,6 +257,6 @@ def render_response(tokenizer, prompt: str, response: str, conversation: str | N
     conv = decode_conversation(conversation)
     if conv is not None and has_chat_template(tokenizer):
         reply = [{"role": "assistant", "content": response.strip()}]
-        p, c, _ = templated_pair(tokenizer, conv["prompt"], reply, reply)
+        p, c, _ = templated_pair(tokenizer, conv["prompt"], reply, reply, **template_kwargs(conv))
         return p, c, True
     return prompt, response, False

@@ -56,7 +56,10 @@ Formats and the pairs they form (counts of everything dropped are logged and sto
   to the last non-assistant message), each standard (strings, kept as they are) or conversational (lists
   of ``{"role", "content"}``). Conversational rows keep their messages in the string column
   ``conversation`` (JSON, see :mod:`pipeline.data.render`) and hold the plain HH rendering in
-  prompt/chosen/rejected. ``margin`` is kept; other columns are ignored. Identical pairs are dropped
+  prompt/chosen/rejected. Messages keep their other keys (``tool_calls``, ``name``; an assistant turn that calls
+  tools may have no content), and a conversational row's ``tools`` (a list or TRL's JSON string of one) and
+  ``chat_template_kwargs`` go to ``apply_chat_template`` as TRL passes them. ``margin`` is kept; other
+  columns are ignored. Identical pairs are dropped
   (``identical``). Option ``implicit`` ignores a ``prompt`` column (chosen/rejected hold the conversation).
   A ``save_to_disk`` directory is read too.
 * ``jsonl``: our own schema (``prompt``, ``chosen``, ``rejected``; optional ``source``, ``margin``).
@@ -607,34 +610,71 @@ def _fmt_jsonl(records, ctx):
 
 
 def _messages(ctx, value, where: str, field: str) -> list[dict]:
-    """A validated message list ({role, content} strings; other keys dropped)."""
+    """A validated message list. Each message keeps every key it has (`tool_calls`, `name`, ... go to the chat
+    template as TRL passes them); `content` is text, or absent/None in an assistant turn that makes tool calls."""
     from .render import ROLES
 
     out = []
     for i, m in enumerate(value):
         f = f"{field}[{i}]"
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and not m.get("tool_calls")):
             raise _err(
                 ctx.source,
                 where,
                 "a message without 'role' and 'content'",
-                "every message must be {'role': ..., 'content': ...}",
+                "every message must be {'role': ..., 'content': ...} (or an assistant turn with 'tool_calls')",
                 field=f,
             )
         if m["role"] not in ROLES:
             raise _err(
                 ctx.source, where, f"unknown role {m['role']!r}", f"use one of {list(ROLES)}", field=f + ".role"
             )
-        if not isinstance(m["content"], str):
+        content = m.get("content")
+        if not isinstance(content, str) and not (content is None and m.get("tool_calls")):
             raise _err(
                 ctx.source,
                 where,
-                f"content is {type(m['content']).__name__}, not text",
+                f"content is {type(content).__name__}, not text",
                 "only text messages are supported (flatten multimodal content parts to a string)",
                 field=f + ".content",
             )
-        out.append({"role": m["role"], "content": m["content"]})
+        try:
+            json.dumps(m)
+        except (TypeError, ValueError) as e:
+            raise _err(
+                ctx.source, where, f"the message is not JSON data ({e})", "keep messages to JSON values", field=f
+            ) from None
+        out.append(dict(m))
     return out
+
+
+def _template_extras(ctx, rec, where: str) -> tuple[list | None, dict | None]:
+    """A conversational row's `tools` (a list, or TRL's JSON string of one) and `chat_template_kwargs` (a dict),
+    which TRL passes to `apply_chat_template`; None where absent."""
+    tools = rec.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError as e:
+            raise _err(
+                ctx.source,
+                where,
+                f"tools is a string but not JSON ({e})",
+                "give a list of tool schemas",
+                field="tools",
+            ) from None
+    if tools is not None and not isinstance(tools, list):
+        raise _err(ctx.source, where, f"tools is {type(tools).__name__}", "give a list of tool schemas", field="tools")
+    kwargs = rec.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise _err(
+            ctx.source,
+            where,
+            f"chat_template_kwargs is {type(kwargs).__name__}",
+            "give a mapping of extra chat-template variables",
+            field="chat_template_kwargs",
+        )
+    return tools or None, kwargs or None
 
 
 def _trl_prompt_of_strings(chosen: str, rejected: str) -> str:
@@ -746,7 +786,7 @@ def _fmt_trl(records, ctx, implicit=False):
                 "prompt": plain_prompt(prompt),
                 "chosen": plain_response(chosen),
                 "rejected": plain_response(rejected),
-                "conversation": encode_conversation(prompt, chosen, rejected),
+                "conversation": encode_conversation(prompt, chosen, rejected, *_template_extras(ctx, rec, where)),
             }
         if row["chosen"] == row["rejected"]:
             ctx.stats["identical"] += 1
