@@ -11,6 +11,21 @@ REAL_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_hash_cache(tmp_path_factory):
+    """Content hashes (pipeline.io.content_sha256) cache into a per-session folder, never the user's
+    ~/.cache/more-pipeline; subprocesses the tests start inherit it. A test that sets its own keeps it."""
+    import os
+
+    old = os.environ.get("MORE_PIPELINE_CACHE")
+    os.environ["MORE_PIPELINE_CACHE"] = str(tmp_path_factory.mktemp("hash-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MORE_PIPELINE_CACHE", None)
+    else:
+        os.environ["MORE_PIPELINE_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
     """The shared real-data slices (<repo>/../shared/data/real); skips the test when absent."""
