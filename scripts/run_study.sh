@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The MORE-vs-baselines study (issue 10, part 2): seeds x grid sweeps with 95% t-intervals over seeds.
-#   scripts/run_study.sh [synthetic|overconfident|real|real-reduced|all] [OUT_ROOT]      (default: all runs/study)
+#   scripts/run_study.sh [synthetic|overconfident|real|real-reduced|real-full|all] [OUT_ROOT]      (default: all runs/study)
 # and then regenerates docs/results.md (scripts/study_report.py) from every committed part.
 #   PARALLEL=2 (default) runs two synthetic runs at a time; DATA_ROOT=../shared/data/real for the real part.
 # Each part is one `python -m pipeline.sweep` command; rerunning the script skips finished runs and resumes
@@ -18,15 +18,29 @@
 #                    2000 pairs x 4 epochs:               T = 0.95 (seed 0)  -> 4 epochs did not reach T > 1
 #                    400 pairs x 10 epochs:               T = 2.18 (seed 0; ECE10 0.074 -> 0.046 after scaling)
 #                  (a larger "mini" model was too slow to check here: 4 s/step at load 11).
-#   real           minilm-real recipe at its full settings (its methods: more, multitask; its stages:
-#                  reward, calibration, report), 3 seeds.
+#   real           minilm-real (all-MiniLM-L6-v2 on the five real sources) trained into the over-confident
+#                  regime (issue 20): 128 left-truncated tokens, 150 training pairs per source, 4 epochs
+#                  (152 steps per RM), methods more, multitask, uniform, reward + calibration, seeds 0-2 (more
+#                  where time allowed), each finished run exported to docs/results/real/ (--export) as it ends.
+#                  Settings chosen BEFORE training any MORE RM, from MultiTask's fitted T on seed 0 alone: the
+#                  cheapest tried with T > 1.3 (2026-12-03, quiet 2-core AMD EPYC, fp32, 2 threads):
+#                    128 tok, 300 pairs x 1 epoch  ( 75 steps; the real-reduced part): T = 0.21 (under-confident)
+#                    128 tok, 100 pairs x 4 epochs (100 steps, 4:17 training): T = 0.49 (under-confident)
+#                    128 tok, 150 pairs x 4 epochs (152 steps, 6:33 training): T = 1.52 -> chosen
+#                    128 tok, 150 pairs x 6 epochs (228 steps, 9:54 training): T = 3.70
+#                    256 tok, 600 pairs x 2 epochs (300 steps, the recipe's full settings, 2026-12-01): T = 2.26
+#                  BERT-style MiniLM cannot take packed batches (bidirectional attention), so it trains on
+#                  length-grouped padded batches; fp32 (this CPU's bf16 is slower).
+#   real-full      minilm-real recipe at its full settings (its methods: more, multitask; its stages:
+#                  reward, calibration, report), 3 seeds: ~4.5 h on this CPU; not part of `all`.
 #   real-reduced   minilm-real, 3 seeds, cut down to fit one session (below); not part of `all`.
 #
 # Cost, measured 2026-12-01 on this project's 2-core CPU machine with nothing else running:
 #   synthetic      24 min wall with PARALLEL=2 and OMP_NUM_THREADS=1 (each run ~150 s: 3 RMs x 500 steps at
 #                  ~18 steps/s, then calibration).
 #   overconfident  43 min wall, same settings (each run ~190 s: 3 RMs x 1000 steps at ~16 steps/s).
-#   real           8.5 s per training step (fp32, 2 threads; bf16 autocast was 23x slower on this CPU: 198 s),
+#   real           ~2.6 s per training step (128 tokens), ~22 min per seed for 3 RMs with calibration.
+#   real-full      8.5 s per training step (fp32, 2 threads; bf16 autocast was 23x slower on this CPU: 198 s),
 #                  so 2 RMs x 300 steps = 85 min of training per seed and ~4.5 h for the 3 seeds with
 #                  calibration: more than one 3-hour session. On a loaded machine (load ~10, 1 thread) a step
 #                  took 178 s. A GPU does it in minutes.
@@ -49,6 +63,9 @@ SYNTHETIC=(--recipe tiny-cpu --seeds 0-4 --stages reward,calibration
            --grid data.synthetic.drift_scale=0,0.5,1,2 "reward.methods=[more,multitask,uniform]")
 OVERCONFIDENT=(data.synthetic.n_train=400 reward.train.num_train_epochs=10)
 REDUCED=(data.max_length=128 data.n_train_per_source=300 reward.train.num_train_epochs=1)
+REAL=(data.max_length=128 data.n_train_per_source=150 reward.train.num_train_epochs=4
+      "reward.methods=[more,multitask,uniform]")
+REAL_SEEDS="${REAL_SEEDS:-0-2}"
 
 publish() {  # publish PART_NAME SWEEP_DIR COMMAND...
   local name="$1" dir="$2"; shift 2
@@ -83,8 +100,15 @@ if [[ "$PART" == overconfident || "$PART" == all ]]; then
     "${OVERCONFIDENT[@]}"
 fi
 if [[ "$PART" == real || "$PART" == all ]]; then
-  # 22.7M params: intra-op threads help here, so runs are sequential with every core.
-  OMP_NUM_THREADS="$(env -u OMP_NUM_THREADS nproc)" sweep real "$ROOT/minilm-real" --recipe minilm-real --seeds 0-2 "data_root=$DATA_ROOT"
+  # 22.7M params: intra-op threads help here, so runs are sequential with every core. --export keeps each
+  # finished seed in docs/results/real/ at once, so an interrupted study loses at most the running seed and a
+  # new machine reruns only the seeds not exported there.
+  OMP_NUM_THREADS="$(env -u OMP_NUM_THREADS nproc)" sweep real "$ROOT/minilm-real" --recipe minilm-real \
+    --seeds "$REAL_SEEDS" --stages reward,calibration "data_root=$DATA_ROOT" "${REAL[@]}" --export docs/results/real
+fi
+if [[ "$PART" == real-full ]]; then
+  OMP_NUM_THREADS="$(env -u OMP_NUM_THREADS nproc)" sweep real-full "$ROOT/minilm-real-full" --recipe minilm-real \
+    --seeds 0-2 "data_root=$DATA_ROOT"
 fi
 if [[ "$PART" == real-reduced ]]; then
   OMP_NUM_THREADS="$(env -u OMP_NUM_THREADS nproc)" sweep real-reduced "$ROOT/minilm-real-reduced" \
