@@ -1430,6 +1430,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    from pipeline.logs import quiet_library_noise
+
+    quiet_library_noise()  # the in-process runs skip pipeline.run.main, which does this for a single run
     try:
         if args.aggregate:
             if _is_main():
