@@ -648,3 +648,26 @@ def test_bos_only_tokenizer_gets_trls_eos(tmp_path):
     ref = RewardTrainer(model, _trl_config(tmp_path / "b"), train_dataset=ds, processing_class=t)
     assert ours.train_dataset["chosen_ids"] == ref.train_dataset["chosen_ids"]
     assert all(ids[0] == t.bos_token_id and ids[-1] == t.eos_token_id for ids in ours.train_dataset["chosen_ids"])
+
+
+def test_a_new_reward_head_does_not_depend_on_what_ran_before(tok, tmp_path):
+    """A base model without a reward head (a causal LM, like MiniLM's or Llama's hub weights) gets a freshly
+    initialised head; with the recipe's seed it is the same whatever this process drew from the RNG before, so
+    the second RM of a run equals the same RM trained alone."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.reward.stage import RewardStageConfig, load_base_model
+
+    base = tmp_path / "base"
+    lm = H.model("llama", tok)
+    AutoModelForCausalLM.from_config(lm.config).save_pretrained(base)
+    cfg = RewardStageConfig()
+    heads = []
+    for draws in (0, 7):
+        torch.rand(draws)  # another RM trained before, another amount of randomness used
+        model, _ = load_base_model(cfg, str(base), seed=3)
+        heads.append(find_reward_head(model).weight.detach().clone())
+    assert torch.equal(heads[0], heads[1])
+    torch.rand(7)
+    other, _ = load_base_model(cfg, str(base), seed=4)
+    assert not torch.equal(find_reward_head(other).weight, heads[0])

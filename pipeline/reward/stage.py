@@ -350,9 +350,15 @@ def _resolve_model_path(path: str) -> str:
     return resolve_pkg_path(path, "reward.model_name_or_path")
 
 
-def load_base_model(cfg: RewardStageConfig, path: str):
-    from transformers import AutoModelForSequenceClassification
+def load_base_model(cfg: RewardStageConfig, path: str, seed: int | None = None):
+    """The base model with a reward head (and the LoRA config when `cfg.peft` asks). With `seed`, the RNG is
+    seeded first, so a newly initialised head gets the same weights whatever this process ran before (the
+    Trainer seeds only after the model exists: without this, the second RM of a run started from another
+    head than the same RM trained alone)."""
+    from transformers import AutoModelForSequenceClassification, set_seed
 
+    if seed is not None:
+        set_seed(seed)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     bits = {"qlora4": 4, "qlora8": 8}.get(cfg.peft)
     kwargs = dict(num_labels=1, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
@@ -584,7 +590,7 @@ def train_one(recipe, run_dir: Path, plan: RMPlan, tokenizer, base: str, fresh: 
         dist.broadcast_object_list(box, src=0)
         last = box[0]
     args = MORERewardConfig(**plan.args)
-    model, peft_config = load_base_model(cfg, base)
+    model, peft_config = load_base_model(cfg, base, seed=args.seed)
     trainer = MORERewardTrainer(
         model, args, train_dataset=plan.train, processing_class=tokenizer, peft_config=peft_config
     )
