@@ -19,16 +19,25 @@
 #                    400 pairs x 10 epochs:               T = 2.18 (seed 0; ECE10 0.074 -> 0.046 after scaling)
 #                  (a larger "mini" model was too slow to check here: 4 s/step at load 11).
 #   real           minilm-real (all-MiniLM-L6-v2 on the five real sources) trained into the over-confident
-#                  regime (issue 20): 128 left-truncated tokens, 150 training pairs per source, 4 epochs
-#                  (152 steps per RM), methods more, multitask, uniform, reward + calibration, seeds 0-2 (more
+#                  regime (issue 20): 128 left-truncated tokens, 150 training pairs per source, 5 epochs
+#                  (190 steps per RM), methods more, multitask, uniform, reward + calibration, seeds 0-2 (more
 #                  where time allowed), each finished run exported to docs/results/real/ (--export) as it ends.
-#                  Settings chosen BEFORE training any MORE RM, from MultiTask's fitted T on seed 0 alone: the
-#                  cheapest tried with T > 1.3 (2026-12-03, quiet 2-core AMD EPYC, fp32, 2 threads):
+#                  Settings chosen BEFORE training any MORE RM for the study, from MultiTask's fitted T on seed 0
+#                  alone: the cheapest tried with T > 1.3 (2026-12-03, quiet 2-core AMD EPYC, fp32, 2 threads).
+#                  With the current code (the base model loaded right after seeding, commit 95b5578):
+#                    128 tok, 150 pairs x 4 epochs (152 steps):             T = 1.02 (not over-confident)
+#                    128 tok, 150 pairs x 5 epochs (190 steps, 7:59 training): T = 1.94 -> chosen
+#                  Before that commit the new reward head was initialised from whatever state the process's RNG
+#                  was in, and the same settings gave other temperatures (MultiTask alone, seed 0):
 #                    128 tok, 300 pairs x 1 epoch  ( 75 steps; the real-reduced part): T = 0.21 (under-confident)
 #                    128 tok, 100 pairs x 4 epochs (100 steps, 4:17 training): T = 0.49 (under-confident)
-#                    128 tok, 150 pairs x 4 epochs (152 steps, 6:33 training): T = 1.52 -> chosen
+#                    128 tok, 150 pairs x 4 epochs (152 steps, 6:33 training): T = 1.52 (1.58 trained after MORE)
 #                    128 tok, 150 pairs x 6 epochs (228 steps, 9:54 training): T = 3.70
 #                    256 tok, 600 pairs x 2 epochs (300 steps, the recipe's full settings, 2026-12-01): T = 2.26
+#                  so at this scale the head's initialisation alone moves T by 0.5: 150 x 4 sits at the edge of
+#                  the regime, 150 x 5 inside it. 150 x 4 was first chosen on the old code and abandoned when its
+#                  seed-0 MultiTask gave T 1.02 on the current code (that run's MORE/Uniform were not looked at
+#                  for the choice; for the record: T 0.66 / 1.09).
 #                  BERT-style MiniLM cannot take packed batches (bidirectional attention), so it trains on
 #                  length-grouped padded batches; fp32 (this CPU's bf16 is slower).
 #   real-full      minilm-real recipe at its full settings (its methods: more, multitask; its stages:
@@ -39,7 +48,7 @@
 #   synthetic      24 min wall with PARALLEL=2 and OMP_NUM_THREADS=1 (each run ~150 s: 3 RMs x 500 steps at
 #                  ~18 steps/s, then calibration).
 #   overconfident  43 min wall, same settings (each run ~190 s: 3 RMs x 1000 steps at ~16 steps/s).
-#   real           ~2.6 s per training step (128 tokens), ~22 min per seed for 3 RMs with calibration.
+#   real           ~2.5 s per training step (128 tokens), ~27 min per seed for 3 RMs x 190 steps with calibration.
 #   real-full      8.5 s per training step (fp32, 2 threads; bf16 autocast was 23x slower on this CPU: 198 s),
 #                  so 2 RMs x 300 steps = 85 min of training per seed and ~4.5 h for the 3 seeds with
 #                  calibration: more than one 3-hour session. On a loaded machine (load ~10, 1 thread) a step
@@ -63,7 +72,7 @@ SYNTHETIC=(--recipe tiny-cpu --seeds 0-4 --stages reward,calibration
            --grid data.synthetic.drift_scale=0,0.5,1,2 "reward.methods=[more,multitask,uniform]")
 OVERCONFIDENT=(data.synthetic.n_train=400 reward.train.num_train_epochs=10)
 REDUCED=(data.max_length=128 data.n_train_per_source=300 reward.train.num_train_epochs=1)
-REAL=(data.max_length=128 data.n_train_per_source=150 reward.train.num_train_epochs=4
+REAL=(data.max_length=128 data.n_train_per_source=150 reward.train.num_train_epochs=5
       "reward.methods=[more,multitask,uniform]")
 REAL_SEEDS="${REAL_SEEDS:-0-2}"
 

@@ -53,12 +53,14 @@ PARTS = {
         "Real data, over-confident regime",
         "The `minilm-real` recipe (all-MiniLM-L6-v2, 22.7M parameters) on local slices of Helpful, Harmless, "
         "OASST1, WebGPT and Summarize, trained into the regime the paper is about (MultiTask over-confident): "
-        "128 left-truncated tokens, 150 training pairs per source, 4 epochs (`data.max_length=128 "
-        "data.n_train_per_source=150 reward.train.num_train_epochs=4`: 152 optimizer steps per RM), MORE, "
+        "128 left-truncated tokens, 150 training pairs per source, 5 epochs (`data.max_length=128 "
+        "data.n_train_per_source=150 reward.train.num_train_epochs=5`: 190 optimizer steps per RM), MORE, "
         "MultiTask and Uniform, reward + calibration stages, calibration on the recipe's test sets. The settings "
-        "were chosen before any MORE RM was trained, from MultiTask's fitted temperature on seed 0 alone: the "
-        "cheapest setting tried with T > 1.3 (100 pairs x 4 epochs gave T = 0.49, 150 x 4 gave 1.52, 150 x 6 "
-        "gave 3.70; scripts/run_study.sh records them).",
+        "were chosen before the study's MORE RMs were trained, from MultiTask's fitted temperature on seed 0 "
+        "alone: the cheapest setting tried with T > 1.3 (150 pairs x 4 epochs gave T = 1.02, 150 x 5 gave 1.94; "
+        "on the code before the reward head's initialisation was seeded, 150 x 4 had given 1.52 and 150 x 6 "
+        "3.70: at this scale the head's initialisation alone moves T by about 0.5; scripts/run_study.sh "
+        "records every setting tried).",
     ),
     "real-full": (
         "Real data at the recipe's full settings",
