@@ -79,15 +79,18 @@ REAL_SEEDS="${REAL_SEEDS:-0-2}"
 publish() {  # publish PART_NAME SWEEP_DIR COMMAND...
   local name="$1" dir="$2"; shift 2
   mkdir -p "docs/results/$name"
-  cp "$dir/summary.md" "$dir/summary.json" "docs/results/$name/"
-  cp "$dir"/plot_*.png "docs/results/$name/" 2>/dev/null || true
+  # an --export part writes its summary straight into docs/results/<part>/ (from the exported runs): no copy
+  if [[ -f "$dir/summary.md" ]]; then
+    cp "$dir/summary.md" "$dir/summary.json" "docs/results/$name/"
+    cp "$dir"/plot_*.png "docs/results/$name/" 2>/dev/null || true
+  fi
   rm -f "docs/results/$name/NOTE.md"  # a NOTE says why a part is missing or cut; a fresh run supersedes it
   {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "machine: $(uname -srm), $(env -u OMP_NUM_THREADS nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)"
     echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "git commit: $(git rev-parse HEAD)$(git diff --quiet HEAD -- pipeline || echo '+dirty')"
-    echo "wall time: ${WALL_MIN:-?} min"
+    echo "wall time: ${WALL_MIN:-?} min (this invocation; runs finished or exported before it were skipped)"
     echo "command: OMP_NUM_THREADS=$OMP_NUM_THREADS $*"
   } > "docs/results/$name/MACHINE.txt"
 }
