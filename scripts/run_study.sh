@@ -48,7 +48,8 @@
 #   synthetic      24 min wall with PARALLEL=2 and OMP_NUM_THREADS=1 (each run ~150 s: 3 RMs x 500 steps at
 #                  ~18 steps/s, then calibration).
 #   overconfident  43 min wall, same settings (each run ~190 s: 3 RMs x 1000 steps at ~16 steps/s).
-#   real           ~2.5 s per training step (128 tokens), ~27 min per seed for 3 RMs x 190 steps with calibration.
+#   real           (2026-12-03) 2.5-3.3 s per training step (128 tokens), ~30 min per seed: 3 RMs x 190 steps
+#                  (MORE ~10.5 min, MultiTask ~8, Uniform ~8.5) and calibration ~2.5 min.
 #   real-full      8.5 s per training step (fp32, 2 threads; bf16 autocast was 23x slower on this CPU: 198 s),
 #                  so 2 RMs x 300 steps = 85 min of training per seed and ~4.5 h for the 3 seeds with
 #                  calibration: more than one 3-hour session. On a loaded machine (load ~10, 1 thread) a step
