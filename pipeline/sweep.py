@@ -1252,6 +1252,56 @@ def _axis_label(metric: str) -> str:
     return f"{metric_label(metric)}{unit}\n({DIRECTION_TEXT[direction(metric)]})"
 
 
+def _finite(x) -> float | None:
+    """x as a float when it is a finite number, else None (a summary may hold None, NaN, inf or a string)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def band_arrays(xs: list, rows: list, scale: float = 1.0):
+    """The line and band of one RM in a grid plot: (x, mean, low, high) float arrays over the grid points
+    whose summary row has a finite mean; a missing or non-finite interval end is the mean itself (a zero-width
+    band). Every array is finite, so matplotlib never sees NaN, inf or None."""
+    import numpy as np
+
+    out = []
+    for x, r in zip(xs, rows):
+        m = _finite((r or {}).get("mean"))
+        if m is None:
+            continue
+        lo, hi = _finite(r.get("low")), _finite(r.get("high"))
+        out.append((x, scale * m, scale * (m if lo is None else lo), scale * (m if hi is None else hi)))
+    cols = list(zip(*out)) if out else [(), (), (), ()]
+    return tuple(np.asarray(c, dtype=np.float64) for c in cols)
+
+
+def seed_bar(row: dict | None, scale: float = 1.0) -> dict | None:
+    """What plot_seeds.png draws for one RM and metric: its finite per-seed values, the mean and the interval
+    ends (None when either is missing or non-finite), all scaled; None without a finite mean. The interval is
+    drawn as a segment from low to high, so a mean outside it (values outside the metric's range, where the
+    interval was clipped) cannot produce a negative error bar."""
+    import numpy as np
+
+    m = _finite((row or {}).get("mean"))
+    if m is None:
+        return None
+    values = row.get("values") or {}
+    vals = [
+        v for v in (_finite(x) for x in (values.values() if isinstance(values, dict) else values)) if v is not None
+    ]
+    lo, hi = _finite(row.get("low")), _finite(row.get("high"))
+    if lo is None or hi is None:
+        lo = hi = None
+    return {
+        "values": scale * np.asarray(vals, dtype=np.float64),
+        "mean": scale * m,
+        "low": None if lo is None else scale * lo,
+        "high": None if hi is None else scale * hi,
+    }
+
+
 def write_plots(out_dir: Path, summary: dict) -> list[str]:
     """PNGs of the all-source averages of the headline metrics (accuracy in %, ECE before / after temperature
     scaling, temperature), one colour per RM (`plots.color_for`), y axes labelled, legend below the panels.
@@ -1292,8 +1342,8 @@ def write_plots(out_dir: Path, summary: dict) -> list[str]:
                 for p in points.values():
                     rms += [r["rm"] for r in p["metrics"] if r["section"] == "calibration" and r["metric"] == metric]
                 for rm in sorted(set(rms), key=lambda n: (n not in RM_LABELS, n)):
-                    ys, lo, hi, xx = [], [], [], []
-                    for x, v in zip(xs, values):
+                    rows = []
+                    for v in values:
                         pt = next(
                             (
                                 p
@@ -1302,13 +1352,11 @@ def write_plots(out_dir: Path, summary: dict) -> list[str]:
                             ),
                             None,
                         )
-                        r = _index(pt["metrics"]).get(("calibration", rm, "all_average", metric)) if pt else None
-                        if r and r["mean"] is not None:
-                            xx.append(x)
-                            ys.append(scale * r["mean"])
-                            lo.append(scale * (r["low"] if r["low"] is not None else r["mean"]))
-                            hi.append(scale * (r["high"] if r["high"] is not None else r["mean"]))
-                    if xx:
+                        rows.append(
+                            _index(pt["metrics"]).get(("calibration", rm, "all_average", metric)) if pt else None
+                        )
+                    xx, ys, lo, hi = band_arrays(xs, rows, scale)
+                    if len(xx):
                         c = color_for(rm)
                         handles[rm_label(rm)] = ax.plot(xx, ys, marker="o", color=c, lw=1.8)[0]
                         ax.fill_between(xx, lo, hi, alpha=0.2, color=c)
@@ -1343,19 +1391,18 @@ def _seed_plot(plt, out_dir: Path, summary: dict, panels: list[str], conf: str, 
     for ax, metric in zip(axes[0], panels):
         scale = 100.0 if metric in PERCENT_METRICS else 1.0
         for i, rm in enumerate(rms):
-            r = idx.get(("calibration", rm, "all_average", metric))
-            if not r or r["mean"] is None:
+            bar = seed_bar(idx.get(("calibration", rm, "all_average", metric)), scale)
+            if bar is None:
                 continue
             c = color_for(rm)
-            vals = [scale * v for v in r["values"].values()]
-            jitter = np.linspace(-0.12, 0.12, len(vals)) if len(vals) > 1 else np.zeros(1)
-            ax.scatter(i + jitter, vals, color=c, alpha=0.5, s=22, zorder=2)
-            m = scale * r["mean"]
-            if r["low"] is not None:
-                yerr = [[m - scale * r["low"]], [scale * r["high"] - m]]
-                handles[rm_label(rm)] = ax.errorbar(i + 0.3, m, yerr=yerr, fmt="D", color=c, capsize=4, ms=6)
-            else:
-                handles[rm_label(rm)] = ax.errorbar(i + 0.3, m, fmt="D", color=c, ms=6)
+            vals = bar["values"]
+            if vals.size:
+                jitter = np.linspace(-0.12, 0.12, vals.size) if vals.size > 1 else np.zeros(1)
+                ax.scatter(i + jitter, vals, color=c, alpha=0.5, s=22, zorder=2)
+            if bar["low"] is not None:  # the interval as a segment: drawn as given, even if it misses the mean
+                ax.vlines(i + 0.3, bar["low"], bar["high"], color=c, lw=1.5)
+                ax.hlines([bar["low"], bar["high"]], i + 0.24, i + 0.36, color=c, lw=1.5)
+            handles[rm_label(rm)] = ax.plot(i + 0.3, bar["mean"], "D", color=c, ms=6)[0]
         if metric == "temperature":
             ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xticks(range(len(rms)), [rm_label(r) for r in rms])

@@ -24,8 +24,8 @@ from pipeline.align.judge import (
     judge_prompt,
     parse_verdict,
     summarize,
-    wilson_interval,
 )
+from pipeline.stats import wilson_interval
 from tests.test_align_helpers import judge_server
 from tests.test_run import fakes  # noqa: F401 - the fixture of fake stages
 

@@ -34,17 +34,6 @@ def test_colors_are_fixed_per_name_and_stable_across_processes():
     assert out.strip() == str([P.color_for(n) for n in ("my-rm", "x", "more")])
 
 
-def test_wilson_interval_matches_hand_computed_values():
-    # 8 of 10 at z = 1.96: center (8 + 1.9208) / 13.8416 = 0.71674, half 1.96 sqrt(1.6 + 0.9604) / 13.8416 = 0.22658
-    lo, hi = P.wilson_interval(8, 10, z=1.96)
-    assert lo == pytest.approx(0.71674 - 0.22658, abs=1e-5) and hi == pytest.approx(0.71674 + 0.22658, abs=1e-5)
-    lo, hi = P.wilson_interval(0, 5, z=1.96)  # not empty at k = 0: [0, 0.4345]
-    assert lo == 0.0 and hi == pytest.approx(0.43449, abs=1e-5)
-    lo, hi = P.wilson_interval(5, 5)
-    assert hi == 1.0 and 0.4 < lo < 0.6
-    assert all(np.isnan(P.wilson_interval(0, 0)))
-
-
 def test_smooth_is_a_centered_moving_average():
     x = [1.0, 2.0, 6.0, 4.0, 10.0]
     # window 3: the ends average what exists (no invented values)

@@ -50,6 +50,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.stats import Z95, wilson_interval
+
 
 logger = logging.getLogger(__name__)
 
@@ -112,20 +114,7 @@ def gold_verdicts(scores_a: Sequence[float], scores_b: Sequence[float], toleranc
     return out
 
 
-def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion k/n (default 95%); (0, 1) when n == 0."""
-    if n == 0:
-        return (0.0, 1.0)
-    if not 0 <= k <= n:
-        raise ValueError(f"wilson_interval: need 0 <= k <= n, got k={k}, n={n}")
-    p = k / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, center - half), min(1.0, center + half))
-
-
-def summarize(verdicts: Sequence[str], z: float = 1.959963984540054) -> dict:
+def summarize(verdicts: Sequence[str], z: float = Z95) -> dict:
     """`{"win","tie","lose"}` fractions over the valid verdicts (None when there is none), `n` (valid),
     counts (invalid included) and Wilson intervals."""
     counts = dict.fromkeys((*OUTCOMES, "invalid"), 0)

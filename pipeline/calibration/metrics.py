@@ -105,9 +105,12 @@ def bin_ids(probs, edges) -> np.ndarray:
 
 
 def binned_calibration(probs, targets, n_bins: int = 10, strategy: str = "uniform", edges=None) -> dict:
-    """Per-bin counts, mean probability and mean target, and ECE/ACE/MCE, for any (prob, target) items.
+    """Per-bin counts, sums of targets, mean probability and mean target, and ECE/ACE/MCE, for any
+    (prob, target) items.
 
-    Targets may be 0/1 labels or probabilities (soft labels, e.g. the true preference probability).
+    Targets may be 0/1 labels or probabilities (soft labels, e.g. the true preference probability). With 0/1
+    labels `target_sum` is the exact number of positive items per bin (a sum of ones in float64), so plots
+    take counts from it rather than rebuilding them from the rounded mean.
     """
     p, t = to_numpy(probs), to_numpy(targets)
     if p.shape != t.shape:
@@ -129,6 +132,7 @@ def binned_calibration(probs, targets, n_bins: int = 10, strategy: str = "unifor
     return {
         "edges": edges,
         "count": count,
+        "target_sum": t_sum,  # per bin; with 0/1 targets an exact integer count (the k of a Wilson interval)
         "confidence": conf,
         "accuracy": acc,
         "ece": float(gap.sum() / p.size),

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.calibration.metrics import pairwise_calibration, reward_margins
+from pipeline.stats import wilson_interval
 
 
 FONT = 11  # base font size (points); legends and tick labels are one point smaller
@@ -62,19 +63,6 @@ def color_for(name: str) -> str:
         return FIXED_COLORS[key[len("single-") :]]
     digest = int(hashlib.md5(key.encode("utf-8")).hexdigest(), 16)
     return OTHER_COLORS[digest % len(OTHER_COLORS)]
-
-
-def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion k/n (95% by default); (nan, nan) for n = 0.
-
-    center = (k + z^2/2) / (n + z^2), half = z sqrt(k (n - k) / n + z^2 / 4) / (n + z^2): unlike the normal
-    interval it stays inside [0, 1] and is not empty at k = 0 or k = n."""
-    if n <= 0:
-        return math.nan, math.nan
-    z2 = z * z
-    center = (k + z2 / 2) / (n + z2)
-    half = z * math.sqrt(k * (n - k) / n + z2 / 4) / (n + z2)
-    return max(0.0, center - half), min(1.0, center + half)
 
 
 def smooth(values, window: int) -> np.ndarray:
@@ -140,6 +128,36 @@ def legend_below(fig, handles, labels, ncol: int | None = None) -> None:
         )
 
 
+def reliability_points(cal: dict, offset: float = 0.0) -> dict:
+    """What a reliability diagram draws for one RM and source, from `pairwise_calibration`'s output: per
+    non-empty bin, x (mean predicted probability + `offset`), n items, k items labelled preferred, y = k/n and
+    its Wilson interval [low, high], and `sparse` (fewer than SPARSE_ITEMS items).
+
+    k comes from the bin's exact target sum (0/1 labels), not from the rounded mean label, and the interval
+    is clamped to contain k/n (`pipeline.stats.wilson_interval`), so the error bar lengths y - low and
+    high - y are never negative and every array is finite. Raises for soft targets (no counts to bin)."""
+    count = np.asarray(cal["count"], dtype=np.float64)
+    ok = count > 0
+    n = count[ok].astype(np.int64)
+    t = np.asarray(cal["target_sum"], dtype=np.float64)[ok]
+    k = np.rint(t).astype(np.int64)
+    if not np.array_equal(k, t) or np.any(k < 0) or np.any(k > n):
+        raise ValueError("reliability_points needs 0/1 labels: a bin's target sum is not a count of its items")
+    y = np.array([ki / ni for ki, ni in zip(k.tolist(), n.tolist())], dtype=np.float64)
+    bounds = [wilson_interval(ki, ni) for ki, ni in zip(k.tolist(), n.tolist())]
+    low = np.array([b[0] for b in bounds], dtype=np.float64)
+    high = np.array([b[1] for b in bounds], dtype=np.float64)
+    return {
+        "x": np.asarray(cal["confidence"], dtype=np.float64)[ok] + offset,
+        "y": y,
+        "low": low,
+        "high": high,
+        "n": n,
+        "k": k,
+        "sparse": n < SPARSE_ITEMS,
+    }
+
+
 def reliability_diagram(
     rewards: dict,
     path: Path,
@@ -182,14 +200,15 @@ def reliability_diagram(
             eces.append(f"{rm} {cal['ece']:.3f}")
             c = color_for(rm)
             offset = (k - (len(rms) - 1) / 2) * width
-            ok = cal["count"] > 0
-            x, y, n = cal["confidence"][ok] + offset, cal["accuracy"][ok], cal["count"][ok].astype(int)
-            top.plot(x, y, "-", color=c, lw=1.2, alpha=0.6)
+            pts = reliability_points(cal, offset)
+            top.plot(pts["x"], pts["y"], "-", color=c, lw=1.2, alpha=0.6)
             handles.setdefault(rm, Line2D([], [], color=c, marker="o", lw=2))
-            for xi, yi, ni in zip(x, y, n):
-                lo, hi = wilson_interval(int(round(yi * ni)), int(ni))
-                a = 1.0 if ni >= SPARSE_ITEMS else 0.3
-                top.errorbar(xi, yi, yerr=[[yi - lo], [hi - yi]], fmt="o", color=c, ms=4, capsize=2, lw=1, alpha=a)
+            for sparse, alpha in ((False, 1.0), (True, 0.3)):
+                sel = pts["sparse"] == sparse
+                if sel.any():
+                    y = pts["y"][sel]
+                    yerr = np.vstack([y - pts["low"][sel], pts["high"][sel] - y])
+                    top.errorbar(pts["x"][sel], y, yerr=yerr, fmt="o", color=c, ms=4, capsize=2, lw=1, alpha=alpha)
             centers = (cal["edges"][:-1] + cal["edges"][1:]) / 2
             bottom.bar(centers + offset, cal["count"], width=width, color=c)
         top.set_title(f"{source}\nECE: {', '.join(eces)}", fontsize=FONT - 1)
@@ -208,8 +227,26 @@ def reliability_diagram(
     return _save(fig, path)
 
 
+def histogram_edges(arrays, bins: int) -> np.ndarray:
+    """`bins` + 1 common, finite, strictly increasing edges spanning the finite values of every array. One
+    value, ties or values too close to split get a small range around them; no finite value, [-0.5, 0.5].
+    (Margins of finite rewards can overflow to +-inf, 1e308 - -1e308: the caller leaves those out.)"""
+    finite = np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays] or [np.zeros(0)])
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return np.linspace(-0.5, 0.5, bins + 1)
+    lo, hi = float(finite.min()), float(finite.max())
+    edges = np.linspace(lo / 2, hi / 2, bins + 1) * 2  # halved, so a span over the float range cannot overflow
+    if np.all(np.diff(edges) > 0):
+        return edges
+    mid = lo / 2 + hi / 2
+    half = max(0.5, abs(mid) * 1e-9)
+    return np.linspace(mid - half, mid + half, bins + 1)
+
+
 def reward_difference_histograms(rewards: dict, path: Path, *, bins: int = 40) -> Path:
-    """Histogram of r_chosen - r_rejected per source, every RM overlaid (the paper's Fig. 5)."""
+    """Histogram of r_chosen - r_rejected per source, every RM overlaid (the paper's Fig. 5). Margins that
+    overflow to +-inf are left out of the bins and counted in the panel's title."""
     plt = _plt()
     rms = list(rewards)
     sources = list(dict.fromkeys(s for rm in rms for s in rewards[rm]))
@@ -217,18 +254,19 @@ def reward_difference_histograms(rewards: dict, path: Path, *, bins: int = 40) -
     handles: dict = {}
     for j, source in enumerate(sources):
         ax = axes[0, j]
-        diffs = {rm: reward_margins(*rewards[rm][source]) for rm in rms if source in rewards[rm]}
-        lo = min(float(d.min()) for d in diffs.values())
-        hi = max(float(d.max()) for d in diffs.values())
-        if hi - lo < 1e-12:
-            lo, hi = lo - 0.5, hi + 0.5
-        edges = np.linspace(lo, hi, bins + 1)
+        with np.errstate(over="ignore"):
+            diffs = {rm: reward_margins(*rewards[rm][source]) for rm in rms if source in rewards[rm]}
+        edges = histogram_edges(diffs.values(), bins)
         for rm, d in diffs.items():
-            *_, patches = ax.hist(d, bins=edges, histtype="step", lw=1.5, color=color_for(rm))
+            *_, patches = ax.hist(d[np.isfinite(d)], bins=edges, histtype="step", lw=1.5, color=color_for(rm))
             handles.setdefault(rm, patches[0])
         ax.axvline(0, color="grey", lw=0.8, ls="--")
-        means = ", ".join(f"{rm} {np.abs(d).mean():.2f}" for rm, d in diffs.items())
-        ax.set_title(f"{source}\nmean |d|: {means}", fontsize=FONT - 1)
+        means = ", ".join(
+            f"{rm} {np.abs(d[np.isfinite(d)]).mean():.2f}" for rm, d in diffs.items() if np.isfinite(d).any()
+        )
+        off = sum(int((~np.isfinite(d)).sum()) for d in diffs.values())
+        note = f"; {off} margins overflow (not shown)" if off else ""
+        ax.set_title(f"{source}\nmean |d|: {means}{note}", fontsize=FONT - 1)
         ax.set_xlabel("r_chosen - r_rejected")
         ax.set_ylabel("pairs")
         ax.yaxis.get_major_locator().set_params(integer=True)
@@ -256,6 +294,8 @@ def more_weight_trajectories(trajectories: dict, path: Path, *, title: str, wind
         ax.axhline(1.0 / k, color="grey", lw=0.8, ls="--", label="uniform 1/K")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("lambda (source weight)")
+    ax.set_ylim(-0.02, 1.02)  # weights live on the simplex: noise of 1e-7 around 1/K must not look like swings
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
     how = f"moving average over {w} logged values; raw values faint" if w > 1 else f"{n} logged values, unsmoothed"
     ax.set_title(f"{title}\n{how}", fontsize=FONT)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
