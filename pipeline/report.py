@@ -29,7 +29,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.io import atomic_write_json, atomic_write_text, safe_component
+from pipeline.io import atomic_write_json, atomic_write_text, get_path, read_json, safe_component
+from pipeline.tables import RM_LABELS
 
 
 PAPER_CITATION = (
@@ -143,14 +144,6 @@ def _counts(entry: dict) -> dict:
     return {k: int(round(v * scale * n)) for k, v in zip(("win", "tie", "lose"), vals)}
 
 
-def _get(d: dict | None, *keys):
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
-
-
 def _demote(markdown: str) -> str:
     """Drop a table file's own H1 and push its headings one level down, to nest it in the report."""
     out = []
@@ -159,13 +152,6 @@ def _demote(markdown: str) -> str:
             continue
         out.append("#" + line if line.startswith("#") else line)
     return "\n".join(out).strip()
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def synthetic_truth_paragraph(data_cfg) -> str | None:
@@ -262,7 +248,7 @@ def run_data_config(recipe, manifest: dict | None) -> dict:
         data = (entry.get("inputs") or {}).get("data")
         if entry.get("status") == "done" and isinstance(data, dict):
             return data
-    from pipeline.config import to_plain
+    from pipeline.io import to_plain
 
     return to_plain(getattr(recipe, "data", None)) or {}
 
@@ -276,8 +262,8 @@ def run_facts(recipe, run_dir: Path, manifest: dict | None) -> dict:
     run_dir = Path(run_dir)
     data = run_data_config(recipe, manifest)
     specs = data.get("sources") or []
-    sizes = _read_json(run_dir / "reward" / "data.json") or {}
-    metrics = _read_json(run_dir / "calibration" / "metrics.json") or {}
+    sizes = read_json(run_dir / "reward" / "data.json") or {}
+    metrics = read_json(run_dir / "calibration" / "metrics.json") or {}
     sources = []
     names = list(sizes) or [
         s for s in (next(iter(metrics.values()), {}) or {}) if s not in ("all_average", "hh_average")
@@ -297,12 +283,12 @@ def run_facts(recipe, run_dir: Path, manifest: dict | None) -> dict:
         group_by = (spec.get("options") or {}).get("group_by")
         sources.append({"name": name, "format": fmt, "path": path, "group_by": group_by, "pairs": n})
     rms = {}
-    for name, e in (_read_json(run_dir / "reward" / "index.json") or {}).items():
+    for name, e in (read_json(run_dir / "reward" / "index.json") or {}).items():
         rm_path = run_dir / e.get("path", f"reward/{name}")  # a name unsafe as a path has a slug directory
-        info = _read_json(rm_path / "reward_info.json") or {}
+        info = read_json(rm_path / "reward_info.json") or {}
         params = info.get("n_params") or safetensors_param_count(rm_path)
         rms[name] = {"trained": True, "method": e.get("method"), "sources": e.get("sources", []), "params": params}
-    for name, path in ((_read_json(run_dir / "calibration" / "config.json") or {}).get("external") or {}).items():
+    for name, path in ((read_json(run_dir / "calibration" / "config.json") or {}).get("external") or {}).items():
         rms[name] = {"trained": False, "path": path, "params": safetensors_param_count(path)}
     reward = getattr(recipe, "reward", None)
     base = getattr(reward, "model_name_or_path", None)
@@ -385,9 +371,9 @@ def _in_pipeline_order(stages: dict) -> list[tuple[str, dict]]:
 
 
 def _reward_section(run_dir: Path) -> list[str]:
-    index = _read_json(run_dir / "reward" / "index.json")
+    index = read_json(run_dir / "reward" / "index.json")
     lines = ["## Reward models", ""]
-    external = (_read_json(run_dir / "calibration" / "config.json") or {}).get("external") or {}
+    external = (read_json(run_dir / "calibration" / "config.json") or {}).get("external") or {}
     if external:
         lines += [
             "Evaluated, not trained here (`calibration.external_rms`): "
@@ -399,7 +385,7 @@ def _reward_section(run_dir: Path) -> list[str]:
         return lines + ["The reward stage has not run in this directory (no reward/index.json).", ""]
     lines += ["| RM | method | sources | training pairs |", "|---|---|---|---|"]
     for name, e in index.items():
-        info = _read_json(run_dir / "reward" / safe_component(name) / "reward_info.json") or {}
+        info = read_json(run_dir / "reward" / safe_component(name) / "reward_info.json") or {}
         lines.append(
             f"| {name} | {e.get('method')} | {', '.join(e.get('sources', []))} | {info.get('n_train_pairs', '-')} |"
         )
@@ -414,19 +400,16 @@ def calibration_summary(metrics: dict, headline_bins: int, baseline: str = "mult
         row = {}
         for avg in ("all_average", "hh_average"):
             row[avg] = {
-                "accuracy": _get(m, avg, "accuracy"),
-                "ece": _get(m, avg, ece),
-                "ece_temperature_scaled": _get(m, avg, "temperature_scaled", ece),
-                "truth_mae": _get(m, avg, "truth", "prob_mae"),
-                "truth_ece": _get(m, avg, "truth", f"ece_vs_truth_{headline_bins}"),
-                "gold_mae": _get(m, avg, "truth_gold", "prob_mae"),
+                "accuracy": get_path(m, avg, "accuracy"),
+                "ece": get_path(m, avg, ece),
+                "ece_temperature_scaled": get_path(m, avg, "temperature_scaled", ece),
+                "truth_mae": get_path(m, avg, "truth", "prob_mae"),
+                "truth_ece": get_path(m, avg, "truth", f"ece_vs_truth_{headline_bins}"),
+                "gold_mae": get_path(m, avg, "truth_gold", "prob_mae"),
             }
         out["rms"][rm] = row
     out["baseline"] = baseline
     return out
-
-
-RM_LABELS = {"more": "MORE", "multitask": "MultiTask", "uniform": "Uniform", "averaging": "Averaging"}
 
 
 def comparison_sentences(comparisons: dict, headline_bins: int) -> list[str]:
@@ -447,7 +430,7 @@ def comparison_sentences(comparisons: dict, headline_bins: int) -> list[str]:
         a, b = (RM_LABELS.get(n, n) for n in parse_comparison(label))
         for group, scope in (("all_average", "all sources"), ("hh_average", "Helpful & Harmless")):
             for key, what, lower, scale, digits, unit in rows:
-                entry = _get(groups, group, key)
+                entry = get_path(groups, group, key)
                 if entry is None or (key.startswith("truth") and group != "all_average"):
                     continue
                 out.append(
@@ -542,11 +525,11 @@ def train_overlap_line(metrics: dict) -> str | None:
 def _calibration_section(run_dir: Path, cfg: ReportConfig, headline_bins: int) -> tuple[list[str], dict | None]:
     cal = run_dir / "calibration"
     lines = ["## Calibration", ""]
-    metrics = _read_json(cal / "metrics.json")
+    metrics = read_json(cal / "metrics.json")
     if not metrics:
         return lines + ["The calibration stage has not run in this directory (no calibration/metrics.json).", ""], None
     summary = calibration_summary(metrics, headline_bins, cfg.baseline)
-    comparisons = _read_json(cal / "comparisons.json")
+    comparisons = read_json(cal / "comparisons.json")
     if comparisons:
         summary["sentences"] = comparison_sentences(comparisons, headline_bins)
         lines += [
@@ -568,10 +551,10 @@ def _calibration_section(run_dir: Path, cfg: ReportConfig, headline_bins: int) -
         lines += [
             "Other RMs (all-source average): "
             + "; ".join(
-                f"{rm} acc {100 * _get(metrics, rm, 'all_average', 'accuracy'):.2f}% / ECE "
-                f"{_get(metrics, rm, 'all_average', ece):.4f}"
+                f"{rm} acc {100 * get_path(metrics, rm, 'all_average', 'accuracy'):.2f}% / ECE "
+                f"{get_path(metrics, rm, 'all_average', ece):.4f}"
                 for rm in others
-                if _get(metrics, rm, "all_average", ece) is not None
+                if get_path(metrics, rm, "all_average", ece) is not None
             )
             + ".",
             "",
@@ -590,7 +573,7 @@ def _calibration_section(run_dir: Path, cfg: ReportConfig, headline_bins: int) -
 def _align_section(run_dir: Path) -> tuple[list[str], dict | None]:
     al = run_dir / "align"
     lines = ["## Alignment", ""]
-    judgements = _read_json(al / "judgements.json")
+    judgements = read_json(al / "judgements.json")
     if not judgements:
         return lines + ["The alignment stage has not run in this directory (no align/judgements.json).", ""], None
     lines += ["Pairwise verdicts, first policy vs second (per-prompt-set numbers in the table below):", ""]
@@ -694,9 +677,9 @@ def render_report(recipe, run_dir: Path) -> tuple[str, dict]:
     """The report's markdown and the numbers behind its sentences (report.json)."""
     run_dir = Path(run_dir)
     cfg = getattr(recipe, "report", None) or ReportConfig()
-    manifest = _read_json(run_dir / "manifest.json")
+    manifest = read_json(run_dir / "manifest.json")
     headline = getattr(getattr(recipe, "calibration", None), "headline_bins", None)
-    cal_cfg = _read_json(run_dir / "calibration" / "config.json") or {}
+    cal_cfg = read_json(run_dir / "calibration" / "config.json") or {}
     headline = int(cal_cfg.get("headline_bins", headline or 10))
 
     lines = _header(recipe, cfg, run_dir, manifest)

@@ -71,7 +71,15 @@ from pipeline.config import (
     recipe_yaml,
     stage_config_hash,
 )
-from pipeline.io import atomic_write_json, atomic_write_text, changed_files, dict_changes, file_records, remove_tree
+from pipeline.io import (
+    atomic_write_json,
+    atomic_write_text,
+    changed_files,
+    dict_changes,
+    file_records,
+    is_hub_id,
+    remove_tree,
+)
 from pipeline.logs import quiet_library_noise
 
 
@@ -338,14 +346,12 @@ def config_change_reason(entry: dict, inputs_now: dict, h: str) -> str:
 def check_data_paths(recipe) -> None:
     """Every non-synthetic data source names an existing local path or a hub id (owner/name); checked before
     any work, --dry-run included, so a typo in a path is one line instead of a failure minutes later."""
-    from pipeline.data.sources import _is_hub_id
-
     for i, spec in enumerate(getattr(getattr(recipe, "data", None), "sources", None) or []):
         fmt = getattr(spec, "format", None)
         if fmt is None or fmt == "synthetic":
             continue
         path = spec.path or spec.name
-        if not Path(path).expanduser().exists() and not _is_hub_id(path):
+        if not Path(path).expanduser().exists() and not is_hub_id(path):
             raise RecipeError(
                 f"data.sources[{i}] ({spec.name!r}, format {fmt}): path {path!r} does not exist (resolved: "
                 f"{Path(path).expanduser().resolve()}) and is not a hub id owner/name. Fix: correct the path "

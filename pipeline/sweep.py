@@ -76,7 +76,8 @@ from pipeline.calibration.compare import (
 )
 from pipeline.calibration.compare import is_significant as significance_rule
 from pipeline.config import RecipeError, load_recipe, recipe_to_dict, yaml_load
-from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, sha256_json
+from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, get_path, read_json, sha256_json
+from pipeline.tables import RM_LABELS, rm_label
 
 
 SWEEP_FILE = "sweep.json"
@@ -102,7 +103,6 @@ EXPORT_GLOBS = (
 CONFIDENCE = 0.95
 # Seed-paired differences reported for every grid point: (a, b) means a - b.
 PAIRS = (("more", "multitask"), ("more", "uniform"), ("uniform", "multitask"))
-RM_LABELS = {"more": "MORE", "multitask": "MultiTask", "uniform": "Uniform"}
 # Fewer seeds than this: the t-interval (t = 12.7 for 2 seeds) is reported with a warning.
 MIN_SEEDS = 3
 # Shown in percent / percentage points in every table and plot (summary.json keeps fractions, as metrics.json).
@@ -601,7 +601,7 @@ def export_run(run_dir: Path, dest: Path, info: dict, out_dir: Path) -> list[str
 
 def exported(dest: Path, fingerprint: str) -> bool:
     """True when `dest` holds a complete export (export.json is written last) of a run with this fingerprint."""
-    info = _read(Path(dest) / EXPORT_FILE)
+    info = read_json(Path(dest) / EXPORT_FILE)
     return isinstance(info, dict) and info.get("fingerprint") == fingerprint
 
 
@@ -655,21 +655,6 @@ class Exporter:
 # Collecting one run's numbers
 
 
-def _get(d, *keys):
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
-
-
-def _read(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def calibration_values(metrics: dict, temperatures: dict | None, bins: int) -> list[tuple]:
     """[(section, rm, scope, metric, value)] from calibration/metrics.json (+ temperatures.json).
 
@@ -692,10 +677,10 @@ def calibration_values(metrics: dict, temperatures: dict | None, bins: int) -> l
             if not isinstance(m, dict):
                 continue
             for name, keys in base.items():
-                v = _get(m, *keys)
+                v = get_path(m, *keys)
                 if isinstance(v, (int, float)):
                     out.append(("calibration", rm, scope, name, float(v)))
-                tv = _get(m, "temperature_scaled", *keys)
+                tv = get_path(m, "temperature_scaled", *keys)
                 if name != "accuracy" and isinstance(tv, (int, float)):
                     out.append(("calibration", rm, scope, f"ts_{name}", float(tv)))
         t = (temperatures or {}).get(rm)
@@ -709,16 +694,16 @@ def align_values(metrics: dict | None, judgements: dict | None) -> list[tuple]:
     gold reward (per prompt set and 'all') and perplexity (per source) of each policy `<rm>/<method>`;
     win/lose rates of each judged comparison `<method>: <a> vs <b>` per prompt set."""
     out = []
-    for policy, m in (_get(metrics, "policies") or {}).items():
-        for scope, g in (_get(m, "gold") or {}).items():
-            if isinstance(_get(g, "mean"), (int, float)):
+    for policy, m in (get_path(metrics, "policies") or {}).items():
+        for scope, g in (get_path(m, "gold") or {}).items():
+            if isinstance(get_path(g, "mean"), (int, float)):
                 out.append(("align", policy, scope, "gold_reward", float(g["mean"])))
-        for scope, p in (_get(m, "perplexity") or {}).items():
+        for scope, p in (get_path(m, "perplexity") or {}).items():
             if isinstance(p, (int, float)):
                 out.append(("align", policy, scope, "perplexity", float(p)))
     for label, per_set in (judgements or {}).items():
         for scope, e in (per_set or {}).items():
-            w, lose = _get(e, "win"), _get(e, "lose")
+            w, lose = get_path(e, "win"), get_path(e, "lose")
             if isinstance(w, (int, float)) and isinstance(lose, (int, float)):
                 out += [
                     ("judge", label, scope, "win_rate", float(w)),
@@ -731,13 +716,15 @@ def align_values(metrics: dict | None, judgements: dict | None) -> list[tuple]:
 def collect_run(run_dir: Path, bins: int | None = None) -> list[tuple]:
     """Every headline value a finished run wrote (empty when it has none yet)."""
     run_dir = Path(run_dir)
-    metrics = _read(run_dir / "calibration" / "metrics.json")
+    metrics = read_json(run_dir / "calibration" / "metrics.json")
     out = []
     if isinstance(metrics, dict):
-        cfg = _read(run_dir / "calibration" / "config.json") or {}
+        cfg = read_json(run_dir / "calibration" / "config.json") or {}
         b = bins or int(cfg.get("headline_bins") or 10)
-        out += calibration_values(metrics, _read(run_dir / "calibration" / "temperatures.json"), b)
-    out += align_values(_read(run_dir / "align" / "metrics.json"), _read(run_dir / "align" / "judgements.json"))
+        out += calibration_values(metrics, read_json(run_dir / "calibration" / "temperatures.json"), b)
+    out += align_values(
+        read_json(run_dir / "align" / "metrics.json"), read_json(run_dir / "align" / "judgements.json")
+    )
     return out
 
 
@@ -817,11 +804,6 @@ def _units(metric: str) -> dict:
     return {"scale": 100.0, "unit": " points"} if metric in PERCENT_METRICS else {}
 
 
-def rm_label(name: str) -> str:
-    head, sep, tail = name.partition("/")
-    return RM_LABELS.get(head, head) + (f"/{tail}" if sep else "")
-
-
 def metric_label(metric: str) -> str:
     ts = metric.startswith("ts_")
     base = metric[3:] if ts else metric
@@ -867,7 +849,7 @@ def aggregate(out_dir: str | os.PathLike, confidence: float = CONFIDENCE, verify
     for the sweep's current definition (recipe + overrides + grid values + seed), so results of a run whose
     settings have changed since, or that has not finished, are never aggregated."""
     out_dir = Path(out_dir)
-    sweep = _read(out_dir / SWEEP_FILE)
+    sweep = read_json(out_dir / SWEEP_FILE)
     if not isinstance(sweep, dict):
         raise RecipeError(
             f"{out_dir / SWEEP_FILE} not found or unreadable: {out_dir} is not a sweep directory "
@@ -886,7 +868,7 @@ def aggregate(out_dir: str | os.PathLike, confidence: float = CONFIDENCE, verify
                     runs[str(seed)] = "not in the sweep definition"
                     continue
                 if from_export:  # a results folder: its export.json must be of this run's definition
-                    why = export_mismatch(_read(run_dir / EXPORT_FILE), sweep, run)
+                    why = export_mismatch(read_json(run_dir / EXPORT_FILE), sweep, run)
                     if why:
                         runs[str(seed)] = f"not exported ({why})"
                         continue
@@ -920,7 +902,7 @@ def resummarize(out_dir: str | os.PathLike) -> dict:
     are recomputed from the per-seed values its metric rows keep (the same numbers `aggregate` collected), so
     a committed summary follows the current rules and presentation without its run directories."""
     out_dir = Path(out_dir)
-    summary = _read(out_dir / "summary.json")
+    summary = read_json(out_dir / "summary.json")
     if not isinstance(summary, dict) or "points" not in summary:
         raise RecipeError(f"{out_dir / 'summary.json'} not found or not a sweep summary")
     for p in summary["points"].values():

@@ -15,6 +15,7 @@ import pytest
 
 from pipeline import io
 from pipeline.data import DataConfig, SourceSpec
+from pipeline.reward import index as index_mod
 from pipeline.reward import stage
 from pipeline.reward.stage import RewardStageConfig
 
@@ -150,7 +151,7 @@ def test_hostile_source_and_group_names_stay_inside_the_run_directory(tmp_path, 
         assert rm.parent == run_dir / "reward" and rm.name == io.safe_component(name)
         assert (rm / "fingerprint.json").is_file() and entry["sources"] == [name.removeprefix("single-")]
         assert len(rm.name.encode()) <= 255
-    assert stage.resolve_rm_path(run_dir, name, entry["path"]) == rm
+    assert index_mod.resolve_rm_path(run_dir, name, entry["path"]) == rm
     assert not (run_dir / "reward" / ".checkpoints").exists() or not any(
         (run_dir / "reward" / ".checkpoints").iterdir()
     )  # no stray checkpoint directories
@@ -166,7 +167,6 @@ def test_hostile_source_and_group_names_stay_inside_the_run_directory(tmp_path, 
 def test_stage_outputs_of_other_stages_use_the_safe_names(tmp_path):
     """Calibration's plots, align's directories and the report read/write `safe_component(rm)`, never the name;
     calibration does not write temperature.json into an RM directory outside the run directory."""
-    from pipeline.calibration import stage as cal
     from pipeline.report import _reward_section
 
     run_dir = tmp_path / "run"
@@ -176,11 +176,11 @@ def test_stage_outputs_of_other_stages_use_the_safe_names(tmp_path):
     index = {"single-src/../../g": {"path": f"reward/{rm.name}", "method": "single", "sources": ["src/../../g"]}}
     (run_dir / "reward" / "index.json").write_text(json.dumps(index))
     assert "| 7 |" in "\n".join(_reward_section(run_dir))
-    assert cal.read_index(run_dir)["single-src/../../g"]["path"] == str(rm)
+    assert index_mod.read_index(run_dir)["single-src/../../g"]["path"] == str(rm)
     moved = dict(index)
     moved["single-src/../../g"] = {**index["single-src/../../g"], "path": "/nonexistent/reward/elsewhere"}
     (run_dir / "reward" / "index.json").write_text(json.dumps(moved))
-    assert cal.read_index(run_dir)["single-src/../../g"]["path"] == str(rm)  # the moved run finds its own copy
+    assert index_mod.read_index(run_dir)["single-src/../../g"]["path"] == str(rm)  # the moved run finds its own copy
 
 
 def test_calibration_never_writes_temperature_outside_the_run(tmp_path, capsys, one_thread):

@@ -70,7 +70,7 @@ def digest_recipe(name: str, overrides, tok, n_rows: int = 120) -> str:
 
 
 def _minilm_tok():
-    from pipeline.config import resolve_pkg_path
+    from pipeline.io import resolve_pkg_path
     from pipeline.models import load_tokenizer
 
     try:

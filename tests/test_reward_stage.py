@@ -11,6 +11,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.data import DataConfig
 from pipeline.data.synthetic import SyntheticConfig
+from pipeline.reward import index as index_mod
 from pipeline.reward import stage
 from pipeline.reward.stage import RewardStageConfig
 
@@ -289,4 +290,4 @@ def test_copied_run_directory_is_independent(tmp_path):
     # an index written by an older version (absolute paths into D) is read as D2's own RMs
     index["more"]["path"] = str((d / "reward" / "more").resolve())
     (d2 / "reward" / "index.json").write_text(json.dumps(index))
-    assert stage.resolve_rm_path(d2, "more", index["more"]["path"]) == (d2 / "reward" / "more").resolve()
+    assert index_mod.resolve_rm_path(d2, "more", index["more"]["path"]) == (d2 / "reward" / "more").resolve()

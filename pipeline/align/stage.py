@@ -990,25 +990,18 @@ def run(recipe, run_dir: Path) -> list[str]:
     """Align, judge, tabulate. Returns the artifact paths (relative to run_dir)."""
     from pipeline.align.methods import read_jsonl, write_jsonl
     from pipeline.align.rewards import gold_reward_fn
-    from pipeline.reward.stage import resolve_rm_path, rm_dir
+    from pipeline.reward.index import read_index
 
     ctx = _Ctx(recipe, run_dir)
     cfg = ctx.cfg
-    index_path = ctx.run_dir / "reward" / "index.json"
-    if not index_path.exists():
-        raise FileNotFoundError(
-            f"{index_path} not found: run the reward stage first (python -m pipeline.run --stages reward)"
-        )
-    index = json.loads(index_path.read_text())
+    index = read_index(ctx.run_dir, key="align.rms")
     rms = select_rms(index, cfg.rms)
     rm_dirs = {}
     for name in rms:
-        p = resolve_rm_path(ctx.run_dir, name, index[name]["path"])
-        if not p.is_dir():
-            p = rm_dir(ctx.run_dir, name)
+        p = Path(index[name]["path"])
         if not p.is_dir():
             raise FileNotFoundError(
-                f"reward model {name!r}: directory {index[name]['path']} (from {index_path}) does not exist"
+                f"reward model {name!r}: directory {p} (from {ctx.run_dir / 'reward' / 'index.json'}) does not exist"
             )
         rm_dirs[name] = p
 

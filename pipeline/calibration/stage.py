@@ -49,6 +49,8 @@ import numpy as np
 from pipeline.calibration import metrics as M
 from pipeline.calibration.compare import metric_keys, paired_bootstrap, render_comparisons, resolve_comparisons
 from pipeline.calibration.temperature import fit_temperature
+from pipeline.io import is_hub_id
+from pipeline.reward.index import read_index
 
 
 HH_NAMES = ("helpful", "harmless")
@@ -212,43 +214,6 @@ class CalibrationConfig:
 # --------------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------------
-def read_index(run_dir: Path, only: list[str] | None = None) -> dict:
-    """DIR/reward/index.json, with every path resolved (relative paths are taken from DIR; see
-    pipeline.reward.stage.resolve_rm_path)."""
-    from pipeline.reward.stage import resolve_rm_path, rm_dir
-
-    path = run_dir / "reward" / "index.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"calibration: {path} not found; run the reward stage first (python -m pipeline.reward)"
-        )
-    try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"calibration: {path} is not valid JSON ({e})") from e
-    if not isinstance(index, dict) or not index:
-        raise ValueError(f"calibration: {path} lists no reward models")
-    if only is not None:
-        unknown = [n for n in only if n not in index]
-        if unknown:
-            raise ValueError(f"calibration.rms: {unknown} not in {path} (it lists {sorted(index)})")
-        index = {n: index[n] for n in only}
-    out = {}
-    for name, entry in index.items():
-        if not isinstance(entry, dict) or "path" not in entry:
-            raise ValueError(f"calibration: {path}: entry {name!r} has no 'path' field")
-        p = resolve_rm_path(run_dir, name, entry["path"])
-        if not p.exists() and rm_dir(run_dir, name).exists():  # the run dir was moved
-            p = rm_dir(run_dir, name)
-        out[name] = {
-            **entry,
-            "path": str(p),
-            "method": entry.get("method", "unknown"),
-            "sources": list(entry.get("sources", [])),
-        }
-    return out
-
-
 def eval_splits(recipe, cfg: CalibrationConfig, stats: dict | None = None) -> dict:
     """{source: {"test": Dataset, "validation": Dataset | None}} with one clear error per bad source; `stats`,
     when given, receives `pipeline.data.mixing.data_stats` of the built splits."""
@@ -375,7 +340,6 @@ SUPPORTED_RMS = (
     "with num_labels=1 (config.json architectures ending in 'ForSequenceClassification'), given as a local "
     "save_pretrained directory or a hub id, or a PEFT adapter directory (task_type SEQ_CLS) on such a model."
 )
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def external_entries(cfg: CalibrationConfig, taken: list[str]) -> dict:
@@ -393,7 +357,7 @@ def external_entries(cfg: CalibrationConfig, taken: list[str]) -> dict:
                     "(config.json + weights + tokenizer), a PEFT adapter directory or a hub id"
                 )
             path = str(local.resolve())
-        elif _HUB_ID.match(spec):
+        elif is_hub_id(spec):
             path = spec
         else:
             raise FileNotFoundError(
@@ -896,7 +860,11 @@ def run(recipe, run_dir: Path) -> list[str]:
             "(python -m pipeline.reward), or name reward models trained elsewhere in calibration.external_rms "
             "(see the rm-eval recipe)"
         )
-    index = read_index(run_dir, cfg.rms) if trained_needed or (run_dir / "reward" / "index.json").is_file() else {}
+    index = (
+        read_index(run_dir, cfg.rms, key="calibration.rms")
+        if trained_needed or (run_dir / "reward" / "index.json").is_file()
+        else {}
+    )
     external = external_entries(cfg, list(index))
     singles = [n for n, e in index.items() if e.get("method") == "single"]
     with_averaging = cfg.averaging and len(singles) >= 2

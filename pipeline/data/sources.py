@@ -94,6 +94,8 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.io import is_hub_id
+
 
 logger = logging.getLogger(__name__)
 
@@ -277,10 +279,6 @@ def _read_saved(p: Path, split: str | None, source: str) -> Iterator[tuple[dict,
         yield rec, f"{p}, row {i}"
 
 
-def _is_hub_id(path: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path)) and not path.endswith(DATA_SUFFIXES)
-
-
 def _read_records(path: str, split, name, data_dir, source) -> Iterator[tuple[dict, str]]:
     p = Path(path).expanduser()
     if p.is_file():
@@ -296,7 +294,7 @@ def _read_records(path: str, split, name, data_dir, source) -> Iterator[tuple[di
         for f in _dir_files(p, split, source):
             yield from _read_file(f, source)
         return
-    if _is_hub_id(path):
+    if is_hub_id(path):
         import datasets
 
         logger.info("loading hub dataset %s (config %s, split %s)", path, name, split or "train")

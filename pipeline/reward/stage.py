@@ -43,6 +43,7 @@ from pipeline.io import (
 )
 from pipeline.logs import attach_progress
 from pipeline.models import TinyModelSpec, load_tokenizer, quantization_config, tiny_model, tiny_tokenizer
+from pipeline.reward.index import rm_dir
 
 
 STAGE_METHODS = ("more", "multitask", "uniform", "single")
@@ -167,12 +168,6 @@ class RewardStageConfig:
                 "balanced_batches."
             )
         return {**self.train, **extra}
-
-
-def rm_dir(run_dir: Path, name: str) -> Path:
-    """DIR/reward/<name> for a plain RM name; a name that is not a safe path component (a source or group
-    name with `/`, `..`, NUL, ... in it) becomes a slug plus a hash (`pipeline.io.safe_component`)."""
-    return Path(run_dir) / "reward" / safe_component(name)
 
 
 def checkpoint_dir(run_dir: Path, name: str) -> Path:
@@ -345,7 +340,7 @@ def _resolve_model_path(path: str) -> str:
     loaded; this covers configs built in code)."""
     if not path.startswith("pkg:"):
         return path
-    from pipeline.config import resolve_pkg_path
+    from pipeline.io import resolve_pkg_path
 
     return resolve_pkg_path(path, "reward.model_name_or_path")
 
@@ -708,35 +703,3 @@ def run(recipe, run_dir: Path, force: bool = False) -> list[str]:
     return ["reward/index.json", "reward/data_stats.json", "reward/data.json"] + [
         f"reward/{v['path'].split('/')[-1]}" for v in index.values()
     ]
-
-
-def load_index(run_dir: Path) -> dict:
-    path = Path(run_dir) / "reward" / "index.json"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found: run the reward stage first (python -m pipeline.run --stages reward)"
-        )
-    return json.loads(path.read_text())
-
-
-def resolve_rm_path(run_dir: Path, name: str, path: str) -> Path:
-    """The directory of an index entry. Relative paths are taken from the run directory (`reward/<name>`;
-    a bare `<name>`, relative to DIR/reward/, also works). An absolute path into another run directory's
-    `reward/<name>` (indexes written before paths were relative, then copied) maps to this run's copy, so
-    a copied run never reads or writes the original."""
-    run_dir = Path(run_dir).resolve()
-    p = Path(path)
-    local = rm_dir(run_dir, name)
-    if not p.is_absolute():
-        for cand in (run_dir / p, run_dir / "reward" / p):
-            if cand.exists():
-                return cand
-        return run_dir / p
-    try:
-        p.resolve().relative_to(run_dir)
-        return p
-    except ValueError:
-        pass
-    if local.exists() and p.name == local.name and p.parent.name == "reward":
-        return local
-    return p
