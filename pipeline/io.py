@@ -292,6 +292,25 @@ def dict_changes(old: dict, new: dict, limit: int = 6, width: int = 40) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Sizes on disk
+
+
+def tree_bytes(path: str | os.PathLike) -> int:
+    """Bytes of a file, or of every regular file under a directory (links not followed); 0 when missing."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    if not path.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def weights_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the weight files (*.safetensors, *.bin, *.pt) directly in a model directory."""
+    return sum(f.stat().st_size for pat in ("*.safetensors", "*.bin", "*.pt") for f in Path(path).glob(pat))
+
+
+# ---------------------------------------------------------------------------------------------------
 # Plain values, JSON reading, names that are hub ids or package paths
 
 

@@ -35,10 +35,20 @@ def is_tty(stream=None) -> bool:
         return False
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """H:MM:SS, or M:SS under an hour."""
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def human_bytes(n: float) -> str:
+    """'512 B', '1.5 KB', ..., '2.0 TB' (powers of 1024)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
 
 
 class LineProgress:
@@ -66,9 +76,9 @@ class LineProgress:
     def line(self) -> str:
         elapsed = time.monotonic() - self.start
         done = self.n - self.start_n
-        text = f"[{self.desc}] {100 * self.n / self.total:.0f}% ({self.n}/{self.total}), {_clock(elapsed)} elapsed"
+        text = f"[{self.desc}] {100 * self.n / self.total:.0f}% ({self.n}/{self.total}), {clock(elapsed)} elapsed"
         if done > 0 and self.n < self.total:
-            text += f", ETA {_clock(elapsed / done * (self.total - self.n))}"
+            text += f", ETA {clock(elapsed / done * (self.total - self.n))}"
         return text + (f" ({self.postfix})" if self.postfix else "")
 
     def update(self, n: int = 1) -> None:

@@ -342,3 +342,14 @@ def copy_pad_token_id(model, tokenizer, *, key: str = "reward model") -> None:
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def section_model_inputs(section: dict) -> list[tuple[str, str]]:
+    """(path or hub id, hub repo type) of what a model-loading recipe section (reward, align) names besides
+    the data: its base model, and its chat template when that is a file (a template TEXT is part of the
+    section itself, so it is already in the stage's hash)."""
+    out = [(section.get("model_name_or_path"), "model")]
+    template = section.get("chat_template")
+    if isinstance(template, str) and "{" not in template and template.strip().lower() != "none":
+        out.append((template, ""))
+    return out

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 import pipeline.config as C
+import pipeline.config_keys as K
+import pipeline.plan as P
 from tests.test_run import fakes  # noqa: F401 - fixture
 
 
@@ -173,7 +175,7 @@ def test_stage_hash_chains_upstream(fakes):  # noqa: F811
 
     def hashes(*ov):
         r = load(fakes, *ov)
-        return {s: C.stage_config_hash(r, s, order) for s in order}
+        return {s: P.stage_config_hash(r, s) for s in order}
 
     h0 = hashes()
     assert h0 == hashes()  # deterministic
@@ -193,9 +195,9 @@ def test_stage_hash_chains_upstream(fakes):  # noqa: F811
         text="reward: {sleep: 0.0, steps: 2}\nseed: 3\ndata: {lr: 1.0e-6, n: 4, sources: "
         "[{name: a}, {path: /x, name: b}]}\nname: other\n",
     )
-    assert {s: C.stage_config_hash(r, s, order) for s in order} == h0
+    assert {s: P.stage_config_hash(r, s) for s in order} == h0
     with pytest.raises(ValueError, match="unknown stage"):
-        C.stage_config_hash(r, "sft", order)
+        P.stage_config_hash(r, "sft")
 
 
 def test_pkg_paths_resolve_to_installed_package_dirs(fakes):  # noqa: F811
@@ -227,14 +229,8 @@ def test_data_root_substitution(fakes, tmp_path):  # noqa: F811
         load(fakes, f"data_root={tmp_path / 'missing'}", text=text)
 
 
-def test_missing_stage_module_is_a_clear_import_error(fakes, monkeypatch):  # noqa: F811
-    monkeypatch.setitem(C.SECTIONS, "align", ("no_such_module_xyz", "AlignConfig"))
-    with pytest.raises(ImportError, match="section 'align' needs no_such_module_xyz.AlignConfig"):
-        load(fakes)
-
-
 def test_describe_keys_lists_nested_fields_with_help(fakes):  # noqa: F811
-    rows = {k: (t, h) for k, t, _default, h in C.describe_keys()}
+    rows = {k: (t, h) for k, t, _default, h in K.describe_keys()}
     assert "data.inner.depth" in rows and "reward.steps" in rows and rows["reward.steps"][1] == "fake knob"
     assert rows["seed"][1].startswith("Global seed")
 
@@ -266,7 +262,7 @@ def test_stage_hash_follows_local_input_files(fakes, tmp_path):  # noqa: F811
 
     def hashes():
         r = load(fakes, f"data.sources=[{{name: a, path: {data}}}]")
-        return {s: C.stage_config_hash(r, s, order) for s in order}
+        return {s: P.stage_config_hash(r, s) for s in order}
 
     h0 = hashes()
     assert h0 == hashes()
@@ -275,6 +271,9 @@ def test_stage_hash_follows_local_input_files(fakes, tmp_path):  # noqa: F811
     )
     assert all(v != h0[s] for s, v in hashes().items())
 
+
+def test_local_input_stats_follow_external_rm_files_not_hub_ids_or_temperatures(tmp_path):
+    """The real stage table: calibration's inputs are its external RMs; the reward section names none here."""
     rm = tmp_path / "rm"
     rm.mkdir()
     (rm / "model.safetensors").write_bytes(b"x" * 10)
@@ -282,16 +281,16 @@ def test_stage_hash_follows_local_input_files(fakes, tmp_path):  # noqa: F811
         "data": {"sources": [{"path": "owner/hub-id"}, {"path": "helpful", "format": "synthetic"}]},
         "calibration": {"external_rms": {"mine": str(rm), "hub": "owner/name"}},
     }
-    before = C.local_input_stats(d, "calibration")
-    assert list(before) == [str(rm)] and C.local_input_stats(d, "reward") == {}
+    before = P.local_input_stats(d, "calibration")
+    assert list(before) == [str(rm)] and P.local_input_stats(d, "reward") == {}
     (rm / "temperature.json").write_text("{}")
-    assert C.local_input_stats(d, "calibration") == before
+    assert P.local_input_stats(d, "calibration") == before
     (rm / "model.safetensors").write_bytes(b"x" * 5)  # truncated weights
-    assert C.local_input_stats(d, "calibration") != before
+    assert P.local_input_stats(d, "calibration") != before
 
 
 def test_show_keys_lists_defaults_source_fields_reward_train_and_ppo():
-    rows = {k: (t, d, h) for k, t, d, h in C.describe_keys()}
+    rows = {k: (t, d, h) for k, t, d, h in K.describe_keys()}
     assert rows["seed"][1] == "42" and rows["data.max_length"][1] == "512"
     assert rows["data.sources[].name"][1] == "required" and rows["data.sources[].format"][1] == "synthetic"
     from pipeline.data.sources import _FORMATS, GROUP_OPTIONS

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import pipeline.run as R
-from tests.test_run import fakes  # noqa: F401 - the fixture of fake stages
+from tests.test_run import fakes, set_stage_run  # noqa: F401 - the fixture of fake stages
 
 
 TINY_REWARD_RECIPE = """\
@@ -63,9 +63,8 @@ def test_disk_full_while_checkpointing_is_one_line_and_recorded(tmp_path, monkey
 
 def test_disk_full_behind_a_wrapped_error_is_one_line(fakes, tmp_path, monkeypatch, capsys):  # noqa: F811
     """What torch's checkpoint writer does: a RuntimeError raised while handling the OSError(ENOSPC)."""
-    import fake_reward
 
-    def full(recipe, run_dir):
+    def full(recipe, run_dir, *, force=False):
         (run_dir / "reward").mkdir()
         (run_dir / "reward" / "part.bin").write_bytes(b"x" * 3000)
         try:
@@ -73,7 +72,7 @@ def test_disk_full_behind_a_wrapped_error_is_one_line(fakes, tmp_path, monkeypat
         except OSError:
             raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed") from None
 
-    monkeypatch.setattr(fake_reward, "run", full)
+    set_stage_run(monkeypatch, "reward", full)
     monkeypatch.delenv("PIPELINE_TRACEBACK", raising=False)
     assert R.main(["--recipe", str(fakes / "fake.yaml"), "--output-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
@@ -84,22 +83,21 @@ def test_disk_full_behind_a_wrapped_error_is_one_line(fakes, tmp_path, monkeypat
 
 
 def test_the_resume_hint_is_only_for_interruptions(fakes, tmp_path, monkeypatch, capsys, caplog):  # noqa: F811
-    import fake_align
 
-    def bad(recipe, run_dir):
+    def bad(recipe, run_dir, *, force=False):
         raise ValueError("align.x: a value a rerun cannot fix")
 
-    monkeypatch.setattr(fake_align, "run", bad)
+    set_stage_run(monkeypatch, "align", bad)
     monkeypatch.delenv("PIPELINE_TRACEBACK", raising=False)
     caplog.set_level("INFO", logger="pipeline.run")
     args = ["--recipe", str(fakes / "fake.yaml"), "--output-dir", str(tmp_path / "run")]
     assert R.main(args) == 2
     assert "a rerun cannot fix" in caplog.text and "resumes" not in caplog.text + capsys.readouterr().err
 
-    def ctrl_c(recipe, run_dir):
+    def ctrl_c(recipe, run_dir, *, force=False):
         raise KeyboardInterrupt()
 
-    monkeypatch.setattr(fake_align, "run", ctrl_c)
+    set_stage_run(monkeypatch, "align", ctrl_c)
     caplog.clear()
     assert R.main(args) == 130
     err = capsys.readouterr().err

@@ -27,7 +27,7 @@ from pipeline.align.judge import (
 )
 from pipeline.stats import wilson_interval
 from tests.test_align_helpers import judge_server
-from tests.test_run import fakes  # noqa: F401 - the fixture of fake stages
+from tests.test_run import fakes, set_stage_run  # noqa: F401 - the fixture of fake stages
 
 
 SECRET = "sk-test-DO-NOT-LEAK-1234"
@@ -438,7 +438,6 @@ def _hostile(server, case: str) -> None:
 def test_no_trace_of_the_key_in_the_run_directory_or_logs(case, fakes, tmp_path, monkeypatch, capsys, caplog):  # noqa: F811
     """The whole path a judging error or reply takes: the stage's files, the judge cache, manifest.json
     (the stage's error), stderr (the one-line error) and every log line (retries, warnings)."""
-    import fake_align
 
     from pipeline import run as R
 
@@ -448,7 +447,7 @@ def test_no_trace_of_the_key_in_the_run_directory_or_logs(case, fakes, tmp_path,
     with judge_server() as server:
         _hostile(server, case)
 
-        def align(recipe, run_dir):
+        def align(recipe, run_dir, *, force=False):
             judge = OpenAIJudge(
                 server.base_url,
                 "judge-model",
@@ -461,7 +460,7 @@ def test_no_trace_of_the_key_in_the_run_directory_or_logs(case, fakes, tmp_path,
             (run_dir / "align" / "details.json").write_text(json.dumps(out))
             return ["align/details.json"]
 
-        monkeypatch.setattr(fake_align, "run", align)
+        set_stage_run(monkeypatch, "align", align)
         rc = R.main(["--recipe", str(fakes / "fake.yaml"), "--output-dir", str(tmp_path / "run")])
     captured = capsys.readouterr()
     err = captured.err

@@ -167,7 +167,7 @@ def test_hostile_source_and_group_names_stay_inside_the_run_directory(tmp_path, 
 def test_stage_outputs_of_other_stages_use_the_safe_names(tmp_path):
     """Calibration's plots, align's directories and the report read/write `safe_component(rm)`, never the name;
     calibration does not write temperature.json into an RM directory outside the run directory."""
-    from pipeline.report import _reward_section
+    from pipeline.report.stage import _reward_section
 
     run_dir = tmp_path / "run"
     rm = run_dir / "reward" / io.safe_component("single-src/../../g")
@@ -235,6 +235,7 @@ def test_base_weights_replaced_or_template_edited_in_place_retrain(tmp_path, cap
     """Defect 3: the stage hash ignored reward.model_name_or_path, the RM fingerprint recorded weight sizes only
     and the template as its path, so both edits left reward (and calibration) 'up to date'."""
     import pipeline.config as C
+    import pipeline.plan as P
     from tests.conftest import CHATML
     from tests.test_reward_stage import _one_rm_recipe
 
@@ -246,7 +247,7 @@ def test_base_weights_replaced_or_template_edited_in_place_retrain(tmp_path, cap
 
     def hashes():
         r = C.load_recipe("tiny-cpu", overrides)
-        return {s: C.stage_config_hash(r, s) for s in ("reward", "calibration")}
+        return {s: P.stage_config_hash(r, s) for s in ("reward", "calibration")}
 
     def recipe():
         r = _one_rm_recipe(max_steps=1)
@@ -280,31 +281,31 @@ def test_base_weights_replaced_or_template_edited_in_place_retrain(tmp_path, cap
 
 def test_data_file_edited_in_place_changes_the_stage_hashes(tmp_path, monkeypatch):
     """The stage hash used the size and mtime of data files: a same-size edit with mtime restored was missed."""
-    import pipeline.config as C
+    import pipeline.plan as P
 
     monkeypatch.setenv("MORE_PIPELINE_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "pairs.jsonl"
     data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
     d = {"data": {"sources": [{"name": "s", "format": "jsonl", "path": str(data)}]}}
-    before = {s: C.local_input_stats(d, s) for s in ("reward", "calibration", "align")}
+    before = {s: P.local_input_stats(d, s) for s in ("reward", "calibration", "align")}
     _edit_in_place(data, b'"a"', b'"c"')
-    assert all(C.local_input_stats(d, s) != before[s] for s in before)
+    assert all(P.local_input_stats(d, s) != before[s] for s in before)
 
 
 def test_hub_ids_are_recorded_by_their_cached_revision(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    import pipeline.config as C
+    import pipeline.plan as P
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     d = {"reward": {"model_name_or_path": "owner/model"}}
-    assert C.local_input_stats(d, "reward") == {}  # not cached: nothing known
+    assert P.local_input_stats(d, "reward") == {}  # not cached: nothing known
     ref = tmp_path / "hub" / "models--owner--model" / "refs" / "main"
     ref.parent.mkdir(parents=True)
     ref.write_text("a" * 40)
-    assert C.local_input_stats(d, "reward") == {"owner/model": {"hub_revision": "a" * 40}}
+    assert P.local_input_stats(d, "reward") == {"owner/model": {"hub_revision": "a" * 40}}
     ref.write_text("b" * 40)  # the cache moved to a new commit
-    assert C.local_input_stats(d, "reward") == {"owner/model": {"hub_revision": "b" * 40}}
+    assert P.local_input_stats(d, "reward") == {"owner/model": {"hub_revision": "b" * 40}}
     assert stage._base_model_record("owner/model") == {"path": "owner/model", "revision": "b" * 40}
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 import pipeline.config as C
-from pipeline.run import stage_names
+import pipeline.plan as P
+import pipeline.stages as stages
+from pipeline.stages import stage_names
 
 
 PAPER = {
@@ -30,12 +32,12 @@ def load(name, *overrides, data_root=None):
 def test_recipe_loads_with_real_stage_classes(name, tmp_path):
     r = load(name, data_root=tmp_path)
     assert r.name == name and r.description
-    for section, (_module, cls) in C.SECTIONS.items():
-        assert type(getattr(r, section)).__name__ == cls, section
+    for section, cls in stages.section_classes().items():
+        assert type(getattr(r, section)) is cls, section
     assert set(r.stages or stage_names()) <= set(stage_names())
     assert C.recipe_from_dict(C.recipe_to_dict(r)) == r  # the resolved recipe round-trips
     for s in stage_names():
-        assert len(C.stage_config_hash(r, s)) == 64
+        assert len(P.stage_config_hash(r, s)) == 64
 
 
 def test_tiny_cpu_is_the_embedded_default():
@@ -106,7 +108,7 @@ def test_alpaca_rjs_settings_and_reuse_of_llama_rms():
     # same data, seed and reward section => same reward/calibration hashes: the RMs of a finished
     # paper-llama2-7b run are reused when alpaca-7b-rjs runs in its directory
     for s in ("reward", "calibration"):
-        assert C.stage_config_hash(r, s) == C.stage_config_hash(llama, s)
+        assert P.stage_config_hash(r, s) == P.stage_config_hash(llama, s)
 
 
 def test_minilm_real_points_at_package_and_data_root(tmp_path):

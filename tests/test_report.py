@@ -7,8 +7,9 @@ import json
 import pytest
 
 import pipeline.config as C
-import pipeline.report as report
-from pipeline.report import ReportConfig, compare_sentence, paper_rows, win_tie_lose_sentence
+import pipeline.report.stage as report
+import pipeline.stages as stages
+from pipeline.report.stage import ReportConfig, compare_sentence, paper_rows, win_tie_lose_sentence
 from tests.test_run import fakes  # noqa: F401 - fixture
 
 
@@ -81,12 +82,18 @@ def _metrics(ece_more, ece_mt, acc_more=0.6, acc_mt=0.61):
     }
 
 
+def use_real_report_section(monkeypatch) -> None:
+    """The fake stage table, with the real report stage (its section class and its run)."""
+    real = stages.Stage("report", ReportConfig, report.run, reads_data=False, follows_upstream=True)
+    monkeypatch.setattr(stages, "STAGES", (*stages.STAGES[:3], real))
+
+
 def _recipe(fakes, *ov):  # noqa: F811
     return C.load_recipe(str(fakes / "fake.yaml"), list(ov))
 
 
 def test_report_with_every_part(fakes, tmp_path, monkeypatch):  # noqa: F811
-    monkeypatch.setitem(C.SECTIONS, "report", ("pipeline.report", "ReportConfig"))
+    use_real_report_section(monkeypatch)
     recipe = _recipe(fakes)
     d = tmp_path / "run"
     (d / "calibration").mkdir(parents=True)
@@ -115,10 +122,11 @@ def test_report_with_every_part(fakes, tmp_path, monkeypatch):  # noqa: F811
         )
     )
     (d / "align" / "table.md").write_text("# Alignment\n\n| x |\n")
+    (d / "recipe.yaml").write_text(C.recipe_yaml(recipe))  # the orchestrator writes it before any stage
     (d / "manifest.json").write_text(
         json.dumps(
             {
-                "stages": {"report": {"status": "running"}, "reward": {"status": "done"}},
+                "stages": {"reward": {"status": "done"}, "report": {"status": "running"}},  # pipeline order
                 "versions": {"torch": "9"},
                 "git_commit": "abc",
             }
@@ -138,7 +146,7 @@ def test_report_with_every_part(fakes, tmp_path, monkeypatch):  # noqa: F811
     assert "| more | more | a, b | 123 |" in md
     assert "| paper, pythia-1.4b | 62.38 | 0.0541 | 63.34 | 0.0364 | 0.0177 -> 0.0109 | 44/22/34 |" in md
     assert "| **this run** | 61.00 | 0.0500 | 60.00 | 0.0700 | 0.0600 -> 0.0800 | 40/20/40 |" in md
-    assert md.index("| reward |") < md.index("| report | writing this report |")  # pipeline order
+    assert md.index("| reward |") < md.index("| report | writing this report |")  # the manifest's order
     assert "```yaml" in md and "name: fake" in md and "git abc" in md
     data = json.loads((d / "report.json").read_text())
     assert data["calibration"]["rms"]["more"]["all_average"]["ece"] == 0.07
@@ -186,7 +194,7 @@ def test_report_with_every_part(fakes, tmp_path, monkeypatch):  # noqa: F811
 
 
 def test_report_degrades_when_stages_did_not_run(fakes, tmp_path, monkeypatch):  # noqa: F811
-    monkeypatch.setitem(C.SECTIONS, "report", ("pipeline.report", "ReportConfig"))
+    use_real_report_section(monkeypatch)
     recipe = _recipe(fakes, "report.include_recipe=false", "report.title=My run")
     d = tmp_path / "empty"
     report.run(recipe, d)
@@ -200,7 +208,7 @@ def test_report_degrades_when_stages_did_not_run(fakes, tmp_path, monkeypatch): 
 
 
 def test_report_without_more_or_baseline(fakes, tmp_path, monkeypatch):  # noqa: F811
-    monkeypatch.setitem(C.SECTIONS, "report", ("pipeline.report", "ReportConfig"))
+    use_real_report_section(monkeypatch)
     recipe = _recipe(fakes, "report.paper_model=none")
     d = tmp_path / "run"
     (d / "calibration").mkdir(parents=True)

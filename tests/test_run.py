@@ -1,7 +1,7 @@
 """The orchestrator (`pipeline.run`) on fake stages: skip/rerun logic, manifest, CLI, crash safety.
 
 The fake stages live in a module written to a temp dir (`FAKE_SRC`), so the same code serves the
-in-process tests (monkeypatched `SECTIONS`/`STAGES`) and the subprocess tests (kill -9, Ctrl-C,
+in-process tests (a monkeypatched `pipeline.stages.STAGES`) and the subprocess tests (kill -9, Ctrl-C,
 torchrun), which run `RUNNER_SRC`. Every fake stage call appends "<stage> <event> <rank>" to the file
 named by $FAKE_CALLS, so a test can count how often each stage started and finished.
 """
@@ -9,6 +9,7 @@ named by $FAKE_CALLS, so a test can count how often each stage started and finis
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -20,7 +21,9 @@ from pathlib import Path
 import pytest
 
 import pipeline.config as C
+import pipeline.plan as P
 import pipeline.run as R
+import pipeline.stages as stages
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +82,7 @@ def log(stage, event):
 
 
 def make_run(stage):
-    def run(recipe, run_dir):
+    def run(recipe, run_dir, *, force=False):
         cfg = getattr(recipe, stage)
         rank = int(os.environ.get("RANK", "0"))
         log(stage, "start")
@@ -102,10 +105,18 @@ def make_run(stage):
     return run
 
 
-def install(config_module, run_module):
-    config_module.SECTIONS = {"data": ("fakepipe", "Data"),
-                              **{s: ("fakepipe", "Stage") for s in STAGE_NAMES}}
-    run_module.STAGES = [(s, f"fake_{s}") for s in STAGE_NAMES]
+def fake_stages(stages_module):
+    """The stage table with a fake `run` per stage (the report follows its upstream, as the real one; the fake
+    data section names no files, so no stage reads data)."""
+    return tuple(
+        stages_module.Stage(s, Stage, make_run(s), reads_data=False, follows_upstream=s == "report")
+        for s in STAGE_NAMES
+    )
+
+
+def install(stages_module):
+    stages_module.DATA_SECTION = ("data", Data)
+    stages_module.STAGES = fake_stages(stages_module)
 '''
 
 RUNNER_SRC = """
@@ -113,10 +124,10 @@ import os
 import sys
 
 import fakepipe
-import pipeline.config as C
 import pipeline.run as R
+import pipeline.stages as stages
 
-fakepipe.install(C, R)
+fakepipe.install(stages)
 if os.environ.get("FAKE_MANIFEST_WRITES"):
     _write = R.write_manifest
 
@@ -148,8 +159,6 @@ STAGE_NAMES = ("reward", "calibration", "align", "report")
 def write_fakes(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "fakepipe.py").write_text(FAKE_SRC)
-    for s in STAGE_NAMES:
-        (directory / f"fake_{s}.py").write_text(f"from fakepipe import make_run\nrun = make_run({s!r})\n")
     (directory / "runner.py").write_text(RUNNER_SRC)
     (directory / "fake.yaml").write_text(RECIPE_YAML)
     return directory
@@ -160,19 +169,20 @@ def fakes(tmp_path, monkeypatch):
     """Fake sections/stages installed in-process; yields the dir holding fake.yaml and runner.py."""
     d = write_fakes(tmp_path / "fakes")
     monkeypatch.syspath_prepend(str(d))
-    for name in ["fakepipe", *(f"fake_{s}" for s in STAGE_NAMES)]:
-        sys.modules.pop(name, None)
+    sys.modules.pop("fakepipe", None)
     import fakepipe
 
-    monkeypatch.setattr(
-        C, "SECTIONS", {"data": ("fakepipe", "Data"), **dict.fromkeys(STAGE_NAMES, ("fakepipe", "Stage"))}
-    )
-    monkeypatch.setattr(R, "STAGES", [(s, f"fake_{s}") for s in STAGE_NAMES])
+    monkeypatch.setattr(stages, "DATA_SECTION", ("data", fakepipe.Data))
+    monkeypatch.setattr(stages, "STAGES", fakepipe.fake_stages(stages))
     monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.log"))
     yield d
-    for name in ["fakepipe", *(f"fake_{s}" for s in STAGE_NAMES)]:
-        sys.modules.pop(name, None)
-    assert fakepipe
+    sys.modules.pop("fakepipe", None)
+
+
+def set_stage_run(monkeypatch, name: str, run) -> None:
+    """Replace one stage's `run` in the (fake) stage table for this test."""
+    table = tuple(dataclasses.replace(s, run=run) if s.name == name else s for s in stages.STAGES)
+    monkeypatch.setattr(stages, "STAGES", table)
 
 
 def calls(tmp_path: Path, event: str = "end") -> dict[str, int]:
@@ -218,7 +228,7 @@ def test_first_run_writes_complete_manifest(fakes, tmp_path):
     for s in STAGE_NAMES:
         e = m["stages"][s]
         assert e["status"] == "done"
-        assert e["config_hash"] == C.stage_config_hash(recipe, s)
+        assert e["config_hash"] == P.stage_config_hash(recipe, s)
         assert e["artifacts"] == [f"{s}/result.json"]
         assert e["started"] <= e["finished"]
     # every downstream stage recorded which upstream run it consumed
@@ -368,20 +378,18 @@ def test_truncated_or_edited_artifact_reruns(fakes, tmp_path, caplog):
 def test_files_of_another_stage_inside_an_artifact_are_not_recorded(fakes, tmp_path, monkeypatch):
     """calibration writes reward/<rm>/temperature.json inside the reward stage's RM directory: rewriting it
     must not make the reward stage look changed."""
-    import fake_calibration
-    import fake_reward
 
-    def reward_run(recipe, run_dir):
+    def reward_run(recipe, run_dir, *, force=False):
         (Path(run_dir) / "reward" / "rm").mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / "reward" / "rm" / "w.bin").write_bytes(b"weights")
         return ["reward/rm"]
 
-    def calibration_run(recipe, run_dir):
+    def calibration_run(recipe, run_dir, *, force=False):
         (Path(run_dir) / "reward" / "rm" / "temperature.json").write_text(str(time.time()))
         return ["reward/rm/temperature.json"]
 
-    monkeypatch.setattr(fake_reward, "run", reward_run)
-    monkeypatch.setattr(fake_calibration, "run", calibration_run)
+    set_stage_run(monkeypatch, "reward", reward_run)
+    set_stage_run(monkeypatch, "calibration", calibration_run)
     out = tmp_path / "run"
     run(fakes, out, stages="reward,calibration")
     run(fakes, out, stages="reward,calibration", force=["reward"])  # reward rerecords with temperature.json there
@@ -393,20 +401,32 @@ def test_files_of_another_stage_inside_an_artifact_are_not_recorded(fakes, tmp_p
 
 def test_force_reaches_stages_that_keep_their_own_results(fakes, tmp_path, monkeypatch):
     """`--force reward` must make the reward stage redo its RMs, not only rerun it (defect 1)."""
-    import fake_reward
 
     seen = []
 
-    def reward_run(recipe, run_dir, force=False):
+    def reward_run(recipe, run_dir, *, force=False):
         seen.append(force)
         return []
 
-    monkeypatch.setattr(fake_reward, "run", reward_run)
+    set_stage_run(monkeypatch, "reward", reward_run)
     out = tmp_path / "run"
     run(fakes, out, stages="reward")
     run(fakes, out, stages="reward", force=["reward"])
     run(fakes, out, "data.n=5", stages="reward")  # rerun for a config change: the stage decides what to redo
     assert seen == [False, True, False]
+
+
+def test_manifest_lists_stages_in_pipeline_order(fakes, tmp_path):
+    """The report lists the manifest's stages as they are: the orchestrator writes them in pipeline order,
+    also when the first run selected later stages only and an older manifest had them in another order."""
+    out = tmp_path / "run"
+    run(fakes, out, stages="calibration,report")
+    assert list(json.loads((out / "manifest.json").read_text())["stages"]) == list(STAGE_NAMES)
+    m = json.loads((out / "manifest.json").read_text())
+    m["stages"] = dict(reversed(m["stages"].items()))
+    (out / "manifest.json").write_text(json.dumps(m))
+    run(fakes, out, stages="reward")
+    assert list(json.loads((out / "manifest.json").read_text())["stages"]) == list(STAGE_NAMES)
 
 
 def test_failed_stage_recorded_and_retried(fakes, tmp_path):
@@ -505,9 +525,8 @@ def test_second_run_in_the_same_directory_is_refused(fakes, tmp_path):
 
 
 def test_artifact_outside_run_dir_or_missing_fails(fakes, tmp_path, monkeypatch):
-    import fake_align
 
-    monkeypatch.setattr(fake_align, "run", lambda recipe, run_dir: ["align/nothing.json"])
+    set_stage_run(monkeypatch, "align", lambda recipe, run_dir, force=False: ["align/nothing.json"])
     with pytest.raises(RuntimeError, match="did not write: align/nothing.json"):
         run(fakes, tmp_path / "run")
     m = json.loads((tmp_path / "run" / "manifest.json").read_text())
@@ -751,17 +770,16 @@ def test_overrides_may_come_before_and_after_options(capsys):
 
 
 def test_judge_budget_exhausted_is_one_line_not_a_traceback(fakes, tmp_path, monkeypatch, capsys):
-    import fake_align
 
     from pipeline.align.judge import JudgeBudgetExhausted
 
-    def exhausted(recipe, run_dir):
+    def exhausted(recipe, run_dir, *, force=False):
         raise JudgeBudgetExhausted(
             "the judge request budget (align.judge.max_requests=4) is exhausted; raise "
             "align.judge.max_requests and rerun the same command"
         )
 
-    monkeypatch.setattr(fake_align, "run", exhausted)
+    set_stage_run(monkeypatch, "align", exhausted)
     monkeypatch.delenv("PIPELINE_TRACEBACK", raising=False)
     rc = R.main(["--recipe", str(fakes / "fake.yaml"), "--output-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err

@@ -37,6 +37,7 @@ import gc
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -44,15 +45,20 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.align.ppo import PPOConfig
+from pipeline.data.render import check_template_setting
+from pipeline.errors import RecipeError
 from pipeline.io import (
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
     content_sha256,
     inside,
+    read_json,
     remove_tree,
     safe_component,
 )
+from pipeline.models import section_model_inputs
 
 
 METHODS = ("best_of_n", "rjs", "ppo", "rloo")
@@ -264,7 +270,7 @@ class AlignConfig:
     ppo: dict = field(
         default_factory=dict,
         metadata={
-            "keys": "pipeline.align.ppo:PPOConfig",
+            "keys": PPOConfig,
             "help": "Overrides of pipeline.align.ppo.PPOConfig (sampling settings default to this section's).",
         },
     )
@@ -430,7 +436,7 @@ def build_base_policy(ctx: _Ctx) -> tuple[str, object, str]:
     from pipeline.models import load_tokenizer
 
     cfg = ctx.cfg
-    from pipeline.data.render import set_chat_template
+    from pipeline.data.render import chat_template_text, set_chat_template
 
     if cfg.model_name_or_path:
         tok = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
@@ -464,7 +470,9 @@ def build_base_policy(ctx: _Ctx) -> tuple[str, object, str]:
         from pipeline.models import TinyModelSpec, tiny_tokenizer
 
         ctx.log("building the tiny base policy (warm start on synthetic responses of mixed quality)")
-        template = set_chat_template(_TemplateHolder(), cfg.chat_template, where="align.chat_template").chat_template
+        template = (
+            None if cfg.chat_template is None else chat_template_text(cfg.chat_template, where="align.chat_template")
+        )
         tok = tiny_tokenizer(
             synthetic_corpus(_synthetic_config(ctx.recipe)), vocab_size=cfg.policy_vocab_size, chat_template=template
         )
@@ -479,7 +487,7 @@ def build_base_policy(ctx: _Ctx) -> tuple[str, object, str]:
                     P.append(p)
                 R.append(r)
         ckpt_dir = ctx.dir / "base" / ".warm_start_checkpoints"
-        if _read_json_or_none(ckpt_dir / "settings.json") != stamp:  # checkpoints of other settings
+        if read_json(ckpt_dir / "settings.json") != stamp:  # checkpoints of other settings
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         atomic_write_json(ckpt_dir / "settings.json", stamp)
         model = warm_start_policy(
@@ -503,17 +511,6 @@ def build_base_policy(ctx: _Ctx) -> tuple[str, object, str]:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     ctx.barrier()
     return str(path), load_tokenizer(str(path)), stamp
-
-
-class _TemplateHolder:
-    chat_template = None
-
-
-def _read_json_or_none(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _templated_warm_start(tok, prompt: str, response: str) -> tuple[str, str]:
@@ -986,7 +983,7 @@ def render_table(judgements: dict, metrics: dict, judge_desc: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(recipe, run_dir: Path) -> list[str]:
+def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
     """Align, judge, tabulate. Returns the artifact paths (relative to run_dir)."""
     from pipeline.align.methods import read_jsonl, write_jsonl
     from pipeline.align.rewards import gold_reward_fn
@@ -1148,3 +1145,80 @@ def run(recipe, run_dir: Path) -> list[str]:
     ctx.barrier()
     artifacts += ["align/judgements.json", "align/judge_details.jsonl", "align/metrics.json", "align/table.md"]
     return artifacts
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the orchestrator asks before the stage runs (pipeline.stages.STAGES)
+
+
+def inputs(section: dict) -> list[tuple[str, str]]:
+    """Inputs the align section names besides the data sources: the base policy and a chat-template file."""
+    return section_model_inputs(section)
+
+
+def check(recipe, *, runs: bool, origin) -> None:
+    """The align section against the others, before any work (also under --dry-run): its chat template;
+    prompt/eval sources that `data.sources` has; RMs and comparisons that `reward.methods` trains; and, when the
+    stage will run (`runs`), the OpenAI judge's API-key variable. One RecipeError naming the key and the fix."""
+    check_template_setting(recipe.align.chat_template, "align.chat_template", origin)
+    data, align = recipe.data, recipe.align
+    grouped = [spec for spec in data.sources if isinstance(spec.options, dict) and spec.options.get("group_by")]
+    # A `group_by` source becomes sources named <name>/<value> (or its group_names values) only once the data
+    # is read: names of that shape pass here, and the data stage checks them against the groups it finds.
+    group_names = {str(v) for spec in grouped for v in (spec.options.get("group_names") or {}).values()}
+    sources = data.source_names
+
+    def is_source(name: str) -> bool:
+        return name in sources or name in group_names or any(str(name).startswith(f"{spec.name}/") for spec in grouped)
+
+    for key in ("prompt_sources", "eval_sources"):
+        unknown = [s for s in getattr(align, key) or [] if not is_source(s)]
+        if unknown:
+            raise RecipeError(
+                f"align.{key} in {origin('align.' + key)} names unknown source(s) {unknown}; "
+                f"the data sources are {sources}. Fix: use names from data.sources"
+            )
+    _check_rms_and_comparisons(recipe.reward.methods, sources, align, is_source, origin)
+    env = align.judge.api_key_env
+    if runs and align.judge.kind == "openai" and env and not os.environ.get(env):
+        raise RecipeError(
+            f"align.judge.kind=openai reads the API key from the environment variable {env}, which is not set, and "
+            f"the align stage will run. Fix: export {env}=..., or set align.judge.api_key_env='' for an endpoint "
+            "without a key, or align.judge.kind=gold"
+        )
+
+
+def _check_rms_and_comparisons(methods: list[str], sources: list[str], align, is_source, origin) -> None:
+    trained = [n for m in methods for n in ([f"single-{s}" for s in sources] if m == "single" else [m])]
+    if align.rms is not None:
+        unknown = [n for n in align.rms if n not in trained and not (n.startswith("single-") and is_source(n[7:]))]
+        if unknown:
+            raise RecipeError(
+                f"align.rms in {origin('align.rms')} names RM(s) {unknown} that reward.methods "
+                f"does not train (it trains {trained}). Fix: use some of those, or null for all"
+            )
+    aligned = list(align.rms) if align.rms is not None else [n for n in trained if not n.startswith("single-")]
+    for comp in align.comparisons or []:
+        parts = [p.strip() for p in comp.split(" vs ")]
+        unknown = [p for p in parts if p != "base" and p not in aligned]
+        if unknown:
+            raise RecipeError(
+                f"align.comparisons in {origin('align.comparisons')}: {comp!r} names {unknown}, not an RM "
+                f"aligned in this run ({aligned + ['base']}). Fix: compare only those, or add the RM to "
+                "reward.methods / align.rms"
+            )
+
+
+def estimate(recipe, run_dir: Path, world: int = 1) -> tuple[str, None]:
+    """The align stage's counts from its settings: warm-start steps, samples to generate, RMs and methods."""
+    cfg = recipe.align
+    parts = []
+    if not cfg.model_name_or_path:
+        parts.append(f"{cfg.warm_start_steps} warm-start steps (tiny policy, unless already built)")
+    rms = list(cfg.rms) if cfg.rms else [m for m in recipe.reward.methods if m != "single"]
+    prompts = "all" if cfg.n_prompts is None else cfg.n_prompts
+    parts.append(f"{len(rms)} RM(s) x methods {', '.join(cfg.methods)}")
+    parts.append(f"sampling {prompts} training prompts x {cfg.n} responses")
+    if "ppo" in cfg.methods:
+        parts.append(f"ppo {cfg.ppo.get('num_steps', 100)} steps per RM")
+    return "; ".join(parts), None

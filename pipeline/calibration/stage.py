@@ -838,7 +838,7 @@ def _max_length(recipe, cfg: CalibrationConfig) -> int | None:
     return getattr(getattr(recipe, "data", None), "max_length", 512)
 
 
-def run(recipe, run_dir: Path) -> list[str]:
+def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
     """Evaluate every RM of DIR/reward/index.json and calibration.external_rms; returns the artifact paths
     relative to run_dir. Every external RM is scored by the same `score_rm` as the trained ones."""
     import torch
@@ -1067,3 +1067,16 @@ def _plots(out: Path, index: dict, rewards: dict, sources: list[str], temperatur
             cmap="magma_r",
             value_label="ECE, lower is better",
         )
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the orchestrator asks before the stage runs (pipeline.stages.STAGES)
+
+
+def inputs(section: dict) -> list[tuple[str, str]]:
+    """Inputs the calibration section names besides the data sources: the external RMs."""
+    return [(p, "model") for p in (section.get("external_rms") or {}).values()]
+
+
+def estimate(recipe, run_dir: Path, world: int = 1) -> tuple[str, None]:
+    return "calibration: no optimizer steps", None

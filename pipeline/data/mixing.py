@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from .sources import FORMATS, PreferenceDataError, load_source
+from .sources import FORMATS, PreferenceDataError, load_source, option_keys
 from .synthetic import DEFAULT_SOURCES, SPLITS, SyntheticConfig, synthetic_split
 
 
@@ -75,7 +75,7 @@ class SourceSpec:
     options: dict = field(
         default_factory=dict,
         metadata={
-            "keys": "pipeline.data.sources:option_keys",
+            "keys": option_keys,
             "help": "Format options passed to load_source; every "
             "format takes group_by (+ group_names, keep_groups, drop_groups) to split one dataset "
             "into sources <name>/<value>.",

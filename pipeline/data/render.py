@@ -31,6 +31,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import RecipeError
+
 
 PLAIN_MARKERS = {"user": "\n\nHuman:", "assistant": "\n\nAssistant:", "system": "\n\nSystem:", "tool": "\n\nTool:"}
 ROLES = tuple(PLAIN_MARKERS)
@@ -124,9 +126,16 @@ def set_chat_template(tokenizer, spec: str | None, *, where: str = "chat_templat
     """
     if spec is None:
         return tokenizer
+    tokenizer.chat_template = chat_template_text(spec, where=where)
+    return tokenizer
+
+
+def chat_template_text(spec: str, *, where: str = "chat_template") -> str | None:
+    """The template text a recipe's `chat_template` string sets, checked (`check_chat_template`): None for
+    ``"none"`` (the plain layout), a file's text for a path, else the string itself. Raises one ValueError
+    naming `where` for a path that does not exist or a template that does not parse or raises."""
     if spec.strip().lower() == "none":
-        tokenizer.chat_template = None
-        return tokenizer
+        return None
     text = spec
     if "{" not in spec:
         p = Path(spec).expanduser()
@@ -137,8 +146,19 @@ def set_chat_template(tokenizer, spec: str | None, *, where: str = "chat_templat
             )
         text = p.read_text(encoding="utf-8")
     check_chat_template(text, where=where if text == spec else f"{where} ({spec})")
-    tokenizer.chat_template = text
-    return tokenizer
+    return text
+
+
+def check_template_setting(spec: str | None, key: str, origin) -> None:
+    """A recipe's `<section>.chat_template` checked before any work (also under --dry-run): one RecipeError
+    naming the key and where it was set (`origin(key)`: the file or the override) for a template that does not
+    parse or raises, or a path that does not exist. None (keep the tokenizer's) and 'none' pass."""
+    if spec is None:
+        return
+    try:
+        chat_template_text(spec, where=key)
+    except ValueError as e:
+        raise RecipeError(f"{e} (in {origin(key)})") from None
 
 
 def check_chat_template(text: str, *, where: str = "chat_template") -> None:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from pipeline.data.render import check_template_setting
 from pipeline.io import (
     atomic_write_json,
     changed_files,
@@ -40,10 +41,19 @@ from pipeline.io import (
     remove_tree,
     safe_component,
     sha256_json,
+    weights_bytes,
 )
-from pipeline.logs import attach_progress
-from pipeline.models import TinyModelSpec, load_tokenizer, quantization_config, tiny_model, tiny_tokenizer
+from pipeline.logs import attach_progress, clock, human_bytes
+from pipeline.models import (
+    TinyModelSpec,
+    load_tokenizer,
+    quantization_config,
+    section_model_inputs,
+    tiny_model,
+    tiny_tokenizer,
+)
 from pipeline.reward.index import rm_dir
+from pipeline.reward.trainer import MORERewardConfig
 
 
 STAGE_METHODS = ("more", "multitask", "uniform", "single")
@@ -131,7 +141,7 @@ class RewardStageConfig:
     train: dict = field(
         default_factory=dict,
         metadata={
-            "keys": "pipeline.reward.trainer:MORERewardConfig",
+            "keys": MORERewardConfig,
             "key_fields": SHOWN_TRAINING_ARGS,
             "help": "MORERewardConfig fields (learning_rate, max_steps, alpha, normalize, bf16, "
             "deepspeed, ...; any trl.RewardConfig / TrainingArguments field). per_device_train_batch_size "
@@ -149,8 +159,6 @@ class RewardStageConfig:
 
     def training_args(self, extra: dict):
         """Check `train` keys against MORERewardConfig and merge `extra` (which wins)."""
-        from pipeline.reward.trainer import MORERewardConfig
-
         valid = {f.name for f in fields(MORERewardConfig)}
         unknown = sorted(set(self.train) - valid)
         if unknown:
@@ -198,8 +206,6 @@ def planned_steps(recipe, splits=None, world: int = 1) -> dict[str, int]:
 
     splits = build_splits(recipe.data) if splits is None else splits
     train = recipe.reward.train
-    from pipeline.reward.trainer import MORERewardConfig
-
     defaults = {f.name: f.default for f in fields(MORERewardConfig) if f.name in ("max_steps", "num_train_epochs")}
     max_steps = int(train.get("max_steps", defaults["max_steps"]))
     epochs = float(train.get("num_train_epochs", defaults["num_train_epochs"]))
@@ -557,7 +563,7 @@ def train_one(recipe, run_dir: Path, plan: RMPlan, tokenizer, base: str, fresh: 
     e.g. 'more, RM 2 of 3', names its progress lines)."""
     from accelerate import PartialState
 
-    from pipeline.reward.trainer import MORERewardConfig, MORERewardTrainer
+    from pipeline.reward.trainer import MORERewardTrainer
 
     cfg, name = recipe.reward, plan.name
     out = inside(run_dir, rm_dir(run_dir, name))
@@ -635,7 +641,7 @@ def _write_train_prompts(rm_dir: Path, train) -> None:
     atomic_write_json(Path(rm_dir) / TRAIN_PROMPTS, train_prompts_record(train["prompt"]))
 
 
-def run(recipe, run_dir: Path, force: bool = False) -> list[str]:
+def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
     """Train every RM the recipe asks for; reuse those saved from the same inputs (all retrained when
     `force`). Returns artifact paths relative to run_dir."""
     from accelerate import PartialState
@@ -703,3 +709,44 @@ def run(recipe, run_dir: Path, force: bool = False) -> list[str]:
     return ["reward/index.json", "reward/data_stats.json", "reward/data.json"] + [
         f"reward/{v['path'].split('/')[-1]}" for v in index.values()
     ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the orchestrator asks before the stage runs (pipeline.stages.STAGES)
+
+
+def inputs(section: dict) -> list[tuple[str, str]]:
+    """Inputs the reward section names besides the data sources: the base model and a chat-template file."""
+    return section_model_inputs(section)
+
+
+def check(recipe, *, runs: bool, origin) -> None:
+    """A reward.chat_template that does not parse or raises fails before any work (also under --dry-run)."""
+    check_template_setting(recipe.reward.chat_template, "reward.chat_template", origin)
+
+
+def estimate(recipe, run_dir: Path, world: int = 1) -> tuple[str, str]:
+    """The --dry-run line: every RM's optimizer steps, and a training time only where this directory measured
+    a step time before."""
+    counts = planned_steps(recipe, world=world)
+    total = sum(counts.values())
+    work = (
+        f"{len(counts)} RMs, {total} optimizer steps ("
+        + ", ".join(f"RM {i} of {len(counts)} {rm}: {n}" for i, (rm, n) in enumerate(counts.items(), 1))
+        + ")"
+    )
+    sec = measured_step_seconds(run_dir)
+    if not sec:
+        return work, "training time unknown (no step time measured in this directory yet)"
+    return work, f"training about {clock(sec * total)} at the {sec:.3g} s/step measured in this directory"
+
+
+def space_needed(recipe, run_dir: Path) -> tuple[int, str] | None:
+    """Free space the stage needs, per RM: a checkpoint (weights plus AdamW's two moments: 3x the weights)
+    and the RM itself (1x); None when the base model's weights are not on disk yet."""
+    base = recipe.reward.model_name_or_path
+    local = Path(base) if base and Path(base).is_dir() else Path(run_dir) / "reward" / ".base"
+    weights = weights_bytes(local)
+    if not weights:
+        return None
+    return 4 * weights, f"a checkpoint and a saved RM: 4x the {human_bytes(weights)} of base model weights"

@@ -1,0 +1,100 @@
+"""The pipeline's stages, in order: one literal table, read by the recipe loader, the planner and the
+orchestrator (no registry, no importlib, no stage names anywhere else in `config`, `plan` or `run`).
+
+Each entry names the stage, the dataclass of its recipe section, and the functions of its package the
+orchestrator calls:
+
+- `run(recipe, run_dir, *, force=False) -> list[str]`: do the work; return the artifacts written (paths
+  relative to run_dir). `force` (from `--force STAGE`) also redoes sub-results a stage keeps of its own
+  (the reward stage's RMs); the other stages rerun whole anyway.
+- `inputs(section: dict) -> [(path or hub id, hub repo type)]`: what the stage reads that its own section
+  names (a base model, a chat-template file, external RMs), besides the data sources; their CONTENT is part of
+  the stage's fingerprint (`pipeline.plan.stage_config_hash`).
+- `check(recipe, *, runs, origin)`: checks across sections before any work (also under --dry-run), for a
+  selected stage (`runs`: it will actually run, not be skipped as up to date); raises one RecipeError naming
+  the key (`origin(key)` says which file or override set it).
+- `estimate(recipe, run_dir, world) -> (work, time or None)`: the --dry-run line.
+- `space_needed(recipe, run_dir) -> (bytes, how) or None`: what it needs on disk, for the disk-full message.
+- `reads_data`: the stage reads `data.sources` (their paths are checked before any work);
+  `follows_upstream`: the stage is regenerated whenever a stage it reads reruns, even when not selected
+  (the report).
+
+To add a stage: write its package with these functions and add one line to STAGES.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.align import stage as align
+from pipeline.calibration import stage as calibration
+from pipeline.data import DataConfig
+from pipeline.report import stage as report
+from pipeline.reward import stage as reward
+
+
+def no_inputs(section: dict) -> list[tuple[str, str]]:
+    return []
+
+
+def no_check(recipe: Any, *, runs: bool, origin: Callable[[str], str]) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config: type
+    run: Callable[..., list[str]]
+    inputs: Callable[[dict], list[tuple[str, str]]] = no_inputs
+    check: Callable[..., None] = no_check
+    estimate: Callable[..., tuple[str, str | None]] | None = None
+    space_needed: Callable[..., tuple[int, str] | None] | None = None
+    reads_data: bool = True
+    follows_upstream: bool = False
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "reward",
+        reward.RewardStageConfig,
+        reward.run,
+        inputs=reward.inputs,
+        check=reward.check,
+        estimate=reward.estimate,
+        space_needed=reward.space_needed,
+    ),
+    Stage(
+        "calibration",
+        calibration.CalibrationConfig,
+        calibration.run,
+        inputs=calibration.inputs,
+        estimate=calibration.estimate,
+    ),
+    Stage("align", align.AlignConfig, align.run, inputs=align.inputs, check=align.check, estimate=align.estimate),
+    Stage(
+        "report", report.ReportConfig, report.run, estimate=report.estimate, reads_data=False, follows_upstream=True
+    ),
+)
+
+# The recipe section that is not a stage: every data-reading stage reads it.
+DATA_SECTION = ("data", DataConfig)
+
+
+def stage_names() -> list[str]:
+    """The stages in pipeline order (read at call time, so a test can replace STAGES)."""
+    return [s.name for s in STAGES]
+
+
+def get(name: str) -> Stage:
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise KeyError(f"unknown stage {name!r}; valid: {', '.join(stage_names())}")
+
+
+def section_classes() -> dict[str, type]:
+    """Recipe section -> its dataclass: `data` first, then one per stage, in pipeline order."""
+    return {DATA_SECTION[0]: DATA_SECTION[1], **{s.name: s.config for s in STAGES}}
