@@ -4,6 +4,8 @@
   (stderr not a tty) a line at every 10% instead ("[warm-start policy] 40% (200/500), 0:42 elapsed, ETA 1:03"),
   so a log holds a handful of lines per loop, not thousands of carriage-return frames.
   `attach_progress(trainer, desc)` does the same for a transformers `Trainer` (its own tqdm turned off).
+* `say(stage, message)`: one line of a stage's progress, `[stage] message`, from the main process only; every
+  stage reports through it (the orchestrator's own plan and status lines go through its logger).
 * `quiet_library_noise()`: drops messages a user cannot act on (DeepSpeed's "Setting accelerator to CPU"
   on every CPU run, bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community"), and
   in a log file turns off the model-loading and datasets progress bars (frozen at 0% in a log).
@@ -22,6 +24,13 @@ _NOISE = (
     ("DeepSpeed", "Setting accelerator to CPU."),
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
 )
+
+
+def say(stage: str, message: str) -> None:
+    """Print `[stage] message` on stdout (flushed) from the main process (RANK 0 or a single process) only:
+    the one way a stage reports progress, so N processes do not print N copies of every line."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[{stage}] {message}", flush=True)
 
 
 QUIET_SECONDS = 10.0  # a loop shorter than this prints only its 100% line in a log file
