@@ -39,6 +39,14 @@ def _oasst_roots(records, ctx) -> Iterator[tuple[dict, str]]:
             "group_by needs one record per conversation",
             "use the OASST export trees (one tree per record) with group_by, or drop group_by",
         )
+    for root in _trees_from_table(flat, ctx):
+        yield root, root["_where"]
+
+
+def _trees_from_table(flat: list[tuple[dict, str]], ctx) -> list[dict]:
+    """The roots of the flat message table rebuilt into trees (children in record order). A repeated
+    message_id keeps its first row; messages whose parent is missing and messages on a parent cycle (or below
+    one) are counted and skipped."""
     nodes = {}
     for rec, where in flat:
         mid = rec["message_id"]
@@ -59,20 +67,23 @@ def _oasst_roots(records, ctx) -> Iterator[tuple[dict, str]]:
         else:
             ctx.stats["orphan_messages"] += 1
             orphans.append(node)
-    # Messages reachable from neither a root nor an orphan lie on a parent cycle (a message that is its own
-    # parent, or A -> B -> A) or below one: they are counted and skipped, never walked.
+    in_cycles = _count_unreachable(nodes, roots + orphans)
+    if in_cycles:
+        ctx.stats["cycle_messages"] += in_cycles
+    return roots
+
+
+def _count_unreachable(nodes: dict, starts: list[dict]) -> int:
+    """Messages reachable from neither a root nor an orphan lie on a parent cycle (a message that is its own
+    parent, or A -> B -> A) or below one: they are counted and skipped, never walked."""
     seen: set[int] = set()
-    stack = roots + orphans
+    stack = list(starts)
     while stack:
         node = stack.pop()
         if id(node) not in seen:
             seen.add(id(node))
             stack.extend(node["replies"])
-    in_cycles = sum(1 for node in nodes.values() if id(node) not in seen)
-    if in_cycles:
-        ctx.stats["cycle_messages"] += in_cycles
-    for root in roots:
-        yield root, root["_where"]
+    return sum(1 for node in nodes.values() if id(node) not in seen)
 
 
 def _render_history(turns: list[tuple[str, str]]) -> str:
