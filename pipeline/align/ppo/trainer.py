@@ -1,24 +1,5 @@
-"""PPO for language models, implemented here (TRL 1.16 no longer ships a PPO trainer).
-
-The algorithm (Ziegler et al. 2019; Ouyang et al. 2022; the "N implementation details of RLHF with PPO"):
-every step
-1. rollout: sample one response per prompt from the policy (left-padded prompts, `generate`),
-   score the decoded responses with `reward_fn(prompts, responses)` (an RM, the synthetic gold reward...);
-2. one no-grad forward of the policy (per-token log-probs and values) and of the frozen reference
-   (per-token log-probs): the reference is a deep copy of the initial policy, or, with LoRA, the same
-   model with its adapter disabled;
-3. per-token rewards: -kl_coef * (logp - logp_ref) on every response token, plus the sequence score at
-   the last response token, minus `missing_eos_penalty` if the response never emitted EOS
-   (`per_token_kl_rewards`); optionally whitened (`whiten(shift_mean=False)`);
-4. advantages by GAE(gamma, lambda) (`gae`), whitened; returns = advantages + values;
-5. `ppo_epochs` passes over shuffled mini-batches: clipped policy loss (`clipped_policy_loss`) +
-   vf_coef * clipped value loss (`clipped_value_loss`), one optimizer step per mini-batch.
-
-The math is in small pure functions at the top of the module, tested against independent references.
-`train_ppo` only wires them. The value function is either a scalar head on the policy's last hidden
-state (`value_model="head"`, one network) or a separate critic, a copy of the policy backbone with its own
-scalar head (`value_model="critic"`); both live in one `PolicyWithValue` module so that one
-`Accelerator.prepare` call wraps them for DDP or DeepSpeed.
+"""The PPO training loop: `train_ppo` wires the math of `pipeline.align.ppo.functional`, with the set-up, resume, step
+checkpoints and the final save.
 
 Distributed (what the tests verify on 2 CPU processes with gloo: DDP, DeepSpeed ZeRO-2 and ZeRO-3): every
 rank samples its own share of the prompts; gradients are averaged by DDP/DeepSpeed, so all ranks hold
@@ -37,18 +18,19 @@ CPU launch notes: on a CPU-only machine accelerate goes multi-process only with 
 tests/test_ppo_distributed.py). Outputs in `output_dir`: `ppo_log.jsonl` (one row per step), `ppo_config.json`,
 `ppo_summary.json`, `policy/` (HF format + tokenizer + `value_model.safetensors`), and while running,
 `checkpoint/` every `save_every` steps (a rerun resumes from it; it is removed when the run finishes).
+
+Imports: numpy, torch, `pipeline.io`, `pipeline.logs`, `pipeline.data.tokenize` (inside `_encode_prompts`) and
+the modules beside this one; accelerate, TRL and safetensors inside the functions that need them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -58,341 +40,19 @@ from torch import nn
 from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, remove_tree
 from pipeline.logs import progress_bar
 
-
-# --------------------------------------------------------------------------------------------------
-# Pure functions (the math)
-# --------------------------------------------------------------------------------------------------
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of `x` over the entries where `mask` is 1 (over `dim`, or over everything)."""
-    mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of the masked entries of `x` (Bessel-corrected when `unbiased`)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    n = mask.sum()
-    if unbiased and n > 1:
-        var = var * n / (n - 1)
-    return var
-
-
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Normalize the masked entries of `x` to unit variance (and zero mean if `shift_mean`).
-
-    Statistics are over the masked entries only; masked-out entries of the result are 0.
-    With `shift_mean=False` the mean is kept (used for rewards, whose sign matters).
-    """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * mask.to(x.dtype)
-
-
-def gae(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized advantage estimation over `[batch, time]` tensors; returns `(advantages, returns)`.
-
-    Steps with `mask == 0` (padding) do not exist for the recursion: they get advantage 0, and the step
-    before a padded stretch bootstraps from the next REAL step (or from 0 at the end). For the usual
-    right-padded responses this is the standard recursion with V = 0 after the last token:
-        delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = delta_t + gamma * lam * A_{t+1}.
-    returns = A + V on real steps, 0 elsewhere.
-    """
-    mask = mask.to(rewards.dtype)
-    batch, length = rewards.shape
-    next_value = torch.zeros(batch, dtype=rewards.dtype, device=rewards.device)
-    next_adv = torch.zeros_like(next_value)
-    advantages = torch.zeros_like(rewards)
-    for t in reversed(range(length)):
-        m = mask[:, t]
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        adv = delta + gamma * lam * next_adv
-        advantages[:, t] = adv * m
-        next_value = torch.where(m > 0, values[:, t], next_value)
-        next_adv = torch.where(m > 0, adv, next_adv)
-    returns = (advantages + values) * mask
-    return advantages, returns
-
-
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(labels) under `logits` (`[..., vocab]` and `[...]`), computed in float32."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return torch.gather(logp, -1, labels.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution given by `logits` (last dim)."""
-    logits = logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def clipped_policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip: float = 0.2,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate: mean over masked tokens of max(-A r, -A clip(r, 1-eps, 1+eps)).
-
-    Returns `(loss, clipfrac, approx_kl)`: clipfrac = fraction of tokens where the clipped branch is the
-    larger one (i.e. the one used), approx_kl = 0.5 * mean((logp - logp_old)^2).
-    """
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clipfrac = masked_mean((clipped > unclipped).to(logprobs.dtype), mask)
-    approx_kl = 0.5 * masked_mean(log_ratio**2, mask)
-    return loss, clipfrac, approx_kl
-
-
-def clipped_value_loss(
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
-    clip: float = 0.2,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped value loss: 0.5 * mean over masked tokens of max((V - R)^2, (V_clip - R)^2).
-
-    V_clip = V_old + clip(V - V_old, -clip, clip). Returns `(loss, clipfrac)`, clipfrac = fraction of
-    tokens where the clipped error is the larger one.
-    """
-    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
-    err = (values - returns) ** 2
-    err_clipped = (v_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
-    clipfrac = masked_mean((err_clipped > err).to(values.dtype), mask)
-    return loss, clipfrac
-
-
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last position where `mask` is 1 in each row (0 for an all-zero row)."""
-    length = mask.shape[1]
-    positions = torch.arange(length, device=mask.device).expand_as(mask)
-    return torch.where(mask > 0, positions, torch.zeros_like(positions)).max(dim=1).values
-
-
-def per_token_kl_rewards(
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    kl_coef: float,
-    scores: torch.Tensor,
-    eos_missing_penalty: float | None,
-    has_eos: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token PPO rewards: a KL penalty on every response token plus the score at the last one.
-
-    kl_t = logp_t - logp_ref_t (the k1 estimator, on real tokens); reward_t = -kl_coef * kl_t, and the
-    sequence score (minus `eos_missing_penalty` for responses without EOS) is added at the last real
-    token. Returns `(rewards, kl, adjusted_scores)`.
-    """
-    mask_f = mask.to(logprobs.dtype)
-    kl = (logprobs - ref_logprobs) * mask_f
-    rewards = -kl_coef * kl
-    scores = scores.to(rewards.dtype)
-    if eos_missing_penalty:
-        scores = scores - eos_missing_penalty * (~has_eos.bool()).to(rewards.dtype)
-    last = last_token_index(mask)
-    rows = torch.arange(rewards.shape[0], device=rewards.device)
-    has_tokens = mask.sum(1) > 0
-    rewards[rows, last] += torch.where(has_tokens, scores, torch.zeros_like(scores))
-    return rewards, kl, scores
-
-
-def response_mask_from_ids(
-    response_ids: torch.Tensor, eos_id: int | Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask of the real tokens of generated responses: everything up to and including the first EOS (any of
-    `eos_id` when a list: EOS and a chat template's end-of-turn token).
-
-    Returns `(mask [batch, new_tokens] long, has_eos [batch] bool)`.
-    """
-    ids = [eos_id] if isinstance(eos_id, int) else list(eos_id)
-    is_eos = torch.isin(response_ids, torch.tensor(ids, device=response_ids.device))
-    # number of EOS strictly before position t; real iff none has appeared yet
-    before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
-    return (before == 0).long(), is_eos.any(dim=1)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids for left-padded inputs, as `generate` computes them: cumsum(mask) - 1, 0 on padding."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.masked_fill(attention_mask == 0, 0)
-
-
-# --------------------------------------------------------------------------------------------------
-# Config
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PPOConfig:
-    """Hyper-parameters of `train_ppo` (per-device batch sizes, like TRL)."""
-
-    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (policy, value head/critic)."})
-    rollout_batch_size: int = field(
-        default=16, metadata={"help": "Prompts sampled per device per PPO step (one response each)."}
-    )
-    mini_batch_size: int = field(
-        default=8, metadata={"help": "Rollouts per device per optimizer step; must divide rollout_batch_size."}
-    )
-    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
-    num_steps: int = field(default=100, metadata={"help": "Number of PPO steps (rollout batches)."})
-    gamma: float = field(default=1.0, metadata={"help": "Discount factor of GAE."})
-    lam: float = field(default=0.95, metadata={"help": "Lambda of GAE."})
-    cliprange: float = field(default=0.2, metadata={"help": "Clip range of the policy ratio."})
-    cliprange_value: float = field(
-        default=0.2, metadata={"help": "Clip range of the value prediction around the old value."}
-    )
-    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
-    kl_coef: float = field(
-        default=0.05, metadata={"help": "Weight of the per-token KL penalty to the reference policy."}
-    )
-    whiten_rewards: bool = field(
-        default=False, metadata={"help": "Whiten the per-token rewards (keeping their mean) before GAE."}
-    )
-    missing_eos_penalty: float | None = field(
-        default=1.0, metadata={"help": "Subtracted from the score of responses that never emit EOS; null disables."}
-    )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    max_prompt_length: int = field(
-        default=256, metadata={"help": "Prompts are truncated from the LEFT to this many tokens."}
-    )
-    max_new_tokens: int = field(default=64, metadata={"help": "Longest response sampled."})
-    temperature: float = field(
-        default=1.0, metadata={"help": "Sampling temperature (log-probs are computed at the same temperature)."}
-    )
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
-    stop_token_ids: list[int] = field(
-        default_factory=list,
-        metadata={
-            "help": "Token ids that end a response like EOS (a chat template's end-of-turn token; the align stage sets it for a chat-templated policy)."
-        },
-    )
-    value_model: str = field(
-        default="head",
-        metadata={
-            "help": "head: scalar head on the policy's last hidden state | critic: a separate copy of the backbone with a scalar head."
-        },
-    )
-    use_peft: bool = field(
-        default=False, metadata={"help": "Train LoRA adapters; the reference is the adapter-disabled model (no copy)."}
-    )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(
-        default=0.0, metadata={"help": "LoRA dropout (0 keeps rollout and update log-probs consistent)."}
-    )
-    lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Modules to adapt; null = peft's default for the architecture."}
-    )
-    save_every: int = field(
-        default=0, metadata={"help": "Write a resumable checkpoint every N steps (0: only at the end)."}
-    )
-    seed: int = field(default=0, metadata={"help": "Seed of the prompt order, value-head init and sampling."})
-    progress: bool = field(default=True, metadata={"help": "Show a progress bar on the main process."})
-
-    def __post_init__(self):
-        if self.value_model not in ("head", "critic"):
-            raise ValueError(f"ppo.value_model must be 'head' or 'critic', got {self.value_model!r}")
-        for name in ("rollout_batch_size", "mini_batch_size", "ppo_epochs", "num_steps", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ppo.{name} must be >= 1, got {getattr(self, name)}")
-        if self.rollout_batch_size % self.mini_batch_size:
-            raise ValueError(
-                f"ppo.mini_batch_size ({self.mini_batch_size}) must divide ppo.rollout_batch_size ({self.rollout_batch_size})"
-            )
-        if self.temperature <= 0:
-            raise ValueError(f"ppo.temperature must be > 0, got {self.temperature}")
-
-
-# --------------------------------------------------------------------------------------------------
-# Model wrapper: policy + value function in one module
-# --------------------------------------------------------------------------------------------------
-
-
-def _backbone(model: nn.Module) -> nn.Module:
-    """The transformer body of a causal LM (without its LM head)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, base.base_model_prefix)
-
-
-def _hidden_size(model: nn.Module) -> int:
-    config = model.config
-    return getattr(config, "hidden_size", None) or config.get_text_config().hidden_size
-
-
-class PolicyWithValue(nn.Module):
-    """A causal LM policy plus a value function: a scalar head on its last hidden state, or a critic."""
-
-    def __init__(self, policy: nn.Module, value_model: str = "head", critic_backbone: nn.Module | None = None):
-        super().__init__()
-        self.policy = policy
-        self.critic = critic_backbone if value_model == "critic" else None
-        hidden = _hidden_size(policy)
-        self.value_head = nn.Linear(hidden, 1)
-        nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden + 1))
-        nn.init.zeros_(self.value_head.bias)
-
-    # trl.models.utils.unwrap_model_for_generation reads this attribute
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return bool(getattr(self.policy, "is_gradient_checkpointing", False))
-
-    def forward(self, input_ids, attention_mask):
-        position_ids = position_ids_from_mask(attention_mask)
-        if self.critic is None:
-            out = self.policy(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                output_hidden_states=True,
-            )
-            hidden = out.hidden_states[-1]
-        else:
-            out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-            hidden = self.critic(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-            ).last_hidden_state
-        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
-        return out.logits, values
-
-
-def _response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_len: int, temperature: float):
-    """Log-probs (at `temperature`) of the response tokens `input_ids[:, prompt_len:]`."""
-    logits = logits[:, prompt_len - 1 : -1, :] / temperature
-    return logprobs_from_logits(logits, input_ids[:, prompt_len:]), logits
-
-
-# --------------------------------------------------------------------------------------------------
-# Training loop
-# --------------------------------------------------------------------------------------------------
-
-
-def _apply_lora(policy, cfg: PPOConfig):
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(policy, lora)
+from .config import PPOConfig
+from .functional import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+    gae,
+    masked_mean,
+    per_token_kl_rewards,
+    position_ids_from_mask,
+    response_mask_from_ids,
+    whiten,
+)
+from .model import PolicyWithValue, _apply_lora, _backbone, _clone, _response_logprobs, _zero3_enabled
 
 
 def _set_deepspeed_batch_size(accelerator, micro_batch: int, max_grad_norm: float) -> None:
@@ -413,30 +73,6 @@ def _set_deepspeed_batch_size(accelerator, micro_batch: int, max_grad_norm: floa
     zero = ds.setdefault("zero_optimization", {})
     if zero.get("stage") == 3:  # so that accelerator.get_state_dict can gather the final weights
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
-
-
-def _zero3_enabled() -> bool:
-    try:
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-    except ImportError:  # pragma: no cover
-        return False
-    return is_deepspeed_zero3_enabled()
-
-
-def _clone(module: nn.Module) -> nn.Module:
-    """A deep copy of a (transformers) module. Under DeepSpeed ZeRO-3, `from_config` already partitioned
-    the parameters (accelerate's plugin turns on `zero.Init`), so `copy.deepcopy` would copy empty shards:
-    build a fresh partitioned module from the config instead and load the gathered weights into it."""
-    if not _zero3_enabled() or not hasattr(module, "config"):
-        return copy.deepcopy(module)
-    import deepspeed
-
-    clone = type(module)._from_config(module.config)  # partitioned at construction under zero.Init
-    with deepspeed.zero.GatheredParameters(list(module.parameters())):
-        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    with deepspeed.zero.GatheredParameters(list(clone.parameters()), modifier_rank=0):
-        clone.load_state_dict(state)
-    return clone
 
 
 def _is_deepspeed(accelerator) -> bool:
