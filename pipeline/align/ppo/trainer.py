@@ -1,5 +1,7 @@
-"""The PPO training loop: `train_ppo` wires the math of `pipeline.align.ppo.functional`, with the set-up, resume, step
-checkpoints and the final save.
+"""The PPO training loop: `train_ppo` wires the math of `pipeline.align.ppo.functional` into steps, each its own
+function: `_rollout` (sample and score), `_evaluate` (log-probs, values, reference log-probs), `_advantages`
+(per-token rewards, GAE), `_ppo_epochs` (the clipped updates), `_step_stats` (statistics averaged over ranks),
+and around them set-up, resume, step checkpoints and the final save.
 
 Distributed (what the tests verify on 2 CPU processes with gloo: DDP, DeepSpeed ZeRO-2 and ZeRO-3): every
 rank samples its own share of the prompts; gradients are averaged by DDP/DeepSpeed, so all ranks hold
@@ -30,8 +32,9 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -53,6 +56,155 @@ from .functional import (
     whiten,
 )
 from .model import PolicyWithValue, _apply_lora, _backbone, _clone, _response_logprobs, _zero3_enabled
+
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+STAT_KEYS = ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl", "entropy")
+
+
+def train_ppo(
+    policy: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    reward_fn: Callable[[list[str], list[str]], Sequence[float]],
+    cfg: PPOConfig,
+    output_dir: str | os.PathLike,
+    *,
+    ref_policy: nn.Module | None = None,
+    accelerator=None,
+    gold_fn: Callable[[list[str], list[str]], Sequence[float]] | None = None,
+) -> dict:
+    """Run PPO on `policy` (a causal LM) and save the result under `output_dir/policy` (HF format).
+
+    `reward_fn(prompts, responses)` scores decoded responses (one float each). `gold_fn`, when given,
+    is logged as `gold_mean` per step (e.g. the synthetic benchmark's gold reward). `ref_policy` defaults
+    to a frozen deep copy of `policy` (or, with `cfg.use_peft`, the adapter-disabled policy).
+    Writes `output_dir/ppo_log.jsonl` (one line per step, rewritten atomically every step),
+    `output_dir/ppo_config.json`, `output_dir/ppo_summary.json`, and with `cfg.save_every` resumable
+    checkpoints in `output_dir/checkpoint` (a rerun with the same output_dir resumes from it; a run whose
+    `policy/` and summary exist is not redone). Returns the summary dict (with the per-step log).
+    """
+    from accelerate import Accelerator
+
+    output_dir = Path(output_dir)
+    prompts = list(prompts)
+    _check_inputs(prompts, tokenizer)
+    # on a CPU-only box accelerate goes distributed (gloo) under torchrun only with cpu=True
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+    summary_path = output_dir / "ppo_summary.json"
+    if summary_path.exists() and (output_dir / "policy").is_dir():
+        return json.loads(summary_path.read_text())
+
+    run = _setup(policy, tokenizer, cfg, accelerator, ref_policy)
+    ckpt_dir, log_path = output_dir / "checkpoint", output_dir / "ppo_log.jsonl"
+    start_step, log = _resume(accelerator, ckpt_dir, log_path)
+    if main:
+        atomic_write_json(output_dir / "ppo_config.json", asdict(cfg))
+
+    # prompts: a seeded order shared by all ranks, each rank takes its slice
+    prompt_ids, n_trunc = _encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
+    if n_trunc and main:
+        accelerator.print(f"[ppo] {n_trunc} prompts truncated from the left to {cfg.max_prompt_length} tokens")
+    bar = progress_bar(
+        range(start_step, cfg.num_steps),
+        total=cfg.num_steps,
+        initial=start_step,
+        desc="ppo",
+        disable=not (main and cfg.progress),
+    )
+    for step in bar:
+        t0 = time.time()
+        idx = _prompt_indices(step, len(prompts), cfg, accelerator.process_index, accelerator.num_processes)
+        rollout = _rollout(run, [prompts[i] for i in idx], [prompt_ids[i] for i in idx], reward_fn, gold_fn, step)
+        _evaluate(run, rollout)
+        _advantages(cfg, rollout)
+        stats = _ppo_epochs(run, rollout, step)
+        row = {"step": step + 1, **_step_stats(run, rollout, stats)}
+        row["seconds"] = round(time.time() - t0, 3)
+        log.append(row)
+        if main:
+            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in log))
+            bar.set_postfix(score=f"{row['raw_score_mean']:.3f}", kl=f"{row['kl_mean']:.3f}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.num_steps:
+            _save_checkpoint(accelerator, ckpt_dir, step + 1)
+    return _finish(run, output_dir, log)
+
+
+def _check_inputs(prompts: list[str], tokenizer) -> None:
+    if not prompts:
+        raise ValueError("train_ppo: no prompts given; the alignment prompt set is empty after filtering")
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError(
+            "train_ppo: the policy tokenizer needs pad and EOS tokens (see pipeline.models.load_tokenizer)"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Set-up and resume
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """What every step of one `train_ppo` run works with."""
+
+    cfg: PPOConfig
+    accelerator: Accelerator
+    model: nn.Module  # the PolicyWithValue, prepared by accelerate (DDP / DeepSpeed engine)
+    optimizer: torch.optim.Optimizer
+    params: list[nn.Parameter]  # the trained parameters (for gradient clipping)
+    ref_policy: nn.Module | None  # None with LoRA: the reference is the adapter-disabled policy
+    tokenizer: object
+    stop_ids: list[int]  # EOS, then the config's other stop ids
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def _setup(policy: nn.Module, tokenizer, cfg: PPOConfig, accelerator: Accelerator, ref_policy) -> _Run:
+    """The policy with its value function (and LoRA adapters), its optimizer, both prepared by accelerate, and the
+    frozen reference (a copy of the initial policy; None with LoRA)."""
+    torch.manual_seed(cfg.seed)
+    critic = None
+    if cfg.value_model == "critic":
+        critic = _clone(_backbone(policy))
+    if cfg.use_peft:
+        if ref_policy is not None:
+            raise ValueError(
+                "train_ppo: with use_peft the reference is the adapter-disabled policy; do not pass ref_policy"
+            )
+        if not hasattr(policy, "disable_adapter"):
+            policy = _apply_lora(policy, cfg)
+    elif ref_policy is None:
+        ref_policy = _clone(policy)
+    if ref_policy is not None:
+        ref_policy.eval().requires_grad_(False)
+    model = PolicyWithValue(policy, cfg.value_model, critic)
+    model.eval()  # no dropout anywhere: rollout and update log-probs must agree
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5)
+
+    _set_deepspeed_batch_size(accelerator, cfg.mini_batch_size, cfg.max_grad_norm or 0.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.eval()
+    if ref_policy is not None:
+        ref_policy = _prepare_reference(ref_policy, accelerator)
+    stop_ids = [tokenizer.eos_token_id] + [int(t) for t in cfg.stop_token_ids if int(t) != tokenizer.eos_token_id]
+    return _Run(cfg, accelerator, model, optimizer, params, ref_policy, tokenizer, stop_ids)
+
+
+def _prepare_reference(ref_policy: nn.Module, accelerator: Accelerator) -> nn.Module:
+    """The frozen reference on the device; under DeepSpeed, in its own inference engine (TRL's `prepare_deepspeed`)."""
+    if _is_deepspeed(accelerator):
+        from trl.models.utils import prepare_deepspeed
+
+        return prepare_deepspeed(ref_policy, accelerator)
+    return ref_policy.to(accelerator.device)
 
 
 def _set_deepspeed_batch_size(accelerator, micro_batch: int, max_grad_norm: float) -> None:
@@ -94,237 +246,214 @@ def _unwrap_for_generation(model, accelerator):
         yield accelerator.unwrap_model(model)
 
 
+def _resume(accelerator: Accelerator, ckpt_dir: Path, log_path: Path) -> tuple[int, list[dict]]:
+    """The step to start from and the log of the steps before it: from the last checkpoint, if any."""
+    if not (ckpt_dir / "state.json").exists():
+        return 0, []
+    state = json.loads((ckpt_dir / "state.json").read_text())
+    accelerator.load_state(str(ckpt_dir / state["dir"]))
+    start_step = state["step"]
+    log = _read_log(log_path)[:start_step]
+    accelerator.print(f"[ppo] resuming from step {start_step} ({ckpt_dir})")
+    return start_step, log
+
+
 def _read_log(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def train_ppo(
-    policy: nn.Module,
-    tokenizer,
-    prompts: Sequence[str],
-    reward_fn: Callable[[list[str], list[str]], Sequence[float]],
-    cfg: PPOConfig,
-    output_dir: str | os.PathLike,
-    *,
-    ref_policy: nn.Module | None = None,
-    accelerator=None,
-    gold_fn: Callable[[list[str], list[str]], Sequence[float]] | None = None,
-) -> dict:
-    """Run PPO on `policy` (a causal LM) and save the result under `output_dir/policy` (HF format).
+# --------------------------------------------------------------------------------------------------
+# One PPO step
+# --------------------------------------------------------------------------------------------------
 
-    `reward_fn(prompts, responses)` scores decoded responses (one float each). `gold_fn`, when given,
-    is logged as `gold_mean` per step (e.g. the synthetic benchmark's gold reward). `ref_policy` defaults
-    to a frozen deep copy of `policy` (or, with `cfg.use_peft`, the adapter-disabled policy).
-    Writes `output_dir/ppo_log.jsonl` (one line per step, rewritten atomically every step),
-    `output_dir/ppo_config.json`, `output_dir/ppo_summary.json`, and with `cfg.save_every` resumable
-    checkpoints in `output_dir/checkpoint` (a rerun with the same output_dir resumes from it; a run whose
-    `policy/` and summary exist is not redone). Returns the summary dict (with the per-step log).
-    """
-    from accelerate import Accelerator
 
-    output_dir = Path(output_dir)
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("train_ppo: no prompts given; the alignment prompt set is empty after filtering")
-    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-        raise ValueError(
-            "train_ppo: the policy tokenizer needs pad and EOS tokens (see pipeline.models.load_tokenizer)"
-        )
-    # on a CPU-only box accelerate goes distributed (gloo) under torchrun only with cpu=True
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    main = accelerator.is_main_process
-    rank, world = accelerator.process_index, accelerator.num_processes
-    summary_path = output_dir / "ppo_summary.json"
-    if summary_path.exists() and (output_dir / "policy").is_dir():
-        return json.loads(summary_path.read_text())
+@dataclass
+class _Rollout:
+    """This rank's share of one step's rollout batch, and what the later steps compute from it."""
 
-    # --- models --------------------------------------------------------------------------------
-    torch.manual_seed(cfg.seed)
-    critic = None
-    if cfg.value_model == "critic":
-        critic = _clone(_backbone(policy))
-    if cfg.use_peft:
-        if ref_policy is not None:
-            raise ValueError(
-                "train_ppo: with use_peft the reference is the adapter-disabled policy; do not pass ref_policy"
-            )
-        if not hasattr(policy, "disable_adapter"):
-            policy = _apply_lora(policy, cfg)
-    elif ref_policy is None:
-        ref_policy = _clone(policy)
-    if ref_policy is not None:
-        ref_policy.eval().requires_grad_(False)
-    model = PolicyWithValue(policy, cfg.value_model, critic)
-    model.eval()  # no dropout anywhere: rollout and update log-probs must agree
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5)
+    prompts: list[str]
+    input_ids: torch.Tensor  # [batch, prompt + response]: left-padded prompts, then the responses
+    attn: torch.Tensor
+    plen: int  # the padded prompt length: responses start there
+    resp_mask: torch.Tensor  # real response tokens (up to and including the first stop id)
+    has_eos: torch.Tensor
+    scores: torch.Tensor  # reward_fn's score of each response
+    gold: torch.Tensor | None  # gold_fn's, when given
+    # 2. under the policy that sampled them, and the reference
+    old_logprobs: torch.Tensor | None = None
+    old_values: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    # 3-4. rewards and advantages
+    kl: torch.Tensor | None = None
+    adj_scores: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
 
-    _set_deepspeed_batch_size(accelerator, cfg.mini_batch_size, cfg.max_grad_norm or 0.0)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.eval()
-    device = accelerator.device
-    if ref_policy is not None:
-        if _is_deepspeed(accelerator):
-            from trl.models.utils import prepare_deepspeed
 
-            ref_policy = prepare_deepspeed(ref_policy, accelerator)
-        else:
-            ref_policy = ref_policy.to(device)
-
-    # --- resume --------------------------------------------------------------------------------
-    ckpt_dir = output_dir / "checkpoint"
-    log_path = output_dir / "ppo_log.jsonl"
-    start_step, log = 0, []
-    if (ckpt_dir / "state.json").exists():
-        state = json.loads((ckpt_dir / "state.json").read_text())
-        accelerator.load_state(str(ckpt_dir / state["dir"]))
-        start_step = state["step"]
-        log = _read_log(log_path)[:start_step]
-        accelerator.print(f"[ppo] resuming from step {start_step} ({ckpt_dir})")
-    if main:
-        atomic_write_json(output_dir / "ppo_config.json", asdict(cfg))
-
-    # --- prompts: a seeded order shared by all ranks, each rank takes its slice -----------------
-    prompt_ids, n_trunc = _encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
-    if n_trunc and main:
-        accelerator.print(f"[ppo] {n_trunc} prompts truncated from the left to {cfg.max_prompt_length} tokens")
+def _prompt_indices(step: int, n_prompts: int, cfg: PPOConfig, rank: int, world: int) -> list[int]:
+    """This rank's prompts at `step`: a seeded order per epoch over the prompts, shared by all ranks, cut into
+    global batches; each rank takes its slice. Fewer prompts than a global batch are repeated."""
     global_batch = cfg.rollout_batch_size * world
+    per_epoch = max(1, n_prompts // global_batch)
+    epoch, within = divmod(step, per_epoch)
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(n_prompts)
+    if len(order) < global_batch:  # fewer prompts than a batch: repeat them
+        order = np.resize(order, global_batch)
+    chunk = order[within * global_batch : (within + 1) * global_batch]
+    return chunk[rank * cfg.rollout_batch_size : (rank + 1) * cfg.rollout_batch_size].tolist()
 
-    def prompt_indices(step: int) -> list[int]:
-        per_epoch = max(1, len(prompts) // global_batch)
-        epoch, within = divmod(step, per_epoch)
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(prompts))
-        if len(order) < global_batch:  # fewer prompts than a batch: repeat them
-            order = np.resize(order, global_batch)
-        chunk = order[within * global_batch : (within + 1) * global_batch]
-        return chunk[rank * cfg.rollout_batch_size : (rank + 1) * cfg.rollout_batch_size].tolist()
 
-    bar = progress_bar(
-        range(start_step, cfg.num_steps),
-        total=cfg.num_steps,
-        initial=start_step,
-        desc="ppo",
-        disable=not (main and cfg.progress),
+def _rollout(run: _Run, prompts: list[str], prompt_ids: list[list[int]], reward_fn, gold_fn, step: int) -> _Rollout:
+    """1. Sample one response per prompt (seeded by step and rank), cut it at the first stop id, and score the
+    decoded responses with `reward_fn` (and `gold_fn`)."""
+    cfg, tokenizer, device = run.cfg, run.tokenizer, run.device
+    query, query_mask = _left_pad(prompt_ids, tokenizer.pad_token_id, device)
+    plen = query.shape[1]
+    torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + run.accelerator.process_index)
+    with torch.no_grad(), _unwrap_for_generation(run.model, run.accelerator) as unwrapped:
+        generated = unwrapped.policy.generate(
+            input_ids=query,
+            attention_mask=query_mask,
+            do_sample=True,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=0,
+            max_new_tokens=cfg.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=run.stop_ids,
+        )
+    response = generated[:, plen:]
+    resp_mask, has_eos = response_mask_from_ids(response, run.stop_ids)
+    response = torch.where(resp_mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
+    texts = _decode(tokenizer, response, resp_mask, run.stop_ids)
+    scores = _call_scorer(reward_fn, "reward_fn", prompts, texts).to(device)
+    gold = _call_scorer(gold_fn, "gold_fn", prompts, texts) if gold_fn is not None else None
+    return _Rollout(
+        prompts=prompts,
+        input_ids=torch.cat([query, response], dim=1),
+        attn=torch.cat([query_mask, resp_mask], dim=1),
+        plen=plen,
+        resp_mask=resp_mask,
+        has_eos=has_eos,
+        scores=scores,
+        gold=gold,
     )
-    stop_ids = [tokenizer.eos_token_id] + [int(t) for t in cfg.stop_token_ids if int(t) != tokenizer.eos_token_id]
-    for step in bar:
-        t0 = time.time()
-        idx = prompt_indices(step)
-        batch_prompts = [prompts[i] for i in idx]
-        query, query_mask = _left_pad([prompt_ids[i] for i in idx], tokenizer.pad_token_id, device)
-        plen = query.shape[1]
 
-        # 1. rollout
-        torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
-        with torch.no_grad(), _unwrap_for_generation(model, accelerator) as unwrapped:
-            generated = unwrapped.policy.generate(
-                input_ids=query,
-                attention_mask=query_mask,
-                do_sample=True,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                top_k=0,
-                max_new_tokens=cfg.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=stop_ids,
-            )
-        response = generated[:, plen:]
-        resp_mask, has_eos = response_mask_from_ids(response, stop_ids)
-        response = torch.where(resp_mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
-        texts = _decode(tokenizer, response, resp_mask, stop_ids)
-        scores = _call_scorer(reward_fn, "reward_fn", batch_prompts, texts).to(device)
-        gold = _call_scorer(gold_fn, "gold_fn", batch_prompts, texts) if gold_fn is not None else None
 
-        # 2. log-probs and values of the rollout, reference log-probs
-        input_ids = torch.cat([query, response], dim=1)
-        attn = torch.cat([query_mask, resp_mask], dim=1)
-        with torch.no_grad():
-            old_logprobs, old_values = [], []
-            ref_logprobs = []
-            for s in range(0, len(idx), cfg.mini_batch_size):
-                sl = slice(s, s + cfg.mini_batch_size)
-                logits, values = model(input_ids[sl], attn[sl])
-                lp, _ = _response_logprobs(logits, input_ids[sl], plen, cfg.temperature)
-                old_logprobs.append(lp)
-                old_values.append(values[:, plen - 1 : -1].float())
-                ref_logprobs.append(_ref_logprobs(model, accelerator, ref_policy, input_ids[sl], attn[sl], plen, cfg))
-            old_logprobs = torch.cat(old_logprobs)
-            old_values = torch.cat(old_values) * resp_mask
-            ref_logprobs = torch.cat(ref_logprobs)
+@torch.no_grad()
+def _evaluate(run: _Run, rollout: _Rollout) -> None:
+    """2. One no-grad forward of the policy (per-token log-probs and values) and of the frozen reference
+    (per-token log-probs) over the rollout, in mini-batches."""
+    cfg, r = run.cfg, rollout
+    old_logprobs, old_values, ref_logprobs = [], [], []
+    for s in range(0, len(r.prompts), cfg.mini_batch_size):
+        sl = slice(s, s + cfg.mini_batch_size)
+        logits, values = run.model(r.input_ids[sl], r.attn[sl])
+        lp, _ = _response_logprobs(logits, r.input_ids[sl], r.plen, cfg.temperature)
+        old_logprobs.append(lp)
+        old_values.append(values[:, r.plen - 1 : -1].float())
+        ref_logprobs.append(
+            _ref_logprobs(run.model, run.accelerator, run.ref_policy, r.input_ids[sl], r.attn[sl], r.plen, cfg)
+        )
+    r.old_logprobs = torch.cat(old_logprobs)
+    r.old_values = torch.cat(old_values) * r.resp_mask
+    r.ref_logprobs = torch.cat(ref_logprobs)
 
-            # 3-4. rewards, advantages
-            rewards, kl, adj_scores = per_token_kl_rewards(
-                old_logprobs, ref_logprobs, resp_mask, cfg.kl_coef, scores, cfg.missing_eos_penalty, has_eos
-            )
-            if cfg.whiten_rewards:
-                rewards = whiten(rewards, resp_mask, shift_mean=False)
-            advantages, returns = gae(rewards, old_values, resp_mask, cfg.gamma, cfg.lam)
-            advantages = whiten(advantages, resp_mask, shift_mean=True)
 
-        # 5. PPO epochs over mini-batches
-        stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl", "entropy")}
-        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(len(idx), generator=gen).tolist()
-            for s in range(0, len(idx), cfg.mini_batch_size):
-                mb = torch.as_tensor(perm[s : s + cfg.mini_batch_size], device=device)
-                m = resp_mask[mb]
-                logits, values = model(input_ids[mb], attn[mb])
-                lp, resp_logits = _response_logprobs(logits, input_ids[mb], plen, cfg.temperature)
-                values = values[:, plen - 1 : -1].float()
-                pg_loss, clipfrac, approx_kl = clipped_policy_loss(
-                    lp, old_logprobs[mb], advantages[mb], m, cfg.cliprange
-                )
-                vf_loss, vf_clipfrac = clipped_value_loss(values, old_values[mb], returns[mb], m, cfg.cliprange_value)
-                loss = pg_loss + cfg.vf_coef * vf_loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm and not _is_deepspeed(accelerator):
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    ent = masked_mean(entropy_from_logits(resp_logits), m)
-                for k, v in zip(stats, (pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl, ent)):
-                    stats[k].append(v.detach().float())
+@torch.no_grad()
+def _advantages(cfg: PPOConfig, rollout: _Rollout) -> None:
+    """3-4. Per-token rewards (KL penalty, the score at the last token), optionally whitened keeping their mean;
+    advantages by GAE, whitened; returns = advantages + values."""
+    r = rollout
+    rewards, r.kl, r.adj_scores = per_token_kl_rewards(
+        r.old_logprobs, r.ref_logprobs, r.resp_mask, cfg.kl_coef, r.scores, cfg.missing_eos_penalty, r.has_eos
+    )
+    if cfg.whiten_rewards:
+        rewards = whiten(rewards, r.resp_mask, shift_mean=False)
+    advantages, r.returns = gae(rewards, r.old_values, r.resp_mask, cfg.gamma, cfg.lam)
+    r.advantages = whiten(advantages, r.resp_mask, shift_mean=True)
 
-        # 6. statistics, averaged over ranks
-        local = {
-            "score_mean": adj_scores.float().mean(),
-            "raw_score_mean": scores.float().mean(),
-            "kl_mean": kl.sum(1).mean(),
-            "response_length": resp_mask.sum(1).float().mean(),
-            "eos_fraction": has_eos.float().mean(),
-            "advantage_mean_raw": masked_mean(returns - old_values, resp_mask),
-            "value_mean": masked_mean(old_values, resp_mask),
-            **{k: torch.stack(v).mean() for k, v in stats.items()},
-        }
-        if gold is not None:
-            local["gold_mean"] = gold.float().mean().to(device)
-        keys = sorted(local)
-        reduced = accelerator.reduce(torch.stack([local[k].to(device).float() for k in keys]), reduction="mean")
-        row = {"step": step + 1, **{k: round(float(v), 6) for k, v in zip(keys, reduced.tolist())}}
-        row["seconds"] = round(time.time() - t0, 3)
-        log.append(row)
-        if main:
-            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in log))
-            bar.set_postfix(score=f"{row['raw_score_mean']:.3f}", kl=f"{row['kl_mean']:.3f}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.num_steps:
-            _save_checkpoint(accelerator, ckpt_dir, step + 1)
 
-    # --- save the final policy --------------------------------------------------------------------
+def _ppo_epochs(run: _Run, rollout: _Rollout, step: int) -> dict[str, list[torch.Tensor]]:
+    """5. `ppo_epochs` passes over shuffled mini-batches (a generator seeded by the step), one optimizer step
+    each; returns each statistic of `STAT_KEYS` per mini-batch."""
+    cfg = run.cfg
+    stats = {k: [] for k in STAT_KEYS}
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+    n = len(rollout.prompts)
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(n, generator=gen).tolist()
+        for s in range(0, n, cfg.mini_batch_size):
+            mb = torch.as_tensor(perm[s : s + cfg.mini_batch_size], device=run.device)
+            for k, v in zip(stats, _update(run, rollout, mb)):
+                stats[k].append(v.detach().float())
+    return stats
+
+
+def _update(run: _Run, rollout: _Rollout, mb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One optimizer step on the mini-batch `mb`: clipped policy loss + vf_coef * clipped value loss. Returns
+    the statistics in the order of `STAT_KEYS`."""
+    cfg, accelerator, r = run.cfg, run.accelerator, rollout
+    m = r.resp_mask[mb]
+    logits, values = run.model(r.input_ids[mb], r.attn[mb])
+    lp, resp_logits = _response_logprobs(logits, r.input_ids[mb], r.plen, cfg.temperature)
+    values = values[:, r.plen - 1 : -1].float()
+    pg_loss, clipfrac, approx_kl = clipped_policy_loss(lp, r.old_logprobs[mb], r.advantages[mb], m, cfg.cliprange)
+    vf_loss, vf_clipfrac = clipped_value_loss(values, r.old_values[mb], r.returns[mb], m, cfg.cliprange_value)
+    loss = pg_loss + cfg.vf_coef * vf_loss
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and cfg.max_grad_norm and not _is_deepspeed(accelerator):
+        accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        ent = masked_mean(entropy_from_logits(resp_logits), m)
+    return pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl, ent
+
+
+def _step_stats(run: _Run, rollout: _Rollout, stats: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """6. The step's statistics, averaged over ranks (a collective: every rank calls it), sorted by name and
+    rounded to 6 digits."""
+    r, device = rollout, run.device
+    local = {
+        "score_mean": r.adj_scores.float().mean(),
+        "raw_score_mean": r.scores.float().mean(),
+        "kl_mean": r.kl.sum(1).mean(),
+        "response_length": r.resp_mask.sum(1).float().mean(),
+        "eos_fraction": r.has_eos.float().mean(),
+        "advantage_mean_raw": masked_mean(r.returns - r.old_values, r.resp_mask),
+        "value_mean": masked_mean(r.old_values, r.resp_mask),
+        **{k: torch.stack(v).mean() for k, v in stats.items()},
+    }
+    if r.gold is not None:
+        local["gold_mean"] = r.gold.float().mean().to(device)
+    keys = sorted(local)
+    reduced = run.accelerator.reduce(torch.stack([local[k].to(device).float() for k in keys]), reduction="mean")
+    return {k: round(float(v), 6) for k, v in zip(keys, reduced.tolist())}
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers of the steps, checkpoints and the final save
+# --------------------------------------------------------------------------------------------------
+
+
+def _finish(run: _Run, output_dir: Path, log: list[dict]) -> dict:
+    """Save the final policy (gathering its weights is collective: every rank takes part), write the summary and
+    remove the checkpoints; returns the summary."""
+    accelerator = run.accelerator
     accelerator.wait_for_everyone()
     policy_dir = output_dir / "policy"
-    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; collective, every rank calls it
-    if main:
-        unwrapped = accelerator.unwrap_model(model)
-        _save_policy(unwrapped, state_dict, tokenizer, policy_dir, cfg)
-        summary = _summary(log, cfg, policy_dir)
-        atomic_write_json(summary_path, summary)
-        remove_tree(ckpt_dir, output_dir)  # the finished policy supersedes the checkpoints
+    state_dict = accelerator.get_state_dict(run.model)  # gathers ZeRO-3 shards; collective, every rank calls it
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(run.model)
+        _save_policy(unwrapped, state_dict, run.tokenizer, policy_dir, run.cfg)
+        summary = _summary(log, run.cfg, policy_dir)
+        atomic_write_json(output_dir / "ppo_summary.json", summary)
+        remove_tree(output_dir / "checkpoint", output_dir)  # the finished policy supersedes the checkpoints
     accelerator.wait_for_everyone()
-    return _summary(log, cfg, policy_dir)
+    return _summary(log, run.cfg, policy_dir)
 
 
 def _summary(log: list[dict], cfg: PPOConfig, policy_dir: Path) -> dict:
