@@ -112,7 +112,8 @@ def test_ppo_rollouts_end_at_any_stop_id():
     """PPO's response mask and decoding stop at EOS or a chat template's end-of-turn id (hand-checked)."""
     import torch
 
-    from pipeline.align.ppo import _decode, response_mask_from_ids
+    from pipeline.align.ppo import response_mask_from_ids
+    from pipeline.align.ppo.trainer import _decode
 
     resp = torch.tensor([[5, 7, 9, 2], [5, 5, 5, 5], [2, 7, 7, 7]])
     mask, has = response_mask_from_ids(resp, [2, 7])

@@ -293,10 +293,11 @@ def test_show_keys_lists_defaults_source_fields_reward_train_and_ppo():
     rows = {k: (t, d, h) for k, t, d, h in K.describe_keys()}
     assert rows["seed"][1] == "42" and rows["data.max_length"][1] == "512"
     assert rows["data.sources[].name"][1] == "required" and rows["data.sources[].format"][1] == "synthetic"
-    from pipeline.data.sources import _FORMATS, GROUP_OPTIONS
+    from pipeline.data.formats import LOADERS
+    from pipeline.data.sources import GROUP_OPTIONS
 
     options = {k.rsplit(".", 1)[1] for k in rows if k.startswith("data.sources[].options.")}
-    assert options == set(GROUP_OPTIONS) | {"data_dir"} | set().union(*(a for _, a in _FORMATS.values()))
+    assert options == set(GROUP_OPTIONS) | {"data_dir"} | set().union(*(a for _, a in LOADERS.values()))
     # reward.train: MORE's fields, TRL RewardConfig's, and the TrainingArguments ones that matter; not all ~150
     assert rows["reward.train.max_steps"][:2] == ("int", "-1") and rows["reward.train.alpha"][1] == "0.99"
     assert rows["reward.train.activation_checkpointing"][1] == "null" and "reward.train.max_length" in rows

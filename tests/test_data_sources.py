@@ -10,7 +10,7 @@ import datasets
 import pytest
 
 from pipeline.data import FORMATS, PreferenceDataError, load_source, load_stats, split_dialogue
-from pipeline.data.sources import summarize_prompt
+from pipeline.data.formats.simple import summarize_prompt
 
 
 H, A = "\n\nHuman:", "\n\nAssistant:"

@@ -37,7 +37,7 @@ def test_plain_layout_by_hand():
     assert R.plain_response([GOOD]) == " 4"
     assert R.plain_response([GOOD, U2, BAD]) == " 4\n\nHuman: What is 2+2?\n\nAssistant: 5"
     # the one-turn plain layout is the HH layout the paper's loaders produce
-    from pipeline.data.sources import hh_prompt
+    from pipeline.data.formats.base import hh_prompt
 
     assert R.plain_prompt([U]) == hh_prompt("Hi there ")
 

@@ -143,7 +143,10 @@ class AlignConfig:
     """Alignment stage: best-of-n / rejection sampling / PPO / RLOO with each trained RM, judged."""
 
     methods: list[str] = field(
-        default_factory=lambda: ["best_of_n", "rjs"], metadata={"help": "Methods to run: best_of_n, rjs, ppo, rloo."}
+        default_factory=lambda: ["best_of_n", "rjs"],
+        metadata={
+            "help": "Methods to run: best_of_n, rjs, ppo (experimental), rloo (TRL's RLOOTrainer: the supported RL method)."
+        },
     )
     rms: list[str] | None = field(
         default=None,

@@ -12,13 +12,15 @@ chat template, or the plain layout).
     train = mix({s: d["train"] for s, d in splits.items()}, "balanced", per_source_batch=4)
     tok_train, n_cut = tokenize_pairs(train, tokenizer, max_length=512)
 
-Modules: `sources` (load_source and the formats), `synthetic` (the ground-truth benchmark), `mixing`
+Modules: `sources` (load_source and the shared helpers), `read` (files, directories, hub ids), `formats`
+(the format table and the loaders), `synthetic` (the ground-truth benchmark), `mixing`
 (DataConfig, SourceSpec, build_splits, mix), `render` (chat templates / plain layout), `tokenize`
 (encode_left, encode_pairs, pad_right, tokenize_pairs).
 """
 
+from .formats.base import PreferenceDataError, split_dialogue
 from .mixing import DataConfig, SourceSpec, build_splits, mix, prompt_hash, resample_indices, source_names
-from .sources import FORMATS, PreferenceDataError, load_source, load_stats, split_dialogue
+from .sources import FORMATS, load_source, load_stats
 from .synthetic import (
     SyntheticConfig,
     gold_reward,

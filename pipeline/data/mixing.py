@@ -37,7 +37,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from .sources import FORMATS, PreferenceDataError, load_source, option_keys
+from .formats import option_keys
+from .sources import FORMATS, PreferenceDataError, load_source
 from .synthetic import DEFAULT_SOURCES, SPLITS, SyntheticConfig, synthetic_split
 
 
