@@ -124,7 +124,10 @@ def test_saved_rm_loads_with_auto_classes(tok, tmp_path):
 def test_left_truncation_keeps_every_pair(tok, tmp_path):
     ds = H.balanced_pairs(4)
     trainer = MORERewardTrainer(
-        H.model("gpt_neox", tok), H.config(tmp_path, "more", max_length=8), train_dataset=ds, processing_class=tok
+        H.model("gpt_neox", tok),
+        H.config(tmp_path, "more", max_length=8, truncation="left"),
+        train_dataset=ds,
+        processing_class=tok,
     )
     assert len(trainer.train_dataset) == len(ds)  # TRL would have dropped the long ones
     assert trainer.n_truncated["train"] > 0

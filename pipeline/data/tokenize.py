@@ -1,7 +1,8 @@
 """Left-truncating tokenization shared by training, scoring and alignment.
 
-TRL's `RewardConfig.max_length` drops pairs longer than the limit. We keep every pair and cut tokens
-from the LEFT (the oldest dialogue turns), so that the response, which the reward is about, survives.
+TRL's `RewardConfig.max_length` drops pairs longer than the limit; the pipeline keeps every pair and cuts
+tokens from the LEFT (the oldest dialogue turns), so that the response, which the reward is about, survives
+(`MORERewardTrainer` does either, by its `truncation` option).
 Special tokens survive too: a BERT-style tokenizer keeps its [CLS] (its pooling token) and [SEP]; a
 decoder tokenizer that adds no special token after a text (none at all, or only a BOS like Llama 3's)
 gets an EOS appended, as TRL does, so the reward is read at a token that has seen the whole response.
@@ -68,6 +69,24 @@ def encode_left_flags(
         out.append(ids)
         truncated.append(cut)
     return out, truncated
+
+
+def truncate_left(ids: Sequence[int], max_length: int, prefix: Sequence[int] = ()) -> list[int]:
+    """`ids` cut from the LEFT to at most `max_length`, keeping a leading `prefix` (a BERT tokenizer's [CLS],
+    its pooling token) when the ids start with it: what `encode_left` does to an already tokenized text."""
+    ids = list(ids)
+    if len(ids) <= max_length:
+        return ids
+    head = list(prefix) if prefix and ids[: len(prefix)] == list(prefix) else []
+    return head + ids[len(ids) - (max_length - len(head)) :]
+
+
+def truncated_pair(chosen_ids, rejected_ids, max_length: int, prefix: Sequence[int] = ()) -> dict:
+    """Both sides of a tokenized pair cut from the left (`truncate_left`), as a dataset row."""
+    return {
+        "chosen_ids": truncate_left(chosen_ids, max_length, prefix),
+        "rejected_ids": truncate_left(rejected_ids, max_length, prefix),
+    }
 
 
 def encode_pairs(tokenizer, prompts, chosen, rejected, conversations=None, max_length: int | None = None):

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset, IterableDataset
 from trl import RewardConfig, RewardTrainer
-from trl.data_utils import get_dataset_column_names
+from trl.data_utils import get_dataset_column_names, is_conversational
 from trl.trainer.reward_trainer import DataCollatorForPreference
 from trl.trainer.utils import get_config_model_id
 
-from pipeline.data.tokenize import tokenize_pairs
+from pipeline.data.tokenize import special_affixes, tokenize_pairs, truncated_pair
 from pipeline.io import atomic_write_text
 from pipeline.layout import (
     find_reward_head,
@@ -48,6 +48,7 @@ from pipeline.reward.packing import LengthGroupedBalancedSampler, PackedPairColl
 
 
 METHODS = ("more", "multitask", "uniform")
+TRUNCATION_MODES = ("drop", "left")  # what happens to a pair longer than max_length
 MORE_STATE = "more_state.safetensors"  # MORE's gradient momentum, inside each Trainer checkpoint
 LEGACY_MORE_STATE = "more_state.pt"  # written by older versions (a pickle; read with weights_only=True)
 CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last: a checkpoint without it is incomplete
@@ -60,10 +61,11 @@ logger = logging.getLogger(__name__)
 class MORERewardConfig(RewardConfig):
     r"""Configuration for [`MORERewardTrainer`]: TRL's `RewardConfig` plus the multi-source options.
 
-    Text pairs (strings) longer than `max_length` are truncated from the LEFT (the response survives)
-    instead of being dropped as TRL does; conversational and pre-tokenized data follow TRL (over-long pairs
-    are dropped, and their number is logged). `source_names` may be omitted for a dataset without a
-    `source_id` column: it is then one source, named 'all' (MORE's weight is 1, its loss TRL's).
+    Pairs longer than `max_length` are dropped, as TRL does (counted and logged), in every layout; with
+    `truncation="left"` they are kept and cut from the LEFT instead (the oldest turns go; the response and a
+    chat template's end-of-turn markers survive), in every layout alike. The pipeline's recipes set "left".
+    `source_names` may be omitted for a dataset without a `source_id` column: it is then one source, named
+    'all' (MORE's weight is 1, its loss TRL's).
     """
 
     method: str = field(
@@ -133,6 +135,14 @@ class MORERewardConfig(RewardConfig):
             "on when neither this nor gradient_checkpointing is set)."
         },
     )
+    truncation: str = field(
+        default="drop",
+        metadata={
+            "help": "A pair longer than max_length: 'drop' it (TRL's rule; counted and logged) or cut it from "
+            "the 'left' (the oldest dialogue turns go, the response survives), in every data layout alike.",
+            "choices": list(TRUNCATION_MODES),
+        },
+    )
     length_grouping: bool = field(
         default=True,
         metadata={
@@ -147,6 +157,8 @@ class MORERewardConfig(RewardConfig):
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.normalize not in NORMALIZE_MODES:
             raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {self.normalize!r}")
+        if self.truncation not in TRUNCATION_MODES:
+            raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {self.truncation!r}")
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
         if self.balanced_batches and self.method in ("more", "uniform") and not self.source_names:
@@ -181,6 +193,19 @@ def is_text_pair_dataset(dataset) -> bool:
         return False
     first = dataset[0]
     return all(isinstance(first[c], str) for c in ("prompt", "chosen", "rejected") if c in cols)
+
+
+class _WithoutMaxLength:
+    """The trainer's args as TRL's dataset preparation reads them, with no max_length: TRL then keeps every
+    pair, and `truncation="left"` cuts the long ones afterwards instead of TRL dropping them."""
+
+    max_length = None
+
+    def __init__(self, args):
+        self._args = args
+
+    def __getattr__(self, name):
+        return getattr(self._args, name)
 
 
 class MORERewardTrainer(RewardTrainer):
@@ -267,37 +292,69 @@ class MORERewardTrainer(RewardTrainer):
 
     # ---------------------------------------------------------------- data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        """Text rows (`chosen`/`rejected` strings, with or without a `prompt` column) are tokenized by the
-        project's `tokenize_pairs`: long pairs are truncated from the LEFT, none is dropped. Every other TRL
-        layout (conversational message lists with `tools` / `chat_template_kwargs`, pre-tokenized
-        `chosen_ids`/`rejected_ids` or legacy `chosen_input_ids`/`rejected_input_ids` columns, streaming
-        datasets) goes through TRL's own `RewardTrainer._prepare_dataset`, which drops pairs longer than
-        `max_length` as TRL documents; how many were dropped is logged."""
+        """Token ids for every TRL layout. Text rows (`chosen`/`rejected` strings, with or without a `prompt`
+        column) are tokenized by the project's `tokenize_pairs` (the same ids as TRL); every other layout
+        (conversational message lists with `tools` / `chat_template_kwargs`, pre-tokenized `chosen_ids` or legacy
+        `chosen_input_ids` columns, streaming datasets) by TRL's own `RewardTrainer._prepare_dataset`. Then a
+        pair longer than `max_length` is dropped (`truncation="drop"`, TRL's rule) or cut from the left
+        (`truncation="left"`), in every layout alike; how many is logged and kept in `n_dropped` /
+        `n_truncated`."""
+        m = self._max_length
+        left = args.truncation == "left" and m is not None
         if is_text_pair_dataset(dataset):
-            dataset, n_trunc = tokenize_pairs(dataset, processing_class, self._max_length)
-            self.n_truncated[dataset_name] = n_trunc
-            if n_trunc:
+            dataset, n_trunc = tokenize_pairs(dataset, processing_class, m if left else None)
+            if left:
+                return self._count_truncated(dataset_name, len(dataset), n_trunc, dataset)
+            return self._drop_long(dataset, dataset_name, m)
+        if not left:
+            n_before = len(dataset) if isinstance(dataset, Dataset) else None
+            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)  # drops (TRL)
+            if m is not None and n_before is None:
                 logger.warning(
-                    f"[reward] {dataset_name}: {n_trunc} of {len(dataset)} pairs truncated from the left to "
-                    f"{self._max_length} tokens"
+                    f"[reward] {dataset_name}: a streaming dataset; pairs longer than max_length={m} tokens are "
+                    "dropped (TRL's rule), their number is not known in advance"
                 )
+            elif m is not None:
+                self._count_dropped(dataset_name, n_before, n_before - len(dataset))
             return dataset
-        n_before = len(dataset) if isinstance(dataset, Dataset) else None
-        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        if args.max_length is not None:
-            if n_before is None:
-                logger.warning(
-                    f"[reward] {dataset_name}: a streaming dataset; pairs longer than max_length={args.max_length} "
-                    "tokens are dropped (TRL's rule), their number is not known in advance"
-                )
-            else:
-                self.n_dropped[dataset_name] = n_before - len(dataset)
-                if self.n_dropped[dataset_name]:
-                    logger.warning(
-                        f"[reward] {dataset_name}: {self.n_dropped[dataset_name]} of {n_before} pairs longer than "
-                        f"max_length={args.max_length} tokens dropped (TRL's rule for conversational and "
-                        "pre-tokenized data; text rows are truncated from the left instead)"
-                    )
+        # a chat template writes its own special tokens, which the cut does not single out (as the data layer's
+        # templated rows); other ids keep the tokenizer's leading special token ([CLS]), as `encode_left` does
+        templated = isinstance(dataset, Dataset) and len(dataset) > 0 and is_conversational(dataset[0])
+        prefix = [] if templated else special_affixes(processing_class)[0]
+        dataset = super()._prepare_dataset(dataset, processing_class, _WithoutMaxLength(args), dataset_name)
+        cut = dataset.map(lambda c, r: truncated_pair(c, r, m, prefix), input_columns=["chosen_ids", "rejected_ids"])
+        if not isinstance(cut, Dataset):
+            return cut
+        n_trunc = sum(
+            len(a) < len(b) or len(c) < len(d)
+            for a, b, c, d in zip(
+                cut["chosen_ids"], dataset["chosen_ids"], cut["rejected_ids"], dataset["rejected_ids"]
+            )
+        )
+        return self._count_truncated(dataset_name, len(cut), n_trunc, cut)
+
+    def _drop_long(self, dataset: Dataset, dataset_name: str, m: int | None) -> Dataset:
+        """TRL's rule on tokenized pairs: keep a pair only when both sides fit in `m` tokens."""
+        if m is None:
+            return dataset
+        kept = dataset.filter(lambda c, r: len(c) <= m and len(r) <= m, input_columns=["chosen_ids", "rejected_ids"])
+        self._count_dropped(dataset_name, len(dataset), len(dataset) - len(kept))
+        return kept
+
+    def _count_dropped(self, dataset_name: str, n_before: int, n_dropped: int) -> None:
+        self.n_dropped[dataset_name] = n_dropped
+        if n_dropped:
+            logger.warning(
+                f"[reward] {dataset_name}: {n_dropped} of {n_before} pairs longer than max_length="
+                f"{self._max_length} tokens dropped (TRL's rule; truncation='left' keeps them, cut from the left)"
+            )
+
+    def _count_truncated(self, dataset_name: str, n: int, n_trunc: int, dataset=None):
+        self.n_truncated[dataset_name] = n_trunc
+        if n_trunc:
+            logger.warning(
+                f"[reward] {dataset_name}: {n_trunc} of {n} pairs truncated from the left to {self._max_length} tokens"
+            )
         return dataset
 
     def _get_train_sampler(self, train_dataset=None):
@@ -537,6 +594,11 @@ class MORERewardTrainer(RewardTrainer):
             if args.method == "more"
             else "fixed weights"
         )
+        over = (
+            "longer pairs were cut from the left"
+            if args.truncation == "left"
+            else "longer pairs were dropped from training (TRL's rule)"
+        )
         return (
             "---\nlibrary_name: transformers\ntags: [reward-model, trl, more]\n---\n"
             f"# Reward model ({args.method})\n\n"
@@ -546,11 +608,10 @@ class MORERewardTrainer(RewardTrainer):
             f"- Method: **{args.method}** ({details})\n"
             f"- Sources: {sources}\n"
             f"- Base model: {base_model or 'in-process random init'}\n"
-            f"- Max length: {self._max_length} tokens, truncated from the left\n"
+            f"- Max length: {self._max_length} tokens; {over}\n"
             f"- Learning rate {args.learning_rate}, epochs {args.num_train_epochs}, max_steps {args.max_steps}, "
             f"per-device batch {args.per_device_train_batch_size} pairs\n\n"
-            "Load it with `AutoModelForSequenceClassification.from_pretrained(path)` and "
-            "`AutoTokenizer.from_pretrained(path)`; the reward of a text is `model(**tok(text)).logits[0, 0]`.\n"
+            + scoring_snippet(self.processing_class, self._max_length)
         )
 
     def save_with_card(self, output_dir: str | Path, base_model: str | None = None) -> None:
@@ -558,6 +619,51 @@ class MORERewardTrainer(RewardTrainer):
         self.save_model(str(output_dir))
         if self.accelerator.is_main_process:
             atomic_write_text(Path(output_dir) / "README.md", self.model_card_text(base_model))
+
+
+SCORING_SNIPPET = '''## Scoring a text
+
+The reward of a text is read as the pipeline reads it: the text tokenized without special tokens, cut
+from the LEFT to {max_length} tokens, this tokenizer's own special tokens added around it and an EOS
+appended where the tokenizer closes a text with nothing of its own (as TRL does), then the model's output
+at the last token that is not its pad token. `model(**tok(text))` skips the EOS and the cut and gives
+other numbers. With this project installed, `pipeline.scoring.score_texts(model, tok, texts,
+max_length={max_length})` does the same in batches.
+
+```python
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+path = "."  # this directory
+tok = AutoTokenizer.from_pretrained(path)
+model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+PREFIX, SUFFIX, EOS = {prefix}, {suffix}, {eos}  # what this tokenizer adds around a plain text
+MAX_LENGTH = {max_length}  # longer texts lose tokens from the left
+
+
+def reward(text: str, templated: bool = False) -> float:
+    """text: prompt + response in the plain layout ('\\n\\nHuman: ...\\n\\nAssistant: ...'); for chat data,
+    tok.apply_chat_template(messages, tokenize=False) with templated=True (the template writes its own
+    special tokens, so nothing is added)."""
+    pre, suf, eos = ([], [], []) if templated else (PREFIX, SUFFIX, EOS)
+    body = tok(text, add_special_tokens=False)["input_ids"]
+    if MAX_LENGTH is not None:
+        body = body[max(0, len(body) - (MAX_LENGTH - len(pre) - len(suf) - len(eos))) :]
+    ids = pre + body + suf
+    if eos and ids[-1:] != eos:
+        ids = ids + eos
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+```
+'''
+
+
+def scoring_snippet(tokenizer, max_length: int | None) -> str:
+    """The model card's scoring section, with this tokenizer's special tokens written in (`encode_left`'s rule):
+    running its code on `prompt + response` gives the pipeline's reward for that pair side."""
+    prefix, suffix = special_affixes(tokenizer)
+    eos = [tokenizer.eos_token_id] if (not suffix and tokenizer.eos_token_id is not None) else []
+    return SCORING_SNIPPET.format(prefix=prefix, suffix=suffix, eos=eos, max_length=max_length)
 
 
 # -------------------------------------------------------------------- checkpoint files
