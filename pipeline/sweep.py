@@ -67,16 +67,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.calibration.compare import (
-    ALPHA,
-    DIRECTION_TEXT,
-    direction,
-    p_text,
-    significance_paragraph,
-)
-from pipeline.calibration.compare import is_significant as significance_rule
+from pipeline.calibration.compare import DIRECTION_TEXT, direction, p_text, significance_paragraph
 from pipeline.config import RecipeError, load_recipe, recipe_to_dict, yaml_load
 from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, get_path, read_json, sha256_json
+from pipeline.stats import ALPHA, CONFIDENCE, paired_differences, t_interval, t_test_p
+from pipeline.stats import is_significant as significance_rule
 from pipeline.tables import RM_LABELS, rm_label
 
 
@@ -100,7 +95,6 @@ EXPORT_GLOBS = (
     "reward/*/train_log.json",
     "reward/*/temperature.json",
 )
-CONFIDENCE = 0.95
 # Seed-paired differences reported for every grid point: (a, b) means a - b.
 PAIRS = (("more", "multitask"), ("more", "uniform"), ("uniform", "multitask"))
 # Fewer seeds than this: the t-interval (t = 12.7 for 2 seeds) is reported with a warning.
@@ -111,46 +105,6 @@ PERCENT_METRICS = ("accuracy", "win_rate", "lose_rate", "win_minus_lose")
 
 # ---------------------------------------------------------------------------------------------------
 # Statistics: pure functions
-
-
-def t_interval(values, confidence: float = CONFIDENCE) -> dict:
-    """Mean, sample sd (ddof=1), n and the two-sided t-interval of the mean over `values` (None skipped).
-
-    With n < 2 there is no sd and no interval (their fields are None); with sd = 0 the interval is the mean.
-    """
-    from scipy.stats import t as student_t
-
-    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    n = len(xs)
-    out = {"mean": None, "sd": None, "n": n, "low": None, "high": None, "confidence": confidence}
-    if n == 0:
-        return out
-    mean = math.fsum(xs) / n
-    out["mean"] = mean
-    if n < 2:
-        return out
-    sd = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
-    half = float(student_t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
-    out.update(sd=sd, low=mean - half, high=mean + half)
-    return out
-
-
-def paired_differences(a: dict, b: dict) -> dict:
-    """{seed: a[seed] - b[seed]} over the seeds where both have a value (the pairing removes seed noise
-    shared by both RMs, e.g. the data draw)."""
-    return {s: a[s] - b[s] for s in a if s in b and a[s] is not None and b[s] is not None}
-
-
-def t_test_p(mean: float | None, sd: float | None, n: int) -> float | None:
-    """Two-sided p-value of the one-sample t-test of mean = 0 (the test the t-interval inverts); None when
-    n < 2. With sd = 0: 0 for a non-zero mean, 1 for a zero mean."""
-    from scipy.stats import t as student_t
-
-    if mean is None or sd is None or n < 2:
-        return None
-    if sd == 0:
-        return 1.0 if mean == 0 else 0.0
-    return float(2.0 * student_t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
 
 
 def is_significant(stats: dict) -> bool | None:
