@@ -78,73 +78,93 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_noise()  # the in-process runs skip pipeline.run.main, which does this for a single run
     try:
         if args.aggregate:
-            if _is_main():
-                (resummarize if args.from_summary else aggregate)(args.aggregate)
-                _say(f"wrote {Path(args.aggregate) / 'summary.md'} and summary.json")
-            return 0
-        if not args.output_dir:
-            raise RecipeError("--output-dir D is required (or --aggregate D to re-aggregate an existing sweep)")
-        if args.parallel < 1:
-            raise RecipeError(f"--parallel must be >= 1, got {args.parallel}")
-        if args.parallel > 1 and _world() > 1:
-            raise RecipeError(
-                "--parallel N runs subprocesses and cannot be combined with accelerate launch/"
-                "torchrun (there every run already uses all processes); drop --parallel"
-            )
-        out = Path(args.output_dir).resolve()
-        seeds = parse_seeds(args.seeds)
-        grid = parse_grid(args.grid)
-        points = grid_points(grid)
-        if args.stages:
-            from pipeline.run import select_stages
-
-            select_stages(args.stages)  # validate once, with pipeline.run's message
-        runs = build_runs(args.recipe, args.overrides, points, seeds, out)
-        definition = {
-            "recipe": args.recipe,
-            "seeds": seeds,
-            "grid": [[k, v] for k, v in grid],
-            "stages": args.stages,
-            "overrides": list(args.overrides),
-            "points": points,
-            "runs": [asdict(r) for r in runs],
-        }
-        exporter = None
-        if args.export:
-            exporter = Exporter(Path(args.export).resolve(), args.recipe, args.stages, out, definition)
-        if args.dry_run:
-            if _is_main():
-                for r in runs:
-                    state, why = run_state(load_recipe(args.recipe, r.overrides), Path(r.dir), args.stages)
-                    if exporter and exporter.is_exported(r):
-                        state, why = "done", f"exported to {exporter.dest(r)}"
-                    print(f"{state:5s} {r.point} seed-{r.seed}  {r.dir}  ({why})")
-                    print(f"      overrides: {' '.join(r.overrides)}")
-                print(f"{len(runs)} runs ({len(points)} point(s) x {len(seeds)} seed(s))")
-            return 0
-        if _is_main():
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(out / SWEEP_FILE, definition)
-            if exporter:
-                exporter.write_definition()
-        _say(f"{len(runs)} runs ({len(points)} point(s) x {len(seeds)} seed(s)) in {out}")
-        if args.parallel > 1:
-            failed = run_parallel(args.recipe, runs, args.stages, args.parallel, exporter)
-        else:
-            failed = run_sequential(args.recipe, runs, args.stages, exporter)
-        if _is_main():
-            final = exporter.root if exporter else out  # the export holds every finished run, on any machine
-            aggregate(final)
-            _say(f"wrote {final / 'summary.md'} and summary.json")
-        if failed:
-            _say(f"{len(failed)} run(s) failed; rerun the same command to retry them:")
-            for d, why in failed.items():
-                _say(f"  {d}: {why}")
-            return 1
+            return _aggregate_only(args)
+        return _sweep(args)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"interrupted ({e or 'Ctrl-C'}); run the same command again to resume the sweep", file=sys.stderr)
         return 130
+
+
+def _aggregate_only(args) -> int:
+    """--aggregate D [--from-summary]: rebuild D's summary, run nothing."""
+    if _is_main():
+        (resummarize if args.from_summary else aggregate)(args.aggregate)
+        _say(f"wrote {Path(args.aggregate) / 'summary.md'} and summary.json")
+    return 0
+
+
+def _check_args(args) -> None:
+    if not args.output_dir:
+        raise RecipeError("--output-dir D is required (or --aggregate D to re-aggregate an existing sweep)")
+    if args.parallel < 1:
+        raise RecipeError(f"--parallel must be >= 1, got {args.parallel}")
+    if args.parallel > 1 and _world() > 1:
+        raise RecipeError(
+            "--parallel N runs subprocesses and cannot be combined with accelerate launch/"
+            "torchrun (there every run already uses all processes); drop --parallel"
+        )
+
+
+def _dry_run(args, runs: list, exporter: Exporter | None) -> None:
+    """--dry-run: each run, whether it is done (or exported) and its overrides."""
+    for r in runs:
+        state, why = run_state(load_recipe(args.recipe, r.overrides), Path(r.dir), args.stages)
+        if exporter and exporter.is_exported(r):
+            state, why = "done", f"exported to {exporter.dest(r)}"
+        print(f"{state:5s} {r.point} seed-{r.seed}  {r.dir}  ({why})")
+        print(f"      overrides: {' '.join(r.overrides)}")
+
+
+def _sweep(args) -> int:
+    """Define the sweep, run what is not done, aggregate; 1 when a run failed."""
+    _check_args(args)
+    out = Path(args.output_dir).resolve()
+    seeds = parse_seeds(args.seeds)
+    grid = parse_grid(args.grid)
+    points = grid_points(grid)
+    if args.stages:
+        from pipeline.run import select_stages
+
+        select_stages(args.stages)  # validate once, with pipeline.run's message
+    runs = build_runs(args.recipe, args.overrides, points, seeds, out)
+    definition = {
+        "recipe": args.recipe,
+        "seeds": seeds,
+        "grid": [[k, v] for k, v in grid],
+        "stages": args.stages,
+        "overrides": list(args.overrides),
+        "points": points,
+        "runs": [asdict(r) for r in runs],
+    }
+    exporter = None
+    if args.export:
+        exporter = Exporter(Path(args.export).resolve(), args.recipe, args.stages, out, definition)
+    count = f"{len(runs)} runs ({len(points)} point(s) x {len(seeds)} seed(s))"
+    if args.dry_run:
+        if _is_main():
+            _dry_run(args, runs, exporter)
+            print(count)
+        return 0
+    if _is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / SWEEP_FILE, definition)
+        if exporter:
+            exporter.write_definition()
+    _say(f"{count} in {out}")
+    if args.parallel > 1:
+        failed = run_parallel(args.recipe, runs, args.stages, args.parallel, exporter)
+    else:
+        failed = run_sequential(args.recipe, runs, args.stages, exporter)
+    if _is_main():
+        final = exporter.root if exporter else out  # the export holds every finished run, on any machine
+        aggregate(final)
+        _say(f"wrote {final / 'summary.md'} and summary.json")
+    if failed:
+        _say(f"{len(failed)} run(s) failed; rerun the same command to retry them:")
+        for d, why in failed.items():
+            _say(f"  {d}: {why}")
+        return 1
     return 0

@@ -90,10 +90,8 @@ def run_sequential(recipe_arg: str, runs: list[SweepRun], stages, exporter: Expo
     return failed
 
 
-def run_parallel(
-    recipe_arg: str, runs: list[SweepRun], stages, n: int, exporter: Exporter | None = None
-) -> dict[str, str]:
-    """Run up to `n` runs at a time as `python -m pipeline.run` subprocesses (one process each)."""
+def _pending(recipe_arg: str, runs: list[SweepRun], stages, exporter: Exporter | None) -> list[tuple[SweepRun, str]]:
+    """The runs still to do, each with why; an exported or finished run is skipped (a finished one exported)."""
     todo = []
     for r in runs:
         if exporter and exporter.is_exported(r):
@@ -106,12 +104,41 @@ def run_parallel(
                 exporter.export(r)
         else:
             todo.append((r, why))
+    return todo
+
+
+def _child_env(n: int, n_todo: int) -> dict[str, str]:
+    """The subprocesses' environment: this one, the cores split between the `n` runs at a time (unless
+    OMP_NUM_THREADS is set), and this checkout of `pipeline` first on PYTHONPATH."""
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:  # n processes share the cores instead of each grabbing all of them
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, min(n, len(todo) or 1))))
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, min(n, n_todo or 1))))
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")] if p
     )
+    return env
+
+
+def _run_command(recipe_arg: str, r: SweepRun, stages) -> list[str]:
+    """`python -m pipeline.run` of one run: its recipe, directory, stages and overrides."""
+    cmd = [sys.executable, "-m", "pipeline.run", "--recipe", recipe_arg, "--output-dir", r.dir]
+    if stages:
+        cmd += ["--stages", stages if isinstance(stages, str) else ",".join(stages)]
+    return cmd + list(r.overrides)
+
+
+def _terminate(procs: list[subprocess.Popen]) -> None:
+    for p in procs:  # each child records its stage as failed and exits 130; a rerun resumes it
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+
+
+def run_parallel(
+    recipe_arg: str, runs: list[SweepRun], stages, n: int, exporter: Exporter | None = None
+) -> dict[str, str]:
+    """Run up to `n` runs at a time as `python -m pipeline.run` subprocesses (one process each)."""
+    todo = _pending(recipe_arg, runs, stages, exporter)
+    env = _child_env(n, len(todo))
     failed: dict[str, str] = {}
     procs: list[subprocess.Popen] = []
     stopping = []
@@ -121,13 +148,11 @@ def run_parallel(
         if stopping:
             return
         Path(r.dir).mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pipeline.run", "--recipe", recipe_arg, "--output-dir", r.dir]
-        if stages:
-            cmd += ["--stages", stages if isinstance(stages, str) else ",".join(stages)]
+        cmd = _run_command(recipe_arg, r, stages)
         _say(f"{r.point} seed {r.seed}: running ({why}); log: {r.dir}/sweep.log")
         t0 = time.time()
         with open(Path(r.dir) / "sweep.log", "a") as log:
-            p = subprocess.Popen(cmd + list(r.overrides), stdout=log, stderr=subprocess.STDOUT, env=env)
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             procs.append(p)
             rc = p.wait()
         if stopping:
@@ -146,9 +171,7 @@ def run_parallel(
             future.result()
     except BaseException:
         stopping.append(True)  # queued runs do not start; running ones are told to stop
-        for p in procs:  # each child records its stage as failed and exits 130; a rerun resumes it
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+        _terminate(procs)
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -13,7 +13,7 @@ import re
 from pipeline.calibration.compare import DIRECTION_TEXT, direction, p_text, significance_paragraph
 from pipeline.stats import ALPHA
 from pipeline.sweep.metrics import MIN_SEEDS, PAIRS, PERCENT_METRICS, is_significant, judge, metric_label
-from pipeline.tables import rm_label
+from pipeline.tables import markdown_table, rm_label
 
 
 VERDICTS = {True: "significant", False: "no significant difference", None: "too few seeds"}
@@ -87,9 +87,21 @@ def _rms(metrics: list[dict], section: str) -> list[str]:
 
 
 def render_summary(summary: dict, plots: list[str] | None = None) -> str:
-    sweep = summary["sweep"]
     conf = f"{100 * summary['confidence']:.0f}%"
-    lines = [
+    lines = _preamble(summary["sweep"], conf)
+    if plots:
+        lines += ["Plots: " + ", ".join(f"[{p}]({p})" for p in plots), ""]
+    if len(summary["points"]) > 1:
+        lines += overview(summary)
+    for name, p in summary["points"].items():
+        lines += _point_section(name, p, conf)
+    lines += ["## Summary", "", summary_paragraph(summary), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _preamble(sweep: dict, conf: str) -> list[str]:
+    """The title, the sweep's definition and how to read the tables."""
+    return [
         "# Sweep summary",
         "",
         f"Recipe `{sweep['recipe']}`, seeds {', '.join(map(str, sweep['seeds']))}, stages "
@@ -107,134 +119,136 @@ def render_summary(summary: dict, plots: list[str] | None = None) -> str:
         "closing paragraph names every significant difference found there.",
         "",
     ]
-    if plots:
-        lines += ["Plots: " + ", ".join(f"[{p}]({p})" for p in plots), ""]
-    if len(summary["points"]) > 1:
-        lines += overview(summary)
-    for name, p in summary["points"].items():
-        lines += [f"## {name}", ""]
-        if p["grid"]:
-            lines += ["Grid values: " + ", ".join(f"`{k}={v}`" for k, v in p["grid"].items()), ""]
-        missing = [f"{s}: {st}" for s, st in p["runs"].items() if st != "collected"]
+
+
+def _point_section(name: str, p: dict, conf: str) -> list[str]:
+    """One grid point: its values, the seeds with results, its tables and its differences in words."""
+    lines = [f"## {name}", ""]
+    if p["grid"]:
+        lines += ["Grid values: " + ", ".join(f"`{k}={v}`" for k, v in p["grid"].items()), ""]
+    missing = [f"{s}: {st}" for s, st in p["runs"].items() if st != "collected"]
+    lines += [
+        f"Seeds with results: {p['n_runs']} of {len(p['runs'])}"
+        + (f" (missing: {'; '.join(missing)})" if missing else "")
+        + ".",
+        "",
+    ]
+    if seed_warning(p["n_runs"]):
+        lines += [f"**{seed_warning(p['n_runs'])}**", ""]
+    idx = _index(p["metrics"])
+    heads = headline_metrics(p["metrics"])
+    rms = _rms(p["metrics"], "calibration")
+    sources = [
+        s
+        for s in dict.fromkeys(r["scope"] for r in p["metrics"] if r["section"] == "calibration")
+        if s not in ("all_average", "hh_average")
+    ]
+    scopes = ["all_average"] + (["hh_average"] if set(sources) != {"helpful", "harmless"} else [])
+    lines += _calibration_tables(idx, heads, rms, scopes)
+    lines += _source_tables(idx, heads, rms, sources)
+    lines += _policy_table(p["metrics"], idx)
+    lines += _judgement_table(p["metrics"], idx)
+    lines += _difference_table(p["differences"], key_metrics(heads), scopes, conf)
+    return lines
+
+
+def _calibration_tables(idx: dict, heads: list[str], rms: list[str], scopes: list[str]) -> list[str]:
+    """The headline metrics of each RM, averaged over all sources (and over Helpful & Harmless)."""
+    lines = []
+    for scope, title in (("all_average", "all-source average"), ("hh_average", "Helpful & Harmless average")):
+        if scope not in scopes or not any(("calibration", rm, scope, "accuracy") in idx for rm in rms):
+            continue
+        cols = [m for m in heads if m != "temperature" or scope == "all_average"]
+        header = ["RM"] + [metric_label(m) + (" (%)" if m in PERCENT_METRICS else "") for m in cols]
+        better = ["*better*"] + [DIRECTION_TEXT[direction(m)] for m in cols]
+        rows = [[rm_label(rm)] + [cell(idx.get(("calibration", rm, scope, m)), m) for m in cols] for rm in rms]
+        lines += [f"### Calibration, {title}", "", *markdown_table(header, rows, subheader=better), ""]
+    return lines
+
+
+def _source_tables(idx: dict, heads: list[str], rms: list[str], sources: list[str]) -> list[str]:
+    """The headline ECE of each RM per source, before and after temperature scaling."""
+    ece = next((m for m in heads if m.startswith("ece_")), None)
+    if not (sources and ece):
+        return []
+    lines = []
+    for m in (ece, f"ts_{ece}"):
+        rows = [[rm_label(rm)] + [cell(idx.get(("calibration", rm, s, m)), m) for s in sources] for rm in rms]
         lines += [
-            f"Seeds with results: {p['n_runs']} of {len(p['runs'])}"
-            + (f" (missing: {'; '.join(missing)})" if missing else "")
-            + ".",
+            f"### {metric_label(m)} per source ({DIRECTION_TEXT[direction(m)]})",
+            "",
+            *markdown_table(["RM", *sources], rows),
             "",
         ]
-        if seed_warning(p["n_runs"]):
-            lines += [f"**{seed_warning(p['n_runs'])}**", ""]
-        idx = _index(p["metrics"])
-        heads = headline_metrics(p["metrics"])
-        rms = _rms(p["metrics"], "calibration")
-        sources = [
-            s
-            for s in dict.fromkeys(r["scope"] for r in p["metrics"] if r["section"] == "calibration")
-            if s not in ("all_average", "hh_average")
-        ]
-        scopes = ["all_average"] + (["hh_average"] if set(sources) != {"helpful", "harmless"} else [])
-        for scope, title in (("all_average", "all-source average"), ("hh_average", "Helpful & Harmless average")):
-            if scope not in scopes or not any(("calibration", rm, scope, "accuracy") in idx for rm in rms):
-                continue
-            cols = [m for m in heads if m != "temperature" or scope == "all_average"]
-            lines += [
-                f"### Calibration, {title}",
-                "",
-                "| RM | "
-                + " | ".join(metric_label(m) + (" (%)" if m in PERCENT_METRICS else "") for m in cols)
-                + " |",
-                "|---" * (len(cols) + 1) + "|",
-                "| *better* | " + " | ".join(DIRECTION_TEXT[direction(m)] for m in cols) + " |",
-            ]
-            for rm in rms:
-                lines.append(
-                    f"| {rm_label(rm)} | "
-                    + " | ".join(cell(idx.get(("calibration", rm, scope, m)), m) for m in cols)
-                    + " |"
-                )
-            lines.append("")
-        ece = next((m for m in heads if m.startswith("ece_")), None)
-        if sources and ece:
-            for m in (ece, f"ts_{ece}"):
-                lines += [
-                    f"### {metric_label(m)} per source ({DIRECTION_TEXT[direction(m)]})",
-                    "",
-                    "| RM | " + " | ".join(sources) + " |",
-                    "|---" * (len(sources) + 1) + "|",
-                ]
-                for rm in rms:
-                    lines.append(
-                        f"| {rm_label(rm)} | "
-                        + " | ".join(cell(idx.get(("calibration", rm, s, m)), m) for s in sources)
-                        + " |"
-                    )
-                lines.append("")
-        pols = _rms(p["metrics"], "align")
-        if pols:
-            sets = sorted(
-                {r["scope"] for r in p["metrics"] if r["section"] == "align" and r["metric"] == "gold_reward"}
-            )
-            lines += [
-                "### Aligned policies: gold reward (higher is better)",
-                "",
-                "| policy | " + " | ".join(sets) + " |",
-                "|---" * (len(sets) + 1) + "|",
-            ]
-            for pol in pols:
-                lines.append(
-                    f"| {pol} | " + " | ".join(cell(idx.get(("align", pol, s, "gold_reward"))) for s in sets) + " |"
-                )
-            lines.append("")
-        judged = sorted({r["rm"] for r in p["metrics"] if r["section"] == "judge"})
-        if judged:
-            lines += [
-                "### Judgements (all prompt sets)",
-                "",
-                "| comparison | win rate (%) | lose rate (%) | win - lose (points) |",
-                "|---|---|---|---|",
-            ]
-            for j in judged:
-                lines.append(
-                    f"| {j} | "
-                    + " | ".join(
-                        cell(idx.get(("judge", j, "all", m)), m) for m in ("win_rate", "lose_rate", "win_minus_lose")
-                    )
-                    + " |"
-                )
-            lines.append("")
-        keys = key_metrics(heads)
-        diffs = [
-            d
-            for d in p["differences"]
-            if (d["section"] == "calibration" and d["scope"] in scopes and d["metric"] in keys)
-            or (d["section"] == "align" and d["metric"] == "gold_reward" and d["scope"] == "all")
-        ]
-        diffs.sort(
-            key=lambda d: (
-                d["section"] != "calibration",
-                d["scope"] != "all_average",
-                keys.index(d["metric"]) if d["metric"] in keys else 0,
-            )
+    return lines
+
+
+def _policy_table(metrics: list[dict], idx: dict) -> list[str]:
+    """The gold reward of each aligned policy per prompt set. Written row by row (not `markdown_table`): a
+    sweep whose policies have no gold reward keeps its one empty column, as before."""
+    pols = _rms(metrics, "align")
+    if not pols:
+        return []
+    sets = sorted({r["scope"] for r in metrics if r["section"] == "align" and r["metric"] == "gold_reward"})
+    lines = [
+        "### Aligned policies: gold reward (higher is better)",
+        "",
+        "| policy | " + " | ".join(sets) + " |",
+        "|---" * (len(sets) + 1) + "|",
+    ]
+    for pol in pols:
+        lines.append(f"| {pol} | " + " | ".join(cell(idx.get(("align", pol, s, "gold_reward"))) for s in sets) + " |")
+    lines.append("")
+    return lines
+
+
+def _judgement_table(metrics: list[dict], idx: dict) -> list[str]:
+    """The win and lose rates of each judged comparison over all prompt sets."""
+    judged = sorted({r["rm"] for r in metrics if r["section"] == "judge"})
+    if not judged:
+        return []
+    rates = ("win_rate", "lose_rate", "win_minus_lose")
+    header = ["comparison", "win rate (%)", "lose rate (%)", "win - lose (points)"]
+    rows = [[j] + [cell(idx.get(("judge", j, "all", m)), m) for m in rates] for j in judged]
+    return ["### Judgements (all prompt sets)", "", *markdown_table(header, rows), ""]
+
+
+def _difference_table(differences: list[dict], keys: list[str], scopes: list[str], conf: str) -> list[str]:
+    """The seed-paired differences of the key metrics (and of the policies' gold reward) with their verdicts,
+    then the same in words."""
+    diffs = [
+        d
+        for d in differences
+        if (d["section"] == "calibration" and d["scope"] in scopes and d["metric"] in keys)
+        or (d["section"] == "align" and d["metric"] == "gold_reward" and d["scope"] == "all")
+    ]
+    diffs.sort(
+        key=lambda d: (
+            d["section"] != "calibration",
+            d["scope"] != "all_average",
+            keys.index(d["metric"]) if d["metric"] in keys else 0,
         )
-        if diffs:
-            lines += [
-                "### Seed-paired differences",
-                "",
-                f"| difference | metric | better | scope | mean [{conf} CI] | p | n | verdict |",
-                "|---|---|---|---|---|---|---|---|",
-            ]
-            for d in diffs:
-                sig = VERDICTS[is_significant(d)]
-                lines.append(
-                    f"| {rm_label(d['a'])} - {rm_label(d['b'])} | {metric_label(d['metric'])} | "
-                    f"{DIRECTION_TEXT[direction(d['metric'])]} | {d['scope']} | {cell(d, d['metric'])} | "
-                    f"{p_text(d.get('p_value')) or '-'} | {d['n']} | {sig} |"
-                )
-            lines += ["", "In words:", ""]
-            lines += [f"- {d['sentence']}" for d in diffs if d["section"] == "align" or d["scope"] == "all_average"]
-            lines.append("")
-    lines += ["## Summary", "", summary_paragraph(summary), ""]
-    return "\n".join(lines).rstrip() + "\n"
+    )
+    if not diffs:
+        return []
+    header = ["difference", "metric", "better", "scope", f"mean [{conf} CI]", "p", "n", "verdict"]
+    rows = [
+        [
+            f"{rm_label(d['a'])} - {rm_label(d['b'])}",
+            metric_label(d["metric"]),
+            DIRECTION_TEXT[direction(d["metric"])],
+            d["scope"],
+            cell(d, d["metric"]),
+            p_text(d.get("p_value")) or "-",
+            d["n"],
+            VERDICTS[is_significant(d)],
+        ]
+        for d in diffs
+    ]
+    lines = ["### Seed-paired differences", "", *markdown_table(header, rows), "", "In words:", ""]
+    lines += [f"- {d['sentence']}" for d in diffs if d["section"] == "align" or d["scope"] == "all_average"]
+    lines.append("")
+    return lines
 
 
 def summary_paragraph(summary: dict) -> str:
