@@ -1,7 +1,7 @@
 """The command line of `python -m pipeline.sweep` (`build_parser`, `main`): run a recipe over seeds x a grid of
 settings, then aggregate with intervals; or only re-aggregate (`--aggregate D`).
 
-Imports: pipeline.config, pipeline.run (inside `main`, to check --stages), pipeline.logs, the leaves and every
+Imports: pipeline.config, pipeline.run (inside `_sweep`, to check --stages), pipeline.logs, the leaves and every
 module of pipeline.sweep.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline.config import load_recipe
 from pipeline.errors import RecipeError
 from pipeline.io import atomic_write_json
-from pipeline.sweep.aggregate import aggregate, resummarize
+from pipeline.sweep.aggregation import aggregate, resummarize
 from pipeline.sweep.export import Exporter
 from pipeline.sweep.grid import SWEEP_FILE, build_runs, grid_points, parse_grid, parse_seeds
 from pipeline.sweep.runner import _is_main, _say, _world, run_parallel, run_sequential, run_state

@@ -7,7 +7,7 @@ is judged by the project's one rule (`is_significant`: pipeline.stats.is_signifi
 and p-value), its better direction comes from pipeline.calibration.compare.direction, and
 `difference_sentence` says it in words.
 
-Imports: the leaves pipeline.stats and pipeline.calibration.compare's sentence helpers; nothing of the sweep.
+Imports: the leaf pipeline.stats and pipeline.calibration.compare (`direction`, `p_text`); nothing of the sweep.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ PERCENT_METRICS = ("accuracy", "win_rate", "lose_rate", "win_minus_lose")
 
 
 def is_significant(stats: dict) -> bool | None:
-    """The project's rule (compare.is_significant) on a seed-paired difference: the t-interval excludes 0
+    """The project's rule (pipeline.stats.is_significant) on a seed-paired difference: the t-interval excludes 0
     AND p < 0.05 strictly; None without an interval. p comes from the row, or from its mean, sd and n
     (summaries written before p-values were stored)."""
     p = stats.get("p_value")

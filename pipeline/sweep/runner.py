@@ -7,7 +7,7 @@ command is run again. Sequential runs are in-process (under `accelerate launch` 
 joins every run); `--parallel N` runs subprocesses, one process each, torch threads split between them, logs in
 each run's sweep.log. A run that fails is reported and the sweep goes on with the others.
 
-Imports: pipeline.run (inside the functions, as the in-process runs need it), pipeline.config and
+Imports: pipeline.run (inside the functions that use it), pipeline.config and
 pipeline.sweep.grid; the exporter (pipeline.sweep.export) is passed in.
 """
 
