@@ -50,12 +50,11 @@ The statistics are small pure functions (`t_interval`, `t_test_p`, `paired_diffe
 `bounded_interval`, `difference_sentence`), tested against scipy and hand-computed values. D/sweep.json
 records the sweep's definition so that `--aggregate D` knows the points, seeds and axes.
 
-Modules, bottom up (each imports only those before it; `runner` names the exporter in type hints only):
-`grid` (seeds, grid, point names, per-run overrides, the definition), `runner` (running the runs), `export`
-(--export), `metrics` (labels, ranges, the verdict and sentence of a difference), `summary` (summary.md),
-`plots`, `aggregation` (collecting the runs' numbers, `aggregate`, writing summary.json, summary.md and the
-plots), `cli` (`main`); `python -m pipeline.sweep` runs `__main__`. This package re-exports the public names
-that scripts and tests use.
+Modules, bottom up (each imports only those before it): `grid` (seeds, grid, point names, per-run overrides,
+the definition), `runner` (running the runs), `export` (--export), `metrics` (labels, ranges, the verdict and
+sentence of a difference), `summary` (summary.md), `plots`, `aggregation` (collecting the runs' numbers,
+`aggregate`, writing summary.json, summary.md and the plots), `cli` (`main`); `python -m pipeline.sweep` runs
+`__main__`. This package re-exports the public names that scripts and tests use.
 """
 
 from pipeline.sweep.aggregation import (

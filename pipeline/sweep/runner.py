@@ -8,7 +8,8 @@ joins every run); `--parallel N` runs subprocesses, one process each, torch thre
 each run's sweep.log. A run that fails is reported and the sweep goes on with the others.
 
 Imports: pipeline.run (inside the functions that use it), pipeline.config and
-pipeline.sweep.grid; the exporter (pipeline.sweep.export) is passed in.
+pipeline.sweep.grid. The `exporter` the runners take (an `Exporter` of --export, or None) is passed in, not
+imported: pipeline.sweep.export prints through this module's `_say`.
 """
 
 from __future__ import annotations
@@ -20,14 +21,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pipeline.config import load_recipe
 from pipeline.sweep.grid import SweepRun
-
-
-if TYPE_CHECKING:
-    from pipeline.sweep.export import Exporter
 
 
 def run_state(recipe, run_dir: Path, stages) -> tuple[str, str]:
@@ -58,7 +54,7 @@ def _say(msg: str) -> None:
         print(f"[sweep] {msg}", file=sys.stderr, flush=True)
 
 
-def run_sequential(recipe_arg: str, runs: list[SweepRun], stages, exporter: Exporter | None = None) -> dict[str, str]:
+def run_sequential(recipe_arg: str, runs: list[SweepRun], stages, exporter=None) -> dict[str, str]:
     """Run each run in this process (all processes of an `accelerate launch` join each one)."""
     from pipeline.run import run_pipeline
 
@@ -90,7 +86,7 @@ def run_sequential(recipe_arg: str, runs: list[SweepRun], stages, exporter: Expo
     return failed
 
 
-def _pending(recipe_arg: str, runs: list[SweepRun], stages, exporter: Exporter | None) -> list[tuple[SweepRun, str]]:
+def _pending(recipe_arg: str, runs: list[SweepRun], stages, exporter) -> list[tuple[SweepRun, str]]:
     """The runs still to do, each with why; an exported or finished run is skipped (a finished one exported)."""
     todo = []
     for r in runs:
@@ -133,9 +129,7 @@ def _terminate(procs: list[subprocess.Popen]) -> None:
             p.send_signal(signal.SIGTERM)
 
 
-def run_parallel(
-    recipe_arg: str, runs: list[SweepRun], stages, n: int, exporter: Exporter | None = None
-) -> dict[str, str]:
+def run_parallel(recipe_arg: str, runs: list[SweepRun], stages, n: int, exporter=None) -> dict[str, str]:
     """Run up to `n` runs at a time as `python -m pipeline.run` subprocesses (one process each)."""
     todo = _pending(recipe_arg, runs, stages, exporter)
     env = _child_env(n, len(todo))
