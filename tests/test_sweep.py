@@ -15,7 +15,7 @@ from pipeline.calibration.compare import direction
 from pipeline.config import RecipeError, load_recipe, recipe_to_dict
 from pipeline.io import atomic_write_json
 from pipeline.stats import paired_differences, t_interval
-from tests.test_run import calls, fakes  # noqa: F401 - `fakes` is a fixture
+from tests.test_run import calls, fakes, set_stage_run  # noqa: F401 - `fakes` is a fixture
 
 
 T975 = {2: 12.706204736174707, 3: 4.302652729911275, 4: 3.182446305284263}  # t_{0.975, n-1} from tables
@@ -322,7 +322,7 @@ TINY = [
 
 @pytest.mark.slow
 def test_two_seed_sweep_interrupted_then_resumed(tmp_path, monkeypatch, one_thread):
-    import pipeline.calibration.stage as cal
+    import pipeline.stages as stages
 
     out = tmp_path / "sweep"
     args = [
@@ -336,14 +336,14 @@ def test_two_seed_sweep_interrupted_then_resumed(tmp_path, monkeypatch, one_thre
         str(out),
         *TINY,
     ]
-    real_run = cal.run
+    real_run = stages.get("calibration").run
 
-    def interrupted(recipe, run_dir):  # Ctrl-C while seed 1 is in its calibration stage
+    def interrupted(recipe, run_dir, *, force=False):  # Ctrl-C while seed 1 is in its calibration stage
         if recipe.seed == 1:
             raise KeyboardInterrupt("test interrupt")
-        return real_run(recipe, run_dir)
+        return real_run(recipe, run_dir, force=force)
 
-    monkeypatch.setattr(cal, "run", interrupted)
+    set_stage_run(monkeypatch, "calibration", interrupted)
     assert S.main(args) == 130
     s0, s1 = out / "default" / "seed-0", out / "default" / "seed-1"
     m0 = json.loads((s0 / "manifest.json").read_text())
@@ -353,7 +353,7 @@ def test_two_seed_sweep_interrupted_then_resumed(tmp_path, monkeypatch, one_thre
     for m, seed in ((m0, 0), (m1, 1)):  # the seed reached every seed field of each run
         r = m["recipe"]
         assert (r["seed"], r["data"]["seed"], r["data"]["synthetic"]["seed"]) == (seed, seed, seed)
-    monkeypatch.setattr(cal, "run", real_run)
+    set_stage_run(monkeypatch, "calibration", real_run)
 
     # The same command resumes: seed 0 is skipped, seed 1 keeps its reward models and reruns calibration
     # (here as a subprocess of --parallel 2, the other run path).
@@ -399,11 +399,10 @@ SWEEP_RUNNER = """
 import sys
 
 import fakepipe
-import pipeline.config as C
-import pipeline.run as R
+import pipeline.stages as stages
 import pipeline.sweep as S
 
-fakepipe.install(C, R)
+fakepipe.install(stages)
 sys.exit(S.main(sys.argv[1:]))
 """
 
@@ -585,7 +584,7 @@ from pipeline.io import atomic_write_json
 _run = make_run("calibration")
 
 
-def run(recipe, run_dir):
+def run(recipe, run_dir, *, force=False):
     out = _run(recipe, run_dir)
     cal, rm = Path(run_dir) / "calibration", Path(run_dir) / "reward" / "more"
     s = recipe.seed
@@ -602,10 +601,15 @@ def run(recipe, run_dir):
 """
 
 
-def test_export_then_aggregate_from_the_folder_alone_and_resume_on_a_new_machine(fakes, tmp_path, capsys):  # noqa: F811
+def test_export_then_aggregate_from_the_folder_alone_and_resume_on_a_new_machine(fakes, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import importlib.util
     import shutil
 
     (fakes / "fake_calibration.py").write_text(FAKE_CALIBRATION)
+    spec = importlib.util.spec_from_file_location("fake_calibration", fakes / "fake_calibration.py")
+    fake_calibration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake_calibration)
+    set_stage_run(monkeypatch, "calibration", fake_calibration.run)
     export = tmp_path / "results"
     base = ["--recipe", str(fakes / "fake.yaml"), "--stages", "reward,calibration", "--export", str(export)]
     d1 = tmp_path / "machine1"
