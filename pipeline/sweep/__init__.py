@@ -54,7 +54,8 @@ Modules, bottom up (each imports only those before it): `grid` (seeds, grid, poi
 the definition), `runner` (running the runs), `export` (--export), `metrics` (labels, ranges, the verdict and
 sentence of a difference), `summary` (summary.md), `plots`, `aggregation` (collecting the runs' numbers,
 `aggregate`, writing summary.json, summary.md and the plots), `cli` (`main`); `python -m pipeline.sweep` runs
-`__main__`. This package re-exports the public names that scripts and tests use.
+`__main__`. This `__init__` imports only those modules and re-exports the public names that scripts and
+tests use.
 """
 
 from pipeline.sweep.aggregation import (
