@@ -21,9 +21,9 @@ Draws (reproducible, and what the brute-force test replays): source number j of 
 The interval is the percentile interval of the B resampled differences; the two-sided p-value is
 min(1, 2 min(P*(diff <= 0), P*(diff >= 0))), so that (up to interpolation) the 95% interval excludes 0
 exactly when p < 0.05. Because the two can disagree at the boundary (an interval that just excludes 0 with
-p = 0.050), the one significance rule of the project (`is_significant`, also used by pipeline.sweep and
-scripts/study_report.py) asks for both: the interval excludes 0 (an end exactly at 0 does not) AND
-p < 0.05 strictly. Only such a difference is reported as real ("lower by ...").
+p = 0.050), the one significance rule of the project (`is_significant`, which lives in pipeline.stats and is
+also used by pipeline.sweep and scripts/study_report.py) asks for both: the interval excludes 0 (an end
+exactly at 0 does not) AND p < 0.05 strictly. Only such a difference is reported as real ("lower by ...").
 
 comparisons.md labels every metric with its better direction (`direction`: lower is better for ECE, Brier,
 NLL and the MAEs; higher for accuracy; closer to 1 for a temperature), gives each cell's p-value, and ends
@@ -39,10 +39,10 @@ import numpy as np
 from scipy.special import expit
 
 from pipeline.calibration import metrics as M
+from pipeline.stats import ALPHA, is_significant
 
 
 LEVEL = 0.95
-ALPHA = 0.05  # a difference is significant only when p < ALPHA (strictly) and the interval excludes 0
 _VS = re.compile(r"^\s*(\S+)\s+vs\.?\s+(\S+)\s*$")
 # Row budget of one resample chunk (pair counts are a chunk x n matrix).
 _CHUNK_CELLS = 2_000_000
@@ -298,14 +298,6 @@ def bootstrap_win_lose(counts: dict, *, n_samples: int = 2000, seed: int = 0, le
 # --------------------------------------------------------------------------------------------------
 # Sentences
 # --------------------------------------------------------------------------------------------------
-def is_significant(low, high, p_value, alpha: float = ALPHA) -> bool | None:
-    """The project's one significance rule: the interval [low, high] excludes 0 (an end exactly at 0 does not
-    exclude it) AND p < alpha strictly (p = 0.050 is not significant). None when the interval or p is missing."""
-    if low is None or high is None or p_value is None:
-        return None
-    return bool((low > 0 or high < 0) and p_value < alpha)
-
-
 def significant(entry: dict) -> bool:
     """`is_significant` of a comparisons.json entry {"ci95": [lo, hi], "p_value"} (no interval: never)."""
     ci = entry.get("ci95") or (None, None)
