@@ -13,12 +13,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.config import load_recipe
+from pipeline.dist import is_main_process, world_size
 from pipeline.errors import RecipeError
 from pipeline.io import atomic_write_json
 from pipeline.sweep.aggregation import aggregate, resummarize
 from pipeline.sweep.export import Exporter
 from pipeline.sweep.grid import SWEEP_FILE, build_runs, grid_points, parse_grid, parse_seeds
-from pipeline.sweep.runner import _is_main, _say, _world, run_parallel, run_sequential, run_state
+from pipeline.sweep.runner import _say, run_parallel, run_sequential, run_state
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _aggregate_only(args) -> int:
     """--aggregate D [--from-summary]: rebuild D's summary, run nothing."""
-    if _is_main():
+    if is_main_process():
         (resummarize if args.from_summary else aggregate)(args.aggregate)
         _say(f"wrote {Path(args.aggregate) / 'summary.md'} and summary.json")
     return 0
@@ -101,7 +102,7 @@ def _check_args(args) -> None:
         raise RecipeError("--output-dir D is required (or --aggregate D to re-aggregate an existing sweep)")
     if args.parallel < 1:
         raise RecipeError(f"--parallel must be >= 1, got {args.parallel}")
-    if args.parallel > 1 and _world() > 1:
+    if args.parallel > 1 and world_size() > 1:
         raise RecipeError(
             "--parallel N runs subprocesses and cannot be combined with accelerate launch/"
             "torchrun (there every run already uses all processes); drop --parallel"
@@ -144,11 +145,11 @@ def _sweep(args) -> int:
         exporter = Exporter(Path(args.export).resolve(), args.recipe, args.stages, out, definition)
     count = f"{len(runs)} runs ({len(points)} point(s) x {len(seeds)} seed(s))"
     if args.dry_run:
-        if _is_main():
+        if is_main_process():
             _dry_run(args, runs, exporter)
             print(count)
         return 0
-    if _is_main():
+    if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / SWEEP_FILE, definition)
         if exporter:
@@ -158,7 +159,7 @@ def _sweep(args) -> int:
         failed = run_parallel(args.recipe, runs, args.stages, args.parallel, exporter)
     else:
         failed = run_sequential(args.recipe, runs, args.stages, exporter)
-    if _is_main():
+    if is_main_process():
         final = exporter.root if exporter else out  # the export holds every finished run, on any machine
         aggregate(final)
         _say(f"wrote {final / 'summary.md'} and summary.json")

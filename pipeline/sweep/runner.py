@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pipeline.config import load_recipe
+from pipeline.dist import is_main_process, world_size
 from pipeline.sweep.grid import SweepRun
 
 
@@ -41,16 +42,9 @@ def run_state(recipe, run_dir: Path, stages) -> tuple[str, str]:
     return "todo", f"{todo[0]['stage']}: {todo[0]['reason']}"
 
 
-def _world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _say(msg: str) -> None:
-    if _is_main():
+    """A sweep progress line on stderr, from the main process only (stdout belongs to the runs' stages)."""
+    if is_main_process():
         print(f"[sweep] {msg}", file=sys.stderr, flush=True)
 
 
@@ -67,7 +61,7 @@ def run_sequential(recipe_arg: str, runs: list[SweepRun], stages, exporter=None)
         state, why = run_state(recipe, Path(r.dir), stages)
         if state == "done":
             _say(f"({i}/{len(runs)}) {r.point} seed {r.seed}: done, skipped")
-            if exporter and _is_main():
+            if exporter and is_main_process():
                 exporter.export(r)
             continue
         _say(f"({i}/{len(runs)}) {r.point} seed {r.seed}: running ({why}) -> {r.dir}")
@@ -75,13 +69,13 @@ def run_sequential(recipe_arg: str, runs: list[SweepRun], stages, exporter=None)
         try:
             run_pipeline(recipe, r.dir, stages=stages)
         except Exception as e:  # noqa: BLE001 - one failed run must not stop the others
-            if _world() > 1:
+            if world_size() > 1:
                 raise
             failed[r.dir] = f"{type(e).__name__}: {e}"[:300]
             _say(f"({i}/{len(runs)}) {r.point} seed {r.seed}: FAILED ({failed[r.dir]}); continuing")
             continue
         _say(f"({i}/{len(runs)}) {r.point} seed {r.seed}: finished in {time.time() - t0:.0f} s")
-        if exporter and _is_main():
+        if exporter and is_main_process():
             exporter.export(r)
     return failed
 
