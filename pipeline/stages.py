@@ -30,6 +30,7 @@ from typing import Any
 
 from pipeline.align import stage as align
 from pipeline.calibration import stage as calibration
+from pipeline.calibration.config import CalibrationConfig
 from pipeline.data import DataConfig
 from pipeline.report import stage as report
 from pipeline.reward import stage as reward
@@ -68,7 +69,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "calibration",
-        calibration.CalibrationConfig,
+        CalibrationConfig,
         calibration.run,
         inputs=calibration.inputs,
         estimate=calibration.estimate,

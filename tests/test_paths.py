@@ -184,7 +184,7 @@ def test_stage_outputs_of_other_stages_use_the_safe_names(tmp_path):
 
 
 def test_calibration_never_writes_temperature_outside_the_run(tmp_path, capsys, one_thread):
-    from pipeline.calibration.stage import CalibrationConfig
+    from pipeline.calibration.config import CalibrationConfig
     from pipeline.calibration.stage import run as calibrate
     from tests.test_reward_stage import _one_rm_recipe
 
