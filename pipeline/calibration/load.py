@@ -108,6 +108,7 @@ def check_external_rm(name: str, path: str, trust_remote_code: bool) -> str | No
             f"calibration: external reward model {name!r} at {path}: its config does not load "
             f"({type(e).__name__}: {e}). {SUPPORTED_RMS}"
         ) from e
+    # a transformers config, not a dataclass: a config.json may leave `architectures` out (or null)
     archs = list(getattr(config, "architectures", None) or [])
     if not archs:
         raise fail(
@@ -120,7 +121,7 @@ def check_external_rm(name: str, path: str, trust_remote_code: bool) -> str | No
             f"it is a {', '.join(archs)} checkpoint, not a sequence classifier (loading it as one would "
             "give a randomly initialised reward head)"
         )
-    if getattr(config, "num_labels", 1) != 1:
+    if getattr(config, "num_labels", 1) != 1:  # a custom (remote-code) config class may not define it
         raise fail(f"its head has num_labels={config.num_labels} outputs, not a single scalar reward")
     return path
 
@@ -175,7 +176,7 @@ def load_rm(name: str, entry: dict, cfg: CalibrationConfig, device):
             head = find_reward_head(model)
         except ValueError as e:
             raise ValueError(f"calibration: external reward model {name!r} ({path}): {e}. {SUPPORTED_RMS}") from e
-        out = getattr(head, "out_features", None)
+        out = getattr(head, "out_features", None)  # a torch module: only a Linear head has out_features
         if out is None and hasattr(head, "modules_to_save"):  # a PEFT ModulesToSaveWrapper
             out = getattr(getattr(head, "original_module", None), "out_features", None)
         if out not in (None, 1):

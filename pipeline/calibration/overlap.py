@@ -33,7 +33,7 @@ def eval_splits(recipe, cfg: CalibrationConfig, stats: dict | None = None) -> di
         stats.update(data_stats(splits))
     out = {}
     for source, dd in splits.items():
-        names = list(dd.keys()) if hasattr(dd, "keys") else []
+        names = list(dd.keys())
         if "test" not in names or len(dd["test"]) == 0:
             raise ValueError(
                 f"calibration: source {source!r} has no test split (its splits: {names}, "
