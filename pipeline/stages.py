@@ -33,6 +33,7 @@ from pipeline.calibration import stage as calibration
 from pipeline.calibration.config import CalibrationConfig
 from pipeline.data import DataConfig
 from pipeline.report import stage as report
+from pipeline.report.config import ReportConfig
 from pipeline.reward import stage as reward
 
 
@@ -75,9 +76,7 @@ STAGES: tuple[Stage, ...] = (
         estimate=calibration.estimate,
     ),
     Stage("align", align.AlignConfig, align.run, inputs=align.inputs, check=align.check, estimate=align.estimate),
-    Stage(
-        "report", report.ReportConfig, report.run, estimate=report.estimate, reads_data=False, follows_upstream=True
-    ),
+    Stage("report", ReportConfig, report.run, estimate=report.estimate, reads_data=False, follows_upstream=True),
 )
 
 # The recipe section that is not a stage: every data-reading stage reads it.
