@@ -167,7 +167,7 @@ def test_hostile_source_and_group_names_stay_inside_the_run_directory(tmp_path, 
 def test_stage_outputs_of_other_stages_use_the_safe_names(tmp_path):
     """Calibration's plots, align's directories and the report read/write `safe_component(rm)`, never the name;
     calibration does not write temperature.json into an RM directory outside the run directory."""
-    from pipeline.report.stage import _reward_section
+    from pipeline.report.sections import reward_section
 
     run_dir = tmp_path / "run"
     rm = run_dir / "reward" / io.safe_component("single-src/../../g")
@@ -175,7 +175,7 @@ def test_stage_outputs_of_other_stages_use_the_safe_names(tmp_path):
     (rm / "reward_info.json").write_text(json.dumps({"n_train_pairs": 7}))
     index = {"single-src/../../g": {"path": f"reward/{rm.name}", "method": "single", "sources": ["src/../../g"]}}
     (run_dir / "reward" / "index.json").write_text(json.dumps(index))
-    assert "| 7 |" in "\n".join(_reward_section(run_dir))
+    assert "| 7 |" in "\n".join(reward_section(run_dir))
     assert index_mod.read_index(run_dir)["single-src/../../g"]["path"] == str(rm)
     moved = dict(index)
     moved["single-src/../../g"] = {**index["single-src/../../g"], "path": "/nonexistent/reward/elsewhere"}
@@ -184,7 +184,7 @@ def test_stage_outputs_of_other_stages_use_the_safe_names(tmp_path):
 
 
 def test_calibration_never_writes_temperature_outside_the_run(tmp_path, capsys, one_thread):
-    from pipeline.calibration.stage import CalibrationConfig
+    from pipeline.calibration.config import CalibrationConfig
     from pipeline.calibration.stage import run as calibrate
     from tests.test_reward_stage import _one_rm_recipe
 

@@ -122,7 +122,7 @@ def test_reward_stage_records_training_prompts_and_dropped_pairs(tmp_path, capsy
 
     # end to end (issue 19): this run's RM evaluated as an external RM on its own training file, cut 80/15 under
     # another source name, reports the overlap and is scored on the held-out prompts only
-    from pipeline.calibration.stage import CalibrationConfig
+    from pipeline.calibration.config import CalibrationConfig
     from pipeline.calibration.stage import run as calibrate
 
     eval_data = DataConfig(
@@ -270,7 +270,7 @@ def test_checkpoints_of_other_inputs_are_not_resumed(tmp_path, capsys, monkeypat
 
 def test_copied_run_directory_is_independent(tmp_path):
     """Defect 4: `cp -a D D2`, rerun calibration in D2: D is untouched, D2's artifacts stay inside D2."""
-    from pipeline.calibration.stage import CalibrationConfig
+    from pipeline.calibration.config import CalibrationConfig
     from pipeline.calibration.stage import run as calibrate
 
     recipe = _one_rm_recipe()

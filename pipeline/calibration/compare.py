@@ -28,6 +28,8 @@ exactly at 0 does not) AND p < 0.05 strictly. Only such a difference is reported
 comparisons.md labels every metric with its better direction (`direction`: lower is better for ECE, Brier,
 NLL and the MAEs; higher for accuracy; closer to 1 for a temperature), gives each cell's p-value, and ends
 with one paragraph (`significance_paragraph`) that names every significant difference in the tables.
+
+Imports the calibration package's `metrics` and the leaves `pipeline.stats` and `pipeline.tables` only.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from scipy.special import expit
 
 from pipeline.calibration import metrics as M
 from pipeline.stats import ALPHA, is_significant
+from pipeline.tables import markdown_table
 
 
 LEVEL = 0.95
@@ -476,17 +479,16 @@ def render_comparisons(comparisons: dict, n_samples: int) -> str:
     ]
     for label, groups in comparisons.items():
         keys = list(dict.fromkeys(k for by_metric in groups.values() for k in by_metric))
-        lines += [
-            f"## {label}",
-            "",
-            "| | " + " | ".join(_label(k) for k in keys) + " |",
-            "|---" * (len(keys) + 1) + "|",
-            "| *better* | " + " | ".join(DIRECTION_TEXT[direction(k)] for k in keys) + " |",
+        labels = [_label(k) for k in keys]
+        rows = [
+            [group, *(_fmt_cell(by_metric[k], *_scale(k)) if k in by_metric else "-" for k in keys)]
+            for group, by_metric in groups.items()
         ]
-        for group, by_metric in groups.items():
-            cells = [_fmt_cell(by_metric[k], *_scale(k)) if k in by_metric else "-" for k in keys]
-            lines.append(f"| {group} | " + " | ".join(cells) + " |")
-        lines.append("")
+        table = markdown_table(
+            ["", *labels], rows, subheader=["*better*", *(DIRECTION_TEXT[direction(k)] for k in keys)]
+        )
+        corner = "| | " + " | ".join(labels) + " |"  # the header with its empty corner cell written '| |'
+        lines += [f"## {label}", "", corner, *table[1:], ""]
     lines += [comparisons_paragraph(comparisons), ""]
     return "\n".join(lines)
 
