@@ -109,7 +109,7 @@ class Recipe:
     calibration: Any = field(
         default=None, metadata={"help": "pipeline.calibration.stage.CalibrationConfig", "section": True}
     )
-    align: Any = field(default=None, metadata={"help": "pipeline.align.stage.AlignConfig", "section": True})
+    align: Any = field(default=None, metadata={"help": "pipeline.align.config.AlignConfig", "section": True})
     report: Any = field(default=None, metadata={"help": "pipeline.report.stage.ReportConfig", "section": True})
 
     def resolved_output_dir(self) -> str:

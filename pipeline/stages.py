@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.align import stage as align
+from pipeline.align.config import AlignConfig
 from pipeline.calibration import stage as calibration
 from pipeline.data import DataConfig
 from pipeline.report import stage as report
@@ -73,7 +74,7 @@ STAGES: tuple[Stage, ...] = (
         inputs=calibration.inputs,
         estimate=calibration.estimate,
     ),
-    Stage("align", align.AlignConfig, align.run, inputs=align.inputs, check=align.check, estimate=align.estimate),
+    Stage("align", AlignConfig, align.run, inputs=align.inputs, check=align.check, estimate=align.estimate),
     Stage(
         "report", report.ReportConfig, report.run, estimate=report.estimate, reads_data=False, follows_upstream=True
     ),
