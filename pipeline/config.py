@@ -105,7 +105,7 @@ class Recipe:
         metadata={"help": "Stages this recipe runs, in pipeline order; null = all. --stages overrides it."},
     )
     data: Any = field(default=None, metadata={"help": "pipeline.data.DataConfig", "section": True})
-    reward: Any = field(default=None, metadata={"help": "pipeline.reward.stage.RewardStageConfig", "section": True})
+    reward: Any = field(default=None, metadata={"help": "pipeline.reward.config.RewardStageConfig", "section": True})
     calibration: Any = field(
         default=None, metadata={"help": "pipeline.calibration.stage.CalibrationConfig", "section": True}
     )

@@ -34,6 +34,7 @@ from pipeline.calibration import stage as calibration
 from pipeline.data import DataConfig
 from pipeline.report import stage as report
 from pipeline.reward import stage as reward
+from pipeline.reward.config import RewardStageConfig
 
 
 def no_inputs(section: dict) -> list[tuple[str, str]]:
@@ -60,7 +61,7 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage(
         "reward",
-        reward.RewardStageConfig,
+        RewardStageConfig,
         reward.run,
         inputs=reward.inputs,
         check=reward.check,

@@ -11,9 +11,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.data import DataConfig
 from pipeline.data.synthetic import SyntheticConfig
+from pipeline.reward import fingerprint, stage
 from pipeline.reward import index as index_mod
-from pipeline.reward import stage
-from pipeline.reward.stage import RewardStageConfig
+from pipeline.reward.config import RewardStageConfig
 
 
 def tiny_recipe(**reward):
@@ -324,9 +324,9 @@ def test_rm_fingerprints_of_fixed_inputs_are_pinned(tmp_path, monkeypatch):
     (base / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "hidden_size": 8}))
     (base / "model.safetensors").write_bytes(bytes(range(64)))
     (base / "fingerprint.json").write_text(json.dumps({"fingerprint": "abc"}))
-    plan = stage.plan_rm(recipe, tmp_path, "more", "more", ["helpful", "harmless"], splits, tok, str(base))
-    assert plan.inputs["training_code_version"] == stage.TRAINING_CODE_VERSION == 2
+    plan = fingerprint.plan_rm(recipe, tmp_path, "more", "more", ["helpful", "harmless"], splits, tok, str(base))
+    assert plan.inputs["training_code_version"] == fingerprint.TRAINING_CODE_VERSION == 2
     assert plan.fingerprint == "be600ffc75f7fbf1ffa1546152ab912b6509feded734d9589946865306be41b0"
-    assert stage._tiny_base_fingerprint(recipe, ["one text", "another text"]) == (
+    assert fingerprint.tiny_base_fingerprint(recipe, ["one text", "another text"]) == (
         "9ddfcc174d9f89ef275b2be73fc46bf455bbf000d85d59ac4e855fb7758d587e"
     )
