@@ -84,7 +84,7 @@ def _tokenizer_sha256(tokenizer) -> str:
     text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
     rec = {"tokenizer": text, "special": special, "padding_side": tokenizer.padding_side}
-    template = getattr(tokenizer, "chat_template", None)
+    template = getattr(tokenizer, "chat_template", None)  # tokenizer-like objects (processors) may have none
     if template:  # only when set, so fingerprints of RMs without a template stay as they were
         rec["chat_template_sha256"] = sha256_json(template)
     return sha256_json(rec)
