@@ -17,7 +17,8 @@ from pipeline import io
 from pipeline.data import DataConfig, SourceSpec
 from pipeline.reward import index as index_mod
 from pipeline.reward import stage
-from pipeline.reward.stage import RewardStageConfig
+from pipeline.reward.config import RewardStageConfig
+from pipeline.reward.fingerprint import base_model_record
 
 
 HOSTILE = ["../../../../../x", "/../../../x", "/etc/passwd", "a/b", "a\x00b", "..", ".", "", "é" * 200, "x" * 300]
@@ -306,7 +307,7 @@ def test_hub_ids_are_recorded_by_their_cached_revision(tmp_path, monkeypatch):
     assert P.local_input_stats(d, "reward") == {"owner/model": {"hub_revision": "a" * 40}}
     ref.write_text("b" * 40)  # the cache moved to a new commit
     assert P.local_input_stats(d, "reward") == {"owner/model": {"hub_revision": "b" * 40}}
-    assert stage._base_model_record("owner/model") == {"path": "owner/model", "revision": "b" * 40}
+    assert base_model_record("owner/model") == {"path": "owner/model", "revision": "b" * 40}
 
 
 def test_data_mixing_is_refused_at_load_time():

@@ -54,13 +54,15 @@ _CHUNK_CELLS = 2_000_000
 # --------------------------------------------------------------------------------------------------
 # Comparisons to run
 # --------------------------------------------------------------------------------------------------
-def parse_comparison(text: str) -> tuple[str, str]:
-    """'more vs multitask' -> ('more', 'multitask'); one clear error for anything else."""
+def parse_comparison(
+    text: str, key: str = "calibration.compare", names: str = "two different RM names"
+) -> tuple[str, str]:
+    """'more vs multitask' -> ('more', 'multitask'); one clear error for anything else, naming the recipe `key`
+    the comparison came from and what its two sides may be (`names`)."""
     m = _VS.match(str(text))
     if not m or m.group(1) == m.group(2):
         raise ValueError(
-            f"calibration.compare: {text!r} is not a comparison; write '<a> vs <b>' with two different RM names, "
-            "e.g. 'more vs multitask'"
+            f"{key}: {text!r} is not a comparison; write '<a> vs <b>' with {names}, e.g. 'more vs multitask'"
         )
     return m.group(1), m.group(2)
 
