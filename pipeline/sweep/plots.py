@@ -44,6 +44,12 @@ def _finite(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _scaled(x, scale: float) -> float | None:
+    """scale * x when both it and x are finite numbers (1e306 in percent overflows), else None."""
+    x = _finite(x)
+    return None if x is None else _finite(scale * x)
+
+
 def band_arrays(xs: list, rows: list, scale: float = 1.0):
     """The line and band of one RM in a grid plot: (x, mean, low, high) float arrays over the grid points
     whose summary row has a finite mean; a missing or non-finite interval end is the mean itself (a zero-width
@@ -52,11 +58,11 @@ def band_arrays(xs: list, rows: list, scale: float = 1.0):
 
     out = []
     for x, r in zip(xs, rows):
-        m = _finite((r or {}).get("mean"))
+        m = _scaled((r or {}).get("mean"), scale)
         if m is None:
             continue
-        lo, hi = _finite(r.get("low")), _finite(r.get("high"))
-        out.append((x, scale * m, scale * (m if lo is None else lo), scale * (m if hi is None else hi)))
+        lo, hi = _scaled(r.get("low"), scale), _scaled(r.get("high"), scale)
+        out.append((x, m, m if lo is None else lo, m if hi is None else hi))
     cols = list(zip(*out)) if out else [(), (), (), ()]
     return tuple(np.asarray(c, dtype=np.float64) for c in cols)
 
@@ -68,22 +74,16 @@ def seed_bar(row: dict | None, scale: float = 1.0) -> dict | None:
     interval was clipped) cannot produce a negative error bar."""
     import numpy as np
 
-    m = _finite((row or {}).get("mean"))
+    m = _scaled((row or {}).get("mean"), scale)
     if m is None:
         return None
     values = row.get("values") or {}
-    vals = [
-        v for v in (_finite(x) for x in (values.values() if isinstance(values, dict) else values)) if v is not None
-    ]
-    lo, hi = _finite(row.get("low")), _finite(row.get("high"))
+    values = values.values() if isinstance(values, dict) else values
+    vals = [v for v in (_scaled(x, scale) for x in values) if v is not None]
+    lo, hi = _scaled(row.get("low"), scale), _scaled(row.get("high"), scale)
     if lo is None or hi is None:
         lo = hi = None
-    return {
-        "values": scale * np.asarray(vals, dtype=np.float64),
-        "mean": scale * m,
-        "low": None if lo is None else scale * lo,
-        "high": None if hi is None else scale * hi,
-    }
+    return {"values": np.asarray(vals, dtype=np.float64), "mean": m, "low": lo, "high": hi}
 
 
 def write_plots(out_dir: Path, summary: dict) -> list[str]:
