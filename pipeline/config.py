@@ -105,12 +105,12 @@ class Recipe:
         metadata={"help": "Stages this recipe runs, in pipeline order; null = all. --stages overrides it."},
     )
     data: Any = field(default=None, metadata={"help": "pipeline.data.DataConfig", "section": True})
-    reward: Any = field(default=None, metadata={"help": "pipeline.reward.stage.RewardStageConfig", "section": True})
+    reward: Any = field(default=None, metadata={"help": "pipeline.reward.config.RewardStageConfig", "section": True})
     calibration: Any = field(
-        default=None, metadata={"help": "pipeline.calibration.stage.CalibrationConfig", "section": True}
+        default=None, metadata={"help": "pipeline.calibration.config.CalibrationConfig", "section": True}
     )
-    align: Any = field(default=None, metadata={"help": "pipeline.align.stage.AlignConfig", "section": True})
-    report: Any = field(default=None, metadata={"help": "pipeline.report.stage.ReportConfig", "section": True})
+    align: Any = field(default=None, metadata={"help": "pipeline.align.config.AlignConfig", "section": True})
+    report: Any = field(default=None, metadata={"help": "pipeline.report.config.ReportConfig", "section": True})
 
     def resolved_output_dir(self) -> str:
         return self.output_dir.replace("{name}", self.name)

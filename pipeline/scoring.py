@@ -1,7 +1,8 @@
 """Batched reward-model scoring: sort by length, pad per batch, no gradients, bf16 where it helps.
 
-Shared by the calibration stage (scores every RM on every test split) and the alignment stage
-(scores sampled responses, possibly tokenized by another tokenizer than the policy's).
+Shared by the calibration stage (`score_rm`: every RM on every test and validation split, sharded over the
+processes) and the alignment stage (scores sampled responses, possibly tokenized by another tokenizer than the
+policy's). A leaf: imports `pipeline.data.tokenize`, `pipeline.layout` and `pipeline.logs`, never a stage package.
 """
 
 from __future__ import annotations
@@ -21,6 +22,20 @@ from pipeline.layout import (
     shared_prefix,
 )
 from pipeline.logs import progress_bar
+
+
+# Scoring dtype names (calibration.dtype) -> the autocast dtype: "auto" (`autocast_dtype`), a torch dtype name,
+# or None (no autocast, fp32).
+AUTOCAST = {
+    "auto": "auto",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "fp32": None,
+    "float32": None,
+    "none": None,
+}
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -217,3 +232,58 @@ def score_pairs(
     the rendered prompt (see `score_pair_ids`)."""
     c_ids, r_ids, _ = encode_pairs(tokenizer, prompts, chosen, rejected, conversations, max_length)
     return score_pair_ids(model, c_ids, r_ids, tokenizer.pad_token_id, **kwargs)
+
+
+def score_rm(model, tok, data: dict, cfg, max_length: int | None, state=None) -> dict:
+    """{source: {split: (r_chosen, r_rejected)}} for every split in `data`, in one sorted scoring pass.
+
+    `data`: {source: {split: Dataset or None}} in the project schema; `cfg`: the calibration section (its
+    `dtype`, a key of AUTOCAST, `batch_size`, `max_tokens_per_batch` and `progress`). Under several processes
+    (`state`, an accelerate PartialState) every rank scores a contiguous shard and the shards are gathered.
+    """
+    keys, prompts, chosen, rejected, convs = [], [], [], [], []
+    for source, by_split in data.items():
+        for split, ds in by_split.items():
+            if ds is None:
+                continue
+            keys.append((source, split, len(ds)))
+            prompts += list(ds["prompt"])
+            chosen += list(ds["chosen"])
+            rejected += list(ds["rejected"])
+            # conversational rows: rendered with the RM's chat template (pipeline.data.render)
+            convs += list(ds["conversation"]) if "conversation" in ds.column_names else [""] * len(ds)
+    n = len(prompts)
+    dtype = AUTOCAST[cfg.dtype]
+    dtype = getattr(torch, dtype) if dtype not in (None, "auto") else dtype
+    kwargs = dict(
+        max_length=max_length,
+        batch_size=cfg.batch_size,
+        max_tokens_per_batch=cfg.max_tokens_per_batch,
+        dtype=dtype,
+        progress=cfg.progress,
+    )
+    world = state.num_processes if state is not None else 1
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        bounds = np.linspace(0, n, world + 1).astype(int)
+        lo, hi = bounds[state.process_index], bounds[state.process_index + 1]
+        part = (
+            score_pairs(
+                model, tok, prompts[lo:hi], chosen[lo:hi], rejected[lo:hi], conversations=convs[lo:hi], **kwargs
+            )
+            if hi > lo
+            else ([], [])
+        )
+        shards = gather_object([(int(lo), np.asarray(part[0]).tolist(), np.asarray(part[1]).tolist())])
+        rc, rr = np.empty(n), np.empty(n)
+        for start, c, r in shards:
+            rc[start : start + len(c)], rr[start : start + len(r)] = c, r
+    else:
+        rc, rr = score_pairs(model, tok, prompts, chosen, rejected, conversations=convs, **kwargs)
+    out: dict = {}
+    start = 0
+    for source, split, size in keys:
+        out.setdefault(source, {})[split] = (rc[start : start + size], rr[start : start + size])
+        start += size
+    return out

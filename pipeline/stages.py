@@ -29,10 +29,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.align import stage as align
+from pipeline.align.config import AlignConfig
 from pipeline.calibration import stage as calibration
+from pipeline.calibration.config import CalibrationConfig
 from pipeline.data import DataConfig
 from pipeline.report import stage as report
+from pipeline.report.config import ReportConfig
 from pipeline.reward import stage as reward
+from pipeline.reward.config import RewardStageConfig
 
 
 def no_inputs(section: dict) -> list[tuple[str, str]]:
@@ -59,7 +63,7 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage(
         "reward",
-        reward.RewardStageConfig,
+        RewardStageConfig,
         reward.run,
         inputs=reward.inputs,
         check=reward.check,
@@ -68,15 +72,13 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "calibration",
-        calibration.CalibrationConfig,
+        CalibrationConfig,
         calibration.run,
         inputs=calibration.inputs,
         estimate=calibration.estimate,
     ),
-    Stage("align", align.AlignConfig, align.run, inputs=align.inputs, check=align.check, estimate=align.estimate),
-    Stage(
-        "report", report.ReportConfig, report.run, estimate=report.estimate, reads_data=False, follows_upstream=True
-    ),
+    Stage("align", AlignConfig, align.run, inputs=align.inputs, check=align.check, estimate=align.estimate),
+    Stage("report", ReportConfig, report.run, estimate=report.estimate, reads_data=False, follows_upstream=True),
 )
 
 # The recipe section that is not a stage: every data-reading stage reads it.

@@ -1,7 +1,15 @@
-"""Small statistics shared by every stage (pure functions, float64, exact at the edges).
+"""Small statistics shared by every stage (pure functions, float64, exact at the edges; a leaf: imports nothing
+of the pipeline, scipy only inside the functions that need it).
 
 `wilson_interval` is the one Wilson score interval of the project: the calibration stage's reliability
 diagrams and the align stage's judged win/tie/lose rates both use it.
+
+`is_significant` is the project's one significance rule: the interval excludes 0 AND p < `ALPHA` strictly
+(the calibration stage's paired bootstrap comparisons and the sweep's seed-paired differences both use it).
+
+Across seeds (pipeline.sweep): `t_interval` (mean, sd and the two-sided t-interval of the mean),
+`paired_differences` (the seed-paired differences of two RMs) and `t_test_p` (the p-value of the one-sample
+t-test the t-interval inverts), tested against scipy and hand-computed values.
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ import operator
 
 
 Z95 = 1.959963984540054  # the two-sided 95% normal quantile
+CONFIDENCE = 0.95  # the level of the t-intervals over seeds
+ALPHA = 0.05  # a difference is significant only when p < ALPHA (strictly) and the interval excludes 0
 
 
 def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -40,3 +50,51 @@ def _wilson_low(k: int, n: int, z: float) -> float:
     a = k + z2 / 2
     b = z * math.sqrt(k * (n - k) / n + z2 / 4)
     return k * k / (n * (a + b))
+
+
+def is_significant(low, high, p_value, alpha: float = ALPHA) -> bool | None:
+    """The project's one significance rule: the interval [low, high] excludes 0 (an end exactly at 0 does not
+    exclude it) AND p < alpha strictly (p = 0.050 is not significant). None when the interval or p is missing."""
+    if low is None or high is None or p_value is None:
+        return None
+    return bool((low > 0 or high < 0) and p_value < alpha)
+
+
+def t_interval(values, confidence: float = CONFIDENCE) -> dict:
+    """Mean, sample sd (ddof=1), n and the two-sided t-interval of the mean over `values` (None skipped).
+
+    With n < 2 there is no sd and no interval (their fields are None); with sd = 0 the interval is the mean.
+    """
+    from scipy.stats import t as student_t
+
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(xs)
+    out = {"mean": None, "sd": None, "n": n, "low": None, "high": None, "confidence": confidence}
+    if n == 0:
+        return out
+    mean = math.fsum(xs) / n
+    out["mean"] = mean
+    if n < 2:
+        return out
+    sd = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
+    half = float(student_t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    out.update(sd=sd, low=mean - half, high=mean + half)
+    return out
+
+
+def paired_differences(a: dict, b: dict) -> dict:
+    """{seed: a[seed] - b[seed]} over the seeds where both have a value (the pairing removes seed noise
+    shared by both RMs, e.g. the data draw)."""
+    return {s: a[s] - b[s] for s in a if s in b and a[s] is not None and b[s] is not None}
+
+
+def t_test_p(mean: float | None, sd: float | None, n: int) -> float | None:
+    """Two-sided p-value of the one-sample t-test of mean = 0 (the test the t-interval inverts); None when
+    n < 2. With sd = 0: 0 for a non-zero mean, 1 for a zero mean."""
+    from scipy.stats import t as student_t
+
+    if mean is None or sd is None or n < 2:
+        return None
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    return float(2.0 * student_t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))

@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import bench_common  # noqa: E402
 
-from pipeline.calibration.stage import CalibrationConfig  # noqa: E402
+from pipeline.calibration.config import CalibrationConfig  # noqa: E402
 from pipeline.data.tokenize import encode_left, pad_right  # noqa: E402
 from pipeline.models import TinyModelSpec, count_parameters, tiny_model, tiny_tokenizer  # noqa: E402
 from pipeline.scoring import score_pair_ids, score_pairs  # noqa: E402

@@ -17,19 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
-from pipeline.sweep import (
-    PAIRS,
-    PERCENT_METRICS,
-    VERDICTS,
-    _index,
-    cell,
-    is_significant,
-    judge,
-    metric_label,
-    rm_label,
-    seed_warning,
-)
-from pipeline.sweep import _rms as _rms_in
+from pipeline.sweep import PAIRS, PERCENT_METRICS, VERDICTS, cell, is_significant, judge, metric_label, seed_warning
+from pipeline.sweep.summary import _index
+from pipeline.sweep.summary import _rms as _rms_in
+from pipeline.tables import rm_label
 
 
 # The parts run_study.sh knows, in page order, with what each one asks.

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
+
+# Property tests (hypothesis): the suite draws the same examples on every run (derandomized, no example
+# database), so CI is reproducible; HYPOTHESIS_PROFILE=explore draws fresh random examples on each run.
+settings.register_profile("default", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 REAL_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"

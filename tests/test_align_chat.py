@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.align.stage import _sft_completion, policy_prompt, prompt_conversations, turn_stops
+from pipeline.align.prompts import policy_prompt, prompt_conversations, sft_completion, turn_stops
 
 
 Q = [{"role": "user", "content": "How many legs has a horse got?"}]
@@ -82,8 +82,8 @@ def test_rm_rescored_under_its_own_template(chat_tok, one_thread):
 
 def test_rjs_completion_is_the_templated_assistant_turn(llama3_tok):
     rec = {"prompt": PLAIN, "conversation": CONV, "templated": True}
-    assert _sft_completion(llama3_tok, rec, " Four. ") == "Four.<|eot_id|>"
-    assert _sft_completion(llama3_tok, {"prompt": PLAIN}, " Four. ") == " Four. "
+    assert sft_completion(llama3_tok, rec, " Four. ") == "Four.<|eot_id|>"
+    assert sft_completion(llama3_tok, {"prompt": PLAIN}, " Four. ") == " Four. "
 
 
 def test_prompt_conversations_and_judge_messages():

@@ -9,6 +9,9 @@ import pytest
 import torch
 
 from pipeline.align import methods as M
+from pipeline.align import trainers as T
+from pipeline.align.candidates import read_jsonl, write_jsonl
+from pipeline.align.policy import load_policy
 from pipeline.align.rewards import RMReward
 from tests.test_align_helpers import one_torch_thread, policy, policy_tokenizer, reward_model, rm_tokenizer  # noqa: F401
 
@@ -45,24 +48,24 @@ def test_best_of_n_records_and_scoring():
 
 def test_jsonl_roundtrip_and_malformed_line(tmp_path):
     recs = [{"prompt": "p\n", "candidates": ["é", "b"], "chosen": 1}]
-    M.write_jsonl(tmp_path / "s.jsonl", recs)
-    assert M.read_jsonl(tmp_path / "s.jsonl") == recs
+    write_jsonl(tmp_path / "s.jsonl", recs)
+    assert read_jsonl(tmp_path / "s.jsonl") == recs
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{"a": \n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
-        M.read_jsonl(tmp_path / "bad.jsonl")
+        read_jsonl(tmp_path / "bad.jsonl")
 
 
 def test_truncate_prompt_left_keeps_the_completion():
     tok = policy_tokenizer()
     long = "\n\nHuman: " + "the quick brown fox " * 40 + "\n\nAssistant:"
-    cut = M.truncate_prompt_left(tok, long, GOOD[0], 24)
+    cut = T.truncate_prompt_left(tok, long, GOOD[0], 24)
     n = (
         len(tok(cut, add_special_tokens=False)["input_ids"])
         + len(tok(GOOD[0], add_special_tokens=False)["input_ids"])
         + 1
     )
     assert n <= 24 + 1 and long.endswith(cut.strip()[-20:]) and cut.endswith("Assistant:")
-    assert M.truncate_prompt_left(tok, PROMPTS[0], GOOD[0], 128) == PROMPTS[0]
+    assert T.truncate_prompt_left(tok, PROMPTS[0], GOOD[0], 128) == PROMPTS[0]
 
 
 def _base(tmp_path):
@@ -84,18 +87,18 @@ def _args(out, **kw):
         "seed": 0,
         **kw,
     }
-    return M.sft_config(out, **kw)
+    return T.sft_config(out, **kw)
 
 
 def test_rjs_loss_is_on_response_tokens_only_and_training_saves_a_policy(tmp_path):
     from trl import SFTTrainer
 
     base, tok = _base(tmp_path)
-    ds = M.rjs_dataset(tok, PROMPTS * 4, GOOD * 4, 64)
+    ds = T.rjs_dataset(tok, PROMPTS * 4, GOOD * 4, 64)
     assert ds.column_names == ["prompt", "completion"]
     args = _args(tmp_path / "t")
     assert args.completion_only_loss and not args.bf16 and args.gradient_accumulation_steps == 2
-    trainer = SFTTrainer(model=M.load_policy(base), args=args, train_dataset=ds, processing_class=tok)
+    trainer = SFTTrainer(model=load_policy(base), args=args, train_dataset=ds, processing_class=tok)
     for i, (p, c) in enumerate(zip(PROMPTS, GOOD)):
         ex = trainer.train_dataset[i]
         labels = ex["labels"]
@@ -106,30 +109,30 @@ def test_rjs_loss_is_on_response_tokens_only_and_training_saves_a_policy(tmp_pat
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     assert ((batch["labels"] != -100) <= batch["attention_mask"].bool()).all()  # padding is never a label
 
-    log = M.run_rjs(base, tok, ds, _args(tmp_path / "sub" / ".trainer"), tmp_path / "sub")
+    log = T.run_rjs(base, tok, ds, _args(tmp_path / "sub" / ".trainer"), tmp_path / "sub")
     losses = [r["loss"] for r in log if "loss" in r]
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert json.loads((tmp_path / "sub" / "train_log.json").read_text()) == json.loads(json.dumps(log))
-    trained = M.load_policy(str(tmp_path / "sub" / "policy"))
-    before = M.load_policy(base)
+    trained = load_policy(str(tmp_path / "sub" / "policy"))
+    before = load_policy(base)
     changed = any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), before.state_dict().values()))
     assert changed
 
 
 def test_rjs_lora_merges_and_qlora_saves_an_adapter(tmp_path):
     base, tok = _base(tmp_path)
-    ds = M.rjs_dataset(tok, PROMPTS * 2, GOOD * 2, 64)
-    M.run_rjs(base, tok, ds, _args(tmp_path / "l" / ".trainer"), tmp_path / "l", peft="lora")
+    ds = T.rjs_dataset(tok, PROMPTS * 2, GOOD * 2, 64)
+    T.run_rjs(base, tok, ds, _args(tmp_path / "l" / ".trainer"), tmp_path / "l", peft="lora")
     assert (tmp_path / "l" / "policy" / "model.safetensors").exists()
     assert not (tmp_path / "l" / "policy" / "adapter_config.json").exists()  # merged into a full model
-    M.load_policy(str(tmp_path / "l" / "policy"))
+    load_policy(str(tmp_path / "l" / "policy"))
     pytest.importorskip("bitsandbytes")
-    M.run_rjs(base, tok, ds, _args(tmp_path / "q" / ".trainer"), tmp_path / "q", peft="qlora")
+    T.run_rjs(base, tok, ds, _args(tmp_path / "q" / ".trainer"), tmp_path / "q", peft="qlora")
     assert (tmp_path / "q" / "policy" / "adapter_config.json").exists()
-    loaded = M.load_policy(str(tmp_path / "q" / "policy"))
+    loaded = load_policy(str(tmp_path / "q" / "policy"))
     assert hasattr(loaded, "peft_config")
     with pytest.raises(ValueError, match="align.peft"):
-        M.peft_config("dora")
+        T.peft_config("dora")
 
 
 def test_rloo_with_a_cross_tokenizer_rm(tmp_path):
@@ -143,7 +146,7 @@ def test_rloo_with_a_cross_tokenizer_rm(tmp_path):
         return np.array([float(len(r)) for r in responses])
 
     raw = [p + " (raw)" for p in PROMPTS * 2]
-    log = M.run_rloo(
+    log = T.run_rloo(
         base,
         tok,
         PROMPTS * 2,
@@ -165,26 +168,26 @@ def test_rloo_with_a_cross_tokenizer_rm(tmp_path):
     assert all(r["reward"] == pytest.approx(r["rewards/rm/mean"], abs=1e-6) for r in steps)
     assert set(seen) <= set(raw) and seen  # reward functions score the raw dataset prompt
     assert (tmp_path / "r" / "policy" / "model.safetensors").exists()
-    M.load_policy(str(tmp_path / "r" / "policy"))
+    load_policy(str(tmp_path / "r" / "policy"))
     with pytest.raises(ValueError, match="at least 2"):
-        M.run_rloo(
+        T.run_rloo(
             base, tok, PROMPTS, PROMPTS, rm, tmp_path / "x", n=1, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=0
         )
 
 
 def test_load_policy_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_name_or_path"):
-        M.load_policy(str(tmp_path / "nope"))
+        load_policy(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises((OSError, ValueError), match="cannot load the policy"):
-        M.load_policy(str(tmp_path / "empty"))
+        load_policy(str(tmp_path / "empty"))
 
 
 def test_rjs_resumes_from_its_checkpoint(tmp_path):
     base, tok = _base(tmp_path)
-    ds = M.rjs_dataset(tok, PROMPTS * 4, GOOD * 4, 64)
+    ds = T.rjs_dataset(tok, PROMPTS * 4, GOOD * 4, 64)
     # a run that stopped after step 1 (its checkpoint is kept), with learning rate 1e-3
-    M.run_rjs(
+    T.run_rjs(
         base,
         tok,
         ds,
@@ -199,7 +202,7 @@ def test_rjs_resumes_from_its_checkpoint(tmp_path):
     shutil.copytree(tmp_path / "sub" / ".trainer" / "checkpoint-1", half)
     (half / "trainer_state.json").unlink()
     # the rerun (now 2 steps, lr 5e-3) continues from step 1: step 1 in its log is the first run's
-    log = M.run_rjs(
+    log = T.run_rjs(
         base,
         tok,
         ds,

@@ -8,7 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.align.stage import AlignConfig, JudgeConfig, distinct_prompts, parse_comparison, render_table, select_rms
+from pipeline.align.config import AlignConfig, JudgeConfig
+from pipeline.align.judging import render_table
+from pipeline.align.prompts import distinct_prompts, select_rms
+from pipeline.calibration.compare import parse_comparison
 from tests.test_align_helpers import one_torch_thread, reward_model, rm_tokenizer  # noqa: F401
 
 
@@ -254,3 +257,50 @@ def test_stage_with_an_openai_compatible_judge(tmp_path, monkeypatch, capsys):
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_a_run_directory_stamped_by_the_old_fingerprint_reruns_its_align_work(tmp_path, monkeypatch, capsys):
+    """Align's stamps were once sha256(json.dumps(obj, sort_keys=True, default=str))[:16]; they are now
+    `pipeline.io.sha256_json(obj)[:16]`. A run directory stamped the old way (here: made with the old hash in
+    place of the new one) redoes its align work once, saying why: no reuse under a stamp that no longer
+    describes it, no crash; after that the work is reused again."""
+    import hashlib
+    import sys
+
+    from pipeline.align import stage
+    from pipeline.io import sha256_json
+
+    def old_hash(obj) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+    _reward_dir(tmp_path)
+    recipe = _recipe(methods=["best_of_n"], rms=["more"], comparisons=["more vs base"])
+    with monkeypatch.context() as m:
+        patched = [
+            name
+            for name, mod in list(sys.modules.items())
+            if name.startswith("pipeline.align.") and getattr(mod, "sha256_json", None) is sha256_json
+        ]
+        assert "pipeline.align.stage" in patched and "pipeline.align.policy" in patched
+        for name in patched:
+            m.setattr(sys.modules[name], "sha256_json", old_hash)
+        stage.run(recipe, tmp_path)
+    align = tmp_path / "align"
+    old = {p: (align / p).read_text() for p in ("base/policy.settings.json", "more/best_of_n/settings.json")}
+    capsys.readouterr()
+
+    stage.run(recipe, tmp_path)
+    out = capsys.readouterr().out
+    reason = "its settings changed since it was made (or an older version of the pipeline made it)"
+    assert (
+        f"[align] building the tiny base policy (warm start on synthetic responses of mixed quality): {reason}" in out
+    )
+    assert f"from the base policy: {reason}" in out  # the candidates are sampled again
+    assert f"[align] more/best_of_n: aligning: {reason}" in out
+    assert "done earlier" not in out
+    assert all((align / p).read_text() != text for p, text in old.items())
+    assert json.loads((align / "judgements.json").read_text())["best_of_n: more vs base"]["all"]["n"] == 12
+
+    stage.run(recipe, tmp_path)  # stamped by this version: reused
+    out = capsys.readouterr().out
+    assert "[align] more/best_of_n: done earlier, skipping" in out and "building" not in out and "sampling" not in out

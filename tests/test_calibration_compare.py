@@ -242,6 +242,7 @@ def test_render_comparisons_marks_significant_cells():
 def test_significance_rule_boundaries():
     """One rule everywhere: the interval excludes 0 (touching 0 does not) AND p < 0.05 strictly."""
     import pipeline.sweep as S
+    from pipeline.stats import t_test_p
 
     assert C.is_significant(0.002, 0.034, 0.024) is True
     assert C.is_significant(0.002, 0.034, 0.05) is False  # p = 0.050 is not significant
@@ -260,8 +261,8 @@ def test_significance_rule_boundaries():
     # without a stored p (older summaries) the paired t-test's p is recomputed: here t = 0.02 / (0.01 / sqrt 3)
     from scipy import stats
 
-    assert S.t_test_p(0.02, 0.01, 3) == pytest.approx(stats.ttest_1samp([0.01, 0.02, 0.03], 0.0).pvalue)
-    assert S.is_significant(row) is (S.t_test_p(0.02, 0.01, 3) < 0.05)
+    assert t_test_p(0.02, 0.01, 3) == pytest.approx(stats.ttest_1samp([0.01, 0.02, 0.03], 0.0).pvalue)
+    assert S.is_significant(row) is (t_test_p(0.02, 0.01, 3) < 0.05)
 
 
 def test_direction_labels():

@@ -17,7 +17,7 @@ from pipeline.calibration import metrics as M
 from pipeline.calibration.stage import run
 from pipeline.data import DataConfig, SourceSpec, build_splits
 from pipeline.data.mixing import TRAIN_PROMPTS, prompt_hash, train_prompts_record
-from pipeline.report.stage import train_overlap_line
+from pipeline.report.calibration_section import train_overlap_line
 from tests.test_calibration_stage import _recipe, _save_rm
 
 

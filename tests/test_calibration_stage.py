@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from pipeline.calibration import metrics as M
-from pipeline.calibration.stage import CalibrationConfig, run
+from pipeline.calibration.config import CalibrationConfig
+from pipeline.calibration.stage import run
 from pipeline.calibration.temperature import fit_temperature
 
 

@@ -17,7 +17,8 @@ from pipeline import io
 from pipeline.data import DataConfig, SourceSpec
 from pipeline.reward import index as index_mod
 from pipeline.reward import stage
-from pipeline.reward.stage import RewardStageConfig
+from pipeline.reward.config import RewardStageConfig
+from pipeline.reward.fingerprint import base_model_record
 
 
 HOSTILE = ["../../../../../x", "/../../../x", "/etc/passwd", "a/b", "a\x00b", "..", ".", "", "é" * 200, "x" * 300]
@@ -167,7 +168,7 @@ def test_hostile_source_and_group_names_stay_inside_the_run_directory(tmp_path, 
 def test_stage_outputs_of_other_stages_use_the_safe_names(tmp_path):
     """Calibration's plots, align's directories and the report read/write `safe_component(rm)`, never the name;
     calibration does not write temperature.json into an RM directory outside the run directory."""
-    from pipeline.report.stage import _reward_section
+    from pipeline.report.sections import reward_section
 
     run_dir = tmp_path / "run"
     rm = run_dir / "reward" / io.safe_component("single-src/../../g")
@@ -175,7 +176,7 @@ def test_stage_outputs_of_other_stages_use_the_safe_names(tmp_path):
     (rm / "reward_info.json").write_text(json.dumps({"n_train_pairs": 7}))
     index = {"single-src/../../g": {"path": f"reward/{rm.name}", "method": "single", "sources": ["src/../../g"]}}
     (run_dir / "reward" / "index.json").write_text(json.dumps(index))
-    assert "| 7 |" in "\n".join(_reward_section(run_dir))
+    assert "| 7 |" in "\n".join(reward_section(run_dir))
     assert index_mod.read_index(run_dir)["single-src/../../g"]["path"] == str(rm)
     moved = dict(index)
     moved["single-src/../../g"] = {**index["single-src/../../g"], "path": "/nonexistent/reward/elsewhere"}
@@ -184,7 +185,7 @@ def test_stage_outputs_of_other_stages_use_the_safe_names(tmp_path):
 
 
 def test_calibration_never_writes_temperature_outside_the_run(tmp_path, capsys, one_thread):
-    from pipeline.calibration.stage import CalibrationConfig
+    from pipeline.calibration.config import CalibrationConfig
     from pipeline.calibration.stage import run as calibrate
     from tests.test_reward_stage import _one_rm_recipe
 
@@ -306,7 +307,7 @@ def test_hub_ids_are_recorded_by_their_cached_revision(tmp_path, monkeypatch):
     assert P.local_input_stats(d, "reward") == {"owner/model": {"hub_revision": "a" * 40}}
     ref.write_text("b" * 40)  # the cache moved to a new commit
     assert P.local_input_stats(d, "reward") == {"owner/model": {"hub_revision": "b" * 40}}
-    assert stage._base_model_record("owner/model") == {"path": "owner/model", "revision": "b" * 40}
+    assert base_model_record("owner/model") == {"path": "owner/model", "revision": "b" * 40}
 
 
 def test_data_mixing_is_refused_at_load_time():

@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 from pipeline import sweep as S
 from pipeline.calibration import metrics as M
 from pipeline.calibration import plots as P
+from pipeline.io import atomic_write_json
 from pipeline.stats import Z95, wilson_interval
+from pipeline.sweep.plots import _finite
 
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -219,7 +221,7 @@ def test_band_arrays_hold_only_finite_numbers(rows):
 def test_seed_bar_holds_only_finite_numbers(row):
     bar = S.seed_bar(row, 100.0)
     if bar is None:
-        assert S._finite(row["mean"]) is None
+        assert _finite(row["mean"]) is None
         return
     assert math.isfinite(bar["mean"]) and np.all(np.isfinite(bar["values"]))
     assert (bar["low"] is None) == (bar["high"] is None)
@@ -340,7 +342,7 @@ def test_sweep_plots_render_impossible_and_non_finite_aggregates(tmp_path, ece):
 
 def test_aggregate_with_a_negative_exported_ece_writes_summary_and_plots(tmp_path):
     """The whole --aggregate path on run folders whose metrics hold a negative ECE (it crashed in the plot)."""
-    S.atomic_write_json(
+    atomic_write_json(
         tmp_path / S.SWEEP_FILE,
         {
             "recipe": "tiny-cpu",
@@ -358,8 +360,8 @@ def test_aggregate_with_a_negative_exported_ece_writes_summary_and_plots(tmp_pat
             rm: {"helpful": block, "all_average": {**block, "sources": ["helpful"]}} for rm in ("more", "multitask")
         }
         cal = tmp_path / "default" / f"seed-{seed}" / "calibration"
-        S.atomic_write_json(cal / "metrics.json", metrics)
-        S.atomic_write_json(cal / "config.json", {"headline_bins": 10})
+        atomic_write_json(cal / "metrics.json", metrics)
+        atomic_write_json(cal / "config.json", {"headline_bins": 10})
     summary = S.aggregate(tmp_path, verify=False)
     assert summary["points"]["default"]["n_runs"] == 2
     assert (tmp_path / "summary.md").exists() and _png(tmp_path / "plot_seeds.png")

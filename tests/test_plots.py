@@ -60,7 +60,7 @@ def _rewards(rms, sources, n=60, seed=0):
 def test_calibration_plots_skip_weights_of_rms_without_learned_weights(tmp_path):
     """The calibration stage's plots: MORE gets its weight plot; uniform (which logs constant 1/K weights),
     multitask and a single-source RM get none."""
-    from pipeline.calibration.stage import _plots
+    from pipeline.calibration.stage_plots import write_plots
 
     sources = ["helpful", "harmless"]
     index = {}
@@ -86,7 +86,7 @@ def test_calibration_plots_skip_weights_of_rms_without_learned_weights(tmp_path)
     out = tmp_path / "calibration"
     out.mkdir()
     cfg = SimpleNamespace(headline_bins=10, strategy="uniform")
-    _plots(out, index, rewards, sources, {"more": 1.3, "uniform": 1.1}, None, cfg)
+    write_plots(out, index, rewards, sources, {"more": 1.3, "uniform": 1.1}, None, cfg)
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == [
         "more_weights_more.png",

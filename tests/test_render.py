@@ -213,9 +213,9 @@ def test_calibration_scores_with_the_rm_template(chat_tok, one_thread):
     included: rewards equal scoring the templated ids one by one, and differ from the plain layout's."""
     import torch
 
-    from pipeline.calibration.stage import CalibrationConfig, score_rm
+    from pipeline.calibration.config import CalibrationConfig
     from pipeline.models import TinyModelSpec, tiny_model
-    from pipeline.scoring import score_ids
+    from pipeline.scoring import score_ids, score_rm
 
     torch.manual_seed(0)
     model = tiny_model(TinyModelSpec(), chat_tok, task="reward", seed=1).eval()

@@ -9,7 +9,11 @@ import pytest
 import pipeline.config as C
 import pipeline.report.stage as report
 import pipeline.stages as stages
-from pipeline.report.stage import ReportConfig, compare_sentence, paper_rows, win_tie_lose_sentence
+from pipeline.report import config as report_config
+from pipeline.report.calibration_section import compare_sentence
+from pipeline.report.config import ReportConfig, paper_rows
+from pipeline.report.facts import format_count, safetensors_param_count
+from pipeline.report.sections import synthetic_truth_paragraph, win_tie_lose_sentence
 from tests.test_run import fakes  # noqa: F401 - fixture
 
 
@@ -49,11 +53,11 @@ def test_paper_rows_pick_the_matching_base():
 
 def test_paper_constants_match_the_paper():
     # MORE.md, Table 2 and Table 1 (Zeng et al. 2023)
-    assert report.PAPER_TABLE2["pythia-1.4b"]["multitask"] == (62.38, 0.0541)
-    assert report.PAPER_TABLE2["llama2-7b"]["more"] == (70.32, 0.0458)
-    assert report.PAPER_TABLE1["pythia-2.8b"]["hh_ece"] == (0.0145, 0.0078)
-    assert report.PAPER_TABLE1["llama2-7b"]["rjs_win_tie_lose"] == (45, 23, 32)
-    for m in report.PAPER_TABLE1.values():
+    assert report_config.PAPER_TABLE2["pythia-1.4b"]["multitask"] == (62.38, 0.0541)
+    assert report_config.PAPER_TABLE2["llama2-7b"]["more"] == (70.32, 0.0458)
+    assert report_config.PAPER_TABLE1["pythia-2.8b"]["hh_ece"] == (0.0145, 0.0078)
+    assert report_config.PAPER_TABLE1["llama2-7b"]["rjs_win_tie_lose"] == (45, 23, 32)
+    for m in report_config.PAPER_TABLE1.values():
         assert sum(m["rjs_win_tie_lose"]) == 100
 
 
@@ -224,12 +228,12 @@ def test_synthetic_truth_paragraph_uses_the_run_config():
     from pipeline import data
 
     cfg = data.DataConfig()
-    text = report.synthetic_truth_paragraph(cfg)
+    text = synthetic_truth_paragraph(cfg)
     assert "drift_scale = 1.0" in text and "| summarize |" in text and "true_prob" in text
     cfg.synthetic.drift_scale = 0.0
-    assert "drift_scale = 0.0" in report.synthetic_truth_paragraph(cfg)
+    assert "drift_scale = 0.0" in synthetic_truth_paragraph(cfg)
     real = data.DataConfig(sources=[data.SourceSpec(name="x", format="jsonl", path="x.jsonl")])
-    assert report.synthetic_truth_paragraph(real) is None
+    assert synthetic_truth_paragraph(real) is None
 
 
 def _save_tiny(path, tiny_tok):
@@ -242,11 +246,11 @@ def _save_tiny(path, tiny_tok):
 
 def test_safetensors_param_count_equals_the_models_own_count(tiny_tok, tmp_path):
     n = _save_tiny(tmp_path / "rm", tiny_tok)
-    assert report.safetensors_param_count(tmp_path / "rm") == n
-    assert report.safetensors_param_count(tmp_path / "rm" / "model.safetensors") == n
-    assert report.safetensors_param_count("owner/hub-model") is None
-    assert report.format_count(1_400_000_000) == "1.4B" and report.format_count(412_345) == "412k"
-    assert report.format_count(None) == "unknown"
+    assert safetensors_param_count(tmp_path / "rm") == n
+    assert safetensors_param_count(tmp_path / "rm" / "model.safetensors") == n
+    assert safetensors_param_count("owner/hub-model") is None
+    assert format_count(1_400_000_000) == "1.4B" and format_count(412_345) == "412k"
+    assert format_count(None) == "unknown"
 
 
 def _manifest(d, data):
@@ -272,9 +276,9 @@ def test_report_of_a_synthetic_run_describes_it_and_says_the_paper_is_not_compar
     body = md.split("## Configuration (the resolved recipe)")[0]  # the recipe itself is appended verbatim
     assert recipe.description.strip()[:40] not in body  # the recipe's own words are not repeated as fact
     assert "| helpful | synthetic | synthetic benchmark | - | 2000 | 200 | 400 |" in md
-    assert f"| more | yes, more | `tiny model built in-process (random init)` | {report.format_count(n)} |" in md
+    assert f"| more | yes, more | `tiny model built in-process (random init)` | {format_count(n)} |" in md
     assert "**Not comparable as is.**" in md and "synthetic benchmark (2 sources), not the paper's real" in md
-    assert f"reward models have {report.format_count(n)} parameters; the paper's rows are pythia-1.4b (1.4B)" in md
+    assert f"reward models have {format_count(n)} parameters; the paper's rows are pythia-1.4b (1.4B)" in md
     assert md.index("Not comparable") < md.index("| paper, pythia-1.4b |")
     assert "| align | done, **STALE** (upstream stage calibration reruns; rerun it with --stages align) |" in md
 
@@ -298,5 +302,5 @@ def test_report_of_an_rm_eval_on_topic_buckets_names_them_not_the_paper_datasets
     assert "TL;DR test data" not in body and "OASST1, WebGPT" not in body
     for t in topics:
         assert f"| {t} | trl | `/data/hh.parquet` | topic | - | - | 78 |" in md
-    assert f"| mine | no (external) | `{tmp_path / 'mine'}` | {report.format_count(n)} |" in md
+    assert f"| mine | no (external) | `{tmp_path / 'mine'}` | {format_count(n)} |" in md
     assert "data: this run used 3 source(s) (hh/code [trl], hh/math [trl], hh/travel [trl]); the paper used 5" in md

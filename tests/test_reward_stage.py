@@ -11,9 +11,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.data import DataConfig
 from pipeline.data.synthetic import SyntheticConfig
+from pipeline.reward import fingerprint, stage
 from pipeline.reward import index as index_mod
-from pipeline.reward import stage
-from pipeline.reward.stage import RewardStageConfig
+from pipeline.reward.config import RewardStageConfig
 
 
 def tiny_recipe(**reward):
@@ -122,7 +122,7 @@ def test_reward_stage_records_training_prompts_and_dropped_pairs(tmp_path, capsy
 
     # end to end (issue 19): this run's RM evaluated as an external RM on its own training file, cut 80/15 under
     # another source name, reports the overlap and is scored on the held-out prompts only
-    from pipeline.calibration.stage import CalibrationConfig
+    from pipeline.calibration.config import CalibrationConfig
     from pipeline.calibration.stage import run as calibrate
 
     eval_data = DataConfig(
@@ -270,7 +270,7 @@ def test_checkpoints_of_other_inputs_are_not_resumed(tmp_path, capsys, monkeypat
 
 def test_copied_run_directory_is_independent(tmp_path):
     """Defect 4: `cp -a D D2`, rerun calibration in D2: D is untouched, D2's artifacts stay inside D2."""
-    from pipeline.calibration.stage import CalibrationConfig
+    from pipeline.calibration.config import CalibrationConfig
     from pipeline.calibration.stage import run as calibrate
 
     recipe = _one_rm_recipe()
@@ -291,3 +291,42 @@ def test_copied_run_directory_is_independent(tmp_path):
     index["more"]["path"] = str((d / "reward" / "more").resolve())
     (d2 / "reward" / "index.json").write_text(json.dumps(index))
     assert index_mod.resolve_rm_path(d2, "more", index["more"]["path"]) == (d2 / "reward" / "more").resolve()
+
+
+def test_rm_fingerprints_of_fixed_inputs_are_pinned(tmp_path, monkeypatch):
+    """The fingerprints of an RM and of the tiny base, for fixed inputs, as the code computed them before the
+    stage was split into modules: a change of their payload would retrain every saved RM (and rebuild every
+    tiny base), so it must come with a TRAINING_CODE_VERSION bump and a new pin, never by accident."""
+    from datasets import Dataset
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU defaults enter the train args
+    recipe = _one_rm_recipe(learning_rate=5e-2)
+    rows = {
+        s: Dataset.from_dict(
+            {
+                "prompt": [f"\n\nHuman: {s} question {i}\n\nAssistant:" for i in range(8)],
+                "chosen": [f" good answer {i}" for i in range(8)],
+                "rejected": [f" bad answer {i}" for i in range(8)],
+                "source": [s] * 8,
+            }
+        )
+        for s in ("helpful", "harmless")
+    }
+    splits = {s: {"train": d} for s, d in rows.items()}
+    tok = SimpleNamespace(
+        get_vocab=lambda: {"a": 0, "b": 1, "<eos>": 2},
+        special_tokens_map={"eos_token": "<eos>", "pad_token": "<eos>"},
+        padding_side="right",
+        chat_template="{{ messages }}",
+    )
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "hidden_size": 8}))
+    (base / "model.safetensors").write_bytes(bytes(range(64)))
+    (base / "fingerprint.json").write_text(json.dumps({"fingerprint": "abc"}))
+    plan = fingerprint.plan_rm(recipe, tmp_path, "more", "more", ["helpful", "harmless"], splits, tok, str(base))
+    assert plan.inputs["training_code_version"] == fingerprint.TRAINING_CODE_VERSION == 2
+    assert plan.fingerprint == "be600ffc75f7fbf1ffa1546152ab912b6509feded734d9589946865306be41b0"
+    assert fingerprint.tiny_base_fingerprint(recipe, ["one text", "another text"]) == (
+        "9ddfcc174d9f89ef275b2be73fc46bf455bbf000d85d59ac4e855fb7758d587e"
+    )

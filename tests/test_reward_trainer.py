@@ -181,7 +181,8 @@ def test_lora_trains_head_and_saves(tok, tmp_path):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_qlora_on_cpu(tok, tmp_path, bits):
     """4-bit/8-bit bitsandbytes base + LoRA, through the reward stage's loader, trains on CPU."""
-    from pipeline.reward.stage import RewardStageConfig, load_base_model
+    from pipeline.reward.config import RewardStageConfig
+    from pipeline.reward.stage import load_base_model
 
     base = tmp_path / "base"
     H.model("llama", tok).save_pretrained(base)
@@ -659,7 +660,8 @@ def test_a_new_reward_head_does_not_depend_on_what_ran_before(tok, tmp_path):
     the second RM of a run equals the same RM trained alone."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.reward.stage import RewardStageConfig, load_base_model
+    from pipeline.reward.config import RewardStageConfig
+    from pipeline.reward.stage import load_base_model
 
     base = tmp_path / "base"
     lm = H.model("llama", tok)

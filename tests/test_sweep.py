@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 
 import pipeline.sweep as S
+from pipeline.calibration.compare import direction
 from pipeline.config import RecipeError, load_recipe, recipe_to_dict
-from tests.test_run import calls, fakes  # noqa: F401 - `fakes` is a fixture
+from pipeline.io import atomic_write_json
+from pipeline.stats import paired_differences, t_interval
+from tests.test_run import calls, fakes, set_stage_run  # noqa: F401 - `fakes` is a fixture
 
 
 T975 = {2: 12.706204736174707, 3: 4.302652729911275, 4: 3.182446305284263}  # t_{0.975, n-1} from tables
@@ -23,7 +26,7 @@ T975 = {2: 12.706204736174707, 3: 4.302652729911275, 4: 3.182446305284263}  # t_
 
 
 def test_t_interval_matches_hand_computed_values():
-    r = S.t_interval([1.0, 2.0, 3.0, 4.0])
+    r = t_interval([1.0, 2.0, 3.0, 4.0])
     sd = math.sqrt(5.0 / 3.0)  # sum of squares 5, n - 1 = 3
     half = T975[4] * sd / 2.0
     assert r["n"] == 4 and r["mean"] == 2.5
@@ -36,39 +39,39 @@ def test_t_interval_matches_scipy_and_edge_cases():
     from scipy import stats
 
     xs = [0.051, 0.047, 0.062, 0.039, 0.058]
-    r = S.t_interval(xs, confidence=0.9)
+    r = t_interval(xs, confidence=0.9)
     lo, hi = stats.t.interval(0.9, len(xs) - 1, loc=sum(xs) / len(xs), scale=stats.sem(xs))
     assert (r["low"], r["high"]) == (pytest.approx(lo, rel=1e-12), pytest.approx(hi, rel=1e-12))
-    one = S.t_interval([0.3, None])  # None (a missing run) is skipped; one value has no interval
+    one = t_interval([0.3, None])  # None (a missing run) is skipped; one value has no interval
     assert one["n"] == 1 and one["mean"] == 0.3 and one["sd"] is None and one["low"] is None
-    assert S.t_interval([])["mean"] is None
-    flat = S.t_interval([0.2, 0.2, 0.2])
+    assert t_interval([])["mean"] is None
+    flat = t_interval([0.2, 0.2, 0.2])
     assert flat["sd"] == pytest.approx(0, abs=1e-15) and flat["low"] == pytest.approx(flat["high"], abs=1e-14)
 
 
 def test_paired_difference_and_sentence_rule():
     more = {0: 0.10, 1: 0.12, 2: 0.08, 3: 0.5}
     multitask = {0: 0.11, 1: 0.15, 2: 0.10}
-    d = S.paired_differences(more, multitask)  # seed 3 has no partner
+    d = paired_differences(more, multitask)  # seed 3 has no partner
     assert d == pytest.approx({0: -0.01, 1: -0.03, 2: -0.02})
-    st = S.t_interval(d.values())
+    st = t_interval(d.values())
     half = T975[3] * 0.01 / math.sqrt(3)  # sd of (-0.01, -0.03, -0.02) is 0.01
     assert st["mean"] == pytest.approx(-0.02) and st["sd"] == pytest.approx(0.01)
     assert st["low"] == pytest.approx(-0.02 - half) and st["high"] == pytest.approx(-0.02 + half)
     assert st["high"] > 0  # the interval contains zero
     assert S.is_significant(st) is False
-    s = S.difference_sentence("MORE", "MultiTask", "ECE10, all_average", st, S.direction("ece_10"))
+    s = S.difference_sentence("MORE", "MultiTask", "ECE10, all_average", st, direction("ece_10"))
     assert "no significant difference between MORE and MultiTask" in s and "3 paired seeds" in s
 
-    st2 = S.t_interval(S.paired_differences({0: 0.10, 1: 0.12, 2: 0.08}, {0: 0.12, 1: 0.15, 2: 0.105}).values())
+    st2 = t_interval(paired_differences({0: 0.10, 1: 0.12, 2: 0.08}, {0: 0.12, 1: 0.15, 2: 0.105}).values())
     assert st2["high"] < 0 and S.is_significant(st2) is True
     assert "MORE is better than MultiTask (lower;" in S.difference_sentence("MORE", "MultiTask", "ECE", st2, "lower")
     assert "MORE is worse than MultiTask (lower;" in S.difference_sentence("MORE", "MultiTask", "acc", st2, "higher")
     assert "MORE is lower than MultiTask" in S.difference_sentence("MORE", "MultiTask", "T", st2, None)
-    few = S.t_interval([0.01])
+    few = t_interval([0.01])
     assert "too few seeds" in S.difference_sentence("MORE", "Uniform", "ECE", few, "lower")
-    assert S.direction("ts_ece_10") == "lower" and S.direction("accuracy") == "higher"
-    assert S.direction("temperature") == "closer to 1"
+    assert direction("ts_ece_10") == "lower" and direction("accuracy") == "higher"
+    assert direction("temperature") == "closer to 1"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -209,7 +212,7 @@ ECE = {  # (point, seed) -> {rm: all-source ECE}; two sources with ECE avg +- 0.
 
 def _fake_sweep(root: Path) -> None:
     points = S.grid_points(S.parse_grid(["data.synthetic.drift_scale=0,2"]))
-    S.atomic_write_json(
+    atomic_write_json(
         root / S.SWEEP_FILE,
         {
             "recipe": "tiny-cpu",
@@ -227,9 +230,9 @@ def _fake_sweep(root: Path) -> None:
             rm: _fake_metrics({"helpful": e - 0.01, "harmless": e + 0.01}, 0.6 + seed / 100)
             for rm, e in per_rm.items()
         }
-        S.atomic_write_json(cal / "metrics.json", metrics)
-        S.atomic_write_json(cal / "temperatures.json", dict.fromkeys(per_rm, 1.0 + seed))
-        S.atomic_write_json(cal / "config.json", {"headline_bins": 10})
+        atomic_write_json(cal / "metrics.json", metrics)
+        atomic_write_json(cal / "temperatures.json", dict.fromkeys(per_rm, 1.0 + seed))
+        atomic_write_json(cal / "config.json", {"headline_bins": 10})
 
 
 def test_aggregate_fake_runs_against_hand_values(tmp_path):
@@ -319,7 +322,7 @@ TINY = [
 
 @pytest.mark.slow
 def test_two_seed_sweep_interrupted_then_resumed(tmp_path, monkeypatch, one_thread):
-    import pipeline.calibration.stage as cal
+    import pipeline.stages as stages
 
     out = tmp_path / "sweep"
     args = [
@@ -333,14 +336,14 @@ def test_two_seed_sweep_interrupted_then_resumed(tmp_path, monkeypatch, one_thre
         str(out),
         *TINY,
     ]
-    real_run = cal.run
+    real_run = stages.get("calibration").run
 
-    def interrupted(recipe, run_dir):  # Ctrl-C while seed 1 is in its calibration stage
+    def interrupted(recipe, run_dir, *, force=False):  # Ctrl-C while seed 1 is in its calibration stage
         if recipe.seed == 1:
             raise KeyboardInterrupt("test interrupt")
-        return real_run(recipe, run_dir)
+        return real_run(recipe, run_dir, force=force)
 
-    monkeypatch.setattr(cal, "run", interrupted)
+    set_stage_run(monkeypatch, "calibration", interrupted)
     assert S.main(args) == 130
     s0, s1 = out / "default" / "seed-0", out / "default" / "seed-1"
     m0 = json.loads((s0 / "manifest.json").read_text())
@@ -350,7 +353,7 @@ def test_two_seed_sweep_interrupted_then_resumed(tmp_path, monkeypatch, one_thre
     for m, seed in ((m0, 0), (m1, 1)):  # the seed reached every seed field of each run
         r = m["recipe"]
         assert (r["seed"], r["data"]["seed"], r["data"]["synthetic"]["seed"]) == (seed, seed, seed)
-    monkeypatch.setattr(cal, "run", real_run)
+    set_stage_run(monkeypatch, "calibration", real_run)
 
     # The same command resumes: seed 0 is skipped, seed 1 keeps its reward models and reruns calibration
     # (here as a subprocess of --parallel 2, the other run path).
@@ -384,7 +387,7 @@ def test_two_seed_sweep_interrupted_then_resumed(tmp_path, monkeypatch, one_thre
     # A run whose settings changed since it finished is not aggregated (its results are stale).
     sweep = json.loads((out / "sweep.json").read_text())
     sweep["runs"][1]["overrides"].append("data.synthetic.drift_scale=2")
-    S.atomic_write_json(out / "sweep.json", sweep)
+    atomic_write_json(out / "sweep.json", sweep)
     stale = S.aggregate(out)["points"]["default"]
     assert stale["n_runs"] == 1 and stale["runs"]["1"].startswith("not done (reward: config changed")
 
@@ -396,11 +399,10 @@ SWEEP_RUNNER = """
 import sys
 
 import fakepipe
-import pipeline.config as C
-import pipeline.run as R
+import pipeline.stages as stages
 import pipeline.sweep as S
 
-fakepipe.install(C, R)
+fakepipe.install(stages)
 sys.exit(S.main(sys.argv[1:]))
 """
 
@@ -582,7 +584,7 @@ from pipeline.io import atomic_write_json
 _run = make_run("calibration")
 
 
-def run(recipe, run_dir):
+def run(recipe, run_dir, *, force=False):
     out = _run(recipe, run_dir)
     cal, rm = Path(run_dir) / "calibration", Path(run_dir) / "reward" / "more"
     s = recipe.seed
@@ -599,10 +601,15 @@ def run(recipe, run_dir):
 """
 
 
-def test_export_then_aggregate_from_the_folder_alone_and_resume_on_a_new_machine(fakes, tmp_path, capsys):  # noqa: F811
+def test_export_then_aggregate_from_the_folder_alone_and_resume_on_a_new_machine(fakes, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import importlib.util
     import shutil
 
     (fakes / "fake_calibration.py").write_text(FAKE_CALIBRATION)
+    spec = importlib.util.spec_from_file_location("fake_calibration", fakes / "fake_calibration.py")
+    fake_calibration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake_calibration)
+    set_stage_run(monkeypatch, "calibration", fake_calibration.run)
     export = tmp_path / "results"
     base = ["--recipe", str(fakes / "fake.yaml"), "--stages", "reward,calibration", "--export", str(export)]
     d1 = tmp_path / "machine1"
@@ -648,7 +655,7 @@ def test_export_then_aggregate_from_the_folder_alone_and_resume_on_a_new_machine
     # An export of another definition is not aggregated: it names why.
     sweep = json.loads((export / "sweep.json").read_text())
     sweep["runs"][0]["overrides"].append("data.n=5")
-    S.atomic_write_json(export / "sweep.json", sweep)
+    atomic_write_json(export / "sweep.json", sweep)
     stale = S.aggregate(export)["points"]["default"]
     assert stale["n_runs"] == 0 and stale["runs"]["0"] == (
         "not exported (its overrides differ from the sweep's definition)"

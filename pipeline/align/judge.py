@@ -555,51 +555,17 @@ class OpenAIJudge:
         On an unreachable endpoint, an exhausted budget or a refused request, ONE `JudgeError` is raised
         after the running requests finish; every answer received so far is already in the cache.
         """
-        jobs = []  # (comparison index, order, prompt)
-        for i, c in enumerate(comparisons):
-            jobs.append((i, "ab", judge_prompt(c.prompt, c.response_a, c.response_b, c.aspect)))
-            jobs.append((i, "ba", judge_prompt(c.prompt, c.response_b, c.response_a, c.aspect)))
         results: dict[tuple[int, str], dict] = {}
-        todo = []
-        for i, order, prompt in jobs:
-            key = cache_key(self.model, prompt, order)
-            if key in self.cache:
-                results[(i, order)] = self.cache[key]
-            else:
-                todo.append((i, order, prompt))
-        stop = threading.Event()
-        error: BaseException | None = None
-        if todo:
-            from pipeline.logs import progress_bar
-
-            bar = progress_bar(total=len(todo), desc="judge requests", disable=not progress)
-            with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-
-                def ask_or_stop(prompt, order):
-                    try:
-                        return self.ask(prompt, order, stop)
-                    except BaseException:
-                        stop.set()  # at once, before this worker takes the next request
-                        raise
-
-                futures = {pool.submit(ask_or_stop, prompt, order): (i, order) for i, order, prompt in todo}
-                pending = set(futures)
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        if f.cancelled():
-                            continue
-                        exc = f.exception()
-                        if exc is None:
-                            results[futures[f]] = f.result()
-                            bar.update(1)
-                        elif error is None or isinstance(error, _Stopped):
-                            error = exc
-                            stop.set()
-                    if error is not None:
-                        for f in pending:
-                            f.cancel()
-            bar.close()
+        todo = []  # (comparison index, order, prompt) not in the cache
+        for i, c in enumerate(comparisons):
+            for order, (a, b) in (("ab", (c.response_a, c.response_b)), ("ba", (c.response_b, c.response_a))):
+                prompt = judge_prompt(c.prompt, a, b, c.aspect)
+                key = cache_key(self.model, prompt, order)
+                if key in self.cache:
+                    results[(i, order)] = self.cache[key]
+                else:
+                    todo.append((i, order, prompt))
+        error = self._ask_all(todo, results, progress) if todo else None
         if error is not None:
             n_done = sum(1 for i in range(len(comparisons)) if (i, "ab") in results and (i, "ba") in results)
             where = f" in {self.cache_path}" if self.cache_path else ""
@@ -627,3 +593,40 @@ class OpenAIJudge:
                 len(out),
             )
         return out
+
+    def _ask_all(self, todo: list, results: dict, progress: bool) -> BaseException | None:
+        """Ask every (index, order, prompt) of `todo` with `concurrency` threads, answers into `results`; on the
+        first failure stop taking new requests, let the running ones finish and return that error."""
+        from pipeline.logs import progress_bar
+
+        stop = threading.Event()
+        error: BaseException | None = None
+        bar = progress_bar(total=len(todo), desc="judge requests", disable=not progress)
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+
+            def ask_or_stop(prompt, order):
+                try:
+                    return self.ask(prompt, order, stop)
+                except BaseException:
+                    stop.set()  # at once, before this worker takes the next request
+                    raise
+
+            futures = {pool.submit(ask_or_stop, prompt, order): (i, order) for i, order, prompt in todo}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    if f.cancelled():
+                        continue
+                    exc = f.exception()
+                    if exc is None:
+                        results[futures[f]] = f.result()
+                        bar.update(1)
+                    elif error is None or isinstance(error, _Stopped):
+                        error = exc
+                        stop.set()
+                if error is not None:
+                    for f in pending:
+                        f.cancel()
+        bar.close()
+        return error

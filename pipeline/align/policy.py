@@ -1,4 +1,10 @@
-"""A tiny policy for CPU work: a random-init causal LM warm-started on synthetic prompt/response pairs.
+"""The policy: the stage's base policy (built or named), loading and saving policies, and the tiny policy
+for CPU work, a random-init causal LM warm-started on synthetic prompt/response pairs.
+
+`build_base_policy` returns `align.model_name_or_path` (a save_pretrained directory or hub id) with its
+tokenizer, or builds the tiny policy once per set of warm-start settings into DIR/align/base/policy (resumable
+from DIR/align/base/.warm_start_checkpoints). `load_policy` loads any policy the stage writes (full models and
+QLoRA adapter directories alike); `save_policy` writes one in Hugging Face format.
 
 The alignment stage needs a policy whose samples look like answers (so an RM or the synthetic gold
 reward can score them) but are of MIXED quality (so that best-of-n, rejection sampling and PPO have room
@@ -11,10 +17,14 @@ responses of varied quality, so the policy imitates that spread.
 Tokenization matches generation: the prompt and the response are tokenized separately and concatenated
 (the policy later generates response tokens after the prompt's tokens, so it must be trained on exactly
 that split, not on the BPE of the joined text).
+
+May import: pipeline leaves, `pipeline.reward.trainer` (its checkpoint markers), `pipeline.align.context` and
+`pipeline.align.generate`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -23,7 +33,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.logs import progress_bar
+from pipeline.align.context import AlignContext, plain, rerun_reason, why
+from pipeline.io import atomic_dir, atomic_write_json, read_json, sha256_json
+from pipeline.logs import progress_bar, say
 from pipeline.models import TinyModelSpec, tiny_model
 
 
@@ -143,7 +155,7 @@ def warm_start_policy(
             rng.setstate(state["rng"])
             torch.set_rng_state(state["torch_rng"])
             order, start = state["order"], state["step"]
-            print(f"[align] warm-start policy: resuming from {last} (step {start} of {steps})")
+            say("align", f"warm-start policy: resuming from {last} (step {start} of {steps})")
     model.train()
     bar = progress_bar(range(start, steps), total=steps, initial=start, desc="warm-start policy", disable=not progress)
     for step in bar:
@@ -173,7 +185,6 @@ WARM_START_STATE = "warm_start_state.pt"
 
 def _save_warm_start(folder: Path, step: int, model, optimizer, schedule, rng, order: list[int]) -> None:
     """checkpoint-<step>/ with the loop state, then its completion marker; older checkpoints are removed."""
-    from pipeline.io import atomic_write_json
     from pipeline.reward.trainer import CHECKPOINT_COMPLETE, list_checkpoints
 
     ckpt = folder / f"checkpoint-{step}"
@@ -226,3 +237,160 @@ def sample_responses(
         dtype=None,
     )
     return [t[0] for t in out.texts], [e[0] for e in out.ended]
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading / saving policies
+
+
+def load_policy(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str = "auto",
+    bits: int | None = None,
+    trust_remote_code: bool = False,
+):
+    """A causal LM from a save_pretrained directory (or hub id); an adapter directory is loaded onto its base.
+
+    `dtype="auto"`: bf16 on a CUDA device that supports it, else float32.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.models import quantization_config
+
+    if dtype == "auto":
+        dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    path = str(path)
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if bits:
+        from accelerate import PartialState
+
+        on_gpu = {"": PartialState().local_process_index} if torch.cuda.is_available() else None
+        kwargs.update(quantization_config=quantization_config(bits), device_map=on_gpu)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not (os.path.isdir(path) or looks_like_hub_id):
+        raise FileNotFoundError(
+            f"policy {path!r} is neither a local directory nor a hub id (owner/name); set align.model_name_or_path "
+            "to a save_pretrained directory, or leave it null for the synthetic tiny policy"
+        )
+    try:
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+            from peft import AutoPeftModelForCausalLM
+
+            return AutoPeftModelForCausalLM.from_pretrained(path, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise type(e)(f"cannot load the policy from {path!r}: {e}") from e
+
+
+def save_policy(model, tokenizer, path: Path) -> None:
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the stage's base policy
+
+
+def build_base_policy(ctx: AlignContext) -> tuple[str, object, str]:
+    """Path of the base policy, its tokenizer, and a stamp of what built it (downstream caches key on it).
+
+    The tiny synthetic policy is built once per set of warm-start settings, atomically; changing any of
+    them rebuilds it (and so re-samples every candidate that came from it).
+    """
+    from pipeline.data.render import set_chat_template
+    from pipeline.models import load_tokenizer
+
+    cfg = ctx.cfg
+    if cfg.model_name_or_path:
+        tok = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        set_chat_template(tok, cfg.chat_template, where="align.chat_template")
+        stamp = [cfg.model_name_or_path, tok.chat_template] if tok.chat_template else cfg.model_name_or_path
+        return cfg.model_name_or_path, tok, sha256_json(stamp)[:16]
+    path = ctx.dir / "base" / "policy"
+    stamp = sha256_json(plain(_tiny_policy_settings(ctx)))[:16]
+    stamp_file = ctx.dir / "base" / "policy.settings.json"
+    if ctx.main and (reason := rerun_reason(stamp_file, stamp, path / "config.json")):
+        ctx.log(f"building the tiny base policy (warm start on synthetic responses of mixed quality){why(reason)}")
+        _build_tiny_policy(ctx, path, stamp, stamp_file)
+    ctx.barrier()
+    return str(path), load_tokenizer(str(path)), stamp
+
+
+def _tiny_policy_settings(ctx: AlignContext) -> dict:
+    """Everything the tiny base policy is built from."""
+    cfg = ctx.cfg
+    return {
+        "synthetic": ctx.recipe.data.synthetic,
+        "vocab": cfg.policy_vocab_size,
+        "arch": cfg.policy_arch,
+        "size": cfg.policy_size,
+        "steps": cfg.warm_start_steps,
+        "lr": cfg.warm_start_lr,
+        "batch": cfg.warm_start_batch_size,
+        "prompts": cfg.warm_start_prompts,
+        "responses": cfg.warm_start_responses,
+        "seed": ctx.seed,
+        "max_length": min(256, cfg.max_prompt_length + cfg.max_new_tokens),
+        **({"chat_template": cfg.chat_template} if cfg.chat_template else {}),
+    }
+
+
+def _build_tiny_policy(ctx: AlignContext, path: Path, stamp: str, stamp_file: Path) -> None:
+    """Warm-start the tiny policy on the synthetic benchmark and save it (with its tokenizer) to `path`,
+    atomically, then its `stamp` to `stamp_file`; resumable from DIR/align/base/.warm_start_checkpoints while
+    the settings stay `stamp`."""
+    from pipeline.data.render import chat_template_text
+    from pipeline.data.synthetic import synthetic_corpus, synthetic_prompts, synthetic_responses
+    from pipeline.models import tiny_tokenizer
+
+    cfg = ctx.cfg
+    template = (
+        None if cfg.chat_template is None else chat_template_text(cfg.chat_template, where="align.chat_template")
+    )
+    tok = tiny_tokenizer(
+        synthetic_corpus(ctx.recipe.data.synthetic), vocab_size=cfg.policy_vocab_size, chat_template=template
+    )
+    prompts = synthetic_prompts(cfg.warm_start_prompts, seed=ctx.seed, split="train")
+    P, R = [], []
+    for p in prompts:
+        for r in synthetic_responses(p, cfg.warm_start_responses, seed=ctx.seed):
+            if template:  # warm-start on the templated dialogue, so the policy learns the template's turns
+                q, r = _templated_warm_start(tok, p, r)
+                P.append(q)
+            else:
+                P.append(p)
+            R.append(r)
+    ckpt_dir = ctx.dir / "base" / ".warm_start_checkpoints"
+    if read_json(ckpt_dir / "settings.json") != stamp:  # checkpoints of other settings
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    atomic_write_json(ckpt_dir / "settings.json", stamp)
+    model = warm_start_policy(
+        tok,
+        P,
+        R,
+        spec=TinyModelSpec(arch=cfg.policy_arch, size=cfg.policy_size),
+        steps=cfg.warm_start_steps,
+        lr=cfg.warm_start_lr,
+        batch_size=cfg.warm_start_batch_size,
+        seed=ctx.seed,
+        max_length=min(256, cfg.max_prompt_length + cfg.max_new_tokens),
+        progress=cfg.progress,
+        checkpoint_dir=ckpt_dir,
+        save_every=cfg.warm_start_save_steps,
+    )
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    atomic_write_json(stamp_file, stamp)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def _templated_warm_start(tok, prompt: str, response: str) -> tuple[str, str]:
+    """A synthetic HH-layout (prompt, response) as the template's (generation prompt, assistant turn)."""
+    from pipeline.data.render import plain_to_messages, render_response
+
+    conv = json.dumps({"prompt": plain_to_messages(prompt)})
+    p, c, _ = render_response(tok, prompt, response, conv)
+    return p, c

@@ -21,13 +21,15 @@ Draws (reproducible, and what the brute-force test replays): source number j of 
 The interval is the percentile interval of the B resampled differences; the two-sided p-value is
 min(1, 2 min(P*(diff <= 0), P*(diff >= 0))), so that (up to interpolation) the 95% interval excludes 0
 exactly when p < 0.05. Because the two can disagree at the boundary (an interval that just excludes 0 with
-p = 0.050), the one significance rule of the project (`is_significant`, also used by pipeline.sweep and
-scripts/study_report.py) asks for both: the interval excludes 0 (an end exactly at 0 does not) AND
-p < 0.05 strictly. Only such a difference is reported as real ("lower by ...").
+p = 0.050), the one significance rule of the project (`is_significant`, which lives in pipeline.stats and is
+also used by pipeline.sweep and scripts/study_report.py) asks for both: the interval excludes 0 (an end
+exactly at 0 does not) AND p < 0.05 strictly. Only such a difference is reported as real ("lower by ...").
 
 comparisons.md labels every metric with its better direction (`direction`: lower is better for ECE, Brier,
 NLL and the MAEs; higher for accuracy; closer to 1 for a temperature), gives each cell's p-value, and ends
 with one paragraph (`significance_paragraph`) that names every significant difference in the tables.
+
+Imports the calibration package's `metrics` and the leaves `pipeline.stats` and `pipeline.tables` only.
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ import numpy as np
 from scipy.special import expit
 
 from pipeline.calibration import metrics as M
+from pipeline.stats import ALPHA, is_significant
+from pipeline.tables import markdown_table
 
 
 LEVEL = 0.95
-ALPHA = 0.05  # a difference is significant only when p < ALPHA (strictly) and the interval excludes 0
 _VS = re.compile(r"^\s*(\S+)\s+vs\.?\s+(\S+)\s*$")
 # Row budget of one resample chunk (pair counts are a chunk x n matrix).
 _CHUNK_CELLS = 2_000_000
@@ -51,13 +54,15 @@ _CHUNK_CELLS = 2_000_000
 # --------------------------------------------------------------------------------------------------
 # Comparisons to run
 # --------------------------------------------------------------------------------------------------
-def parse_comparison(text: str) -> tuple[str, str]:
-    """'more vs multitask' -> ('more', 'multitask'); one clear error for anything else."""
+def parse_comparison(
+    text: str, key: str = "calibration.compare", names: str = "two different RM names"
+) -> tuple[str, str]:
+    """'more vs multitask' -> ('more', 'multitask'); one clear error for anything else, naming the recipe `key`
+    the comparison came from and what its two sides may be (`names`)."""
     m = _VS.match(str(text))
     if not m or m.group(1) == m.group(2):
         raise ValueError(
-            f"calibration.compare: {text!r} is not a comparison; write '<a> vs <b>' with two different RM names, "
-            "e.g. 'more vs multitask'"
+            f"{key}: {text!r} is not a comparison; write '<a> vs <b>' with {names}, e.g. 'more vs multitask'"
         )
     return m.group(1), m.group(2)
 
@@ -298,14 +303,6 @@ def bootstrap_win_lose(counts: dict, *, n_samples: int = 2000, seed: int = 0, le
 # --------------------------------------------------------------------------------------------------
 # Sentences
 # --------------------------------------------------------------------------------------------------
-def is_significant(low, high, p_value, alpha: float = ALPHA) -> bool | None:
-    """The project's one significance rule: the interval [low, high] excludes 0 (an end exactly at 0 does not
-    exclude it) AND p < alpha strictly (p = 0.050 is not significant). None when the interval or p is missing."""
-    if low is None or high is None or p_value is None:
-        return None
-    return bool((low > 0 or high < 0) and p_value < alpha)
-
-
 def significant(entry: dict) -> bool:
     """`is_significant` of a comparisons.json entry {"ci95": [lo, hi], "p_value"} (no interval: never)."""
     ci = entry.get("ci95") or (None, None)
@@ -484,17 +481,16 @@ def render_comparisons(comparisons: dict, n_samples: int) -> str:
     ]
     for label, groups in comparisons.items():
         keys = list(dict.fromkeys(k for by_metric in groups.values() for k in by_metric))
-        lines += [
-            f"## {label}",
-            "",
-            "| | " + " | ".join(_label(k) for k in keys) + " |",
-            "|---" * (len(keys) + 1) + "|",
-            "| *better* | " + " | ".join(DIRECTION_TEXT[direction(k)] for k in keys) + " |",
+        labels = [_label(k) for k in keys]
+        rows = [
+            [group, *(_fmt_cell(by_metric[k], *_scale(k)) if k in by_metric else "-" for k in keys)]
+            for group, by_metric in groups.items()
         ]
-        for group, by_metric in groups.items():
-            cells = [_fmt_cell(by_metric[k], *_scale(k)) if k in by_metric else "-" for k in keys]
-            lines.append(f"| {group} | " + " | ".join(cells) + " |")
-        lines.append("")
+        table = markdown_table(
+            ["", *labels], rows, subheader=["*better*", *(DIRECTION_TEXT[direction(k)] for k in keys)]
+        )
+        corner = "| | " + " | ".join(labels) + " |"  # the header with its empty corner cell written '| |'
+        lines += [f"## {label}", "", corner, *table[1:], ""]
     lines += [comparisons_paragraph(comparisons), ""]
     return "\n".join(lines)
 

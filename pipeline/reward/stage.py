@@ -18,179 +18,40 @@ holds `train_prompts.json` (the hashes of the prompts it was trained on, `pipeli
 calibration uses it to count and exclude evaluation pairs the RM has seen), and `DIR/reward/data_stats.json`
 holds every source's pairs per split, the records read and the pairs dropped on loading, by reason (also
 printed), and each RM's count of over-length (left-truncated) training pairs.
+
+Where the parts live: the section's dataclass and names in `pipeline.reward.config`, the fingerprints and why
+a saved RM is stale in `pipeline.reward.fingerprint`, the trainer in `pipeline.reward.trainer`. This module
+keeps the tokenizer and base model, the training of one RM (`train_one`), the stage's order of work (`run`)
+and what the orchestrator asks before it runs (`inputs`, `check`, `estimate`, `space_needed`).
+
+May import: pipeline leaves and `pipeline.reward.*`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from pipeline.data.render import check_template_setting
-from pipeline.io import (
-    atomic_write_json,
-    changed_files,
-    content_sha256,
-    file_records,
-    hub_revision,
-    inside,
-    remove_tree,
-    safe_component,
-    sha256_json,
-    weights_bytes,
-)
-from pipeline.logs import attach_progress, clock, human_bytes
-from pipeline.models import (
-    TinyModelSpec,
-    load_tokenizer,
-    quantization_config,
-    section_model_inputs,
-    tiny_model,
-    tiny_tokenizer,
+from pipeline.io import atomic_write_json, file_records, inside, remove_tree, weights_bytes
+from pipeline.logs import attach_progress, clock, human_bytes, say
+from pipeline.models import load_tokenizer, quantization_config, section_model_inputs, tiny_model, tiny_tokenizer
+from pipeline.reward.config import RewardStageConfig, rm_names, tiny_chat_template
+from pipeline.reward.fingerprint import (
+    FINGERPRINT,
+    RMPlan,
+    base_is_current,
+    checkpoint_dir,
+    plan_rm,
+    stale_reason,
+    tiny_base_fingerprint,
 )
 from pipeline.reward.index import rm_dir
 from pipeline.reward.trainer import MORERewardConfig
-
-
-STAGE_METHODS = ("more", "multitask", "uniform", "single")
-PEFT_MODES = ("none", "lora", "qlora4", "qlora8")
-# Bump when a change to the training code changes what an RM trained from the same inputs looks like.
-TRAINING_CODE_VERSION = 2
-FINGERPRINT = "fingerprint.json"
-# Training arguments that cannot change the trained weights (so changing them reuses RMs and checkpoints).
-_NOT_FINGERPRINTED = frozenset(
-    {
-        "output_dir",
-        "logging_dir",
-        "report_to",
-        "disable_tqdm",
-        "run_name",
-        "save_strategy",
-        "save_steps",
-        "save_total_limit",
-        "dataloader_num_workers",
-    }
-)
-
-
-# The TrainingArguments fields `--show-keys` lists under reward.train (every other one is accepted too).
-SHOWN_TRAINING_ARGS = (
-    "learning_rate",
-    "num_train_epochs",
-    "max_steps",
-    "gradient_accumulation_steps",
-    "lr_scheduler_type",
-    "warmup_steps",
-    "weight_decay",
-    "max_grad_norm",
-    "optim",
-    "bf16",
-    "activation_checkpointing",
-    "deepspeed",
-    "logging_steps",
-    "save_strategy",
-    "save_steps",
-    "save_total_limit",
-    "report_to",
-    "dataloader_num_workers",
-)
-
-
-@dataclass
-class RewardStageConfig:
-    """The `reward:` section of a recipe."""
-
-    methods: list[str] = field(
-        default_factory=lambda: ["more", "multitask"],
-        metadata={
-            "help": "RMs to train: more, multitask, uniform, single (one RM per source, for the "
-            "diversity analysis and the Averaging baseline)."
-        },
-    )
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Hub id or local directory of the base model; null builds a tiny random model "
-            "(see `tiny`) with a tokenizer trained on the data."
-        },
-    )
-    tiny: TinyModelSpec = field(default_factory=TinyModelSpec, metadata={"help": "The in-process model."})
-    tokenizer_vocab_size: int = field(default=1000, metadata={"help": "Vocabulary of the tiny tokenizer."})
-    chat_template: str | None = field(
-        default=None,
-        metadata={
-            "help": "Chat template the RM renders conversational data with (pipeline.data.render): null "
-            "keeps the tokenizer's own (none for the tiny model), a Jinja string, a path to a .jinja file, "
-            "or 'none' for the plain HH layout. Saved with the RM's tokenizer, so calibration and "
-            "alignment score in the same layout."
-        },
-    )
-    peft: str = field(default="none", metadata={"help": "none, lora, qlora4 (4-bit NF4 base) or qlora8."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] | str | None = field(
-        default="all-linear", metadata={"help": "Modules to adapt (peft's target_modules)."}
-    )
-    dtype: str = field(default="float32", metadata={"help": "Weights dtype when loading: float32 or bfloat16."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
-    train: dict = field(
-        default_factory=dict,
-        metadata={
-            "keys": MORERewardConfig,
-            "key_fields": SHOWN_TRAINING_ARGS,
-            "help": "MORERewardConfig fields (learning_rate, max_steps, alpha, normalize, bf16, "
-            "deepspeed, ...; any trl.RewardConfig / TrainingArguments field). per_device_train_batch_size "
-            "is derived from data.per_source_batch.",
-        },
-    )
-
-    def __post_init__(self):
-        bad = [m for m in self.methods if m not in STAGE_METHODS]
-        if bad or not self.methods:
-            raise ValueError(f"reward.methods: unknown {bad or 'empty list'}; valid: {list(STAGE_METHODS)}")
-        if self.peft not in PEFT_MODES:
-            raise ValueError(f"reward.peft must be one of {PEFT_MODES}, got {self.peft!r}")
-        self.training_args({})  # validate the keys of `train` early
-
-    def training_args(self, extra: dict):
-        """Check `train` keys against MORERewardConfig and merge `extra` (which wins)."""
-        valid = {f.name for f in fields(MORERewardConfig)}
-        unknown = sorted(set(self.train) - valid)
-        if unknown:
-            import difflib
-
-            hints = [
-                f"{k} (did you mean {difflib.get_close_matches(k, valid, 1)[0]}?)"
-                if difflib.get_close_matches(k, valid, 1)
-                else k
-                for k in unknown
-            ]
-            raise ValueError(
-                f"reward.train: unknown MORERewardConfig field(s) {', '.join(hints)}. Valid fields are those of "
-                "trl.RewardConfig / transformers.TrainingArguments plus method, alpha, normalize, source_names, "
-                "balanced_batches."
-            )
-        return {**self.train, **extra}
-
-
-def checkpoint_dir(run_dir: Path, name: str) -> Path:
-    return Path(run_dir) / "reward" / ".checkpoints" / safe_component(name)
-
-
-def rm_names(cfg: RewardStageConfig, sources: list[str]) -> list[tuple[str, str, list[str]]]:
-    """(rm name, trainer method, sources) for every RM the config asks for."""
-    out = []
-    for m in cfg.methods:
-        if m == "single":
-            out += [(f"single-{s}", "multitask", [s]) for s in sources]
-        else:
-            out.append((m, m, list(sources)))
-    return out
 
 
 def planned_steps(recipe, splits=None, world: int = 1) -> dict[str, int]:
@@ -263,27 +124,6 @@ def _synthetic_texts(recipe, splits) -> list[str]:
     return texts
 
 
-def _tiny_base_fingerprint(recipe, texts: list[str]) -> str:
-    """What the tiny tokenizer and random base model in DIR/reward/.base are built from."""
-    cfg = recipe.reward
-    return sha256_json(
-        {
-            "tiny": asdict(cfg.tiny),
-            "vocab_size": cfg.tokenizer_vocab_size,
-            "seed": recipe.seed,
-            "texts": sha256_json(texts),
-            "chat_template": _tiny_chat_template(recipe),
-        }
-    )
-
-
-def _base_is_current(base: Path, fp: str, needed: str) -> bool:
-    try:
-        return (base / needed).exists() and json.loads((base / FINGERPRINT).read_text())["fingerprint"] == fp
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
 def build_tokenizer(recipe, splits, run_dir: Path):
     """The tokenizer every RM of this run shares (trained once for tiny models, saved in DIR/reward/)."""
     from pipeline.data.render import set_chat_template
@@ -299,19 +139,9 @@ def build_tokenizer(recipe, splits, run_dir: Path):
         return set_chat_template(tok, cfg.chat_template, where="reward.chat_template")
     texts = _synthetic_texts(recipe, splits)
     tok_dir = run_dir / "reward" / ".base"
-    if _base_is_current(tok_dir, _tiny_base_fingerprint(recipe, texts), "tokenizer.json"):
+    if base_is_current(tok_dir, tiny_base_fingerprint(recipe, texts), "tokenizer.json"):
         return load_tokenizer(str(tok_dir))
-    return tiny_tokenizer(texts, vocab_size=cfg.tokenizer_vocab_size, chat_template=_tiny_chat_template(recipe))
-
-
-def _tiny_chat_template(recipe) -> str | None:
-    """The recipe's reward.chat_template resolved to template text (or None) before the tiny tokenizer exists."""
-    from pipeline.data.render import set_chat_template
-
-    class _Holder:
-        chat_template = None
-
-    return set_chat_template(_Holder(), recipe.reward.chat_template, where="reward.chat_template").chat_template
+    return tiny_tokenizer(texts, vocab_size=cfg.tokenizer_vocab_size, chat_template=tiny_chat_template(recipe.reward))
 
 
 def base_model_path(recipe, tokenizer, run_dir: Path, splits=None) -> str:
@@ -323,12 +153,12 @@ def base_model_path(recipe, tokenizer, run_dir: Path, splits=None) -> str:
     from accelerate import PartialState
 
     base = run_dir / "reward" / ".base"
-    fp = _tiny_base_fingerprint(recipe, _synthetic_texts(recipe, splits)) if splits is not None else None
+    fp = tiny_base_fingerprint(recipe, _synthetic_texts(recipe, splits)) if splits is not None else None
     state = PartialState()
-    stale = not (base / "config.json").exists() or (fp is not None and not _base_is_current(base, fp, "config.json"))
+    stale = not (base / "config.json").exists() or (fp is not None and not base_is_current(base, fp, "config.json"))
     if state.is_main_process and stale:
         if (base / "config.json").exists():
-            print("[reward] the tiny base model's settings or training texts changed: rebuilding reward/.base")
+            say("reward", "the tiny base model's settings or training texts changed: rebuilding reward/.base")
         tmp = base.with_name(".base.partial")
         remove_tree(tmp, run_dir)
         tiny_model(cfg.tiny, tokenizer, task="reward", seed=recipe.seed).save_pretrained(tmp)
@@ -385,155 +215,6 @@ def load_base_model(cfg: RewardStageConfig, path: str, seed: int | None = None):
     return model, peft_config
 
 
-def _dataset_sha256(ds) -> str:
-    """sha256 of a dataset's rows, in order (what the trainer actually reads)."""
-    import hashlib
-
-    h = hashlib.sha256(json.dumps(ds.column_names).encode())
-    for batch in ds.iter(batch_size=1024):
-        h.update(json.dumps(batch, sort_keys=True, default=str).encode("utf-8"))
-    return h.hexdigest()
-
-
-def _tokenizer_sha256(tokenizer) -> str:
-    """The tokenizer's vocabulary and merges, special tokens, padding side and chat template TEXT (the
-    template the RM renders conversations with, wherever it came from: a file, the recipe, the tokenizer)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
-    rec = {"tokenizer": text, "special": special, "padding_side": tokenizer.padding_side}
-    template = getattr(tokenizer, "chat_template", None)
-    if template:  # only when set, so fingerprints of RMs without a template stay as they were
-        rec["chat_template_sha256"] = sha256_json(template)
-    return sha256_json(rec)
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
-
-
-def _base_model_record(base: str) -> dict:
-    """The base model's identity: for a local directory its config and the size and sha256 of every weight
-    file (content hashes cached by `pipeline.io.content_sha256`, so a large model is read once per change);
-    for a hub id its name and the commit the local hub cache resolves it to (None when not cached)."""
-    p = Path(base)
-    if not p.is_dir():
-        return {"path": base, "revision": hub_revision(base)}
-    rec = {
-        "config": json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else None,
-        "weights": {
-            f.relative_to(p).as_posix(): f"{f.stat().st_size} bytes, sha256 {content_sha256(f)}"
-            for f in sorted(p.rglob("*"))
-            if f.suffix in WEIGHT_SUFFIXES and f.is_file() and not f.relative_to(p).as_posix().startswith(".")
-        },
-    }
-    if (p / FINGERPRINT).is_file():  # the tiny base: what it was built from
-        rec["fingerprint"] = json.loads((p / FINGERPRINT).read_text()).get("fingerprint")
-    return rec
-
-
-def _deepspeed_record(value):
-    if isinstance(value, str) and Path(value).is_file():
-        return {"file_sha256": sha256_json(Path(value).read_text())}
-    return value
-
-
-@dataclass
-class RMPlan:
-    """Everything one RM is trained from, and its fingerprint."""
-
-    name: str
-    method: str
-    sources: list[str]
-    train: Any
-    args: dict
-    inputs: dict
-    fingerprint: str
-
-
-def plan_rm(recipe, run_dir: Path, name: str, method: str, sources: list[str], splits, tokenizer, base: str) -> RMPlan:
-    from accelerate import PartialState
-
-    from pipeline.data import mix
-
-    cfg, data = recipe.reward, recipe.data
-    balanced = method in ("more", "uniform")
-    train = mix(
-        {s: splits[s]["train"] for s in sources},
-        "balanced" if balanced else "concat",
-        n_per_source=data.n_train_per_source,
-        per_source_batch=data.per_source_batch,
-        seed=recipe.seed,
-    )
-    cpu_defaults = {}
-    if not torch.cuda.is_available():
-        # use_cpu: without it torchrun/accelerate on CPU set up no gloo DDP; TRL's bf16 default fails on CPU.
-        cpu_defaults = {"use_cpu": True, "bf16": cfg.train.get("bf16", False)}
-    args = cfg.training_args(
-        dict(
-            **cpu_defaults,
-            output_dir=str(checkpoint_dir(run_dir, name)),
-            method=method,
-            source_names=sources,
-            balanced_batches=balanced,
-            per_device_train_batch_size=data.per_source_batch * len(sources),
-            disable_tqdm=True,  # pipeline.logs' progress (a bar on a terminal, 10 lines in a log file) instead
-            max_length=data.max_length,
-            seed=recipe.seed,
-        )
-    )
-    section = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "train")}
-    inputs = {
-        "training_code_version": TRAINING_CODE_VERSION,
-        "method": method,
-        "sources": list(sources),
-        "train_args": {
-            k: (_deepspeed_record(v) if k == "deepspeed" else v)
-            for k, v in sorted(args.items())
-            if k not in _NOT_FINGERPRINTED
-        },
-        "reward": section,
-        "train_rows": len(train),
-        "train_data_sha256": _dataset_sha256(train),
-        "tokenizer_sha256": _tokenizer_sha256(tokenizer),
-        "base_model": _base_model_record(base),
-        "seed": recipe.seed,
-        "world_size": PartialState().num_processes,
-    }
-    return RMPlan(name, method, list(sources), train, args, inputs, sha256_json(inputs))
-
-
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flat(v, key + ".") if isinstance(v, dict) and v else {key: v})
-    return out
-
-
-def fingerprint_changes(old: dict, new: dict, limit: int = 6) -> str:
-    """A readable diff of two fingerprint input records ('train_args.learning_rate: 0.001 -> 0.05')."""
-    a, b = _flat(old), _flat(new)
-    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
-    parts = [f"{k}: {str(a.get(k, '<unset>'))[:40]} -> {str(b.get(k, '<unset>'))[:40]}" for k in keys[:limit]]
-    return "; ".join(parts) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def stale_reason(out: Path, plan: RMPlan) -> str | None:
-    """Why the RM saved in `out` cannot be reused for `plan`, or None when it can."""
-    if not (out / "reward_info.json").exists():
-        return "not trained yet"
-    try:
-        rec = json.loads((out / FINGERPRINT).read_text())
-    except (OSError, ValueError):
-        return f"no readable {FINGERPRINT} (trained by an older version)"
-    if rec.get("fingerprint") != plan.fingerprint:
-        changes = fingerprint_changes(rec.get("inputs", {}), plan.inputs) or "fingerprint"
-        return f"its inputs changed ({changes})"
-    if bad := changed_files(out, rec.get("files", {})):
-        return f"its files changed since it was saved: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
-    return None
-
-
 def _resume_point(ckpt_dir: Path, plan: RMPlan, run_dir: Path) -> str | None:
     """The checkpoint to resume from (main process decides; deletes stale and incomplete ones)."""
     from pipeline.reward.trainer import checkpoint_problem, list_checkpoints
@@ -546,14 +227,14 @@ def _resume_point(ckpt_dir: Path, plan: RMPlan, run_dir: Path) -> str | None:
         recorded = None
     if recorded != plan.fingerprint:
         if list_checkpoints(ckpt_dir):
-            print(f"[reward] {plan.name}: discarding checkpoints in {ckpt_dir}: they were made from other inputs")
+            say("reward", f"{plan.name}: discarding checkpoints in {ckpt_dir}: they were made from other inputs")
         remove_tree(ckpt_dir, run_dir)
         return None
     for ckpt in list_checkpoints(ckpt_dir):
         problem = checkpoint_problem(ckpt, plan.method)
         if problem is None:
             return str(ckpt)
-        print(f"[reward] {plan.name}: skipping incomplete checkpoint {ckpt.name} ({problem}); deleting it")
+        say("reward", f"{plan.name}: skipping incomplete checkpoint {ckpt.name} ({problem}); deleting it")
         remove_tree(ckpt, run_dir)
     return None
 
@@ -580,9 +261,9 @@ def train_one(recipe, run_dir: Path, plan: RMPlan, tokenizer, base: str, fresh: 
             remove_tree(ckpt_dir, run_dir)
         last = _resume_point(ckpt_dir, plan, run_dir)
         if last:
-            print(f"[reward] {name}: resuming from {last} (its last complete checkpoint)")
+            say("reward", f"{name}: resuming from {last} (its last complete checkpoint)")
         elif ckpt_dir.is_dir() and not fresh:
-            print(f"[reward] {name}: no complete checkpoint to resume from; training from the start")
+            say("reward", f"{name}: no complete checkpoint to resume from; training from the start")
         atomic_write_json(ckpt_dir / FINGERPRINT, {"fingerprint": plan.fingerprint, "inputs": plan.inputs})
     if state.num_processes > 1:
         import torch.distributed as dist
@@ -655,7 +336,7 @@ def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
     stats = data_stats(splits)
     if PartialState().is_main_process:
         for line in describe_data_stats(stats):
-            print(f"[reward] data {line}")
+            say("reward", f"data {line}")
     tokenizer = build_tokenizer(recipe, splits, run_dir)
     base = base_model_path(recipe, tokenizer, run_dir, splits)
     index = {}
@@ -666,13 +347,13 @@ def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
         reason = "forced (--force reward)" if force else stale_reason(out, plan)
         of = f"RM {i} of {len(rms)}"
         if reason is None:
-            print(
-                f"[reward] {of}: {name}: already trained, skipping (same inputs: fingerprint {plan.fingerprint[:10]})"
+            say(
+                "reward", f"{of}: {name}: already trained, skipping (same inputs: fingerprint {plan.fingerprint[:10]})"
             )
             if PartialState().is_main_process and not (out / TRAIN_PROMPTS).is_file():  # trained before the record
                 _write_train_prompts(out, plan.train)
         else:
-            print(f"[reward] {of}: training {name} (method={method}, sources={srcs}): {reason}")
+            say("reward", f"{of}: training {name} (method={method}, sources={srcs}): {reason}")
             train_one(recipe, run_dir, plan, tokenizer, base, fresh=force, label=f"{name}, {of}")
         index[name] = {  # the key is the RM's name as given; the path its directory (safe_component)
             "path": f"reward/{out.name}",

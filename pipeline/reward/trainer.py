@@ -415,53 +415,72 @@ class MORERewardTrainer(RewardTrainer):
         return outputs, rewards, z
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.is_deepspeed_enabled and not getattr(self, "_hook_after_engine", False):
-            # ZeRO-3 wraps module outputs in forward hooks (to re-gather the weights for backward); a packed
-            # batch takes its rewards from the captured head output, so capture after DeepSpeed's hooks.
-            self._hook.remove()
-            self._hook = find_reward_head(self.model).register_forward_hook(self._capture_head_input)
-            self._hook_after_engine = True
+        """TRL's loss and metrics, with per-source statistics (all-reduced over ranks) and, for `more` and
+        `uniform`, the per-source weighting: L = sum_i lambda_i * (mean Bradley-Terry loss of source i)."""
+        self._hook_after_deepspeed()
         source_ids = inputs.pop("source_id", None)
-        method = self.args.method
-        if source_ids is not None and self.num_sources == 0:  # multitask without source_names: one source
-            source_ids = torch.zeros_like(source_ids)
         packed = "readout" in inputs
-        if source_ids is None:
-            if self.num_sources > 1:
-                raise ValueError(
-                    f"method={method!r} with {self.num_sources} source_names needs a `source_id` column in the dataset"
-                )
-            if method == "multitask" and not packed:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            # one source: every pair is source 0 (MORE's and Uniform's weight is then 1: TRL's loss)
-            n_pairs = inputs["readout"].shape[-1] if packed else inputs["input_ids"].shape[0] // 2
-            source_ids = torch.zeros(n_pairs, dtype=torch.long, device=inputs["input_ids"].device)
+        if source_ids is None and self.args.method == "multitask" and not packed and self.num_sources <= 1:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        source_ids = self._source_ids(source_ids, inputs, packed)
         mode = "train" if self.model.training else "eval"
-        if packed:
-            n_pair_tokens = inputs["num_pair_tokens"]
-            outputs, rewards, z = self._packed_forward(model, inputs)
-            from transformers.modeling_outputs import SequenceClassifierOutput
-
-            outputs = SequenceClassifierOutput(logits=rewards.unsqueeze(-1))
-        else:
-            inputs["use_cache"] = False
-            self._features = None
-            outputs = model(**inputs)
-            rewards = outputs.logits.squeeze(-1)
-            n_pair_tokens = inputs["attention_mask"].sum()
+        outputs, rewards, z, n_pair_tokens = self._rewards(model, inputs, packed)
         r_c, r_r = torch.chunk(rewards, 2)
         diff = r_c - r_r
         if "margin" in inputs:
             diff = diff - inputs["margin"]
         pair_loss = -F.logsigmoid(diff)
         k = max(self.num_sources, 1)
-        # Per-source statistics, reduced over data-parallel ranks: loss sums, counts, correct counts.
-        loss_sums = torch.zeros(k, device=rewards.device, dtype=torch.float32)
+        stats = self._source_stats(inputs, packed, z, diff, r_c, r_r, pair_loss, source_ids, k, mode)
+        g_counts, g_loss, g_correct = stats[:, -3], stats[:, -2], stats[:, -1]
+        loss, lam = self._weighted_loss(stats, pair_loss, source_ids, k, mode)
+        if self.args.center_rewards_coefficient is not None:
+            loss = loss + self.args.center_rewards_coefficient * torch.mean((r_c + r_r) ** 2)  # TRL's formula
+        self._log_metrics(mode, n_pair_tokens, outputs, r_c, r_r, g_counts, g_loss, g_correct, lam, k)
+        return (loss, outputs) if return_outputs else loss
+
+    def _hook_after_deepspeed(self) -> None:
+        if self.is_deepspeed_enabled and not getattr(self, "_hook_after_engine", False):
+            # ZeRO-3 wraps module outputs in forward hooks (to re-gather the weights for backward); a packed
+            # batch takes its rewards from the captured head output, so capture after DeepSpeed's hooks.
+            self._hook.remove()
+            self._hook = find_reward_head(self.model).register_forward_hook(self._capture_head_input)
+            self._hook_after_engine = True
+
+    def _source_ids(self, source_ids, inputs, packed: bool) -> torch.Tensor:
+        """Each pair's source; every pair is source 0 when the data has one source (MORE's and Uniform's
+        weight is then 1: TRL's loss), also for multitask without source_names."""
+        if source_ids is not None:
+            return torch.zeros_like(source_ids) if self.num_sources == 0 else source_ids
+        if self.num_sources > 1:
+            raise ValueError(
+                f"method={self.args.method!r} with {self.num_sources} source_names needs a `source_id` column in "
+                "the dataset"
+            )
+        n_pairs = inputs["readout"].shape[-1] if packed else inputs["input_ids"].shape[0] // 2
+        return torch.zeros(n_pairs, dtype=torch.long, device=inputs["input_ids"].device)
+
+    def _rewards(self, model, inputs, packed: bool):
+        """(outputs, rewards [chosen; rejected], pooled features of a packed batch or None, pair tokens)."""
+        if packed:
+            from transformers.modeling_outputs import SequenceClassifierOutput
+
+            n_pair_tokens = inputs["num_pair_tokens"]  # read first: the packed forward consumes the batch's keys
+            _, rewards, z = self._packed_forward(model, inputs)
+            return SequenceClassifierOutput(logits=rewards.unsqueeze(-1)), rewards, z, n_pair_tokens
+        inputs["use_cache"] = False
+        self._features = None
+        outputs = model(**inputs)
+        return outputs, outputs.logits.squeeze(-1), None, inputs["attention_mask"].sum()
+
+    def _source_stats(self, inputs, packed, z, diff, r_c, r_r, pair_loss, source_ids, k: int, mode: str):
+        """Per-source sums, reduced over data-parallel ranks: [MORE's head-gradient sums (more, training),
+        counts, loss sums, correct counts], one row per source."""
+        loss_sums = torch.zeros(k, device=pair_loss.device, dtype=torch.float32)
         loss_sums.index_add_(0, source_ids, pair_loss.detach().float())
-        correct = torch.zeros(k, device=rewards.device, dtype=torch.float32)
+        correct = torch.zeros(k, device=pair_loss.device, dtype=torch.float32)
         correct.index_add_(0, source_ids, ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).detach())
-        grad_sums = None
-        if method == "more" and mode == "train":
+        if self.args.method == "more" and mode == "train":
             if not packed:
                 if self._features is None:
                     raise RuntimeError("the reward head's forward hook did not fire; cannot compute MORE weights")
@@ -475,36 +494,30 @@ class MORERewardTrainer(RewardTrainer):
             counts = torch.bincount(source_ids, minlength=k).float()
             stats = torch.stack([counts, loss_sums, correct], dim=1)
         self._features = self._head_output = None
-        stats = self.accelerator.reduce(stats, reduction="sum") if self.accelerator.num_processes > 1 else stats
-        g_counts, g_loss, g_correct = stats[:, -3], stats[:, -2], stats[:, -1]
-        present = g_counts > 0
+        return self.accelerator.reduce(stats, reduction="sum") if self.accelerator.num_processes > 1 else stats
 
-        if method == "multitask" or mode == "eval":
-            loss = pair_loss.mean()
-            lam = None
+    def _weighted_loss(self, stats, pair_loss, source_ids, k: int, mode: str):
+        """(loss, lambda or None): the mean pair loss for multitask and in evaluation; else
+        sum_i lambda_i * (global mean BT loss of source i), lambda from MORE's solve or uniform."""
+        if self.args.method == "multitask" or mode == "eval":
+            return pair_loss.mean(), None
+        g_counts, g_loss = stats[:, -3], stats[:, -2]
+        if self.args.method == "more":
+            lam, self._momentum = more_weights(
+                stats[:, :-3], g_counts, g_loss, self._momentum, alpha=self.args.alpha, normalize=self.args.normalize
+            )
         else:
-            if method == "more":
-                lam, self._momentum = more_weights(
-                    stats[:, :-3],
-                    g_counts,
-                    g_loss,
-                    self._momentum,
-                    alpha=self.args.alpha,
-                    normalize=self.args.normalize,
-                )
-            else:
-                lam = present.float() / present.sum().clamp(min=1)
-            # sum_i lambda_i * (global mean BT loss of source i); DDP averages gradients over ranks,
-            # hence the world-size factor on this rank's share of each source's sum.
-            local_sums = torch.zeros(k, device=rewards.device, dtype=pair_loss.dtype)
-            local_sums = local_sums.index_add(0, source_ids, pair_loss)
-            scale = self.accelerator.num_processes / g_counts.clamp(min=1)
-            loss = (lam.to(pair_loss.dtype) * local_sums * scale.to(pair_loss.dtype)).sum()
-            self._last_lambda = lam.detach()
-        if self.args.center_rewards_coefficient is not None:
-            loss = loss + self.args.center_rewards_coefficient * torch.mean((r_c + r_r) ** 2)  # TRL's formula
+            present = g_counts > 0
+            lam = present.float() / present.sum().clamp(min=1)
+        # DDP averages gradients over ranks, hence the world-size factor on this rank's share of each source's sum.
+        local_sums = torch.zeros(k, device=pair_loss.device, dtype=pair_loss.dtype)
+        local_sums = local_sums.index_add(0, source_ids, pair_loss)
+        scale = self.accelerator.num_processes / g_counts.clamp(min=1)
+        self._last_lambda = lam.detach()
+        return (lam.to(pair_loss.dtype) * local_sums * scale.to(pair_loss.dtype)).sum(), lam
 
-        # TRL's own metrics (tokens, rewards, accuracy, margin) ...
+    def _log_metrics(self, mode, n_pair_tokens, outputs, r_c, r_r, g_counts, g_loss, g_correct, lam, k: int):
+        """TRL's own metrics (tokens, rewards, accuracy, margin) and per-source ones (loss, accuracy, lambda)."""
         if mode == "train":
             # tokens of the pairs as TRL counts them (chosen + rejected), packed or not
             n_tok = self.accelerator.gather_for_metrics(n_pair_tokens).sum().item()
@@ -518,15 +531,13 @@ class MORERewardTrainer(RewardTrainer):
             self._metrics[mode]["accuracy"].append((g_correct.sum() / g_counts.sum().clamp(min=1)).item())
             margin = self.accelerator.gather_for_metrics((r_c - r_r).mean()).mean()
             self._metrics[mode]["margin"].append(margin.item())
-            # ... and per-source ones
             names = self.args.source_names or ([SINGLE_SOURCE] if k == 1 else [str(i) for i in range(k)])
-            for i in torch.nonzero(present).flatten().tolist():
+            for i in torch.nonzero(g_counts > 0).flatten().tolist():
                 self._metrics[mode][f"loss/{names[i]}"].append((g_loss[i] / g_counts[i]).item())
                 self._metrics[mode][f"accuracy/{names[i]}"].append((g_correct[i] / g_counts[i]).item())
             if lam is not None:
                 for i, name in enumerate(names):
                     self._metrics[mode][f"more/lambda/{name}"].append(float(lam[i]))
-        return (loss, outputs) if return_outputs else loss
 
     # ---------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial):

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, remove_tree
-from pipeline.logs import progress_bar
+from pipeline.logs import progress_bar, say
 
 from .config import PPOConfig
 from .functional import (
@@ -108,7 +108,7 @@ def train_ppo(
     # prompts: a seeded order shared by all ranks, each rank takes its slice
     prompt_ids, n_trunc = _encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
     if n_trunc and main:
-        accelerator.print(f"[ppo] {n_trunc} prompts truncated from the left to {cfg.max_prompt_length} tokens")
+        say("ppo", f"{n_trunc} prompts truncated from the left to {cfg.max_prompt_length} tokens")
     bar = progress_bar(
         range(start_step, cfg.num_steps),
         total=cfg.num_steps,
@@ -254,7 +254,7 @@ def _resume(accelerator: Accelerator, ckpt_dir: Path, log_path: Path) -> tuple[i
     accelerator.load_state(str(ckpt_dir / state["dir"]))
     start_step = state["step"]
     log = _read_log(log_path)[:start_step]
-    accelerator.print(f"[ppo] resuming from step {start_step} ({ckpt_dir})")
+    say("ppo", f"resuming from step {start_step} ({ckpt_dir})")
     return start_step, log
 
 

@@ -1,0 +1,207 @@
+"""The alignment stage's judging and results: every comparison of `align.comparisons` judged for every method
+(gold reward or an LLM judge, `pipeline.align.judge`), per prompt set, and the files that report them:
+DIR/align/judgements.json, judge_details.jsonl, metrics.json (per policy: gold reward, perplexity of the test
+answers) and table.md.
+
+May import: pipeline leaves, `pipeline.calibration.compare` (the '<a> vs <b>' parser) and
+`pipeline.align.{context, candidates, judge}`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.align import judge as J
+from pipeline.align.candidates import read_jsonl, write_jsonl
+from pipeline.align.context import AlignContext
+from pipeline.calibration.compare import parse_comparison
+from pipeline.io import atomic_write_json, atomic_write_text, safe_component
+
+
+def gold_summary(values) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    if not len(v):
+        return {"mean": None, "se": None, "n": 0}
+    se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
+    return {"mean": float(v.mean()), "se": se, "n": int(len(v))}
+
+
+def _policy_responses(ctx: AlignContext, who: str, method: str, base_eval: list[dict]) -> list[dict] | None:
+    if who == "base":
+        return base_eval
+    path = ctx.dir / safe_component(who) / method / "eval.jsonl"
+    if not path.exists():
+        return None
+    return read_jsonl(path)
+
+
+def _openai_judge(ctx: AlignContext) -> J.OpenAIJudge:
+    jc = ctx.cfg.judge
+    return J.OpenAIJudge(
+        jc.base_url,
+        jc.model,
+        api_key_env=jc.api_key_env or None,
+        cache_path=ctx.dir / "judge_cache.jsonl",
+        concurrency=jc.concurrency,
+        max_requests=jc.max_requests,
+        retries=jc.retries,
+        backoff_s=jc.backoff_s,
+        timeout_s=jc.timeout_s,
+        max_tokens=jc.max_tokens,
+        max_invalid=jc.max_invalid,
+    )
+
+
+class _GoldCache:
+    """Gold rewards of each policy's held-out responses, computed once per policy label."""
+
+    def __init__(self, gold_fn):
+        self.gold_fn, self.values = gold_fn, {}
+
+    def __call__(self, label: str, recs: list[dict]) -> np.ndarray:
+        if label not in self.values:
+            self.values[label] = np.asarray(
+                self.gold_fn([r["prompt"] for r in recs], [r["response"] for r in recs]), dtype=np.float64
+            )
+        return self.values[label]
+
+
+def _verdicts(ctx: AlignContext, method: str, a: str, b: str, ra, rb, gold_of, oa) -> tuple[list[str], list[dict]]:
+    """(verdict per held-out prompt, extra detail per prompt) of policy `a` against policy `b`."""
+    if ctx.cfg.judge.kind == "gold":
+        la, lb = ("base" if a == "base" else f"{a}/{method}"), ("base" if b == "base" else f"{b}/{method}")
+        verdicts = J.gold_verdicts(gold_of(la, ra), gold_of(lb, rb), ctx.cfg.judge.tolerance)
+        extra = [{"gold_a": float(x), "gold_b": float(y)} for x, y in zip(gold_of(la, ra), gold_of(lb, rb))]
+        return verdicts, extra
+    comps = [
+        J.Comparison(
+            json.loads(x["conversation"])["prompt"] if x.get("conversation") else x["prompt"],
+            x["response"],
+            y["response"],
+            "harmless" if "harmless" in x["set"] else "helpful",
+        )
+        for x, y in zip(ra, rb)
+    ]
+    res = oa.compare(comps, progress=ctx.cfg.progress)
+    return [r["verdict"] for r in res], [{"votes": r["votes"], "replies": r["replies"]} for r in res]
+
+
+def judge_all(ctx: AlignContext, rms: list[str], base_eval: list[dict], gold_fn) -> tuple[dict, list[dict], dict]:
+    """(judgements, per-comparison details, per-policy gold rewards per prompt set)."""
+    cfg, jc = ctx.cfg, ctx.cfg.judge
+    judgements, details, gold_means = {}, [], {}
+    if jc.kind == "none":
+        return judgements, details, gold_means
+    gold_of = _GoldCache(gold_fn)
+    oa = _openai_judge(ctx) if jc.kind == "openai" else None
+    for method in cfg.methods:
+        for comp in cfg.comparisons:
+            a, b = parse_comparison(comp, key="align.comparisons", names="two different RM names or 'base'")
+            skip = [x for x in (a, b) if x != "base" and x not in rms]
+            if skip:
+                ctx.log(f"comparison {comp!r}: {skip} not aligned in this run, skipped")
+                continue
+            ra, rb = _policy_responses(ctx, a, method, base_eval), _policy_responses(ctx, b, method, base_eval)
+            if ra is None or rb is None:
+                continue
+            if [r["prompt"] for r in ra] != [r["prompt"] for r in rb]:
+                raise RuntimeError(
+                    f"{comp} ({method}): the two policies answered different prompts; delete DIR/align and rerun"
+                )
+            key = f"{method}: {a} vs {b}"
+            verdicts, extra = _verdicts(ctx, method, a, b, ra, rb, gold_of, oa)
+            sets = sorted({r["set"] for r in ra})
+            judgements[key] = {s: J.summarize([v for v, r in zip(verdicts, ra) if r["set"] == s]) for s in sets}
+            if len(sets) > 1:
+                judgements[key]["all"] = J.summarize(verdicts)
+            details += [
+                {
+                    "comparison": key,
+                    "set": x["set"],
+                    "prompt": x["prompt"],
+                    "response_a": x["response"],
+                    "response_b": y["response"],
+                    "verdict": v,
+                    **e,
+                }
+                for v, x, y, e in zip(verdicts, ra, rb, extra)
+            ]
+    for label, values in gold_of.values.items():
+        recs = base_eval  # every policy answered the same prompts in the same order
+        gold_means[label] = {
+            s: gold_summary([g for g, r in zip(values, recs) if r["set"] == s])
+            for s in sorted({r["set"] for r in recs})
+        }
+        gold_means[label]["all"] = gold_summary(values)
+    return judgements, details, gold_means
+
+
+def render_table(judgements: dict, metrics: dict, judge_desc: str) -> str:
+    lines = [
+        f"## Alignment: win / tie / lose (judge: {judge_desc})",
+        "",
+        "| comparison | prompt set | win | tie | lose | n | win 95% CI | invalid |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for comp, per_set in judgements.items():
+        for s, r in per_set.items():
+            lo, hi = r["interval"]["win"]
+            pct = {k: "-" if r[k] is None else f"{r[k]:.1%}" for k in ("win", "tie", "lose")}
+            lines.append(
+                f"| {comp} | {s} | {pct['win']} | {pct['tie']} | {pct['lose']} | {r['n']} | "
+                f"[{lo:.1%}, {hi:.1%}] | {r['counts']['invalid']} |"
+            )
+    if not judgements:
+        lines.append("| (no comparison judged) | | | | | | | |")
+    ppl_sources = sorted({s for m in metrics.values() for s in (m.get("perplexity") or {})})
+    header = ["policy", "gold reward (mean ± se)"] + [f"PPL {s}" for s in ppl_sources]
+    lines += ["", "## Policies", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, m in metrics.items():
+        g = (m.get("gold") or {}).get("all")
+        gold = "-" if not (g and g["n"]) else f"{g['mean']:.3f}" + (f" ± {g['se']:.3f}" if g["se"] is not None else "")
+        ppl = m.get("perplexity") or {}
+        cells = [name, gold] + [f"{ppl[s]:.2f}" if ppl.get(s) is not None else "-" for s in ppl_sources]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def policy_metrics(ctx: AlignContext, rms: list[str], base_eval: list[dict], base_ppl: dict, gold_fn, gold_means):
+    """{policy: {"perplexity", "gold"}} for the base policy and every aligned one; a gold reward the judging
+    did not compute (a policy in no comparison, another judge) is computed here when there is a gold function."""
+
+    def gold_of(recs: list[dict]) -> dict:
+        return {"all": gold_summary(gold_fn([r["prompt"] for r in recs], [r["response"] for r in recs]))}
+
+    metrics = {"base": {"perplexity": base_ppl, "gold": gold_means.get("base")}}
+    for rm in rms:
+        for m in ctx.cfg.methods:
+            sub = ctx.dir / safe_component(rm) / m
+            ppl = json.loads((sub / "perplexity.json").read_text()) if (sub / "perplexity.json").exists() else base_ppl
+            gold = gold_means.get(f"{rm}/{m}")
+            if gold is None and gold_fn is not None:
+                gold = gold_of(read_jsonl(sub / "eval.jsonl"))
+            metrics[f"{rm}/{m}"] = {"perplexity": ppl, "gold": gold}
+    if "base" not in gold_means and gold_fn is not None:
+        metrics["base"]["gold"] = gold_of(base_eval)
+    return metrics
+
+
+def write_results(ctx: AlignContext, rms: list[str], base_eval: list[dict], base_ppl_path: Path, gold_fn) -> None:
+    """Judge every comparison and write judgements.json, judge_details.jsonl, metrics.json and table.md."""
+    cfg = ctx.cfg
+    judgements, details, gold_means = judge_all(ctx, rms, base_eval, gold_fn)
+    base_ppl = json.loads(base_ppl_path.read_text())["perplexity"]
+    metrics = policy_metrics(ctx, rms, base_eval, base_ppl, gold_fn, gold_means)
+    judge_desc = {
+        "gold": f"gold reward ({cfg.judge.gold}), tie tolerance {cfg.judge.tolerance}",
+        "openai": f"{cfg.judge.model} via {cfg.judge.base_url}, both orders",
+        "none": "none",
+    }[cfg.judge.kind]
+    atomic_write_json(ctx.dir / "judgements.json", judgements)
+    write_jsonl(ctx.dir / "judge_details.jsonl", details)
+    atomic_write_json(ctx.dir / "metrics.json", {"judge": judge_desc, "policies": metrics})
+    atomic_write_text(ctx.dir / "table.md", render_table(judgements, metrics, judge_desc))

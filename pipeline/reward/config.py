@@ -1,0 +1,138 @@
+"""The `reward:` section of a recipe (`RewardStageConfig`, with the checks of its own values), the names it
+accepts, and what the section says about the RMs to train (`rm_names`) and the tiny tokenizer's template.
+
+May import: pipeline leaves, `pipeline.reward.trainer` (the `train:` keys are MORERewardConfig fields).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from pipeline.models import TinyModelSpec
+from pipeline.reward.trainer import MORERewardConfig
+
+
+STAGE_METHODS = ("more", "multitask", "uniform", "single")
+PEFT_MODES = ("none", "lora", "qlora4", "qlora8")
+
+
+# The TrainingArguments fields `--show-keys` lists under reward.train (every other one is accepted too).
+SHOWN_TRAINING_ARGS = (
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "gradient_accumulation_steps",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "optim",
+    "bf16",
+    "activation_checkpointing",
+    "deepspeed",
+    "logging_steps",
+    "save_strategy",
+    "save_steps",
+    "save_total_limit",
+    "report_to",
+    "dataloader_num_workers",
+)
+
+
+@dataclass
+class RewardStageConfig:
+    """The `reward:` section of a recipe."""
+
+    methods: list[str] = field(
+        default_factory=lambda: ["more", "multitask"],
+        metadata={
+            "help": "RMs to train: more, multitask, uniform, single (one RM per source, for the "
+            "diversity analysis and the Averaging baseline)."
+        },
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or local directory of the base model; null builds a tiny random model "
+            "(see `tiny`) with a tokenizer trained on the data."
+        },
+    )
+    tiny: TinyModelSpec = field(default_factory=TinyModelSpec, metadata={"help": "The in-process model."})
+    tokenizer_vocab_size: int = field(default=1000, metadata={"help": "Vocabulary of the tiny tokenizer."})
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Chat template the RM renders conversational data with (pipeline.data.render): null "
+            "keeps the tokenizer's own (none for the tiny model), a Jinja string, a path to a .jinja file, "
+            "or 'none' for the plain HH layout. Saved with the RM's tokenizer, so calibration and "
+            "alignment score in the same layout."
+        },
+    )
+    peft: str = field(default="none", metadata={"help": "none, lora, qlora4 (4-bit NF4 base) or qlora8."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | str | None = field(
+        default="all-linear", metadata={"help": "Modules to adapt (peft's target_modules)."}
+    )
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype when loading: float32 or bfloat16."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+    train: dict = field(
+        default_factory=dict,
+        metadata={
+            "keys": MORERewardConfig,
+            "key_fields": SHOWN_TRAINING_ARGS,
+            "help": "MORERewardConfig fields (learning_rate, max_steps, alpha, normalize, bf16, "
+            "deepspeed, ...; any trl.RewardConfig / TrainingArguments field). per_device_train_batch_size "
+            "is derived from data.per_source_batch.",
+        },
+    )
+
+    def __post_init__(self):
+        bad = [m for m in self.methods if m not in STAGE_METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"reward.methods: unknown {bad or 'empty list'}; valid: {list(STAGE_METHODS)}")
+        if self.peft not in PEFT_MODES:
+            raise ValueError(f"reward.peft must be one of {PEFT_MODES}, got {self.peft!r}")
+        self.training_args({})  # validate the keys of `train` early
+
+    def training_args(self, extra: dict):
+        """Check `train` keys against MORERewardConfig and merge `extra` (which wins)."""
+        valid = {f.name for f in fields(MORERewardConfig)}
+        unknown = sorted(set(self.train) - valid)
+        if unknown:
+            import difflib
+
+            hints = [
+                f"{k} (did you mean {difflib.get_close_matches(k, valid, 1)[0]}?)"
+                if difflib.get_close_matches(k, valid, 1)
+                else k
+                for k in unknown
+            ]
+            raise ValueError(
+                f"reward.train: unknown MORERewardConfig field(s) {', '.join(hints)}. Valid fields are those of "
+                "trl.RewardConfig / transformers.TrainingArguments plus method, alpha, normalize, source_names, "
+                "balanced_batches."
+            )
+        return {**self.train, **extra}
+
+
+def rm_names(cfg: RewardStageConfig, sources: list[str]) -> list[tuple[str, str, list[str]]]:
+    """(rm name, trainer method, sources) for every RM the config asks for."""
+    out = []
+    for m in cfg.methods:
+        if m == "single":
+            out += [(f"single-{s}", "multitask", [s]) for s in sources]
+        else:
+            out.append((m, m, list(sources)))
+    return out
+
+
+def tiny_chat_template(cfg: RewardStageConfig) -> str | None:
+    """The section's chat_template resolved to template text (or None) before the tiny tokenizer exists."""
+    from pipeline.data.render import set_chat_template
+
+    class _Holder:
+        chat_template = None
+
+    return set_chat_template(_Holder(), cfg.chat_template, where="reward.chat_template").chat_template

@@ -1,0 +1,249 @@
+"""Aggregation: every finished run's numbers, per grid point, into means and 95% t-intervals over seeds and
+seed-paired differences, written as D/summary.json, D/summary.md and the plots.
+
+`aggregate` (after the runs, or alone with `--aggregate D`) reads every finished run's
+calibration/metrics.json, calibration/temperatures.json and, when the align stage ran, align/metrics.json and
+align/judgements.json (`collect_run`); `aggregate_point` gives, for each RM (or aligned policy, or judged
+comparison), scope (a source, hh_average, all_average) and metric: mean, sd, n seeds and a 95% t-interval
+over seeds (pipeline.stats.t_interval, clipped to the metric's range); and the seed-paired differences
+MORE - MultiTask, MORE - Uniform and Uniform - MultiTask (for aligned policies: per method) with their 95%
+t-intervals, the paired t-test's p-value, the verdict and a sentence (pipeline.sweep.metrics). `resummarize`
+rebuilds the same files from a summary.json alone.
+
+Imports: pipeline.config, the leaves (io, stats, tables, errors), pipeline.calibration.compare.direction and
+the sweep's grid, runner (`run_state`), export, metrics, summary and plots modules.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from pipeline.calibration.compare import direction
+from pipeline.config import load_recipe
+from pipeline.errors import RecipeError
+from pipeline.io import atomic_write_json, atomic_write_text, get_path, read_json
+from pipeline.stats import CONFIDENCE, paired_differences, t_interval, t_test_p
+from pipeline.sweep.export import EXPORT_FILE, export_mismatch
+from pipeline.sweep.grid import SWEEP_FILE
+from pipeline.sweep.metrics import PAIRS, _units, bounded_interval, difference_sentence, is_significant, metric_label
+from pipeline.sweep.plots import write_plots
+from pipeline.sweep.runner import run_state
+from pipeline.sweep.summary import render_summary
+from pipeline.tables import rm_label
+
+
+def calibration_values(metrics: dict, temperatures: dict | None, bins: int) -> list[tuple]:
+    """[(section, rm, scope, metric, value)] from calibration/metrics.json (+ temperatures.json).
+
+    Metrics: accuracy, ece_<bins>, brier, nll and, on synthetic data, truth_mae / truth_ece_<bins> (against
+    the true preference probabilities) and gold_mae; each also after temperature scaling (prefix ts_)."""
+    base = {
+        "accuracy": ("accuracy",),
+        f"ece_{bins}": (f"ece_{bins}",),
+        "brier": ("brier",),
+        "nll": ("nll",),
+        "truth_mae": ("truth", "prob_mae"),
+        f"truth_ece_{bins}": ("truth", f"ece_vs_truth_{bins}"),
+        "gold_mae": ("truth_gold", "prob_mae"),
+    }
+    out = []
+    for rm, per_scope in metrics.items():
+        if not isinstance(per_scope, dict):
+            continue
+        for scope, m in per_scope.items():
+            if not isinstance(m, dict):
+                continue
+            for name, keys in base.items():
+                v = get_path(m, *keys)
+                if isinstance(v, (int, float)):
+                    out.append(("calibration", rm, scope, name, float(v)))
+                tv = get_path(m, "temperature_scaled", *keys)
+                if name != "accuracy" and isinstance(tv, (int, float)):
+                    out.append(("calibration", rm, scope, f"ts_{name}", float(tv)))
+        t = (temperatures or {}).get(rm)
+        if isinstance(t, (int, float)):
+            out.append(("calibration", rm, "all_average", "temperature", float(t)))
+    return out
+
+
+def align_values(metrics: dict | None, judgements: dict | None) -> list[tuple]:
+    """[(section, name, scope, metric, value)] from align/metrics.json and align/judgements.json:
+    gold reward (per prompt set and 'all') and perplexity (per source) of each policy `<rm>/<method>`;
+    win/lose rates of each judged comparison `<method>: <a> vs <b>` per prompt set."""
+    out = []
+    for policy, m in (get_path(metrics, "policies") or {}).items():
+        for scope, g in (get_path(m, "gold") or {}).items():
+            if isinstance(get_path(g, "mean"), (int, float)):
+                out.append(("align", policy, scope, "gold_reward", float(g["mean"])))
+        for scope, p in (get_path(m, "perplexity") or {}).items():
+            if isinstance(p, (int, float)):
+                out.append(("align", policy, scope, "perplexity", float(p)))
+    for label, per_set in (judgements or {}).items():
+        for scope, e in (per_set or {}).items():
+            w, lose = get_path(e, "win"), get_path(e, "lose")
+            if isinstance(w, (int, float)) and isinstance(lose, (int, float)):
+                out += [
+                    ("judge", label, scope, "win_rate", float(w)),
+                    ("judge", label, scope, "lose_rate", float(lose)),
+                    ("judge", label, scope, "win_minus_lose", float(w) - float(lose)),
+                ]
+    return out
+
+
+def collect_run(run_dir: Path, bins: int | None = None) -> list[tuple]:
+    """Every headline value a finished run wrote (empty when it has none yet)."""
+    run_dir = Path(run_dir)
+    metrics = read_json(run_dir / "calibration" / "metrics.json")
+    out = []
+    if isinstance(metrics, dict):
+        cfg = read_json(run_dir / "calibration" / "config.json") or {}
+        b = bins or int(cfg.get("headline_bins") or 10)
+        out += calibration_values(metrics, read_json(run_dir / "calibration" / "temperatures.json"), b)
+    out += align_values(
+        read_json(run_dir / "align" / "metrics.json"), read_json(run_dir / "align" / "judgements.json")
+    )
+    return out
+
+
+def pair_names(a: str, b: str, names: list[str]) -> list[tuple[str, str]]:
+    """The (name_a, name_b) to compare for RMs a and b: 'more' vs 'multitask' for calibration rows,
+    'more/rjs' vs 'multitask/rjs' (same method) for aligned policies."""
+    out = []
+    for n in names:
+        head, sep, tail = n.partition("/")
+        if head == a and (f"{b}{sep}{tail}" in names):
+            out.append((n, f"{b}{sep}{tail}"))
+    return out
+
+
+def aggregate_point(per_seed: dict[int, list[tuple]], confidence: float = CONFIDENCE) -> dict:
+    """{"metrics": [...], "differences": [...]} for one grid point from {seed: collect_run(...)}."""
+    table: dict[tuple, dict[int, float]] = {}
+    for seed, rows in per_seed.items():
+        for section, name, scope, metric, value in rows:
+            table.setdefault((section, name, scope, metric), {})[seed] = value
+    metrics = []
+    for (section, name, scope, metric), vals in table.items():
+        stats = bounded_interval(t_interval(list(vals.values()), confidence), metric)
+        metrics.append(
+            {
+                "section": section,
+                "rm": name,
+                "scope": scope,
+                "metric": metric,
+                **stats,
+                "values": {str(s): v for s, v in sorted(vals.items())},
+            }
+        )
+    differences = []
+    for section in ("calibration", "align"):
+        names = sorted({k[1] for k in table if k[0] == section})
+        for a, b in PAIRS:
+            for na, nb in pair_names(a, b, names):
+                keys = sorted({(k[2], k[3]) for k in table if k[0] == section and k[1] == na})
+                for scope, metric in keys:
+                    diffs = paired_differences(
+                        table[(section, na, scope, metric)], table.get((section, nb, scope, metric), {})
+                    )
+                    if not diffs:
+                        continue
+                    stats = t_interval(list(diffs.values()), confidence)
+                    stats["p_value"] = t_test_p(stats["mean"], stats["sd"], stats["n"])
+                    va, vb = table[(section, na, scope, metric)], table[(section, nb, scope, metric)]
+                    stats["a_mean"] = math.fsum(va[s] for s in diffs) / len(diffs)
+                    stats["b_mean"] = math.fsum(vb[s] for s in diffs) / len(diffs)
+                    what = f"{metric_label(metric)}, {scope}" + (f" ({na.partition('/')[2]})" if "/" in na else "")
+                    differences.append(
+                        {
+                            "section": section,
+                            "a": na,
+                            "b": nb,
+                            "scope": scope,
+                            "metric": metric,
+                            **stats,
+                            "significant": is_significant(stats),
+                            "better": direction(metric),
+                            "values": {str(s): v for s, v in sorted(diffs.items())},
+                            "sentence": difference_sentence(
+                                rm_label(na), rm_label(nb), what, stats, direction(metric), **_units(metric)
+                            ),
+                        }
+                    )
+    return {"metrics": metrics, "differences": differences}
+
+
+def aggregate(out_dir: str | os.PathLike, confidence: float = CONFIDENCE, verify: bool = True) -> dict:
+    """Read D/sweep.json and every run's results; write D/summary.json, D/summary.md and the plots.
+
+    With `verify` (the default) a run counts only when its manifest shows every selected stage up to date
+    for the sweep's current definition (recipe + overrides + grid values + seed), so results of a run whose
+    settings have changed since, or that has not finished, are never aggregated."""
+    out_dir = Path(out_dir)
+    sweep = read_json(out_dir / SWEEP_FILE)
+    if not isinstance(sweep, dict):
+        raise RecipeError(
+            f"{out_dir / SWEEP_FILE} not found or unreadable: {out_dir} is not a sweep directory "
+            "(run python -m pipeline.sweep ... --output-dir there first)"
+        )
+    defined = {(r["point"], int(r["seed"])): r for r in sweep.get("runs", [])}
+    from_export = bool(sweep.get("export"))
+    summary = {"sweep": sweep, "confidence": confidence, "points": {}}
+    for point in sweep["points"]:
+        per_seed, runs = {}, {}
+        for seed in sweep["seeds"]:
+            run_dir = out_dir / point["name"] / f"seed-{seed}"
+            if verify:
+                run = defined.get((point["name"], int(seed)))
+                if run is None:
+                    runs[str(seed)] = "not in the sweep definition"
+                    continue
+                if from_export:  # a results folder: its export.json must be of this run's definition
+                    why = export_mismatch(read_json(run_dir / EXPORT_FILE), sweep, run)
+                    if why:
+                        runs[str(seed)] = f"not exported ({why})"
+                        continue
+                    rows = collect_run(run_dir)
+                    runs[str(seed)] = "collected" if rows else "no results"
+                    if rows:
+                        per_seed[seed] = rows
+                    continue
+                state, why = run_state(load_recipe(sweep["recipe"], run["overrides"]), run_dir, sweep.get("stages"))
+                if state != "done":
+                    runs[str(seed)] = f"not done ({why})"
+                    continue
+            rows = collect_run(run_dir)
+            runs[str(seed)] = "collected" if rows else "no results"
+            if rows:
+                per_seed[seed] = rows
+        summary["points"][point["name"]] = {
+            "grid": point["values"],
+            "runs": runs,
+            "n_runs": len(per_seed),
+            **aggregate_point(per_seed, confidence),
+        }
+    atomic_write_json(out_dir / "summary.json", summary)
+    plots = write_plots(out_dir, summary)
+    atomic_write_text(out_dir / "summary.md", render_summary(summary, plots))
+    return summary
+
+
+def resummarize(out_dir: str | os.PathLike) -> dict:
+    """Rebuild D/summary.json, D/summary.md and the plots from D/summary.json alone: every point's statistics
+    are recomputed from the per-seed values its metric rows keep (the same numbers `aggregate` collected), so
+    a committed summary follows the current rules and presentation without its run directories."""
+    out_dir = Path(out_dir)
+    summary = read_json(out_dir / "summary.json")
+    if not isinstance(summary, dict) or "points" not in summary:
+        raise RecipeError(f"{out_dir / 'summary.json'} not found or not a sweep summary")
+    for p in summary["points"].values():
+        per_seed: dict[int, list[tuple]] = {}
+        for r in p["metrics"]:
+            for seed, v in r.get("values", {}).items():
+                per_seed.setdefault(int(seed), []).append((r["section"], r["rm"], r["scope"], r["metric"], v))
+        p.update(aggregate_point(per_seed, summary["confidence"]))
+    atomic_write_json(out_dir / "summary.json", summary)
+    plots = write_plots(out_dir, summary)
+    atomic_write_text(out_dir / "summary.md", render_summary(summary, plots))
+    return summary
