@@ -130,9 +130,8 @@ def rm_names(cfg: RewardStageConfig, sources: list[str]) -> list[tuple[str, str,
 
 def tiny_chat_template(cfg: RewardStageConfig) -> str | None:
     """The section's chat_template resolved to template text (or None) before the tiny tokenizer exists."""
-    from pipeline.data.render import set_chat_template
+    from pipeline.data.render import chat_template_text
 
-    class _Holder:
-        chat_template = None
-
-    return set_chat_template(_Holder(), cfg.chat_template, where="reward.chat_template").chat_template
+    if cfg.chat_template is None:
+        return None
+    return chat_template_text(cfg.chat_template, where="reward.chat_template")
