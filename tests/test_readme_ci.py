@@ -95,3 +95,24 @@ def test_check_run_accepts_a_complete_run_and_names_every_problem(tmp_path):
     assert cr.problems(tmp_path / "nothing") == [
         f"{tmp_path / 'nothing' / 'manifest.json'} is missing: the run did not start or wrote nothing"
     ]
+
+
+def test_the_readme_trl_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's MORERewardTrainer example, with `model_path` and `tokenizer` set to a tiny local model."""
+    from pipeline.models import TinyModelSpec, tiny_model, tiny_tokenizer
+
+    code = _script("readme_block").code_block(
+        (REPO / "README.md").read_text(encoding="utf-8"), "MORERewardTrainer in your own TRL script"
+    )
+    tok = tiny_tokenizer(
+        ["Is the sky blue? Yes, on a clear day. How do I pick a lock? Sure, no."] * 20, vocab_size=200
+    )
+    base = tmp_path / "base"
+    tiny_model(TinyModelSpec(arch="llama"), tok, task="causal_lm").save_pretrained(base)
+    tok.save_pretrained(base)
+    monkeypatch.chdir(tmp_path)
+    namespace = {"model_path": str(base), "tokenizer": tok}
+    exec(compile(code, "README example", "exec"), namespace)  # noqa: S102 - the README's code, as a user runs it
+    trainer = namespace["trainer"]
+    assert trainer.state.global_step == 4 and trainer.num_sources == 2
+    assert (tmp_path / "rm-more" / "README.md").read_text().count("def reward(") == 1

@@ -147,7 +147,7 @@ def test_report_with_every_part(fakes, tmp_path, monkeypatch):  # noqa: F811
     assert "![reliability](calibration/reliability.png)" in md
     assert "rjs: more vs multitask, helpful prompts: win 50% / tie 20% / lose 30% of 10 prompts" in md
     assert "no significant difference between the two policies (win - lose +20.0 points, 95% CI" in md
-    assert "| more | more | a, b | 123 |" in md
+    assert "| more | more | a, b | 123 | - |" in md
     assert "| paper, pythia-1.4b | 62.38 | 0.0541 | 63.34 | 0.0364 | 0.0177 -> 0.0109 | 44/22/34 |" in md
     assert "| **this run** | 61.00 | 0.0500 | 60.00 | 0.0700 | 0.0600 -> 0.0800 | 40/20/40 |" in md
     assert md.index("| reward |") < md.index("| report | writing this report |")  # the manifest's order

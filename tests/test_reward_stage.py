@@ -103,6 +103,11 @@ def test_reward_stage_records_training_prompts_and_dropped_pairs(tmp_path, capsy
     assert stats["sources"]["mine"]["dropped"] == {"identical": 3}
     assert stats["sources"]["mine"]["loaded"][0]["records"] == 63
     assert stats["over_length_pairs"]["per_rm"]["multitask"] > 0  # max_length=8 cuts every pair
+    # the pipeline turns left truncation on explicitly (the trainer alone drops long pairs, as TRL does)
+    assert "kept, cut from the left (reward.train.truncation=left" in stats["over_length_pairs"]["note"]
+    info = json.loads((run_dir / "reward" / "multitask" / "reward_info.json").read_text())
+    assert info["truncation"] == "left" and info["max_length"] == 8 and info["n_dropped_pairs"] == 0
+    assert info["n_truncated_sequences"] == stats["over_length_pairs"]["per_rm"]["multitask"]
     splits = build_splits(recipe.data)["mine"]
     assert sum(stats["sources"]["mine"]["pairs"].values()) == 60
     recorded = read_train_prompts(run_dir / "reward" / "multitask")
@@ -325,8 +330,22 @@ def test_rm_fingerprints_of_fixed_inputs_are_pinned(tmp_path, monkeypatch):
     (base / "model.safetensors").write_bytes(bytes(range(64)))
     (base / "fingerprint.json").write_text(json.dumps({"fingerprint": "abc"}))
     plan = fingerprint.plan_rm(recipe, tmp_path, "more", "more", ["helpful", "harmless"], splits, tok, str(base))
-    assert plan.inputs["training_code_version"] == fingerprint.TRAINING_CODE_VERSION == 2
-    assert plan.fingerprint == "be600ffc75f7fbf1ffa1546152ab912b6509feded734d9589946865306be41b0"
+    assert plan.inputs["training_code_version"] == fingerprint.TRAINING_CODE_VERSION == 3
+    assert plan.fingerprint == "4bf4f5d39297ea4a4a3b1b059347b200c672c9c05522bf489cc0c29859aaf266"
     assert fingerprint.tiny_base_fingerprint(recipe, ["one text", "another text"]) == (
         "9ddfcc174d9f89ef275b2be73fc46bf455bbf000d85d59ac4e855fb7758d587e"
     )
+
+
+def test_an_rm_of_an_older_training_code_version_is_retrained_with_the_versions_note(tmp_path):
+    """One training-code version bump per wave of fingerprint changes, and its one-line reason names it."""
+    out = tmp_path / "rm"
+    out.mkdir()
+    (out / "reward_info.json").write_text("{}")
+    (out / fingerprint.FINGERPRINT).write_text(
+        json.dumps({"fingerprint": "old", "inputs": {"training_code_version": 2}, "files": {}})
+    )
+    plan = SimpleNamespace(fingerprint="new", inputs={"training_code_version": fingerprint.TRAINING_CODE_VERSION})
+    reason = fingerprint.stale_reason(out, plan)
+    assert reason.startswith(f"trained by training-code version 2, now {fingerprint.TRAINING_CODE_VERSION}: ")
+    assert fingerprint.VERSION_NOTES[fingerprint.TRAINING_CODE_VERSION] in reason and "truncation" in reason

@@ -140,8 +140,23 @@ def reward_section(run_dir: Path) -> list[str]:
     rows = []
     for name, e in index.items():
         info = read_json(run_dir / "reward" / safe_component(name) / "reward_info.json") or {}
-        rows.append([name, e.get("method"), ", ".join(e.get("sources", [])), info.get("n_train_pairs", "-")])
-    return lines + markdown_table(["RM", "method", "sources", "training pairs"], rows) + [""]
+        rows.append(
+            [name, e.get("method"), ", ".join(e.get("sources", [])), info.get("n_train_pairs", "-"), over_length(info)]
+        )
+    table = markdown_table(["RM", "method", "sources", "training pairs", "pairs over max_length"], rows)
+    return lines + table + [""]
+
+
+def over_length(info: dict) -> str:
+    """What an RM's training did with pairs longer than max_length (reward_info.json), in words."""
+    limit = info.get("max_length")
+    if info.get("truncation") == "left":
+        return f"{info.get('n_truncated_sequences', 0)} cut from the left to {limit} tokens"
+    if info.get("truncation") == "drop":
+        return f"{info.get('n_dropped_pairs', 0)} dropped (TRL's rule; limit {limit} tokens)"
+    if "n_truncated_sequences" in info:  # an RM trained before the option existed: always cut from the left
+        return f"{info['n_truncated_sequences']} cut from the left"
+    return "-"
 
 
 def win_tie_lose_sentence(label: str, entry: dict, *, n_samples: int = 2000, seed: int = 0) -> str:

@@ -82,9 +82,9 @@ class RewardStageConfig:
         metadata={
             "keys": MORERewardConfig,
             "key_fields": SHOWN_TRAINING_ARGS,
-            "help": "MORERewardConfig fields (learning_rate, max_steps, alpha, normalize, bf16, "
+            "help": "MORERewardConfig fields (learning_rate, max_steps, alpha, normalize, truncation, bf16, "
             "deepspeed, ...; any trl.RewardConfig / TrainingArguments field). per_device_train_batch_size "
-            "is derived from data.per_source_batch.",
+            "is derived from data.per_source_batch; truncation defaults to 'left' here (TRL drops long pairs).",
         },
     )
 
@@ -114,7 +114,13 @@ class RewardStageConfig:
                 "trl.RewardConfig / transformers.TrainingArguments plus method, alpha, normalize, source_names, "
                 "balanced_batches."
             )
-        return {**self.train, **extra}
+        return {**PIPELINE_TRAIN_DEFAULTS, **self.train, **extra}
+
+
+# The pipeline's own defaults for MORERewardConfig fields (a recipe's reward.train overrides them): a pair longer
+# than max_length is cut from the LEFT, as the paper's recipe does, where stock TRL (and MORERewardConfig's own
+# default) drops it.
+PIPELINE_TRAIN_DEFAULTS = {"truncation": "left"}
 
 
 def rm_names(cfg: RewardStageConfig, sources: list[str]) -> list[tuple[str, str, list[str]]]:

@@ -23,8 +23,13 @@ from pipeline.io import changed_files, content_sha256, hub_revision, safe_compon
 from pipeline.reward.config import tiny_chat_template
 
 
-# Bump when a change to the training code changes what an RM trained from the same inputs looks like.
-TRAINING_CODE_VERSION = 2
+# Bump when a change to the training code changes what an RM trained from the same inputs looks like, and say
+# why in VERSION_NOTES: an RM trained by an older version is retrained with that line as the reason.
+TRAINING_CODE_VERSION = 3
+VERSION_NOTES = {
+    3: "over-length pairs are handled by the explicit reward.train.truncation (left, the pipeline's default; "
+    "MORERewardTrainer alone now drops them as TRL does)",
+}
 FINGERPRINT = "fingerprint.json"
 # Training arguments that cannot change the trained weights (so changing them reuses RMs and checkpoints).
 _NOT_FINGERPRINTED = frozenset(
@@ -211,6 +216,10 @@ def stale_reason(out: Path, plan: RMPlan) -> str | None:
     except (OSError, ValueError):
         return f"no readable {FINGERPRINT} (trained by an older version)"
     if rec.get("fingerprint") != plan.fingerprint:
+        old_version = rec.get("inputs", {}).get("training_code_version")
+        if old_version != TRAINING_CODE_VERSION:
+            why = VERSION_NOTES.get(TRAINING_CODE_VERSION, "the training code changed")
+            return f"trained by training-code version {old_version}, now {TRAINING_CODE_VERSION}: {why}"
         changes = fingerprint_changes(rec.get("inputs", {}), plan.inputs) or "fingerprint"
         return f"its inputs changed ({changes})"
     if bad := changed_files(out, rec.get("files", {})):

@@ -296,6 +296,9 @@ def train_one(recipe, run_dir: Path, plan: RMPlan, tokenizer, base: str, fresh: 
                 "sources": plan.sources,
                 "n_train_pairs": len(plan.train),
                 "n_truncated_sequences": trainer.n_truncated.get("train", 0),
+                "n_dropped_pairs": trainer.n_dropped.get("train", 0),
+                "max_length": plan.args.get("max_length"),
+                "truncation": plan.args.get("truncation"),
             },
         )
         files = file_records(partial, ["."])
@@ -375,8 +378,12 @@ def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
             {
                 "sources": stats,
                 "over_length_pairs": {
-                    "note": f"training pairs longer than data.max_length={recipe.data.max_length} tokens: kept, "
-                    "cut from the left",
+                    "note": f"training pairs longer than data.max_length={recipe.data.max_length} tokens: "
+                    + (
+                        "kept, cut from the left (reward.train.truncation=left, the pipeline's default)"
+                        if recipe.reward.training_args({})["truncation"] == "left"
+                        else "dropped, as TRL does (reward.train.truncation=drop)"
+                    ),
                     "per_rm": truncated,
                 },
             },
