@@ -69,7 +69,7 @@ def torchrun_cmd(*rendezvous: str) -> list[str]:
 
 
 def torchrun_worker(
-    script: Path, out: Path, *args: str, timeout: int, rendezvous: tuple[str, ...] = ("--standalone",)
+    script: Path, out: Path, *args: str | Path, timeout: int, rendezvous: tuple[str, ...] = ("--standalone",)
 ) -> list[dict]:
     """Run `script OUT ARGS` on 2 CPU ranks under torchrun from the repository root (one OpenMP thread per rank,
     the repo alone on PYTHONPATH); assert it exits 0, and return what each rank wrote to OUT/rank{0,1}.json."""
