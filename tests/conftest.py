@@ -1,8 +1,10 @@
-"""Shared test fixtures (generic: usable by every package's tests)."""
+"""Shared test fixtures (generic: usable by every package's tests). Plain helpers and constants live in
+helpers.py (and reward_helpers.py); a test module imports those, never another test module."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,12 @@ from hypothesis import settings
 settings.register_profile("default", derandomize=True, database=None)
 settings.register_profile("explore", derandomize=False, database=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+# assertions inside the shared helpers (a launcher's exit code) report like a test's own
+pytest.register_assert_rewrite("tests.helpers", "tests.reward_helpers")
+
+from tests.helpers import CHATML, LLAMA3, write_fakes  # noqa: E402
+
 
 REAL_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
@@ -67,17 +75,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-LLAMA3 = (
-    "<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-    "{{ m['content'] }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
-
-
 def _chat_tokenizer(template: str):
     from pipeline.data.synthetic import SyntheticConfig, synthetic_corpus
     from pipeline.models import tiny_tokenizer
@@ -95,3 +92,20 @@ def chat_tok():
 def llama3_tok():
     """The same corpus with a Llama-3-style template (another layout, for cross-tokenizer tests)."""
     return _chat_tokenizer(LLAMA3)
+
+
+@pytest.fixture
+def fakes(tmp_path, monkeypatch):
+    """Fake sections/stages installed in-process; yields the dir holding fake.yaml and runner.py."""
+    import pipeline.stages as stages
+
+    d = write_fakes(tmp_path / "fakes")
+    monkeypatch.syspath_prepend(str(d))
+    sys.modules.pop("fakepipe", None)
+    import fakepipe
+
+    monkeypatch.setattr(stages, "DATA_SECTION", ("data", fakepipe.Data))
+    monkeypatch.setattr(stages, "STAGES", fakepipe.fake_stages(stages))
+    monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.log"))
+    yield d
+    sys.modules.pop("fakepipe", None)

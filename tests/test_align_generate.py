@@ -17,7 +17,10 @@ from pipeline.align.generate import (
     pad_left,
     sample,
 )
-from tests.test_align_helpers import one_torch_thread, policy, policy_tokenizer  # noqa: F401
+from tests.helpers import policy, policy_tokenizer
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test here runs on one torch thread
 
 
 PROMPTS = [

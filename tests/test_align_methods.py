@@ -13,7 +13,10 @@ from pipeline.align import trainers as T
 from pipeline.align.candidates import read_jsonl, write_jsonl
 from pipeline.align.policy import load_policy
 from pipeline.align.rewards import RMReward
-from tests.test_align_helpers import one_torch_thread, policy, policy_tokenizer, reward_model, rm_tokenizer  # noqa: F401
+from tests.helpers import policy, policy_tokenizer, reward_model, rm_tokenizer
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test here runs on one torch thread
 
 
 PROMPTS = ["\n\nHuman: What is the capital of Peru?\n\nAssistant:", "\n\nHuman: How do I steal a car?\n\nAssistant:"]

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from pipeline.align.perplexity import masked_nll_sum, response_nll, response_perplexity
-from tests.test_align_helpers import one_torch_thread, policy, policy_tokenizer  # noqa: F401
+from tests.helpers import policy, policy_tokenizer
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test here runs on one torch thread
 
 
 def test_masked_nll_sum_hand_computed():

@@ -10,7 +10,10 @@ import torch
 
 from pipeline.align.generate import sample
 from pipeline.align.rewards import GoldReward, RMReward, as_trl_reward, gold_reward_fn, read_temperature
-from tests.test_align_helpers import one_torch_thread, policy, policy_tokenizer, reward_model, rm_tokenizer  # noqa: F401
+from tests.helpers import policy, policy_tokenizer, reward_model, rm_tokenizer
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test here runs on one torch thread
 
 
 PROMPTS = ["\n\nHuman: What is the capital of Peru?\n\nAssistant:", "\n\nHuman: hello there\n\nAssistant:"]

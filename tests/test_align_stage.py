@@ -12,7 +12,10 @@ from pipeline.align.config import AlignConfig, JudgeConfig
 from pipeline.align.judging import render_table
 from pipeline.align.prompts import distinct_prompts, select_rms
 from pipeline.calibration.compare import parse_comparison
-from tests.test_align_helpers import one_torch_thread, reward_model, rm_tokenizer  # noqa: F401
+from tests.helpers import reward_model, rm_tokenizer
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test here runs on one torch thread
 
 
 def test_config_validation_and_helpers():
@@ -222,7 +225,7 @@ def test_stage_with_an_openai_compatible_judge(tmp_path, monkeypatch, capsys):
     """The LLM judge through the stage, against a loopback server: both orders asked, cached across reruns,
     helpful/harmless prompts per prompt set, and the API key nowhere in the outputs."""
     from pipeline.align import stage
-    from tests.test_align_helpers import judge_server
+    from tests.helpers import judge_server
 
     secret = "sk-align-stage-SECRET-987"
     monkeypatch.setenv("ALIGN_TEST_KEY", secret)

@@ -1,14 +1,12 @@
 """Calibration of reward models NOT trained in the run (calibration.external_rms) and paired comparisons.
 
 The distributed test launches THIS file as the worker script:
-    torchrun --nproc_per_node 2 tests/test_calibration_external.py RUN_DIR RM_ROOT
+    PYTHONPATH=. torchrun --nproc_per_node 2 tests/test_calibration_external.py RUN_DIR RM_ROOT
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,10 +15,9 @@ import pytest
 import torch
 
 from pipeline.calibration.stage import run
-from tests.test_calibration_stage import _recipe, _save_rm
+from tests.helpers import REPO, calibration_recipe, pipeline_cli, save_tiny_rm, subprocess_env, torchrun_worker
 
 
-REPO = Path(__file__).resolve().parents[1]
 RMS = ("more", "multitask")
 
 
@@ -53,10 +50,10 @@ def trained(tmp_path_factory, tiny_tok):
     root = tmp_path_factory.mktemp("trained")
     index = {}
     for i, name in enumerate(RMS):
-        _save_rm(tiny_tok, root / "reward" / name, seed=10 + i, head_scale=15.0)
+        save_tiny_rm(tiny_tok, root / "reward" / name, seed=10 + i, head_scale=15.0)
         index[name] = {"path": name, "method": name, "sources": ["helpful", "harmless", "webgpt"]}
     (root / "reward" / "index.json").write_text(json.dumps(index))
-    run(_recipe(), root)
+    run(calibration_recipe(), root)
     return root
 
 
@@ -67,7 +64,7 @@ def _external(root: Path) -> dict:
 def test_external_only_run_equals_the_trained_run(trained, tmp_path):
     stamps = {n: (trained / "reward" / n / "temperature.json").read_text() for n in RMS}
     out = tmp_path / "fresh"
-    artifacts = run(_recipe(external_rms=_external(trained)), out)  # no reward/ in this directory at all
+    artifacts = run(calibration_recipe(external_rms=_external(trained)), out)  # no reward/ in this directory at all
     assert "calibration/comparisons.json" in artifacts and not (out / "reward").exists()
     for f in ("metrics.json", "temperatures.json", "temperature_fits.json"):
         assert_same_numbers(
@@ -124,7 +121,7 @@ def test_peft_adapter_is_loaded_on_its_base(tmp_path, tiny_tok, one_thread):
     from transformers import AutoModelForSequenceClassification
 
     base_dir, adapter_dir, merged_dir = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
-    _save_rm(tiny_tok, base_dir, seed=3, head_scale=10.0)
+    save_tiny_rm(tiny_tok, base_dir, seed=3, head_scale=10.0)
     base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1)
     model = get_peft_model(
         base,
@@ -145,7 +142,7 @@ def test_peft_adapter_is_loaded_on_its_base(tmp_path, tiny_tok, one_thread):
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
     model.merge_and_unload().save_pretrained(merged_dir)
     tiny_tok.save_pretrained(merged_dir)
-    recipe = _recipe(
+    recipe = calibration_recipe(
         external_rms={"adapter": str(adapter_dir), "merged": str(merged_dir)},
         compare=["adapter vs merged"],
         bootstrap_samples=5,
@@ -190,27 +187,27 @@ def test_unsupported_models_and_bad_names_fail_clearly(tmp_path, tiny_tok, train
     ]
     for name, message in cases:
         with pytest.raises(ValueError, match=message):
-            run(_recipe(external_rms={"x": str(tmp_path / name)}), out)
+            run(calibration_recipe(external_rms={"x": str(tmp_path / name)}), out)
     with pytest.raises(
         FileNotFoundError,
         match=r"calibration.external_rms.x: ./nowhere/at all is neither an existing "
         r"directory nor a hub id",
     ):
-        run(_recipe(external_rms={"x": "./nowhere/at all"}), out)
+        run(calibration_recipe(external_rms={"x": "./nowhere/at all"}), out)
     # a name clash with a trained RM of the run
     with pytest.raises(ValueError, match="the name 'more' is already used by a reward model trained in this run"):
-        run(_recipe(external_rms={"more": str(trained / "reward" / "more")}), trained)
+        run(calibration_recipe(external_rms={"more": str(trained / "reward" / "more")}), trained)
     # an unknown RM in compare fails before anything is scored or written
     with pytest.raises(
         ValueError,
         match=r"calibration.compare: 'more vs nope' names 'nope', which this run does not "
         r"evaluate; the RMs evaluated here are: more",
     ):
-        run(_recipe(external_rms={"more": str(trained / "reward" / "more")}, compare=["more vs nope"]), out)
+        run(calibration_recipe(external_rms={"more": str(trained / "reward" / "more")}, compare=["more vs nope"]), out)
     with pytest.raises(ValueError, match="is not a comparison"):
-        _recipe(compare=["more versus multitask"])
+        calibration_recipe(compare=["more versus multitask"])
     with pytest.raises(ValueError, match=r"RM names \['my rm'\] may only hold"):
-        _recipe(external_rms={"my rm": str(tmp_path)})
+        calibration_recipe(external_rms={"my rm": str(tmp_path)})
     assert not (out / "calibration").exists()
 
 
@@ -227,25 +224,10 @@ def test_done_two_trained_rms_evaluated_by_one_command(tmp_path):
         "calibration.progress=false",
         "reward.methods=[more,multitask]",
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
+    env = subprocess_env(REPO, keep_pythonpath=False, OMP_NUM_THREADS="1")
 
     def pipeline(out, stages, *extra):
-        cmd = [
-            sys.executable,
-            "-m",
-            "pipeline.run",
-            "--recipe",
-            "tiny-cpu",
-            "--output-dir",
-            str(out),
-            "--stages",
-            stages,
-            *small,
-            *extra,
-        ]
-        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        p = pipeline_cli("tiny-cpu", out, "--stages", stages, *small, *extra, env=env)
         assert p.returncode == 0, p.stderr[-4000:]
 
     trained, fresh = tmp_path / "trained", tmp_path / "fresh"
@@ -281,23 +263,9 @@ def test_two_processes_score_external_rms_like_one(trained, tmp_path):
     """Under torchrun (gloo, 2 CPU ranks) each rank scores a shard of every split; rank 0 gathers and writes the
     same metrics as the single-process run."""
     single = tmp_path / "single"
-    run(_recipe(external_rms=_external(trained)), single)
+    run(calibration_recipe(external_rms=_external(trained)), single)
     out = tmp_path / "multi"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--standalone",
-        str(Path(__file__).resolve()),
-        str(out),
-        str(trained),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = torchrun_worker(Path(__file__).resolve(), out, trained, timeout=300)
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["artifacts"] and ranks[1]["artifacts"] == []  # only the main process writes
     a, b = np.load(single / "calibration" / "scores.npz"), np.load(out / "calibration" / "scores.npz")
@@ -314,7 +282,7 @@ if __name__ == "__main__":  # the torchrun worker of the distributed test
     from accelerate import PartialState
 
     out, rm_root = Path(sys.argv[1]), Path(sys.argv[2])
-    artifacts = run(_recipe(external_rms=_external(rm_root)), out)
+    artifacts = run(calibration_recipe(external_rms=_external(rm_root)), out)
     state = PartialState()
     (out / f"rank{state.process_index}.json").write_text(
         json.dumps({"world": state.num_processes, "artifacts": artifacts})

@@ -18,7 +18,7 @@ from pipeline.calibration.stage import run
 from pipeline.data import DataConfig, SourceSpec, build_splits
 from pipeline.data.mixing import TRAIN_PROMPTS, prompt_hash, train_prompts_record
 from pipeline.report.calibration_section import train_overlap_line
-from tests.test_calibration_stage import _recipe, _save_rm
+from tests.helpers import calibration_recipe, save_tiny_rm
 
 
 N_PROMPTS = 120
@@ -37,7 +37,7 @@ def trained_rm(tmp_path_factory, tiny_tok):
     train_cfg = DataConfig(sources=[SourceSpec(name="train-src", format="jsonl", path=str(data), split=None)])
     train = build_splits(train_cfg)["train-src"]["train"]
     rm = root / "rm"
-    _save_rm(tiny_tok, rm, seed=5, head_scale=20.0)
+    save_tiny_rm(tiny_tok, rm, seed=5, head_scale=20.0)
     (rm / TRAIN_PROMPTS).write_text(json.dumps(train_prompts_record(train["prompt"])))
     return data, rm, {prompt_hash(p) for p in train["prompt"]}
 
@@ -49,7 +49,7 @@ def _eval(tmp, data, rm, test_fraction, valid_fraction, **cal):
         valid_fraction=valid_fraction,
         max_length=32,
     )
-    run(_recipe(data=cfg, external_rms={"mine": str(rm)}, **cal), tmp)
+    run(calibration_recipe(data=cfg, external_rms={"mine": str(rm)}, **cal), tmp)
     metrics = json.loads((tmp / "calibration" / "metrics.json").read_text())
     return cfg, metrics
 

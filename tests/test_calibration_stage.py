@@ -1,17 +1,14 @@
 """The calibration stage end to end on CPU with tiny RMs saved in a temporary DIR/reward/.
 
 The distributed test launches THIS file as the worker script:
-    torchrun --nproc_per_node 2 tests/test_calibration_stage.py RUN_DIR
+    PYTHONPATH=. torchrun --nproc_per_node 2 tests/test_calibration_stage.py RUN_DIR
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -22,41 +19,16 @@ from pipeline.calibration import metrics as M
 from pipeline.calibration.config import CalibrationConfig
 from pipeline.calibration.stage import run
 from pipeline.calibration.temperature import fit_temperature
-
-
-SOURCES = ["helpful", "harmless", "webgpt"]
-N_TEST, N_VALID, MAX_LEN = 24, 16, 48
-
-
-def _data_config(**kw):
-    from pipeline.data import DataConfig, SourceSpec
-
-    args = dict(
-        sources=[SourceSpec(name=s, format="synthetic") for s in SOURCES],
-        n_train_per_source=4,
-        n_valid_per_source=N_VALID,
-        n_test_per_source=N_TEST,
-        max_length=MAX_LEN,
-    )
-    args.update(kw)
-    return DataConfig(**args)
-
-
-def _recipe(data=None, **cal):
-    cal = {"dtype": "fp32", "bootstrap_samples": 40, "batch_size": 16, "progress": False, **cal}
-    return types.SimpleNamespace(
-        name="test", seed=3, data=data or _data_config(), calibration=CalibrationConfig(**cal)
-    )
-
-
-def _save_rm(tok, path: Path, seed: int, head_scale: float):
-    from pipeline.models import TinyModelSpec, tiny_model
-
-    model = tiny_model(TinyModelSpec(arch="gpt_neox", size="tiny"), tok, task="reward", seed=seed)
-    with torch.no_grad():  # spread the random rewards so that the metrics are not all trivial
-        model.score.weight.mul_(head_scale)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+from tests.helpers import (
+    CAL_MAX_LEN,
+    CAL_N_TEST,
+    CAL_N_VALID,
+    CAL_SOURCES,
+    calibration_data_config,
+    calibration_recipe,
+    save_tiny_rm,
+    torchrun_worker,
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,20 +38,20 @@ def run_dir(tmp_path_factory, tiny_tok):
     index = {}
     for i, (name, method, sources) in enumerate(
         [
-            ("more", "more", SOURCES),
+            ("more", "more", CAL_SOURCES),
             ("single-helpful", "single", ["helpful"]),
             ("single-harmless", "single", ["harmless"]),
         ]
     ):
-        _save_rm(tiny_tok, reward / name, seed=i, head_scale=20.0)
+        save_tiny_rm(tiny_tok, reward / name, seed=i, head_scale=20.0)
         index[name] = {"path": str(reward / name), "method": method, "sources": sources}
     log = [
-        {"step": s, "loss": 0.7, **{f"more/lambda/{src}": w for src, w in zip(SOURCES, lam)}}
+        {"step": s, "loss": 0.7, **{f"more/lambda/{src}": w for src, w in zip(CAL_SOURCES, lam)}}
         for s, lam in ((1, (0.5, 0.3, 0.2)), (2, (0.4, 0.4, 0.2)), (3, (0.3, 0.3, 0.4)))
     ]
     (reward / "more" / "train_log.json").write_text(json.dumps(log + [{"step": 3, "train_runtime": 1.0}]))
     (reward / "index.json").write_text(json.dumps(index))
-    artifacts = run(_recipe(), root)
+    artifacts = run(calibration_recipe(), root)
     return root, artifacts
 
 
@@ -135,17 +107,17 @@ def test_scores_match_independent_unbatched_forward(run_dir, tiny_tok):
 
     root, _ = run_dir
     scores = np.load(root / "calibration" / "scores.npz")
-    splits = build_splits(_data_config())
+    splits = build_splits(calibration_data_config())
     n = 6
     for rm, source in (("more", "helpful"), ("single-harmless", "webgpt")):
-        rc, rr = _independent_rewards(root / "reward" / rm, splits[source]["test"], MAX_LEN, n)
+        rc, rr = _independent_rewards(root / "reward" / rm, splits[source]["test"], CAL_MAX_LEN, n)
         np.testing.assert_allclose(scores[f"{rm}::{source}::test::chosen"][:n], rc, atol=2e-5)
         np.testing.assert_allclose(scores[f"{rm}::{source}::test::rejected"][:n], rr, atol=2e-5)
-    # some transcripts are longer than MAX_LEN, so left truncation was exercised
+    # some transcripts are longer than CAL_MAX_LEN, so left truncation was exercised
     from pipeline.data.tokenize import encode_left
 
     ds = splits["helpful"]["test"]
-    _, n_cut = encode_left(tiny_tok, [p + c for p, c in zip(ds["prompt"], ds["chosen"])], MAX_LEN)
+    _, n_cut = encode_left(tiny_tok, [p + c for p, c in zip(ds["prompt"], ds["chosen"])], CAL_MAX_LEN)
     assert n_cut > 0
 
 
@@ -156,21 +128,21 @@ def test_metrics_are_consistent_with_independent_recomputation(run_dir):
     metrics = json.loads((root / "calibration" / "metrics.json").read_text())
     temps = json.loads((root / "calibration" / "temperatures.json").read_text())
     scores = np.load(root / "calibration" / "scores.npz")
-    splits = build_splits(_data_config())
+    splits = build_splits(calibration_data_config())
     assert set(metrics) == {"more", "single-helpful", "single-harmless", "averaging"}
     assert set(temps) == set(metrics)
     for rm, entry in metrics.items():
-        assert set(entry) == set(SOURCES) | {"hh_average", "all_average", "train_overlap"}
+        assert set(entry) == set(CAL_SOURCES) | {"hh_average", "all_average", "train_overlap"}
         assert entry["train_overlap"]["checked"] is False  # these RMs have no train_prompts.json
-        val_c = np.concatenate([scores[f"{rm}::{s}::validation::chosen"] for s in SOURCES])
-        val_r = np.concatenate([scores[f"{rm}::{s}::validation::rejected"] for s in SOURCES])
-        assert len(val_c) == N_VALID * len(SOURCES)
+        val_c = np.concatenate([scores[f"{rm}::{s}::validation::chosen"] for s in CAL_SOURCES])
+        val_r = np.concatenate([scores[f"{rm}::{s}::validation::rejected"] for s in CAL_SOURCES])
+        assert len(val_c) == CAL_N_VALID * len(CAL_SOURCES)
         t = fit_temperature(val_c, val_r).temperature
         assert temps[rm] == pytest.approx(t, rel=1e-9)
-        for s in SOURCES:
+        for s in CAL_SOURCES:
             rc, rr = scores[f"{rm}::{s}::test::chosen"], scores[f"{rm}::{s}::test::rejected"]
             m = entry[s]
-            assert m["n_pairs"] == N_TEST
+            assert m["n_pairs"] == CAL_N_TEST
             assert m["accuracy"] == pytest.approx(float(np.mean(np.where(rc > rr, 1, np.where(rc < rr, 0, 0.5)))))
             for nb in (5, 10, 20):
                 assert m[f"ece_{nb}"] == pytest.approx(M.pairwise_ece(rc, rr, nb), abs=1e-12)
@@ -193,10 +165,10 @@ def test_metrics_are_consistent_with_independent_recomputation(run_dir):
         assert hh["temperature_scaled"]["ece_10"] == pytest.approx(
             (entry["helpful"]["temperature_scaled"]["ece_10"] + entry["harmless"]["temperature_scaled"]["ece_10"]) / 2
         )
-        assert entry["all_average"]["ece_10"] == pytest.approx(np.mean([entry[s]["ece_10"] for s in SOURCES]))
-        assert entry["all_average"]["n_pairs"] == N_TEST * len(SOURCES)
+        assert entry["all_average"]["ece_10"] == pytest.approx(np.mean([entry[s]["ece_10"] for s in CAL_SOURCES]))
+        assert entry["all_average"]["n_pairs"] == CAL_N_TEST * len(CAL_SOURCES)
     # the Averaging RM is the mean reward of the single-source RMs, scored like any RM
-    for s in SOURCES:
+    for s in CAL_SOURCES:
         for side in ("chosen", "rejected"):
             mean = (scores[f"single-helpful::{s}::test::{side}"] + scores[f"single-harmless::{s}::test::{side}"]) / 2
             np.testing.assert_allclose(scores[f"averaging::{s}::test::{side}"], mean, rtol=0, atol=1e-12)
@@ -209,9 +181,9 @@ def test_diversity_matrix_and_table(run_dir):
     root, _ = run_dir
     metrics = json.loads((root / "calibration" / "metrics.json").read_text())
     div = json.loads((root / "calibration" / "diversity.json").read_text())
-    assert div["trained_on"] == ["helpful", "harmless"] and div["tested_on"] == SOURCES
+    assert div["trained_on"] == ["helpful", "harmless"] and div["tested_on"] == CAL_SOURCES
     for i, rm in enumerate(div["rms"]):
-        for j, s in enumerate(SOURCES):
+        for j, s in enumerate(CAL_SOURCES):
             assert div["accuracy"][i][j] == metrics[rm][s]["accuracy"]
             assert div["ece_10"][i][j] == pytest.approx(metrics[rm][s]["ece_10"])
     table = (root / "calibration" / "table.md").read_text()
@@ -228,31 +200,31 @@ def test_bad_inputs_raise_one_clear_error(tmp_path, tiny_tok):
         CalibrationConfig(strategy="equal-ish")
     # no index
     with pytest.raises(FileNotFoundError, match="run the reward stage first"):
-        run(_recipe(), tmp_path)
+        run(calibration_recipe(), tmp_path)
     # an RM directory that does not load
     reward = tmp_path / "reward"
     (reward / "broken").mkdir(parents=True)
     (reward / "broken" / "config.json").write_text("{not json")
     (reward / "index.json").write_text(json.dumps({"broken": {"path": str(reward / "broken"), "method": "more"}}))
     with pytest.raises(ValueError, match="reward model 'broken' at .* does not load"):
-        run(_recipe(), tmp_path)
+        run(calibration_recipe(), tmp_path)
     (reward / "index.json").write_text(json.dumps({"gone": {"path": str(reward / "gone"), "method": "more"}}))
     with pytest.raises(FileNotFoundError, match="reward model 'gone'.*does not exist"):
-        run(_recipe(), tmp_path)
+        run(calibration_recipe(), tmp_path)
     # a source with no test split (a one-split source cut with test_fraction = 0)
     from pipeline.data import DataConfig, SourceSpec
 
     rows = [{"prompt": f"\n\nHuman: q{i}?\n\nAssistant:", "chosen": " yes", "rejected": " no"} for i in range(20)]
     data_file = tmp_path / "pairs.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    _save_rm(tiny_tok, reward / "ok", seed=0, head_scale=1.0)
+    save_tiny_rm(tiny_tok, reward / "ok", seed=0, head_scale=1.0)
     (reward / "index.json").write_text(json.dumps({"ok": {"path": str(reward / "ok"), "method": "more"}}))
     data = DataConfig(sources=[SourceSpec(name="mine", format="jsonl", path=str(data_file))], test_fraction=0.0)
     with pytest.raises(ValueError, match="source 'mine' has no test split"):
-        run(_recipe(data=data), tmp_path)
+        run(calibration_recipe(data=data), tmp_path)
     # unknown RM requested
     with pytest.raises(ValueError, match=r"calibration.rms: \['nope'\] not in"):
-        run(_recipe(rms=["nope"]), tmp_path)
+        run(calibration_recipe(rms=["nope"]), tmp_path)
 
 
 def test_cli_runs_the_stage_alone(tmp_path, tiny_tok, capsys):
@@ -265,7 +237,7 @@ def test_cli_runs_the_stage_alone(tmp_path, tiny_tok, capsys):
     # no reward stage output yet: one clear message, exit status 2
     assert main(["--recipe", "tiny-cpu", "--output-dir", str(tmp_path)]) == 2
     assert "run the reward stage first" in capsys.readouterr().err
-    _save_rm(tiny_tok, tmp_path / "reward" / "multitask", seed=5, head_scale=10.0)
+    save_tiny_rm(tiny_tok, tmp_path / "reward" / "multitask", seed=5, head_scale=10.0)
     (tmp_path / "reward" / "index.json").write_text(
         json.dumps({"multitask": {"path": "multitask", "method": "multitask", "sources": ["helpful"]}})
     )
@@ -307,21 +279,7 @@ def test_two_processes_shard_scoring_and_one_writes(run_dir, tmp_path):
     for name in index:  # point the copy at its own RM dirs
         index[name]["path"] = str(tmp_path / "reward" / name)
     (tmp_path / "reward" / "index.json").write_text(json.dumps(index))
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--standalone",
-        str(Path(__file__).resolve()),
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=repo)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = torchrun_worker(Path(__file__).resolve(), tmp_path, timeout=300)
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["artifacts"] and ranks[1]["artifacts"] == []  # only the main process writes
     single = np.load(root / "calibration" / "scores.npz")
@@ -338,7 +296,7 @@ def test_corrupt_rm_weights_name_the_rm(tmp_path, tiny_tok):
     from safetensors.torch import load_file, save_file
 
     reward = tmp_path / "reward"
-    _save_rm(tiny_tok, reward / "bad", seed=1, head_scale=1.0)
+    save_tiny_rm(tiny_tok, reward / "bad", seed=1, head_scale=1.0)
     weights = load_file(reward / "bad" / "model.safetensors")
     head = weights["score.weight"]  # random bytes in the whole model also work, but denormals make CPU math slow
     noise = torch.randint(
@@ -351,14 +309,14 @@ def test_corrupt_rm_weights_name_the_rm(tmp_path, tiny_tok):
     with pytest.raises(
         ValueError, match=r"reward model 'bad' at .*bad gives a non-finite reward .* for \d+ of \d+ pairs"
     ):
-        run(_recipe(max_pairs_per_split=8), tmp_path)
+        run(calibration_recipe(max_pairs_per_split=8), tmp_path)
 
 
 if __name__ == "__main__":  # the torchrun worker of the distributed test
     from accelerate import PartialState
 
     out = Path(sys.argv[1])
-    artifacts = run(_recipe(), out)
+    artifacts = run(calibration_recipe(), out)
     state = PartialState()
     (out / f"rank{state.process_index}.json").write_text(
         json.dumps({"world": state.num_processes, "artifacts": artifacts})

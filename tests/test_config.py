@@ -14,7 +14,6 @@ import pytest
 import pipeline.config as C
 import pipeline.config_keys as K
 import pipeline.plan as P
-from tests.test_run import fakes  # noqa: F401 - fixture
 
 
 def load(fakes, *overrides, text: str | None = None):  # noqa: F811

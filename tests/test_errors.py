@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import pipeline.run as R
-from tests.test_run import fakes, set_stage_run  # noqa: F401 - the fixture of fake stages
+from tests.helpers import set_stage_run
 
 
 TINY_REWARD_RECIPE = """\

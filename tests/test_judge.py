@@ -26,8 +26,7 @@ from pipeline.align.judge import (
     summarize,
 )
 from pipeline.stats import wilson_interval
-from tests.test_align_helpers import judge_server
-from tests.test_run import fakes, set_stage_run  # noqa: F401 - the fixture of fake stages
+from tests.helpers import free_port, judge_server, set_stage_run
 
 
 SECRET = "sk-test-DO-NOT-LEAK-1234"
@@ -191,10 +190,7 @@ def test_budget_exhausted_keeps_finished_judgements(server, tmp_path, monkeypatc
 
 
 def test_unreachable_endpoint_is_one_clear_error(tmp_path):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()  # nothing listens there now
+    port = free_port()  # nothing listens there now
     judge = OpenAIJudge(
         f"http://127.0.0.1:{port}/v1",
         "m",

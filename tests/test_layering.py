@@ -11,7 +11,10 @@ Every import counts, also one inside a function (`ast` walks the whole module). 
     top          pipeline.sweep, pipeline.__main__ and every pipeline.<stage>.__main__
 
 A module may import modules of its own layer or below, never above. The README's "How the code is laid out"
-describes the same layers."""
+describes the same layers.
+
+The tests share their machinery through tests/helpers.py, tests/reward_helpers.py and tests/conftest.py only: no
+file under tests/ imports a test module (tests/test_*.py)."""
 
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ import pytest
 
 
 PKG = Path(__file__).resolve().parents[1] / "pipeline"
+TESTS = Path(__file__).resolve().parent
+SHARED_TEST_MODULES = ("helpers", "reward_helpers", "conftest")  # what a file under tests/ may import from tests
 MAX_LINES = 700
 LEAVES = ("errors", "io", "logs", "stats", "tables", "strict", "dist", "layout", "models", "scoring", "data")
 STAGE_PACKAGES = ("reward", "calibration", "align", "report")
@@ -154,3 +159,53 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     assert imports_of("pipeline.data.x", pkg / "data" / "x.py", known) == {"pipeline.run", "pipeline.data.y"}
     assert layer("pipeline.data.x") < layer("pipeline.run")
     assert layer("pipeline.align.stage")[1] > layer("pipeline.reward.stage")[1]
+
+
+def imported_tests_modules(path: Path, tests_dir: Path = TESTS) -> set[str]:
+    """The modules of the tests package that the file at `path` (under tests_dir) imports anywhere in its body:
+    `tests.x` for `import tests.x`, `from tests.x import y`, `from tests import x` and a relative `from .x import y`."""
+    package = ["tests", *path.parent.relative_to(tests_dir).parts]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+            names = [f"{base}.{a.name}" for a in node.names] if base == "tests" else [base]
+        else:
+            continue
+        found |= {".".join(n.split(".")[:2]) for n in names if n.startswith("tests.")}
+    return found
+
+
+def test_no_test_module_is_imported_by_another_file():
+    """Fixtures come from conftest.py, plain helpers from helpers.py / reward_helpers.py: importing a test module
+    runs all of its imports, and hides which file the shared code belongs to."""
+    allowed = {f"tests.{m}" for m in SHARED_TEST_MODULES}
+    bad = []
+    for path in sorted(TESTS.rglob("*.py")):
+        if "fixtures" not in path.relative_to(TESTS).parts:
+            bad += [f"{path.relative_to(TESTS)} imports {m}" for m in sorted(imported_tests_modules(path) - allowed)]
+    why = "imports of test modules (move what they share to tests/helpers.py or conftest.py):\n"
+    assert not bad, why + "\n".join(bad)
+
+
+def test_the_test_import_check_sees_every_form(tmp_path):
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "test_a.py").write_text(
+        "import tests.test_b\nfrom tests import reward_helpers as H, test_c\nfrom .test_d import x\n"
+        "def f():\n    from tests.test_e import y\n    from . import helpers\n"
+    )
+    (tmp_path / "scripts" / "s.py").write_text("from tests.conftest import CHATML\nfrom tests.helpers.x import y\n")
+    seen = imported_tests_modules(tmp_path / "test_a.py", tmp_path)
+    assert seen == {
+        "tests.test_b",
+        "tests.reward_helpers",
+        "tests.test_c",
+        "tests.test_d",
+        "tests.test_e",
+        "tests.helpers",
+    }
+    assert imported_tests_modules(tmp_path / "scripts" / "s.py", tmp_path) == {"tests.conftest", "tests.helpers"}

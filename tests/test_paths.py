@@ -19,6 +19,7 @@ from pipeline.reward import index as index_mod
 from pipeline.reward import stage
 from pipeline.reward.config import RewardStageConfig
 from pipeline.reward.fingerprint import base_model_record
+from tests.helpers import CHATML, one_rm_recipe
 
 
 HOSTILE = ["../../../../../x", "/../../../x", "/etc/passwd", "a/b", "a\x00b", "..", ".", "", "é" * 200, "x" * 300]
@@ -187,9 +188,8 @@ def test_stage_outputs_of_other_stages_use_the_safe_names(tmp_path):
 def test_calibration_never_writes_temperature_outside_the_run(tmp_path, capsys, one_thread):
     from pipeline.calibration.config import CalibrationConfig
     from pipeline.calibration.stage import run as calibrate
-    from tests.test_reward_stage import _one_rm_recipe
 
-    recipe = _one_rm_recipe(max_steps=1)
+    recipe = one_rm_recipe(max_steps=1)
     other, mine = tmp_path / "other", tmp_path / "mine"
     stage.run(recipe, other)
     (mine / "reward").mkdir(parents=True)
@@ -237,8 +237,6 @@ def test_base_weights_replaced_or_template_edited_in_place_retrain(tmp_path, cap
     and the template as its path, so both edits left reward (and calibration) 'up to date'."""
     import pipeline.config as C
     import pipeline.plan as P
-    from tests.conftest import CHATML
-    from tests.test_reward_stage import _one_rm_recipe
 
     monkeypatch.setenv("MORE_PIPELINE_CACHE", str(tmp_path / "cache"))
     base, template = tmp_path / "base", tmp_path / "chat.jinja"
@@ -251,7 +249,7 @@ def test_base_weights_replaced_or_template_edited_in_place_retrain(tmp_path, cap
         return {s: P.stage_config_hash(r, s) for s in ("reward", "calibration")}
 
     def recipe():
-        r = _one_rm_recipe(max_steps=1)
+        r = one_rm_recipe(max_steps=1)
         r.reward.model_name_or_path, r.reward.chat_template = str(base), str(template)
         return r
 

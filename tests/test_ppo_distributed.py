@@ -8,8 +8,6 @@ Each rank records a fingerprint of its policy weights and of the responses it sa
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,24 +15,6 @@ import pytest
 
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _torchrun(out: Path, *extra: str, timeout: int = 300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--standalone",
-        str(Path(__file__).resolve()),
-        str(out),
-        *extra,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
 def _check_two_ranks(out: Path, r0: dict, r1: dict):
@@ -54,7 +34,9 @@ def _check_two_ranks(out: Path, r0: dict, r1: dict):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_ddp_two_ranks_end_with_identical_policies(tmp_path):
-    r0, r1 = _torchrun(tmp_path)
+    from tests.helpers import torchrun_worker  # imported here: the worker below runs without tests/ on its path
+
+    r0, r1 = torchrun_worker(Path(__file__).resolve(), tmp_path, timeout=300)
     _check_two_ranks(tmp_path, r0, r1)
 
 
@@ -65,7 +47,9 @@ def test_ddp_two_ranks_end_with_identical_policies(tmp_path):
 def test_deepspeed_zero_two_ranks(tmp_path, stage):
     """ZeRO-2, and ZeRO-3 (sharded parameters: gathered for generation, gathered for the reference copy
     and for the final save)."""
-    r0, r1 = _torchrun(tmp_path, "--zero", str(stage), timeout=500)
+    from tests.helpers import torchrun_worker
+
+    r0, r1 = torchrun_worker(Path(__file__).resolve(), tmp_path, "--zero", str(stage), timeout=500)
     assert r0["deepspeed"] and r1["deepspeed"]
     _check_two_ranks(tmp_path, r0, r1)
 

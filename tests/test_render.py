@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.data import render as R
-from tests.conftest import CHATML
+from tests.helpers import CHATML
 
 
 U = {"role": "user", "content": "Hi there "}

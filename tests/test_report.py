@@ -14,7 +14,6 @@ from pipeline.report.calibration_section import compare_sentence
 from pipeline.report.config import ReportConfig, paper_rows
 from pipeline.report.facts import format_count, safetensors_param_count
 from pipeline.report.sections import synthetic_truth_paragraph, win_tie_lose_sentence
-from tests.test_run import fakes  # noqa: F401 - fixture
 
 
 def test_compare_sentence_without_an_interval_gives_no_verdict():

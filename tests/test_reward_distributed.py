@@ -1,45 +1,21 @@
 """MORE under 2 real CPU processes: DDP (gloo) and DeepSpeed ZeRO-3. CI runs both."""
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import free_port, torchrun_worker
 
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "ddp_more.py"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(out: Path, *extra: str, timeout: int = 400):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(SCRIPT),
-        str(out),
-        *extra,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+def _torchrun(out: Path, *extra: str, timeout: int) -> list[dict]:
+    """tests/scripts/ddp_more.py on 2 ranks, rendezvous on 127.0.0.1 at a free port."""
+    rendezvous = ("--master_addr", "127.0.0.1", "--master_port", str(free_port()))
+    return torchrun_worker(SCRIPT, out, *extra, timeout=timeout, rendezvous=rendezvous)
 
 
 def _weights(out: Path, rank: int) -> dict:
@@ -55,7 +31,7 @@ def _ddp_run(tmp_path_factory):
     """The DDP run, done once: its own test checks it and the ZeRO-3 test compares against it."""
     if not _DDP_RUN:
         out = tmp_path_factory.mktemp("ddp")
-        _DDP_RUN.update(out=out, ranks=_torchrun(out))
+        _DDP_RUN.update(out=out, ranks=_torchrun(out, timeout=400))
     return _DDP_RUN["out"], _DDP_RUN["ranks"]
 
 
@@ -75,7 +51,7 @@ def test_ddp_ranks_share_identical_more_weights(tmp_path_factory):
 @pytest.mark.slow
 def test_deepspeed_zero3_more_completes(tmp_path, tmp_path_factory):
     """ZeRO-3 (partitioned parameters) trains the same model as DDP: same MORE weights, same final weights.
-    torchrun's rc 0 (asserted in _torchrun) also covers a clean teardown on both ranks."""
+    torchrun's rc 0 (asserted in torchrun_worker) also covers a clean teardown on both ranks."""
     r0, r1 = _torchrun(tmp_path, "--zero", "3", timeout=600)
     assert r0["world_size"] == 2
     assert len(r0["lambdas"]) == 4 and r0["lambdas"] == r1["lambdas"]

@@ -10,40 +10,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.data import DataConfig
-from pipeline.data.synthetic import SyntheticConfig
 from pipeline.reward import fingerprint, stage
 from pipeline.reward import index as index_mod
 from pipeline.reward.config import RewardStageConfig
-
-
-def tiny_recipe(**reward):
-    data = DataConfig(
-        synthetic=SyntheticConfig(n_train=48, n_valid=16, n_test=16),
-        n_train_per_source=16,
-        per_source_batch=2,
-        max_length=96,
-    )
-    rcfg = RewardStageConfig(
-        **{
-            "methods": ["more", "multitask"],
-            "tokenizer_vocab_size": 400,
-            "train": {
-                "max_steps": 3,
-                "learning_rate": 1e-3,
-                "logging_steps": 1,
-                "report_to": "none",
-                "activation_checkpointing": False,
-                "disable_tqdm": True,
-                "save_strategy": "no",
-            },
-            **reward,
-        }
-    )
-    return SimpleNamespace(name="test", seed=0, data=data, reward=rcfg)
+from tests.helpers import one_rm_recipe, reward_recipe
 
 
 def test_reward_stage_trains_saves_and_skips(tmp_path, capsys):
-    recipe = tiny_recipe()
+    recipe = reward_recipe()
     artifacts = stage.run(recipe, tmp_path)
     index = json.loads((tmp_path / "reward" / "index.json").read_text())
     assert set(index) == {"more", "multitask"}
@@ -64,7 +38,7 @@ def test_reward_stage_trains_saves_and_skips(tmp_path, capsys):
 
 
 def test_reward_stage_single_source_rms(tmp_path):
-    recipe = tiny_recipe(methods=["single"])
+    recipe = reward_recipe(methods=["single"])
     recipe.data.sources = recipe.data.sources[:2]
     stage.run(recipe, tmp_path)
     index = json.loads((tmp_path / "reward" / "index.json").read_text())
@@ -87,7 +61,7 @@ def test_reward_stage_records_training_prompts_and_dropped_pairs(tmp_path, capsy
     rows += [{"prompt": "\n\nHuman: same?\n\nAssistant:", "chosen": " x", "rejected": " x"}] * 3  # identical: dropped
     path = tmp_path / "mine.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = tiny_recipe(methods=["multitask"])
+    recipe = reward_recipe(methods=["multitask"])
     recipe.data = DataConfig(
         sources=[SourceSpec(name="mine", format="jsonl", path=str(path), split=None)],
         per_source_batch=2,
@@ -161,22 +135,15 @@ def _weights(d):
     return {k: v.clone() for k, v in load_file(str(d / "model.safetensors")).items()}
 
 
-def _one_rm_recipe(**train):
-    recipe = tiny_recipe(methods=["more"])
-    recipe.data.sources = recipe.data.sources[:2]
-    recipe.reward.train.update(train)
-    return recipe
-
-
 def test_changed_setting_retrains_same_setting_skips_force_retrains(tmp_path, capsys):
     """Defect 1: a changed reward.train.learning_rate must retrain (new weights, new card), not reuse; the same
     config reuses; a truncated weights file (defect 11) or force=True (--force reward) retrains."""
-    stage.run(_one_rm_recipe(), tmp_path)
+    stage.run(one_rm_recipe(), tmp_path)
     rm = tmp_path / "reward" / "more"
     w1 = _weights(rm)
     capsys.readouterr()
 
-    stage.run(_one_rm_recipe(learning_rate=5e-2), tmp_path)
+    stage.run(one_rm_recipe(learning_rate=5e-2), tmp_path)
     out = capsys.readouterr().out
     assert "already trained" not in out
     assert "train_args.learning_rate: 0.001 -> 0.05" in out  # says why
@@ -185,29 +152,29 @@ def test_changed_setting_retrains_same_setting_skips_force_retrains(tmp_path, ca
     assert "Learning rate 0.05" in (rm / "README.md").read_text()
     assert json.loads((rm / "fingerprint.json").read_text())["inputs"]["train_args"]["learning_rate"] == 0.05
 
-    stage.run(_one_rm_recipe(learning_rate=5e-2), tmp_path)  # same config: reused
+    stage.run(one_rm_recipe(learning_rate=5e-2), tmp_path)  # same config: reused
     assert "more: already trained, skipping" in capsys.readouterr().out
     assert all(torch.equal(w2[k], v) for k, v in _weights(rm).items())
 
     # Defect 11: a truncated model.safetensors is not up to date
     data = (rm / "model.safetensors").read_bytes()
     (rm / "model.safetensors").write_bytes(data[: len(data) // 2])
-    stage.run(_one_rm_recipe(learning_rate=5e-2), tmp_path)
+    stage.run(one_rm_recipe(learning_rate=5e-2), tmp_path)
     out = capsys.readouterr().out
     assert "model.safetensors (size" in out and "already trained" not in out
     assert all(torch.equal(w2[k], v) for k, v in _weights(rm).items())  # same inputs, same seed: same RM
 
     mtime = (rm / "model.safetensors").stat().st_mtime_ns
-    stage.run(_one_rm_recipe(learning_rate=5e-2), tmp_path, force=True)  # --force reward
+    stage.run(one_rm_recipe(learning_rate=5e-2), tmp_path, force=True)  # --force reward
     assert "forced" in capsys.readouterr().out
     assert (rm / "model.safetensors").stat().st_mtime_ns != mtime
     assert all(torch.equal(w2[k], v) for k, v in _weights(rm).items())
 
 
 def test_changed_training_data_or_tiny_base_retrains(tmp_path, capsys):
-    stage.run(_one_rm_recipe(), tmp_path)
+    stage.run(one_rm_recipe(), tmp_path)
     capsys.readouterr()
-    recipe = _one_rm_recipe()
+    recipe = one_rm_recipe()
     recipe.data.n_train_per_source = 8  # other training rows
     recipe.reward.tokenizer_vocab_size = 300  # another tokenizer: .base is rebuilt, the RM retrained
     stage.run(recipe, tmp_path)
@@ -224,7 +191,7 @@ def test_half_written_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys
     from transformers import Trainer
 
     train = {"max_steps": 6, "save_strategy": "steps", "save_steps": 2}
-    stage.run(_one_rm_recipe(**train), tmp_path / "full")
+    stage.run(one_rm_recipe(**train), tmp_path / "full")
     want = _weights(tmp_path / "full" / "reward" / "more")
 
     run_dir = tmp_path / "cut"
@@ -237,12 +204,12 @@ def test_half_written_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys
 
     monkeypatch.setattr(Trainer, "_save_rng_state", disk_full)
     with pytest.raises(OSError):
-        stage.run(_one_rm_recipe(**train), run_dir)
+        stage.run(one_rm_recipe(**train), run_dir)
     monkeypatch.undo()
     ckpts = run_dir / "reward" / ".checkpoints" / "more"
     assert (ckpts / "checkpoint-4").is_dir() and not (ckpts / "checkpoint-4" / "trainer_state.json").exists()
     capsys.readouterr()
-    stage.run(_one_rm_recipe(**train), run_dir)
+    stage.run(one_rm_recipe(**train), run_dir)
     out = capsys.readouterr().out
     assert "skipping incomplete checkpoint checkpoint-4" in out
     assert "resuming from" in out and "checkpoint-2" in out
@@ -264,11 +231,11 @@ def test_checkpoints_of_other_inputs_are_not_resumed(tmp_path, capsys, monkeypat
 
     monkeypatch.setattr(MORERewardTrainer, "_save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        stage.run(_one_rm_recipe(**train), tmp_path)
+        stage.run(one_rm_recipe(**train), tmp_path)
     monkeypatch.undo()
     assert (tmp_path / "reward" / ".checkpoints" / "more" / "checkpoint-2").is_dir()
     capsys.readouterr()
-    stage.run(_one_rm_recipe(learning_rate=5e-2, **train), tmp_path)
+    stage.run(one_rm_recipe(learning_rate=5e-2, **train), tmp_path)
     out = capsys.readouterr().out
     assert "discarding checkpoints" in out and "resuming" not in out
 
@@ -278,7 +245,7 @@ def test_copied_run_directory_is_independent(tmp_path):
     from pipeline.calibration.config import CalibrationConfig
     from pipeline.calibration.stage import run as calibrate
 
-    recipe = _one_rm_recipe()
+    recipe = one_rm_recipe()
     d = tmp_path / "D"
     stage.run(recipe, d)
     index = json.loads((d / "reward" / "index.json").read_text())
@@ -305,7 +272,7 @@ def test_rm_fingerprints_of_fixed_inputs_are_pinned(tmp_path, monkeypatch):
     from datasets import Dataset
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU defaults enter the train args
-    recipe = _one_rm_recipe(learning_rate=5e-2)
+    recipe = one_rm_recipe(learning_rate=5e-2)
     rows = {
         s: Dataset.from_dict(
             {

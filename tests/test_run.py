@@ -1,15 +1,13 @@
 """The orchestrator (`pipeline.run`) on fake stages: skip/rerun logic, manifest, CLI, crash safety.
 
-The fake stages live in a module written to a temp dir (`FAKE_SRC`), so the same code serves the
-in-process tests (a monkeypatched `pipeline.stages.STAGES`) and the subprocess tests (kill -9, Ctrl-C,
-torchrun), which run `RUNNER_SRC`. Every fake stage call appends "<stage> <event> <rank>" to the file
-named by $FAKE_CALLS, so a test can count how often each stage started and finished.
+The fake stages are those of tests/helpers.py (FAKE_SRC, RUNNER_SRC; it says how they work), installed in-process
+by the `fakes` fixture of conftest.py and run by the subprocess tests (kill -9, Ctrl-C, torchrun) through
+runner.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import signal
@@ -23,177 +21,7 @@ import pytest
 import pipeline.config as C
 import pipeline.plan as P
 import pipeline.run as R
-import pipeline.stages as stages
-
-
-REPO = Path(__file__).resolve().parents[1]
-
-FAKE_SRC = '''
-"""Fake recipe sections and stages for the orchestrator tests."""
-import os
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-
-from pipeline.io import atomic_write_json
-
-STAGE_NAMES = ("reward", "calibration", "align", "report")
-
-
-@dataclass
-class Inner:
-    depth: int = 2
-    tags: list[str] = field(default_factory=lambda: ["a"])
-
-
-@dataclass
-class Spec:
-    name: str = "s"
-    path: str | None = None
-
-
-@dataclass
-class Data:
-    sources: list[Spec] = field(default_factory=lambda: [Spec()])
-    n: int = 10
-    lr: float = 1e-3
-    flag: bool = False
-    inner: Inner = field(default_factory=lambda: Inner(depth=5))
-    extra: dict = field(default_factory=dict)
-    names: tuple[str, ...] = ("x",)
-
-    def __post_init__(self):
-        if self.n < 0:
-            raise ValueError(f"data.n must be >= 0, got {self.n}")
-
-
-@dataclass
-class Stage:
-    steps: int = field(default=1, metadata={"help": "fake knob"})
-    sleep: float = field(default=0.0, metadata={"help": "seconds to sleep after the checkpoint"})
-    fail: bool = False
-
-
-def log(stage, event):
-    path = os.environ.get("FAKE_CALLS")
-    if path:
-        with open(path, "a") as f:
-            f.write(f"{stage} {event} {os.environ.get('RANK', '0')}\\n")
-
-
-def make_run(stage):
-    def run(recipe, run_dir, *, force=False):
-        cfg = getattr(recipe, stage)
-        rank = int(os.environ.get("RANK", "0"))
-        log(stage, "start")
-        if cfg.fail:
-            raise RuntimeError(f"{stage} failed on purpose")
-        out = Path(run_dir) / stage
-        ckpt = out / "checkpoint.json"
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            resumed = ckpt.exists()
-            if cfg.sleep and not resumed:
-                atomic_write_json(ckpt, {"step": 1})
-                # what an atomic write interrupted at this point leaves behind:
-                (out / ".result.json.x1y2z3.tmp").write_text('{"half')
-                log(stage, "sleeping")
-                time.sleep(cfg.sleep)
-            atomic_write_json(out / "result.json", {"stage": stage, "steps": cfg.steps, "resumed": resumed})
-        log(stage, "end")
-        return [f"{stage}/result.json"]
-    return run
-
-
-def fake_stages(stages_module):
-    """The stage table with a fake `run` per stage (the report follows its upstream, as the real one; the fake
-    data section names no files, so no stage reads data)."""
-    return tuple(
-        stages_module.Stage(s, Stage, make_run(s), reads_data=False, follows_upstream=s == "report")
-        for s in STAGE_NAMES
-    )
-
-
-def install(stages_module):
-    stages_module.DATA_SECTION = ("data", Data)
-    stages_module.STAGES = fake_stages(stages_module)
-'''
-
-RUNNER_SRC = """
-import os
-import sys
-
-import fakepipe
-import pipeline.run as R
-import pipeline.stages as stages
-
-fakepipe.install(stages)
-if os.environ.get("FAKE_MANIFEST_WRITES"):
-    _write = R.write_manifest
-
-    def counted(run_dir, manifest):
-        with open(os.environ["FAKE_MANIFEST_WRITES"], "a") as f:
-            f.write(os.environ.get("RANK", "0") + "\\n")
-        _write(run_dir, manifest)
-
-    R.write_manifest = counted
-sys.exit(R.main(sys.argv[1:]))
-"""
-
-RECIPE_YAML = """\
-name: fake
-seed: 3
-data:
-  n: 4
-  lr: 1e-6
-  sources:
-    - {name: a}
-    - {name: b, path: /x}
-reward:
-  steps: 2
-"""
-
-STAGE_NAMES = ("reward", "calibration", "align", "report")
-
-
-def write_fakes(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "fakepipe.py").write_text(FAKE_SRC)
-    (directory / "runner.py").write_text(RUNNER_SRC)
-    (directory / "fake.yaml").write_text(RECIPE_YAML)
-    return directory
-
-
-@pytest.fixture
-def fakes(tmp_path, monkeypatch):
-    """Fake sections/stages installed in-process; yields the dir holding fake.yaml and runner.py."""
-    d = write_fakes(tmp_path / "fakes")
-    monkeypatch.syspath_prepend(str(d))
-    sys.modules.pop("fakepipe", None)
-    import fakepipe
-
-    monkeypatch.setattr(stages, "DATA_SECTION", ("data", fakepipe.Data))
-    monkeypatch.setattr(stages, "STAGES", fakepipe.fake_stages(stages))
-    monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.log"))
-    yield d
-    sys.modules.pop("fakepipe", None)
-
-
-def set_stage_run(monkeypatch, name: str, run) -> None:
-    """Replace one stage's `run` in the (fake) stage table for this test."""
-    table = tuple(dataclasses.replace(s, run=run) if s.name == name else s for s in stages.STAGES)
-    monkeypatch.setattr(stages, "STAGES", table)
-
-
-def calls(tmp_path: Path, event: str = "end") -> dict[str, int]:
-    path = tmp_path / "calls.log"
-    out = dict.fromkeys(STAGE_NAMES, 0)
-    if path.exists():
-        for line in path.read_text().splitlines():
-            stage, ev, _rank = line.split()
-            if ev == event:
-                out[stage] += 1
-    return out
+from tests.helpers import STAGE_NAMES, accelerate_launch_2proc, calls, fakes_env, set_stage_run, torchrun_fakes
 
 
 def run(fakes, out, *overrides, **kw):
@@ -537,15 +365,6 @@ def test_artifact_outside_run_dir_or_missing_fails(fakes, tmp_path, monkeypatch)
 # Crash safety: kill -9 and Ctrl-C in the middle of a stage, then the same command again
 
 
-def _subprocess_env(fakes: Path, tmp_path: Path) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(fakes), str(REPO), env.get("PYTHONPATH", "")])
-    env["FAKE_CALLS"] = str(tmp_path / "calls.log")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
 def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 60) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -580,7 +399,7 @@ def test_ignored_sigint_is_respected_and_sigterm_interrupts(fakes, tmp_path):
     ]
     proc = subprocess.Popen(
         cmd,
-        env=_subprocess_env(fakes, tmp_path),
+        env=fakes_env(fakes, tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -608,7 +427,7 @@ def test_interrupt_mid_stage_then_resume(fakes, tmp_path, sig):
         str(out),
         "calibration.sleep=120",
     ]
-    env = _subprocess_env(fakes, tmp_path)
+    env = fakes_env(fakes, tmp_path)
     # SIGINT's disposition is set for the child, as an interactive shell does for its foreground job: under
     # `nohup pytest &` it would otherwise inherit "ignored" and the Ctrl-C below would never arrive.
     proc = subprocess.Popen(
@@ -651,20 +470,11 @@ def test_interrupt_mid_stage_then_resume(fakes, tmp_path, sig):
 def test_two_processes_accelerate_then_torchrun(fakes, tmp_path):
     """accelerate_configs/cpu_2proc.yaml really starts 2 processes; a torchrun rerun skips on both ranks."""
     out = tmp_path / "run"
-    env = _subprocess_env(fakes, tmp_path)
+    env = fakes_env(fakes, tmp_path)
     env["FAKE_MANIFEST_WRITES"] = str(tmp_path / "writes.log")
     env["OMP_NUM_THREADS"] = "1"
     args = [str(fakes / "runner.py"), "--recipe", str(fakes / "fake.yaml"), "--output-dir", str(out)]
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
-    cmd = [
-        *accelerate,
-        "--config_file",
-        str(REPO / "accelerate_configs" / "cpu_2proc.yaml"),
-        "--main_process_port",
-        str(_free_port()),
-        *args,
-    ]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=REPO)
+    p = accelerate_launch_2proc(args, env, timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = (tmp_path / "calls.log").read_text().split("\n")
     for s in STAGE_NAMES:
@@ -677,27 +487,10 @@ def test_two_processes_accelerate_then_torchrun(fakes, tmp_path):
 
     # Rerun with torchrun: the main process decides, both ranks skip every stage.
     (tmp_path / "calls.log").unlink()
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-    ]
-    p = subprocess.run([*torchrun, *args], env=env, capture_output=True, text=True, timeout=180)
+    p = torchrun_fakes(args, env, timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
     assert not (tmp_path / "calls.log").exists()
     assert p.stderr.count("SKIP") == 4  # logged once, by the main process
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,15 +7,13 @@ around a minute; the full-size recipe is timed by scripts/bench_demo.py.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO, accelerate_launch_2proc, pipeline_cli, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
 
 SMALL = [
     "data.synthetic.n_train=120",
@@ -32,12 +30,7 @@ SMALL = [
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "pipeline.run", "--recipe", "tiny-cpu", "--output-dir", str(out), *SMALL, *extra]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return pipeline_cli("tiny-cpu", out, *SMALL, *extra)
 
 
 @pytest.mark.slow
@@ -103,34 +96,10 @@ def test_tiny_cpu_end_to_end_then_rerun(tmp_path):
 @pytest.mark.distributed
 def test_tiny_cpu_under_accelerate_launch_two_processes(tmp_path):
     """The whole real pipeline under `accelerate launch` with 2 CPU processes (gloo)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "run"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "accelerate_configs" / "cpu_2proc.yaml"),
-        "--main_process_port",
-        str(port),
-        "-m",
-        "pipeline.run",
-        "--recipe",
-        "tiny-cpu",
-        "--output-dir",
-        str(out),
-        *SMALL,
-    ]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    env = subprocess_env(REPO, OMP_NUM_THREADS="1")
+    args = ["-m", "pipeline.run", "--recipe", "tiny-cpu", "--output-dir", str(out), *SMALL]
+    p = accelerate_launch_2proc(args, env, timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
     m = json.loads((out / "manifest.json").read_text())
     assert all(e["status"] == "done" and e["world_size"] == 2 for e in m["stages"].values())

@@ -5,15 +5,14 @@ one `python -m pipeline.run`; the same with the implicit-prompt jsonl. Sizes shr
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import pipeline_cli
 
-REPO = Path(__file__).resolve().parents[1]
+
 SMALL = [
     "data.n_train_per_source=24",
     "data.n_test_per_source=20",
@@ -35,22 +34,7 @@ IMPLICIT = [
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.run",
-        "--recipe",
-        "trl-conversational",
-        "--output-dir",
-        str(out),
-        *SMALL,
-        *extra,
-    ]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return pipeline_cli("trl-conversational", out, *SMALL, *extra)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from pipeline.calibration.compare import direction
 from pipeline.config import RecipeError, load_recipe, recipe_to_dict
 from pipeline.io import atomic_write_json
 from pipeline.stats import paired_differences, t_interval
-from tests.test_run import calls, fakes, set_stage_run  # noqa: F401 - `fakes` is a fixture
+from tests.helpers import calls, fakes_env, set_stage_run, torchrun_fakes, write_fakes
 
 
 T975 = {2: 12.706204736174707, 3: 4.302652729911275, 4: 3.182446305284263}  # t_{0.975, n-1} from tables
@@ -410,14 +410,9 @@ sys.exit(S.main(sys.argv[1:]))
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_sweep_under_torchrun_runs_each_run_on_both_processes(tmp_path):
-    import subprocess
-    import sys
-
-    from tests.test_run import _free_port, _subprocess_env, write_fakes
-
-    fakes = write_fakes(tmp_path / "fakes")  # noqa: F811 - a local folder, not the fixture
+    fakes = write_fakes(tmp_path / "fakes")  # a local folder, not the fixture
     (fakes / "sweep_runner.py").write_text(SWEEP_RUNNER)
-    env = _subprocess_env(fakes, tmp_path)
+    env = fakes_env(fakes, tmp_path)
     env["OMP_NUM_THREADS"] = "1"
     out = tmp_path / "sweep"
     args = [
@@ -434,20 +429,7 @@ def test_sweep_under_torchrun_runs_each_run_on_both_processes(tmp_path):
         str(out),
     ]
 
-    def torchrun():
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(_free_port()),
-            *args,
-        ]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-
-    p = torchrun()
+    p = torchrun_fakes(args, env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = (tmp_path / "calls.log").read_text().split("\n")
     for stage in ("reward", "calibration"):
@@ -463,7 +445,7 @@ def test_sweep_under_torchrun_runs_each_run_on_both_processes(tmp_path):
     assert p.stderr.count("wrote ") == 1
 
     (tmp_path / "calls.log").unlink()
-    p = torchrun()  # everything is done: both ranks skip every run
+    p = torchrun_fakes(args, env, timeout=300)  # everything is done: both ranks skip every run
     assert p.returncode == 0, p.stderr[-3000:]
     assert not (tmp_path / "calls.log").exists() and p.stderr.count("done, skipped") == 4
 
