@@ -10,19 +10,16 @@ from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 from trl import RewardConfig, RewardTrainer
 
+from pipeline.layout import find_reward_head, pool_features
 from pipeline.reward import more as more_mod
-from pipeline.reward.trainer import (
+from pipeline.reward.checkpoints import (
     CHECKPOINT_COMPLETE,
     MORE_STATE,
-    MORERewardConfig,
-    MORERewardTrainer,
-    SourceAwareCollator,
     checkpoint_problem,
-    find_reward_head,
     last_complete_checkpoint,
     load_more_state,
-    pool_features,
 )
+from pipeline.reward.trainer import MORERewardConfig, MORERewardTrainer, SourceAwareCollator
 from tests import reward_helpers as H
 
 

@@ -144,7 +144,7 @@ def warm_start_policy(
     order: list[int] = []
     start = 0
     if checkpoint_dir is not None and save_every > 0:
-        from pipeline.reward.trainer import last_complete_checkpoint
+        from pipeline.reward.checkpoints import last_complete_checkpoint
 
         last = last_complete_checkpoint(checkpoint_dir, required=(WARM_START_STATE,))
         if last is not None:
@@ -185,7 +185,7 @@ WARM_START_STATE = "warm_start_state.pt"
 
 def _save_warm_start(folder: Path, step: int, model, optimizer, schedule, rng, order: list[int]) -> None:
     """checkpoint-<step>/ with the loop state, then its completion marker; older checkpoints are removed."""
-    from pipeline.reward.trainer import CHECKPOINT_COMPLETE, list_checkpoints
+    from pipeline.reward.checkpoints import CHECKPOINT_COMPLETE, list_checkpoints
 
     ckpt = folder / f"checkpoint-{step}"
     ckpt.mkdir(parents=True, exist_ok=True)

@@ -201,7 +201,7 @@ def load_base_model(cfg: RewardStageConfig, path: str, seed: int | None = None):
     if cfg.peft != "none":
         from peft import LoraConfig
 
-        from pipeline.reward.trainer import find_reward_head
+        from pipeline.layout import find_reward_head
 
         head = next(n for n, m in model.named_modules() if m is find_reward_head(model))
         peft_config = LoraConfig(
@@ -217,7 +217,7 @@ def load_base_model(cfg: RewardStageConfig, path: str, seed: int | None = None):
 
 def _resume_point(ckpt_dir: Path, plan: RMPlan, run_dir: Path) -> str | None:
     """The checkpoint to resume from (main process decides; deletes stale and incomplete ones)."""
-    from pipeline.reward.trainer import checkpoint_problem, list_checkpoints
+    from pipeline.reward.checkpoints import checkpoint_problem, list_checkpoints
 
     if not ckpt_dir.is_dir():
         return None

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,15 +41,20 @@ from pipeline.layout import (
     packing_problem,
     pool_features,
 )
+from pipeline.reward.card import scoring_snippet
+from pipeline.reward.checkpoints import (
+    CHECKPOINT_COMPLETE,
+    MORE_STATE,
+    last_complete_checkpoint,
+    load_more_state,
+    save_more_state,
+)
 from pipeline.reward.more import NORMALIZE_MODES, head_gradient_sums, more_weights
 from pipeline.reward.packing import LengthGroupedBalancedSampler, PackedPairCollator
 
 
 METHODS = ("more", "multitask", "uniform")
 TRUNCATION_MODES = ("drop", "left")  # what happens to a pair longer than max_length
-MORE_STATE = "more_state.safetensors"  # MORE's gradient momentum, inside each Trainer checkpoint
-LEGACY_MORE_STATE = "more_state.pt"  # written by older versions (a pickle; read with weights_only=True)
-CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last: a checkpoint without it is incomplete
 SINGLE_SOURCE = "all"  # the name of the one source of a dataset without a source_id column
 
 logger = logging.getLogger(__name__)
@@ -630,111 +633,3 @@ class MORERewardTrainer(RewardTrainer):
         self.save_model(str(output_dir))
         if self.accelerator.is_main_process:
             atomic_write_text(Path(output_dir) / "README.md", self.model_card_text(base_model))
-
-
-SCORING_SNIPPET = '''## Scoring a text
-
-The reward of a text is read as the pipeline reads it: the text tokenized without special tokens, cut
-from the LEFT to {max_length} tokens, this tokenizer's own special tokens added around it and an EOS
-appended where the tokenizer closes a text with nothing of its own (as TRL does), then the model's output
-at the last token that is not its pad token. `model(**tok(text))` skips the EOS and the cut and gives
-other numbers. With this project installed, `pipeline.scoring.score_texts(model, tok, texts,
-max_length={max_length})` does the same in batches.
-
-```python
-import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-path = "."  # this directory
-tok = AutoTokenizer.from_pretrained(path)
-model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-PREFIX, SUFFIX, EOS = {prefix}, {suffix}, {eos}  # what this tokenizer adds around a plain text
-MAX_LENGTH = {max_length}  # longer texts lose tokens from the left
-
-
-def reward(text: str, templated: bool = False) -> float:
-    """text: prompt + response in the plain layout ('\\n\\nHuman: ...\\n\\nAssistant: ...'); for chat data,
-    tok.apply_chat_template(messages, tokenize=False) with templated=True (the template writes its own
-    special tokens, so nothing is added)."""
-    pre, suf, eos = ([], [], []) if templated else (PREFIX, SUFFIX, EOS)
-    body = tok(text, add_special_tokens=False)["input_ids"]
-    if MAX_LENGTH is not None:
-        body = body[max(0, len(body) - (MAX_LENGTH - len(pre) - len(suf) - len(eos))) :]
-    ids = pre + body + suf
-    if eos and ids[-1:] != eos:
-        ids = ids + eos
-    with torch.no_grad():
-        return model(input_ids=torch.tensor([ids])).logits[0, 0].item()
-```
-'''
-
-
-def scoring_snippet(tokenizer, max_length: int | None) -> str:
-    """The model card's scoring section, with this tokenizer's special tokens written in (`encode_left`'s rule):
-    running its code on `prompt + response` gives the pipeline's reward for that pair side."""
-    prefix, suffix = special_affixes(tokenizer)
-    eos = [tokenizer.eos_token_id] if (not suffix and tokenizer.eos_token_id is not None) else []
-    return SCORING_SNIPPET.format(prefix=prefix, suffix=suffix, eos=eos, max_length=max_length)
-
-
-# -------------------------------------------------------------------- checkpoint files
-def save_more_state(checkpoint: str | Path, momentum: torch.Tensor) -> Path:
-    """MORE's momentum as safetensors (no pickle), written to a temporary name then renamed."""
-    from safetensors.torch import save_file
-
-    path = Path(checkpoint) / MORE_STATE
-    tmp = path.with_name(f".{MORE_STATE}.tmp")
-    save_file({"momentum": momentum.detach().float().cpu().contiguous()}, str(tmp))
-    os.replace(tmp, path)
-    return path
-
-
-def load_more_state(checkpoint: str | Path) -> torch.Tensor | None:
-    """The momentum saved in a checkpoint, or None when it holds none."""
-    ckpt = Path(checkpoint)
-    if (ckpt / MORE_STATE).is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(ckpt / MORE_STATE))["momentum"]
-    if (ckpt / LEGACY_MORE_STATE).is_file():
-        return torch.load(ckpt / LEGACY_MORE_STATE, weights_only=True)["momentum"]
-    return None
-
-
-def checkpoint_problem(
-    checkpoint: str | Path, method: str | None = None, required: tuple[str, ...] = ("trainer_state.json",)
-) -> str | None:
-    """Why a checkpoint directory cannot be resumed from, or None when it is complete (`required`: the files a
-    complete one holds besides the marker; a Trainer's by default)."""
-    ckpt = Path(checkpoint)
-    if not (ckpt / CHECKPOINT_COMPLETE).is_file():
-        return f"no {CHECKPOINT_COMPLETE} (its save was interrupted)"
-    for name in required:
-        if not (ckpt / name).is_file():
-            return f"no {name}"
-    if method == "more" and not ((ckpt / MORE_STATE).is_file() or (ckpt / LEGACY_MORE_STATE).is_file()):
-        return f"no {MORE_STATE} (MORE's momentum)"
-    return None
-
-
-def list_checkpoints(folder: str | Path) -> list[Path]:
-    """checkpoint-<step> directories of `folder`, newest (highest step) first."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = [
-        (int(m.group(1)), p)
-        for p in folder.iterdir()
-        if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
-    ]
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def last_complete_checkpoint(
-    folder: str | Path, method: str | None = None, required: tuple[str, ...] = ("trainer_state.json",)
-) -> str | None:
-    """The newest checkpoint of `folder` that is complete (see `checkpoint_problem`), or None."""
-    for ckpt in list_checkpoints(folder):
-        if checkpoint_problem(ckpt, method, required) is None:
-            return str(ckpt)
-    return None
