@@ -4,10 +4,10 @@
 #   docs/benchmarks.md    (the table)
 #   README.md             (the same table between the <!-- benchmarks:begin ... --> / <!-- benchmarks:end --> lines)
 # so no benchmark number in the README is typed by hand. Usage, from anywhere:
-#   bash scripts/bench_all.sh                 # 7.5 min on 2 quiet cores (2026-12-03); ~35 min at load average ~10
+#   bash scripts/bench_all.sh                 # 5.7 min on 2 quiet cores (2026-12-07); far longer on a loaded machine
 #   bash scripts/bench_all.sh --tiny          # seconds-long smoke run of the same commands (writes to $BENCH_OUT)
-# Progress and each script's log go to stderr. Precision: fp32 on CPU (measured: bf16 autocast training steps
-# ran 2-3x SLOWER than fp32 on this project's AMD EPYC even though it has avx512_bf16); override with
+# Progress and each script's log go to stderr. Precision: fp32 on CPU (bf16 autocast was slower than fp32 on
+# this project's AMD EPYC in an informal trial, not a recorded benchmark); override with
 # BENCH_PRECISION=auto|bf16|fp32.
 set -euo pipefail
 cd "$(dirname "$0")/.."

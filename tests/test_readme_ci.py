@@ -116,3 +116,14 @@ def test_the_readme_trl_example_runs_as_written(tmp_path, monkeypatch):
     trainer = namespace["trainer"]
     assert trainer.state.global_step == 4 and trainer.num_sources == 2
     assert (tmp_path / "rm-more" / "README.md").read_text().count("def reward(") == 1
+
+
+def test_the_readme_quotes_the_demo_time_of_the_benchmark_table():
+    """One tiny-cpu time everywhere: the Quick start and the recipe table quote docs/benchmarks.json's demo run."""
+    bench = json.loads((REPO / "docs" / "benchmarks.json").read_text())
+    demo = next(e for e in bench["results"] if e["command"].startswith("python scripts/bench_demo.py"))
+    seconds, date = round(demo["result"]["seconds"]), bench["date"][:10]
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert f"**{seconds} s** on 2 quiet cores" in readme and f"({date}," in readme
+    row = next(ln for ln in readme.splitlines() if ln.startswith("| `tiny-cpu` |"))
+    assert f"{seconds} s ({date}" in row

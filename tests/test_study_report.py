@@ -74,3 +74,21 @@ def test_results_page_is_computed_from_summaries(tmp_path):
     assert "Not run here: 8.5 s per step." in real and "Not run: no summary was committed" in real
     over = next(s for s in sections if s.startswith("Synthetic benchmark, over-confident"))
     assert "Not run: no summary was committed" in over
+
+
+def test_the_readme_findings_are_the_generated_block_of_the_committed_summaries(tmp_path):
+    """README.md's study findings are exactly what study_report.py computes from docs/results/ (so a new or
+    rerun part without a regenerated README fails here), and the block names every significant per-source
+    MORE - MultiTask difference of the real-data part with the chance warning (the README once said no source
+    differed, while harmless Brier and NLL after scaling did)."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    start, end = readme.index(R.README_BEGIN), readme.index(R.README_END) + len(R.README_END)
+    block = R.readme_block(REPO / "docs" / "results")
+    assert readme[start:end] == block, "regenerate it: python scripts/study_report.py --readme README.md"
+    real = block[block.index("**Real data, over-confident regime**") :]
+    assert "Source by source, 2 of the 35 MORE - MultiTask differences pass the rule: Brier after" in real
+    assert "about 8 would by chance alone" in real
+    copy = tmp_path / "README.md"
+    copy.write_text(readme.replace(block, R.README_BEGIN + "\nstale\n" + R.README_END))
+    R.write_readme(copy, REPO / "docs" / "results")
+    assert copy.read_text() == readme
