@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The MORE-vs-baselines study (issue 10, part 2): seeds x grid sweeps with 95% t-intervals over seeds.
 #   scripts/run_study.sh [synthetic|overconfident|real|real-reduced|real-full|all] [OUT_ROOT]      (default: all runs/study)
-# and then regenerates docs/results.md (scripts/study_report.py) from every committed part.
+# and then regenerates docs/results.md and the README's findings (scripts/study_report.py --readme README.md) from every committed part.
 #   PARALLEL=2 (default) runs two synthetic runs at a time; DATA_ROOT=../shared/data/real for the real part.
 # Each part is one `python -m pipeline.sweep` command; rerunning the script skips finished runs and resumes
 # an interrupted one. Each part's summary.{md,json} and plots are copied to docs/results/<part>/ with
@@ -127,4 +127,4 @@ if [[ "$PART" == real-reduced ]]; then
   OMP_NUM_THREADS="$(env -u OMP_NUM_THREADS nproc)" sweep real-reduced "$ROOT/minilm-real-reduced" \
     --recipe minilm-real --seeds 0-2 --stages reward,calibration "data_root=$DATA_ROOT" "${REDUCED[@]}"
 fi
-python scripts/study_report.py
+python scripts/study_report.py --readme README.md
