@@ -387,3 +387,39 @@ def test_verl_head_goes_into_a_sharded_checkpoint_too(base_tokenizer_dir, tmp_pa
     assert not info["missing_keys"] and torch.equal(tc.classifier.weight, model.score.weight)
     _, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "sharded", output_loading_info=True)
     assert not info["missing_keys"]
+
+
+def test_an_rm_with_its_own_chat_template(chat_tok, pairs, tmp_path, one_thread):
+    """An RM trained on conversations keeps its chat template: TRL (text or conversational prompts) and verl build
+    the pipeline's own ids; OpenRLHF's query ends with an EOS after the template's end of turn, measured."""
+    from pipeline.data.render import encode_conversation, plain_to_messages
+    from pipeline.export import export_rm
+    from pipeline.models import TinyModelSpec, tiny_model
+
+    src = tmp_path / "rm"
+    model = tiny_model(TinyModelSpec(arch="gpt_neox"), chat_tok, task="reward", seed=2)
+    with torch.no_grad():
+        model.score.weight.mul_(30)
+    model.save_pretrained(src)
+    chat_tok.save_pretrained(src)
+
+    def reply(text):
+        return [{"role": "assistant", "content": text.strip()}]
+
+    conv = [
+        {
+            **p,
+            "conversation": encode_conversation(
+                plain_to_messages(p["prompt"]), reply(p["chosen"]), reply(p["rejected"])
+            ),
+        }
+        for p in pairs[:6]
+    ]
+    record = export_rm(src, tmp_path / "export", pairs=conv, max_length=256)
+    assert record["tokenizer"] == {"chat_template": "the RM's own (kept)"}
+    engines = record["certificate"]["engines"]
+    assert all(entry["certified"] for entry in engines.values()), engines
+    for engine in ("trl", "trl-chat", "verl"):
+        assert difference_of(engines[engine]) == "identical", engine
+    why = "an EOS after the chat template's end of turn, which the pipeline does not append"
+    assert difference_of(engines["openrlhf"]) == why

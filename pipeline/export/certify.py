@@ -82,36 +82,39 @@ def _strip(ids: Sequence[int], pad: int | None) -> list[int]:
     return ids
 
 
-def difference(engine: list[int], own: list[int], truncated: bool, readout_differs: bool, affixes, pad) -> str | None:
-    """Why an engine's input differs from the pipeline's own (None: the same ids, read at the same token)."""
+def difference(engine: list[int], own: list[int], truncated: bool, readout_differs: bool, marks: dict) -> str | None:
+    """Why an engine's input differs from the pipeline's own (None: the same ids, read at the same token). `marks`:
+    the pipeline's `prefix` and `suffix` ids around a text (`pipeline_affixes`), the model's `pad` id, the `eos` id."""
     if truncated:
         return "cut from the left by the pipeline (max_length); the engine keeps the whole text"
+    pad, eos = marks["pad"], marks["eos"]
     e, o = _strip(engine, pad), _strip(own, pad)
     if e == o:
         if readout_differs and engine and engine[-1] == pad:
-            return "read at the trailing pad token (here the EOS), which the pipeline's read-out skips"
+            token = "pad token (here the EOS)" if pad == eos else "pad token"
+            return f"read at the trailing {token}, which the pipeline's read-out skips"
         return None
-    prefix, suffix = affixes
-    missing = []
+    prefix, suffix = marks["prefix"], _strip(marks["suffix"], pad)
+    found = []
     if prefix and o[: len(prefix)] == prefix and e[: len(prefix)] != prefix:
-        missing.append("no BOS" if len(prefix) == 1 else "no leading special tokens")
+        found.append("no BOS" if len(prefix) == 1 else "no leading special tokens")
         o = o[len(prefix) :]
-    suffix = _strip(suffix, pad)
     if suffix and o[-len(suffix) :] == suffix and e[-len(suffix) :] != suffix:
-        missing.append("no EOS" if len(suffix) == 1 else "no trailing special tokens")
+        found.append("no EOS" if len(suffix) == 1 else "no trailing special tokens")
         o = o[: -len(suffix)]
-    if e != o:
-        missing.append("other tokens")
-    return ", ".join(missing)
+    if eos is not None and e == o + [eos]:
+        found.append("an EOS after the chat template's end of turn, which the pipeline does not append")
+    elif e != o:
+        found.append("other tokens")
+    return ", ".join(found)
 
 
-def summarize(r_engine, ids_engine, r_same, r_own, own_ids, truncated, affixes, pad) -> dict:
+def summarize(r_engine, ids_engine, r_same, r_own, own_ids, truncated, marks: dict) -> dict:
     """One engine's certificate entry (see the module docstring)."""
     readout = np.abs(r_engine - r_same)
     gap = np.abs(r_engine - r_own)
     whys = [
-        difference(e, o, t, bool(d > TOLERANCE), affixes, pad)
-        for e, o, t, d in zip(ids_engine, own_ids, truncated, readout)
+        difference(e, o, t, bool(d > TOLERANCE), marks) for e, o, t, d in zip(ids_engine, own_ids, truncated, readout)
     ]
     kept = ~np.asarray(truncated, dtype=bool)
     engine_pref = r_engine[0::2] > r_engine[1::2]  # sides are chosen, rejected, pair by pair
@@ -154,7 +157,8 @@ def certify(
     own_ids, truncated = pipeline_ids(run_tokenizer, pairs, max_length)
     r_own = pipeline_reward(own_ids)
     sides = pair_sides(run_tokenizer, pairs)
-    affixes = pipeline_affixes(run_tokenizer)
+    prefix, suffix = pipeline_affixes(run_tokenizer)
+    marks = {"prefix": prefix, "suffix": suffix, "pad": pad, "eos": run_tokenizer.eos_token_id}
     out = {}
     for name in engines:
         what, compute = ENGINES[name]
@@ -163,6 +167,6 @@ def certify(
         except Exception as e:  # noqa: BLE001 - an engine that cannot score the folder is a certificate result
             out[name] = {"engine": what, "certified": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
             continue
-        entry = summarize(r_engine, ids_engine, pipeline_reward(ids_engine), r_own, own_ids, truncated, affixes, pad)
+        entry = summarize(r_engine, ids_engine, pipeline_reward(ids_engine), r_own, own_ids, truncated, marks)
         out[name] = {"engine": what, **entry}
     return out
