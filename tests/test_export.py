@@ -359,6 +359,9 @@ def test_a_tiny_pipeline_run_exports_end_to_end(tmp_path):
         for engine, entry in record["certificate"]["engines"].items():
             assert entry["certified"], (name, engine, entry)
             assert f"[export] {name} {engine}: certified" in p.stderr + p.stdout
+    p = export("--out", str(run / "reward"))
+    assert p.returncode == 2 and "would overwrite the run's RM" in p.stderr and "Traceback" not in p.stderr
+    assert (run / "reward" / "more" / "model.safetensors").is_file()
     p = export("--out", str(tmp_path / "y"), "--rm", "nope")
     assert p.returncode == 2 and "--rm: ['nope'] not in" in p.stderr and "Traceback" not in p.stderr
     p = subprocess.run(

@@ -93,6 +93,8 @@ def difference(engine: list[int], own: list[int], truncated: bool, readout_diffe
         if readout_differs and engine and engine[-1] == pad:
             token = "pad token (here the EOS)" if pad == eos else "pad token"
             return f"read at the trailing {token}, which the pipeline's read-out skips"
+        if readout_differs:
+            return "the same ids, read otherwise than the pipeline reads them (e.g. an encoder RM's pooled token)"
         return None
     prefix, suffix = marks["prefix"], _strip(marks["suffix"], pad)
     found = []

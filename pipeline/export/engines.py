@@ -77,7 +77,7 @@ def _quiet(*names: str):
 # TRL: its own trainer, its own reward code
 
 
-def trl_trainer(folder, kind: str = "rloo"):
+def trl_trainer(folder, output_dir, kind: str = "rloo"):
     """A TRL RLOOTrainer / GRPOTrainer with `reward_funcs=[folder]` (TRL loads the RM and its tokenizer), in fp32."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
@@ -99,7 +99,7 @@ def trl_trainer(folder, kind: str = "rloo"):
     )
     cuda = torch.cuda.is_available()
     args = config_cls(
-        output_dir=tempfile.mkdtemp(prefix="export-trl-"),
+        output_dir=str(output_dir),
         use_cpu=not cuda,
         bf16=False,
         report_to="none",
@@ -126,7 +126,11 @@ def trl_rewards(
 ) -> tuple[np.ndarray, list[list[int]]]:
     """Rewards from TRL's `_calculate_rewards` of an RLOOTrainer/GRPOTrainer loading `folder` (see the module
     docstring); the ids are captured on their way into the reward model."""
-    trainer = trl_trainer(folder, kind)
+    with tempfile.TemporaryDirectory(prefix="export-trl-") as tmp:  # TRL wants an output_dir; nothing is saved
+        return _trl_rewards(trl_trainer(folder, tmp, kind), sides, conversational, batch_size)
+
+
+def _trl_rewards(trainer, sides: Sequence[Side], conversational: bool, batch_size: int):
     model = trainer.reward_funcs[0]
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     hook = model.register_forward_pre_hook(
@@ -212,7 +216,7 @@ def openrlhf_rewards(
     model.to(device)
     rewards, ids = [], []
     for batch in _batches(list(sides), batch_size):
-        queries = [s.prompt + s.response + tok.eos_token for s in batch]
+        queries = [s.prompt + s.response + (tok.eos_token or "") for s in batch]
         enc = tok(
             queries, return_tensors="pt", add_special_tokens=False, max_length=max_len, padding=True, truncation=True
         )

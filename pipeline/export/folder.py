@@ -131,7 +131,7 @@ def _verl_head_tensors(model, state_keys: set[str]) -> dict[str, torch.Tensor]:
     try:
         with torch.device("meta"):
             tc = AutoModelForTokenClassification.from_config(config)
-    except ValueError:  # no token-classification class for this architecture
+    except (ValueError, KeyError):  # no token-classification class for this architecture
         return {}
     head = find_reward_head(model)
     prefix = tc.base_model_prefix + "."

@@ -50,7 +50,7 @@ def engine_line(name: str, entry: dict) -> str:
         return line + "its input is the pipeline's own on every side"
     whys = "; ".join(f"{why}: {k}" for why, k in sorted(entry["differences"].items()))
     return line + (
-        f"input differs from the pipeline's on {entry['n_sides'] - entry['identical_inputs']} sides ({whys}): "
+        f"input or read-out differs from the pipeline's on {entry['n_sides'] - entry['identical_inputs']} sides ({whys}): "
         f"reward gap max {entry['gap_max_abs']:.3g}, mean {entry['gap_mean_abs']:.3g} (the pipeline's rewards: "
         f"std {entry['pipeline_reward_std']:.3g}); the same preference on {entry['same_preference']:.0%} of pairs"
     )
@@ -74,7 +74,10 @@ def export_rm(
     `temperature`. Returns the folder's export.json record."""
     if fold and not (temperature is not None and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"export: reward model {name or rm_path}: cannot fold temperature {temperature!r}")
+    import torch
+
     run_model, run_tok = _load(rm_path)
+    run_model.to("cuda" if torch.cuda.is_available() else "cpu")  # the pipeline's reward; the engines pick alike
     model, tok = _load(rm_path)
     record = {
         "source": str(rm_path),
@@ -108,6 +111,20 @@ def export_rm(
         }
         atomic_write_json(tmp / "export.json", record)
     return record
+
+
+def check_out_dir(run_dir: Path, out_dir: Path, index: dict) -> None:
+    """Refuse an --out whose folders would replace the run's RMs (or hold them): the export replaces OUT/<rm>."""
+    out = out_dir.resolve()
+    for name, entry in index.items():
+        src, target = Path(entry["path"]).resolve(), (out_dir / safe_component(name)).resolve()
+        if src == target or src.is_relative_to(target) or out.is_relative_to(src):
+            raise ValueError(
+                f"--out {out_dir}: exporting {name!r} there would overwrite the run's RM ({entry['path']}). "
+                "Fix: choose a folder outside the run's reward/ directory"
+            )
+    if out == Path(run_dir).resolve():
+        raise ValueError(f"--out {out_dir} is the run directory itself. Fix: choose another folder")
 
 
 def held_out_pairs(recipe, n_pairs: int) -> list[dict]:
@@ -147,6 +164,7 @@ def export_run(
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     index = read_index(run_dir, rms, key="--rm")
+    check_out_dir(run_dir, out_dir, index)
     temps = {name: rm_temperature(run_dir, name, entry["path"]) for name, entry in index.items()}
     if fold:
         missing = [n for n, t in temps.items() if t is None]
