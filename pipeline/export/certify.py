@@ -10,8 +10,9 @@ Two numbers per engine, on the sides (chosen and rejected) of held-out pairs:
   input (what training and calibration used: left-truncated to max_length, the tokenizer's special tokens, an EOS
   appended), next to the spread of the pipeline's rewards (`pipeline_reward_std`) and the share of pairs the
   engine orders as the pipeline does (`same_preference`). Zero where the export makes the engine build the
-  pipeline's ids; otherwise measured, with the differences found (`differences`: how many sides lack the BOS, lack the EOS, were cut by the pipeline, are read
-  at a trailing token the pipeline's read-out skips, or tokenize otherwise).
+  pipeline's ids; otherwise measured, with the differences found (`differences`: how many sides lack the BOS,
+  lack the EOS, carry an EOS the pipeline does not append, were cut by the pipeline, are read at a trailing token
+  the pipeline's read-out skips, or tokenize otherwise).
 """
 
 from __future__ import annotations

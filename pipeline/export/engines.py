@@ -204,7 +204,8 @@ def openrlhf_model(folder, *, value_head_prefix: str = "score", normalize_reward
 def openrlhf_rewards(
     folder, sides: Sequence[Side], *, max_len: int = 2048, batch_size: int = 16, normalize_reward: bool = False
 ) -> tuple[np.ndarray, list[list[int]]]:
-    """OpenRLHF's remote-RM reward of `prompt + response + EOS` (a finished rollout decoded with its special tokens)."""
+    """OpenRLHF's remote-RM reward of `prompt + response + EOS` (a finished rollout decoded with its special
+    tokens)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(folder))

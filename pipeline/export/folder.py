@@ -1,5 +1,5 @@
-"""The exported folder: one RM as a standalone `AutoModelForSequenceClassification` + `AutoTokenizer` folder that the RL
-engines load as it is.
+"""The exported folder: one RM as a standalone `AutoModelForSequenceClassification` + `AutoTokenizer` folder that
+the RL engines load as it is.
 
 What `prepare` changes on the loaded RM before it is saved, and why:
 
@@ -43,7 +43,8 @@ def plain_chat_template(prefix: str = "", suffix: str = "") -> str:
     marker, a space and its content stripped (`pipeline.data.render.plain_prompt` / `plain_response`), then
     `suffix`; with `add_generation_prompt` the assistant marker instead of the suffix."""
     branches = "".join(
-        f"{{% {'if' if i == 0 else 'elif'} message['role'] == {_jinja_str(role)} %}}{{{{ {_jinja_str(marker + ' ')} }}}}"
+        f"{{% {'if' if i == 0 else 'elif'} message['role'] == {_jinja_str(role)} %}}"
+        f"{{{{ {_jinja_str(marker + ' ')} }}}}"
         for i, (role, marker) in enumerate(PLAIN_MARKERS.items())
     )
     unknown = "{% else %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"

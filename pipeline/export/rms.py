@@ -49,8 +49,9 @@ def engine_line(name: str, entry: dict) -> str:
     if entry["identical_inputs"] == entry["n_sides"]:
         return line + "its input is the pipeline's own on every side"
     whys = "; ".join(f"{why}: {k}" for why, k in sorted(entry["differences"].items()))
+    n = entry["n_sides"] - entry["identical_inputs"]
     return line + (
-        f"input or read-out differs from the pipeline's on {entry['n_sides'] - entry['identical_inputs']} sides ({whys}): "
+        f"input or read-out differs from the pipeline's on {n} sides ({whys}): "
         f"reward gap max {entry['gap_max_abs']:.3g}, mean {entry['gap_mean_abs']:.3g} (the pipeline's rewards: "
         f"std {entry['pipeline_reward_std']:.3g}); the same preference on {entry['same_preference']:.0%} of pairs"
     )
