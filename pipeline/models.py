@@ -229,11 +229,49 @@ def hub_error(path: str, key: str, e: Exception) -> ModelLoadError:
     )
 
 
+# Files a tokenizer's vocabulary is saved in (one is enough; `.model`, `.tiktoken` and `.spm` files too). A model
+# directory without any still "loads" a tokenizer: transformers builds an EMPTY one from config.json alone (a
+# vocabulary of its 2 special tokens, every text encoded to no ids), so an RM would score every pair a tie.
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "merges.txt")
+_VOCAB_SUFFIXES = (".model", ".tiktoken", ".spm")
+
+
+def has_tokenizer_files(path: str | os.PathLike) -> bool:
+    """Whether the local directory `path` holds a tokenizer's vocabulary (`TOKENIZER_VOCAB_FILES`)."""
+    names = os.listdir(path)
+    return any(n in TOKENIZER_VOCAB_FILES or n.endswith(_VOCAB_SUFFIXES) for n in names)
+
+
+def check_tokenizer_files(path: str, *, key: str = "tokenizer") -> None:
+    """One `ModelLoadError` naming `key`, the folder and the missing files when the local directory `path` has no
+    tokenizer vocabulary (a hub id or a path that is not a directory passes: checked when loaded)."""
+    local = os.path.expanduser(str(path))
+    if not os.path.isdir(local) or has_tokenizer_files(local):
+        return
+    raise ModelLoadError(
+        f"{key}: {path} has no tokenizer files (none of {', '.join(TOKENIZER_VOCAB_FILES)}, *.model): "
+        "transformers would build an empty tokenizer from config.json alone (every text encoded to no tokens: an RM "
+        "would score every pair a tie, or train at loss ln 2). Fix: save the tokenizer there too (tokenizer.save_pretrained)"
+    )
+
+
+def _check_encodes(tok, path: str, key: str) -> None:
+    """A tokenizer that encodes a plain sentence to no ids (an empty vocabulary) is refused."""
+    if not tok("Hello world, 123.", add_special_tokens=False)["input_ids"]:
+        raise ModelLoadError(
+            f"{key}: the tokenizer loaded from {path} encodes text to no tokens (vocabulary of {len(tok)}): its "
+            "tokenizer files are missing or empty. Fix: save the model's tokenizer there (tokenizer.save_pretrained)"
+        )
+
+
 def load_tokenizer(path: str, *, trust_remote_code: bool = False, key: str | None = None):
     """Load a tokenizer and make sure it can pad (pad falls back to EOS, then to a new <pad> token).
 
-    With `key` (the recipe key naming `path`), a path that is not a model/tokenizer directory, or a hub id that
-    cannot be fetched, is one `ModelLoadError` naming the key and the fix."""
+    A local directory without tokenizer files, or a tokenizer that encodes text to no tokens, is one
+    `ModelLoadError` (never the empty tokenizer transformers builds from config.json alone). With `key` (the
+    recipe key naming `path`), a path that is not a model/tokenizer directory, or a hub id that cannot be
+    fetched, is one `ModelLoadError` naming the key and the fix."""
+    check_tokenizer_files(path, key=key or "tokenizer")
     if key is None:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     else:
@@ -248,6 +286,7 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, key: str | Non
                 f"{key}: no tokenizer loads from {path} ({type(e).__name__}: {str(e)[:300]}). Fix: save the "
                 "tokenizer there too (tokenizer.save_pretrained)"
             ) from None
+    _check_encodes(tok, path, key or "tokenizer")
     if tok.pad_token is None:
         if tok.eos_token is not None:
             tok.pad_token = tok.eos_token

@@ -316,3 +316,29 @@ def test_an_rm_of_an_older_training_code_version_is_retrained_with_the_versions_
     reason = fingerprint.stale_reason(out, plan)
     assert reason.startswith(f"trained by training-code version 2, now {fingerprint.TRAINING_CODE_VERSION}: ")
     assert fingerprint.VERSION_NOTES[fingerprint.TRAINING_CODE_VERSION] in reason and "truncation" in reason
+
+
+def test_a_base_model_without_tokenizer_files_is_refused(tmp_path, tiny_tok):
+    """Issue 29, item 1: reward.model_name_or_path naming a folder without tokenizer files trained an RM at loss
+    ln 2 for every step (every text encoded to no tokens) and called it done. Now --dry-run and the stage refuse
+    it before any training, naming the folder and the missing files."""
+    from pipeline.config import load_recipe
+    from pipeline.errors import RecipeError
+    from pipeline.models import ModelLoadError
+    from pipeline.run import run_pipeline
+    from tests.helpers import save_tiny_rm
+
+    bare = tmp_path / "bare"
+    save_tiny_rm(tiny_tok, bare, seed=1, head_scale=1.0)
+    for f in bare.iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            f.unlink()
+    missing = rf"reward.model_name_or_path: {bare} has no tokenizer files \(none of tokenizer.json"
+    recipe = load_recipe("tiny-cpu", [f"reward.model_name_or_path={bare}"])
+    with pytest.raises(RecipeError, match=missing + ".*in the command-line override"):
+        run_pipeline(recipe, tmp_path / "run", stages=["reward"], dry_run=True)
+    recipe = one_rm_recipe()
+    recipe.reward.model_name_or_path = str(bare)
+    with pytest.raises(ModelLoadError, match=missing):
+        stage.run(recipe, tmp_path / "run")
+    assert not (tmp_path / "run" / "reward").exists()

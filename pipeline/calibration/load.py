@@ -34,7 +34,11 @@ def read_rms(run_dir: Path, cfg: CalibrationConfig) -> tuple[dict, dict]:
         if trained_needed or (run_dir / "reward" / "index.json").is_file()
         else {}
     )
-    return index, external_entries(cfg, list(index))
+    external = external_entries(cfg, list(index))
+    for name, entry in external.items():  # before any work: what the model is, then its tokenizer files
+        check_external_rm(name, entry["path"], cfg.trust_remote_code)
+    check_external_tokenizers(cfg)
+    return index, external
 
 
 SUPPORTED_RMS = (
@@ -70,6 +74,32 @@ def external_entries(cfg: CalibrationConfig, taken: list[str]) -> dict:
     return out
 
 
+def tokenizer_dir(path: str) -> str:
+    """Where an RM's tokenizer is loaded from: its own directory, or a PEFT adapter's base model when the adapter
+    directory has no tokenizer files."""
+    from pipeline.models import has_tokenizer_files
+
+    local = Path(path).expanduser()
+    adapter = local / "adapter_config.json"
+    if not adapter.is_file() or has_tokenizer_files(local):
+        return path
+    try:
+        return json.loads(adapter.read_text()).get("base_model_name_or_path") or path
+    except (OSError, ValueError, AttributeError):
+        return path  # check_external_rm names the problem
+
+
+def check_external_tokenizers(cfg: CalibrationConfig) -> None:
+    """Before any work: every local external RM (or, for an adapter without its own tokenizer, its local base)
+    holds tokenizer files; one `ModelLoadError` naming the key, the folder and the missing files otherwise."""
+    from pipeline.models import check_tokenizer_files
+
+    for name, spec in (cfg.external_rms or {}).items():
+        local = Path(spec).expanduser()
+        if local.is_dir():
+            check_tokenizer_files(tokenizer_dir(str(local)), key=f"calibration.external_rms.{name}")
+
+
 def check_external_rm(name: str, path: str, trust_remote_code: bool) -> str | None:
     """Fail clearly unless `path` is a scalar-head sequence classifier (or a SEQ_CLS adapter on one).
 
@@ -93,8 +123,7 @@ def check_external_rm(name: str, path: str, trust_remote_code: bool) -> str | No
         base = acfg.get("base_model_name_or_path")
         if not base:
             raise fail("its adapter_config.json has no base_model_name_or_path")
-        has_tok = any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-        return path if has_tok else base
+        return tokenizer_dir(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - one clear message whatever broke inside transformers

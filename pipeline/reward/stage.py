@@ -409,8 +409,17 @@ def inputs(section: dict) -> list[tuple[str, str]]:
 
 
 def check(recipe, *, runs: bool, origin) -> None:
-    """A reward.chat_template that does not parse or raises fails before any work (also under --dry-run)."""
+    """Before any work (also under --dry-run): a reward.chat_template that does not parse or raises, and, when
+    the stage runs, a local reward.model_name_or_path without tokenizer files."""
+    from pipeline.errors import RecipeError
+    from pipeline.models import ModelLoadError, check_tokenizer_files
+
     check_template_setting(recipe.reward.chat_template, "reward.chat_template", origin)
+    if runs and recipe.reward.model_name_or_path:
+        try:
+            check_tokenizer_files(recipe.reward.model_name_or_path, key="reward.model_name_or_path")
+        except ModelLoadError as e:
+            raise RecipeError(f"{e} (in {origin('reward.model_name_or_path')})") from None
 
 
 def estimate(recipe, run_dir: Path, world: int = 1) -> tuple[str, str]:
