@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from pipeline.io import is_hub_id
+from pipeline.strict import COUNT
 
 
 PAD, EOS, UNK, BOS = "<pad>", "<eos>", "<unk>", "<bos>"
@@ -75,7 +76,9 @@ class TinyModelSpec:
 
     arch: str = field(default="gpt_neox", metadata={"help": "gpt_neox | llama | bert"})
     size: str = field(default="tiny", metadata={"help": "tiny (<1M params) | mini | small (~25M params)"})
-    max_position_embeddings: int = field(default=1024, metadata={"help": "Longest sequence the model accepts."})
+    max_position_embeddings: int = field(
+        default=1024, metadata={"range": COUNT, "help": "Longest sequence the model accepts."}
+    )
 
 
 def _config(spec: TinyModelSpec, tokenizer, **extra):

@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
+from pipeline.strict import COUNT, Range
+
 from .formats import option_keys
 from .sources import FORMATS, PreferenceDataError, load_source
 from .synthetic import DEFAULT_SOURCES, SPLITS, SyntheticConfig, synthetic_split
@@ -101,22 +103,35 @@ class DataConfig:
         metadata={"help": "Knobs of the synthetic benchmark (format=synthetic sources)."},
     )
     n_train_per_source: int | None = field(
-        default=None, metadata={"help": "Resample each source's train split to this size (None: keep)."}
+        default=None,
+        metadata={"range": COUNT, "help": "Resample each source's train split to this size (None: keep)."},
     )
     n_valid_per_source: int | None = field(
-        default=None, metadata={"help": "At most this many validation pairs per source."}
+        default=None, metadata={"range": COUNT, "help": "At most this many validation pairs per source."}
     )
-    n_test_per_source: int | None = field(default=None, metadata={"help": "At most this many test pairs per source."})
+    n_test_per_source: int | None = field(
+        default=None, metadata={"range": COUNT, "help": "At most this many test pairs per source."}
+    )
     test_fraction: float = field(
-        default=0.1, metadata={"help": "Test fraction cut (by prompt hash) from sources that ship one split."}
+        default=0.1,
+        metadata={
+            "range": Range(0, 1, hi_open=True),
+            "help": "Test fraction cut (by prompt hash) from sources that ship one split.",
+        },
     )
     valid_fraction: float = field(
-        default=0.05, metadata={"help": "Validation fraction cut (by prompt hash) from sources without one."}
+        default=0.05,
+        metadata={
+            "range": Range(0, 1, hi_open=True),
+            "help": "Validation fraction cut (by prompt hash) from sources without one.",
+        },
     )
     max_length: int = field(
         default=512, metadata={"help": "Tokens per transcript; longer ones lose tokens on the LEFT."}
     )
-    per_source_batch: int = field(default=4, metadata={"help": "Pairs of every source in each balanced batch."})
+    per_source_batch: int = field(
+        default=4, metadata={"range": COUNT, "help": "Pairs of every source in each balanced batch."}
+    )
     seed: int = field(
         default=0, metadata={"help": "Seed of resampling and mixing (test/validation cuts depend on the prompt only)."}
     )
