@@ -291,13 +291,14 @@ def test_every_numeric_recipe_field_declares_its_range():
             if dataclasses.is_dataclass(tp):
                 walk(tp, f"{path}.{f.name}")
             elif dataclasses.is_dataclass(f.metadata.get("keys")):
-                target = f.metadata["keys"]
+                target, ranges = f.metadata["keys"], f.metadata.get("ranges", {})
                 inherited = (
                     {g.name for g in dataclasses.fields(RewardConfig)}
                     if target.__name__ == "MORERewardConfig"
                     else set()
                 )
-                walk(target, f"{path}.{f.name}", {g.name for g in dataclasses.fields(target)} - inherited)
+                own = {g.name for g in dataclasses.fields(target)} - inherited - set(ranges)
+                walk(target, f"{path}.{f.name}", own)
             elif numeric(tp) and not {"range", "choices"} & set(f.metadata) and not by_name.fullmatch(f.name):
                 missing.append(f"{path}.{f.name}")
 
@@ -308,6 +309,19 @@ def test_every_numeric_recipe_field_declares_its_range():
         if numeric(strip_optional(hints[key])) and key not in TRAINING_ARGS_RANGES and not by_name.fullmatch(key):
             missing.append(f"reward.train.{key}")
     assert missing == []
+
+
+def test_morerewardconfig_still_parses_with_hfargumentparser():
+    """Ranges of reward.train live in the section's table, not in MORERewardConfig's field metadata, which
+    HfArgumentParser passes to argparse (a "range" key there breaks TRL scripts that parse the config)."""
+    from transformers import HfArgumentParser
+
+    from pipeline.reward.trainer import MORERewardConfig
+
+    (args,) = HfArgumentParser(MORERewardConfig).parse_args_into_dataclasses(
+        ["--output_dir", "x", "--alpha", "0.5", "--bf16", "false"]
+    )
+    assert args.alpha == 0.5
 
 
 def stage_names_and_classes():

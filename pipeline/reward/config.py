@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 
 from pipeline.models import TinyModelSpec
 from pipeline.reward.trainer import MORERewardConfig
-from pipeline.strict import COUNT, TRAINING_ARGS_RANGES, Range
+from pipeline.strict import COUNT, INT_MAX, TRAINING_ARGS_RANGES, Range
 
 
 STAGE_METHODS = ("more", "multitask", "uniform", "single")
@@ -38,6 +38,11 @@ SHOWN_TRAINING_ARGS = (
     "report_to",
     "dataloader_num_workers",
 )
+
+
+# The allowed values of reward.train (checked at load): TrainingArguments' fields and MORERewardConfig's own (kept
+# here: a "range" in MORERewardConfig's field metadata would reach HfArgumentParser, which refuses unknown keys).
+TRAIN_RANGES = {**TRAINING_ARGS_RANGES, "alpha": Range(0, 1, lo_open=True), "packing_max_tokens": Range(4, INT_MAX)}
 
 
 @dataclass
@@ -84,7 +89,7 @@ class RewardStageConfig:
         default_factory=dict,
         metadata={
             "keys": MORERewardConfig,
-            "ranges": TRAINING_ARGS_RANGES,
+            "ranges": TRAIN_RANGES,
             "key_fields": SHOWN_TRAINING_ARGS,
             "help": "MORERewardConfig fields (learning_rate, max_steps, alpha, normalize, truncation, bf16, "
             "deepspeed, ...; any trl.RewardConfig / TrainingArguments field). per_device_train_batch_size "

@@ -52,7 +52,6 @@ from pipeline.reward.checkpoints import (
 from pipeline.reward.columns import check_pair_columns, margin_tensor, source_id_tensor
 from pipeline.reward.more import NORMALIZE_MODES, head_gradient_sums, more_weights
 from pipeline.reward.packing import LengthGroupedBalancedSampler, PackedPairCollator
-from pipeline.strict import INT_MAX, Range
 
 
 METHODS = ("more", "multitask", "uniform")
@@ -83,10 +82,7 @@ class MORERewardConfig(RewardConfig):
     )
     alpha: float = field(
         default=0.99,
-        metadata={
-            "range": Range(0, 1, lo_open=True),
-            "help": "MORE: EMA weight on the NEW per-source head gradient (m <- (1-alpha) m + alpha g).",
-        },
+        metadata={"help": "MORE: EMA weight on the NEW per-source head gradient (m <- (1-alpha) m + alpha g)."},
     )
     normalize: str = field(
         default="l2",
@@ -124,10 +120,9 @@ class MORERewardConfig(RewardConfig):
     packing_max_tokens: int | None = field(
         default=None,
         metadata={
-            "range": Range(4, INT_MAX),
             "help": "Packing: tokens per packed row (a longer pair gets a row of its own). None: the batch's "
             "longest packed pair, so no row is wider than one pair needs (attention cost grows with the "
-            "row width squared) and shorter pairs share rows (padding-free up to the last row's tail).",
+            "row width squared) and shorter pairs share rows (padding-free up to the last row's tail)."
         },
     )
     # TRL's RewardConfig defaults the deprecated alias `gradient_checkpointing` to True, so transformers 5 warned
