@@ -166,6 +166,12 @@ class DataConfig:
             raise ValueError("data.test_fraction and data.valid_fraction must be in [0, 1) and sum to less than 1")
         if self.per_source_batch < 1:
             raise ValueError("data.per_source_batch must be >= 1")
+        if self.n_train_per_source is not None and self.per_source_batch > self.n_train_per_source:
+            raise ValueError(
+                f"data.per_source_batch = {self.per_source_batch} is larger than data.n_train_per_source = "
+                f"{self.n_train_per_source}, the training pairs of every source: a batch takes per_source_batch pairs "
+                f"of every source. Fix: set data.per_source_batch <= {self.n_train_per_source}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)

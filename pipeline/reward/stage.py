@@ -54,6 +54,28 @@ from pipeline.reward.index import rm_dir
 from pipeline.reward.trainer import MORERewardConfig
 
 
+def check_batch_fits(recipe, splits) -> None:
+    """Every batch takes `data.per_source_batch` pairs of every source (balanced methods) and each epoch as many
+    batches as the smallest source fills, so a per-source batch larger than the smallest source's training pairs
+    would resample every source up to it (a 10^6 batch of 38-pair sources grew memory for minutes): one
+    RecipeError naming both numbers, before anything is mixed or trained (also under --dry-run).
+    `data.n_train_per_source`, when set, is every source's training pairs (checked when the recipe is loaded)."""
+    from pipeline.errors import RecipeError
+
+    psb = recipe.data.per_source_batch
+    if recipe.data.n_train_per_source is not None or not splits:
+        return
+    sizes = {s: len(dd["train"]) for s, dd in splits.items()}
+    smallest = min(sizes, key=sizes.get)
+    if psb > sizes[smallest]:
+        raise RecipeError(
+            f"data.per_source_batch = {psb} is larger than the smallest source's training pairs ({smallest!r}: "
+            f"{sizes[smallest]} pairs): every batch takes per_source_batch pairs of every source. Fix: set "
+            f"data.per_source_batch <= {sizes[smallest]}, or data.n_train_per_source to resample every source to "
+            "that many pairs"
+        )
+
+
 def planned_steps(recipe, splits=None, world: int = 1) -> dict[str, int]:
     """Optimizer steps each RM of the recipe trains for, as the Trainer computes them: `max_steps` when > 0,
     else ceil(num_train_epochs x ceil(batches / gradient_accumulation_steps)). Batches per epoch: with
@@ -66,6 +88,7 @@ def planned_steps(recipe, splits=None, world: int = 1) -> dict[str, int]:
     from pipeline.data import build_splits, mix
 
     splits = build_splits(recipe.data) if splits is None else splits
+    check_batch_fits(recipe, splits)
     train = recipe.reward.train
     defaults = {f.name: f.default for f in fields(MORERewardConfig) if f.name in ("max_steps", "num_train_epochs")}
     max_steps = int(train.get("max_steps", defaults["max_steps"]))
@@ -335,6 +358,7 @@ def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
 
     run_dir = Path(run_dir)
     splits = build_splits(recipe.data)
+    check_batch_fits(recipe, splits)
     sources = list(splits)
     stats = data_stats(splits)
     if PartialState().is_main_process:
