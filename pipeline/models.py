@@ -298,6 +298,53 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, key: str | Non
     return tok
 
 
+def saved_chat_templates(path: str | os.PathLike) -> dict[str, str]:
+    """The chat templates a local tokenizer directory ships, read from its files without loading it ({name:
+    text}; "default" for the main one): chat_template.jinja, additional_chat_templates/*.jinja, and the
+    `chat_template` of tokenizer_config.json (a string, or a list of {"name", "template"}). Empty when none."""
+    local = os.path.expanduser(str(path))
+    out: dict[str, str] = {}
+    if not os.path.isdir(local):
+        return out
+    config = os.path.join(local, "tokenizer_config.json")
+    if os.path.isfile(config):
+        try:
+            value = json.loads(open(config, encoding="utf-8").read()).get("chat_template")
+        except (OSError, ValueError, AttributeError):
+            value = None  # loading the tokenizer reports a broken file
+        if isinstance(value, str):
+            out["default"] = value
+        elif isinstance(value, list):
+            out.update({t["name"]: t["template"] for t in value if isinstance(t, dict) and "name" in t})
+    jinja = os.path.join(local, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        out["default"] = open(jinja, encoding="utf-8").read()
+    extra = os.path.join(local, "additional_chat_templates")
+    if os.path.isdir(extra):
+        for name in sorted(os.listdir(extra)):
+            if name.endswith(".jinja"):
+                out[name[: -len(".jinja")]] = open(os.path.join(extra, name), encoding="utf-8").read()
+    return out
+
+
+def check_saved_templates(section, key: str, origin) -> None:
+    """For --dry-run and a stage's `check`: the templates a section's local `model_name_or_path` ships (read from
+    its files, `pipeline.models.saved_chat_templates`), when its `chat_template` is null so they are used; one
+    RecipeError naming the template, the error and where the model was set."""
+    from pipeline.data.render import check_tokenizer_templates
+    from pipeline.errors import RecipeError
+
+    path = section.model_name_or_path
+    if section.chat_template is not None or not path:
+        return
+    try:
+        check_tokenizer_templates(
+            saved_chat_templates(path), f"{key}.model_name_or_path ({path})", f"{key}.chat_template"
+        )
+    except ValueError as e:
+        raise RecipeError(f"{e} (in {origin(key + '.model_name_or_path')})") from None
+
+
 def quantization_config(bits: int | None, compute_dtype: torch.dtype = torch.bfloat16):
     """A bitsandbytes config for 4-bit (NF4, QLoRA) or 8-bit loading; None for full precision."""
     if not bits:

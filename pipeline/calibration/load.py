@@ -91,13 +91,17 @@ def tokenizer_dir(path: str) -> str:
 
 def check_external_tokenizers(cfg: CalibrationConfig) -> None:
     """Before any work: every local external RM (or, for an adapter without its own tokenizer, its local base)
-    holds tokenizer files; one `ModelLoadError` naming the key, the folder and the missing files otherwise."""
-    from pipeline.models import check_tokenizer_files
+    holds tokenizer files (one `ModelLoadError` naming the key, the folder and the missing files otherwise) and
+    the chat template they ship renders (one ValueError naming it, `check_tokenizer_templates`)."""
+    from pipeline.data.render import check_tokenizer_templates
+    from pipeline.models import check_tokenizer_files, saved_chat_templates
 
     for name, spec in (cfg.external_rms or {}).items():
         local = Path(spec).expanduser()
         if local.is_dir():
-            check_tokenizer_files(tokenizer_dir(str(local)), key=f"calibration.external_rms.{name}")
+            tok_dir = tokenizer_dir(str(local))
+            check_tokenizer_files(tok_dir, key=f"calibration.external_rms.{name}")
+            check_tokenizer_templates(saved_chat_templates(tok_dir), f"calibration.external_rms.{name} ({tok_dir})")
 
 
 def check_external_rm(name: str, path: str, trust_remote_code: bool) -> str | None:
@@ -159,6 +163,7 @@ def load_rm(name: str, entry: dict, cfg: CalibrationConfig, device):
     """(model, tokenizer) of one RM, on `device`, in eval mode; one clear error when it does not load."""
     import torch
 
+    from pipeline.data.render import check_tokenizer_templates
     from pipeline.models import (
         ModelLoadError,
         check_model_source,
@@ -200,7 +205,8 @@ def load_rm(name: str, entry: dict, cfg: CalibrationConfig, device):
         raise ModelLoadError(
             f"calibration: reward model {name!r} at {path} does not load ({type(e).__name__}: {e}). {expected}"
         ) from e
-    if external:
+    if external:  # the template it ships renders conversational data: checked like a recipe's
+        check_tokenizer_templates(tok.chat_template, f"calibration.external_rms.{name} ({tok_path})")
         try:
             head = find_reward_head(model)
         except ValueError as e:

@@ -306,14 +306,13 @@ def inputs(section: dict) -> list[tuple[str, str]]:
 
 
 def check(recipe, *, runs: bool, origin) -> None:
-    """A local external RM without tokenizer files fails before any work (also under --dry-run)."""
-    from pipeline.models import ModelLoadError
-
+    """A local external RM without tokenizer files, or whose chat template does not parse, raises or runs past
+    the check's time limit, fails before any work (also under --dry-run)."""
     if not runs:
         return
     try:
         check_external_tokenizers(recipe.calibration)
-    except ModelLoadError as e:
+    except ValueError as e:
         raise RecipeError(f"{e} (in {origin('calibration.external_rms')})") from None
 
 

@@ -36,10 +36,17 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data.render import check_template_setting
+from pipeline.data.render import check_template_setting, check_tokenizer_templates
 from pipeline.io import atomic_write_json, file_records, inside, remove_tree, weights_bytes
 from pipeline.logs import attach_progress, clock, human_bytes, say
-from pipeline.models import load_tokenizer, quantization_config, section_model_inputs, tiny_model, tiny_tokenizer
+from pipeline.models import (
+    check_saved_templates,
+    load_tokenizer,
+    quantization_config,
+    section_model_inputs,
+    tiny_model,
+    tiny_tokenizer,
+)
 from pipeline.reward.config import RewardStageConfig, rm_names, tiny_chat_template
 from pipeline.reward.fingerprint import (
     FINGERPRINT,
@@ -159,6 +166,9 @@ def build_tokenizer(recipe, splits, run_dir: Path):
         tok = load_tokenizer(
             cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, key="reward.model_name_or_path"
         )
+        if cfg.chat_template is None:  # the tokenizer's own template is used: checked like a recipe's
+            source = f"reward.model_name_or_path ({cfg.model_name_or_path})"
+            check_tokenizer_templates(tok.chat_template, source, "reward.chat_template")
         return set_chat_template(tok, cfg.chat_template, where="reward.chat_template")
     texts = _synthetic_texts(recipe, splits)
     tok_dir = run_dir / "reward" / ".base"
@@ -434,7 +444,8 @@ def inputs(section: dict) -> list[tuple[str, str]]:
 
 def check(recipe, *, runs: bool, origin) -> None:
     """Before any work (also under --dry-run): a reward.chat_template that does not parse or raises, and, when
-    the stage runs, a local reward.model_name_or_path without tokenizer files."""
+    the stage runs, a local reward.model_name_or_path without tokenizer files or (with reward.chat_template null)
+    whose own chat template does not parse, raises or runs past the check's time limit."""
     from pipeline.errors import RecipeError
     from pipeline.models import ModelLoadError, check_tokenizer_files
 
@@ -444,6 +455,7 @@ def check(recipe, *, runs: bool, origin) -> None:
             check_tokenizer_files(recipe.reward.model_name_or_path, key="reward.model_name_or_path")
         except ModelLoadError as e:
             raise RecipeError(f"{e} (in {origin('reward.model_name_or_path')})") from None
+        check_saved_templates(recipe.reward, "reward", origin)
 
 
 def estimate(recipe, run_dir: Path, world: int = 1) -> tuple[str, str]:
