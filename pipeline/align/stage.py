@@ -62,7 +62,7 @@ from pipeline.calibration.compare import parse_comparison
 from pipeline.data.render import check_template_setting
 from pipeline.errors import RecipeError
 from pipeline.io import atomic_write_json, content_sha256, read_json, remove_tree, safe_component, sha256_json
-from pipeline.models import section_model_inputs
+from pipeline.models import check_saved_templates, section_model_inputs
 from pipeline.reward.index import read_index
 
 
@@ -216,10 +216,13 @@ def inputs(section: dict) -> list[tuple[str, str]]:
 
 
 def check(recipe, *, runs: bool, origin) -> None:
-    """The align section against the others, before any work (also under --dry-run): its chat template;
+    """The align section against the others, before any work (also under --dry-run): its chat template (or,
+    when it is null and the stage runs, the template a local align.model_name_or_path ships);
     prompt/eval sources that `data.sources` has; RMs and comparisons that `reward.methods` trains; and, when the
     stage will run (`runs`), the OpenAI judge's API-key variable. One RecipeError naming the key and the fix."""
     check_template_setting(recipe.align.chat_template, "align.chat_template", origin)
+    if runs:
+        check_saved_templates(recipe.align, "align", origin)
     data, align = recipe.data, recipe.align
     grouped = [spec for spec in data.sources if isinstance(spec.options, dict) and spec.options.get("group_by")]
     # A `group_by` source becomes sources named <name>/<value> (or its group_names values) only once the data

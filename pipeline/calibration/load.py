@@ -34,7 +34,11 @@ def read_rms(run_dir: Path, cfg: CalibrationConfig) -> tuple[dict, dict]:
         if trained_needed or (run_dir / "reward" / "index.json").is_file()
         else {}
     )
-    return index, external_entries(cfg, list(index))
+    external = external_entries(cfg, list(index))
+    for name, entry in external.items():  # before any work: what the model is, then its tokenizer files
+        check_external_rm(name, entry["path"], cfg.trust_remote_code)
+    check_external_tokenizers(cfg)
+    return index, external
 
 
 SUPPORTED_RMS = (
@@ -70,6 +74,36 @@ def external_entries(cfg: CalibrationConfig, taken: list[str]) -> dict:
     return out
 
 
+def tokenizer_dir(path: str) -> str:
+    """Where an RM's tokenizer is loaded from: its own directory, or a PEFT adapter's base model when the adapter
+    directory has no tokenizer files."""
+    from pipeline.models import has_tokenizer_files
+
+    local = Path(path).expanduser()
+    adapter = local / "adapter_config.json"
+    if not adapter.is_file() or has_tokenizer_files(local):
+        return path
+    try:
+        return json.loads(adapter.read_text()).get("base_model_name_or_path") or path
+    except (OSError, ValueError, AttributeError):
+        return path  # check_external_rm names the problem
+
+
+def check_external_tokenizers(cfg: CalibrationConfig) -> None:
+    """Before any work: every local external RM (or, for an adapter without its own tokenizer, its local base)
+    holds tokenizer files (one `ModelLoadError` naming the key, the folder and the missing files otherwise) and
+    the chat template they ship renders (one ValueError naming it, `check_tokenizer_templates`)."""
+    from pipeline.data.render import check_tokenizer_templates
+    from pipeline.models import check_tokenizer_files, saved_chat_templates
+
+    for name, spec in (cfg.external_rms or {}).items():
+        local = Path(spec).expanduser()
+        if local.is_dir():
+            tok_dir = tokenizer_dir(str(local))
+            check_tokenizer_files(tok_dir, key=f"calibration.external_rms.{name}")
+            check_tokenizer_templates(saved_chat_templates(tok_dir), f"calibration.external_rms.{name} ({tok_dir})")
+
+
 def check_external_rm(name: str, path: str, trust_remote_code: bool) -> str | None:
     """Fail clearly unless `path` is a scalar-head sequence classifier (or a SEQ_CLS adapter on one).
 
@@ -93,8 +127,7 @@ def check_external_rm(name: str, path: str, trust_remote_code: bool) -> str | No
         base = acfg.get("base_model_name_or_path")
         if not base:
             raise fail("its adapter_config.json has no base_model_name_or_path")
-        has_tok = any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-        return path if has_tok else base
+        return tokenizer_dir(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - one clear message whatever broke inside transformers
@@ -130,6 +163,7 @@ def load_rm(name: str, entry: dict, cfg: CalibrationConfig, device):
     """(model, tokenizer) of one RM, on `device`, in eval mode; one clear error when it does not load."""
     import torch
 
+    from pipeline.data.render import check_tokenizer_templates
     from pipeline.models import (
         ModelLoadError,
         check_model_source,
@@ -171,7 +205,8 @@ def load_rm(name: str, entry: dict, cfg: CalibrationConfig, device):
         raise ModelLoadError(
             f"calibration: reward model {name!r} at {path} does not load ({type(e).__name__}: {e}). {expected}"
         ) from e
-    if external:
+    if external:  # the template it ships renders conversational data: checked like a recipe's
+        check_tokenizer_templates(tok.chat_template, f"calibration.external_rms.{name} ({tok_path})")
         try:
             head = find_reward_head(model)
         except ValueError as e:
