@@ -785,3 +785,31 @@ def test_a_corrupt_or_escaping_sweep_json_is_one_error(tmp_path, capsys, change,
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"{S.SWEEP_FILE}: " in err and message in err and "rerun the sweep" in err
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_credential_in_a_url_override_is_masked_in_the_exported_results(fakes, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """An override holding a URL with `user:pw@` and `?key=` (a judge base_url): the results folder E (sweep.json,
+    each export.json, recipe.yaml and manifest.json), summary.md/json and --dry-run show it masked; the runs get
+    it as written, and a rerun still finds them exported."""
+    fake_calibration = _fake_calibration_module(fakes)
+    set_stage_run(monkeypatch, "calibration", fake_calibration.run)
+    secrets = ("PASSWORD-0123456789", "QUERYKEY-0123456789")
+    url = f"https://u:{secrets[0]}@judge.example/v1?api-version=1&key={secrets[1]}"
+    export, d = tmp_path / "results", tmp_path / "d"
+    args = ["--recipe", str(fakes / "fake.yaml"), "--stages", "reward,calibration", "--export", str(export)]
+    args += ["--seeds", "0,1", "--output-dir", str(d), f"data.extra={{url: '{url}'}}"]
+    assert S.main(args) == 0
+    assert S.main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(exported to") == 2  # masked overrides still match their exports
+    texts = {str(f): f.read_text() for f in export.rglob("*") if f.is_file() and f.suffix in (".json", ".yaml", ".md")}
+    texts["dry-run"] = out
+    for where, text in texts.items():
+        assert not any(s in text for s in secrets), where
+    assert (
+        "https://***@judge.example/v1?api-version=1&key=***"
+        in (export / "default" / "seed-0" / "recipe.yaml").read_text()
+    )
+    assert json.loads((export / "summary.json").read_text())["points"]["default"]["n_runs"] == 2
+    assert S.main(["--aggregate", str(export)]) == 0
+    assert json.loads((export / "summary.json").read_text())["points"]["default"]["n_runs"] == 2

@@ -19,6 +19,7 @@ from pipeline.align import judge as J
 from pipeline.align.candidates import read_jsonl, write_jsonl
 from pipeline.align.context import AlignContext
 from pipeline.calibration.compare import parse_comparison
+from pipeline.errors import redact_credentials
 from pipeline.io import atomic_write_json, atomic_write_text, safe_component
 
 
@@ -198,7 +199,7 @@ def write_results(ctx: AlignContext, rms: list[str], base_eval: list[dict], base
     metrics = policy_metrics(ctx, rms, base_eval, base_ppl, gold_fn, gold_means)
     judge_desc = {
         "gold": f"gold reward ({cfg.judge.gold}), tie tolerance {cfg.judge.tolerance}",
-        "openai": f"{cfg.judge.model} via {cfg.judge.base_url}, both orders",
+        "openai": f"{cfg.judge.model} via {redact_credentials(cfg.judge.base_url)}, both orders",
         "none": "none",
     }[cfg.judge.kind]
     atomic_write_json(ctx.dir / "judgements.json", judgements)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pipeline.calibration.compare import direction
 from pipeline.config import load_recipe
-from pipeline.errors import RecipeError
+from pipeline.errors import RecipeError, redact_credentials
 from pipeline.io import atomic_write_json, atomic_write_text, get_path, read_json
 from pipeline.stats import CONFIDENCE, paired_differences, t_interval, t_test_p
 from pipeline.sweep.export import EXPORT_FILE, export_mismatch, run_settings, settings_change, settings_outliers
@@ -245,7 +245,7 @@ def aggregate(out_dir: str | os.PathLike, confidence: float = CONFIDENCE, verify
             "(run python -m pipeline.sweep ... --output-dir there first)"
         )
     check_definition(sweep, out_dir / SWEEP_FILE)
-    summary = {"sweep": sweep, "confidence": confidence, "points": {}}
+    summary = {"sweep": redact_credentials(sweep), "confidence": confidence, "points": {}}
     for point in sweep["points"]:
         runs, found = _point_runs(out_dir, sweep, point["name"], verify)
         per_seed = {}
@@ -318,6 +318,7 @@ def resummarize(out_dir: str | os.PathLike) -> dict:
             for seed, v in r.get("values", {}).items():
                 per_seed.setdefault(int(seed), []).append((r["section"], r["rm"], r["scope"], r["metric"], v))
         p.update(aggregate_point(per_seed, summary["confidence"]))
+    summary["sweep"] = redact_credentials(summary.get("sweep") or {})
     atomic_write_json(out_dir / "summary.json", summary)
     plots = write_plots(out_dir, summary)
     atomic_write_text(out_dir / "summary.md", render_summary(summary, plots))

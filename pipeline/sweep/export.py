@@ -9,7 +9,7 @@ overrides, stages, recipe, or its run fingerprint, which E/sweep.json records pe
 separates runs of one point whose exported recipe.yaml (seeds aside) disagree (a definition written before the
 fingerprints were recorded).
 
-Imports: pipeline.config, the leaf pipeline.io, pipeline.sweep.grid and pipeline.sweep.runner (its messages).
+Imports: pipeline.config, the leaves pipeline.io and pipeline.errors, pipeline.sweep.grid and pipeline.sweep.runner (its messages).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import load_recipe, recipe_to_dict
+from pipeline.errors import redact_credentials
 from pipeline.io import atomic_dir, atomic_write_json, dict_changes, read_json, sha256_json
 from pipeline.sweep.grid import SWEEP_FILE, SweepRun
 from pipeline.sweep.runner import _say
@@ -114,7 +115,7 @@ def _export_info(recipe_arg: str, r: SweepRun, stages, fingerprint: str) -> dict
         "recipe": recipe_label(recipe_arg),
         "point": r.point,
         "seed": r.seed,
-        "overrides": list(r.overrides),
+        "overrides": redact_credentials(list(r.overrides)),
         "stages": stages,
         "fingerprint": fingerprint,
     }
@@ -148,6 +149,7 @@ class Exporter:
             for run in self.definition["runs"]
         ]
         definition = {**self.definition, "recipe": recipe_label(self.recipe_arg), "runs": runs, "export": True}
+        definition = redact_credentials(definition)  # a results folder to commit: no credential in a URL
         atomic_write_json(self.root / SWEEP_FILE, _portable(definition, _machine_roots(self.out_dir)))
 
     def is_exported(self, r: SweepRun) -> bool:
@@ -170,9 +172,9 @@ def export_mismatch(info, sweep: dict, run: dict) -> str:
     for key, want in (
         ("recipe", sweep.get("recipe")),
         ("stages", sweep.get("stages")),
-        ("overrides", run["overrides"]),
+        ("overrides", redact_credentials(run["overrides"])),  # exported masked (`redact_credentials`)
     ):
-        if info.get(key) != want:
+        if redact_credentials(info.get(key)) != want:
             return f"its {key} differ from the sweep's definition"
     want = run.get("fingerprint")
     if want and info.get("fingerprint") != want:
