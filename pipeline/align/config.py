@@ -46,8 +46,12 @@ class JudgeConfig:
     )
     concurrency: int = field(default=4, metadata={"help": "For kind=openai: parallel requests."})
     max_requests: int = field(
-        default=2000,
-        metadata={"help": "For kind=openai: request budget of one run (retries count); cached answers are free."},
+        default=6000,
+        metadata={
+            "help": "For kind=openai: request budget of one run (retries count); cached answers are free. Checked "
+            "before any work against what the run needs (--dry-run shows it). The default covers the default "
+            "section (2 methods x 3 comparisons x 2 prompt sets x 200 prompts x 2 orders + 10% for retries)."
+        },
     )
     retries: int = field(
         default=4, metadata={"help": "For kind=openai: retries of a failed request (exponential backoff)."}

@@ -63,6 +63,9 @@ from pipeline.stats import Z95, wilson_interval
 logger = logging.getLogger(__name__)
 
 OUTCOMES = ("win", "tie", "lose")
+# Requests reserved for retries when a run's judging is checked against align.judge.max_requests before it starts
+# (plan, --dry-run, and the align stage before its first request): 10% of the requests it needs, rounded up.
+RETRY_ALLOWANCE = 0.10
 RETRIABLE_HTTP = {408, 409, 425, 429, 500, 502, 503, 504}
 _BEARER = re.compile(r"(Bearer\s+)[^\s\"'\\,;]+", re.IGNORECASE)
 
@@ -194,6 +197,29 @@ def endpoint_url(base_url: str) -> str:
     if not path.endswith("/chat/completions"):
         path += "/chat/completions"
     return urlunsplit(parts._replace(path=path))
+
+
+def with_retry_allowance(requests: int) -> int:
+    """`requests` plus the retry allowance (`RETRY_ALLOWANCE` of them, rounded up)."""
+    return requests + math.ceil(requests * RETRY_ALLOWANCE)
+
+
+def cached_answers(cache_path: str | os.PathLike, model: str) -> int:
+    """How many distinct answers of judge `model` a judge cache file holds (0 without one): at most this many
+    of a run's questions are free."""
+    keys = set()
+    try:
+        lines = Path(cache_path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return 0
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("model") == model and isinstance(rec.get("key"), str):
+            keys.add(rec["key"])
+    return len(keys)
 
 
 def cache_key(model: str, prompt: str, order: str) -> str:

@@ -46,7 +46,7 @@ from pathlib import Path
 
 from pipeline.align.candidates import candidates, perplexities, sample_kwargs, with_conv
 from pipeline.align.context import AlignContext, plain
-from pipeline.align.judging import write_results
+from pipeline.align.judging import planned_requests, planned_requests_text, write_results
 from pipeline.align.methods import AlignInputs, align_one
 from pipeline.align.policy import build_base_policy
 from pipeline.align.prompts import (
@@ -218,7 +218,8 @@ def inputs(section: dict) -> list[tuple[str, str]]:
 def check(recipe, *, runs: bool, origin) -> None:
     """The align section against the others, before any work (also under --dry-run): its chat template;
     prompt/eval sources that `data.sources` has; RMs and comparisons that `reward.methods` trains; and, when the
-    stage will run (`runs`), the OpenAI judge's API-key variable. One RecipeError naming the key and the fix."""
+    stage will run (`runs`), the OpenAI judge's API-key variable and request budget. One RecipeError naming the
+    key and the fix."""
     check_template_setting(recipe.align.chat_template, "align.chat_template", origin)
     data, align = recipe.data, recipe.align
     grouped = [spec for spec in data.sources if isinstance(spec.options, dict) and spec.options.get("group_by")]
@@ -245,6 +246,21 @@ def check(recipe, *, runs: bool, origin) -> None:
             f"the align stage will run. Fix: export {env}=..., or set align.judge.api_key_env='' for an endpoint "
             "without a key, or align.judge.kind=gold"
         )
+    if runs:
+        _check_judge_budget(recipe, origin)
+
+
+def _check_judge_budget(recipe, origin) -> None:
+    """An LLM judge's request budget against what the run's judging needs (`planned_requests`, the cached
+    answers of DIR/align/judge_cache.jsonl counted as free), before any work; the align stage checks the exact
+    count again before its first request."""
+    plan = planned_requests(recipe, Path(recipe.output_dir or "."))
+    if plan and plan["needed"] > plan["budget"]:
+        raise RecipeError(
+            f"align.judge.max_requests={plan['budget']} in {origin('align.judge.max_requests')} cannot cover this "
+            f"run's {planned_requests_text(plan)[len('judge: ') :]}. Fix: align.judge.max_requests={plan['needed']} "
+            "(or more), or judge less (align.n_eval_prompts, align.comparisons, align.methods)"
+        )
 
 
 def _check_rms_and_comparisons(methods: list[str], sources: list[str], align, is_source, origin) -> None:
@@ -269,7 +285,8 @@ def _check_rms_and_comparisons(methods: list[str], sources: list[str], align, is
 
 
 def estimate(recipe, run_dir: Path, world: int = 1) -> tuple[str, None]:
-    """The align stage's counts from its settings: warm-start steps, samples to generate, RMs and methods."""
+    """The align stage's counts from its settings: warm-start steps, samples to generate, RMs and methods, and
+    an LLM judge's requests against its budget."""
     cfg = recipe.align
     parts = []
     if not cfg.model_name_or_path:
@@ -280,4 +297,7 @@ def estimate(recipe, run_dir: Path, world: int = 1) -> tuple[str, None]:
     parts.append(f"sampling {prompts} training prompts x {cfg.n} responses")
     if "ppo" in cfg.methods:
         parts.append(f"ppo {cfg.ppo.get('num_steps', 100)} steps per RM")
+    plan = planned_requests(recipe, run_dir)
+    if plan:
+        parts.append(planned_requests_text(plan))
     return "; ".join(parts), None
