@@ -214,6 +214,10 @@ def test_stage_runs_ppo_and_rloo(tmp_path):
     summary = json.loads((align / "more" / "ppo" / "ppo_summary.json").read_text())
     assert summary["steps"] == 2 and summary["first_gold_mean"] is not None  # gold reward measured per step
     assert (align / "more" / "ppo" / "policy" / "config.json").exists()
+    scale = json.loads((align / "more" / "ppo" / "reward_scale.json").read_text())
+    assert scale["rm"] == "more" and scale["kl_coef"] == 0.05  # the PPO reward's scale, recorded
+    assert json.loads((align / "metrics.json").read_text())["policies"]["more/ppo"]["reward_scale"] == scale
+    assert "**PPO reward scale.**" in (align / "table.md").read_text()
     rloo_log = json.loads((align / "more" / "rloo" / "train_log.json").read_text())
     assert sum("rewards/gold/mean" in r for r in rloo_log) == 2
     assert (align / "more" / "rloo" / "policy" / "model.safetensors").exists()

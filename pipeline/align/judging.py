@@ -20,7 +20,7 @@ from pipeline.align.candidates import read_jsonl, write_jsonl
 from pipeline.align.context import AlignContext
 from pipeline.calibration.compare import parse_comparison
 from pipeline.errors import redact_credentials
-from pipeline.io import atomic_write_json, atomic_write_text, safe_component
+from pipeline.io import atomic_write_json, atomic_write_text, read_json, safe_component
 
 
 def gold_summary(values) -> dict:
@@ -235,7 +235,34 @@ def render_table(judgements: dict, metrics: dict, judge_desc: str) -> str:
         ppl = m.get("perplexity") or {}
         cells = [name, gold] + [f"{ppl[s]:.2f}" if ppl.get(s) is not None else "-" for s in ppl_sources]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + reward_scale_note(metrics)) + "\n"
+
+
+def reward_scale_note(metrics: dict) -> list[str]:
+    """Beside PPO results: the reward each PPO policy optimised (its RM's reward / T) and the KL coefficient's
+    weight against the RM's raw reward (kl_coef x T), and, when the T differ, that PPO policies of different RMs
+    were trained at different effective KL strengths (part of any difference between them)."""
+    scales = {name: m["reward_scale"] for name, m in metrics.items() if isinstance(m.get("reward_scale"), dict)}
+    if not scales:
+        return []
+    parts = [
+        f"{name}: T = {s['temperature']:.3f}, kl_coef {s['kl_coef']:g} = {s['kl_coef_vs_raw_reward']:.4g} against "
+        "the raw reward"
+        for name, s in scales.items()
+    ]
+    text = (
+        "PPO optimised each RM's reward divided by its temperature T (1 for a raw reward; "
+        "align.use_calibrated_rewards), so its KL coefficient weighs kl_coef x T against the RM's raw reward: "
+        + "; ".join(parts)
+        + "."
+    )
+    if len({round(s["temperature"], 6) for s in scales.values()}) > 1:
+        text += (
+            " The temperatures differ, so these PPO policies were trained at different effective KL strengths: "
+            "a difference between them is partly this difference, not only the RMs' (the raw rewards' scales "
+            "differ per RM too)."
+        )
+    return ["", f"**PPO reward scale.** {text}"]
 
 
 def policy_metrics(ctx: AlignContext, rms: list[str], base_eval: list[dict], base_ppl: dict, gold_fn, gold_means):
@@ -254,6 +281,9 @@ def policy_metrics(ctx: AlignContext, rms: list[str], base_eval: list[dict], bas
             if gold is None and gold_fn is not None:
                 gold = gold_of(read_jsonl(sub / "eval.jsonl"))
             metrics[f"{rm}/{m}"] = {"perplexity": ppl, "gold": gold}
+            scale = read_json(sub / "reward_scale.json")
+            if isinstance(scale, dict):  # PPO: the reward's scale and the KL coefficient's weight against it
+                metrics[f"{rm}/{m}"]["reward_scale"] = scale
     if "base" not in gold_means and gold_fn is not None:
         metrics["base"]["gold"] = gold_of(base_eval)
     return metrics
