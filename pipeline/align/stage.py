@@ -16,12 +16,13 @@ What it does, in order (DIR = the run directory):
 4. For each RM (default: every RM in DIR/reward/index.json except single-source ones) and each method
    in `methods`: DIR/align/<rm>/<method>/ with samples.jsonl (best_of_n, rjs), policy/ (HF format;
    rjs, rloo, ppo), train_log.json, eval.jsonl (its response to every held-out prompt),
-   perplexity.json, settings.json. Each sub-directory is published atomically when finished and skipped
+   perplexity.json, settings.json (ppo: reward_scale.json, the reward's temperature and KL weight). Each sub-directory is published atomically when finished and skipped
    on rerun while its settings (config, RM weights) are unchanged; training runs resume from
    DIR/align/.work/<rm>/<method>/.
 5. Judging (`judge.kind`): gold (the synthetic benchmark's r*, or an RM directory as gold) or an
-   OpenAI-compatible LLM judge (both orders, agreeing = win, see pipeline.align.judge), for each
-   comparison (default: MORE vs MultiTask, each vs the base policy) and each method, per prompt set.
+   OpenAI-compatible LLM judge (both orders, agreeing = win, see pipeline.align.judge; its request budget
+   is checked against what the judging needs before the first request, and by `check` before any work),
+   for each comparison (default: MORE vs MultiTask, each vs the base policy) and each method, per prompt set.
    DIR/align/judgements.json `{"<method>: <a> vs <b>": {prompt_set: {win, tie, lose, n, counts,
    interval}}}`, judge_details.jsonl, metrics.json (per policy: gold reward, perplexity of the test
    answers), table.md.
