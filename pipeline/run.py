@@ -46,7 +46,15 @@ from pipeline.align.judge import JudgeError
 from pipeline.config import check_recipe, load_recipe, recipe_to_dict, recipe_yaml
 from pipeline.config_keys import describe_keys
 from pipeline.dist import Processes, shutdown_distributed, threading_is_main
-from pipeline.errors import DiskFull, RecipeError, StageInterrupted, disk_full_error, disk_full_message, interruption
+from pipeline.errors import (
+    DiskFull,
+    RecipeError,
+    StageInterrupted,
+    disk_full_error,
+    disk_full_message,
+    interruption,
+    redact_credentials,
+)
 from pipeline.io import UnsafePathError, atomic_write_text, check_no_links_out, tree_bytes
 from pipeline.logs import clock, quiet_library_noise
 from pipeline.manifest import (
@@ -309,7 +317,7 @@ def _record_failure(recipe, run_dir: Path, stage, e: BaseException, entry, manif
         if isinstance(e, KeyboardInterrupt):
             error = f"{type(e).__name__}: interrupted ({interruption(e)})"
         else:
-            error = f"{type(e).__name__}: {e.strerror if isinstance(e, DiskFull) else e}"
+            error = redact_credentials(f"{type(e).__name__}: {e.strerror if isinstance(e, DiskFull) else e}")
         entry.update(status="failed", finished=now(), error=error[:500])
         try:
             write_manifest(run_dir, manifest)
@@ -423,7 +431,7 @@ def main(argv: list[str] | None = None, *, stage: str | None = None) -> int:
     try:
         return _main(args, stage)
     except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_credentials(str(e))}", file=sys.stderr)
         return 2
     except DiskFull as e:
         print(f"error: {e.strerror}", file=sys.stderr)
@@ -434,7 +442,8 @@ def main(argv: list[str] | None = None, *, stage: str | None = None) -> int:
         # message; the manifest already marks the stage failed. PIPELINE_TRACEBACK=1 shows the traceback.
         if os.environ.get("PIPELINE_TRACEBACK"):
             raise
-        print(f"error: {type(e).__name__}: {e}\n(set PIPELINE_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        message = redact_credentials(f"{type(e).__name__}: {e}")
+        print(f"error: {message}\n(set PIPELINE_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"interrupted ({interruption(e)}); run the same command again to resume", file=sys.stderr)

@@ -360,3 +360,33 @@ def test_an_rm_folder_without_tokenizer_files_is_refused_before_any_work(tmp_pat
     (adapter / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(ModelLoadError, match=rf"calibration.external_rms.a: {bare} has no tokenizer files"):
         run(calibration_recipe(external_rms={"a": str(adapter)}), out)
+
+
+def test_an_rm_without_a_pad_id_padding_with_eos_is_warned_about(tmp_path, tiny_tok, capsys):
+    """An external RM whose config.json has no pad_token_id and whose tokenizer has no pad token: EOS becomes
+    the pad id, so the reward is read at the token before the appended EOS (accuracy 0.650 instead of 0.7125
+    for weights trained reading it at the EOS). The calibration stage says so, naming the RM and the fix; an RM
+    with its own pad id is loaded silently."""
+    import copy
+
+    from pipeline.calibration.config import CalibrationConfig
+    from pipeline.calibration.load import load_rm
+
+    save_tiny_rm(tiny_tok, tmp_path / "padded", seed=1, head_scale=1.0)
+    tok = copy.deepcopy(tiny_tok)
+    tok.pad_token = None
+    save_tiny_rm(tok, tmp_path / "no-pad", seed=1, head_scale=1.0)
+    config = json.loads((tmp_path / "no-pad" / "config.json").read_text())
+    config.pop("pad_token_id", None)
+    (tmp_path / "no-pad" / "config.json").write_text(json.dumps(config))
+    cfg = CalibrationConfig()
+    model, loaded = load_rm("ext", {"path": str(tmp_path / "no-pad"), "external": True}, cfg, "cpu")
+    assert model.config.pad_token_id == loaded.eos_token_id
+    out = capsys.readouterr().out
+    assert (
+        f"[calibration] warning: reward model 'ext' ({tmp_path / 'no-pad'}): its config.json has no pad_token_id"
+        in out
+    )
+    assert "the reward is read at the token BEFORE it" in out and "set pad_token_id in its config.json" in out
+    load_rm("ok", {"path": str(tmp_path / "padded"), "external": True}, cfg, "cpu")
+    assert "warning" not in capsys.readouterr().out

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from pipeline.align.methods import METHODS
 from pipeline.align.ppo import PPOConfig
+from pipeline.align.ppo.config import TOP_P_MESSAGE
 from pipeline.calibration.compare import parse_comparison
 from pipeline.strict import COUNT, COUNT0, FRACTION, INT_MAX, NON_NEGATIVE, POSITIVE, TRAINING_ARGS_RANGES, Range
 
@@ -51,10 +52,12 @@ class JudgeConfig:
     )
     concurrency: int = field(default=4, metadata={"range": COUNT, "help": "For kind=openai: parallel requests."})
     max_requests: int = field(
-        default=2000,
+        default=6000,
         metadata={
             "range": COUNT0,
-            "help": "For kind=openai: request budget of one run (retries count); cached answers are free.",
+            "help": "For kind=openai: request budget of one run (retries count); cached answers are free. Checked "
+            "before any work against what the run needs (--dry-run shows it). The default covers the default "
+            "section (2 methods x 3 comparisons x 2 prompt sets x 200 prompts x 2 orders + 10% for retries).",
         },
     )
     retries: int = field(
@@ -288,6 +291,10 @@ class AlignConfig:
             raise ValueError(f"align.prompt_style must be raw or alpaca, got {self.prompt_style!r}")
         if self.n < 1 or self.max_new_tokens < 1:
             raise ValueError("align.n and align.max_new_tokens must be >= 1")
+        top_p = self.ppo.get("top_p", self.top_p) if isinstance(self.ppo, dict) else self.top_p
+        if "ppo" in self.methods and top_p != 1.0:
+            where = "align.ppo.top_p" if "top_p" in (self.ppo or {}) else "align.top_p (ppo's default)"
+            raise ValueError(f"{where}: " + TOP_P_MESSAGE.format(top_p=top_p))
         for c in self.comparisons:
             parse_comparison(c, key="align.comparisons", names="two different RM names or 'base'")
         if isinstance(self.judge, dict):

@@ -3,9 +3,11 @@
 `read_rms` lists the RMs: those of `DIR/reward/index.json` (trained in this run) and `calibration.external_rms`
 (`external_entries`: RMs trained elsewhere, a save_pretrained directory, a hub id or a SEQ_CLS PEFT adapter; with
 only those, no reward stage is needed). `load_rm` loads one on a device, after `check_external_rm` has made sure
-an external one is a scalar-head sequence classifier (an adapter's tokenizer may come from its base model).
+an external one is a scalar-head sequence classifier (an adapter's tokenizer may come from its base model); an
+RM without a pad id whose tokenizer pads with EOS gets a warning (`warn_eos_padding`: its reward is read at the
+token before the appended EOS).
 
-Imports the leaves (`pipeline.io`, `layout`, `models`), `pipeline.reward.index` and the calibration config.
+Imports the leaves (`pipeline.io`, `layout`, `logs`, `models`), `pipeline.reward.index` and the calibration config.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from pipeline.calibration.config import AVERAGING, CalibrationConfig
 from pipeline.io import is_hub_id
 from pipeline.layout import find_reward_head
+from pipeline.logs import say
 from pipeline.reward.index import read_index
 
 
@@ -192,6 +195,7 @@ def load_rm(name: str, entry: dict, cfg: CalibrationConfig, device):
         model = load_reward_model(
             path, dtype=getattr(torch, load_dtype), bits=cfg.bits, trust_remote_code=cfg.trust_remote_code
         )
+        had_pad = getattr(model.config, "pad_token_id", None) is not None
         copy_pad_token_id(model, tok, key=f"calibration: reward model {name!r} ({path})")
     except Exception as e:  # noqa: BLE001 - one clear message whatever broke inside transformers
         expected = (
@@ -219,7 +223,28 @@ def load_rm(name: str, entry: dict, cfg: CalibrationConfig, device):
                 f"calibration: external reward model {name!r} ({path}): its reward head has {out} "
                 f"outputs, not one. {SUPPORTED_RMS}"
             )
+    if not had_pad:
+        warn_eos_padding(name, path, model, tok)
     if not cfg.bits:
         model = model.to(device)
     model.eval()
     return model, tok
+
+
+def warn_eos_padding(name: str, path: str, model, tok) -> None:
+    """An RM whose config.json has no pad_token_id gets its tokenizer's pad id, which is EOS when the tokenizer
+    has no pad token of its own (`load_tokenizer` falls back to it). Every scored text ends with EOS (appended,
+    as TRL does), and the model reads the reward at its rightmost non-pad token: the token BEFORE that EOS.
+    That is right for an RM trained so (TRL with pad = EOS) and wrong for one trained reading the reward at the
+    EOS, and nothing in the checkpoint says which: warn, naming the fix."""
+    eos = getattr(tok, "eos_token_id", None)
+    if eos is None or getattr(model.config, "pad_token_id", None) != eos:
+        return
+    say(
+        "calibration",
+        f"warning: reward model {name!r} ({path}): its config.json has no pad_token_id and its tokenizer pads with "
+        f"EOS (no pad token of its own), so EOS (id {eos}) is its pad id; every scored text ends with EOS and the reward is "
+        "read at the token BEFORE it. Right if the RM was trained so (e.g. TRL with pad = EOS); if it was "
+        "trained reading the reward at the EOS, set pad_token_id in its config.json to its tokenizer's pad "
+        "token (add one if it has none) and rerun the calibration stage",
+    )

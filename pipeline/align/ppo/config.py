@@ -11,6 +11,17 @@ from dataclasses import dataclass, field
 from pipeline.strict import COUNT, COUNT0, FRACTION, NON_NEGATIVE, POSITIVE, Range
 
 
+# Why PPO refuses nucleus sampling (instead of computing log-probs under the same truncation): the nucleus of a
+# token's distribution changes as the policy learns, so the new/old ratio of truncated probabilities is not a
+# likelihood ratio of one fixed distribution (and the KL to the reference would compare two different
+# truncations); sampling from the full distribution keeps the ratio exact from the first step.
+TOP_P_MESSAGE = (
+    "ppo.top_p={top_p}: PPO samples from the full distribution (top_p=1.0). Its ratio and KL penalty use "
+    "log-probs of the full distribution, so nucleus-sampled rollouts would put the ratio off from the first step. "
+    "Fix: align.ppo.top_p=1.0 (align.top_p still applies to the candidates and the other methods)"
+)
+
+
 @dataclass
 class PPOConfig:
     """Hyper-parameters of `train_ppo` (per-device batch sizes, like TRL)."""
@@ -55,7 +66,12 @@ class PPOConfig:
         default=1.0, metadata={"help": "Sampling temperature (log-probs are computed at the same temperature)."}
     )
     top_p: float = field(
-        default=1.0, metadata={"range": Range(0, 1, lo_open=True), "help": "Nucleus sampling threshold."}
+        default=1.0,
+        metadata={
+            "range": Range(0, 1, lo_open=True),
+            "help": "Nucleus sampling threshold; must be 1.0: the PPO ratio and KL use log-probs of the full "
+            "distribution, so rollouts must be sampled from it.",
+        },
     )
     stop_token_ids: list[int] = field(
         default_factory=list,
@@ -104,3 +120,5 @@ class PPOConfig:
             )
         if self.temperature <= 0:
             raise ValueError(f"ppo.temperature must be > 0, got {self.temperature}")
+        if self.top_p != 1.0:
+            raise ValueError(TOP_P_MESSAGE.format(top_p=self.top_p))
