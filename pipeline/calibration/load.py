@@ -97,11 +97,12 @@ def check_external_tokenizers(cfg: CalibrationConfig) -> None:
     holds tokenizer files (one `ModelLoadError` naming the key, the folder and the missing files otherwise) and
     the chat template they ship renders (one ValueError naming it, `check_tokenizer_templates`)."""
     from pipeline.data.render import check_tokenizer_templates
-    from pipeline.models import check_tokenizer_files, saved_chat_templates
+    from pipeline.models import check_model_source, check_tokenizer_files, saved_chat_templates
 
     for name, spec in (cfg.external_rms or {}).items():
         local = Path(spec).expanduser()
         if local.is_dir():
+            check_model_source(str(local), key=f"calibration.external_rms.{name}")  # not a model: said first
             tok_dir = tokenizer_dir(str(local))
             check_tokenizer_files(tok_dir, key=f"calibration.external_rms.{name}")
             check_tokenizer_templates(saved_chat_templates(tok_dir), f"calibration.external_rms.{name} ({tok_dir})")

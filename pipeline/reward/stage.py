@@ -447,11 +447,12 @@ def check(recipe, *, runs: bool, origin) -> None:
     the stage runs, a local reward.model_name_or_path without tokenizer files or (with reward.chat_template null)
     whose own chat template does not parse, raises or runs past the check's time limit."""
     from pipeline.errors import RecipeError
-    from pipeline.models import ModelLoadError, check_tokenizer_files
+    from pipeline.models import ModelLoadError, check_model_source, check_tokenizer_files
 
     check_template_setting(recipe.reward.chat_template, "reward.chat_template", origin)
     if runs and recipe.reward.model_name_or_path:
         try:
+            check_model_source(recipe.reward.model_name_or_path, key="reward.model_name_or_path")  # said first
             check_tokenizer_files(recipe.reward.model_name_or_path, key="reward.model_name_or_path")
         except ModelLoadError as e:
             raise RecipeError(f"{e} (in {origin('reward.model_name_or_path')})") from None
