@@ -1,12 +1,15 @@
 """DIR/manifest.json: what ran in a run directory (written atomically, by the main process only).
 
-    {"stages": {name: {"status": "done"|"failed"|"running"|"skipped", "config_hash", "started", "finished",
-                       "artifacts": [...], "artifact_files": {path: {"size", "mtime_ns", "sha256"}},
-                       "reason", "upstream": {name: run_id}, "run_id", "inputs", "world_size", "error"?,
-                       "stale"?}},
+    {"stages": {name: {"status": "done"|"failed"|"interrupted"|"running"|"skipped", "config_hash", "started",
+                       "finished", "artifacts": [...], "artifact_files": {path: {"size", "mtime_ns", "sha256"}},
+                       "reason", "upstream": {name: run_id}, "run_id", "inputs", "input_files", "world_size",
+                       "error"?, "stale"?}},
      "versions": {...}, "git_commit": ..., "recipe": <resolved recipe>}
 
-Stages are written in pipeline order (`pipeline.stages.STAGES`), so a reader (the report) can list them as
+"failed" is a stage that raised (its error in "error"), "interrupted" one stopped by Ctrl-C or SIGTERM, "running"
+one whose process died without a word (kill -9). "inputs" are the recipe sections its hash covers, "input_files"
+the content hashes of the local files they name (`pipeline.plan.input_digests`), so a later plan names what
+changed. Stages are written in pipeline order (`pipeline.stages.STAGES`), so a reader (the report) can list them as
 they are. Artifact records hold the size, mtime and sha256 of every file a stage wrote; a stage whose files
 changed since it finished reruns (`pipeline.plan`).
 """

@@ -68,24 +68,50 @@ def plan(recipe, run_dir: Path, manifest: dict, selected: list[str], force: list
 
 
 def _run_reason(run_dir, resolved, name, h, entry, upstream_now, upstream_rerun, forced) -> str | None:
-    """Why a selected stage must run (None: it is up to date)."""
+    """Why a selected stage must run (None: it is up to date): every reason that applies, short, each naming
+    what changed (a key, a file, a stage)."""
     if forced:
         return FORCED
     status = None if entry is None else entry.get("status")
     if status in (None, "skipped"):
         return "never run in this directory"
-    if status == "running":
-        return "interrupted while running: resuming from its checkpoints"
-    if status == "failed":
-        return f"previous attempt failed ({entry.get('error', 'unknown error')}): retrying"
-    if status != "done":
-        return f"status {status!r}"
+    reasons = [] if status == "done" else [last_end(entry)]
     if entry.get("config_hash") != h:
-        return config_change_reason(entry, stage_inputs(resolved, name), h)
-    if missing := missing_artifacts(run_dir, entry.get("artifacts", [])):
-        return f"artifacts missing: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
-    if changed := changed_files(run_dir, entry.get("artifact_files", {})):
-        return f"artifacts changed since it finished: {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}"
+        reasons.append(config_change_reason(entry, stage_inputs(resolved, name), h, input_digests(resolved, name)))
+    if status == "done":
+        if missing := missing_artifacts(run_dir, entry.get("artifacts", [])):
+            reasons.append(f"artifacts missing: {_some(missing)}")
+        if changed := changed_files(run_dir, entry.get("artifact_files", {})):
+            reasons.append(f"artifacts changed since it finished: {_some(changed)}")
+    if why := _upstream_reason(entry, upstream_now, upstream_rerun):
+        reasons.append(why)
+    return "; ".join(reasons) or None
+
+
+def _some(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def _short(text: str, width: int = 80) -> str:
+    line = str(text).strip().splitlines()[0] if str(text).strip() else "no message"
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def last_end(entry: dict) -> str:
+    """How the stage's previous attempt ended, when it did not finish: interrupted (Ctrl-C, SIGTERM: status
+    "interrupted"), killed without a word (left "running": kill -9, a crash of the machine), or failed (its
+    error's first line, short; the whole message stays in the manifest)."""
+    status = entry.get("status")
+    if status == "running":
+        return "its last run was killed before it could record how it ended (kill -9?): resuming"
+    if status == "interrupted":
+        return f"{_short(entry.get('error') or 'interrupted')} last time: resuming"
+    if status == "failed":
+        return f"failed last time ({_short(entry.get('error', 'unknown error'))}): retrying"
+    return f"status {status!r}"
+
+
+def _upstream_reason(entry: dict, upstream_now: dict, upstream_rerun: list[str]) -> str | None:
     if upstream_rerun:
         return f"upstream stage {upstream_rerun[-1]} reruns"
     if entry.get("upstream", {}) != upstream_now:
@@ -101,12 +127,8 @@ def _unselected_step(stage, h: str, entry: dict | None, upstream_now: dict, upst
     step = {"stage": stage.name, "action": "exclude", "hash": h, "reason": "not selected"}
     if entry is None or entry.get("status") != "done":
         return step
-    if upstream_rerun:
-        why = f"upstream stage {upstream_rerun[-1]} reruns"
-    elif entry.get("upstream", {}) != upstream_now:
-        changed = sorted(set(entry.get("upstream", {}).items()) ^ set(upstream_now.items()))
-        why = f"upstream stage {changed[0][0]} was rerun since this stage finished"
-    else:
+    why = _upstream_reason(entry, upstream_now, upstream_rerun)
+    if why is None:
         return step
     if stage.follows_upstream:
         return {**step, "action": "run", "reason": f"regenerated: {why}"}
@@ -121,16 +143,57 @@ def stage_inputs(resolved: dict, stage: str) -> dict:
     return {"seed": resolved.get("seed"), "data": resolved.get("data"), **{s: resolved.get(s) for s in upto}}
 
 
-def config_change_reason(entry: dict, inputs_now: dict, h: str) -> str:
-    """'config changed: reward.train.learning_rate: 0.0001 -> 0.0005' from the inputs recorded in the manifest;
-    the hashes only when the keys are equal (a local data file changed) or an older manifest recorded none."""
+def config_change_reason(entry: dict, inputs_now: dict, h: str, files_now: dict | None = None) -> str:
+    """'config changed: reward.train.learning_rate: 0.0001 -> 0.0005' from the inputs recorded in the manifest,
+    and 'input changed: /data/hh.jsonl (content)' for every local input file whose content (or hub id whose
+    revision) differs from the record (`input_digests`); the hashes only when an older manifest recorded
+    neither."""
     old = entry.get("inputs")
+    parts = []
+    if isinstance(old, dict) and (changes := dict_changes(old, inputs_now)):
+        parts.append("config changed: " + changes)
+    if isinstance(entry.get("input_files"), dict) and files_now is not None:
+        if changed := changed_inputs(entry["input_files"], files_now):
+            parts.append(f"input changed: {_some(changed)}")
+    if parts:
+        return "; ".join(parts)
     if isinstance(old, dict):
-        changes = dict_changes(old, inputs_now)
-        if changes:
-            return "config changed: " + changes
-        return "local input files changed (size or modification time of a data file or external RM)"
+        return "a local input file or a hub revision changed (its content; this manifest names no files)"
     return f"config changed (hash {str(entry.get('config_hash'))[:10]} -> {h[:10]})"
+
+
+def input_digests(d: dict, stage: str) -> dict:
+    """{path or hub id: {file relative to it ('.' for the path itself): sha256} or {"hub_revision": ...}} of
+    the local inputs of `stage` and of every stage before it (what its hash covers), stored in its manifest
+    entry so a later plan can name the file that changed."""
+    order = stage_table.stage_names()
+    out: dict = {}
+    for s in order[: order.index(stage) + 1] if stage in order else [stage]:
+        for p, rec in local_input_stats(d, s).items():
+            out[p] = {(f or "."): sha for f, _size, sha in rec} if isinstance(rec, list) else rec
+    return out
+
+
+def changed_inputs(old: dict, new: dict) -> list[str]:
+    """'PATH (content)', 'PATH: FILE (content)', 'PATH (missing now)', 'HUB-ID (revision ...)' for every input
+    whose record differs."""
+    out = []
+    for p in sorted(set(old) | set(new)):
+        a, b = old.get(p), new.get(p)
+        if a == b:
+            continue
+        if b is None:
+            out.append(f"{p} (missing now)")
+        elif a is None:
+            out.append(f"{p} (new input)")
+        elif "hub_revision" in a or "hub_revision" in b:
+            out.append(f"{p} (hub revision {str(a.get('hub_revision'))[:10]} -> {str(b.get('hub_revision'))[:10]})")
+        elif list(a) == ["."] and list(b) == ["."]:
+            out.append(f"{p} (content)")
+        else:
+            files = sorted(f for f in set(a) | set(b) if a.get(f) != b.get(f))
+            out.append(f"{p}: {_some(files, 2)} (content)" if files else f"{p} (content)")
+    return out
 
 
 def check_data_paths(recipe) -> None:

@@ -8,8 +8,8 @@
 Stages run in the order of `pipeline.stages.STAGES`, the one table of stages; `pipeline.plan` decides which
 run and why, and DIR/manifest.json (`pipeline.manifest`, written by the main process only) records what ran.
 `--force STAGE` reruns a stage and passes it `force=True` (the reward stage then retrains RMs it would
-otherwise reuse). A stage left "running" (kill -9) or "failed" (an exception, Ctrl-C) reruns with the same
-run_dir and resumes from its own checkpoints; before it reruns, stale temporary files of interrupted atomic
+otherwise reuse). A stage left "running" (kill -9), "interrupted" (Ctrl-C, SIGTERM) or "failed" (an exception)
+reruns with the same run_dir and resumes from its own checkpoints; before it reruns, stale temporary files of interrupted atomic
 writes (`.*.tmp` under DIR/<stage>/ and directly in DIR) are deleted. "skipped" marks a stage that never ran
 in this directory because it was not selected. While it works, the main process holds an exclusive lock on
 DIR/.lock, so a second `pipeline.run` on the same directory is refused instead of racing it.
@@ -62,7 +62,7 @@ from pipeline.manifest import (
     versions,
     write_manifest,
 )
-from pipeline.plan import FORCED, check_data_paths, plan, select_stages, stage_inputs
+from pipeline.plan import FORCED, check_data_paths, input_digests, plan, select_stages, stage_inputs
 
 
 log = logging.getLogger("pipeline.run")
@@ -259,6 +259,7 @@ def _run_stage(recipe, run_dir: Path, step: dict, manifest: dict, resolved: dict
             "upstream": upstream_tokens(manifest["stages"], order[: order.index(name)]),
             "world_size": procs.world,
             "inputs": stage_inputs(resolved, name),
+            "input_files": input_digests(resolved, name),
         }
         manifest["stages"][name] = entry
         write_manifest(run_dir, manifest)
@@ -286,11 +287,11 @@ def _record_failure(recipe, run_dir: Path, stage, e: BaseException, entry, manif
         need, how = _space_needed(recipe, run_dir, stage)
         e = DiskFull(errno.ENOSPC, disk_full_message(stage.name, run_dir, full, need, how))
     if procs.is_main:
-        if isinstance(e, KeyboardInterrupt):
-            error = f"{type(e).__name__}: interrupted ({interruption(e)})"
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C, SIGTERM: an interruption, not a failure
+            status, error = "interrupted", f"interrupted ({interruption(e)})"
         else:
-            error = f"{type(e).__name__}: {e.strerror if isinstance(e, DiskFull) else e}"
-        entry.update(status="failed", finished=now(), error=error[:500])
+            status, error = "failed", f"{type(e).__name__}: {e.strerror if isinstance(e, DiskFull) else e}"
+        entry.update(status=status, finished=now(), error=error[:500])
         try:
             write_manifest(run_dir, manifest)
         except OSError as werr:  # the disk is full: say so, not a second traceback

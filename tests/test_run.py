@@ -412,7 +412,8 @@ def test_ignored_sigint_is_respected_and_sigterm_interrupts(fakes, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert json.loads((out / "manifest.json").read_text())["stages"]["calibration"]["status"] == "failed"
+    entry = json.loads((out / "manifest.json").read_text())["stages"]["calibration"]
+    assert entry["status"] == "interrupted" and entry["error"] == "interrupted (terminated by signal 15)"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
@@ -443,14 +444,14 @@ def test_interrupt_mid_stage_then_resume(fakes, tmp_path, sig):
     else:
         assert proc.returncode == 130, err
         assert "run the same command again" in err
-        assert m["stages"]["calibration"]["status"] == "failed"
-        assert "KeyboardInterrupt" in m["stages"]["calibration"]["error"]
+        assert m["stages"]["calibration"]["status"] == "interrupted"  # an interruption is not a failure
+        assert m["stages"]["calibration"]["error"] == "interrupted (Ctrl-C)"
     assert m["stages"]["reward"]["status"] == "done"
     assert (out / "calibration" / ".result.json.x1y2z3.tmp").exists()  # the half-written file
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert ("resuming" if sig == signal.SIGKILL else "retrying") in done.stderr
+    assert "resuming" in done.stderr and "failed" not in done.stderr
     assert calls(tmp_path, "end") == dict.fromkeys(STAGE_NAMES, 1)  # nothing finished twice
     assert calls(tmp_path, "start") == {"reward": 1, "calibration": 2, "align": 1, "report": 1}
     m = json.loads((out / "manifest.json").read_text())
@@ -637,3 +638,44 @@ def test_dry_run_prints_step_counts_and_an_estimate_only_from_measurements(tmp_p
     assert R.main(argv) == 0
     assert "training about 0:25 at the 0.5 s/step measured in this directory" in caplog.text
     assert "its last run here took 2:05" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 28, item 7: every rerun reason, short, naming the key or the file; an interruption is one
+
+
+def _plan_line(text: str, stage: str) -> str:
+    return next(line for line in text.splitlines() if f"  {stage:12s} RUN" in line)
+
+
+def test_rerun_reasons_name_the_interruption_and_the_config_change(fakes, tmp_path, caplog):
+    out = tmp_path / "run"
+    run(fakes, out)
+    m = json.loads((out / "manifest.json").read_text())
+    m["stages"]["calibration"].update(status="interrupted", error="interrupted (Ctrl-C)")
+    m["stages"]["align"].update(status="failed", error="RuntimeError: " + "a long explanation " * 25)
+    (out / "manifest.json").write_text(json.dumps(m))
+    caplog.set_level("INFO", logger="pipeline.run")
+    caplog.clear()
+    run(fakes, out, "calibration.steps=7", dry_run=True)
+    cal, align = _plan_line(caplog.text, "calibration"), _plan_line(caplog.text, "align")
+    assert "interrupted (Ctrl-C) last time: resuming" in cal and "config changed: calibration.steps: 1 -> 7" in cal
+    assert "failed" not in cal
+    assert "failed last time (RuntimeError: a long explanation" in align and "...): retrying" in align
+    assert "calibration.steps: 1 -> 7" in align and "upstream stage calibration reruns" in align
+    assert len(align) < 320  # not the whole 475-character error
+
+
+def test_a_data_file_edited_in_place_is_named(fakes, tmp_path, caplog):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    out = tmp_path / "run"
+    run(fakes, out, f"data.sources.1.path={data}")
+    st = data.stat()
+    data.write_text('{"prompt": "a", "chosen": "c", "rejected": "b"}\n')  # same size
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same mtime
+    caplog.set_level("INFO", logger="pipeline.run")
+    caplog.clear()
+    run(fakes, out, f"data.sources.1.path={data}", dry_run=True)
+    line = _plan_line(caplog.text, "reward")
+    assert f"input changed: {data} (content)" in line and "size or modification time" not in line
