@@ -441,9 +441,23 @@ def _main(args, stage: str | None) -> int:
         stages, force = args.stages, args.force
     else:
         stages, force = [stage], ([stage] if args.force else [])
+    if not args.dry_run and os.environ.get("RANK", "0") == "0":
+        log.info(stop_hint())
     run_pipeline(recipe, run_dir, stages=stages, force=force, dry_run=args.dry_run)
     shutdown_distributed()
     return 0
+
+
+def stop_hint() -> str:
+    """Which signals stop this run: SIGTERM always; SIGINT (Ctrl-C) unless the process started with it ignored
+    (`nohup ... &` from a script), where a Ctrl-C or kill -INT would otherwise do nothing without a word."""
+    pid = os.getpid()
+    if threading_is_main() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return (
+            f"to stop this run: kill {pid} (SIGTERM). SIGINT is ignored in this process (it was started with SIGINT "
+            "ignored, e.g. nohup ... &), so Ctrl-C and kill -INT do nothing; the same command resumes"
+        )
+    return f"to stop this run: Ctrl-C (SIGINT) or kill {pid} (SIGTERM); the same command resumes"
 
 
 def main_for_stage(stage: str, argv: list[str] | None = None) -> int:

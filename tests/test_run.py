@@ -412,6 +412,8 @@ def test_ignored_sigint_is_respected_and_sigterm_interrupts(fakes, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
+    # issue 28, item 10: the log says at start which signals stop the run (the SIGINT above did nothing)
+    assert f"to stop this run: kill {proc.pid} (SIGTERM). SIGINT is ignored in this process" in err
     entry = json.loads((out / "manifest.json").read_text())["stages"]["calibration"]
     assert entry["status"] == "interrupted" and entry["error"] == "interrupted (terminated by signal 15)"
 
@@ -444,6 +446,7 @@ def test_interrupt_mid_stage_then_resume(fakes, tmp_path, sig):
     else:
         assert proc.returncode == 130, err
         assert "run the same command again" in err
+        assert f"to stop this run: Ctrl-C (SIGINT) or kill {proc.pid} (SIGTERM)" in err
         assert m["stages"]["calibration"]["status"] == "interrupted"  # an interruption is not a failure
         assert m["stages"]["calibration"]["error"] == "interrupted (Ctrl-C)"
     assert m["stages"]["reward"]["status"] == "done"
