@@ -542,6 +542,19 @@ def test_help_prints_a_single_percent_sign():
     assert "95%" in text and "%%" not in text
 
 
+def test_help_and_readme_say_where_the_summary_goes_with_export():
+    """Issue 28, item 10: the help said D/summary.md, but with --export the summary is written only to E."""
+    import re
+
+    from tests.helpers import REPO
+
+    text = " ".join(S.build_parser().format_help().split())
+    assert "with --export E, into E/summary.{json,md} instead" in text and "D then gets no summary" in text
+    assert "E/summary.{json,md} (not to D)" in text
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert re.search(r"With `--export E` the sweep's summary .* is written into E only", readme)
+
+
 def test_seeds_only_sweep_writes_a_plot(tmp_path):
     agg = S.aggregate_point(_two_seed_rows())
     summary = {
