@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pipeline import stages as stage_table
 from pipeline.errors import RecipeError
-from pipeline.io import atomic_write_json, file_records, remove_tree
+from pipeline.io import atomic_write_json, dict_changes, file_records, remove_tree
 
 
 MANIFEST = "manifest.json"
@@ -156,6 +156,45 @@ def last_duration(entry: dict | None) -> float | None:
         return None
     start, end = (_dt.datetime.fromisoformat(entry[k]) for k in ("started", "finished"))
     return (end - start).total_seconds()
+
+
+def recorded_recipe(manifest: dict, current: str | None = None) -> tuple[dict | None, list[str]]:
+    """The recipe this run directory's results were produced with, for DIR/recipe.yaml, and notes for its header.
+
+    Each stage's section is the one that stage last ran with here (its manifest entry's `inputs`), for the
+    stages that finished (and `current`, the stage running now, so the report embeds its own settings); a stage
+    that has not finished here is left out (its section takes the defaults) and `stages` lists the ones that
+    did, so the file never states settings no result here was produced with. `data` and `seed` are those of the
+    last such stage in pipeline order; a note names each earlier stage that ran with other ones. The top-level
+    keys (name, description, output_dir, data_root) are the last command's. None when no stage has finished."""
+    entries = manifest.get("stages", {})
+    order = stage_table.stage_names()
+    ran = [
+        s
+        for s in order
+        if isinstance((entries.get(s) or {}).get("inputs"), dict)
+        and (entries[s].get("status") == "done" or s == current)
+    ]
+    if not ran:
+        return None, []
+    last = entries[ran[-1]]["inputs"]
+    out = {}
+    for key, value in (manifest.get("recipe") or {}).items():
+        if key in order:
+            if key in ran:
+                out[key] = entries[key]["inputs"].get(key)
+        elif key in ("seed", "data"):
+            out[key] = last.get(key)
+        elif key == "stages":
+            out[key] = None if ran == order else ran
+        else:
+            out[key] = value
+    notes = []
+    for s in ran[:-1]:
+        theirs = {k: entries[s]["inputs"].get(k) for k in ("seed", "data")}
+        if changes := dict_changes({k: last.get(k) for k in theirs}, theirs, limit=4, width=30):
+            notes.append(f"{s} ran with other data or seed settings than {ran[-1]} (here -> {s}): {changes}")
+    return out, notes
 
 
 def upstream_tokens(entries: dict, upstream: list[str]) -> dict[str, str]:

@@ -11,8 +11,11 @@ regenerated. Every reason names what changed.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+
+import yaml
 
 from pipeline import stages as stage_table
 from pipeline.config import recipe_to_dict
@@ -81,7 +84,8 @@ def _run_reason(run_dir, resolved, name, h, entry, upstream_now, upstream_rerun,
     if status == "done":
         if missing := missing_artifacts(run_dir, entry.get("artifacts", [])):
             reasons.append(f"artifacts missing: {_some(missing)}")
-        if changed := changed_files(run_dir, entry.get("artifact_files", {})):
+        changed = changed_files(run_dir, entry.get("artifact_files", {}))
+        if changed := [c for c in changed if c.rsplit(" (", 1)[0] not in missing]:
             reasons.append(f"artifacts changed since it finished: {_some(changed)}")
     if why := _upstream_reason(entry, upstream_now, upstream_rerun):
         reasons.append(why)
@@ -194,6 +198,68 @@ def changed_inputs(old: dict, new: dict) -> list[str]:
             files = sorted(f for f in set(a) | set(b) if a.get(f) != b.get(f))
             out.append(f"{p}: {_some(files, 2)} (content)" if files else f"{p} (content)")
     return out
+
+
+ALLOW_STALE_UPSTREAM = "--allow-stale-upstream"
+
+
+def check_upstream(recipe, run_dir: Path, steps: list[dict], allow: bool = False) -> None:
+    """Refuse, before any work (--dry-run too), to run a stage on results of an earlier stage that does not
+    rerun now and whose saved results were produced with other settings than this recipe says (the stage
+    table's `mismatch`: the RMs' fingerprints against reward.*): one message naming every key with both values
+    and the two ways on. With `allow` (--allow-stale-upstream) it goes on, and every consuming step carries
+    `upstream_mismatch` = {"stage", "results", "keys"} (logged as a warning, recorded in its manifest entry,
+    shown in report.md beside its numbers)."""
+    running = [s["stage"] for s in steps if s["action"] == "run"]
+    for i, stage in enumerate(stage_table.STAGES):
+        if stage.mismatch is None or stage.name in running:
+            continue
+        users = [s.name for s in stage_table.STAGES[i + 1 :] if s.name in running]
+        found = stage.mismatch(recipe, run_dir) if users else []
+        if not found:
+            continue
+        where = Path(run_dir) / stage.name
+        text = mismatch_text(found, stage.results)
+        if not allow:
+            raise RecipeError(_refusal(stage, where, users, found, text))
+        for step in steps:
+            if step["stage"] in users:
+                step["upstream_mismatch"] = {"stage": stage.name, "results": stage.results, "keys": text}
+
+
+def mismatch_text(found: list[dict], results: str = "results") -> str:
+    """'reward.train.learning_rate: 0.0005 in the RMs (more, multitask), 0.001 in the recipe; ...'."""
+    parts = []
+    for m in found:
+        recorded = "; ".join(
+            f"{_yaml(json.loads(v))} in {results} {', '.join(names)}" for v, names in m["recorded"].items()
+        )
+        parts.append(f"{m['key']}: {recorded} vs {_yaml(m['recipe'])} in the recipe")
+    return "; ".join(parts)
+
+
+def _refusal(stage, where: Path, users: list[str], found: list[dict], text: str) -> str:
+    """The one-line refusal: the keys on both sides, the two ways on, and the flag."""
+    single = [m for m in found if len(m["recorded"]) == 1]
+    repeat = " ".join(f"{m['key']}={_yaml(json.loads(next(iter(m['recorded']))))}" for m in single)
+    order = stage_table.stage_names()
+    rerun = ",".join(s for s in order if s == stage.name or s in users)
+    ways = (
+        f"repeat the settings they were produced with ({repeat}), or "
+        if len(single) == len(found)
+        else (f"the {stage.results} disagree among themselves, so ")
+    )
+    return (
+        f"this recipe disagrees with the {stage.results} in {where} that {', '.join(users)} would use: {text}. "
+        f"Fix: {ways}rerun the {stage.name} stage with this recipe (--stages {rerun}); or pass "
+        f"{ALLOW_STALE_UPSTREAM} to go on with them as they are (the log and report.md then carry a warning)"
+    )
+
+
+def _yaml(value) -> str:
+    """A value as an override writes it (YAML flow style: 0.0005, none, null, [a, b])."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip()
+    return text[: -len("...")].strip() if text.endswith("...") else text
 
 
 def check_data_paths(recipe) -> None:

@@ -682,3 +682,91 @@ def test_a_data_file_edited_in_place_is_named(fakes, tmp_path, caplog):
     run(fakes, out, f"data.sources.1.path={data}", dry_run=True)
     line = _plan_line(caplog.text, "reward")
     assert f"input changed: {data} (content)" in line and "size or modification time" not in line
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 28, item 1: a downstream rerun on a recipe that disagrees with the saved RMs; recipe.yaml per stage
+
+
+def _reward_records_its_steps(monkeypatch) -> None:
+    """The fake reward stage's `mismatch`: its result.json records the steps it ran with (as an RM's
+    fingerprint.json records its settings)."""
+    import dataclasses
+
+    import pipeline.stages as stages
+
+    def mismatch(recipe, run_dir):
+        done = json.loads((Path(run_dir) / "reward" / "result.json").read_text())["steps"]
+        if done == recipe.reward.steps:
+            return []
+        return [{"key": "reward.steps", "recipe": recipe.reward.steps, "recorded": {json.dumps(done): ["r1", "r2"]}}]
+
+    table = tuple(
+        dataclasses.replace(s, mismatch=mismatch, results="RMs") if s.name == "reward" else s for s in stages.STAGES
+    )
+    monkeypatch.setattr(stages, "STAGES", table)
+
+
+def test_a_downstream_rerun_on_rms_of_other_settings_is_refused_unless_allowed(
+    fakes, tmp_path, monkeypatch, caplog, capsys
+):
+    import yaml
+
+    out = tmp_path / "run"
+    run(fakes, out)
+    _reward_records_its_steps(monkeypatch)
+    before = calls(tmp_path)
+    for dry_run in (True, False):
+        with pytest.raises(C.RecipeError) as e:
+            run(fakes, out, "reward.steps=5", stages="calibration,report", dry_run=dry_run)
+        msg = str(e.value)
+        assert "\n" not in msg and f"disagrees with the RMs in {out / 'reward'} that calibration, report" in msg
+        assert "reward.steps: 2 in RMs r1, r2 vs 5 in the recipe" in msg
+        assert "repeat the settings they were produced with (reward.steps=2)" in msg
+        assert "rerun the reward stage with this recipe (--stages reward,calibration,report)" in msg
+        assert "--allow-stale-upstream" in msg
+    assert calls(tmp_path) == before  # refused before any work
+    argv = ["--recipe", str(fakes / "fake.yaml"), "--output-dir", str(out), "--stages", "calibration,report"]
+    assert R.main([*argv, "reward.steps=5"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "reward.steps: 2 in RMs r1, r2 vs 5" in err
+    assert "--allow-stale-upstream" in R.build_parser().format_help()
+
+    caplog.set_level("INFO", logger="pipeline.run")
+    run(fakes, out, "reward.steps=5", stages="calibration,report", allow_stale_upstream=True)
+    assert calls(tmp_path)["calibration"] == before["calibration"] + 1
+    assert (
+        "WARNING (--allow-stale-upstream): calibration runs on the RMs in reward/, produced with other" in caplog.text
+    )
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["stages"]["calibration"]["upstream_mismatch"] == {
+        "stage": "reward",
+        "results": "RMs",
+        "keys": "reward.steps: 2 in RMs r1, r2 vs 5 in the recipe",
+    }
+    assert "upstream_mismatch" not in m["stages"]["reward"]
+    # recipe.yaml states what the RMs were made with, not the last command's reward section
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["reward"]["steps"] == 2
+    run(fakes, out, "reward.steps=2", stages="calibration")  # the settings repeated: no refusal, no warning
+    assert "upstream_mismatch" not in json.loads((out / "manifest.json").read_text())["stages"]["calibration"]
+
+
+def test_recipe_yaml_holds_each_stages_settings_as_it_ran_and_reruns_exactly(fakes, tmp_path):
+    import yaml
+
+    out = tmp_path / "run"
+    run(fakes, out, stages="reward,calibration")  # align and the report never run here
+    text = (out / "recipe.yaml").read_text()
+    assert text.startswith("# The settings this run directory's results were produced with")
+    y = yaml.safe_load(text)
+    assert y["stages"] == ["reward", "calibration"] and "align" not in y and "report" not in y
+    run(fakes, out, "calibration.steps=7", stages="calibration")
+    run(fakes, out, "reward.steps=9", "calibration.steps=1", stages="reward")  # calibration is now STALE
+    y = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert y["reward"]["steps"] == 9 and y["calibration"]["steps"] == 7  # as each last ran, not the command's 1
+    again = C.load_recipe(str(out / "recipe.yaml"))
+    steps = P.plan(again, out, json.loads((out / "manifest.json").read_text()), ["calibration"], [])
+    assert [s["action"] for s in steps] == ["exclude", "run", "exclude", "exclude"]  # the stale one
+    R.run_pipeline(again, out, stages="calibration")
+    steps = P.plan(again, out, json.loads((out / "manifest.json").read_text()), list(y["stages"]), [])
+    assert [s["action"] for s in steps] == ["skip", "skip", "exclude", "exclude"]
