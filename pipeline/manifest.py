@@ -24,7 +24,7 @@ import subprocess
 from pathlib import Path
 
 from pipeline import stages as stage_table
-from pipeline.errors import RecipeError
+from pipeline.errors import RecipeError, redact_credentials
 from pipeline.io import atomic_write_json, dict_changes, file_records, remove_tree
 
 
@@ -94,10 +94,11 @@ def read_manifest(run_dir: Path) -> dict:
 
 
 def write_manifest(run_dir: Path, manifest: dict) -> None:
-    """Write atomically, the stages in pipeline order (unknown names, e.g. of an older layout, last)."""
+    """Write atomically, the stages in pipeline order (unknown names, e.g. of an older layout, last); a credential
+    inside a URL (the resolved recipe's judge base_url, an error message) is masked (`redact_credentials`)."""
     order = {n: i for i, n in enumerate(stage_table.stage_names())}
     manifest["stages"] = dict(sorted(manifest["stages"].items(), key=lambda kv: order.get(kv[0], len(order))))
-    atomic_write_json(Path(run_dir) / MANIFEST, manifest)
+    atomic_write_json(Path(run_dir) / MANIFEST, redact_credentials(manifest))
 
 
 def missing_artifacts(run_dir: Path, artifacts: list[str]) -> list[str]:
@@ -161,20 +162,16 @@ def last_duration(entry: dict | None) -> float | None:
 def recorded_recipe(manifest: dict, current: str | None = None) -> tuple[dict | None, list[str]]:
     """The recipe this run directory's results were produced with, for DIR/recipe.yaml, and notes for its header.
 
-    Each stage's section is the one that stage last ran with here (its manifest entry's `inputs`), for the
-    stages that finished (and `current`, the stage running now, so the report embeds its own settings); a stage
-    that has not finished here is left out (its section takes the defaults) and `stages` lists the ones that
-    did, so the file never states settings no result here was produced with. `data` and `seed` are those of the
-    last such stage in pipeline order; a note names each earlier stage that ran with other ones. The top-level
-    keys (name, description, output_dir, data_root) are the last command's. None when no stage has finished."""
+    Each stage's section is the one that stage last ran with here (its manifest entry's `inputs`); a stage that
+    never ran here is left out (its section takes the defaults) and `stages` lists the ones that did, so the file
+    never states settings no result here was produced with. A note names each stage whose last attempt did not
+    finish (failed, interrupted: its section is that attempt's, which the same command resumes) or whose results
+    are STALE. `data` and `seed` are those of the last stage in pipeline order; a note names each earlier stage
+    that ran with other ones. The top-level keys (name, description, output_dir, data_root) are the last
+    command's. None when no stage has run here. `current` is the stage starting now (not noted as unfinished)."""
     entries = manifest.get("stages", {})
     order = stage_table.stage_names()
-    ran = [
-        s
-        for s in order
-        if isinstance((entries.get(s) or {}).get("inputs"), dict)
-        and (entries[s].get("status") == "done" or s == current)
-    ]
+    ran = [s for s in order if isinstance((entries.get(s) or {}).get("inputs"), dict)]
     if not ran:
         return None, []
     last = entries[ran[-1]]["inputs"]
@@ -189,12 +186,24 @@ def recorded_recipe(manifest: dict, current: str | None = None) -> tuple[dict | 
             out[key] = None if ran == order else ran
         else:
             out[key] = value
+    return out, _recipe_notes(entries, ran, current)
+
+
+def _recipe_notes(entries: dict, ran: list[str], current: str | None) -> list[str]:
+    """recipe.yaml's header notes: unfinished and STALE stages, and earlier stages with other data or seed."""
     notes = []
+    for s in ran:
+        status = entries[s].get("status")
+        if status != "done" and s != current:
+            notes.append(f"{s} did not finish here ({status}): its section is the one its last attempt ran with")
+        elif entries[s].get("stale") and s != current:
+            notes.append(f"{s} is STALE ({entries[s]['stale']}): its results were computed before that")
+    last = entries[ran[-1]]["inputs"]
     for s in ran[:-1]:
         theirs = {k: entries[s]["inputs"].get(k) for k in ("seed", "data")}
         if changes := dict_changes({k: last.get(k) for k in theirs}, theirs, limit=4, width=30):
             notes.append(f"{s} ran with other data or seed settings than {ran[-1]} (here -> {s}): {changes}")
-    return out, notes
+    return notes
 
 
 def upstream_tokens(entries: dict, upstream: list[str]) -> dict[str, str]:

@@ -48,8 +48,16 @@ from pipeline.align.judge import JudgeError
 from pipeline.config import check_recipe, load_recipe, recipe_to_dict, recipe_yaml
 from pipeline.config_keys import describe_keys
 from pipeline.dist import Processes, shutdown_distributed, threading_is_main
-from pipeline.errors import DiskFull, RecipeError, StageInterrupted, disk_full_error, disk_full_message, interruption
-from pipeline.io import atomic_write_text, tree_bytes
+from pipeline.errors import (
+    DiskFull,
+    RecipeError,
+    StageInterrupted,
+    disk_full_error,
+    disk_full_message,
+    interruption,
+    redact_credentials,
+)
+from pipeline.io import UnsafePathError, atomic_write_text, check_no_links_out, tree_bytes
 from pipeline.logs import clock, quiet_library_noise
 from pipeline.manifest import (
     MANIFEST,
@@ -108,6 +116,7 @@ def run_pipeline(
     steps, manifest, lock, read_only = None, {}, None, None
     if procs.is_main:
         try:
+            _check_links(run_dir)
             lock, read_only = (None, None) if dry_run else _open_run_dir(run_dir)
             manifest = read_manifest(run_dir)
             steps = _decide(recipe, run_dir, manifest, selected, force, read_only, allow_stale_upstream)
@@ -148,6 +157,15 @@ def _forced(force, selected: list[str]) -> list[str]:
             f"valid: {', '.join(stage_table.stage_names())} or 'all'"
         )
     return force
+
+
+def _check_links(run_dir: Path) -> None:
+    """Before anything is written: no stage folder, and nothing under one, is a symlink leading out of the run
+    directory (a write would follow it); one RecipeError naming the link (`pipeline.io.check_no_links_out`)."""
+    try:
+        check_no_links_out(run_dir, stage_table.stage_names())
+    except UnsafePathError as e:
+        raise RecipeError(str(e)) from None
 
 
 def _open_run_dir(run_dir: Path):
@@ -194,7 +212,17 @@ def _lock_run_dir(run_dir: Path):
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         return None
-    f = open(run_dir / ".lock", "a+")
+    path = run_dir / ".lock"
+    try:  # never through a link: O_NOFOLLOW fails on one instead of creating or locking its target
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        if not path.is_symlink():
+            raise
+        raise RecipeError(
+            f"{path} is a symlink (to {os.readlink(path)}); the lock file is never created or opened through a "
+            f"link ({e.strerror}). Fix: delete the link (rm {path})"
+        ) from None
+    f = os.fdopen(fd, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -260,23 +288,24 @@ def _record_plan(run_dir: Path, steps: list[dict], manifest: dict, resolved: dic
 
 RECIPE_HEADER = """\
 # The settings this run directory's results were produced with: each stage's section as that stage last ran
-# here (manifest.json records them), not the recipe of the last command. Stages that have not finished here are
-# left out, and `stages` lists those that have. To reproduce them elsewhere:
+# here (manifest.json records them), not the recipe of the last command. Stages that never ran here are left
+# out, and `stages` lists those that did. To reproduce them elsewhere:
 #   python -m pipeline.run --recipe {path} --output-dir NEW_DIR
 """
 
 
 def write_run_recipe(run_dir: Path, manifest: dict, current: str | None = None) -> None:
     """DIR/recipe.yaml from the manifest (`recorded_recipe`: every section as its stage last ran here; `current`
-    is the stage starting now). Removed while no stage has finished, so it never describes a run that did not
-    happen."""
+    is the stage starting now). Removed while no stage has run here, so it never describes a run that did not
+    happen. A credential inside a URL is masked, as in manifest.json."""
     data, notes = recorded_recipe(manifest, current)
     path = Path(run_dir) / "recipe.yaml"
     if data is None:
         path.unlink(missing_ok=True)
         return
-    header = RECIPE_HEADER.format(path=path) + "".join(f"# Note: {n}\n" for n in notes)
-    atomic_write_text(path, header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    header = RECIPE_HEADER.format(path=path) + "".join(f"# Note: {redact_credentials(n)}\n" for n in notes)
+    text = yaml.safe_dump(redact_credentials(data), sort_keys=False, allow_unicode=True)  # as recipe_yaml masks
+    atomic_write_text(path, header + text)
 
 
 def _run_stage(recipe, run_dir: Path, step: dict, manifest: dict, resolved: dict, procs: Processes) -> None:
@@ -334,7 +363,8 @@ def _record_failure(recipe, run_dir: Path, stage, e: BaseException, entry, manif
         if isinstance(e, KeyboardInterrupt):  # Ctrl-C, SIGTERM: an interruption, not a failure
             status, error = "interrupted", f"interrupted ({interruption(e)})"
         else:
-            status, error = "failed", f"{type(e).__name__}: {e.strerror if isinstance(e, DiskFull) else e}"
+            status = "failed"
+            error = redact_credentials(f"{type(e).__name__}: {e.strerror if isinstance(e, DiskFull) else e}")
         entry.update(status=status, finished=now(), error=error[:500])
         try:
             write_manifest(run_dir, manifest)
@@ -466,7 +496,7 @@ def main(argv: list[str] | None = None, *, stage: str | None = None) -> int:
     try:
         return _main(args, stage)
     except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_credentials(str(e))}", file=sys.stderr)
         return 2
     except DiskFull as e:
         print(f"error: {e.strerror}", file=sys.stderr)
@@ -477,7 +507,8 @@ def main(argv: list[str] | None = None, *, stage: str | None = None) -> int:
         # message; the manifest already marks the stage failed. PIPELINE_TRACEBACK=1 shows the traceback.
         if os.environ.get("PIPELINE_TRACEBACK"):
             raise
-        print(f"error: {type(e).__name__}: {e}\n(set PIPELINE_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        message = redact_credentials(f"{type(e).__name__}: {e}")
+        print(f"error: {message}\n(set PIPELINE_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"interrupted ({interruption(e)}); run the same command again to resume", file=sys.stderr)

@@ -762,7 +762,9 @@ def test_recipe_yaml_holds_each_stages_settings_as_it_ran_and_reruns_exactly(fak
     assert y["stages"] == ["reward", "calibration"] and "align" not in y and "report" not in y
     run(fakes, out, "calibration.steps=7", stages="calibration")
     run(fakes, out, "reward.steps=9", "calibration.steps=1", stages="reward")  # calibration is now STALE
-    y = yaml.safe_load((out / "recipe.yaml").read_text())
+    text = (out / "recipe.yaml").read_text()
+    assert "# Note: calibration is STALE (upstream stage reward reruns): its results were computed before" in text
+    y = yaml.safe_load(text)
     assert y["reward"]["steps"] == 9 and y["calibration"]["steps"] == 7  # as each last ran, not the command's 1
     again = C.load_recipe(str(out / "recipe.yaml"))
     steps = P.plan(again, out, json.loads((out / "manifest.json").read_text()), ["calibration"], [])
