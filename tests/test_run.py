@@ -587,6 +587,7 @@ def test_judge_budget_exhausted_is_one_line_not_a_traceback(fakes, tmp_path, mon
 
 def test_dry_run_fails_for_a_data_path_that_does_not_exist(tmp_path, capsys):
     argv = ["--recipe", "tiny-cpu", "--output-dir", str(tmp_path / "run"), "--dry-run", "--stages", "reward"]
+    argv.append("data.per_source_batch=1")  # the file below has one pair (a larger batch is refused since issue 29)
     missing = tmp_path / "nope" / "hh.jsonl"
     rc = R.main([*argv, f"data.sources=[{{name: mine, format: jsonl, path: {missing}}}]"])
     err = capsys.readouterr().err
