@@ -1,12 +1,15 @@
 """DIR/manifest.json: what ran in a run directory (written atomically, by the main process only).
 
-    {"stages": {name: {"status": "done"|"failed"|"running"|"skipped", "config_hash", "started", "finished",
-                       "artifacts": [...], "artifact_files": {path: {"size", "mtime_ns", "sha256"}},
-                       "reason", "upstream": {name: run_id}, "run_id", "inputs", "world_size", "error"?,
-                       "stale"?}},
+    {"stages": {name: {"status": "done"|"failed"|"interrupted"|"running"|"skipped", "config_hash", "started",
+                       "finished", "artifacts": [...], "artifact_files": {path: {"size", "mtime_ns", "sha256"}},
+                       "reason", "upstream": {name: run_id}, "run_id", "inputs", "input_files", "world_size",
+                       "error"?, "stale"?}},
      "versions": {...}, "git_commit": ..., "recipe": <resolved recipe>}
 
-Stages are written in pipeline order (`pipeline.stages.STAGES`), so a reader (the report) can list them as
+"failed" is a stage that raised (its error in "error"), "interrupted" one stopped by Ctrl-C or SIGTERM, "running"
+one whose process died without a word (kill -9). "inputs" are the recipe sections its hash covers, "input_files"
+the content hashes of the local files they name (`pipeline.plan.input_digests`), so a later plan names what
+changed. Stages are written in pipeline order (`pipeline.stages.STAGES`), so a reader (the report) can list them as
 they are. Artifact records hold the size, mtime and sha256 of every file a stage wrote; a stage whose files
 changed since it finished reruns (`pipeline.plan`).
 """
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from pipeline import stages as stage_table
 from pipeline.errors import RecipeError, redact_credentials
-from pipeline.io import atomic_write_json, file_records, remove_tree
+from pipeline.io import atomic_write_json, dict_changes, file_records, remove_tree
 
 
 MANIFEST = "manifest.json"
@@ -154,6 +157,53 @@ def last_duration(entry: dict | None) -> float | None:
         return None
     start, end = (_dt.datetime.fromisoformat(entry[k]) for k in ("started", "finished"))
     return (end - start).total_seconds()
+
+
+def recorded_recipe(manifest: dict, current: str | None = None) -> tuple[dict | None, list[str]]:
+    """The recipe this run directory's results were produced with, for DIR/recipe.yaml, and notes for its header.
+
+    Each stage's section is the one that stage last ran with here (its manifest entry's `inputs`); a stage that
+    never ran here is left out (its section takes the defaults) and `stages` lists the ones that did, so the file
+    never states settings no result here was produced with. A note names each stage whose last attempt did not
+    finish (failed, interrupted: its section is that attempt's, which the same command resumes) or whose results
+    are STALE. `data` and `seed` are those of the last stage in pipeline order; a note names each earlier stage
+    that ran with other ones. The top-level keys (name, description, output_dir, data_root) are the last
+    command's. None when no stage has run here. `current` is the stage starting now (not noted as unfinished)."""
+    entries = manifest.get("stages", {})
+    order = stage_table.stage_names()
+    ran = [s for s in order if isinstance((entries.get(s) or {}).get("inputs"), dict)]
+    if not ran:
+        return None, []
+    last = entries[ran[-1]]["inputs"]
+    out = {}
+    for key, value in (manifest.get("recipe") or {}).items():
+        if key in order:
+            if key in ran:
+                out[key] = entries[key]["inputs"].get(key)
+        elif key in ("seed", "data"):
+            out[key] = last.get(key)
+        elif key == "stages":
+            out[key] = None if ran == order else ran
+        else:
+            out[key] = value
+    return out, _recipe_notes(entries, ran, current)
+
+
+def _recipe_notes(entries: dict, ran: list[str], current: str | None) -> list[str]:
+    """recipe.yaml's header notes: unfinished and STALE stages, and earlier stages with other data or seed."""
+    notes = []
+    for s in ran:
+        status = entries[s].get("status")
+        if status != "done" and s != current:
+            notes.append(f"{s} did not finish here ({status}): its section is the one its last attempt ran with")
+        elif entries[s].get("stale") and s != current:
+            notes.append(f"{s} is STALE ({entries[s]['stale']}): its results were computed before that")
+    last = entries[ran[-1]]["inputs"]
+    for s in ran[:-1]:
+        theirs = {k: entries[s]["inputs"].get(k) for k in ("seed", "data")}
+        if changes := dict_changes({k: last.get(k) for k in theirs}, theirs, limit=4, width=30):
+            notes.append(f"{s} ran with other data or seed settings than {ran[-1]} (here -> {s}): {changes}")
+    return notes
 
 
 def upstream_tokens(entries: dict, upstream: list[str]) -> dict[str, str]:

@@ -11,8 +11,11 @@ regenerated. Every reason names what changed.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+
+import yaml
 
 from pipeline import stages as stage_table
 from pipeline.config import recipe_to_dict
@@ -68,24 +71,51 @@ def plan(recipe, run_dir: Path, manifest: dict, selected: list[str], force: list
 
 
 def _run_reason(run_dir, resolved, name, h, entry, upstream_now, upstream_rerun, forced) -> str | None:
-    """Why a selected stage must run (None: it is up to date)."""
+    """Why a selected stage must run (None: it is up to date): every reason that applies, short, each naming
+    what changed (a key, a file, a stage)."""
     if forced:
         return FORCED
     status = None if entry is None else entry.get("status")
     if status in (None, "skipped"):
         return "never run in this directory"
-    if status == "running":
-        return "interrupted while running: resuming from its checkpoints"
-    if status == "failed":
-        return f"previous attempt failed ({entry.get('error', 'unknown error')}): retrying"
-    if status != "done":
-        return f"status {status!r}"
+    reasons = [] if status == "done" else [last_end(entry)]
     if entry.get("config_hash") != h:
-        return config_change_reason(entry, stage_inputs(resolved, name), h)
-    if missing := missing_artifacts(run_dir, entry.get("artifacts", [])):
-        return f"artifacts missing: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
-    if changed := changed_files(run_dir, entry.get("artifact_files", {})):
-        return f"artifacts changed since it finished: {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}"
+        reasons.append(config_change_reason(entry, stage_inputs(resolved, name), h, input_digests(resolved, name)))
+    if status == "done":
+        if missing := missing_artifacts(run_dir, entry.get("artifacts", [])):
+            reasons.append(f"artifacts missing: {_some(missing)}")
+        changed = changed_files(run_dir, entry.get("artifact_files", {}))
+        if changed := [c for c in changed if c.rsplit(" (", 1)[0] not in missing]:
+            reasons.append(f"artifacts changed since it finished: {_some(changed)}")
+    if why := _upstream_reason(entry, upstream_now, upstream_rerun):
+        reasons.append(why)
+    return "; ".join(reasons) or None
+
+
+def _some(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def _short(text: str, width: int = 80) -> str:
+    line = str(text).strip().splitlines()[0] if str(text).strip() else "no message"
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def last_end(entry: dict) -> str:
+    """How the stage's previous attempt ended, when it did not finish: interrupted (Ctrl-C, SIGTERM: status
+    "interrupted"), killed without a word (left "running": kill -9, a crash of the machine), or failed (its
+    error's first line, short; the whole message stays in the manifest)."""
+    status = entry.get("status")
+    if status == "running":
+        return "its last run was killed before it could record how it ended (kill -9?): resuming"
+    if status == "interrupted":
+        return f"{_short(entry.get('error') or 'interrupted')} last time: resuming"
+    if status == "failed":
+        return f"failed last time ({_short(entry.get('error', 'unknown error'))}): retrying"
+    return f"status {status!r}"
+
+
+def _upstream_reason(entry: dict, upstream_now: dict, upstream_rerun: list[str]) -> str | None:
     if upstream_rerun:
         return f"upstream stage {upstream_rerun[-1]} reruns"
     if entry.get("upstream", {}) != upstream_now:
@@ -101,12 +131,8 @@ def _unselected_step(stage, h: str, entry: dict | None, upstream_now: dict, upst
     step = {"stage": stage.name, "action": "exclude", "hash": h, "reason": "not selected"}
     if entry is None or entry.get("status") != "done":
         return step
-    if upstream_rerun:
-        why = f"upstream stage {upstream_rerun[-1]} reruns"
-    elif entry.get("upstream", {}) != upstream_now:
-        changed = sorted(set(entry.get("upstream", {}).items()) ^ set(upstream_now.items()))
-        why = f"upstream stage {changed[0][0]} was rerun since this stage finished"
-    else:
+    why = _upstream_reason(entry, upstream_now, upstream_rerun)
+    if why is None:
         return step
     if stage.follows_upstream:
         return {**step, "action": "run", "reason": f"regenerated: {why}"}
@@ -123,16 +149,119 @@ def stage_inputs(resolved: dict, stage: str) -> dict:
     return redact_credentials(inputs)
 
 
-def config_change_reason(entry: dict, inputs_now: dict, h: str) -> str:
-    """'config changed: reward.train.learning_rate: 0.0001 -> 0.0005' from the inputs recorded in the manifest;
-    the hashes only when the keys are equal (a local data file changed) or an older manifest recorded none."""
+def config_change_reason(entry: dict, inputs_now: dict, h: str, files_now: dict | None = None) -> str:
+    """'config changed: reward.train.learning_rate: 0.0001 -> 0.0005' from the inputs recorded in the manifest,
+    and 'input changed: /data/hh.jsonl (content)' for every local input file whose content (or hub id whose
+    revision) differs from the record (`input_digests`); the hashes only when an older manifest recorded
+    neither."""
     old = entry.get("inputs")
+    parts = []
+    if isinstance(old, dict) and (changes := dict_changes(old, inputs_now)):
+        parts.append("config changed: " + changes)
+    if isinstance(entry.get("input_files"), dict) and files_now is not None:
+        if changed := changed_inputs(entry["input_files"], files_now):
+            parts.append(f"input changed: {_some(changed)}")
+    if parts:
+        return "; ".join(parts)
     if isinstance(old, dict):
-        changes = dict_changes(old, inputs_now)
-        if changes:
-            return "config changed: " + changes
-        return "local input files changed (size or modification time of a data file or external RM)"
+        return "a local input file or a hub revision changed (its content; this manifest names no files)"
     return f"config changed (hash {str(entry.get('config_hash'))[:10]} -> {h[:10]})"
+
+
+def input_digests(d: dict, stage: str) -> dict:
+    """{path or hub id: {file relative to it ('.' for the path itself): sha256} or {"hub_revision": ...}} of
+    the local inputs of `stage` and of every stage before it (what its hash covers), stored in its manifest
+    entry so a later plan can name the file that changed."""
+    order = stage_table.stage_names()
+    out: dict = {}
+    for s in order[: order.index(stage) + 1] if stage in order else [stage]:
+        for p, rec in local_input_stats(d, s).items():
+            out[p] = {(f or "."): sha for f, _size, sha in rec} if isinstance(rec, list) else rec
+    return out
+
+
+def changed_inputs(old: dict, new: dict) -> list[str]:
+    """'PATH (content)', 'PATH: FILE (content)', 'PATH (missing now)', 'HUB-ID (revision ...)' for every input
+    whose record differs."""
+    out = []
+    for p in sorted(set(old) | set(new)):
+        a, b = old.get(p), new.get(p)
+        if a == b:
+            continue
+        if b is None:
+            out.append(f"{p} (missing now)")
+        elif a is None:
+            out.append(f"{p} (new input)")
+        elif "hub_revision" in a or "hub_revision" in b:
+            out.append(f"{p} (hub revision {str(a.get('hub_revision'))[:10]} -> {str(b.get('hub_revision'))[:10]})")
+        elif list(a) == ["."] and list(b) == ["."]:
+            out.append(f"{p} (content)")
+        else:
+            files = sorted(f for f in set(a) | set(b) if a.get(f) != b.get(f))
+            out.append(f"{p}: {_some(files, 2)} (content)" if files else f"{p} (content)")
+    return out
+
+
+ALLOW_STALE_UPSTREAM = "--allow-stale-upstream"
+
+
+def check_upstream(recipe, run_dir: Path, steps: list[dict], allow: bool = False) -> None:
+    """Refuse, before any work (--dry-run too), to run a stage on results of an earlier stage that does not
+    rerun now and whose saved results were produced with other settings than this recipe says (the stage
+    table's `mismatch`: the RMs' fingerprints against reward.*): one message naming every key with both values
+    and the two ways on. With `allow` (--allow-stale-upstream) it goes on, and every consuming step carries
+    `upstream_mismatch` = {"stage", "results", "keys"} (logged as a warning, recorded in its manifest entry,
+    shown in report.md beside its numbers)."""
+    running = [s["stage"] for s in steps if s["action"] == "run"]
+    for i, stage in enumerate(stage_table.STAGES):
+        if stage.mismatch is None or stage.name in running:
+            continue
+        users = [s.name for s in stage_table.STAGES[i + 1 :] if s.name in running]
+        found = stage.mismatch(recipe, run_dir) if users else []
+        if not found:
+            continue
+        where = Path(run_dir) / stage.name
+        text = mismatch_text(found, stage.results)
+        if not allow:
+            raise RecipeError(_refusal(stage, where, users, found, text))
+        for step in steps:
+            if step["stage"] in users:
+                step["upstream_mismatch"] = {"stage": stage.name, "results": stage.results, "keys": text}
+
+
+def mismatch_text(found: list[dict], results: str = "results") -> str:
+    """'reward.train.learning_rate: 0.0005 in the RMs (more, multitask), 0.001 in the recipe; ...'."""
+    parts = []
+    for m in found:
+        recorded = "; ".join(
+            f"{_yaml(json.loads(v))} in {results} {', '.join(names)}" for v, names in m["recorded"].items()
+        )
+        parts.append(f"{m['key']}: {recorded} vs {_yaml(m['recipe'])} in the recipe")
+    return "; ".join(parts)
+
+
+def _refusal(stage, where: Path, users: list[str], found: list[dict], text: str) -> str:
+    """The one-line refusal: the keys on both sides, the two ways on, and the flag."""
+    single = [m for m in found if len(m["recorded"]) == 1]
+    repeat = " ".join(f"{m['key']}={_yaml(json.loads(next(iter(m['recorded']))))}" for m in single)
+    order = stage_table.stage_names()
+    rerun = ",".join(s for s in order if s == stage.name or s in users)
+    ways = (
+        f"repeat the settings they were produced with ({repeat}), or "
+        if len(single) == len(found)
+        else (f"the {stage.results} disagree among themselves, so ")
+    )
+    return (
+        f"this recipe disagrees with the {stage.results} in {where} that {', '.join(users)} would use: {text}. "
+        f"Fix: {ways}rerun the {stage.name} stage with this recipe (--stages {rerun}); or pass "
+        f"{ALLOW_STALE_UPSTREAM} to go on with them as they are (the log and report.md then carry a warning)"
+    )
+
+
+def _yaml(value) -> str:
+    """A value as an override writes it (YAML flow style: 0.0005, none, null, [a, b])."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip()
+    return text[: -len("...")].strip() if text.endswith("...") else text
 
 
 def check_data_paths(recipe) -> None:

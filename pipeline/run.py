@@ -8,8 +8,8 @@
 Stages run in the order of `pipeline.stages.STAGES`, the one table of stages; `pipeline.plan` decides which
 run and why, and DIR/manifest.json (`pipeline.manifest`, written by the main process only) records what ran.
 `--force STAGE` reruns a stage and passes it `force=True` (the reward stage then retrains RMs it would
-otherwise reuse). A stage left "running" (kill -9) or "failed" (an exception, Ctrl-C) reruns with the same
-run_dir and resumes from its own checkpoints; before it reruns, stale temporary files of interrupted atomic
+otherwise reuse). A stage left "running" (kill -9), "interrupted" (Ctrl-C, SIGTERM) or "failed" (an exception)
+reruns with the same run_dir and resumes from its own checkpoints; before it reruns, stale temporary files of interrupted atomic
 writes (`.*.tmp` under DIR/<stage>/ and directly in DIR) are deleted. "skipped" marks a stage that never ran
 in this directory because it was not selected. While it works, the main process holds an exclusive lock on
 DIR/.lock, so a second `pipeline.run` on the same directory is refused instead of racing it.
@@ -41,6 +41,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import yaml
+
 from pipeline import stages as stage_table
 from pipeline.align.judge import JudgeError
 from pipeline.config import check_recipe, load_recipe, recipe_to_dict, recipe_yaml
@@ -66,11 +68,21 @@ from pipeline.manifest import (
     normalize_artifacts,
     now,
     read_manifest,
+    recorded_recipe,
     upstream_tokens,
     versions,
     write_manifest,
 )
-from pipeline.plan import FORCED, check_data_paths, plan, select_stages, stage_inputs
+from pipeline.plan import (
+    ALLOW_STALE_UPSTREAM,
+    FORCED,
+    check_data_paths,
+    check_upstream,
+    input_digests,
+    plan,
+    select_stages,
+    stage_inputs,
+)
 
 
 log = logging.getLogger("pipeline.run")
@@ -82,8 +94,11 @@ def run_pipeline(
     stages: str | list[str] | None = None,
     force: list[str] | tuple[str, ...] = (),
     dry_run: bool = False,
+    allow_stale_upstream: bool = False,
 ) -> dict:
-    """Run the selected stages of `recipe` in `run_dir`; return the final manifest (main process's)."""
+    """Run the selected stages of `recipe` in `run_dir`; return the final manifest (main process's).
+    `allow_stale_upstream` goes on where the recipe disagrees with the saved results of a stage that does not
+    rerun (`pipeline.plan.check_upstream`; refused otherwise)."""
     procs = Processes()
     run_dir = Path(run_dir).resolve()
     selected = select_stages(stages, recipe.stages)
@@ -104,7 +119,7 @@ def run_pipeline(
             _check_links(run_dir)
             lock, read_only = (None, None) if dry_run else _open_run_dir(run_dir)
             manifest = read_manifest(run_dir)
-            steps = _decide(recipe, run_dir, manifest, selected, force, read_only)
+            steps = _decide(recipe, run_dir, manifest, selected, force, read_only, allow_stale_upstream)
         except RecipeError as e:
             steps = {"error": str(e)}
     steps, read_only = procs.broadcast((steps, read_only is not None))
@@ -171,8 +186,11 @@ def _open_run_dir(run_dir: Path):
         return None, e
 
 
-def _decide(recipe, run_dir: Path, manifest: dict, selected: list[str], force: list[str], read_only) -> list[dict]:
-    """The plan, after the checks that need it (a read-only directory, the stages' checks, data paths)."""
+def _decide(
+    recipe, run_dir: Path, manifest: dict, selected: list[str], force: list[str], read_only, allow_stale: bool = False
+) -> list[dict]:
+    """The plan, after the checks that need it (a read-only directory, the stages' checks, data paths, the saved
+    results of upstream stages against this recipe)."""
     steps = plan(recipe, run_dir, manifest, selected, force)
     running = [s["stage"] for s in steps if s["action"] == "run"]
     if read_only is not None and running:
@@ -184,6 +202,7 @@ def _decide(recipe, run_dir: Path, manifest: dict, selected: list[str], force: l
     check_recipe(recipe, selected, running)
     if any(stage_table.get(s).reads_data for s in running):
         check_data_paths(recipe)
+    check_upstream(recipe, run_dir, steps, allow=allow_stale)
     return steps
 
 
@@ -263,8 +282,30 @@ def _record_plan(run_dir: Path, steps: list[dict], manifest: dict, resolved: dic
                 "artifacts": [],
                 "reason": step["reason"],
             }
-    atomic_write_text(run_dir / "recipe.yaml", recipe_yaml(recipe))
     write_manifest(run_dir, manifest)
+    write_run_recipe(run_dir, manifest)
+
+
+RECIPE_HEADER = """\
+# The settings this run directory's results were produced with: each stage's section as that stage last ran
+# here (manifest.json records them), not the recipe of the last command. Stages that never ran here are left
+# out, and `stages` lists those that did. To reproduce them elsewhere:
+#   python -m pipeline.run --recipe {path} --output-dir NEW_DIR
+"""
+
+
+def write_run_recipe(run_dir: Path, manifest: dict, current: str | None = None) -> None:
+    """DIR/recipe.yaml from the manifest (`recorded_recipe`: every section as its stage last ran here; `current`
+    is the stage starting now). Removed while no stage has run here, so it never describes a run that did not
+    happen. A credential inside a URL is masked, as in manifest.json."""
+    data, notes = recorded_recipe(manifest, current)
+    path = Path(run_dir) / "recipe.yaml"
+    if data is None:
+        path.unlink(missing_ok=True)
+        return
+    header = RECIPE_HEADER.format(path=path) + "".join(f"# Note: {redact_credentials(n)}\n" for n in notes)
+    text = yaml.safe_dump(redact_credentials(data), sort_keys=False, allow_unicode=True)  # as recipe_yaml masks
+    atomic_write_text(path, header + text)
 
 
 def _run_stage(recipe, run_dir: Path, step: dict, manifest: dict, resolved: dict, procs: Processes) -> None:
@@ -287,9 +328,13 @@ def _run_stage(recipe, run_dir: Path, step: dict, manifest: dict, resolved: dict
             "upstream": upstream_tokens(manifest["stages"], order[: order.index(name)]),
             "world_size": procs.world,
             "inputs": stage_inputs(resolved, name),
+            "input_files": input_digests(resolved, name),
         }
+        if step.get("upstream_mismatch"):  # --allow-stale-upstream: the report shows it beside the numbers
+            entry["upstream_mismatch"] = step["upstream_mismatch"]
         manifest["stages"][name] = entry
         write_manifest(run_dir, manifest)
+        write_run_recipe(run_dir, manifest, current=name)
         log.info("[%s] running: %s", name, step["reason"])
     procs.barrier()
     try:
@@ -304,6 +349,7 @@ def _run_stage(recipe, run_dir: Path, step: dict, manifest: dict, resolved: dict
     if procs.is_main:
         entry.update(status="done", finished=now(), artifacts=artifacts, artifact_files=files)
         write_manifest(run_dir, manifest)
+        write_run_recipe(run_dir, manifest)
         log.info("[%s] done (%d artifacts)", name, len(artifacts))
 
 
@@ -314,13 +360,15 @@ def _record_failure(recipe, run_dir: Path, stage, e: BaseException, entry, manif
         need, how = _space_needed(recipe, run_dir, stage)
         e = DiskFull(errno.ENOSPC, disk_full_message(stage.name, run_dir, full, need, how))
     if procs.is_main:
-        if isinstance(e, KeyboardInterrupt):
-            error = f"{type(e).__name__}: interrupted ({interruption(e)})"
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C, SIGTERM: an interruption, not a failure
+            status, error = "interrupted", f"interrupted ({interruption(e)})"
         else:
+            status = "failed"
             error = redact_credentials(f"{type(e).__name__}: {e.strerror if isinstance(e, DiskFull) else e}")
-        entry.update(status="failed", finished=now(), error=error[:500])
+        entry.update(status=status, finished=now(), error=error[:500])
         try:
             write_manifest(run_dir, manifest)
+            write_run_recipe(run_dir, manifest)
         except OSError as werr:  # the disk is full: say so, not a second traceback
             log.error("[%s] could not record the failure in %s (%s)", stage.name, MANIFEST, werr)
         if isinstance(e, KeyboardInterrupt):
@@ -370,6 +418,16 @@ def _log_plan(recipe, run_dir: Path, steps: list[dict], world: int) -> None:
     log.info("recipe %s -> %s (%d process%s)", recipe.name, run_dir, world, "es" if world > 1 else "")
     for s in steps:
         log.info("  %-12s %-7s %s", s["stage"], s["action"].upper(), s["reason"])
+    for s in steps:
+        if m := s.get("upstream_mismatch"):
+            log.warning(
+                "WARNING (%s): %s runs on the %s in %s/, produced with other settings than this recipe: %s",
+                ALLOW_STALE_UPSTREAM,
+                s["stage"],
+                m["results"],
+                m["stage"],
+                m["keys"],
+            )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -406,6 +464,13 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
     else:
         p.add_argument("--force", action="store_true", help="rerun the stage even if it is up to date")
     p.add_argument("--dry-run", action="store_true", help="print what would run or be skipped, and why")
+    p.add_argument(
+        ALLOW_STALE_UPSTREAM,
+        action="store_true",
+        help="run stages on saved upstream results (the RMs in DIR/reward) that were produced with other "
+        "settings than this recipe says; refused without it (the message names the keys and values on both "
+        "sides). The log and report.md then carry a warning beside the numbers",
+    )
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as YAML and exit")
     p.add_argument("--show-keys", action="store_true", help="list every recipe key with its help, and exit")
     p.add_argument(
@@ -469,9 +534,30 @@ def _main(args, stage: str | None) -> int:
         stages, force = args.stages, args.force
     else:
         stages, force = [stage], ([stage] if args.force else [])
-    run_pipeline(recipe, run_dir, stages=stages, force=force, dry_run=args.dry_run)
+    if not args.dry_run and os.environ.get("RANK", "0") == "0":
+        log.info(stop_hint())
+    run_pipeline(
+        recipe,
+        run_dir,
+        stages=stages,
+        force=force,
+        dry_run=args.dry_run,
+        allow_stale_upstream=args.allow_stale_upstream,
+    )
     shutdown_distributed()
     return 0
+
+
+def stop_hint() -> str:
+    """Which signals stop this run: SIGTERM always; SIGINT (Ctrl-C) unless the process started with it ignored
+    (`nohup ... &` from a script), where a Ctrl-C or kill -INT would otherwise do nothing without a word."""
+    pid = os.getpid()
+    if threading_is_main() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return (
+            f"to stop this run: kill {pid} (SIGTERM). SIGINT is ignored in this process (it was started with SIGINT "
+            "ignored, e.g. nohup ... &), so Ctrl-C and kill -INT do nothing; the same command resumes"
+        )
+    return f"to stop this run: Ctrl-C (SIGINT) or kill {pid} (SIGTERM); the same command resumes"
 
 
 def main_for_stage(stage: str, argv: list[str] | None = None) -> int:

@@ -15,6 +15,11 @@ orchestrator calls:
   the key (`origin(key)` says which file or override set it).
 - `estimate(recipe, run_dir, world) -> (work, time or None)`: the --dry-run line.
 - `space_needed(recipe, run_dir) -> (bytes, how) or None`: what it needs on disk, for the disk-full message.
+- `mismatch(recipe, run_dir) -> [{"key", "recipe": value, "recorded": {value as JSON: [names]}}]`: the recipe
+  keys whose value differs from what the stage's saved results in run_dir were produced with (the reward
+  stage: what each RM's fingerprint.json records). A later stage that would consume those results while this
+  stage does not rerun is refused before any work, unless --allow-stale-upstream (`pipeline.plan.check_upstream`);
+  `results` names them in that message ("RMs").
 - `reads_data`: the stage reads `data.sources` (their paths are checked before any work);
   `follows_upstream`: the stage is regenerated whenever a stage it reads reruns, even when not selected
   (the report).
@@ -56,6 +61,8 @@ class Stage:
     check: Callable[..., None] = no_check
     estimate: Callable[..., tuple[str, str | None]] | None = None
     space_needed: Callable[..., tuple[int, str] | None] | None = None
+    mismatch: Callable[..., list[dict]] | None = None
+    results: str = "results"
     reads_data: bool = True
     follows_upstream: bool = False
 
@@ -69,6 +76,8 @@ STAGES: tuple[Stage, ...] = (
         check=reward.check,
         estimate=reward.estimate,
         space_needed=reward.space_needed,
+        mismatch=reward.mismatch,
+        results="RMs",
     ),
     Stage(
         "calibration",

@@ -249,3 +249,44 @@ def test_tokenize_pairs(tiny_tok):
     assert implicit["chosen_ids"] == encode_left(tiny_tok, ds["chosen"], 16)[0]
     with pytest.raises(ValueError, match="no 'chosen' column"):
         tokenize_pairs(ds.remove_columns("chosen"), tiny_tok, 16)
+
+
+def test_load_stats_count_and_name_every_dropped_group(tmp_path):
+    """Issue 28, item 10: "dropped: other_group 165" counted the drop_groups rows without naming a group, and a
+    group found only in the declared test split vanished without a count."""
+    import json
+
+    from pipeline.data.mixing import data_stats, describe_data_stats
+
+    def rows(groups: dict[str, int], tag: str):
+        return [
+            {"prompt": f"q {tag} {g} {i}", "chosen": f"yes {i}", "rejected": f"no {i}", "g": g}
+            for g, n in groups.items()
+            for i in range(n)
+        ]
+
+    d = tmp_path / "grouped"
+    d.mkdir()
+    train = rows({"a": 12, "b": 10, "c": 3}, "train")
+    test = rows({"a": 4, "b": 4, "c": 1, "z": 5}, "test")  # z has no train pairs
+    (d / "train.jsonl").write_text("\n".join(json.dumps(r) for r in train) + "\n")
+    (d / "test.jsonl").write_text("\n".join(json.dumps(r) for r in test) + "\n")
+    (tmp_path / "one.jsonl").write_text("\n".join(json.dumps(r) for r in rows({"a": 9, "d": 2, "e": 1}, "k")))
+    specs = [
+        SourceSpec(
+            name="g",
+            format="jsonl",
+            path=str(d),
+            split="train",
+            test_split="test",
+            options={"group_by": "g", "drop_groups": ["c"]},
+        ),
+        SourceSpec(
+            name="k", format="jsonl", path=str(tmp_path / "one.jsonl"), options={"group_by": "g", "keep_groups": ["a"]}
+        ),
+    ]
+    splits = build_splits(DataConfig(sources=specs, valid_fraction=0.0))
+    assert set(splits) == {"g/a", "g/b", "k/a"}
+    lines = describe_data_stats(data_stats(splits))
+    assert "groups dropped: by drop_groups 4 pairs (c 4); no train pairs 5 pairs (g/z 5)" in lines[0]  # 3 + 1 of c
+    assert "groups dropped: not in keep_groups 3 pairs (d 2, e 1)" in lines[2]

@@ -303,3 +303,67 @@ def test_report_of_an_rm_eval_on_topic_buckets_names_them_not_the_paper_datasets
         assert f"| {t} | trl | `/data/hh.parquet` | topic | - | - | 78 |" in md
     assert f"| mine | no (external) | `{tmp_path / 'mine'}` | {format_count(n)} |" in md
     assert "data: this run used 3 source(s) (hh/code [trl], hh/math [trl], hh/travel [trl]); the paper used 5" in md
+
+
+def test_stale_sections_carry_a_banner_beside_their_numbers(fakes, tmp_path, monkeypatch):  # noqa: F811
+    """Issue 28, item 5: after a retrain (reward reran, calibration and align not selected) the old numbers were
+    marked STALE only in the stage table; every section showing them now says so, with the refreshing command."""
+    import pipeline.run as R
+
+    use_real_report_section(monkeypatch)
+    d = tmp_path / "run"
+    R.run_pipeline(_recipe(fakes), d)
+    (d / "calibration" / "metrics.json").write_text(json.dumps(_metrics(0.07, 0.05)))
+    (d / "calibration" / "more_weights_more.png").write_bytes(b"\x89PNG")
+    (d / "align" / "judgements.json").write_text(
+        json.dumps({"rjs: more vs multitask": {"all": {"win": 0.5, "tie": 0.2, "lose": 0.3, "n": 10}}})
+    )
+    R.run_pipeline(_recipe(fakes), d, stages="report", force=["report"])
+    assert "STALE" not in (d / "report.md").read_text()
+
+    R.run_pipeline(_recipe(fakes, "reward.steps=3"), d, stages="reward")  # a retrain; the report follows
+    md = (d / "report.md").read_text()
+    cal, rest = md.split("## Calibration", 1)[1].split("## Alignment", 1)
+    align, paper = rest.split("## The paper's numbers side by side", 1)
+    refresh = f"`python -m pipeline.run --recipe {d}/recipe.yaml --output-dir {d} --stages calibration`"
+    assert cal.lstrip().startswith("> **STALE** (upstream stage reward reruns)") and refresh in cal
+    plots = cal.split("### Plots", 1)[1]
+    assert plots.lstrip().startswith("> **STALE**") and plots.index("STALE") < plots.index("more_weights_more")
+    assert align.lstrip().startswith("> **STALE** (upstream stage reward reruns)") and "--stages align" in align
+    assert "**STALE**" in paper.split("| **this run**")[0]
+    banners = json.loads((d / "report.json").read_text())["banners"]
+    assert set(banners) == {"calibration", "align"}
+
+    R.run_pipeline(_recipe(fakes, "reward.steps=3"), d, stages="calibration,align")  # refreshed: no banner
+    assert "STALE" not in (d / "report.md").read_text()
+
+
+def test_what_ran_states_each_rms_real_training_settings(tmp_path, monkeypatch):
+    """Issue 28, item 1: the report described the recipe of the last command (learning_rate 0.001, no
+    normalize) for RMs trained with 5e-4 / none. "What ran" now reads each RM's own fingerprint.json, and the
+    reward stage's `mismatch` names every fingerprinted key on which a recipe disagrees with the saved RMs."""
+    from pipeline.report.provenance import rm_training_lines
+    from pipeline.reward import stage as reward_stage
+    from tests.helpers import one_rm_recipe
+
+    trained = one_rm_recipe(learning_rate=5e-4, normalize="none")
+    trained.reward.methods = ["more", "multitask"]
+    reward_stage.run(trained, tmp_path)
+    text = "\n".join(rm_training_lines(tmp_path))
+    assert "read from its own `reward/<rm>/fingerprint.json` (not from the recipe)" in text
+    more = next(line for line in text.splitlines() if line.startswith("| more |"))
+    assert "alpha 0.99, normalize none" in more and "| 0.0005 (linear, warmup 0) |" in more
+    assert "| 3 max steps (3 steps run) | 4 pairs | 32 pairs from 2 source(s) | max_length 96, left | 0 |" in more
+    multitask = next(line for line in text.splitlines() if line.startswith("| multitask |"))
+    assert "normalize" not in multitask and "| 0.0005 (linear, warmup 0) |" in multitask
+
+    assert reward_stage.mismatch(trained, tmp_path) == []
+    later = one_rm_recipe(learning_rate=1e-3)  # the overrides not repeated
+    later.reward.methods = ["more", "multitask"]
+    later.reward.lora_r = 4  # not read without reward.peft: no disagreement
+    later.data.max_length = 64
+    assert reward_stage.mismatch(later, tmp_path) == [
+        {"key": "data.max_length", "recipe": 64, "recorded": {"96": ["more", "multitask"]}},
+        {"key": "reward.train.learning_rate", "recipe": 0.001, "recorded": {"0.0005": ["more", "multitask"]}},
+        {"key": "reward.train.normalize", "recipe": "l2", "recorded": {'"none"': ["more"]}},
+    ]

@@ -298,7 +298,11 @@ def test_rm_fingerprints_of_fixed_inputs_are_pinned(tmp_path, monkeypatch):
     (base / "fingerprint.json").write_text(json.dumps({"fingerprint": "abc"}))
     plan = fingerprint.plan_rm(recipe, tmp_path, "more", "more", ["helpful", "harmless"], splits, tok, str(base))
     assert plan.inputs["training_code_version"] == fingerprint.TRAINING_CODE_VERSION == 3
-    assert plan.fingerprint == "4bf4f5d39297ea4a4a3b1b059347b200c672c9c05522bf489cc0c29859aaf266"
+    assert plan.fingerprint == "ce6b5320bab26b7596358fb4d812c694de709bd217ba598600fddfb32d36279e"
+    mt = fingerprint.plan_rm(
+        recipe, tmp_path, "multitask", "multitask", ["helpful", "harmless"], splits, tok, str(base)
+    )
+    assert mt.fingerprint == "3c5b4e8702a935fc9f0f5a2ec5f246ccf1ff0106fd78a4e58e24db983e01b5ee"
     assert fingerprint.tiny_base_fingerprint(recipe, ["one text", "another text"]) == (
         "9ddfcc174d9f89ef275b2be73fc46bf455bbf000d85d59ac4e855fb7758d587e"
     )
@@ -316,6 +320,27 @@ def test_an_rm_of_an_older_training_code_version_is_retrained_with_the_versions_
     reason = fingerprint.stale_reason(out, plan)
     assert reason.startswith(f"trained by training-code version 2, now {fingerprint.TRAINING_CODE_VERSION}: ")
     assert fingerprint.VERSION_NOTES[fingerprint.TRAINING_CODE_VERSION] in reason and "truncation" in reason
+
+
+def test_a_more_only_setting_retrains_only_the_more_rm(tmp_path, capsys):
+    """Issue 28, item 3: an RM's fingerprint covers the settings its method reads. Changing MORE's normalize or
+    alpha retrained the MultiTask RM ("its inputs changed (train_args.normalize ...)") into the same weights;
+    a LoRA key without reward.peft retrained every RM."""
+    recipe = one_rm_recipe()
+    recipe.reward.methods = ["more", "multitask", "uniform"]
+    stage.run(recipe, tmp_path)
+    capsys.readouterr()
+    recipe.reward.train.update(normalize="none", alpha=0.5)
+    recipe.reward.lora_r = 4  # reward.peft is none: no RM reads it
+    stage.run(recipe, tmp_path)
+    out = capsys.readouterr().out
+    assert "training more" in out and "train_args.alpha: <unset> -> 0.5" in out
+    assert "train_args.normalize: <unset> -> none" in out and "lora_r" not in out
+    assert "multitask: already trained, skipping" in out and "uniform: already trained, skipping" in out
+    for name in ("multitask", "uniform"):
+        inputs = json.loads((tmp_path / "reward" / name / "fingerprint.json").read_text())["inputs"]
+        assert not {"alpha", "normalize"} & set(inputs["train_args"]) and "lora_r" not in inputs["reward"]
+    assert "reads" in fingerprint.VERSION_NOTES[fingerprint.TRAINING_CODE_VERSION]
 
 
 def test_a_base_model_without_tokenizer_files_is_refused(tmp_path, tiny_tok):

@@ -412,7 +412,10 @@ def test_ignored_sigint_is_respected_and_sigterm_interrupts(fakes, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert json.loads((out / "manifest.json").read_text())["stages"]["calibration"]["status"] == "failed"
+    # issue 28, item 10: the log says at start which signals stop the run (the SIGINT above did nothing)
+    assert f"to stop this run: kill {proc.pid} (SIGTERM). SIGINT is ignored in this process" in err
+    entry = json.loads((out / "manifest.json").read_text())["stages"]["calibration"]
+    assert entry["status"] == "interrupted" and entry["error"] == "interrupted (terminated by signal 15)"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
@@ -443,14 +446,15 @@ def test_interrupt_mid_stage_then_resume(fakes, tmp_path, sig):
     else:
         assert proc.returncode == 130, err
         assert "run the same command again" in err
-        assert m["stages"]["calibration"]["status"] == "failed"
-        assert "KeyboardInterrupt" in m["stages"]["calibration"]["error"]
+        assert f"to stop this run: Ctrl-C (SIGINT) or kill {proc.pid} (SIGTERM)" in err
+        assert m["stages"]["calibration"]["status"] == "interrupted"  # an interruption is not a failure
+        assert m["stages"]["calibration"]["error"] == "interrupted (Ctrl-C)"
     assert m["stages"]["reward"]["status"] == "done"
     assert (out / "calibration" / ".result.json.x1y2z3.tmp").exists()  # the half-written file
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert ("resuming" if sig == signal.SIGKILL else "retrying") in done.stderr
+    assert "resuming" in done.stderr and "failed" not in done.stderr
     assert calls(tmp_path, "end") == dict.fromkeys(STAGE_NAMES, 1)  # nothing finished twice
     assert calls(tmp_path, "start") == {"reward": 1, "calibration": 2, "align": 1, "report": 1}
     m = json.loads((out / "manifest.json").read_text())
@@ -583,6 +587,7 @@ def test_judge_budget_exhausted_is_one_line_not_a_traceback(fakes, tmp_path, mon
 
 def test_dry_run_fails_for_a_data_path_that_does_not_exist(tmp_path, capsys):
     argv = ["--recipe", "tiny-cpu", "--output-dir", str(tmp_path / "run"), "--dry-run", "--stages", "reward"]
+    argv.append("data.per_source_batch=1")  # the file below has one pair (a larger batch is refused since issue 29)
     missing = tmp_path / "nope" / "hh.jsonl"
     rc = R.main([*argv, f"data.sources=[{{name: mine, format: jsonl, path: {missing}}}]"])
     err = capsys.readouterr().err
@@ -637,3 +642,134 @@ def test_dry_run_prints_step_counts_and_an_estimate_only_from_measurements(tmp_p
     assert R.main(argv) == 0
     assert "training about 0:25 at the 0.5 s/step measured in this directory" in caplog.text
     assert "its last run here took 2:05" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 28, item 7: every rerun reason, short, naming the key or the file; an interruption is one
+
+
+def _plan_line(text: str, stage: str) -> str:
+    return next(line for line in text.splitlines() if f"  {stage:12s} RUN" in line)
+
+
+def test_rerun_reasons_name_the_interruption_and_the_config_change(fakes, tmp_path, caplog):
+    out = tmp_path / "run"
+    run(fakes, out)
+    m = json.loads((out / "manifest.json").read_text())
+    m["stages"]["calibration"].update(status="interrupted", error="interrupted (Ctrl-C)")
+    m["stages"]["align"].update(status="failed", error="RuntimeError: " + "a long explanation " * 25)
+    (out / "manifest.json").write_text(json.dumps(m))
+    caplog.set_level("INFO", logger="pipeline.run")
+    caplog.clear()
+    run(fakes, out, "calibration.steps=7", dry_run=True)
+    cal, align = _plan_line(caplog.text, "calibration"), _plan_line(caplog.text, "align")
+    assert "interrupted (Ctrl-C) last time: resuming" in cal and "config changed: calibration.steps: 1 -> 7" in cal
+    assert "failed" not in cal
+    assert "failed last time (RuntimeError: a long explanation" in align and "...): retrying" in align
+    assert "calibration.steps: 1 -> 7" in align and "upstream stage calibration reruns" in align
+    assert len(align) < 320  # not the whole 475-character error
+
+
+def test_a_data_file_edited_in_place_is_named(fakes, tmp_path, caplog):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    out = tmp_path / "run"
+    run(fakes, out, f"data.sources.1.path={data}")
+    st = data.stat()
+    data.write_text('{"prompt": "a", "chosen": "c", "rejected": "b"}\n')  # same size
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same mtime
+    caplog.set_level("INFO", logger="pipeline.run")
+    caplog.clear()
+    run(fakes, out, f"data.sources.1.path={data}", dry_run=True)
+    line = _plan_line(caplog.text, "reward")
+    assert f"input changed: {data} (content)" in line and "size or modification time" not in line
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 28, item 1: a downstream rerun on a recipe that disagrees with the saved RMs; recipe.yaml per stage
+
+
+def _reward_records_its_steps(monkeypatch) -> None:
+    """The fake reward stage's `mismatch`: its result.json records the steps it ran with (as an RM's
+    fingerprint.json records its settings)."""
+    import dataclasses
+
+    import pipeline.stages as stages
+
+    def mismatch(recipe, run_dir):
+        done = json.loads((Path(run_dir) / "reward" / "result.json").read_text())["steps"]
+        if done == recipe.reward.steps:
+            return []
+        return [{"key": "reward.steps", "recipe": recipe.reward.steps, "recorded": {json.dumps(done): ["r1", "r2"]}}]
+
+    table = tuple(
+        dataclasses.replace(s, mismatch=mismatch, results="RMs") if s.name == "reward" else s for s in stages.STAGES
+    )
+    monkeypatch.setattr(stages, "STAGES", table)
+
+
+def test_a_downstream_rerun_on_rms_of_other_settings_is_refused_unless_allowed(
+    fakes, tmp_path, monkeypatch, caplog, capsys
+):
+    import yaml
+
+    out = tmp_path / "run"
+    run(fakes, out)
+    _reward_records_its_steps(monkeypatch)
+    before = calls(tmp_path)
+    for dry_run in (True, False):
+        with pytest.raises(C.RecipeError) as e:
+            run(fakes, out, "reward.steps=5", stages="calibration,report", dry_run=dry_run)
+        msg = str(e.value)
+        assert "\n" not in msg and f"disagrees with the RMs in {out / 'reward'} that calibration, report" in msg
+        assert "reward.steps: 2 in RMs r1, r2 vs 5 in the recipe" in msg
+        assert "repeat the settings they were produced with (reward.steps=2)" in msg
+        assert "rerun the reward stage with this recipe (--stages reward,calibration,report)" in msg
+        assert "--allow-stale-upstream" in msg
+    assert calls(tmp_path) == before  # refused before any work
+    argv = ["--recipe", str(fakes / "fake.yaml"), "--output-dir", str(out), "--stages", "calibration,report"]
+    assert R.main([*argv, "reward.steps=5"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "reward.steps: 2 in RMs r1, r2 vs 5" in err
+    assert "--allow-stale-upstream" in R.build_parser().format_help()
+
+    caplog.set_level("INFO", logger="pipeline.run")
+    run(fakes, out, "reward.steps=5", stages="calibration,report", allow_stale_upstream=True)
+    assert calls(tmp_path)["calibration"] == before["calibration"] + 1
+    assert (
+        "WARNING (--allow-stale-upstream): calibration runs on the RMs in reward/, produced with other" in caplog.text
+    )
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["stages"]["calibration"]["upstream_mismatch"] == {
+        "stage": "reward",
+        "results": "RMs",
+        "keys": "reward.steps: 2 in RMs r1, r2 vs 5 in the recipe",
+    }
+    assert "upstream_mismatch" not in m["stages"]["reward"]
+    # recipe.yaml states what the RMs were made with, not the last command's reward section
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["reward"]["steps"] == 2
+    run(fakes, out, "reward.steps=2", stages="calibration")  # the settings repeated: no refusal, no warning
+    assert "upstream_mismatch" not in json.loads((out / "manifest.json").read_text())["stages"]["calibration"]
+
+
+def test_recipe_yaml_holds_each_stages_settings_as_it_ran_and_reruns_exactly(fakes, tmp_path):
+    import yaml
+
+    out = tmp_path / "run"
+    run(fakes, out, stages="reward,calibration")  # align and the report never run here
+    text = (out / "recipe.yaml").read_text()
+    assert text.startswith("# The settings this run directory's results were produced with")
+    y = yaml.safe_load(text)
+    assert y["stages"] == ["reward", "calibration"] and "align" not in y and "report" not in y
+    run(fakes, out, "calibration.steps=7", stages="calibration")
+    run(fakes, out, "reward.steps=9", "calibration.steps=1", stages="reward")  # calibration is now STALE
+    text = (out / "recipe.yaml").read_text()
+    assert "# Note: calibration is STALE (upstream stage reward reruns): its results were computed before" in text
+    y = yaml.safe_load(text)
+    assert y["reward"]["steps"] == 9 and y["calibration"]["steps"] == 7  # as each last ran, not the command's 1
+    again = C.load_recipe(str(out / "recipe.yaml"))
+    steps = P.plan(again, out, json.loads((out / "manifest.json").read_text()), ["calibration"], [])
+    assert [s["action"] for s in steps] == ["exclude", "run", "exclude", "exclude"]  # the stale one
+    R.run_pipeline(again, out, stages="calibration")
+    steps = P.plan(again, out, json.loads((out / "manifest.json").read_text()), list(y["stages"]), [])
+    assert [s["action"] for s in steps] == ["skip", "skip", "exclude", "exclude"]

@@ -105,3 +105,52 @@ def test_tiny_cpu_under_accelerate_launch_two_processes(tmp_path):
     assert all(e["status"] == "done" and e["world_size"] == 2 for e in m["stages"].values())
     assert "(2 processes)" in p.stderr
     assert "## Calibration" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_tiny_cpu_downstream_rerun_on_rms_of_other_settings(tmp_path):
+    """Issue 28, item 1, as the user met it: RMs trained with learning_rate 5e-4 and normalize none, then
+    calibration and the report rerun without those overrides. It rescored the same RMs and wrote 0.001 / l2 into
+    recipe.yaml and report.md. Now it is refused (one line: both sides, the two ways on); with
+    --allow-stale-upstream it goes on, the log and report.md warn beside the numbers, and report.md and
+    recipe.yaml state the RMs' real 5e-4 / none."""
+    import yaml
+
+    out = tmp_path / "run"
+    small = [*SMALL, "reward.methods=[more,multitask]"]
+    trained = ["reward.train.learning_rate=5e-4", "reward.train.normalize=none"]
+    p = pipeline_cli("tiny-cpu", out, *small, *trained, "--stages", "reward,calibration,report")
+    assert p.returncode == 0, p.stderr[-4000:]
+    before = (out / "calibration" / "metrics.json").read_bytes()
+
+    later = [*small, "calibration.bootstrap_samples=30", "--stages", "calibration,report"]
+    p = pipeline_cli("tiny-cpu", out, *later)
+    assert p.returncode == 2, p.stderr[-4000:]
+    err = p.stderr.strip().splitlines()[-1]
+    assert (
+        f"this recipe disagrees with the RMs in {out.resolve() / 'reward'} that calibration, report would use" in err
+    )
+    assert "reward.train.learning_rate: 0.0005 in RMs more, multitask vs 0.001 in the recipe" in err
+    assert "reward.train.normalize: none in RMs more vs l2 in the recipe" in err
+    assert (
+        "repeat the settings they were produced with (reward.train.learning_rate=0.0005 reward.train.normalize=none)"
+        in err
+    )
+    assert "rerun the reward stage with this recipe (--stages reward,calibration,report)" in err
+    assert "--allow-stale-upstream" in err and "Traceback" not in p.stderr
+    assert (out / "calibration" / "metrics.json").read_bytes() == before  # refused before any work
+
+    p = pipeline_cli("tiny-cpu", out, *later, "--allow-stale-upstream")
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "WARNING (--allow-stale-upstream): calibration runs on the RMs in reward/" in p.stderr
+    md = (out / "report.md").read_text()
+    trained_table = md.split("How each RM was trained", 1)[1]
+    more = next(line for line in trained_table.splitlines() if line.startswith("| more |"))
+    assert "normalize none" in more and "| 0.0005 (linear" in more
+    assert "> **Warning** (--allow-stale-upstream): the recipe of the command that wrote this report" in md
+    cal = md.split("## Calibration", 1)[1]
+    assert cal.lstrip().startswith("> **Warning** (--allow-stale-upstream): the calibration stage ran on the RMs")
+    assert "reward.train.learning_rate: 0.0005 in RMs more, multitask vs 0.001 in the recipe" in cal
+    y = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert y["reward"]["train"]["learning_rate"] == 0.0005 and y["reward"]["train"]["normalize"] == "none"
+    assert y["calibration"]["bootstrap_samples"] == 30

@@ -349,7 +349,7 @@ def test_two_seed_sweep_interrupted_then_resumed(tmp_path, monkeypatch, one_thre
     m0 = json.loads((s0 / "manifest.json").read_text())
     m1 = json.loads((s1 / "manifest.json").read_text())
     assert m0["stages"]["calibration"]["status"] == "done"
-    assert m1["stages"]["reward"]["status"] == "done" and m1["stages"]["calibration"]["status"] == "failed"
+    assert m1["stages"]["reward"]["status"] == "done" and m1["stages"]["calibration"]["status"] == "interrupted"
     for m, seed in ((m0, 0), (m1, 1)):  # the seed reached every seed field of each run
         r = m["recipe"]
         assert (r["seed"], r["data"]["seed"], r["data"]["synthetic"]["seed"]) == (seed, seed, seed)
@@ -540,6 +540,19 @@ def test_summary_paragraph_names_every_significant_difference():
 def test_help_prints_a_single_percent_sign():
     text = S.build_parser().format_help()
     assert "95%" in text and "%%" not in text
+
+
+def test_help_and_readme_say_where_the_summary_goes_with_export():
+    """Issue 28, item 10: the help said D/summary.md, but with --export the summary is written only to E."""
+    import re
+
+    from tests.helpers import REPO
+
+    text = " ".join(S.build_parser().format_help().split())
+    assert "with --export E, into E/summary.{json,md} instead" in text and "D then gets no summary" in text
+    assert "E/summary.{json,md} (not to D)" in text
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert re.search(r"With `--export E` the sweep's summary .* is written into E only", readme)
 
 
 def test_seeds_only_sweep_writes_a_plot(tmp_path):

@@ -248,7 +248,9 @@ def read_train_prompts(rm_dir) -> set[str] | None:
     return set(hashes)
 
 
-NOT_DROPPED = frozenset({"format", "path", "split", "records", "pairs", "groups", "trees", "context_mismatch_common"})
+NOT_DROPPED = frozenset(
+    {"format", "path", "split", "records", "pairs", "groups", "dropped_groups", "trees", "context_mismatch_common"}
+)
 
 
 def data_stats(splits: dict) -> dict:
@@ -282,8 +284,28 @@ def describe_data_stats(stats: dict) -> list[str]:
         lines.append(
             f"{source}: train/validation/test = {parts} pairs"
             + (f"; {read} records read, dropped: {drop}" if st["loaded"] else "")
+            + _dropped_groups(st["loaded"])
         )
     return lines
+
+
+def _dropped_groups(loads: list[dict], shown: int = 6) -> str:
+    """'; groups dropped: by drop_groups 76 pairs (tifu 76); not in keep_groups 280 pairs (relationship_advice
+    72, ... +12 more)': every group the source's loads dropped, by name and pairs, the largest first, per reason
+    (drop_groups, not in keep_groups, no train pairs: only in a declared test/validation split)."""
+    by_why: dict = {}
+    for st in loads:
+        for g, rec in (st.get("dropped_groups") or {}).items():
+            named = by_why.setdefault(rec.get("why", "?"), {})
+            named[g] = named.get(g, 0) + int(rec.get("pairs", 0))
+    parts = []
+    for why, named in sorted(by_why.items()):
+        items = sorted(named.items(), key=lambda kv: (-kv[1], kv[0]))
+        text = ", ".join(f"{g} {n}" for g, n in items[:shown])
+        more = f" +{len(items) - shown} more" if len(items) > shown else ""
+        label = "by drop_groups" if why == "drop_groups" else why
+        parts.append(f"{label} {sum(named.values())} pairs ({text}{more})")
+    return f"; groups dropped: {'; '.join(parts)}" if parts else ""
 
 
 def _split_by_prompt(ds, test_fraction: float, valid_fraction: float):
@@ -338,6 +360,7 @@ def build_splits(cfg: DataConfig) -> dict:
             test = _load_spec(spec, spec.test_split) if spec.test_split else None
             valid = _load_spec(spec, spec.validation_split) if spec.validation_split else None
             if spec.options.get("group_by"):  # one dataset, several sources <name>/<value>
+                _count_groups_without_train(train, test, valid)
                 for g in sorted(set(train["source"])):
                     if g in out or g in cfg.source_names:
                         raise PreferenceDataError(
@@ -349,6 +372,28 @@ def build_splits(cfg: DataConfig) -> dict:
             parts = _source_parts(cfg, spec.name, train, test, valid, rng)
         out[spec.name] = _finish(parts, spec.name)
     return out
+
+
+def _count_groups_without_train(train, test, valid) -> None:
+    """Groups of a declared test/validation split that have no train pairs become no source: count their pairs
+    in that split's load stats (``no_train_group``, and by group under ``dropped_groups``), so the data line
+    names them instead of losing them without a word."""
+    import json
+    from collections import Counter
+
+    from .sources import STATS_PREFIX, load_stats
+
+    have = set(train["source"])
+    for d in (test, valid):
+        orphans = Counter(g for g in d["source"] if g not in have) if d is not None else None
+        if not orphans:
+            continue
+        stats = load_stats(d)
+        stats["no_train_group"] = sum(orphans.values())
+        named = stats.setdefault("dropped_groups", {})
+        for g, n in sorted(orphans.items()):
+            named[g] = {"pairs": n, "why": "no train pairs"}
+        d.info.description = STATS_PREFIX + json.dumps(stats, sort_keys=True)
 
 
 def _group_of(ds, name: str):

@@ -69,7 +69,8 @@ Formats and the pairs they form (counts of everything dropped are logged and sto
 Every format (but ``synthetic``) accepts ``group_by``: the (dotted) field whose value splits ONE dataset into
 several sources named ``<source>/<value>`` (UltraFeedback's ``source``, RewardBench's ``subset``), with
 ``group_names`` (value -> source name; several values may share one), ``keep_groups`` / ``drop_groups``
-(values; dropped pairs counted as ``other_group``); per-group counts are stored under ``groups``.
+(values; dropped pairs counted as ``other_group`` and, per dropped value with the option that dropped it,
+under ``dropped_groups``); per-group counts are stored under ``groups``.
 `pipeline.data.build_splits` turns each group into its own source.
 
 Every format accepts the option ``source`` (the value of the ``source`` column; default: the format
@@ -212,7 +213,7 @@ def load_source(format: str, path: str, *, split: str | None = None, name: str |
         "pairs": len(rows),
         **dict(sorted(ctx.stats.items())),
     }
-    dropped = {k: v for k, v in ctx.stats.items() if v and k not in ("trees", "groups")}
+    dropped = {k: v for k, v in ctx.stats.items() if v and k not in ("trees", "groups", "dropped_groups")}
     logger.info(
         "[%s] %s: %d records -> %d pairs%s",
         source,
@@ -234,7 +235,8 @@ def _grouped(
 ):
     """Rows with `source` set from their record's `group_by` value: ``<source>/<value>``, or
     ``group_names[value]`` (several values may map to one name); `keep_groups`/`drop_groups` filter by value
-    (dropped rows counted as ``other_group``). Per-group pair counts go to the stats (``groups``)."""
+    (dropped rows counted as ``other_group``, and by value with the option that dropped them as
+    ``dropped_groups``). Per-group pair counts go to the stats (``groups``)."""
     if not group_by:
         raise PreferenceDataError(
             f"[source {source!r}] group_names/keep_groups/drop_groups need group_by. "
@@ -245,12 +247,14 @@ def _grouped(
     keep = None if keep_groups is None else {str(v) for v in keep_groups}
     drop = {str(v) for v in drop_groups or ()}
     names = {str(k): str(v) for k, v in (group_names or {}).items()}
-    counts, seen = Counter(), Counter()
+    counts, seen, dropped = Counter(), Counter(), {}
     for row in rows:
         value = str(current["group"])
         seen[value] += 1
         if (keep is not None and value not in keep) or value in drop:
             ctx.stats["other_group"] += 1
+            why = "drop_groups" if value in drop else "not in keep_groups"
+            dropped.setdefault(value, {"pairs": 0, "why": why})["pairs"] += 1
             continue
         row["source"] = names.get(value, f"{source}/{value}")
         counts[row["source"]] += 1
@@ -267,6 +271,8 @@ def _grouped(
                 "from that list"
             )
     ctx.stats["groups"] = dict(sorted(counts.items()))
+    if dropped:
+        ctx.stats["dropped_groups"] = dict(sorted(dropped.items()))
 
 
 def load_stats(ds) -> dict:

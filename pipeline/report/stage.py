@@ -19,9 +19,10 @@ The paper's numbers (Zeng et al., "On Diversified Preferences of Large Language 
 2312.07401, Tables 1 and 2) are constants below, for comparison only. Written atomically (DIR/report.md and DIR/report.json) by the main
 process.
 
-Where the parts live: `config` (ReportConfig, the paper's numbers), `facts` (what ran), `sections` (header,
-synthetic benchmark, reward models, alignment, the paper side by side), `calibration_section` (the sentences on
-what the run measured). This module holds `render_report`, `run` and `estimate`; the report package imports the
+Where the parts live: `config` (ReportConfig, the paper's numbers), `facts` (what ran), `provenance` (each RM's
+real training settings from its own files; the STALE and --allow-stale-upstream banners beside the numbers),
+`sections` (header, synthetic benchmark, reward models, alignment, the paper side by side),
+`calibration_section` (the sentences on what the run measured). This module holds `render_report`, `run` and `estimate`; the report package imports the
 stage packages before it (`pipeline.calibration`) and the leaves, never `pipeline.config`, `pipeline.run` or
 `pipeline.stages`.
 """
@@ -35,6 +36,7 @@ from pipeline.io import atomic_write_json, atomic_write_text, read_json
 from pipeline.logs import say
 from pipeline.report.calibration_section import calibration_section
 from pipeline.report.facts import run_facts, stage_setting, what_ran_section
+from pipeline.report.provenance import rm_training_lines, stage_banner, with_banner
 from pipeline.report.sections import (
     align_section,
     header_section,
@@ -58,21 +60,26 @@ def render_report(recipe, run_dir: Path) -> tuple[str, dict]:
     lines = header_section(recipe, cfg, run_dir, manifest)
     facts = run_facts(recipe, run_dir, manifest)
     lines += what_ran_section(facts)
+    lines += rm_training_lines(run_dir, manifest)
     truth = synthetic_truth_paragraph(recipe.data)
     if truth:
         lines += ["## The synthetic benchmark: what is true here", "", truth, ""]
     lines += reward_section(run_dir)
     cal_lines, summary = calibration_section(run_dir, cfg, headline)
-    lines += cal_lines
+    banners = {s: stage_banner(manifest, s, run_dir) for s in ("calibration", "align")}
+    lines += with_banner(cal_lines, banners["calibration"], ("### Plots",))
     align_lines, judgements = align_section(run_dir)
-    lines += align_lines
-    lines += paper_section(cfg, recipe, summary, judgements, facts)
+    lines += with_banner(align_lines, banners["align"])
+    lines += with_banner(
+        paper_section(cfg, recipe, summary, judgements, facts), banners["calibration"] + banners["align"]
+    )
     recipe_text = read_text_or_none(run_dir / "recipe.yaml") if cfg.include_recipe else None
-    if recipe_text:  # the resolved recipe the orchestrator wrote for this run
+    if recipe_text:  # the settings each stage's results here were produced with (the orchestrator writes it)
         lines += [
             "## Configuration (the resolved recipe)",
             "",
-            "Rerun exactly: `python -m pipeline.run --recipe <run dir>/recipe.yaml`.",
+            "Each stage's settings as it last ran in this directory (not the last command's recipe). Rerun exactly: "
+            "`python -m pipeline.run --recipe <run dir>/recipe.yaml --output-dir <new dir>`.",
             "",
             "```yaml",
             recipe_text.rstrip(),
@@ -84,6 +91,7 @@ def render_report(recipe, run_dir: Path) -> tuple[str, dict]:
         "calibration": summary,
         "rjs_more_vs_baseline": rjs_more_vs_base(judgements, cfg.baseline),
         "sentences": summary.get("sentences", []) if summary else [],
+        "banners": {stage: [b for b in banner if b] for stage, banner in banners.items() if banner},
     }
     return "\n".join(lines), data
 

@@ -28,7 +28,8 @@ from pipeline.reward.config import tiny_chat_template
 TRAINING_CODE_VERSION = 3
 VERSION_NOTES = {
     3: "over-length pairs are handled by the explicit reward.train.truncation (left, the pipeline's default; "
-    "MORERewardTrainer alone now drops them as TRL does)",
+    "MORERewardTrainer alone now drops them as TRL does), and an RM's fingerprint covers only the settings its "
+    "training reads (MORE's alpha and normalize only for MORE, the LoRA keys only with reward.peft)",
 }
 FINGERPRINT = "fingerprint.json"
 # Training arguments that cannot change the trained weights (so changing them reuses RMs and checkpoints).
@@ -45,6 +46,31 @@ _NOT_FINGERPRINTED = frozenset(
         "dataloader_num_workers",
     }
 )
+
+
+# Training arguments only some methods read: an RM of another method does not depend on them, so changing one
+# (reward.train.normalize) does not retrain the MultiTask, Uniform and single-source RMs.
+METHOD_ONLY_TRAIN_ARGS = {"alpha": ("more",), "normalize": ("more",)}
+# Keys of the reward section that only some settings read: the LoRA keys only with reward.peft != none.
+LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+
+
+def read_train_args(args: dict, method: str) -> dict:
+    """The training arguments an RM of `method` depends on (its fingerprint's `train_args`): every argument but
+    those that cannot change the weights (`_NOT_FINGERPRINTED`) and those its method does not read; a
+    DeepSpeed config file by its content."""
+    return {
+        k: (_deepspeed_record(v) if k == "deepspeed" else v)
+        for k, v in sorted(args.items())
+        if k not in _NOT_FINGERPRINTED and method in METHOD_ONLY_TRAIN_ARGS.get(k, (method,))
+    }
+
+
+def read_section(section: dict) -> dict:
+    """The reward section's keys an RM depends on (its fingerprint's `reward`): all but `methods` and `train`
+    (covered per RM by `method` and `train_args`), and the LoRA keys only when reward.peft uses them."""
+    unread = {"methods", "train"} | (set(LORA_KEYS) if section.get("peft", "none") == "none" else set())
+    return {k: v for k, v in section.items() if k not in unread}
 
 
 def checkpoint_dir(run_dir: Path, name: str) -> Path:
@@ -137,27 +163,17 @@ class RMPlan:
     fingerprint: str
 
 
-def plan_rm(recipe, run_dir: Path, name: str, method: str, sources: list[str], splits, tokenizer, base: str) -> RMPlan:
-    """RM `name`'s plan: its training rows (`sources` mixed as `method` mixes them), training arguments, and
-    the fingerprint of everything it is trained from."""
-    from accelerate import PartialState
-
-    from pipeline.data import mix
-
+def rm_training_args(recipe, run_dir: Path, name: str, method: str, sources: list[str]) -> dict:
+    """The MORERewardConfig arguments RM `name` trains with: the recipe's reward.train, the pipeline's defaults,
+    and what the pipeline derives (method, sources, batch size from data.per_source_batch, data.max_length, the
+    seed, the CPU defaults on a machine without CUDA)."""
     cfg, data = recipe.reward, recipe.data
     balanced = method in ("more", "uniform")
-    train = mix(
-        {s: splits[s]["train"] for s in sources},
-        "balanced" if balanced else "concat",
-        n_per_source=data.n_train_per_source,
-        per_source_batch=data.per_source_batch,
-        seed=recipe.seed,
-    )
     cpu_defaults = {}
     if not torch.cuda.is_available():
         # use_cpu: without it torchrun/accelerate on CPU set up no gloo DDP; TRL's bf16 default fails on CPU.
         cpu_defaults = {"use_cpu": True, "bf16": cfg.train.get("bf16", False)}
-    args = cfg.training_args(
+    return cfg.training_args(
         dict(
             **cpu_defaults,
             output_dir=str(checkpoint_dir(run_dir, name)),
@@ -170,17 +186,30 @@ def plan_rm(recipe, run_dir: Path, name: str, method: str, sources: list[str], s
             seed=recipe.seed,
         )
     )
-    section = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "train")}
+
+
+def plan_rm(recipe, run_dir: Path, name: str, method: str, sources: list[str], splits, tokenizer, base: str) -> RMPlan:
+    """RM `name`'s plan: its training rows (`sources` mixed as `method` mixes them), training arguments, and
+    the fingerprint of everything it is trained from."""
+    from accelerate import PartialState
+
+    from pipeline.data import mix
+
+    cfg, data = recipe.reward, recipe.data
+    train = mix(
+        {s: splits[s]["train"] for s in sources},
+        "balanced" if method in ("more", "uniform") else "concat",
+        n_per_source=data.n_train_per_source,
+        per_source_batch=data.per_source_batch,
+        seed=recipe.seed,
+    )
+    args = rm_training_args(recipe, run_dir, name, method, sources)
     inputs = {
         "training_code_version": TRAINING_CODE_VERSION,
         "method": method,
         "sources": list(sources),
-        "train_args": {
-            k: (_deepspeed_record(v) if k == "deepspeed" else v)
-            for k, v in sorted(args.items())
-            if k not in _NOT_FINGERPRINTED
-        },
-        "reward": section,
+        "train_args": read_train_args(args, method),
+        "reward": read_section(asdict(cfg)),
         "train_rows": len(train),
         "train_data_sha256": _dataset_sha256(train),
         "tokenizer_sha256": _tokenizer_sha256(tokenizer),

@@ -22,7 +22,8 @@ printed), and each RM's count of over-length (left-truncated) training pairs.
 Where the parts live: the section's dataclass and names in `pipeline.reward.config`, the fingerprints and why
 a saved RM is stale in `pipeline.reward.fingerprint`, the trainer in `pipeline.reward.trainer`. This module
 keeps the tokenizer and base model, the training of one RM (`train_one`), the stage's order of work (`run`)
-and what the orchestrator asks before it runs (`inputs`, `check`, `estimate`, `space_needed`).
+and what the orchestrator asks before it runs (`inputs`, `check`, `estimate`, `space_needed`, `mismatch`: what the
+saved RMs were really trained with, read back by `pipeline.reward.recorded`).
 
 May import: pipeline leaves and `pipeline.reward.*`.
 """
@@ -440,6 +441,14 @@ def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
 def inputs(section: dict) -> list[tuple[str, str]]:
     """Inputs the reward section names besides the data sources: the base model and a chat-template file."""
     return section_model_inputs(section)
+
+
+def mismatch(recipe, run_dir: Path) -> list[dict]:
+    """The recipe keys whose value differs from what the RMs saved in run_dir record in their fingerprint.json
+    (`pipeline.reward.recorded.recipe_mismatch`): a later stage that would use them is refused on this recipe."""
+    from pipeline.reward.recorded import recipe_mismatch
+
+    return recipe_mismatch(recipe, run_dir)
 
 
 def check(recipe, *, runs: bool, origin) -> None:

@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pipeline.sweep",
         description="Run a recipe over seeds x a grid (each run a pipeline.run directory D/<point>/seed-<s>/), "
-        "skipping finished runs, then aggregate means and 95% t-intervals into D/summary.{json,md}.",
+        "skipping finished runs, then aggregate means and 95% t-intervals into D/summary.{json,md}; with "
+        "--export E, into E/summary.{json,md} instead (over every run exported there; D then gets no summary).",
     )
     p.add_argument("--recipe", default="tiny-cpu", help="preset name or path to a YAML recipe (default: tiny-cpu)")
     p.add_argument("--seeds", default="0,1,2", help="seeds, e.g. 0,1,2 or 0-4 (default: 0,1,2)")
@@ -65,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="E",
         help="copy each finished run's small results (metrics, comparisons, temperatures, train logs, manifest, "
-        "resolved recipe; no weights or checkpoints) to E/<point>/seed-<s>/ and aggregate into E; runs already "
-        "exported there with the same settings are skipped (so a new machine reruns only the unfinished ones)",
+        "resolved recipe; no weights or checkpoints) to E/<point>/seed-<s>/ and write the summary to "
+        "E/summary.{json,md} (not to D); runs already exported there with the same settings are skipped (so a new "
+        "machine reruns only the unfinished ones)",
     )
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides applied to every run")
     return p
