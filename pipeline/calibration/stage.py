@@ -29,7 +29,12 @@ Paired comparisons (`calibration.compare`, "<a> vs <b>"): the difference a - b o
 source and for the averages, with a 95% paired bootstrap interval and p-value (`compare.paired_bootstrap`),
 in comparisons.json and comparisons.md.
 
+DPO policies named in `calibration.implicit_rms` are implicit RMs (`implicit_rms.score_implicit`: beta * (log pi -
+log pi_ref) over the response tokens, policy then reference, one model in memory at a time) and go through every
+step above like the others; their fitted temperature gives the effective beta (beta / T, temperature_fits.json).
+
 Where the parts live: `config` (CalibrationConfig), `load` (which RMs, loading them, external-RM checks),
+`implicit_rms` (the DPO policies: entries, checks, scoring, their table.md section),
 `overlap` (the evaluation splits, the train-overlap counts and exclusion), `pipeline.scoring.score_rm` (the
 scoring pass), `analysis` (metrics, temperatures, comparisons, diversity), `tables` (table.md), `stage_plots`
 (the PNGs). This module holds `run` and the other functions `pipeline.stages` calls; it imports the calibration
