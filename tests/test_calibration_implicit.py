@@ -160,6 +160,45 @@ def test_the_stage_cuts_from_the_left_and_says_so(models, tmp_path, capsys, one_
     )
 
 
+def test_conversational_rows_use_the_policys_chat_template(chat_tok, tmp_path, one_thread):
+    """A conversational row (its `conversation` column) is rendered with the POLICY's chat template; a text row
+    beside it stays text (EOS appended)."""
+    from datasets import Dataset
+
+    from pipeline.calibration.config import CalibrationConfig
+    from pipeline.calibration.implicit_rms import implicit_entries, score_implicit
+    from pipeline.data.render import encode_conversation, templated_pair
+    from pipeline.implicit import implicit_rewards
+
+    policy, ref = save_lm(chat_tok, tmp_path / "policy", 1), save_lm(chat_tok, tmp_path / "ref", 2, False)
+    user, good, bad = [{"role": "user", "content": "hello there"}], "fine thanks", "go away"
+    conv = encode_conversation(user, [{"role": "assistant", "content": good}], [{"role": "assistant", "content": bad}])
+    ds = Dataset.from_dict(
+        {
+            "prompt": ["\n\nHuman: hello there\n\nAssistant:"] * 2,
+            "chosen": [" " + good] * 2,
+            "rejected": [" " + bad] * 2,
+            "conversation": [conv, ""],
+        }
+    )
+    cfg = CalibrationConfig(
+        implicit_rms={"dpo": {"policy": str(tmp_path / "policy"), "reference": str(tmp_path / "ref"), "beta": 0.3}},
+        progress=False,
+    )
+    entry = implicit_entries(cfg, [])["dpo"]
+    rc, rr = score_implicit("dpo", entry, {"s": {"test": ds}}, cfg, None)["s"]["test"]
+    p, c, r = templated_pair(
+        chat_tok, user, [{"role": "assistant", "content": good}], [{"role": "assistant", "content": bad}]
+    )
+    assert "<|im_start|>assistant" in p and c.startswith("fine thanks<|im_end|>")
+    want = implicit_rewards(policy, ref, chat_tok, [(p, c), (p, r)], 0.3, templated=True)
+    np.testing.assert_allclose([rc[0], rr[0]], want, atol=1e-6)
+    text = implicit_rewards(policy, ref, chat_tok, [(ds["prompt"][1], ds["chosen"][1])], 0.3)
+    np.testing.assert_allclose(rc[1], text[0], atol=1e-6)
+    assert abs(rc[0] - rc[1]) > 1e-3  # the template matters
+    assert entry["truncated_sequences"] == 0 and entry["scored_sequences"] == 4
+
+
 def test_bad_implicit_entries_fail_before_any_work(models, tmp_path, tiny_tok):
     from pipeline.config import load_recipe
     from pipeline.errors import RecipeError
@@ -193,6 +232,20 @@ def test_bad_implicit_entries_fail_before_any_work(models, tmp_path, tiny_tok):
         with pytest.raises(RecipeError, match=message + r".*\(in the command-line override"):
             run_pipeline(recipe, out, stages=["calibration"], dry_run=True)
     assert not out.exists() or not (out / "calibration").exists()
+
+
+def test_show_keys_documents_the_entries_and_the_truncation():
+    from pipeline.config_keys import describe_keys
+
+    rows = {k: (t, d, h) for k, t, d, h in describe_keys()}
+    assert "cut from the LEFT" in rows["calibration.implicit_rms"][2]
+    assert "one model in memory at a time" in rows["calibration.implicit_rms"][2]
+    assert rows["calibration.implicit_rms.<name>.beta"][1:] == (
+        "required",
+        rows["calibration.implicit_rms.<name>.beta"][2],
+    ) and rows["calibration.implicit_rms.<name>.beta"][2].endswith("Allowed: a finite number with 0 < value.")
+    assert rows["calibration.implicit_rms.<name>.reference_free"][:2] == ("bool", "false")
+    assert "Required unless reference_free" in rows["calibration.implicit_rms.<name>.reference"][2]
 
 
 def test_implicit_models_are_stage_inputs(models, tmp_path):
