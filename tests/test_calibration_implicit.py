@@ -138,6 +138,27 @@ def test_implicit_rms_are_scored_like_classic_ones(evaluated, models, tiny_tok, 
     assert metrics["dpo"]["train_overlap"]["excluded"] is True
 
 
+def test_by_default_each_dpo_policy_is_compared_with_more_and_multitask(models, tiny_tok, tmp_path, one_thread):
+    """Beside RMs trained in the run (reward/index.json: more, multitask) and with calibration.compare null, each
+    implicit RM gets paired comparisons against MORE and MultiTask; table.md has its per-source ECE row."""
+    run_dir = tmp_path / "run"
+    index = {}
+    for i, name in enumerate(("more", "multitask")):
+        save_tiny_rm(tiny_tok, run_dir / "reward" / name, seed=10 + i, head_scale=15.0)
+        index[name] = {"path": name, "method": name, "sources": ["helpful", "harmless", "webgpt"]}
+    (run_dir / "reward" / "index.json").write_text(json.dumps(index))
+    recipe = calibration_recipe(
+        implicit_rms={"dpo": implicit_cfg(models)["dpo"]}, max_pairs_per_split=6, bootstrap_samples=10, plots=False
+    )
+    run(recipe, run_dir)
+    comps = json.loads((run_dir / "calibration" / "comparisons.json").read_text())
+    assert list(comps) == ["more vs multitask", "dpo vs more", "dpo vs multitask"]
+    assert set(comps["dpo vs more"]) == {"helpful", "harmless", "webgpt", "all_average", "hh_average"}
+    metrics = json.loads((run_dir / "calibration" / "metrics.json").read_text())
+    row = "| dpo | " + " | ".join(f"{metrics['dpo'][s]['ece_10']:.4f}" for s in ("helpful", "harmless", "webgpt"))
+    assert row in (run_dir / "calibration" / "table.md").read_text()
+
+
 def test_the_stage_cuts_from_the_left_and_says_so(models, tmp_path, capsys, one_thread):
     from pipeline.implicit import encode_rows, implicit_rewards, load_implicit_rm
 

@@ -162,7 +162,8 @@ class CalibrationConfig:
         metadata={
             "help": "Paired comparisons '<a> vs <b>' (RM names) with 95% paired bootstrap intervals, written "
             "to comparisons.json; null = 'more vs multitask' when both exist, plus each of them vs 'uniform' "
-            "when it exists; [] = none."
+            "when it exists, plus each implicit RM (implicit_rms) vs 'more' and vs 'multitask' when they exist; "
+            "[] = none."
         },
     )
     averaging: bool = field(

@@ -63,7 +63,7 @@ from pipeline.calibration.analysis import (
     rm_metrics,
     source_metrics,
 )
-from pipeline.calibration.compare import render_comparisons, resolve_comparisons
+from pipeline.calibration.compare import default_comparisons, render_comparisons, resolve_comparisons
 from pipeline.calibration.config import AVERAGING, CalibrationConfig, hh_sources
 from pipeline.calibration.implicit_rms import (
     check_implicit_folders,
@@ -131,7 +131,11 @@ def plan_evaluation(recipe, run_dir: Path, cfg: CalibrationConfig, main: bool) -
     singles = [n for n, e in index.items() if e.get("method") == "single"]
     with_averaging = cfg.averaging and len(singles) >= 2
     names = [*index, *external, *implicit] + ([AVERAGING] if with_averaging else [])
-    comparisons = resolve_comparisons(cfg.compare, names)  # fails before any scoring on an unknown name
+    compare = cfg.compare
+    if compare is None and implicit:  # each DPO policy against MORE and MultiTask, besides the defaults
+        compare = default_comparisons(names)
+        compare += [f"{n} vs {b}" for n in implicit for b in ("more", "multitask") if b in names]
+    comparisons = resolve_comparisons(compare, names)  # fails before any scoring on an unknown name
     stats: dict = {}
     data = eval_splits(recipe, cfg, stats)
     if main:
@@ -227,7 +231,9 @@ def write_outputs(
     with atomic_dir(run_dir / "calibration") as tmp:
         atomic_write_json(tmp / "metrics.json", res.metrics)
         table = render_table(res.metrics, res.temperatures, ev.sources, ev.hh, cfg, res.diversity)
-        atomic_write_text(tmp / "table.md", "\n".join([table, "", *implicit_table(ev.implicit, res.temperatures)]))
+        if ev.implicit:
+            table = "\n".join([table, "", *implicit_table(ev.implicit, res.temperatures)])
+        atomic_write_text(tmp / "table.md", table)
         atomic_write_json(
             tmp / "config.json",
             {
