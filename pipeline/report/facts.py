@@ -94,8 +94,12 @@ def run_facts(recipe, run_dir: Path, manifest: dict | None) -> dict:
         info = read_json(rm_path / "reward_info.json") or {}
         params = info.get("n_params") or safetensors_param_count(rm_path)
         rms[name] = {"trained": True, "method": e.get("method"), "sources": e.get("sources", []), "params": params}
-    for name, path in ((read_json(run_dir / "calibration" / "config.json") or {}).get("external") or {}).items():
+    cal_config = read_json(run_dir / "calibration" / "config.json") or {}
+    for name, path in (cal_config.get("external") or {}).items():
         rms[name] = {"trained": False, "path": path, "params": safetensors_param_count(path)}
+    for name, e in (cal_config.get("implicit") or {}).items():
+        path = e.get("path")
+        rms[name] = {"trained": False, "implicit": True, "path": path, "params": safetensors_param_count(path)}
     base = stage_setting(recipe, "reward", "model_name_or_path")
     policy = None
     if (run_dir / "align").is_dir():
@@ -126,7 +130,12 @@ def what_ran_section(facts: dict) -> list[str]:
     if facts["rms"]:
         base = facts["reward_base"] or "tiny model built in-process (random init)"
         rows = [
-            [name, "yes, " + str(r["method"]) if r["trained"] else "no (external)"]
+            [
+                name,
+                "yes, " + str(r["method"])
+                if r["trained"]
+                else ("no (DPO policy)" if r.get("implicit") else "no (external)"),
+            ]
             + [f"`{base}`" if r["trained"] else f"`{r['path']}`", format_count(r["params"])]
             for name, r in facts["rms"].items()
         ]
