@@ -72,3 +72,68 @@ def test_what_ran_takes_a_source_it_cannot_place_from_what_the_data_layer_loaded
     )
     md = report.render_report(recipe, d)[0]
     assert "| odd | trl | `/data/x.jsonl` | - | - | - | 5 |" in md
+
+
+# --------------------------------------------------------------------------------------------------
+# The significance rule, whole, where it is used (issue 28, item 6)
+
+
+def test_a_sentence_whose_interval_and_p_disagree_says_which_condition_failed():
+    """The issue's case: -4.37 points, 95% CI -8.46 to -0.28, p = 0.050 from 200 resamples read as a
+    contradiction. Now the sentence says the interval excludes 0 but p is not below 0.05, and how coarse p is."""
+    from pipeline.calibration.compare import difference_sentence
+
+    entry = {"a": 0.55, "b": 0.5937, "diff": -0.0437, "ci95": [-0.0846, -0.0028], "p_value": 0.05}
+    kw = dict(lower_is_better=False, scale=100, digits=2, unit=" points")
+    s = difference_sentence("MORE", "MultiTask", "Accuracy, all sources", entry, n_samples=200, **kw)
+    assert s == (
+        "Accuracy, all sources: no significant difference between MORE and MultiTask (difference -4.37 points, "
+        "95% CI -8.46 to -0.28; p = 0.050 (in steps of 0.010: 200 resamples)): the interval excludes 0 but p is not "
+        "below 0.05, and the rule needs both."
+    )
+    # the other disagreement, and none: both conditions fail, nothing more to say
+    entry.update(ci95=[-0.0846, 0.0], p_value=0.04)
+    s = difference_sentence("MORE", "MultiTask", "Accuracy", entry, n_samples=200, **kw)
+    assert s.endswith(": p is below 0.05 but the interval does not exclude 0, and the rule needs both.")
+    entry.update(ci95=[-0.0846, 0.01], p_value=0.3)
+    assert difference_sentence("MORE", "MultiTask", "Accuracy", entry, n_samples=200, **kw).endswith("resamples)).")
+    # with 1000 resamples (the stage's default) p is fine enough: no resolution note
+    entry.update(p_value=0.3)
+    assert "in steps of" not in difference_sentence("a", "b", "x", entry, n_samples=1000, **kw)
+
+
+def test_p_of_zero_from_few_resamples_is_not_written_below_their_resolution():
+    """No resample crossing 0 out of 200 says p < 2/200 = 0.010, not p < 0.001."""
+    from pipeline.calibration.compare import p_text, render_comparisons, win_lose_sentence
+
+    assert p_text(0.0, 200) == "p < 0.010" and p_text(0.0, 5000) == "p < 0.001" and p_text(0.0) == "p < 0.001"
+    assert p_text(0.03, 200, resolution=True) == "p = 0.030 (in steps of 0.010: 200 resamples)"
+    e = {"a": 0.1, "b": 0.2, "diff": -0.1, "ci95": [-0.15, -0.05], "p_value": 0.0}
+    md = render_comparisons({"more vs multitask": {"all_average": {"ece_10": e}}}, 200)
+    assert "p < 0.010 *" in md and "p < 0.001" not in md
+    assert "its 95% interval excludes 0 AND p < 0.05" in md and "p moves in steps of 0.010" in md
+    s = win_lose_sentence("x", {"win": 0.6, "tie": 0.1, "lose": 0.3}, {"diff": 0.3, "ci95": [0.1, 0.5], "p_value": 0})
+    assert "95% CI +10.0 to +50.0; p < 0.001)" in s
+
+
+def test_report_states_the_whole_rule_where_it_uses_it(tmp_path):
+    """The calibration section's introduction names both conditions (and p's resolution with 200 resamples);
+    the sentence under it says which condition failed."""
+    recipe = C.load_recipe("tiny-cpu")
+    d = tmp_path / "run"
+    (d / "calibration").mkdir(parents=True)
+    m = {"all_average": {"accuracy": 0.6, "ece_10": 0.05}, "hh_average": {"accuracy": 0.6, "ece_10": 0.05}}
+    (d / "calibration" / "metrics.json").write_text(json.dumps({"more": m, "multitask": m}))
+    (d / "calibration" / "config.json").write_text(json.dumps({"bootstrap_samples": 200}))
+    entry = {"a": 0.55, "b": 0.5937, "diff": -0.0437, "ci95": [-0.0846, -0.0028], "p_value": 0.05}
+    (d / "calibration" / "comparisons.json").write_text(
+        json.dumps({"more vs multitask": {"all_average": {"accuracy": entry}}})
+    )
+    _manifest(d, C.to_plain(recipe.data))
+    md = report.render_report(recipe, d)[0]
+    assert (
+        "A difference counts only when its 95% interval excludes 0 AND p < 0.05 (an interval that excludes 0 with "
+        "p = 0.050 is not enough); with 200 bootstrap resamples p moves in steps of 0.010"
+    ) in md
+    assert "p = 0.050 (in steps of 0.010: 200 resamples)): the interval excludes 0 but p is not below 0.05" in md
+    assert "a difference counts only when its interval excludes 0;" not in md

@@ -13,8 +13,9 @@ reward stage still gets a report saying what is missing):
 
 The comparison sentences are computed from DIR/calibration/comparisons.json, never written in advance: a
 difference is called real ("MORE's ECE ... is lower than MultiTask's by 0.018 (95% CI ...)") only when its
-paired 95% bootstrap interval excludes 0, else "no significant difference ..."; the same rule applies to
-alignment win rates (the interval of win - lose). Without intervals the numbers are shown with no verdict.
+paired 95% bootstrap interval excludes 0 AND p < 0.05 (`pipeline.stats.is_significant`), else "no significant
+difference ..." (saying which condition failed when only one did); the same rule applies to alignment win rates
+(the interval of win - lose). Without intervals the numbers are shown with no verdict.
 The paper's numbers (Zeng et al., "On Diversified Preferences of Large Language Model Alignment", arXiv
 2312.07401, Tables 1 and 2) are constants below, for comparison only. Written atomically (DIR/report.md and DIR/report.json) by the main
 process.
