@@ -36,6 +36,7 @@ from pipeline.io import atomic_write_json, atomic_write_text, read_json
 from pipeline.logs import say
 from pipeline.report.calibration_section import calibration_section
 from pipeline.report.facts import run_facts, stage_setting, what_ran_section
+from pipeline.report.notes import more_two_source_lines
 from pipeline.report.sections import (
     align_section,
     header_section,
@@ -63,6 +64,7 @@ def render_report(recipe, run_dir: Path) -> tuple[str, dict]:
     if truth:
         lines += ["## The synthetic benchmark: what is true here", "", truth, ""]
     lines += reward_section(run_dir)
+    lines += more_two_source_lines(run_dir)
     cal_lines, summary = calibration_section(run_dir, cfg, headline)
     lines += cal_lines
     align_lines, judgements = align_section(run_dir)

@@ -409,8 +409,24 @@ def inputs(section: dict) -> list[tuple[str, str]]:
 
 
 def check(recipe, *, runs: bool, origin) -> None:
-    """A reward.chat_template that does not parse or raises fails before any work (also under --dry-run)."""
+    """A reward.chat_template that does not parse or raises fails before any work (also under --dry-run); a MORE
+    RM on two sources under l2 normalisation (the Uniform baseline in disguise) is warned about."""
     check_template_setting(recipe.reward.chat_template, "reward.chat_template", origin)
+    if note := two_source_more_warning(recipe):
+        say("reward", f"warning: {note}")
+
+
+def two_source_more_warning(recipe) -> str | None:
+    """The warning for a MORE RM the recipe trains on exactly two sources with reward.train.normalize=l2 (the
+    default), when the recipe alone tells the number of sources (a `group_by` source's groups are known only
+    once the data is read: the trainer warns then)."""
+    from pipeline.reward.more import two_source_note
+
+    sources = recipe.data.sources
+    if "more" not in recipe.reward.methods or any((s.options or {}).get("group_by") for s in sources):
+        return None
+    normalize = (recipe.reward.train or {}).get("normalize", MORERewardConfig.normalize)
+    return two_source_note(len(sources), normalize, key="reward.train.normalize")
 
 
 def estimate(recipe, run_dir: Path, world: int = 1) -> tuple[str, str]:
