@@ -60,3 +60,72 @@ def more_two_source_lines(run_dir: Path) -> list[str]:
         if note := two_source_note(2, normalize or "", key="reward.train.normalize"):
             lines += [f"**{name} is the Uniform baseline here.** {note}.", ""]
     return lines
+
+
+# --------------------------------------------------------------------------------------------------
+# The policy
+
+
+def _first_lines(path: Path, n: int = 2000) -> list[dict]:
+    """The first `n` JSON rows of a .jsonl file ([] when it cannot be read)."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if len(rows) >= n:
+                    break
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
+    except OSError:
+        return []
+    return rows
+
+
+def _short(text: str, n: int, tail: bool = False) -> str:
+    text = " ".join(str(text).split()).replace("`", "'")
+    if len(text) <= n:
+        return text
+    return "..." + text[-n:] if tail else text[:n] + "..."
+
+
+def demo_policy_lines(run_dir: Path, facts: dict) -> list[str]:
+    """When the base policy is the tiny demo policy (built in-process, warm-started on the synthetic benchmark's
+    text; DIR/align/base/policy.settings.json): say so, with its perplexity on the judged sources' test answers
+    and one of its samples; and when those prompts are real data, that its samples are not meaningful text, so
+    the verdicts below compare noise."""
+    base = Path(run_dir) / "align" / "base"
+    if not (base / "policy.settings.json").is_file() or not (base / "policy").is_dir():
+        return []
+    formats = {s["name"]: s["format"] for s in facts.get("sources") or []}
+    rows = _first_lines(base / "eval_candidates.jsonl")
+    sets = list(dict.fromkeys(str(r.get("set")) for r in rows if r.get("set") is not None))
+    real = [s for s in sets if formats.get(s, "?") != "synthetic"]
+    ppl = (read_json(base / "perplexity.json") or {}).get("perplexity") or {}
+    ppl_text = ", ".join(f"{v:.1f} ({s})" for s, v in ppl.items() if isinstance(v, (int, float)))
+    params = (facts.get("policy") or {}).get("params")
+    size = f", {params / 1e3:.0f}k parameters" if isinstance(params, int) and params < 10**6 else ""
+    head = (
+        f"The policy is the tiny demo policy (built in this run{size}, warm-started on the synthetic benchmark's "
+        "text; `align.model_name_or_path` names a real one)."
+    )
+    sample = next((r for r in rows if str(r.get("set")) in (real or sets) and r.get("candidates")), None)
+    sample_text = (
+        f"A sample ({sample.get('set')} prompt `{_short(sample.get('prompt', ''), 120, tail=True)}`): "
+        f"`{_short(sample['candidates'][0], 200)}`."
+        if sample
+        else ""
+    )
+    if not real:
+        ppl_part = f" Its perplexity on the judged sources' test answers: {ppl_text}." if ppl_text else ""
+        return [f"{head}{ppl_part} {sample_text}".rstrip(), ""]
+    return [
+        f"**{head} Its samples on this run's real prompts ({', '.join(real)}) are not meaningful text**"
+        + (f": its perplexity on those sources' test answers is {ppl_text}" if ppl_text else "")
+        + f". {sample_text} The verdicts below compare such samples, so they say nothing about how these reward "
+        "models would align a real policy. Fix: align a real policy (`align.model_name_or_path`).",
+        "",
+    ]

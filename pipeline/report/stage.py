@@ -36,7 +36,7 @@ from pipeline.io import atomic_write_json, atomic_write_text, read_json
 from pipeline.logs import say
 from pipeline.report.calibration_section import calibration_section
 from pipeline.report.facts import run_facts, stage_setting, what_ran_section
-from pipeline.report.notes import more_two_source_lines
+from pipeline.report.notes import demo_policy_lines, more_two_source_lines
 from pipeline.report.sections import (
     align_section,
     header_section,
@@ -68,6 +68,7 @@ def render_report(recipe, run_dir: Path) -> tuple[str, dict]:
     cal_lines, summary = calibration_section(run_dir, cfg, headline)
     lines += cal_lines
     align_lines, judgements = align_section(run_dir)
+    align_lines[2:2] = demo_policy_lines(run_dir, facts) if judgements else []  # under the section's title
     lines += align_lines
     lines += paper_section(cfg, recipe, summary, judgements, facts)
     recipe_text = read_text_or_none(run_dir / "recipe.yaml") if cfg.include_recipe else None
