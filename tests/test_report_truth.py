@@ -137,3 +137,31 @@ def test_report_states_the_whole_rule_where_it_uses_it(tmp_path):
     ) in md
     assert "p = 0.050 (in steps of 0.010: 200 resamples)): the interval excludes 0 but p is not below 0.05" in md
     assert "a difference counts only when its interval excludes 0;" not in md
+
+
+# --------------------------------------------------------------------------------------------------
+# The configuration shown is what the run used
+
+
+def test_report_shows_the_recipe_without_the_sections_the_run_did_not_use(tmp_path):
+    """A real-data run of reward, calibration and report: the report's configuration has no data.synthetic and
+    no align section (recipe.yaml keeps them, and the report says it left them out)."""
+    recipe = C.load_recipe("tiny-cpu", [f"data.sources=[{{name: hh, format: jsonl, path: {tmp_path / 'hh.jsonl'}}}]"])
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "recipe.yaml").write_text(C.recipe_yaml(recipe))
+    stages = {"reward": {"status": "done"}, "calibration": {"status": "done"}, "report": {"status": "running"}}
+    (d / "manifest.json").write_text(json.dumps({"stages": stages}))
+    md = report.render_report(recipe, d)[0]
+    shown = md.split("## Configuration (the resolved recipe)")[1]
+    assert "\nalign:" not in shown and "  synthetic:" not in shown and "drift_scale" not in shown
+    assert "\nreward:" in shown and "\ncalibration:" in shown and "format: jsonl" in shown
+    assert "Shown without what this run did not use (align, data.synthetic); recipe.yaml holds it." in shown
+    assert "drift_scale" in (d / "recipe.yaml").read_text()  # the file itself is untouched
+    # a synthetic run of every stage shows everything
+    recipe = C.load_recipe("tiny-cpu")
+    (d / "recipe.yaml").write_text(C.recipe_yaml(recipe))
+    stages["align"] = {"status": "done"}
+    (d / "manifest.json").write_text(json.dumps({"stages": stages}))
+    shown = report.render_report(recipe, d)[0].split("## Configuration (the resolved recipe)")[1]
+    assert "\nalign:" in shown and "drift_scale" in shown and "Shown without" not in shown

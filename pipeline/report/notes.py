@@ -129,3 +129,36 @@ def demo_policy_lines(run_dir: Path, facts: dict) -> list[str]:
         "models would align a real policy. Fix: align a real policy (`align.model_name_or_path`).",
         "",
     ]
+
+
+# --------------------------------------------------------------------------------------------------
+# The configuration shown
+
+
+def used_recipe_text(recipe_text: str, manifest: dict | None) -> tuple[str, list[str]]:
+    """The resolved recipe without what the run did not use, and the keys left out: a stage's section when the
+    manifest has no entry for that stage (it never ran here; `report` is this stage), and `data.synthetic` when
+    no source is synthetic. The text is returned as is when it does not parse as a YAML mapping."""
+    import yaml
+
+    try:
+        d = yaml.safe_load(recipe_text)
+    except yaml.YAMLError:
+        return recipe_text, []
+    stages = (manifest or {}).get("stages")
+    if not isinstance(d, dict) or not isinstance(stages, dict):
+        return recipe_text, []
+    dropped = [k for k in ("reward", "calibration", "align") if k in d and k not in stages]
+    data = d.get("data")
+    sources = (data or {}).get("sources") if isinstance(data, dict) else None
+    if isinstance(sources, list) and "synthetic" in data:
+        if not any(isinstance(s, dict) and s.get("format", "synthetic") == "synthetic" for s in sources):
+            dropped.append("data.synthetic")
+    if not dropped:
+        return recipe_text, []
+    for key in dropped:
+        if key == "data.synthetic":
+            del d["data"]["synthetic"]
+        else:
+            del d[key]
+    return yaml.safe_dump(d, sort_keys=False, allow_unicode=True), dropped

@@ -36,7 +36,7 @@ from pipeline.io import atomic_write_json, atomic_write_text, read_json
 from pipeline.logs import say
 from pipeline.report.calibration_section import calibration_section
 from pipeline.report.facts import run_facts, stage_setting, what_ran_section
-from pipeline.report.notes import demo_policy_lines, more_two_source_lines
+from pipeline.report.notes import demo_policy_lines, more_two_source_lines, used_recipe_text
 from pipeline.report.sections import (
     align_section,
     header_section,
@@ -73,11 +73,17 @@ def render_report(recipe, run_dir: Path) -> tuple[str, dict]:
     lines += paper_section(cfg, recipe, summary, judgements, facts)
     recipe_text = read_text_or_none(run_dir / "recipe.yaml") if cfg.include_recipe else None
     if recipe_text:  # the resolved recipe the orchestrator wrote for this run
+        recipe_text, unused = used_recipe_text(recipe_text, manifest)
         lines += [
             "## Configuration (the resolved recipe)",
             "",
             "Rerun exactly: `python -m pipeline.run --recipe <run dir>/recipe.yaml`.",
             "",
+            *(
+                [f"Shown without what this run did not use ({', '.join(unused)}); recipe.yaml holds it.", ""]
+                if unused
+                else []
+            ),
             "```yaml",
             recipe_text.rstrip(),
             "```",
