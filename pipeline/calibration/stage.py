@@ -71,6 +71,7 @@ from pipeline.calibration.overlap import (
 )
 from pipeline.calibration.stage_plots import write_plots
 from pipeline.calibration.tables import render_table
+from pipeline.calibration.temperature import few_pairs_warning
 from pipeline.io import UnsafePathError, atomic_dir, atomic_write_json, atomic_write_text, inside
 from pipeline.logs import say
 from pipeline.scoring import score_rm
@@ -166,6 +167,10 @@ def score_all(ev: Evaluation, cfg: CalibrationConfig, state) -> dict:
 def compute_results(ev: Evaluation, rewards: dict, cfg: CalibrationConfig, seed: int) -> Results:
     """Temperatures, metrics (with each RM's train overlap), diversity and paired comparisons."""
     temperatures, fits = fit_temperatures(rewards, ev.sources) if cfg.temperature_scaling else ({}, {})
+    for n_pairs in sorted({f["n_pairs"] for f in fits.values()}):
+        if warning := few_pairs_warning(n_pairs):
+            rms = ", ".join(rm for rm, f in fits.items() if f["n_pairs"] == n_pairs)
+            say("calibration", f"warning: {rms}: {warning}")
     metrics = {
         rm: rm_metrics(
             {
@@ -206,7 +211,8 @@ def write_outputs(
     with atomic_dir(run_dir / "calibration") as tmp:
         atomic_write_json(tmp / "metrics.json", res.metrics)
         atomic_write_text(
-            tmp / "table.md", render_table(res.metrics, res.temperatures, ev.sources, ev.hh, cfg, res.diversity)
+            tmp / "table.md",
+            render_table(res.metrics, res.temperatures, ev.sources, ev.hh, cfg, res.diversity, res.fits),
         )
         atomic_write_json(
             tmp / "config.json",
