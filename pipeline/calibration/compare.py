@@ -67,6 +67,19 @@ def parse_comparison(
     return m.group(1), m.group(2)
 
 
+STEP0 = "@step0"  # '<rm>@step0': a trained RM's untrained starting point (pipeline.calibration.step0)
+
+
+def step0_name(rm: str) -> str:
+    return f"{rm}{STEP0}"
+
+
+def is_step0_comparison(label: str) -> bool:
+    """'more vs more@step0': a trained RM against its own step 0."""
+    parts = str(label).split()
+    return len(parts) == 3 and parts[1] == "vs" and parts[2] == step0_name(parts[0])
+
+
 def default_comparisons(rms: Sequence[str]) -> list[str]:
     """`more vs multitask` when both exist, plus `more vs uniform` and `multitask vs uniform` when they exist."""
     have = set(rms)
@@ -351,9 +364,8 @@ def p_text(p: float | None, n_samples: int | None = None, resolution: bool = Fal
         return ""
     step = 2.0 / n_samples if n_samples else None
     if step is not None and p <= 0:
-        text = f"p < {max(step, 0.001):.3f}"
-    else:
-        text = "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+        return f"p < {max(step, 0.001):.3f}"  # the resolution is in the number itself
+    text = "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
     if resolution and n_samples and n_samples < FEW_RESAMPLES:
         text += f" (in steps of {step:.3f}: {n_samples} resamples)"
     return text
@@ -532,6 +544,31 @@ def render_comparisons(comparisons: dict, n_samples: int) -> str:
         "percentage points; `ts/` = after temperature scaling.",
         "",
     ]
+    against_start = {k: v for k, v in comparisons.items() if is_step0_comparison(k)}
+    comparisons = {k: v for k, v in comparisons.items() if k not in against_start}
+    lines += _comparison_tables(comparisons, n_samples)
+    if comparisons:
+        lines += [comparisons_paragraph(comparisons, n_samples), ""]
+    if against_start:
+        lines += [
+            "## Each trained RM vs its untrained starting point (step 0)",
+            "",
+            "`<rm>@step0` is the model the RM's training began from: its base model with the reward head initialised "
+            "as the training initialised it (same seed), scored on the same test pairs. An RM learned something "
+            "measurable where it is significantly better than its step 0; accuracy is the plain test of it (an "
+            "untrained head with tiny rewards can have a low ECE while knowing nothing).",
+            "",
+            *_comparison_tables(against_start, n_samples, level=3),
+            comparisons_paragraph(against_start, n_samples),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _comparison_tables(comparisons: dict, n_samples: int, level: int = 2) -> list[str]:
+    """One '## <a> vs <b>' table (heading `level`) per comparison (rows: sources and averages; each column's
+    better direction)."""
+    lines = []
     for label, groups in comparisons.items():
         keys = list(dict.fromkeys(k for by_metric in groups.values() for k in by_metric))
         labels = [_label(k) for k in keys]
@@ -543,9 +580,8 @@ def render_comparisons(comparisons: dict, n_samples: int) -> str:
             ["", *labels], rows, subheader=["*better*", *(DIRECTION_TEXT[direction(k)] for k in keys)]
         )
         corner = "| | " + " | ".join(labels) + " |"  # the header with its empty corner cell written '| |'
-        lines += [f"## {label}", "", corner, *table[1:], ""]
-    lines += [comparisons_paragraph(comparisons, n_samples), ""]
-    return "\n".join(lines)
+        lines += [f"{'#' * level} {label}", "", corner, *table[1:], ""]
+    return lines
 
 
 def comparisons_paragraph(comparisons: dict, n_samples: int | None = None) -> str:

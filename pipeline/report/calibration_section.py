@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from pipeline.calibration.compare import difference_sentence, parse_comparison, rule_text
+from pipeline.calibration.compare import difference_sentence, is_step0_comparison, parse_comparison, rule_text
 from pipeline.io import get_path, read_json
 from pipeline.report.config import ReportConfig
+from pipeline.report.notes import step0_lines
 from pipeline.report.sections import demote
 from pipeline.tables import RM_LABELS
 
@@ -190,10 +191,11 @@ def calibration_section(run_dir: Path, cfg: ReportConfig, headline_bins: int) ->
     if not metrics:
         return lines + ["The calibration stage has not run in this directory (no calibration/metrics.json).", ""], None
     summary = calibration_summary(metrics, headline_bins, cfg.baseline)
-    comparisons = read_json(cal / "comparisons.json")
-    if comparisons:
-        n_samples = (read_json(cal / "config.json") or {}).get("bootstrap_samples")
-        summary["sentences"] = comparison_sentences(comparisons, headline_bins, n_samples)
+    comparisons = read_json(cal / "comparisons.json") or {}
+    n_samples = (read_json(cal / "config.json") or {}).get("bootstrap_samples")
+    between_rms = {k: v for k, v in comparisons.items() if not is_step0_comparison(k)}  # not an RM vs its step 0
+    if between_rms:
+        summary["sentences"] = comparison_sentences(between_rms, headline_bins, n_samples)
         lines += [
             "What this run measured, as paired differences with 95% bootstrap intervals over the same test "
             f"pairs. A difference counts only when {rule_text(n_samples)}; lower ECE and error and higher "
@@ -202,9 +204,16 @@ def calibration_section(run_dir: Path, cfg: ReportConfig, headline_bins: int) ->
         ]
     else:
         summary["sentences"] = calibration_sentences(summary)
-        lines += ["What this run measured (no paired comparisons were computed, so no differences are judged):", ""]
+        between = " between RMs" if comparisons else ""  # only each RM vs its step 0
+        lines += [
+            f"What this run measured (no paired comparisons{between} were computed, so no differences{between} are "
+            "judged):",
+            "",
+        ]
     lines += [f"- {s}" for s in summary["sentences"]]
     lines.append("")
+    learned, summary["step0"] = step0_lines(run_dir, comparisons, n_samples, rule_stated=bool(between_rms))
+    lines += learned
     if overlap := train_overlap_line(metrics):
         lines += [overlap, ""]
     others = [rm for rm in metrics if rm not in ("more", cfg.baseline)]

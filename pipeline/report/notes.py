@@ -162,3 +162,67 @@ def used_recipe_text(recipe_text: str, manifest: dict | None) -> tuple[str, list
         else:
             del d[key]
     return yaml.safe_dump(d, sort_keys=False, allow_unicode=True), dropped
+
+
+# --------------------------------------------------------------------------------------------------
+# Did the RMs learn anything? (each trained RM vs its step 0)
+
+
+def _learned_line(rm: str, e: dict, n_samples: int | None) -> str:
+    """One bullet: the RM's all-source accuracy against its step 0's, and whether it learned (the project's rule)."""
+    from pipeline.calibration.compare import p_text, rule_failure, significant
+
+    a, b, d = 100 * e["a"], 100 * e["b"], 100 * e["diff"]
+    head = f"accuracy {a:.2f}% vs {b:.2f}% at step 0"
+    if not e.get("ci95"):
+        return f"- {rm}: {head} (difference {d:+.2f} points; no bootstrap interval, so no verdict)."
+    lo, hi = (100 * v for v in e["ci95"])
+    p = e.get("p_value")
+    iv = f"95% CI {lo:+.2f} to {hi:+.2f}" + ("" if p is None else f"; {p_text(p, n_samples, resolution=True)}")
+    if significant(e) and d > 0:
+        return f"- {rm}: {head}, higher by {d:.2f} points ({iv}): it learned something measurable."
+    worse = " It is significantly LESS accurate than before its training." if significant(e) else ""
+    failed = rule_failure(e)
+    return (
+        f"- **{rm} is not significantly more accurate than its untrained starting point**: {head} (difference "
+        f"{d:+.2f} points, {iv}{f'; {failed}' if failed else ''}).{worse} Its training did not measurably change "
+        "which response it prefers, so its other numbers here (calibration included) describe a model that learned "
+        "nothing this test can see."
+    )
+
+
+def step0_lines(
+    run_dir: Path, comparisons: dict, n_samples: int | None, rule_stated: bool = False
+) -> tuple[list[str], dict]:
+    """The report's 'did the RMs learn anything?' lines, from comparisons.json's '<rm> vs <rm>@step0' entries and
+    calibration/step0.json (the RMs without a reference, and why), and {rm: learned (bool) or None}. The
+    significance rule is stated unless `rule_stated` (the lines above state it)."""
+    from pipeline.calibration.compare import is_step0_comparison, parse_comparison, rule_text, significant
+
+    info = read_json(Path(run_dir) / "calibration" / "step0.json") or {}
+    bullets, verdicts = [], {}
+    for label, groups in comparisons.items():
+        if not is_step0_comparison(label):
+            continue
+        rm = parse_comparison(label)[0]
+        e = (groups.get("all_average") or {}).get("accuracy")
+        if not isinstance(e, dict):
+            continue
+        bullets.append(_learned_line(rm, e, n_samples))
+        verdicts[rm] = bool(e.get("ci95")) and significant(e) and e["diff"] > 0
+    for rm, why in (info.get("no_reference") or {}).items():
+        bullets.append(f"- {rm}: no step-0 reference ({why}).")
+        verdicts[rm] = None
+    if not bullets:
+        return [], verdicts
+    lines = [
+        "**Did the RMs learn anything?** Each trained RM against its own untrained starting point (step 0: its base "
+        "model with the reward head initialised as its training began, same seed), scored on the same test pairs; "
+        "an RM learned something measurable when its all-source accuracy is significantly higher ("
+        + ("the rule above" if rule_stated else rule_text(n_samples))
+        + "; every metric is in the step-0 tables of the comparisons below):",
+        "",
+        *bullets,
+        "",
+    ]
+    return lines, verdicts
