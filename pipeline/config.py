@@ -37,9 +37,21 @@ from typing import Any
 import yaml
 
 from pipeline import stages
-from pipeline.errors import RecipeError
+from pipeline.errors import RecipeError, redact_credentials
 from pipeline.io import to_plain
-from pipeline.strict import Origin, build_dataclass, check_keys, convert, dotted, join, strip_optional, type_hints
+from pipeline.strict import (
+    INT_MAX,
+    Origin,
+    build_dataclass,
+    check_keys,
+    check_range,
+    convert,
+    dotted,
+    join,
+    show_value,
+    strip_optional,
+    type_hints,
+)
 
 
 class _Loader(yaml.SafeLoader):
@@ -277,19 +289,25 @@ def _check_values(node: Any, path: str, ctx: Origin) -> None:
     if isinstance(node, bool) or not isinstance(node, (int, float)):
         return
     name = path.rsplit(".", 1)[-1]
+    finite = isinstance(node, int) or math.isfinite(node)  # a 400-digit int is finite (float() would overflow)
     problem = None
-    if _LR.fullmatch(name) and not (math.isfinite(node) and node >= 0):
+    if _LR.fullmatch(name) and not (finite and node >= 0):
         problem, fix = "a learning rate must be a finite number >= 0", "e.g. 1e-5"
-    elif _TEMPERATURE.fullmatch(name) and not (math.isfinite(node) and node > 0):
+    elif _TEMPERATURE.fullmatch(name) and not (finite and node > 0):
         problem, fix = "a temperature must be a finite number > 0", "e.g. 1.0 (use greedy decoding instead of 0)"
-    elif _MAX_LENGTH.fullmatch(name) and not (math.isfinite(node) and node >= 1):
-        problem, fix = "a maximum length must be >= 1 token", "e.g. 512, or null where the key allows it"
-    elif _SEED.fullmatch(name) and not (float(node).is_integer() and 0 <= node < SEED_LIMIT):
+    elif _MAX_LENGTH.fullmatch(name) and not (finite and 1 <= node <= INT_MAX):
+        problem, fix = "a maximum length must be between 1 and 2**31 - 1 tokens", "e.g. 512, or null where allowed"
+    elif _SEED.fullmatch(name) and not (_integral(node) and 0 <= node < SEED_LIMIT):
         problem, fix = "a seed must be an integer with 0 <= seed < 2**32", "e.g. 0"
     if problem:
         raise RecipeError(
-            f"{path} = {node!r} in {ctx.origin(dotted(path))}: {problem}. Fix: set {path} to a valid value ({fix})"
+            f"{path} = {show_value(node)} in {ctx.origin(dotted(path))}: {problem}. Fix: set {path} to a valid "
+            f"value ({fix})"
         )
+
+
+def _integral(node: int | float) -> bool:
+    return isinstance(node, int) or (math.isfinite(node) and float(node).is_integer())
 
 
 DATA_ROOT = "${data_root}"
@@ -299,26 +317,36 @@ def _check_typed_dicts(section, path: str, ctx: Origin) -> None:
     """A free-form dict field whose metadata names the dataclass its keys set (`"keys": MORERewardConfig` on
     `reward.train`) has each value checked against that field's type now, so a wrong type fails at load (also
     under --dry-run), not deep inside a trainer. Values are kept as written (so stage hashes do not move),
-    except numbers written as strings ("1e-5"), which become numbers as everywhere else in a recipe."""
+    except numbers written as strings ("1e-5"), which become numbers as everywhere else in a recipe. Then each
+    value is range-checked: by the target field's own "range" / "choices" metadata, else by the dict field's
+    "ranges" table (the TrainingArguments fields, `pipeline.reward.config.TRAINING_ARGS_RANGES`)."""
     for f in dataclasses.fields(section):
         target, values = f.metadata.get("keys"), getattr(section, f.name)
-        if not (dataclasses.is_dataclass(target) and isinstance(values, dict) and values):
+        if not isinstance(values, dict) or not values:
             continue
-        hints = type_hints(target)
+        hints = type_hints(target) if dataclasses.is_dataclass(target) else {}
+        metas = {g.name: g.metadata for g in dataclasses.fields(target)} if hints else {}
+        ranges = f.metadata.get("ranges") or {}
         for key, value in values.items():
-            if key not in hints:
-                continue  # the section's own check names unknown keys
             where = f"{path}.{f.name}.{key}"
-            try:
-                converted = convert(hints[key], value, where, ctx)
-            except RecipeError as e:
-                tp = strip_optional(hints[key])
-                tp = getattr(tp, "__name__", str(tp).replace("typing.", ""))
-                raise RecipeError(
-                    f"{e}. Fix: set {where} to a value of type {tp} (the {target.__name__} field it sets)"
-                ) from None
-            if isinstance(value, str) and isinstance(converted, (int, float)) and not isinstance(converted, bool):
-                values[key] = converted
+            if key in hints:
+                values[key] = _typed_value(hints[key], value, where, ctx, target)
+            meta = metas.get(key, {})
+            check_range(values[key], meta.get("range") or ranges.get(key), where, ctx, meta.get("choices"))
+
+
+def _typed_value(tp, value, where: str, ctx: Origin, target):
+    try:
+        converted = convert(tp, value, where, ctx)
+    except RecipeError as e:
+        tp = strip_optional(tp)
+        tp = getattr(tp, "__name__", str(tp).replace("typing.", ""))
+        raise RecipeError(
+            f"{e}. Fix: set {where} to a value of type {tp} (the {target.__name__} field it sets)"
+        ) from None
+    if isinstance(value, str) and isinstance(converted, (int, float)) and not isinstance(converted, bool):
+        return converted
+    return value
 
 
 def check_recipe(recipe: Recipe, selected: typing.Sequence[str], running: typing.Sequence[str] = ()) -> None:
@@ -393,4 +421,7 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 
 def recipe_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True)
+    """The resolved recipe as YAML (DIR/recipe.yaml, --print-recipe); a credential inside a URL (a judge
+    base_url with `?key=` or `user:pw@`) is masked (`pipeline.errors.redact_credentials`), like the API key,
+    which is never in a recipe."""
+    return yaml.safe_dump(redact_credentials(recipe_to_dict(recipe)), sort_keys=False, allow_unicode=True)

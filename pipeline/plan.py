@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline import stages as stage_table
 from pipeline.config import recipe_to_dict
-from pipeline.errors import RecipeError
+from pipeline.errors import RecipeError, redact_credentials
 from pipeline.io import changed_files, content_records, dict_changes, hub_revision, is_hub_id, sha256_json
 from pipeline.manifest import missing_artifacts, upstream_tokens
 
@@ -115,10 +115,12 @@ def _unselected_step(stage, h: str, entry: dict | None, upstream_now: dict, upst
 
 def stage_inputs(resolved: dict, stage: str) -> dict:
     """The parts of the resolved recipe a stage's config hash covers (seed, data, its own and every upstream
-    section), stored in its manifest entry so a later plan can say which KEYS changed."""
+    section), stored in its manifest entry so a later plan can say which KEYS changed; a credential inside a URL
+    is masked, in the manifest and in the reason a plan logs (`redact_credentials`)."""
     order = stage_table.stage_names()
     upto = order[: order.index(stage) + 1] if stage in order else [stage]
-    return {"seed": resolved.get("seed"), "data": resolved.get("data"), **{s: resolved.get(s) for s in upto}}
+    inputs = {"seed": resolved.get("seed"), "data": resolved.get("data"), **{s: resolved.get(s) for s in upto}}
+    return redact_credentials(inputs)
 
 
 def config_change_reason(entry: dict, inputs_now: dict, h: str) -> str:

@@ -46,8 +46,16 @@ from pipeline.align.judge import JudgeError
 from pipeline.config import check_recipe, load_recipe, recipe_to_dict, recipe_yaml
 from pipeline.config_keys import describe_keys
 from pipeline.dist import Processes, shutdown_distributed, threading_is_main
-from pipeline.errors import DiskFull, RecipeError, StageInterrupted, disk_full_error, disk_full_message, interruption
-from pipeline.io import atomic_write_text, tree_bytes
+from pipeline.errors import (
+    DiskFull,
+    RecipeError,
+    StageInterrupted,
+    disk_full_error,
+    disk_full_message,
+    interruption,
+    redact_credentials,
+)
+from pipeline.io import UnsafePathError, atomic_write_text, check_no_links_out, tree_bytes
 from pipeline.logs import clock, quiet_library_noise
 from pipeline.manifest import (
     MANIFEST,
@@ -93,6 +101,7 @@ def run_pipeline(
     steps, manifest, lock, read_only = None, {}, None, None
     if procs.is_main:
         try:
+            _check_links(run_dir)
             lock, read_only = (None, None) if dry_run else _open_run_dir(run_dir)
             manifest = read_manifest(run_dir)
             steps = _decide(recipe, run_dir, manifest, selected, force, read_only)
@@ -135,6 +144,15 @@ def _forced(force, selected: list[str]) -> list[str]:
     return force
 
 
+def _check_links(run_dir: Path) -> None:
+    """Before anything is written: no stage folder, and nothing under one, is a symlink leading out of the run
+    directory (a write would follow it); one RecipeError naming the link (`pipeline.io.check_no_links_out`)."""
+    try:
+        check_no_links_out(run_dir, stage_table.stage_names())
+    except UnsafePathError as e:
+        raise RecipeError(str(e)) from None
+
+
 def _open_run_dir(run_dir: Path):
     """(lock, None) for a writable run directory (created when missing); (None, the OSError) for a read-only
     one, which is fine as long as every stage is up to date."""
@@ -175,7 +193,17 @@ def _lock_run_dir(run_dir: Path):
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         return None
-    f = open(run_dir / ".lock", "a+")
+    path = run_dir / ".lock"
+    try:  # never through a link: O_NOFOLLOW fails on one instead of creating or locking its target
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        if not path.is_symlink():
+            raise
+        raise RecipeError(
+            f"{path} is a symlink (to {os.readlink(path)}); the lock file is never created or opened through a "
+            f"link ({e.strerror}). Fix: delete the link (rm {path})"
+        ) from None
+    f = os.fdopen(fd, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -289,7 +317,7 @@ def _record_failure(recipe, run_dir: Path, stage, e: BaseException, entry, manif
         if isinstance(e, KeyboardInterrupt):
             error = f"{type(e).__name__}: interrupted ({interruption(e)})"
         else:
-            error = f"{type(e).__name__}: {e.strerror if isinstance(e, DiskFull) else e}"
+            error = redact_credentials(f"{type(e).__name__}: {e.strerror if isinstance(e, DiskFull) else e}")
         entry.update(status="failed", finished=now(), error=error[:500])
         try:
             write_manifest(run_dir, manifest)
@@ -403,7 +431,7 @@ def main(argv: list[str] | None = None, *, stage: str | None = None) -> int:
     try:
         return _main(args, stage)
     except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_credentials(str(e))}", file=sys.stderr)
         return 2
     except DiskFull as e:
         print(f"error: {e.strerror}", file=sys.stderr)
@@ -414,7 +442,8 @@ def main(argv: list[str] | None = None, *, stage: str | None = None) -> int:
         # message; the manifest already marks the stage failed. PIPELINE_TRACEBACK=1 shows the traceback.
         if os.environ.get("PIPELINE_TRACEBACK"):
             raise
-        print(f"error: {type(e).__name__}: {e}\n(set PIPELINE_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        message = redact_credentials(f"{type(e).__name__}: {e}")
+        print(f"error: {message}\n(set PIPELINE_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"interrupted ({interruption(e)}); run the same command again to resume", file=sys.stderr)

@@ -75,6 +75,7 @@ STAGES: tuple[Stage, ...] = (
         CalibrationConfig,
         calibration.run,
         inputs=calibration.inputs,
+        check=calibration.check,
         estimate=calibration.estimate,
     ),
     Stage("align", AlignConfig, align.run, inputs=align.inputs, check=align.check, estimate=align.estimate),

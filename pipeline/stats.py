@@ -72,14 +72,27 @@ def t_interval(values, confidence: float = CONFIDENCE) -> dict:
     out = {"mean": None, "sd": None, "n": n, "low": None, "high": None, "confidence": confidence}
     if n == 0:
         return out
-    mean = math.fsum(xs) / n
+    mean, sd = _mean_sd(xs)
     out["mean"] = mean
     if n < 2:
         return out
-    sd = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
     half = float(student_t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
     out.update(sd=sd, low=mean - half, high=mean + half)
     return out
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float | None]:
+    """Mean and sample sd (None for one value); values near the float limit (1e300) are scaled first, so the
+    sums cannot overflow (the result is then exact to rounding, or inf where the sd itself is beyond it)."""
+    n = len(xs)
+    try:
+        mean = math.fsum(xs) / n
+        sd = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else None
+    except OverflowError:
+        scale = max(abs(x) for x in xs)
+        m, s = _mean_sd([x / scale for x in xs])
+        mean, sd = m * scale, (None if s is None else s * scale)
+    return mean, sd
 
 
 def paired_differences(a: dict, b: dict) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -24,6 +25,124 @@ from typing import Any
 
 from pipeline.errors import RecipeError
 from pipeline.io import resolve_pkg_path
+
+
+# The largest count, length, step or size a recipe may give: torch indexes with int32 in many kernels, and a value
+# beyond this is a typo (1e25 tokens), not a setting.
+INT_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric recipe field allows (its metadata "range", checked when the recipe is loaded, also
+    by --dry-run): finite numbers with lo <= value <= hi (strict with lo_open / hi_open; None: unbounded), plus
+    the single values in `also` (e.g. -1 for "not set"). `str()` is the allowed range as the error states it."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    also: tuple = ()
+
+    def __contains__(self, value) -> bool:
+        if value in self.also:
+            return True
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return not (self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))
+
+    def __str__(self) -> str:
+        lo = "" if self.lo is None else f"{_num(self.lo)} {'<' if self.lo_open else '<='} "
+        hi = "" if self.hi is None else f" {'<' if self.hi_open else '<='} {_num(self.hi)}"
+        body = f"{lo}value{hi}" if lo or hi else "any finite number"
+        if not lo and not hi:
+            return body
+        body = body if lo and hi else f"a finite number with {body}"
+        return ", ".join(map(_num, self.also)) + f", or {body}" if self.also else body
+
+
+def _num(x) -> str:
+    return "2**31 - 1" if x == INT_MAX else repr(x)
+
+
+# Common ranges of recipe fields
+COUNT = Range(1, INT_MAX)  # a number of things that must be at least one (batch sizes, steps, samples)
+COUNT0 = Range(0, INT_MAX)  # a number of things that may be zero (0 = none / off)
+FRACTION = Range(0, 1)  # a probability or fraction, both ends included
+POSITIVE = Range(0, None, lo_open=True)  # a finite number > 0
+NON_NEGATIVE = Range(0, None)  # a finite number >= 0
+
+
+# Ranges of the transformers.TrainingArguments fields a free-form section sets (`reward.train`, which sets
+# MORERewardConfig; `align.rloo`, trl.RLOOConfig): the dict field's metadata "ranges" names this table. Learning
+# rates, temperatures, max_*length and seeds are checked by name everywhere (`pipeline.config._check_values`).
+STEPS = Range(0, INT_MAX, lo_open=True)  # logging/save/eval steps: a count, or a fraction of the run when < 1
+TRAINING_ARGS_RANGES: dict[str, Range] = {
+    "num_train_epochs": Range(0, INT_MAX, lo_open=True),
+    "max_steps": Range(1, INT_MAX, also=(-1,)),
+    "per_device_train_batch_size": COUNT,
+    "per_device_eval_batch_size": COUNT,
+    "gradient_accumulation_steps": COUNT,
+    "eval_accumulation_steps": COUNT,
+    "warmup_steps": COUNT0,
+    "warmup_ratio": FRACTION,
+    "weight_decay": NON_NEGATIVE,
+    "adam_beta1": Range(0, 1, hi_open=True),
+    "adam_beta2": Range(0, 1, hi_open=True),
+    "adam_epsilon": NON_NEGATIVE,
+    "max_grad_norm": NON_NEGATIVE,
+    "label_smoothing_factor": FRACTION,
+    "logging_steps": STEPS,
+    "save_steps": STEPS,
+    "eval_steps": STEPS,
+    "save_total_limit": COUNT0,
+    "dataloader_num_workers": Range(0, 1024),
+    "dataloader_prefetch_factor": COUNT,
+    "torch_empty_cache_steps": COUNT,
+    "center_rewards_coefficient": NON_NEGATIVE,
+    # trl.RLOOConfig
+    "num_generations": Range(2, INT_MAX),
+    "generation_batch_size": COUNT,
+    "steps_per_generation": COUNT,
+    "num_iterations": COUNT,
+    "top_p": Range(0, 1, lo_open=True),
+    "top_k": COUNT0,
+    "beta": NON_NEGATIVE,
+    "epsilon": NON_NEGATIVE,
+    "repetition_penalty": POSITIVE,
+}
+
+
+def show_value(value) -> str:
+    """A value for an error message, at most 40 characters (a 400-digit seed is cut)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-8:]} ({len(text)} characters)"
+
+
+def check_range(value, allowed: Range | None, path: str, ctx: Origin, choices=None) -> None:
+    """One RecipeError naming the key, the value and the allowed range (or choices) when `value` (a number, or a
+    list or mapping of numbers) is outside it; None and non-numbers are left to the type check."""
+    if isinstance(value, dict):
+        items = [(join(path, str(k)), v) for k, v in value.items()]
+    elif isinstance(value, (list, tuple)):
+        items = [(path, v) for v in value]
+    else:
+        items = [(path, value)]
+    for where, item in items:
+        if choices is not None and item is not None and item not in choices:
+            problem = "is not one of the choices; allowed: " + ", ".join(map(str, choices))
+        elif allowed is not None and isinstance(item, (int, float)) and not isinstance(item, bool):
+            if item in allowed:
+                continue
+            problem = f"is out of range; allowed: {allowed}"
+        else:
+            continue
+        raise RecipeError(
+            f"{where} = {show_value(item)} in {ctx.origin(dotted(where))} {problem}. Fix: set {where} to an allowed "
+            "value"
+        )
 
 
 @dataclass
@@ -37,7 +156,8 @@ class Origin:
     def origin(self, path: str) -> str:
         for key, text in self.overrides.items():
             if key == path or key.startswith(path + ".") or path.startswith(key + "."):
-                return f"the command-line override {text!r}"
+                shown = text if len(text) <= 100 else f"{text[:60]}...{text[-20:]}"
+                return f"the command-line override {shown!r}"
         return self.where
 
 
@@ -132,6 +252,7 @@ def build_dataclass(cls: type, raw: Any, path: str = "", ctx: Origin | None = No
             if dataclasses.is_dataclass(default) and not isinstance(default, type):
                 nested_base = default
         kwargs[key] = convert(tp, value, join(path, key), ctx, nested_base)
+        check_range(kwargs[key], f.metadata.get("range"), join(path, key), ctx, f.metadata.get("choices"))
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:

@@ -433,6 +433,7 @@ class JudgeScript:
         self.reply_prefix = None  # callable(Authorization header) -> text put before every reply
         self.auth_headers: list = []
         self.bodies: list[dict] = []
+        self.paths: list[str] = []  # the request paths, query strings included
         self.base_url = ""
 
     def reply(self, content: str) -> str:
@@ -466,10 +467,11 @@ def judge_server():
                 script.requests += 1
                 script.auth_headers.append(self.headers.get("Authorization"))
                 script.bodies.append(body)
+                script.paths.append(self.path)
                 fail = script.fail_first > 0
                 script.fail_first -= int(fail)
-            if self.path != "/v1/chat/completions":
-                return self._send(404, b"not found")
+            if self.path.partition("?")[0] != "/v1/chat/completions":  # echoes the path, as careless servers do
+                return self._send(404, f"not found: {self.path}".encode())
             auth = self.headers.get("Authorization")
             if fail:
                 return self._send(500, script.error_body(auth).encode() if script.error_body else b"overloaded")

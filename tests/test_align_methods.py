@@ -215,3 +215,50 @@ def test_rjs_resumes_from_its_checkpoint(tmp_path):
     steps = {r["step"]: r for r in log if "loss" in r}
     assert sorted(steps) == [1, 2]
     assert steps[1]["learning_rate"] == pytest.approx(1e-3)  # a fresh start would have logged 5e-3 here
+
+
+def test_ppo_method_passes_template_flags_and_records_the_reward_scale(tmp_path, monkeypatch):
+    """align's ppo: prompts a chat template rendered go to PPO without special tokens (as for the candidates);
+    the reward's scale is recorded (T, kl_coef, kl_coef x T) and stated beside PPO results in table.md, with the
+    confound when the RMs' temperatures differ."""
+    from types import SimpleNamespace
+
+    from pipeline.align import judging
+
+    captured = {}
+    monkeypatch.setattr(M, "run_ppo", lambda *a, **kw: captured.update(kw))
+    monkeypatch.setattr(M, "_trained", lambda a, work: None)
+    cfg = SimpleNamespace(
+        max_new_tokens=8,
+        temperature=1.0,
+        top_p=1.0,
+        max_prompt_length=32,
+        progress=False,
+        peft="none",
+        ppo={"kl_coef": 0.1},
+        trust_remote_code=False,
+    )
+    ctx = SimpleNamespace(cfg=cfg, seed=0, main=True)
+    cands = [{"prompt": "p", "policy_prompt": "<t>p", "templated": True}, {"prompt": "q", "policy_prompt": "q"}]
+    a = M.AlignInputs(ctx, "base", policy_tokenizer(), cands, [], {})
+    reward = SimpleNamespace(temperature=1.5, name="more")
+    M.ppo(a, reward, tmp_path)
+    assert captured["add_special_tokens"] == [False, True]
+    scale = json.loads((tmp_path / "reward_scale.json").read_text())
+    assert scale == {"rm": "more", "temperature": 1.5, "kl_coef": 0.1, "kl_coef_vs_raw_reward": pytest.approx(0.15)}
+    metrics = {
+        "base": {"perplexity": {}, "gold": None},
+        "more/ppo": {"perplexity": {}, "gold": None, "reward_scale": scale},
+        "multitask/ppo": {
+            "perplexity": {},
+            "gold": None,
+            "reward_scale": {**scale, "temperature": 0.8, "kl_coef_vs_raw_reward": 0.08},
+        },
+    }
+    table = judging.render_table({}, metrics, "gold")
+    assert "**PPO reward scale.** PPO optimised each RM's reward divided by its temperature T" in table
+    assert "more/ppo: T = 1.500, kl_coef 0.1 = 0.15 against the raw reward" in table
+    assert "multitask/ppo: T = 0.800, kl_coef 0.1 = 0.08 against the raw reward" in table
+    assert "trained at different effective KL strengths" in table
+    metrics["multitask/ppo"]["reward_scale"] = scale
+    assert "different effective KL" not in judging.render_table({}, metrics, "gold")

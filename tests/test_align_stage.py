@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.align.config import AlignConfig, JudgeConfig
+from pipeline.align.judge import JudgeBudgetExhausted
 from pipeline.align.judging import render_table
 from pipeline.align.prompts import distinct_prompts, select_rms
 from pipeline.calibration.compare import parse_comparison
@@ -213,6 +214,10 @@ def test_stage_runs_ppo_and_rloo(tmp_path):
     summary = json.loads((align / "more" / "ppo" / "ppo_summary.json").read_text())
     assert summary["steps"] == 2 and summary["first_gold_mean"] is not None  # gold reward measured per step
     assert (align / "more" / "ppo" / "policy" / "config.json").exists()
+    scale = json.loads((align / "more" / "ppo" / "reward_scale.json").read_text())
+    assert scale["rm"] == "more" and scale["kl_coef"] == 0.05  # the PPO reward's scale, recorded
+    assert json.loads((align / "metrics.json").read_text())["policies"]["more/ppo"]["reward_scale"] == scale
+    assert "**PPO reward scale.**" in (align / "table.md").read_text()
     rloo_log = json.loads((align / "more" / "rloo" / "train_log.json").read_text())
     assert sum("rewards/gold/mean" in r for r in rloo_log) == 2
     assert (align / "more" / "rloo" / "policy" / "model.safetensors").exists()
@@ -254,6 +259,20 @@ def test_stage_with_an_openai_compatible_judge(tmp_path, monkeypatch, capsys):
         assert per_set["all"]["counts"] == {"win": 0, "tie": 12, "lose": 0, "invalid": 0}
         stage.run(recipe, tmp_path)
         assert server.requests == 2 * 12  # the rerun pays nothing
+        assert "judge: 12 comparisons x 2 orders; 0 requests to send (24 answers cached)" in capsys.readouterr().out
+        # another judge model (nothing cached) with a budget below 24 requests + the 10% retry allowance: refused
+        # before its first request (it used to spend the whole budget and then fail)
+        recipe.align.judge.model, recipe.align.judge.max_requests = "judge-y", 26
+        with pytest.raises(JudgeBudgetExhausted) as err:
+            stage.run(recipe, tmp_path)
+        assert server.requests == 2 * 12
+        assert "max_requests=26 cannot cover" in str(err.value) and "need 24 requests (0 answers cached)" in str(
+            err.value
+        )
+        assert "10% retry allowance = 27; nothing was sent. Fix: align.judge.max_requests=27" in str(err.value)
+        recipe.align.judge.max_requests = 27
+        stage.run(recipe, tmp_path)
+        assert server.requests == 2 * 12 + 24
     out = capsys.readouterr()
     assert secret not in out.out + out.err
     assert "Bearer ***" in (tmp_path / "align" / "judge_details.jsonl").read_text()  # the echo, redacted
@@ -307,3 +326,33 @@ def test_a_run_directory_stamped_by_the_old_fingerprint_reruns_its_align_work(tm
     stage.run(recipe, tmp_path)  # stamped by this version: reused
     out = capsys.readouterr().out
     assert "[align] more/best_of_n: done earlier, skipping" in out and "building" not in out and "sampling" not in out
+
+
+def test_dry_run_shows_the_judge_requests_and_refuses_a_budget_that_cannot_cover_them(tmp_path, capsys, caplog):
+    """tiny-cpu with an OpenAI-compatible judge: --dry-run says how many requests its judging needs (1200
+    comparisons x 2 orders + 10% for retries = 2640), the default budget covers it, a smaller one is refused
+    before any work (one line naming the numbers and the fix), and answers cached in the run directory count
+    as free (a rerun after an exhausted budget resumes)."""
+    from pipeline import run as R
+
+    caplog.set_level("INFO")
+    base = ["--recipe", "tiny-cpu", "--output-dir", str(tmp_path), "--dry-run", "align.judge.kind=openai"]
+    base += ["align.judge.api_key_env=''"]
+    assert R.main(base) == 0
+    line = (
+        "judge: up to 1200 comparisons (2 method(s) x 3 comparison(s) x 2 prompt set(s) x up to 100 held-out "
+        "prompts) x 2 orders = 2400 requests, minus 0 cached answers, plus a 10% retry allowance = 2640 of "
+        "align.judge.max_requests=6000"
+    )
+    assert line in caplog.text
+    assert R.main([*base, "align.judge.max_requests=2000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "align.judge.max_requests=2000 in " in err
+    assert "= 2640 of align.judge.max_requests=2000. Fix: align.judge.max_requests=2640 (or more)" in err
+    cache = tmp_path / "align" / "judge_cache.jsonl"
+    cache.parent.mkdir()
+    rec = {"model": "gpt-4", "order": "ab", "reply": "A", "verdict": "A"}
+    cache.write_text("".join(json.dumps({**rec, "key": f"k{i}"}) + "\n" for i in range(1000)))
+    caplog.clear()
+    assert R.main([*base, "align.judge.max_requests=2000"]) == 0
+    assert "2400 requests, minus 1000 cached answers, plus a 10% retry allowance = 1540" in caplog.text

@@ -287,6 +287,9 @@ if __name__ == "__main__":  # the torchrun worker of the distributed test
     (out / f"rank{state.process_index}.json").write_text(
         json.dumps({"world": state.num_processes, "artifacts": artifacts})
     )
+    from pipeline.dist import shutdown_distributed
+
+    shutdown_distributed()  # deterministic teardown: no rank may abort at interpreter exit
 
 
 @pytest.mark.real_data
@@ -321,3 +324,69 @@ def test_rm_eval_recipe_on_the_real_sources(real_data_dir, trained, tmp_path):
     assert list(comps) == ["multitask vs more"] and "hh_average" in comps["multitask vs more"]
     md = (tmp_path / "run" / "report.md").read_text()
     assert "MultiTask" in md and "## Calibration" in md
+
+
+def test_an_rm_folder_without_tokenizer_files_is_refused_before_any_work(tmp_path, tiny_tok):
+    """Issue 29, item 1: a folder with config.json and weights but no tokenizer files was scored with the empty
+    tokenizer transformers builds from config.json alone (vocabulary 2, every text encoded to []): exit 0, every
+    pair a tie, accuracy 0.5, ECE 0.0. Now --dry-run and the stage refuse it, naming the folder and the files;
+    a SEQ_CLS adapter without a tokenizer whose base has none is refused the same way."""
+    from pipeline.config import load_recipe
+    from pipeline.errors import RecipeError
+    from pipeline.models import ModelLoadError, load_tokenizer
+    from pipeline.run import run_pipeline
+
+    bare = tmp_path / "bare"
+    save_tiny_rm(tiny_tok, bare, seed=1, head_scale=5.0)
+    for f in bare.iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            f.unlink()
+    missing = rf"calibration.external_rms.x: {bare} has no tokenizer files \(none of tokenizer.json, .*vocab.json"
+    out = tmp_path / "run"
+    with pytest.raises(ModelLoadError, match=missing):
+        run(calibration_recipe(external_rms={"x": str(bare)}), out)
+    assert not (out / "calibration").exists()
+    recipe = load_recipe("tiny-cpu", [f"calibration.external_rms={{x: {bare}}}"])
+    with pytest.raises(RecipeError, match=missing + r".*Fix: save the tokenizer there too"):
+        run_pipeline(recipe, out, stages=["calibration"], dry_run=True)
+    with pytest.raises(ModelLoadError, match=rf"tokenizer: {bare} has no tokenizer files"):
+        load_tokenizer(str(bare))
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"task_type": "SEQ_CLS", "base_model_name_or_path": str(bare)})
+    )
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=rf"calibration.external_rms.a: {bare} has no tokenizer files"):
+        run(calibration_recipe(external_rms={"a": str(adapter)}), out)
+
+
+def test_an_rm_without_a_pad_id_padding_with_eos_is_warned_about(tmp_path, tiny_tok, capsys):
+    """An external RM whose config.json has no pad_token_id and whose tokenizer has no pad token: EOS becomes
+    the pad id, so the reward is read at the token before the appended EOS (accuracy 0.650 instead of 0.7125
+    for weights trained reading it at the EOS). The calibration stage says so, naming the RM and the fix; an RM
+    with its own pad id is loaded silently."""
+    import copy
+
+    from pipeline.calibration.config import CalibrationConfig
+    from pipeline.calibration.load import load_rm
+
+    save_tiny_rm(tiny_tok, tmp_path / "padded", seed=1, head_scale=1.0)
+    tok = copy.deepcopy(tiny_tok)
+    tok.pad_token = None
+    save_tiny_rm(tok, tmp_path / "no-pad", seed=1, head_scale=1.0)
+    config = json.loads((tmp_path / "no-pad" / "config.json").read_text())
+    config.pop("pad_token_id", None)
+    (tmp_path / "no-pad" / "config.json").write_text(json.dumps(config))
+    cfg = CalibrationConfig()
+    model, loaded = load_rm("ext", {"path": str(tmp_path / "no-pad"), "external": True}, cfg, "cpu")
+    assert model.config.pad_token_id == loaded.eos_token_id
+    out = capsys.readouterr().out
+    assert (
+        f"[calibration] warning: reward model 'ext' ({tmp_path / 'no-pad'}): its config.json has no pad_token_id"
+        in out
+    )
+    assert "the reward is read at the token BEFORE it" in out and "set pad_token_id in its config.json" in out
+    load_rm("ok", {"path": str(tmp_path / "padded"), "external": True}, cfg, "cpu")
+    assert "warning" not in capsys.readouterr().out

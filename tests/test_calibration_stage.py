@@ -321,6 +321,6 @@ if __name__ == "__main__":  # the torchrun worker of the distributed test
     (out / f"rank{state.process_index}.json").write_text(
         json.dumps({"world": state.num_processes, "artifacts": artifacts})
     )
-    from pipeline.run import shutdown_distributed
+    from pipeline.dist import shutdown_distributed
 
     shutdown_distributed()  # deterministic teardown: no rank may abort at interpreter exit

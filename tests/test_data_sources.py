@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+from pathlib import Path
 
 import datasets
 import pytest
@@ -387,3 +388,34 @@ def test_option_values_checked_summarize_choice_bool_and_record_splits_string(fx
     assert len(load_source("summarize", path, record_splits=["valid1", "valid2"])) == 2
     with pytest.raises(PreferenceDataError, match="record_splits=3"):
         load_source("summarize", path, record_splits=3)
+
+
+def test_a_record_nested_too_deeply_is_one_error_naming_the_file(tmp_path):
+    """A JSON record nested 100,000 deep is one PreferenceDataError naming the file and line (it was a raw
+    RecursionError), in JSON lines, a JSON array and a pretty-printed single object."""
+    deep = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    path = _write_lines(tmp_path / "deep.jsonl", [json.dumps(PAIR), deep])
+    with pytest.raises(PreferenceDataError, match=r"deep\.jsonl, line 2: a JSON value nested deeper.*Fix: flatten"):
+        load_source("jsonl", path)
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(PreferenceDataError, match=r"deep\.json: a JSON value nested deeper"):
+        load_source("jsonl", str(tmp_path / "deep.json"))
+
+
+def test_a_huge_decompressed_gz_line_is_refused_at_the_documented_limit(tmp_path, monkeypatch):
+    """A small .gz file that decompresses to a huge line stops at MAX_GZ_LINE_BYTES with one error naming the
+    file, the line and the limit (before the line is held whole); lines under the limit read as before."""
+    import pipeline.data.read as R
+
+    monkeypatch.setattr(R, "MAX_GZ_LINE_BYTES", 1 << 20, raising=False)  # 1 MiB: the test stays small
+    monkeypatch.setattr(R, "_GZ_CHUNK", 1 << 16, raising=False)
+    big = json.dumps({**PAIR, "chosen": " " + "a" * (3 << 20)})
+    (tmp_path / "bomb.jsonl.gz").write_bytes(gzip.compress((json.dumps(PAIR) + "\n" + big + "\n").encode()))
+    assert (tmp_path / "bomb.jsonl.gz").stat().st_size < 20_000
+    with pytest.raises(PreferenceDataError, match=r"bomb\.jsonl\.gz, line 2: a decompressed line longer than 1 MiB"):
+        load_source("jsonl", str(tmp_path / "bomb.jsonl.gz"))
+    ok = "".join(json.dumps({**PAIR, "chosen": f" yes {i} " + "b" * 1000}) + "\n" for i in range(2000))
+    (tmp_path / "ok.jsonl.gz").write_bytes(gzip.compress(ok.encode()))
+    assert len(load_source("jsonl", str(tmp_path / "ok.jsonl.gz"))) == 2000
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "64 MiB" in readme and "MAX_GZ_LINE_BYTES" in readme  # the limit is documented

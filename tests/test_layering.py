@@ -3,8 +3,9 @@
 Every import counts, also one inside a function (`ast` walks the whole module). The layers, bottom up:
 
     leaves       pipeline.io, logs, errors, stats, tables, strict, dist, layout, models, scoring, pipeline.data.*
-    stages       pipeline.reward < pipeline.calibration < pipeline.align < pipeline.report (each package may
-                 import the leaves and the stage packages before it in this order, never one after it)
+    stages       pipeline.reward < pipeline.calibration < pipeline.export < pipeline.align < pipeline.report (each
+                 package may import the leaves and the stage packages before it in this order, never one after it;
+                 pipeline.export is no stage of the table: it exports a finished run's RMs)
     table        pipeline.stages
     recipe/plan  pipeline.config, config_keys, manifest, plan
     orchestrator pipeline.run
@@ -29,7 +30,7 @@ TESTS = Path(__file__).resolve().parent
 SHARED_TEST_MODULES = ("helpers", "reward_helpers", "conftest")  # what a file under tests/ may import from tests
 MAX_LINES = 700
 LEAVES = ("errors", "io", "logs", "stats", "tables", "strict", "dist", "layout", "models", "scoring", "data")
-STAGE_PACKAGES = ("reward", "calibration", "align", "report")
+STAGE_PACKAGES = ("reward", "calibration", "export", "align", "report")
 RECIPE_LAYER = ("config", "config_keys", "manifest", "plan")
 
 
@@ -159,6 +160,9 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     assert imports_of("pipeline.data.x", pkg / "data" / "x.py", known) == {"pipeline.run", "pipeline.data.y"}
     assert layer("pipeline.data.x") < layer("pipeline.run")
     assert layer("pipeline.align.stage")[1] > layer("pipeline.reward.stage")[1]
+    # the export package reads the RMs and the calibration's temperatures, and nothing of align or report
+    assert layer("pipeline.calibration.stage")[1] < layer("pipeline.export.rms")[1] < layer("pipeline.align.stage")[1]
+    assert layer("pipeline.export.__main__")[0] == 5
 
 
 def imported_tests_modules(path: Path, tests_dir: Path = TESTS) -> set[str]:

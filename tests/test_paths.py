@@ -315,3 +315,79 @@ def test_data_mixing_is_refused_at_load_time():
     with pytest.raises(C.RecipeError, match=r"data.mixing .* no longer read: .*reward.methods") as e:
         C.load_recipe("tiny-cpu", ["data.mixing=concat"])
     assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 29, item 3 and its minor items: no write, delete or lock through a symlink out of the run directory
+
+
+def test_a_symlinked_stage_folder_is_refused_before_anything_is_written(tmp_path):
+    """run/reward linked to an outside folder: the tiny base model (.base/) was written there before `inside`
+    refused reward/multitask with "report this as a bug". Now nothing is written and the error says symlink,
+    in --dry-run too; a link under a stage folder is refused the same way, one that stays inside is fine."""
+    from pipeline.config import load_recipe
+    from pipeline.errors import RecipeError
+    from pipeline.run import run_pipeline
+
+    run_dir, outside = tmp_path / "run", tmp_path / "outside"
+    run_dir.mkdir()
+    outside.mkdir()
+    (run_dir / "reward").symlink_to(outside)
+    recipe = load_recipe("tiny-cpu", ["reward.train.max_steps=1"])
+    for dry in (True, False):
+        with pytest.raises(RecipeError, match=r"reward is a symlink \(to .*outside\).*outside the run directory"):
+            run_pipeline(recipe, run_dir, stages=["reward"], dry_run=dry)
+    assert list(outside.iterdir()) == [] and not (run_dir / "manifest.json").exists()
+
+    (run_dir / "reward").unlink()
+    (run_dir / "reward" / ".checkpoints").mkdir(parents=True)
+    (run_dir / "reward" / ".checkpoints" / "more").symlink_to(outside)
+    with pytest.raises(RecipeError, match=r"more is a symlink"):
+        run_pipeline(recipe, run_dir, stages=["reward"], dry_run=True)
+    (run_dir / "reward" / ".checkpoints" / "more").unlink()
+    (run_dir / "elsewhere").mkdir()
+    (run_dir / "reward" / "kept").symlink_to(run_dir / "elsewhere")  # stays inside: not refused
+    run_pipeline(recipe, run_dir, stages=["reward"], dry_run=True)
+
+
+def test_the_reward_stage_writes_nothing_through_a_linked_folder(tmp_path):
+    """Called directly (no orchestrator pre-check), the stage's first delete/write of reward/.base is checked
+    before the model is saved, and the message names the link."""
+    run_dir, outside = tmp_path / "run", tmp_path / "outside"
+    run_dir.mkdir()
+    outside.mkdir()
+    (run_dir / "reward").symlink_to(outside)
+    recipe = one_rm_recipe()
+    with pytest.raises(io.UnsafePathError, match=r"reward is a symlink .*never writes or deletes through a link"):
+        stage.base_model_path(recipe, stage.build_tokenizer(recipe, None, run_dir), run_dir)
+    assert list(outside.iterdir()) == []
+
+
+def test_remove_tree_unlinks_a_link_directly_under_the_root_and_inside_names_links(tmp_path):
+    """remove_tree on run/link raised "report this as a bug" (it checked the link's parent, the root itself);
+    inside() on a path through a link out of the root now says it is a symlink, not a bug."""
+    root, outside = tmp_path / "run", tmp_path / "user"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep me")
+    (root / "link").symlink_to(outside)
+    with pytest.raises(io.UnsafePathError, match=r"link is a symlink \(to .*user\)") as e:
+        io.inside(root, root / "link" / "sub")
+    assert "report this as a bug" not in str(e.value)
+    with pytest.raises(io.UnsafePathError, match="is a symlink"):
+        io.remove_tree(root / "link" / "sub", root)  # missing, but checked: it would lie outside
+    io.remove_tree(root / "link", root)
+    assert not (root / "link").is_symlink() and (outside / "precious.txt").read_text() == "keep me"
+
+
+def test_a_lock_symlink_to_a_missing_outside_path_is_refused(tmp_path):
+    from pipeline.errors import RecipeError
+    from pipeline.run import _lock_run_dir
+
+    run_dir, target = tmp_path / "run", tmp_path / "outside" / "created"
+    run_dir.mkdir()
+    (tmp_path / "outside").mkdir()
+    (run_dir / ".lock").symlink_to(target)
+    with pytest.raises(RecipeError, match=r"\.lock is a symlink .*Fix: delete the link"):
+        _lock_run_dir(run_dir)
+    assert not target.exists()

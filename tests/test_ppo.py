@@ -186,3 +186,21 @@ def test_config_validation_messages():
         PPOConfig(rollout_batch_size=10, mini_batch_size=4)
     with pytest.raises(ValueError, match="value_model"):
         PPOConfig(value_model="twin")
+
+
+def test_nucleus_sampling_is_refused_for_ppo():
+    """PPO's ratio and KL use log-probs of the full distribution, so top_p < 1 (nucleus-sampled rollouts) is
+    refused with the reason and the fix, in PPOConfig and when the recipe is loaded (so --dry-run says it);
+    align.top_p < 1 stays fine for the other methods, and for ppo when align.ppo.top_p=1.0."""
+    from pipeline.config import RecipeError, load_recipe
+
+    with pytest.raises(
+        ValueError, match=r"ppo.top_p=0.9: PPO samples from the full distribution.*Fix: align.ppo.top_p=1.0"
+    ):
+        PPOConfig(top_p=0.9)
+    with pytest.raises(RecipeError, match=r"align.top_p \(ppo's default\): ppo.top_p=0.9"):
+        load_recipe("tiny-cpu", ["align.methods=[ppo]", "align.top_p=0.9"])
+    with pytest.raises(RecipeError, match=r"align.ppo.top_p: ppo.top_p=0.5"):
+        load_recipe("tiny-cpu", ["align.methods=[ppo]", "align.ppo={top_p: 0.5}"])
+    assert load_recipe("tiny-cpu", ["align.methods=[ppo]", "align.top_p=0.9", "align.ppo={top_p: 1.0}"])
+    assert load_recipe("tiny-cpu", ["align.methods=[rjs]", "align.top_p=0.9"]).align.top_p == 0.9

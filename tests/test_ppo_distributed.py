@@ -146,6 +146,6 @@ if __name__ == "__main__":
         int(sys.argv[sys.argv.index("--zero") + 1]) if "--zero" in sys.argv else 0,
         "--lora" in sys.argv,
     )
-    from pipeline.run import shutdown_distributed
+    from pipeline.dist import shutdown_distributed
 
     shutdown_distributed()  # deterministic teardown: no rank may abort at interpreter exit

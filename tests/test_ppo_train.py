@@ -181,3 +181,51 @@ def test_ppo_bad_inputs(tiny_tok, tmp_path):
         train_ppo(
             policy, tiny_tok, ["\n\nHuman: hi\n\nAssistant:"], lambda p, r: [0.0, 1.0, 2.0], _small_cfg(), tmp_path
         )
+
+
+def _bos_chat_tokenizer():
+    """A tokenizer that adds BOS to every text it encodes with special tokens and whose chat template writes
+    the BOS too (as Llama's), so a templated prompt encoded with special tokens again starts with two BOS."""
+    from tokenizers import processors
+
+    from pipeline.data.synthetic import SyntheticConfig, synthetic_corpus
+    from pipeline.models import tiny_tokenizer
+
+    template = (
+        "<bos>{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tok = tiny_tokenizer(synthetic_corpus(SyntheticConfig()), vocab_size=1000, chat_template=template)
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    return tok
+
+
+def test_ppo_encodes_chat_templated_prompts_as_generation_does(tmp_path, one_thread):
+    """A prompt rendered by a chat template carries its own BOS: PPO encodes it without special tokens again
+    (one BOS, the ids the candidates were sampled from, `encode_prompts`), and a plain prompt with them."""
+    from pipeline.align.generate import encode_prompts
+
+    tok = _bos_chat_tokenizer()
+    bos = tok.bos_token_id
+    templated = tok.apply_chat_template(
+        [{"role": "user", "content": "Is the sky blue?"}], tokenize=False, add_generation_prompt=True
+    )
+    plain = "\n\nHuman: Is the sky blue?\n\nAssistant:"
+    assert tok(templated)["input_ids"][:2] == [bos, bos]  # what encoding it with special tokens gives
+    policy = _tiny_policy(tok)
+    seen = []
+    generate = policy.generate
+
+    def spy(*args, **kw):
+        seen.append([row[m.bool()].tolist() for row, m in zip(kw["input_ids"], kw["attention_mask"])])
+        return generate(*args, **kw)
+
+    policy.generate = spy
+    cfg = _small_cfg(num_steps=1, rollout_batch_size=2, mini_batch_size=2, ppo_epochs=1)
+    train_ppo(
+        policy, tok, [templated, plain], lambda p, r: [0.0] * len(p), cfg, tmp_path, add_special_tokens=[False, True]
+    )
+    want = encode_prompts(tok, [templated, plain], cfg.max_prompt_length, [False, True])
+    assert sorted(seen[0]) == sorted(want)
+    assert all(ids[0] == bos and ids[1] != bos for ids in seen[0])  # exactly one BOS in front of each prompt

@@ -156,7 +156,7 @@ def test_minilm_real_builds_splits_from_the_shared_slices(real_data_dir):
         ("align.comparisons=['more vs multitask', 'more vs nosuch']", "'more vs nosuch' names ['nosuch']"),
         ("align.rms=[more, nosuch]", "align.rms in the command-line override"),
         ("data.sources=[{name: a, format: hh}]", "unknown format 'hh'"),
-        ("align.judge.concurrency=0", "judge.concurrency must be >= 1"),
+        ("align.judge.concurrency=0", "align.judge.concurrency = 0 in the command-line override"),
     ],
 )
 def test_bad_values_fail_at_load_or_dry_run_naming_the_key(override, needle, tmp_path, capsys):
@@ -224,3 +224,107 @@ def test_unset_judge_key_fails_before_any_work_when_align_runs(tmp_path, monkeyp
     monkeypatch.setenv("MORE_TEST_UNSET_KEY", "sk-x")
     assert main(argv) == 0
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every numeric recipe value is range-checked at load time (issue 29, item 5)
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("reward.train.num_train_epochs=0", "reward.train.num_train_epochs = 0 in the command-line override"),
+        ("reward.train.num_train_epochs=-1", "reward.train.num_train_epochs = -1 in"),
+        ("reward.train.num_train_epochs=.inf", "reward.train.num_train_epochs = inf in"),
+        ("reward.train.max_steps=0", "reward.train.max_steps = 0 in"),
+        ("reward.train.per_device_train_batch_size=0", "reward.train.per_device_train_batch_size = 0 in"),
+        ("data.per_source_batch=0", "data.per_source_batch = 0 in"),
+        ("data.max_length=1e25", "data.max_length = 10000000000000000905969664 in"),
+        ("reward.train.alpha=-3", "reward.train.alpha = -3 in"),
+        ("reward.train.normalize=foo", "reward.train.normalize = 'foo' in"),
+        ("calibration.n_bins=[1e12]", "calibration.n_bins = 1000000000000 in"),
+        ("seed=" + "9" * 400, "seed = 99999999999999999999...99999999 (400 characters) in"),
+        ("align.top_p=0", "align.top_p = 0.0 in"),
+        ("align.rloo.num_generations=1", "align.rloo.num_generations = 1 in"),
+        ("data.synthetic.harmful_fraction={helpful: 2}", "data.synthetic.harmful_fraction.helpful = 2 in"),
+    ],
+)
+def test_out_of_range_values_fail_at_load_naming_key_value_and_range(override, needle, tmp_path, capsys):
+    """`num_train_epochs=-1` showed "-19 optimizer steps" in --dry-run and saved an untrained RM as done;
+    `per_device_train_batch_size=0`, `max_length=1e25`, `alpha=-3` and `normalize=foo` passed the load, `n_bins=
+    [1e12]` ran out of memory later, a 400-digit seed and `num_train_epochs=.inf` gave OverflowError tracebacks."""
+    from pipeline.run import main
+
+    assert main(["--recipe", "tiny-cpu", "--output-dir", str(tmp_path / "run"), "--dry-run", override]) == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert ("allowed:" in err or "must be" in err) and "Fix:" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_every_numeric_recipe_field_declares_its_range():
+    """The principle behind the checks: every int/float field of a recipe section (and of the dataclasses whose
+    fields a free-form section sets) carries a "range" (or "choices") in its metadata, or is one the name rules check
+    everywhere (learning rates, temperatures, max_*length, seeds); the TrainingArguments fields --show-keys
+    lists under reward.train are in TRAINING_ARGS_RANGES."""
+    import dataclasses
+    import re
+    import typing
+
+    from trl import RewardConfig
+
+    from pipeline.reward.config import SHOWN_TRAINING_ARGS
+    from pipeline.strict import TRAINING_ARGS_RANGES, strip_optional, type_hints
+
+    by_name = re.compile(r"(?:\w+_)?(?:learning_rate|lr|temperature|seed)|(?:\w+_)?max_(?:\w+_)?length")
+    missing = []
+
+    def numeric(tp) -> bool:
+        return tp in (int, float) or any(a in (int, float) for a in typing.get_args(tp))
+
+    def walk(cls, path, only=None):
+        hints = type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if only is not None and f.name not in only:
+                continue
+            tp = strip_optional(hints.get(f.name))
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{path}.{f.name}")
+            elif dataclasses.is_dataclass(f.metadata.get("keys")):
+                target, ranges = f.metadata["keys"], f.metadata.get("ranges", {})
+                inherited = (
+                    {g.name for g in dataclasses.fields(RewardConfig)}
+                    if target.__name__ == "MORERewardConfig"
+                    else set()
+                )
+                own = {g.name for g in dataclasses.fields(target)} - inherited - set(ranges)
+                walk(target, f"{path}.{f.name}", own)
+            elif numeric(tp) and not {"range", "choices"} & set(f.metadata) and not by_name.fullmatch(f.name):
+                missing.append(f"{path}.{f.name}")
+
+    for section, cls in stage_names_and_classes().items():
+        walk(cls, section)
+    hints = type_hints(RewardConfig)
+    for key in SHOWN_TRAINING_ARGS:
+        if numeric(strip_optional(hints[key])) and key not in TRAINING_ARGS_RANGES and not by_name.fullmatch(key):
+            missing.append(f"reward.train.{key}")
+    assert missing == []
+
+
+def test_morerewardconfig_still_parses_with_hfargumentparser():
+    """Ranges of reward.train live in the section's table, not in MORERewardConfig's field metadata, which
+    HfArgumentParser passes to argparse (a "range" key there breaks TRL scripts that parse the config)."""
+    from transformers import HfArgumentParser
+
+    from pipeline.reward.trainer import MORERewardConfig
+
+    (args,) = HfArgumentParser(MORERewardConfig).parse_args_into_dataclasses(
+        ["--output_dir", "x", "--alpha", "0.5", "--bf16", "false"]
+    )
+    assert args.alpha == 0.5
+
+
+def stage_names_and_classes():
+    from pipeline import stages
+
+    return stages.section_classes()

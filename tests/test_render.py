@@ -236,3 +236,110 @@ def test_calibration_scores_with_the_rm_template(chat_tok, one_thread):
     ((pc, _),) = score_rm(model, chat_tok, {"s": {"test": plain}}, cfg, 64)["s"].values()
     assert not np.allclose(pc[:12], rc[:12])
     assert json.loads(ds[0]["conversation"])["prompt"][0]["role"] == "user"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Templates shipped inside a tokenizer, and the time limit of the check (issue 29, item 7)
+
+RAISES_ON_ASSISTANT = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ raise_exception('no assistant turns here') }}"
+    "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+NESTED_LOOPS = (
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+)
+
+
+def _model_with_template(tmp_path, tiny_tok, template: str):
+    from tests.helpers import save_tiny_rm
+
+    path = tmp_path / "model"
+    save_tiny_rm(tiny_tok, path, seed=0, head_scale=1.0)
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(path)
+    tok.chat_template = template
+    tok.save_pretrained(path)
+    return path
+
+
+def test_a_tokenizer_template_that_raises_is_refused_like_a_recipe_template(tmp_path, tiny_tok):
+    """With reward.chat_template=null the tokenizer's own template renders conversational data; one that raises
+    gave a raw jinja2 traceback from render.templated_prompt. Now --dry-run refuses it (read from the model's
+    files), the stage refuses it when it loads the tokenizer, and an error on the data itself is one line."""
+    from pipeline.config import load_recipe
+    from pipeline.errors import RecipeError
+    from pipeline.models import load_tokenizer
+    from pipeline.reward import stage
+    from pipeline.run import run_pipeline
+
+    path = _model_with_template(tmp_path, tiny_tok, RAISES_ON_ASSISTANT)
+    needle = (
+        rf"the chat template 'default' shipped with reward.model_name_or_path \({path}\) \(used because "
+        r"reward.chat_template is null\): the chat template raises on a user/assistant turn.*no assistant turns here"
+    )
+    recipe = load_recipe("trl-conversational", [f"reward.model_name_or_path={path}", "reward.chat_template=null"])
+    with pytest.raises(RecipeError, match=needle + r".*Fix: set reward.chat_template to a template of your own"):
+        run_pipeline(recipe, tmp_path / "run", stages=["reward"], dry_run=True)
+    with pytest.raises(ValueError, match=needle.replace("'default' ", "")):
+        stage.build_tokenizer(recipe, None, tmp_path / "run")
+    run_pipeline(  # the recipe's own template replaces it: accepted
+        load_recipe("trl-conversational", [f"reward.model_name_or_path={path}"]),
+        tmp_path / "run",
+        stages=["reward"],
+        dry_run=True,
+    )
+    from pipeline.calibration.stage import run as calibrate
+    from tests.helpers import calibration_recipe
+
+    with pytest.raises(
+        ValueError, match=rf"the chat template 'default' shipped with calibration.external_rms.x \({path}\)"
+    ):
+        calibrate(calibration_recipe(external_rms={"x": str(path)}), tmp_path / "cal")
+    assert not (tmp_path / "cal" / "calibration").exists()
+    tok = load_tokenizer(str(path))
+    with pytest.raises(ValueError, match=r"the chat template of the tokenizer .*raises on a conversation of the data"):
+        R.render_pair(
+            tok,
+            "",
+            "",
+            "",
+            R.encode_conversation([{"role": "user", "content": "q"}], *[[{"role": "assistant", "content": "a"}]] * 2),
+        )
+
+
+def test_a_template_that_runs_too_long_is_stopped_within_the_limit(tmp_path, tiny_tok, monkeypatch):
+    """Nested huge loops hung --dry-run and the reward stage. The check's rendering stops after
+    TEMPLATE_CHECK_SECONDS (10 s; shortened here), also outside the main thread, with one line naming the template."""
+    import threading
+    import time
+
+    from pipeline.config import load_recipe
+    from pipeline.errors import RecipeError
+    from pipeline.run import run_pipeline
+
+    assert R.TEMPLATE_CHECK_SECONDS == 10
+    monkeypatch.setattr(R, "TEMPLATE_CHECK_SECONDS", 0.5)
+    start = time.monotonic()
+    recipe = load_recipe("trl-conversational", [f"reward.chat_template={json.dumps(NESTED_LOOPS)}"])
+    with pytest.raises(
+        RecipeError, match=r"reward.chat_template: the chat template did not finish rendering .* 0.5 s"
+    ):
+        run_pipeline(recipe, tmp_path / "run", stages=["reward"], dry_run=True)
+    assert time.monotonic() - start < 30
+
+    path = _model_with_template(tmp_path, tiny_tok, NESTED_LOOPS)  # shipped with the model, checked in a thread
+    errors = []
+
+    def check():
+        try:
+            R.check_tokenizer_templates((path / "chat_template.jinja").read_text(), f"the model ({path})", "k")
+        except ValueError as e:
+            errors.append(str(e))
+
+    worker = threading.Thread(target=check)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive() and len(errors) == 1, errors
+    assert errors[0].startswith(f"the chat template shipped with the model ({path}) (used because k is null): ")
+    assert "did not finish rendering a two-turn check conversation within 0.5 s" in errors[0]

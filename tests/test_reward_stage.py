@@ -316,3 +316,54 @@ def test_an_rm_of_an_older_training_code_version_is_retrained_with_the_versions_
     reason = fingerprint.stale_reason(out, plan)
     assert reason.startswith(f"trained by training-code version 2, now {fingerprint.TRAINING_CODE_VERSION}: ")
     assert fingerprint.VERSION_NOTES[fingerprint.TRAINING_CODE_VERSION] in reason and "truncation" in reason
+
+
+def test_a_base_model_without_tokenizer_files_is_refused(tmp_path, tiny_tok):
+    """Issue 29, item 1: reward.model_name_or_path naming a folder without tokenizer files trained an RM at loss
+    ln 2 for every step (every text encoded to no tokens) and called it done. Now --dry-run and the stage refuse
+    it before any training, naming the folder and the missing files."""
+    from pipeline.config import load_recipe
+    from pipeline.errors import RecipeError
+    from pipeline.models import ModelLoadError
+    from pipeline.run import run_pipeline
+    from tests.helpers import save_tiny_rm
+
+    bare = tmp_path / "bare"
+    save_tiny_rm(tiny_tok, bare, seed=1, head_scale=1.0)
+    for f in bare.iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            f.unlink()
+    missing = rf"reward.model_name_or_path: {bare} has no tokenizer files \(none of tokenizer.json"
+    recipe = load_recipe("tiny-cpu", [f"reward.model_name_or_path={bare}"])
+    with pytest.raises(RecipeError, match=missing + ".*in the command-line override"):
+        run_pipeline(recipe, tmp_path / "run", stages=["reward"], dry_run=True)
+    recipe = one_rm_recipe()
+    recipe.reward.model_name_or_path = str(bare)
+    with pytest.raises(ModelLoadError, match=missing):
+        stage.run(recipe, tmp_path / "run")
+    assert not (tmp_path / "run" / "reward").exists()
+
+
+def test_a_per_source_batch_larger_than_the_smallest_source_is_refused(tmp_path, capsys):
+    """Issue 29, item 6: reward.methods=[more] data.per_source_batch=1000000 with sources of ~38 training pairs
+    made no progress for minutes while memory grew (every source resampled to a million pairs). Now --dry-run
+    and the stage refuse it before anything is mixed, naming both numbers; with n_train_per_source set, the
+    recipe load does."""
+    from pipeline.errors import RecipeError
+    from pipeline.run import main
+
+    args = ["--recipe", "tiny-cpu", "--output-dir", str(tmp_path / "run"), "--stages", "reward", "--dry-run"]
+    over = ["reward.methods=[more]", "data.per_source_batch=1000000", "data.synthetic.n_train=38"]
+    assert main([*args, *over]) == 2
+    err = capsys.readouterr().err
+    assert "data.per_source_batch = 1000000 is larger than the smallest source's training pairs" in err
+    assert "38 pairs" in err and "Fix: set data.per_source_batch <= 38" in err and "Traceback" not in err
+    assert main([*args, "data.per_source_batch=100", "data.n_train_per_source=40"]) == 2
+    assert "data.per_source_batch = 100 is larger than data.n_train_per_source = 40" in capsys.readouterr().err
+
+    recipe = one_rm_recipe()
+    recipe.data.n_train_per_source = None
+    recipe.data.per_source_batch = 1000
+    with pytest.raises(RecipeError, match=r"data.per_source_batch = 1000 is larger .*\('helpful': 48 pairs\)"):
+        stage.run(recipe, tmp_path / "run")
+    assert not (tmp_path / "run" / "reward").exists()

@@ -658,3 +658,158 @@ def test_resummarize_recomputes_a_committed_summary_from_its_own_values(tmp_path
     again = json.loads((tmp_path / "summary.json").read_text())
     assert again == json.loads(json.dumps(first))
     assert (tmp_path / "summary.md").exists() and (tmp_path / "plot_drift_scale.png").exists()
+
+
+def _fake_calibration_module(fakes):
+    import importlib.util
+
+    (fakes / "fake_calibration.py").write_text(FAKE_CALIBRATION)
+    spec = importlib.util.spec_from_file_location("fake_calibration", fakes / "fake_calibration.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_exports_made_with_other_settings_are_left_out_and_named(fakes, tmp_path, monkeypatch):  # noqa: F811
+    """--aggregate E compares each export's run fingerprint with the one E/sweep.json records: an export made
+    from an edited recipe FILE (same name, stages and overrides; other settings in its recipe.yaml) is left out
+    of the means, and summary.md names the run and the setting that differs. A definition written before the
+    fingerprints were recorded is checked by the runs' recipe.yaml (seeds aside)."""
+    fake_calibration = _fake_calibration_module(fakes)
+    set_stage_run(monkeypatch, "calibration", fake_calibration.run)
+    export = tmp_path / "results"
+    recipe = fakes / "fake.yaml"
+    base = ["--recipe", str(recipe), "--stages", "reward,calibration", "--export", str(export), "--seeds", "0,1"]
+    assert S.main(base + ["--output-dir", str(tmp_path / "m1")]) == 0
+    fingerprints = [r["fingerprint"] for r in json.loads((export / "sweep.json").read_text())["runs"]]
+    assert len(set(fingerprints)) == 2 and all(len(f) == 64 for f in fingerprints)
+
+    # The recipe file is edited; on the rerun seed 1 fails, so E keeps its export of the old settings.
+    recipe.write_text(recipe.read_text().replace("n: 4", "n: 5"))
+
+    def seed_one_fails(r, run_dir, *, force=False):
+        if r.seed == 1:
+            raise RuntimeError("seed 1 broke")
+        return fake_calibration.run(r, run_dir, force=force)
+
+    set_stage_run(monkeypatch, "calibration", seed_one_fails)
+    assert S.main(base + ["--output-dir", str(tmp_path / "m2")]) == 1
+    old = json.loads((export / "default" / "seed-1" / "export.json").read_text())
+    assert old["overrides"] == json.loads((export / "sweep.json").read_text())["runs"][1]["overrides"]
+    p = json.loads((export / "summary.json").read_text())["points"]["default"]
+    assert p["n_runs"] == 1 and p["runs"]["0"] == "collected"
+    assert p["runs"]["1"].startswith("left out: made with other settings than the sweep's definition")
+    assert "data.n: 5 -> 4" in p["runs"]["1"]
+    acc = next(r for r in p["metrics"] if r["rm"] == "more" and r["metric"] == "accuracy")
+    assert list(acc["values"]) == ["0"]
+    md = (export / "summary.md").read_text()
+    assert "Seeds with results: 1 of 2." in md
+    assert "**Runs left out, not averaged with the others: seed 1: made with other settings" in md
+    assert "data.n: 5 -> 4" in md
+
+    # A definition without fingerprints (written by an older version): the runs' recipe.yaml disagree.
+    sweep = json.loads((export / "sweep.json").read_text())
+    for run in sweep["runs"]:
+        run.pop("fingerprint")
+    atomic_write_json(export / "sweep.json", sweep)
+    legacy = S.aggregate(export)["points"]["default"]
+    assert legacy["n_runs"] == 1 and "made with other settings than the point's other runs" in legacy["runs"]["1"]
+    assert "differs from seed 0's: data.n: 5 -> 4" in legacy["runs"]["1"]
+
+
+def test_invalid_per_seed_values_are_named_and_seeds_counted_truthfully(tmp_path):
+    """NaN, inf, a string and an ECE of 1e300 in one run's metrics.json: the summary is still written (1e300
+    crashed it with an OverflowError), each value left out is named (run, metric, value, why) in summary.md
+    and summary.json, and each mean says how many seeds it used."""
+    _fake_sweep(tmp_path)
+    path = tmp_path / "drift_scale=2" / "seed-1" / "calibration" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["more"]["all_average"]["ece_10"] = float("nan")
+    metrics["more"]["all_average"]["accuracy"] = "x"
+    metrics["multitask"]["all_average"]["ece_10"] = 1e300
+    metrics["uniform"]["all_average"]["brier"] = float("inf")
+    path.write_text(json.dumps(metrics))
+    summary = S.aggregate(tmp_path, verify=False)
+    p2 = summary["points"]["drift_scale=2"]
+    bad = {(b["rm"], b["metric"]): (b["value"], b["why"]) for b in p2["invalid"]}
+    assert bad[("more", "ece_10")] == ("nan", "not finite")
+    assert bad[("more", "accuracy")] == ("'x'", "not a number")
+    assert (
+        bad[("multitask", "ece_10")][0] == "1e+300" and "outside the range of ECE10" in bad[("multitask", "ece_10")][1]
+    )
+    assert bad[("uniform", "brier")] == ("inf", "not finite")
+    m = {(r["rm"], r["scope"], r["metric"]): r for r in p2["metrics"]}
+    assert m[("more", "all_average", "ece_10")]["n"] == 1 and m[("more", "all_average", "ece_10")]["left_out"] == ["1"]
+    assert m[("more", "all_average", "ece_10")]["mean"] == pytest.approx(0.20)
+    d = {(x["a"], x["b"], x["scope"], x["metric"]): x for x in p2["differences"]}
+    assert d[("more", "multitask", "all_average", "ece_10")]["n"] == 1  # seed 1 has no valid pair
+    md = (tmp_path / "summary.md").read_text()
+    assert "Seeds with results: 2 of 3" in md
+    assert "**Values left out of the means (4;" in md
+    assert "seed 1: MORE, all_average, ECE10 = nan (not finite)" in md
+    assert "seed 1: MultiTask, all_average, ECE10 = 1e+300 (outside the range of ECE10 [0, 1])" in md
+    assert "seed 1: MORE, all_average, accuracy = 'x' (not a number)" in md
+    row = next(ln for ln in md.split("## drift_scale=2", 1)[1].splitlines() if ln.startswith("| MORE |"))
+    assert "(n=1; seed 1 left out)" in row
+    # a seed whose every value is invalid does not count as a seed with results
+    for rm in metrics:
+        for scope in metrics[rm]:
+            if isinstance(metrics[rm][scope], dict):
+                metrics[rm][scope] = dict.fromkeys(metrics[rm][scope], "broken")
+    path.write_text(json.dumps(metrics))
+    (tmp_path / "drift_scale=2" / "seed-1" / "calibration" / "temperatures.json").write_text("{}")
+    p2 = S.aggregate(tmp_path, verify=False)["points"]["drift_scale=2"]
+    assert p2["n_runs"] == 1 and p2["runs"]["1"].startswith("no valid results")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"seeds": ["x"]}, "'seeds' must be a non-empty list of seeds"),
+        ({"points": None}, "'points' (the grid points) is missing"),
+        ({"points": [{"name": "../x", "values": {}}]}, "point name '../x' is not one plain directory name"),
+        ({"runs": [{"point": "default", "seed": "../../x", "overrides": []}]}, "a run must be"),
+    ],
+)
+def test_a_corrupt_or_escaping_sweep_json_is_one_error(tmp_path, capsys, change, message):
+    """sweep.json with seeds that are not integers, no points, or a point name like ../x (which made
+    --aggregate read outside its folder): one line naming the file, no traceback, nothing written."""
+    _fake_sweep(tmp_path)
+    sweep = json.loads((tmp_path / S.SWEEP_FILE).read_text())
+    sweep.update(change)
+    if sweep["points"] is None:
+        del sweep["points"]
+    atomic_write_json(tmp_path / S.SWEEP_FILE, sweep)
+    assert S.main(["--aggregate", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{S.SWEEP_FILE}: " in err and message in err and "rerun the sweep" in err
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_credential_in_a_url_override_is_masked_in_the_exported_results(fakes, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """An override holding a URL with `user:pw@` and `?key=` (a judge base_url): the results folder E (sweep.json,
+    each export.json, recipe.yaml and manifest.json), summary.md/json and --dry-run show it masked; the runs get
+    it as written, and a rerun still finds them exported."""
+    fake_calibration = _fake_calibration_module(fakes)
+    set_stage_run(monkeypatch, "calibration", fake_calibration.run)
+    secrets = ("PASSWORD-0123456789", "QUERYKEY-0123456789")
+    url = f"https://u:{secrets[0]}@judge.example/v1?api-version=1&key={secrets[1]}"
+    export, d = tmp_path / "results", tmp_path / "d"
+    args = ["--recipe", str(fakes / "fake.yaml"), "--stages", "reward,calibration", "--export", str(export)]
+    args += ["--seeds", "0,1", "--output-dir", str(d), f"data.extra={{url: '{url}'}}"]
+    assert S.main(args) == 0
+    assert S.main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(exported to") == 2  # masked overrides still match their exports
+    texts = {str(f): f.read_text() for f in export.rglob("*") if f.is_file() and f.suffix in (".json", ".yaml", ".md")}
+    texts["dry-run"] = out
+    for where, text in texts.items():
+        assert not any(s in text for s in secrets), where
+    assert (
+        "https://***@judge.example/v1?api-version=1&key=***"
+        in (export / "default" / "seed-0" / "recipe.yaml").read_text()
+    )
+    assert json.loads((export / "summary.json").read_text())["points"]["default"]["n_runs"] == 2
+    assert S.main(["--aggregate", str(export)]) == 0
+    assert json.loads((export / "summary.json").read_text())["points"]["default"]["n_runs"] == 2

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 from pipeline.align.methods import METHODS
 from pipeline.align.ppo import PPOConfig
+from pipeline.align.ppo.config import TOP_P_MESSAGE
 from pipeline.calibration.compare import parse_comparison
+from pipeline.strict import COUNT, COUNT0, FRACTION, INT_MAX, NON_NEGATIVE, POSITIVE, TRAINING_ARGS_RANGES, Range
 
 
 @dataclass
@@ -31,7 +33,11 @@ class JudgeConfig:
         },
     )
     tolerance: float = field(
-        default=0.0, metadata={"help": "For kind=gold: a tie when the gold rewards differ by at most this much."}
+        default=0.0,
+        metadata={
+            "range": NON_NEGATIVE,
+            "help": "For kind=gold: a tie when the gold rewards differ by at most this much.",
+        },
     )
     base_url: str = field(
         default="https://api.openai.com/v1",
@@ -44,29 +50,41 @@ class JudgeConfig:
             "help": "NAME of the environment variable holding the API key ('' for none). The key itself is never written anywhere."
         },
     )
-    concurrency: int = field(default=4, metadata={"help": "For kind=openai: parallel requests."})
+    concurrency: int = field(default=4, metadata={"range": COUNT, "help": "For kind=openai: parallel requests."})
     max_requests: int = field(
-        default=2000,
-        metadata={"help": "For kind=openai: request budget of one run (retries count); cached answers are free."},
+        default=6000,
+        metadata={
+            "range": COUNT0,
+            "help": "For kind=openai: request budget of one run (retries count); cached answers are free. Checked "
+            "before any work against what the run needs (--dry-run shows it). The default covers the default "
+            "section (2 methods x 3 comparisons x 2 prompt sets x 200 prompts x 2 orders + 10% for retries).",
+        },
     )
     retries: int = field(
-        default=4, metadata={"help": "For kind=openai: retries of a failed request (exponential backoff)."}
+        default=4,
+        metadata={"range": COUNT0, "help": "For kind=openai: retries of a failed request (exponential backoff)."},
     )
     backoff_s: float = field(
-        default=1.0, metadata={"help": "For kind=openai: first retry delay in seconds (doubles each retry)."}
+        default=1.0,
+        metadata={
+            "range": NON_NEGATIVE,
+            "help": "For kind=openai: first retry delay in seconds (doubles each retry).",
+        },
     )
     timeout_s: float = field(
         default=60.0,
         metadata={
-            "help": "For kind=openai: deadline of one whole request (connect, headers, body) in seconds; a request past it is retried."
+            "range": POSITIVE,
+            "help": "For kind=openai: deadline of one whole request (connect, headers, body) in seconds; a request past it is retried.",
         },
     )
-    max_tokens: int = field(default=256, metadata={"help": "For kind=openai: longest judge reply."})
+    max_tokens: int = field(default=256, metadata={"range": COUNT, "help": "For kind=openai: longest judge reply."})
     max_invalid: int = field(
         default=8,
         metadata={
+            "range": COUNT0,
             "help": "For kind=openai: replies without an A/B verdict in a row that fail the stage (a judge model "
-            "that does not follow the instruction); 0 = never fail, count them as invalid."
+            "that does not follow the instruction); 0 = never fail, count them as invalid.",
         },
     )
 
@@ -115,24 +133,31 @@ class AlignConfig:
     policy_vocab_size: int = field(
         default=1000,
         metadata={
-            "help": "Tiny policy: vocabulary of its locally trained tokenizer (differs from the RMs' on purpose)."
+            "range": COUNT,
+            "help": "Tiny policy: vocabulary of its locally trained tokenizer (differs from the RMs' on purpose).",
         },
     )
-    warm_start_steps: int = field(default=300, metadata={"help": "Tiny policy: optimizer steps of the warm start."})
+    warm_start_steps: int = field(
+        default=300, metadata={"range": COUNT0, "help": "Tiny policy: optimizer steps of the warm start."}
+    )
     warm_start_lr: float = field(default=3e-3, metadata={"help": "Tiny policy: warm-start learning rate."})
-    warm_start_batch_size: int = field(default=32, metadata={"help": "Tiny policy: warm-start batch size."})
+    warm_start_batch_size: int = field(
+        default=32, metadata={"range": COUNT, "help": "Tiny policy: warm-start batch size."}
+    )
     warm_start_save_steps: int = field(
         default=50,
         metadata={
+            "range": COUNT0,
             "help": "Tiny policy: keep a resumable warm-start checkpoint every N steps (0: none; an interrupted "
-            "warm start then restarts from step 0)."
+            "warm start then restarts from step 0).",
         },
     )
     warm_start_prompts: int = field(
-        default=400, metadata={"help": "Tiny policy: synthetic prompts of the warm start."}
+        default=400, metadata={"range": COUNT, "help": "Tiny policy: synthetic prompts of the warm start."}
     )
     warm_start_responses: int = field(
-        default=4, metadata={"help": "Tiny policy: synthetic responses (mixed quality) per warm-start prompt."}
+        default=4,
+        metadata={"range": COUNT, "help": "Tiny policy: synthetic responses (mixed quality) per warm-start prompt."},
     )
     # --- prompts
     prompt_sources: list[str] = field(
@@ -146,11 +171,12 @@ class AlignConfig:
         },
     )
     n_prompts: int | None = field(
-        default=1024, metadata={"help": "Training prompts (distinct, seeded sample); null = all."}
+        default=1024, metadata={"range": COUNT, "help": "Training prompts (distinct, seeded sample); null = all."}
     )
-    n_eval_prompts: int = field(default=200, metadata={"help": "Held-out prompts per prompt set."})
+    n_eval_prompts: int = field(default=200, metadata={"range": COUNT, "help": "Held-out prompts per prompt set."})
     n_ppl: int = field(
-        default=500, metadata={"help": "Test answers (chosen responses) per source for the perplexity."}
+        default=500,
+        metadata={"range": COUNT0, "help": "Test answers (chosen responses) per source for the perplexity."},
     )
     prompt_style: str = field(
         default="raw",
@@ -169,11 +195,14 @@ class AlignConfig:
     )
     # --- sampling (the paper: n=4, T=1.2, top_p=1.0, 256 new tokens)
     n: int = field(
-        default=4, metadata={"help": "Samples per prompt (best-of-n, rejection sampling, RLOO group size)."}
+        default=4,
+        metadata={"range": COUNT, "help": "Samples per prompt (best-of-n, rejection sampling, RLOO group size)."},
     )
     temperature: float = field(default=1.2, metadata={"help": "Sampling temperature of the candidates."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Longest sampled response."})
+    top_p: float = field(
+        default=1.0, metadata={"range": Range(0, 1, lo_open=True), "help": "Nucleus sampling threshold."}
+    )
+    max_new_tokens: int = field(default=256, metadata={"range": COUNT, "help": "Longest sampled response."})
     eval_temperature: float = field(
         default=1.0,
         metadata={
@@ -181,7 +210,7 @@ class AlignConfig:
         },
     )
     generation_batch_size: int = field(
-        default=16, metadata={"help": "Prompts per generate call (each with n sequences)."}
+        default=16, metadata={"range": COUNT, "help": "Prompts per generate call (each with n sequences)."}
     )
     generation_backend: str = field(
         default="generate",
@@ -192,7 +221,7 @@ class AlignConfig:
         metadata={"help": "Responses are cut at these texts (a base model may go on writing the dialogue)."},
     )
     rm_max_length: int = field(default=512, metadata={"help": "RM scoring: left truncation to this many RM tokens."})
-    rm_batch_size: int = field(default=16, metadata={"help": "RM scoring batch size."})
+    rm_batch_size: int = field(default=16, metadata={"range": COUNT, "help": "RM scoring batch size."})
     use_calibrated_rewards: bool = field(
         default=True,
         metadata={"help": "Divide rewards by the calibration stage's temperature when <rm>/temperature.json exists."},
@@ -201,23 +230,28 @@ class AlignConfig:
     peft: str = field(
         default="none", metadata={"help": "none (full fine-tuning) | lora | qlora (4-bit NF4 base, bitsandbytes)."}
     )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_r: int = field(default=16, metadata={"range": COUNT, "help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"range": COUNT, "help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"range": Range(0, 1, hi_open=True), "help": "LoRA dropout."})
     sft_batch_size: int = field(
-        default=64, metadata={"help": "RJS global batch size (gradient accumulation fills it)."}
+        default=64, metadata={"range": COUNT, "help": "RJS global batch size (gradient accumulation fills it)."}
     )
-    sft_micro_batch_size: int = field(default=8, metadata={"help": "RJS per-device batch size."})
+    sft_micro_batch_size: int = field(default=8, metadata={"range": COUNT, "help": "RJS per-device batch size."})
     sft_learning_rate: float = field(default=1e-6, metadata={"help": "RJS learning rate."})
     sft_lr_scheduler: str = field(default="cosine", metadata={"help": "RJS learning-rate schedule."})
-    sft_warmup_ratio: float = field(default=0.05, metadata={"help": "RJS warmup, fraction of the steps."})
-    sft_epochs: float = field(default=1.0, metadata={"help": "RJS epochs."})
+    sft_warmup_ratio: float = field(
+        default=0.05, metadata={"range": FRACTION, "help": "RJS warmup, fraction of the steps."}
+    )
+    sft_epochs: float = field(default=1.0, metadata={"range": Range(0, INT_MAX, lo_open=True), "help": "RJS epochs."})
     sft_max_length: int = field(
         default=512, metadata={"help": "RJS: prompt + response tokens (the prompt is cut from the left)."}
     )
     sft_save_steps: int = field(
         default=0,
-        metadata={"help": "RJS: keep a resumable checkpoint every N steps (0: none; an interrupted run restarts)."},
+        metadata={
+            "range": COUNT0,
+            "help": "RJS: keep a resumable checkpoint every N steps (0: none; an interrupted run restarts).",
+        },
     )
     # --- RL
     ppo: dict = field(
@@ -230,7 +264,8 @@ class AlignConfig:
     rloo: dict = field(
         default_factory=dict,
         metadata={
-            "help": "Overrides of trl.RLOOConfig (e.g. max_steps, learning_rate, beta, per_device_train_batch_size)."
+            "ranges": TRAINING_ARGS_RANGES,
+            "help": "Overrides of trl.RLOOConfig (e.g. max_steps, learning_rate, beta, per_device_train_batch_size).",
         },
     )
     # --- judging
@@ -256,6 +291,10 @@ class AlignConfig:
             raise ValueError(f"align.prompt_style must be raw or alpaca, got {self.prompt_style!r}")
         if self.n < 1 or self.max_new_tokens < 1:
             raise ValueError("align.n and align.max_new_tokens must be >= 1")
+        top_p = self.ppo.get("top_p", self.top_p) if isinstance(self.ppo, dict) else self.top_p
+        if "ppo" in self.methods and top_p != 1.0:
+            where = "align.ppo.top_p" if "top_p" in (self.ppo or {}) else "align.top_p (ppo's default)"
+            raise ValueError(f"{where}: " + TOP_P_MESSAGE.format(top_p=top_p))
         for c in self.comparisons:
             parse_comparison(c, key="align.comparisons", names="two different RM names or 'base'")
         if isinstance(self.judge, dict):

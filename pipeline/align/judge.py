@@ -24,7 +24,11 @@ Two judges:
   `api_key_env`; it is never stored, logged or put in an error message: the key and any `Bearer <token>`
   are redacted from every reply and error body before it is cut, cached or returned (an endpoint may echo
   the header), also JSON-escaped, URL-encoded, split across lines, or any 8 characters of it in a row
-  (`redact_secret`). After `max_invalid` replies in a row without a verdict the judging stops with one
+  (`redact_secret`, in `pipeline.align.redaction`, which also masks a credential written inside base_url).
+  The deadline lives in `pipeline.align.deadline`. `/chat/completions` goes into base_url's path, before a
+  query string (`endpoint_url`: Azure's `?api-version=...`). A batch of comparisons the rest of the request
+  budget cannot cover is refused before any request (`requests_needed` counts the questions not cached).
+  After `max_invalid` replies in a row without a verdict the judging stops with one
   error (a judge model that does not follow the instruction), instead of counting everything invalid.
 
 Aggregation (`summarize`): fractions of win/tie/lose over the valid comparisons, counts (invalid
@@ -40,7 +44,6 @@ import logging
 import math
 import os
 import re
-import socket
 import threading
 import time
 import urllib.error
@@ -49,13 +52,20 @@ from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+from pipeline.align.deadline import Deadline, DeadlinePassed
+from pipeline.align.redaction import redact_secret, url_secrets
+from pipeline.errors import redact_credentials
 from pipeline.stats import Z95, wilson_interval
 
 
 logger = logging.getLogger(__name__)
 
 OUTCOMES = ("win", "tie", "lose")
+# Requests reserved for retries when a run's judging is checked against align.judge.max_requests before it starts
+# (plan, --dry-run, and the align stage before its first request): 10% of the requests it needs, rounded up.
+RETRY_ALLOWANCE = 0.10
 RETRIABLE_HTTP = {408, 409, 425, 429, 500, 502, 503, 504}
 _BEARER = re.compile(r"(Bearer\s+)[^\s\"'\\,;]+", re.IGNORECASE)
 
@@ -179,56 +189,37 @@ def judge_prompt(conversation: str | list[dict], response_a: str, response_b: st
     )
 
 
-# ---------------------------------------------------------------------------------------------------
-# secrets: the API key never leaves the judge, in any encoding an endpoint may echo it in
-
-_ESCAPE = re.compile(r"\\+(?:u([0-9a-fA-F]{4})|([nrt])|([/\\\"']))|%([0-9a-fA-F]{2})|(\s)")
-
-
-def _decoded_chars(text: str) -> list[tuple[str | None, int, int]]:
-    """`text` as (char, raw start, raw end) tokens, JSON escapes (`\\/`, `\\u002f`, any number of backslashes)
-    and URL escapes (`%2F`) decoded; whitespace and escaped line breaks are separators (char None)."""
-    out: list[tuple[str | None, int, int]] = []
-    i = 0
-    for m in _ESCAPE.finditer(text):
-        out.extend((c, j, j + 1) for j, c in enumerate(text[i : m.start()], i))
-        u, _, esc, pct, _ = m.groups()
-        char = chr(int(u, 16)) if u else esc if esc else chr(int(pct, 16)) if pct else None
-        out.append((char, m.start(), m.end()))
-        i = m.end()
-    out.extend((c, j, j + 1) for j, c in enumerate(text[i:], i))
-    return out
+def endpoint_url(base_url: str) -> str:
+    """The chat-completions URL of an API base URL: `/chat/completions` appended to its PATH, before a query
+    string (Azure's `?api-version=...`), unless the path already ends with it."""
+    parts = urlsplit(base_url.strip())
+    path = parts.path.rstrip("/")
+    if not path.endswith("/chat/completions"):
+        path += "/chat/completions"
+    return urlunsplit(parts._replace(path=path))
 
 
-def redact_secret(text: str, secret: str | None, min_len: int = 8, mask: str = "***") -> str:
-    """`text` with `secret` masked wherever it appears: as is, JSON-escaped (`\\/`, `\\uXXXX`), URL-encoded
-    (`%2F`), split by whitespace or escaped line breaks, and every run of at least `min_len` consecutive
-    characters of it (the prefix a cut leaves, a suffix, a piece of a split key). Call it on a whole body
-    BEFORE any truncation: a cut can leave a piece shorter than `min_len`."""
-    if not secret or not text:
-        return text
-    n = min(min_len, len(secret))
-    grams = {secret[i : i + n] for i in range(len(secret) - n + 1)}
-    tokens = [t for t in _decoded_chars(text) if t[0] is not None]  # separators dropped: a split key joins up
-    decoded = "".join(t[0] for t in tokens)
-    hit = [False] * len(tokens)
-    for i in range(len(decoded) - n + 1):
-        if decoded[i : i + n] in grams:
-            hit[i : i + n] = [True] * n
-    spans: list[list[int]] = []  # raw [start, end) of each run of consecutive masked tokens
-    for k, (_, start, end) in enumerate(tokens):
-        if hit[k]:
-            if k > 0 and hit[k - 1]:
-                spans[-1][1] = end
-            else:
-                spans.append([start, end])
-    if not spans:
-        return text
-    parts, last = [], 0
-    for start, end in spans:
-        parts += [text[last:start], mask]
-        last = end
-    return "".join(parts) + text[last:]
+def with_retry_allowance(requests: int) -> int:
+    """`requests` plus the retry allowance (`RETRY_ALLOWANCE` of them, rounded up)."""
+    return requests + math.ceil(requests * RETRY_ALLOWANCE)
+
+
+def cached_answers(cache_path: str | os.PathLike, model: str) -> int:
+    """How many distinct answers of judge `model` a judge cache file holds (0 without one): at most this many
+    of a run's questions are free."""
+    keys = set()
+    try:
+        lines = Path(cache_path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return 0
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("model") == model and isinstance(rec.get("key"), str):
+            keys.add(rec["key"])
+    return len(keys)
 
 
 def cache_key(model: str, prompt: str, order: str) -> str:
@@ -261,84 +252,6 @@ class _Retriable(Exception):
 
 class _Stopped(JudgeError):
     """A request not sent because another one failed (never the error reported)."""
-
-
-class _DeadlinePassed(Exception):
-    pass
-
-
-def _shutdown(sock) -> None:
-    try:  # the plain-socket method, also for an SSLSocket (wakes a read blocked in another thread)
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
-class _Deadline:
-    """A whole-request deadline: when `seconds` pass, the request's socket is shut down, so a blocked read
-    (a server trickling its status line, headers or body) fails at once instead of after every byte's
-    own socket timeout. Use as a context manager around the request; `opener()` makes the connections."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.fired = False
-        self._socks: list = []
-        self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._fire)
-        self._timer.daemon = True
-
-    def _fire(self) -> None:
-        with self._lock:
-            self.fired = True
-            socks = list(self._socks)
-        for sock in socks:
-            _shutdown(sock)
-
-    def attach(self, sock) -> None:
-        with self._lock:
-            self._socks.append(sock)
-            fired = self.fired
-        if fired:
-            _shutdown(sock)
-
-    def check(self) -> None:
-        if self.fired:
-            raise _DeadlinePassed()
-
-    def __enter__(self):
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._timer.cancel()
-        return False
-
-    def opener(self) -> urllib.request.OpenerDirector:
-        """urllib's default opener (proxies from the environment included) whose HTTP(S) connections register
-        their socket with this deadline."""
-        deadline = self
-
-        def attached(cls):
-            class Conn(cls):
-                def connect(self):
-                    super().connect()
-                    deadline.attach(self.sock)
-
-            return Conn
-
-        class HTTP(urllib.request.HTTPHandler):
-            def http_open(self, req):
-                return self.do_open(attached(http.client.HTTPConnection), req)
-
-        handlers = [HTTP()]
-        if hasattr(http.client, "HTTPSConnection"):
-
-            class HTTPS(urllib.request.HTTPSHandler):
-                def https_open(self, req):
-                    return self.do_open(attached(http.client.HTTPSConnection), req, context=self._context)
-
-            handlers.append(HTTPS())
-        return urllib.request.build_opener(*handlers)
 
 
 @dataclass
@@ -375,9 +288,8 @@ class OpenAIJudge:
             raise ValueError("the openai judge needs align.judge.base_url and align.judge.model")
         if concurrency < 1 or retries < 0 or max_requests < 0 or max_invalid < 0:
             raise ValueError("align.judge: concurrency must be >= 1, retries, max_requests and max_invalid >= 0")
-        self.url = base_url.rstrip("/") + (
-            "" if base_url.rstrip("/").endswith("/chat/completions") else "/chat/completions"
-        )
+        self.url = endpoint_url(base_url)
+        self._url_secrets = url_secrets(base_url)  # a credential inside base_url is redacted like the key
         self.base_url, self.model = base_url, model
         self.api_key_env = api_key_env
         if api_key_env and not os.environ.get(api_key_env):
@@ -400,9 +312,13 @@ class OpenAIJudge:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
     def _redact(self, text: str) -> str:
-        """`text` without the API key (in any form `redact_secret` finds) and without any `Bearer <token>` (the
-        key itself or another one). Always on a whole text, before it is cut."""
-        return _BEARER.sub(r"\1***", redact_secret(text, self._key()))
+        """`text` without the API key and a credential inside base_url (in any form `redact_secret` finds, and
+        in any URL, `redact_credentials`) and without any `Bearer <token>` (the key itself or another one).
+        Always on a whole text, before it is cut."""
+        text = redact_secret(text, self._key())
+        for secret in self._url_secrets:
+            text = redact_secret(text, secret)
+        return _BEARER.sub(r"\1***", redact_credentials(text))
 
     # -- cache
     def _load_cache(self) -> dict[str, dict]:
@@ -458,14 +374,14 @@ class OpenAIJudge:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        deadline = _Deadline(self.timeout_s)
+        deadline = Deadline(self.timeout_s)
         try:
             with deadline:
                 with deadline.opener().open(request, timeout=self.timeout_s) as resp:
                     raw = resp.read()
                 deadline.check()
                 payload = json.loads(raw.decode("utf-8"))
-        except _DeadlinePassed:
+        except DeadlinePassed:
             raise _Retriable(f"no complete reply within align.judge.timeout_s={self.timeout_s:g}s") from None
         except urllib.error.HTTPError as e:
             detail = self._redact(e.read(1 << 20).decode("utf-8", "replace"))[:300]  # redacted, then cut
@@ -556,16 +472,19 @@ class OpenAIJudge:
         after the running requests finish; every answer received so far is already in the cache.
         """
         results: dict[tuple[int, str], dict] = {}
-        todo = []  # (comparison index, order, prompt) not in the cache
-        for i, c in enumerate(comparisons):
-            for order, (a, b) in (("ab", (c.response_a, c.response_b)), ("ba", (c.response_b, c.response_a))):
-                prompt = judge_prompt(c.prompt, a, b, c.aspect)
-                key = cache_key(self.model, prompt, order)
-                if key in self.cache:
-                    results[(i, order)] = self.cache[key]
-                else:
-                    todo.append((i, order, prompt))
-        error = self._ask_all(todo, results, progress) if todo else None
+        todo = {}  # cache key -> (comparison index, order, prompt): each question not in the cache, asked once
+        keys = {}
+        for i, order, prompt, key in self._questions(comparisons):
+            keys[(i, order)] = key
+            if key in self.cache:
+                results[(i, order)] = self.cache[key]
+            else:
+                todo.setdefault(key, (i, order, prompt))
+        self._check_budget(len(todo), len(comparisons))
+        error = self._ask_all(list(todo.values()), results, progress) if todo else None
+        for (i, order), key in keys.items():  # a question asked for another comparison too
+            if (i, order) not in results and key in self.cache:
+                results[(i, order)] = self.cache[key]
         if error is not None:
             n_done = sum(1 for i in range(len(comparisons)) if (i, "ab") in results and (i, "ba") in results)
             where = f" in {self.cache_path}" if self.cache_path else ""
@@ -593,6 +512,31 @@ class OpenAIJudge:
                 len(out),
             )
         return out
+
+    def _questions(self, comparisons: Sequence[Comparison]):
+        """(comparison index, order, prompt, cache key) of every question: each comparison in both orders."""
+        for i, c in enumerate(comparisons):
+            for order, (a, b) in (("ab", (c.response_a, c.response_b)), ("ba", (c.response_b, c.response_a))):
+                prompt = judge_prompt(c.prompt, a, b, c.aspect)
+                yield i, order, prompt, cache_key(self.model, prompt, order)
+
+    def requests_needed(self, comparisons: Sequence[Comparison]) -> tuple[int, int]:
+        """(requests, cached): the distinct questions of `comparisons` (each in both orders) not in the cache, so
+        the requests judging them sends when none fails, and the questions the cache answers for free."""
+        keys = {key for *_, key in self._questions(comparisons)}
+        cached = sum(k in self.cache for k in keys)
+        return len(keys) - cached, cached
+
+    def _check_budget(self, needed: int, n_comparisons: int) -> None:
+        """Refuse, before any request, a batch the rest of the request budget cannot cover even without a retry."""
+        left = self.max_requests - self.n_requests
+        if needed > left:
+            raise JudgeBudgetExhausted(
+                f"judging {n_comparisons} comparisons needs {needed} requests (both orders, cached answers not "
+                f"counted) but only {left} of align.judge.max_requests={self.max_requests} are left; nothing "
+                f"was sent. Fix: raise align.judge.max_requests by at least {needed - left} and rerun the same "
+                "command"
+            )
 
     def _ask_all(self, todo: list, results: dict, progress: bool) -> BaseException | None:
         """Ask every (index, order, prompt) of `todo` with `concurrency` threads, answers into `results`; on the

@@ -19,7 +19,8 @@ from pipeline.align import judge as J
 from pipeline.align.candidates import read_jsonl, write_jsonl
 from pipeline.align.context import AlignContext
 from pipeline.calibration.compare import parse_comparison
-from pipeline.io import atomic_write_json, atomic_write_text, safe_component
+from pipeline.errors import redact_credentials
+from pipeline.io import atomic_write_json, atomic_write_text, read_json, safe_component
 
 
 def gold_summary(values) -> dict:
@@ -70,14 +71,9 @@ class _GoldCache:
         return self.values[label]
 
 
-def _verdicts(ctx: AlignContext, method: str, a: str, b: str, ra, rb, gold_of, oa) -> tuple[list[str], list[dict]]:
-    """(verdict per held-out prompt, extra detail per prompt) of policy `a` against policy `b`."""
-    if ctx.cfg.judge.kind == "gold":
-        la, lb = ("base" if a == "base" else f"{a}/{method}"), ("base" if b == "base" else f"{b}/{method}")
-        verdicts = J.gold_verdicts(gold_of(la, ra), gold_of(lb, rb), ctx.cfg.judge.tolerance)
-        extra = [{"gold_a": float(x), "gold_b": float(y)} for x, y in zip(gold_of(la, ra), gold_of(lb, rb))]
-        return verdicts, extra
-    comps = [
+def _comparisons(ra: list[dict], rb: list[dict]) -> list[J.Comparison]:
+    """The LLM judge's questions of policy a's held-out responses against policy b's, prompt by prompt."""
+    return [
         J.Comparison(
             json.loads(x["conversation"])["prompt"] if x.get("conversation") else x["prompt"],
             x["response"],
@@ -86,20 +82,24 @@ def _verdicts(ctx: AlignContext, method: str, a: str, b: str, ra, rb, gold_of, o
         )
         for x, y in zip(ra, rb)
     ]
-    res = oa.compare(comps, progress=ctx.cfg.progress)
+
+
+def _verdicts(ctx: AlignContext, method: str, a: str, b: str, ra, rb, gold_of, oa) -> tuple[list[str], list[dict]]:
+    """(verdict per held-out prompt, extra detail per prompt) of policy `a` against policy `b`."""
+    if ctx.cfg.judge.kind == "gold":
+        la, lb = ("base" if a == "base" else f"{a}/{method}"), ("base" if b == "base" else f"{b}/{method}")
+        verdicts = J.gold_verdicts(gold_of(la, ra), gold_of(lb, rb), ctx.cfg.judge.tolerance)
+        extra = [{"gold_a": float(x), "gold_b": float(y)} for x, y in zip(gold_of(la, ra), gold_of(lb, rb))]
+        return verdicts, extra
+    res = oa.compare(_comparisons(ra, rb), progress=ctx.cfg.progress)
     return [r["verdict"] for r in res], [{"votes": r["votes"], "replies": r["replies"]} for r in res]
 
 
-def judge_all(ctx: AlignContext, rms: list[str], base_eval: list[dict], gold_fn) -> tuple[dict, list[dict], dict]:
-    """(judgements, per-comparison details, per-policy gold rewards per prompt set)."""
-    cfg, jc = ctx.cfg, ctx.cfg.judge
-    judgements, details, gold_means = {}, [], {}
-    if jc.kind == "none":
-        return judgements, details, gold_means
-    gold_of = _GoldCache(gold_fn)
-    oa = _openai_judge(ctx) if jc.kind == "openai" else None
-    for method in cfg.methods:
-        for comp in cfg.comparisons:
+def _blocks(ctx: AlignContext, rms: list[str], base_eval: list[dict]) -> list[tuple]:
+    """(method, a, b, a's responses, b's responses) of every comparison to judge, for every method."""
+    out = []
+    for method in ctx.cfg.methods:
+        for comp in ctx.cfg.comparisons:
             a, b = parse_comparison(comp, key="align.comparisons", names="two different RM names or 'base'")
             skip = [x for x in (a, b) if x != "base" and x not in rms]
             if skip:
@@ -112,24 +112,93 @@ def judge_all(ctx: AlignContext, rms: list[str], base_eval: list[dict], gold_fn)
                 raise RuntimeError(
                     f"{comp} ({method}): the two policies answered different prompts; delete DIR/align and rerun"
                 )
-            key = f"{method}: {a} vs {b}"
-            verdicts, extra = _verdicts(ctx, method, a, b, ra, rb, gold_of, oa)
-            sets = sorted({r["set"] for r in ra})
-            judgements[key] = {s: J.summarize([v for v, r in zip(verdicts, ra) if r["set"] == s]) for s in sets}
-            if len(sets) > 1:
-                judgements[key]["all"] = J.summarize(verdicts)
-            details += [
-                {
-                    "comparison": key,
-                    "set": x["set"],
-                    "prompt": x["prompt"],
-                    "response_a": x["response"],
-                    "response_b": y["response"],
-                    "verdict": v,
-                    **e,
-                }
-                for v, x, y, e in zip(verdicts, ra, rb, extra)
-            ]
+            out.append((method, a, b, ra, rb))
+    return out
+
+
+def planned_requests(recipe, run_dir: Path) -> dict | None:
+    """What the plan and --dry-run say about an LLM judge (None for another judge): at most every comparison of
+    every method on every held-out prompt (`n_eval_prompts` per prompt set; fewer when a test split has fewer
+    distinct prompts), x 2 orders, minus the answers DIR/align/judge_cache.jsonl holds for this judge model,
+    plus the retry allowance."""
+    cfg = recipe.align
+    if cfg.judge.kind != "openai":
+        return None
+    comparisons = len(cfg.methods) * len(cfg.comparisons) * len(cfg.eval_sources) * cfg.n_eval_prompts
+    cache = Path(run_dir) / "align" / "judge_cache.jsonl"
+    cached = min(J.cached_answers(cache, cfg.judge.model), 2 * comparisons)
+    return {
+        "comparisons": comparisons,
+        "how": f"{len(cfg.methods)} method(s) x {len(cfg.comparisons)} comparison(s) x {len(cfg.eval_sources)} "
+        f"prompt set(s) x up to {cfg.n_eval_prompts} held-out prompts",
+        "requests": 2 * comparisons,
+        "cached": cached,
+        "needed": J.with_retry_allowance(2 * comparisons - cached),
+        "budget": cfg.judge.max_requests,
+    }
+
+
+def planned_requests_text(plan: dict) -> str:
+    """'judge: up to 1200 comparisons (...) x 2 orders = 2400 requests, 0 cached, + 10% retry allowance = 2640
+    of align.judge.max_requests=6000'."""
+    return (
+        f"judge: up to {plan['comparisons']} comparisons ({plan['how']}) x 2 orders = {plan['requests']} requests, "
+        f"minus {plan['cached']} cached answers, plus a {J.RETRY_ALLOWANCE:.0%} retry allowance = {plan['needed']} "
+        f"of align.judge.max_requests={plan['budget']}"
+    )
+
+
+def check_judge_budget(ctx: AlignContext, oa: J.OpenAIJudge, blocks: list[tuple]) -> None:
+    """Before the first request: the requests this run's judging needs (every comparison in both orders, the
+    questions asked twice counted once, minus the cached answers, plus the retry allowance) against
+    align.judge.max_requests; one JudgeBudgetExhausted naming the numbers when it cannot cover them."""
+    comps = [c for _, _, _, ra, rb in blocks for c in _comparisons(ra, rb)]
+    fresh, cached = oa.requests_needed(comps)
+    needed = J.with_retry_allowance(fresh)
+    ctx.log(
+        f"judge: {len(comps)} comparisons x 2 orders; {fresh} requests to send ({cached} answers cached), with "
+        f"the {J.RETRY_ALLOWANCE:.0%} retry allowance {needed} of align.judge.max_requests={oa.max_requests}"
+    )
+    if needed > oa.max_requests:
+        raise J.JudgeBudgetExhausted(
+            f"the judge request budget align.judge.max_requests={oa.max_requests} cannot cover this run's "
+            f"judging: {len(comps)} comparisons x 2 orders need {fresh} requests ({cached} answers cached) plus "
+            f"a {J.RETRY_ALLOWANCE:.0%} retry allowance = {needed}; nothing was sent. Fix: "
+            f"align.judge.max_requests={needed} (or more), or judge less (align.n_eval_prompts, "
+            "align.comparisons, align.methods)"
+        )
+
+
+def judge_all(ctx: AlignContext, rms: list[str], base_eval: list[dict], gold_fn) -> tuple[dict, list[dict], dict]:
+    """(judgements, per-comparison details, per-policy gold rewards per prompt set)."""
+    jc = ctx.cfg.judge
+    judgements, details, gold_means = {}, [], {}
+    if jc.kind == "none":
+        return judgements, details, gold_means
+    gold_of = _GoldCache(gold_fn)
+    oa = _openai_judge(ctx) if jc.kind == "openai" else None
+    blocks = _blocks(ctx, rms, base_eval)
+    if oa is not None:
+        check_judge_budget(ctx, oa, blocks)
+    for method, a, b, ra, rb in blocks:
+        key = f"{method}: {a} vs {b}"
+        verdicts, extra = _verdicts(ctx, method, a, b, ra, rb, gold_of, oa)
+        sets = sorted({r["set"] for r in ra})
+        judgements[key] = {s: J.summarize([v for v, r in zip(verdicts, ra) if r["set"] == s]) for s in sets}
+        if len(sets) > 1:
+            judgements[key]["all"] = J.summarize(verdicts)
+        details += [
+            {
+                "comparison": key,
+                "set": x["set"],
+                "prompt": x["prompt"],
+                "response_a": x["response"],
+                "response_b": y["response"],
+                "verdict": v,
+                **e,
+            }
+            for v, x, y, e in zip(verdicts, ra, rb, extra)
+        ]
     for label, values in gold_of.values.items():
         recs = base_eval  # every policy answered the same prompts in the same order
         gold_means[label] = {
@@ -166,7 +235,34 @@ def render_table(judgements: dict, metrics: dict, judge_desc: str) -> str:
         ppl = m.get("perplexity") or {}
         cells = [name, gold] + [f"{ppl[s]:.2f}" if ppl.get(s) is not None else "-" for s in ppl_sources]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + reward_scale_note(metrics)) + "\n"
+
+
+def reward_scale_note(metrics: dict) -> list[str]:
+    """Beside PPO results: the reward each PPO policy optimised (its RM's reward / T) and the KL coefficient's
+    weight against the RM's raw reward (kl_coef x T), and, when the T differ, that PPO policies of different RMs
+    were trained at different effective KL strengths (part of any difference between them)."""
+    scales = {name: m["reward_scale"] for name, m in metrics.items() if isinstance(m.get("reward_scale"), dict)}
+    if not scales:
+        return []
+    parts = [
+        f"{name}: T = {s['temperature']:.3f}, kl_coef {s['kl_coef']:g} = {s['kl_coef_vs_raw_reward']:.4g} against "
+        "the raw reward"
+        for name, s in scales.items()
+    ]
+    text = (
+        "PPO optimised each RM's reward divided by its temperature T (1 for a raw reward; "
+        "align.use_calibrated_rewards), so its KL coefficient weighs kl_coef x T against the RM's raw reward: "
+        + "; ".join(parts)
+        + "."
+    )
+    if len({round(s["temperature"], 6) for s in scales.values()}) > 1:
+        text += (
+            " The temperatures differ, so these PPO policies were trained at different effective KL strengths: "
+            "a difference between them is partly this difference, not only the RMs' (the raw rewards' scales "
+            "differ per RM too)."
+        )
+    return ["", f"**PPO reward scale.** {text}"]
 
 
 def policy_metrics(ctx: AlignContext, rms: list[str], base_eval: list[dict], base_ppl: dict, gold_fn, gold_means):
@@ -185,6 +281,9 @@ def policy_metrics(ctx: AlignContext, rms: list[str], base_eval: list[dict], bas
             if gold is None and gold_fn is not None:
                 gold = gold_of(read_jsonl(sub / "eval.jsonl"))
             metrics[f"{rm}/{m}"] = {"perplexity": ppl, "gold": gold}
+            scale = read_json(sub / "reward_scale.json")
+            if isinstance(scale, dict):  # PPO: the reward's scale and the KL coefficient's weight against it
+                metrics[f"{rm}/{m}"]["reward_scale"] = scale
     if "base" not in gold_means and gold_fn is not None:
         metrics["base"]["gold"] = gold_of(base_eval)
     return metrics
@@ -198,7 +297,7 @@ def write_results(ctx: AlignContext, rms: list[str], base_eval: list[dict], base
     metrics = policy_metrics(ctx, rms, base_eval, base_ppl, gold_fn, gold_means)
     judge_desc = {
         "gold": f"gold reward ({cfg.judge.gold}), tie tolerance {cfg.judge.tolerance}",
-        "openai": f"{cfg.judge.model} via {cfg.judge.base_url}, both orders",
+        "openai": f"{cfg.judge.model} via {redact_credentials(cfg.judge.base_url)}, both orders",
         "none": "none",
     }[cfg.judge.kind]
     atomic_write_json(ctx.dir / "judgements.json", judgements)

@@ -22,7 +22,7 @@ is written by the main process before every process reads it; (3) every process 
 saved the policy, samples.jsonl was read) before the main process evaluates and moves the work files into
 the published directory; (4) that directory is published before the next alignment or the judging reads it.
 
-May import: pipeline leaves and `pipeline.align.{context, candidates, prompts, trainers}`.
+May import: pipeline leaves and `pipeline.align.{context, candidates, prompts, trainers, ppo}`.
 """
 
 from __future__ import annotations
@@ -197,7 +197,31 @@ def rjs(a: AlignInputs, reward, work: Path) -> Outputs | None:
 
 
 def ppo(a: AlignInputs, reward, work: Path) -> Outputs | None:
-    """PPO on the training prompts with the RM as reward (resumes from its own checkpoints in `work`)."""
+    """PPO on the training prompts with the RM as reward (resumes from its own checkpoints in `work`). Prompts a
+    chat template rendered are encoded without special tokens, as for the candidates. The reward's scale is
+    recorded in `reward_scale.json` (`reward_scale`): a calibrated reward is divided by the RM's temperature,
+    which scales the KL coefficient's weight against the RM's raw reward."""
+    cfg = a.ctx.cfg
+    if a.ctx.main:
+        atomic_write_json(work / "reward_scale.json", reward_scale(reward, {**_ppo_defaults(a), **(cfg.ppo or {})}))
+    run_ppo(
+        a.base_path,
+        a.tok,
+        a.prompts,
+        a.raw_prompts,
+        reward,
+        work,
+        overrides=cfg.ppo,
+        defaults=_ppo_defaults(a),
+        gold_fn=a.gold_fn,
+        trust_remote_code=cfg.trust_remote_code,
+        add_special_tokens=[not r.get("templated") for r in a.train_cands],
+    )
+    return _trained(a, work)
+
+
+def _ppo_defaults(a: AlignInputs) -> dict:
+    """PPOConfig values that come from the align section (align.ppo overrides them)."""
     cfg = a.ctx.cfg
     defaults = dict(
         max_new_tokens=cfg.max_new_tokens,
@@ -210,19 +234,19 @@ def ppo(a: AlignInputs, reward, work: Path) -> Outputs | None:
     )
     if a.stop_ids:
         defaults["stop_token_ids"] = list(a.stop_ids)
-    run_ppo(
-        a.base_path,
-        a.tok,
-        a.prompts,
-        a.raw_prompts,
-        reward,
-        work,
-        overrides=cfg.ppo,
-        defaults=defaults,
-        gold_fn=a.gold_fn,
-        trust_remote_code=cfg.trust_remote_code,
-    )
-    return _trained(a, work)
+    return defaults
+
+
+def reward_scale(reward, ppo: dict) -> dict:
+    """The scale of the reward PPO optimises: the RM's calibration temperature T (1.0 for a raw reward), the KL
+    coefficient, and what that coefficient weighs against the RM's raw reward (kl_coef x T: PPO maximises
+    r/T - kl_coef KL = (r - kl_coef T KL) / T), so PPO runs with RMs of different T trade reward against KL
+    differently."""
+    from pipeline.align.ppo import PPOConfig
+
+    t = float(getattr(reward, "temperature", 1.0) or 1.0)
+    kl = float(ppo.get("kl_coef", PPOConfig.kl_coef))
+    return {"rm": getattr(reward, "name", None), "temperature": t, "kl_coef": kl, "kl_coef_vs_raw_reward": kl * t}
 
 
 def rloo(a: AlignInputs, reward, work: Path) -> Outputs | None:

@@ -299,12 +299,15 @@ def build_base_policy(ctx: AlignContext) -> tuple[str, object, str]:
     The tiny synthetic policy is built once per set of warm-start settings, atomically; changing any of
     them rebuilds it (and so re-samples every candidate that came from it).
     """
-    from pipeline.data.render import set_chat_template
+    from pipeline.data.render import check_tokenizer_templates, set_chat_template
     from pipeline.models import load_tokenizer
 
     cfg = ctx.cfg
     if cfg.model_name_or_path:
         tok = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        if cfg.chat_template is None:  # the tokenizer's own template is used: checked like a recipe's
+            source = f"align.model_name_or_path ({cfg.model_name_or_path})"
+            check_tokenizer_templates(tok.chat_template, source, "align.chat_template")
         set_chat_template(tok, cfg.chat_template, where="align.chat_template")
         stamp = [cfg.model_name_or_path, tok.chat_template] if tok.chat_template else cfg.model_name_or_path
         return cfg.model_name_or_path, tok, sha256_json(stamp)[:16]

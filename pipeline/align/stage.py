@@ -16,12 +16,13 @@ What it does, in order (DIR = the run directory):
 4. For each RM (default: every RM in DIR/reward/index.json except single-source ones) and each method
    in `methods`: DIR/align/<rm>/<method>/ with samples.jsonl (best_of_n, rjs), policy/ (HF format;
    rjs, rloo, ppo), train_log.json, eval.jsonl (its response to every held-out prompt),
-   perplexity.json, settings.json. Each sub-directory is published atomically when finished and skipped
+   perplexity.json, settings.json (ppo: reward_scale.json, the reward's temperature and KL weight). Each sub-directory is published atomically when finished and skipped
    on rerun while its settings (config, RM weights) are unchanged; training runs resume from
    DIR/align/.work/<rm>/<method>/.
 5. Judging (`judge.kind`): gold (the synthetic benchmark's r*, or an RM directory as gold) or an
-   OpenAI-compatible LLM judge (both orders, agreeing = win, see pipeline.align.judge), for each
-   comparison (default: MORE vs MultiTask, each vs the base policy) and each method, per prompt set.
+   OpenAI-compatible LLM judge (both orders, agreeing = win, see pipeline.align.judge; its request budget
+   is checked against what the judging needs before the first request, and by `check` before any work),
+   for each comparison (default: MORE vs MultiTask, each vs the base policy) and each method, per prompt set.
    DIR/align/judgements.json `{"<method>: <a> vs <b>": {prompt_set: {win, tie, lose, n, counts,
    interval}}}`, judge_details.jsonl, metrics.json (per policy: gold reward, perplexity of the test
    answers), table.md.
@@ -46,7 +47,7 @@ from pathlib import Path
 
 from pipeline.align.candidates import candidates, perplexities, sample_kwargs, with_conv
 from pipeline.align.context import AlignContext, plain
-from pipeline.align.judging import write_results
+from pipeline.align.judging import planned_requests, planned_requests_text, write_results
 from pipeline.align.methods import AlignInputs, align_one
 from pipeline.align.policy import build_base_policy
 from pipeline.align.prompts import (
@@ -62,7 +63,7 @@ from pipeline.calibration.compare import parse_comparison
 from pipeline.data.render import check_template_setting
 from pipeline.errors import RecipeError
 from pipeline.io import atomic_write_json, content_sha256, read_json, remove_tree, safe_component, sha256_json
-from pipeline.models import section_model_inputs
+from pipeline.models import check_saved_templates, section_model_inputs
 from pipeline.reward.index import read_index
 
 
@@ -222,10 +223,14 @@ def inputs(section: dict) -> list[tuple[str, str]]:
 
 
 def check(recipe, *, runs: bool, origin) -> None:
-    """The align section against the others, before any work (also under --dry-run): its chat template;
+    """The align section against the others, before any work (also under --dry-run): its chat template (or,
+    when it is null and the stage runs, the template a local align.model_name_or_path ships);
     prompt/eval sources that `data.sources` has; RMs and comparisons that `reward.methods` trains; and, when the
-    stage will run (`runs`), the OpenAI judge's API-key variable. One RecipeError naming the key and the fix."""
+    stage will run (`runs`), the OpenAI judge's API-key variable and request budget. One RecipeError naming the
+    key and the fix."""
     check_template_setting(recipe.align.chat_template, "align.chat_template", origin)
+    if runs:
+        check_saved_templates(recipe.align, "align", origin)
     data, align = recipe.data, recipe.align
     grouped = [spec for spec in data.sources if isinstance(spec.options, dict) and spec.options.get("group_by")]
     # A `group_by` source becomes sources named <name>/<value> (or its group_names values) only once the data
@@ -251,6 +256,21 @@ def check(recipe, *, runs: bool, origin) -> None:
             f"align.judge.kind=openai reads the API key from the environment variable {env}, which is not set, and "
             f"the align stage will run. Fix: export {env}=..., or set align.judge.api_key_env='' for an endpoint "
             "without a key, or align.judge.kind=gold"
+        )
+    if runs:
+        _check_judge_budget(recipe, origin)
+
+
+def _check_judge_budget(recipe, origin) -> None:
+    """An LLM judge's request budget against what the run's judging needs (`planned_requests`, the cached
+    answers of DIR/align/judge_cache.jsonl counted as free), before any work; the align stage checks the exact
+    count again before its first request."""
+    plan = planned_requests(recipe, Path(recipe.output_dir or "."))
+    if plan and plan["needed"] > plan["budget"]:
+        raise RecipeError(
+            f"align.judge.max_requests={plan['budget']} in {origin('align.judge.max_requests')} cannot cover this "
+            f"run's {planned_requests_text(plan)[len('judge: ') :]}. Fix: align.judge.max_requests={plan['needed']} "
+            "(or more), or judge less (align.n_eval_prompts, align.comparisons, align.methods)"
         )
 
 
@@ -294,7 +314,8 @@ def _check_rms_and_comparisons(methods: list[str], sources: list[str], align, is
 
 
 def estimate(recipe, run_dir: Path, world: int = 1) -> tuple[str, None]:
-    """The align stage's counts from its settings: warm-start steps, samples to generate, RMs and methods."""
+    """The align stage's counts from its settings: warm-start steps, samples to generate, RMs and methods, and
+    an LLM judge's requests against its budget."""
     cfg = recipe.align
     parts = []
     if not cfg.model_name_or_path:
@@ -305,4 +326,7 @@ def estimate(recipe, run_dir: Path, world: int = 1) -> tuple[str, None]:
     parts.append(f"sampling {prompts} training prompts x {cfg.n} responses")
     if "ppo" in cfg.methods:
         parts.append(f"ppo {cfg.ppo.get('num_steps', 100)} steps per RM")
+    plan = planned_requests(recipe, run_dir)
+    if plan:
+        parts.append(planned_requests_text(plan))
     return "; ".join(parts), None

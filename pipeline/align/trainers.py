@@ -335,8 +335,10 @@ def run_ppo(
     defaults: dict,
     gold_fn=None,
     trust_remote_code: bool = False,
+    add_special_tokens: bool | Sequence[bool] = True,
 ) -> dict:
-    """`train_ppo` on a fresh copy of the policy; it writes `out_dir/policy`, logs and a summary."""
+    """`train_ppo` on a fresh copy of the policy; it writes `out_dir/policy`, logs and a summary.
+    `add_special_tokens`: False for the prompts a chat template rendered (see `train_ppo`)."""
     from pipeline.align.ppo import PPOConfig, train_ppo
 
     cfg = PPOConfig(**{**defaults, **(overrides or {})})
@@ -352,7 +354,16 @@ def run_ppo(
         return scored
 
     policy = load_policy(policy_path, dtype="auto", trust_remote_code=trust_remote_code)
-    summary = train_ppo(policy, tokenizer, list(prompts), on_raw(reward_fn), cfg, out_dir, gold_fn=on_raw(gold_fn))
+    summary = train_ppo(
+        policy,
+        tokenizer,
+        list(prompts),
+        on_raw(reward_fn),
+        cfg,
+        out_dir,
+        gold_fn=on_raw(gold_fn),
+        add_special_tokens=add_special_tokens,
+    )
     if not (out_dir / "policy" / "config.json").exists() and not (out_dir / "policy" / "adapter_config.json").exists():
         raise RuntimeError(f"train_ppo finished without writing {out_dir / 'policy'}")
     from accelerate import PartialState

@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from pipeline.calibration import metrics as M
 from pipeline.calibration.compare import parse_comparison
 from pipeline.scoring import AUTOCAST
+from pipeline.strict import COUNT, COUNT0, Range
+
+
+# ECE bin counts: at least one bin, at most 10,000 (more bins than test pairs leave most of them empty)
+BINS = Range(1, 10_000)
 
 
 HH_NAMES = ("helpful", "harmless")
@@ -25,27 +30,36 @@ class CalibrationConfig:
 
     n_bins: list[int] = field(
         default_factory=lambda: [5, 10, 20],
-        metadata={"help": "Bin counts M for which ECE is reported (ece_<M>); the paper's headline is 10."},
+        metadata={
+            "range": BINS,
+            "help": "Bin counts M for which ECE is reported (ece_<M>); the paper's headline is 10.",
+        },
     )
     headline_bins: int = field(
         default=10,
-        metadata={"help": "M used for ACE/MCE, bootstrap intervals, tables, plots and the diversity matrix."},
+        metadata={
+            "range": BINS,
+            "help": "M used for ACE/MCE, bootstrap intervals, tables, plots and the diversity matrix.",
+        },
     )
     strategy: str = field(
         default="uniform", metadata={"help": "Bins: uniform (equal width, the paper's) or quantile."}
     )
     bootstrap_samples: int = field(
-        default=1000, metadata={"help": "Bootstrap resamples for 95% intervals of accuracy and ECE (0 = none)."}
+        default=1000,
+        metadata={"range": COUNT0, "help": "Bootstrap resamples for 95% intervals of accuracy and ECE (0 = none)."},
     )
     batch_size: int = field(
-        default=64, metadata={"help": "Sequences per scoring forward pass (a packed pair counts as 2)."}
+        default=64,
+        metadata={"range": COUNT, "help": "Sequences per scoring forward pass (a packed pair counts as 2)."},
     )
     max_tokens_per_batch: int | None = field(
         default=4096,
         metadata={
+            "range": COUNT,
             "help": "Cap on sequences * padded length per forward (long batches shrink); "
             "null = no cap. 4096 measured fastest on a 2-core CPU (scripts/bench_scoring.py); "
-            "raise it on GPUs."
+            "raise it on GPUs.",
         },
     )
     max_length: int | None = field(
@@ -66,7 +80,8 @@ class CalibrationConfig:
         },
     )
     bits: int | None = field(
-        default=None, metadata={"help": "Load RMs in 4- or 8-bit (bitsandbytes); null = full precision."}
+        default=None,
+        metadata={"choices": (4, 8), "help": "Load RMs in 4- or 8-bit (bitsandbytes); null = full precision."},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
     rms: list[str] | None = field(
@@ -106,7 +121,10 @@ class CalibrationConfig:
     )
     max_pairs_per_split: int | None = field(
         default=None,
-        metadata={"help": "Use at most this many pairs of each test/validation split (first ones); null = all."},
+        metadata={
+            "range": COUNT,
+            "help": "Use at most this many pairs of each test/validation split (first ones); null = all.",
+        },
     )
     exclude_train_overlap: bool = field(
         default=True,

@@ -3,9 +3,11 @@
 `read_rms` lists the RMs: those of `DIR/reward/index.json` (trained in this run) and `calibration.external_rms`
 (`external_entries`: RMs trained elsewhere, a save_pretrained directory, a hub id or a SEQ_CLS PEFT adapter; with
 only those, no reward stage is needed). `load_rm` loads one on a device, after `check_external_rm` has made sure
-an external one is a scalar-head sequence classifier (an adapter's tokenizer may come from its base model).
+an external one is a scalar-head sequence classifier (an adapter's tokenizer may come from its base model); an
+RM without a pad id whose tokenizer pads with EOS gets a warning (`warn_eos_padding`: its reward is read at the
+token before the appended EOS).
 
-Imports the leaves (`pipeline.io`, `layout`, `models`), `pipeline.reward.index` and the calibration config.
+Imports the leaves (`pipeline.io`, `layout`, `logs`, `models`), `pipeline.reward.index` and the calibration config.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from pipeline.calibration.config import AVERAGING, CalibrationConfig
 from pipeline.io import is_hub_id
 from pipeline.layout import find_reward_head
+from pipeline.logs import say
 from pipeline.reward.index import read_index
 
 
@@ -34,7 +37,11 @@ def read_rms(run_dir: Path, cfg: CalibrationConfig) -> tuple[dict, dict]:
         if trained_needed or (run_dir / "reward" / "index.json").is_file()
         else {}
     )
-    return index, external_entries(cfg, list(index))
+    external = external_entries(cfg, list(index))
+    for name, entry in external.items():  # before any work: what the model is, then its tokenizer files
+        check_external_rm(name, entry["path"], cfg.trust_remote_code)
+    check_external_tokenizers(cfg)
+    return index, external
 
 
 SUPPORTED_RMS = (
@@ -70,6 +77,36 @@ def external_entries(cfg: CalibrationConfig, taken: list[str]) -> dict:
     return out
 
 
+def tokenizer_dir(path: str) -> str:
+    """Where an RM's tokenizer is loaded from: its own directory, or a PEFT adapter's base model when the adapter
+    directory has no tokenizer files."""
+    from pipeline.models import has_tokenizer_files
+
+    local = Path(path).expanduser()
+    adapter = local / "adapter_config.json"
+    if not adapter.is_file() or has_tokenizer_files(local):
+        return path
+    try:
+        return json.loads(adapter.read_text()).get("base_model_name_or_path") or path
+    except (OSError, ValueError, AttributeError):
+        return path  # check_external_rm names the problem
+
+
+def check_external_tokenizers(cfg: CalibrationConfig) -> None:
+    """Before any work: every local external RM (or, for an adapter without its own tokenizer, its local base)
+    holds tokenizer files (one `ModelLoadError` naming the key, the folder and the missing files otherwise) and
+    the chat template they ship renders (one ValueError naming it, `check_tokenizer_templates`)."""
+    from pipeline.data.render import check_tokenizer_templates
+    from pipeline.models import check_tokenizer_files, saved_chat_templates
+
+    for name, spec in (cfg.external_rms or {}).items():
+        local = Path(spec).expanduser()
+        if local.is_dir():
+            tok_dir = tokenizer_dir(str(local))
+            check_tokenizer_files(tok_dir, key=f"calibration.external_rms.{name}")
+            check_tokenizer_templates(saved_chat_templates(tok_dir), f"calibration.external_rms.{name} ({tok_dir})")
+
+
 def check_external_rm(name: str, path: str, trust_remote_code: bool) -> str | None:
     """Fail clearly unless `path` is a scalar-head sequence classifier (or a SEQ_CLS adapter on one).
 
@@ -93,8 +130,7 @@ def check_external_rm(name: str, path: str, trust_remote_code: bool) -> str | No
         base = acfg.get("base_model_name_or_path")
         if not base:
             raise fail("its adapter_config.json has no base_model_name_or_path")
-        has_tok = any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-        return path if has_tok else base
+        return tokenizer_dir(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - one clear message whatever broke inside transformers
@@ -141,6 +177,7 @@ def load_rm(name: str, entry: dict, cfg: CalibrationConfig, device):
     """(model, tokenizer) of one RM, on `device`, in eval mode; one clear error when it does not load."""
     import torch
 
+    from pipeline.data.render import check_tokenizer_templates
     from pipeline.models import (
         ModelLoadError,
         check_model_source,
@@ -166,6 +203,7 @@ def load_rm(name: str, entry: dict, cfg: CalibrationConfig, device):
         model = load_reward_model(
             path, dtype=getattr(torch, load_dtype), bits=cfg.bits, trust_remote_code=cfg.trust_remote_code
         )
+        had_pad = getattr(model.config, "pad_token_id", None) is not None
         copy_pad_token_id(model, tok, key=f"calibration: reward model {name!r} ({path})")
     except Exception as e:  # noqa: BLE001 - one clear message whatever broke inside transformers
         expected = (
@@ -179,7 +217,8 @@ def load_rm(name: str, entry: dict, cfg: CalibrationConfig, device):
         raise ModelLoadError(
             f"calibration: reward model {name!r} at {path} does not load ({type(e).__name__}: {e}). {expected}"
         ) from e
-    if external:
+    if external:  # the template it ships renders conversational data: checked like a recipe's
+        check_tokenizer_templates(tok.chat_template, f"calibration.external_rms.{name} ({tok_path})")
         try:
             head = find_reward_head(model)
         except ValueError as e:
@@ -192,7 +231,28 @@ def load_rm(name: str, entry: dict, cfg: CalibrationConfig, device):
                 f"calibration: external reward model {name!r} ({path}): its reward head has {out} "
                 f"outputs, not one. {SUPPORTED_RMS}"
             )
+    if not had_pad:
+        warn_eos_padding(name, path, model, tok)
     if not cfg.bits:
         model = model.to(device)
     model.eval()
     return model, tok
+
+
+def warn_eos_padding(name: str, path: str, model, tok) -> None:
+    """An RM whose config.json has no pad_token_id gets its tokenizer's pad id, which is EOS when the tokenizer
+    has no pad token of its own (`load_tokenizer` falls back to it). Every scored text ends with EOS (appended,
+    as TRL does), and the model reads the reward at its rightmost non-pad token: the token BEFORE that EOS.
+    That is right for an RM trained so (TRL with pad = EOS) and wrong for one trained reading the reward at the
+    EOS, and nothing in the checkpoint says which: warn, naming the fix."""
+    eos = getattr(tok, "eos_token_id", None)
+    if eos is None or getattr(model.config, "pad_token_id", None) != eos:
+        return
+    say(
+        "calibration",
+        f"warning: reward model {name!r} ({path}): its config.json has no pad_token_id and its tokenizer pads with "
+        f"EOS (no pad token of its own), so EOS (id {eos}) is its pad id; every scored text ends with EOS and the reward is "
+        "read at the token BEFORE it. Right if the RM was trained so (e.g. TRL with pad = EOS); if it was "
+        "trained reading the reward at the EOS, set pad_token_id in its config.json to its tokenizer's pad "
+        "token (add one if it has none) and rerun the calibration stage",
+    )

@@ -63,7 +63,7 @@ from pipeline.calibration.analysis import (
 )
 from pipeline.calibration.compare import render_comparisons, resolve_comparisons
 from pipeline.calibration.config import AVERAGING, CalibrationConfig, hh_sources
-from pipeline.calibration.load import load_rm, read_rms
+from pipeline.calibration.load import check_external_tokenizers, load_rm, read_rms
 from pipeline.calibration.overlap import (
     eval_splits,
     exclude_train_overlap,
@@ -76,6 +76,7 @@ from pipeline.calibration.stage_plots import write_plots
 from pipeline.calibration.step0 import load_start, plan_starts, step0_results
 from pipeline.calibration.tables import render_table
 from pipeline.calibration.temperature import few_pairs_warning
+from pipeline.errors import RecipeError
 from pipeline.io import UnsafePathError, atomic_dir, atomic_write_json, atomic_write_text, inside
 from pipeline.logs import say
 from pipeline.scoring import score_rm
@@ -349,6 +350,17 @@ def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
 def inputs(section: dict) -> list[tuple[str, str]]:
     """Inputs the calibration section names besides the data sources: the external RMs."""
     return [(p, "model") for p in (section.get("external_rms") or {}).values()]
+
+
+def check(recipe, *, runs: bool, origin) -> None:
+    """A local external RM without tokenizer files, or whose chat template does not parse, raises or runs past
+    the check's time limit, fails before any work (also under --dry-run)."""
+    if not runs:
+        return
+    try:
+        check_external_tokenizers(recipe.calibration)
+    except ValueError as e:
+        raise RecipeError(f"{e} (in {origin('calibration.external_rms')})") from None
 
 
 def estimate(recipe, run_dir: Path, world: int = 1) -> tuple[str, None]:

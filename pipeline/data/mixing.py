@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
+from pipeline.strict import COUNT, Range
+
 from .formats import option_keys
 from .sources import FORMATS, PreferenceDataError, load_source
 from .synthetic import DEFAULT_SOURCES, SPLITS, SyntheticConfig, synthetic_split
@@ -106,22 +108,35 @@ class DataConfig:
         metadata={"help": "Knobs of the synthetic benchmark (format=synthetic sources)."},
     )
     n_train_per_source: int | None = field(
-        default=None, metadata={"help": "Resample each source's train split to this size (None: keep)."}
+        default=None,
+        metadata={"range": COUNT, "help": "Resample each source's train split to this size (None: keep)."},
     )
     n_valid_per_source: int | None = field(
-        default=None, metadata={"help": "At most this many validation pairs per source."}
+        default=None, metadata={"range": COUNT, "help": "At most this many validation pairs per source."}
     )
-    n_test_per_source: int | None = field(default=None, metadata={"help": "At most this many test pairs per source."})
+    n_test_per_source: int | None = field(
+        default=None, metadata={"range": COUNT, "help": "At most this many test pairs per source."}
+    )
     test_fraction: float = field(
-        default=0.1, metadata={"help": "Test fraction cut (by prompt hash) from sources that ship one split."}
+        default=0.1,
+        metadata={
+            "range": Range(0, 1, hi_open=True),
+            "help": "Test fraction cut (by prompt hash) from sources that ship one split.",
+        },
     )
     valid_fraction: float = field(
-        default=0.05, metadata={"help": "Validation fraction cut (by prompt hash) from sources without one."}
+        default=0.05,
+        metadata={
+            "range": Range(0, 1, hi_open=True),
+            "help": "Validation fraction cut (by prompt hash) from sources without one.",
+        },
     )
     max_length: int = field(
         default=512, metadata={"help": "Tokens per transcript; longer ones lose tokens on the LEFT."}
     )
-    per_source_batch: int = field(default=4, metadata={"help": "Pairs of every source in each balanced batch."})
+    per_source_batch: int = field(
+        default=4, metadata={"range": COUNT, "help": "Pairs of every source in each balanced batch."}
+    )
     seed: int = field(
         default=0, metadata={"help": "Seed of resampling and mixing (test/validation cuts depend on the prompt only)."}
     )
@@ -156,6 +171,12 @@ class DataConfig:
             raise ValueError("data.test_fraction and data.valid_fraction must be in [0, 1) and sum to less than 1")
         if self.per_source_batch < 1:
             raise ValueError("data.per_source_batch must be >= 1")
+        if self.n_train_per_source is not None and self.per_source_batch > self.n_train_per_source:
+            raise ValueError(
+                f"data.per_source_batch = {self.per_source_batch} is larger than data.n_train_per_source = "
+                f"{self.n_train_per_source}, the training pairs of every source: a batch takes per_source_batch pairs "
+                f"of every source. Fix: set data.per_source_batch <= {self.n_train_per_source}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -5,7 +5,8 @@ object, or JSON lines whatever the extension says), ``.jsonl``, ``.json.gz``/``.
 a directory in the hub's layout (data files named after the split, ``name``/``data_dir`` sub-directories),
 a ``save_to_disk`` directory, or a hub dataset id (``pipeline.io.is_hub_id``, through
 ``datasets.load_dataset``). Bad input (a truncated .gz file, a non-UTF-8 byte, malformed JSON, a missing
-split) is one :class:`~pipeline.data.formats.base.PreferenceDataError` naming the file, the line and the fix.
+split, a JSON value nested deeper than Python's parser allows, a decompressed .gz line over `MAX_GZ_LINE_BYTES`)
+is one :class:`~pipeline.data.formats.base.PreferenceDataError` naming the file, the line and the fix.
 
 Imports: the standard library, `pipeline.io` and `pipeline.data.formats.base` (the error type); `datasets` and
 `pyarrow` inside the functions that need them.
@@ -17,6 +18,7 @@ import gzip
 import json
 import logging
 import re
+import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,15 +31,45 @@ from .formats.base import _err
 logger = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet")
+# The longest line a .gz file may hold once decompressed: a small file can decompress to a huge line (a 204 KB
+# file to one 200 MB line), which JSON parsing would then hold several times over in memory. JSON lines hold
+# one record per line, far below this; a larger JSON array in one line: store it uncompressed or as JSON lines.
+MAX_GZ_LINE_BYTES = 64 << 20
+_GZ_CHUNK = 1 << 20
+
+
+def _gunzip(path: Path, source: str) -> bytes:
+    """The decompressed bytes of a .gz file, read in chunks; a line longer than `MAX_GZ_LINE_BYTES` stops the
+    reading at once (before it is held whole) with one error naming the file, the line and the limit."""
+    max_line = MAX_GZ_LINE_BYTES
+    chunks, line_len, newlines = [], 0, 0
+    with gzip.open(path, "rb") as f:
+        while chunk := f.read(_GZ_CHUNK):
+            parts = chunk.split(b"\n")
+            for k, part in enumerate(parts):
+                line_len += len(part)
+                if line_len > max_line:
+                    raise _err(
+                        source,
+                        f"{path}, line {newlines + k + 1}",
+                        f"a decompressed line longer than {max_line >> 20} MiB (the limit of a .gz line, "
+                        "pipeline.data.read.MAX_GZ_LINE_BYTES)",
+                        "store one record per line (JSON lines), or the file uncompressed",
+                    )
+                if k < len(parts) - 1:
+                    line_len = 0
+            newlines += len(parts) - 1
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _read_text(path: Path, source: str) -> str:
-    """The file's text (gunzipped for .gz); a UTF-8 BOM is accepted; a truncated gzip file or a byte that is
-    not UTF-8 is one clear error naming the file (and the line)."""
+    """The file's text (gunzipped for .gz, `_gunzip`: each line at most MAX_GZ_LINE_BYTES); a UTF-8 BOM is
+    accepted; a truncated gzip file or a byte that is not UTF-8 is one clear error naming the file (and the
+    line)."""
     try:
         if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                data = f.read()
+            data = _gunzip(path, source)
         else:
             data = path.read_bytes()
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
@@ -59,6 +91,23 @@ def _read_text(path: Path, source: str) -> str:
         ) from None
 
 
+def _too_deep(source: str, where: str):
+    return _err(
+        source,
+        where,
+        f"a JSON value nested deeper than the parser can read (Python's recursion limit, {sys.getrecursionlimit()})",
+        "flatten that record: preference data needs a few levels (a conversation's messages), not thousands",
+    )
+
+
+def _loads(text: str, source: str, where: str):
+    """json.loads, a record nested too deeply for the parser being one clear error naming `where`."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise _too_deep(source, where) from None
+
+
 def _read_json_file(path: Path, source: str) -> Iterator[tuple[dict, str]]:
     """A JSON array, a single JSON object, or JSON lines (decided from the content, not the extension)."""
     text = _read_text(path, source)
@@ -67,7 +116,7 @@ def _read_json_file(path: Path, source: str) -> Iterator[tuple[dict, str]]:
         return
     if stripped[0] == "[":
         try:
-            data = json.loads(text)
+            data = _loads(text, source, str(path))
         except json.JSONDecodeError as e:
             raise _err(
                 source,
@@ -83,11 +132,11 @@ def _read_json_file(path: Path, source: str) -> Iterator[tuple[dict, str]]:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = _loads(line, source, f"{path}, line {i}")
         except json.JSONDecodeError as e:
             if i == 1 and stripped[0] == "{":  # maybe one pretty-printed object
                 try:
-                    yield json.loads(text), f"{path}, record 0"
+                    yield _loads(text, source, str(path)), f"{path}, record 0"
                     return
                 except json.JSONDecodeError:
                     pass

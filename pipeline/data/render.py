@@ -161,24 +161,87 @@ def check_template_setting(spec: str | None, key: str, origin) -> None:
         raise RecipeError(f"{e} (in {origin(key)})") from None
 
 
-def check_chat_template(text: str, *, where: str = "chat_template") -> None:
-    """Render `text` on a two-turn conversation (and a generation prompt): a template that does not parse or
-    raises is ONE ValueError naming `where`, before any work, instead of a Jinja traceback mid-stage."""
+# How long the check of a chat template may render its two-turn conversation (`check_chat_template`). A template
+# written with nested huge loops would otherwise hang --dry-run and every stage that renders with it.
+TEMPLATE_CHECK_SECONDS = 10.0
+
+
+class TemplateTooSlow(BaseException):
+    """A chat template's check rendering ran past `TEMPLATE_CHECK_SECONDS` (a BaseException, so no `except
+    Exception` inside Jinja or transformers swallows it)."""
+
+
+def _within(seconds: float, render):
+    """`render()`, stopped with TemplateTooSlow once it has run `seconds`: a trace function on THIS thread
+    (sys.settrace; no signal, so it works outside the main thread too) checks the clock every 256 Python
+    events, which stops any loop a Jinja template runs (its compiled code is Python). The previous trace
+    function (a debugger, coverage) is restored afterwards."""
+    import sys
+    import time
+
+    deadline = time.monotonic() + seconds
+    events = 0
+
+    def local(frame, event, arg):
+        nonlocal events
+        events += 1
+        if not events % 256 and time.monotonic() > deadline:
+            raise TemplateTooSlow
+        return local
+
+    previous = sys.gettrace()
+    sys.settrace(lambda frame, event, arg: local)
+    try:
+        return render()
+    finally:
+        sys.settrace(previous)
+
+
+def check_chat_template(text: str, *, where: str = "chat_template", fix: str | None = None) -> None:
+    """Render `text` on a two-turn conversation (and a generation prompt), within `TEMPLATE_CHECK_SECONDS`: a
+    template that does not parse, raises, or does not finish in time is ONE ValueError naming `where` (and
+    `fix`, by default: set the key `where` starts with to none), before any work, instead of a Jinja traceback
+    mid-stage or a hang."""
     from jinja2 import TemplateError, TemplateSyntaxError
     from transformers.utils.chat_template_utils import render_jinja_template
 
+    fix = fix or f"correct the template, or set {where.split(' ')[0]}=none for the plain layout"
     sample = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    try:
+
+    def render():
         render_jinja_template(conversations=[sample], chat_template=text)
         render_jinja_template(conversations=[sample[:1]], chat_template=text, add_generation_prompt=True)
+
+    try:
+        _within(TEMPLATE_CHECK_SECONDS, render)
+    except TemplateTooSlow:
+        raise ValueError(
+            f"{where}: the chat template did not finish rendering a two-turn check conversation within "
+            f"{TEMPLATE_CHECK_SECONDS:g} s (a loop too large?). Fix: {fix}"
+        ) from None
     except Exception as e:  # noqa: BLE001 - any error of the user's template is reported the same way
         line = f" (template line {e.lineno})" if getattr(e, "lineno", None) else ""
         kind = "does not parse" if isinstance(e, TemplateSyntaxError) else "raises on a user/assistant turn"
         detail = str(e) if isinstance(e, TemplateError) else f"{type(e).__name__}: {e}"
-        raise ValueError(
-            f"{where}: the chat template {kind}{line}: {detail}. Fix: correct the template, or set "
-            f"{where.split(' ')[0]}=none for the plain layout"
-        ) from None
+        raise ValueError(f"{where}: the chat template {kind}{line}: {detail}. Fix: {fix}") from None
+
+
+def check_tokenizer_templates(templates: str | dict | None, source: str, key: str | None = None) -> None:
+    """A tokenizer's OWN chat template(s) (its `chat_template`: a string or {name: template}), used because the
+    recipe's `key` is null (or, without `key`, because the model ships it), checked like a recipe's
+    (`check_chat_template`): one ValueError naming the template (shipped with `source`) and the error."""
+    if not templates:
+        return
+    items = templates.items() if isinstance(templates, dict) else [("", templates)]
+    for name, text in items:
+        label = f" {name!r}" if name else ""
+        used = f" (used because {key} is null)" if key else ""
+        fix = (
+            f"set {key} to a template of your own (a Jinja string or a .jinja file), or to none for the plain layout"
+            if key
+            else "correct the template in the model's tokenizer files (chat_template.jinja or tokenizer_config.json)"
+        )
+        check_chat_template(text, where=f"the chat template{label} shipped with {source}{used}", fix=fix)
 
 
 def template_special_tokens(template: str | None) -> list[str]:
@@ -205,9 +268,24 @@ def template_kwargs(conv: dict) -> dict:
     return {"tools": conv.get("tools"), **(conv.get("chat_template_kwargs") or {})}
 
 
+def _apply(tokenizer, messages: list[dict], **kwargs) -> str:
+    """`apply_chat_template(messages, tokenize=False, **kwargs)`; an error the template raises on the data is
+    one ValueError naming the tokenizer's template, not a Jinja traceback."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except TemplateError as e:
+        raise ValueError(
+            f"the chat template of the tokenizer {getattr(tokenizer, 'name_or_path', '') or ''} raises on a "
+            f"conversation of the data ({len(messages)} messages, roles {[m.get('role') for m in messages]}): {e}. "
+            "Fix: correct the template (the recipe's chat_template key sets another one), or drop that row"
+        ) from None
+
+
 def templated_prompt(tokenizer, prompt: list[dict], **kwargs) -> str:
     """The generation prompt: ``apply_chat_template(prompt, add_generation_prompt=True, **kwargs)``."""
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **kwargs)
+    return _apply(tokenizer, prompt, add_generation_prompt=True, **kwargs)
 
 
 def templated_pair(
@@ -218,8 +296,8 @@ def templated_pair(
     differs from the prompt part of the full conversation); `kwargs` (tools, template variables) go to every
     `apply_chat_template` call."""
     gen = templated_prompt(tokenizer, prompt, **kwargs)
-    full_c = tokenizer.apply_chat_template(prompt + chosen, tokenize=False, **kwargs)
-    full_r = tokenizer.apply_chat_template(prompt + rejected, tokenize=False, **kwargs)
+    full_c = _apply(tokenizer, prompt + chosen, **kwargs)
+    full_r = _apply(tokenizer, prompt + rejected, **kwargs)
     p = _common_prefix(gen, full_c, full_r)
     return p, full_c[len(p) :], full_r[len(p) :]
 

@@ -89,6 +89,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.strict import COUNT, COUNT0, FRACTION, NON_NEGATIVE
+
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 SPLITS = ("train", "validation", "test")
@@ -347,9 +349,9 @@ class SyntheticConfig:
         default=DEFAULT_SOURCES,
         metadata={"help": "Source (annotator group) names; each needs an entry in drift, beta and harmful_fraction."},
     )
-    n_train: int = field(default=2000, metadata={"help": "Training pairs per source."})
-    n_valid: int = field(default=250, metadata={"help": "Validation pairs per source."})
-    n_test: int = field(default=500, metadata={"help": "Test pairs per source."})
+    n_train: int = field(default=2000, metadata={"range": COUNT, "help": "Training pairs per source."})
+    n_valid: int = field(default=250, metadata={"range": COUNT0, "help": "Validation pairs per source."})
+    n_test: int = field(default=500, metadata={"range": COUNT0, "help": "Test pairs per source."})
     drift: dict = field(
         default_factory=_default_drift,
         metadata={
@@ -358,19 +360,30 @@ class SyntheticConfig:
     )
     drift_scale: float = field(
         default=1.0,
-        metadata={"help": "Multiplies every drift: 0 = sources share r* exactly (differ only in noise/prompts)."},
+        metadata={
+            "range": NON_NEGATIVE,
+            "help": "Multiplies every drift: 0 = sources share r* exactly (differ only in noise/prompts).",
+        },
     )
     beta: dict = field(
         default_factory=_default_beta,
-        metadata={"help": "Per source Bradley-Terry inverse temperature of its labels (smaller = noisier)."},
+        metadata={
+            "range": NON_NEGATIVE,
+            "help": "Per source Bradley-Terry inverse temperature of its labels (smaller = noisier).",
+        },
     )
-    beta_scale: float = field(default=1.0, metadata={"help": "Multiplies every source's beta (label noise knob)."})
-    gold_beta: float = field(default=1.0, metadata={"help": "Inverse temperature defining gold_prob from r*."})
+    beta_scale: float = field(
+        default=1.0, metadata={"range": NON_NEGATIVE, "help": "Multiplies every source's beta (label noise knob)."}
+    )
+    gold_beta: float = field(
+        default=1.0, metadata={"range": NON_NEGATIVE, "help": "Inverse temperature defining gold_prob from r*."}
+    )
     harmful_fraction: dict = field(
-        default_factory=_default_harmful, metadata={"help": "Per source fraction of harmful-request prompts."}
+        default_factory=_default_harmful,
+        metadata={"range": FRACTION, "help": "Per source fraction of harmful-request prompts."},
     )
     multi_turn_fraction: float = field(
-        default=0.2, metadata={"help": "Fraction of prompts preceded by one small-talk exchange."}
+        default=0.2, metadata={"range": FRACTION, "help": "Fraction of prompts preceded by one small-talk exchange."}
     )
 
     def __post_init__(self):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 
 from pipeline.models import TinyModelSpec
 from pipeline.reward.trainer import MORERewardConfig
+from pipeline.strict import COUNT, INT_MAX, TRAINING_ARGS_RANGES, Range
 
 
 STAGE_METHODS = ("more", "multitask", "uniform", "single")
@@ -39,6 +40,11 @@ SHOWN_TRAINING_ARGS = (
 )
 
 
+# The allowed values of reward.train (checked at load): TrainingArguments' fields and MORERewardConfig's own (kept
+# here: a "range" in MORERewardConfig's field metadata would reach HfArgumentParser, which refuses unknown keys).
+TRAIN_RANGES = {**TRAINING_ARGS_RANGES, "alpha": Range(0, 1, lo_open=True), "packing_max_tokens": Range(4, INT_MAX)}
+
+
 @dataclass
 class RewardStageConfig:
     """The `reward:` section of a recipe."""
@@ -58,7 +64,9 @@ class RewardStageConfig:
         },
     )
     tiny: TinyModelSpec = field(default_factory=TinyModelSpec, metadata={"help": "The in-process model."})
-    tokenizer_vocab_size: int = field(default=1000, metadata={"help": "Vocabulary of the tiny tokenizer."})
+    tokenizer_vocab_size: int = field(
+        default=1000, metadata={"range": COUNT, "help": "Vocabulary of the tiny tokenizer."}
+    )
     chat_template: str | None = field(
         default=None,
         metadata={
@@ -69,9 +77,9 @@ class RewardStageConfig:
         },
     )
     peft: str = field(default="none", metadata={"help": "none, lora, qlora4 (4-bit NF4 base) or qlora8."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_r: int = field(default=16, metadata={"range": COUNT, "help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"range": COUNT, "help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"range": Range(0, 1, hi_open=True), "help": "LoRA dropout."})
     lora_target_modules: list[str] | str | None = field(
         default="all-linear", metadata={"help": "Modules to adapt (peft's target_modules)."}
     )
@@ -81,6 +89,7 @@ class RewardStageConfig:
         default_factory=dict,
         metadata={
             "keys": MORERewardConfig,
+            "ranges": TRAIN_RANGES,
             "key_fields": SHOWN_TRAINING_ARGS,
             "help": "MORERewardConfig fields (learning_rate, max_steps, alpha, normalize, truncation, bf16, "
             "deepspeed, ...; any trl.RewardConfig / TrainingArguments field). per_device_train_batch_size "

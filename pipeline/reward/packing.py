@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.layout import pack_pair_rows, packed_length
+from pipeline.reward.columns import margin_tensor, source_id_tensor
 
 
 def first_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]:
@@ -60,6 +61,7 @@ class PackedPairCollator:
     pad_token_id: int
     readout_pad_id: int | None
     max_tokens: int | None = None
+    num_sources: int = 0  # source_id must index one of them (0: any integer); see pipeline.reward.columns
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         pairs = [(list(e["chosen_ids"]), list(e["rejected_ids"])) for e in examples]
@@ -82,9 +84,9 @@ class PackedPairCollator:
             "num_pair_tokens": torch.tensor(sum(len(c) + len(r) for c, r in pairs)),
         }
         if "source_id" in examples[0]:
-            batch["source_id"] = torch.tensor([int(e["source_id"]) for e in examples], dtype=torch.long)
+            batch["source_id"] = source_id_tensor(examples, self.num_sources)
         if "margin" in examples[0]:
-            batch["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float)
+            batch["margin"] = margin_tensor(examples)
         return batch
 
 

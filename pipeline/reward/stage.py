@@ -36,10 +36,17 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data.render import check_template_setting
+from pipeline.data.render import check_template_setting, check_tokenizer_templates
 from pipeline.io import atomic_write_json, file_records, inside, remove_tree, weights_bytes
 from pipeline.logs import attach_progress, clock, human_bytes, say
-from pipeline.models import load_tokenizer, quantization_config, section_model_inputs, tiny_model, tiny_tokenizer
+from pipeline.models import (
+    check_saved_templates,
+    load_tokenizer,
+    quantization_config,
+    section_model_inputs,
+    tiny_model,
+    tiny_tokenizer,
+)
 from pipeline.reward.config import RewardStageConfig, rm_names, tiny_chat_template
 from pipeline.reward.fingerprint import (
     FINGERPRINT,
@@ -54,6 +61,28 @@ from pipeline.reward.index import rm_dir
 from pipeline.reward.trainer import MORERewardConfig
 
 
+def check_batch_fits(recipe, splits) -> None:
+    """Every batch takes `data.per_source_batch` pairs of every source (balanced methods) and each epoch as many
+    batches as the smallest source fills, so a per-source batch larger than the smallest source's training pairs
+    would resample every source up to it (a 10^6 batch of 38-pair sources grew memory for minutes): one
+    RecipeError naming both numbers, before anything is mixed or trained (also under --dry-run).
+    `data.n_train_per_source`, when set, is every source's training pairs (checked when the recipe is loaded)."""
+    from pipeline.errors import RecipeError
+
+    psb = recipe.data.per_source_batch
+    if recipe.data.n_train_per_source is not None or not splits:
+        return
+    sizes = {s: len(dd["train"]) for s, dd in splits.items()}
+    smallest = min(sizes, key=sizes.get)
+    if psb > sizes[smallest]:
+        raise RecipeError(
+            f"data.per_source_batch = {psb} is larger than the smallest source's training pairs ({smallest!r}: "
+            f"{sizes[smallest]} pairs): every batch takes per_source_batch pairs of every source. Fix: set "
+            f"data.per_source_batch <= {sizes[smallest]}, or data.n_train_per_source to resample every source to "
+            "that many pairs"
+        )
+
+
 def planned_steps(recipe, splits=None, world: int = 1) -> dict[str, int]:
     """Optimizer steps each RM of the recipe trains for, as the Trainer computes them: `max_steps` when > 0,
     else ceil(num_train_epochs x ceil(batches / gradient_accumulation_steps)). Batches per epoch: with
@@ -66,6 +95,7 @@ def planned_steps(recipe, splits=None, world: int = 1) -> dict[str, int]:
     from pipeline.data import build_splits, mix
 
     splits = build_splits(recipe.data) if splits is None else splits
+    check_batch_fits(recipe, splits)
     train = recipe.reward.train
     defaults = {f.name: f.default for f in fields(MORERewardConfig) if f.name in ("max_steps", "num_train_epochs")}
     max_steps = int(train.get("max_steps", defaults["max_steps"]))
@@ -136,6 +166,9 @@ def build_tokenizer(recipe, splits, run_dir: Path):
         tok = load_tokenizer(
             cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, key="reward.model_name_or_path"
         )
+        if cfg.chat_template is None:  # the tokenizer's own template is used: checked like a recipe's
+            source = f"reward.model_name_or_path ({cfg.model_name_or_path})"
+            check_tokenizer_templates(tok.chat_template, source, "reward.chat_template")
         return set_chat_template(tok, cfg.chat_template, where="reward.chat_template")
     texts = _synthetic_texts(recipe, splits)
     tok_dir = run_dir / "reward" / ".base"
@@ -335,6 +368,7 @@ def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
 
     run_dir = Path(run_dir)
     splits = build_splits(recipe.data)
+    check_batch_fits(recipe, splits)
     sources = list(splits)
     stats = data_stats(splits)
     if PartialState().is_main_process:
@@ -409,9 +443,20 @@ def inputs(section: dict) -> list[tuple[str, str]]:
 
 
 def check(recipe, *, runs: bool, origin) -> None:
-    """A reward.chat_template that does not parse or raises fails before any work (also under --dry-run); a MORE
-    RM on two sources under l2 normalisation (the Uniform baseline in disguise) is warned about."""
+    """Before any work (also under --dry-run): a reward.chat_template that does not parse or raises, and, when
+    the stage runs, a local reward.model_name_or_path without tokenizer files or (with reward.chat_template null)
+    whose own chat template does not parse, raises or runs past the check's time limit; a MORE RM on two sources
+    under l2 normalisation (the Uniform baseline in disguise) is warned about."""
+    from pipeline.errors import RecipeError
+    from pipeline.models import ModelLoadError, check_tokenizer_files
+
     check_template_setting(recipe.reward.chat_template, "reward.chat_template", origin)
+    if runs and recipe.reward.model_name_or_path:
+        try:
+            check_tokenizer_files(recipe.reward.model_name_or_path, key="reward.model_name_or_path")
+        except ModelLoadError as e:
+            raise RecipeError(f"{e} (in {origin('reward.model_name_or_path')})") from None
+        check_saved_templates(recipe.reward, "reward", origin)
     if note := two_source_more_warning(recipe):
         say("reward", f"warning: {note}")
 

@@ -49,6 +49,7 @@ from pipeline.reward.checkpoints import (
     load_more_state,
     save_more_state,
 )
+from pipeline.reward.columns import check_pair_columns, margin_tensor, source_id_tensor
 from pipeline.reward.more import NORMALIZE_MODES, head_gradient_sums, more_weights, two_source_note
 from pipeline.reward.packing import LengthGroupedBalancedSampler, PackedPairCollator
 
@@ -178,12 +179,17 @@ class MORERewardConfig(RewardConfig):
 
 @dataclass
 class SourceAwareCollator(DataCollatorForPreference):
-    """TRL's preference collator that also carries the integer `source_id` of every pair."""
+    """TRL's preference collator that also carries the integer `source_id` of every pair (an index of the
+    `num_sources` sources; 0: any integer) and refuses a non-finite `margin` (`pipeline.reward.columns`)."""
+
+    num_sources: int = 0
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = super().torch_call(examples)
+        if "margin" in examples[0]:
+            batch["margin"] = margin_tensor(examples)
         if "source_id" in examples[0]:
-            batch["source_id"] = torch.tensor([int(e["source_id"]) for e in examples], dtype=torch.long)
+            batch["source_id"] = source_id_tensor(examples, self.num_sources)
         return batch
 
 
@@ -241,6 +247,9 @@ class MORERewardTrainer(RewardTrainer):
                 f"MORERewardTrainer needs a MORERewardConfig, got {type(args).__name__}; "
                 "build one with MORERewardConfig(**your_config.to_dict())"
             )
+        check_pair_columns(train_dataset, "train_dataset", len(args.source_names or []))
+        for key, ds in eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]:
+            check_pair_columns(ds, f"eval_dataset[{key!r}]" if key else "eval_dataset", len(args.source_names or []))
         if isinstance(train_dataset, Dataset | IterableDataset) and args.method in ("more", "uniform"):
             if not args.source_names and "source_id" in get_dataset_column_names(train_dataset):
                 raise ValueError(
@@ -257,7 +266,9 @@ class MORERewardTrainer(RewardTrainer):
         if not user_collator:
             # TRL's collator drops source_id; ours keeps it (TRL has set the tokenizer's pad token by now)
             self.data_collator = SourceAwareCollator(
-                pad_token_id=self.processing_class.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of
+                pad_token_id=self.processing_class.pad_token_id,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+                num_sources=self.num_sources,
             )
             if not args.packing:
                 why_not = "packing=False"
@@ -272,6 +283,7 @@ class MORERewardTrainer(RewardTrainer):
                 pad_token_id=self.processing_class.pad_token_id,
                 max_tokens=args.packing_max_tokens,
                 readout_pad_id=self.model.config.get_text_config().pad_token_id,
+                num_sources=self.num_sources,
             )
             # A packed batch cannot be concatenated with others and re-split (accelerate's dispatch of streaming
             # datasets does that): every process reads its own batches, as TRL sets for a streaming train set.

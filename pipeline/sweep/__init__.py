@@ -44,7 +44,9 @@ and align/judgements.json, and writes:
 With `--export E`, each run's small results are copied to E/<point>/seed-<s>/ as soon as it finishes
 (`export_run`: EXPORT_GLOBS, no weights or checkpoints, machine paths made relative) with E/.../export.json
 (overrides + `run_fingerprint`), and the summary is written into E. A run exported with the same
-fingerprint is skipped, so on a new machine only unfinished runs run; `--aggregate E` works from E alone.
+fingerprint is skipped, so on a new machine only unfinished runs run; `--aggregate E` works from E alone and
+counts an export only when its run fingerprint is the one E/sweep.json records (and its recipe.yaml, seeds
+aside, agrees with its point's other runs); summary.md names every run and per-seed value left out, and why.
 
 The statistics are small pure functions (`t_interval`, `t_test_p`, `paired_differences` in pipeline.stats;
 `bounded_interval`, `difference_sentence`), tested against scipy and hand-computed values. D/sweep.json

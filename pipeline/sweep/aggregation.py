@@ -22,12 +22,20 @@ from pathlib import Path
 
 from pipeline.calibration.compare import direction
 from pipeline.config import load_recipe
-from pipeline.errors import RecipeError
+from pipeline.errors import RecipeError, redact_credentials
 from pipeline.io import atomic_write_json, atomic_write_text, get_path, read_json
 from pipeline.stats import CONFIDENCE, paired_differences, t_interval, t_test_p
-from pipeline.sweep.export import EXPORT_FILE, export_mismatch
-from pipeline.sweep.grid import SWEEP_FILE
-from pipeline.sweep.metrics import PAIRS, _units, bounded_interval, difference_sentence, is_significant, metric_label
+from pipeline.sweep.export import EXPORT_FILE, export_mismatch, run_settings, settings_change, settings_outliers
+from pipeline.sweep.grid import SWEEP_FILE, check_definition
+from pipeline.sweep.metrics import (
+    PAIRS,
+    _units,
+    bounded_interval,
+    difference_sentence,
+    is_significant,
+    metric_label,
+    metric_range,
+)
 from pipeline.sweep.plots import write_plots
 from pipeline.sweep.runner import run_state
 from pipeline.sweep.summary import render_summary
@@ -57,15 +65,54 @@ def calibration_values(metrics: dict, temperatures: dict | None, bins: int) -> l
                 continue
             for name, keys in base.items():
                 v = get_path(m, *keys)
-                if isinstance(v, (int, float)):
-                    out.append(("calibration", rm, scope, name, float(v)))
+                if _present(v):
+                    out.append(("calibration", rm, scope, name, _number(v)))
                 tv = get_path(m, "temperature_scaled", *keys)
-                if name != "accuracy" and isinstance(tv, (int, float)):
-                    out.append(("calibration", rm, scope, f"ts_{name}", float(tv)))
-        t = (temperatures or {}).get(rm)
-        if isinstance(t, (int, float)):
-            out.append(("calibration", rm, "all_average", "temperature", float(t)))
+                if name != "accuracy" and _present(tv):
+                    out.append(("calibration", rm, scope, f"ts_{name}", _number(tv)))
+        t = (temperatures or {}).get(rm) if isinstance(temperatures, dict) else None
+        if _present(t):
+            out.append(("calibration", rm, "all_average", "temperature", _number(t)))
     return out
+
+
+def _present(v) -> bool:
+    """A value a run wrote for a metric: numbers, and anything else but null, a dict or a list (a string such
+    as "nan" or "x" is kept, to be reported by `aggregate_point`, not silently dropped)."""
+    return v is not None and not isinstance(v, (dict, list))
+
+
+def _number(v):
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+def invalid_reason(metric: str, v) -> str | None:
+    """Why a per-seed value cannot be averaged (None when it can): not a number, not finite, or outside the
+    metric's range (an ECE of 1e300)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return "not a number"
+    if not math.isfinite(v):
+        return "not finite"
+    lo, hi = metric_range(metric)
+    if (lo is not None and v < lo - 1e-9) or (hi is not None and v > hi + 1e-9):
+        return f"outside the range of {metric_label(metric)} [{lo:g}, {'inf' if hi is None else f'{hi:g}'}]"
+    return None
+
+
+def split_valid(seed, rows: list[tuple]) -> tuple[list[tuple], list[dict]]:
+    """(rows whose value can be averaged, a record of every other one: seed, section, rm, scope, metric, the
+    value as written and why it was left out)."""
+    good, bad = [], []
+    for section, name, scope, metric, value in rows:
+        why = invalid_reason(metric, value)
+        if why is None:
+            good.append((section, name, scope, metric, value))
+        else:
+            bad.append(
+                {"seed": str(seed), "section": section, "rm": name, "scope": scope, "metric": metric}
+                | {"value": repr(value), "why": why}
+            )
+    return good, bad
 
 
 def align_values(metrics: dict | None, judgements: dict | None) -> list[tuple]:
@@ -75,19 +122,21 @@ def align_values(metrics: dict | None, judgements: dict | None) -> list[tuple]:
     out = []
     for policy, m in (get_path(metrics, "policies") or {}).items():
         for scope, g in (get_path(m, "gold") or {}).items():
-            if isinstance(get_path(g, "mean"), (int, float)):
-                out.append(("align", policy, scope, "gold_reward", float(g["mean"])))
+            if _present(get_path(g, "mean")):
+                out.append(("align", policy, scope, "gold_reward", _number(g["mean"])))
         for scope, p in (get_path(m, "perplexity") or {}).items():
-            if isinstance(p, (int, float)):
-                out.append(("align", policy, scope, "perplexity", float(p)))
+            if _present(p):
+                out.append(("align", policy, scope, "perplexity", _number(p)))
     for label, per_set in (judgements or {}).items():
         for scope, e in (per_set or {}).items():
             w, lose = get_path(e, "win"), get_path(e, "lose")
-            if isinstance(w, (int, float)) and isinstance(lose, (int, float)):
+            if _present(w) and _present(lose):
+                w, lose = _number(w), _number(lose)
+                both = all(isinstance(x, float) for x in (w, lose))
                 out += [
-                    ("judge", label, scope, "win_rate", float(w)),
-                    ("judge", label, scope, "lose_rate", float(lose)),
-                    ("judge", label, scope, "win_minus_lose", float(w) - float(lose)),
+                    ("judge", label, scope, "win_rate", w),
+                    ("judge", label, scope, "lose_rate", lose),
+                    ("judge", label, scope, "win_minus_lose", w - lose if both else f"{w!r} - {lose!r}"),
                 ]
     return out
 
@@ -119,24 +168,28 @@ def pair_names(a: str, b: str, names: list[str]) -> list[tuple[str, str]]:
 
 
 def aggregate_point(per_seed: dict[int, list[tuple]], confidence: float = CONFIDENCE) -> dict:
-    """{"metrics": [...], "differences": [...]} for one grid point from {seed: collect_run(...)}."""
+    """{"metrics": [...], "differences": [...]} for one grid point from {seed: collect_run(...)}; with
+    "invalid" (`split_valid`) when a value could not be averaged: it is left out of its metric (whose row then
+    names the seeds left out, `left_out`) and of the differences, never silently."""
     table: dict[tuple, dict[int, float]] = {}
+    invalid: list[dict] = []
     for seed, rows in per_seed.items():
-        for section, name, scope, metric, value in rows:
+        good, bad = split_valid(seed, rows)
+        invalid += bad
+        for section, name, scope, metric, value in good:
             table.setdefault((section, name, scope, metric), {})[seed] = value
+    left_out: dict[tuple, list[str]] = {}
+    for b in invalid:
+        left_out.setdefault((b["section"], b["rm"], b["scope"], b["metric"]), []).append(b["seed"])
     metrics = []
-    for (section, name, scope, metric), vals in table.items():
+    for key in list(table) + [k for k in left_out if k not in table]:
+        section, name, scope, metric = key
+        vals = table.get(key, {})
         stats = bounded_interval(t_interval(list(vals.values()), confidence), metric)
-        metrics.append(
-            {
-                "section": section,
-                "rm": name,
-                "scope": scope,
-                "metric": metric,
-                **stats,
-                "values": {str(s): v for s, v in sorted(vals.items())},
-            }
-        )
+        row = {"section": section, "rm": name, "scope": scope, "metric": metric, **stats}
+        if key in left_out:
+            row["left_out"] = left_out[key]
+        metrics.append(row | {"values": {str(s): v for s, v in sorted(vals.items())}})
     differences = []
     for section in ("calibration", "align"):
         names = sorted({k[1] for k in table if k[0] == section})
@@ -171,7 +224,8 @@ def aggregate_point(per_seed: dict[int, list[tuple]], confidence: float = CONFID
                             ),
                         }
                     )
-    return {"metrics": metrics, "differences": differences}
+    out = {"metrics": metrics, "differences": differences}
+    return out | ({"invalid": invalid} if invalid else {})
 
 
 def aggregate(out_dir: str | os.PathLike, confidence: float = CONFIDENCE, verify: bool = True) -> dict:
@@ -179,7 +233,10 @@ def aggregate(out_dir: str | os.PathLike, confidence: float = CONFIDENCE, verify
 
     With `verify` (the default) a run counts only when its manifest shows every selected stage up to date
     for the sweep's current definition (recipe + overrides + grid values + seed), so results of a run whose
-    settings have changed since, or that has not finished, are never aggregated."""
+    settings have changed since, or that has not finished, are never aggregated. In a results folder (--export)
+    a run counts only when its export.json matches the definition, its run fingerprint included, and its
+    settings (recipe.yaml, seeds aside) agree with the other runs of its point (`export_checks`); every run
+    left out is named in summary.md with the reason."""
     out_dir = Path(out_dir)
     sweep = read_json(out_dir / SWEEP_FILE)
     if not isinstance(sweep, dict):
@@ -187,46 +244,64 @@ def aggregate(out_dir: str | os.PathLike, confidence: float = CONFIDENCE, verify
             f"{out_dir / SWEEP_FILE} not found or unreadable: {out_dir} is not a sweep directory "
             "(run python -m pipeline.sweep ... --output-dir there first)"
         )
-    defined = {(r["point"], int(r["seed"])): r for r in sweep.get("runs", [])}
-    from_export = bool(sweep.get("export"))
-    summary = {"sweep": sweep, "confidence": confidence, "points": {}}
+    check_definition(sweep, out_dir / SWEEP_FILE)
+    summary = {"sweep": redact_credentials(sweep), "confidence": confidence, "points": {}}
     for point in sweep["points"]:
-        per_seed, runs = {}, {}
-        for seed in sweep["seeds"]:
-            run_dir = out_dir / point["name"] / f"seed-{seed}"
-            if verify:
-                run = defined.get((point["name"], int(seed)))
-                if run is None:
-                    runs[str(seed)] = "not in the sweep definition"
-                    continue
-                if from_export:  # a results folder: its export.json must be of this run's definition
-                    why = export_mismatch(read_json(run_dir / EXPORT_FILE), sweep, run)
-                    if why:
-                        runs[str(seed)] = f"not exported ({why})"
-                        continue
-                    rows = collect_run(run_dir)
-                    runs[str(seed)] = "collected" if rows else "no results"
-                    if rows:
-                        per_seed[seed] = rows
-                    continue
-                state, why = run_state(load_recipe(sweep["recipe"], run["overrides"]), run_dir, sweep.get("stages"))
-                if state != "done":
-                    runs[str(seed)] = f"not done ({why})"
-                    continue
-            rows = collect_run(run_dir)
-            runs[str(seed)] = "collected" if rows else "no results"
-            if rows:
+        runs, found = _point_runs(out_dir, sweep, point["name"], verify)
+        per_seed = {}
+        for seed, rows in found.items():
+            if not split_valid(seed, rows)[0]:
+                runs[str(seed)] = "no valid results (every value left out, see below)"
+            else:
+                runs[str(seed)] = "collected"
                 per_seed[seed] = rows
-        summary["points"][point["name"]] = {
-            "grid": point["values"],
-            "runs": runs,
-            "n_runs": len(per_seed),
-            **aggregate_point(per_seed, confidence),
-        }
+        runs = {str(s): runs[str(s)] for s in sweep["seeds"]}  # in seed order
+        stats = aggregate_point(found, confidence)
+        summary["points"][point["name"]] = {"grid": point["values"], "runs": runs, "n_runs": len(per_seed), **stats}
     atomic_write_json(out_dir / "summary.json", summary)
     plots = write_plots(out_dir, summary)
     atomic_write_text(out_dir / "summary.md", render_summary(summary, plots))
     return summary
+
+
+def _point_runs(out_dir: Path, sweep: dict, name: str, verify: bool) -> tuple[dict, dict]:
+    """({seed: status} of the runs left out, {seed: collect_run rows} of those collected) for one point."""
+    defined = {(r["point"], int(r["seed"])): r for r in sweep.get("runs", [])}
+    runs, found, dirs, other = {}, {}, {}, {}
+    for seed in sweep["seeds"]:
+        run_dir = out_dir / name / f"seed-{seed}"
+        run = defined.get((name, int(seed)))
+        if verify and run is None:
+            runs[str(seed)] = "not in the sweep definition"
+            continue
+        if verify and sweep.get("export"):  # a results folder: its export.json must be of this run's definition
+            why = export_mismatch(read_json(run_dir / EXPORT_FILE), sweep, run)
+            if why.startswith("made with other settings"):
+                other[seed] = (why, run_dir)
+                continue
+            if why:
+                runs[str(seed)] = f"not exported ({why})"
+                continue
+        elif verify:
+            state, why = run_state(load_recipe(sweep["recipe"], run["overrides"]), run_dir, sweep.get("stages"))
+            if state != "done":
+                runs[str(seed)] = f"not done ({why})"
+                continue
+        rows = collect_run(run_dir)
+        if rows:
+            found[seed], dirs[seed] = rows, run_dir
+        else:
+            runs[str(seed)] = "no results"
+    if verify and sweep.get("export"):
+        for seed, why in settings_outliers(dirs).items():
+            runs[str(seed)] = f"left out: {why}"
+            found.pop(seed)
+            dirs.pop(seed)
+        ref = next(((s, st) for s, d in sorted(dirs.items()) if (st := run_settings(d)) is not None), None)
+        for seed, (why, run_dir) in other.items():
+            change = settings_change(ref, run_dir) if ref else ""
+            runs[str(seed)] = f"left out: {why}" + (f"; {change}" if change else "")
+    return runs, found
 
 
 def resummarize(out_dir: str | os.PathLike) -> dict:
@@ -243,6 +318,7 @@ def resummarize(out_dir: str | os.PathLike) -> dict:
             for seed, v in r.get("values", {}).items():
                 per_seed.setdefault(int(seed), []).append((r["section"], r["rm"], r["scope"], r["metric"], v))
         p.update(aggregate_point(per_seed, summary["confidence"]))
+    summary["sweep"] = redact_credentials(summary.get("sweep") or {})
     atomic_write_json(out_dir / "summary.json", summary)
     plots = write_plots(out_dir, summary)
     atomic_write_text(out_dir / "summary.md", render_summary(summary, plots))

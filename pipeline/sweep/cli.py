@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.config import load_recipe
 from pipeline.dist import is_main_process, world_size
-from pipeline.errors import RecipeError
+from pipeline.errors import RecipeError, redact_credentials
 from pipeline.io import atomic_write_json
 from pipeline.sweep.aggregation import aggregate, resummarize
 from pipeline.sweep.export import Exporter
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             return _aggregate_only(args)
         return _sweep(args)
     except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_credentials(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"interrupted ({e or 'Ctrl-C'}); run the same command again to resume the sweep", file=sys.stderr)
@@ -116,7 +116,7 @@ def _dry_run(args, runs: list, exporter: Exporter | None) -> None:
         if exporter and exporter.is_exported(r):
             state, why = "done", f"exported to {exporter.dest(r)}"
         print(f"{state:5s} {r.point} seed-{r.seed}  {r.dir}  ({why})")
-        print(f"      overrides: {' '.join(r.overrides)}")
+        print(f"      overrides: {' '.join(redact_credentials(r.overrides))}")
 
 
 def _sweep(args) -> int:

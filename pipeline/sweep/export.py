@@ -4,9 +4,12 @@ the machine.
 As soon as a run finishes, `export_run` copies `EXPORT_GLOBS` (no weights or checkpoints; absolute paths of
 this machine made relative, `strip_paths`) with E/.../export.json (overrides + `run_fingerprint`). A run
 exported with the same fingerprint is skipped (`Exporter.is_exported`), so on a new machine only unfinished
-runs run; `--aggregate E` works from E alone (`export_mismatch` says why an export does not belong).
+runs run; `--aggregate E` works from E alone: `export_mismatch` says why an export does not belong (its
+overrides, stages, recipe, or its run fingerprint, which E/sweep.json records per run), and `settings_outliers`
+separates runs of one point whose exported recipe.yaml (seeds aside) disagree (a definition written before the
+fingerprints were recorded).
 
-Imports: pipeline.config, the leaf pipeline.io, pipeline.sweep.grid and pipeline.sweep.runner (its messages).
+Imports: pipeline.config, the leaves pipeline.io and pipeline.errors, pipeline.sweep.grid and pipeline.sweep.runner (its messages).
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 from pipeline.config import load_recipe, recipe_to_dict
-from pipeline.io import atomic_dir, atomic_write_json, read_json, sha256_json
+from pipeline.errors import redact_credentials
+from pipeline.io import atomic_dir, atomic_write_json, dict_changes, read_json, sha256_json
 from pipeline.sweep.grid import SWEEP_FILE, SweepRun
 from pipeline.sweep.runner import _say
 
@@ -109,7 +115,7 @@ def _export_info(recipe_arg: str, r: SweepRun, stages, fingerprint: str) -> dict
         "recipe": recipe_label(recipe_arg),
         "point": r.point,
         "seed": r.seed,
-        "overrides": list(r.overrides),
+        "overrides": redact_credentials(list(r.overrides)),
         "stages": stages,
         "fingerprint": fingerprint,
     }
@@ -136,8 +142,14 @@ class Exporter:
         return self.fingerprints[key]
 
     def write_definition(self) -> None:
-        runs = [{**run, "dir": f"{run['point']}/seed-{run['seed']}"} for run in self.definition["runs"]]
+        """E/sweep.json: the definition, each run with its directory in E and its run fingerprint (what
+        `--aggregate E` compares each export.json with)."""
+        runs = [
+            {**run, "dir": f"{run['point']}/seed-{run['seed']}", "fingerprint": self.fingerprint(SweepRun(**run))}
+            for run in self.definition["runs"]
+        ]
         definition = {**self.definition, "recipe": recipe_label(self.recipe_arg), "runs": runs, "export": True}
+        definition = redact_credentials(definition)  # a results folder to commit: no credential in a URL
         atomic_write_json(self.root / SWEEP_FILE, _portable(definition, _machine_roots(self.out_dir)))
 
     def is_exported(self, r: SweepRun) -> bool:
@@ -152,14 +164,76 @@ class Exporter:
 
 def export_mismatch(info, sweep: dict, run: dict) -> str:
     """Why an exported run does not belong to the sweep's definition ('' when it does): the recipe, the
-    stages and the run's overrides (grid values and seed included) must be the ones recorded at export."""
+    stages and the run's overrides (grid values and seed included) must be the ones recorded at export, and
+    its run fingerprint (`run_fingerprint`: the resolved recipe, so a recipe FILE edited since counts) the one
+    E/sweep.json records for the run (definitions written before it was recorded have none)."""
     if not isinstance(info, dict):
         return "no export.json: the run has not finished"
     for key, want in (
         ("recipe", sweep.get("recipe")),
         ("stages", sweep.get("stages")),
-        ("overrides", run["overrides"]),
+        ("overrides", redact_credentials(run["overrides"])),  # exported masked (`redact_credentials`)
     ):
-        if info.get(key) != want:
+        if redact_credentials(info.get(key)) != want:
             return f"its {key} differ from the sweep's definition"
+    want = run.get("fingerprint")
+    if want and info.get("fingerprint") != want:
+        return (
+            f"made with other settings than the sweep's definition (its run fingerprint "
+            f"{str(info.get('fingerprint'))[:10]} is not the definition's {str(want)[:10]})"
+        )
     return ""
+
+
+def _without_seeds(obj):
+    """A resolved recipe with every seed field (`seed`, `*_seed`) and `output_dir` blanked: what runs of one grid
+    point must share."""
+    if isinstance(obj, dict):
+        return {
+            k: (
+                None
+                if isinstance(k, str) and (k in ("seed", "output_dir") or k.endswith("_seed"))
+                else _without_seeds(v)
+            )
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [_without_seeds(v) for v in obj]
+    return obj
+
+
+def run_settings(run_dir: Path) -> dict | None:
+    """An exported run's resolved recipe (its recipe.yaml) without its seeds; None when it has none."""
+    try:
+        data = yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return _without_seeds(data) if isinstance(data, dict) else None
+
+
+def settings_change(ref: tuple[int, dict], run_dir: Path) -> str:
+    """'recipe.yaml differs from seed 0's: key: a -> b' for the run in `run_dir` against `ref` = (seed, settings);
+    '' when it has no recipe.yaml or the same settings."""
+    mine = run_settings(run_dir)
+    if mine is None or mine == ref[1]:
+        return ""
+    return f"its recipe.yaml differs from seed {ref[0]}'s: {dict_changes(ref[1], mine, limit=3)}"
+
+
+def settings_outliers(dirs: dict) -> dict:
+    """{seed: why} of the runs of one point ({seed: run directory}) whose settings (recipe.yaml without its seeds)
+    differ from those most of the point's runs share (the lowest seed's group on a tie); runs without a
+    recipe.yaml are not compared."""
+    settings = {seed: st for seed, d in sorted(dirs.items()) if (st := run_settings(d)) is not None}
+    groups: dict[str, list[int]] = {}
+    for seed, st in settings.items():
+        groups.setdefault(sha256_json(st), []).append(seed)
+    if len(groups) < 2:
+        return {}
+    keep = max(groups.values(), key=lambda seeds: (len(seeds), -seeds[0]))
+    ref = (keep[0], settings[keep[0]])
+    return {
+        seed: f"made with other settings than the point's other runs ({settings_change(ref, dirs[seed])})"
+        for seed in settings
+        if seed not in keep
+    }

@@ -4,7 +4,8 @@ Every (grid point x seed) is one ordinary `pipeline.run` run directory, D/<point
 recipe, the command-line overrides, the grid point's values and the seed, in that order (`build_runs`). The
 seed is written into EVERY seed field of the resolved recipe (`seed_overrides`), so seed s is one independent
 replicate of the whole run. A point's name is readable: `drift_scale=0.5` (several axes joined by `__`;
-`default` without a grid). D/sweep.json (`SWEEP_FILE`) records the definition.
+`default` without a grid). D/sweep.json (`SWEEP_FILE`) records the definition; `check_definition` refuses one
+that is corrupt, or whose point names or seeds would lead outside D, in one line.
 
 Imports: pipeline.config (the recipe loader) and the leaf pipeline.errors; nothing else of the sweep.
 """
@@ -161,3 +162,59 @@ def build_runs(
             load_recipe(recipe_arg, full)  # validate
             runs.append(SweepRun(point["name"], seed, str(out / point["name"] / f"seed-{seed}"), full))
     return runs
+
+
+_POINT_NAME = re.compile(r"[A-Za-z0-9._=+-]+")
+
+
+def is_point_name(name) -> bool:
+    """A grid point's name as `grid_points` makes it: one plain path component (letters, digits, ._=+-),
+    never '.' or '..', so D/<point>/ stays inside D."""
+    return isinstance(name, str) and bool(_POINT_NAME.fullmatch(name)) and name not in (".", "..")
+
+
+def _is_seed(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _definition_problem(sweep) -> str | None:
+    """What is wrong with a sweep definition read from disk (None when it is sound)."""
+    if not isinstance(sweep, dict):
+        return "not a JSON object"
+    if not isinstance(sweep.get("recipe"), str):
+        return "'recipe' is missing or not a string"
+    seeds = sweep.get("seeds")
+    if not isinstance(seeds, list) or not seeds or not all(_is_seed(s) for s in seeds):
+        return f"'seeds' must be a non-empty list of seeds (integers >= 0), got {str(seeds)[:80]}"
+    points = sweep.get("points")
+    if not isinstance(points, list) or not points:
+        return "'points' (the grid points) is missing or empty"
+    for p in points:
+        if not isinstance(p, dict) or not isinstance(p.get("values", {}), dict):
+            return f"a point must be {{'name', 'values'}}, got {str(p)[:80]}"
+        if not is_point_name(p.get("name")):
+            return (
+                f"point name {p.get('name')!r} is not one plain directory name (letters, digits, ._=+-; "
+                "not '..'), so it could lead outside the sweep directory"
+            )
+    runs = sweep.get("runs", [])
+    if not isinstance(runs, list):
+        return "'runs' is not a list"
+    for r in runs:
+        ok = isinstance(r, dict) and is_point_name(r.get("point")) and _is_seed(r.get("seed"))
+        if not ok or not isinstance(r.get("overrides", []), list):
+            return f"a run must be {{'point', 'seed', 'overrides'}} with a plain point name, got {str(r)[:80]}"
+    if not isinstance(sweep.get("grid", []), list) or not isinstance(sweep.get("overrides", []), list):
+        return "'grid' and 'overrides' must be lists"
+    return None
+
+
+def check_definition(sweep, where) -> None:
+    """One RecipeError naming `where` (a sweep.json) when the definition is corrupt: seeds that are not integers,
+    no points, a point name or seed that would make D/<point>/seed-<s>/ leave D."""
+    problem = _definition_problem(sweep)
+    if problem:
+        raise RecipeError(
+            f"{where}: {problem}. It is written by python -m pipeline.sweep: restore it, or rerun the sweep "
+            "command (with --output-dir, or --export) to write it again"
+        )

@@ -26,18 +26,21 @@ def _fmt(x, digits: int = 4) -> str:
 def cell(stats: dict | None, metric: str = "") -> str:
     """'0.0512 [0.0401, 0.0623]' (mean and interval); '0.0512 (n=1)' without an interval. Accuracy and
     win/lose rates in percent (`PERCENT_METRICS`); an interval clipped to the metric's range is marked
-    with a dagger, one from fewer than MIN_SEEDS seeds with (n=2)."""
+    with a dagger, one from fewer than MIN_SEEDS seeds with (n=2), one with a seed's value left out (not a
+    finite number in the metric's range) with (n=1; seed 1 left out)."""
+    left = (stats or {}).get("left_out")
+    out = f"; seed {', '.join(left)} left out" if left else ""
     if not stats or stats.get("mean") is None:
-        return "-"
+        return f"- ({out[2:]})" if left else "-"
     scale, digits = (100.0, 2) if metric in PERCENT_METRICS else (1.0, 4)
 
     def f(x):
         return _fmt(x * scale, digits)
 
     if stats.get("low") is None:
-        return f"{f(stats['mean'])} (n={stats['n']})"
+        return f"{f(stats['mean'])} (n={stats['n']}{out})"
     mark = " †" if stats.get("clipped") else ""
-    few = f" (n={stats['n']})" if stats.get("n", 0) < MIN_SEEDS else ""
+    few = f" (n={stats['n']}{out})" if stats.get("n", 0) < MIN_SEEDS or left else ""
     return f"{f(stats['mean'])} [{f(stats['low'])}, {f(stats['high'])}]{mark}{few}"
 
 
@@ -126,13 +129,14 @@ def _point_section(name: str, p: dict, conf: str) -> list[str]:
     lines = [f"## {name}", ""]
     if p["grid"]:
         lines += ["Grid values: " + ", ".join(f"`{k}={v}`" for k, v in p["grid"].items()), ""]
-    missing = [f"{s}: {st}" for s, st in p["runs"].items() if st != "collected"]
+    missing = [f"{s}: {st}" for s, st in p["runs"].items() if st != "collected" and not st.startswith("left out")]
     lines += [
         f"Seeds with results: {p['n_runs']} of {len(p['runs'])}"
         + (f" (missing: {'; '.join(missing)})" if missing else "")
         + ".",
         "",
     ]
+    lines += _left_out_lines(p)
     if seed_warning(p["n_runs"]):
         lines += [f"**{seed_warning(p['n_runs'])}**", ""]
     idx = _index(p["metrics"])
@@ -149,6 +153,27 @@ def _point_section(name: str, p: dict, conf: str) -> list[str]:
     lines += _policy_table(p["metrics"], idx)
     lines += _judgement_table(p["metrics"], idx)
     lines += _difference_table(p["differences"], key_metrics(heads), scopes, conf)
+    return lines
+
+
+def _left_out_lines(p: dict) -> list[str]:
+    """Runs left out because they were made with other settings than the sweep's definition, and per-seed values
+    left out of the means (not a number, not finite, outside the metric's range): each named, with why."""
+    lines = []
+    other = [f"seed {s}: {st[len('left out: ') :]}" for s, st in p["runs"].items() if st.startswith("left out")]
+    if other:
+        lines += [f"**Runs left out, not averaged with the others: {'; '.join(other)}.**", ""]
+    bad = p.get("invalid") or []
+    if bad:
+        items = [
+            f"seed {b['seed']}: {rm_label(b['rm'])}, {b['scope']}, {metric_label(b['metric'])} = {b['value']} ({b['why']})"
+            for b in bad
+        ]
+        lines += [
+            f"**Values left out of the means ({len(bad)}; each such mean uses the other seeds only, its n says how "
+            f"many): {'; '.join(items[:20])}{' ...' if len(items) > 20 else ''}.**",
+            "",
+        ]
     return lines
 
 

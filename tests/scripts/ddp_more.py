@@ -13,8 +13,8 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from pipeline.dist import shutdown_distributed  # noqa: E402
 from pipeline.reward.trainer import MORERewardTrainer  # noqa: E402
-from pipeline.run import shutdown_distributed  # noqa: E402
 from tests import reward_helpers as H  # noqa: E402
 
 

@@ -21,7 +21,7 @@ tests/test_ppo_distributed.py). Outputs in `output_dir`: `ppo_log.jsonl` (one ro
 `ppo_summary.json`, `policy/` (HF format + tokenizer + `value_model.safetensors`), and while running,
 `checkpoint/` every `save_every` steps (a rerun resumes from it; it is removed when the run finishes).
 
-Imports: numpy, torch, `pipeline.io`, `pipeline.logs`, `pipeline.data.tokenize` (inside `_encode_prompts`) and
+Imports: numpy, torch, `pipeline.io`, `pipeline.logs`, `pipeline.align.generate` (inside `_encode_prompts`) and
 the modules beside this one; accelerate, TRL and safetensors inside the functions that need them.
 """
 
@@ -76,6 +76,7 @@ def train_ppo(
     ref_policy: nn.Module | None = None,
     accelerator=None,
     gold_fn: Callable[[list[str], list[str]], Sequence[float]] | None = None,
+    add_special_tokens: bool | Sequence[bool] = True,
 ) -> dict:
     """Run PPO on `policy` (a causal LM) and save the result under `output_dir/policy` (HF format).
 
@@ -86,6 +87,9 @@ def train_ppo(
     `output_dir/ppo_config.json`, `output_dir/ppo_summary.json`, and with `cfg.save_every` resumable
     checkpoints in `output_dir/checkpoint` (a rerun with the same output_dir resumes from it; a run whose
     `policy/` and summary exist is not redone). Returns the summary dict (with the per-step log).
+    `add_special_tokens` (one flag, or one per prompt): False for prompts rendered by a chat template, which
+    writes its own special tokens (a BOS-adding tokenizer would add a second BOS); prompts are encoded as the
+    generation path encodes them (`pipeline.align.generate.encode_prompts`).
     """
     from accelerate import Accelerator
 
@@ -106,7 +110,7 @@ def train_ppo(
         atomic_write_json(output_dir / "ppo_config.json", asdict(cfg))
 
     # prompts: a seeded order shared by all ranks, each rank takes its slice
-    prompt_ids, n_trunc = _encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
+    prompt_ids, n_trunc = _encode_prompts(tokenizer, prompts, cfg.max_prompt_length, add_special_tokens)
     if n_trunc and main:
         say("ppo", f"{n_trunc} prompts truncated from the left to {cfg.max_prompt_length} tokens")
     bar = progress_bar(
@@ -502,14 +506,20 @@ def _ref_logprobs(model, accelerator, ref_policy, input_ids, attn, plen, cfg):
     return lp
 
 
-def _encode_prompts(tokenizer, prompts, max_length):
-    from pipeline.data.tokenize import encode_left
+def _encode_prompts(tokenizer, prompts, max_length, add_special_tokens: bool | Sequence[bool] = True):
+    """(ids, how many prompts were cut): the generation path's encoding (`encode_prompts`: special tokens only
+    for prompts not rendered by a chat template, left truncation keeping a leading BOS), so PPO's rollouts start
+    from the token ids the candidates were sampled from."""
+    from pipeline.align.generate import encode_prompts
 
-    ids, n_trunc = encode_left(tokenizer, prompts, max_length, add_eos=False)
+    if not isinstance(add_special_tokens, bool) and len(add_special_tokens) != len(prompts):
+        raise ValueError(f"train_ppo: {len(add_special_tokens)} add_special_tokens flags for {len(prompts)} prompts")
+    full = encode_prompts(tokenizer, prompts, None, add_special_tokens)
+    ids = encode_prompts(tokenizer, prompts, max_length, add_special_tokens)
     empty = [i for i, x in enumerate(ids) if not x]
     if empty:
         raise ValueError(f"train_ppo: prompt #{empty[0]} tokenizes to nothing; drop empty prompts")
-    return ids, n_trunc
+    return ids, sum(len(a) != len(b) for a, b in zip(full, ids))
 
 
 def _left_pad(seqs, pad_id, device):
