@@ -204,6 +204,7 @@ def test_bad_inputs_raise_one_clear_error(tmp_path, tiny_tok):
     # an RM directory that does not load
     reward = tmp_path / "reward"
     (reward / "broken").mkdir(parents=True)
+    tiny_tok.save_pretrained(reward / "broken")  # its tokenizer is fine (a folder without one fails earlier)
     (reward / "broken" / "config.json").write_text("{not json")
     (reward / "index.json").write_text(json.dumps({"broken": {"path": str(reward / "broken"), "method": "more"}}))
     with pytest.raises(ValueError, match="reward model 'broken' at .* does not load"):
