@@ -235,3 +235,21 @@ def test_report_with_only_step0_comparisons_states_the_rule_and_names_external_r
     assert "significantly higher (its 95% interval excludes 0 AND p < 0.05" in text
     assert "- **multitask is not significantly more accurate than its untrained starting point**" in text
     assert f"- ext: no step-0 reference ({why})." in text
+
+
+def test_the_averaging_rms_step0_is_the_average_of_its_members_step0s():
+    """The Averaging RM (the mean reward of the single-source RMs) is compared with the same mean over its
+    members' step 0s; when a member has none, it has none either, and says which member."""
+    from types import SimpleNamespace
+
+    from pipeline.calibration.step0 import Start, averaging_reason, rewards_by_rm
+
+    start = Start(base="b", seed=0, load={}, tokenizer=None, rm_dir="d", rms=["single-a", "single-b"])
+    arr = {"a": {"test": (np.array([1.0, 2.0]), np.array([0.5, 0.5]))}}
+    ev = SimpleNamespace(starts={"k": start}, singles=["single-a", "single-b"], with_averaging=True)
+    by_rm = rewards_by_rm(ev, {"k": arr})
+    assert set(by_rm) == {"single-a", "single-b", "averaging"} and averaging_reason(ev) is None
+    np.testing.assert_array_equal(by_rm["averaging"]["a"]["test"][0], [1.0, 2.0])
+    start.rms = ["single-a"]
+    assert "averaging" not in rewards_by_rm(ev, {"k": arr})
+    assert averaging_reason(ev) == "its member(s) single-b have none"
