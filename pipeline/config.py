@@ -371,7 +371,7 @@ def _substitute_data_root(raw: dict, ctx: Origin) -> None:
         if isinstance(node, list):
             return [walk(v, f"{path}[{i}]") for i, v in enumerate(node)]
         if isinstance(node, str) and DATA_ROOT in node:
-            used.append(path)
+            used.append((path, node))
             return node.replace(DATA_ROOT, str(root)) if root else node
         return node
 
@@ -386,13 +386,20 @@ def _substitute_data_root(raw: dict, ctx: Origin) -> None:
         if root is not None:
             raw["data_root"] = root
         return
+    wanted = ", ".join(dict.fromkeys(node.split(DATA_ROOT, 1)[1].lstrip("/") or "." for _, node in used))
+    holding = (
+        f"a directory holding your local copies of the data in these layouts: {wanted} (this project's own "
+        "checkouts have them in ../shared/data/real, which is not part of the repository)"
+    )
     if root is None:
         raise RecipeError(
-            f"{used[0]} in {ctx.where} uses {DATA_ROOT}, but data_root is not set. Fix: add the override "
-            "data_root=<directory holding the data> (e.g. data_root=../shared/data/real)"
+            f"{used[0][0]} in {ctx.where} uses {DATA_ROOT}, but data_root is not set. Fix: add the override "
+            f"data_root=<{holding}>"
         )
     if not Path(root).is_dir():
-        raise RecipeError(f"data_root {root} (from {ctx.origin('data_root')}) is not a directory")
+        raise RecipeError(
+            f"data_root {root} (from {ctx.origin('data_root')}) is not a directory. Fix: set data_root to {holding}"
+        )
     raw["data_root"] = root
 
 

@@ -216,10 +216,10 @@ def test_win_lose_sentence_rules():
     s = C.win_lose_sentence("rjs: more vs multitask", entry, {"diff": 0.10, "ci95": [-0.03, 0.23], "p_value": 0.1})
     assert s == (
         "rjs: more vs multitask: win 45% / tie 20% / lose 35% of 100 prompts; no significant difference "
-        "between the two policies (win - lose +10.0 points, 95% CI -3.0 to +23.0)."
+        "between the two policies (win - lose +10.0 points, 95% CI -3.0 to +23.0; p = 0.100)."
     )
     s = C.win_lose_sentence("x", entry, {"diff": 0.10, "ci95": [0.02, 0.2], "p_value": 0.01})
-    assert "the first policy wins more often than it loses (win - lose +10.0 points, 95% CI +2.0 to +20.0)" in s
+    assert "the first policy wins more often than it loses (win - lose +10.0 points, 95% CI +2.0 to +20.0; " in s
     s = C.win_lose_sentence("x", entry, {"diff": -0.10, "ci95": [-0.2, -0.02], "p_value": 0.01})
     assert "loses more often than it wins" in s
     assert C.win_lose_sentence("x", {"win": None, "tie": None, "lose": None}, None) == "x: no verdicts."

@@ -76,6 +76,12 @@ def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
     train_sources = pick_sources(splits, cfg.prompt_sources, "prompt_sources")
     eval_sources = pick_sources(splits, cfg.eval_sources, "eval_sources")
     gold_fn = _gold_fn(cfg, is_synthetic(splits, eval_sources))
+    if not cfg.model_name_or_path and not is_synthetic(splits, train_sources + eval_sources):
+        ctx.log(
+            "warning: the policy is the tiny demo policy, warm-started on the synthetic benchmark's text: on these "
+            "real prompts its samples are not meaningful text, and the verdicts compare such samples (report.md "
+            "says so). Fix: align a real policy (align.model_name_or_path)"
+        )
     ctx.conversations.update(split_conversations(splits, train_sources + eval_sources))  # prompts keep messages
     if isinstance(gold_fn, RMReward):  # an RM as gold judge: its own template too
         gold_fn.conversations = ctx.conversations
@@ -243,6 +249,7 @@ def check(recipe, *, runs: bool, origin) -> None:
                 f"the data sources are {sources}. Fix: use names from data.sources"
             )
     _check_rms_and_comparisons(recipe.reward.methods, sources, align, is_source, origin)
+    _check_judge_data(data, align, origin)
     env = align.judge.api_key_env
     if runs and align.judge.kind == "openai" and env and not os.environ.get(env):
         raise RecipeError(
@@ -264,6 +271,24 @@ def _check_judge_budget(recipe, origin) -> None:
             f"align.judge.max_requests={plan['budget']} in {origin('align.judge.max_requests')} cannot cover this "
             f"run's {planned_requests_text(plan)[len('judge: ') :]}. Fix: align.judge.max_requests={plan['needed']} "
             "(or more), or judge less (align.n_eval_prompts, align.comparisons, align.methods)"
+        )
+
+
+def _check_judge_data(data, align, origin) -> None:
+    """align.judge.gold=synthetic judges with the synthetic benchmark's gold reward r*, which only its pairs have:
+    eval sources that are not synthetic (a `group_by` source never is) fail here, before any work, not when the
+    stage runs."""
+    if align.judge.kind != "gold" or align.judge.gold != "synthetic":
+        return
+    formats = {spec.name: spec.format for spec in data.sources}
+    real = [s for s in align.eval_sources or [] if formats.get(s, "a group_by source's format") != "synthetic"]
+    if real:
+        shown = ", ".join(f"{s} ({formats.get(s, 'a group_by source')})" for s in real)
+        raise RecipeError(
+            f"align.judge.gold=synthetic (from {origin('align.judge.gold')}) judges with the synthetic benchmark's "
+            f"gold reward, which only synthetic pairs have, but align.eval_sources has real data: {shown}. Fix: set "
+            "align.judge.gold=<a reward-model directory> (an RM as gold judge), align.judge.kind=openai, or "
+            "align.judge.kind=none"
         )
 
 

@@ -67,6 +67,19 @@ def parse_comparison(
     return m.group(1), m.group(2)
 
 
+STEP0 = "@step0"  # '<rm>@step0': a trained RM's untrained starting point (pipeline.calibration.step0)
+
+
+def step0_name(rm: str) -> str:
+    return f"{rm}{STEP0}"
+
+
+def is_step0_comparison(label: str) -> bool:
+    """'more vs more@step0': a trained RM against its own step 0."""
+    parts = str(label).split()
+    return len(parts) == 3 and parts[1] == "vs" and parts[2] == step0_name(parts[0])
+
+
 def default_comparisons(rms: Sequence[str]) -> list[str]:
     """`more vs multitask` when both exist, plus `more vs uniform` and `multitask vs uniform` when they exist."""
     have = set(rms)
@@ -335,11 +348,51 @@ def direction(metric: str) -> str | None:
     return None
 
 
-def p_text(p: float | None) -> str:
-    """'p < 0.001', 'p = 0.024' or '' (no p-value)."""
+# Fewer bootstrap resamples than this: p is coarse (it moves in steps of 2 / resamples), and the sentences that
+# print it say so next to it.
+FEW_RESAMPLES = 1000
+
+
+def p_text(p: float | None, n_samples: int | None = None, resolution: bool = False) -> str:
+    """'p < 0.001', 'p = 0.024' or '' (no p-value).
+
+    `n_samples`: the bootstrap resamples p was counted from. Such a p moves in steps of 2 / n_samples, so
+    p = 0 (no resample on the other side of 0) is written 'p < <step>' (with 200 resamples: 'p < 0.010'), and
+    with `resolution` and fewer than FEW_RESAMPLES resamples the step is named: 'p = 0.050 (in steps of
+    0.010: 200 resamples)'."""
     if p is None:
         return ""
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+    step = 2.0 / n_samples if n_samples else None
+    if step is not None and p <= 0:
+        return f"p < {max(step, 0.001):.3f}"  # the resolution is in the number itself
+    text = "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+    if resolution and n_samples and n_samples < FEW_RESAMPLES:
+        text += f" (in steps of {step:.3f}: {n_samples} resamples)"
+    return text
+
+
+def rule_failure(entry: dict) -> str:
+    """Which condition of the significance rule a NOT significant entry fails, when it fails only one: 'the
+    interval excludes 0 but p = 0.050 is not below 0.05' or 'p is below 0.05 but the interval does not exclude
+    0'; '' when both fail (or the entry has no interval or p)."""
+    ci, p = entry.get("ci95"), entry.get("p_value")
+    if not ci or p is None:
+        return ""
+    excludes = ci[0] > 0 or ci[1] < 0
+    if excludes and not p < ALPHA:
+        return f"the interval excludes 0 but p is not below {ALPHA:g}, and the rule needs both"
+    if not excludes and p < ALPHA:
+        return f"p is below {ALPHA:g} but the interval does not exclude 0, and the rule needs both"
+    return ""
+
+
+def rule_text(n_samples: int | None = None) -> str:
+    """The significance rule, whole, as the report states it where it uses it: 'its 95% interval excludes 0
+    AND p < 0.05' (and, with few resamples, the resolution of p)."""
+    text = f"its 95% interval excludes 0 AND p < {ALPHA:g} (an interval that excludes 0 with p = {ALPHA:.3f} is not enough)"
+    if n_samples and n_samples < FEW_RESAMPLES:
+        text += f"; with {n_samples} bootstrap resamples p moves in steps of {2.0 / n_samples:.3f}"
+    return text
 
 
 def significance_paragraph(findings: Sequence[str], n_tested: int, what: str = "difference") -> str:
@@ -380,12 +433,15 @@ def difference_sentence(
     scale: float = 1.0,
     digits: int = 4,
     unit: str = "",
+    n_samples: int | None = None,
 ) -> str:
     """One sentence about a - b that calls a difference real only when `significant` (interval excludes 0, p < 0.05).
 
     Significant: "MORE's ECE (M=10), all sources is lower than MultiTask's by 0.0180 (95% CI 0.0100 to 0.0260;
     p = 0.002): MORE is better here." Otherwise: "no significant difference between MORE and MultiTask in
-    ECE (M=10), all sources (difference +0.0006, 95% CI -0.0110 to +0.0120)."
+    ECE (M=10), all sources (difference +0.0006, 95% CI -0.0110 to +0.0120)", followed, when the interval and p
+    disagree, by which condition failed (`rule_failure`). `n_samples`: the bootstrap resamples behind p
+    (`p_text`: its resolution when they are few).
     """
     d = entry["diff"] * scale
     ci = entry.get("ci95")
@@ -397,11 +453,13 @@ def difference_sentence(
         )
     lo, hi = ci[0] * scale, ci[1] * scale
     p = entry.get("p_value")
-    p_txt = "" if p is None else "; " + p_text(p)
+    p_txt = "" if p is None else "; " + p_text(p, n_samples, resolution=True)
     if not significant(entry):
+        failed = rule_failure(entry)
         return (
             f"{what}: no significant difference between {a_name} and {b_name} (difference "
-            f"{_num(d, digits, True)}{unit}, 95% CI {_num(lo, digits, True)} to {_num(hi, digits, True)}{p_txt})."
+            f"{_num(d, digits, True)}{unit}, 95% CI {_num(lo, digits, True)} to {_num(hi, digits, True)}{p_txt})"
+            + (f": {failed}." if failed else ".")
         )
     lower = d < 0
     a_better = lower == lower_is_better
@@ -413,8 +471,9 @@ def difference_sentence(
     )
 
 
-def win_lose_sentence(label: str, entry: dict, stats: dict | None) -> str:
-    """Win/tie/lose of the first policy, called a win (or a loss) only when win - lose is `significant`."""
+def win_lose_sentence(label: str, entry: dict, stats: dict | None, n_samples: int | None = None) -> str:
+    """Win/tie/lose of the first policy, called a win (or a loss) only when win - lose is `significant`;
+    `n_samples`: the bootstrap resamples behind its p-value."""
     w, t, lo = (entry.get(k) for k in ("win", "tie", "lose"))
     if None in (w, t, lo):
         return f"{label}: no verdicts."
@@ -428,20 +487,26 @@ def win_lose_sentence(label: str, entry: dict, stats: dict | None) -> str:
         return f"{head}; win - lose {(w - lo) * scale:+.1f} points (no interval, so no verdict)."
     d = 100 * stats["diff"]
     ci_lo, ci_hi = (100 * v for v in stats["ci95"])
-    iv = f"win - lose {d:+.1f} points, 95% CI {ci_lo:+.1f} to {ci_hi:+.1f}"
+    p = stats.get("p_value")
+    iv = f"win - lose {d:+.1f} points, 95% CI {ci_lo:+.1f} to {ci_hi:+.1f}" + (
+        "" if p is None else "; " + p_text(p, n_samples, resolution=True)
+    )
     if not significant(stats):
-        return f"{head}; no significant difference between the two policies ({iv})."
+        failed = rule_failure(stats)
+        return f"{head}; no significant difference between the two policies ({iv})" + (
+            f": {failed}." if failed else "."
+        )
     verdict = "wins more often than it loses" if d > 0 else "loses more often than it wins"
     return f"{head}; the first policy {verdict} ({iv})."
 
 
-def _fmt_cell(e: dict, scale: float, digits: int) -> str:
+def _fmt_cell(e: dict, scale: float, digits: int, n_samples: int | None = None) -> str:
     if e["ci95"] is None:
         return f"{e['diff'] * scale:+.{digits}f}"
     star = " *" if significant(e) else ""
     lo, hi = (v * scale for v in e["ci95"])
     p = e.get("p_value")
-    p_cell = "" if p is None else f" {p_text(p)}"
+    p_cell = "" if p is None else f" {p_text(p, n_samples)}"
     return f"{e['diff'] * scale:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{p_cell}{star}"
 
 
@@ -450,7 +515,7 @@ def _scale(key: str) -> tuple[float, int]:
     return (100.0, 2) if key == "accuracy" else (1.0, 4)
 
 
-def _finding(a: str, b: str, group: str, key: str, e: dict) -> str:
+def _finding(a: str, b: str, group: str, key: str, e: dict, n_samples: int | None = None) -> str:
     """'brier (all_average): more higher by 0.0180 [0.0020, 0.0340], p = 0.024, multitask better'."""
     scale, digits = _scale(key)
     d, (lo, hi) = e["diff"] * scale, (v * scale for v in e["ci95"])
@@ -459,7 +524,7 @@ def _finding(a: str, b: str, group: str, key: str, e: dict) -> str:
     better = direction(key)
     verdict = f", {a if side == better else b} better" if better in ("lower", "higher") else ""
     unit = " points" if key == "accuracy" else ""
-    return f"{_label(key)} ({group}): {a} {side} by {mag}{unit}, {p_text(e.get('p_value'))}{verdict}"
+    return f"{_label(key)} ({group}): {a} {side} by {mag}{unit}, {p_text(e.get('p_value'), n_samples)}{verdict}"
 
 
 def _label(key: str) -> str:
@@ -474,28 +539,52 @@ def render_comparisons(comparisons: dict, n_samples: int) -> str:
         "",
         f"Each cell is the difference a - b with its 95% paired bootstrap interval and two-sided p-value "
         f"({n_samples} resamples of the same test pairs for both RMs; averages resample within each source). "
-        f"`*` marks a significant difference: its interval excludes 0 AND p < {ALPHA:g}; only those are "
+        f"`*` marks a significant difference: {rule_text(n_samples)}; only those are "
         "differences this run can tell from noise. Under each metric: which direction is better. Accuracy in "
         "percentage points; `ts/` = after temperature scaling.",
         "",
     ]
+    against_start = {k: v for k, v in comparisons.items() if is_step0_comparison(k)}
+    comparisons = {k: v for k, v in comparisons.items() if k not in against_start}
+    lines += _comparison_tables(comparisons, n_samples)
+    if comparisons:
+        lines += [comparisons_paragraph(comparisons, n_samples), ""]
+    if against_start:
+        lines += [
+            "## Each trained RM vs its untrained starting point (step 0)",
+            "",
+            "`<rm>@step0` is the model the RM's training began from: its base model with the reward head initialised "
+            "as the training initialised it (same seed), scored on the same test pairs. An RM learned something "
+            "measurable where it is significantly better than its step 0; accuracy is the plain test of it (an "
+            "untrained head with tiny rewards can have a low ECE while knowing nothing).",
+            "",
+            *_comparison_tables(against_start, n_samples, level=3),
+            comparisons_paragraph(against_start, n_samples),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _comparison_tables(comparisons: dict, n_samples: int, level: int = 2) -> list[str]:
+    """One '## <a> vs <b>' table (heading `level`) per comparison (rows: sources and averages; each column's
+    better direction)."""
+    lines = []
     for label, groups in comparisons.items():
         keys = list(dict.fromkeys(k for by_metric in groups.values() for k in by_metric))
         labels = [_label(k) for k in keys]
         rows = [
-            [group, *(_fmt_cell(by_metric[k], *_scale(k)) if k in by_metric else "-" for k in keys)]
+            [group, *(_fmt_cell(by_metric[k], *_scale(k), n_samples) if k in by_metric else "-" for k in keys)]
             for group, by_metric in groups.items()
         ]
         table = markdown_table(
             ["", *labels], rows, subheader=["*better*", *(DIRECTION_TEXT[direction(k)] for k in keys)]
         )
         corner = "| | " + " | ".join(labels) + " |"  # the header with its empty corner cell written '| |'
-        lines += [f"## {label}", "", corner, *table[1:], ""]
-    lines += [comparisons_paragraph(comparisons), ""]
-    return "\n".join(lines)
+        lines += [f"{'#' * level} {label}", "", corner, *table[1:], ""]
+    return lines
 
 
-def comparisons_paragraph(comparisons: dict) -> str:
+def comparisons_paragraph(comparisons: dict, n_samples: int | None = None) -> str:
     """The closing paragraph of comparisons.md: every significant cell of comparisons.json, named."""
     findings, n_tested = [], 0
     for label, groups in comparisons.items():
@@ -505,5 +594,5 @@ def comparisons_paragraph(comparisons: dict) -> str:
                 if e.get("ci95") is not None:
                     n_tested += 1
                     if significant(e):
-                        findings.append(f"{label}, " + _finding(a, b, group, k, e))
+                        findings.append(f"{label}, " + _finding(a, b, group, k, e, n_samples))
     return significance_paragraph(findings, n_tested)

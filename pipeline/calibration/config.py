@@ -197,6 +197,17 @@ class CalibrationConfig:
             "test pairs are fresh draws over the same small prompt pool by design)."
         },
     )
+    step0_reference: bool = field(
+        default=True,
+        metadata={
+            "help": "Also score each trained RM's untrained starting point (step 0: its base model with the reward "
+            "head initialised as its training began, same seed) on the same pairs and compare the RM with it "
+            "('<rm> vs <rm>@step0' in comparisons.json/md, calibration/step0.json); the report says when an RM is "
+            "not significantly more accurate than its step 0. Costs one more scoring pass (the RMs of a run share "
+            "their start) and one paired comparison per RM; step0.json records the seconds it took. For the RMs "
+            "this run's reward stage trained; external RMs have no known starting point (the log and report say so)."
+        },
+    )
     plots: bool = field(default=True, metadata={"help": "Write the PNG plots."})
     seed: int | None = field(default=None, metadata={"help": "Bootstrap seed; null = the recipe's seed."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar while scoring."})

@@ -163,6 +163,17 @@ def check_external_rm(name: str, path: str, trust_remote_code: bool) -> str | No
     return path
 
 
+def resolved_load_dtype(cfg: CalibrationConfig, device) -> str:
+    """The weights dtype RMs are loaded in: calibration.load_dtype, 'auto' resolved (bfloat16 on a CUDA device
+    that supports it, else float32)."""
+    import torch
+
+    if cfg.load_dtype != "auto":
+        return cfg.load_dtype
+    cuda_bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
+    return "bfloat16" if cuda_bf16 else "float32"
+
+
 def load_rm(name: str, entry: dict, cfg: CalibrationConfig, device):
     """(model, tokenizer) of one RM, on `device`, in eval mode; one clear error when it does not load."""
     import torch
@@ -187,10 +198,7 @@ def load_rm(name: str, entry: dict, cfg: CalibrationConfig, device):
             f"calibration: reward model {name!r}: directory {path} does not exist (listed in DIR/reward/index.json); "
             "rerun the reward stage or fix the path"
         )
-    load_dtype = cfg.load_dtype
-    if load_dtype == "auto":
-        cuda_bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
-        load_dtype = "bfloat16" if cuda_bf16 else "float32"
+    load_dtype = resolved_load_dtype(cfg, device)
     try:
         tok = load_tokenizer(tok_path, trust_remote_code=cfg.trust_remote_code)
         model = load_reward_model(

@@ -27,7 +27,9 @@ analysis: the cross matrix (trained on i, tested on j) of accuracy and ECE, and 
 
 Paired comparisons (`calibration.compare`, "<a> vs <b>"): the difference a - b of every headline metric per
 source and for the averages, with a 95% paired bootstrap interval and p-value (`compare.paired_bootstrap`),
-in comparisons.json and comparisons.md.
+in comparisons.json and comparisons.md. With `calibration.step0_reference` (the default) each trained RM is also
+compared with its untrained starting point ('<rm> vs <rm>@step0', `step0`: scored once per distinct start, its
+metrics and the scoring seconds in step0.json).
 
 DPO policies named in `calibration.implicit_rms` are implicit RMs (`implicit_rms.score_implicit`: beta * (log pi -
 log pi_ref) over the response tokens, policy then reference, one model in memory at a time) and go through every
@@ -42,14 +44,15 @@ package, the leaves (`pipeline.io`, `logs`, `scoring`, `pipeline.data`) and noth
 
 Outputs in DIR/calibration/ (written by the main process only, the folder replaced atomically):
 metrics.json, table.md, temperatures.json, scores.npz (every reward), diversity.json, comparisons.json,
-comparisons.md, config.json (settings, RMs, external paths), and PNGs
+comparisons.md, step0.json, config.json (settings, RMs, external paths), and PNGs
 (reliability diagrams before/after scaling, reward-difference histograms, MORE weight trajectories,
 diversity heatmaps).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +85,9 @@ from pipeline.calibration.overlap import (
     train_prompt_records,
 )
 from pipeline.calibration.stage_plots import write_plots
+from pipeline.calibration.step0 import load_start, plan_starts, step0_results
 from pipeline.calibration.tables import render_table
+from pipeline.calibration.temperature import few_pairs_warning
 from pipeline.errors import RecipeError
 from pipeline.io import UnsafePathError, atomic_dir, atomic_write_json, atomic_write_text, inside
 from pipeline.logs import say
@@ -107,6 +112,8 @@ class Evaluation:
     sources: list[str]
     hh: list[str]  # the sources of the Helpful & Harmless average
     max_length: int | None
+    starts: dict = field(default_factory=dict)  # {key: step0.Start}: the trained RMs' starting points (step 0)
+    no_start: dict = field(default_factory=dict)  # {rm: why it has no step-0 reference}
 
 
 @dataclass
@@ -118,6 +125,7 @@ class Results:
     metrics: dict  # metrics.json
     diversity: dict | None  # diversity.json
     compared: dict  # comparisons.json
+    step0: dict | None = None  # step0.json
 
 
 def plan_evaluation(recipe, run_dir: Path, cfg: CalibrationConfig, main: bool) -> Evaluation:
@@ -152,6 +160,10 @@ def plan_evaluation(recipe, run_dir: Path, cfg: CalibrationConfig, main: bool) -
     if cfg.exclude_train_overlap:
         data, excluded = exclude_train_overlap(data, hashes, records, cfg, synthetic)
     sources = list(data)
+    starts, no_start = plan_starts(index, external, run_dir, cfg) if cfg.step0_reference else ({}, {})
+    if main:
+        for rm, why in no_start.items():
+            say("calibration", f"{rm}: no step-0 reference (its untrained starting point): {why}")
     return Evaluation(
         index=index,
         external=external,
@@ -167,6 +179,8 @@ def plan_evaluation(recipe, run_dir: Path, cfg: CalibrationConfig, main: bool) -
         sources=sources,
         hh=hh_sources(sources, cfg),
         max_length=cfg.max_length if cfg.max_length is not None else recipe.data.max_length,
+        starts=starts,
+        no_start=no_start,
     )
 
 
@@ -187,10 +201,35 @@ def score_all(ev: Evaluation, cfg: CalibrationConfig, state) -> dict:
     return rewards
 
 
-def compute_results(ev: Evaluation, rewards: dict, cfg: CalibrationConfig, seed: int) -> Results:
-    """Temperatures, metrics (with each RM's train overlap), diversity and paired comparisons."""
+def score_starts(ev: Evaluation, cfg: CalibrationConfig, state) -> tuple[dict, float]:
+    """({start key: {source: {split: (r_chosen, r_rejected)}}}, seconds): every distinct step-0 starting point
+    scored once, like an RM (`score_rm`)."""
+    rewards: dict = {}
+    t0 = time.perf_counter()
+    for key, start in ev.starts.items():
+        if state.is_main_process:
+            say("calibration", f"step 0 of {', '.join(start.rms)}: scoring its untrained starting point")
+        model, tok = load_start(start, cfg, state.device)
+        rewards[key] = score_rm(model, tok, ev.data, cfg, ev.max_length, state)
+        del model
+        check_finite_rewards(f"the step 0 of {', '.join(start.rms)}", {"path": start.base}, rewards[key])
+    seconds = time.perf_counter() - t0
+    if ev.starts and state.is_main_process:
+        say("calibration", f"step 0: {len(ev.starts)} starting point(s) scored in {seconds:.1f} s")
+    return rewards, seconds
+
+
+def compute_results(
+    ev: Evaluation, rewards: dict, cfg: CalibrationConfig, seed: int, starts: tuple[dict, float] | None = None
+) -> Results:
+    """Temperatures, metrics (with each RM's train overlap), diversity and paired comparisons; with `starts` (the
+    rewards of the RMs' starting points and the seconds scoring them took) each RM vs its step 0 too."""
     temperatures, fits = fit_temperatures(rewards, ev.sources) if cfg.temperature_scaling else ({}, {})
     effective_betas(ev.implicit, temperatures, fits)
+    for n_pairs in sorted({f["n_pairs"] for f in fits.values()}):
+        if warning := few_pairs_warning(n_pairs):
+            rms = ", ".join(rm for rm, f in fits.items() if f["n_pairs"] == n_pairs)
+            say("calibration", f"warning: {rms}: {warning}")
     metrics = {
         rm: rm_metrics(
             {
@@ -221,7 +260,11 @@ def compute_results(ev: Evaluation, rewards: dict, cfg: CalibrationConfig, seed:
         )
         for label, (a, b) in ev.comparisons.items()
     }
-    return Results(temperatures, fits, metrics, diversity, compared)
+    step0 = None
+    if starts is not None and (ev.starts or ev.no_start):
+        against_start, step0 = step0_results(ev, rewards, *starts, temperatures, cfg, seed)
+        compared.update(against_start)
+    return Results(temperatures, fits, metrics, diversity, compared, step0)
 
 
 def write_outputs(
@@ -230,7 +273,7 @@ def write_outputs(
     """Write DIR/calibration/ atomically; returns its files (relative to run_dir)."""
     with atomic_dir(run_dir / "calibration") as tmp:
         atomic_write_json(tmp / "metrics.json", res.metrics)
-        table = render_table(res.metrics, res.temperatures, ev.sources, ev.hh, cfg, res.diversity)
+        table = render_table(res.metrics, res.temperatures, ev.sources, ev.hh, cfg, res.diversity, res.fits)
         if ev.implicit:
             table = "\n".join([table, "", *implicit_table(ev.implicit, res.temperatures)])
         atomic_write_text(tmp / "table.md", table)
@@ -253,6 +296,8 @@ def write_outputs(
                 "data_stats": ev.stats,
             },
         )
+        if res.step0 is not None:
+            atomic_write_json(tmp / "step0.json", res.step0)
         if res.compared:
             atomic_write_json(tmp / "comparisons.json", res.compared)
             atomic_write_text(tmp / "comparisons.md", render_comparisons(res.compared, cfg.bootstrap_samples))
@@ -315,10 +360,11 @@ def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
     state = PartialState(cpu=not torch.cuda.is_available())
     ev = plan_evaluation(recipe, run_dir, cfg, state.is_main_process)
     rewards = score_all(ev, cfg, state)
+    starts = score_starts(ev, cfg, state)
     if not state.is_main_process:
         state.wait_for_everyone()
         return []
-    res = compute_results(ev, rewards, cfg, seed)
+    res = compute_results(ev, rewards, cfg, seed, starts)
     artifacts = write_outputs(run_dir, ev, rewards, res, cfg, seed)
     artifacts += write_rm_temperatures(run_dir, ev.index, res, ev.sources)
     state.wait_for_everyone()

@@ -2,7 +2,7 @@
 errors against the truth on the synthetic benchmark, the bootstrap intervals and the diversity matrix.
 
 `render_table` reads the metrics the stage computed (`analysis`); every table is built by
-`pipeline.tables.markdown_table`. Imports the leaves and the calibration config only.
+`pipeline.tables.markdown_table`. Imports the leaves, the calibration config and `temperature` (its warning).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from pipeline.calibration.config import CalibrationConfig
+from pipeline.calibration.temperature import few_pairs_warning
 from pipeline.tables import markdown_table
 
 
@@ -60,9 +61,16 @@ def _hh_table(metrics: dict, hh: list[str], ece: str, scaled: bool) -> list[str]
     return _section(f"Table 1 layout: Helpful & Harmless average ({', '.join(hh)})", header, rows)
 
 
-def _temperature_tables(metrics: dict, temperatures: dict, sources: list[str], ece: str, h: int) -> list[str]:
-    """The fitted temperatures with the all-source ECE, NLL and Brier before and after, then the Table 2 and
-    per-source ECE layouts after temperature scaling."""
+def _temperature_tables(
+    metrics: dict, temperatures: dict, sources: list[str], ece: str, h: int, fits: dict | None = None
+) -> list[str]:
+    """The fitted temperatures with the all-source ECE, NLL and Brier before and after (and the validation pairs
+    each was fitted on, with a warning under `temperature.MIN_PAIRS`), then the Table 2 and per-source ECE
+    layouts after temperature scaling."""
+    fits = fits or {}
+    counts = sorted({f["n_pairs"] for f in fits.values() if isinstance(f, dict) and "n_pairs" in f})
+    on = f"the {counts[0]} validation pairs" if len(counts) == 1 else "the validation pairs"
+    warn = [f"**Warning:** {w}." for n in counts if (w := few_pairs_warning(n))]
     rows = []
     for rm, m in metrics.items():
         a = m["all_average"]
@@ -72,9 +80,14 @@ def _temperature_tables(metrics: dict, temperatures: dict, sources: list[str], e
             + [_f(a["brier"]), _f(b["brier"])]
         )
     header = ["RM", "T", "ECE before", "ECE after", "NLL before", "NLL after", "Brier before", "Brier after"]
-    note = ("Accuracy does not change (dividing rewards by T > 0 keeps every sign).", "")
+    note = (
+        "Accuracy does not change (dividing rewards by T > 0 keeps every sign).",
+        "",
+        *warn,
+        *([""] if warn else []),
+    )
     return (
-        _section("Temperature scaling (T fitted on the validation pairs of all sources)", header, rows, before=note)
+        _section(f"Temperature scaling (T fitted on {on} of all sources)", header, rows, before=note)
         + _accuracy_table(metrics, sources, ece, "temperature_scaled", "Table 2 layout after temperature scaling")
         + _ece_table(metrics, sources, ece, "temperature_scaled", f"ECE (M={h}) per source after temperature scaling")
     )
@@ -103,14 +116,30 @@ def _truth_table(metrics: dict, sources: list[str], h: int) -> list[str]:
 
 
 def _interval_table(metrics: dict, sources: list[str], ece: str, n_samples: int) -> list[str]:
+    """The percentile bootstrap intervals of accuracy and ECE, with ECE's point estimate and the bootstrap
+    estimate of its upward bias beside its interval (see metrics.bootstrap_intervals)."""
     rows = []
     for rm, m in metrics.items():
         for s in sources:
             iv = m[s]["intervals"]
-            acc, err = iv["accuracy"], iv[ece]
-            rows.append([rm, s, f"{_pct(acc[0])} - {_pct(acc[1])}", f"{_f(err[0])} - {_f(err[1])}"])
-    title = f"95% bootstrap intervals ({n_samples} resamples of the test pairs)"
-    return _section(title, ["RM", "source", "accuracy (%)", "ECE"], rows)
+            acc, err, bias = iv["accuracy"], iv[ece], iv.get(f"{ece}_bias")
+            bias_cell = "-" if bias is None else f"{bias:+.4f}"
+            rows.append(
+                [rm, s, f"{_pct(acc[0])} - {_pct(acc[1])}", _f(m[s].get(ece)), f"{_f(err[0])} - {_f(err[1])}"]
+                + [bias_cell]
+            )
+    title = f"95% percentile bootstrap intervals ({n_samples} resamples of the test pairs)"
+    note = (
+        "Percentile intervals: the 2.5th to 97.5th percentile of the metric over resamples of the test pairs. ECE is "
+        "biased upward on a finite sample (noise in each bin's mean only adds to the gap) and a resample more so, so "
+        "the resampled ECEs sit above the estimate: the ECE interval says how much ECE moves between test samples of "
+        "this size, not where the true calibration error lies, and may start at the estimate. The last column is the "
+        "bootstrap estimate of that bias (mean over resamples minus the estimate; the estimate minus it is a "
+        "bias-corrected ECE). Differences between RMs are paired (comparisons.md), and the bias largely cancels there.",
+        "",
+    )
+    header = ["RM", "source", "accuracy (%)", "ECE", "ECE interval", "ECE bias (resamples - estimate)"]
+    return _section(title, header, rows, before=note)
 
 
 def _diversity_tables(diversity: dict, ece: str) -> list[str]:
@@ -130,6 +159,7 @@ def render_table(
     hh: list[str],
     cfg: CalibrationConfig,
     diversity: dict | None,
+    fits: dict | None = None,
 ) -> str:
     """calibration/table.md: the paper's Table 2 and Table 1 layouts, before and after temperature scaling."""
     h = cfg.headline_bins
@@ -147,7 +177,7 @@ def render_table(
     if hh:
         lines += _hh_table(metrics, hh, ece, bool(temperatures))
     if temperatures:
-        lines += _temperature_tables(metrics, temperatures, sources, ece, h)
+        lines += _temperature_tables(metrics, temperatures, sources, ece, h, fits)
     if any("truth" in metrics[rm][s] for rm in metrics for s in sources):
         lines += _truth_table(metrics, sources, h)
     if cfg.bootstrap_samples:

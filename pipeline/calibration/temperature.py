@@ -24,6 +24,22 @@ from pipeline.calibration.metrics import reward_margins
 
 # Search range for T relative to the typical margin size: 1e-4 .. 1e4 times the median |d|.
 RELATIVE_RANGE = 1e4
+# Fewer validation pairs than this and the fitted T is noise-dominated: with margins of typical size (|d| ~ 1,
+# p (1 - p) ~ 0.2) the standard error of 1/T is about 1 / sqrt(0.2 n), i.e. +-22% at n = 100, +-58% at n = 15.
+# The stage warns (log, table.md, report) below it.
+MIN_PAIRS = 100
+
+
+def few_pairs_warning(n_pairs: int) -> str | None:
+    """The warning for a temperature fitted on fewer than MIN_PAIRS validation pairs (None otherwise)."""
+    if n_pairs >= MIN_PAIRS:
+        return None
+    return (
+        f"the temperature was fitted on only {n_pairs} validation pairs (fewer than {MIN_PAIRS}, "
+        "pipeline.calibration.temperature.MIN_PAIRS): T and every temperature-scaled number are noisy (1/T's "
+        f"standard error is roughly +-{100 / (0.2 * max(n_pairs, 1)) ** 0.5:.0f}% here). Fix: give the sources more "
+        "validation pairs (data.valid_fraction, data.n_valid_per_source) or read the scaled numbers with care"
+    )
 
 
 @dataclass

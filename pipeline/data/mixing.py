@@ -13,6 +13,11 @@
   again by content). The ``source`` column is set to the spec's name. A spec with the option ``group_by``
   becomes one source per group (``<name>/<value>``, see `pipeline.data.sources`), each split and sized on
   its own, in sorted name order. `prompt_hash` is also what an RM's ``train_prompts.json`` records.
+  The prompt hashed is the WHOLE prompt: in a multi-turn dialogue (HH-RLHF) the whole context up to the last
+  user turn, so dialogues that open with the same question but continue differently may land in different
+  parts. The source
+  option ``split_by: first_turn`` hashes only the first user turn (`split_key`), so such dialogues share a
+  part; the default (``prompt``) keeps every existing split as it was.
 * `mix(train_by_source, strategy, n_per_source, per_source_batch, seed)`:
   - ``balanced`` (MORE, and the ``uniform`` baseline): every source resampled to the same size n (see
     `resample`; n defaults to the largest source and is rounded UP to a multiple of per_source_batch),
@@ -308,11 +313,30 @@ def _dropped_groups(loads: list[dict], shown: int = 6) -> str:
     return f"; groups dropped: {'; '.join(parts)}" if parts else ""
 
 
-def _split_by_prompt(ds, test_fraction: float, valid_fraction: float):
-    """test/validation/train of one source by the content hash of each pair's prompt (`split_of_prompt`), so
-    all pairs of one prompt share a part. A source of >= 3 prompts whose hashes give an asked-for part no
-    prompt moves the train prompt with the smallest hash there (tiny sources only; still content-based)."""
-    prompts = ds["prompt"]
+SPLIT_BY = ("prompt", "first_turn")
+
+
+def first_turn(prompt: str) -> str:
+    """The prompt up to the end of its first user turn: for the HH layout ('\n\nHuman: q\n\nAssistant: a\n\nHuman:
+    ...'), everything before the first '\n\nAssistant:' after 'Human:'; a prompt without that layout whole."""
+    start = prompt.find("Human:")
+    end = prompt.find("\n\nAssistant:", start) if start >= 0 else -1
+    return prompt[:end] if end >= 0 else prompt
+
+
+def split_key(prompt: str, split_by: str = "prompt") -> str:
+    """What a cut source's split is decided by (`split_of_prompt` hashes it): the whole prompt (the default: for
+    a multi-turn dialogue its whole context), or with `split_by: first_turn` its first user turn only, so the
+    dialogues that open with the same question share a part whatever their later turns."""
+    return first_turn(prompt) if split_by == "first_turn" else prompt
+
+
+def _split_by_prompt(ds, test_fraction: float, valid_fraction: float, split_by: str = "prompt"):
+    """test/validation/train of one source by the content hash of each pair's prompt (`split_of_prompt`; of its
+    first user turn with split_by=first_turn), so all pairs of one prompt share a part. A source of >= 3 prompts
+    whose hashes give an asked-for part no prompt moves the train prompt with the smallest hash there (tiny
+    sources only; still content-based)."""
+    prompts = [split_key(p, split_by) for p in ds["prompt"]]
     uniq = list(dict.fromkeys(prompts))
     part = {p: split_of_prompt(p, test_fraction, valid_fraction) for p in uniq}
     if len(uniq) >= 3:
@@ -325,9 +349,21 @@ def _split_by_prompt(ds, test_fraction: float, valid_fraction: float):
 
 
 def _load_spec(spec: SourceSpec, split: str | None):
+    options = {k: v for k, v in spec.options.items() if k != "split_by"}  # the split's option, not the loader's
     return load_source(
-        spec.format, spec.path or spec.name, split=split, name=spec.config_name, source=spec.name, **spec.options
+        spec.format, spec.path or spec.name, split=split, name=spec.config_name, source=spec.name, **options
     )
+
+
+def _split_by_option(spec: SourceSpec) -> str:
+    """The source's `options.split_by` (default: prompt); anything else is an error naming the source."""
+    value = spec.options.get("split_by", "prompt")
+    if value not in SPLIT_BY:
+        raise PreferenceDataError(
+            f"[source {spec.name!r}] options.split_by={value!r} is not one of {', '.join(SPLIT_BY)}. Fix: use prompt "
+            "(the whole prompt decides the split, the default) or first_turn (its first user turn does)"
+        )
+    return value
 
 
 def build_splits(cfg: DataConfig) -> dict:
@@ -359,6 +395,7 @@ def build_splits(cfg: DataConfig) -> dict:
             train = _load_spec(spec, spec.split)
             test = _load_spec(spec, spec.test_split) if spec.test_split else None
             valid = _load_spec(spec, spec.validation_split) if spec.validation_split else None
+            by = _split_by_option(spec)
             if spec.options.get("group_by"):  # one dataset, several sources <name>/<value>
                 _count_groups_without_train(train, test, valid)
                 for g in sorted(set(train["source"])):
@@ -367,9 +404,10 @@ def build_splits(cfg: DataConfig) -> dict:
                             f"[source {spec.name!r}] group source {g!r} clashes with another "
                             "source's name. Fix: rename one (group_names or the source name)"
                         )
-                    out[g] = _finish(_source_parts(cfg, g, *(_group_of(d, g) for d in (train, test, valid))), g)
+                    groups = (_group_of(d, g) for d in (train, test, valid))
+                    out[g] = _finish(_source_parts(cfg, g, *groups, split_by=by), g)
                 continue
-            parts = _source_parts(cfg, spec.name, train, test, valid, rng)
+            parts = _source_parts(cfg, spec.name, train, test, valid, rng, split_by=by)
         out[spec.name] = _finish(parts, spec.name)
     return out
 
@@ -410,11 +448,14 @@ def _group_of(ds, name: str):
     return ds.select(idx)
 
 
-def _source_parts(cfg, name: str, train, test=None, valid=None, rng=None) -> dict:
+def _source_parts(cfg, name: str, train, test=None, valid=None, rng=None, split_by: str = "prompt") -> dict:
     """train/validation/test of one loaded source: declared splits, or cut from train by prompt; sized."""
     rng = rng if rng is not None else _rng(cfg.seed, "split", name)
     cut = _split_by_prompt(
-        train, 0.0 if test is not None else cfg.test_fraction, 0.0 if valid is not None else cfg.valid_fraction
+        train,
+        0.0 if test is not None else cfg.test_fraction,
+        0.0 if valid is not None else cfg.valid_fraction,
+        split_by,
     )
     parts = {
         "train": cut["train"],

@@ -1,7 +1,7 @@
 """The report's calibration section: what this run measured, in sentences computed from the numbers.
 
 With calibration/comparisons.json, a difference is called real only when its paired 95% bootstrap interval excludes
-0 (`comparison_sentences`, through `pipeline.calibration.compare.difference_sentence`); without it the numbers are
+0 AND p < 0.05 (`comparison_sentences`, through `pipeline.calibration.compare.difference_sentence`); without it the numbers are
 shown side by side with no verdict (`calibration_sentences`). Then the train-overlap line, the other RMs,
 calibration/table.md and comparisons.md nested, and the plots.
 
@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from pipeline.calibration.compare import difference_sentence, parse_comparison
+from pipeline.calibration.compare import difference_sentence, is_step0_comparison, parse_comparison, rule_text
 from pipeline.io import get_path, read_json
 from pipeline.report.config import ReportConfig
+from pipeline.report.notes import step0_lines
 from pipeline.report.sections import demote
 from pipeline.tables import RM_LABELS
 
@@ -65,9 +66,10 @@ def calibration_summary(metrics: dict, headline_bins: int, baseline: str = "mult
     return out
 
 
-def comparison_sentences(comparisons: dict, headline_bins: int) -> list[str]:
+def comparison_sentences(comparisons: dict, headline_bins: int, n_samples: int | None = None) -> list[str]:
     """Sentences from calibration/comparisons.json: a difference is called real only when its paired 95%
-    bootstrap interval excludes 0 (compare.difference_sentence)."""
+    bootstrap interval excludes 0 and p < 0.05 (compare.difference_sentence); `n_samples`: the bootstrap
+    resamples behind the p-values (their resolution is printed when they are few)."""
     ece = f"ece_{headline_bins}"
     rows = [
         (ece, f"ECE (M={headline_bins})", True, 1.0, 4, ""),
@@ -86,7 +88,15 @@ def comparison_sentences(comparisons: dict, headline_bins: int) -> list[str]:
                     continue
                 out.append(
                     difference_sentence(
-                        a, b, f"{what}, {scope}", entry, lower_is_better=lower, scale=scale, digits=digits, unit=unit
+                        a,
+                        b,
+                        f"{what}, {scope}",
+                        entry,
+                        lower_is_better=lower,
+                        scale=scale,
+                        digits=digits,
+                        unit=unit,
+                        n_samples=n_samples,
                     )
                 )
     return out
@@ -181,20 +191,29 @@ def calibration_section(run_dir: Path, cfg: ReportConfig, headline_bins: int) ->
     if not metrics:
         return lines + ["The calibration stage has not run in this directory (no calibration/metrics.json).", ""], None
     summary = calibration_summary(metrics, headline_bins, cfg.baseline)
-    comparisons = read_json(cal / "comparisons.json")
-    if comparisons:
-        summary["sentences"] = comparison_sentences(comparisons, headline_bins)
+    comparisons = read_json(cal / "comparisons.json") or {}
+    n_samples = (read_json(cal / "config.json") or {}).get("bootstrap_samples")
+    between_rms = {k: v for k, v in comparisons.items() if not is_step0_comparison(k)}  # not an RM vs its step 0
+    if between_rms:
+        summary["sentences"] = comparison_sentences(between_rms, headline_bins, n_samples)
         lines += [
             "What this run measured, as paired differences with 95% bootstrap intervals over the same test "
-            "pairs (a difference counts only when its interval excludes 0; lower ECE and error and higher "
-            "accuracy are better):",
+            f"pairs. A difference counts only when {rule_text(n_samples)}; lower ECE and error and higher "
+            "accuracy are better:",
             "",
         ]
     else:
         summary["sentences"] = calibration_sentences(summary)
-        lines += ["What this run measured (no paired comparisons were computed, so no differences are judged):", ""]
+        between = " between RMs" if comparisons else ""  # only each RM vs its step 0
+        lines += [
+            f"What this run measured (no paired comparisons{between} were computed, so no differences{between} are "
+            "judged):",
+            "",
+        ]
     lines += [f"- {s}" for s in summary["sentences"]]
     lines.append("")
+    learned, summary["step0"] = step0_lines(run_dir, comparisons, n_samples, rule_stated=bool(between_rms))
+    lines += learned
     if overlap := train_overlap_line(metrics):
         lines += [overlap, ""]
     others = [rm for rm in metrics if rm not in ("more", cfg.baseline)]

@@ -62,6 +62,46 @@ def run_data_config(recipe, manifest: dict | None) -> dict:
     return to_plain(recipe.data) or {}
 
 
+def _source_names(run_dir: Path, sizes: dict, metrics: dict, specs: list) -> list[str]:
+    """The run's sources: reward/data.json's, else calibration/config.json's, else the per-source entries of
+    metrics.json (an RM's entry holds other keys too, e.g. `train_overlap`: only dicts with `n_pairs` are
+    sources), else the data section's names."""
+    if sizes:
+        return list(sizes)
+    listed = (read_json(run_dir / "calibration" / "config.json") or {}).get("sources")
+    if isinstance(listed, list) and listed:
+        return [str(s) for s in listed]
+    first = next(iter(metrics.values()), {}) or {}
+    names = [
+        s
+        for s, v in first.items()
+        if s not in ("all_average", "hh_average") and isinstance(v, dict) and "n_pairs" in v
+    ]
+    return names or [s.get("name") for s in specs]
+
+
+def _spec_of(name: str, specs: list) -> dict:
+    """The data.sources entry a source comes from: the one of that name, else the `group_by` source it was made
+    from (named `<spec>/<value>`, or one of its `group_names`)."""
+    for s in specs:
+        if s.get("name") == name:
+            return s
+    for s in specs:
+        opts = s.get("options") or {}
+        if opts.get("group_by") and (
+            str(name).startswith(f"{s.get('name')}/")
+            or name in {str(v) for v in (opts.get("group_names") or {}).values()}
+        ):
+            return s
+    return {}
+
+
+def _loaded(name: str, stats: dict) -> dict:
+    """What the data layer recorded loading for a source (format, path), from the stages' data_stats."""
+    loads = ((stats or {}).get(name) or {}).get("loaded") or []
+    return loads[0] if loads and isinstance(loads[0], dict) else {}
+
+
 def run_facts(recipe, run_dir: Path, manifest: dict | None) -> dict:
     """What ran, from the manifest, the stages' outputs and the run's data section: the sources (format, path,
     pairs per split), the reward models (trained or external, parameter counts) and the policy."""
@@ -70,13 +110,12 @@ def run_facts(recipe, run_dir: Path, manifest: dict | None) -> dict:
     specs = data.get("sources") or []
     sizes = read_json(run_dir / "reward" / "data.json") or {}
     metrics = read_json(run_dir / "calibration" / "metrics.json") or {}
+    stats = (read_json(run_dir / "reward" / "data_stats.json") or {}).get("sources") or (
+        read_json(run_dir / "calibration" / "config.json") or {}
+    ).get("data_stats")
     sources = []
-    names = list(sizes) or [
-        s for s in (next(iter(metrics.values()), {}) or {}) if s not in ("all_average", "hh_average")
-    ]
-    names = names or [s.get("name") for s in specs]
-    for name in names:
-        spec = next((s for s in specs if s.get("name") == name or str(name).startswith(f"{s.get('name')}/")), {})
+    for name in _source_names(run_dir, sizes, metrics, specs):
+        spec, loaded = _spec_of(name, specs), _loaded(name, stats)
         n = dict(sizes.get(name) or {})
         if "test" not in n:
             tests = [
@@ -84,8 +123,8 @@ def run_facts(recipe, run_dir: Path, manifest: dict | None) -> dict:
             ]
             if tests:
                 n["test"] = tests[0]
-        fmt = spec.get("format", "?")
-        path = spec.get("path") or (spec.get("name") if fmt != "synthetic" else None)
+        fmt = spec.get("format") or loaded.get("format") or "?"
+        path = spec.get("path") or loaded.get("path") or (spec.get("name") if fmt not in ("synthetic", "?") else None)
         group_by = (spec.get("options") or {}).get("group_by")
         sources.append({"name": name, "format": fmt, "path": path, "group_by": group_by, "pairs": n})
     rms = {}

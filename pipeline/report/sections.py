@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.calibration.compare import bootstrap_win_lose, win_lose_sentence
+from pipeline.calibration.compare import bootstrap_win_lose, rule_text, win_lose_sentence
 from pipeline.io import read_json, safe_component
 from pipeline.report.config import (
     PAPER_CITATION,
@@ -173,10 +173,14 @@ def over_length(info: dict) -> str:
     return "-"
 
 
-def win_tie_lose_sentence(label: str, entry: dict, *, n_samples: int = 2000, seed: int = 0) -> str:
+WIN_LOSE_RESAMPLES = 2000  # bootstrap resamples of win - lose over the judged prompts
+
+
+def win_tie_lose_sentence(label: str, entry: dict, *, n_samples: int = WIN_LOSE_RESAMPLES, seed: int = 0) -> str:
     """'rjs, helpful prompts: win 40% / tie 20% / lose 40% of 200 prompts; ...': a win (or loss) only when
-    the bootstrap 95% interval of win - lose excludes 0 (see compare.win_lose_sentence)."""
-    return win_lose_sentence(label, entry, bootstrap_win_lose(_counts(entry), n_samples=n_samples, seed=seed))
+    the bootstrap 95% interval of win - lose excludes 0 and p < 0.05 (see compare.win_lose_sentence)."""
+    stats = bootstrap_win_lose(_counts(entry), n_samples=n_samples, seed=seed)
+    return win_lose_sentence(label, entry, stats, n_samples)
 
 
 def _counts(entry: dict) -> dict:
@@ -198,7 +202,12 @@ def align_section(run_dir: Path) -> tuple[list[str], dict | None]:
     judgements = read_json(al / "judgements.json")
     if not judgements:
         return lines + ["The alignment stage has not run in this directory (no align/judgements.json).", ""], None
-    lines += ["Pairwise verdicts, first policy vs second (per-prompt-set numbers in the table below):", ""]
+    lines += [
+        "Pairwise verdicts, first policy vs second (per-prompt-set numbers in the table below), with the bootstrap "
+        f"95% interval of win - lose over the judged prompts: a policy wins (or loses) more often only when "
+        f"{rule_text(WIN_LOSE_RESAMPLES)}.",
+        "",
+    ]
     for label, by_set in judgements.items():
         if not isinstance(by_set, dict):
             continue

@@ -13,8 +13,9 @@ reward stage still gets a report saying what is missing):
 
 The comparison sentences are computed from DIR/calibration/comparisons.json, never written in advance: a
 difference is called real ("MORE's ECE ... is lower than MultiTask's by 0.018 (95% CI ...)") only when its
-paired 95% bootstrap interval excludes 0, else "no significant difference ..."; the same rule applies to
-alignment win rates (the interval of win - lose). Without intervals the numbers are shown with no verdict.
+paired 95% bootstrap interval excludes 0 AND p < 0.05 (`pipeline.stats.is_significant`), else "no significant
+difference ..." (saying which condition failed when only one did); the same rule applies to alignment win rates
+(the interval of win - lose). Without intervals the numbers are shown with no verdict.
 The paper's numbers (Zeng et al., "On Diversified Preferences of Large Language Model Alignment", arXiv
 2312.07401, Tables 1 and 2) are constants below, for comparison only. Written atomically (DIR/report.md and DIR/report.json) by the main
 process.
@@ -36,6 +37,7 @@ from pipeline.io import atomic_write_json, atomic_write_text, read_json
 from pipeline.logs import say
 from pipeline.report.calibration_section import calibration_section
 from pipeline.report.facts import run_facts, stage_setting, what_ran_section
+from pipeline.report.notes import demo_policy_lines, more_two_source_lines, used_recipe_text
 from pipeline.report.provenance import rm_training_lines, stage_banner, with_banner
 from pipeline.report.sections import (
     align_section,
@@ -65,22 +67,30 @@ def render_report(recipe, run_dir: Path) -> tuple[str, dict]:
     if truth:
         lines += ["## The synthetic benchmark: what is true here", "", truth, ""]
     lines += reward_section(run_dir)
+    lines += more_two_source_lines(run_dir)
     cal_lines, summary = calibration_section(run_dir, cfg, headline)
     banners = {s: stage_banner(manifest, s, run_dir) for s in ("calibration", "align")}
     lines += with_banner(cal_lines, banners["calibration"], ("### Plots",))
     align_lines, judgements = align_section(run_dir)
+    align_lines[2:2] = demo_policy_lines(run_dir, facts) if judgements else []  # under the section's title
     lines += with_banner(align_lines, banners["align"])
     lines += with_banner(
         paper_section(cfg, recipe, summary, judgements, facts), banners["calibration"] + banners["align"]
     )
     recipe_text = read_text_or_none(run_dir / "recipe.yaml") if cfg.include_recipe else None
     if recipe_text:  # the settings each stage's results here were produced with (the orchestrator writes it)
+        recipe_text, unused = used_recipe_text(recipe_text, manifest)
         lines += [
             "## Configuration (the resolved recipe)",
             "",
             "Each stage's settings as it last ran in this directory (not the last command's recipe). Rerun exactly: "
             "`python -m pipeline.run --recipe <run dir>/recipe.yaml --output-dir <new dir>`.",
             "",
+            *(
+                [f"Shown without what this run did not use ({', '.join(unused)}); recipe.yaml holds it.", ""]
+                if unused
+                else []
+            ),
             "```yaml",
             recipe_text.rstrip(),
             "```",

@@ -22,6 +22,20 @@ import torch
 NORMALIZE_MODES = ("l2", "none", "loss")
 
 
+def two_source_note(n_sources: int, normalize: str, key: str = "normalize") -> str | None:
+    """Why MORE on exactly two sources under l2 normalisation is the Uniform baseline (None otherwise): the
+    min-norm point of the segment between two unit vectors u, v is their midpoint (||l u + (1 - l) v||^2 is
+    minimised at l = (1 - u.v) / (2 - 2 u.v) = 1/2), so both weights are 0.5 at every step and the loss is
+    Uniform's. `key` names the setting in the caller's terms (`reward.train.normalize` in a recipe)."""
+    if n_sources != 2 or normalize != "l2":
+        return None
+    return (
+        f"MORE on two sources with {key}=l2 is exactly the Uniform baseline: the min-norm point between two unit "
+        "vectors is their midpoint, so both source weights are 0.5 at every step and the loss is Uniform's (the "
+        f"paper's code behaves the same). For weights that move, set {key} to none or loss, or train on more sources"
+    )
+
+
 def head_gradient_sums(
     z_chosen: torch.Tensor,
     z_rejected: torch.Tensor,

@@ -454,7 +454,8 @@ def mismatch(recipe, run_dir: Path) -> list[dict]:
 def check(recipe, *, runs: bool, origin) -> None:
     """Before any work (also under --dry-run): a reward.chat_template that does not parse or raises, and, when
     the stage runs, a local reward.model_name_or_path without tokenizer files or (with reward.chat_template null)
-    whose own chat template does not parse, raises or runs past the check's time limit."""
+    whose own chat template does not parse, raises or runs past the check's time limit; a MORE RM on two sources
+    under l2 normalisation (the Uniform baseline in disguise) is warned about."""
     from pipeline.errors import RecipeError
     from pipeline.models import ModelLoadError, check_model_source, check_tokenizer_files
 
@@ -466,6 +467,21 @@ def check(recipe, *, runs: bool, origin) -> None:
         except ModelLoadError as e:
             raise RecipeError(f"{e} (in {origin('reward.model_name_or_path')})") from None
         check_saved_templates(recipe.reward, "reward", origin)
+    if note := two_source_more_warning(recipe):
+        say("reward", f"warning: {note}")
+
+
+def two_source_more_warning(recipe) -> str | None:
+    """The warning for a MORE RM the recipe trains on exactly two sources with reward.train.normalize=l2 (the
+    default), when the recipe alone tells the number of sources (a `group_by` source's groups are known only
+    once the data is read: the trainer warns then)."""
+    from pipeline.reward.more import two_source_note
+
+    sources = recipe.data.sources
+    if "more" not in recipe.reward.methods or any((s.options or {}).get("group_by") for s in sources):
+        return None
+    normalize = (recipe.reward.train or {}).get("normalize", MORERewardConfig.normalize)
+    return two_source_note(len(sources), normalize, key="reward.train.normalize")
 
 
 def estimate(recipe, run_dir: Path, world: int = 1) -> tuple[str, str]:

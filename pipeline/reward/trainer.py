@@ -50,7 +50,7 @@ from pipeline.reward.checkpoints import (
     save_more_state,
 )
 from pipeline.reward.columns import check_pair_columns, margin_tensor, source_id_tensor
-from pipeline.reward.more import NORMALIZE_MODES, head_gradient_sums, more_weights
+from pipeline.reward.more import NORMALIZE_MODES, head_gradient_sums, more_weights, two_source_note
 from pipeline.reward.packing import LengthGroupedBalancedSampler, PackedPairCollator
 
 
@@ -87,7 +87,8 @@ class MORERewardConfig(RewardConfig):
     normalize: str = field(
         default="l2",
         metadata={
-            "help": "MORE: scaling of each source's gradient before the solve: l2, none or loss.",
+            "help": "MORE: scaling of each source's gradient before the solve: l2, none or loss. With exactly two "
+            "sources l2 makes MORE the uniform baseline (both weights 0.5 at every step).",
             "choices": list(NORMALIZE_MODES),
         },
     )
@@ -299,6 +300,8 @@ class MORERewardTrainer(RewardTrainer):
                 f"[reward] length_grouping off: the train set is a {type(self.train_dataset).__name__} (no length);"
                 " its pairs are read in their own order, as TRL does"
             )
+        if args.method == "more" and (note := two_source_note(len(args.source_names or []), args.normalize)):
+            logger.warning(f"[reward] {note}")
         self._momentum: torch.Tensor | None = None
         self._features: torch.Tensor | None = None
         self._head_output: torch.Tensor | None = None

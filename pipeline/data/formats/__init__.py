@@ -40,6 +40,13 @@ def option_keys() -> list[tuple[str, str, str, str]]:
         ("group_names", "dict", "{}", "group_by value -> source name (several values may share one name)."),
         ("keep_groups", "list", "null", "Keep only these group_by values (null: all)."),
         ("drop_groups", "list", "[]", "Drop these group_by values."),
+        (
+            "split_by",
+            "str",
+            "prompt",
+            "A source cut into train/validation/test by hash: prompt (the whole prompt, for a dialogue its whole "
+            "context) or first_turn (its first user turn: dialogues opening with one question share a part).",
+        ),
         ("data_dir", "str", "null", "Sub-directory of a hub-layout directory or hub dataset to read."),
         (
             "context_mismatch",
