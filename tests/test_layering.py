@@ -2,8 +2,9 @@
 
 Every import counts, also one inside a function (`ast` walks the whole module). The layers, bottom up:
 
-    leaves       pipeline.io, logs, errors, stats, tables, strict, dist, layout, models, scoring, pipeline.data.*
-    stages       pipeline.reward < pipeline.calibration < pipeline.export < pipeline.align < pipeline.report (each
+    leaves       pipeline.io, logs, errors, stats, tables, strict, dist, layout, models, scoring, checkpoints,
+                 pipeline.data.*
+    stages       pipeline.policy < pipeline.reward < pipeline.calibration < pipeline.export < pipeline.align < pipeline.report (each
                  package may import the leaves and the stage packages before it in this order, never one after it;
                  pipeline.export is no stage of the table: it exports a finished run's RMs)
     table        pipeline.stages
@@ -29,8 +30,21 @@ PKG = Path(__file__).resolve().parents[1] / "pipeline"
 TESTS = Path(__file__).resolve().parent
 SHARED_TEST_MODULES = ("helpers", "reward_helpers", "conftest")  # what a file under tests/ may import from tests
 MAX_LINES = 700
-LEAVES = ("errors", "io", "logs", "stats", "tables", "strict", "dist", "layout", "models", "scoring", "data")
-STAGE_PACKAGES = ("reward", "calibration", "export", "align", "report")
+LEAVES = (
+    "errors",
+    "io",
+    "logs",
+    "stats",
+    "tables",
+    "strict",
+    "dist",
+    "layout",
+    "models",
+    "scoring",
+    "checkpoints",
+    "data",
+)
+STAGE_PACKAGES = ("policy", "reward", "calibration", "export", "align", "report")
 RECIPE_LAYER = ("config", "config_keys", "manifest", "plan")
 
 

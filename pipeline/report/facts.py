@@ -99,7 +99,7 @@ def run_facts(recipe, run_dir: Path, manifest: dict | None) -> dict:
     base = stage_setting(recipe, "reward", "model_name_or_path")
     policy = None
     if (run_dir / "align").is_dir():
-        ppath = stage_setting(recipe, "align", "model_name_or_path") or str(run_dir / "align" / "base" / "policy")
+        ppath = stage_setting(recipe, "align", "model_name_or_path") or str(run_dir / "policy")
         policy = {"path": ppath, "params": safetensors_param_count(ppath)}
     return {"sources": sources, "rms": rms, "reward_base": base, "policy": policy}
 

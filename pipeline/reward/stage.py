@@ -250,7 +250,7 @@ def load_base_model(cfg: RewardStageConfig, path: str, seed: int | None = None):
 
 def _resume_point(ckpt_dir: Path, plan: RMPlan, run_dir: Path) -> str | None:
     """The checkpoint to resume from (main process decides; deletes stale and incomplete ones)."""
-    from pipeline.reward.checkpoints import checkpoint_problem, list_checkpoints
+    from pipeline.checkpoints import checkpoint_problem, list_checkpoints
 
     if not ckpt_dir.is_dir():
         return None
