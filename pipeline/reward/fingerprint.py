@@ -170,7 +170,7 @@ def plan_rm(recipe, run_dir: Path, name: str, method: str, sources: list[str], s
             seed=recipe.seed,
         )
     )
-    section = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "train")}
+    section = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "train", "dpo")}  # dpo: its own RM's
     inputs = {
         "training_code_version": TRAINING_CODE_VERSION,
         "method": method,

@@ -48,6 +48,8 @@ from pipeline.models import (
     tiny_tokenizer,
 )
 from pipeline.reward.config import RewardStageConfig, rm_names, tiny_chat_template
+from pipeline.reward.dpo import IMPLICIT, plan_dpo, train_dpo
+from pipeline.reward.dpo import KIND as DPO_KIND
 from pipeline.reward.fingerprint import (
     FINGERPRINT,
     RMPlan,
@@ -104,6 +106,9 @@ def planned_steps(recipe, splits=None, world: int = 1) -> dict[str, int]:
     grouping = bool(train.get("length_grouping", True))
     out = {}
     for name, method, srcs in rm_names(recipe.reward, list(splits)):
+        if method == "dpo":
+            out[name] = _dpo_steps(recipe, splits, srcs, world)
+            continue
         if max_steps > 0:
             out[name] = max_steps
             continue
@@ -125,6 +130,20 @@ def planned_steps(recipe, splits=None, world: int = 1) -> dict[str, int]:
         batches = math.ceil(batches / world)
         out[name] = math.ceil(epochs * max(math.ceil(batches / accum), 1))
     return out
+
+
+def _dpo_steps(recipe, splits, sources: list[str], world: int) -> int:
+    """The dpo method's optimizer steps as the Trainer counts them (every pair; TRL may drop a pair whose prompt
+    alone fills reward.dpo.max_length)."""
+    import math
+
+    from pipeline.reward.dpo import dpo_train_rows
+
+    cfg = recipe.reward.dpo
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    batches = math.ceil(len(dpo_train_rows(recipe, splits, sources)) / (cfg.batch_size * world))
+    return math.ceil(cfg.num_train_epochs * max(math.ceil(batches / cfg.gradient_accumulation_steps), 1))
 
 
 def measured_step_seconds(run_dir: Path) -> float | None:
@@ -358,6 +377,16 @@ def _write_train_prompts(rm_dir: Path, train) -> None:
     atomic_write_json(Path(rm_dir) / TRAIN_PROMPTS, train_prompts_record(train["prompt"]))
 
 
+def _plan(recipe, run_dir: Path, name: str, method: str, srcs: list[str], splits, tokenizer, base):
+    """(the RM's plan, a function training it): a classic RM (`train_one`), or the dpo method's policy
+    (`pipeline.reward.dpo`, from the policy stage's base policy)."""
+    if method == "dpo":
+        plan, policy, policy_tok = plan_dpo(recipe, run_dir, name, srcs, splits)
+        return plan, lambda fresh, label: train_dpo(recipe, run_dir, plan, policy, policy_tok, label=label)
+    plan = plan_rm(recipe, run_dir, name, method, srcs, splits, tokenizer, base)
+    return plan, lambda fresh, label: train_one(recipe, run_dir, plan, tokenizer, base, fresh=fresh, label=label)
+
+
 def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
     """Train every RM the recipe asks for; reuse those saved from the same inputs (all retrained when
     `force`). Returns artifact paths relative to run_dir."""
@@ -380,7 +409,7 @@ def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
     rms = rm_names(recipe.reward, sources)
     for i, (name, method, srcs) in enumerate(rms, 1):
         out = inside(run_dir, rm_dir(run_dir, name))
-        plan = plan_rm(recipe, run_dir, name, method, srcs, splits, tokenizer, base)
+        plan, train = _plan(recipe, run_dir, name, method, srcs, splits, tokenizer, base)
         reason = "forced (--force reward)" if force else stale_reason(out, plan)
         of = f"RM {i} of {len(rms)}"
         if reason is None:
@@ -391,13 +420,15 @@ def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
                 _write_train_prompts(out, plan.train)
         else:
             say("reward", f"{of}: training {name} (method={method}, sources={srcs}): {reason}")
-            train_one(recipe, run_dir, plan, tokenizer, base, fresh=force, label=f"{name}, {of}")
+            train(fresh=force, label=f"{name}, {of}")
         index[name] = {  # the key is the RM's name as given; the path its directory (safe_component)
             "path": f"reward/{out.name}",
             "method": "single" if name.startswith("single-") else method,
             "sources": srcs,
             "train_prompts": f"reward/{out.name}/{TRAIN_PROMPTS}",
         }
+        if method == "dpo":  # a policy: calibration and align read it as an implicit RM (its implicit.json)
+            index[name].update(kind=DPO_KIND, implicit=f"reward/{out.name}/{IMPLICIT}")
     if PartialState().is_main_process:
         truncated = {}
         for name in index:
@@ -450,6 +481,12 @@ def check(recipe, *, runs: bool, origin) -> None:
     from pipeline.models import ModelLoadError, check_tokenizer_files
 
     check_template_setting(recipe.reward.chat_template, "reward.chat_template", origin)
+    if "dpo" in recipe.reward.methods and recipe.align.prompt_style != "raw":
+        raise RecipeError(
+            f"reward.methods in {origin('reward.methods')} trains dpo on prompts in the raw layout the policy is "
+            f"aligned with under align.prompt_style=raw, but align.prompt_style={recipe.align.prompt_style!r} "
+            f"(in {origin('align.prompt_style')}). Fix: align.prompt_style=raw, or drop dpo from reward.methods"
+        )
     if runs and recipe.reward.model_name_or_path:
         try:
             check_tokenizer_files(recipe.reward.model_name_or_path, key="reward.model_name_or_path")
