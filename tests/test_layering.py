@@ -3,8 +3,9 @@
 Every import counts, also one inside a function (`ast` walks the whole module). The layers, bottom up:
 
     leaves       pipeline.io, logs, errors, stats, tables, strict, dist, layout, models, scoring, checkpoints,
-                 pipeline.data.*
-    stages       pipeline.policy < pipeline.reward < pipeline.calibration < pipeline.export < pipeline.align < pipeline.report (each
+                 implicit, pipeline.data.*
+    stages       pipeline.policy < pipeline.reward < pipeline.calibration < pipeline.export < pipeline.align <
+                 pipeline.report (each
                  package may import the leaves and the stage packages before it in this order, never one after it;
                  pipeline.export is no stage of the table: it exports a finished run's RMs)
     table        pipeline.stages
@@ -42,6 +43,7 @@ LEAVES = (
     "models",
     "scoring",
     "checkpoints",
+    "implicit",
     "data",
 )
 STAGE_PACKAGES = ("policy", "reward", "calibration", "export", "align", "report")
