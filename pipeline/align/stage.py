@@ -48,7 +48,7 @@ from pathlib import Path
 from pipeline.align.candidates import candidates, perplexities, sample_kwargs, with_conv
 from pipeline.align.context import AlignContext, plain
 from pipeline.align.judging import planned_requests, planned_requests_text, write_results
-from pipeline.align.methods import AlignInputs, align_one
+from pipeline.align.methods import AlignInputs, align_one, has_own_policy
 from pipeline.align.prompts import (
     is_synthetic,
     load_splits,
@@ -95,7 +95,12 @@ def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
             settings = {"method": method, "rm": rm, "rm_stamp": _rm_stamp(rm_dir), **common}
             align_one(base, rm, rm_dir, method, sha256_json(plain(settings))[:16])
 
-    artifacts = ["align/base", *[f"align/{safe_component(rm)}/{m}" for rm in rm_dirs for m in cfg.methods]]
+    artifacts = ["align/base"] + [  # method `policy`: only an implicit RM (dpo) has a policy of its own
+        f"align/{safe_component(rm)}/{m}"
+        for rm, d in rm_dirs.items()
+        for m in cfg.methods
+        if m != "policy" or has_own_policy(d)
+    ]
     if ctx.main:
         write_results(ctx, list(rm_dirs), base_eval, base_ppl_path, gold_fn)
         remove_tree(ctx.dir / ".work", ctx.run_dir)

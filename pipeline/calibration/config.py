@@ -102,7 +102,7 @@ class CalibrationConfig:
         metadata={
             "help": "Paired comparisons '<a> vs <b>' (RM names) with 95% paired bootstrap intervals, written "
             "to comparisons.json; null = 'more vs multitask' when both exist, plus each of them vs 'uniform' "
-            "when it exists; [] = none."
+            "when it exists and 'dpo' (the DPO policy, an implicit RM) vs each of them when it exists; [] = none."
         },
     )
     averaging: bool = field(

@@ -31,7 +31,7 @@ in comparisons.json and comparisons.md.
 
 Where the parts live: `config` (CalibrationConfig), `load` (which RMs, loading them, external-RM checks),
 `overlap` (the evaluation splits, the train-overlap counts and exclusion), `pipeline.scoring.score_rm` (the
-scoring pass), `analysis` (metrics, temperatures, comparisons, diversity), `tables` (table.md), `stage_plots`
+scoring pass; `implicit_rms` for a DPO policy of kind implicit, read as beta * log(pi / pi_ref)), `analysis` (metrics, temperatures, comparisons, diversity), `tables` (table.md), `stage_plots`
 (the PNGs). This module holds `run` and the other functions `pipeline.stages` calls; it imports the calibration
 package, the leaves (`pipeline.io`, `logs`, `scoring`, `pipeline.data`) and nothing above the calibration layer.
 
@@ -60,6 +60,7 @@ from pipeline.calibration.analysis import (
 )
 from pipeline.calibration.compare import render_comparisons, resolve_comparisons
 from pipeline.calibration.config import AVERAGING, CalibrationConfig, hh_sources
+from pipeline.calibration.implicit_rms import is_implicit, score_implicit_rm
 from pipeline.calibration.load import check_external_tokenizers, load_rm, read_rms
 from pipeline.calibration.overlap import (
     eval_splits,
@@ -150,11 +151,16 @@ def plan_evaluation(recipe, run_dir: Path, cfg: CalibrationConfig, main: bool) -
     )
 
 
-def score_all(ev: Evaluation, cfg: CalibrationConfig, state) -> dict:
-    """{rm: {source: {split: (r_chosen, r_rejected)}}} of every RM (data-parallel under several processes), and
-    of the Averaging RM."""
+def score_all(ev: Evaluation, cfg: CalibrationConfig, state, run_dir: Path) -> dict:
+    """{rm: {source: {split: (r_chosen, r_rejected)}}} of every RM (data-parallel under several processes; an
+    implicit RM, a DPO policy, by its implicit reward: `pipeline.calibration.implicit_rms`), and of the Averaging
+    RM."""
     rewards: dict = {}
     for name, entry in {**ev.index, **ev.external}.items():
+        if is_implicit(entry):
+            rewards[name] = score_implicit_rm(run_dir, name, entry, ev.data, cfg, ev.max_length, state.device)
+            check_finite_rewards(name, entry, rewards[name])
+            continue
         model, tok = load_rm(name, entry, cfg, state.device)
         rewards[name] = score_rm(model, tok, ev.data, cfg, ev.max_length, state)
         del model
@@ -285,7 +291,7 @@ def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
     # on CPU, cpu=True makes it a gloo process group instead of N independent single processes
     state = PartialState(cpu=not torch.cuda.is_available())
     ev = plan_evaluation(recipe, run_dir, cfg, state.is_main_process)
-    rewards = score_all(ev, cfg, state)
+    rewards = score_all(ev, cfg, state, Path(run_dir))
     if not state.is_main_process:
         state.wait_for_everyone()
         return []

@@ -1,6 +1,7 @@
 """DIR/reward/index.json: the reward models a run trained, read the same way by every stage.
 
-The reward stage writes one entry per RM, `{name: {"path", "method", "sources", ...}}`, with paths relative to
+The reward stage writes one entry per RM, `{name: {"path", "method", "sources", ...}}` (the `dpo` method's also
+`"kind": "implicit"` and `"implicit"`, its implicit.json: a policy read as a reward), with paths relative to
 the run directory, so a copied or moved run directory stays self-contained. Names that are not safe path
 components live under a slug directory (`pipeline.io.safe_component`); the original name is the key."""
 

@@ -19,12 +19,16 @@ calibration uses it to count and exclude evaluation pairs the RM has seen), and 
 holds every source's pairs per split, the records read and the pairs dropped on loading, by reason (also
 printed), and each RM's count of over-length (left-truncated) training pairs.
 
+The `dpo` method (`pipeline.reward.dpo`) trains a policy instead, with TRL's DPOTrainer from the policy stage's
+base policy (DIR/policy/), saved the same way plus implicit.json; its index entry has "kind": "implicit".
+
 Where the parts live: the section's dataclass and names in `pipeline.reward.config`, the fingerprints and why
-a saved RM is stale in `pipeline.reward.fingerprint`, the trainer in `pipeline.reward.trainer`. This module
+a saved RM is stale in `pipeline.reward.fingerprint`, the trainer in `pipeline.reward.trainer`, DPO in
+`pipeline.reward.dpo`. This module
 keeps the tokenizer and base model, the training of one RM (`train_one`), the stage's order of work (`run`)
 and what the orchestrator asks before it runs (`inputs`, `check`, `estimate`, `space_needed`).
 
-May import: pipeline leaves and `pipeline.reward.*`.
+May import: pipeline leaves, `pipeline.policy.stage` (through `pipeline.reward.dpo`) and `pipeline.reward.*`.
 """
 
 from __future__ import annotations
@@ -474,7 +478,8 @@ def inputs(section: dict) -> list[tuple[str, str]]:
 
 
 def check(recipe, *, runs: bool, origin) -> None:
-    """Before any work (also under --dry-run): a reward.chat_template that does not parse or raises, and, when
+    """Before any work (also under --dry-run): dpo with an align.prompt_style other than raw, a
+    reward.chat_template that does not parse or raises, and, when
     the stage runs, a local reward.model_name_or_path without tokenizer files or (with reward.chat_template null)
     whose own chat template does not parse, raises or runs past the check's time limit."""
     from pipeline.errors import RecipeError
