@@ -94,6 +94,8 @@ def run_facts(recipe, run_dir: Path, manifest: dict | None) -> dict:
         info = read_json(rm_path / "reward_info.json") or {}
         params = info.get("n_params") or safetensors_param_count(rm_path)
         rms[name] = {"trained": True, "method": e.get("method"), "sources": e.get("sources", []), "params": params}
+        if e.get("kind") == "implicit":  # a DPO policy: trained from the policy stage's base policy
+            rms[name]["base"] = "the policy stage's base policy (DPO; an implicit RM)"
     for name, path in ((read_json(run_dir / "calibration" / "config.json") or {}).get("external") or {}).items():
         rms[name] = {"trained": False, "path": path, "params": safetensors_param_count(path)}
     base = stage_setting(recipe, "reward", "model_name_or_path")
@@ -127,7 +129,7 @@ def what_ran_section(facts: dict) -> list[str]:
         base = facts["reward_base"] or "tiny model built in-process (random init)"
         rows = [
             [name, "yes, " + str(r["method"]) if r["trained"] else "no (external)"]
-            + [f"`{base}`" if r["trained"] else f"`{r['path']}`", format_count(r["params"])]
+            + [r.get("base") or f"`{base}`" if r["trained"] else f"`{r['path']}`", format_count(r["params"])]
             for name, r in facts["rms"].items()
         ]
         lines += [*markdown_table(["reward model", "trained here", "base / path", "parameters"], rows), ""]
