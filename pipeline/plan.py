@@ -115,7 +115,7 @@ def _unselected_step(stage, h: str, entry: dict | None, upstream_now: dict, upst
 
 def stage_inputs(resolved: dict, stage: str) -> dict:
     """The parts of the resolved recipe a stage's config hash covers (seed, data, its own and every upstream
-    section), stored in its manifest entry so a later plan can say which KEYS changed; a credential inside a URL
+    section; for a stage without a section, the policy's, the align keys it is built from), stored in its manifest entry so a later plan can say which KEYS changed; a credential inside a URL
     is masked, in the manifest and in the reason a plan logs (`redact_credentials`)."""
     order = stage_table.stage_names()
     upto = [*stage_table.upstream(stage, resolved), stage] if stage in order else [stage]

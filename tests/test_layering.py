@@ -5,9 +5,9 @@ Every import counts, also one inside a function (`ast` walks the whole module). 
     leaves       pipeline.io, logs, errors, stats, tables, strict, dist, layout, models, scoring, checkpoints,
                  implicit, pipeline.data.*
     stages       pipeline.policy < pipeline.reward < pipeline.calibration < pipeline.export < pipeline.align <
-                 pipeline.report (each
-                 package may import the leaves and the stage packages before it in this order, never one after it;
-                 pipeline.export is no stage of the table: it exports a finished run's RMs)
+                 pipeline.report (each package may import the leaves and the stage packages before it in this
+                 order, never one after it; pipeline.export is no stage of the table: it exports a finished
+                 run's RMs)
     table        pipeline.stages
     recipe/plan  pipeline.config, config_keys, manifest, plan
     orchestrator pipeline.run

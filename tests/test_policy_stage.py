@@ -90,3 +90,8 @@ def test_the_policy_stage_writes_dir_policy_and_reuses_it(tmp_path, capsys):
     policy.run(recipe, tmp_path)
     assert "reusing it" in capsys.readouterr().out
     assert (tmp_path / "policy" / "model.safetensors").stat().st_mtime_ns == mtime
+    policy.run(recipe, tmp_path, force=True)  # --force policy rebuilds it
+    assert "building the tiny base policy (warm start on synthetic responses of mixed quality): forced" in (
+        capsys.readouterr().out
+    )
+    assert (tmp_path / "policy" / "model.safetensors").stat().st_mtime_ns != mtime

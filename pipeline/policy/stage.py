@@ -80,15 +80,15 @@ def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
 
     state = PartialState()
     if state.is_main_process:
-        build_base_policy(recipe, Path(run_dir))
+        build_base_policy(recipe, Path(run_dir), force=force)
     state.wait_for_everyone()
     return [POLICY_DIR]
 
 
-def build_base_policy(recipe, run_dir: Path) -> None:
+def build_base_policy(recipe, run_dir: Path, force: bool = False) -> None:
     """DIR/policy/ for the recipe: a named model's tokenizer (its template set and checked) and policy.json, or the
-    tiny synthetic policy, built once per set of warm-start settings, atomically; changing any of them rebuilds
-    it (and so re-samples every candidate that came from it)."""
+    tiny synthetic policy, built once per set of warm-start settings, atomically; changing any of them (or
+    `force`, --force policy) rebuilds it (and so re-samples every candidate that came from it)."""
     from pipeline.data.render import check_tokenizer_templates, set_chat_template
     from pipeline.models import load_tokenizer
 
@@ -109,6 +109,8 @@ def build_base_policy(recipe, run_dir: Path) -> None:
     info = read_json(path / POLICY_INFO)
     if not (path / "config.json").exists() or not isinstance(info, dict):
         reason = ""
+    elif force:
+        reason = ": forced (--force policy)"
     elif info.get("stamp") == stamp:
         say("policy", f"the tiny base policy is built from these settings already ({path}): reusing it")
         return
