@@ -109,7 +109,7 @@ def test_tiny_cpu_with_a_dpo_policy_end_to_end(tmp_path):
     out = tmp_path / "run"
     p = _run(out, *DPO)
     assert p.returncode == 0, p.stderr[-4000:]
-    assert "training dpo (method=dpo" in p.stderr
+    assert "training dpo (method=dpo" in p.stdout
     index = json.loads((out / "reward" / "index.json").read_text())
     assert index["dpo"]["kind"] == "implicit" and {"more", "multitask"} <= set(index)
     metrics = json.loads((out / "calibration" / "metrics.json").read_text())
