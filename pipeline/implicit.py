@@ -79,11 +79,14 @@ def encode_rows(
     flags = _as_flags(templated, len(rows))
     prefix, suffix = special_affixes(tokenizer)
     eos = tokenizer.eos_token_id
+    if not rows:
+        return [], [], []
+    bodies = tokenizer([p + r for p, r in rows], add_special_tokens=False)["input_ids"]
+    prompts = tokenizer([p for p, _ in rows], add_special_tokens=False)["input_ids"]
     ids_out, starts, cut_flags = [], [], []
-    for (prompt, response), is_templated in zip(rows, flags):
+    for body, prompt_body, is_templated in zip(bodies, prompts, flags):
         head, tail = ([], []) if is_templated else (list(prefix), list(suffix))
-        body = tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
-        prompt_ids = head + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prompt_ids = head + list(prompt_body)
         if not is_templated and not tail and eos is not None and (not body or body[-1] != eos):
             tail = [eos]
         ids = head + list(body) + tail

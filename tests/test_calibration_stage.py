@@ -205,6 +205,7 @@ def test_bad_inputs_raise_one_clear_error(tmp_path, tiny_tok):
     reward = tmp_path / "reward"
     (reward / "broken").mkdir(parents=True)
     (reward / "broken" / "config.json").write_text("{not json")
+    tiny_tok.save_pretrained(reward / "broken")  # its tokenizer is fine: the broken config.json is what is tested
     (reward / "index.json").write_text(json.dumps({"broken": {"path": str(reward / "broken"), "method": "more"}}))
     with pytest.raises(ValueError, match="reward model 'broken' at .* does not load"):
         run(calibration_recipe(), tmp_path)

@@ -90,8 +90,8 @@ def test_the_dpo_policy_is_saved_like_an_rm_with_its_implicit_descriptor(dpo_run
 
 
 def test_the_implicit_reward_of_the_reference_itself_is_zero_and_the_dpo_policys_is_not(dpo_run):
-    from pipeline.calibration.implicit_rms import implicit_spec
     from pipeline.implicit import implicit_rewards, load_implicit_rm
+    from pipeline.reward.index import implicit_spec
 
     out, _, _ = dpo_run
     spec = implicit_spec(out, "dpo", {"path": str(out / "reward" / "dpo")})
@@ -108,21 +108,23 @@ def test_the_implicit_reward_of_the_reference_itself_is_zero_and_the_dpo_policys
 
 
 def test_calibration_scores_the_dpo_policy_by_its_implicit_reward(dpo_run):
-    from types import SimpleNamespace
-
     from datasets import Dataset
 
-    from pipeline.calibration.implicit_rms import implicit_spec, score_implicit_rm
+    from pipeline.calibration.config import CalibrationConfig
+    from pipeline.calibration.implicit_rms import score_implicit, trained_implicit_entries
     from pipeline.implicit import implicit_rewards, load_implicit_rm
+    from pipeline.reward.index import implicit_spec, read_index
 
     out, _, _ = dpo_run
+    entries = trained_implicit_entries(out, read_index(out))
+    assert list(entries) == ["dpo"] and entries["dpo"]["reference"] == str(out / "policy")
+    assert entries["dpo"]["beta"] == 0.2 and entries["dpo"]["trained"]
     ds = Dataset.from_dict(
         {"prompt": ["\n\nHuman: Hi\n\nAssistant:"] * 2, "chosen": [" Hello there", " Hi"], "rejected": [" No", " ..."]}
     )
-    cfg = SimpleNamespace(trust_remote_code=False, batch_size=4, max_tokens_per_batch=None, progress=False)
-    entry = {"path": str(out / "reward" / "dpo"), "kind": "implicit"}
-    got = score_implicit_rm(out, "dpo", entry, {"helpful": {"test": ds, "validation": None}}, cfg, 96, "cpu")
-    policy, reference, tok, beta = load_implicit_rm(implicit_spec(out, "dpo", entry))
+    cfg = CalibrationConfig(batch_size=4, load_dtype="float32")
+    got = score_implicit("dpo", entries["dpo"], {"helpful": {"test": ds, "validation": None}}, cfg, 96)
+    policy, reference, tok, beta = load_implicit_rm(implicit_spec(out, "dpo", {"path": str(out / "reward" / "dpo")}))
     rows = list(zip(ds["prompt"], ds["chosen"])) + list(zip(ds["prompt"], ds["rejected"]))
     want = implicit_rewards(policy, reference, tok, rows, beta, max_length=96)
     rc, rr = got["helpful"]["test"]

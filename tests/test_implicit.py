@@ -133,8 +133,8 @@ def test_templated_rows_get_nothing_added(chat_tok):
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
 def test_batched_log_probs_equal_each_sequence_alone(tiny_tok, arch, one_thread):
     """Right-padded batches of mixed lengths (with a left cut on some rows) vs a float64 forward of every sequence
-    alone and vs its own fp32 forward: within 1e-6 per scored token (measured: <= 2.5e-7 vs float64, <= 1e-7 vs the
-    sequence's own fp32 forward)."""
+    alone and vs its own fp32 forward: within 1e-6 per scored token (measured: <= 2.1e-7 vs float64, 0 vs the
+    sequence's own fp32 forward with 1 thread, <= 9e-8 with 2)."""
     tok = bos_tokenizer(tiny_tok) if arch == "llama" else tiny_tok
     model = lm(tok, arch, seed=1)
     rows = [(p, c) for p, c, _ in random_rows(12)]
@@ -253,8 +253,9 @@ def test_equal_to_trl_dpo_trainer_per_row(tiny_tok, arch, one_thread):
     truncation) equal `implicit_rewards` per row. Llama with a BOS-adding tokenizer (TRL tokenizes the prompt and
     prompt + completion with special tokens), GPT-NeoX without. Tolerance: 2e-6 per response token, because TRL's
     own computation is fp32 throughout (its chunked log-prob kernel casts to fp32): against the exact float64 value
-    its rewards are off by up to ~1.05e-6 per token here, ours (fp32) by <= 2.5e-7; measured |ours - TRL| <= 1.2e-6
-    per token."""
+    its rewards here are off by up to 1.04e-6 per token, ours (fp32) by <= 1.8e-7; measured |ours - TRL| <= 9.9e-7
+    per token (2026-12-07, 1 thread).
+    """
     tok = bos_tokenizer(tiny_tok) if arch == "llama" else tiny_tok
     policy, reference = lm(tok, arch, 1), lm(tok, arch, 2)
     rows = random_rows(12, seed=1)
@@ -277,6 +278,58 @@ def test_equal_to_trl_dpo_trainer_per_row(tiny_tok, arch, one_thread):
     ids, starts, _ = encode_rows(tok, [(r[0], r[1]) for r in rows[:4]])
     ref_sum = sequence_logprobs(reference, ids, starts)
     assert np.max(np.abs(np.array(pre.train_dataset["ref_chosen_logps"]) - ref_sum) / n_scored(ids, starts)) < 2e-6
+
+
+def test_equal_to_trl_on_conversational_rows_under_the_policys_chat_template(chat_tok, one_thread):
+    """Conversational rows: TRL applies the chat template (tokenized, no EOS appended; the completion after the
+    generation prompt); the implicit RMs render the same rows with `pipeline.data.render.templated_pair` under the
+    policy's tokenizer and score them as templated rows: equal per row, the end-of-turn marker included."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from pipeline.data.render import templated_pair
+
+    policy, reference = lm(chat_tok, "llama", 1), lm(chat_tok, "llama", 2)
+    rows = [
+        ([{"role": "user", "content": p.split("Human:")[1].split("\n\nAssistant:")[0].strip()}], c.strip(), r.strip())
+        for p, c, r in random_rows(6, seed=4)
+    ]
+    ds = Dataset.from_list(
+        [
+            {
+                "prompt": p,
+                "chosen": [{"role": "assistant", "content": c}],
+                "rejected": [{"role": "assistant", "content": r}],
+            }
+            for p, c, r in rows
+        ]
+    )
+    args = DPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        beta=0.1,
+        loss_type=["sigmoid"],
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=1,
+        max_length=None,
+        disable_tqdm=True,
+    )
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=ds, processing_class=chat_tok)
+    trainer.model.eval()
+    trl = []
+    for i in range(len(rows)):
+        trainer.compute_loss(trainer.model, trainer.data_collator([trainer.train_dataset[i]]))
+        trl.append(trainer._metrics["eval"]["rewards/chosen"][-1])
+    rendered = [
+        templated_pair(chat_tok, p, [{"role": "assistant", "content": c}], [{"role": "assistant", "content": r}])
+        for p, c, r in rows
+    ]
+    side = [(t[0], t[1]) for t in rendered]
+    ids, starts, _ = encode_rows(chat_tok, side, templated=True)
+    assert [s[st:] for s, st in zip(ids, starts)] == [trainer.train_dataset[i]["chosen_ids"] for i in range(len(rows))]
+    ours = np.array(implicit_rewards(policy, reference, chat_tok, side, 0.1, templated=True, batch_size=3))
+    assert np.max(np.abs(ours - np.array(trl)) / 0.1 / n_scored(ids, starts)) < 2e-6
 
 
 def test_truncation_trl_keeps_the_start_ours_cuts_from_the_left(tiny_tok, one_thread):

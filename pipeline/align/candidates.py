@@ -2,7 +2,7 @@
 once and shared by every RM), a trained policy's held-out responses, perplexities of the test answers, the RM
 reward that scores samples, and the JSONL files all of them are kept in.
 
-May import: pipeline leaves, `pipeline.calibration.implicit_rms` (an implicit RM's descriptor) and
+May import: pipeline leaves, `pipeline.reward.index` (an implicit RM's descriptor) and
 `pipeline.align.{context, generate, perplexity, policy, prompts, rewards}`.
 """
 
@@ -135,7 +135,7 @@ def rm_reward(ctx: AlignContext, rm_dir: Path):
     """The RM in `rm_dir` as a reward function (calibrated when the section asks), on the stage's device; an
     implicit RM (a DPO policy: its directory holds implicit.json) by its implicit reward."""
     from pipeline.align.rewards import ImplicitReward, RMReward
-    from pipeline.calibration.implicit_rms import implicit_spec
+    from pipeline.reward.index import implicit_spec
 
     if (rm_dir / "implicit.json").is_file():
         return ImplicitReward(

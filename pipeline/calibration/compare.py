@@ -68,14 +68,11 @@ def parse_comparison(
 
 
 def default_comparisons(rms: Sequence[str]) -> list[str]:
-    """`more vs multitask` when both exist, plus `more vs uniform` and `multitask vs uniform` when they exist, and
-    `dpo vs more` and `dpo vs multitask` when the DPO policy (an implicit RM) exists."""
+    """`more vs multitask` when both exist, plus `more vs uniform` and `multitask vs uniform` when they exist."""
     have = set(rms)
     out = ["more vs multitask"] if {"more", "multitask"} <= have else []
     if "uniform" in have:
         out += [f"{a} vs uniform" for a in ("more", "multitask") if a in have]
-    if "dpo" in have:
-        out += [f"dpo vs {a}" for a in ("more", "multitask") if a in have]
     return out
 
 

@@ -7,16 +7,63 @@ Imports the calibration package's pure modules (`metrics`, `compare`) and the `p
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from pipeline.calibration import metrics as M
 from pipeline.calibration.compare import parse_comparison
 from pipeline.scoring import AUTOCAST
-from pipeline.strict import COUNT, COUNT0, Range
+from pipeline.strict import COUNT, COUNT0, POSITIVE, Range
 
 
 # ECE bin counts: at least one bin, at most 10,000 (more bins than test pairs leave most of them empty)
 BINS = Range(1, 10_000)
+
+
+@dataclass
+class ImplicitRMSpec:
+    """One entry of `calibration.implicit_rms`: a DPO policy read as a reward model (`pipeline.implicit`)."""
+
+    policy: str | None = field(
+        default=None,
+        metadata={
+            "help": "The DPO-trained policy: a save_pretrained directory of a causal LM with its tokenizer (its "
+            "chat template renders conversational rows), a hub id, or a CAUSAL_LM PEFT adapter directory. Required."
+        },
+    )
+    reference: str | None = field(
+        default=None,
+        metadata={
+            "help": "The reference model the policy was trained against (directory or hub id; same vocabulary). "
+            "Required unless reference_free is true."
+        },
+    )
+    beta: float | None = field(
+        default=None,
+        metadata={
+            "range": POSITIVE,
+            "help": "The DPO beta the policy was trained with: reward = beta * (sum log pi - sum log pi_ref) over "
+            "the response tokens. Required. Temperature scaling fits it (effective beta = beta / T, reported).",
+        },
+    )
+    reference_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Score beta * sum log pi alone, without a reference (must be asked for explicitly; the report "
+            "states it)."
+        },
+    )
+
+
+def implicit_key_rows() -> list[tuple[str, str, str, str]]:
+    """`--show-keys` rows of one `calibration.implicit_rms.<name>` entry."""
+    kinds = {"policy": ("str", "required"), "reference": ("str", "null"), "beta": ("float", "required")}
+    rows = []
+    for f in fields(ImplicitRMSpec):
+        text = f.metadata.get("help", "")
+        if f.metadata.get("range") is not None:
+            text += f" Allowed: {f.metadata['range']}."
+        rows.append((f"<name>.{f.name}", *kinds.get(f.name, ("bool", "false")), text))
+    return rows
 
 
 HH_NAMES = ("helpful", "harmless")
@@ -97,12 +144,26 @@ class CalibrationConfig:
             "stage."
         },
     )
+    implicit_rms: dict[str, ImplicitRMSpec] | None = field(
+        default=None,
+        metadata={
+            "keys": implicit_key_rows,
+            "help": "DPO policies evaluated as implicit reward models beside the others: name -> {policy, reference, "
+            "beta, reference_free}. Reward of a response = beta * (sum of the policy's minus the reference's "
+            "log-probabilities of its tokens), response tokens only (an EOS appended to text responses, as TRL's "
+            "DPOTrainer does), the policy's tokenizer and chat template. Sequences over max_length are cut from "
+            "the LEFT like the RMs' input (TRL's default keeps the start instead). Scored with the policy, then "
+            "the reference (one model in memory at a time), without autocast (calibration.dtype and bits do not "
+            "apply; weights in load_dtype).",
+        },
+    )
     compare: list[str] | None = field(
         default=None,
         metadata={
             "help": "Paired comparisons '<a> vs <b>' (RM names) with 95% paired bootstrap intervals, written "
             "to comparisons.json; null = 'more vs multitask' when both exist, plus each of them vs 'uniform' "
-            "when it exists and 'dpo' (the DPO policy, an implicit RM) vs each of them when it exists; [] = none."
+            "when it exists, plus each implicit RM (implicit_rms) vs 'more' and vs 'multitask' when they exist; "
+            "[] = none."
         },
     )
     averaging: bool = field(
@@ -171,6 +232,7 @@ class CalibrationConfig:
                     "(they are used in file names and in 'a vs b' comparisons)"
                 )
             self.external_rms = dict(self.external_rms)
+        self.implicit_rms = check_implicit_rms(self.implicit_rms, self.external_rms or {})
         if self.compare is not None:
             self.compare = [self.compare] if isinstance(self.compare, str) else list(self.compare)
             for text in self.compare:
@@ -186,3 +248,46 @@ def hh_sources(sources: list[str], cfg: CalibrationConfig) -> list[str]:
             raise ValueError(f"calibration.hh_sources: {unknown} are not sources of this run ({sources})")
         return list(cfg.hh_sources)
     return [s for s in sources if any(h in s.lower() for h in HH_NAMES)]
+
+
+def check_implicit_rms(value, external: dict) -> dict[str, ImplicitRMSpec] | None:
+    """`calibration.implicit_rms` as {name: ImplicitRMSpec} (plain dicts converted), each entry checked: a name
+    usable in file names and comparisons, not an external RM's, a policy, beta > 0, and a reference unless
+    reference_free (one ValueError naming the key and the fix)."""
+    from pipeline.implicit import check_spec
+
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(
+            "calibration.implicit_rms must map names to {policy, reference, beta}, e.g. "
+            f"{{dpo: {{policy: runs/x/dpo, reference: runs/x/sft, beta: 0.1}}}}; got {value!r}"
+        )
+    out = {}
+    for name, spec in value.items():
+        key = f"calibration.implicit_rms.{name}"
+        if not isinstance(name, str) or not re.fullmatch(r"[\w.+-]+", name):
+            raise ValueError(
+                f"calibration.implicit_rms: the name {name!r} may only hold letters, digits and . _ + - (it is used "
+                "in file names and in 'a vs b' comparisons)"
+            )
+        if name in external or name == AVERAGING:
+            raise ValueError(f"{key}: the name {name!r} is already used by an external RM or the Averaging RM")
+        if isinstance(spec, dict):
+            unknown = sorted(set(spec) - {f.name for f in fields(ImplicitRMSpec)})
+            if unknown:
+                raise ValueError(f"{key}: unknown keys {unknown}; valid: policy, reference, beta, reference_free")
+            spec = ImplicitRMSpec(**spec)
+        if not isinstance(spec, ImplicitRMSpec):
+            raise ValueError(f"{key} must be a mapping {{policy, reference, beta, reference_free}}, got {spec!r}")
+        check_spec(
+            {
+                "policy": spec.policy,
+                "reference": spec.reference,
+                "beta": spec.beta,
+                "reference_free": spec.reference_free,
+            },
+            key,
+        )
+        out[name] = spec
+    return out

@@ -25,12 +25,12 @@ from pipeline.reward.index import read_index
 def read_rms(run_dir: Path, cfg: CalibrationConfig) -> tuple[dict, dict]:
     """(trained, external): the entries of DIR/reward/index.json named by `calibration.rms` (all when null) and
     `external_entries`. A run that only evaluates external RMs needs no index."""
-    trained_needed = cfg.rms is not None or not cfg.external_rms
+    trained_needed = cfg.rms is not None or not (cfg.external_rms or cfg.implicit_rms)
     if trained_needed and not (run_dir / "reward" / "index.json").is_file():
         raise FileNotFoundError(
             f"calibration: {run_dir / 'reward' / 'index.json'} not found; run the reward stage first "
             "(python -m pipeline.reward), or name reward models trained elsewhere in calibration.external_rms "
-            "(see the rm-eval recipe)"
+            "(see the rm-eval recipe) or DPO policies in calibration.implicit_rms"
         )
     index = (
         read_index(run_dir, cfg.rms, key="calibration.rms")

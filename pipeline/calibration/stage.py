@@ -29,9 +29,15 @@ Paired comparisons (`calibration.compare`, "<a> vs <b>"): the difference a - b o
 source and for the averages, with a 95% paired bootstrap interval and p-value (`compare.paired_bootstrap`),
 in comparisons.json and comparisons.md.
 
+DPO policies named in `calibration.implicit_rms`, and the reward stage's `dpo` policies (index entries of kind
+"implicit"), are implicit RMs (`implicit_rms.score_implicit`: beta * (log pi -
+log pi_ref) over the response tokens, policy then reference, one model in memory at a time) and go through every
+step above like the others; their fitted temperature gives the effective beta (beta / T, temperature_fits.json).
+
 Where the parts live: `config` (CalibrationConfig), `load` (which RMs, loading them, external-RM checks),
+`implicit_rms` (the DPO policies: entries, checks, scoring, their table.md section),
 `overlap` (the evaluation splits, the train-overlap counts and exclusion), `pipeline.scoring.score_rm` (the
-scoring pass; `implicit_rms` for a DPO policy of kind implicit, read as beta * log(pi / pi_ref)), `analysis` (metrics, temperatures, comparisons, diversity), `tables` (table.md), `stage_plots`
+scoring pass), `analysis` (metrics, temperatures, comparisons, diversity), `tables` (table.md), `stage_plots`
 (the PNGs). This module holds `run` and the other functions `pipeline.stages` calls; it imports the calibration
 package, the leaves (`pipeline.io`, `logs`, `scoring`, `pipeline.data`) and nothing above the calibration layer.
 
@@ -58,9 +64,16 @@ from pipeline.calibration.analysis import (
     rm_metrics,
     source_metrics,
 )
-from pipeline.calibration.compare import render_comparisons, resolve_comparisons
+from pipeline.calibration.compare import default_comparisons, render_comparisons, resolve_comparisons
 from pipeline.calibration.config import AVERAGING, CalibrationConfig, hh_sources
-from pipeline.calibration.implicit_rms import is_implicit, score_implicit_rm
+from pipeline.calibration.implicit_rms import (
+    check_implicit_folders,
+    effective_betas,
+    implicit_entries,
+    implicit_table,
+    score_implicit,
+    trained_implicit_entries,
+)
 from pipeline.calibration.load import check_external_tokenizers, load_rm, read_rms
 from pipeline.calibration.overlap import (
     eval_splits,
@@ -84,6 +97,7 @@ class Evaluation:
 
     index: dict  # the trained RMs (DIR/reward/index.json)
     external: dict  # calibration.external_rms as index-like entries
+    implicit: dict  # calibration.implicit_rms (DPO policies) as index-like entries
     singles: list[str]  # the single-source RMs, averaged into the Averaging RM when `with_averaging`
     with_averaging: bool
     comparisons: dict  # {"<a> vs <b>": (a, b)}
@@ -114,17 +128,25 @@ def plan_evaluation(recipe, run_dir: Path, cfg: CalibrationConfig, main: bool) -
     from pipeline.data.mixing import describe_data_stats
 
     index, external = read_rms(run_dir, cfg)
+    trained = trained_implicit_entries(run_dir, index)  # the reward stage's dpo policies
+    index = {n: e for n, e in index.items() if n not in trained}
+    implicit = {**trained, **implicit_entries(cfg, [*index, *external, *trained])}
+    check_implicit_folders(cfg)
     singles = [n for n, e in index.items() if e.get("method") == "single"]
     with_averaging = cfg.averaging and len(singles) >= 2
-    names = [*index, *external] + ([AVERAGING] if with_averaging else [])
-    comparisons = resolve_comparisons(cfg.compare, names)  # fails before any scoring on an unknown name
+    names = [*index, *external, *implicit] + ([AVERAGING] if with_averaging else [])
+    compare = cfg.compare
+    if compare is None and implicit:  # each DPO policy against MORE and MultiTask, besides the defaults
+        compare = default_comparisons(names)
+        compare += [f"{n} vs {b}" for n in implicit for b in ("more", "multitask") if b in names]
+    comparisons = resolve_comparisons(compare, names)  # fails before any scoring on an unknown name
     stats: dict = {}
     data = eval_splits(recipe, cfg, stats)
     if main:
         for line in describe_data_stats(stats):
             say("calibration", f"data {line}")
     # Pairs whose prompt an RM was trained on (its train_prompts.json): counted per RM, excluded by default.
-    records = train_prompt_records({**index, **external}, singles, with_averaging)
+    records = train_prompt_records({**index, **external, **implicit}, singles, with_averaging)
     hashes = prompt_hashes(data)
     overlap = {rm: overlap_counts(hashes, seen) for rm, seen in records.items()}
     synthetic = {sp.name for sp in recipe.data.sources if sp.format == "synthetic"}
@@ -137,6 +159,7 @@ def plan_evaluation(recipe, run_dir: Path, cfg: CalibrationConfig, main: bool) -
     return Evaluation(
         index=index,
         external=external,
+        implicit=implicit,
         singles=singles,
         with_averaging=with_averaging,
         comparisons=comparisons,
@@ -151,19 +174,17 @@ def plan_evaluation(recipe, run_dir: Path, cfg: CalibrationConfig, main: bool) -
     )
 
 
-def score_all(ev: Evaluation, cfg: CalibrationConfig, state, run_dir: Path) -> dict:
-    """{rm: {source: {split: (r_chosen, r_rejected)}}} of every RM (data-parallel under several processes; an
-    implicit RM, a DPO policy, by its implicit reward: `pipeline.calibration.implicit_rms`), and of the Averaging
-    RM."""
+def score_all(ev: Evaluation, cfg: CalibrationConfig, state) -> dict:
+    """{rm: {source: {split: (r_chosen, r_rejected)}}} of every RM (data-parallel under several processes), and
+    of the Averaging RM."""
     rewards: dict = {}
     for name, entry in {**ev.index, **ev.external}.items():
-        if is_implicit(entry):
-            rewards[name] = score_implicit_rm(run_dir, name, entry, ev.data, cfg, ev.max_length, state.device)
-            check_finite_rewards(name, entry, rewards[name])
-            continue
         model, tok = load_rm(name, entry, cfg, state.device)
         rewards[name] = score_rm(model, tok, ev.data, cfg, ev.max_length, state)
         del model
+        check_finite_rewards(name, entry, rewards[name])
+    for name, entry in ev.implicit.items():  # the policy, then the reference: one model in memory at a time
+        rewards[name] = score_implicit(name, entry, ev.data, cfg, ev.max_length, state)
         check_finite_rewards(name, entry, rewards[name])
     if ev.with_averaging:
         rewards[AVERAGING] = averaging_rewards(rewards, ev.singles)
@@ -173,6 +194,7 @@ def score_all(ev: Evaluation, cfg: CalibrationConfig, state, run_dir: Path) -> d
 def compute_results(ev: Evaluation, rewards: dict, cfg: CalibrationConfig, seed: int) -> Results:
     """Temperatures, metrics (with each RM's train overlap), diversity and paired comparisons."""
     temperatures, fits = fit_temperatures(rewards, ev.sources) if cfg.temperature_scaling else ({}, {})
+    effective_betas(ev.implicit, temperatures, fits)
     metrics = {
         rm: rm_metrics(
             {
@@ -212,9 +234,10 @@ def write_outputs(
     """Write DIR/calibration/ atomically; returns its files (relative to run_dir)."""
     with atomic_dir(run_dir / "calibration") as tmp:
         atomic_write_json(tmp / "metrics.json", res.metrics)
-        atomic_write_text(
-            tmp / "table.md", render_table(res.metrics, res.temperatures, ev.sources, ev.hh, cfg, res.diversity)
-        )
+        table = render_table(res.metrics, res.temperatures, ev.sources, ev.hh, cfg, res.diversity)
+        if ev.implicit:
+            table = "\n".join([table, "", *implicit_table(ev.implicit, res.temperatures)])
+        atomic_write_text(tmp / "table.md", table)
         atomic_write_json(
             tmp / "config.json",
             {
@@ -225,6 +248,10 @@ def write_outputs(
                 "sources": ev.sources,
                 "hh_sources": ev.hh,
                 "external": {n: e["path"] for n, e in ev.external.items()},
+                "implicit": {
+                    n: {k: e.get(k) for k in ("path", "reference", "beta", "reference_free", "truncated_sequences")}
+                    for n, e in ev.implicit.items()
+                },
                 "comparisons": list(res.compared),
                 "train_overlap_excluded": ev.excluded,
                 "data_stats": ev.stats,
@@ -291,13 +318,14 @@ def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
     # on CPU, cpu=True makes it a gloo process group instead of N independent single processes
     state = PartialState(cpu=not torch.cuda.is_available())
     ev = plan_evaluation(recipe, run_dir, cfg, state.is_main_process)
-    rewards = score_all(ev, cfg, state, Path(run_dir))
+    rewards = score_all(ev, cfg, state)
     if not state.is_main_process:
         state.wait_for_everyone()
         return []
     res = compute_results(ev, rewards, cfg, seed)
     artifacts = write_outputs(run_dir, ev, rewards, res, cfg, seed)
-    artifacts += write_rm_temperatures(run_dir, ev.index, res, ev.sources)
+    trained = {**ev.index, **{n: e for n, e in ev.implicit.items() if e.get("trained")}}
+    artifacts += write_rm_temperatures(run_dir, trained, res, ev.sources)
     state.wait_for_everyone()
     return artifacts
 
@@ -307,19 +335,29 @@ def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
 
 
 def inputs(section: dict) -> list[tuple[str, str]]:
-    """Inputs the calibration section names besides the data sources: the external RMs."""
-    return [(p, "model") for p in (section.get("external_rms") or {}).values()]
+    """Inputs the calibration section names besides the data sources: the external RMs, and the policies and
+    references of the implicit RMs (their content is part of the stage's hash)."""
+    out = [(p, "model") for p in (section.get("external_rms") or {}).values()]
+    for spec in (section.get("implicit_rms") or {}).values():
+        if isinstance(spec, dict):
+            out += [(spec[k], "model") for k in ("policy", "reference") if isinstance(spec.get(k), str)]
+    return out
 
 
 def check(recipe, *, runs: bool, origin) -> None:
     """A local external RM without tokenizer files, or whose chat template does not parse, raises or runs past
-    the check's time limit, fails before any work (also under --dry-run)."""
+    the check's time limit, fails before any work (also under --dry-run); so does an implicit RM whose policy or
+    reference is missing or no causal LM, or whose policy has no tokenizer files."""
     if not runs:
         return
     try:
         check_external_tokenizers(recipe.calibration)
     except ValueError as e:
         raise RecipeError(f"{e} (in {origin('calibration.external_rms')})") from None
+    try:
+        check_implicit_folders(recipe.calibration)
+    except (ValueError, FileNotFoundError) as e:
+        raise RecipeError(f"{e} (in {origin('calibration.implicit_rms')})") from None
 
 
 def estimate(recipe, run_dir: Path, world: int = 1) -> tuple[str, None]:

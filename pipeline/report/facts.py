@@ -96,8 +96,14 @@ def run_facts(recipe, run_dir: Path, manifest: dict | None) -> dict:
         rms[name] = {"trained": True, "method": e.get("method"), "sources": e.get("sources", []), "params": params}
         if e.get("kind") == "implicit":  # a DPO policy: trained from the policy stage's base policy
             rms[name]["base"] = "the policy stage's base policy (DPO; an implicit RM)"
-    for name, path in ((read_json(run_dir / "calibration" / "config.json") or {}).get("external") or {}).items():
+    cal_config = read_json(run_dir / "calibration" / "config.json") or {}
+    for name, path in (cal_config.get("external") or {}).items():
         rms[name] = {"trained": False, "path": path, "params": safetensors_param_count(path)}
+    for name, e in (cal_config.get("implicit") or {}).items():
+        if name in rms:  # the reward stage's dpo policy: listed above as trained here
+            continue
+        path = e.get("path")
+        rms[name] = {"trained": False, "implicit": True, "path": path, "params": safetensors_param_count(path)}
     base = stage_setting(recipe, "reward", "model_name_or_path")
     policy = None
     if (run_dir / "align").is_dir():
@@ -128,7 +134,12 @@ def what_ran_section(facts: dict) -> list[str]:
     if facts["rms"]:
         base = facts["reward_base"] or "tiny model built in-process (random init)"
         rows = [
-            [name, "yes, " + str(r["method"]) if r["trained"] else "no (external)"]
+            [
+                name,
+                "yes, " + str(r["method"])
+                if r["trained"]
+                else ("no (DPO policy)" if r.get("implicit") else "no (external)"),
+            ]
             + [r.get("base") or f"`{base}`" if r["trained"] else f"`{r['path']}`", format_count(r["params"])]
             for name, r in facts["rms"].items()
         ]

@@ -135,6 +135,20 @@ def reward_section(run_dir: Path) -> list[str]:
             + ".",
             "",
         ]
+    implicit = (read_json(run_dir / "calibration" / "config.json") or {}).get("implicit") or {}
+    if implicit:
+        lines += [
+            "Implicit reward models (DPO policies, `calibration.implicit_rms`; reward = beta * (log pi - log pi_ref) "
+            "over the response tokens): "
+            + "; ".join(
+                f"{n} (policy `{e.get('path')}`, "
+                + (f"reference `{e['reference']}`" if e.get("reference") else "REFERENCE-FREE: beta * log pi alone")
+                + f", beta {e.get('beta')})"
+                for n, e in implicit.items()
+            )
+            + ".",
+            "",
+        ]
     if not index:
         return lines + ["The reward stage has not run in this directory (no reward/index.json).", ""]
     rows = []
