@@ -45,17 +45,17 @@ def select_stages(stages: str | list[str] | None, recipe_stages: list[str] | Non
 
 def plan(recipe, run_dir: Path, manifest: dict, selected: list[str], force: list[str]) -> list[dict]:
     """Decide, for each stage in order, whether to run it and why. Pure (reads only the file system)."""
-    order = stage_table.stage_names()
     entries = manifest.get("stages", {})
     resolved = recipe_to_dict(recipe)
     rerun: set[str] = set()
     steps = []
-    for i, stage in enumerate(stage_table.STAGES):
+    for stage in stage_table.STAGES:
         name = stage.name
         h = stage_config_hash(recipe, name)
         entry = entries.get(name)
-        upstream_now = upstream_tokens(entries, order[:i])
-        ups = [u for u in order[:i] if u in rerun]
+        follows = stage_table.upstream(name, resolved)
+        upstream_now = upstream_tokens(entries, follows)
+        ups = [u for u in follows if u in rerun]
         if name not in selected:
             step = _unselected_step(stage, h, entry, upstream_now, ups)
         else:
@@ -141,11 +141,16 @@ def _unselected_step(stage, h: str, entry: dict | None, upstream_now: dict, upst
 
 def stage_inputs(resolved: dict, stage: str) -> dict:
     """The parts of the resolved recipe a stage's config hash covers (seed, data, its own and every upstream
-    section), stored in its manifest entry so a later plan can say which KEYS changed; a credential inside a URL
+    section; for a stage without a section, the policy's, the align keys it is built from), stored in its manifest entry so a later plan can say which KEYS changed; a credential inside a URL
     is masked, in the manifest and in the reason a plan logs (`redact_credentials`)."""
     order = stage_table.stage_names()
-    upto = order[: order.index(stage) + 1] if stage in order else [stage]
-    inputs = {"seed": resolved.get("seed"), "data": resolved.get("data"), **{s: resolved.get(s) for s in upto}}
+    upto = [*stage_table.upstream(stage, resolved), stage] if stage in order else [stage]
+    own = {s for s in upto if s not in order or stage_table.get(s).settings is None}  # stages with a section
+    inputs = {"seed": resolved.get("seed"), "data": resolved.get("data")}
+    for s in upto:  # a stage without a section (the policy's): its settings, keys of another section
+        if s not in own:
+            inputs.update(stage_table.own_settings(s, resolved))
+    inputs.update({s: resolved.get(s) for s in upto if s in own})
     return redact_credentials(inputs)
 
 
@@ -288,18 +293,18 @@ def stage_config_hash(recipe, stage: str) -> str:
     the CONTENT of the local files the recipe names by path and the hub revision of the hub ids it names
     (`local_input_stats`).
 
-    Upstream = the stages before it in pipeline order, so a change anywhere upstream changes every downstream
-    hash. `name`, `description`, `output_dir` and `stages` are not part of any hash (renaming or moving a run
+    Upstream = the stages before it in pipeline order (an on-demand stage, the policy's, only for the stages
+    that read it: `pipeline.stages.upstream`), so a change anywhere upstream changes every downstream hash. `name`, `description`, `output_dir` and `stages` are not part of any hash (renaming or moving a run
     does not invalidate it).
     """
     order = stage_table.stage_names()
     if stage not in order:
         raise ValueError(f"unknown stage {stage!r}; valid: {order}")
     d = recipe_to_dict(recipe)
-    upstream = {u: stage_config_hash(recipe, u) for u in order[: order.index(stage)]}
+    upstream = {u: stage_config_hash(recipe, u) for u in stage_table.upstream(stage, d)}
     payload = {
         "stage": stage,
-        "section": d.get(stage),
+        "section": stage_table.own_settings(stage, d),
         "data": d.get("data"),
         "seed": d.get("seed"),
         "upstream": upstream,
@@ -318,7 +323,7 @@ def input_paths(d: dict, stage: str) -> list[tuple[str, str]]:
         for s in (d.get("data") or {}).get("sources") or []
         if isinstance(s, dict) and s.get("format") != "synthetic"
     ]
-    return out + stage_table.get(stage).inputs(d.get(stage) or {})
+    return out + stage_table.get(stage).inputs(stage_table.own_settings(stage, d) or {})
 
 
 def local_input_stats(d: dict, stage: str) -> dict:

@@ -5,8 +5,8 @@
     python -m pipeline.run --recipe tiny-cpu --stages calibration,report --force calibration
     accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml -m pipeline.run --recipe ...
 
-Stages run in the order of `pipeline.stages.STAGES`, the one table of stages; `pipeline.plan` decides which
-run and why, and DIR/manifest.json (`pipeline.manifest`, written by the main process only) records what ran.
+Stages run in the order of `pipeline.stages.STAGES`, the one table of stages (an on-demand stage, the
+policy's, is added to the selection whenever a selected stage reads it); `pipeline.plan` decides which run and why, and DIR/manifest.json (`pipeline.manifest`, written by the main process only) records what ran.
 `--force STAGE` reruns a stage and passes it `force=True` (the reward stage then retrains RMs it would
 otherwise reuse). A stage left "running" (kill -9), "interrupted" (Ctrl-C, SIGTERM) or "failed" (an exception)
 reruns with the same run_dir and resumes from its own checkpoints; before it reruns, stale temporary files of interrupted atomic
@@ -101,7 +101,7 @@ def run_pipeline(
     rerun (`pipeline.plan.check_upstream`; refused otherwise)."""
     procs = Processes()
     run_dir = Path(run_dir).resolve()
-    selected = select_stages(stages, recipe.stages)
+    selected = stage_table.needed(select_stages(stages, recipe.stages), recipe_to_dict(recipe))
     force = _forced(force, selected)
     if run_dir.exists() and not run_dir.is_dir():
         raise RecipeError(
@@ -316,7 +316,6 @@ def _run_stage(recipe, run_dir: Path, step: dict, manifest: dict, resolved: dict
         removed = clean_stale_tmp(run_dir, name)
         if removed:
             log.info("[%s] removed %d stale temporary file(s) of an interrupted write", name, len(removed))
-        order = stage_table.stage_names()
         entry = {
             "status": "running",
             "config_hash": step["hash"],
@@ -325,7 +324,7 @@ def _run_stage(recipe, run_dir: Path, step: dict, manifest: dict, resolved: dict
             "artifacts": [],
             "reason": step["reason"],
             "run_id": uuid.uuid4().hex,
-            "upstream": upstream_tokens(manifest["stages"], order[: order.index(name)]),
+            "upstream": upstream_tokens(manifest["stages"], stage_table.upstream(name, resolved)),
             "world_size": procs.world,
             "inputs": stage_inputs(resolved, name),
             "input_files": input_digests(resolved, name),

@@ -23,6 +23,13 @@ orchestrator calls:
 - `reads_data`: the stage reads `data.sources` (their paths are checked before any work);
   `follows_upstream`: the stage is regenerated whenever a stage it reads reruns, even when not selected
   (the report).
+- `read_by(resolved recipe) -> [stage names]`: an on-demand stage, read only by the stages it names for this
+  recipe (the policy stage: align, and reward when it trains `dpo`). The planner adds it whenever one of them
+  is selected, and it is upstream of those only (`upstream`); a stage without `read_by` is upstream of every
+  stage after it.
+- `settings(resolved recipe) -> dict`: for a stage without a recipe section of its own (`config` None), the
+  part of the recipe that is its settings, hashed as its section (the policy stage: the align keys that build
+  the policy, so the rest of the align section does not rebuild it).
 
 To add a stage: write its package with these functions and add one line to STAGES.
 """
@@ -38,6 +45,7 @@ from pipeline.align.config import AlignConfig
 from pipeline.calibration import stage as calibration
 from pipeline.calibration.config import CalibrationConfig
 from pipeline.data import DataConfig
+from pipeline.policy import stage as policy
 from pipeline.report import stage as report
 from pipeline.report.config import ReportConfig
 from pipeline.reward import stage as reward
@@ -55,7 +63,7 @@ def no_check(recipe: Any, *, runs: bool, origin: Callable[[str], str]) -> None:
 @dataclass(frozen=True)
 class Stage:
     name: str
-    config: type
+    config: type | None
     run: Callable[..., list[str]]
     inputs: Callable[[dict], list[tuple[str, str]]] = no_inputs
     check: Callable[..., None] = no_check
@@ -65,9 +73,21 @@ class Stage:
     results: str = "results"
     reads_data: bool = True
     follows_upstream: bool = False
+    read_by: Callable[[dict], list[str]] | None = None
+    settings: Callable[[dict], dict] | None = None
 
 
 STAGES: tuple[Stage, ...] = (
+    Stage(
+        "policy",
+        None,
+        policy.run,
+        inputs=policy.inputs,
+        check=policy.check,
+        estimate=policy.estimate,
+        read_by=policy.read_by,
+        settings=policy.settings,
+    ),
     Stage(
         "reward",
         RewardStageConfig,
@@ -108,5 +128,28 @@ def get(name: str) -> Stage:
 
 
 def section_classes() -> dict[str, type]:
-    """Recipe section -> its dataclass: `data` first, then one per stage, in pipeline order."""
-    return {DATA_SECTION[0]: DATA_SECTION[1], **{s.name: s.config for s in STAGES}}
+    """Recipe section -> its dataclass: `data` first, then one per stage that has one, in pipeline order."""
+    return {DATA_SECTION[0]: DATA_SECTION[1], **{s.name: s.config for s in STAGES if s.config is not None}}
+
+
+def upstream(name: str, resolved: dict) -> list[str]:
+    """The stages `name` follows, in order: every stage before it, but an on-demand one (`read_by`) only when it
+    names `name` for this recipe."""
+    order = stage_names()
+    before = STAGES[: order.index(name)] if name in order else STAGES
+    return [s.name for s in before if s.read_by is None or name in s.read_by(resolved)]
+
+
+def own_settings(name: str, resolved: dict):
+    """What of the resolved recipe is stage `name`'s own: its section, or its `settings`."""
+    stage = get(name)
+    return stage.settings(resolved) if stage.settings is not None else resolved.get(name)
+
+
+def needed(selected: list[str], resolved: dict) -> list[str]:
+    """`selected` plus every on-demand stage a selected stage reads (`read_by`), in pipeline order."""
+    wanted = set(selected)
+    for s in STAGES:
+        if s.read_by is not None and wanted & set(s.read_by(resolved)):
+            wanted.add(s.name)
+    return [n for n in stage_names() if n in wanted]

@@ -81,6 +81,15 @@ def _recipe(**align):
     return SimpleNamespace(name="t", seed=0, data=data, align=AlignConfig(**cfg))
 
 
+def _run_align(recipe, run_dir):
+    """The policy stage, then the align stage, which starts from the policy stage's DIR/policy/."""
+    from pipeline.align import stage
+    from pipeline.policy import stage as policy_stage
+
+    policy_stage.run(recipe, run_dir)
+    return stage.run(recipe, run_dir)
+
+
 def _reward_dir(run_dir):
     index = {}
     tok = rm_tokenizer()
@@ -98,11 +107,10 @@ def _reward_dir(run_dir):
 
 
 def test_stage_end_to_end_and_rerun_skips(tmp_path, capsys):
-    from pipeline.align import stage
 
     _reward_dir(tmp_path)
     recipe = _recipe()
-    artifacts = stage.run(recipe, tmp_path)
+    artifacts = _run_align(recipe, tmp_path)
     align = tmp_path / "align"
     for a in artifacts:
         assert (tmp_path / a).exists(), a
@@ -159,36 +167,35 @@ def test_stage_end_to_end_and_rerun_skips(tmp_path, capsys):
     # rerun: every sub-result is skipped, nothing is rewritten
     stamp = os.stat(rjs_dir / "policy" / "model.safetensors").st_mtime_ns
     capsys.readouterr()
-    stage.run(recipe, tmp_path)
+    _run_align(recipe, tmp_path)
     out = capsys.readouterr().out
     assert out.count("done earlier, skipping") == 4
     assert os.stat(rjs_dir / "policy" / "model.safetensors").st_mtime_ns == stamp
     assert json.loads((align / "judgements.json").read_text()) == judgements
 
     # a changed setting redoes what depends on it
-    stage.run(_recipe(sft_learning_rate=2e-3, methods=["rjs"], rms=["more"], comparisons=["more vs base"]), tmp_path)
+    _run_align(_recipe(sft_learning_rate=2e-3, methods=["rjs"], rms=["more"], comparisons=["more vs base"]), tmp_path)
     assert os.stat(rjs_dir / "policy" / "model.safetensors").st_mtime_ns != stamp
     assert set(json.loads((align / "judgements.json").read_text())) == {"rjs: more vs base"}
 
     # a changed warm start rebuilds the base policy and re-samples its candidates
-    base_stamp = os.stat(align / "base" / "policy" / "model.safetensors").st_mtime_ns
+    base_stamp = os.stat(tmp_path / "policy" / "model.safetensors").st_mtime_ns
     cands = (align / "base" / "eval_candidates.jsonl").read_text()
     steps = recipe.align.warm_start_steps + 1
-    stage.run(
+    _run_align(
         _recipe(warm_start_steps=steps, methods=["best_of_n"], rms=["more"], comparisons=["more vs base"]), tmp_path
     )
-    assert os.stat(align / "base" / "policy" / "model.safetensors").st_mtime_ns != base_stamp
+    assert os.stat(tmp_path / "policy" / "model.safetensors").st_mtime_ns != base_stamp
     assert (align / "base" / "eval_candidates.jsonl").read_text() != cands
 
 
 def test_stage_errors(tmp_path):
-    from pipeline.align import stage
 
     with pytest.raises(FileNotFoundError, match="run the reward stage first"):
-        stage.run(_recipe(), tmp_path)
+        _run_align(_recipe(), tmp_path)
     _reward_dir(tmp_path)
     with pytest.raises(ValueError, match="eval_sources"):
-        stage.run(_recipe(eval_sources=["webgpt"]), tmp_path)
+        _run_align(_recipe(eval_sources=["webgpt"]), tmp_path)
 
 
 def test_render_table_handles_empty():
@@ -199,7 +206,6 @@ def test_render_table_handles_empty():
 
 def test_stage_runs_ppo_and_rloo(tmp_path):
     """The RL methods through the stage: this project's PPO and TRL's RLOO, RM as reward, gold logged."""
-    from pipeline.align import stage
 
     _reward_dir(tmp_path)
     recipe = _recipe(
@@ -209,7 +215,7 @@ def test_stage_runs_ppo_and_rloo(tmp_path):
         ppo={"num_steps": 2, "rollout_batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "progress": False},
         rloo={"max_steps": 2, "per_device_train_batch_size": 4},
     )
-    stage.run(recipe, tmp_path)
+    _run_align(recipe, tmp_path)
     align = tmp_path / "align"
     summary = json.loads((align / "more" / "ppo" / "ppo_summary.json").read_text())
     assert summary["steps"] == 2 and summary["first_gold_mean"] is not None  # gold reward measured per step
@@ -229,7 +235,6 @@ def test_stage_runs_ppo_and_rloo(tmp_path):
 def test_stage_with_an_openai_compatible_judge(tmp_path, monkeypatch, capsys):
     """The LLM judge through the stage, against a loopback server: both orders asked, cached across reruns,
     helpful/harmless prompts per prompt set, and the API key nowhere in the outputs."""
-    from pipeline.align import stage
     from tests.helpers import judge_server
 
     secret = "sk-align-stage-SECRET-987"
@@ -249,7 +254,7 @@ def test_stage_with_an_openai_compatible_judge(tmp_path, monkeypatch, capsys):
                 "backoff_s": 0.01,
             },
         )
-        stage.run(recipe, tmp_path)
+        _run_align(recipe, tmp_path)
         assert server.requests == 2 * 12  # 12 held-out prompts, each asked in both orders
         harmless = [b for b in server.bodies if "more harmless" in b["messages"][0]["content"]]
         assert len(harmless) == 12  # the harmless prompt set gets the harmlessness question
@@ -257,21 +262,21 @@ def test_stage_with_an_openai_compatible_judge(tmp_path, monkeypatch, capsys):
         per_set = judgements["best_of_n: more vs base"]
         # this server always answers "A" when no response is GOOD: the two orders disagree, so all ties
         assert per_set["all"]["counts"] == {"win": 0, "tie": 12, "lose": 0, "invalid": 0}
-        stage.run(recipe, tmp_path)
+        _run_align(recipe, tmp_path)
         assert server.requests == 2 * 12  # the rerun pays nothing
         assert "judge: 12 comparisons x 2 orders; 0 requests to send (24 answers cached)" in capsys.readouterr().out
         # another judge model (nothing cached) with a budget below 24 requests + the 10% retry allowance: refused
         # before its first request (it used to spend the whole budget and then fail)
         recipe.align.judge.model, recipe.align.judge.max_requests = "judge-y", 26
         with pytest.raises(JudgeBudgetExhausted) as err:
-            stage.run(recipe, tmp_path)
+            _run_align(recipe, tmp_path)
         assert server.requests == 2 * 12
         assert "max_requests=26 cannot cover" in str(err.value) and "need 24 requests (0 answers cached)" in str(
             err.value
         )
         assert "10% retry allowance = 27; nothing was sent. Fix: align.judge.max_requests=27" in str(err.value)
         recipe.align.judge.max_requests = 27
-        stage.run(recipe, tmp_path)
+        _run_align(recipe, tmp_path)
         assert server.requests == 2 * 12 + 24
     out = capsys.readouterr()
     assert secret not in out.out + out.err
@@ -289,7 +294,6 @@ def test_a_run_directory_stamped_by_the_old_fingerprint_reruns_its_align_work(tm
     import hashlib
     import sys
 
-    from pipeline.align import stage
     from pipeline.io import sha256_json
 
     def old_hash(obj) -> str:
@@ -301,29 +305,30 @@ def test_a_run_directory_stamped_by_the_old_fingerprint_reruns_its_align_work(tm
         patched = [
             name
             for name, mod in list(sys.modules.items())
-            if name.startswith("pipeline.align.") and getattr(mod, "sha256_json", None) is sha256_json
+            if name.startswith(("pipeline.align.", "pipeline.policy."))
+            and getattr(mod, "sha256_json", None) is sha256_json
         ]
-        assert "pipeline.align.stage" in patched and "pipeline.align.policy" in patched
+        assert "pipeline.align.stage" in patched and "pipeline.policy.stage" in patched
         for name in patched:
             m.setattr(sys.modules[name], "sha256_json", old_hash)
-        stage.run(recipe, tmp_path)
+        _run_align(recipe, tmp_path)
     align = tmp_path / "align"
-    old = {p: (align / p).read_text() for p in ("base/policy.settings.json", "more/best_of_n/settings.json")}
+    old = {p: (tmp_path / p).read_text() for p in ("policy/policy.json", "align/more/best_of_n/settings.json")}
     capsys.readouterr()
 
-    stage.run(recipe, tmp_path)
+    _run_align(recipe, tmp_path)
     out = capsys.readouterr().out
     reason = "its settings changed since it was made (or an older version of the pipeline made it)"
     assert (
-        f"[align] building the tiny base policy (warm start on synthetic responses of mixed quality): {reason}" in out
+        f"[policy] building the tiny base policy (warm start on synthetic responses of mixed quality): {reason}" in out
     )
     assert f"from the base policy: {reason}" in out  # the candidates are sampled again
     assert f"[align] more/best_of_n: aligning: {reason}" in out
     assert "done earlier" not in out
-    assert all((align / p).read_text() != text for p, text in old.items())
+    assert all((tmp_path / p).read_text() != text for p, text in old.items())
     assert json.loads((align / "judgements.json").read_text())["best_of_n: more vs base"]["all"]["n"] == 12
 
-    stage.run(recipe, tmp_path)  # stamped by this version: reused
+    _run_align(recipe, tmp_path)  # stamped by this version: reused
     out = capsys.readouterr().out
     assert "[align] more/best_of_n: done earlier, skipping" in out and "building" not in out and "sampling" not in out
 

@@ -2,10 +2,12 @@
 
 Every import counts, also one inside a function (`ast` walks the whole module). The layers, bottom up:
 
-    leaves       pipeline.io, logs, errors, stats, tables, strict, dist, layout, models, scoring, implicit, pipeline.data.*
-    stages       pipeline.reward < pipeline.calibration < pipeline.export < pipeline.align < pipeline.report (each
-                 package may import the leaves and the stage packages before it in this order, never one after it;
-                 pipeline.export is no stage of the table: it exports a finished run's RMs)
+    leaves       pipeline.io, logs, errors, stats, tables, strict, dist, layout, models, scoring, checkpoints,
+                 implicit, pipeline.data.*
+    stages       pipeline.policy < pipeline.reward < pipeline.calibration < pipeline.export < pipeline.align <
+                 pipeline.report (each package may import the leaves and the stage packages before it in this
+                 order, never one after it; pipeline.export is no stage of the table: it exports a finished
+                 run's RMs)
     table        pipeline.stages
     recipe/plan  pipeline.config, config_keys, manifest, plan
     orchestrator pipeline.run
@@ -40,10 +42,11 @@ LEAVES = (
     "layout",
     "models",
     "scoring",
+    "checkpoints",
     "implicit",
     "data",
 )
-STAGE_PACKAGES = ("reward", "calibration", "export", "align", "report")
+STAGE_PACKAGES = ("policy", "reward", "calibration", "export", "align", "report")
 RECIPE_LAYER = ("config", "config_keys", "manifest", "plan")
 
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.align.policy import (
+from pipeline.align.policy import sample_responses
+from pipeline.policy.warm_start import (
     IGNORE_INDEX,
     collate_right,
     response_mask_labels,
     response_nll,
-    sample_responses,
     warm_start_policy,
 )
 
@@ -80,9 +80,9 @@ def test_warm_start_gives_template_like_mixed_quality_answers(tiny_tok, one_thre
 
 
 def test_warm_start_interrupted_resumes_from_its_last_complete_checkpoint(tiny_tok, tmp_path, one_thread):
+    from pipeline.checkpoints import CHECKPOINT_COMPLETE
     from pipeline.data.synthetic import synthetic_prompts, synthetic_responses
     from pipeline.models import TinyModelSpec, tiny_model
-    from pipeline.reward.checkpoints import CHECKPOINT_COMPLETE
 
     train = synthetic_prompts(16, seed=1, split="train")
     prompts = [p for p in train for _ in range(2)]

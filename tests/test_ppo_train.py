@@ -47,8 +47,9 @@ def test_ppo_raises_gold_reward_on_synthetic_benchmark(tiny_tok, tmp_path, one_t
     (last 3 steps vs first 3) and on held-out prompts (before vs after)."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.align.policy import sample_responses, warm_start_policy
+    from pipeline.align.policy import sample_responses
     from pipeline.data.synthetic import synthetic_prompts, synthetic_responses
+    from pipeline.policy.warm_start import warm_start_policy
 
     train = synthetic_prompts(200, seed=1, split="train")
     policy = warm_start_policy(

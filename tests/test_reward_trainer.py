@@ -10,15 +10,15 @@ from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 from trl import RewardConfig, RewardTrainer
 
-from pipeline.layout import find_reward_head, pool_features
-from pipeline.reward import more as more_mod
-from pipeline.reward.checkpoints import (
+from pipeline.checkpoints import (
     CHECKPOINT_COMPLETE,
     MORE_STATE,
     checkpoint_problem,
     last_complete_checkpoint,
     load_more_state,
 )
+from pipeline.layout import find_reward_head, pool_features
+from pipeline.reward import more as more_mod
 from pipeline.reward.trainer import MORERewardConfig, MORERewardTrainer, SourceAwareCollator
 from tests import reward_helpers as H
 

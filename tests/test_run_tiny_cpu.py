@@ -39,7 +39,8 @@ def test_tiny_cpu_end_to_end_then_rerun(tmp_path):
     p = _run(out)
     assert p.returncode == 0, p.stderr[-4000:]
     m = json.loads((out / "manifest.json").read_text())
-    assert [s for s, e in m["stages"].items() if e["status"] == "done"] == ["reward", "calibration", "align", "report"]
+    done = [s for s, e in m["stages"].items() if e["status"] == "done"]
+    assert done == ["policy", "reward", "calibration", "align", "report"]
     for name, e in m["stages"].items():
         for a in e["artifacts"]:
             assert (out / a).exists(), (name, a)
@@ -63,7 +64,7 @@ def test_tiny_cpu_end_to_end_then_rerun(tmp_path):
     before = {s: e["run_id"] for s, e in m["stages"].items()}
     p = _run(out)
     assert p.returncode == 0, p.stderr[-4000:]
-    assert p.stderr.count("SKIP") == 4
+    assert p.stderr.count("SKIP") == 5
     m = json.loads((out / "manifest.json").read_text())
     assert {s: e["run_id"] for s, e in m["stages"].items()} == before
 
@@ -90,6 +91,45 @@ def test_tiny_cpu_end_to_end_then_rerun(tmp_path):
     assert json.loads((copy / "calibration" / "metrics.json").read_text())["more"] == metrics["more"]
     mc = json.loads((copy / "manifest.json").read_text())
     assert all(not a.startswith("/") for e in mc["stages"].values() for a in e["artifacts"])
+
+
+DPO = [
+    "reward.methods=[more,multitask,dpo]",
+    "reward.dpo.max_steps=12",
+    "align.methods=[best_of_n,policy]",
+    "align.comparisons=[more vs multitask, dpo vs base, dpo vs more, more vs base]",
+]
+
+
+@pytest.mark.slow
+def test_tiny_cpu_with_a_dpo_policy_end_to_end(tmp_path):
+    """Issue 30, item 2: reward.methods with dpo through every real stage. The DPO policy is trained from the policy
+    stage's base policy, calibrated as an implicit RM beside MORE and MultiTask (per-source ECE, paired
+    comparisons), used as best-of-n's reward and judged as a policy of its own."""
+    out = tmp_path / "run"
+    p = _run(out, *DPO)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "training dpo (method=dpo" in p.stdout
+    index = json.loads((out / "reward" / "index.json").read_text())
+    assert index["dpo"]["kind"] == "implicit" and {"more", "multitask"} <= set(index)
+    metrics = json.loads((out / "calibration" / "metrics.json").read_text())
+    sources = ["helpful", "harmless", "oasst1", "webgpt", "summarize"]
+    for rm in ("dpo", "more", "multitask"):
+        assert all(isinstance(metrics[rm][s]["ece_10"], float) for s in sources), rm
+    assert metrics["dpo"]["all_average"]["accuracy"] != metrics["more"]["all_average"]["accuracy"]
+    compared = json.loads((out / "calibration" / "comparisons.json").read_text())
+    for label in ("dpo vs more", "dpo vs multitask"):
+        assert set(sources) <= set(compared[label]) and "ci95" in compared[label]["helpful"]["ece_10"]
+    table = (out / "calibration" / "table.md").read_text()
+    assert "dpo" in table and "dpo vs more" in (out / "calibration" / "comparisons.md").read_text()
+    judged = json.loads((out / "align" / "judgements.json").read_text())
+    assert {"policy: dpo vs base", "best_of_n: dpo vs more", "best_of_n: more vs multitask"} <= set(judged)
+    policies = json.loads((out / "align" / "metrics.json").read_text())["policies"]
+    assert {"dpo/policy", "dpo/best_of_n", "more/best_of_n"} <= set(policies)
+    assert policies["dpo/policy"]["perplexity"] != policies["base"]["perplexity"]  # the DPO policy itself
+    assert not (out / "align" / "more" / "policy").exists()  # a classic RM has no policy of its own
+    md = (out / "report.md").read_text()
+    assert "dpo" in md and "dpo/policy" in md
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 once and shared by every RM), a trained policy's held-out responses, perplexities of the test answers, the RM
 reward that scores samples, and the JSONL files all of them are kept in.
 
-May import: pipeline leaves, `pipeline.align.{context, generate, perplexity, policy, prompts, rewards}`.
+May import: pipeline leaves, `pipeline.reward.index` (an implicit RM's descriptor) and
+`pipeline.align.{context, generate, perplexity, policy, prompts, rewards}`.
 """
 
 from __future__ import annotations
@@ -131,9 +132,22 @@ def perplexities(ctx: AlignContext, policy_path: str, tok, ppl_data: dict) -> di
 
 
 def rm_reward(ctx: AlignContext, rm_dir: Path):
-    """The RM in `rm_dir` as a reward function (calibrated when the section asks), on the stage's device."""
-    from pipeline.align.rewards import RMReward
+    """The RM in `rm_dir` as a reward function (calibrated when the section asks), on the stage's device; an
+    implicit RM (a DPO policy: its directory holds implicit.json) by its implicit reward."""
+    from pipeline.align.rewards import ImplicitReward, RMReward
+    from pipeline.reward.index import implicit_spec
 
+    if (rm_dir / "implicit.json").is_file():
+        return ImplicitReward(
+            implicit_spec(ctx.run_dir, rm_dir.name, {"path": str(rm_dir)}),
+            rm_dir,
+            max_length=ctx.cfg.rm_max_length,
+            batch_size=ctx.cfg.rm_batch_size,
+            temperature="auto" if ctx.cfg.use_calibrated_rewards else 1.0,
+            device=ctx.device,
+            name=rm_dir.name,
+            conversations=ctx.conversations,
+        )
     return RMReward(
         str(rm_dir),
         max_length=ctx.cfg.rm_max_length,

@@ -113,7 +113,9 @@ class AlignConfig:
     methods: list[str] = field(
         default_factory=lambda: ["best_of_n", "rjs"],
         metadata={
-            "help": "Methods to run: best_of_n, rjs, ppo (experimental), rloo (TRL's RLOOTrainer: the supported RL method)."
+            "help": "Methods to run: best_of_n, rjs, ppo (experimental), rloo (TRL's RLOOTrainer: the supported RL "
+            "method), policy (an implicit RM's own policy, i.e. the DPO policy of reward.methods=dpo, answers the "
+            "held-out prompts; skipped for classic RMs). An implicit RM scores by beta * log(pi / pi_ref)."
         },
     )
     rms: list[str] | None = field(

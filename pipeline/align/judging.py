@@ -276,6 +276,8 @@ def policy_metrics(ctx: AlignContext, rms: list[str], base_eval: list[dict], bas
     for rm in rms:
         for m in ctx.cfg.methods:
             sub = ctx.dir / safe_component(rm) / m
+            if not (sub / "eval.jsonl").exists():  # method `policy` with a classic RM: no policy of its own
+                continue
             ppl = json.loads((sub / "perplexity.json").read_text()) if (sub / "perplexity.json").exists() else base_ppl
             gold = gold_means.get(f"{rm}/{m}")
             if gold is None and gold_fn is not None:

@@ -15,6 +15,12 @@ the policy's held-out responses and perplexities (None on the other processes):
   (`pipeline.align.trainers.run_rjs`).
 * `ppo`: this project's PPO (`pipeline.align.trainers.run_ppo`).
 * `rloo`: TRL's RLOO (`pipeline.align.trainers.run_rloo`); the gold reward, when there is one, is logged.
+* `policy`: an implicit RM's own policy (the reward stage's DPO policy, trained from the same base policy)
+  answers the held-out prompts: nothing is trained and no reward is used, so the DPO policy is judged beside
+  the RM-aligned ones (DIR/align/dpo/policy/). A classic RM has no policy of its own: skipped for it.
+
+The reward of an implicit RM (best-of-n, RJS, PPO, RLOO with `dpo`) is its implicit reward beta * log(pi / pi_ref)
+(`pipeline.align.rewards.ImplicitReward`).
 
 The processes meet at four barriers per (RM, method), in this order: (1) the work directory is ready
 (cleared of other settings' partial work) before any process writes into it; (2) best-of-n's samples.jsonl
@@ -275,6 +281,20 @@ def rloo(a: AlignInputs, reward, work: Path) -> Outputs | None:
     return _trained(a, work)
 
 
+def own_policy(a: AlignInputs, reward, work: Path) -> Outputs | None:
+    """The implicit RM's own policy (a DPO policy) answers the held-out prompts; nothing is trained."""
+    a.ctx.barrier()  # (3) every process is here before the main process samples and publishes
+    if not a.ctx.main:
+        return None
+    path = reward.policy_path
+    return Outputs(eval_records(a.ctx, path, a.tok, a.eval_cands), perplexities(a.ctx, path, a.tok, a.ppl_data))
+
+
+def has_own_policy(rm_dir: Path) -> bool:
+    """An implicit RM (its directory holds implicit.json): a policy the `policy` method samples from."""
+    return (Path(rm_dir) / "implicit.json").is_file()
+
+
 def _lora(cfg) -> dict:
     return dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
 
@@ -282,7 +302,7 @@ def _lora(cfg) -> dict:
 Method = Callable[[AlignInputs, Any, Path], Outputs | None]
 
 # The methods `align.methods` may name, in the order the recipe help lists them.
-METHODS: dict[str, Method] = {"best_of_n": best_of_n, "rjs": rjs, "ppo": ppo, "rloo": rloo}
+METHODS: dict[str, Method] = {"best_of_n": best_of_n, "rjs": rjs, "ppo": ppo, "rloo": rloo, "policy": own_policy}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -294,6 +314,9 @@ def align_one(a: AlignInputs, rm: str, rm_dir: Path, method: str, settings: str)
     settings; partial work of the same settings in DIR/align/.work/<rm>/<method>/ is resumed."""
     ctx = a.ctx
     final = inside(ctx.run_dir, ctx.dir / safe_component(rm) / method)
+    if method == "policy" and not has_own_policy(rm_dir):
+        ctx.log(f"{rm}/{method}: a classic RM has no policy of its own (only an implicit RM, dpo, has): skipped")
+        return
     reason = rerun_reason(final / "settings.json", settings)
     if reason is None:
         ctx.log(f"{rm}/{method}: done earlier, skipping")

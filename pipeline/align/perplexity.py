@@ -4,7 +4,7 @@ PPL = exp( sum of -log p(response token | prompt, earlier response tokens) / num
 pooled over all answers (token-weighted, as a language-model perplexity is). The prompt and the
 response are tokenized separately and joined, exactly as the policy generates (its response tokens
 follow the prompt's tokens); over-long examples lose prompt tokens from the left first
-(`pipeline.align.policy.response_mask_labels`). No EOS is appended: the answer text alone is scored.
+(`pipeline.policy.warm_start.response_mask_labels`). No EOS is appended: the answer text alone is scored.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def masked_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, i
 
 def response_examples(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int):
     """`(input_ids, labels)` per example: prompt tokens (+ BOS if the tokenizer adds one) then response tokens."""
-    from pipeline.align.policy import response_mask_labels
+    from pipeline.policy.warm_start import response_mask_labels
 
     if len(prompts) != len(responses):
         raise ValueError(f"perplexity: {len(prompts)} prompts but {len(responses)} responses")
@@ -49,7 +49,7 @@ def response_nll(
     model, tokenizer, prompts: Sequence[str], responses: Sequence[str], *, max_length: int = 512, batch_size: int = 8
 ) -> tuple[float, int]:
     """(total NLL of the response tokens, their number) under `model`, batched with right padding."""
-    from pipeline.align.policy import collate_right
+    from pipeline.policy.warm_start import collate_right
 
     examples = response_examples(tokenizer, prompts, responses, max_length)
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))

@@ -132,6 +132,62 @@ class RMReward:
         )
 
 
+class ImplicitReward:
+    """An implicit RM (the reward stage's DPO policy, DIR/reward/<name>/implicit.json) as a reward function:
+    beta * (log pi(y|x) - log pi_ref(y|x)) of each (dataset prompt, response), summed over the response tokens
+    (`pipeline.implicit.implicit_rewards`: the prompt + response text with the policy tokenizer's special tokens
+    and an EOS appended, as TRL's DPOTrainer trained it; a conversational prompt rendered with the policy's chat
+    template), divided by the calibration temperature like `RMReward`. The policy and its reference are loaded
+    on the first call (two models at once) and kept; `policy_path` is the DPO policy itself (the align method
+    `policy` samples from it)."""
+
+    def __init__(
+        self,
+        spec: dict,
+        rm_dir: str | os.PathLike,
+        *,
+        max_length: int | None = 512,
+        batch_size: int = 16,
+        temperature: float | str = "auto",
+        device: str | torch.device | None = None,
+        name: str | None = None,
+        conversations: dict | None = None,
+    ):
+        self.spec, self.policy_path = spec, spec["policy"]
+        if temperature == "auto":
+            temperature = read_temperature(rm_dir) or 1.0
+        self.temperature = float(temperature)
+        self.max_length, self.batch_size, self.device = max_length, batch_size, device
+        self.name = name or Path(rm_dir).name
+        self.conversations = conversations if conversations is not None else {}
+        self.__name__ = self.name
+        self._loaded = None
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        from pipeline.data.render import render_response
+        from pipeline.implicit import implicit_rewards, load_implicit_rm
+
+        if len(prompts) != len(responses):
+            raise ValueError(f"ImplicitReward: {len(prompts)} prompts but {len(responses)} responses")
+        if not len(prompts):
+            return np.zeros(0, dtype=np.float64)
+        if self._loaded is None:
+            self._loaded = load_implicit_rm(self.spec, device=self.device or "cpu", key=f"implicit RM {self.name}")
+        policy, reference, tok, beta = self._loaded
+        rendered = [render_response(tok, p, r, self.conversations.get(p)) for p, r in zip(prompts, responses)]
+        rewards = implicit_rewards(
+            policy,
+            reference,
+            tok,
+            [(p, r) for p, r, _ in rendered],
+            beta,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            templated=[t for _, _, t in rendered],
+        )
+        return np.asarray(rewards, dtype=np.float64) / self.temperature
+
+
 class GoldReward:
     """The synthetic benchmark's shared reward r* (`pipeline.data.synthetic.gold_reward`), on any text."""
 

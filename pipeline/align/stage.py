@@ -4,9 +4,9 @@
 
 What it does, in order (DIR = the run directory):
 
-1. Base policy. `align.model_name_or_path` (a save_pretrained directory or hub id, e.g. Alpaca-7B), or,
-   when null, a tiny random causal LM warm-started on the synthetic benchmark's responses of mixed
-   quality (`pipeline.align.policy.warm_start_policy`), saved to DIR/align/base/policy.
+1. Base policy: the policy stage's (DIR/policy/, `pipeline.policy.stage`): `align.model_name_or_path` (a
+   save_pretrained directory or hub id, e.g. Alpaca-7B), or, when null, a tiny random causal LM
+   warm-started on the synthetic benchmark's responses of mixed quality.
 2. Prompts from the run's data splits: training prompts from the TRAIN split of `prompt_sources`
    (the paper: Helpful & Harmless), held-out prompt sets from the TEST split of `eval_sources` (one
    prompt set per source), formatted for the policy by `prompt_style` (raw HH layout or Alpaca).
@@ -30,13 +30,13 @@ What it does, in order (DIR = the run directory):
 Under `accelerate launch` the main process samples, scores, judges and writes; every rank joins the
 training of rjs / rloo / ppo (data-parallel).
 
-Where the parts live: the section's dataclasses in `config`, prompts and RM selection in `prompts`, the base
-policy in `policy`, candidates / held-out responses / perplexities / the RM reward in `candidates`, the
+Where the parts live: the section's dataclasses in `config`, prompts and RM selection in `prompts`, loading
+and saving policies in `policy`, candidates / held-out responses / perplexities / the RM reward in `candidates`, the
 method table and one (RM, method) alignment in `methods` (the trainers behind it in `trainers`), judging
 and the result files in `judging`. This module keeps the stage's order of work (`run`) and what the
 orchestrator asks before it runs (`inputs`, `check`, `estimate`; `pipeline.stages.STAGES`).
 
-May import: pipeline leaves, `pipeline.reward.index`, `pipeline.calibration.compare` and `pipeline.align.*`.
+May import: pipeline leaves, `pipeline.policy.stage` (DIR/policy/), `pipeline.reward.index`, `pipeline.calibration.compare` and `pipeline.align.*`.
 """
 
 from __future__ import annotations
@@ -48,8 +48,7 @@ from pathlib import Path
 from pipeline.align.candidates import candidates, perplexities, sample_kwargs, with_conv
 from pipeline.align.context import AlignContext, plain
 from pipeline.align.judging import planned_requests, planned_requests_text, write_results
-from pipeline.align.methods import AlignInputs, align_one
-from pipeline.align.policy import build_base_policy
+from pipeline.align.methods import AlignInputs, align_one, has_own_policy
 from pipeline.align.prompts import (
     is_synthetic,
     load_splits,
@@ -64,6 +63,7 @@ from pipeline.data.render import check_template_setting
 from pipeline.errors import RecipeError
 from pipeline.io import atomic_write_json, content_sha256, read_json, remove_tree, safe_component, sha256_json
 from pipeline.models import check_saved_templates, section_model_inputs
+from pipeline.policy.stage import read_policy
 from pipeline.reward.index import read_index
 
 
@@ -101,7 +101,12 @@ def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
             settings = {"method": method, "rm": rm, "rm_stamp": _rm_stamp(rm_dir), **common}
             align_one(base, rm, rm_dir, method, sha256_json(plain(settings))[:16])
 
-    artifacts = ["align/base", *[f"align/{safe_component(rm)}/{m}" for rm in rm_dirs for m in cfg.methods]]
+    artifacts = ["align/base"] + [  # method `policy`: only an implicit RM (dpo) has a policy of its own
+        f"align/{safe_component(rm)}/{m}"
+        for rm, d in rm_dirs.items()
+        for m in cfg.methods
+        if m != "policy" or has_own_policy(d)
+    ]
     if ctx.main:
         write_results(ctx, list(rm_dirs), base_eval, base_ppl_path, gold_fn)
         remove_tree(ctx.dir / ".work", ctx.run_dir)
@@ -143,7 +148,7 @@ def _base(ctx: AlignContext, train_prompts, eval_prompts, ppl_data: dict, gold_f
     """The base policy and its candidates for the training and held-out prompts, sampled once and shared by
     every RM (what every alignment starts from), and the stamp of what built the policy."""
     cfg = ctx.cfg
-    base_path, tok, base_stamp = build_base_policy(ctx)
+    base_path, tok, base_stamp = read_policy(ctx.run_dir, trust_remote_code=cfg.trust_remote_code)
     base_settings = {
         "policy": [base_path, base_stamp],
         "style": cfg.prompt_style,
@@ -314,12 +319,10 @@ def _check_rms_and_comparisons(methods: list[str], sources: list[str], align, is
 
 
 def estimate(recipe, run_dir: Path, world: int = 1) -> tuple[str, None]:
-    """The align stage's counts from its settings: warm-start steps, samples to generate, RMs and methods, and
-    an LLM judge's requests against its budget."""
+    """The align stage's counts from its settings: samples to generate, RMs and methods, and an LLM judge's
+    requests against its budget (the warm start is the policy stage's)."""
     cfg = recipe.align
     parts = []
-    if not cfg.model_name_or_path:
-        parts.append(f"{cfg.warm_start_steps} warm-start steps (tiny policy, unless already built)")
     rms = list(cfg.rms) if cfg.rms else [m for m in recipe.reward.methods if m != "single"]
     prompts = "all" if cfg.n_prompts is None else cfg.n_prompts
     parts.append(f"{len(rms)} RM(s) x methods {', '.join(cfg.methods)}")

@@ -10,7 +10,11 @@ tokens (`pipeline.implicit`), the policy loaded and run over every sequence, fre
 in memory at a time. Under several processes each rank scores a contiguous shard of the pairs, gathered like
 `score_rm`'s.
 
-Imports the leaves (`pipeline.implicit`, `io`, `logs`, `models`, `pipeline.data.render`) and the calibration config.
+The reward stage's `dpo` policies (index entries of kind "implicit", `trained_implicit_entries`) join them the same
+way, read from their implicit.json (the policy stage's base policy as reference).
+
+Imports the leaves (`pipeline.implicit`, `io`, `logs`, `models`, `pipeline.data.render`), the calibration config and
+`pipeline.reward.index` (an implicit RM's descriptor).
 """
 
 from __future__ import annotations
@@ -43,6 +47,30 @@ def implicit_entries(cfg: CalibrationConfig, taken: list[str]) -> dict:
             "method": "implicit",
             "sources": [],
             "implicit": True,
+        }
+    return out
+
+
+def trained_implicit_entries(run_dir: Path, index: dict) -> dict:
+    """The entries of DIR/reward/index.json of kind "implicit" (the reward stage's dpo policies, trained from the
+    policy stage's base policy and referenced against it) in the form of `implicit_entries`, from their
+    implicit.json; "trained": their directory lies in this run (their temperature.json is written there)."""
+    from pipeline.reward.index import implicit_spec
+
+    out = {}
+    for name, entry in index.items():
+        if entry.get("kind") != "implicit":
+            continue
+        spec = implicit_spec(run_dir, name, entry)
+        out[name] = {
+            "path": spec["policy"],
+            "reference": spec.get("reference"),
+            "beta": float(spec["beta"]),
+            "reference_free": spec.get("reference") is None,
+            "method": entry.get("method", "dpo"),
+            "sources": list(entry.get("sources", [])),
+            "implicit": True,
+            "trained": True,
         }
     return out
 

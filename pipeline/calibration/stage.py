@@ -31,7 +31,8 @@ in comparisons.json and comparisons.md. With `calibration.step0_reference` (the 
 compared with its untrained starting point ('<rm> vs <rm>@step0', `step0`: scored once per distinct start, its
 metrics and the scoring seconds in step0.json).
 
-DPO policies named in `calibration.implicit_rms` are implicit RMs (`implicit_rms.score_implicit`: beta * (log pi -
+DPO policies named in `calibration.implicit_rms`, and the reward stage's `dpo` policies (index entries of kind
+"implicit"), are implicit RMs (`implicit_rms.score_implicit`: beta * (log pi -
 log pi_ref) over the response tokens, policy then reference, one model in memory at a time) and go through every
 step above like the others; their fitted temperature gives the effective beta (beta / T, temperature_fits.json).
 
@@ -74,6 +75,7 @@ from pipeline.calibration.implicit_rms import (
     implicit_entries,
     implicit_table,
     score_implicit,
+    trained_implicit_entries,
 )
 from pipeline.calibration.load import check_external_tokenizers, load_rm, read_rms
 from pipeline.calibration.overlap import (
@@ -134,7 +136,9 @@ def plan_evaluation(recipe, run_dir: Path, cfg: CalibrationConfig, main: bool) -
     from pipeline.data.mixing import describe_data_stats
 
     index, external = read_rms(run_dir, cfg)
-    implicit = implicit_entries(cfg, [*index, *external])
+    trained = trained_implicit_entries(run_dir, index)  # the reward stage's dpo policies
+    index = {n: e for n, e in index.items() if n not in trained}
+    implicit = {**trained, **implicit_entries(cfg, [*index, *external, *trained])}
     check_implicit_folders(cfg)
     singles = [n for n, e in index.items() if e.get("method") == "single"]
     with_averaging = cfg.averaging and len(singles) >= 2
@@ -366,7 +370,8 @@ def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
         return []
     res = compute_results(ev, rewards, cfg, seed, starts)
     artifacts = write_outputs(run_dir, ev, rewards, res, cfg, seed)
-    artifacts += write_rm_temperatures(run_dir, ev.index, res, ev.sources)
+    trained = {**ev.index, **{n: e for n, e in ev.implicit.items() if e.get("trained")}}
+    artifacts += write_rm_temperatures(run_dir, trained, res, ev.sources)
     state.wait_for_everyone()
     return artifacts
 

@@ -165,6 +165,15 @@ def export_run(
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     index = read_index(run_dir, rms, key="--rm")
+    implicit = [n for n, e in index.items() if e.get("kind") == "implicit"]
+    if implicit and rms is not None:
+        raise ValueError(
+            f"--rm {', '.join(implicit)}: an implicit RM (a DPO policy, read through its reference) has no scalar head "
+            "to export for an RL engine. Fix: name classic RMs only"
+        )
+    for n in implicit:
+        say("export", f"{n}: an implicit RM (a DPO policy), not a scalar-head RM: not exported")
+        index.pop(n)
     check_out_dir(run_dir, out_dir, index)
     temps = {name: rm_temperature(run_dir, name, entry["path"]) for name, entry in index.items()}
     if fold:

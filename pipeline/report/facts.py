@@ -133,16 +133,20 @@ def run_facts(recipe, run_dir: Path, manifest: dict | None) -> dict:
         info = read_json(rm_path / "reward_info.json") or {}
         params = info.get("n_params") or safetensors_param_count(rm_path)
         rms[name] = {"trained": True, "method": e.get("method"), "sources": e.get("sources", []), "params": params}
+        if e.get("kind") == "implicit":  # a DPO policy: trained from the policy stage's base policy
+            rms[name]["base"] = "the policy stage's base policy (DPO; an implicit RM)"
     cal_config = read_json(run_dir / "calibration" / "config.json") or {}
     for name, path in (cal_config.get("external") or {}).items():
         rms[name] = {"trained": False, "path": path, "params": safetensors_param_count(path)}
     for name, e in (cal_config.get("implicit") or {}).items():
+        if name in rms:  # the reward stage's dpo policy: listed above as trained here
+            continue
         path = e.get("path")
         rms[name] = {"trained": False, "implicit": True, "path": path, "params": safetensors_param_count(path)}
     base = stage_setting(recipe, "reward", "model_name_or_path")
     policy = None
     if (run_dir / "align").is_dir():
-        ppath = stage_setting(recipe, "align", "model_name_or_path") or str(run_dir / "align" / "base" / "policy")
+        ppath = stage_setting(recipe, "align", "model_name_or_path") or str(run_dir / "policy")
         policy = {"path": ppath, "params": safetensors_param_count(ppath)}
     return {"sources": sources, "rms": rms, "reward_base": base, "policy": policy}
 
@@ -175,7 +179,7 @@ def what_ran_section(facts: dict) -> list[str]:
                 if r["trained"]
                 else ("no (DPO policy)" if r.get("implicit") else "no (external)"),
             ]
-            + [f"`{base}`" if r["trained"] else f"`{r['path']}`", format_count(r["params"])]
+            + [r.get("base") or f"`{base}`" if r["trained"] else f"`{r['path']}`", format_count(r["params"])]
             for name, r in facts["rms"].items()
         ]
         lines += [*markdown_table(["reward model", "trained here", "base / path", "parameters"], rows), ""]

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field, fields
 
 from pipeline.models import TinyModelSpec
 from pipeline.reward.trainer import MORERewardConfig
-from pipeline.strict import COUNT, INT_MAX, TRAINING_ARGS_RANGES, Range
+from pipeline.strict import COUNT, FRACTION, INT_MAX, POSITIVE, TRAINING_ARGS_RANGES, Range
 
 
-STAGE_METHODS = ("more", "multitask", "uniform", "single")
+STAGE_METHODS = ("more", "multitask", "uniform", "single", "dpo")
 PEFT_MODES = ("none", "lora", "qlora4", "qlora8")
 
 
@@ -46,6 +46,44 @@ TRAIN_RANGES = {**TRAINING_ARGS_RANGES, "alpha": Range(0, 1, lo_open=True), "pac
 
 
 @dataclass
+class DPOSettings:
+    """`reward.dpo`: how the `dpo` method trains its policy (TRL's DPOTrainer, sigmoid loss, reverse KL)."""
+
+    beta: float = field(
+        default=0.1,
+        metadata={
+            "range": POSITIVE,
+            "help": "DPO's beta: the KL weight of the loss, and the scale of the implicit reward "
+            "beta * (log pi(y|x) - log pi_ref(y|x)) the DPO policy is read as.",
+        },
+    )
+    learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of the DPO policy (AdamW)."})
+    num_train_epochs: float = field(
+        default=1.0, metadata={"range": POSITIVE, "help": "Passes over the run's training pairs."}
+    )
+    max_steps: int = field(
+        default=-1,
+        metadata={"range": Range(1, INT_MAX, also=(-1,)), "help": "Optimizer steps; -1: num_train_epochs decides."},
+    )
+    batch_size: int = field(
+        default=16, metadata={"range": COUNT, "help": "Pairs per optimizer step (per process, before accumulation)."}
+    )
+    gradient_accumulation_steps: int = field(default=1, metadata={"range": COUNT, "help": "Batches per step."})
+    warmup_ratio: float = field(
+        default=0.05, metadata={"range": FRACTION, "help": "Fraction of the steps with a linear warmup."}
+    )
+    max_length: int = field(
+        default=256,
+        metadata={
+            "range": COUNT,
+            "help": "Longest prompt + response in tokens (TRL's truncation_mode keep_start: a longer pair loses the "
+            "end of its response; a pair whose prompt alone fills it is dropped, as TRL does).",
+        },
+    )
+    logging_steps: int = field(default=10, metadata={"range": COUNT, "help": "Steps between train_log.json lines."})
+
+
+@dataclass
 class RewardStageConfig:
     """The `reward:` section of a recipe."""
 
@@ -53,7 +91,8 @@ class RewardStageConfig:
         default_factory=lambda: ["more", "multitask"],
         metadata={
             "help": "RMs to train: more, multitask, uniform, single (one RM per source, for the "
-            "diversity analysis and the Averaging baseline)."
+            "diversity analysis and the Averaging baseline), dpo (a policy trained by DPO on the same pairs from "
+            "the policy stage's base policy, referenced against it: an implicit RM, see reward.dpo)."
         },
     )
     model_name_or_path: str | None = field(
@@ -64,6 +103,10 @@ class RewardStageConfig:
         },
     )
     tiny: TinyModelSpec = field(default_factory=TinyModelSpec, metadata={"help": "The in-process model."})
+    dpo: DPOSettings = field(
+        default_factory=DPOSettings,
+        metadata={"help": "The dpo method (full fine-tuning of the base policy; reward.train and peft are not used)."},
+    )
     tokenizer_vocab_size: int = field(
         default=1000, metadata={"range": COUNT, "help": "Vocabulary of the tiny tokenizer."}
     )

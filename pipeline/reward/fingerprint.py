@@ -68,8 +68,9 @@ def read_train_args(args: dict, method: str) -> dict:
 
 def read_section(section: dict) -> dict:
     """The reward section's keys an RM depends on (its fingerprint's `reward`): all but `methods` and `train`
-    (covered per RM by `method` and `train_args`), and the LoRA keys only when reward.peft uses them."""
-    unread = {"methods", "train"} | (set(LORA_KEYS) if section.get("peft", "none") == "none" else set())
+    (covered per RM by `method` and `train_args`) and `dpo` (the dpo policy's own), and the LoRA keys only when
+    reward.peft uses them."""
+    unread = {"methods", "train", "dpo"} | (set(LORA_KEYS) if section.get("peft", "none") == "none" else set())
     return {k: v for k, v in section.items() if k not in unread}
 
 

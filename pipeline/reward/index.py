@@ -1,6 +1,7 @@
 """DIR/reward/index.json: the reward models a run trained, read the same way by every stage.
 
-The reward stage writes one entry per RM, `{name: {"path", "method", "sources", ...}}`, with paths relative to
+The reward stage writes one entry per RM, `{name: {"path", "method", "sources", ...}}` (the `dpo` method's also
+`"kind": "implicit"` and `"implicit"`, its implicit.json: a policy read as a reward), with paths relative to
 the run directory, so a copied or moved run directory stays self-contained. Names that are not safe path
 components live under a slug directory (`pipeline.io.safe_component`); the original name is the key."""
 
@@ -80,3 +81,23 @@ def read_index(run_dir: Path, only: list[str] | None = None, *, key: str = "rms"
             "sources": list(entry.get("sources", [])),
         }
     return out
+
+
+def implicit_spec(run_dir: Path, name: str, entry: dict) -> dict:
+    """An implicit RM's descriptor (its directory's implicit.json: {"policy", "reference", "beta"}, written by the
+    reward stage's dpo method) with the paths relative to the run directory resolved; one error naming the file."""
+    path = Path(entry["path"]) / "implicit.json"
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"implicit RM {name!r}: cannot read {path} ({e}); rerun the reward stage (--force reward)"
+        ) from None
+
+    def resolve(p):
+        if p is None:
+            return None
+        local = Path(run_dir) / str(p)
+        return str(local) if local.exists() else str(p)
+
+    return {**spec, "policy": resolve(spec.get("policy")), "reference": resolve(spec.get("reference"))}

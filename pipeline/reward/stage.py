@@ -19,13 +19,17 @@ calibration uses it to count and exclude evaluation pairs the RM has seen), and 
 holds every source's pairs per split, the records read and the pairs dropped on loading, by reason (also
 printed), and each RM's count of over-length (left-truncated) training pairs.
 
+The `dpo` method (`pipeline.reward.dpo`) trains a policy instead, with TRL's DPOTrainer from the policy stage's
+base policy (DIR/policy/), saved the same way plus implicit.json; its index entry has "kind": "implicit".
+
 Where the parts live: the section's dataclass and names in `pipeline.reward.config`, the fingerprints and why
-a saved RM is stale in `pipeline.reward.fingerprint`, the trainer in `pipeline.reward.trainer`. This module
+a saved RM is stale in `pipeline.reward.fingerprint`, the trainer in `pipeline.reward.trainer`, DPO in
+`pipeline.reward.dpo`. This module
 keeps the tokenizer and base model, the training of one RM (`train_one`), the stage's order of work (`run`)
 and what the orchestrator asks before it runs (`inputs`, `check`, `estimate`, `space_needed`, `mismatch`: what the
 saved RMs were really trained with, read back by `pipeline.reward.recorded`).
 
-May import: pipeline leaves and `pipeline.reward.*`.
+May import: pipeline leaves, `pipeline.policy.stage` (through `pipeline.reward.dpo`) and `pipeline.reward.*`.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ from pipeline.models import (
     tiny_tokenizer,
 )
 from pipeline.reward.config import RewardStageConfig, rm_names, tiny_chat_template
+from pipeline.reward.dpo import IMPLICIT, plan_dpo, train_dpo
+from pipeline.reward.dpo import KIND as DPO_KIND
 from pipeline.reward.fingerprint import (
     FINGERPRINT,
     RMPlan,
@@ -105,6 +111,9 @@ def planned_steps(recipe, splits=None, world: int = 1) -> dict[str, int]:
     grouping = bool(train.get("length_grouping", True))
     out = {}
     for name, method, srcs in rm_names(recipe.reward, list(splits)):
+        if method == "dpo":
+            out[name] = _dpo_steps(recipe, splits, srcs, world)
+            continue
         if max_steps > 0:
             out[name] = max_steps
             continue
@@ -126,6 +135,20 @@ def planned_steps(recipe, splits=None, world: int = 1) -> dict[str, int]:
         batches = math.ceil(batches / world)
         out[name] = math.ceil(epochs * max(math.ceil(batches / accum), 1))
     return out
+
+
+def _dpo_steps(recipe, splits, sources: list[str], world: int) -> int:
+    """The dpo method's optimizer steps as the Trainer counts them (every pair; TRL may drop a pair whose prompt
+    alone fills reward.dpo.max_length)."""
+    import math
+
+    from pipeline.reward.dpo import dpo_train_rows
+
+    cfg = recipe.reward.dpo
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    batches = math.ceil(len(dpo_train_rows(recipe, splits, sources)) / (cfg.batch_size * world))
+    return math.ceil(cfg.num_train_epochs * max(math.ceil(batches / cfg.gradient_accumulation_steps), 1))
 
 
 def measured_step_seconds(run_dir: Path) -> float | None:
@@ -251,7 +274,7 @@ def load_base_model(cfg: RewardStageConfig, path: str, seed: int | None = None):
 
 def _resume_point(ckpt_dir: Path, plan: RMPlan, run_dir: Path) -> str | None:
     """The checkpoint to resume from (main process decides; deletes stale and incomplete ones)."""
-    from pipeline.reward.checkpoints import checkpoint_problem, list_checkpoints
+    from pipeline.checkpoints import checkpoint_problem, list_checkpoints
 
     if not ckpt_dir.is_dir():
         return None
@@ -359,6 +382,16 @@ def _write_train_prompts(rm_dir: Path, train) -> None:
     atomic_write_json(Path(rm_dir) / TRAIN_PROMPTS, train_prompts_record(train["prompt"]))
 
 
+def _plan(recipe, run_dir: Path, name: str, method: str, srcs: list[str], splits, tokenizer, base):
+    """(the RM's plan, a function training it): a classic RM (`train_one`), or the dpo method's policy
+    (`pipeline.reward.dpo`, from the policy stage's base policy)."""
+    if method == "dpo":
+        plan, policy, policy_tok = plan_dpo(recipe, run_dir, name, srcs, splits)
+        return plan, lambda fresh, label: train_dpo(recipe, run_dir, plan, policy, policy_tok, label=label)
+    plan = plan_rm(recipe, run_dir, name, method, srcs, splits, tokenizer, base)
+    return plan, lambda fresh, label: train_one(recipe, run_dir, plan, tokenizer, base, fresh=fresh, label=label)
+
+
 def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
     """Train every RM the recipe asks for; reuse those saved from the same inputs (all retrained when
     `force`). Returns artifact paths relative to run_dir."""
@@ -381,7 +414,7 @@ def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
     rms = rm_names(recipe.reward, sources)
     for i, (name, method, srcs) in enumerate(rms, 1):
         out = inside(run_dir, rm_dir(run_dir, name))
-        plan = plan_rm(recipe, run_dir, name, method, srcs, splits, tokenizer, base)
+        plan, train = _plan(recipe, run_dir, name, method, srcs, splits, tokenizer, base)
         reason = "forced (--force reward)" if force else stale_reason(out, plan)
         of = f"RM {i} of {len(rms)}"
         if reason is None:
@@ -392,13 +425,15 @@ def run(recipe, run_dir: Path, *, force: bool = False) -> list[str]:
                 _write_train_prompts(out, plan.train)
         else:
             say("reward", f"{of}: training {name} (method={method}, sources={srcs}): {reason}")
-            train_one(recipe, run_dir, plan, tokenizer, base, fresh=force, label=f"{name}, {of}")
+            train(fresh=force, label=f"{name}, {of}")
         index[name] = {  # the key is the RM's name as given; the path its directory (safe_component)
             "path": f"reward/{out.name}",
             "method": "single" if name.startswith("single-") else method,
             "sources": srcs,
             "train_prompts": f"reward/{out.name}/{TRAIN_PROMPTS}",
         }
+        if method == "dpo":  # a policy: calibration and align read it as an implicit RM (its implicit.json)
+            index[name].update(kind=DPO_KIND, implicit=f"reward/{out.name}/{IMPLICIT}")
     if PartialState().is_main_process:
         truncated = {}
         for name in index:
@@ -452,7 +487,8 @@ def mismatch(recipe, run_dir: Path) -> list[dict]:
 
 
 def check(recipe, *, runs: bool, origin) -> None:
-    """Before any work (also under --dry-run): a reward.chat_template that does not parse or raises, and, when
+    """Before any work (also under --dry-run): dpo with an align.prompt_style other than raw, a
+    reward.chat_template that does not parse or raises, and, when
     the stage runs, a local reward.model_name_or_path without tokenizer files or (with reward.chat_template null)
     whose own chat template does not parse, raises or runs past the check's time limit; a MORE RM on two sources
     under l2 normalisation (the Uniform baseline in disguise) is warned about."""
@@ -460,6 +496,12 @@ def check(recipe, *, runs: bool, origin) -> None:
     from pipeline.models import ModelLoadError, check_model_source, check_tokenizer_files
 
     check_template_setting(recipe.reward.chat_template, "reward.chat_template", origin)
+    if "dpo" in recipe.reward.methods and recipe.align.prompt_style != "raw":
+        raise RecipeError(
+            f"reward.methods in {origin('reward.methods')} trains dpo on prompts in the raw layout the policy is "
+            f"aligned with under align.prompt_style=raw, but align.prompt_style={recipe.align.prompt_style!r} "
+            f"(in {origin('align.prompt_style')}). Fix: align.prompt_style=raw, or drop dpo from reward.methods"
+        )
     if runs and recipe.reward.model_name_or_path:
         try:
             check_model_source(recipe.reward.model_name_or_path, key="reward.model_name_or_path")  # said first

@@ -32,6 +32,13 @@ from trl.data_utils import get_dataset_column_names, is_conversational
 from trl.trainer.reward_trainer import DataCollatorForPreference
 from trl.trainer.utils import get_config_model_id
 
+from pipeline.checkpoints import (
+    CHECKPOINT_COMPLETE,
+    MORE_STATE,
+    last_complete_checkpoint,
+    load_more_state,
+    save_more_state,
+)
 from pipeline.data.tokenize import special_affixes, tokenize_pairs, truncated_pair
 from pipeline.io import atomic_write_text
 from pipeline.layout import (
@@ -42,13 +49,6 @@ from pipeline.layout import (
     pool_features,
 )
 from pipeline.reward.card import scoring_snippet
-from pipeline.reward.checkpoints import (
-    CHECKPOINT_COMPLETE,
-    MORE_STATE,
-    last_complete_checkpoint,
-    load_more_state,
-    save_more_state,
-)
 from pipeline.reward.columns import check_pair_columns, margin_tensor, source_id_tensor
 from pipeline.reward.more import NORMALIZE_MODES, head_gradient_sums, more_weights, two_source_note
 from pipeline.reward.packing import LengthGroupedBalancedSampler, PackedPairCollator

@@ -1,6 +1,6 @@
-"""Checkpoint files of RM training: MORE's gradient momentum beside each Trainer checkpoint, and the
-completion marker written last, so an interrupted save is never resumed from (a leaf of the reward package:
-imports torch and safetensors only)."""
+"""Checkpoint files of the pipeline's training loops (the RMs' Trainer, the policy stage's warm start): the
+completion marker written last, so an interrupted save is never resumed from, and MORE's gradient momentum
+beside each RM Trainer checkpoint (a leaf: imports torch and safetensors only)."""
 
 from __future__ import annotations
 
