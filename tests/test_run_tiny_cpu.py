@@ -130,6 +130,13 @@ def test_tiny_cpu_with_a_dpo_policy_end_to_end(tmp_path):
     assert not (out / "align" / "more" / "policy").exists()  # a classic RM has no policy of its own
     md = (out / "report.md").read_text()
     assert "dpo" in md and "dpo/policy" in md
+    assert "| dpo | dpo: DPO (TRL's DPOTrainer, beta 0.1, sigmoid loss) from and against DIR/policy |" in md
+    # a downstream rerun with the same settings is not refused (the dpo policy's own settings are compared, not
+    # the classic RMs' reward.train); one with another reward.dpo.beta is, naming it
+    again = _run(out, *DPO, "--stages", "calibration,report")
+    assert again.returncode == 0, again.stderr[-4000:]
+    other = _run(out, *DPO, "reward.dpo.beta=0.5", "--stages", "calibration,report")
+    assert other.returncode == 2 and "reward.dpo.beta: 0.1 in RMs dpo vs 0.5 in the recipe" in other.stderr
 
 
 @pytest.mark.slow

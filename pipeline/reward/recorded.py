@@ -120,15 +120,19 @@ def recipe_mismatch(recipe, run_dir: Path) -> list[dict]:
     found: dict[str, dict] = {}
     for name, inputs in saved_rms(run_dir).items():
         method, sources = inputs.get("method", ""), list(inputs.get("sources") or [])
-        args = rm_training_args(recipe, Path(run_dir), name, method, sources)
-        now = {
-            "method": method,
-            "sources": sources,
-            "train_args": read_train_args(args, method),
-            "reward": read_section(dataclasses.asdict(recipe.reward)),
-            "seed": recipe.seed,
-        }
-        old, new = _settings(inputs, explicit_bf16), _settings(_plain(now), explicit_bf16)
+        if method == "dpo":  # a dpo policy reads reward.dpo (and the seed), no reward.train key
+            old = {**_flat(_plain(inputs.get("dpo") or {}), "reward.dpo."), "seed": inputs.get("seed")}
+            new = {**_flat(_plain(dataclasses.asdict(recipe.reward.dpo)), "reward.dpo."), "seed": recipe.seed}
+        else:
+            args = rm_training_args(recipe, Path(run_dir), name, method, sources)
+            now = {
+                "method": method,
+                "sources": sources,
+                "train_args": read_train_args(args, method),
+                "reward": read_section(dataclasses.asdict(recipe.reward)),
+                "seed": recipe.seed,
+            }
+            old, new = _settings(inputs, explicit_bf16), _settings(_plain(now), explicit_bf16)
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
                 rec = found.setdefault(key, {"key": key, "recipe": new.get(key), "recorded": {}})
@@ -151,6 +155,8 @@ def _steps_run(rm_path: Path) -> int | None:
 
 
 def _method_options(method: str, args: dict) -> str:
+    if method == "dpo":
+        return f"DPO (TRL's DPOTrainer, beta {args.get('beta')}, sigmoid loss) from and against DIR/policy"
     if method == "more":
         return f"MORE weights (alpha {args.get('alpha')}, normalize {args.get('normalize')}), balanced batches"
     if method == "uniform":
@@ -195,7 +201,8 @@ def training_settings(run_dir: Path) -> dict[str, dict]:
             + (f" x {args['gradient_accumulation_steps']}" if args.get("gradient_accumulation_steps", 1) > 1 else ""),
             "options": _method_options(method, args),
             "data": f"{info.get('n_train_pairs', inputs.get('train_rows', '?'))} pairs from {len(sources)} source(s)",
-            "truncation": f"max_length {args['max_length']}, {args['truncation']}",
+            "truncation": f"max_length {args['max_length']}, "
+            + (f"TRL {args.get('truncation_mode')}" if method == "dpo" else str(args["truncation"])),
             "seed": str(inputs.get("seed", "?")),
         }
     return out
