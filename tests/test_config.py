@@ -296,7 +296,8 @@ def test_show_keys_lists_defaults_source_fields_reward_train_and_ppo():
     from pipeline.data.sources import GROUP_OPTIONS
 
     options = {k.rsplit(".", 1)[1] for k in rows if k.startswith("data.sources[].options.")}
-    assert options == set(GROUP_OPTIONS) | {"data_dir"} | set().union(*(a for _, a in LOADERS.values()))
+    loader_options = set().union(*(a for _, a in LOADERS.values()))
+    assert options == set(GROUP_OPTIONS) | {"data_dir", "split_by"} | loader_options  # split_by: the split's own
     # reward.train: MORE's fields, TRL RewardConfig's, and the TrainingArguments ones that matter; not all ~150
     assert rows["reward.train.max_steps"][:2] == ("int", "-1") and rows["reward.train.alpha"][1] == "0.99"
     assert rows["reward.train.activation_checkpointing"][1] == "null" and "reward.train.max_length" in rows
