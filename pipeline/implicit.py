@@ -39,21 +39,12 @@ import numpy as np
 import torch
 
 from pipeline.data.tokenize import special_affixes
+from pipeline.layout import common_prefix_length
 from pipeline.logs import progress_bar
 
 
 # --------------------------------------------------------------------------------------------------
 # Tokens
-
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading ids `a` and `b` share (TRL's `common_prefix_length`)."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _as_flags(templated: bool | Sequence[bool], n: int) -> list[bool]:

@@ -88,7 +88,8 @@ def pool_features(head_input: torch.Tensor, input_ids: torch.Tensor, pad_token_i
     return head_input[torch.arange(head_input.shape[0], device=head_input.device), idx.to(head_input.device)]
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids `a` and `b` share (TRL's `common_prefix_length`)."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -100,7 +101,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 def shared_prefix(chosen: Sequence[int], rejected: Sequence[int]) -> int:
     """Tokens both sides of a pair share and a packed pair encodes once (the prompt). At least 2 tokens of
     each side stay out of it, so each side keeps its own last tokens; 0 when they share nothing."""
-    return max(0, min(_common_prefix(chosen, rejected), len(chosen) - 2, len(rejected) - 2))
+    return max(0, min(common_prefix_length(chosen, rejected), len(chosen) - 2, len(rejected) - 2))
 
 
 def packed_length(chosen: Sequence[int], rejected: Sequence[int]) -> int:

@@ -281,6 +281,12 @@ def score_rm(model, tok, data: dict, cfg, max_length: int | None, state=None) ->
             rc[start : start + len(c)], rr[start : start + len(r)] = c, r
     else:
         rc, rr = score_pairs(model, tok, prompts, chosen, rejected, conversations=convs, **kwargs)
+    return by_source_split(keys, rc, rr)
+
+
+def by_source_split(keys: list[tuple[str, str, int]], rc, rr) -> dict:
+    """{source: {split: (r_chosen, r_rejected)}} from the flat rewards of the (source, split, size) blocks in
+    `keys`, in that order."""
     out: dict = {}
     start = 0
     for source, split, size in keys:

@@ -137,19 +137,7 @@ def rm_reward(ctx: AlignContext, rm_dir: Path):
     from pipeline.align.rewards import ImplicitReward, RMReward
     from pipeline.reward.index import implicit_spec
 
-    if (rm_dir / "implicit.json").is_file():
-        return ImplicitReward(
-            implicit_spec(ctx.run_dir, rm_dir.name, {"path": str(rm_dir)}),
-            rm_dir,
-            max_length=ctx.cfg.rm_max_length,
-            batch_size=ctx.cfg.rm_batch_size,
-            temperature="auto" if ctx.cfg.use_calibrated_rewards else 1.0,
-            device=ctx.device,
-            name=rm_dir.name,
-            conversations=ctx.conversations,
-        )
-    return RMReward(
-        str(rm_dir),
+    common = dict(
         max_length=ctx.cfg.rm_max_length,
         batch_size=ctx.cfg.rm_batch_size,
         temperature="auto" if ctx.cfg.use_calibrated_rewards else 1.0,
@@ -157,3 +145,6 @@ def rm_reward(ctx: AlignContext, rm_dir: Path):
         name=rm_dir.name,
         conversations=ctx.conversations,
     )
+    if (rm_dir / "implicit.json").is_file():
+        return ImplicitReward(implicit_spec(ctx.run_dir, rm_dir.name, {"path": str(rm_dir)}), rm_dir, **common)
+    return RMReward(str(rm_dir), **common)

@@ -27,6 +27,7 @@ import numpy as np
 from pipeline.calibration.config import CalibrationConfig
 from pipeline.io import is_hub_id
 from pipeline.logs import say
+from pipeline.scoring import by_source_split
 
 
 def implicit_entries(cfg: CalibrationConfig, taken: list[str]) -> dict:
@@ -217,12 +218,7 @@ def score_implicit(name: str, entry: dict, data: dict, cfg: CalibrationConfig, m
             f"{describe(name, entry)}; {entry['truncated_sequences']} of {2 * n} sequences cut from the left to "
             f"{max_length} tokens",
         )
-    out: dict = {}
-    start = 0
-    for source, split, size in keys:
-        out.setdefault(source, {})[split] = (rc[start : start + size], rr[start : start + size])
-        start += size
-    return out
+    return by_source_split(keys, rc, rr)
 
 
 def effective_betas(implicit: dict, temperatures: dict, fits: dict) -> None:
