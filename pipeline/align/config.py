@@ -200,6 +200,15 @@ class AlignConfig:
         default=4,
         metadata={"range": COUNT, "help": "Samples per prompt (best-of-n, rejection sampling, RLOO group size)."},
     )
+    best_of_n_sizes: list[int] = field(
+        default_factory=list,
+        metadata={
+            "range": COUNT,
+            "help": "Best-of-n also at these N (each <= align.n): the best of the FIRST N of the n candidates of each "
+            "held-out prompt, nested subsets of one draw (e.g. n=64 with [4, 16, 64]); align/metrics.json gives "
+            "each best-of-n policy's gold reward per N (gold_at). [] = only N = n.",
+        },
+    )
     temperature: float = field(default=1.2, metadata={"help": "Sampling temperature of the candidates."})
     top_p: float = field(
         default=1.0, metadata={"range": Range(0, 1, lo_open=True), "help": "Nucleus sampling threshold."}
@@ -293,6 +302,11 @@ class AlignConfig:
             raise ValueError(f"align.prompt_style must be raw or alpaca, got {self.prompt_style!r}")
         if self.n < 1 or self.max_new_tokens < 1:
             raise ValueError("align.n and align.max_new_tokens must be >= 1")
+        if too_big := [k for k in self.best_of_n_sizes if k > self.n]:
+            raise ValueError(
+                f"align.best_of_n_sizes {too_big} exceed align.n = {self.n}: best-of-N takes the first N of the n "
+                "candidates drawn per prompt. Fix: raise align.n to the largest N, or drop those sizes"
+            )
         top_p = self.ppo.get("top_p", self.top_p) if isinstance(self.ppo, dict) else self.top_p
         if "ppo" in self.methods and top_p != 1.0:
             where = "align.ppo.top_p" if "top_p" in (self.ppo or {}) else "align.top_p (ppo's default)"

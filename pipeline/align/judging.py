@@ -265,6 +265,13 @@ def reward_scale_note(metrics: dict) -> list[str]:
     return ["", f"**PPO reward scale.** {text}"]
 
 
+def gold_at(records: list[dict], gold_fn) -> dict:
+    """{N: gold summary of the best-of-N responses} from best-of-n eval records with `responses_at`."""
+    sizes = sorted({int(k) for r in records for k in r.get("responses_at", {})})
+    prompts = [r["prompt"] for r in records]
+    return {str(k): gold_summary(gold_fn(prompts, [r["responses_at"][str(k)] for r in records])) for k in sizes}
+
+
 def policy_metrics(ctx: AlignContext, rms: list[str], base_eval: list[dict], base_ppl: dict, gold_fn, gold_means):
     """{policy: {"perplexity", "gold"}} for the base policy and every aligned one; a gold reward the judging
     did not compute (a policy in no comparison, another judge) is computed here when there is a gold function."""
@@ -283,6 +290,8 @@ def policy_metrics(ctx: AlignContext, rms: list[str], base_eval: list[dict], bas
             if gold is None and gold_fn is not None:
                 gold = gold_of(read_jsonl(sub / "eval.jsonl"))
             metrics[f"{rm}/{m}"] = {"perplexity": ppl, "gold": gold}
+            if m == "best_of_n" and ctx.cfg.best_of_n_sizes and gold_fn is not None:
+                metrics[f"{rm}/{m}"]["gold_at"] = gold_at(read_jsonl(sub / "eval.jsonl"), gold_fn)
             scale = read_json(sub / "reward_scale.json")
             if isinstance(scale, dict):  # PPO: the reward's scale and the KL coefficient's weight against it
                 metrics[f"{rm}/{m}"]["reward_scale"] = scale

@@ -108,6 +108,19 @@ def best_of_n_records(
     return out
 
 
+def nested_picks(candidates: Sequence[str], scores, sizes: Sequence[int]) -> dict:
+    """{"responses_at": {N: the best of the first N candidates}} for best-of-N at each N of `sizes` (nested subsets
+    of one draw; first on ties, as `best_of_n_records`); {} without sizes."""
+    if not sizes:
+        return {}
+    row = np.asarray(scores, dtype=np.float64)
+    picks = {}
+    for k in sorted({int(s) for s in sizes}):
+        head = row[:k]
+        picks[str(k)] = candidates[int(np.nanargmax(head)) if not np.all(np.isnan(head)) else 0]
+    return {"responses_at": picks}
+
+
 def score_candidates(reward_fn, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> np.ndarray:
     """RM scores of every candidate, shape (prompts, n), with one batched call."""
     n = len(candidates[0]) if candidates else 0
@@ -163,6 +176,7 @@ def best_of_n(a: AlignInputs, reward, work: Path) -> Outputs | None:
                     "ended": r["ended"][k],
                     "scores": [float(x) for x in row],
                     "chosen": k,
+                    **nested_picks(r["candidates"], row, a.ctx.cfg.best_of_n_sizes),
                 },
                 r,
             )
