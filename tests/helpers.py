@@ -495,3 +495,16 @@ def judge_server():
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def fake_calibration_dir(tmp_path: Path, rms: tuple[str, ...] = ("more", "multitask"), bootstrap_samples: int = 200):
+    """A run directory whose calibration/ holds metrics.json (each RM: accuracy 0.6, ECE 0.05 on all and hh
+    averages) and config.json with `bootstrap_samples`, for report tests that add their own comparisons.json."""
+    import json
+
+    d = tmp_path / "run"
+    (d / "calibration").mkdir(parents=True)
+    m = {"all_average": {"accuracy": 0.6, "ece_10": 0.05}, "hh_average": {"accuracy": 0.6, "ece_10": 0.05}}
+    (d / "calibration" / "metrics.json").write_text(json.dumps(dict.fromkeys(rms, m)))
+    (d / "calibration" / "config.json").write_text(json.dumps({"bootstrap_samples": bootstrap_samples}))
+    return d

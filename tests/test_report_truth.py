@@ -8,6 +8,7 @@ import json
 
 import pipeline.config as C
 import pipeline.report.stage as report
+from tests.helpers import fake_calibration_dir
 
 
 def _manifest(d, data, **stages):
@@ -120,11 +121,7 @@ def test_report_states_the_whole_rule_where_it_uses_it(tmp_path):
     """The calibration section's introduction names both conditions (and p's resolution with 200 resamples);
     the sentence under it says which condition failed."""
     recipe = C.load_recipe("tiny-cpu")
-    d = tmp_path / "run"
-    (d / "calibration").mkdir(parents=True)
-    m = {"all_average": {"accuracy": 0.6, "ece_10": 0.05}, "hh_average": {"accuracy": 0.6, "ece_10": 0.05}}
-    (d / "calibration" / "metrics.json").write_text(json.dumps({"more": m, "multitask": m}))
-    (d / "calibration" / "config.json").write_text(json.dumps({"bootstrap_samples": 200}))
+    d = fake_calibration_dir(tmp_path)
     entry = {"a": 0.55, "b": 0.5937, "diff": -0.0437, "ci95": [-0.0846, -0.0028], "p_value": 0.05}
     (d / "calibration" / "comparisons.json").write_text(
         json.dumps({"more vs multitask": {"all_average": {"accuracy": entry}}})

@@ -20,7 +20,7 @@ from pipeline.calibration.step0 import load_start, plan_starts
 from pipeline.models import TinyModelSpec, tiny_model
 from pipeline.reward import stage as reward
 from pipeline.reward.index import read_index
-from tests.helpers import reward_recipe
+from tests.helpers import fake_calibration_dir, reward_recipe
 
 
 def _causal_base(path, tok):
@@ -186,11 +186,7 @@ def _entry(a, b, lo, hi, p):
 
 def test_report_line_for_an_rm_that_learned_and_one_that_did_not(tmp_path):
     recipe = C.load_recipe("tiny-cpu")
-    d = tmp_path / "run"
-    (d / "calibration").mkdir(parents=True)
-    m = {"all_average": {"accuracy": 0.6, "ece_10": 0.05}, "hh_average": {"accuracy": 0.6, "ece_10": 0.05}}
-    (d / "calibration" / "metrics.json").write_text(json.dumps({"more": m, "multitask": m}))
-    (d / "calibration" / "config.json").write_text(json.dumps({"bootstrap_samples": 200}))
+    d = fake_calibration_dir(tmp_path)
     comps = {
         "more vs multitask": {"all_average": {"accuracy": _entry(0.6, 0.6, -0.01, 0.01, 0.9)}},
         "more vs more@step0": {"all_average": {"accuracy": _entry(0.6295, 0.5012, 0.101, 0.152, 0.0)}},
@@ -218,11 +214,7 @@ def test_report_with_only_step0_comparisons_states_the_rule_and_names_external_r
     """One trained RM (no RM-vs-RM comparison) and an external one: the step-0 lines state the significance rule
     themselves, and the external RM is named as having no known starting point."""
     recipe = C.load_recipe("tiny-cpu")
-    d = tmp_path / "run"
-    (d / "calibration").mkdir(parents=True)
-    m = {"all_average": {"accuracy": 0.6, "ece_10": 0.05}, "hh_average": {"accuracy": 0.6, "ece_10": 0.05}}
-    (d / "calibration" / "metrics.json").write_text(json.dumps({"multitask": m, "ext": m}))
-    (d / "calibration" / "config.json").write_text(json.dumps({"bootstrap_samples": 200}))
+    d = fake_calibration_dir(tmp_path, ("multitask", "ext"))
     comps = {"multitask vs multitask@step0": {"all_average": {"accuracy": _entry(0.6, 0.59, -0.03, 0.05, 0.6)}}}
     (d / "calibration" / "comparisons.json").write_text(json.dumps(comps))
     why = "an external RM (calibration.external_rms): where its training began is not known"
