@@ -6,6 +6,7 @@ import json
 import os
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from pipeline.align.config import AlignConfig, JudgeConfig
@@ -361,3 +362,91 @@ def test_dry_run_shows_the_judge_requests_and_refuses_a_budget_that_cannot_cover
     caplog.clear()
     assert R.main([*base, "align.judge.max_requests=2000"]) == 0
     assert "2400 requests, minus 1000 cached answers, plus a 10% retry allowance = 1540" in caplog.text
+
+
+def test_best_of_n_at_several_sizes_rjs_at_its_own_n_and_comparisons_between_methods(tmp_path):
+    """Issue 31 / 30: best-of-N at nested N from one draw (align.best_of_n_sizes), RJS on the best of the first
+    align.rjs_n candidates, and policies of different methods judged against each other with the paired
+    gold-reward difference, each checked against a brute-force recomputation from the written records."""
+    from scipy.stats import ttest_rel
+
+    from pipeline.data.synthetic import gold_reward
+    from pipeline.sweep.aggregation import collect_run
+
+    _reward_dir(tmp_path)
+    comparisons = ["more vs multitask", "more/rjs vs more/best_of_n", "base vs multitask/rjs"]
+    recipe = _recipe(n=4, best_of_n_sizes=[1, 2, 4], rjs_n=2, rms=["more", "multitask"], comparisons=comparisons)
+    _run_align(recipe, tmp_path)
+    align = tmp_path / "align"
+
+    rjs = [json.loads(x) for x in (align / "more" / "rjs" / "samples.jsonl").read_text().splitlines()]
+    base = [json.loads(x) for x in (align / "base" / "train_candidates.jsonl").read_text().splitlines()]
+    assert all(len(r["candidates"]) == 2 == len(r["ended"]) for r in rjs)  # RJS saw the first rjs_n only
+    assert [r["candidates"] for r in rjs] == [b["candidates"][:2] for b in base]
+
+    metrics = json.loads((align / "metrics.json").read_text())["policies"]
+    for rm in ("more", "multitask"):
+        evals = [json.loads(x) for x in (align / rm / "best_of_n" / "eval.jsonl").read_text().splitlines()]
+        cands = [json.loads(x) for x in (align / "base" / "eval_candidates.jsonl").read_text().splitlines()]
+        for k in (1, 2, 4):
+            picks = [c["candidates"][max(range(k), key=lambda i: (e["scores"][i], -i))] for e, c in zip(evals, cands)]
+            assert [e["responses_at"][str(k)] for e in evals] == picks
+            gold = [gold_reward(e["prompt"], p) for e, p in zip(evals, picks)]
+            assert metrics[f"{rm}/best_of_n"]["gold_at"][str(k)]["mean"] == pytest.approx(np.mean(gold), abs=1e-12)
+        assert [e["responses_at"]["4"] for e in evals] == [e["response"] for e in evals]  # N = n: the usual pick
+    assert "gold_at" not in metrics["more/rjs"]
+
+    judgements = json.loads((align / "judgements.json").read_text())
+    assert set(judgements) == {
+        "best_of_n: more vs multitask",
+        "rjs: more vs multitask",
+        "more/rjs vs more/best_of_n",
+        "base vs multitask/rjs",
+    }
+    details = [json.loads(x) for x in (align / "judge_details.jsonl").read_text().splitlines()]
+    for key in judgements:
+        rows = [d for d in details if d["comparison"] == key]
+        a = [gold_reward(d["prompt"], d["response_a"]) for d in rows]
+        b = [gold_reward(d["prompt"], d["response_b"]) for d in rows]
+        diff = judgements[key]["all"]["gold_difference"]
+        assert diff["mean"] == pytest.approx(np.mean(np.subtract(a, b)), abs=1e-12) and diff["n"] == len(rows) == 12
+        if np.ptp(np.subtract(a, b)) > 0:
+            assert diff["p_value"] == pytest.approx(ttest_rel(a, b).pvalue, rel=1e-9)
+    rjs_eval = [json.loads(x) for x in (align / "more" / "rjs" / "eval.jsonl").read_text().splitlines()]
+    cross = [d for d in details if d["comparison"] == "more/rjs vs more/best_of_n"]
+    assert [d["response_a"] for d in cross] == [e["response"] for e in rjs_eval]
+    table = (align / "table.md").read_text()
+    assert "| more/rjs vs more/best_of_n | all |" in table and "gold a - b [95% CI], p" in table
+
+    rows = {(s, n, scope, m): v for s, n, scope, m, v in collect_run(tmp_path)}
+    for k in (1, 2, 4):
+        assert (
+            rows[("align", f"more/best_of_n@{k}", "all", "gold_reward")]
+            == metrics["more/best_of_n"]["gold_at"][str(k)]["mean"]
+        )
+    assert rows[("judge", "more/rjs vs more/best_of_n", "all", "gold_diff")] == pytest.approx(
+        judgements["more/rjs vs more/best_of_n"]["all"]["gold_difference"]["mean"]
+    )
+
+
+def test_comparisons_of_named_policies_are_checked_before_any_work():
+    from pipeline.align.config import comparison_policies
+
+    assert comparison_policies("more vs multitask") == ("more", "multitask", False)
+    assert comparison_policies("dpo/policy vs more/best_of_n") == ("dpo/policy", "more/best_of_n", True)
+    assert comparison_policies("base vs more/rjs") == ("base", "more/rjs", True)
+    with pytest.raises(ValueError, match="mixes a policy with the RM name 'multitask'"):
+        comparison_policies("more/rjs vs multitask")
+    with pytest.raises(ValueError, match=r"'more/sft' is not a policy '<rm>/<method>'"):
+        AlignConfig(comparisons=["more/sft vs base"])
+    recipe = _recipe(comparisons=["more/ppo vs more/rjs"])
+    recipe.reward = SimpleNamespace(methods=["more", "multitask"])
+    from pipeline.align.stage import _check_rms_and_comparisons
+    from pipeline.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"names \['more/ppo'\], whose method is not in align.methods"):
+        _check_rms_and_comparisons(["more", "multitask"], ["helpful"], recipe.align, lambda s: True, lambda k: k)
+    with pytest.raises(RecipeError, match=r"names \['dpo/policy'\], not an RM aligned"):
+        _check_rms_and_comparisons(
+            ["more"], ["helpful"], _recipe(comparisons=["dpo/policy vs more/rjs"]).align, lambda s: True, lambda k: k
+        )

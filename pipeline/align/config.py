@@ -16,6 +16,34 @@ from pipeline.calibration.compare import parse_comparison
 from pipeline.strict import COUNT, COUNT0, FRACTION, INT_MAX, NON_NEGATIVE, POSITIVE, TRAINING_ARGS_RANGES, Range
 
 
+COMPARISON_SIDES = (
+    "two different RM names or 'base' (judged for every method), or two policies '<rm>/<method>' or 'base'"
+)
+
+
+def comparison_policies(text: str) -> tuple[str, str, bool]:
+    """'more vs multitask' -> ('more', 'multitask', False): judged for every method; 'dpo/policy vs more/rjs' ->
+    ('dpo/policy', 'more/rjs', True): two named policies (or one and 'base'), judged once. One ValueError naming
+    align.comparisons for a method that does not exist or a mix of the two forms."""
+    a, b = parse_comparison(text, key="align.comparisons", names=COMPARISON_SIDES)
+    named = [x for x in (a, b) if "/" in x]
+    if not named:
+        return a, b, False
+    for x in named:
+        rm, _, method = x.partition("/")
+        if not rm or method not in METHODS:
+            raise ValueError(
+                f"align.comparisons: {text!r}: {x!r} is not a policy '<rm>/<method>' (methods: {', '.join(METHODS)})"
+            )
+    if len(named) == 1 and "base" not in (a, b):
+        plain = b if "/" in a else a
+        raise ValueError(
+            f"align.comparisons: {text!r} mixes a policy with the RM name {plain!r}; name both policies, e.g. "
+            f"'{named[0]} vs {plain}/best_of_n', or two RMs ('more vs multitask', judged for every method)"
+        )
+    return a, b, True
+
+
 @dataclass
 class JudgeConfig:
     """How aligned policies are compared on held-out prompts."""
@@ -209,6 +237,15 @@ class AlignConfig:
             "each best-of-n policy's gold reward per N (gold_at). [] = only N = n.",
         },
     )
+    rjs_n: int | None = field(
+        default=None,
+        metadata={
+            "range": COUNT,
+            "help": "Rejection sampling fine-tunes on the best of the FIRST rjs_n of the n candidates of each training "
+            "prompt (<= align.n; the paper's RJS: 4); null = all n. Lets one draw of n = 64 serve best-of-64 and "
+            "RJS at its own N.",
+        },
+    )
     temperature: float = field(default=1.2, metadata={"help": "Sampling temperature of the candidates."})
     top_p: float = field(
         default=1.0, metadata={"range": Range(0, 1, lo_open=True), "help": "Nucleus sampling threshold."}
@@ -283,7 +320,11 @@ class AlignConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={"help": "How policies are compared."})
     comparisons: list[str] = field(
         default_factory=lambda: ["more vs multitask", "more vs base", "multitask vs base"],
-        metadata={"help": "'<a> vs <b>' with RM names or 'base'; judged for every method."},
+        metadata={
+            "help": "'<a> vs <b>' with RM names or 'base', judged for every method ('more vs multitask'), or with two "
+            "policies '<rm>/<method>' (or one and 'base'), judged once: 'dpo/policy vs more/best_of_n' compares "
+            "methods. With the gold judge each judgement has the paired gold-reward difference and its interval."
+        },
     )
     progress: bool = field(default=True, metadata={"help": "Progress bars."})
 
@@ -307,11 +348,16 @@ class AlignConfig:
                 f"align.best_of_n_sizes {too_big} exceed align.n = {self.n}: best-of-N takes the first N of the n "
                 "candidates drawn per prompt. Fix: raise align.n to the largest N, or drop those sizes"
             )
+        if self.rjs_n is not None and self.rjs_n > self.n:
+            raise ValueError(
+                f"align.rjs_n = {self.rjs_n} exceeds align.n = {self.n}: rejection sampling picks among the first "
+                "rjs_n of the n candidates drawn per prompt. Fix: raise align.n, lower align.rjs_n, or null"
+            )
         top_p = self.ppo.get("top_p", self.top_p) if isinstance(self.ppo, dict) else self.top_p
         if "ppo" in self.methods and top_p != 1.0:
             where = "align.ppo.top_p" if "top_p" in (self.ppo or {}) else "align.top_p (ppo's default)"
             raise ValueError(f"{where}: " + TOP_P_MESSAGE.format(top_p=top_p))
         for c in self.comparisons:
-            parse_comparison(c, key="align.comparisons", names="two different RM names or 'base'")
+            comparison_policies(c)
         if isinstance(self.judge, dict):
             self.judge = JudgeConfig(**self.judge)

@@ -17,10 +17,12 @@ import numpy as np
 
 from pipeline.align import judge as J
 from pipeline.align.candidates import read_jsonl, write_jsonl
+from pipeline.align.config import comparison_policies
 from pipeline.align.context import AlignContext
-from pipeline.calibration.compare import parse_comparison
+from pipeline.calibration.compare import p_text
 from pipeline.errors import redact_credentials
 from pipeline.io import atomic_write_json, atomic_write_text, read_json, safe_component
+from pipeline.stats import t_interval, t_test_p
 
 
 def gold_summary(values) -> dict:
@@ -31,10 +33,16 @@ def gold_summary(values) -> dict:
     return {"mean": float(v.mean()), "se": se, "n": int(len(v))}
 
 
-def _policy_responses(ctx: AlignContext, who: str, method: str, base_eval: list[dict]) -> list[dict] | None:
+def policy_label(who: str, method: str | None) -> str:
+    """'base', or the policy `<rm>/<method>` a comparison side names (`who` may name it already: 'dpo/policy')."""
+    return who if who == "base" or "/" in who else f"{who}/{method}"
+
+
+def _policy_responses(ctx: AlignContext, who: str, method: str | None, base_eval: list[dict]) -> list[dict] | None:
     if who == "base":
         return base_eval
-    path = ctx.dir / safe_component(who) / method / "eval.jsonl"
+    rm, _, method = policy_label(who, method).partition("/")
+    path = ctx.dir / safe_component(rm) / method / "eval.jsonl"
     if not path.exists():
         return None
     return read_jsonl(path)
@@ -84,10 +92,12 @@ def _comparisons(ra: list[dict], rb: list[dict]) -> list[J.Comparison]:
     ]
 
 
-def _verdicts(ctx: AlignContext, method: str, a: str, b: str, ra, rb, gold_of, oa) -> tuple[list[str], list[dict]]:
+def _verdicts(
+    ctx: AlignContext, method: str | None, a: str, b: str, ra, rb, gold_of, oa
+) -> tuple[list[str], list[dict]]:
     """(verdict per held-out prompt, extra detail per prompt) of policy `a` against policy `b`."""
     if ctx.cfg.judge.kind == "gold":
-        la, lb = ("base" if a == "base" else f"{a}/{method}"), ("base" if b == "base" else f"{b}/{method}")
+        la, lb = policy_label(a, method), policy_label(b, method)
         verdicts = J.gold_verdicts(gold_of(la, ra), gold_of(lb, rb), ctx.cfg.judge.tolerance)
         extra = [{"gold_a": float(x), "gold_b": float(y)} for x, y in zip(gold_of(la, ra), gold_of(lb, rb))]
         return verdicts, extra
@@ -96,24 +106,50 @@ def _verdicts(ctx: AlignContext, method: str, a: str, b: str, ra, rb, gold_of, o
 
 
 def _blocks(ctx: AlignContext, rms: list[str], base_eval: list[dict]) -> list[tuple]:
-    """(method, a, b, a's responses, b's responses) of every comparison to judge, for every method."""
+    """(method, a, b, a's responses, b's responses) of every comparison to judge: a comparison of two RMs (or an
+    RM and 'base') for every method, then each comparison of two named policies ('<rm>/<method>' or 'base',
+    e.g. 'dpo/policy vs more/best_of_n') once, with method None."""
     out = []
-    for method in ctx.cfg.methods:
-        for comp in ctx.cfg.comparisons:
-            a, b = parse_comparison(comp, key="align.comparisons", names="two different RM names or 'base'")
-            skip = [x for x in (a, b) if x != "base" and x not in rms]
-            if skip:
-                ctx.log(f"comparison {comp!r}: {skip} not aligned in this run, skipped")
-                continue
-            ra, rb = _policy_responses(ctx, a, method, base_eval), _policy_responses(ctx, b, method, base_eval)
-            if ra is None or rb is None:
-                continue
-            if [r["prompt"] for r in ra] != [r["prompt"] for r in rb]:
-                raise RuntimeError(
-                    f"{comp} ({method}): the two policies answered different prompts; delete DIR/align and rerun"
-                )
-            out.append((method, a, b, ra, rb))
+    parsed = [(comp, *comparison_policies(comp)) for comp in ctx.cfg.comparisons]
+    per_method = [(m, c, a, b) for m in ctx.cfg.methods for c, a, b, cross in parsed if not cross]
+    for method, comp, a, b in per_method + [(None, c, a, b) for c, a, b, cross in parsed if cross]:
+        skip = [x for x in (a, b) if not _aligned(ctx, x, rms)]
+        if skip:
+            ctx.log(f"comparison {comp!r}: {skip} not aligned in this run, skipped")
+            continue
+        ra, rb = _policy_responses(ctx, a, method, base_eval), _policy_responses(ctx, b, method, base_eval)
+        if ra is None or rb is None:
+            if method is None:
+                ctx.log(f"comparison {comp!r}: no held-out responses of {a if ra is None else b}, skipped")
+            continue
+        if [r["prompt"] for r in ra] != [r["prompt"] for r in rb]:
+            where = f" ({method})" if method else ""
+            raise RuntimeError(
+                f"{comp}{where}: the two policies answered different prompts; delete DIR/align and rerun"
+            )
+        out.append((method, a, b, ra, rb))
     return out
+
+
+def _aligned(ctx: AlignContext, who: str, rms: list[str]) -> bool:
+    """Whether a comparison side is a policy of this run: 'base', an aligned RM, or '<rm>/<method>' of both."""
+    if who == "base":
+        return True
+    rm, sep, method = who.partition("/")
+    return rm in rms and (not sep or method in ctx.cfg.methods)
+
+
+def judgement_key(method: str | None, a: str, b: str) -> str:
+    """'best_of_n: more vs multitask' (a comparison judged per method) or 'dpo/policy vs more/rjs'."""
+    return f"{a} vs {b}" if method is None else f"{method}: {a} vs {b}"
+
+
+def gold_difference(gold_a, gold_b) -> dict:
+    """The mean gold reward of a's responses minus b's, paired by prompt, with its 95% t-interval and the
+    paired t-test's p (prompts with a non-finite gold reward left out)."""
+    d = [x - y for x, y in zip(gold_a, gold_b) if math.isfinite(x - y)]
+    stats = t_interval(d)
+    return stats | {"p_value": t_test_p(stats["mean"], stats["sd"], stats["n"])}
 
 
 def planned_requests(recipe, run_dir: Path) -> dict | None:
@@ -124,13 +160,20 @@ def planned_requests(recipe, run_dir: Path) -> dict | None:
     cfg = recipe.align
     if cfg.judge.kind != "openai":
         return None
-    comparisons = len(cfg.methods) * len(cfg.comparisons) * len(cfg.eval_sources) * cfg.n_eval_prompts
+    cross = sum(comparison_policies(c)[2] for c in cfg.comparisons)
+    judged = len(cfg.methods) * (len(cfg.comparisons) - cross) + cross
+    comparisons = judged * len(cfg.eval_sources) * cfg.n_eval_prompts
     cache = Path(run_dir) / "align" / "judge_cache.jsonl"
     cached = min(J.cached_answers(cache, cfg.judge.model), 2 * comparisons)
     return {
         "comparisons": comparisons,
-        "how": f"{len(cfg.methods)} method(s) x {len(cfg.comparisons)} comparison(s) x {len(cfg.eval_sources)} "
-        f"prompt set(s) x up to {cfg.n_eval_prompts} held-out prompts",
+        "how": (
+            f"({len(cfg.methods)} method(s) x {len(cfg.comparisons) - cross} comparison(s) + {cross} of named "
+            "policies)"
+            if cross
+            else f"{len(cfg.methods)} method(s) x {len(cfg.comparisons)} comparison(s)"
+        )
+        + f" x {len(cfg.eval_sources)} prompt set(s) x up to {cfg.n_eval_prompts} held-out prompts",
         "requests": 2 * comparisons,
         "cached": cached,
         "needed": J.with_retry_allowance(2 * comparisons - cached),
@@ -181,12 +224,19 @@ def judge_all(ctx: AlignContext, rms: list[str], base_eval: list[dict], gold_fn)
     if oa is not None:
         check_judge_budget(ctx, oa, blocks)
     for method, a, b, ra, rb in blocks:
-        key = f"{method}: {a} vs {b}"
+        key = judgement_key(method, a, b)
         verdicts, extra = _verdicts(ctx, method, a, b, ra, rb, gold_of, oa)
         sets = sorted({r["set"] for r in ra})
-        judgements[key] = {s: J.summarize([v for v, r in zip(verdicts, ra) if r["set"] == s]) for s in sets}
+        scopes = {s: [i for i, r in enumerate(ra) if r["set"] == s] for s in sets}
         if len(sets) > 1:
-            judgements[key]["all"] = J.summarize(verdicts)
+            scopes["all"] = list(range(len(ra)))
+        judgements[key] = {}
+        for s, rows in scopes.items():
+            judgements[key][s] = J.summarize([verdicts[i] for i in rows])
+            if jc.kind == "gold":
+                judgements[key][s]["gold_difference"] = gold_difference(
+                    [extra[i]["gold_a"] for i in rows], [extra[i]["gold_b"] for i in rows]
+                )
         details += [
             {
                 "comparison": key,
@@ -213,8 +263,8 @@ def render_table(judgements: dict, metrics: dict, judge_desc: str) -> str:
     lines = [
         f"## Alignment: win / tie / lose (judge: {judge_desc})",
         "",
-        "| comparison | prompt set | win | tie | lose | n | win 95% CI | invalid |",
-        "|---|---|---|---|---|---|---|---|",
+        "| comparison | prompt set | win | tie | lose | n | win 95% CI | invalid | gold a - b [95% CI], p |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for comp, per_set in judgements.items():
         for s, r in per_set.items():
@@ -222,10 +272,10 @@ def render_table(judgements: dict, metrics: dict, judge_desc: str) -> str:
             pct = {k: "-" if r[k] is None else f"{r[k]:.1%}" for k in ("win", "tie", "lose")}
             lines.append(
                 f"| {comp} | {s} | {pct['win']} | {pct['tie']} | {pct['lose']} | {r['n']} | "
-                f"[{lo:.1%}, {hi:.1%}] | {r['counts']['invalid']} |"
+                f"[{lo:.1%}, {hi:.1%}] | {r['counts']['invalid']} | {_difference_cell(r.get('gold_difference'))} |"
             )
     if not judgements:
-        lines.append("| (no comparison judged) | | | | | | | |")
+        lines.append("| (no comparison judged) | | | | | | | | |")
     ppl_sources = sorted({s for m in metrics.values() for s in (m.get("perplexity") or {})})
     header = ["policy", "gold reward (mean ± se)"] + [f"PPL {s}" for s in ppl_sources]
     lines += ["", "## Policies", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -236,6 +286,15 @@ def render_table(judgements: dict, metrics: dict, judge_desc: str) -> str:
         cells = [name, gold] + [f"{ppl[s]:.2f}" if ppl.get(s) is not None else "-" for s in ppl_sources]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines + reward_scale_note(metrics)) + "\n"
+
+
+def _difference_cell(d: dict | None) -> str:
+    """'+0.012 [-0.003, +0.027], p = 0.12' (a gold-reward difference), '-' without one."""
+    if not d or d.get("mean") is None:
+        return "-"
+    if d.get("low") is None:
+        return f"{d['mean']:+.3f} (one prompt)"
+    return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}], {p_text(d['p_value'])}"
 
 
 def reward_scale_note(metrics: dict) -> list[str]:

@@ -133,13 +133,13 @@ def score_candidates(reward_fn, prompts: Sequence[str], candidates: Sequence[Seq
 # the methods
 
 
-def _best_of_n_samples(a: AlignInputs, reward, work: Path) -> list[dict]:
-    """The RM's pick among each training prompt's candidates: work/samples.jsonl (written once, by the main
-    process), read by every process."""
+def _best_of_n_samples(a: AlignInputs, reward, work: Path, first: int | None = None) -> list[dict]:
+    """The RM's pick among each training prompt's candidates (the first `first` of them; None: all):
+    work/samples.jsonl (written once, by the main process), read by every process."""
     if a.ctx.main and not (work / "samples.jsonl").exists():
-        cands = [r["candidates"] for r in a.train_cands]
+        cands = [r["candidates"][:first] for r in a.train_cands]
         scores = score_candidates(reward, a.raw_prompts, cands)
-        records = best_of_n_records(a.raw_prompts, cands, scores, [r["ended"] for r in a.train_cands])
+        records = best_of_n_records(a.raw_prompts, cands, scores, [r["ended"][:first] for r in a.train_cands])
         for rec, r in zip(records, a.train_cands):
             rec["set"] = r["set"]
         write_jsonl(work / "samples.jsonl", records)
@@ -187,7 +187,7 @@ def best_of_n(a: AlignInputs, reward, work: Path) -> Outputs | None:
 def rjs(a: AlignInputs, reward, work: Path) -> Outputs | None:
     """Rejection sampling fine-tuning: SFT of the base policy on each training prompt's best candidate."""
     cfg = a.ctx.cfg
-    records = _best_of_n_samples(a, reward, work)
+    records = _best_of_n_samples(a, reward, work, first=cfg.rjs_n)
     if not (work / "train_log.json").exists():  # written last, once the policy is saved
         best = [sft_completion(a.tok, r, rec["candidates"][rec["chosen"]]) for r, rec in zip(a.train_cands, records)]
         dataset = rjs_dataset(a.tok, a.prompts, best, cfg.sft_max_length)

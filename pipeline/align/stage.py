@@ -46,6 +46,7 @@ import os
 from pathlib import Path
 
 from pipeline.align.candidates import candidates, perplexities, sample_kwargs, with_conv
+from pipeline.align.config import comparison_policies
 from pipeline.align.context import AlignContext, plain
 from pipeline.align.judging import planned_requests, planned_requests_text, write_results
 from pipeline.align.methods import AlignInputs, align_one, has_own_policy
@@ -58,7 +59,6 @@ from pipeline.align.prompts import (
     split_conversations,
 )
 from pipeline.align.rewards import RMReward, gold_reward_fn
-from pipeline.calibration.compare import parse_comparison
 from pipeline.data.render import check_template_setting
 from pipeline.errors import RecipeError
 from pipeline.io import atomic_write_json, content_sha256, read_json, remove_tree, safe_component, sha256_json
@@ -308,13 +308,19 @@ def _check_rms_and_comparisons(methods: list[str], sources: list[str], align, is
             )
     aligned = list(align.rms) if align.rms is not None else [n for n in trained if not n.startswith("single-")]
     for comp in align.comparisons or []:
-        parts = parse_comparison(comp, key="align.comparisons", names="two different RM names or 'base'")
-        unknown = [p for p in parts if p != "base" and p not in aligned]
+        a, b, _ = comparison_policies(comp)
+        unknown = [p for p in (a, b) if p != "base" and p.partition("/")[0] not in aligned]
         if unknown:
             raise RecipeError(
                 f"align.comparisons in {origin('align.comparisons')}: {comp!r} names {unknown}, not an RM "
                 f"aligned in this run ({aligned + ['base']}). Fix: compare only those, or add the RM to "
                 "reward.methods / align.rms"
+            )
+        methods = [p for p in (a, b) if "/" in p and p.partition("/")[2] not in align.methods]
+        if methods:
+            raise RecipeError(
+                f"align.comparisons in {origin('align.comparisons')}: {comp!r} names {methods}, whose method is not in "
+                f"align.methods {list(align.methods)}. Fix: add the method to align.methods, or compare other policies"
             )
 
 

@@ -117,13 +117,18 @@ def split_valid(seed, rows: list[tuple]) -> tuple[list[tuple], list[dict]]:
 
 def align_values(metrics: dict | None, judgements: dict | None) -> list[tuple]:
     """[(section, name, scope, metric, value)] from align/metrics.json and align/judgements.json:
-    gold reward (per prompt set and 'all') and perplexity (per source) of each policy `<rm>/<method>`;
-    win/lose rates of each judged comparison `<method>: <a> vs <b>` per prompt set."""
+    gold reward (per prompt set and 'all') and perplexity (per source) of each policy `<rm>/<method>`, and of
+    best-of-N at each align.best_of_n_sizes as the policy `<rm>/best_of_n@<N>`; win/lose rates of each judged
+    comparison (`<method>: <a> vs <b>`, or `<a> vs <b>` of two named policies) per prompt set, and the gold
+    judge's mean a - b gold-reward difference (`gold_diff`), whose mean over seeds is the seed-paired difference."""
     out = []
     for policy, m in (get_path(metrics, "policies") or {}).items():
         for scope, g in (get_path(m, "gold") or {}).items():
             if _present(get_path(g, "mean")):
                 out.append(("align", policy, scope, "gold_reward", _number(g["mean"])))
+        for size, g in (get_path(m, "gold_at") or {}).items():  # best-of-N at each align.best_of_n_sizes
+            if _present(get_path(g, "mean")):
+                out.append(("align", f"{policy}@{size}", "all", "gold_reward", _number(g["mean"])))
         for scope, p in (get_path(m, "perplexity") or {}).items():
             if _present(p):
                 out.append(("align", policy, scope, "perplexity", _number(p)))
@@ -138,6 +143,8 @@ def align_values(metrics: dict | None, judgements: dict | None) -> list[tuple]:
                     ("judge", label, scope, "lose_rate", lose),
                     ("judge", label, scope, "win_minus_lose", w - lose if both else f"{w!r} - {lose!r}"),
                 ]
+            if _present(get_path(e, "gold_difference", "mean")):  # the gold judge's paired a - b per run
+                out.append(("judge", label, scope, "gold_diff", _number(e["gold_difference"]["mean"])))
     return out
 
 

@@ -163,5 +163,6 @@ def metric_label(metric: str) -> str:
             "win_rate": "win rate",
             "lose_rate": "lose rate",
             "win_minus_lose": "win - lose",
+            "gold_diff": "gold reward a - b",
         }.get(base, base)
     return f"{base} after temperature scaling" if ts else base

@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 
 from pipeline.calibration.compare import DIRECTION_TEXT, direction, p_text, significance_paragraph
-from pipeline.stats import ALPHA
+from pipeline.stats import ALPHA, t_test_p
+from pipeline.stats import is_significant as significance_rule
 from pipeline.sweep.metrics import MIN_SEEDS, PAIRS, PERCENT_METRICS, is_significant, judge, metric_label
 from pipeline.tables import markdown_table, rm_label
 
@@ -235,7 +236,22 @@ def _judgement_table(metrics: list[dict], idx: dict) -> list[str]:
     rates = ("win_rate", "lose_rate", "win_minus_lose")
     header = ["comparison", "win rate (%)", "lose rate (%)", "win - lose (points)"]
     rows = [[j] + [cell(idx.get(("judge", j, "all", m)), m) for m in rates] for j in judged]
+    if any(("judge", j, "all", "gold_diff") in idx for j in judged):  # the gold judge: a - b, seed-paired
+        header += ["gold reward a - b (seed-paired)", "p", "verdict"]
+        for row, j in zip(rows, judged):
+            row += _gold_diff_cells(idx.get(("judge", j, "all", "gold_diff")))
     return ["### Judgements (all prompt sets)", "", *markdown_table(header, rows), ""]
+
+
+def _gold_diff_cells(stats: dict | None) -> list[str]:
+    """[mean [interval], p, verdict] of a judged comparison's gold-reward difference over seeds (each seed's
+    a - b on the same prompts, so the mean over seeds is seed-paired): higher is better for a."""
+    if not stats or stats.get("mean") is None:
+        return ["-", "", ""]
+    p = t_test_p(stats["mean"], stats.get("sd"), stats.get("n", 0))
+    sig = significance_rule(stats.get("low"), stats.get("high"), p)
+    verdict = VERDICTS[sig] if not sig else "a better" if stats["mean"] > 0 else "b better"
+    return [cell(stats, "gold_diff"), p_text(p), verdict]
 
 
 def _difference_table(differences: list[dict], keys: list[str], scopes: list[str], conf: str) -> list[str]:
