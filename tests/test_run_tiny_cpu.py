@@ -97,7 +97,7 @@ DPO = [
     "reward.methods=[more,multitask,dpo]",
     "reward.dpo.max_steps=12",
     "align.methods=[best_of_n,policy]",
-    "align.comparisons=[more vs multitask, dpo vs base, dpo vs more, more vs base]",
+    "align.comparisons=[more vs multitask, dpo vs base, dpo vs more, more vs base, dpo/policy vs more/best_of_n]",
 ]
 
 
@@ -124,6 +124,13 @@ def test_tiny_cpu_with_a_dpo_policy_end_to_end(tmp_path):
     assert "dpo" in table and "dpo vs more" in (out / "calibration" / "comparisons.md").read_text()
     judged = json.loads((out / "align" / "judgements.json").read_text())
     assert {"policy: dpo vs base", "best_of_n: dpo vs more", "best_of_n: more vs multitask"} <= set(judged)
+    # the DPO policy against an RM-aligned policy (issue 30): judged once, with the prompt-paired gold difference
+    head = judged["dpo/policy vs more/best_of_n"]["all"]
+    assert head["n"] == head["gold_difference"]["n"] > 10 and {"low", "high", "p_value"} <= set(
+        head["gold_difference"]
+    )
+    assert not [k for k in judged if k.endswith("dpo/policy vs more/best_of_n") and ":" in k]
+    assert "| dpo/policy vs more/best_of_n | all |" in (out / "align" / "table.md").read_text()
     policies = json.loads((out / "align" / "metrics.json").read_text())["policies"]
     assert {"dpo/policy", "dpo/best_of_n", "more/best_of_n"} <= set(policies)
     assert policies["dpo/policy"]["perplexity"] != policies["base"]["perplexity"]  # the DPO policy itself
