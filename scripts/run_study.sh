@@ -52,7 +52,10 @@
 #   rloo-temperature  whether temperature-scaled rewards change alignment: best-of-n and RJS pick the top-scoring
 #                  sample, which a positive temperature cannot change, so RLOO (TRL's RLOOTrainer; PPO is slower)
 #                  with the raw reward against the reward / T (align.use_calibrated_rewards=false,true), RMs more and
-#                  multitask, over-confident regime (where T is far from 1), drift_scale 2, 5 seeds, align.n=4.
+#                  multitask, over-confident regime (where T is far from 1), drift_scale 2, 5 seeds, align.n=4;
+#                  RLOO at learning rate 1e-4 for 200 steps (8 completions each; TRL's KL beta 0.05): the
+#                  pipeline's default 1e-6 is for 7B policies and leaves the tiny policy where it started; 1e-4 is
+#                  the tiny recipe's RJS rate (1e-3) / 10, fixed before any run of this part.
 #   The downstream settings were fixed by this rule BEFORE any of MORE's downstream numbers was looked at
 #   (2026-12-07): regimes and drift scales are those of the published calibration parts (no new knob): both
 #   regimes; the two ends of their drift grid, 0 (the control: every source shares r*) and 2 (the largest); drift 1
@@ -169,6 +172,7 @@ fi
 if [[ "$PART" == rloo-temperature || "$PART" == all ]]; then
   sweep rloo-temperature "$ROOT/rloo-temperature" --recipe tiny-cpu --seeds 0-4 --stages reward,calibration,align \
     "reward.methods=[more,multitask]" "${OVERCONFIDENT[@]}" data.synthetic.drift_scale=2 "align.methods=[rloo]" \
+    "align.rloo={learning_rate: 1.0e-4, max_steps: 200}" \
     "align.comparisons=[more vs multitask, more vs base, multitask vs base]" \
     --grid align.use_calibrated_rewards=false,true --parallel "$PARALLEL" --export docs/results/rloo-temperature
 fi
