@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The MORE-vs-baselines study (issue 10, part 2): seeds x grid sweeps with 95% t-intervals over seeds.
 #   scripts/run_study.sh [synthetic|overconfident|real|real-reduced|real-full|downstream|downstream-overconfident|
-#                         two-source|rloo-temperature|all] [OUT_ROOT]      (default: all runs/study)
+#                         two-source|rloo-temperature|dpo|all] [OUT_ROOT]      (default: all runs/study)
 # and then regenerates docs/results.md and the README's findings (scripts/study_report.py --readme README.md) from every committed part.
 #   PARALLEL=2 (default) runs two synthetic runs at a time; DATA_ROOT=../shared/data/real for the real part.
 # Each part is one `python -m pipeline.sweep` command; rerunning the script skips finished runs and resumes
@@ -56,6 +56,10 @@
 #                  RLOO at learning rate 1e-4 for 200 steps (8 completions each; TRL's KL beta 0.05): the
 #                  pipeline's default 1e-6 is for 7B policies and leaves the tiny policy where it started; 1e-4 is
 #                  the tiny recipe's RJS rate (1e-3) / 10, fixed before any run of this part.
+#   dpo            the DPO policy (issue 30) as one more row: reward.methods more, multitask, dpo (TRL's DPOTrainer
+#                  on the same pairs, as shipped: reward.dpo defaults) in the default regime at drift_scale 2, 5
+#                  seeds; the DPO policy itself (align method `policy`) judged against MORE's and MultiTask's
+#                  best-of-64 and RJS policies, and its implicit reward used for best-of-N and RJS like an RM.
 #   The downstream settings were fixed by this rule BEFORE any of MORE's downstream numbers was looked at
 #   (2026-12-07): regimes and drift scales are those of the published calibration parts (no new knob): both
 #   regimes; the two ends of their drift grid, 0 (the control: every source shares r*) and 2 (the largest); drift 1
@@ -175,6 +179,14 @@ if [[ "$PART" == rloo-temperature || "$PART" == all ]]; then
     "align.rloo={learning_rate: 1.0e-4, max_steps: 200}" \
     "align.comparisons=[more vs multitask, more vs base, multitask vs base]" \
     --grid align.use_calibrated_rewards=false,true --parallel "$PARALLEL" --export docs/results/rloo-temperature
+fi
+if [[ "$PART" == dpo || "$PART" == all ]]; then
+  sweep dpo "$ROOT/dpo" --recipe tiny-cpu --seeds 0-4 --stages reward,calibration,align \
+    "reward.methods=[more,multitask,dpo]" align.n=64 "align.best_of_n_sizes=[4,16,64]" align.rjs_n=4 \
+    "align.methods=[best_of_n,rjs,policy]" data.synthetic.drift_scale=2 \
+    "align.comparisons=[more vs multitask, dpo vs more, dpo vs multitask, more vs base, multitask vs base, dpo vs base, \
+dpo/policy vs more/best_of_n, dpo/policy vs more/rjs, dpo/policy vs multitask/best_of_n, dpo/policy vs multitask/rjs]" \
+    --parallel "$PARALLEL" --export docs/results/dpo
 fi
 if [[ "$PART" == real-full ]]; then
   OMP_NUM_THREADS="$(env -u OMP_NUM_THREADS nproc)" sweep real-full "$ROOT/minilm-real-full" --recipe minilm-real \
