@@ -38,9 +38,9 @@ from pipeline.sweep import VERDICTS, cell, is_significant, judge
 from pipeline.tables import markdown_table, rm_label
 
 
-DOWNSTREAM_PARTS = ("downstream", "downstream-overconfident", "two-source", "rloo-temperature")
-RMS = ("more", "multitask", "uniform")
-PAIRS = (("more", "multitask"), ("more", "uniform"), ("uniform", "multitask"))
+DOWNSTREAM_PARTS = ("downstream", "downstream-overconfident", "two-source", "rloo-temperature", "dpo")
+RMS = ("more", "multitask", "uniform", "dpo")
+PAIRS = (("more", "multitask"), ("more", "uniform"), ("uniform", "multitask"), ("dpo", "more"), ("dpo", "multitask"))
 SIZES = (4, 16, 64)
 GAIN_N = 16  # the issue's downstream gain: best-of-16 over the base policy
 BOOTSTRAP = 4000
@@ -88,12 +88,28 @@ def verdict(d: dict | None) -> str:
     return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], {p_text(d.get('p_value'))}: {word}"
 
 
-def policies(rm: str, point: dict) -> list[tuple[str, str]]:
-    """[(label, policy name)] of `rm`'s aligned policies present at `point`: best-of-N per size, RJS, RLOO, PPO."""
+def policies(rm: str, point: dict) -> dict[str, str]:
+    """{label: policy name} of `rm`'s aligned policies present at `point`: best-of-N per size, RJS, RLOO, PPO
+    and an implicit RM's own policy (the DPO policy)."""
     names = {r["rm"] for r in point["metrics"] if r["section"] == "align"}
-    out = [(f"best-of-{n}", f"{rm}/best_of_n@{n}") for n in SIZES if f"{rm}/best_of_n@{n}" in names]
-    out += [(m.upper(), f"{rm}/{m}") for m in ("rjs", "rloo", "ppo") if f"{rm}/{m}" in names]
+    out = {f"best-of-{n}": f"{rm}/best_of_n@{n}" for n in SIZES if f"{rm}/best_of_n@{n}" in names}
+    out |= {m.upper(): f"{rm}/{m}" for m in ("rjs", "rloo", "ppo") if f"{rm}/{m}" in names}
+    if f"{rm}/policy" in names:
+        out["its own policy"] = f"{rm}/policy"
     return out
+
+
+def paired(point: dict, a: str, b: str) -> dict | None:
+    """The seed-paired difference of two policies' gold reward (a - b): t-interval over seeds, p, verdict."""
+    from pipeline.stats import paired_differences, t_interval, t_test_p
+
+    d = paired_differences(
+        per_seed(point, "align", a, "all", "gold_reward"), per_seed(point, "align", b, "all", "gold_reward")
+    )
+    if not d:
+        return None
+    stats = t_interval(list(d.values()))
+    return stats | {"p_value": t_test_p(stats["mean"], stats["sd"], stats["n"]), "better": "higher"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -105,15 +121,16 @@ def gold_tables(summary: dict) -> list[str]:
     seed-paired differences between RMs with their verdicts."""
     out = []
     for name, point in summary["points"].items():
-        rms = [rm for rm in RMS if policies(rm, point)]
-        if not rms:
+        pols = {rm: policies(rm, point) for rm in RMS if policies(rm, point)}
+        if not pols:
             continue
-        labels = [label for label, _ in policies(rms[0], point)]
+        labels = list(dict.fromkeys(label for p in pols.values() for label in p))
         base = metric(point, "align", "base", "all", "gold_reward")
         rows = [["base policy (no RM)"] + [cell(base)] * len(labels)]
         rows += [
-            [rm_label(rm)] + [cell(metric(point, "align", p, "all", "gold_reward")) for _, p in policies(rm, point)]
-            for rm in rms
+            [rm_label(rm)]
+            + [cell(metric(point, "align", p[x], "all", "gold_reward")) if x in p else "-" for x in labels]
+            for rm, p in pols.items()
         ]
         out += [
             f"**Gold reward r\\* of the aligned policies at {name}** (mean [95% t-interval] over "
@@ -123,10 +140,10 @@ def gold_tables(summary: dict) -> list[str]:
         out += markdown_table(["RM", *labels], rows) + [""]
         diff_rows = []
         for a, b in PAIRS:
-            if a in rms and b in rms:
+            if a in pols and b in pols:
                 cells = [
-                    verdict(difference(point, pa, pb, "all", "gold_reward"))
-                    for (_, pa), (_, pb) in zip(policies(a, point), policies(b, point))
+                    verdict(paired(point, pols[a][x], pols[b][x])) if x in pols[a] and x in pols[b] else "-"
+                    for x in labels
                 ]
                 diff_rows.append([f"{rm_label(a)} - {rm_label(b)}", *cells])
         if diff_rows:
@@ -156,7 +173,8 @@ def judged_tables(summary: dict) -> list[str]:
             )
         out += [
             f"**Methods against each other at {name}** (gold judge; per seed each comparison is judged on the "
-            "same held-out prompts, so the gold difference is prompt- and seed-paired):",
+            "same held-out prompts, so the gold difference is prompt- and seed-paired; `<rm>/best_of_n` is best-of-n with all "
+            "n = 64 candidates, `dpo/policy` the DPO policy itself):",
             "",
         ]
         out += markdown_table(["a vs b", "win rate of a (%)", "lose rate of a (%)", "gold a - b over seeds"], rows)
@@ -460,6 +478,17 @@ def render(results: Path, plot: bool = True) -> tuple[list[str], dict]:
     out += two_source_lines(summaries.get("two-source"))
     if "two-source" in summaries:
         out += gold_tables(summaries["two-source"])
+    out += ["### The DPO policy as one more row (`dpo`)", ""]
+    out += [
+        "TRL's DPOTrainer on the same multi-source pairs, from and against the same base policy (issue 30): its "
+        "own policy is judged against the RM-aligned ones, and its implicit reward beta log(pi/pi_ref) picks "
+        "best-of-N and RJS samples like an RM.",
+        "",
+    ]
+    if "dpo" in summaries:
+        out += _machine(results / "dpo") + gold_tables(summaries["dpo"]) + judged_tables(summaries["dpo"])
+    else:
+        out += ["Not run yet: `scripts/run_study.sh dpo` runs it (cost in the script).", ""]
     out += ["### Temperature-scaled rewards in RL (`rloo-temperature`)", ""]
     out += [
         "Best-of-N and RJS pick the top-scoring sample, and dividing every score by the same T > 0 cannot change "
@@ -487,9 +516,8 @@ def readme_lines(results: Path) -> list[str]:
             continue
         items = []
         for name, point in summaries[part]["points"].items():
-            for label, pa in policies("more", point):
-                pb = pa.replace("more/", "multitask/", 1)
-                d = difference(point, pa, pb, "all", "gold_reward")
+            for label, pa in policies("more", point).items():
+                d = paired(point, pa, pa.replace("more/", "multitask/", 1))
                 if d:
                     sig = is_significant(d)
                     word = VERDICTS[sig] if not sig else judge(d)[1]

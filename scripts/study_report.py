@@ -86,6 +86,11 @@ PARTS = {
         "The K = 2 point of the paper's Fig. 6: only the helpful and harmless synthetic sources, drift_scale 2, "
         "`reward.train.normalize` l2 (MORE = Uniform by construction) and none.",
     ),
+    "dpo": (
+        "The DPO policy beside MORE and MultiTask (calibration of its RMs)",
+        "Default regime, drift_scale 2: MORE, MultiTask and a DPO policy (TRL's DPOTrainer on the same pairs) "
+        "evaluated as an implicit RM.",
+    ),
     "rloo-temperature": (
         "RLOO with raw and temperature-scaled rewards (calibration of its RMs)",
         "Over-confident regime, drift_scale 2, MORE and MultiTask, RLOO trained on the raw reward and on the "
