@@ -149,6 +149,18 @@ def gold_tables(summary: dict) -> list[str]:
         if diff_rows:
             out += [f"Seed-paired differences of the gold reward at {name} (a - b, mean [95% CI], p, verdict):", ""]
             out += markdown_table(["difference", *labels], diff_rows) + [""]
+        over = [
+            [rm_label(rm), verdict(paired(point, p[f"best-of-{SIZES[-1]}"], p[f"best-of-{SIZES[0]}"]))]
+            for rm, p in pols.items()
+            if f"best-of-{SIZES[0]}" in p and f"best-of-{SIZES[-1]}" in p
+        ]
+        if over:
+            out += [
+                f"More samples, same RM, at {name}: best-of-{SIZES[-1]} minus best-of-{SIZES[0]} (seed-paired; "
+                "'worse' means the RM's extra picks lowered the gold reward: over-optimisation of the RM):",
+                "",
+            ]
+            out += markdown_table(["RM", f"best-of-{SIZES[-1]} - best-of-{SIZES[0]}"], over) + [""]
     return out
 
 
@@ -338,6 +350,48 @@ def scatter(rows: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
+def gold_vs_n_plot(summary: dict, path: Path, title: str) -> bool:
+    """One panel per grid point: each RM's best-of-N gold reward against N (mean and 95% t-interval over seeds),
+    with the base policy's as a dashed line. False when the part has no best-of-N results."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(n, p) for n, p in summary["points"].items() if any(policies(rm, p) for rm in RMS)]
+    if not points:
+        return False
+    colours = {"more": "#1f77b4", "multitask": "#d62728", "uniform": "#2ca02c", "dpo": "#9467bd"}
+    fig, axes = plt.subplots(1, len(points), figsize=(4.2 * len(points) + 1.8, 3.8), sharey=True, squeeze=False)
+    for ax, (name, point) in zip(axes[0], points):
+        base = metric(point, "align", "base", "all", "gold_reward")
+        if base and base.get("mean") is not None:
+            ax.axhline(base["mean"], color="grey", ls="--", lw=1, label="base policy")
+        for k, rm in enumerate(rm for rm in RMS if policies(rm, point)):
+            rows = [(n, metric(point, "align", f"{rm}/best_of_n@{n}", "all", "gold_reward")) for n in SIZES]
+            rows = [(n, r) for n, r in rows if r and r.get("mean") is not None]
+            if not rows:
+                continue
+            xs = np.array([n for n, _ in rows], dtype=float) * (1 + 0.04 * (k - 1))  # side by side
+            ys = np.array([r["mean"] for _, r in rows])
+            lo = np.array([r["mean"] - r["low"] if r.get("low") is not None else 0 for _, r in rows])
+            hi = np.array([r["high"] - r["mean"] if r.get("high") is not None else 0 for _, r in rows])
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=colours[rm], label=rm_label(rm))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(SIZES, [str(n) for n in SIZES])
+        ax.set_xlabel("N (best of the first N of 64 samples)")
+        ax.set_title(name, fontsize=10)
+    axes[0][0].set_ylabel("gold reward r* (mean, 95% CI over seeds)")
+    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
 # ---------------------------------------------------------------------------------------------------
 # the two-source case and RLOO with T
 
@@ -469,7 +523,11 @@ def render(results: Path, plot: bool = True) -> tuple[list[str], dict]:
             out += [f"Not run yet: `scripts/run_study.sh {part}` runs it (cost in the script).", ""]
             continue
         out += _machine(results / part)
-        out += gold_tables(summaries[part]) + judged_tables(summaries[part])
+        out += gold_tables(summaries[part])
+        png = Path(results) / part / "plot_gold_vs_n.png"
+        if plot and gold_vs_n_plot(summaries[part], png, f"Best-of-N against N, {title.lower()}"):
+            out += [f"![gold reward against N](results/{part}/plot_gold_vs_n.png)", ""]
+        out += judged_tables(summaries[part])
     out += ["### Calibration against downstream gain", ""] + corr_lines
     if rows:
         out += ["![ECE against gain](results/downstream/plot_ece_vs_gain.png)", ""]
