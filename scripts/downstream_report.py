@@ -164,6 +164,23 @@ def gold_tables(summary: dict) -> list[str]:
     return out
 
 
+def chance_line(summary: dict) -> str:
+    """How many of the part's seed-paired gold differences between RMs pass the rule, against chance."""
+    tests = []
+    for point in summary["points"].values():
+        pols = {rm: policies(rm, point) for rm in RMS if policies(rm, point)}
+        for a, b in PAIRS:
+            if a in pols and b in pols:
+                tests += [paired(point, pols[a][x], pols[b][x]) for x in pols[a] if x in pols[b]]
+    tests = [t for t in tests if t]
+    k = sum(bool(is_significant(t)) for t in tests)
+    return (
+        f"Of the {len(tests)} seed-paired gold-reward differences between RMs tested in this part (every pair, "
+        f"policy and grid point), {k} pass the rule; about {0.05 * len(tests):.1f} would by chance alone, so an "
+        "isolated one is read with care."
+    )
+
+
 def judged_tables(summary: dict) -> list[str]:
     """Gold-judged comparisons of named policies (methods against each other): win / lose rates over seeds and
     the seed-paired gold difference."""
@@ -311,6 +328,27 @@ def correlation_lines(rows: list[dict]) -> tuple[list[str], dict]:
                 ]
             )
     lines += markdown_table(["calibration", "how", "r", "95% interval", "n", "reading"], table) + [""]
+    pooled, within = res.get("ece_10", {}), res.get("ece_10_within", {})
+
+    def excludes(r):
+        return r.get("low") is not None and (r["low"] > 0 or r["high"] < 0)
+
+    if pooled.get("r") is not None and within.get("r") is not None:
+        if excludes(within):
+            what = "better-calibrated" if within["r"] < 0 else "worse-calibrated"
+            lines.append(f"Within draws the {what} RM gains more (ECE10 r = {within['r']:+.2f}, interval excludes 0).")
+        else:
+            lines.append(
+                "Within draws, an RM's ECE10 says nothing measurable about its best-of-16 gain (the interval "
+                "includes 0)"
+                + (
+                    f"; the pooled r = {pooled['r']:+.2f} (interval excludes 0) reflects differences between "
+                    "draws (regime, drift, seed) rather than between the RMs of one draw."
+                    if excludes(pooled)
+                    else "; pooled over draws neither."
+                )
+            )
+        lines.append("")
     return lines, res
 
 
@@ -539,6 +577,7 @@ def render(results: Path, plot: bool = True) -> tuple[list[str], dict]:
             out += [f"Not run yet: `scripts/run_study.sh {part}` runs it (cost in the script).", ""]
             continue
         out += _machine(results / part)
+        out += [chance_line(summaries[part]), ""]
         out += gold_tables(summaries[part])
         png = Path(results) / part / "plot_gold_vs_n.png"
         if plot and gold_vs_n_plot(summaries[part], png, f"Best-of-N against N, {title.lower()}"):
