@@ -86,12 +86,16 @@
 #   real-reduced   the same recipe cut to fit a session: 128 tokens (left-truncated), 300 training pairs per
 #                  source, 1 epoch (75 steps per RM); see docs/results/real-reduced/MACHINE.txt. Its RMs are
 #                  far less trained than the full recipe's: it is a smaller scale, not the full-settings result.
-#   downstream     (2026-12-07) ~220 s per run with 1 thread on a quiet core (policy warm start ~25 s, 3 RMs
-#                  ~40 s, calibration ~20 s, 2 x 12800 samples ~70 s, 3 RJS fine-tunes and judging the rest):
-#                  10 runs ~20 min wall with PARALLEL=2; per seed (2 drift scales) ~7 min of CPU.
-#   downstream-overconfident  ~320 s per run (RMs train 1000 steps): ~27 min wall, ~11 min of CPU per seed.
-#   two-source     ~180 s per run (2 sources): ~15 min wall, ~6 min of CPU per seed.
-#   rloo-temperature  see docs/results/rloo-temperature/MACHINE.txt (or its NOTE.md when not run).
+#   downstream     (2026-12-07) one run alone ~220 s with 1 thread on a quiet core (policy warm start ~25 s, 3 RMs
+#                  ~40 s, calibration ~20 s, 2 x 12800 samples ~70 s, 3 RJS fine-tunes and judging the rest), so
+#                  ~7 min of CPU per seed (2 drift scales); measured: 10 runs in 32 min wall with PARALLEL=2 while
+#                  the test suite ran beside it (load ~3.7).
+#   downstream-overconfident  RMs train 1000 steps: 47 min wall for 10 runs with PARALLEL=2 beside the dpo part
+#                  (load ~5); ~10 min of CPU per seed on a quiet machine.
+#   two-source     16 min wall for 10 runs with PARALLEL=2 (load ~2.2); ~6 min of CPU per seed.
+#   rloo-temperature  RLOO 200 steps ~35 s per RM; ~4 min per run with PARALLEL=2 (see its MACHINE.txt).
+#   dpo            54 min wall for 5 runs with PARALLEL=1 beside two other parts (load ~4.5); DPO training
+#                  (625 steps) is most of it: ~10 min of CPU per seed.
 # On a loaded machine everything above swings by 2-10x (threads spin: 12x slower steps at load 9 with
 # 2 threads than with 1), so run the study on a quiet one.
 set -euo pipefail
