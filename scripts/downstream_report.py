@@ -636,6 +636,7 @@ def readme_lines(results: Path) -> list[str]:
                     word = VERDICTS[sig] if not sig else judge(d)[1]
                     items.append(f"{label} at {name} {d['mean']:+.3f} ({word})")
         out.append(f"- **Downstream, `{part}`**, MORE - MultiTask gold reward: " + "; ".join(items) + ".")
+    out += _over_optimisation_line(summaries) + _dpo_line(summaries.get("dpo")) + _rloo_line(summaries)
     rows = observations(summaries)
     if rows:
         r = block_bootstrap_r(rows, "ece_10", "gain", within=True)
@@ -646,6 +647,52 @@ def readme_lines(results: Path) -> list[str]:
                 + (" (interval excludes 0)." if (r["low"] > 0 or r["high"] < 0) else " (interval includes 0).")
             )
     return out
+
+
+def _over_optimisation_line(summaries: dict) -> list[str]:
+    """Best-of-64 minus best-of-4 per (RM, grid point): how many are significantly lower. The dpo part counts only
+    its dpo RM (its MORE and MultiTask runs repeat the downstream part's drift-2 runs exactly)."""
+    over = []
+    for part, summary in summaries.items():
+        for point in summary["points"].values():
+            for rm in ("dpo",) if part == "dpo" else RMS:
+                pols = policies(rm, point)
+                if f"best-of-{SIZES[0]}" in pols and f"best-of-{SIZES[-1]}" in pols:
+                    over.append(paired(point, pols[f"best-of-{SIZES[-1]}"], pols[f"best-of-{SIZES[0]}"]))
+    over = [d for d in over if d and d.get("mean") is not None]
+    if not over:
+        return []
+    lower = [d for d in over if is_significant(d) and d["mean"] < 0]
+    return [
+        f"- **Best-of-{SIZES[-1]} minus best-of-{SIZES[0]}, same RM** (over-optimisation): significantly lower gold "
+        f"reward in {len(lower)} of {len(over)} (RM, grid point) cases, mean {float(np.mean([d['mean'] for d in over])):+.3f}."
+    ]
+
+
+def _dpo_line(summary: dict | None) -> list[str]:
+    """The DPO policy's gold difference against each RM-aligned policy it was judged against."""
+    items = []
+    for point in (summary or {}).get("points", {}).values():
+        judged = sorted({r["rm"] for r in point["metrics"] if r["section"] == "judge" and r["rm"].startswith("dpo/")})
+        for j in judged:
+            g = metric(point, "judge", j, "all", "gold_diff")
+            if g and g.get("mean") is not None:
+                items.append(f"{j} {_gold_diff(g).replace('**', '')}")
+    return (
+        ["- **The DPO policy against RM-aligned policies** (gold a - b over seeds): " + "; ".join(items) + "."]
+        if items
+        else []
+    )
+
+
+def _rloo_line(summaries: dict) -> list[str]:
+    if "rloo-temperature" not in summaries:
+        return []
+    cells = [ln for ln in rloo_lines(summaries["rloo-temperature"]) if ln.startswith("| ") and "---" not in ln][1:]
+    if not cells:
+        return []
+    text = "; ".join(c.strip("| ").replace(" | ", ": ").replace("**", "") for c in cells)
+    return [f"- **RLOO on the reward / T minus on the raw reward** (gold, seed-paired): {text}."]
 
 
 def main(argv=None) -> int:
