@@ -544,9 +544,18 @@ def rloo_lines(summary: dict | None) -> list[str]:
             if raw and scaled
             else None
         )
-        rows.append([rm_label(rm), _diff_text(d, "higher")])
-    out = ["RLOO policy trained on the reward / T minus the one trained on the raw reward (same seeds, same RM):", ""]
-    return out + markdown_table(["RM", "gold reward, scaled - raw, mean [95% CI], p"], rows) + [""]
+        pts = summary["points"]
+        temp = metric(pts[raw], "calibration", rm, "all_average", "temperature") if raw else None
+        gold = [metric(pts[p], "align", f"{rm}/rloo", "all", "gold_reward") if p else None for p in (raw, scaled)]
+        rows.append([rm_label(rm), cell(temp), *[cell(g) for g in gold], _diff_text(d, "higher")])
+    base = metric(summary["points"][raw], "align", "base", "all", "gold_reward") if raw else None
+    out = [
+        "RLOO policy trained on the reward / T minus the one trained on the raw reward (same seeds, same RM; "
+        f"the base policy's gold reward {cell(base)}):",
+        "",
+    ]
+    header = ["RM", "fitted T", "gold, raw reward", "gold, reward / T", "scaled - raw, mean [95% CI], p"]
+    return out + markdown_table(header, rows) + [""]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -691,7 +700,8 @@ def _rloo_line(summaries: dict) -> list[str]:
     cells = [ln for ln in rloo_lines(summaries["rloo-temperature"]) if ln.startswith("| ") and "---" not in ln][1:]
     if not cells:
         return []
-    text = "; ".join(c.strip("| ").replace(" | ", ": ").replace("**", "") for c in cells)
+    text = "; ".join(f"{c.split(' | ')[0].strip('| ')} {c.rsplit(' | ', 1)[-1].strip('| ')}" for c in cells)
+    text = text.replace("**", "")
     return [f"- **RLOO on the reward / T minus on the raw reward** (gold, seed-paired): {text}."]
 
 
