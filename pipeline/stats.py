@@ -81,6 +81,13 @@ def t_interval(values, confidence: float = CONFIDENCE) -> dict:
     return out
 
 
+def t_test(values, confidence: float = CONFIDENCE) -> dict:
+    """`t_interval` of `values` plus `p_value`, the two-sided one-sample t-test of mean = 0 it inverts (for
+    paired differences: the paired t-test)."""
+    stats = t_interval(values, confidence)
+    return stats | {"p_value": t_test_p(stats["mean"], stats["sd"], stats["n"])}
+
+
 def _mean_sd(xs: list[float]) -> tuple[float, float | None]:
     """Mean and sample sd (None for one value); values near the float limit (1e300) are scaled first, so the
     sums cannot overflow (the result is then exact to rounding, or inf where the sd itself is beyond it)."""

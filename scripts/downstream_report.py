@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.calibration.compare import p_text
+from pipeline.stats import is_significant as significance_rule
+from pipeline.stats import paired_differences, t_test, t_test_p
 from pipeline.sweep import VERDICTS, cell, is_significant, judge
 from pipeline.tables import markdown_table, rm_label
 
@@ -80,12 +82,8 @@ def per_seed(point: dict, section: str, name: str, scope: str, key: str) -> dict
 
 
 def verdict(d: dict | None) -> str:
-    """'0.0123 [0.0040, 0.0206], p = 0.012: **better**' (a higher gold reward is better)."""
-    if not d or d.get("mean") is None:
-        return "-"
-    sig = is_significant(d)
-    word = VERDICTS[sig] if not sig else f"**{judge(d)[1]}**"
-    return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], {p_text(d.get('p_value'))}: {word}"
+    """'+0.0123 [+0.0040, +0.0206], p = 0.012: **better**' (a higher gold reward is better)."""
+    return _diff_text(d, "higher")
 
 
 def policies(rm: str, point: dict) -> dict[str, str]:
@@ -99,17 +97,18 @@ def policies(rm: str, point: dict) -> dict[str, str]:
     return out
 
 
-def paired(point: dict, a: str, b: str) -> dict | None:
-    """The seed-paired difference of two policies' gold reward (a - b): t-interval over seeds, p, verdict."""
-    from pipeline.stats import paired_differences, t_interval, t_test_p
+def seed_paired(a: dict, b: dict) -> dict | None:
+    """The seed-paired difference a - b of two {seed: value} maps: t-interval over seeds and p (None: no seed)."""
+    d = paired_differences(a, b)
+    return t_test(list(d.values())) if d else None
 
-    d = paired_differences(
+
+def paired(point: dict, a: str, b: str) -> dict | None:
+    """The seed-paired difference of two policies' gold reward (a - b): t-interval over seeds, p, direction."""
+    d = seed_paired(
         per_seed(point, "align", a, "all", "gold_reward"), per_seed(point, "align", b, "all", "gold_reward")
     )
-    if not d:
-        return None
-    stats = t_interval(list(d.values()))
-    return stats | {"p_value": t_test_p(stats["mean"], stats["sd"], stats["n"]), "better": "higher"}
+    return d and d | {"better": "higher"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -212,17 +211,12 @@ def judged_tables(summary: dict) -> list[str]:
 
 
 def _gold_diff(stats: dict | None) -> str:
-    """A judged comparison's gold difference over seeds as a difference row (t-interval, p, verdict)."""
+    """A judged comparison's gold difference over seeds (its metric row: mean, sd, n, t-interval) with p and
+    the verdict for a or b."""
     if not stats or stats.get("mean") is None:
         return "-"
-    from pipeline.stats import t_test_p
-
-    d = dict(stats, p_value=t_test_p(stats["mean"], stats.get("sd"), stats.get("n", 0)), better="higher")
-    if d.get("low") is None:
-        return f"{d['mean']:+.4f} (n={d['n']})"
-    sig = is_significant(d)
-    word = VERDICTS[sig] if not sig else ("**a better**" if d["mean"] > 0 else "**b better**")
-    return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], {p_text(d['p_value'])}: {word}"
+    d = dict(stats, p_value=t_test_p(stats["mean"], stats.get("sd"), stats.get("n", 0)))
+    return _diff_text(d, "higher", words=("a better", "b better"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -436,16 +430,10 @@ def gold_vs_n_plot(summary: dict, path: Path, title: str) -> bool:
 
 def across_points(summary: dict, a_point: str, b_point: str, key: tuple) -> dict | None:
     """The seed-paired difference of one metric between two grid points (same seed = same data)."""
-    from pipeline.stats import paired_differences, t_interval, t_test_p
-
     pts = summary["points"]
     if a_point not in pts or b_point not in pts:
         return None
-    d = paired_differences(per_seed(pts[a_point], *key), per_seed(pts[b_point], *key))
-    if not d:
-        return None
-    stats = t_interval(list(d.values()))
-    return stats | {"p_value": t_test_p(stats["mean"], stats["sd"], stats["n"])}
+    return seed_paired(per_seed(pts[a_point], *key), per_seed(pts[b_point], *key))
 
 
 def _point(summary: dict, key: str, value: str) -> str | None:
@@ -515,21 +503,22 @@ def weight_deviation(point_dir: Path) -> float:
     return max(devs) if devs else float("nan")
 
 
-def _diff_text(d: dict | None, better: str | None) -> str:
+def _diff_text(d: dict | None, better: str | None, words: tuple[str, str] = ("better", "worse")) -> str:
+    """'+0.0123 [+0.0040, +0.0206], p = 0.012: **better**' by the project's rule; `better` is the good
+    direction of a - b ('higher', 'lower', or None: the word says the side), `words` what a significant good /
+    bad difference is called."""
     if not d or d.get("mean") is None:
         return "-"
     if d.get("low") is None:
         return f"{d['mean']:+.4f} (n={d['n']})"
-    from pipeline.stats import is_significant as rule
-
-    sig = rule(d["low"], d["high"], d["p_value"])
+    sig = significance_rule(d["low"], d["high"], d["p_value"])
     if not sig:
         word = VERDICTS[sig]
     elif better is None:
         word = "**higher**" if d["mean"] > 0 else "**lower**"
     else:
         good = (d["mean"] > 0) == (better == "higher")
-        word = "**better**" if good else "**worse**"
+        word = f"**{words[0] if good else words[1]}**"
     return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], {p_text(d['p_value'])}: {word}"
 
 

@@ -826,3 +826,15 @@ def test_a_credential_in_a_url_override_is_masked_in_the_exported_results(fakes,
     assert json.loads((export / "summary.json").read_text())["points"]["default"]["n_runs"] == 2
     assert S.main(["--aggregate", str(export)]) == 0
     assert json.loads((export / "summary.json").read_text())["points"]["default"]["n_runs"] == 2
+
+
+def test_t_test_is_the_t_interval_with_the_one_sample_t_tests_p():
+    from scipy.stats import ttest_1samp
+
+    from pipeline.stats import t_interval, t_test
+
+    values = [0.12, 0.08, -0.03, 0.11, 0.09]
+    out = t_test(values)
+    assert {k: v for k, v in out.items() if k != "p_value"} == t_interval(values)
+    assert out["p_value"] == pytest.approx(ttest_1samp(values, 0).pvalue, rel=1e-12)
+    assert t_test([0.5])["p_value"] is None  # one value: no sd, no test

@@ -22,7 +22,7 @@ from pipeline.align.context import AlignContext
 from pipeline.calibration.compare import p_text
 from pipeline.errors import redact_credentials
 from pipeline.io import atomic_write_json, atomic_write_text, read_json, safe_component
-from pipeline.stats import t_interval, t_test_p
+from pipeline.stats import t_test
 
 
 def gold_summary(values) -> dict:
@@ -147,9 +147,7 @@ def judgement_key(method: str | None, a: str, b: str) -> str:
 def gold_difference(gold_a, gold_b) -> dict:
     """The mean gold reward of a's responses minus b's, paired by prompt, with its 95% t-interval and the
     paired t-test's p (prompts with a non-finite gold reward left out)."""
-    d = [x - y for x, y in zip(gold_a, gold_b) if math.isfinite(x - y)]
-    stats = t_interval(d)
-    return stats | {"p_value": t_test_p(stats["mean"], stats["sd"], stats["n"])}
+    return t_test([x - y for x, y in zip(gold_a, gold_b) if math.isfinite(x - y)])
 
 
 def planned_requests(recipe, run_dir: Path) -> dict | None:

@@ -24,7 +24,7 @@ from pipeline.calibration.compare import direction
 from pipeline.config import load_recipe
 from pipeline.errors import RecipeError, redact_credentials
 from pipeline.io import atomic_write_json, atomic_write_text, get_path, read_json
-from pipeline.stats import CONFIDENCE, paired_differences, t_interval, t_test_p
+from pipeline.stats import CONFIDENCE, paired_differences, t_interval, t_test
 from pipeline.sweep.export import EXPORT_FILE, export_mismatch, run_settings, settings_change, settings_outliers
 from pipeline.sweep.grid import SWEEP_FILE, check_definition
 from pipeline.sweep.metrics import (
@@ -209,8 +209,7 @@ def aggregate_point(per_seed: dict[int, list[tuple]], confidence: float = CONFID
                     )
                     if not diffs:
                         continue
-                    stats = t_interval(list(diffs.values()), confidence)
-                    stats["p_value"] = t_test_p(stats["mean"], stats["sd"], stats["n"])
+                    stats = t_test(list(diffs.values()), confidence)
                     va, vb = table[(section, na, scope, metric)], table[(section, nb, scope, metric)]
                     stats["a_mean"] = math.fsum(va[s] for s in diffs) / len(diffs)
                     stats["b_mean"] = math.fsum(vb[s] for s in diffs) / len(diffs)
